@@ -1,0 +1,321 @@
+//! Process settings: from flags and an optional YAML settings file, validated once
+//! at start-up. Everything here is fixed for the life of the process.
+
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// What manifest validation needs from the settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Allowed `nodePort` / `healthCheckNodePort` values (kube-apiserver's
+    /// `--service-node-port-range`, default 30000-32767).
+    pub node_port_range: RangeInclusive<u16>,
+    /// Every ClusterIP must be inside one of these.
+    pub service_cidrs: Vec<IpNet>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            node_port_range: 30000..=32767,
+            service_cidrs: default_service_cidrs(),
+        }
+    }
+}
+
+/// Kubernetes' defaults (kubeadm's IPv4 range, kind's IPv6 range).
+pub fn default_service_cidrs() -> Vec<IpNet> {
+    vec![
+        "10.96.0.0/12".parse().expect("literal CIDR"),
+        "fd00:10:96::/112".parse().expect("literal CIDR"),
+    ]
+}
+
+/// The settings file (`--config FILE`): the same names as the flags.
+/// Flags given on the command line win over the file.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SettingsFile {
+    /// Manifest files or directories.
+    pub manifests: Option<Vec<PathBuf>>,
+    /// This node's name.
+    pub node_name: Option<String>,
+    /// This node's zone (overrides the Node object's label).
+    pub zone: Option<String>,
+    /// CIDRs selecting the local addresses NodePorts listen on.
+    pub nodeport_addresses: Option<Vec<IpNet>>,
+    /// Data-plane threads.
+    pub workers: Option<usize>,
+    /// `/healthz` and `/livez` address.
+    pub health_addr: Option<SocketAddr>,
+    /// `/metrics` address.
+    pub metrics_addr: Option<SocketAddr>,
+    /// `nodePort` range, `LOW-HIGH`.
+    pub node_port_range: Option<String>,
+    /// Service CIDRs.
+    pub service_cidrs: Option<Vec<IpNet>>,
+    /// `service.kubernetes.io/service-proxy-name` value this proxy serves.
+    pub proxy_name: Option<String>,
+    /// Backend connect timeout of the first try, milliseconds.
+    pub connect_timeout_ms: Option<u64>,
+    /// Backend connect tries per client connection.
+    pub connect_attempts: Option<u32>,
+    /// UDP flow idle timeout, seconds.
+    pub udp_idle_timeout_secs: Option<u64>,
+    /// Health timeout: an update queued longer than this makes `/healthz` 503, seconds.
+    pub health_timeout_secs: Option<u64>,
+}
+
+/// Validated process settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Manifest files or directories.
+    pub manifests: Vec<PathBuf>,
+    /// This node's name: endpoints with this `nodeName` are local.
+    pub node_name: String,
+    /// This node's zone, if known without a Node object.
+    pub zone: Option<String>,
+    /// CIDRs selecting NodePort addresses; empty means all non-loopback addresses.
+    pub nodeport_addresses: Vec<IpNet>,
+    /// Data-plane threads.
+    pub workers: usize,
+    /// `/healthz` and `/livez` address.
+    pub health_addr: SocketAddr,
+    /// `/metrics` address.
+    pub metrics_addr: SocketAddr,
+    /// Validation limits (nodePort range, service CIDRs).
+    pub limits: Limits,
+    /// Proxy name for the service-proxy-name label.
+    pub proxy_name: String,
+    /// First connect try's timeout; each retry doubles it.
+    pub connect_timeout: Duration,
+    /// Connect tries per client connection (kube-proxy userspace: 4).
+    pub connect_attempts: u32,
+    /// UDP flow idle timeout.
+    pub udp_idle_timeout: Duration,
+    /// Health timeout for `/healthz` and `/livez`.
+    pub health_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            manifests: Vec::new(),
+            node_name: default_node_name(),
+            zone: None,
+            nodeport_addresses: Vec::new(),
+            workers: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            health_addr: SocketAddr::from(([127, 0, 0, 1], 10256)),
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 10249)),
+            limits: Limits::default(),
+            proxy_name: "ringvip".to_string(),
+            connect_timeout: Duration::from_millis(250),
+            connect_attempts: 4,
+            udp_idle_timeout: Duration::from_secs(30),
+            health_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A setting that cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SettingsError {
+    /// `node-port-range` is not `LOW-HIGH` with LOW <= HIGH.
+    #[error("node-port-range {0:?}: expected LOW-HIGH with 1 <= LOW <= HIGH <= 65535")]
+    NodePortRange(String),
+    /// `workers` is 0 or absurd.
+    #[error("workers {0}: expected 1..=1024")]
+    Workers(usize),
+    /// A timeout or count is zero.
+    #[error("{0} must be greater than zero")]
+    Zero(&'static str),
+    /// No service CIDR.
+    #[error("service-cidrs must name at least one CIDR")]
+    NoServiceCidr,
+}
+
+/// Parses `LOW-HIGH`.
+pub fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, SettingsError> {
+    let err = || SettingsError::NodePortRange(s.to_string());
+    let (lo, hi) = s.split_once('-').ok_or_else(err)?;
+    let lo: u16 = lo.trim().parse().map_err(|_| err())?;
+    let hi: u16 = hi.trim().parse().map_err(|_| err())?;
+    if lo == 0 || lo > hi {
+        return Err(err());
+    }
+    Ok(lo..=hi)
+}
+
+impl Settings {
+    /// Applies a settings file over the defaults (flags are applied after, by the caller).
+    pub fn apply_file(&mut self, f: SettingsFile) -> Result<(), SettingsError> {
+        if let Some(v) = f.manifests {
+            self.manifests = v;
+        }
+        if let Some(v) = f.node_name {
+            self.node_name = v;
+        }
+        if f.zone.is_some() {
+            self.zone = f.zone;
+        }
+        if let Some(v) = f.nodeport_addresses {
+            self.nodeport_addresses = v;
+        }
+        if let Some(v) = f.workers {
+            self.workers = v;
+        }
+        if let Some(v) = f.health_addr {
+            self.health_addr = v;
+        }
+        if let Some(v) = f.metrics_addr {
+            self.metrics_addr = v;
+        }
+        if let Some(v) = f.node_port_range {
+            self.limits.node_port_range = parse_port_range(&v)?;
+        }
+        if let Some(v) = f.service_cidrs {
+            self.limits.service_cidrs = v;
+        }
+        if let Some(v) = f.proxy_name {
+            self.proxy_name = v;
+        }
+        if let Some(v) = f.connect_timeout_ms {
+            self.connect_timeout = Duration::from_millis(v);
+        }
+        if let Some(v) = f.connect_attempts {
+            self.connect_attempts = v;
+        }
+        if let Some(v) = f.udp_idle_timeout_secs {
+            self.udp_idle_timeout = Duration::from_secs(v);
+        }
+        if let Some(v) = f.health_timeout_secs {
+            self.health_timeout = Duration::from_secs(v);
+        }
+        Ok(())
+    }
+
+    /// Checks the combination once, at start-up.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        if self.workers == 0 || self.workers > 1024 {
+            return Err(SettingsError::Workers(self.workers));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(SettingsError::Zero("connect-timeout-ms"));
+        }
+        if self.connect_attempts == 0 {
+            return Err(SettingsError::Zero("connect-attempts"));
+        }
+        if self.udp_idle_timeout.is_zero() {
+            return Err(SettingsError::Zero("udp-idle-timeout-secs"));
+        }
+        if self.health_timeout.is_zero() {
+            return Err(SettingsError::Zero("health-timeout-secs"));
+        }
+        if self.limits.service_cidrs.is_empty() {
+            return Err(SettingsError::NoServiceCidr);
+        }
+        Ok(())
+    }
+
+    /// Local addresses NodePorts listen on: those inside `nodeport_addresses`, or,
+    /// when none are configured, every non-loopback address (kube-proxy's "primary
+    /// addresses" without a Node object). Loopback is served only when listed.
+    pub fn select_nodeport_addresses(&self, local: &[IpAddr]) -> Vec<IpAddr> {
+        let mut out: Vec<IpAddr> = local
+            .iter()
+            .copied()
+            .filter(|ip| {
+                if self.nodeport_addresses.is_empty() {
+                    !ip.is_loopback() && !is_link_local(ip)
+                } else {
+                    self.nodeport_addresses.iter().any(|n| n.contains(ip))
+                }
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
+fn is_link_local(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
+fn default_node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+/// Addresses currently assigned to this host's interfaces.
+pub fn local_addresses() -> std::io::Result<Vec<IpAddr>> {
+    Ok(if_addrs::get_if_addrs()?
+        .into_iter()
+        .map(|i| i.ip())
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_range_parses_and_rejects() {
+        assert_eq!(parse_port_range("30000-32767"), Ok(30000..=32767));
+        assert!(parse_port_range("5-1").is_err());
+        assert!(parse_port_range("0-10").is_err());
+        assert!(parse_port_range("abc").is_err());
+    }
+
+    #[test]
+    fn nodeport_addresses_exclude_loopback_unless_listed() {
+        let local: Vec<IpAddr> = vec![
+            "127.0.0.1".parse().unwrap(),
+            "192.0.2.10".parse().unwrap(),
+            "fe80::1".parse().unwrap(),
+        ];
+        let mut s = Settings::default();
+        assert_eq!(
+            s.select_nodeport_addresses(&local),
+            vec!["192.0.2.10".parse::<IpAddr>().unwrap()]
+        );
+        s.nodeport_addresses = vec!["127.0.0.0/8".parse().unwrap()];
+        assert_eq!(
+            s.select_nodeport_addresses(&local),
+            vec!["127.0.0.1".parse::<IpAddr>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn settings_file_overrides_and_rejects_unknown_keys() {
+        let f: SettingsFile =
+            serde_yaml::from_str("workers: 3\nnode-port-range: 1000-2000\n").unwrap();
+        let mut s = Settings::default();
+        s.apply_file(f).unwrap();
+        assert_eq!(s.workers, 3);
+        assert_eq!(s.limits.node_port_range, 1000..=2000);
+        assert!(serde_yaml::from_str::<SettingsFile>("wrokers: 3\n").is_err());
+    }
+
+    #[test]
+    fn validate_rejects_zero_workers() {
+        let s = Settings {
+            workers: 0,
+            ..Settings::default()
+        };
+        assert_eq!(s.validate(), Err(SettingsError::Workers(0)));
+    }
+}

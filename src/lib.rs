@@ -1,0 +1,15 @@
+//! ringvip: Kubernetes Services in userspace, on io_uring.
+//!
+//! The shape is described in DESIGN.md: sources → [`state::Store`] →
+//! [`state::Snapshot`] (ArcSwap) → data plane. See README.md for usage.
+
+pub mod admin;
+pub mod app;
+pub mod balance;
+pub mod config;
+pub mod dataplane;
+pub mod demo;
+pub mod discovery;
+pub mod model;
+pub mod state;
+pub mod telemetry;

@@ -1,0 +1,317 @@
+//! Pure domain types: what ringvip knows about Services, EndpointSlices and the
+//! Node, already validated and with Kubernetes defaults applied. Sources convert
+//! Kubernetes objects into these; the store and the snapshot compile read only these.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+/// Transport protocol of a frontend or endpoint port. SCTP is rejected by validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Protocol {
+    /// Kubernetes spelling (`TCP`, `UDP`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Namespace and name of an object.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectKey {
+    /// `metadata.namespace` (`default` when absent).
+    pub namespace: String,
+    /// `metadata.name`.
+    pub name: String,
+}
+
+impl ObjectKey {
+    /// Builds a key from namespace and name.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// `spec.type` of a Service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ServiceType {
+    /// `ClusterIP` (the default).
+    ClusterIp,
+    /// `NodePort`.
+    NodePort,
+    /// `LoadBalancer`.
+    LoadBalancer,
+    /// `ExternalName`: DNS only, no data plane.
+    ExternalName,
+}
+
+/// `externalTrafficPolicy` / `internalTrafficPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum TrafficPolicy {
+    /// Any usable endpoint in the cluster (default).
+    #[default]
+    Cluster,
+    /// Only endpoints on this node.
+    Local,
+}
+
+/// `sessionAffinity`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Affinity {
+    /// No affinity: every new flow picks afresh.
+    #[default]
+    None,
+    /// Same client IP → same endpoint while used within `timeout`.
+    ClientIp {
+        /// `sessionAffinityConfig.clientIP.timeoutSeconds` (default 10800 s).
+        timeout: Duration,
+    },
+}
+
+/// Default ClientIP affinity timeout (3 hours), as in Kubernetes.
+pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10800);
+
+/// `targetPort` of a Service port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum TargetPort {
+    /// A port number.
+    Number(u16),
+    /// A named container port, resolved against Pods (or already resolved in slices).
+    Name(String),
+}
+
+/// One entry of `spec.ports`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ServicePort {
+    /// Port name; empty for a single unnamed port.
+    pub name: String,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// The Service port (on ClusterIPs, LB IPs, externalIPs).
+    pub port: u16,
+    /// `nodePort`, when allocated.
+    pub node_port: Option<u16>,
+    /// `targetPort` (defaults to `port`).
+    pub target_port: TargetPort,
+}
+
+/// A validated Service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    /// Namespace and name.
+    pub key: ObjectKey,
+    /// `spec.type`.
+    pub service_type: ServiceType,
+    /// `spec.clusterIPs` (or `spec.clusterIP`); empty for headless and ExternalName.
+    pub cluster_ips: Vec<IpAddr>,
+    /// `clusterIP: None`.
+    pub headless: bool,
+    /// `spec.ports`.
+    pub ports: Vec<ServicePort>,
+    /// `spec.externalIPs`.
+    pub external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip` whose `ipMode` is empty or `VIP`.
+    pub load_balancer_ips: Vec<IpAddr>,
+    /// `spec.loadBalancerSourceRanges`; empty means allow all.
+    pub source_ranges: Vec<IpNet>,
+    /// `spec.allocateLoadBalancerNodePorts` (default true).
+    pub allocate_lb_node_ports: bool,
+    /// `spec.externalTrafficPolicy`.
+    pub external_policy: TrafficPolicy,
+    /// `spec.internalTrafficPolicy`.
+    pub internal_policy: TrafficPolicy,
+    /// `spec.sessionAffinity` with its timeout.
+    pub affinity: Affinity,
+    /// `spec.healthCheckNodePort`.
+    pub health_check_node_port: Option<u16>,
+    /// `spec.externalName`.
+    pub external_name: Option<String>,
+    /// `spec.selector`; `None` for selector-less Services.
+    pub selector: Option<BTreeMap<String, String>>,
+    /// `spec.publishNotReadyAddresses`.
+    pub publish_not_ready: bool,
+    /// Label `service.kubernetes.io/service-proxy-name`, if set.
+    pub proxy_name: Option<String>,
+    /// Label `service.kubernetes.io/headless` present.
+    pub headless_label: bool,
+}
+
+impl Service {
+    /// Whether ringvip (configured with `proxy_name`) programs a data plane for it,
+    /// per SEMANTICS.md "Skipped entirely".
+    pub fn is_proxied(&self, proxy_name: &str) -> bool {
+        if self.service_type == ServiceType::ExternalName || self.headless || self.headless_label
+        {
+            return false;
+        }
+        match &self.proxy_name {
+            Some(n) => n == proxy_name,
+            None => true,
+        }
+    }
+}
+
+/// Address family of an EndpointSlice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AddressFamily {
+    /// `IPv4`.
+    V4,
+    /// `IPv6`.
+    V6,
+}
+
+impl AddressFamily {
+    /// Family of an address.
+    pub fn of(ip: &IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => AddressFamily::V4,
+            IpAddr::V6(_) => AddressFamily::V6,
+        }
+    }
+}
+
+/// One entry of an EndpointSlice's `ports`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SlicePort {
+    /// Port name; empty when unnamed.
+    pub name: String,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Port number; `None` means "all ports" in Kubernetes, which a Service never uses.
+    pub port: Option<u16>,
+}
+
+/// One endpoint of an EndpointSlice (only its first address is used).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    /// First entry of `addresses`.
+    pub ip: IpAddr,
+    /// `conditions.ready` (missing means true).
+    pub ready: bool,
+    /// `conditions.serving` (missing means true).
+    pub serving: bool,
+    /// `conditions.terminating` (missing means false).
+    pub terminating: bool,
+    /// `nodeName`.
+    pub node_name: Option<String>,
+    /// `zone`.
+    pub zone: Option<String>,
+    /// `hints.forZones[].name`; `None` when the endpoint has no hints.
+    pub zone_hints: Option<Vec<String>>,
+    /// `hostname` (used by DNS).
+    pub hostname: Option<String>,
+}
+
+/// A validated EndpointSlice.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointSlice {
+    /// Namespace and name of the slice itself.
+    pub key: ObjectKey,
+    /// Label `kubernetes.io/service-name`: the Service it belongs to (same namespace).
+    pub service_name: String,
+    /// `addressType`.
+    pub family: AddressFamily,
+    /// `ports`.
+    pub ports: Vec<SlicePort>,
+    /// `endpoints`.
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// What ringvip needs of a Node object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    /// `metadata.name`.
+    pub name: String,
+    /// Label `topology.kubernetes.io/zone`.
+    pub zone: Option<String>,
+    /// `status.addresses` of type InternalIP / ExternalIP, in order.
+    pub addresses: Vec<IpAddr>,
+    /// `metadata.deletionTimestamp` is set.
+    pub deleting: bool,
+}
+
+/// A Pod as file mode needs it to resolve a Service selector.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pod {
+    /// Namespace and name.
+    pub key: ObjectKey,
+    /// `metadata.labels`.
+    pub labels: BTreeMap<String, String>,
+    /// `status.podIPs` (or `status.podIP`).
+    pub ips: Vec<IpAddr>,
+    /// `spec.nodeName`.
+    pub node_name: Option<String>,
+    /// Ready condition is True.
+    pub ready: bool,
+    /// `metadata.deletionTimestamp` is set.
+    pub terminating: bool,
+    /// Named container ports: (name, protocol, number).
+    pub container_ports: Vec<(String, Protocol, u16)>,
+    /// `spec.hostname`.
+    pub hostname: Option<String>,
+}
+
+/// Any object a source can deliver.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Object {
+    /// A Service.
+    Service(Service),
+    /// An EndpointSlice.
+    EndpointSlice(EndpointSlice),
+    /// A Node.
+    Node(Node),
+    /// A Pod (file mode).
+    Pod(Pod),
+}
+
+/// Kind of an object, for deletes and messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// `v1 Service`.
+    Service,
+    /// `discovery.k8s.io/v1 EndpointSlice`.
+    EndpointSlice,
+    /// `v1 Node`.
+    Node,
+    /// `v1 Pod`.
+    Pod,
+}
+
+impl Object {
+    /// Kind and key identifying the object.
+    pub fn id(&self) -> (Kind, ObjectKey) {
+        match self {
+            Object::Service(s) => (Kind::Service, s.key.clone()),
+            Object::EndpointSlice(s) => (Kind::EndpointSlice, s.key.clone()),
+            Object::Node(n) => (Kind::Node, ObjectKey::new("", n.name.clone())),
+            Object::Pod(p) => (Kind::Pod, p.key.clone()),
+        }
+    }
+}
