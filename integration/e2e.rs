@@ -1,1 +1,478 @@
+//! End-to-end: the real binary, real sockets, real clients. Everything runs on
+//! loopback addresses owned by the test (127.0.0.0/8), so no root is needed.
 
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+fn ip(a: u8, b: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, a, b)
+}
+
+fn np(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// Three HTTP backends on 127.0.<net>.1-3, same port.
+fn three_backends(net: u8) -> (u16, Vec<Backend>) {
+    let port = free_port();
+    let b = (1..=3)
+        .map(|i| {
+            Backend::start(
+                SocketAddr::from((ip(net, i), port)),
+                &i.to_string(),
+                Mode::Http,
+            )
+        })
+        .collect();
+    (port, b)
+}
+
+fn wait_serving(addr: SocketAddr) {
+    assert!(
+        wait_until(Duration::from_secs(5), || http_get(addr).is_ok()),
+        "{addr} never served"
+    );
+}
+
+#[test]
+fn balancing_spreads_over_all_endpoints() {
+    let (port, _b) = three_backends(10);
+    let node_port = free_port();
+    let rv = Ringvip::start(
+        &nodeport_service(
+            "web",
+            node_port,
+            port,
+            &[ip(10, 1), ip(10, 2), ip(10, 3)],
+            "",
+        ),
+        &[],
+    );
+    wait_serving(np(node_port));
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    for _ in 0..60 {
+        *seen.entry(http_get(np(node_port)).unwrap()).or_default() += 1;
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}\n{}", rv.log());
+    assert!(seen.values().all(|&n| n >= 5), "uneven: {seen:?}");
+}
+
+#[test]
+fn client_ip_affinity_sticks_and_expires() {
+    let (port, _b) = three_backends(11);
+    let node_port = free_port();
+    let spec = "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 1\n";
+    let _rv = Ringvip::start(
+        &nodeport_service(
+            "sticky",
+            node_port,
+            port,
+            &[ip(11, 1), ip(11, 2), ip(11, 3)],
+            spec,
+        ),
+        &[],
+    );
+    wait_serving(np(node_port));
+    // Ten clients (distinct source IPs), each pinned to one backend while active.
+    let clients: Vec<IpAddr> = (1..=10).map(|i| IpAddr::V4(ip(111, i))).collect();
+    let mut first = Vec::new();
+    for c in &clients {
+        let b = http_get_from(Some(*c), np(node_port)).unwrap();
+        for _ in 0..5 {
+            assert_eq!(
+                http_get_from(Some(*c), np(node_port)).unwrap(),
+                b,
+                "client {c} moved"
+            );
+        }
+        first.push(b);
+    }
+    // Distinct clients are not all pinned to one backend.
+    assert!(first.iter().collect::<HashSet<_>>().len() > 1, "{first:?}");
+    // After the 1 s timeout each client picks afresh: some must move.
+    std::thread::sleep(Duration::from_millis(1600));
+    let moved = clients
+        .iter()
+        .zip(&first)
+        .filter(|(c, b)| http_get_from(Some(**c), np(node_port)).unwrap() != **b)
+        .count();
+    assert!(moved > 0, "no client re-picked after affinity expiry");
+}
+
+#[test]
+fn removed_endpoint_gets_no_new_connections_but_established_keeps_streaming() {
+    let port = free_port();
+    let streamer = Backend::start(SocketAddr::from((ip(12, 1), port)), "1", Mode::Stream);
+    let _other = Backend::start(SocketAddr::from((ip(12, 2), port)), "2", Mode::Stream);
+    let node_port = free_port();
+    let rv = Ringvip::start(
+        &nodeport_service("s", node_port, port, &[ip(12, 1)], ""),
+        &[],
+    );
+    let mut conn = None;
+    assert!(wait_until(Duration::from_secs(5), || {
+        conn = connect_from(None, np(node_port)).ok();
+        conn.is_some()
+    }));
+    let mut conn = conn.unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(conn.read(&mut buf).unwrap() > 0);
+    assert_eq!(
+        streamer.accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+
+    // Move the Service to the other endpoint.
+    let before = rv.generations();
+    rv.write_manifest(&nodeport_service("s", node_port, port, &[ip(12, 2)], ""));
+    assert!(wait_until(Duration::from_secs(5), || rv.generations() > before));
+    // New connections go to endpoint 2 only.
+    for _ in 0..10 {
+        let mut c = connect_from(None, np(node_port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        assert!(c.read(&mut buf).unwrap() > 0);
+    }
+    assert_eq!(
+        streamer.accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    // The established connection still streams, for a good while.
+    let end = Instant::now() + Duration::from_millis(500);
+    let mut got = 0;
+    while Instant::now() < end {
+        got += conn.read(&mut buf).unwrap();
+    }
+    assert!(
+        got > 10,
+        "established stream stalled after endpoint removal ({got} bytes)"
+    );
+}
+
+#[test]
+fn dead_backend_is_retried_around() {
+    let (port, mut b) = three_backends(13);
+    let node_port = free_port();
+    let rv = Ringvip::start(
+        &nodeport_service("r", node_port, port, &[ip(13, 1), ip(13, 2), ip(13, 3)], ""),
+        &[],
+    );
+    wait_serving(np(node_port));
+    b[0].kill();
+    for i in 0..40 {
+        let body = http_get(np(node_port))
+            .unwrap_or_else(|e| panic!("request {i} failed: {e}\n{}", rv.log()));
+        assert_ne!(body, "backend-1");
+    }
+    // The failures were counted, by reason.
+    let m = http_get_raw(rv.metrics, "/metrics");
+    let refused = m
+        .lines()
+        .find(|l| {
+            l.starts_with("ringvip_connect_failures_total")
+                && l.contains("service=\"r\"")
+                && l.contains("reason=\"refused\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(
+        refused.is_some_and(|n| n > 0),
+        "refused connects not counted:\n{m}"
+    );
+}
+
+fn http_get_raw(addr: SocketAddr, path: &str) -> String {
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut s = String::new();
+    c.read_to_string(&mut s).unwrap();
+    s
+}
+
+#[test]
+fn no_endpoints_is_refused_at_once() {
+    let node_port = free_port();
+    let port = free_port();
+    let _rv = Ringvip::start(&nodeport_service("empty", node_port, port, &[], ""), &[]);
+    let t = Instant::now();
+    let e = connect_from(None, np(node_port)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ConnectionRefused);
+    assert!(t.elapsed() < Duration::from_secs(1));
+}
+
+#[test]
+fn bad_manifest_is_reported_and_old_config_keeps_serving() {
+    let (port, _b) = three_backends(14);
+    let node_port = free_port();
+    let rv = Ringvip::start(
+        &nodeport_service("keep", node_port, port, &[ip(14, 1)], ""),
+        &[],
+    );
+    wait_serving(np(node_port));
+    rv.write_manifest("apiVersion: v1\nkind: Service\nmetadata:\n  name: keep\n  spec: [\n");
+    assert!(
+        wait_until(Duration::from_secs(5), || rv
+            .log()
+            .contains("manifest.yaml:")),
+        "no error naming the file:\n{}",
+        rv.log()
+    );
+    // semantic error too: the port is out of range
+    rv.write_manifest(
+        &nodeport_service("keep", node_port, port, &[ip(14, 1)], "")
+            .replace("port: 80", "port: 70000"),
+    );
+    assert!(wait_until(Duration::from_secs(5), || rv
+        .log()
+        .contains("70000")));
+    for _ in 0..10 {
+        assert_eq!(http_get(np(node_port)).unwrap(), "backend-1");
+    }
+}
+
+#[test]
+fn nodeport_disappears_with_its_service() {
+    let (port, _b) = three_backends(15);
+    let node_port = free_port();
+    let other_port = free_port();
+    let rv = Ringvip::start(
+        &nodeport_service("gone", node_port, port, &[ip(15, 1)], ""),
+        &[],
+    );
+    wait_serving(np(node_port));
+    rv.write_manifest(&nodeport_service(
+        "other",
+        other_port,
+        port,
+        &[ip(15, 2)],
+        "",
+    ));
+    wait_serving(np(other_port));
+    assert!(wait_until(Duration::from_secs(5), || matches!(
+        connect_from(None, np(node_port)),
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused
+    )));
+}
+
+#[test]
+fn udp_round_trip_replies_from_the_frontend() {
+    let port = free_port();
+    let _u = UdpBackend::start(SocketAddr::from((ip(16, 1), port)), "u1");
+    let node_port = free_port();
+    let m = nodeport_service("dns", node_port, port, &[ip(16, 1)], "").replace("TCP", "UDP");
+    let _rv = Ringvip::start(&m, &["--udp-idle-timeout-secs", "2"]);
+    let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let mut reply = None;
+    assert!(wait_until(Duration::from_secs(5), || {
+        let _ = c.send_to(b"ping", np(node_port));
+        reply = c.recv_from(&mut buf).ok();
+        reply.is_some()
+    }));
+    let (n, from) = reply.unwrap();
+    assert_eq!(&buf[..n], b"u1:ping");
+    assert_eq!(
+        from,
+        np(node_port),
+        "reply must come from the NodePort address"
+    );
+    // The same flow keeps working.
+    for i in 0..20 {
+        let msg = format!("m{i}");
+        c.send_to(msg.as_bytes(), np(node_port)).unwrap();
+        let (n, _) = c.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], format!("u1:{msg}").as_bytes());
+    }
+}
+
+#[test]
+fn half_close_is_passed_on() {
+    let port = free_port();
+    let _b = Backend::start(SocketAddr::from((ip(17, 1), port)), "e", Mode::Echo);
+    let node_port = free_port();
+    let _rv = Ringvip::start(
+        &nodeport_service("echo", node_port, port, &[ip(17, 1)], ""),
+        &[],
+    );
+    let mut c = None;
+    assert!(wait_until(Duration::from_secs(5), || {
+        c = connect_from(None, np(node_port)).ok();
+        c.is_some()
+    }));
+    let mut c = c.unwrap();
+    let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    c.write_all(&payload).unwrap();
+    // Half-close: the echo backend sees EOF only if the FIN was passed on, and
+    // its replies must still reach us on our open read side.
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    assert_eq!(back.len(), payload.len());
+    assert!(back == payload);
+}
+
+#[test]
+fn backend_reset_is_passed_on_as_reset() {
+    let port = free_port();
+    let _b = Backend::start(SocketAddr::from((ip(18, 1), port)), "r", Mode::Reset);
+    let node_port = free_port();
+    let _rv = Ringvip::start(
+        &nodeport_service("rst", node_port, port, &[ip(18, 1)], ""),
+        &[],
+    );
+    let mut c = None;
+    assert!(wait_until(Duration::from_secs(5), || {
+        c = connect_from(None, np(node_port)).ok();
+        c.is_some()
+    }));
+    let mut c = c.unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 16];
+    let r = c.read(&mut buf);
+    assert!(
+        matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "expected a reset, got {r:?}"
+    );
+}
+
+#[test]
+fn load_balancer_source_ranges_are_enforced() {
+    let (port, _b) = three_backends(19);
+    let lb_port = free_port();
+    // The LB ingress IP is a local loopback address, so ringvip serves it.
+    let lb_ip = ip(19, 100);
+    let m = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: lb\n  namespace: default\nspec:\n  type: LoadBalancer\n  allocateLoadBalancerNodePorts: false\n  loadBalancerSourceRanges: [\"127.0.191.0/24\"]\n  ports:\n  - name: p\n    port: {lb_port}\n    targetPort: {port}\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: \"{lb_ip}\"\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: lb-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: lb}}\naddressType: IPv4\nports: [{{name: p, port: {port}, protocol: TCP}}]\nendpoints:\n- addresses: [\"{}\"]\n",
+        ip(19, 1)
+    );
+    let _rv = Ringvip::start(&m, &[]);
+    let lb = SocketAddr::from((lb_ip, lb_port));
+    let inside = Some(IpAddr::V4(Ipv4Addr::new(127, 0, 191, 5)));
+    let outside = Some(IpAddr::V4(Ipv4Addr::new(127, 0, 192, 5)));
+    assert!(wait_until(Duration::from_secs(5), || http_get_from(
+        inside, lb
+    )
+    .is_ok()));
+    assert_eq!(http_get_from(inside, lb).unwrap(), "backend-1");
+    // Outsiders are dropped in the kernel (no handshake at all), as kube-proxy drops them.
+    let e = connect_from(outside, lb).expect_err("client outside the source ranges connected");
+    assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+}
+
+#[test]
+fn check_command_reports_errors_and_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.yaml");
+    std::fs::write(&good, nodeport_service("ok", 30080, 8080, &[ip(20, 1)], "")).unwrap();
+    let out = Command::new(bin())
+        .arg("check")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        nodeport_service("bad", 80, 8080, &[ip(20, 1)], "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}\n"),
+    )
+    .unwrap();
+    let out = Command::new(bin()).arg("check").arg(&bad).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("bad.yaml"), "{text}");
+    assert!(text.contains("nodePort"), "{text}");
+    assert!(text.contains("timeoutSeconds"), "{text}");
+}
+
+#[test]
+fn health_and_metrics_endpoints_answer() {
+    let (port, _b) = three_backends(21);
+    let node_port = free_port();
+    let rv = Ringvip::start(
+        &nodeport_service("m", node_port, port, &[ip(21, 1)], ""),
+        &[],
+    );
+    wait_serving(np(node_port));
+    let h = http_get_raw(rv.health, "/healthz");
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    assert!(h.contains("\"healthy\":true"), "{h}");
+    let l = http_get_raw(rv.health, "/livez");
+    assert!(l.starts_with("HTTP/1.1 200"), "{l}");
+    let m = http_get_raw(rv.metrics, "/metrics");
+    assert!(m.contains("ringvip_connections_total"), "{m}");
+    assert!(m.contains("service=\"m\""), "{m}");
+}
+
+#[test]
+fn demo_runs_and_shows_balancing_and_affinity() {
+    let out = Command::new(bin())
+        .args(["demo", "--once"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("curl http://127.0.0.1:"), "{text}");
+    assert!(text.contains("random NodePort"), "{text}");
+}
+
+/// Real peers: nginx backends, curl as the client.
+#[test]
+fn nginx_backends_through_a_nodeport_with_curl() {
+    let Some(nginx) = need_program("nginx", "real HTTP backends") else {
+        return;
+    };
+    let Some(curl) = need_program("curl", "a real HTTP client") else {
+        return;
+    };
+    let port = free_port();
+    let _n: Vec<Nginx> = (1..=2)
+        .map(|i| Nginx::start(&nginx, SocketAddr::from((ip(22, i), port)), &i.to_string()))
+        .collect();
+    let node_port = free_port();
+    let _rv = Ringvip::start(
+        &nodeport_service("ng", node_port, port, &[ip(22, 1), ip(22, 2)], ""),
+        &[],
+    );
+    wait_serving(np(node_port));
+    let mut seen = HashSet::new();
+    for _ in 0..30 {
+        let out = Command::new(&curl)
+            .args(["-sS", "--max-time", "5"])
+            .arg(format!("http://127.0.0.1:{node_port}/"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        seen.insert(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    }
+    assert_eq!(
+        seen,
+        HashSet::from(["backend-1".to_string(), "backend-2".to_string()])
+    );
+}

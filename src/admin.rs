@@ -1,1 +1,743 @@
-//! TODO
+//! HTTP endpoints on the control runtime: `/healthz` and `/livez` on the
+//! health address, `/metrics` on the metrics address.
+//!
+//! Health follows kube-proxy 1.33 (`pkg/proxy/healthcheck/proxy_health.go`):
+//! the proxy is unhealthy when an update has been queued for at least the
+//! health timeout without being applied; `/healthz` is also 503 while this
+//! Node is being deleted. Differences, on purpose:
+//!
+//! * kube-proxy only judges an IP family once it has synced at least once, so a
+//!   first sync that never finishes stays "healthy" forever. Here an update
+//!   queued before the first apply counts like any other.
+//! * Times are RFC 3339 (UTC, nanoseconds when non-zero) rather than Go's
+//!   `time.Time.String()`, and the body also carries `healthy`.
+//! * Only GET and HEAD are answered (405 otherwise); kube-proxy's mux answers
+//!   any method.
+//!
+//! As in kube-proxy, `lastUpdated` in a healthy response is the current time
+//! (compatibility with old releases, where it meant "the sync loop ran
+//! recently"). In an unhealthy response it is the time of the last apply, or
+//! `""` when nothing was applied yet. [`HealthReport::last_updated`] always
+//! holds the real value.
+//!
+//! Each connection is served in its own task by hyper's HTTP/1 server: a
+//! malformed request gets a 400 and only its own connection is closed; a client
+//! that does not send a complete request head within [`HEADER_READ_TIMEOUT`]
+//! (also between keep-alive requests) is disconnected; at most
+//! [`MAX_CONNECTIONS`] connections per server are open at once (further ones
+//! wait in the listen backlog).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, X_CONTENT_TYPE_OPTIONS};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::telemetry::{Metrics, OPENMETRICS_CONTENT_TYPE};
+
+/// Path of the health endpoint that also reflects Node deletion.
+pub const HEALTHZ_PATH: &str = "/healthz";
+/// Path of the liveness endpoint (proxy health only).
+pub const LIVEZ_PATH: &str = "/livez";
+/// Path of the Prometheus endpoint.
+pub const METRICS_PATH: &str = "/metrics";
+
+/// A client must send a complete request head within this time, also for
+/// each further request on a kept-alive connection.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once by one admin server.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Largest request head accepted (bigger gets 431).
+const MAX_HEADER_SIZE: usize = 16 * 1024;
+
+/// Shared health state, written by the store/app, read by the HTTP server.
+/// Not on the data path: a std `Mutex` held for a few instructions.
+#[derive(Debug, Default)]
+pub struct Health {
+    state: Mutex<HealthState>,
+}
+
+#[derive(Debug, Default)]
+struct HealthState {
+    /// When the oldest update not yet applied arrived.
+    oldest_pending: Option<SystemTime>,
+    /// When the data plane last caught up with everything queued.
+    last_updated: Option<SystemTime>,
+    node_deleting: bool,
+}
+
+/// The health of the proxy at one instant; see [`Health::report`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthReport {
+    /// No update has been pending for the health timeout or longer.
+    /// Does not include [`HealthReport::node_deleting`].
+    pub healthy: bool,
+    /// This Node is being deleted (deletionTimestamp set, or tainted
+    /// `ToBeDeletedByClusterAutoscaler`).
+    pub node_deleting: bool,
+    /// When the data plane last applied everything queued; `None` before the
+    /// first apply.
+    pub last_updated: Option<SystemTime>,
+    /// The `now` the report was made for.
+    pub current_time: SystemTime,
+}
+
+impl HealthReport {
+    /// What `/healthz` reports: healthy and the Node is not being deleted.
+    pub fn healthz(&self) -> bool {
+        self.healthy && !self.node_deleting
+    }
+}
+
+impl Health {
+    /// Healthy, nothing pending, nothing applied yet, Node eligible.
+    pub fn new() -> Health {
+        Health::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HealthState> {
+        // The state is plain data always left consistent, so a panic in
+        // another holder does not make it unusable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An update arrived at `at` and is not yet applied. The oldest pending
+    /// time is kept until [`Health::applied`].
+    pub fn queued(&self, at: SystemTime) {
+        let mut s = self.lock();
+        s.oldest_pending = Some(match s.oldest_pending {
+            Some(t) if t <= at => t,
+            _ => at,
+        });
+    }
+
+    /// The data plane now uses everything queued so far: clears the pending
+    /// time and records `at` as the last update.
+    pub fn applied(&self, at: SystemTime) {
+        let mut s = self.lock();
+        s.oldest_pending = None;
+        s.last_updated = Some(at);
+    }
+
+    /// Mark this Node as being deleted (or not any more).
+    pub fn set_node_deleting(&self, v: bool) {
+        self.lock().node_deleting = v;
+    }
+
+    /// The health at `now`: unhealthy when an update has been pending since
+    /// `T` and `now - T >= timeout` (kube-proxy's comparison). A pending time
+    /// in the future of `now` (clock stepped back) counts as fresh.
+    pub fn report(&self, now: SystemTime, timeout: Duration) -> HealthReport {
+        let s = self.lock();
+        let healthy = match s.oldest_pending {
+            None => true,
+            Some(t) => now.duration_since(t).map_or(true, |age| age < timeout),
+        };
+        HealthReport {
+            healthy,
+            node_deleting: s.node_deleting,
+            last_updated: s.last_updated,
+            current_time: now,
+        }
+    }
+}
+
+/// Bind an admin listener. The error names the address, so start-up fails
+/// clearly (e.g. on EADDRINUSE); its kind is the original one.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}
+
+/// Serve `/healthz` and `/livez` on `l` until the task is dropped.
+/// `timeout` is how long an update may stay queued before the proxy counts
+/// as unhealthy (kube-proxy: twice the sync period by default).
+pub async fn serve_health(l: TcpListener, health: Arc<Health>, timeout: Duration) {
+    serve(l, "health", HEADER_READ_TIMEOUT, move |req| {
+        health_response(req, &health, timeout, SystemTime::now())
+    })
+    .await
+}
+
+/// Serve `/metrics` on `l` until the task is dropped.
+pub async fn serve_metrics(l: TcpListener, metrics: Arc<Metrics>) {
+    serve(l, "metrics", HEADER_READ_TIMEOUT, move |req| {
+        metrics_response(req, &metrics)
+    })
+    .await
+}
+
+/// Accept loop shared by both servers: one task per connection.
+async fn serve<H>(l: TcpListener, server: &'static str, header_timeout: Duration, handler: H)
+where
+    H: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
+    let handler = Arc::new(handler);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_header_size(MAX_HEADER_SIZE);
+    if let Ok(local) = l.local_addr() {
+        tracing::info!(server, address = %local, "admin HTTP server listening");
+    }
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            // The semaphore is never closed; nothing sensible is left to do.
+            return;
+        };
+        let (stream, peer) = match l.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(server, error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let handler = Arc::clone(&handler);
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let resp = handler(&req);
+                std::future::ready(Ok::<_, Infallible>(resp))
+            });
+            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+                tracing::debug!(server, %peer, error = %e, "admin connection ended with error");
+            }
+        });
+    }
+}
+
+fn is_get_or_head(m: &Method) -> bool {
+    m == Method::GET || m == Method::HEAD
+}
+
+fn response(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp.headers_mut()
+        .insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    resp
+}
+
+fn not_found() -> Response<Full<Bytes>> {
+    response(
+        StatusCode::NOT_FOUND,
+        "text/plain; charset=utf-8",
+        "404 page not found\n",
+    )
+}
+
+fn method_not_allowed() -> Response<Full<Bytes>> {
+    let mut resp = response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "text/plain; charset=utf-8",
+        "405 method not allowed\n",
+    );
+    resp.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+    resp
+}
+
+/// JSON body of `/healthz` and `/livez`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct HealthBody {
+    last_updated: String,
+    current_time: String,
+    healthy: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_eligible: Option<bool>,
+}
+
+fn health_response(
+    req: &Request<Incoming>,
+    health: &Health,
+    timeout: Duration,
+    now: SystemTime,
+) -> Response<Full<Bytes>> {
+    let with_node = match req.uri().path() {
+        HEALTHZ_PATH => true,
+        LIVEZ_PATH => false,
+        _ => return not_found(),
+    };
+    if !is_get_or_head(req.method()) {
+        return method_not_allowed();
+    }
+    let (status, body) = health_body(&health.report(now, timeout), with_node);
+    response(status, "application/json", body)
+}
+
+/// Status and JSON body for a report; `with_node` for `/healthz`.
+fn health_body(r: &HealthReport, with_node: bool) -> (StatusCode, String) {
+    let healthy = if with_node { r.healthz() } else { r.healthy };
+    let last_updated = if healthy {
+        // kube-proxy: "lastUpdated" is "recent" whenever the server is healthy.
+        rfc3339(r.current_time)
+    } else {
+        r.last_updated.map(rfc3339).unwrap_or_default()
+    };
+    let body = HealthBody {
+        last_updated,
+        current_time: rfc3339(r.current_time),
+        healthy,
+        node_eligible: with_node.then_some(!r.node_deleting),
+    };
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    // Serializing a struct of strings and bools cannot fail.
+    let json = serde_json::to_string(&body).unwrap_or_default();
+    (status, json)
+}
+
+fn metrics_response(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
+    if req.uri().path() != METRICS_PATH {
+        return not_found();
+    }
+    if !is_get_or_head(req.method()) {
+        return method_not_allowed();
+    }
+    response(StatusCode::OK, OPENMETRICS_CONTENT_TYPE, metrics.encode())
+}
+
+/// `t` as RFC 3339 in UTC: `2024-05-01T10:00:00Z`, with a fraction of up to
+/// nine digits (trailing zeros dropped) when `t` is not on a whole second.
+pub fn rfc3339(t: SystemTime) -> String {
+    let (secs, nanos): (i64, u32) = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => (
+            i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            d.subsec_nanos(),
+        ),
+        Err(e) => {
+            let d = e.duration();
+            let s = i64::try_from(d.as_secs()).map_or(i64::MIN, |s| -s);
+            match d.subsec_nanos() {
+                0 => (s, 0),
+                n => (s.saturating_sub(1), 1_000_000_000 - n),
+            }
+        }
+    };
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    let (hh, mm, ss) = (sod / 3600, sod % 3600 / 60, sod % 60);
+    let mut out = format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}");
+    if nanos != 0 {
+        let frac = format!("{nanos:09}");
+        out.push('.');
+        out.push_str(frac.trim_end_matches('0'));
+    }
+    out.push('Z');
+    out
+}
+
+/// Proleptic Gregorian date of a day count since 1970-01-01
+/// (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z.saturating_add(719_468);
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097); // [0, 146096]
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // [0, 399]
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // [0, 365]
+    let mp = (5 * doy + 2) / 153; // [0, 11], March-based
+    let d = doy - (153 * mp + 2) / 5 + 1; // [1, 31]
+    let m = if mp < 10 { mp + 3 } else { mp - 9 }; // [1, 12]
+    let y = yoe + era.saturating_mul(400) + i64::from(m <= 2);
+    // Both are in range by construction.
+    (y, m as u32, d as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::telemetry::{PortLabels, CONNECTIONS_TOTAL};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    const TIMEOUT: Duration = Duration::from_secs(1);
+
+    struct Reply {
+        status: u16,
+        head: String,
+        body: String,
+    }
+
+    impl Reply {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.head.lines().skip(1).find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case(name).then(|| v.trim())
+            })
+        }
+
+        fn json(&self) -> serde_json::Value {
+            serde_json::from_str(&self.body).expect("JSON body")
+        }
+    }
+
+    /// Write `raw` and read until the server closes the connection.
+    async fn exchange(addr: SocketAddr, raw: &[u8]) -> Reply {
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(raw).await.expect("write");
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+            .await
+            .expect("server closed in time")
+            .expect("read");
+        let text = String::from_utf8(buf).expect("utf-8 response");
+        let (head, body) = text.split_once("\r\n\r\n").expect("complete head");
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("status code");
+        Reply {
+            status,
+            head: head.to_string(),
+            body: body.to_string(),
+        }
+    }
+
+    async fn get(addr: SocketAddr, method: &str, path: &str) -> Reply {
+        let req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+        exchange(addr, req.as_bytes()).await
+    }
+
+    async fn start_health(health: Arc<Health>) -> SocketAddr {
+        let l = bind("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("local addr");
+        tokio::spawn(serve_health(l, health, TIMEOUT));
+        addr
+    }
+
+    async fn start_metrics(metrics: Arc<Metrics>) -> SocketAddr {
+        let l = bind("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("local addr");
+        tokio::spawn(serve_metrics(l, metrics));
+        addr
+    }
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn report_pending_and_applied() {
+        let h = Health::new();
+        let r = h.report(at(1000), TIMEOUT);
+        assert!(r.healthy && !r.node_deleting && r.healthz());
+        assert_eq!(r.last_updated, None);
+        assert_eq!(r.current_time, at(1000));
+
+        h.queued(at(1000));
+        h.queued(at(1005)); // keeps the oldest
+        assert!(h.report(at(1000), TIMEOUT).healthy);
+        assert!(
+            !h.report(at(1001), TIMEOUT).healthy,
+            "age == timeout is late"
+        );
+        assert!(!h.report(at(1003), TIMEOUT).healthy);
+        // A pending time in the future of `now` counts as fresh.
+        assert!(h.report(at(900), TIMEOUT).healthy);
+
+        h.applied(at(1010));
+        let r = h.report(at(2000), TIMEOUT);
+        assert!(r.healthy);
+        assert_eq!(r.last_updated, Some(at(1010)));
+
+        // An older out-of-order time replaces a newer pending one.
+        h.queued(at(2000));
+        h.queued(at(1990));
+        assert!(!h.report(at(1995), Duration::from_secs(5)).healthy);
+
+        h.set_node_deleting(true);
+        let r = h.report(at(1990), TIMEOUT);
+        assert!(r.healthy && r.node_deleting && !r.healthz());
+    }
+
+    #[test]
+    fn body_follows_kube_proxy() {
+        let report = HealthReport {
+            healthy: false,
+            node_deleting: false,
+            last_updated: None,
+            current_time: at(1_700_000_000),
+        };
+        let (status, body) = health_body(&report, false);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(v["lastUpdated"], "");
+        assert_eq!(v["currentTime"], "2023-11-14T22:13:20Z");
+        assert_eq!(v["healthy"], false);
+        assert!(v.get("nodeEligible").is_none());
+
+        let report = HealthReport {
+            last_updated: Some(at(1_699_999_990)),
+            ..report
+        };
+        let (_, body) = health_body(&report, true);
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(v["lastUpdated"], "2023-11-14T22:13:10Z");
+        assert_eq!(v["nodeEligible"], true);
+
+        // Healthy: lastUpdated is the current time, as in kube-proxy.
+        let report = HealthReport {
+            healthy: true,
+            ..report
+        };
+        let (status, body) = health_body(&report, true);
+        assert_eq!(status, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(v["lastUpdated"], v["currentTime"]);
+        // Field order as in kube-proxy's body.
+        assert!(body.starts_with(r#"{"lastUpdated":"#));
+    }
+
+    #[test]
+    fn rfc3339_formatting() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(at(951_782_400)), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(at(951_868_799)), "2000-02-29T23:59:59Z");
+        assert_eq!(rfc3339(at(1_709_251_199)), "2024-02-29T23:59:59Z");
+        assert_eq!(rfc3339(at(4_107_542_400)), "2100-03-01T00:00:00Z");
+        assert_eq!(
+            rfc3339(at(1_700_000_000) + Duration::from_millis(500)),
+            "2023-11-14T22:13:20.5Z"
+        );
+        assert_eq!(
+            rfc3339(at(1_700_000_000) + Duration::from_nanos(123_456_789)),
+            "2023-11-14T22:13:20.123456789Z"
+        );
+        assert_eq!(
+            rfc3339(UNIX_EPOCH - Duration::from_secs(1)),
+            "1969-12-31T23:59:59Z"
+        );
+        assert_eq!(
+            rfc3339(UNIX_EPOCH - Duration::from_millis(250)),
+            "1969-12-31T23:59:59.75Z"
+        );
+        assert_eq!(
+            rfc3339(UNIX_EPOCH - Duration::from_secs(86_400 * 365)),
+            "1969-01-01T00:00:00Z"
+        );
+    }
+
+    #[tokio::test]
+    async fn livez_turns_503_when_update_is_late() {
+        let health = Arc::new(Health::new());
+        let addr = start_health(Arc::clone(&health)).await;
+
+        let r = get(addr, "GET", "/livez").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+        let v = r.json();
+        assert_eq!(v["healthy"], true);
+        assert!(v["lastUpdated"].as_str().is_some_and(|s| !s.is_empty()));
+        assert!(v["currentTime"].as_str().is_some_and(|s| s.ends_with('Z')));
+        assert!(v.get("nodeEligible").is_none());
+
+        // A fresh pending update is not late yet.
+        health.queued(SystemTime::now());
+        assert_eq!(get(addr, "GET", "/livez").await.status, 200);
+
+        health.queued(SystemTime::now() - Duration::from_secs(10));
+        let r = get(addr, "GET", "/livez").await;
+        assert_eq!(r.status, 503);
+        let v = r.json();
+        assert_eq!(v["healthy"], false);
+        assert_eq!(v["lastUpdated"], "");
+        assert_eq!(get(addr, "GET", "/healthz").await.status, 503);
+
+        let applied = SystemTime::now();
+        health.applied(applied);
+        assert_eq!(get(addr, "GET", "/livez").await.status, 200);
+        health.queued(SystemTime::now() - Duration::from_secs(10));
+        let v = get(addr, "GET", "/livez").await.json();
+        assert_eq!(v["lastUpdated"], rfc3339(applied).as_str());
+    }
+
+    #[tokio::test]
+    async fn healthz_503_when_node_deleting() {
+        let health = Arc::new(Health::new());
+        let addr = start_health(Arc::clone(&health)).await;
+
+        let r = get(addr, "GET", "/healthz").await;
+        assert_eq!(r.status, 200);
+        let v = r.json();
+        assert_eq!(v["healthy"], true);
+        assert_eq!(v["nodeEligible"], true);
+        for field in ["lastUpdated", "currentTime"] {
+            assert!(v[field].is_string(), "{field} in {v}");
+        }
+
+        health.set_node_deleting(true);
+        let r = get(addr, "GET", "/healthz").await;
+        assert_eq!(r.status, 503);
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        let v = r.json();
+        assert_eq!(v["healthy"], false);
+        assert_eq!(v["nodeEligible"], false);
+        // /livez ignores the Node.
+        assert_eq!(get(addr, "GET", "/livez").await.status, 200);
+
+        health.set_node_deleting(false);
+        assert_eq!(get(addr, "GET", "/healthz").await.status, 200);
+    }
+
+    #[tokio::test]
+    async fn health_server_routes() {
+        let addr = start_health(Arc::new(Health::new())).await;
+        assert_eq!(get(addr, "GET", "/metrics").await.status, 404);
+        assert_eq!(get(addr, "GET", "/").await.status, 404);
+        assert_eq!(get(addr, "GET", "/healthz/x").await.status, 404);
+        assert_eq!(get(addr, "GET", "/healthz?verbose=1").await.status, 200);
+        assert_eq!(get(addr, "POST", "/healthz").await.status, 405);
+        let r = get(addr, "HEAD", "/livez").await;
+        assert_eq!(r.status, 200);
+        assert!(r.body.is_empty());
+    }
+
+    #[tokio::test]
+    async fn metrics_endpoint() {
+        let metrics = Arc::new(Metrics::new());
+        let port = metrics.port(&PortLabels {
+            namespace: "ns".into(),
+            service: "svc".into(),
+            port: "http".into(),
+            protocol: "TCP".into(),
+        });
+        port.connections_total.inc_by(7);
+        let addr = start_metrics(Arc::clone(&metrics)).await;
+
+        let r = get(addr, "GET", "/metrics").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("content-type"), Some(OPENMETRICS_CONTENT_TYPE));
+        let line = format!(
+            "{CONNECTIONS_TOTAL}{{namespace=\"ns\",service=\"svc\",port=\"http\",protocol=\"TCP\"}} 7"
+        );
+        assert!(r.body.lines().any(|l| l == line), "{line} in\n{}", r.body);
+        assert!(r
+            .body
+            .contains(crate::telemetry::SYNC_PROXY_RULES_DURATION_SECONDS));
+
+        assert_eq!(get(addr, "HEAD", "/metrics").await.status, 200);
+        assert_eq!(get(addr, "POST", "/metrics").await.status, 405);
+        assert_eq!(get(addr, "PUT", "/metrics").await.status, 405);
+        assert_eq!(get(addr, "GET", "/healthz").await.status, 404);
+        assert_eq!(get(addr, "GET", "/nope").await.status, 404);
+    }
+
+    #[tokio::test]
+    async fn post_metrics_with_body_is_405() {
+        let addr = start_metrics(Arc::new(Metrics::new())).await;
+        let r = exchange(
+            addr,
+            b"POST /metrics HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+        )
+        .await;
+        assert_eq!(r.status, 405);
+        assert_eq!(r.header("allow"), Some("GET, HEAD"));
+    }
+
+    #[tokio::test]
+    async fn garbage_gets_400_and_server_keeps_serving() {
+        let health = Arc::new(Health::new());
+        let addr = start_health(Arc::clone(&health)).await;
+        let metrics_addr = start_metrics(Arc::new(Metrics::new())).await;
+
+        // A connection left open mid-request must not block others.
+        let mut idle = TcpStream::connect(addr).await.expect("connect");
+        idle.write_all(b"GET /livez HTTP/1.1\r\n")
+            .await
+            .expect("write");
+
+        for a in [addr, metrics_addr] {
+            let r = exchange(a, b"\x00\x01garbage \xff\r\n\r\n").await;
+            assert_eq!(r.status, 400);
+            let r = exchange(a, b"GET / HTTP/1.1\r\nHost\r\n\r\n").await;
+            assert_eq!(r.status, 400);
+        }
+        assert_eq!(get(addr, "GET", "/livez").await.status, 200);
+        assert_eq!(get(metrics_addr, "GET", "/metrics").await.status, 200);
+
+        // Keep-alive: two requests on one connection.
+        let r = exchange(
+            addr,
+            b"GET /livez HTTP/1.1\r\nHost: t\r\n\r\nGET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body.matches("HTTP/1.1 200 OK").count(), 1);
+        drop(idle);
+    }
+
+    #[tokio::test]
+    async fn slow_client_is_disconnected() {
+        let l = bind("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("local addr");
+        let health = Arc::new(Health::new());
+        tokio::spawn(serve(l, "test", Duration::from_millis(200), move |req| {
+            health_response(req, &health, TIMEOUT, SystemTime::now())
+        }));
+
+        let mut slow = TcpStream::connect(addr).await.expect("connect");
+        slow.write_all(b"GET /livez HTTP/1.1\r\nHost")
+            .await
+            .expect("write");
+        let mut buf = Vec::new();
+        // The server closes the connection (possibly after a 408) well
+        // before the test's own timeout.
+        tokio::time::timeout(Duration::from_secs(3), slow.read_to_end(&mut buf))
+            .await
+            .expect("slow client disconnected")
+            .ok();
+        let silent = TcpStream::connect(addr).await.expect("connect");
+        let mut silent = silent;
+        tokio::time::timeout(Duration::from_secs(3), silent.read_to_end(&mut buf))
+            .await
+            .expect("silent client disconnected")
+            .ok();
+        assert_eq!(get(addr, "GET", "/livez").await.status, 200);
+    }
+
+    #[tokio::test]
+    async fn bind_reports_address_in_use() {
+        let l = bind("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("local addr");
+        let e = bind(addr).await.expect_err("second bind fails");
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
+        assert!(e.to_string().contains(&addr.to_string()), "{e}");
+    }
+}

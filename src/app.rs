@@ -1,1 +1,174 @@
-//! TODO
+//! Wires everything together: the control runtime (sources, store, admin), the
+//! data-plane threads, signals and shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use anyhow::Context;
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::admin::{self, Health};
+use crate::config::{self, Settings};
+use crate::dataplane::{socket, DataPlaneSettings, Shared};
+struct FileSource;
+impl FileSource {
+    fn new(_: Vec<std::path::PathBuf>, _: crate::config::Limits) -> Self {
+        FileSource
+    }
+    async fn run(self, _tx: mpsc::Sender<Update>, _r: Arc<Notify>) {}
+}
+use crate::discovery::Update;
+use crate::state::{NodeContext, Snapshot, Store};
+use crate::telemetry::Metrics;
+
+/// Addresses the admin servers actually bound (ports may have been 0).
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    /// `/healthz`, `/livez`.
+    pub health: SocketAddr,
+    /// `/metrics`.
+    pub metrics: SocketAddr,
+}
+
+/// Builds this node's context from the settings and the host's addresses.
+pub fn node_context(settings: &Settings) -> anyhow::Result<NodeContext> {
+    let local = config::local_addresses().context("listing local addresses")?;
+    Ok(NodeContext {
+        node_name: settings.node_name.clone(),
+        zone: settings.zone.clone(),
+        proxy_name: settings.proxy_name.clone(),
+        nodeport_addresses: settings.select_nodeport_addresses(&local),
+        local_addresses: local,
+    })
+}
+
+/// Runs ringvip until SIGTERM/SIGINT or until `shutdown` is notified.
+/// `on_ready` is called once the admin servers are bound.
+pub fn run(
+    settings: Settings,
+    shutdown: Arc<Notify>,
+    on_ready: impl FnOnce(Bound) + Send + 'static,
+) -> anyhow::Result<()> {
+    settings.validate()?;
+    let ctx = node_context(&settings)?;
+    tracing::info!(
+        node = %ctx.node_name,
+        nodeport_addresses = ?ctx.nodeport_addresses,
+        workers = settings.workers,
+        "starting"
+    );
+    let shared = Shared::new(DataPlaneSettings {
+        connect_timeout: settings.connect_timeout,
+        connect_attempts: settings.connect_attempts,
+        udp_idle_timeout: settings.udp_idle_timeout,
+    });
+    let (snap_tx, snap_rx) = watch::channel(shared.snapshot.load_full());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the control runtime")?;
+    let workers = socket::spawn_workers(settings.workers, shared.clone(), snap_rx)
+        .context("starting data-plane threads")?;
+    let result = rt.block_on(control(settings, ctx, shared, snap_tx, shutdown, on_ready));
+    // snap_tx is dropped by now: every worker closes its listeners and returns.
+    for w in workers {
+        let _ = w.join();
+    }
+    result
+}
+
+async fn control(
+    settings: Settings,
+    ctx: NodeContext,
+    shared: Arc<Shared>,
+    snap_tx: watch::Sender<Arc<Snapshot>>,
+    shutdown: Arc<Notify>,
+    on_ready: impl FnOnce(Bound),
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::new());
+    let hl = admin::bind(settings.health_addr)
+        .await
+        .with_context(|| format!("binding the health address {}", settings.health_addr))?;
+    let ml = admin::bind(settings.metrics_addr)
+        .await
+        .with_context(|| format!("binding the metrics address {}", settings.metrics_addr))?;
+    let bound = Bound {
+        health: hl.local_addr()?,
+        metrics: ml.local_addr()?,
+    };
+    tokio::spawn(admin::serve_health(
+        hl,
+        health.clone(),
+        settings.health_timeout,
+    ));
+    tokio::spawn(admin::serve_metrics(ml, metrics.clone()));
+
+    let (tx, mut rx) = mpsc::channel::<Update>(64);
+    let reload = Arc::new(Notify::new());
+    let source = FileSource::new(settings.manifests.clone(), settings.limits.clone());
+    tokio::spawn(source.run(tx, reload.clone()));
+    on_ready(bound);
+
+    // Forget ClientIP affinity entries that outlived their timeout.
+    let sweeper = shared.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(10));
+        loop {
+            tick.tick().await;
+            sweeper.affinity.sweep(Instant::now());
+        }
+    });
+
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut store = Store::new();
+    let mut generation = 0u64;
+    loop {
+        tokio::select! {
+            u = rx.recv() => {
+                let Some(u) = u else { break };
+                health.queued(SystemTime::now());
+                let started = Instant::now();
+                let mut changes = store.apply(u);
+                while let Ok(more) = rx.try_recv() {
+                    let c = store.apply(more);
+                    changes.services += c.services;
+                    changes.endpoints += c.endpoints;
+                    changes.other += c.other;
+                }
+                generation += 1;
+                let snap = Arc::new(store.compile(&ctx, &metrics, generation));
+                for c in &snap.conflicts {
+                    tracing::warn!("frontend conflict: {c}");
+                }
+                tracing::info!(
+                    generation,
+                    services = store.service_count(),
+                    frontends = snap.frontend_count(),
+                    listeners = snap.listeners().len(),
+                    "snapshot published"
+                );
+                metrics.set_no_local_endpoints(snap.no_local_internal as i64, snap.no_local_external as i64);
+                shared.snapshot.store(snap.clone());
+                snap_tx.send_replace(snap);
+                metrics.observe_sync(started.elapsed());
+                metrics.add_service_changes(changes.services);
+                metrics.add_endpoint_changes(changes.endpoints);
+                let now = SystemTime::now();
+                metrics.set_last_sync(now);
+                health.set_node_deleting(store.node(&ctx.node_name).is_some_and(|n| n.deleting));
+                health.applied(now);
+            }
+            _ = sighup.recv() => {
+                tracing::info!("SIGHUP: reloading manifests");
+                reload.notify_one();
+            }
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break }
+            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); break }
+            _ = shutdown.notified() => break,
+        }
+    }
+    Ok(())
+}

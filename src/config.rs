@@ -311,6 +311,15 @@ mod tests {
     }
 
     #[test]
+    fn shipped_settings_file_is_valid() {
+        let f: SettingsFile = serde_yaml::from_str(include_str!("../config/ringvip.yaml")).unwrap();
+        let mut s = Settings::default();
+        s.apply_file(f).unwrap();
+        s.validate().unwrap();
+        assert_eq!(s.node_name, "node-a");
+    }
+
+    #[test]
     fn validate_rejects_zero_workers() {
         let s = Settings {
             workers: 0,

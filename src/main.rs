@@ -1,1 +1,203 @@
-fn main(){}
+//! The `ringvip` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use ipnet::IpNet;
+
+use ringvip::config::{parse_port_range, Settings, SettingsFile};
+use ringvip::discovery::file;
+
+/// Kubernetes Services in userspace, on io_uring.
+#[derive(Debug, Parser)]
+#[command(name = "ringvip", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Serve the Services in the manifests (files or directories, watched live).
+    Run(Box<RunArgs>),
+    /// Validate manifests: prints every error, exits 1 if there is any.
+    Check(CheckArgs),
+    /// Start three local backends behind two NodePorts on 127.0.0.1 and show
+    /// balancing and affinity at work (no root needed).
+    Demo {
+        /// Exit after the self-test instead of serving until Ctrl-C.
+        #[arg(long)]
+        once: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Common {
+    /// Settings file (YAML; keys are the long flag names). Flags win over it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Allowed nodePort range.
+    #[arg(long, value_name = "LOW-HIGH")]
+    node_port_range: Option<String>,
+    /// Service CIDR (repeatable); ClusterIPs must be inside one. Default
+    /// 10.96.0.0/12 and fd00:10:96::/112.
+    #[arg(long = "service-cidr", value_name = "CIDR")]
+    service_cidrs: Vec<IpNet>,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Manifest files or directories (repeatable, or comma-separated).
+    #[arg(long, value_name = "PATH", value_delimiter = ',')]
+    manifests: Vec<PathBuf>,
+    /// This node's name (endpoints with this nodeName are local). Default: hostname.
+    #[arg(long, value_name = "NAME")]
+    node_name: Option<String>,
+    /// This node's topology zone (default: the Node object's label).
+    #[arg(long)]
+    zone: Option<String>,
+    /// CIDRs choosing the local addresses NodePorts listen on. Default: every
+    /// non-loopback address; 127.0.0.1 only when listed.
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
+    nodeport_addresses: Vec<IpNet>,
+    /// Data-plane threads (default: one per core).
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+    /// /healthz and /livez address [default: 127.0.0.1:10256].
+    #[arg(long, value_name = "ADDR")]
+    health_addr: Option<SocketAddr>,
+    /// /metrics address [default: 127.0.0.1:10249].
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// Serve Services labelled service.kubernetes.io/service-proxy-name=NAME.
+    #[arg(long, value_name = "NAME")]
+    proxy_name: Option<String>,
+    /// First backend connect try's timeout in ms; doubled at each retry [default: 250].
+    #[arg(long, value_name = "MS")]
+    connect_timeout_ms: Option<u64>,
+    /// Backend connect tries per connection [default: 4].
+    #[arg(long, value_name = "N")]
+    connect_attempts: Option<u32>,
+    /// UDP flow idle timeout in seconds [default: 30].
+    #[arg(long, value_name = "SECS")]
+    udp_idle_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Manifest files or directories.
+    #[arg(required = true, value_name = "PATH")]
+    paths: Vec<PathBuf>,
+}
+
+fn base_settings(c: &Common) -> anyhow::Result<Settings> {
+    let mut s = Settings::default();
+    if let Some(path) = &c.config {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading settings file {}", path.display()))?;
+        let f: SettingsFile = serde_yaml::from_str(&text)
+            .with_context(|| format!("settings file {}", path.display()))?;
+        s.apply_file(f)
+            .with_context(|| format!("settings file {}", path.display()))?;
+    }
+    if let Some(r) = &c.node_port_range {
+        s.limits.node_port_range = parse_port_range(r)?;
+    }
+    if !c.service_cidrs.is_empty() {
+        s.limits.service_cidrs = c.service_cidrs.clone();
+    }
+    Ok(s)
+}
+
+fn run_settings(a: RunArgs) -> anyhow::Result<Settings> {
+    let mut s = base_settings(&a.common)?;
+    if !a.manifests.is_empty() {
+        s.manifests = a.manifests;
+    }
+    if let Some(v) = a.node_name {
+        s.node_name = v;
+    }
+    if a.zone.is_some() {
+        s.zone = a.zone;
+    }
+    if !a.nodeport_addresses.is_empty() {
+        s.nodeport_addresses = a.nodeport_addresses;
+    }
+    if let Some(v) = a.workers {
+        s.workers = v;
+    }
+    if let Some(v) = a.health_addr {
+        s.health_addr = v;
+    }
+    if let Some(v) = a.metrics_addr {
+        s.metrics_addr = v;
+    }
+    if let Some(v) = a.proxy_name {
+        s.proxy_name = v;
+    }
+    if let Some(v) = a.connect_timeout_ms {
+        s.connect_timeout = Duration::from_millis(v);
+    }
+    if let Some(v) = a.connect_attempts {
+        s.connect_attempts = v;
+    }
+    if let Some(v) = a.udp_idle_timeout_secs {
+        s.udp_idle_timeout = Duration::from_secs(v);
+    }
+    if s.manifests.is_empty() {
+        anyhow::bail!("no manifests: give --manifests PATH (or `manifests:` in --config)");
+    }
+    s.validate()?;
+    Ok(s)
+}
+
+fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
+    let s = base_settings(&a.common)?;
+    let (objects, errors): (Vec<()>, Vec<String>) = {
+        let _ = (&a.paths, &s.limits);
+        (vec![], vec![])
+    };
+    for e in &errors {
+        println!("{e}");
+    }
+    println!("{} objects valid, {} errors", objects.len(), errors.len());
+    Ok(if errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RINGVIP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Run(a) => run_settings(*a).and_then(|s| {
+            ringvip::app::run(s, Arc::new(tokio::sync::Notify::new()), |_| {})
+                .map(|()| ExitCode::SUCCESS)
+        }),
+        Cmd::Check(a) => check(a),
+        Cmd::Demo { once } => ringvip::demo::run(once).map(|()| ExitCode::SUCCESS),
+    };
+    match res {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ringvip: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

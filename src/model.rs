@@ -167,8 +167,7 @@ impl Service {
     /// Whether ringvip (configured with `proxy_name`) programs a data plane for it,
     /// per SEMANTICS.md "Skipped entirely".
     pub fn is_proxied(&self, proxy_name: &str) -> bool {
-        if self.service_type == ServiceType::ExternalName || self.headless || self.headless_label
-        {
+        if self.service_type == ServiceType::ExternalName || self.headless || self.headless_label {
             return false;
         }
         match &self.proxy_name {

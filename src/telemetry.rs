@@ -1,1 +1,756 @@
-//! TODO
+//! Prometheus metrics (prometheus-client), every metric name a constant here.
+//!
+//! Two kinds of metric live here:
+//!
+//! * kube-proxy's control-plane metrics, with the same meaning and the
+//!   `kubeproxy_` prefix replaced by `ringvip_` (sync duration, network
+//!   programming duration, service/endpoint changes, no-local-endpoints, last
+//!   sync timestamps);
+//! * what only a proxy in the byte path can know, per Service port:
+//!   active/total connections, bytes each way, connect failures by bounded
+//!   reason, active UDP flows.
+//!
+//! The data path never touches the registry: a snapshot compile calls
+//! [`Metrics::port`] once per Service port and stores the returned
+//! [`PortMetrics`], whose handles are `Arc`-backed atomics. Calling
+//! [`Metrics::port`] again with the same [`PortLabels`] returns handles to the
+//! *same* atomics, so counters keep accumulating across snapshot compiles.
+//!
+//! Names: the constants hold the name as it is queried in Prometheus. For
+//! counters that is the sample name ending in `_total` (the OpenMetrics family
+//! name, shown on `# TYPE` lines, is the same without `_total`).
+
+use std::fmt::Write as _;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, linear_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Counter handle used in [`PortMetrics`] (an `Arc<AtomicU64>` inside).
+pub type Counter = prometheus_client::metrics::counter::Counter;
+/// Integer gauge handle used in [`PortMetrics`] (an `Arc<AtomicI64>` inside).
+pub type Gauge = prometheus_client::metrics::gauge::Gauge;
+/// Floating-point gauge (seconds since the epoch).
+type FloatGauge = prometheus_client::metrics::gauge::Gauge<f64, AtomicU64>;
+
+// ---- kube-proxy compatible metrics -------------------------------------------
+
+/// Histogram: time one store → snapshot sync (compile + publish) took.
+/// kube-proxy: `kubeproxy_sync_proxy_rules_duration_seconds`.
+pub const SYNC_PROXY_RULES_DURATION_SECONDS: &str = "ringvip_sync_proxy_rules_duration_seconds";
+/// Histogram: time from a change of a Service's endpoints (their trigger
+/// time) until the data plane uses it.
+/// kube-proxy: `kubeproxy_network_programming_duration_seconds`.
+pub const NETWORK_PROGRAMMING_DURATION_SECONDS: &str =
+    "ringvip_network_programming_duration_seconds";
+/// Counter: Service changes seen by the store.
+/// kube-proxy: `kubeproxy_sync_proxy_rules_service_changes_total`.
+pub const SYNC_PROXY_RULES_SERVICE_CHANGES_TOTAL: &str =
+    "ringvip_sync_proxy_rules_service_changes_total";
+/// Counter: endpoint (EndpointSlice) changes seen by the store.
+/// kube-proxy: `kubeproxy_sync_proxy_rules_endpoint_changes_total`.
+pub const SYNC_PROXY_RULES_ENDPOINT_CHANGES_TOTAL: &str =
+    "ringvip_sync_proxy_rules_endpoint_changes_total";
+/// Gauge: Service changes received but not yet in a published snapshot.
+/// kube-proxy: `kubeproxy_sync_proxy_rules_service_changes_pending`.
+pub const SYNC_PROXY_RULES_SERVICE_CHANGES_PENDING: &str =
+    "ringvip_sync_proxy_rules_service_changes_pending";
+/// Gauge: endpoint changes received but not yet in a published snapshot.
+/// kube-proxy: `kubeproxy_sync_proxy_rules_endpoint_changes_pending`.
+pub const SYNC_PROXY_RULES_ENDPOINT_CHANGES_PENDING: &str =
+    "ringvip_sync_proxy_rules_endpoint_changes_pending";
+/// Gauge (despite the name, as in kube-proxy), label `traffic_policy` =
+/// `internal` | `external`: Services with a Local traffic policy that have
+/// ready endpoints in the cluster but none on this node.
+/// kube-proxy: `kubeproxy_sync_proxy_rules_no_local_endpoints_total`.
+pub const SYNC_PROXY_RULES_NO_LOCAL_ENDPOINTS_TOTAL: &str =
+    "ringvip_sync_proxy_rules_no_local_endpoints_total";
+/// Gauge: Unix time (seconds) of the last successful sync.
+/// kube-proxy: `kubeproxy_sync_proxy_rules_last_timestamp_seconds`.
+pub const SYNC_PROXY_RULES_LAST_TIMESTAMP_SECONDS: &str =
+    "ringvip_sync_proxy_rules_last_timestamp_seconds";
+/// Gauge: Unix time (seconds) at which the last sync was queued.
+/// kube-proxy: `kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds`.
+pub const SYNC_PROXY_RULES_LAST_QUEUED_TIMESTAMP_SECONDS: &str =
+    "ringvip_sync_proxy_rules_last_queued_timestamp_seconds";
+
+// ---- byte-path metrics, per Service port --------------------------------------
+
+/// Gauge per Service port: connections currently open (client side accepted).
+pub const CONNECTIONS_ACTIVE: &str = "ringvip_connections_active";
+/// Counter per Service port: connections accepted.
+pub const CONNECTIONS_TOTAL: &str = "ringvip_connections_total";
+/// Counter per Service port and `direction` (`to_backend` | `to_client`):
+/// payload bytes relayed.
+pub const BYTES_TOTAL: &str = "ringvip_bytes_total";
+/// Counter per Service port and `reason` (see [`ConnectFailure::as_str`]):
+/// flows that could not be connected to a backend.
+pub const CONNECT_FAILURES_TOTAL: &str = "ringvip_connect_failures_total";
+/// Gauge per UDP Service port: UDP flows currently in the flow table.
+pub const UDP_FLOWS_ACTIVE: &str = "ringvip_udp_flows_active";
+
+// ---- label names and values ---------------------------------------------------
+
+/// Label on [`SYNC_PROXY_RULES_NO_LOCAL_ENDPOINTS_TOTAL`].
+pub const LABEL_TRAFFIC_POLICY: &str = "traffic_policy";
+/// Label on [`BYTES_TOTAL`].
+pub const LABEL_DIRECTION: &str = "direction";
+/// Label on [`CONNECT_FAILURES_TOTAL`].
+pub const LABEL_REASON: &str = "reason";
+/// [`LABEL_DIRECTION`] value: client → backend.
+pub const DIRECTION_TO_BACKEND: &str = "to_backend";
+/// [`LABEL_DIRECTION`] value: backend → client.
+pub const DIRECTION_TO_CLIENT: &str = "to_client";
+
+/// The OpenMetrics family name under which a counter must be registered so
+/// that its sample is exposed as `name` (prometheus-client appends `_total`).
+fn counter_family(name: &str) -> &str {
+    name.strip_suffix("_total").unwrap_or(name)
+}
+
+/// Labels identifying one Service port.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortLabels {
+    /// Service namespace.
+    pub namespace: String,
+    /// Service name.
+    pub service: String,
+    /// Port name, or the port number when the port is unnamed.
+    pub port: String,
+    /// `TCP`, `UDP` or `SCTP`, as in the Service spec.
+    pub protocol: String,
+}
+
+/// Direction of relayed bytes (label value of [`BYTES_TOTAL`]).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+enum Direction {
+    ToBackend,
+    ToClient,
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(match self {
+            Direction::ToBackend => DIRECTION_TO_BACKEND,
+            Direction::ToClient => DIRECTION_TO_CLIENT,
+        })
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BytesLabels {
+    #[prometheus(flatten)]
+    port: PortLabels,
+    direction: Direction,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    #[prometheus(flatten)]
+    port: PortLabels,
+    reason: ConnectFailure,
+}
+
+/// Traffic policy a no-local-endpoints count refers to.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+enum TrafficPolicy {
+    Internal,
+    External,
+}
+
+impl EncodeLabelValue for TrafficPolicy {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(match self {
+            TrafficPolicy::Internal => "internal",
+            TrafficPolicy::External => "external",
+        })
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TrafficPolicyLabels {
+    traffic_policy: TrafficPolicy,
+}
+
+/// Why a new flow could not be connected to a backend. A bounded set, so it
+/// can be a metric label.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ConnectFailure {
+    /// The backend did not answer in time (ETIMEDOUT or our connect timeout).
+    Timeout,
+    /// The backend refused (ECONNREFUSED / RST).
+    Refused,
+    /// No route to the backend (EHOSTUNREACH / ENETUNREACH).
+    Unreachable,
+    /// The Service port has no usable endpoint.
+    NoEndpoints,
+    /// The client is outside `loadBalancerSourceRanges`.
+    SourceRange,
+    /// Anything else.
+    Other,
+}
+
+impl ConnectFailure {
+    /// Number of variants (the length of [`ConnectFailure::ALL`]).
+    pub const COUNT: usize = 6;
+
+    /// Every variant, in index order.
+    pub const ALL: [ConnectFailure; ConnectFailure::COUNT] = [
+        ConnectFailure::Timeout,
+        ConnectFailure::Refused,
+        ConnectFailure::Unreachable,
+        ConnectFailure::NoEndpoints,
+        ConnectFailure::SourceRange,
+        ConnectFailure::Other,
+    ];
+
+    /// The label value used for [`LABEL_REASON`].
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectFailure::Timeout => "timeout",
+            ConnectFailure::Refused => "refused",
+            ConnectFailure::Unreachable => "unreachable",
+            ConnectFailure::NoEndpoints => "no_endpoints",
+            ConnectFailure::SourceRange => "source_range",
+            ConnectFailure::Other => "other",
+        }
+    }
+
+    /// Reduce a connect error to a reason: ECONNREFUSED → `Refused`,
+    /// ETIMEDOUT (or [`std::io::ErrorKind::TimedOut`]) → `Timeout`,
+    /// EHOSTUNREACH / ENETUNREACH → `Unreachable`, anything else → `Other`.
+    pub fn from_io(e: &std::io::Error) -> Self {
+        use std::io::ErrorKind;
+        if let Some(code) = e.raw_os_error() {
+            match code {
+                libc::ECONNREFUSED => return ConnectFailure::Refused,
+                libc::ETIMEDOUT => return ConnectFailure::Timeout,
+                libc::EHOSTUNREACH | libc::ENETUNREACH => return ConnectFailure::Unreachable,
+                _ => {}
+            }
+        }
+        match e.kind() {
+            ErrorKind::ConnectionRefused => ConnectFailure::Refused,
+            ErrorKind::TimedOut => ConnectFailure::Timeout,
+            ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable => {
+                ConnectFailure::Unreachable
+            }
+            _ => ConnectFailure::Other,
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            ConnectFailure::Timeout => 0,
+            ConnectFailure::Refused => 1,
+            ConnectFailure::Unreachable => 2,
+            ConnectFailure::NoEndpoints => 3,
+            ConnectFailure::SourceRange => 4,
+            ConnectFailure::Other => 5,
+        }
+    }
+}
+
+impl std::fmt::Display for ConnectFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl EncodeLabelValue for ConnectFailure {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
+
+/// Handles for one Service port, taken at snapshot compile. Cloning is cheap
+/// (reference counts); every operation on the data path is one atomic op.
+#[derive(Clone, Debug)]
+pub struct PortMetrics {
+    /// Connections currently open; `inc()` on accept, `dec()` on close.
+    pub connections_active: Gauge,
+    /// Connections accepted.
+    pub connections_total: Counter,
+    /// Payload bytes relayed client → backend.
+    pub bytes_to_backend: Counter,
+    /// Payload bytes relayed backend → client.
+    pub bytes_to_client: Counter,
+    /// UDP flows currently in the flow table. Exported only for UDP ports;
+    /// for other protocols this gauge is detached (counts nothing visible).
+    pub udp_flows_active: Gauge,
+    failures: [Counter; ConnectFailure::COUNT],
+}
+
+impl PortMetrics {
+    /// Count one failed connect attempt for `r`.
+    pub fn connect_failure(&self, r: ConnectFailure) {
+        self.failures[r.index()].inc();
+    }
+
+    /// Connect failures counted so far for `r`.
+    pub fn connect_failures(&self, r: ConnectFailure) -> u64 {
+        self.failures[r.index()].get()
+    }
+
+    /// Handles registered nowhere: for tests and for code paths that need a
+    /// `PortMetrics` but have no [`Metrics`].
+    pub fn detached() -> PortMetrics {
+        PortMetrics {
+            connections_active: Gauge::default(),
+            connections_total: Counter::default(),
+            bytes_to_backend: Counter::default(),
+            bytes_to_client: Counter::default(),
+            udp_flows_active: Gauge::default(),
+            failures: Default::default(),
+        }
+    }
+}
+
+impl Default for PortMetrics {
+    fn default() -> Self {
+        PortMetrics::detached()
+    }
+}
+
+/// The process's metric registry and the families in it.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+
+    sync_duration: Histogram,
+    network_programming: Histogram,
+    service_changes: Counter,
+    endpoint_changes: Counter,
+    service_changes_pending: Gauge,
+    endpoint_changes_pending: Gauge,
+    no_local_endpoints: Family<TrafficPolicyLabels, Gauge>,
+    last_timestamp: FloatGauge,
+    last_queued_timestamp: FloatGauge,
+
+    connections_active: Family<PortLabels, Gauge>,
+    connections_total: Family<PortLabels, Counter>,
+    bytes: Family<BytesLabels, Counter>,
+    connect_failures: Family<FailureLabels, Counter>,
+    udp_flows_active: Family<PortLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// kube-proxy's buckets for `network_programming_duration_seconds`:
+/// 0.25 s, 0.5 s, 1..=59 s, 60..=115 s by 5, 120..=300 s by 30.
+fn network_programming_buckets() -> impl Iterator<Item = f64> {
+    linear_buckets(0.25, 0.25, 2)
+        .chain(linear_buckets(1.0, 1.0, 59))
+        .chain(linear_buckets(60.0, 5.0, 12))
+        .chain(linear_buckets(120.0, 30.0, 7))
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    }
+}
+
+impl Metrics {
+    /// A registry with every family registered (and no per-port series yet).
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+
+        // kube-proxy: ExponentialBuckets(0.001, 2, 15).
+        let sync_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        registry.register(
+            SYNC_PROXY_RULES_DURATION_SECONDS,
+            "Time one sync (snapshot compile and publish) took, in seconds",
+            sync_duration.clone(),
+        );
+        let network_programming = Histogram::new(network_programming_buckets());
+        registry.register(
+            NETWORK_PROGRAMMING_DURATION_SECONDS,
+            "Time from an endpoints change until the data plane uses it, in seconds",
+            network_programming.clone(),
+        );
+        let service_changes = Counter::default();
+        registry.register(
+            counter_family(SYNC_PROXY_RULES_SERVICE_CHANGES_TOTAL),
+            "Service changes received",
+            service_changes.clone(),
+        );
+        let endpoint_changes = Counter::default();
+        registry.register(
+            counter_family(SYNC_PROXY_RULES_ENDPOINT_CHANGES_TOTAL),
+            "Endpoint changes received",
+            endpoint_changes.clone(),
+        );
+        let service_changes_pending = Gauge::default();
+        registry.register(
+            SYNC_PROXY_RULES_SERVICE_CHANGES_PENDING,
+            "Service changes received and not yet applied",
+            service_changes_pending.clone(),
+        );
+        let endpoint_changes_pending = Gauge::default();
+        registry.register(
+            SYNC_PROXY_RULES_ENDPOINT_CHANGES_PENDING,
+            "Endpoint changes received and not yet applied",
+            endpoint_changes_pending.clone(),
+        );
+        let no_local_endpoints = Family::<TrafficPolicyLabels, Gauge>::default();
+        registry.register(
+            SYNC_PROXY_RULES_NO_LOCAL_ENDPOINTS_TOTAL,
+            "Services with a Local traffic policy and no local ready endpoints",
+            no_local_endpoints.clone(),
+        );
+        let last_timestamp = FloatGauge::default();
+        registry.register(
+            SYNC_PROXY_RULES_LAST_TIMESTAMP_SECONDS,
+            "Unix time of the last successful sync, in seconds",
+            last_timestamp.clone(),
+        );
+        let last_queued_timestamp = FloatGauge::default();
+        registry.register(
+            SYNC_PROXY_RULES_LAST_QUEUED_TIMESTAMP_SECONDS,
+            "Unix time at which the last sync was queued, in seconds",
+            last_queued_timestamp.clone(),
+        );
+
+        let connections_active = Family::<PortLabels, Gauge>::default();
+        registry.register(
+            CONNECTIONS_ACTIVE,
+            "Connections currently open, per Service port",
+            connections_active.clone(),
+        );
+        let connections_total = Family::<PortLabels, Counter>::default();
+        registry.register(
+            counter_family(CONNECTIONS_TOTAL),
+            "Connections accepted, per Service port",
+            connections_total.clone(),
+        );
+        let bytes = Family::<BytesLabels, Counter>::default();
+        registry.register(
+            counter_family(BYTES_TOTAL),
+            "Payload bytes relayed, per Service port and direction",
+            bytes.clone(),
+        );
+        let connect_failures = Family::<FailureLabels, Counter>::default();
+        registry.register(
+            counter_family(CONNECT_FAILURES_TOTAL),
+            "Flows that could not be connected to a backend, per Service port and reason",
+            connect_failures.clone(),
+        );
+        let udp_flows_active = Family::<PortLabels, Gauge>::default();
+        registry.register(
+            UDP_FLOWS_ACTIVE,
+            "UDP flows currently in the flow table, per Service port",
+            udp_flows_active.clone(),
+        );
+
+        // kube-proxy exports both traffic policies from the start.
+        for traffic_policy in [TrafficPolicy::Internal, TrafficPolicy::External] {
+            drop(no_local_endpoints.get_or_create(&TrafficPolicyLabels { traffic_policy }));
+        }
+
+        Metrics {
+            registry,
+            sync_duration,
+            network_programming,
+            service_changes,
+            endpoint_changes,
+            service_changes_pending,
+            endpoint_changes_pending,
+            no_local_endpoints,
+            last_timestamp,
+            last_queued_timestamp,
+            connections_active,
+            connections_total,
+            bytes,
+            connect_failures,
+            udp_flows_active,
+        }
+    }
+
+    /// Handles for one Service port. Call at snapshot compile, not per
+    /// connection (it takes the families' locks). The same `labels` always
+    /// yield the same underlying atomics. Every series of the port is created
+    /// (at zero) here, so rates work from the first scrape.
+    pub fn port(&self, labels: &PortLabels) -> PortMetrics {
+        let bytes_for = |direction| {
+            self.bytes.get_or_create_owned(&BytesLabels {
+                port: labels.clone(),
+                direction,
+            })
+        };
+        let failures = ConnectFailure::ALL.map(|reason| {
+            self.connect_failures.get_or_create_owned(&FailureLabels {
+                port: labels.clone(),
+                reason,
+            })
+        });
+        let udp_flows_active = if labels.protocol.eq_ignore_ascii_case("UDP") {
+            self.udp_flows_active.get_or_create_owned(labels)
+        } else {
+            Gauge::default()
+        };
+        PortMetrics {
+            connections_active: self.connections_active.get_or_create_owned(labels),
+            connections_total: self.connections_total.get_or_create_owned(labels),
+            bytes_to_backend: bytes_for(Direction::ToBackend),
+            bytes_to_client: bytes_for(Direction::ToClient),
+            udp_flows_active,
+            failures,
+        }
+    }
+
+    /// Record how long one sync (compile + publish) took.
+    pub fn observe_sync(&self, d: Duration) {
+        self.sync_duration.observe(d.as_secs_f64());
+    }
+
+    /// Record the time from an endpoints change to the data plane using it.
+    pub fn observe_network_programming(&self, d: Duration) {
+        self.network_programming.observe(d.as_secs_f64());
+    }
+
+    /// Count `n` Service changes received.
+    pub fn add_service_changes(&self, n: u64) {
+        self.service_changes.inc_by(n);
+    }
+
+    /// Count `n` endpoint changes received.
+    pub fn add_endpoint_changes(&self, n: u64) {
+        self.endpoint_changes.inc_by(n);
+    }
+
+    /// Set the numbers of Service and endpoint changes not yet applied.
+    pub fn set_pending_changes(&self, services: i64, endpoints: i64) {
+        self.service_changes_pending.set(services);
+        self.endpoint_changes_pending.set(endpoints);
+    }
+
+    /// Set the numbers of Services with `internalTrafficPolicy: Local` /
+    /// `externalTrafficPolicy: Local` that have endpoints, but none local.
+    pub fn set_no_local_endpoints(&self, internal: i64, external: i64) {
+        for (traffic_policy, v) in [
+            (TrafficPolicy::Internal, internal),
+            (TrafficPolicy::External, external),
+        ] {
+            self.no_local_endpoints
+                .get_or_create(&TrafficPolicyLabels { traffic_policy })
+                .set(v);
+        }
+    }
+
+    /// Record the time of the last successful sync.
+    pub fn set_last_sync(&self, t: SystemTime) {
+        self.last_timestamp.set(unix_seconds(t));
+    }
+
+    /// Record the time at which a sync was last queued (an update arrived).
+    pub fn set_last_queued(&self, t: SystemTime) {
+        self.last_queued_timestamp.set(unix_seconds(t));
+    }
+
+    /// The registry in the OpenMetrics text format (ends with `# EOF`), to be
+    /// served as [`OPENMETRICS_CONTENT_TYPE`].
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            // Only a formatter error can get here; writing to a String
+            // cannot fail, so this is a bug in an encoder.
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+/// Content type of [`Metrics::encode`]'s output.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(port: &str, protocol: &str) -> PortLabels {
+        PortLabels {
+            namespace: "default".into(),
+            service: "web".into(),
+            port: port.into(),
+            protocol: protocol.into(),
+        }
+    }
+
+    /// The value of the sample line starting with `prefix` (name + labels).
+    fn sample(text: &str, prefix: &str) -> Option<String> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|rest| rest.strip_prefix(' '))
+            .map(|v| v.to_string())
+    }
+
+    #[test]
+    fn port_twice_shares_counters() {
+        let m = Metrics::new();
+        let a = m.port(&labels("http", "TCP"));
+        let b = m.port(&labels("http", "TCP"));
+        a.connections_total.inc();
+        b.connections_total.inc();
+        a.bytes_to_backend.inc_by(10);
+        b.bytes_to_client.inc_by(7);
+        a.connections_active.inc();
+        b.connections_active.dec();
+        a.connect_failure(ConnectFailure::Refused);
+        b.connect_failure(ConnectFailure::Refused);
+        assert_eq!(a.connections_total.get(), 2);
+        assert_eq!(b.connections_total.get(), 2);
+        assert_eq!(b.bytes_to_backend.get(), 10);
+        assert_eq!(a.bytes_to_client.get(), 7);
+        assert_eq!(a.connections_active.get(), 0);
+        assert_eq!(a.connect_failures(ConnectFailure::Refused), 2);
+        assert_eq!(b.connect_failures(ConnectFailure::Timeout), 0);
+
+        // A different port is a different series.
+        let c = m.port(&labels("https", "TCP"));
+        assert_eq!(c.connections_total.get(), 0);
+    }
+
+    #[test]
+    fn detached_registers_nothing() {
+        let m = Metrics::new();
+        let d = PortMetrics::detached();
+        d.connections_total.inc();
+        d.connect_failure(ConnectFailure::Other);
+        assert_eq!(d.connect_failures(ConnectFailure::Other), 1);
+        assert!(!m.encode().contains("service=\"web\""));
+    }
+
+    #[test]
+    fn encode_contains_names_labels_values() {
+        let m = Metrics::new();
+        let tcp = m.port(&labels("http", "TCP"));
+        tcp.connections_total.inc_by(3);
+        tcp.connections_active.set(2);
+        tcp.bytes_to_backend.inc_by(100);
+        tcp.bytes_to_client.inc_by(2000);
+        tcp.connect_failure(ConnectFailure::Timeout);
+        tcp.connect_failure(ConnectFailure::NoEndpoints);
+        tcp.connect_failure(ConnectFailure::NoEndpoints);
+        let udp = m.port(&labels("53", "UDP"));
+        udp.udp_flows_active.set(4);
+
+        m.observe_sync(Duration::from_millis(3));
+        m.observe_network_programming(Duration::from_millis(700));
+        m.add_service_changes(5);
+        m.add_endpoint_changes(6);
+        m.set_pending_changes(1, 2);
+        m.set_no_local_endpoints(3, 4);
+        m.set_last_sync(UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+        m.set_last_queued(UNIX_EPOCH + Duration::from_millis(1_700_000_000_500));
+
+        let text = m.encode();
+        let l = r#"namespace="default",service="web",port="http",protocol="TCP""#;
+        let checks: Vec<(String, &str)> = vec![
+            (format!("{CONNECTIONS_TOTAL}{{{l}}}"), "3"),
+            (format!("{CONNECTIONS_ACTIVE}{{{l}}}"), "2"),
+            (format!("{BYTES_TOTAL}{{{l},direction=\"to_backend\"}}"), "100"),
+            (format!("{BYTES_TOTAL}{{{l},direction=\"to_client\"}}"), "2000"),
+            (format!("{CONNECT_FAILURES_TOTAL}{{{l},reason=\"timeout\"}}"), "1"),
+            (format!("{CONNECT_FAILURES_TOTAL}{{{l},reason=\"no_endpoints\"}}"), "2"),
+            (format!("{CONNECT_FAILURES_TOTAL}{{{l},reason=\"refused\"}}"), "0"),
+            (
+                format!(
+                    "{UDP_FLOWS_ACTIVE}{{namespace=\"default\",service=\"web\",port=\"53\",protocol=\"UDP\"}}"
+                ),
+                "4",
+            ),
+            (SYNC_PROXY_RULES_SERVICE_CHANGES_TOTAL.to_string(), "5"),
+            (SYNC_PROXY_RULES_ENDPOINT_CHANGES_TOTAL.to_string(), "6"),
+            (SYNC_PROXY_RULES_SERVICE_CHANGES_PENDING.to_string(), "1"),
+            (SYNC_PROXY_RULES_ENDPOINT_CHANGES_PENDING.to_string(), "2"),
+            (
+                format!("{SYNC_PROXY_RULES_NO_LOCAL_ENDPOINTS_TOTAL}{{traffic_policy=\"internal\"}}"),
+                "3",
+            ),
+            (
+                format!("{SYNC_PROXY_RULES_NO_LOCAL_ENDPOINTS_TOTAL}{{traffic_policy=\"external\"}}"),
+                "4",
+            ),
+            (SYNC_PROXY_RULES_LAST_TIMESTAMP_SECONDS.to_string(), "1700000000.0"),
+            (
+                SYNC_PROXY_RULES_LAST_QUEUED_TIMESTAMP_SECONDS.to_string(),
+                "1700000000.5",
+            ),
+            (format!("{SYNC_PROXY_RULES_DURATION_SECONDS}_count"), "1"),
+            (format!("{SYNC_PROXY_RULES_DURATION_SECONDS}_bucket{{le=\"0.004\"}}"), "1"),
+            (format!("{SYNC_PROXY_RULES_DURATION_SECONDS}_bucket{{le=\"0.002\"}}"), "0"),
+            (format!("{NETWORK_PROGRAMMING_DURATION_SECONDS}_count"), "1"),
+            (format!("{NETWORK_PROGRAMMING_DURATION_SECONDS}_bucket{{le=\"1.0\"}}"), "1"),
+        ];
+        for (prefix, want) in checks {
+            assert_eq!(
+                sample(&text, &prefix).as_deref(),
+                Some(want),
+                "{prefix} in\n{text}"
+            );
+        }
+        // TCP ports export no UDP flow series.
+        assert!(!text.contains(&format!("{UDP_FLOWS_ACTIVE}{{{l}}}")));
+        // Counter families are declared without `_total`, as OpenMetrics wants.
+        assert!(text.contains("# TYPE ringvip_connections counter"));
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn counters_survive_recompile() {
+        let m = Metrics::new();
+        m.port(&labels("http", "TCP")).connections_total.inc();
+        let again = m.port(&labels("http", "TCP"));
+        again.connections_total.inc();
+        let text = m.encode();
+        let l = r#"namespace="default",service="web",port="http",protocol="TCP""#;
+        assert_eq!(
+            sample(&text, &format!("{CONNECTIONS_TOTAL}{{{l}}}")).as_deref(),
+            Some("2")
+        );
+    }
+
+    #[test]
+    fn from_io_mapping() {
+        use std::io::{Error, ErrorKind};
+        let raw = |c| ConnectFailure::from_io(&Error::from_raw_os_error(c));
+        assert_eq!(raw(libc::ECONNREFUSED), ConnectFailure::Refused);
+        assert_eq!(raw(libc::ETIMEDOUT), ConnectFailure::Timeout);
+        assert_eq!(raw(libc::EHOSTUNREACH), ConnectFailure::Unreachable);
+        assert_eq!(raw(libc::ENETUNREACH), ConnectFailure::Unreachable);
+        assert_eq!(raw(libc::EACCES), ConnectFailure::Other);
+        assert_eq!(raw(libc::ECONNRESET), ConnectFailure::Other);
+        let kind = |k| ConnectFailure::from_io(&Error::from(k));
+        assert_eq!(kind(ErrorKind::TimedOut), ConnectFailure::Timeout);
+        assert_eq!(kind(ErrorKind::ConnectionRefused), ConnectFailure::Refused);
+        assert_eq!(
+            kind(ErrorKind::HostUnreachable),
+            ConnectFailure::Unreachable
+        );
+        assert_eq!(kind(ErrorKind::Other), ConnectFailure::Other);
+        assert_eq!(
+            ConnectFailure::from_io(&Error::new(ErrorKind::TimedOut, "connect timeout")),
+            ConnectFailure::Timeout
+        );
+    }
+
+    #[test]
+    fn failure_index_matches_all() {
+        for (i, r) in ConnectFailure::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+        }
+        let names: std::collections::HashSet<_> =
+            ConnectFailure::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(names.len(), ConnectFailure::COUNT);
+    }
+}

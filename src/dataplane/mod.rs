@@ -1,1 +1,48 @@
-//! TODO
+//! The data plane: front ends reduce a new flow to a [`flow::FlowKey`], call
+//! [`flow::resolve`] and a picker, then share the upstream connect and relay code.
+
+pub mod flow;
+pub mod relay;
+pub mod socket;
+pub mod udp;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::balance::AffinityTable;
+use crate::state::Snapshot;
+
+/// Limits the data plane applies to every flow.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DataPlaneSettings {
+    /// First connect try's timeout; doubled at each retry.
+    pub connect_timeout: Duration,
+    /// Connect tries per client connection.
+    pub connect_attempts: u32,
+    /// UDP flow idle timeout.
+    pub udp_idle_timeout: Duration,
+}
+
+/// State shared by all data-plane threads.
+#[derive(Debug)]
+pub struct Shared {
+    /// The published snapshot; new flows `load()` it.
+    pub snapshot: ArcSwap<Snapshot>,
+    /// ClientIP affinity, across threads.
+    pub affinity: AffinityTable,
+    /// Limits.
+    pub settings: DataPlaneSettings,
+}
+
+impl Shared {
+    /// Shared state starting from an empty snapshot.
+    pub fn new(settings: DataPlaneSettings) -> Arc<Self> {
+        Arc::new(Self {
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            affinity: AffinityTable::new(),
+            settings,
+        })
+    }
+}

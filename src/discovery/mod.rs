@@ -12,7 +12,7 @@ pub enum Update {
     /// The source's complete current set: everything it sent before is replaced.
     Reset(Vec<Object>),
     /// An object was added or changed.
-    Upsert(Object),
+    Upsert(Box<Object>),
     /// An object is gone.
     Delete(Kind, ObjectKey),
 }

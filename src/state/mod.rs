@@ -1,1 +1,12 @@
-//! TODO
+//! The control plane's state: one writer ([`Store`]) applies source updates and
+//! compiles immutable [`Snapshot`]s that the data plane reads lock-free.
+
+pub mod snapshot;
+pub mod store;
+pub mod topology;
+
+pub use snapshot::{
+    EmptyAction, Frontend, FrontendKey, FrontendKind, ListenerMode, ListenerSpec, NodeContext,
+    Snapshot,
+};
+pub use store::{Changes, Store};

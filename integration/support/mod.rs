@@ -1,0 +1,389 @@
+//! Harness for end-to-end tests: the real `ringvip` binary, real sockets on
+//! loopback (127.0.0.0/8 is all local on Linux, so each test uses its own
+//! addresses), test backends, and bounded waits.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// A free TCP+UDP port on 127.0.0.1 (best effort: bound then released).
+pub fn free_port() -> u16 {
+    loop {
+        let t = TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = t.local_addr().unwrap().port();
+        if UdpSocket::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+}
+
+/// Polls `f` until it returns true or `limit` passes.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
+
+/// What a test backend does with a connection.
+#[derive(Clone, Copy, Debug)]
+pub enum Mode {
+    /// Answers one HTTP request with `backend-<name>` and closes.
+    Http,
+    /// Echoes bytes until EOF, then closes its side.
+    Echo,
+    /// Writes one byte every 10 ms until the peer goes away.
+    Stream,
+    /// Resets the connection right after accepting it.
+    Reset,
+}
+
+/// A TCP backend on its own thread; stops (port closed) when dropped or killed.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub name: String,
+    stop: Arc<AtomicBool>,
+    pub accepted: Arc<AtomicU32>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Backend {
+    pub fn start(addr: SocketAddr, name: &str, mode: Mode) -> Backend {
+        let l = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        l.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicU32::new(0));
+        let (s, a, n) = (stop.clone(), accepted.clone(), name.to_string());
+        let thread = thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                match l.accept() {
+                    Ok((c, _)) => {
+                        a.fetch_add(1, Ordering::SeqCst);
+                        let n = n.clone();
+                        let s = s.clone();
+                        thread::spawn(move || serve(c, &n, mode, &s));
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(2)),
+                }
+            }
+        });
+        Backend {
+            addr,
+            name: name.to_string(),
+            stop,
+            accepted,
+            thread: Some(thread),
+        }
+    }
+
+    /// Closes the listening socket (new connects are refused).
+    pub fn kill(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn serve(mut c: TcpStream, name: &str, mode: Mode, stop: &AtomicBool) {
+    c.set_nonblocking(false).unwrap();
+    match mode {
+        Mode::Http => {
+            let mut req = Vec::new();
+            let mut buf = [0u8; 512];
+            c.set_read_timeout(Some(Duration::from_secs(5))).ok();
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(k) => req.extend_from_slice(&buf[..k]),
+                }
+            }
+            let body = format!("backend-{name}\n");
+            let _ = write!(
+                c,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+        Mode::Echo => {
+            let mut buf = [0u8; 16384];
+            loop {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => {
+                        if c.write_all(&buf[..k]).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = c.shutdown(std::net::Shutdown::Write);
+        }
+        Mode::Stream => {
+            // Keeps streaming even after the backend's listener is killed, like
+            // an established connection to a pod that left the Service.
+            let _ = stop;
+            while c.write_all(b"x").is_ok() {
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+        Mode::Reset => {
+            let s = socket2::SockRef::from(&c);
+            let _ = s.set_linger(Some(Duration::ZERO));
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A UDP echo backend: replies `<name>:<payload>`.
+pub struct UdpBackend {
+    stop: Arc<AtomicBool>,
+}
+
+impl UdpBackend {
+    pub fn start(addr: SocketAddr, name: &str) -> UdpBackend {
+        let s = UdpSocket::bind(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        let name = name.to_string();
+        thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !st.load(Ordering::SeqCst) {
+                if let Ok((n, peer)) = s.recv_from(&mut buf) {
+                    let mut out = format!("{name}:").into_bytes();
+                    out.extend_from_slice(&buf[..n]);
+                    let _ = s.send_to(&out, peer);
+                }
+            }
+        });
+        UdpBackend { stop }
+    }
+}
+
+impl Drop for UdpBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// One HTTP GET through `addr` from source `src` (any port); returns the body.
+pub fn http_get_from(src: Option<IpAddr>, addr: SocketAddr) -> std::io::Result<String> {
+    let mut c = connect_from(src, addr)?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(c, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")?;
+    let mut s = String::new();
+    c.read_to_string(&mut s)?;
+    match s.split("\r\n\r\n").nth(1) {
+        Some(body) if s.starts_with("HTTP/1.1 200") => Ok(body.trim().to_string()),
+        _ => Err(std::io::Error::other(format!("bad response {s:?}"))),
+    }
+}
+
+pub fn http_get(addr: SocketAddr) -> std::io::Result<String> {
+    http_get_from(None, addr)
+}
+
+/// A TCP connection from a chosen loopback source address.
+pub fn connect_from(src: Option<IpAddr>, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    if let Some(ip) = src {
+        s.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    s.connect_timeout(&addr.into(), Duration::from_secs(3))?;
+    Ok(s.into())
+}
+
+/// The ringvip process under test.
+pub struct Ringvip {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub log: PathBuf,
+    pub health: SocketAddr,
+    pub metrics: SocketAddr,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ringvip")
+}
+
+impl Ringvip {
+    /// Starts `ringvip run` on a directory holding `manifest.yaml`, NodePorts on
+    /// 127.0.0.1, any nodePort allowed, fast connect retries.
+    pub fn start(manifest: &str, extra: &[&str]) -> Ringvip {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("manifest.yaml"), manifest).unwrap();
+        let log = dir.path().join("ringvip.log");
+        let health = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let child = Command::new(bin())
+            .args(["run", "--manifests"])
+            .arg(dir.path())
+            .args([
+                "--nodeport-addresses",
+                "127.0.0.1/32",
+                "--node-port-range",
+                "1-65535",
+                "--workers",
+                "2",
+                "--node-name",
+                "node-a",
+                "--connect-timeout-ms",
+                "100",
+            ])
+            .arg("--health-addr")
+            .arg(health.to_string())
+            .arg("--metrics-addr")
+            .arg(metrics.to_string())
+            .args(extra)
+            .env("RINGVIP_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start ringvip");
+        let r = Ringvip {
+            child,
+            dir,
+            log,
+            health,
+            metrics,
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), || r
+                .log()
+                .contains("snapshot published")),
+            "ringvip did not publish a snapshot:\n{}",
+            r.log()
+        );
+        r
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Replaces the manifest (atomically, by rename, as editors and kubectl do).
+    pub fn write_manifest(&self, text: &str) {
+        let tmp = self.dir.path().join(".manifest.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.dir.path().join("manifest.yaml")).unwrap();
+    }
+
+    /// Number of "snapshot published" lines so far.
+    pub fn generations(&self) -> usize {
+        self.log().matches("snapshot published").count()
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Ringvip {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A NodePort Service `name` in `default` with one TCP port, plus its slice.
+pub fn nodeport_service(
+    name: &str,
+    node_port: u16,
+    target: u16,
+    endpoints: &[Ipv4Addr],
+    extra_spec: &str,
+) -> String {
+    let eps: String = endpoints
+        .iter()
+        .map(|ip| {
+            format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n  nodeName: node-a\n")
+        })
+        .collect();
+    let eps = if eps.is_empty() {
+        "[]\n".to_string()
+    } else {
+        format!("\n{eps}")
+    };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: NodePort\n{extra_spec}  ports:\n  - name: p\n    protocol: TCP\n    port: 80\n    targetPort: {target}\n    nodePort: {node_port}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv4\nports:\n- name: p\n  protocol: TCP\n  port: {target}\nendpoints: {eps}"
+    )
+}
+
+/// True when running under CI, where every peer must be present.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// Finds a program, or explains the skip (and fails under CI, where `.ci/run`
+/// installs it).
+pub fn need_program(name: &str, why: &str) -> Option<PathBuf> {
+    for dir in ["/usr/sbin", "/usr/bin", "/sbin", "/bin", "/usr/local/bin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return Some(p);
+        }
+    }
+    assert!(
+        !in_ci(),
+        "{name} is missing under CI: .ci/run must install it ({why})"
+    );
+    eprintln!("SKIP: {name} not installed; {why}. `apt-get install {name}` to run this test.");
+    None
+}
+
+/// An nginx serving `/` with a body naming it, on `addr`, from a private prefix.
+pub struct Nginx {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    pub fn start(bin: &Path, addr: SocketAddr, name: &str) -> Nginx {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().display().to_string();
+        let conf = format!(
+            "daemon off;\nworker_processes 1;\npid {p}/nginx.pid;\nerror_log {p}/error.log;\nevents {{ worker_connections 256; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {p};\n  proxy_temp_path {p};\n  fastcgi_temp_path {p};\n  uwsgi_temp_path {p};\n  scgi_temp_path {p};\n  server {{\n    listen {addr};\n    location / {{ return 200 \"backend-{name}\\n\"; }}\n  }}\n}}\n"
+        );
+        std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+        let child = Command::new(bin)
+            .args(["-e", &format!("{p}/error.log"), "-p", &p, "-c"])
+            .arg(dir.path().join("nginx.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nginx");
+        assert!(
+            wait_until(Duration::from_secs(5), || std::net::TcpStream::connect(
+                addr
+            )
+            .is_ok()),
+            "nginx did not start on {addr}"
+        );
+        Nginx { child, _dir: dir }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

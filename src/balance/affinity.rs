@@ -1,0 +1,206 @@
+//! `sessionAffinity: ClientIP`: a client IP keeps its endpoint while it keeps
+//! opening connections within the timeout. Shared by all data-plane threads
+//! (SO_REUSEPORT spreads one client's connections over them), hence a sharded map.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use rand::Rng;
+
+use super::random::pick_random;
+
+/// Identity of a Service port across snapshots (a hash of namespace, name,
+/// port name and protocol), so affinity survives snapshot swaps.
+pub type PortId = u64;
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    endpoint: SocketAddr,
+    last_used: Instant,
+    timeout: Duration,
+}
+
+impl Entry {
+    fn live(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.last_used) <= self.timeout
+    }
+}
+
+/// Client IP → endpoint, per Service port.
+#[derive(Debug, Default)]
+pub struct AffinityTable {
+    map: DashMap<(PortId, IpAddr), Entry>,
+}
+
+impl AffinityTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Picks for a new flow: the remembered endpoint if it is still usable and
+    /// was used within `timeout`, else a fresh random pick. Either way the entry's
+    /// timer restarts at `now`.
+    pub fn pick<R: Rng + ?Sized>(
+        &self,
+        port: PortId,
+        client: IpAddr,
+        usable: &[SocketAddr],
+        timeout: Duration,
+        now: Instant,
+        rng: &mut R,
+    ) -> Option<SocketAddr> {
+        let mut slot = self.map.entry((port, client)).or_insert(Entry {
+            endpoint: SocketAddr::from(([0, 0, 0, 0], 0)),
+            last_used: now,
+            timeout: Duration::ZERO,
+        });
+        let e = slot.value_mut();
+        if e.timeout != Duration::ZERO && e.live(now) && usable.contains(&e.endpoint) {
+            e.last_used = now;
+            e.timeout = timeout;
+            return Some(e.endpoint);
+        }
+        match pick_random(usable, rng) {
+            Some(p) => {
+                *e = Entry {
+                    endpoint: p,
+                    last_used: now,
+                    timeout,
+                };
+                Some(p)
+            }
+            None => {
+                drop(slot);
+                self.map.remove(&(port, client));
+                None
+            }
+        }
+    }
+
+    /// Remembers `endpoint` for the client (used after a retry succeeded elsewhere).
+    pub fn record(
+        &self,
+        port: PortId,
+        client: IpAddr,
+        endpoint: SocketAddr,
+        timeout: Duration,
+        now: Instant,
+    ) {
+        self.map.insert(
+            (port, client),
+            Entry {
+                endpoint,
+                last_used: now,
+                timeout,
+            },
+        );
+    }
+
+    /// Removes entries idle longer than their timeout; returns how many.
+    pub fn sweep(&self, now: Instant) -> usize {
+        let before = self.map.len();
+        self.map.retain(|_, e| e.live(now));
+        before - self.map.len()
+    }
+
+    /// Number of remembered clients.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// True when nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::SmallRng;
+    use rand::SeedableRng;
+
+    const T: Duration = Duration::from_secs(10);
+
+    fn eps() -> Vec<SocketAddr> {
+        (1..=5)
+            .map(|i| SocketAddr::from(([10, 0, 0, i], 80)))
+            .collect()
+    }
+
+    fn client(i: u8) -> IpAddr {
+        IpAddr::from([192, 0, 2, i])
+    }
+
+    #[test]
+    fn sticks_within_timeout_and_refreshes() {
+        let t = AffinityTable::new();
+        let e = eps();
+        let mut rng = SmallRng::seed_from_u64(1);
+        let t0 = Instant::now();
+        let first = t.pick(1, client(1), &e, T, t0, &mut rng).unwrap();
+        // each use within the timeout refreshes the timer: 9 s steps stay sticky
+        for i in 1..=10u64 {
+            let now = t0 + Duration::from_secs(9 * i);
+            assert_eq!(t.pick(1, client(1), &e, T, now, &mut rng), Some(first));
+        }
+    }
+
+    #[test]
+    fn expires_after_timeout() {
+        let t = AffinityTable::new();
+        let e = eps();
+        let t0 = Instant::now();
+        let mut rng = SmallRng::seed_from_u64(2);
+        let first = t.pick(1, client(1), &e, T, t0, &mut rng).unwrap();
+        // after expiry a new random pick is made; over many clients some must differ
+        let mut changed = 0;
+        for i in 0..50u8 {
+            let c = client(i);
+            let a = t.pick(1, c, &e, T, t0, &mut rng).unwrap();
+            let b = t.pick(1, c, &e, T, t0 + T + Duration::from_millis(1), &mut rng);
+            if Some(a) != b {
+                changed += 1;
+            }
+        }
+        assert!(changed > 20, "only {changed} of 50 re-picked after expiry");
+        assert_eq!(t.sweep(t0 + T * 3), 50);
+        let _ = first;
+    }
+
+    #[test]
+    fn unusable_endpoint_is_dropped_and_repicked() {
+        let t = AffinityTable::new();
+        let e = eps();
+        let t0 = Instant::now();
+        let mut rng = SmallRng::seed_from_u64(3);
+        let first = t.pick(1, client(1), &e, T, t0, &mut rng).unwrap();
+        let rest: Vec<_> = e.iter().copied().filter(|x| *x != first).collect();
+        let second = t.pick(1, client(1), &rest, T, t0, &mut rng).unwrap();
+        assert_ne!(first, second);
+        assert_eq!(t.pick(1, client(1), &e, T, t0, &mut rng), Some(second));
+    }
+
+    #[test]
+    fn keyed_by_port_and_client_ip_only() {
+        let t = AffinityTable::new();
+        let e = eps();
+        let t0 = Instant::now();
+        let mut rng = SmallRng::seed_from_u64(4);
+        t.record(1, client(1), e[0], T, t0);
+        t.record(2, client(1), e[3], T, t0);
+        assert_eq!(t.pick(1, client(1), &e, T, t0, &mut rng), Some(e[0]));
+        assert_eq!(t.pick(2, client(1), &e, T, t0, &mut rng), Some(e[3]));
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn no_endpoints_leaves_no_entry() {
+        let t = AffinityTable::new();
+        let mut rng = SmallRng::seed_from_u64(5);
+        assert_eq!(t.pick(1, client(1), &[], T, Instant::now(), &mut rng), None);
+        assert!(t.is_empty());
+    }
+}

@@ -1,0 +1,231 @@
+//! A new flow, reduced to what every front end has in common, and the one
+//! synchronous decision made for it.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use crate::balance::{pick_random, pick_retry, AffinityTable};
+use crate::model::Protocol;
+use crate::state::{EmptyAction, Frontend, FrontendKey, Snapshot};
+use crate::telemetry::ConnectFailure;
+
+/// A new flow: who sent it, where to, over what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Client address.
+    pub src: SocketAddr,
+    /// Frontend address (VIP or node address) and port.
+    pub dst: SocketAddr,
+    /// Protocol.
+    pub proto: Protocol,
+}
+
+/// What to do with a new flow.
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    /// Proxy it through this frontend (it has at least one usable endpoint).
+    Forward(Arc<Frontend>),
+    /// Refuse at once (RST / ICMP port unreachable).
+    Refuse(ConnectFailure),
+    /// Drop silently.
+    Drop(ConnectFailure),
+}
+
+/// Decides for a new flow from the current snapshot.
+pub fn resolve(snap: &Snapshot, key: &FlowKey) -> Verdict {
+    let fk = FrontendKey {
+        addr: key.dst,
+        proto: key.proto,
+    };
+    let Some(fe) = snap.frontend(&fk) else {
+        return Verdict::Refuse(ConnectFailure::NoEndpoints);
+    };
+    if !fe.allows(key.src.ip()) {
+        fe.metrics.connect_failure(ConnectFailure::SourceRange);
+        return Verdict::Drop(ConnectFailure::SourceRange);
+    }
+    if fe.endpoints.is_empty() {
+        fe.metrics.connect_failure(ConnectFailure::NoEndpoints);
+        return match fe.when_empty {
+            EmptyAction::Refuse => Verdict::Refuse(ConnectFailure::NoEndpoints),
+            EmptyAction::Drop => Verdict::Drop(ConnectFailure::NoEndpoints),
+        };
+    }
+    Verdict::Forward(fe.clone())
+}
+
+/// Chooses the endpoint for try number `attempt` (0-based) of a flow: affinity
+/// on the first try, then untried endpoints, bypassing affinity after a failure.
+pub fn pick<R: Rng + ?Sized>(
+    fe: &Frontend,
+    client: IpAddr,
+    affinity: &AffinityTable,
+    attempt: u32,
+    tried: &[SocketAddr],
+    now: Instant,
+    rng: &mut R,
+) -> Option<SocketAddr> {
+    match (attempt, fe.affinity) {
+        (0, Some(timeout)) => affinity.pick(fe.port_id, client, &fe.endpoints, timeout, now, rng),
+        (0, None) => pick_random(&fe.endpoints, rng),
+        _ => pick_retry(&fe.endpoints, tried, rng),
+    }
+}
+
+/// Timeout of connect try `attempt`: the first timeout doubled at each retry
+/// (250 ms, 500 ms, 1 s, 2 s with the defaults, like kube-proxy's userspace mode).
+pub fn connect_timeout(first: Duration, attempt: u32) -> Duration {
+    first.saturating_mul(1u32 << attempt.min(16))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::Update;
+    use crate::model::*;
+    use crate::state::{NodeContext, Store};
+    use crate::telemetry::Metrics;
+    use rand::rngs::SmallRng;
+    use rand::SeedableRng;
+
+    fn snapshot(eps: &[&str], source_ranges: Vec<ipnet::IpNet>) -> Snapshot {
+        let svc = Service {
+            key: ObjectKey::new("default", "web"),
+            service_type: ServiceType::LoadBalancer,
+            cluster_ips: vec!["10.96.0.10".parse().unwrap()],
+            headless: false,
+            ports: vec![ServicePort {
+                name: String::new(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                node_port: Some(30080),
+                target_port: TargetPort::Number(8080),
+            }],
+            external_ips: vec![],
+            load_balancer_ips: vec!["198.51.100.7".parse().unwrap()],
+            source_ranges,
+            allocate_lb_node_ports: true,
+            external_policy: TrafficPolicy::Cluster,
+            internal_policy: TrafficPolicy::Cluster,
+            affinity: Affinity::ClientIp {
+                timeout: Duration::from_secs(10),
+            },
+            health_check_node_port: None,
+            external_name: None,
+            selector: None,
+            publish_not_ready: false,
+            proxy_name: None,
+            headless_label: false,
+        };
+        let slice = EndpointSlice {
+            key: ObjectKey::new("default", "web-1"),
+            service_name: "web".into(),
+            family: AddressFamily::V4,
+            ports: vec![SlicePort {
+                name: String::new(),
+                protocol: Protocol::Tcp,
+                port: Some(8080),
+            }],
+            endpoints: eps
+                .iter()
+                .map(|ip| Endpoint {
+                    ip: ip.parse().unwrap(),
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                    node_name: None,
+                    zone: None,
+                    zone_hints: None,
+                    hostname: None,
+                })
+                .collect(),
+        };
+        let mut st = Store::new();
+        st.apply(Update::Reset(vec![
+            Object::Service(svc),
+            Object::EndpointSlice(slice),
+        ]));
+        let ctx = NodeContext {
+            node_name: "n".into(),
+            proxy_name: "ringvip".into(),
+            nodeport_addresses: vec!["192.0.2.1".parse().unwrap()],
+            local_addresses: vec!["192.0.2.1".parse().unwrap()],
+            ..NodeContext::default()
+        };
+        st.compile(&ctx, &Metrics::new(), 1)
+    }
+
+    fn key(src: &str, dst: &str) -> FlowKey {
+        FlowKey {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            proto: Protocol::Tcp,
+        }
+    }
+
+    #[test]
+    fn unknown_frontend_is_refused() {
+        let snap = snapshot(&["10.0.0.1"], vec![]);
+        assert!(matches!(
+            resolve(&snap, &key("192.0.2.9:1000", "10.96.0.10:81")),
+            Verdict::Refuse(_)
+        ));
+    }
+
+    #[test]
+    fn no_endpoints_is_refused() {
+        let snap = snapshot(&[], vec![]);
+        assert!(matches!(
+            resolve(&snap, &key("192.0.2.9:1000", "192.0.2.1:30080")),
+            Verdict::Refuse(ConnectFailure::NoEndpoints)
+        ));
+    }
+
+    #[test]
+    fn source_ranges_drop_outsiders_on_lb_only() {
+        let snap = snapshot(&["10.0.0.1"], vec!["203.0.113.0/24".parse().unwrap()]);
+        assert!(matches!(
+            resolve(&snap, &key("192.0.2.9:1000", "198.51.100.7:80")),
+            Verdict::Drop(ConnectFailure::SourceRange)
+        ));
+        assert!(matches!(
+            resolve(&snap, &key("203.0.113.4:1000", "198.51.100.7:80")),
+            Verdict::Forward(_)
+        ));
+        assert!(matches!(
+            resolve(&snap, &key("192.0.2.9:1000", "192.0.2.1:30080")),
+            Verdict::Forward(_)
+        ));
+    }
+
+    #[test]
+    fn first_try_uses_affinity_retries_bypass_it() {
+        let snap = snapshot(&["10.0.0.1", "10.0.0.2", "10.0.0.3"], vec![]);
+        let Verdict::Forward(fe) = resolve(&snap, &key("192.0.2.9:1000", "192.0.2.1:30080")) else {
+            panic!("expected forward");
+        };
+        let table = AffinityTable::new();
+        let mut rng = SmallRng::seed_from_u64(9);
+        let now = Instant::now();
+        let client: IpAddr = "192.0.2.9".parse().unwrap();
+        let first = pick(&fe, client, &table, 0, &[], now, &mut rng).unwrap();
+        for _ in 0..20 {
+            assert_eq!(
+                pick(&fe, client, &table, 0, &[], now, &mut rng),
+                Some(first)
+            );
+            let retry = pick(&fe, client, &table, 1, &[first], now, &mut rng).unwrap();
+            assert_ne!(retry, first);
+        }
+    }
+
+    #[test]
+    fn connect_timeouts_double() {
+        let f = Duration::from_millis(250);
+        let t: Vec<_> = (0..4).map(|a| connect_timeout(f, a).as_millis()).collect();
+        assert_eq!(t, vec![250, 500, 1000, 2000]);
+    }
+}

@@ -1,0 +1,380 @@
+//! Kernel-socket front end (NodePort, LoadBalancer IPs, externalIPs): one
+//! tokio-uring runtime per data-plane thread, each holding its own SO_REUSEPORT
+//! listeners, opened and closed as snapshots come and go.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+use socket2::{Domain, SockFilter, Socket, Type};
+use tokio::sync::watch;
+use tokio_uring::net::{TcpListener, TcpStream, UdpSocket};
+
+use super::flow::{resolve, FlowKey, Verdict};
+use super::relay::{connect, relay, set_reset_on_close};
+use super::udp::{self, AbortOnDrop};
+use super::Shared;
+use crate::model::Protocol;
+use crate::state::{ListenerMode, ListenerSpec, Snapshot};
+
+/// Accept backlog of each listener.
+const BACKLOG: i32 = 4096;
+
+/// A listener could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {proto} {addr}: {source}")]
+pub struct ListenError {
+    /// Address.
+    pub addr: SocketAddr,
+    /// Protocol.
+    pub proto: Protocol,
+    /// Cause.
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Opens the kernel socket for a listener spec (not yet registered with io_uring).
+pub fn open(spec: &ListenerSpec) -> Result<Socket, ListenError> {
+    let err = |source| ListenError {
+        addr: spec.addr,
+        proto: spec.proto,
+        source,
+    };
+    let ty = match spec.proto {
+        Protocol::Tcp => Type::STREAM,
+        Protocol::Udp => Type::DGRAM,
+    };
+    let s = Socket::new(Domain::for_address(spec.addr), ty, None).map_err(err)?;
+    s.set_reuse_address(true).map_err(err)?;
+    s.set_reuse_port(true).map_err(err)?;
+    if spec.addr.is_ipv6() {
+        s.set_only_v6(true).map_err(err)?;
+    }
+    // Socket filters run before the stack answers: a dropped SYN gets no
+    // SYN-ACK and the client times out, as with kube-proxy's DROP rules.
+    let filter = match spec.mode {
+        ListenerMode::Drop => Some(vec![ret(0)]),
+        ListenerMode::Accept => source_filter(spec.addr, &spec.allow),
+    };
+    if let Some(prog) = filter {
+        let prog: Vec<SockFilter> = prog
+            .iter()
+            .map(|i| SockFilter::new(i.code, i.jt, i.jf, i.k))
+            .collect();
+        s.attach_filter(&prog).map_err(err)?;
+    }
+    s.bind(&spec.addr.into()).map_err(err)?;
+    if spec.proto == Protocol::Tcp {
+        s.listen(BACKLOG).map_err(err)?;
+    }
+    s.set_nonblocking(true).map_err(err)?;
+    Ok(s)
+}
+
+/// One classic-BPF instruction (kept apart from socket2's type so the program
+/// can be built and tested as plain data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Insn {
+    /// Opcode.
+    pub code: u16,
+    /// Jump offset if true.
+    pub jt: u8,
+    /// Jump offset if false.
+    pub jf: u8,
+    /// Constant.
+    pub k: u32,
+}
+
+const BPF_LD_W_ABS: u16 = 0x20; // BPF_LD (0) | BPF_W (0) | BPF_ABS (0x20)
+const BPF_AND_K: u16 = 0x04 | 0x50; // BPF_ALU | BPF_AND | BPF_K
+const BPF_JEQ_K: u16 = 0x05 | 0x10; // BPF_JMP | BPF_JEQ | BPF_K
+const BPF_RET_K: u16 = 0x06; // BPF_RET | BPF_K
+/// Offset base for loads relative to the network (IP) header.
+const SKF_NET_OFF: u32 = (-0x100000i32) as u32;
+
+fn ret(k: u32) -> Insn {
+    Insn {
+        code: BPF_RET_K,
+        jt: 0,
+        jf: 0,
+        k,
+    }
+}
+
+/// A filter accepting only packets whose IP source is inside one of `allow`
+/// (same family as the listener); `None` when everything is allowed or the
+/// program would not fit classic BPF's 8-bit jumps (then the userspace check
+/// in `resolve` is the only guard).
+pub fn source_filter(local: SocketAddr, allow: &[ipnet::IpNet]) -> Option<Vec<Insn>> {
+    if allow.is_empty() {
+        return None;
+    }
+    let mut prog = Vec::new();
+    for net in allow {
+        // (offset of the source address in the IP header, address words, mask words)
+        let (off, addr, mask): (u32, Vec<u32>, Vec<u32>) = match (net, local) {
+            (ipnet::IpNet::V4(n), SocketAddr::V4(_)) => (
+                12,
+                vec![u32::from(n.network())],
+                vec![u32::from(n.netmask())],
+            ),
+            (ipnet::IpNet::V6(n), SocketAddr::V6(_)) => {
+                let words = |b: [u8; 16]| -> Vec<u32> {
+                    b.chunks(4)
+                        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect()
+                };
+                (8, words(n.network().octets()), words(n.netmask().octets()))
+            }
+            _ => continue,
+        };
+        let words: Vec<(u32, u32, u32)> = (0..addr.len())
+            .filter(|&i| mask[i] != 0)
+            .map(|i| (off + 4 * i as u32, addr[i], mask[i]))
+            .collect();
+        let block = 3 * words.len() + 1;
+        for (i, (o, a, m)) in words.iter().enumerate() {
+            // instructions left in this block after this word's jeq
+            let rest = u8::try_from(block - 3 * (i + 1)).ok()?;
+            prog.push(Insn {
+                code: BPF_LD_W_ABS,
+                jt: 0,
+                jf: 0,
+                k: SKF_NET_OFF.wrapping_add(*o),
+            });
+            prog.push(Insn {
+                code: BPF_AND_K,
+                jt: 0,
+                jf: 0,
+                k: *m,
+            });
+            prog.push(Insn {
+                code: BPF_JEQ_K,
+                jt: 0,
+                jf: rest,
+                k: *a,
+            });
+        }
+        prog.push(ret(u32::MAX));
+    }
+    prog.push(ret(0));
+    (prog.len() <= 4096).then_some(prog)
+}
+
+/// Runs `workers` data-plane threads until the snapshot channel closes.
+pub fn spawn_workers(
+    workers: usize,
+    shared: Arc<Shared>,
+    rx: watch::Receiver<Arc<Snapshot>>,
+) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
+    (0..workers)
+        .map(|id| {
+            let shared = shared.clone();
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("ringvip-dp-{id}"))
+                .spawn(move || tokio_uring::start(worker(id, shared, rx)))
+        })
+        .collect()
+}
+
+/// One data-plane thread: keeps its listeners equal to the snapshot's.
+async fn worker(id: usize, shared: Arc<Shared>, mut rx: watch::Receiver<Arc<Snapshot>>) {
+    let rng = Rc::new(RefCell::new(SmallRng::from_os_rng()));
+    let mut open_now: HashMap<ListenerSpec, AbortOnDrop> = HashMap::new();
+    let mut failing: HashMap<ListenerSpec, String> = HashMap::new();
+    loop {
+        let snap = rx.borrow_and_update().clone();
+        let want = snap.listeners();
+        open_now.retain(|spec, _| want.binary_search(spec).is_ok());
+        failing.retain(|spec, _| want.binary_search(spec).is_ok());
+        for spec in want {
+            if open_now.contains_key(spec) {
+                continue;
+            }
+            match start(spec, &shared, &rng) {
+                Ok(task) => {
+                    if failing.remove(spec).is_some() || id == 0 {
+                        tracing::info!(addr = %spec.addr, proto = %spec.proto, mode = ?spec.mode, "listening");
+                    }
+                    open_now.insert(spec.clone(), task);
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    if failing.get(spec) != Some(&msg) && id == 0 {
+                        tracing::warn!("{msg}");
+                    }
+                    failing.insert(spec.clone(), msg);
+                }
+            }
+        }
+        if rx.changed().await.is_err() {
+            break;
+        }
+    }
+}
+
+fn start(
+    spec: &ListenerSpec,
+    shared: &Arc<Shared>,
+    rng: &Rc<RefCell<SmallRng>>,
+) -> Result<AbortOnDrop, ListenError> {
+    let sock = open(spec)?;
+    let (shared, rng, addr) = (shared.clone(), rng.clone(), spec.addr);
+    let task = match (spec.proto, spec.mode) {
+        (_, ListenerMode::Drop) => {
+            // Hold the socket; its filter drops everything.
+            tokio_uring::spawn(async move {
+                let _sock = sock;
+                std::future::pending::<()>().await
+            })
+        }
+        (Protocol::Tcp, ListenerMode::Accept) => {
+            let l = TcpListener::from_std(std::net::TcpListener::from(sock));
+            tokio_uring::spawn(accept_loop(l, addr, shared, rng))
+        }
+        (Protocol::Udp, ListenerMode::Accept) => {
+            let u = Rc::new(UdpSocket::from_std(std::net::UdpSocket::from(sock)));
+            tokio_uring::spawn(udp::serve(u, addr, shared, rng))
+        }
+    };
+    Ok(AbortOnDrop(task))
+}
+
+async fn accept_loop(
+    l: TcpListener,
+    local: SocketAddr,
+    shared: Arc<Shared>,
+    rng: Rc<RefCell<SmallRng>>,
+) {
+    loop {
+        match l.accept().await {
+            Ok((stream, peer)) => {
+                tokio_uring::spawn(handle(stream, peer, local, shared.clone(), rng.clone()));
+            }
+            Err(e) => {
+                // EMFILE/ENFILE and the like: back off instead of spinning.
+                tracing::warn!(%local, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// Decreases the active-connections gauge when the connection ends, however it ends.
+struct ActiveGuard(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+async fn handle(
+    client: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    shared: Arc<Shared>,
+    rng: Rc<RefCell<SmallRng>>,
+) {
+    let key = FlowKey {
+        src: peer,
+        dst: local,
+        proto: Protocol::Tcp,
+    };
+    let verdict = resolve(&shared.snapshot.load(), &key);
+    let fe = match verdict {
+        Verdict::Forward(fe) => fe,
+        // The listener exists but the flow may not use it: a kernel socket has
+        // already completed the handshake, so the closest to refuse/drop is a reset.
+        Verdict::Refuse(_) | Verdict::Drop(_) => {
+            set_reset_on_close(&client);
+            return;
+        }
+    };
+    match connect(&fe, peer.ip(), &shared, &rng).await {
+        Ok((backend, _ep)) => {
+            let _ = client.set_nodelay(true);
+            fe.metrics.connections_total.inc();
+            fe.metrics.connections_active.inc();
+            let _guard = ActiveGuard(fe.metrics.connections_active.clone());
+            relay(client, backend, &fe).await;
+        }
+        Err(e) => {
+            tracing::debug!(client = %peer, "{e}");
+            set_reset_on_close(&client);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs a filter program over a fake IP header, as the kernel would.
+    fn run(prog: &[Insn], ip_header: &[u8]) -> u32 {
+        let mut a: u32 = 0;
+        let mut pc = 0usize;
+        loop {
+            let i = prog[pc];
+            pc += 1;
+            match i.code {
+                BPF_LD_W_ABS => {
+                    let o = i.k.wrapping_sub(SKF_NET_OFF) as usize;
+                    a = u32::from_be_bytes(ip_header[o..o + 4].try_into().unwrap());
+                }
+                BPF_AND_K => a &= i.k,
+                BPF_JEQ_K => pc += if a == i.k { i.jt } else { i.jf } as usize,
+                BPF_RET_K => return i.k,
+                c => panic!("unexpected opcode {c:#x}"),
+            }
+        }
+    }
+
+    fn v4_header(src: [u8; 4]) -> Vec<u8> {
+        let mut h = vec![0u8; 20];
+        h[12..16].copy_from_slice(&src);
+        h
+    }
+
+    fn v6_header(src: std::net::Ipv6Addr) -> Vec<u8> {
+        let mut h = vec![0u8; 40];
+        h[8..24].copy_from_slice(&src.octets());
+        h
+    }
+
+    #[test]
+    fn v4_filter_accepts_only_listed_ranges() {
+        let allow: Vec<ipnet::IpNet> = vec![
+            "203.0.113.0/24".parse().unwrap(),
+            "192.0.2.7/32".parse().unwrap(),
+        ];
+        let prog = source_filter("198.51.100.1:80".parse().unwrap(), &allow).unwrap();
+        assert_ne!(run(&prog, &v4_header([203, 0, 113, 9])), 0);
+        assert_ne!(run(&prog, &v4_header([192, 0, 2, 7])), 0);
+        assert_eq!(run(&prog, &v4_header([192, 0, 2, 8])), 0);
+        assert_eq!(run(&prog, &v4_header([10, 0, 0, 1])), 0);
+    }
+
+    #[test]
+    fn v6_filter_checks_every_masked_word() {
+        let allow: Vec<ipnet::IpNet> = vec!["2001:db8:1::/48".parse().unwrap()];
+        let prog = source_filter("[2001:db8::1]:80".parse().unwrap(), &allow).unwrap();
+        assert_ne!(run(&prog, &v6_header("2001:db8:1::99".parse().unwrap())), 0);
+        assert_eq!(run(&prog, &v6_header("2001:db8:2::99".parse().unwrap())), 0);
+        assert_eq!(run(&prog, &v6_header("2002:db8:1::99".parse().unwrap())), 0);
+    }
+
+    #[test]
+    fn empty_allow_list_needs_no_filter_and_other_family_drops() {
+        assert!(source_filter("198.51.100.1:80".parse().unwrap(), &[]).is_none());
+        let allow: Vec<ipnet::IpNet> = vec!["2001:db8::/32".parse().unwrap()];
+        let prog = source_filter("198.51.100.1:80".parse().unwrap(), &allow).unwrap();
+        assert_eq!(run(&prog, &v4_header([203, 0, 113, 9])), 0);
+    }
+}

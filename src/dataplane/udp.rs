@@ -1,0 +1,421 @@
+//! UDP: a flow is (client ip:port, frontend); it pins one connected backend
+//! socket until idle for the idle timeout, or until its endpoint stops being
+//! usable. The table is per listener socket and per thread: SO_REUSEPORT keeps a
+//! client's datagrams on one socket, so no locks are needed.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use tokio_uring::buf::BoundedBuf;
+use tokio_uring::net::UdpSocket;
+
+use super::flow::{pick, resolve, FlowKey, Verdict};
+use super::Shared;
+use crate::model::Protocol;
+use crate::state::Frontend;
+
+/// Flows one listener socket may hold; new clients beyond it are dropped.
+pub const MAX_FLOWS_PER_LISTENER: usize = 65_536;
+/// Largest datagram relayed.
+const DATAGRAM: usize = 65_536;
+
+/// One flow's bookkeeping, generic over what the I/O side keeps with it.
+#[derive(Debug)]
+pub struct FlowEntry<T> {
+    /// The backend this flow is pinned to.
+    pub endpoint: SocketAddr,
+    /// Last datagram in either direction.
+    pub last_seen: Instant,
+    /// Snapshot generation the endpoint was last checked against.
+    pub generation: u64,
+    /// I/O state (socket, reader task).
+    pub io: T,
+}
+
+/// Client → flow, with idle expiry. Pure: time is passed in.
+#[derive(Debug)]
+pub struct FlowTable<T> {
+    flows: HashMap<SocketAddr, FlowEntry<T>>,
+    idle: Duration,
+    max: usize,
+}
+
+impl<T> FlowTable<T> {
+    /// A table expiring flows idle longer than `idle`, holding at most `max`.
+    pub fn new(idle: Duration, max: usize) -> Self {
+        Self {
+            flows: HashMap::new(),
+            idle,
+            max,
+        }
+    }
+
+    /// The flow of a client, if any.
+    pub fn get_mut(&mut self, client: &SocketAddr) -> Option<&mut FlowEntry<T>> {
+        self.flows.get_mut(client)
+    }
+
+    /// Records traffic on a flow.
+    pub fn touch(&mut self, client: &SocketAddr, now: Instant) {
+        if let Some(f) = self.flows.get_mut(client) {
+            f.last_seen = now;
+        }
+    }
+
+    /// Adds a flow; gives it back when the table is full.
+    pub fn insert(&mut self, client: SocketAddr, e: FlowEntry<T>) -> Result<(), FlowEntry<T>> {
+        if self.flows.len() >= self.max && !self.flows.contains_key(&client) {
+            return Err(e);
+        }
+        self.flows.insert(client, e);
+        Ok(())
+    }
+
+    /// Removes one flow.
+    pub fn remove(&mut self, client: &SocketAddr) -> Option<FlowEntry<T>> {
+        self.flows.remove(client)
+    }
+
+    /// Removes and returns flows idle for longer than the idle timeout.
+    pub fn expire(&mut self, now: Instant) -> Vec<FlowEntry<T>> {
+        let idle = self.idle;
+        let dead: Vec<SocketAddr> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| now.saturating_duration_since(f.last_seen) > idle)
+            .map(|(k, _)| *k)
+            .collect();
+        dead.iter().filter_map(|k| self.flows.remove(k)).collect()
+    }
+
+    /// Removes and returns flows whose endpoint `usable` rejects.
+    pub fn retain_usable(&mut self, usable: impl Fn(&SocketAddr) -> bool) -> Vec<FlowEntry<T>> {
+        let dead: Vec<SocketAddr> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| !usable(&f.endpoint))
+            .map(|(k, _)| *k)
+            .collect();
+        dead.iter().filter_map(|k| self.flows.remove(k)).collect()
+    }
+
+    /// Number of flows.
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+}
+
+/// The I/O half of a flow: aborting the reader closes the backend socket.
+pub struct FlowIo {
+    socket: Rc<UdpSocket>,
+    reader: tokio::task::JoinHandle<()>,
+    fe: Arc<Frontend>,
+}
+
+impl Drop for FlowIo {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.fe.metrics.udp_flows_active.dec();
+    }
+}
+
+type Table = Rc<RefCell<FlowTable<FlowIo>>>;
+
+/// Serves one UDP frontend socket until the task is aborted.
+pub async fn serve(
+    sock: Rc<UdpSocket>,
+    local: SocketAddr,
+    shared: Arc<Shared>,
+    rng: Rc<RefCell<SmallRng>>,
+) {
+    let table: Table = Rc::new(RefCell::new(FlowTable::new(
+        shared.settings.udp_idle_timeout,
+        MAX_FLOWS_PER_LISTENER,
+    )));
+    let _sweeper = AbortOnDrop(tokio_uring::spawn(sweep(
+        table.clone(),
+        shared.clone(),
+        local,
+    )));
+    let mut buf = vec![0u8; DATAGRAM];
+    let mut warned_full = false;
+    loop {
+        let (res, b) = sock.recv_from(buf).await;
+        buf = b;
+        let (n, client) = match res {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(%local, error = %e, "udp receive failed");
+                continue;
+            }
+        };
+        let now = Instant::now();
+        let backend = match current_backend(&table, &shared, client, local, now) {
+            Some(s) => s,
+            None => match open_flow(&table, &sock, &shared, &rng, client, local, now).await {
+                Ok(Some(s)) => s,
+                Ok(None) => continue,
+                Err(FlowError::Full) => {
+                    if !warned_full {
+                        tracing::warn!(%local, max = MAX_FLOWS_PER_LISTENER, "udp flow table full: dropping datagrams of new clients");
+                        warned_full = true;
+                    }
+                    continue;
+                }
+                Err(FlowError::Io(e)) => {
+                    tracing::debug!(%local, error = %e, "udp backend socket failed");
+                    continue;
+                }
+            },
+        };
+        let (res, slice) = backend.send(buf.slice(..n)).await;
+        buf = slice.into_inner();
+        if res.is_err() {
+            table.borrow_mut().remove(&client);
+        }
+    }
+}
+
+/// The backend socket of an existing flow, after checking (once per snapshot
+/// generation) that its endpoint is still usable; a stale flow is removed.
+fn current_backend(
+    table: &Table,
+    shared: &Shared,
+    client: SocketAddr,
+    local: SocketAddr,
+    now: Instant,
+) -> Option<Rc<UdpSocket>> {
+    let mut t = table.borrow_mut();
+    let f = t.get_mut(&client)?;
+    let snap = shared.snapshot.load();
+    if f.generation != snap.generation {
+        let key = FlowKey {
+            src: client,
+            dst: local,
+            proto: Protocol::Udp,
+        };
+        let still = match resolve(&snap, &key) {
+            Verdict::Forward(fe) => fe.endpoints.contains(&f.endpoint),
+            _ => false,
+        };
+        if !still {
+            t.remove(&client);
+            return None;
+        }
+        f.generation = snap.generation;
+    }
+    f.last_seen = now;
+    Some(f.io.socket.clone())
+}
+
+enum FlowError {
+    Full,
+    Io(std::io::Error),
+}
+
+async fn open_flow(
+    table: &Table,
+    sock: &Rc<UdpSocket>,
+    shared: &Arc<Shared>,
+    rng: &RefCell<SmallRng>,
+    client: SocketAddr,
+    local: SocketAddr,
+    now: Instant,
+) -> Result<Option<Rc<UdpSocket>>, FlowError> {
+    let (fe, generation) = {
+        let snap = shared.snapshot.load();
+        let key = FlowKey {
+            src: client,
+            dst: local,
+            proto: Protocol::Udp,
+        };
+        match resolve(&snap, &key) {
+            Verdict::Forward(fe) => (fe, snap.generation),
+            _ => return Ok(None),
+        }
+    };
+    if table.borrow().len() >= MAX_FLOWS_PER_LISTENER {
+        return Err(FlowError::Full);
+    }
+    let Some(ep) = pick(
+        &fe,
+        client.ip(),
+        &shared.affinity,
+        0,
+        &[],
+        now,
+        &mut *rng.borrow_mut(),
+    ) else {
+        return Ok(None);
+    };
+    let any: IpAddr = match ep {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let backend = UdpSocket::bind(SocketAddr::new(any, 0))
+        .await
+        .map_err(FlowError::Io)?;
+    backend.connect(ep).await.map_err(FlowError::Io)?;
+    let backend = Rc::new(backend);
+    let reader = tokio_uring::spawn(replies(
+        backend.clone(),
+        sock.clone(),
+        client,
+        table.clone(),
+        fe.clone(),
+    ));
+    fe.metrics.udp_flows_active.inc();
+    fe.metrics.connections_total.inc();
+    let entry = FlowEntry {
+        endpoint: ep,
+        last_seen: now,
+        generation,
+        io: FlowIo {
+            socket: backend.clone(),
+            reader,
+            fe,
+        },
+    };
+    table
+        .borrow_mut()
+        .insert(client, entry)
+        .map_err(|_| FlowError::Full)?;
+    Ok(Some(backend))
+}
+
+/// Backend → client, sent from the frontend address.
+async fn replies(
+    backend: Rc<UdpSocket>,
+    front: Rc<UdpSocket>,
+    client: SocketAddr,
+    table: Table,
+    fe: Arc<Frontend>,
+) {
+    let mut buf = vec![0u8; DATAGRAM];
+    loop {
+        let (res, b) = backend.read(buf).await;
+        buf = b;
+        let n = match res {
+            Ok(n) => n,
+            Err(_) => break, // e.g. ICMP port unreachable from the backend
+        };
+        table.borrow_mut().touch(&client, Instant::now());
+        let (res, slice) = front.send_to(buf.slice(..n), client).await;
+        buf = slice.into_inner();
+        if res.is_err() {
+            break;
+        }
+        fe.metrics.bytes_to_client.inc_by(n as u64);
+    }
+    // Dropping the entry aborts this task; it is the last thing done here.
+    let gone = table.borrow_mut().remove(&client);
+    drop(gone);
+}
+
+/// Once a second: expires idle flows, and after a snapshot change drops flows
+/// whose endpoint is no longer usable (closing their backend sockets).
+async fn sweep(table: Table, shared: Arc<Shared>, local: SocketAddr) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut checked = 0u64;
+    loop {
+        tick.tick().await;
+        let dead = table.borrow_mut().expire(Instant::now());
+        drop(dead);
+        let snap = shared.snapshot.load();
+        if snap.generation != checked {
+            checked = snap.generation;
+            let key = FlowKey {
+                src: SocketAddr::new(local.ip(), 0),
+                dst: local,
+                proto: Protocol::Udp,
+            };
+            let usable: &[SocketAddr] = match snap.frontend(&crate::state::FrontendKey {
+                addr: key.dst,
+                proto: key.proto,
+            }) {
+                Some(fe) => &fe.endpoints,
+                None => &[],
+            };
+            let dead = table.borrow_mut().retain_usable(|e| usable.contains(e));
+            drop(dead);
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+#[derive(Debug)]
+pub struct AbortOnDrop(pub tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(ep: &str, t: Instant) -> FlowEntry<()> {
+        FlowEntry {
+            endpoint: ep.parse().unwrap(),
+            last_seen: t,
+            generation: 0,
+            io: (),
+        }
+    }
+
+    fn c(p: u16) -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, 1], p))
+    }
+
+    #[test]
+    fn idle_flows_expire_active_ones_stay() {
+        let t0 = Instant::now();
+        let mut t = FlowTable::new(Duration::from_secs(30), 10);
+        t.insert(c(1), entry("10.0.0.1:53", t0)).unwrap();
+        t.insert(c(2), entry("10.0.0.2:53", t0)).unwrap();
+        t.touch(&c(2), t0 + Duration::from_secs(20));
+        assert!(t.expire(t0 + Duration::from_secs(30)).is_empty());
+        let gone = t.expire(t0 + Duration::from_secs(31));
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].endpoint, "10.0.0.1:53".parse().unwrap());
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.expire(t0 + Duration::from_secs(51)).len(), 1);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn table_is_bounded() {
+        let t0 = Instant::now();
+        let mut t = FlowTable::new(Duration::from_secs(30), 2);
+        t.insert(c(1), entry("10.0.0.1:53", t0)).unwrap();
+        t.insert(c(2), entry("10.0.0.1:53", t0)).unwrap();
+        assert!(t.insert(c(3), entry("10.0.0.1:53", t0)).is_err());
+        // replacing an existing client is allowed
+        assert!(t.insert(c(2), entry("10.0.0.2:53", t0)).is_ok());
+    }
+
+    #[test]
+    fn flows_of_unusable_endpoints_are_dropped() {
+        let t0 = Instant::now();
+        let mut t = FlowTable::new(Duration::from_secs(30), 10);
+        t.insert(c(1), entry("10.0.0.1:53", t0)).unwrap();
+        t.insert(c(2), entry("10.0.0.2:53", t0)).unwrap();
+        let keep: SocketAddr = "10.0.0.2:53".parse().unwrap();
+        let gone = t.retain_usable(|e| *e == keep);
+        assert_eq!(gone.len(), 1);
+        assert!(t.get_mut(&c(1)).is_none());
+        assert!(t.get_mut(&c(2)).is_some());
+    }
+}

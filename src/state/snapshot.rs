@@ -1,0 +1,840 @@
+//! The immutable snapshot the data plane reads, and its compile from the store.
+//! All policy filtering happens here, once per change, never per connection.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use super::store::Store;
+use super::topology::{categorize, Candidate, Usable};
+use crate::balance::affinity::PortId;
+use crate::model::{
+    AddressFamily, Affinity, EndpointSlice, ObjectKey, Protocol, Service, ServicePort, ServiceType,
+    TrafficPolicy,
+};
+use crate::telemetry::{Metrics, PortLabels, PortMetrics};
+
+/// What this node is, as compile needs it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeContext {
+    /// This node's name (endpoints with this `nodeName` are local).
+    pub node_name: String,
+    /// Zone from the settings; else the Node object's label is used.
+    pub zone: Option<String>,
+    /// Value of `service.kubernetes.io/service-proxy-name` served here.
+    pub proxy_name: String,
+    /// Addresses NodePorts listen on.
+    pub nodeport_addresses: Vec<IpAddr>,
+    /// Every address assigned to this host (LB IPs and externalIPs are served
+    /// only when local).
+    pub local_addresses: Vec<IpAddr>,
+}
+
+/// A frontend's identity: where the client sent the flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    /// Destination address and port.
+    pub addr: SocketAddr,
+    /// Protocol.
+    pub proto: Protocol,
+}
+
+/// Which kind of Service address a frontend is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FrontendKind {
+    /// A ClusterIP (internal traffic policy).
+    ClusterIp,
+    /// A NodePort on a node address (external policy).
+    NodePort,
+    /// A LoadBalancer ingress IP (external policy, source ranges).
+    LoadBalancer,
+    /// An externalIP (external policy).
+    ExternalIp,
+}
+
+/// What to do with a new flow when the frontend has no usable endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EmptyAction {
+    /// Refuse at once (TCP RST, ICMP port unreachable).
+    Refuse,
+    /// Drop silently: Local policy with endpoints only on other nodes, as kube-proxy.
+    Drop,
+}
+
+/// One frontend, with everything a new flow needs, precomputed.
+#[derive(Debug, Clone)]
+pub struct Frontend {
+    /// The Service.
+    pub service: ObjectKey,
+    /// Service port name (may be empty).
+    pub port_name: String,
+    /// Protocol.
+    pub proto: Protocol,
+    /// Kind of address.
+    pub kind: FrontendKind,
+    /// Stable id of the Service port (affinity key).
+    pub port_id: PortId,
+    /// Usable endpoints after policy filtering, in a stable order.
+    pub endpoints: Box<[SocketAddr]>,
+    /// ClientIP affinity timeout, if enabled.
+    pub affinity: Option<Duration>,
+    /// Allowed client ranges (LoadBalancer only); empty allows all.
+    pub source_ranges: Box<[IpNet]>,
+    /// What happens when `endpoints` is empty.
+    pub when_empty: EmptyAction,
+    /// Metric handles of the Service port.
+    pub metrics: PortMetrics,
+}
+
+impl Frontend {
+    /// Whether a client address may use this frontend.
+    #[inline]
+    pub fn allows(&self, client: IpAddr) -> bool {
+        self.source_ranges.is_empty() || self.source_ranges.iter().any(|n| n.contains(&client))
+    }
+}
+
+/// How a kernel listener for a frontend behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ListenerMode {
+    /// Accept and proxy.
+    Accept,
+    /// Bound with a filter that drops every packet: clients time out.
+    Drop,
+}
+
+/// A kernel socket the data plane must hold open. Frontends with no usable
+/// endpoint and [`EmptyAction::Refuse`] have no listener, so the kernel itself
+/// refuses (RST / ICMP port unreachable) at once.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListenerSpec {
+    /// Local address and port.
+    pub addr: SocketAddr,
+    /// Protocol.
+    pub proto: Protocol,
+    /// Behaviour.
+    pub mode: ListenerMode,
+    /// Client ranges allowed (loadBalancerSourceRanges); empty allows all.
+    /// Enforced in the kernel with a socket filter, so others are dropped
+    /// before any handshake, as kube-proxy drops them.
+    pub allow: Arc<[IpNet]>,
+}
+
+/// Everything the data plane needs, immutable once published.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Increases with every compile.
+    pub generation: u64,
+    frontends: HashMap<FrontendKey, Arc<Frontend>>,
+    listeners: Vec<ListenerSpec>,
+    /// Service ports with Local internal policy and no local endpoint.
+    pub no_local_internal: usize,
+    /// Service ports with Local external policy and no local endpoint.
+    pub no_local_external: usize,
+    /// Frontends claimed by more than one Service port (first one wins).
+    pub conflicts: Vec<String>,
+}
+
+impl Snapshot {
+    /// The frontend a flow was addressed to.
+    #[inline]
+    pub fn frontend(&self, key: &FrontendKey) -> Option<&Arc<Frontend>> {
+        self.frontends.get(key)
+    }
+
+    /// Kernel listeners to hold open, sorted.
+    pub fn listeners(&self) -> &[ListenerSpec] {
+        &self.listeners
+    }
+
+    /// Number of frontends.
+    pub fn frontend_count(&self) -> usize {
+        self.frontends.len()
+    }
+
+    /// All frontends (for status and tests).
+    pub fn frontends(&self) -> impl Iterator<Item = (&FrontendKey, &Arc<Frontend>)> {
+        self.frontends.iter()
+    }
+}
+
+/// Stable id of a Service port, for affinity across snapshots.
+pub fn port_id(service: &ObjectKey, port_name: &str, proto: Protocol) -> PortId {
+    let mut h = DefaultHasher::new();
+    (service, port_name, proto).hash(&mut h);
+    h.finish()
+}
+
+struct PortEndpoints {
+    v4: Usable<SocketAddr>,
+    v6: Usable<SocketAddr>,
+}
+
+impl PortEndpoints {
+    fn family(&self, ip: &IpAddr) -> &Usable<SocketAddr> {
+        match ip {
+            IpAddr::V4(_) => &self.v4,
+            IpAddr::V6(_) => &self.v6,
+        }
+    }
+}
+
+/// Merges the slices of one Service port into candidates of one family
+/// (kube-proxy endpointslicecache): first address only, duplicates by ip:port keep
+/// the non-terminating copy, slices of the other family ignored.
+fn merge(
+    slices: &[&EndpointSlice],
+    sp: &ServicePort,
+    family: AddressFamily,
+    node_name: &str,
+) -> Vec<Candidate<SocketAddr>> {
+    let mut out: Vec<Candidate<SocketAddr>> = Vec::new();
+    let mut index: HashMap<SocketAddr, usize> = HashMap::new();
+    for slice in slices.iter().filter(|s| s.family == family) {
+        let Some(port) = slice
+            .ports
+            .iter()
+            .find(|p| p.name == sp.name && p.protocol == sp.protocol)
+            .and_then(|p| p.port)
+        else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            if AddressFamily::of(&ep.ip) != family {
+                continue;
+            }
+            let c = Candidate {
+                addr: SocketAddr::new(ep.ip, port),
+                ready: ep.ready,
+                serving: ep.serving,
+                terminating: ep.terminating,
+                local: ep.node_name.as_deref() == Some(node_name),
+                zone_hints: ep.zone_hints.clone(),
+            };
+            match index.get(&c.addr) {
+                Some(&i) => {
+                    if out[i].terminating && !c.terminating {
+                        out[i] = c;
+                    }
+                }
+                None => {
+                    index.insert(c.addr, out.len());
+                    out.push(c);
+                }
+            }
+        }
+    }
+    out.sort_by_key(|c| c.addr);
+    out
+}
+
+struct Compiler<'a> {
+    ctx: &'a NodeContext,
+    metrics: &'a Metrics,
+    local: BTreeSet<IpAddr>,
+    snap: Snapshot,
+}
+
+impl Compiler<'_> {
+    #[allow(clippy::too_many_arguments)]
+    fn add(
+        &mut self,
+        svc: &Service,
+        sp: &ServicePort,
+        pm: &PortMetrics,
+        eps: &PortEndpoints,
+        addr: SocketAddr,
+        kind: FrontendKind,
+        policy: TrafficPolicy,
+    ) {
+        let usable = eps.family(&addr.ip());
+        let endpoints: Box<[SocketAddr]> = usable.for_policy(policy).into();
+        let when_empty = if policy == TrafficPolicy::Local && !usable.cluster.is_empty() {
+            EmptyAction::Drop
+        } else {
+            EmptyAction::Refuse
+        };
+        let source_ranges: Box<[IpNet]> = if kind == FrontendKind::LoadBalancer
+            && !svc.source_ranges.iter().any(|n| n.prefix_len() == 0)
+        {
+            svc.source_ranges.clone().into()
+        } else {
+            Box::new([])
+        };
+        let key = FrontendKey {
+            addr,
+            proto: sp.protocol,
+        };
+        if let Some(prev) = self.snap.frontends.get(&key) {
+            self.snap.conflicts.push(format!(
+                "{} {}: claimed by {} and {}; {} wins",
+                sp.protocol, addr, prev.service, svc.key, prev.service
+            ));
+            return;
+        }
+        let fe = Frontend {
+            service: svc.key.clone(),
+            port_name: sp.name.clone(),
+            proto: sp.protocol,
+            kind,
+            port_id: port_id(&svc.key, &sp.name, sp.protocol),
+            endpoints,
+            affinity: match svc.affinity {
+                Affinity::None => None,
+                Affinity::ClientIp { timeout } => Some(timeout),
+            },
+            source_ranges,
+            when_empty,
+            metrics: pm.clone(),
+        };
+        if kind != FrontendKind::ClusterIp && self.local.contains(&addr.ip()) {
+            let mode = match (fe.endpoints.is_empty(), fe.when_empty) {
+                (false, _) => Some(ListenerMode::Accept),
+                (true, EmptyAction::Drop) => Some(ListenerMode::Drop),
+                (true, EmptyAction::Refuse) => None,
+            };
+            if let Some(mode) = mode {
+                self.snap.listeners.push(ListenerSpec {
+                    addr,
+                    proto: sp.protocol,
+                    mode,
+                    allow: fe.source_ranges.iter().copied().collect(),
+                });
+            }
+        }
+        self.snap.frontends.insert(key, Arc::new(fe));
+    }
+
+    fn service(&mut self, svc: &Service, slices: &[&EndpointSlice], zone: Option<&str>) {
+        for sp in &svc.ports {
+            let eps = PortEndpoints {
+                v4: categorize(
+                    &merge(slices, sp, AddressFamily::V4, &self.ctx.node_name),
+                    zone,
+                ),
+                v6: categorize(
+                    &merge(slices, sp, AddressFamily::V6, &self.ctx.node_name),
+                    zone,
+                ),
+            };
+            let pm = self.metrics.port(&PortLabels {
+                namespace: svc.key.namespace.clone(),
+                service: svc.key.name.clone(),
+                port: if sp.name.is_empty() {
+                    sp.port.to_string()
+                } else {
+                    sp.name.clone()
+                },
+                protocol: sp.protocol.as_str().to_string(),
+            });
+            let any_cluster = !eps.v4.cluster.is_empty() || !eps.v6.cluster.is_empty();
+            let no_local = eps.v4.local.is_empty() && eps.v6.local.is_empty() && any_cluster;
+            if no_local && svc.internal_policy == TrafficPolicy::Local {
+                self.snap.no_local_internal += 1;
+            }
+            let external =
+                svc.service_type != ServiceType::ClusterIp || !svc.external_ips.is_empty();
+            if no_local && external && svc.external_policy == TrafficPolicy::Local {
+                self.snap.no_local_external += 1;
+            }
+
+            for ip in &svc.cluster_ips {
+                let a = SocketAddr::new(*ip, sp.port);
+                self.add(
+                    svc,
+                    sp,
+                    &pm,
+                    &eps,
+                    a,
+                    FrontendKind::ClusterIp,
+                    svc.internal_policy,
+                );
+            }
+            let wants_node_port = match svc.service_type {
+                ServiceType::NodePort => true,
+                ServiceType::LoadBalancer => svc.allocate_lb_node_ports,
+                _ => false,
+            };
+            if let (true, Some(np)) = (wants_node_port, sp.node_port) {
+                for ip in self.ctx.nodeport_addresses.clone() {
+                    let a = SocketAddr::new(ip, np);
+                    self.add(
+                        svc,
+                        sp,
+                        &pm,
+                        &eps,
+                        a,
+                        FrontendKind::NodePort,
+                        svc.external_policy,
+                    );
+                }
+            }
+            if svc.service_type == ServiceType::LoadBalancer {
+                for ip in &svc.load_balancer_ips {
+                    let a = SocketAddr::new(*ip, sp.port);
+                    let k = FrontendKind::LoadBalancer;
+                    self.add(svc, sp, &pm, &eps, a, k, svc.external_policy);
+                }
+            }
+            for ip in &svc.external_ips {
+                let a = SocketAddr::new(*ip, sp.port);
+                let k = FrontendKind::ExternalIp;
+                self.add(svc, sp, &pm, &eps, a, k, svc.external_policy);
+            }
+        }
+    }
+}
+
+impl Store {
+    /// Compiles the current objects into a snapshot for this node.
+    pub fn compile(&self, ctx: &NodeContext, metrics: &Metrics, generation: u64) -> Snapshot {
+        let node = self.node(&ctx.node_name);
+        let zone = ctx
+            .zone
+            .as_deref()
+            .or_else(|| node.and_then(|n| n.zone.as_deref()));
+        let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+        for s in self.slices.values() {
+            by_service
+                .entry((s.key.namespace.as_str(), s.service_name.as_str()))
+                .or_default()
+                .push(s);
+        }
+        let mut c = Compiler {
+            ctx,
+            metrics,
+            local: ctx.local_addresses.iter().copied().collect(),
+            snap: Snapshot {
+                generation,
+                ..Snapshot::default()
+            },
+        };
+        for svc in self.services.values() {
+            if !svc.is_proxied(&ctx.proxy_name) {
+                continue;
+            }
+            let slices = by_service
+                .get(&(svc.key.namespace.as_str(), svc.key.name.as_str()))
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            c.service(svc, slices, zone);
+        }
+        c.snap.listeners.sort();
+        c.snap.listeners.dedup();
+        c.snap
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::Update;
+    use crate::model::*;
+    use std::collections::BTreeMap;
+
+    fn ctx() -> NodeContext {
+        NodeContext {
+            node_name: "node-a".into(),
+            zone: None,
+            proxy_name: "ringvip".into(),
+            nodeport_addresses: vec!["192.0.2.1".parse().unwrap()],
+            local_addresses: vec![
+                "192.0.2.1".parse().unwrap(),
+                "198.51.100.7".parse().unwrap(),
+            ],
+        }
+    }
+
+    pub(crate) fn svc(name: &str) -> Service {
+        Service {
+            key: ObjectKey::new("default", name),
+            service_type: ServiceType::ClusterIp,
+            cluster_ips: vec!["10.96.0.10".parse().unwrap()],
+            headless: false,
+            ports: vec![ServicePort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                node_port: None,
+                target_port: TargetPort::Number(8080),
+            }],
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            source_ranges: vec![],
+            allocate_lb_node_ports: true,
+            external_policy: TrafficPolicy::Cluster,
+            internal_policy: TrafficPolicy::Cluster,
+            affinity: Affinity::None,
+            health_check_node_port: None,
+            external_name: None,
+            selector: None,
+            publish_not_ready: false,
+            proxy_name: None,
+            headless_label: false,
+        }
+    }
+
+    fn ep(ip: &str, node: &str, ready: bool, terminating: bool) -> Endpoint {
+        Endpoint {
+            ip: ip.parse().unwrap(),
+            ready,
+            serving: ready || terminating,
+            terminating,
+            node_name: Some(node.into()),
+            zone: None,
+            zone_hints: None,
+            hostname: None,
+        }
+    }
+
+    fn slice(name: &str, svc: &str, port: u16, eps: Vec<Endpoint>) -> EndpointSlice {
+        EndpointSlice {
+            key: ObjectKey::new("default", name),
+            service_name: svc.into(),
+            family: AddressFamily::V4,
+            ports: vec![SlicePort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: Some(port),
+            }],
+            endpoints: eps,
+        }
+    }
+
+    fn compile(objs: Vec<Object>) -> Snapshot {
+        let mut st = Store::new();
+        st.apply(Update::Reset(objs));
+        st.compile(&ctx(), &Metrics::new(), 1)
+    }
+
+    fn fkey(a: &str, proto: Protocol) -> FrontendKey {
+        FrontendKey {
+            addr: a.parse().unwrap(),
+            proto,
+        }
+    }
+
+    #[test]
+    fn clusterip_joins_slices_by_port_name_and_protocol() {
+        let mut s2 = slice(
+            "web-2",
+            "web",
+            8080,
+            vec![ep("10.0.0.3", "node-b", true, false)],
+        );
+        s2.ports[0].name = "other".into();
+        let snap = compile(vec![
+            Object::Service(svc("web")),
+            Object::EndpointSlice(slice(
+                "web-1",
+                "web",
+                8080,
+                vec![
+                    ep("10.0.0.1", "node-a", true, false),
+                    ep("10.0.0.2", "node-b", true, false),
+                ],
+            )),
+            Object::EndpointSlice(s2),
+        ]);
+        let fe = snap
+            .frontend(&fkey("10.96.0.10:80", Protocol::Tcp))
+            .unwrap();
+        assert_eq!(
+            &fe.endpoints[..],
+            &[
+                "10.0.0.1:8080".parse().unwrap(),
+                "10.0.0.2:8080".parse::<SocketAddr>().unwrap()
+            ]
+        );
+        assert!(snap
+            .frontend(&fkey("10.96.0.10:80", Protocol::Udp))
+            .is_none());
+        // ClusterIPs never become kernel listeners
+        assert!(snap.listeners().is_empty());
+    }
+
+    #[test]
+    fn duplicate_endpoints_keep_non_terminating_copy() {
+        let snap = compile(vec![
+            Object::Service(svc("web")),
+            Object::EndpointSlice(slice(
+                "a",
+                "web",
+                8080,
+                vec![ep("10.0.0.1", "n", false, true)],
+            )),
+            Object::EndpointSlice(slice(
+                "b",
+                "web",
+                8080,
+                vec![ep("10.0.0.1", "n", true, false)],
+            )),
+            Object::EndpointSlice(slice(
+                "c",
+                "web",
+                8080,
+                vec![ep("10.0.0.2", "n", false, true)],
+            )),
+        ]);
+        let fe = snap
+            .frontend(&fkey("10.96.0.10:80", Protocol::Tcp))
+            .unwrap();
+        // 10.0.0.1 is ready via slice b, so the terminating 10.0.0.2 is not used
+        assert_eq!(
+            &fe.endpoints[..],
+            &["10.0.0.1:8080".parse::<SocketAddr>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn nodeport_lb_and_external_ips_get_listeners_when_local() {
+        let mut s = svc("web");
+        s.service_type = ServiceType::LoadBalancer;
+        s.ports[0].node_port = Some(30080);
+        s.load_balancer_ips = vec![
+            "198.51.100.7".parse().unwrap(),
+            "203.0.113.9".parse().unwrap(),
+        ];
+        s.external_ips = vec!["198.51.100.7".parse().unwrap()];
+        s.ports.push(ServicePort {
+            name: "dns".into(),
+            protocol: Protocol::Udp,
+            port: 53,
+            node_port: Some(30053),
+            target_port: TargetPort::Number(53),
+        });
+        let mut sl = slice(
+            "w",
+            "web",
+            8080,
+            vec![ep("10.0.0.1", "node-b", true, false)],
+        );
+        sl.ports.push(SlicePort {
+            name: "dns".into(),
+            protocol: Protocol::Udp,
+            port: Some(5353),
+        });
+        let snap = compile(vec![Object::Service(s), Object::EndpointSlice(sl)]);
+        let l: Vec<_> = snap
+            .listeners()
+            .iter()
+            .map(|l| (l.addr.to_string(), l.proto))
+            .collect();
+        assert_eq!(
+            l,
+            vec![
+                ("192.0.2.1:30053".to_string(), Protocol::Udp),
+                ("192.0.2.1:30080".to_string(), Protocol::Tcp),
+                ("198.51.100.7:53".to_string(), Protocol::Udp),
+                ("198.51.100.7:80".to_string(), Protocol::Tcp),
+            ]
+        );
+        // the externalIP equals an LB IP: first claim wins, conflict recorded
+        assert_eq!(snap.conflicts.len(), 2);
+        // non-local LB IP is a frontend (for the TUN path) but not a listener
+        assert!(snap
+            .frontend(&fkey("203.0.113.9:80", Protocol::Tcp))
+            .is_some());
+        let udp = snap
+            .frontend(&fkey("192.0.2.1:30053", Protocol::Udp))
+            .unwrap();
+        assert_eq!(
+            &udp.endpoints[..],
+            &["10.0.0.1:5353".parse::<SocketAddr>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn lb_without_node_port_allocation_has_no_nodeport() {
+        let mut s = svc("web");
+        s.service_type = ServiceType::LoadBalancer;
+        s.allocate_lb_node_ports = false;
+        s.ports[0].node_port = Some(30080);
+        let snap = compile(vec![
+            Object::Service(s),
+            Object::EndpointSlice(slice(
+                "w",
+                "web",
+                8080,
+                vec![ep("10.0.0.1", "x", true, false)],
+            )),
+        ]);
+        assert!(snap
+            .frontend(&fkey("192.0.2.1:30080", Protocol::Tcp))
+            .is_none());
+    }
+
+    #[test]
+    fn no_endpoints_means_no_listener_so_kernel_refuses() {
+        let mut s = svc("web");
+        s.service_type = ServiceType::NodePort;
+        s.ports[0].node_port = Some(30080);
+        let snap = compile(vec![Object::Service(s)]);
+        assert!(snap.listeners().is_empty());
+        let fe = snap
+            .frontend(&fkey("192.0.2.1:30080", Protocol::Tcp))
+            .unwrap();
+        assert_eq!(fe.when_empty, EmptyAction::Refuse);
+    }
+
+    #[test]
+    fn external_local_without_local_endpoints_drops() {
+        let mut s = svc("web");
+        s.service_type = ServiceType::NodePort;
+        s.ports[0].node_port = Some(30080);
+        s.external_policy = TrafficPolicy::Local;
+        let snap = compile(vec![
+            Object::Service(s),
+            Object::EndpointSlice(slice(
+                "w",
+                "web",
+                8080,
+                vec![ep("10.0.0.2", "node-b", true, false)],
+            )),
+        ]);
+        let np = snap
+            .frontend(&fkey("192.0.2.1:30080", Protocol::Tcp))
+            .unwrap();
+        assert!(np.endpoints.is_empty());
+        assert_eq!(np.when_empty, EmptyAction::Drop);
+        assert_eq!(snap.listeners()[0].mode, ListenerMode::Drop);
+        assert_eq!(snap.no_local_external, 1);
+        // ClusterIP traffic still uses the remote endpoint (internal policy Cluster)
+        let cip = snap
+            .frontend(&fkey("10.96.0.10:80", Protocol::Tcp))
+            .unwrap();
+        assert_eq!(cip.endpoints.len(), 1);
+    }
+
+    #[test]
+    fn internal_local_uses_local_endpoints_for_clusterip() {
+        let mut s = svc("web");
+        s.internal_policy = TrafficPolicy::Local;
+        let snap = compile(vec![
+            Object::Service(s),
+            Object::EndpointSlice(slice(
+                "w",
+                "web",
+                8080,
+                vec![
+                    ep("10.0.0.1", "node-a", true, false),
+                    ep("10.0.0.2", "node-b", true, false),
+                ],
+            )),
+        ]);
+        let cip = snap
+            .frontend(&fkey("10.96.0.10:80", Protocol::Tcp))
+            .unwrap();
+        assert_eq!(
+            &cip.endpoints[..],
+            &["10.0.0.1:8080".parse::<SocketAddr>().unwrap()]
+        );
+        assert_eq!(snap.no_local_internal, 0);
+    }
+
+    #[test]
+    fn skipped_services_have_no_frontends() {
+        let mut headless = svc("h");
+        headless.headless = true;
+        headless.cluster_ips.clear();
+        let mut other_proxy = svc("o");
+        other_proxy.proxy_name = Some("cilium".into());
+        let mut labelled = svc("l");
+        labelled.headless_label = true;
+        let mut mine = svc("m");
+        mine.proxy_name = Some("ringvip".into());
+        mine.cluster_ips = vec!["10.96.0.11".parse().unwrap()];
+        let snap = compile(vec![
+            Object::Service(headless),
+            Object::Service(other_proxy),
+            Object::Service(labelled),
+            Object::Service(mine),
+        ]);
+        assert_eq!(snap.frontend_count(), 1);
+        assert!(snap
+            .frontend(&fkey("10.96.0.11:80", Protocol::Tcp))
+            .is_some());
+    }
+
+    #[test]
+    fn source_ranges_only_on_lb_and_open_range_allows_all() {
+        let mut s = svc("web");
+        s.service_type = ServiceType::LoadBalancer;
+        s.ports[0].node_port = Some(30080);
+        s.load_balancer_ips = vec!["198.51.100.7".parse().unwrap()];
+        s.source_ranges = vec!["203.0.113.0/24".parse().unwrap()];
+        let objs = vec![
+            Object::Service(s.clone()),
+            Object::EndpointSlice(slice(
+                "w",
+                "web",
+                8080,
+                vec![ep("10.0.0.1", "x", true, false)],
+            )),
+        ];
+        let snap = compile(objs);
+        let lb = snap
+            .frontend(&fkey("198.51.100.7:80", Protocol::Tcp))
+            .unwrap();
+        assert!(lb.allows("203.0.113.5".parse().unwrap()));
+        assert!(!lb.allows("192.0.2.99".parse().unwrap()));
+        let np = snap
+            .frontend(&fkey("192.0.2.1:30080", Protocol::Tcp))
+            .unwrap();
+        assert!(np.allows("192.0.2.99".parse().unwrap()));
+
+        s.source_ranges.push("0.0.0.0/0".parse().unwrap());
+        let snap = compile(vec![Object::Service(s)]);
+        let lb = snap
+            .frontend(&fkey("198.51.100.7:80", Protocol::Tcp))
+            .unwrap();
+        assert!(lb.allows("192.0.2.99".parse().unwrap()));
+    }
+
+    #[test]
+    fn affinity_and_port_id_are_stable() {
+        let mut s = svc("web");
+        s.affinity = Affinity::ClientIp {
+            timeout: Duration::from_secs(60),
+        };
+        let a = compile(vec![Object::Service(s.clone())]);
+        let b = compile(vec![Object::Service(s)]);
+        let k = fkey("10.96.0.10:80", Protocol::Tcp);
+        assert_eq!(
+            a.frontend(&k).unwrap().affinity,
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            a.frontend(&k).unwrap().port_id,
+            b.frontend(&k).unwrap().port_id
+        );
+    }
+
+    #[test]
+    fn reset_counts_changes() {
+        let mut st = Store::new();
+        let c = st.apply(Update::Reset(vec![
+            Object::Service(svc("a")),
+            Object::Service(svc("b")),
+        ]));
+        assert_eq!(c.services, 2);
+        let mut b2 = svc("b");
+        b2.selector = Some(BTreeMap::new());
+        let c = st.apply(Update::Reset(vec![
+            Object::Service(svc("a")),
+            Object::Service(b2),
+        ]));
+        assert_eq!(c.services, 1);
+        let c = st.apply(Update::Delete(
+            Kind::Service,
+            ObjectKey::new("default", "a"),
+        ));
+        assert_eq!(c.services, 1);
+        assert_eq!(st.service_count(), 1);
+    }
+}
