@@ -11,13 +11,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use crate::admin::{self, Health};
 use crate::config::{self, Settings};
 use crate::dataplane::{socket, DataPlaneSettings, Shared};
-struct FileSource;
-impl FileSource {
-    fn new(_: Vec<std::path::PathBuf>, _: crate::config::Limits) -> Self {
-        FileSource
-    }
-    async fn run(self, _tx: mpsc::Sender<Update>, _r: Arc<Notify>) {}
-}
+use crate::discovery::file::FileSource;
 use crate::discovery::Update;
 use crate::state::{NodeContext, Snapshot, Store};
 use crate::telemetry::Metrics;

@@ -162,10 +162,7 @@ fn run_settings(a: RunArgs) -> anyhow::Result<Settings> {
 
 fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
     let s = base_settings(&a.common)?;
-    let (objects, errors): (Vec<()>, Vec<String>) = {
-        let _ = (&a.paths, &s.limits);
-        (vec![], vec![])
-    };
+    let (objects, errors) = file::load(&a.paths, &s.limits);
     for e in &errors {
         println!("{e}");
     }

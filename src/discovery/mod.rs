@@ -2,6 +2,7 @@
 //! protocol into the store, so the file source, the API source (later) and test
 //! fakes are interchangeable.
 
+pub mod convert;
 pub mod file;
 
 use crate::model::{Kind, Object, ObjectKey};

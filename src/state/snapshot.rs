@@ -292,7 +292,9 @@ impl Compiler<'_> {
             when_empty,
             metrics: pm.clone(),
         };
-        if kind != FrontendKind::ClusterIp && self.local.contains(&addr.ip()) {
+        // 127.0.0.0/8 is routed locally as a whole on Linux, not just 127.0.0.1.
+        let local = addr.ip().is_loopback() || self.local.contains(&addr.ip());
+        if kind != FrontendKind::ClusterIp && local {
             let mode = match (fe.endpoints.is_empty(), fe.when_empty) {
                 (false, _) => Some(ListenerMode::Accept),
                 (true, EmptyAction::Drop) => Some(ListenerMode::Drop),
