@@ -476,3 +476,81 @@ fn nginx_backends_through_a_nodeport_with_curl() {
         HashSet::from(["backend-1".to_string(), "backend-2".to_string()])
     );
 }
+
+#[test]
+fn udp_without_endpoints_gets_port_unreachable() {
+    let node_port = free_port();
+    let m = nodeport_service("udp-empty", node_port, free_port(), &[], "").replace("TCP", "UDP");
+    let _rv = Ringvip::start(&m, &[]);
+    let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+    c.connect(np(node_port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    c.send(b"ping").unwrap();
+    let mut buf = [0u8; 16];
+    let e = c.recv(&mut buf).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}");
+}
+
+#[test]
+fn udp_flow_moves_when_its_endpoint_is_removed() {
+    let port = free_port();
+    let _u1 = UdpBackend::start(SocketAddr::from((ip(23, 1), port)), "u1");
+    let _u2 = UdpBackend::start(SocketAddr::from((ip(23, 2), port)), "u2");
+    let node_port = free_port();
+    let m = |ep| nodeport_service("flow", node_port, port, &[ep], "").replace("TCP", "UDP");
+    let rv = Ringvip::start(&m(ip(23, 1)), &[]);
+    let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let mut ask = || -> Option<String> {
+        c.send_to(b"x", np(node_port)).ok()?;
+        let (n, _) = c.recv_from(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    assert!(wait_until(Duration::from_secs(5), || ask().as_deref() == Some("u1:x")));
+    let before = rv.generations();
+    rv.write_manifest(&m(ip(23, 2)));
+    assert!(wait_until(Duration::from_secs(5), || rv.generations() > before));
+    // The same client flow is re-pinned at once, well before the idle timeout (30 s).
+    assert_eq!(ask().as_deref(), Some("u2:x"));
+}
+
+#[test]
+fn blackholed_backend_times_out_and_is_retried_around() {
+    use ringvip::model::Protocol;
+    use ringvip::state::{ListenerMode, ListenerSpec};
+    let port = free_port();
+    // A socket whose filter drops every SYN: connects to it time out.
+    let _hole = ringvip::dataplane::socket::open(&ListenerSpec {
+        addr: SocketAddr::from((ip(24, 1), port)),
+        proto: Protocol::Tcp,
+        mode: ListenerMode::Drop,
+        allow: Vec::new().into(),
+    })
+    .unwrap();
+    let _b = Backend::start(SocketAddr::from((ip(24, 2), port)), "2", Mode::Http);
+    let node_port = free_port();
+    let rv = Ringvip::start(
+        &nodeport_service("hole", node_port, port, &[ip(24, 1), ip(24, 2)], ""),
+        &[],
+    );
+    wait_serving(np(node_port));
+    for _ in 0..10 {
+        assert_eq!(http_get(np(node_port)).unwrap(), "backend-2");
+    }
+    let m = http_get_raw(rv.metrics, "/metrics");
+    let timeouts = m
+        .lines()
+        .find(|l| {
+            l.starts_with("ringvip_connect_failures_total")
+                && l.contains("service=\"hole\"")
+                && l.contains("reason=\"timeout\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(
+        timeouts.is_some_and(|n| n > 0),
+        "no connect timeout counted:\n{m}"
+    );
+}

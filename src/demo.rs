@@ -189,7 +189,7 @@ pub fn run(once: bool) -> anyhow::Result<()> {
             match &res {
                 Ok(r) => {
                     println!("  30 requests, random NodePort:       {}", tally(&r.random));
-                    println!("  10 requests, ClientIP affinity one: {}", tally(&r.sticky));
+                    println!("  10 requests, ClientIP affinity:     {}", tally(&r.sticky));
                 }
                 Err(e) => println!("  self-test failed: {e:#}"),
             }

@@ -175,13 +175,18 @@ fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo prints its own summary; its logs would only crowd it.
+    let default_level = match cli.cmd {
+        Cmd::Demo { .. } => "warn",
+        _ => "info",
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("RINGVIP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Run(a) => run_settings(*a).and_then(|s| {
             ringvip::app::run(s, Arc::new(tokio::sync::Notify::new()), |_| {})
