@@ -15,14 +15,12 @@ fn objects(services: u32, per: u32) -> Vec<Object> {
         let name = format!("svc-{s}");
         let [_, _, a, b] = (s + 1).to_be_bytes();
         out.push(Object::Service(Service {
-            key: ObjectKey::new("default", name.clone()),
             service_type: if s % 2 == 0 {
                 ServiceType::NodePort
             } else {
                 ServiceType::ClusterIp
             },
             cluster_ips: vec![IpAddr::V4(Ipv4Addr::new(10, 96, a, b))],
-            headless: false,
             ports: vec![ServicePort {
                 name: "http".into(),
                 protocol: Protocol::Tcp,
@@ -30,19 +28,7 @@ fn objects(services: u32, per: u32) -> Vec<Object> {
                 node_port: (s % 2 == 0).then_some(30000 + (s % 2700) as u16),
                 target_port: TargetPort::Number(8080),
             }],
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            source_ranges: vec![],
-            allocate_lb_node_ports: true,
-            external_policy: TrafficPolicy::Cluster,
-            internal_policy: TrafficPolicy::Cluster,
-            affinity: Affinity::None,
-            health_check_node_port: None,
-            external_name: None,
-            selector: None,
-            publish_not_ready: false,
-            proxy_name: None,
-            headless_label: false,
+            ..Service::new(ObjectKey::new("default", name.clone()))
         }));
         out.push(Object::EndpointSlice(EndpointSlice {
             key: ObjectKey::new("default", format!("{name}-1")),
@@ -55,14 +41,13 @@ fn objects(services: u32, per: u32) -> Vec<Object> {
             }],
             endpoints: (0..per)
                 .map(|e| Endpoint {
-                    ip: IpAddr::V4(Ipv4Addr::new(10, 244, (s % 250) as u8, e as u8 + 1)),
-                    ready: true,
-                    serving: true,
-                    terminating: false,
                     node_name: Some(format!("node-{}", e % 3)),
-                    zone: None,
-                    zone_hints: None,
-                    hostname: None,
+                    ..Endpoint::ready(IpAddr::V4(Ipv4Addr::new(
+                        10,
+                        244,
+                        (s % 250) as u8,
+                        e as u8 + 1,
+                    )))
                 })
                 .collect(),
         }));

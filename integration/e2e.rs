@@ -116,12 +116,7 @@ fn removed_endpoint_gets_no_new_connections_but_established_keeps_streaming() {
         &nodeport_service("s", node_port, port, &[ip(12, 1)], ""),
         &[],
     );
-    let mut conn = None;
-    assert!(wait_until(Duration::from_secs(5), || {
-        conn = connect_from(None, np(node_port)).ok();
-        conn.is_some()
-    }));
-    let mut conn = conn.unwrap();
+    let mut conn = connect_when_ready(np(node_port));
     conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut buf = [0u8; 64];
     assert!(conn.read(&mut buf).unwrap() > 0);
@@ -172,32 +167,12 @@ fn dead_backend_is_retried_around() {
         assert_ne!(body, "backend-1");
     }
     // The failures were counted, by reason.
-    let m = http_get_raw(rv.metrics, "/metrics");
-    let refused = m
-        .lines()
-        .find(|l| {
-            l.starts_with("ringvip_connect_failures_total")
-                && l.contains("service=\"r\"")
-                && l.contains("reason=\"refused\"")
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<u64>().ok());
+    let m = admin_get(rv.metrics, "/metrics");
+    let refused = connect_failures(&m, "r", "refused");
     assert!(
         refused.is_some_and(|n| n > 0),
         "refused connects not counted:\n{m}"
     );
-}
-
-fn http_get_raw(addr: SocketAddr, path: &str) -> String {
-    let mut c = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        c,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut s = String::new();
-    c.read_to_string(&mut s).unwrap();
-    s
 }
 
 #[test]
@@ -307,12 +282,7 @@ fn half_close_is_passed_on() {
         &nodeport_service("echo", node_port, port, &[ip(17, 1)], ""),
         &[],
     );
-    let mut c = None;
-    assert!(wait_until(Duration::from_secs(5), || {
-        c = connect_from(None, np(node_port)).ok();
-        c.is_some()
-    }));
-    let mut c = c.unwrap();
+    let mut c = connect_when_ready(np(node_port));
     let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     c.write_all(&payload).unwrap();
     // Half-close: the echo backend sees EOF only if the FIN was passed on, and
@@ -334,12 +304,7 @@ fn backend_reset_is_passed_on_as_reset() {
         &nodeport_service("rst", node_port, port, &[ip(18, 1)], ""),
         &[],
     );
-    let mut c = None;
-    assert!(wait_until(Duration::from_secs(5), || {
-        c = connect_from(None, np(node_port)).ok();
-        c.is_some()
-    }));
-    let mut c = c.unwrap();
+    let mut c = connect_when_ready(np(node_port));
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut buf = [0u8; 16];
     let r = c.read(&mut buf);
@@ -412,12 +377,12 @@ fn health_and_metrics_endpoints_answer() {
         &[],
     );
     wait_serving(np(node_port));
-    let h = http_get_raw(rv.health, "/healthz");
+    let h = admin_get(rv.health, "/healthz");
     assert!(h.starts_with("HTTP/1.1 200"), "{h}");
     assert!(h.contains("\"healthy\":true"), "{h}");
-    let l = http_get_raw(rv.health, "/livez");
+    let l = admin_get(rv.health, "/livez");
     assert!(l.starts_with("HTTP/1.1 200"), "{l}");
-    let m = http_get_raw(rv.metrics, "/metrics");
+    let m = admin_get(rv.metrics, "/metrics");
     assert!(m.contains("ringvip_connections_total"), "{m}");
     assert!(m.contains("service=\"m\""), "{m}");
 }
@@ -539,16 +504,8 @@ fn blackholed_backend_times_out_and_is_retried_around() {
     for _ in 0..10 {
         assert_eq!(http_get(np(node_port)).unwrap(), "backend-2");
     }
-    let m = http_get_raw(rv.metrics, "/metrics");
-    let timeouts = m
-        .lines()
-        .find(|l| {
-            l.starts_with("ringvip_connect_failures_total")
-                && l.contains("service=\"hole\"")
-                && l.contains("reason=\"timeout\"")
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<u64>().ok());
+    let m = admin_get(rv.metrics, "/metrics");
+    let timeouts = connect_failures(&m, "hole", "timeout");
     assert!(
         timeouts.is_some_and(|n| n > 0),
         "no connect timeout counted:\n{m}"

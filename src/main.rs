@@ -4,13 +4,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
-use ringvip::config::{parse_port_range, Settings, SettingsFile};
+use ringvip::config::{Settings, SettingsFile};
 use ringvip::discovery::file;
 
 /// Kubernetes Services in userspace, on io_uring.
@@ -99,7 +98,14 @@ struct CheckArgs {
     paths: Vec<PathBuf>,
 }
 
-fn base_settings(c: &Common) -> anyhow::Result<Settings> {
+/// A list flag given at least once.
+fn nonempty<T>(v: Vec<T>) -> Option<Vec<T>> {
+    (!v.is_empty()).then_some(v)
+}
+
+/// Defaults, then the settings file, then the flags: flags are applied through
+/// the same `SettingsFile` mapping as the file, so both mean exactly the same.
+fn settings(c: &Common, flags: SettingsFile) -> anyhow::Result<Settings> {
     let mut s = Settings::default();
     if let Some(path) = &c.config {
         let text = std::fs::read_to_string(path)
@@ -109,50 +115,32 @@ fn base_settings(c: &Common) -> anyhow::Result<Settings> {
         s.apply_file(f)
             .with_context(|| format!("settings file {}", path.display()))?;
     }
-    if let Some(r) = &c.node_port_range {
-        s.limits.node_port_range = parse_port_range(r)?;
-    }
-    if !c.service_cidrs.is_empty() {
-        s.limits.service_cidrs = c.service_cidrs.clone();
-    }
+    let common = SettingsFile {
+        node_port_range: c.node_port_range.clone(),
+        service_cidrs: nonempty(c.service_cidrs.clone()),
+        ..SettingsFile::default()
+    };
+    s.apply_file(common)?;
+    s.apply_file(flags)?;
     Ok(s)
 }
 
 fn run_settings(a: RunArgs) -> anyhow::Result<Settings> {
-    let mut s = base_settings(&a.common)?;
-    if !a.manifests.is_empty() {
-        s.manifests = a.manifests;
-    }
-    if let Some(v) = a.node_name {
-        s.node_name = v;
-    }
-    if a.zone.is_some() {
-        s.zone = a.zone;
-    }
-    if !a.nodeport_addresses.is_empty() {
-        s.nodeport_addresses = a.nodeport_addresses;
-    }
-    if let Some(v) = a.workers {
-        s.workers = v;
-    }
-    if let Some(v) = a.health_addr {
-        s.health_addr = v;
-    }
-    if let Some(v) = a.metrics_addr {
-        s.metrics_addr = v;
-    }
-    if let Some(v) = a.proxy_name {
-        s.proxy_name = v;
-    }
-    if let Some(v) = a.connect_timeout_ms {
-        s.connect_timeout = Duration::from_millis(v);
-    }
-    if let Some(v) = a.connect_attempts {
-        s.connect_attempts = v;
-    }
-    if let Some(v) = a.udp_idle_timeout_secs {
-        s.udp_idle_timeout = Duration::from_secs(v);
-    }
+    let flags = SettingsFile {
+        manifests: nonempty(a.manifests),
+        node_name: a.node_name,
+        zone: a.zone,
+        nodeport_addresses: nonempty(a.nodeport_addresses),
+        workers: a.workers,
+        health_addr: a.health_addr,
+        metrics_addr: a.metrics_addr,
+        proxy_name: a.proxy_name,
+        connect_timeout_ms: a.connect_timeout_ms,
+        connect_attempts: a.connect_attempts,
+        udp_idle_timeout_secs: a.udp_idle_timeout_secs,
+        ..SettingsFile::default()
+    };
+    let s = settings(&a.common, flags)?;
     if s.manifests.is_empty() {
         anyhow::bail!("no manifests: give --manifests PATH (or `manifests:` in --config)");
     }
@@ -161,7 +149,7 @@ fn run_settings(a: RunArgs) -> anyhow::Result<Settings> {
 }
 
 fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
-    let s = base_settings(&a.common)?;
+    let s = settings(&a.common, SettingsFile::default())?;
     let (objects, errors) = file::load(&a.paths, &s.limits);
     for e in &errors {
         println!("{e}");

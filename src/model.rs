@@ -164,6 +164,31 @@ pub struct Service {
 }
 
 impl Service {
+    /// A Service with Kubernetes' defaults: type ClusterIP, no addresses, no
+    /// ports, Cluster traffic policies, no affinity.
+    pub fn new(key: ObjectKey) -> Self {
+        Service {
+            key,
+            service_type: ServiceType::ClusterIp,
+            cluster_ips: Vec::new(),
+            headless: false,
+            ports: Vec::new(),
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            source_ranges: Vec::new(),
+            allocate_lb_node_ports: true,
+            external_policy: TrafficPolicy::Cluster,
+            internal_policy: TrafficPolicy::Cluster,
+            affinity: Affinity::None,
+            health_check_node_port: None,
+            external_name: None,
+            selector: None,
+            publish_not_ready: false,
+            proxy_name: None,
+            headless_label: false,
+        }
+    }
+
     /// Whether ringvip (configured with `proxy_name`) programs a data plane for it,
     /// per SEMANTICS.md "Skipped entirely".
     pub fn is_proxied(&self, proxy_name: &str) -> bool {
@@ -226,6 +251,22 @@ pub struct Endpoint {
     pub zone_hints: Option<Vec<String>>,
     /// `hostname` (used by DNS).
     pub hostname: Option<String>,
+}
+
+impl Endpoint {
+    /// A ready, serving, non-terminating endpoint with nothing else set.
+    pub fn ready(ip: IpAddr) -> Self {
+        Endpoint {
+            ip,
+            ready: true,
+            serving: true,
+            terminating: false,
+            node_name: None,
+            zone: None,
+            zone_hints: None,
+            hostname: None,
+        }
+    }
 }
 
 /// A validated EndpointSlice.

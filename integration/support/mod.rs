@@ -211,6 +211,45 @@ pub fn connect_from(src: Option<IpAddr>, addr: SocketAddr) -> std::io::Result<Tc
     Ok(s.into())
 }
 
+/// Connects once the frontend accepts (ringvip opens listeners asynchronously).
+pub fn connect_when_ready(addr: SocketAddr) -> TcpStream {
+    let mut conn = None;
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            conn = connect_from(None, addr).ok();
+            conn.is_some()
+        }),
+        "{addr} never accepted"
+    );
+    conn.expect("checked above")
+}
+
+/// GET `path` from an admin server; the whole response, headers included.
+pub fn admin_get(addr: SocketAddr, path: &str) -> String {
+    let mut c = TcpStream::connect(addr).unwrap();
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut s = String::new();
+    c.read_to_string(&mut s).unwrap();
+    s
+}
+
+/// The value of `ringvip_connect_failures_total` for a Service and reason.
+pub fn connect_failures(metrics: &str, service: &str, reason: &str) -> Option<u64> {
+    let svc = format!("service=\"{service}\"");
+    let why = format!("reason=\"{reason}\"");
+    metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("ringvip_connect_failures_total") && l.contains(&svc) && l.contains(&why)
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// The ringvip process under test.
 pub struct Ringvip {
     child: Child,

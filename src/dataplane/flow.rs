@@ -93,10 +93,8 @@ mod tests {
 
     fn snapshot(eps: &[&str], source_ranges: Vec<ipnet::IpNet>) -> Snapshot {
         let svc = Service {
-            key: ObjectKey::new("default", "web"),
             service_type: ServiceType::LoadBalancer,
             cluster_ips: vec!["10.96.0.10".parse().unwrap()],
-            headless: false,
             ports: vec![ServicePort {
                 name: String::new(),
                 protocol: Protocol::Tcp,
@@ -104,21 +102,12 @@ mod tests {
                 node_port: Some(30080),
                 target_port: TargetPort::Number(8080),
             }],
-            external_ips: vec![],
             load_balancer_ips: vec!["198.51.100.7".parse().unwrap()],
             source_ranges,
-            allocate_lb_node_ports: true,
-            external_policy: TrafficPolicy::Cluster,
-            internal_policy: TrafficPolicy::Cluster,
             affinity: Affinity::ClientIp {
                 timeout: Duration::from_secs(10),
             },
-            health_check_node_port: None,
-            external_name: None,
-            selector: None,
-            publish_not_ready: false,
-            proxy_name: None,
-            headless_label: false,
+            ..Service::new(ObjectKey::new("default", "web"))
         };
         let slice = EndpointSlice {
             key: ObjectKey::new("default", "web-1"),
@@ -131,16 +120,7 @@ mod tests {
             }],
             endpoints: eps
                 .iter()
-                .map(|ip| Endpoint {
-                    ip: ip.parse().unwrap(),
-                    ready: true,
-                    serving: true,
-                    terminating: false,
-                    node_name: None,
-                    zone: None,
-                    zone_hints: None,
-                    hostname: None,
-                })
+                .map(|ip| Endpoint::ready(ip.parse().unwrap()))
                 .collect(),
         };
         let mut st = Store::new();

@@ -452,12 +452,9 @@ mod tests {
         }
     }
 
-    pub(crate) fn svc(name: &str) -> Service {
+    fn svc(name: &str) -> Service {
         Service {
-            key: ObjectKey::new("default", name),
-            service_type: ServiceType::ClusterIp,
             cluster_ips: vec!["10.96.0.10".parse().unwrap()],
-            headless: false,
             ports: vec![ServicePort {
                 name: "http".into(),
                 protocol: Protocol::Tcp,
@@ -465,32 +462,17 @@ mod tests {
                 node_port: None,
                 target_port: TargetPort::Number(8080),
             }],
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            source_ranges: vec![],
-            allocate_lb_node_ports: true,
-            external_policy: TrafficPolicy::Cluster,
-            internal_policy: TrafficPolicy::Cluster,
-            affinity: Affinity::None,
-            health_check_node_port: None,
-            external_name: None,
-            selector: None,
-            publish_not_ready: false,
-            proxy_name: None,
-            headless_label: false,
+            ..Service::new(ObjectKey::new("default", name))
         }
     }
 
     fn ep(ip: &str, node: &str, ready: bool, terminating: bool) -> Endpoint {
         Endpoint {
-            ip: ip.parse().unwrap(),
             ready,
             serving: ready || terminating,
             terminating,
             node_name: Some(node.into()),
-            zone: None,
-            zone_hints: None,
-            hostname: None,
+            ..Endpoint::ready(ip.parse().unwrap())
         }
     }
 
