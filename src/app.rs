@@ -10,9 +10,11 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::admin::{self, Health};
 use crate::config::{self, Settings};
+use crate::dataplane::tun::{self, TunSettings};
 use crate::dataplane::{socket, DataPlaneSettings, Shared};
 use crate::discovery::file::FileSource;
 use crate::discovery::Update;
+use crate::dns::server::Dns;
 use crate::state::{NodeContext, Snapshot, Store};
 use crate::telemetry::Metrics;
 
@@ -23,6 +25,8 @@ pub struct Bound {
     pub health: SocketAddr,
     /// `/metrics`.
     pub metrics: SocketAddr,
+    /// The DNS responder (UDP and TCP), when `--dns-addr` is set.
+    pub dns: Option<SocketAddr>,
 }
 
 /// Builds this node's context from the settings and the host's addresses.
@@ -62,14 +66,55 @@ pub fn run(
         .enable_all()
         .build()
         .context("starting the control runtime")?;
-    let workers = socket::spawn_workers(settings.workers, shared.clone(), snap_rx)
+    let tun = match &settings.tun {
+        Some(name) => Some(open_tun(name, &settings, &rt)?),
+        None => None,
+    };
+    let mut workers = socket::spawn_workers(settings.workers, shared.clone(), snap_rx.clone())
         .context("starting data-plane threads")?;
+    if let Some(dev) = tun {
+        let tun_settings = TunSettings {
+            mtu: settings.tun_mtu as usize,
+            ..TunSettings::default()
+        };
+        let shared = shared.clone();
+        let t = std::thread::Builder::new()
+            .name("ringvip-tun".into())
+            .spawn(move || {
+                if let Err(e) = tokio_uring::start(tun::run(dev, shared, tun_settings, snap_rx)) {
+                    tracing::error!(error = %e, "the TUN front end stopped");
+                }
+            })
+            .context("starting the TUN thread")?;
+        workers.push(t);
+    }
     let result = rt.block_on(control(settings, ctx, shared, snap_tx, shutdown, on_ready));
     // snap_tx is dropped by now: every worker closes its listeners and returns.
     for w in workers {
         let _ = w.join();
     }
     result
+}
+
+/// Creates the TUN device and routes every service CIDR into it. The device
+/// (and with it its routes) disappears when the process exits, however it exits.
+fn open_tun(
+    name: &str,
+    settings: &Settings,
+    rt: &tokio::runtime::Runtime,
+) -> anyhow::Result<tun::Tun> {
+    let dev = tun::Tun::open(name).context("use --no-tun to run without ClusterIP capture")?;
+    let link = tun::LinkConfig {
+        name: dev.name().to_string(),
+        mtu: settings.tun_mtu,
+        // The default 500 drops packets under a large window.
+        txqueuelen: 10_000,
+        routes: settings.limits.service_cidrs.clone(),
+    };
+    rt.block_on(tun::configure(&link))
+        .with_context(|| format!("configuring TUN device {}", link.name))?;
+    tracing::info!(dev = %link.name, mtu = link.mtu, routes = ?link.routes, "capturing ClusterIP traffic");
+    Ok(dev)
 }
 
 async fn control(
@@ -88,9 +133,23 @@ async fn control(
     let ml = admin::bind(settings.metrics_addr)
         .await
         .with_context(|| format!("binding the metrics address {}", settings.metrics_addr))?;
+    let dns = match settings.dns_addr {
+        Some(addr) => Some(
+            Dns::start(
+                addr,
+                &settings.cluster_domain,
+                settings.dns_ttl,
+                settings.dns_upstream,
+            )
+            .await
+            .with_context(|| format!("starting DNS on {addr}"))?,
+        ),
+        None => None,
+    };
     let bound = Bound {
         health: hl.local_addr()?,
         metrics: ml.local_addr()?,
+        dns: dns.as_ref().map(|d| d.addr),
     };
     tokio::spawn(admin::serve_health(
         hl,
@@ -134,6 +193,10 @@ async fn control(
                 }
                 generation += 1;
                 let snap = Arc::new(store.compile(&ctx, &metrics, generation));
+                // DNS view of the same objects, published with the snapshot.
+                if let Some(d) = &dns {
+                    d.publish(&store, generation);
+                }
                 for c in &snap.conflicts {
                     tracing::warn!("frontend conflict: {c}");
                 }

@@ -69,6 +69,20 @@ pub struct SettingsFile {
     pub udp_idle_timeout_secs: Option<u64>,
     /// Health timeout: an update queued longer than this makes `/healthz` 503, seconds.
     pub health_timeout_secs: Option<u64>,
+    /// TUN device capturing the service CIDRs.
+    pub tun: Option<String>,
+    /// Run without a TUN device (no ClusterIP capture).
+    pub no_tun: Option<bool>,
+    /// MTU of the TUN device.
+    pub tun_mtu: Option<u32>,
+    /// DNS responder address (UDP and TCP); off when absent.
+    pub dns_addr: Option<SocketAddr>,
+    /// Cluster domain the DNS responder is authoritative for.
+    pub cluster_domain: Option<String>,
+    /// Where out-of-zone DNS queries are forwarded.
+    pub dns_upstream: Option<SocketAddr>,
+    /// TTL of DNS answers, seconds.
+    pub dns_ttl: Option<u32>,
 }
 
 /// Validated process settings.
@@ -100,6 +114,19 @@ pub struct Settings {
     pub udp_idle_timeout: Duration,
     /// Health timeout for `/healthz` and `/livez`.
     pub health_timeout: Duration,
+    /// TUN device capturing the service CIDRs; `None` runs without one.
+    pub tun: Option<String>,
+    /// MTU of the TUN device: large segments from local clients cost one
+    /// read each instead of dozens.
+    pub tun_mtu: u32,
+    /// DNS responder address (UDP and TCP); `None` turns DNS off.
+    pub dns_addr: Option<SocketAddr>,
+    /// Cluster domain (`cluster.local`), validated as a DNS name.
+    pub cluster_domain: String,
+    /// Upstream for names outside the cluster domain; `None` answers REFUSED.
+    pub dns_upstream: Option<SocketAddr>,
+    /// TTL of DNS answers and negative answers, seconds (CoreDNS default 5).
+    pub dns_ttl: u32,
 }
 
 impl Default for Settings {
@@ -120,6 +147,12 @@ impl Default for Settings {
             connect_attempts: 4,
             udp_idle_timeout: Duration::from_secs(30),
             health_timeout: Duration::from_secs(60),
+            tun: Some("ringvip0".to_string()),
+            tun_mtu: 65_535,
+            dns_addr: None,
+            cluster_domain: "cluster.local".to_string(),
+            dns_upstream: None,
+            dns_ttl: 5,
         }
     }
 }
@@ -139,6 +172,18 @@ pub enum SettingsError {
     /// No service CIDR.
     #[error("service-cidrs must name at least one CIDR")]
     NoServiceCidr,
+    /// MTU outside what IPv6 and the TUN allow.
+    #[error("tun-mtu {0}: expected 1280..=65535")]
+    TunMtu(u32),
+    /// Not a Linux interface name.
+    #[error("tun {0:?}: expected 1 to 15 characters without '/' or spaces")]
+    TunName(String),
+    /// The cluster domain is not a DNS name.
+    #[error("cluster-domain: {0}")]
+    ClusterDomain(String),
+    /// DNS TTL out of range.
+    #[error("dns-ttl {0}: expected 0..=3600")]
+    DnsTtl(u32),
 }
 
 /// Parses `LOW-HIGH`.
@@ -198,6 +243,27 @@ impl Settings {
         if let Some(v) = f.health_timeout_secs {
             self.health_timeout = Duration::from_secs(v);
         }
+        if f.tun.is_some() {
+            self.tun = f.tun;
+        }
+        if f.no_tun == Some(true) {
+            self.tun = None;
+        }
+        if let Some(v) = f.tun_mtu {
+            self.tun_mtu = v;
+        }
+        if f.dns_addr.is_some() {
+            self.dns_addr = f.dns_addr;
+        }
+        if let Some(v) = f.cluster_domain {
+            self.cluster_domain = v;
+        }
+        if f.dns_upstream.is_some() {
+            self.dns_upstream = f.dns_upstream;
+        }
+        if let Some(v) = f.dns_ttl {
+            self.dns_ttl = v;
+        }
         Ok(())
     }
 
@@ -220,6 +286,20 @@ impl Settings {
         }
         if self.limits.service_cidrs.is_empty() {
             return Err(SettingsError::NoServiceCidr);
+        }
+        if let Err(e) = crate::dns::zone::fqdn(&self.cluster_domain) {
+            return Err(SettingsError::ClusterDomain(e.to_string()));
+        }
+        if self.dns_ttl > 3600 {
+            return Err(SettingsError::DnsTtl(self.dns_ttl));
+        }
+        if !(1280..=65_535).contains(&self.tun_mtu) {
+            return Err(SettingsError::TunMtu(self.tun_mtu));
+        }
+        if let Some(name) = &self.tun {
+            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+                return Err(SettingsError::TunName(name.clone()));
+            }
         }
         Ok(())
     }
@@ -317,6 +397,45 @@ mod tests {
         s.apply_file(f).unwrap();
         s.validate().unwrap();
         assert_eq!(s.node_name, "node-a");
+    }
+
+    #[test]
+    fn tun_settings_validate_and_no_tun_wins() {
+        let mut s = Settings::default();
+        let f: SettingsFile = serde_yaml::from_str("tun: rv1\ntun-mtu: 9000\n").unwrap();
+        s.apply_file(f).unwrap();
+        assert_eq!((s.tun.as_deref(), s.tun_mtu), (Some("rv1"), 9000));
+        s.validate().unwrap();
+        s.apply_file(SettingsFile { no_tun: Some(true), ..SettingsFile::default() }).unwrap();
+        assert_eq!(s.tun, None);
+        s.tun = Some("a-name-that-is-too-long".into());
+        assert!(matches!(s.validate(), Err(SettingsError::TunName(_))));
+        s.tun = None;
+        s.tun_mtu = 500;
+        assert_eq!(s.validate(), Err(SettingsError::TunMtu(500)));
+    }
+
+    #[test]
+    fn dns_settings_default_apply_and_validate() {
+        let mut s = Settings::default();
+        assert_eq!(
+            (s.dns_addr, s.cluster_domain.as_str(), s.dns_upstream, s.dns_ttl),
+            (None, "cluster.local", None, 5)
+        );
+        let f: SettingsFile = serde_yaml::from_str(
+            "dns-addr: 127.0.0.1:5353\ncluster-domain: k8s.test\ndns-upstream: 127.0.0.1:53\ndns-ttl: 30\n",
+        )
+        .unwrap();
+        s.apply_file(f).unwrap();
+        assert_eq!(s.dns_addr, Some("127.0.0.1:5353".parse().unwrap()));
+        assert_eq!(s.cluster_domain, "k8s.test");
+        assert_eq!(s.dns_ttl, 30);
+        s.validate().unwrap();
+        s.cluster_domain = "bad..domain".into();
+        assert!(matches!(s.validate(), Err(SettingsError::ClusterDomain(_))));
+        s.cluster_domain = "cluster.local".into();
+        s.dns_ttl = 3601;
+        assert_eq!(s.validate(), Err(SettingsError::DnsTtl(3601)));
     }
 
     #[test]

@@ -172,6 +172,8 @@ pub fn run(once: bool) -> anyhow::Result<()> {
         manifests: vec![dir.clone()],
         nodeport_addresses: vec!["127.0.0.1/32".parse()?],
         workers: 2,
+        // The demo shows NodePorts and needs no root: no ClusterIP capture.
+        tun: None,
         health_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, admin_port(10256)?)),
         metrics_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, admin_port(10249)?)),
         ..Settings::default()

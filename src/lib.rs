@@ -10,6 +10,8 @@ pub mod config;
 pub mod dataplane;
 pub mod demo;
 pub mod discovery;
+pub mod dns;
+pub mod envvars;
 pub mod model;
 pub mod state;
 pub mod telemetry;

@@ -26,6 +26,9 @@ enum Cmd {
     Run(Box<RunArgs>),
     /// Validate manifests: prints every error, exits 1 if there is any.
     Check(CheckArgs),
+    /// Print the environment variables the kubelet would inject into a Pod of
+    /// the namespace, as KEY=value lines a shell can source.
+    Env(EnvArgs),
     /// Start three local backends behind two NodePorts on 127.0.0.1 and show
     /// balancing and affinity at work (no root needed).
     Demo {
@@ -87,6 +90,39 @@ struct RunArgs {
     /// UDP flow idle timeout in seconds [default: 30].
     #[arg(long, value_name = "SECS")]
     udp_idle_timeout_secs: Option<u64>,
+    /// TUN device that captures the service CIDRs (ClusterIPs) [default: ringvip0].
+    #[arg(long, value_name = "NAME")]
+    tun: Option<String>,
+    /// Run without a TUN device: no ClusterIP capture, no root needed.
+    #[arg(long, conflicts_with = "tun")]
+    no_tun: bool,
+    /// MTU of the TUN device [default: 65535].
+    #[arg(long, value_name = "BYTES")]
+    tun_mtu: Option<u32>,
+    /// Serve cluster DNS on this address, UDP and TCP (off unless set).
+    #[arg(long, value_name = "ADDR")]
+    dns_addr: Option<SocketAddr>,
+    /// Cluster domain answered by the DNS responder [default: cluster.local].
+    #[arg(long, value_name = "DOMAIN")]
+    cluster_domain: Option<String>,
+    /// Forward DNS queries outside the cluster domain here (else REFUSED).
+    #[arg(long, value_name = "ADDR")]
+    dns_upstream: Option<SocketAddr>,
+    /// TTL of DNS answers in seconds [default: 5].
+    #[arg(long, value_name = "SECS")]
+    dns_ttl: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+struct EnvArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Namespace of the Pod whose variables to print.
+    #[arg(long, short = 'n', default_value = "default")]
+    namespace: String,
+    /// Manifest files or directories.
+    #[arg(required = true, value_name = "PATH")]
+    paths: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -138,6 +174,13 @@ fn run_settings(a: RunArgs) -> anyhow::Result<Settings> {
         connect_timeout_ms: a.connect_timeout_ms,
         connect_attempts: a.connect_attempts,
         udp_idle_timeout_secs: a.udp_idle_timeout_secs,
+        tun: a.tun,
+        no_tun: a.no_tun.then_some(true),
+        tun_mtu: a.tun_mtu,
+        dns_addr: a.dns_addr,
+        cluster_domain: a.cluster_domain,
+        dns_upstream: a.dns_upstream,
+        dns_ttl: a.dns_ttl,
         ..SettingsFile::default()
     };
     let s = settings(&a.common, flags)?;
@@ -162,6 +205,26 @@ fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// `ringvip env`: nothing is printed on stdout when a manifest has an error, so
+/// `eval "$(ringvip env ...)"` never half-applies.
+fn env(a: EnvArgs) -> anyhow::Result<ExitCode> {
+    let s = settings(&a.common, SettingsFile::default())?;
+    let (objects, errors) = file::load(&a.paths, &s.limits);
+    if !errors.is_empty() {
+        for e in &errors {
+            eprintln!("{e}");
+        }
+        return Ok(ExitCode::FAILURE);
+    }
+    let services = objects.iter().filter_map(|o| match o {
+        ringvip::model::Object::Service(s) => Some(s),
+        _ => None,
+    });
+    let vars = ringvip::envvars::for_namespace(&a.namespace, services);
+    print!("{}", ringvip::envvars::render(&vars));
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo prints its own summary; its logs would only crowd it.
@@ -181,6 +244,7 @@ fn main() -> ExitCode {
                 .map(|()| ExitCode::SUCCESS)
         }),
         Cmd::Check(a) => check(a),
+        Cmd::Env(a) => env(a),
         Cmd::Demo { once } => ringvip::demo::run(once).map(|()| ExitCode::SUCCESS),
     };
     match res {

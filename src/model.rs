@@ -222,7 +222,7 @@ impl AddressFamily {
 }
 
 /// One entry of an EndpointSlice's `ports`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SlicePort {
     /// Port name; empty when unnamed.
     pub name: String,
@@ -316,6 +316,10 @@ pub struct Pod {
     pub container_ports: Vec<(String, Protocol, u16)>,
     /// `spec.hostname`.
     pub hostname: Option<String>,
+    /// `spec.subdomain`: the endpoint gets `hostname` only in the Service of this name.
+    pub subdomain: Option<String>,
+    /// `status.phase` is `Succeeded` or `Failed`: never an endpoint.
+    pub terminal: bool,
 }
 
 /// Any object a source can deliver.

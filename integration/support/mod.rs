@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -267,12 +269,28 @@ impl Ringvip {
     /// Starts `ringvip run` on a directory holding `manifest.yaml`, NodePorts on
     /// 127.0.0.1, any nodePort allowed, fast connect retries.
     pub fn start(manifest: &str, extra: &[&str]) -> Ringvip {
+        Self::launch(None, manifest, extra)
+    }
+
+    /// Like `start`, but inside network namespace `netns` (when given) with
+    /// its TUN device capturing the service CIDRs.
+    pub fn launch(netns: Option<&str>, manifest: &str, extra: &[&str]) -> Ringvip {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("manifest.yaml"), manifest).unwrap();
         let log = dir.path().join("ringvip.log");
         let health = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
         let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
-        let child = Command::new(bin())
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
+        // Many tests run at once: only those in their own namespace get a TUN.
+        let tun: &[&str] = if netns.is_some() { &[] } else { &["--no-tun"] };
+        let child = cmd
             .args(["run", "--manifests"])
             .arg(dir.path())
             .args([
@@ -287,6 +305,7 @@ impl Ringvip {
                 "--connect-timeout-ms",
                 "100",
             ])
+            .args(tun)
             .arg("--health-addr")
             .arg(health.to_string())
             .arg("--metrics-addr")

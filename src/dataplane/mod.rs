@@ -4,6 +4,7 @@
 pub mod flow;
 pub mod relay;
 pub mod socket;
+pub mod tun;
 pub mod udp;
 
 use std::sync::Arc;

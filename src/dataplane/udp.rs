@@ -37,15 +37,17 @@ pub struct FlowEntry<T> {
     pub io: T,
 }
 
-/// Client → flow, with idle expiry. Pure: time is passed in.
+/// Flow key → flow, with idle expiry. Pure: time is passed in. The kernel-socket
+/// path keys by client address (one table per frontend socket); the TUN path by
+/// (client, frontend).
 #[derive(Debug)]
-pub struct FlowTable<T> {
-    flows: HashMap<SocketAddr, FlowEntry<T>>,
+pub struct FlowTable<K, T> {
+    flows: HashMap<K, FlowEntry<T>>,
     idle: Duration,
     max: usize,
 }
 
-impl<T> FlowTable<T> {
+impl<K: std::hash::Hash + Eq + Copy, T> FlowTable<K, T> {
     /// A table expiring flows idle longer than `idle`, holding at most `max`.
     pub fn new(idle: Duration, max: usize) -> Self {
         Self {
@@ -56,19 +58,19 @@ impl<T> FlowTable<T> {
     }
 
     /// The flow of a client, if any.
-    pub fn get_mut(&mut self, client: &SocketAddr) -> Option<&mut FlowEntry<T>> {
+    pub fn get_mut(&mut self, client: &K) -> Option<&mut FlowEntry<T>> {
         self.flows.get_mut(client)
     }
 
     /// Records traffic on a flow.
-    pub fn touch(&mut self, client: &SocketAddr, now: Instant) {
+    pub fn touch(&mut self, client: &K, now: Instant) {
         if let Some(f) = self.flows.get_mut(client) {
             f.last_seen = now;
         }
     }
 
     /// Adds a flow; gives it back when the table is full.
-    pub fn insert(&mut self, client: SocketAddr, e: FlowEntry<T>) -> Result<(), FlowEntry<T>> {
+    pub fn insert(&mut self, client: K, e: FlowEntry<T>) -> Result<(), FlowEntry<T>> {
         if self.flows.len() >= self.max && !self.flows.contains_key(&client) {
             return Err(e);
         }
@@ -77,14 +79,14 @@ impl<T> FlowTable<T> {
     }
 
     /// Removes one flow.
-    pub fn remove(&mut self, client: &SocketAddr) -> Option<FlowEntry<T>> {
+    pub fn remove(&mut self, client: &K) -> Option<FlowEntry<T>> {
         self.flows.remove(client)
     }
 
     /// Removes and returns flows idle for longer than the idle timeout.
     pub fn expire(&mut self, now: Instant) -> Vec<FlowEntry<T>> {
         let idle = self.idle;
-        let dead: Vec<SocketAddr> = self
+        let dead: Vec<K> = self
             .flows
             .iter()
             .filter(|(_, f)| now.saturating_duration_since(f.last_seen) > idle)
@@ -95,7 +97,7 @@ impl<T> FlowTable<T> {
 
     /// Removes and returns flows whose endpoint `usable` rejects.
     pub fn retain_usable(&mut self, usable: impl Fn(&SocketAddr) -> bool) -> Vec<FlowEntry<T>> {
-        let dead: Vec<SocketAddr> = self
+        let dead: Vec<K> = self
             .flows
             .iter()
             .filter(|(_, f)| !usable(&f.endpoint))
@@ -129,7 +131,7 @@ impl Drop for FlowIo {
     }
 }
 
-type Table = Rc<RefCell<FlowTable<FlowIo>>>;
+type Table = Rc<RefCell<FlowTable<SocketAddr, FlowIo>>>;
 
 /// Serves one UDP frontend socket until the task is aborted.
 pub async fn serve(

@@ -890,6 +890,13 @@ pub fn pod(pod: &core::Pod) -> Result<Pod, ConvertError> {
         hostname: spec
             .and_then(|s| s.hostname.clone())
             .filter(|s| !s.is_empty()),
+        subdomain: spec
+            .and_then(|s| s.subdomain.clone())
+            .filter(|s| !s.is_empty()),
+        terminal: matches!(
+            status.and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        ),
     };
     errs.finish(Kind::Pod, key, value)
 }
@@ -1311,5 +1318,15 @@ mod tests {
         );
         assert!(!p.ready);
         assert!(p.terminating);
+        assert!(!p.terminal);
+        assert_eq!(p.subdomain, None);
+
+        let p: core::Pod = serde_yaml::from_str(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: job-1\nspec:\n  hostname: job-1\n  subdomain: jobs\n  containers: []\nstatus:\n  phase: Succeeded\n  podIP: 10.244.1.12\n",
+        )
+        .unwrap();
+        let p = pod(&p).unwrap();
+        assert!(p.terminal, "Succeeded and Failed Pods are terminal");
+        assert_eq!(p.subdomain.as_deref(), Some("jobs"));
     }
 }

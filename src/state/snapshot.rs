@@ -400,13 +400,8 @@ impl Store {
             .zone
             .as_deref()
             .or_else(|| node.and_then(|n| n.zone.as_deref()));
-        let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
-        for s in self.slices.values() {
-            by_service
-                .entry((s.key.namespace.as_str(), s.service_name.as_str()))
-                .or_default()
-                .push(s);
-        }
+        let derived = self.selector_slices();
+        let by_service = self.slices_by_service(&derived);
         let mut c = Compiler {
             ctx,
             metrics,

@@ -1,9 +1,9 @@
 //! The single writer: holds the latest objects from the sources and compiles
 //! snapshots from them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use crate::discovery::Update;
+use crate::discovery::{selector, Update};
 use crate::model::{EndpointSlice, Kind, Node, Object, ObjectKey, Pod, Service};
 
 /// How many objects an update changed, for kube-proxy's change metrics.
@@ -110,6 +110,55 @@ impl Store {
     /// Number of Services held.
     pub fn service_count(&self) -> usize {
         self.services.len()
+    }
+
+    /// Every Service held, by namespace and name.
+    pub fn services(&self) -> impl Iterator<Item = &Service> {
+        self.services.values()
+    }
+
+    /// The Pods of one namespace, by name.
+    pub fn pods_in<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = &'a Pod> {
+        self.pods
+            .range(ObjectKey::new(namespace, "")..)
+            .take_while(move |(k, _)| k.namespace == namespace)
+            .map(|(_, p)| p)
+    }
+
+    /// Selectors without a cluster: when the sources delivered any Pod, the
+    /// EndpointSlices the EndpointSlice controller would build for every Service
+    /// with a selector (see [`selector::slices_for`]). Empty when there is no Pod,
+    /// so a cluster's own slices are never second-guessed.
+    pub fn selector_slices(&self) -> Vec<EndpointSlice> {
+        if self.pods.is_empty() {
+            return Vec::new();
+        }
+        let zones = |n: &str| self.nodes.get(n).and_then(|n| n.zone.clone());
+        let mut out = Vec::new();
+        for svc in self.services.values().filter(|s| s.selector.is_some()) {
+            out.extend(selector::slices_for(
+                svc,
+                self.pods_in(&svc.key.namespace),
+                &zones,
+            ));
+        }
+        out
+    }
+
+    /// Every EndpointSlice, from the sources and `derived` (from
+    /// [`Store::selector_slices`]), grouped by (namespace, Service name).
+    pub fn slices_by_service<'a>(
+        &'a self,
+        derived: &'a [EndpointSlice],
+    ) -> HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>> {
+        let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+        for s in self.slices.values().chain(derived) {
+            by_service
+                .entry((s.key.namespace.as_str(), s.service_name.as_str()))
+                .or_default()
+                .push(s);
+        }
+        by_service
     }
 }
 

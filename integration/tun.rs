@@ -1,0 +1,338 @@
+//! ClusterIP capture end to end: ringvip runs in a network namespace the test
+//! creates, with its TUN device routing the service CIDRs; backends live in a
+//! second namespace across a veth pair. Needs root (CI runs as root).
+
+mod support;
+
+use std::collections::HashSet;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use support::netns::{can_run, Topology};
+use support::*;
+
+/// A ClusterIP Service with one port (TCP or UDP) and its slice.
+fn clusterip(
+    name: &str,
+    vip: &str,
+    port: u16,
+    proto: &str,
+    target: u16,
+    eps: &[IpAddr],
+    extra: &str,
+) -> String {
+    let family = if vip.contains(':') { "IPv6" } else { "IPv4" };
+    let eps: String = eps
+        .iter()
+        .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n"))
+        .collect();
+    let eps = if eps.is_empty() {
+        "[]\n".to_string()
+    } else {
+        format!("\n{eps}")
+    };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: \"{vip}\"\n{extra}  ports: [{{name: p, port: {port}, protocol: {proto}, targetPort: {target}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: {family}\nports: [{{name: p, port: {target}, protocol: {proto}}}]\nendpoints: {eps}"
+    )
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn curl(t: &Topology, url: &str) -> (bool, String) {
+    let out = t.on_node("curl", &["-sS", "--max-time", "5", url]);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    )
+}
+
+struct Env {
+    // Field order is drop order: ringvip, then backends, then the namespaces.
+    rv: Ringvip,
+    _backends: Vec<Backend>,
+    t: Topology,
+}
+
+/// Three HTTP backends on pod hosts .2 .3 .4 port 8080, Service `web` at 10.96.0.10:80.
+fn web(extra_spec: &str) -> Env {
+    let t = Topology::new(&[3, 4]);
+    let backends: Vec<Backend> = (2..=4u8)
+        .map(|h| {
+            let addr = SocketAddr::from((t.pod_ip(h), 8080));
+            Topology::within(&t.pod, move || {
+                Backend::start(addr, &h.to_string(), Mode::Http)
+            })
+        })
+        .collect();
+    let eps: Vec<IpAddr> = (2..=4).map(|h| IpAddr::V4(t.pod_ip(h))).collect();
+    let m = clusterip("web", "10.96.0.10", 80, "TCP", 8080, &eps, extra_spec);
+    let rv = Ringvip::launch(Some(&t.node), &m, &[]);
+    assert!(
+        wait_until(Duration::from_secs(5), || curl(&t, "http://10.96.0.10/").0),
+        "ClusterIP never served:\n{}",
+        rv.log()
+    );
+    Env {
+        rv,
+        _backends: backends,
+        t,
+    }
+}
+
+#[test]
+fn clusterip_balances_with_curl_and_refuses_unknown_ports() {
+    if !can_run() {
+        return;
+    }
+    let env = web("");
+    let mut seen = HashSet::new();
+    for _ in 0..30 {
+        let (ok, body) = curl(&env.t, "http://10.96.0.10/");
+        assert!(ok, "{}", env.rv.log());
+        seen.insert(body);
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    // A port the Service does not define: refused (RST) at once.
+    let start = Instant::now();
+    let (ok, _) = curl(&env.t, "http://10.96.0.10:81/");
+    assert!(!ok);
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "refusal took {:?}",
+        start.elapsed()
+    );
+    let e = Topology::within(&env.t.node, || {
+        connect_from(None, sa("10.96.0.10:81")).unwrap_err()
+    });
+    assert_eq!(e.kind(), ErrorKind::ConnectionRefused);
+}
+
+#[test]
+fn clusterip_affinity_sticks() {
+    if !can_run() {
+        return;
+    }
+    let env = web("  sessionAffinity: ClientIP\n");
+    let first = curl(&env.t, "http://10.96.0.10/").1;
+    for _ in 0..15 {
+        assert_eq!(curl(&env.t, "http://10.96.0.10/").1, first);
+    }
+}
+
+#[test]
+fn killed_backend_is_invisible_to_clients() {
+    if !can_run() {
+        return;
+    }
+    let mut env = web("");
+    env._backends[0].kill();
+    // The SYN is answered only once a backend accepted, so no request fails.
+    for i in 0..20 {
+        let (ok, body) = curl(&env.t, "http://10.96.0.10/");
+        assert!(ok, "request {i} failed\n{}", env.rv.log());
+        assert_ne!(body, "backend-2");
+    }
+}
+
+#[test]
+fn no_endpoints_is_refused_and_udp_gets_port_unreachable() {
+    if !can_run() {
+        return;
+    }
+    let t = Topology::new(&[]);
+    let m = format!(
+        "{}---\n{}",
+        clusterip("empty", "10.96.0.20", 80, "TCP", 8080, &[], ""),
+        clusterip("uempty", "10.96.0.21", 53, "UDP", 5353, &[], "")
+    );
+    let rv = Ringvip::launch(Some(&t.node), &m, &[]);
+    let e = Topology::within(&t.node, || {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match connect_from(None, sa("10.96.0.20:80")) {
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => return e,
+                _ if Instant::now() > deadline => panic!("no refusal"),
+                _ => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    });
+    assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{}", rv.log());
+    let e = Topology::within(&t.node, || {
+        let c = UdpSocket::bind("0.0.0.0:0").unwrap();
+        c.connect("10.96.0.21:53").unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        c.send(b"q").unwrap();
+        c.recv(&mut [0u8; 16]).unwrap_err()
+    });
+    assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e:?}");
+}
+
+#[test]
+fn udp_round_trip_through_the_vip() {
+    if !can_run() {
+        return;
+    }
+    let t = Topology::new(&[]);
+    let addr = SocketAddr::from((t.pod_ip(2), 5353));
+    let _u = Topology::within(&t.pod, move || UdpBackend::start(addr, "u"));
+    let m = clusterip(
+        "dns",
+        "10.96.0.30",
+        53,
+        "UDP",
+        5353,
+        &[IpAddr::V4(t.pod_ip(2))],
+        "",
+    );
+    let rv = Ringvip::launch(Some(&t.node), &m, &[]);
+    let got = Topology::within(&t.node, || {
+        let c = UdpSocket::bind("0.0.0.0:0").unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            c.send_to(b"ping", "10.96.0.30:53").unwrap();
+            if let Ok((n, from)) = c.recv_from(&mut buf) {
+                return Some((buf[..n].to_vec(), from));
+            }
+        }
+        None
+    });
+    let (data, from) = got.unwrap_or_else(|| panic!("no UDP reply\n{}", rv.log()));
+    assert_eq!(data, b"u:ping");
+    assert_eq!(from, sa("10.96.0.30:53"), "reply must come from the VIP");
+}
+
+#[test]
+fn ipv6_vip() {
+    if !can_run() {
+        return;
+    }
+    let t = Topology::new(&[]);
+    let pod6: IpAddr = format!("fd00:{}::2", t.net).parse().unwrap();
+    let addr = SocketAddr::new(pod6, 8080);
+    let _b = Topology::within(&t.pod, move || Backend::start(addr, "v6", Mode::Http));
+    let m = clusterip("web6", "fd00:10:96::10", 80, "TCP", 8080, &[pod6], "");
+    let rv = Ringvip::launch(Some(&t.node), &m, &[]);
+    assert!(
+        wait_until(Duration::from_secs(5), || curl(
+            &t,
+            "http://[fd00:10:96::10]/"
+        )
+        .1 == "backend-v6"),
+        "IPv6 VIP never served:\n{}",
+        rv.log()
+    );
+}
+
+#[test]
+fn half_close_reset_and_endpoint_churn_while_streaming() {
+    if !can_run() {
+        return;
+    }
+    let t = Topology::new(&[3]);
+    let (echo, stream) = (
+        SocketAddr::from((t.pod_ip(2), 7000)),
+        SocketAddr::from((t.pod_ip(3), 7000)),
+    );
+    let _e = Topology::within(&t.pod, move || Backend::start(echo, "e", Mode::Echo));
+    let _s = Topology::within(&t.pod, move || Backend::start(stream, "s", Mode::Stream));
+    let eps = |ip: IpAddr| clusterip("svc", "10.96.0.40", 7000, "TCP", 7000, &[ip], "");
+    let rv = Ringvip::launch(Some(&t.node), &eps(IpAddr::V4(t.pod_ip(2))), &[]);
+    // Half-close: all echoed bytes come back after our FIN.
+    let back = Topology::within(&t.node, || {
+        let mut c = None;
+        assert!(wait_until(Duration::from_secs(5), || {
+            c = connect_from(None, sa("10.96.0.40:7000")).ok();
+            c.is_some()
+        }));
+        let mut c = c.unwrap();
+        let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        c.write_all(&payload).unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).unwrap();
+        back == payload
+    });
+    assert!(
+        back,
+        "echo through the VIP lost or changed bytes\n{}",
+        rv.log()
+    );
+
+    // Endpoint churn: switch the Service to the streaming backend, stream, then
+    // move it back; the established stream keeps flowing.
+    let before = rv.generations();
+    rv.write_manifest(&eps(IpAddr::V4(t.pod_ip(3))));
+    assert!(wait_until(Duration::from_secs(5), || rv.generations() > before));
+    let mut conn = Topology::within(&t.node, || {
+        connect_from(None, sa("10.96.0.40:7000")).unwrap()
+    });
+    conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(conn.read(&mut buf).unwrap() > 0);
+    let before = rv.generations();
+    rv.write_manifest(&eps(IpAddr::V4(t.pod_ip(2))));
+    assert!(wait_until(Duration::from_secs(5), || rv.generations() > before));
+    let end = Instant::now() + Duration::from_millis(500);
+    let mut got = 0;
+    while Instant::now() < end {
+        got += conn.read(&mut buf).unwrap();
+    }
+    assert!(
+        got > 10,
+        "stream stalled after its endpoint left ({got} bytes)"
+    );
+}
+
+#[test]
+fn iperf3_through_the_clusterip() {
+    if !can_run() {
+        return;
+    }
+    let Some(iperf3) = need_program("iperf3", "bulk TCP through the VIP") else {
+        return;
+    };
+    let t = Topology::new(&[]);
+    let mut server = std::process::Command::new("ip")
+        .args(["netns", "exec", &t.pod])
+        .arg(&iperf3)
+        .args(["-s", "-1", "-B", &t.pod_ip(2).to_string(), "-p", "5201"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let m = clusterip(
+        "perf",
+        "10.96.0.50",
+        5201,
+        "TCP",
+        5201,
+        &[IpAddr::V4(t.pod_ip(2))],
+        "",
+    );
+    let rv = Ringvip::launch(Some(&t.node), &m, &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = t.on_node(
+        iperf3.to_str().unwrap(),
+        &["-c", "10.96.0.50", "-t", "2", "-J"],
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", rv.log());
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let bytes = v["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
+    assert!(bytes > 1e6, "iperf3 moved only {bytes} bytes");
+    eprintln!(
+        "iperf3 through the VIP: {:.2} Gbit/s (debug builds are slow; see BENCHMARKS.md)",
+        v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / 1e9
+    );
+}

@@ -1,0 +1,872 @@
+//! The ClusterIP front end: packets from the TUN are classified against the
+//! snapshot; new TCP flows have their SYN held until a backend accepted, then a
+//! smoltcp socket answers it; UDP datagrams are proxied per flow; everything
+//! else (and every refusal) goes to smoltcp, which answers with RST or ICMP port
+//! unreachable itself.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant as SmolInstant;
+use smoltcp::wire::{
+    HardwareAddress, IpAddress, IpCidr, IpListenEndpoint, IpProtocol, Ipv4Address, Ipv4Packet,
+    Ipv4Repr, Ipv6Address, Ipv6Packet, Ipv6Repr, TcpPacket, UdpPacket, UdpRepr,
+};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{watch, Notify};
+
+use super::bridge;
+use super::device::{QueueDevice, Tun};
+use crate::dataplane::flow::{resolve, FlowKey, Verdict};
+use crate::dataplane::relay::connect;
+use crate::dataplane::udp::{FlowEntry, FlowTable};
+use crate::dataplane::Shared;
+use crate::model::Protocol;
+use crate::state::{Frontend, Snapshot};
+
+/// Sizes and caps of the TUN front end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TunSettings {
+    /// MTU of the device (and largest segment smoltcp sends).
+    pub mtu: usize,
+    /// smoltcp receive and send buffer per TCP connection, each.
+    pub socket_buffer: usize,
+    /// TCP connections (established or being set up) at most.
+    pub max_connections: usize,
+    /// UDP flows at most.
+    pub max_udp_flows: usize,
+}
+
+impl Default for TunSettings {
+    fn default() -> Self {
+        Self {
+            mtu: 65_535,
+            socket_buffer: 256 * 1024,
+            max_connections: 65_536,
+            max_udp_flows: 65_536,
+        }
+    }
+}
+
+/// What to do with one packet read from the TUN. Pure: decided from the
+/// snapshot and the packet bytes alone.
+#[derive(Debug, Clone)]
+pub enum Classified {
+    /// Hand it to smoltcp: established TCP, and refusals it answers with RST or
+    /// ICMP port unreachable.
+    Stack,
+    /// Drop silently (Local policy without local endpoints, source ranges,
+    /// malformed packets).
+    Drop,
+    /// A new TCP connection to a frontend with usable endpoints.
+    Syn {
+        /// Client address.
+        client: SocketAddr,
+        /// VIP and port.
+        vip: SocketAddr,
+        /// The frontend.
+        fe: Arc<Frontend>,
+    },
+    /// A UDP datagram for a frontend with usable endpoints.
+    Udp {
+        /// Client address.
+        client: SocketAddr,
+        /// VIP and port.
+        vip: SocketAddr,
+        /// The frontend.
+        fe: Arc<Frontend>,
+        /// Where the datagram's payload is in the packet.
+        payload: Range<usize>,
+    },
+}
+
+/// IP addresses, transport protocol and transport bytes of a packet.
+struct Parsed {
+    src: IpAddr,
+    dst: IpAddr,
+    proto: IpProtocol,
+    /// Offset of the transport header.
+    l4: usize,
+    /// End of the IP payload.
+    end: usize,
+}
+
+fn parse_ip(packet: &[u8]) -> Option<Parsed> {
+    match packet.first()? >> 4 {
+        4 => {
+            let p = Ipv4Packet::new_checked(packet).ok()?;
+            if p.more_frags() || p.frag_offset() != 0 {
+                return None;
+            }
+            Some(Parsed {
+                src: IpAddr::V4(p.src_addr()),
+                dst: IpAddr::V4(p.dst_addr()),
+                proto: p.next_header(),
+                l4: usize::from(p.header_len()),
+                end: usize::from(p.total_len()),
+            })
+        }
+        6 => {
+            let p = Ipv6Packet::new_checked(packet).ok()?;
+            Some(Parsed {
+                src: IpAddr::V6(p.src_addr()),
+                dst: IpAddr::V6(p.dst_addr()),
+                proto: p.next_header(),
+                l4: 40,
+                end: 40 + usize::from(p.payload_len()),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Classifies one packet from the TUN.
+pub fn classify(snap: &Snapshot, packet: &[u8]) -> Classified {
+    let Some(ip) = parse_ip(packet) else {
+        // Fragments, extension headers and anything odd: smoltcp decides.
+        return Classified::Stack;
+    };
+    let Some(l4) = packet.get(ip.l4..ip.end) else {
+        return Classified::Drop;
+    };
+    let (proto, sport, dport) = match ip.proto {
+        IpProtocol::Tcp => {
+            let Ok(t) = TcpPacket::new_checked(l4) else {
+                return Classified::Drop;
+            };
+            if !t.syn() || t.ack() || t.rst() {
+                return Classified::Stack;
+            }
+            (Protocol::Tcp, t.src_port(), t.dst_port())
+        }
+        IpProtocol::Udp => {
+            let Ok(u) = UdpPacket::new_checked(l4) else {
+                return Classified::Drop;
+            };
+            (Protocol::Udp, u.src_port(), u.dst_port())
+        }
+        _ => return Classified::Stack,
+    };
+    let key = FlowKey {
+        src: SocketAddr::new(ip.src, sport),
+        dst: SocketAddr::new(ip.dst, dport),
+        proto,
+    };
+    match (resolve(snap, &key), proto) {
+        (Verdict::Forward(fe), Protocol::Tcp) => Classified::Syn {
+            client: key.src,
+            vip: key.dst,
+            fe,
+        },
+        (Verdict::Forward(fe), Protocol::Udp) => {
+            let start = ip.l4 + 8;
+            let len = UdpPacket::new_checked(l4)
+                .map(|u| usize::from(u.len()))
+                .unwrap_or(8);
+            Classified::Udp {
+                client: key.src,
+                vip: key.dst,
+                fe,
+                payload: start..(ip.l4 + len.max(8)).min(ip.end),
+            }
+        }
+        (Verdict::Refuse(_), _) => Classified::Stack,
+        (Verdict::Drop(_), _) => Classified::Drop,
+    }
+}
+
+/// Writes an IP+UDP packet from `src` to `dst` carrying `payload` into `out`.
+/// `None` when the families differ or the payload does not fit.
+pub fn udp_packet(
+    src: SocketAddr,
+    dst: SocketAddr,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> Option<()> {
+    let caps = ChecksumCapabilities::default();
+    let udp = UdpRepr {
+        src_port: src.port(),
+        dst_port: dst.port(),
+    };
+    let udp_len = 8 + payload.len();
+    let fill = |b: &mut [u8]| b.copy_from_slice(payload);
+    match (src.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let ip = Ipv4Repr {
+                src_addr: s,
+                dst_addr: d,
+                next_header: IpProtocol::Udp,
+                payload_len: udp_len,
+                hop_limit: 64,
+            };
+            if ip.buffer_len() + udp_len > usize::from(u16::MAX) {
+                return None;
+            }
+            out.clear();
+            out.resize(ip.buffer_len() + udp_len, 0);
+            let mut p = Ipv4Packet::new_unchecked(&mut out[..]);
+            ip.emit(&mut p, &caps);
+            let mut u = UdpPacket::new_unchecked(p.payload_mut());
+            udp.emit(&mut u, &s.into(), &d.into(), payload.len(), fill, &caps);
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let ip = Ipv6Repr {
+                src_addr: s,
+                dst_addr: d,
+                next_header: IpProtocol::Udp,
+                payload_len: udp_len,
+                hop_limit: 64,
+            };
+            if udp_len > usize::from(u16::MAX) {
+                return None;
+            }
+            out.clear();
+            out.resize(ip.buffer_len() + udp_len, 0);
+            let mut p = Ipv6Packet::new_unchecked(&mut out[..]);
+            ip.emit(&mut p);
+            let mut u = UdpPacket::new_unchecked(p.payload_mut());
+            udp.emit(&mut u, &s.into(), &d.into(), payload.len(), fill, &caps);
+        }
+        _ => return None,
+    }
+    Some(())
+}
+
+/// A connection's identity: (client, VIP).
+pub type ConnKey = (SocketAddr, SocketAddr);
+
+/// The I/O half of a TUN UDP flow: its backend socket and reply task.
+pub struct UdpIo {
+    socket: Rc<tokio_uring::net::UdpSocket>,
+    reader: tokio::task::JoinHandle<()>,
+    fe: Arc<Frontend>,
+}
+
+impl Drop for UdpIo {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.fe.metrics.udp_flows_active.dec();
+    }
+}
+
+/// The smoltcp interface, its sockets and the flows being set up.
+pub struct Stack {
+    /// smoltcp interface (any-IP).
+    pub iface: Interface,
+    /// Packet queues between the TUN and the interface.
+    pub dev: QueueDevice,
+    /// TCP sockets.
+    pub sockets: SocketSet<'static>,
+    /// Established (or closing) connections.
+    conns: HashMap<ConnKey, SocketHandle>,
+    /// SYNs held while a backend connect is in flight.
+    pending: HashMap<ConnKey, Vec<u8>>,
+    /// Sockets whose relay ended, removed once closed.
+    closing: Vec<(ConnKey, SocketHandle)>,
+    /// UDP flows.
+    udp: FlowTable<ConnKey, UdpIo>,
+    settings: TunSettings,
+    warned_full: bool,
+}
+
+fn now() -> SmolInstant {
+    SmolInstant::now()
+}
+
+impl Stack {
+    /// A stack that accepts traffic for any address (routes decide what reaches it).
+    pub fn new(settings: TunSettings, udp_idle: Duration) -> Self {
+        let mut dev = QueueDevice::new(settings.mtu, 4096);
+        let mut iface = Interface::new(Config::new(HardwareAddress::Ip), &mut dev, now());
+        // Any-IP: accept for every prefix routed via one of our own addresses.
+        // The addresses are never seen on the wire.
+        let v4 = Ipv4Address::new(169, 254, 255, 254);
+        let v6 = Ipv6Address::new(0xfe80, 0, 0, 0, 0, 0, 0xffff, 0xfffe);
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::new(IpAddress::Ipv4(v4), 32));
+            let _ = a.push(IpCidr::new(IpAddress::Ipv6(v6), 128));
+        });
+        let _ = iface.routes_mut().add_default_ipv4_route(v4);
+        let _ = iface.routes_mut().add_default_ipv6_route(v6);
+        iface.set_any_ip(true);
+        Self {
+            iface,
+            dev,
+            sockets: SocketSet::new(Vec::new()),
+            conns: HashMap::new(),
+            pending: HashMap::new(),
+            closing: Vec::new(),
+            udp: FlowTable::new(udp_idle, settings.max_udp_flows),
+            settings,
+            warned_full: false,
+        }
+    }
+
+    /// Runs the interface over everything queued.
+    pub fn poll(&mut self) {
+        self.iface.poll(now(), &mut self.dev, &mut self.sockets);
+    }
+
+    /// Removes sockets whose relay ended and whose TCP connection is over.
+    fn reap(&mut self) {
+        let sockets = &mut self.sockets;
+        let conns = &mut self.conns;
+        self.closing.retain(|(key, h)| {
+            let s = sockets.get::<tcp::Socket>(*h);
+            let done = matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait);
+            if done {
+                sockets.remove(*h);
+                conns.remove(key);
+            }
+            !done
+        });
+    }
+
+    /// Answers a held SYN with a fresh socket listening on exactly its VIP:port.
+    /// Returns the socket when the SYN was taken.
+    fn accept(&mut self, key: ConnKey, syn: Vec<u8>) -> Option<SocketHandle> {
+        let size = self.settings.socket_buffer;
+        let mut s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; size]),
+            tcp::SocketBuffer::new(vec![0; size]),
+        );
+        s.set_nagle_enabled(false);
+        s.set_ack_delay(None);
+        let ep = IpListenEndpoint {
+            addr: Some(key.1.ip().into()),
+            port: key.1.port(),
+        };
+        s.listen(ep).ok()?;
+        let h = self.sockets.add(s);
+        self.dev.push_rx(syn);
+        self.poll();
+        // Another listener on the same VIP:port must never linger: it would
+        // take a different client's SYN.
+        if self.sockets.get::<tcp::Socket>(h).state() == tcp::State::Listen {
+            self.sockets.remove(h);
+            return None;
+        }
+        self.conns.insert(key, h);
+        Some(h)
+    }
+
+    /// Marks a connection's socket for removal once closed.
+    pub fn release(&mut self, key: ConnKey, h: SocketHandle) {
+        self.closing.push((key, h));
+    }
+}
+
+/// Everything the TUN thread's tasks share.
+pub struct Ctx {
+    /// The stack.
+    pub stack: RefCell<Stack>,
+    /// Wakes the driver to poll and flush.
+    pub poke: Notify,
+    /// Snapshot, affinity, settings.
+    pub shared: Arc<Shared>,
+    rng: RefCell<SmallRng>,
+}
+
+/// Runs the TUN front end on the current tokio-uring thread until `stop` closes.
+pub async fn run(
+    tun: Tun,
+    shared: Arc<Shared>,
+    settings: TunSettings,
+    mut stop: watch::Receiver<Arc<Snapshot>>,
+) -> io::Result<()> {
+    // SAFETY: `Tun` owns its descriptor and closes it only when dropped, which
+    // happens after the AsyncFd (its owner) is dropped.
+    let fd = unsafe { AsyncFd::register(tun) }?;
+    let ctx = Rc::new(Ctx {
+        stack: RefCell::new(Stack::new(settings, shared.settings.udp_idle_timeout)),
+        poke: Notify::new(),
+        shared,
+        rng: RefCell::new(SmallRng::from_os_rng()),
+    });
+    let mut sweep = tokio::time::interval(Duration::from_secs(1));
+    let mut rxbuf = vec![0u8; settings.mtu.max(1500)];
+    loop {
+        // Packets in, through the classifier.
+        for _ in 0..256 {
+            let n = match fd.get_ref().recv(&mut rxbuf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the TUN failed");
+                    break;
+                }
+            };
+            let packet = rxbuf.get(..n).unwrap_or_default();
+            ingress(&ctx, packet);
+        }
+        let delay = {
+            let mut st = ctx.stack.borrow_mut();
+            st.poll();
+            st.reap();
+            flush(&fd, &mut st.dev);
+            let st = &mut *st;
+            st.iface.poll_delay(now(), &st.sockets)
+        };
+        let wait_write = ctx.stack.borrow().dev.tx_len() > 0;
+        let sleep = tokio::time::sleep(delay.map_or(Duration::from_millis(100), |d| {
+            Duration::from_micros(d.total_micros())
+        }));
+        tokio::select! {
+            r = fd.readable() => {
+                if let Ok(mut g) = r {
+                    g.clear_ready();
+                }
+            }
+            r = fd.writable(), if wait_write => {
+                if let Ok(mut g) = r {
+                    g.clear_ready();
+                }
+            }
+            _ = ctx.poke.notified() => {}
+            _ = sleep => {}
+            _ = sweep.tick() => {
+                let dead = ctx.stack.borrow_mut().udp.expire(std::time::Instant::now());
+                drop(dead);
+            }
+            r = stop.changed() => if r.is_err() { return Ok(()) },
+        }
+    }
+}
+
+/// Writes queued packets to the TUN until it would block.
+fn flush(fd: &AsyncFd<Tun>, dev: &mut QueueDevice) {
+    while let Some(p) = dev.pop_tx() {
+        match fd.get_ref().send(&p) {
+            Ok(_) => dev.recycle(p),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                dev.unpop_tx(p);
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "writing to the TUN failed");
+                dev.recycle(p);
+            }
+        }
+    }
+}
+
+/// Handles one packet from the TUN.
+fn ingress(ctx: &Rc<Ctx>, packet: &[u8]) {
+    let verdict = classify(&ctx.shared.snapshot.load(), packet);
+    let mut st = ctx.stack.borrow_mut();
+    let copy = |dev: &mut QueueDevice| {
+        let mut b = dev.buffer();
+        b.extend_from_slice(packet);
+        b
+    };
+    match verdict {
+        Classified::Stack => {
+            let b = copy(&mut st.dev);
+            st.dev.push_rx(b);
+        }
+        Classified::Drop => {}
+        Classified::Syn { client, vip, fe } => {
+            let key = (client, vip);
+            if st.conns.contains_key(&key) {
+                // A retransmitted SYN for a connection already answered.
+                let b = copy(&mut st.dev);
+                st.dev.push_rx(b);
+            } else if st.pending.contains_key(&key) {
+                // Still connecting to a backend: the client retransmits.
+            } else if st.pending.len() + st.conns.len() >= st.settings.max_connections {
+                if !st.warned_full {
+                    tracing::warn!(
+                        max = st.settings.max_connections,
+                        "TUN connection limit reached: new SYNs are dropped"
+                    );
+                    st.warned_full = true;
+                }
+            } else {
+                st.warned_full = false;
+                let b = copy(&mut st.dev);
+                st.pending.insert(key, b);
+                drop(st);
+                tokio_uring::spawn(open_connection(ctx.clone(), key, fe));
+            }
+        }
+        Classified::Udp {
+            client,
+            vip,
+            fe,
+            payload,
+        } => {
+            drop(st);
+            if let Some(data) = packet.get(payload) {
+                udp_ingress(ctx, (client, vip), fe, data);
+            }
+        }
+    }
+}
+
+/// Connects to a backend for a held SYN, then answers it (or refuses).
+async fn open_connection(ctx: Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>) {
+    let res = connect(&fe, key.0.ip(), &ctx.shared, &ctx.rng).await;
+    let (handle, backend) = {
+        let mut st = ctx.stack.borrow_mut();
+        let Some(syn) = st.pending.remove(&key) else {
+            return;
+        };
+        match res {
+            Ok((backend, _)) => match st.accept(key, syn) {
+                Some(h) => (h, backend),
+                None => return,
+            },
+            Err(e) => {
+                tracing::debug!(client = %key.0, "{e}");
+                // No listener exists for it: smoltcp answers with RST.
+                st.dev.push_rx(syn);
+                drop(st);
+                ctx.poke.notify_one();
+                return;
+            }
+        }
+    };
+    ctx.poke.notify_one();
+    bridge::relay(&ctx, handle, backend, &fe).await;
+    ctx.stack.borrow_mut().release(key, handle);
+    ctx.poke.notify_one();
+}
+
+/// Forwards one client datagram, opening the flow if needed.
+fn udp_ingress(ctx: &Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>, data: &[u8]) {
+    let now = std::time::Instant::now();
+    let generation = ctx.shared.snapshot.load().generation;
+    let mut st = ctx.stack.borrow_mut();
+    // Re-pin a flow whose endpoint left the usable set.
+    if let Some(f) = st.udp.get_mut(&key) {
+        if f.generation != generation {
+            if fe.endpoints.contains(&f.endpoint) {
+                f.generation = generation;
+            } else {
+                st.udp.remove(&key);
+            }
+        }
+    }
+    if let Some(f) = st.udp.get_mut(&key) {
+        f.last_seen = now;
+        let sock = f.io.socket.clone();
+        let payload = data.to_vec();
+        drop(st);
+        tokio_uring::spawn(async move {
+            let _ = sock.send(payload).await;
+        });
+        return;
+    }
+    if st.udp.len() >= st.settings.max_udp_flows {
+        return;
+    }
+    drop(st);
+    let ctx = ctx.clone();
+    let payload = data.to_vec();
+    tokio_uring::spawn(async move {
+        let Some(ep) = crate::dataplane::flow::pick(
+            &fe,
+            key.0.ip(),
+            &ctx.shared.affinity,
+            0,
+            &[],
+            now,
+            &mut *ctx.rng.borrow_mut(),
+        ) else {
+            return;
+        };
+        let any: IpAddr = match ep {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+        };
+        let any = SocketAddr::new(any, 0);
+        let Ok(sock) = tokio_uring::net::UdpSocket::bind(any).await else {
+            return;
+        };
+        if sock.connect(ep).await.is_err() {
+            return;
+        }
+        let sock = Rc::new(sock);
+        let reader = tokio_uring::spawn(udp_replies(ctx.clone(), key, sock.clone(), fe.clone()));
+        fe.metrics.udp_flows_active.inc();
+        fe.metrics.connections_total.inc();
+        let entry = FlowEntry {
+            endpoint: ep,
+            last_seen: now,
+            generation,
+            io: UdpIo {
+                socket: sock.clone(),
+                reader,
+                fe,
+            },
+        };
+        if ctx.stack.borrow_mut().udp.insert(key, entry).is_err() {
+            return;
+        }
+        let _ = sock.send(payload).await;
+    });
+}
+
+/// Backend → client: replies leave the TUN from the VIP.
+async fn udp_replies(
+    ctx: Rc<Ctx>,
+    key: ConnKey,
+    sock: Rc<tokio_uring::net::UdpSocket>,
+    fe: Arc<Frontend>,
+) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let (res, b) = sock.read(buf).await;
+        buf = b;
+        let Ok(n) = res else { break };
+        let mut st = ctx.stack.borrow_mut();
+        st.udp.touch(&key, std::time::Instant::now());
+        let mut out = st.dev.buffer();
+        let payload = buf.get(..n).unwrap_or_default();
+        if udp_packet(key.1, key.0, payload, &mut out).is_some() {
+            st.dev.push_tx(out);
+            fe.metrics.bytes_to_client.inc_by(n as u64);
+        }
+        drop(st);
+        ctx.poke.notify_one();
+    }
+    let gone = ctx.stack.borrow_mut().udp.remove(&key);
+    drop(gone);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::Update;
+    use crate::model::*;
+    use crate::state::{NodeContext, Store};
+    use crate::telemetry::Metrics;
+    use smoltcp::wire::{TcpControl, TcpRepr, TcpSeqNumber};
+
+    fn snapshot(endpoints: bool) -> Snapshot {
+        let svc = Service {
+            cluster_ips: vec![
+                "10.96.0.10".parse().unwrap(),
+                "fd00:10:96::10".parse().unwrap(),
+            ],
+            ports: vec![
+                ServicePort {
+                    name: "tcp".into(),
+                    protocol: Protocol::Tcp,
+                    port: 80,
+                    node_port: None,
+                    target_port: TargetPort::Number(8080),
+                },
+                ServicePort {
+                    name: "udp".into(),
+                    protocol: Protocol::Udp,
+                    port: 53,
+                    node_port: None,
+                    target_port: TargetPort::Number(5353),
+                },
+            ],
+            ..Service::new(ObjectKey::new("default", "web"))
+        };
+        let slice = EndpointSlice {
+            key: ObjectKey::new("default", "web-1"),
+            service_name: "web".into(),
+            family: AddressFamily::V4,
+            ports: vec![
+                SlicePort {
+                    name: "tcp".into(),
+                    protocol: Protocol::Tcp,
+                    port: Some(8080),
+                },
+                SlicePort {
+                    name: "udp".into(),
+                    protocol: Protocol::Udp,
+                    port: Some(5353),
+                },
+            ],
+            endpoints: if endpoints {
+                vec![Endpoint::ready("10.0.0.1".parse().unwrap())]
+            } else {
+                vec![]
+            },
+        };
+        let mut st = Store::new();
+        st.apply(Update::Reset(vec![
+            Object::Service(svc),
+            Object::EndpointSlice(slice),
+        ]));
+        st.compile(
+            &NodeContext {
+                proxy_name: "ringvip".into(),
+                ..NodeContext::default()
+            },
+            &Metrics::new(),
+            1,
+        )
+    }
+
+    fn tcp_packet(src: SocketAddr, dst: SocketAddr, control: TcpControl, ack: bool) -> Vec<u8> {
+        let (IpAddr::V4(s), IpAddr::V4(d)) = (src.ip(), dst.ip()) else {
+            panic!("v4 only")
+        };
+        let tcp = TcpRepr {
+            src_port: src.port(),
+            dst_port: dst.port(),
+            control,
+            seq_number: TcpSeqNumber(1000),
+            ack_number: ack.then_some(TcpSeqNumber(1)),
+            window_len: 65535,
+            window_scale: None,
+            max_seg_size: Some(1460),
+            sack_permitted: false,
+            sack_ranges: [None, None, None],
+            timestamp: None,
+            payload: &[],
+        };
+        let ip = Ipv4Repr {
+            src_addr: s,
+            dst_addr: d,
+            next_header: IpProtocol::Tcp,
+            payload_len: tcp.buffer_len(),
+            hop_limit: 64,
+        };
+        let mut out = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
+        let caps = ChecksumCapabilities::default();
+        let mut p = Ipv4Packet::new_unchecked(&mut out[..]);
+        ip.emit(&mut p, &caps);
+        tcp.emit(
+            &mut TcpPacket::new_unchecked(p.payload_mut()),
+            &s.into(),
+            &d.into(),
+            &caps,
+        );
+        out
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn syn_to_a_frontend_with_endpoints_is_held() {
+        let p = tcp_packet(
+            sa("10.1.0.5:40000"),
+            sa("10.96.0.10:80"),
+            TcpControl::Syn,
+            false,
+        );
+        assert!(matches!(
+            classify(&snapshot(true), &p),
+            Classified::Syn { .. }
+        ));
+        // Without endpoints smoltcp answers (RST): no listener will exist.
+        assert!(matches!(classify(&snapshot(false), &p), Classified::Stack));
+        // Non-SYN segments always go to the stack.
+        let a = tcp_packet(
+            sa("10.1.0.5:40000"),
+            sa("10.96.0.10:80"),
+            TcpControl::None,
+            true,
+        );
+        assert!(matches!(classify(&snapshot(true), &a), Classified::Stack));
+    }
+
+    #[test]
+    fn udp_payload_range_is_exact() {
+        let mut p = Vec::new();
+        udp_packet(sa("10.1.0.5:5000"), sa("10.96.0.10:53"), b"hello", &mut p).unwrap();
+        match classify(&snapshot(true), &p) {
+            Classified::Udp {
+                payload, client, ..
+            } => {
+                assert_eq!(&p[payload], b"hello");
+                assert_eq!(client, sa("10.1.0.5:5000"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // No endpoints: the stack answers with ICMP port unreachable.
+        assert!(matches!(classify(&snapshot(false), &p), Classified::Stack));
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let snap = snapshot(true);
+        for len in 0..80 {
+            for seed in 0..20u8 {
+                let mut p: Vec<u8> = (0..len)
+                    .map(|i| (i as u8).wrapping_mul(seed).wrapping_add(seed))
+                    .collect();
+                if let Some(b) = p.first_mut() {
+                    *b = if seed % 2 == 0 { 0x45 } else { 0x60 };
+                }
+                let _ = classify(&snap, &p);
+            }
+        }
+    }
+
+    #[test]
+    fn refused_syn_gets_rst_from_the_stack() {
+        let mut st = Stack::new(TunSettings::default(), Duration::from_secs(30));
+        let p = tcp_packet(
+            sa("10.1.0.5:40000"),
+            sa("10.96.0.10:80"),
+            TcpControl::Syn,
+            false,
+        );
+        st.dev.push_rx(p);
+        st.poll();
+        let out = st.dev.pop_tx().expect("a reply");
+        let ip = Ipv4Packet::new_checked(&out[..]).unwrap();
+        assert_eq!(
+            ip.src_addr(),
+            "10.96.0.10".parse::<std::net::Ipv4Addr>().unwrap()
+        );
+        let t = TcpPacket::new_checked(ip.payload()).unwrap();
+        assert!(t.rst());
+    }
+
+    #[test]
+    fn held_syn_is_answered_from_the_vip() {
+        let mut st = Stack::new(TunSettings::default(), Duration::from_secs(30));
+        let key = (sa("10.1.0.5:40000"), sa("10.96.0.10:80"));
+        let p = tcp_packet(key.0, key.1, TcpControl::Syn, false);
+        let h = st.accept(key, p).expect("accepted");
+        assert_eq!(
+            st.sockets.get::<tcp::Socket>(h).state(),
+            tcp::State::SynReceived
+        );
+        let out = st.dev.pop_tx().expect("a SYN-ACK");
+        let ip = Ipv4Packet::new_checked(&out[..]).unwrap();
+        let t = TcpPacket::new_checked(ip.payload()).unwrap();
+        assert!(t.syn() && t.ack());
+        assert_eq!(t.src_port(), 80);
+    }
+
+    #[test]
+    fn udp_to_a_port_without_frontend_gets_port_unreachable() {
+        let mut st = Stack::new(TunSettings::default(), Duration::from_secs(30));
+        let mut p = Vec::new();
+        udp_packet(sa("10.1.0.5:5000"), sa("10.96.0.10:54"), b"x", &mut p).unwrap();
+        st.dev.push_rx(p);
+        st.poll();
+        let out = st.dev.pop_tx().expect("an ICMP reply");
+        let ip = Ipv4Packet::new_checked(&out[..]).unwrap();
+        assert_eq!(ip.next_header(), IpProtocol::Icmp);
+        let icmp = smoltcp::wire::Icmpv4Packet::new_checked(ip.payload()).unwrap();
+        assert_eq!(
+            icmp.msg_type(),
+            smoltcp::wire::Icmpv4Message::DstUnreachable
+        );
+        assert_eq!(icmp.msg_code(), 3, "port unreachable");
+    }
+}

@@ -1,0 +1,366 @@
+//! The DNS servers: one UDP socket and one TCP listener on `--dns-addr`, on the
+//! control runtime. Each query reads the current [`Zone`] with one `load()`.
+//! Out-of-zone queries go to `--dns-upstream` when set (bounded in number and
+//! time; SERVFAIL when the upstream does not answer), else get REFUSED.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+
+use super::{answer, servfail, Options, Outcome, Transport, Zone, TCP_MAX};
+
+/// How long an upstream has to answer a forwarded query.
+pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a TCP client may stay idle between queries.
+pub const TCP_IDLE: Duration = Duration::from_secs(10);
+/// Forwarded queries in flight at once; more get SERVFAIL at once.
+pub const MAX_FORWARDS: usize = 256;
+/// TCP connections at once; more are closed at once.
+pub const MAX_TCP: usize = 128;
+
+/// A DNS server failed to start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The UDP socket could not be bound.
+    #[error("binding DNS UDP socket {addr}: {source}")]
+    Udp {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TCP listener could not be bound.
+    #[error("binding DNS TCP listener {addr}: {source}")]
+    Tcp {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Bound DNS sockets, ready to serve.
+pub struct DnsServer {
+    udp: Arc<UdpSocket>,
+    tcp: TcpListener,
+    zone: Arc<ArcSwap<Zone>>,
+    upstream: Option<SocketAddr>,
+}
+
+impl DnsServer {
+    /// Binds UDP and TCP on `addr` (the TCP port is the one UDP got when `addr`
+    /// has port 0).
+    pub async fn bind(
+        addr: SocketAddr,
+        zone: Arc<ArcSwap<Zone>>,
+        upstream: Option<SocketAddr>,
+    ) -> Result<Self, ServerError> {
+        let udp = UdpSocket::bind(addr)
+            .await
+            .map_err(|source| ServerError::Udp { addr, source })?;
+        let bound = udp
+            .local_addr()
+            .map_err(|source| ServerError::Udp { addr, source })?;
+        let tcp = TcpListener::bind(bound)
+            .await
+            .map_err(|source| ServerError::Tcp {
+                addr: bound,
+                source,
+            })?;
+        Ok(Self {
+            udp: Arc::new(udp),
+            tcp,
+            zone,
+            upstream,
+        })
+    }
+
+    /// The bound address (UDP and TCP).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.udp.local_addr()
+    }
+
+    /// Serves until the runtime stops.
+    pub fn spawn(self) {
+        let opts = Options {
+            forward: self.upstream.is_some(),
+        };
+        let forwards = Arc::new(Semaphore::new(MAX_FORWARDS));
+        tokio::spawn(serve_udp(
+            self.udp,
+            self.zone.clone(),
+            self.upstream,
+            opts,
+            forwards.clone(),
+        ));
+        tokio::spawn(serve_tcp(
+            self.tcp,
+            self.zone,
+            self.upstream,
+            opts,
+            forwards,
+        ));
+    }
+}
+
+static ROTATE: AtomicUsize = AtomicUsize::new(0);
+
+fn next_rotation() -> usize {
+    ROTATE.fetch_add(1, Ordering::Relaxed)
+}
+
+async fn serve_udp(
+    sock: Arc<UdpSocket>,
+    zone: Arc<ArcSwap<Zone>>,
+    upstream: Option<SocketAddr>,
+    opts: Options,
+    forwards: Arc<Semaphore>,
+) {
+    let mut buf = vec![0u8; 65536];
+    let mut out = Vec::with_capacity(TCP_MAX);
+    loop {
+        let (n, peer) = match sock.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                // ICMP errors from earlier sends surface here; keep serving.
+                tracing::debug!("dns udp recv: {e}");
+                continue;
+            }
+        };
+        let msg = &buf[..n];
+        let outcome = answer(
+            &zone.load(),
+            msg,
+            Transport::Udp,
+            opts,
+            next_rotation(),
+            &mut out,
+        );
+        match (outcome, upstream) {
+            (Outcome::Reply, _) => {
+                if let Err(e) = sock.send_to(&out, peer).await {
+                    tracing::debug!("dns udp send to {peer}: {e}");
+                }
+            }
+            (Outcome::Forward, Some(up)) => match forwards.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let q = msg.to_vec();
+                    let sock = sock.clone();
+                    tokio::spawn(async move {
+                        let reply = match forward_udp(up, &q).await {
+                            Some(r) => r,
+                            None => {
+                                let mut r = Vec::new();
+                                if servfail(&q, &mut r).is_none() {
+                                    return;
+                                }
+                                r
+                            }
+                        };
+                        let _ = sock.send_to(&reply, peer).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    if servfail(msg, &mut out).is_some() {
+                        let _ = sock.send_to(&out, peer).await;
+                    }
+                }
+            },
+            _ => {}
+        }
+    }
+}
+
+/// Whether `reply` answers `query`: a response with the same id.
+fn answers(query: &[u8], reply: &[u8]) -> bool {
+    reply.len() >= 12 && reply[0..2] == query[0..2] && reply[2] & 0x80 != 0
+}
+
+async fn forward_udp(upstream: SocketAddr, query: &[u8]) -> Option<Vec<u8>> {
+    let local: SocketAddr = if upstream.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let s = UdpSocket::bind(local).await.ok()?;
+    s.connect(upstream).await.ok()?;
+    s.send(query).await.ok()?;
+    let mut buf = vec![0u8; 65536];
+    let deadline = tokio::time::Instant::now() + UPSTREAM_TIMEOUT;
+    loop {
+        let n = tokio::time::timeout_at(deadline, s.recv(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if answers(query, &buf[..n]) {
+            buf.truncate(n);
+            return Some(buf);
+        }
+    }
+}
+
+async fn forward_tcp(upstream: SocketAddr, query: &[u8]) -> Option<Vec<u8>> {
+    let work = async {
+        let mut s = TcpStream::connect(upstream).await.ok()?;
+        let len = u16::try_from(query.len()).ok()?;
+        let mut framed = Vec::with_capacity(query.len() + 2);
+        framed.extend_from_slice(&len.to_be_bytes());
+        framed.extend_from_slice(query);
+        s.write_all(&framed).await.ok()?;
+        let n = s.read_u16().await.ok()?;
+        let mut reply = vec![0u8; usize::from(n)];
+        s.read_exact(&mut reply).await.ok()?;
+        answers(query, &reply).then_some(reply)
+    };
+    tokio::time::timeout(UPSTREAM_TIMEOUT, work).await.ok()?
+}
+
+async fn serve_tcp(
+    listener: TcpListener,
+    zone: Arc<ArcSwap<Zone>>,
+    upstream: Option<SocketAddr>,
+    opts: Options,
+    forwards: Arc<Semaphore>,
+) {
+    let conns = Arc::new(Semaphore::new(MAX_TCP));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!("dns tcp accept: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = conns.clone().try_acquire_owned() else {
+            tracing::debug!("dns tcp: too many connections, closing {peer}");
+            continue;
+        };
+        let zone = zone.clone();
+        let forwards = forwards.clone();
+        tokio::spawn(async move {
+            serve_conn(stream, zone, upstream, opts, forwards).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_conn(
+    mut stream: TcpStream,
+    zone: Arc<ArcSwap<Zone>>,
+    upstream: Option<SocketAddr>,
+    opts: Options,
+    forwards: Arc<Semaphore>,
+) {
+    let mut buf = vec![0u8; TCP_MAX];
+    let mut out = Vec::with_capacity(1024);
+    loop {
+        let len = match tokio::time::timeout(TCP_IDLE, stream.read_u16()).await {
+            Ok(Ok(n)) => usize::from(n),
+            _ => return,
+        };
+        let msg = &mut buf[..len];
+        match tokio::time::timeout(TCP_IDLE, stream.read_exact(msg)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let msg = &buf[..len];
+        let outcome = answer(
+            &zone.load(),
+            msg,
+            Transport::Tcp,
+            opts,
+            next_rotation(),
+            &mut out,
+        );
+        let reply: Vec<u8>;
+        let bytes: &[u8] = match (outcome, upstream) {
+            (Outcome::Reply, _) => &out,
+            (Outcome::Forward, Some(up)) => {
+                let got = match forwards.clone().try_acquire_owned() {
+                    Ok(_permit) => forward_tcp(up, msg).await,
+                    Err(_) => None,
+                };
+                match got {
+                    Some(r) => {
+                        reply = r;
+                        &reply
+                    }
+                    None => {
+                        if servfail(msg, &mut out).is_none() {
+                            return;
+                        }
+                        &out
+                    }
+                }
+            }
+            _ => return,
+        };
+        let Ok(n) = u16::try_from(bytes.len()) else {
+            return;
+        };
+        let mut framed = Vec::with_capacity(bytes.len() + 2);
+        framed.extend_from_slice(&n.to_be_bytes());
+        framed.extend_from_slice(bytes);
+        if stream.write_all(&framed).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A running DNS responder: publish a new zone after every compile.
+pub struct Dns {
+    /// What zones are compiled with.
+    pub config: super::ZoneConfig,
+    /// The zone the servers answer from.
+    pub zone: Arc<ArcSwap<Zone>>,
+    /// Bound address (UDP and TCP).
+    pub addr: SocketAddr,
+}
+
+/// Why DNS could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Bad cluster domain.
+    #[error(transparent)]
+    Zone(#[from] super::ZoneError),
+    /// Binding failed.
+    #[error(transparent)]
+    Bind(#[from] ServerError),
+}
+
+impl Dns {
+    /// Binds `addr` and starts serving an empty zone for `domain` on the current
+    /// tokio runtime.
+    pub async fn start(
+        addr: SocketAddr,
+        domain: &str,
+        ttl: u32,
+        upstream: Option<SocketAddr>,
+    ) -> Result<Dns, StartError> {
+        let config = super::ZoneConfig::new(domain, ttl)?;
+        let zone = Arc::new(ArcSwap::from_pointee(Zone::empty(&config)));
+        let server = DnsServer::bind(addr, zone.clone(), upstream).await?;
+        let addr = server
+            .local_addr()
+            .map_err(|source| ServerError::Udp { addr, source })?;
+        server.spawn();
+        tracing::info!(%addr, domain, ?upstream, "serving cluster DNS");
+        Ok(Dns { config, zone, addr })
+    }
+
+    /// Compiles the store's current objects and makes them the answers.
+    pub fn publish(&self, store: &crate::state::Store, generation: u64) {
+        self.zone
+            .store(Arc::new(Zone::compile(store, &self.config, generation)));
+    }
+}

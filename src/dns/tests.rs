@@ -1,0 +1,586 @@
+//! Query-path tests: queries built and responses parsed by hickory-proto, the
+//! zone compiled from a real store.
+
+use std::collections::BTreeMap;
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RecordType};
+
+use super::*;
+use crate::discovery::Update;
+use crate::model::*;
+use crate::state::Store;
+
+fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+    kv.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn port(name: &str, protocol: Protocol, port: u16) -> ServicePort {
+    ServicePort {
+        name: name.into(),
+        protocol,
+        port,
+        node_port: None,
+        target_port: TargetPort::Number(port + 8000),
+    }
+}
+
+fn ep(ip: &str, ready: bool, hostname: Option<&str>) -> Endpoint {
+    Endpoint {
+        ready,
+        serving: ready,
+        hostname: hostname.map(str::to_string),
+        ..Endpoint::ready(ip.parse().unwrap())
+    }
+}
+
+/// A store with one of each kind of Service.
+pub(super) fn sample_store() -> Store {
+    let web = Service {
+        cluster_ips: vec!["10.96.0.10".parse().unwrap(), "fd00:10:96::a".parse().unwrap()],
+        ports: vec![port("http", Protocol::Tcp, 80), port("dns", Protocol::Udp, 53)],
+        ..Service::new(ObjectKey::new("default", "web"))
+    };
+    let db = Service {
+        headless: true,
+        ports: vec![port("pg", Protocol::Tcp, 5432)],
+        ..Service::new(ObjectKey::new("default", "db"))
+    };
+    let db_slice = EndpointSlice {
+        key: ObjectKey::new("default", "db-1"),
+        service_name: "db".into(),
+        family: AddressFamily::V4,
+        ports: vec![SlicePort {
+            name: "pg".into(),
+            protocol: Protocol::Tcp,
+            port: Some(5433),
+        }],
+        endpoints: vec![
+            ep("10.244.0.1", true, Some("db-0")),
+            ep("10.244.0.2", true, None),
+            ep("10.244.0.3", false, Some("db-2")),
+        ],
+    };
+    let ext = Service {
+        service_type: ServiceType::ExternalName,
+        external_name: Some("db.example.com".into()),
+        ..Service::new(ObjectKey::new("shop", "ext"))
+    };
+    let unnamed = Service {
+        cluster_ips: vec!["10.96.0.11".parse().unwrap()],
+        ports: vec![port("", Protocol::Tcp, 8080)],
+        ..Service::new(ObjectKey::new("shop", "plain"))
+    };
+    let mut st = Store::new();
+    st.apply(Update::Reset(vec![
+        Object::Service(web),
+        Object::Service(db),
+        Object::EndpointSlice(db_slice),
+        Object::Service(ext),
+        Object::Service(unnamed),
+    ]));
+    st
+}
+
+fn cfg() -> ZoneConfig {
+    ZoneConfig::new("cluster.local", 5).unwrap()
+}
+
+fn zone() -> Zone {
+    Zone::compile(&sample_store(), &cfg(), 7)
+}
+
+fn query_bytes(name: &str, qtype: RecordType, edns: Option<u16>) -> Vec<u8> {
+    let mut m = Message::new(0x1234, MessageType::Query, OpCode::Query);
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
+    if let Some(size) = edns {
+        let mut e = Edns::new();
+        e.set_max_payload(size);
+        m.set_edns(e);
+    }
+    m.to_vec().unwrap()
+}
+
+fn ask_with(z: &Zone, msg: &[u8], t: Transport, opts: Options) -> (Outcome, Vec<u8>) {
+    let mut out = Vec::new();
+    let o = answer(z, msg, t, opts, 0, &mut out);
+    (o, out)
+}
+
+fn ask(z: &Zone, name: &str, qtype: RecordType) -> Message {
+    let (o, out) = ask_with(
+        z,
+        &query_bytes(name, qtype, None),
+        Transport::Udp,
+        Options::default(),
+    );
+    assert_eq!(o, Outcome::Reply);
+    Message::from_vec(&out).unwrap()
+}
+
+fn data(m: &Message) -> Vec<String> {
+    let mut v: Vec<String> = m.answers.iter().map(|r| r.data.to_string()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn clusterip_a_and_aaaa() {
+    let z = zone();
+    let m = ask(&z, "web.default.svc.cluster.local.", RecordType::A);
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(m.metadata.authoritative);
+    assert_eq!(m.metadata.id, 0x1234);
+    assert_eq!(data(&m), vec!["10.96.0.10"]);
+    assert_eq!(m.answers[0].ttl, 5);
+    assert_eq!(m.answers[0].name.to_ascii(), "web.default.svc.cluster.local.");
+    let m = ask(&z, "web.default.svc.cluster.local.", RecordType::AAAA);
+    assert_eq!(data(&m), vec!["fd00:10:96::a"]);
+}
+
+#[test]
+fn headless_ready_endpoints_and_hostnames() {
+    let z = zone();
+    let m = ask(&z, "db.default.svc.cluster.local.", RecordType::A);
+    assert_eq!(data(&m), vec!["10.244.0.1", "10.244.0.2"], "not-ready skipped");
+    let m = ask(&z, "db-0.db.default.svc.cluster.local.", RecordType::A);
+    assert_eq!(data(&m), vec!["10.244.0.1"]);
+    let m = ask(&z, "10-244-0-2.db.default.svc.cluster.local.", RecordType::A);
+    assert_eq!(data(&m), vec!["10.244.0.2"]);
+    let m = ask(&z, "db-2.db.default.svc.cluster.local.", RecordType::A);
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+}
+
+#[test]
+fn headless_publish_not_ready_serves_every_endpoint() {
+    let mut st = sample_store();
+    let mut db = st
+        .services()
+        .find(|s| s.key.name == "db")
+        .cloned()
+        .unwrap();
+    db.publish_not_ready = true;
+    st.apply(Update::Upsert(Box::new(Object::Service(db))));
+    let z = Zone::compile(&st, &cfg(), 2);
+    let m = ask(&z, "db.default.svc.cluster.local.", RecordType::A);
+    assert_eq!(data(&m).len(), 3);
+}
+
+#[test]
+fn address_answers_rotate() {
+    let z = zone();
+    let q = query_bytes("db.default.svc.cluster.local.", RecordType::A, None);
+    let first = |rot| {
+        let mut out = Vec::new();
+        answer(&z, &q, Transport::Udp, Options::default(), rot, &mut out);
+        Message::from_vec(&out).unwrap().answers[0].data.to_string()
+    };
+    assert_ne!(first(0), first(1));
+}
+
+#[test]
+fn external_name_is_a_cname_for_every_type() {
+    let z = zone();
+    for t in [RecordType::A, RecordType::AAAA, RecordType::CNAME, RecordType::TXT] {
+        let m = ask(&z, "ext.shop.svc.cluster.local.", t);
+        assert_eq!(m.answers.len(), 1, "{t}");
+        assert_eq!(m.answers[0].record_type(), RecordType::CNAME);
+        assert_eq!(m.answers[0].data.to_string(), "db.example.com.");
+    }
+}
+
+#[test]
+fn srv_for_named_ports_only() {
+    let z = zone();
+    let m = ask(&z, "_http._tcp.web.default.svc.cluster.local.", RecordType::SRV);
+    assert_eq!(data(&m), vec!["0 100 80 web.default.svc.cluster.local."]);
+    let m = ask(&z, "_dns._udp.web.default.svc.cluster.local.", RecordType::SRV);
+    assert_eq!(data(&m), vec!["0 100 53 web.default.svc.cluster.local."]);
+    let m = ask(&z, "_dns._tcp.web.default.svc.cluster.local.", RecordType::SRV);
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain, "wrong protocol");
+    let m = ask(&z, "_pg._tcp.db.default.svc.cluster.local.", RecordType::SRV);
+    assert_eq!(
+        data(&m),
+        vec![
+            "0 50 5433 10-244-0-2.db.default.svc.cluster.local.",
+            "0 50 5433 db-0.db.default.svc.cluster.local.",
+        ]
+    );
+    // The unnamed port of shop/plain has no SRV name.
+    let m = ask(&z, "_tcp.plain.shop.svc.cluster.local.", RecordType::SRV);
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+}
+
+#[test]
+fn ptr_for_cluster_ips_and_headless_endpoints() {
+    let z = zone();
+    let m = ask(&z, "10.0.96.10.in-addr.arpa.", RecordType::PTR);
+    assert_eq!(data(&m), vec!["web.default.svc.cluster.local."]);
+    let m = ask(&z, "1.0.244.10.in-addr.arpa.", RecordType::PTR);
+    assert_eq!(data(&m), vec!["db-0.db.default.svc.cluster.local."]);
+    let v6 = zone::reverse_name("fd00:10:96::a".parse().unwrap());
+    assert!(v6.starts_with("a.0.0.0.") && v6.ends_with(".0.1.0.0.0.0.d.f.ip6.arpa."), "{v6}");
+    let m = ask(&z, &v6, RecordType::PTR);
+    assert_eq!(data(&m), vec!["web.default.svc.cluster.local."]);
+    // An address nobody has is not ours.
+    let m = ask(&z, "9.9.9.9.in-addr.arpa.", RecordType::PTR);
+    assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+}
+
+#[test]
+fn dns_version_and_soa() {
+    let z = zone();
+    let m = ask(&z, "dns-version.cluster.local.", RecordType::TXT);
+    assert_eq!(data(&m), vec!["1.1.0"]);
+    let m = ask(&z, "cluster.local.", RecordType::SOA);
+    assert_eq!(m.answers.len(), 1);
+    assert!(
+        m.answers[0]
+            .data
+            .to_string()
+            .starts_with("ns.dns.cluster.local. hostmaster.cluster.local. 7 "),
+        "{}",
+        m.answers[0].data
+    );
+}
+
+#[test]
+fn nxdomain_and_nodata_carry_the_soa() {
+    let z = zone();
+    for name in [
+        "nope.default.svc.cluster.local.",
+        "web.nope.svc.cluster.local.",
+        "web.default.pod.cluster.local.",
+    ] {
+        let m = ask(&z, name, RecordType::A);
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain, "{name}");
+        assert!(m.answers.is_empty());
+        assert_eq!(m.authorities.len(), 1);
+        assert_eq!(m.authorities[0].record_type(), RecordType::SOA);
+        assert_eq!(m.authorities[0].name.to_ascii(), "cluster.local.");
+    }
+    // Existing names (and empty non-terminals) without the type: NODATA.
+    for (name, t) in [
+        ("web.default.svc.cluster.local.", RecordType::TXT),
+        ("db.default.svc.cluster.local.", RecordType::AAAA),
+        ("default.svc.cluster.local.", RecordType::A),
+        ("svc.cluster.local.", RecordType::A),
+        ("_tcp.web.default.svc.cluster.local.", RecordType::SRV),
+    ] {
+        let m = ask(&z, name, t);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{name}");
+        assert!(m.answers.is_empty(), "{name}");
+        assert_eq!(m.authorities.len(), 1, "{name}");
+        assert_eq!(m.authorities[0].record_type(), RecordType::SOA);
+    }
+}
+
+#[test]
+fn search_path_expansions_are_nxdomain() {
+    let z = zone();
+    for name in [
+        "web.default.svc.cluster.local.default.svc.cluster.local.",
+        "web.default.svc.cluster.local.svc.cluster.local.",
+        "web.default.svc.cluster.local.cluster.local.",
+    ] {
+        let m = ask(&z, name, RecordType::A);
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain, "{name}");
+    }
+}
+
+#[test]
+fn out_of_zone_is_refused_or_forwarded() {
+    let z = zone();
+    let m = ask(&z, "example.com.", RecordType::A);
+    assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+    assert!(!m.metadata.authoritative);
+    assert_eq!(m.queries.len(), 1, "question echoed");
+    let q = query_bytes("example.com.", RecordType::A, None);
+    let (o, _) = ask_with(&z, &q, Transport::Udp, Options { forward: true });
+    assert_eq!(o, Outcome::Forward);
+    let q = query_bytes("web.default.svc.cluster.local.", RecordType::A, None);
+    let (o, _) = ask_with(&z, &q, Transport::Udp, Options { forward: true });
+    assert_eq!(o, Outcome::Reply, "in-zone names are never forwarded");
+}
+
+#[test]
+fn names_match_case_insensitively_and_keep_the_clients_case() {
+    let z = zone();
+    let m = ask(&z, "WeB.DeFaUlT.SVC.cluster.LOCAL.", RecordType::A);
+    assert_eq!(data(&m), vec!["10.96.0.10"]);
+    assert_eq!(m.answers[0].name.to_ascii(), "WeB.DeFaUlT.SVC.cluster.LOCAL.");
+    assert_eq!(m.queries[0].name().to_ascii(), "WeB.DeFaUlT.SVC.cluster.LOCAL.");
+}
+
+#[test]
+fn edns_is_echoed_and_big_answers_truncate_over_udp_only() {
+    let mut st = Store::new();
+    let big = Service {
+        headless: true,
+        ports: vec![port("", Protocol::Tcp, 80)],
+        ..Service::new(ObjectKey::new("default", "big"))
+    };
+    let slice = EndpointSlice {
+        key: ObjectKey::new("default", "big-1"),
+        service_name: "big".into(),
+        family: AddressFamily::V4,
+        ports: vec![],
+        endpoints: (1..=100)
+            .map(|i| ep(&format!("10.244.1.{i}"), true, None))
+            .collect(),
+    };
+    st.apply(Update::Reset(vec![
+        Object::Service(big),
+        Object::EndpointSlice(slice),
+    ]));
+    let z = Zone::compile(&st, &cfg(), 1);
+    let name = "big.default.svc.cluster.local.";
+    // 100 A records = 1600 bytes of answers: too big for 512 and for 1232.
+    for edns in [None, Some(4096)] {
+        let (_, out) = ask_with(
+            &z,
+            &query_bytes(name, RecordType::A, edns),
+            Transport::Udp,
+            Options::default(),
+        );
+        let m = Message::from_vec(&out).unwrap();
+        assert!(m.metadata.truncation, "edns {edns:?}");
+        assert!(m.answers.is_empty());
+        assert_eq!(m.edns.is_some(), edns.is_some(), "OPT echoed");
+        assert!(out.len() <= 512);
+    }
+    let (_, out) = ask_with(
+        &z,
+        &query_bytes(name, RecordType::A, Some(4096)),
+        Transport::Tcp,
+        Options::default(),
+    );
+    let m = Message::from_vec(&out).unwrap();
+    assert!(!m.metadata.truncation);
+    assert_eq!(m.answers.len(), 100);
+    assert_eq!(m.edns.as_ref().map(|e| e.max_payload()), Some(UDP_MAX as u16));
+}
+
+#[test]
+fn changes_to_services_show_up_in_the_next_zone() {
+    let mut st = sample_store();
+    let z1 = Zone::compile(&st, &cfg(), 1);
+    st.apply(Update::Delete(Kind::Service, ObjectKey::new("default", "web")));
+    let z2 = Zone::compile(&st, &cfg(), 2);
+    assert_eq!(data(&ask(&z1, "web.default.svc.cluster.local.", RecordType::A)).len(), 1);
+    let m = ask(&z2, "web.default.svc.cluster.local.", RecordType::A);
+    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+}
+
+#[test]
+fn selector_pods_are_headless_endpoints() {
+    let svc = Service {
+        headless: true,
+        selector: Some(labels(&[("app", "cache")])),
+        ports: vec![port("redis", Protocol::Tcp, 6379)],
+        ..Service::new(ObjectKey::new("default", "cache"))
+    };
+    let pod = |name: &str, ip: &str, ready: bool, app: &str| Pod {
+        key: ObjectKey::new("default", name),
+        labels: labels(&[("app", app)]),
+        ips: vec![ip.parse().unwrap()],
+        node_name: None,
+        ready,
+        terminating: false,
+        container_ports: vec![],
+        hostname: Some(name.into()),
+        subdomain: Some("cache".into()),
+        terminal: false,
+    };
+    let mut st = Store::new();
+    st.apply(Update::Reset(vec![
+        Object::Service(svc),
+        Object::Pod(pod("cache-0", "10.244.2.1", true, "cache")),
+        Object::Pod(pod("cache-1", "10.244.2.2", false, "cache")),
+        Object::Pod(pod("other", "10.244.2.3", true, "web")),
+    ]));
+    let z = Zone::compile(&st, &cfg(), 1);
+    let m = ask(&z, "cache.default.svc.cluster.local.", RecordType::A);
+    assert_eq!(data(&m), vec!["10.244.2.1"]);
+    let m = ask(&z, "cache-0.cache.default.svc.cluster.local.", RecordType::A);
+    assert_eq!(data(&m), vec!["10.244.2.1"]);
+    let m = ask(&z, "_redis._tcp.cache.default.svc.cluster.local.", RecordType::SRV);
+    assert_eq!(data(&m), vec!["0 100 6379 cache-0.cache.default.svc.cluster.local."]);
+    // The Pod becomes ready: it joins.
+    st.apply(Update::Upsert(Box::new(Object::Pod(pod(
+        "cache-1",
+        "10.244.2.2",
+        true,
+        "cache",
+    )))));
+    let z = Zone::compile(&st, &cfg(), 2);
+    let m = ask(&z, "cache.default.svc.cluster.local.", RecordType::A);
+    assert_eq!(data(&m), vec!["10.244.2.1", "10.244.2.2"]);
+}
+
+#[test]
+fn other_domains_and_ttls() {
+    let cfg = ZoneConfig::new("k8s.example.", 30).unwrap();
+    let z = Zone::compile(&sample_store(), &cfg, 1);
+    let m = ask(&z, "web.default.svc.k8s.example.", RecordType::A);
+    assert_eq!(m.answers[0].ttl, 30);
+    let m = ask(&z, "web.default.svc.cluster.local.", RecordType::A);
+    assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+    assert!(ZoneConfig::new("bad..name", 5).is_err());
+    assert!(ZoneConfig::new("", 5).is_err());
+}
+
+// ---- hostile and malformed input ----
+
+fn raw_answer(msg: &[u8]) -> (Outcome, Vec<u8>) {
+    ask_with(&zone(), msg, Transport::Udp, Options::default())
+}
+
+fn rcode_of(out: &[u8]) -> u8 {
+    out[3] & 0x0f
+}
+
+#[test]
+fn too_short_and_responses_are_dropped() {
+    for len in 0..12 {
+        assert_eq!(raw_answer(&vec![0u8; len]).0, Outcome::Drop, "len {len}");
+    }
+    let mut q = query_bytes("web.default.svc.cluster.local.", RecordType::A, None);
+    q[2] |= 0x80; // QR: a response
+    assert_eq!(raw_answer(&q).0, Outcome::Drop);
+}
+
+#[test]
+fn truncated_queries_get_formerr() {
+    let q = query_bytes("web.default.svc.cluster.local.", RecordType::A, Some(1232));
+    for cut in 12..q.len() {
+        let (o, out) = raw_answer(&q[..cut]);
+        assert_eq!(o, Outcome::Reply, "cut at {cut}");
+        assert_eq!(rcode_of(&out), 1, "FORMERR at cut {cut}");
+        assert_eq!(out[0..2], q[0..2], "id echoed");
+        assert_eq!(out.len(), 12);
+    }
+}
+
+#[test]
+fn compression_loops_and_forward_pointers_get_formerr() {
+    let header = [0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    let cases: [&[u8]; 4] = [
+        &[0xC0, 12, 0, 1, 0, 1],                // points at itself
+        &[0xC0, 14, 0xC0, 12, 0, 1, 0, 1],      // forward pointer
+        &[3, b'a', b'b', b'c', 0xC0, 12, 0, 1, 0, 1], // loops back to its start
+        &[0xC0, 0xFF, 0, 1, 0, 1],              // beyond the message
+    ];
+    for (i, name) in cases.iter().enumerate() {
+        let mut q = header.to_vec();
+        q.extend_from_slice(name);
+        let (o, out) = raw_answer(&q);
+        assert_eq!(o, Outcome::Reply, "case {i}");
+        assert_eq!(rcode_of(&out), 1, "case {i}");
+    }
+}
+
+#[test]
+fn oversized_names_and_labels_get_formerr() {
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    // A 64-byte label (the limit is 63): the length byte has the 0x40 bit set,
+    // which is a reserved label type.
+    q.push(64);
+    q.extend(std::iter::repeat_n(b'a', 64));
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    assert_eq!(rcode_of(&raw_answer(&q).1), 1);
+    // 5 labels of 63 bytes: 320 bytes, over the 255 limit.
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for _ in 0..5 {
+        q.push(63);
+        q.extend(std::iter::repeat_n(b'a', 63));
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    assert_eq!(rcode_of(&raw_answer(&q).1), 1);
+    // A 64 KiB message of junk after a valid question.
+    let mut q = query_bytes("web.default.svc.cluster.local.", RecordType::A, None);
+    q[11] = 1; // one additional record, which is junk
+    q.extend(std::iter::repeat_n(0xAB, 65_000));
+    assert_eq!(rcode_of(&raw_answer(&q).1), 1);
+}
+
+#[test]
+fn wrong_counts_opcodes_and_types() {
+    let q = query_bytes("web.default.svc.cluster.local.", RecordType::A, None);
+    // Two questions announced, one present; zero questions.
+    for qd in [0u8, 2] {
+        let mut m = q.clone();
+        m[5] = qd;
+        assert_eq!(rcode_of(&raw_answer(&m).1), 1, "qdcount {qd}");
+    }
+    // Answers in a query; too many additionals.
+    let mut m = q.clone();
+    m[7] = 1;
+    assert_eq!(rcode_of(&raw_answer(&m).1), 1);
+    let mut m = q.clone();
+    m[10] = 0xFF;
+    assert_eq!(rcode_of(&raw_answer(&m).1), 1);
+    // NOTIFY / UPDATE opcodes: NOTIMP.
+    for op in [4u8, 5] {
+        let mut m = q.clone();
+        m[2] = (m[2] & 0x87) | (op << 3);
+        let (_, out) = raw_answer(&m);
+        assert_eq!(rcode_of(&out), 4, "opcode {op}");
+    }
+    // Zone transfers are refused; OPT as a question is malformed.
+    let m = ask(&zone(), "cluster.local.", RecordType::AXFR);
+    assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+    let (_, out) = raw_answer(&query_bytes("cluster.local.", RecordType::OPT, None));
+    assert_eq!(rcode_of(&out), 1);
+    // Class CH is not served.
+    let mut m = q.clone();
+    let n = m.len();
+    m[n - 1] = 3;
+    assert_eq!(rcode_of(&raw_answer(&m).1), 5);
+}
+
+#[test]
+fn edns_version_one_gets_badvers() {
+    let mut m = Message::new(7, MessageType::Query, OpCode::Query);
+    m.add_query(Query::query(
+        Name::from_ascii("web.default.svc.cluster.local.").unwrap(),
+        RecordType::A,
+    ));
+    let mut e = Edns::new();
+    e.set_version(1);
+    m.set_edns(e);
+    let (_, out) = raw_answer(&m.to_vec().unwrap());
+    let r = Message::from_vec(&out).unwrap();
+    assert_eq!(r.metadata.response_code, ResponseCode::BADVERS);
+    assert!(r.answers.is_empty());
+}
+
+#[test]
+fn servfail_echoes_the_question() {
+    let q = query_bytes("example.com.", RecordType::A, None);
+    let mut out = Vec::new();
+    servfail(&q, &mut out).unwrap();
+    let m = Message::from_vec(&out).unwrap();
+    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    assert_eq!(m.metadata.id, 0x1234);
+    assert_eq!(m.queries[0].name().to_ascii(), "example.com.");
+    assert!(servfail(&[1, 2, 3], &mut out).is_none());
+}
+
+/// The fuzz corpus (fuzz/corpus/dns_query) replayed through the fuzz target's
+/// entry point, so CI exercises it on stable.
+#[test]
+fn fuzz_corpus_replays() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/dns_query");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        fuzz_one(&bytes);
+        n += 1;
+    }
+    assert!(n >= 10, "corpus too small: {n} files in {}", dir.display());
+}

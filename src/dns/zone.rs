@@ -1,0 +1,516 @@
+//! The DNS view of the store, compiled beside each snapshot: every name of the
+//! Kubernetes DNS-Based Service Discovery specification with its answers already
+//! in wire format, so answering a query is one hash lookup and a copy.
+//!
+//! Records (zone `Z`, default `cluster.local`):
+//! - `<svc>.<ns>.svc.Z` A/AAAA: the ClusterIPs; headless: every ready endpoint
+//!   (every endpoint with `publishNotReadyAddresses`).
+//! - headless `<hostname>.<svc>.<ns>.svc.Z` A/AAAA for endpoints with a hostname;
+//!   `<a-b-c-d>.<svc>.<ns>.svc.Z` for those without (as CoreDNS).
+//! - ExternalName: `<svc>.<ns>.svc.Z` CNAME `externalName`, for every type.
+//! - `_<port>._<proto>.<svc>.<ns>.svc.Z` SRV for named ports: the Service name and
+//!   port, or for headless Services one per endpoint naming it and its port.
+//! - PTR for ClusterIPs and headless endpoint IPs.
+//! - `dns-version.Z` TXT `1.1.0`; `Z` SOA.
+//!
+//! Every ancestor of a name inside the zone exists (empty non-terminals), so a
+//! query for a missing type there is NODATA, and anything else in the zone is
+//! NXDOMAIN; both carry the SOA in the authority section.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use hickory_proto::rr::{Name, RecordType};
+
+use crate::model::{AddressFamily, EndpointSlice, Protocol, Service, ServiceType};
+use crate::state::Store;
+
+/// Version of the Kubernetes DNS schema served at `dns-version.<zone>`.
+pub const SCHEMA_VERSION: &str = "1.1.0";
+
+/// Compression pointer to the question's name (offset 12 of every message): each
+/// precomputed answer names its owner this way, which keeps the client's spelling.
+const OWNER_IS_QUESTION: [u8; 2] = [0xC0, 0x0C];
+/// Class IN.
+const CLASS_IN: u16 = 1;
+
+/// What a zone is compiled with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZoneConfig {
+    /// The cluster domain, fully qualified (`cluster.local.`).
+    pub origin: Name,
+    /// TTL of every answer, and of negative answers (SOA minimum).
+    pub ttl: u32,
+}
+
+impl ZoneConfig {
+    /// A config for `domain` (with or without the trailing dot).
+    pub fn new(domain: &str, ttl: u32) -> Result<Self, ZoneError> {
+        Ok(Self {
+            origin: fqdn(domain)?,
+            ttl,
+        })
+    }
+}
+
+/// A name that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ZoneError {
+    /// Not a valid DNS name.
+    #[error("{name:?} is not a valid DNS name: {reason}")]
+    BadName {
+        /// The text.
+        name: String,
+        /// The parser's reason.
+        reason: String,
+    },
+}
+
+/// Parses a fully qualified name (a trailing dot is added when missing).
+pub fn fqdn(s: &str) -> Result<Name, ZoneError> {
+    let text = if s.ends_with('.') {
+        s.to_string()
+    } else {
+        format!("{s}.")
+    };
+    let bad = |reason: String| ZoneError::BadName {
+        name: s.to_string(),
+        reason,
+    };
+    if text == "." || text.contains("..") || text.starts_with('.') {
+        return Err(bad("empty label".to_string()));
+    }
+    let name = Name::from_ascii(&text).map_err(|e| bad(e.to_string()))?;
+    if name.len() > 255 {
+        return Err(bad("longer than 255 bytes".to_string()));
+    }
+    Ok(name)
+}
+
+/// Precomputed resource records of one type at one name: each record starts with
+/// the pointer to the question's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RrSet {
+    /// Record type.
+    pub rtype: RecordType,
+    /// Each record, in wire format.
+    pub records: Box<[Box<[u8]>]>,
+}
+
+/// One name of the zone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Node {
+    /// Record sets, by type. A CNAME set is alone.
+    pub sets: Box<[RrSet]>,
+}
+
+impl Node {
+    /// The set answering `qtype` (the CNAME answers every type).
+    pub fn set(&self, qtype: RecordType) -> Option<&RrSet> {
+        self.sets
+            .iter()
+            .find(|s| s.rtype == qtype || s.rtype == RecordType::CNAME)
+    }
+}
+
+/// The compiled DNS view. Immutable once built; published with `ArcSwap`.
+#[derive(Debug, Clone)]
+pub struct Zone {
+    /// The cluster domain.
+    pub origin: Name,
+    /// Answer TTL.
+    pub ttl: u32,
+    /// Snapshot generation it was compiled with.
+    pub generation: u64,
+    /// Every name: those inside the zone and reverse (PTR) names.
+    nodes: HashMap<Name, Node>,
+    /// The SOA record with its owner written out, for authority sections.
+    soa: Box<[u8]>,
+}
+
+/// The lookup result for one name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup<'a> {
+    /// The name exists; the set of the type, if any (`None` is NODATA).
+    Found(Option<&'a RrSet>, &'a Node),
+    /// Inside the zone, but no such name.
+    NxDomain,
+    /// Not ours: refuse or forward.
+    OutOfZone,
+}
+
+impl Zone {
+    /// An empty zone (only the SOA and `dns-version`).
+    pub fn empty(cfg: &ZoneConfig) -> Zone {
+        Builder::new(cfg).finish(cfg, 0)
+    }
+
+    /// Compiles every Service of the store (and its endpoints, from slices and
+    /// from Pods matching selectors) into a zone.
+    pub fn compile(store: &Store, cfg: &ZoneConfig, generation: u64) -> Zone {
+        let derived = store.selector_slices();
+        let by_service = store.slices_by_service(&derived);
+        let mut b = Builder::new(cfg);
+        for svc in store.services() {
+            let slices = by_service
+                .get(&(svc.key.namespace.as_str(), svc.key.name.as_str()))
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            b.service(svc, slices);
+        }
+        b.finish(cfg, generation)
+    }
+
+    /// Finds `name` (case-insensitively).
+    pub fn lookup(&self, name: &Name, qtype: RecordType) -> Lookup<'_> {
+        match self.nodes.get(name) {
+            Some(node) => Lookup::Found(node.set(qtype), node),
+            None if self.origin.zone_of(name) => Lookup::NxDomain,
+            None => Lookup::OutOfZone,
+        }
+    }
+
+    /// Whether `name` is inside the cluster domain.
+    pub fn contains(&self, name: &Name) -> bool {
+        self.origin.zone_of(name)
+    }
+
+    /// The SOA record for authority sections.
+    pub fn soa(&self) -> &[u8] {
+        &self.soa
+    }
+
+    /// Number of names (with empty non-terminals).
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// True when the zone holds no name (never: the apex always exists).
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+}
+
+/// Appends a name uncompressed.
+pub(crate) fn put_name(out: &mut Vec<u8>, name: &Name) {
+    for label in name.iter() {
+        // Labels are at most 63 bytes (checked by hickory when the Name was built).
+        out.push(label.len() as u8);
+        out.extend_from_slice(label);
+    }
+    out.push(0);
+}
+
+fn put_u16(out: &mut Vec<u8>, v: u16) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+
+fn put_u32(out: &mut Vec<u8>, v: u32) {
+    out.extend_from_slice(&v.to_be_bytes());
+}
+
+/// One record owned by the question's name.
+fn record(rtype: RecordType, ttl: u32, rdata: &[u8]) -> Box<[u8]> {
+    let mut out = Vec::with_capacity(12 + rdata.len());
+    out.extend_from_slice(&OWNER_IS_QUESTION);
+    put_u16(&mut out, u16::from(rtype));
+    put_u16(&mut out, CLASS_IN);
+    put_u32(&mut out, ttl);
+    // rdata is built here from at most a few names: far below 64 KiB.
+    put_u16(&mut out, rdata.len() as u16);
+    out.extend_from_slice(rdata);
+    out.into_boxed_slice()
+}
+
+fn name_rdata(name: &Name) -> Vec<u8> {
+    let mut v = Vec::with_capacity(name.len() + 2);
+    put_name(&mut v, name);
+    v
+}
+
+fn ip_rdata(ip: IpAddr) -> (RecordType, Vec<u8>) {
+    match ip {
+        IpAddr::V4(a) => (RecordType::A, a.octets().to_vec()),
+        IpAddr::V6(a) => (RecordType::AAAA, a.octets().to_vec()),
+    }
+}
+
+/// `4.3.2.1.in-addr.arpa.` / nibbles `.ip6.arpa.`.
+pub fn reverse_name(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            format!("{}.{}.{}.{}.in-addr.arpa.", o[3], o[2], o[1], o[0])
+        }
+        IpAddr::V6(a) => {
+            let mut s = String::with_capacity(73);
+            for b in a.octets().iter().rev() {
+                s.push_str(&format!("{:x}.{:x}.", b & 0xf, b >> 4));
+            }
+            s.push_str("ip6.arpa.");
+            s
+        }
+    }
+}
+
+/// CoreDNS's name for an endpoint without a hostname: the address with dashes.
+pub fn dashed(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(a) => a.to_string().replace('.', "-"),
+        IpAddr::V6(a) => a
+            .segments()
+            .iter()
+            .map(|s| format!("{s:x}"))
+            .collect::<Vec<_>>()
+            .join("-"),
+    }
+}
+
+fn proto_label(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "_tcp",
+        Protocol::Udp => "_udp",
+    }
+}
+
+/// A headless endpoint as DNS sees it.
+struct DnsEndpoint {
+    ip: IpAddr,
+    label: String,
+    /// (port name, protocol) → number, from its slice.
+    ports: Vec<(String, Protocol, u16)>,
+}
+
+/// Ready endpoints of a headless Service (all with publishNotReadyAddresses),
+/// first occurrence of each IP, in address order.
+fn headless_endpoints(svc: &Service, slices: &[&EndpointSlice]) -> Vec<DnsEndpoint> {
+    let mut by_ip: BTreeMap<IpAddr, DnsEndpoint> = BTreeMap::new();
+    for s in slices {
+        for e in &s.endpoints {
+            if AddressFamily::of(&e.ip) != s.family || !(e.ready || svc.publish_not_ready) {
+                continue;
+            }
+            let ep = by_ip.entry(e.ip).or_insert_with(|| DnsEndpoint {
+                ip: e.ip,
+                label: e.hostname.clone().unwrap_or_else(|| dashed(e.ip)),
+                ports: Vec::new(),
+            });
+            for p in &s.ports {
+                if let Some(n) = p.port {
+                    if !ep
+                        .ports
+                        .iter()
+                        .any(|(pn, pp, _)| *pn == p.name && *pp == p.protocol)
+                    {
+                        ep.ports.push((p.name.clone(), p.protocol, n));
+                    }
+                }
+            }
+        }
+    }
+    by_ip.into_values().collect()
+}
+
+/// Records being collected: name → type → records.
+type Collected = HashMap<Name, BTreeMap<u16, Vec<Box<[u8]>>>>;
+
+struct Builder {
+    origin: Name,
+    ttl: u32,
+    sets: Collected,
+}
+
+impl Builder {
+    fn new(cfg: &ZoneConfig) -> Self {
+        let mut b = Builder {
+            origin: cfg.origin.clone(),
+            ttl: cfg.ttl,
+            sets: HashMap::new(),
+        };
+        b.node(cfg.origin.clone());
+        if let Ok(v) = cfg.origin.prepend_label("dns-version") {
+            let txt = SCHEMA_VERSION.as_bytes();
+            let mut rdata = vec![txt.len() as u8];
+            rdata.extend_from_slice(txt);
+            b.add(v, RecordType::TXT, &rdata);
+        }
+        b
+    }
+
+    /// Makes `name` exist, with every ancestor inside the zone.
+    fn node(&mut self, name: Name) {
+        let mut n = name;
+        loop {
+            if self.sets.contains_key(&n) {
+                return;
+            }
+            let inside = self.origin.zone_of(&n) && n.num_labels() > self.origin.num_labels();
+            let parent = n.base_name();
+            self.sets.insert(n, BTreeMap::new());
+            if !inside {
+                return;
+            }
+            n = parent;
+        }
+    }
+
+    fn add(&mut self, name: Name, rtype: RecordType, rdata: &[u8]) {
+        self.node(name.clone());
+        let rr = record(rtype, self.ttl, rdata);
+        let set = self
+            .sets
+            .entry(name)
+            .or_default()
+            .entry(u16::from(rtype))
+            .or_default();
+        if !set.contains(&rr) {
+            set.push(rr);
+        }
+    }
+
+    fn name(&self, text: &str) -> Option<Name> {
+        match Name::from_ascii(text).and_then(|n| n.append_domain(&self.origin)) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                tracing::debug!("dns: skipping name {text:?}: {e}");
+                None
+            }
+        }
+    }
+
+    fn service(&mut self, svc: &Service, slices: &[&EndpointSlice]) {
+        let Some(base) = self.name(&format!("{}.{}.svc", svc.key.name, svc.key.namespace)) else {
+            return;
+        };
+        self.node(base.clone());
+        if svc.service_type == ServiceType::ExternalName {
+            if let Some(target) = svc.external_name.as_deref().and_then(|t| fqdn(t).ok()) {
+                self.add(base, RecordType::CNAME, &name_rdata(&target));
+            }
+            return;
+        }
+        if svc.headless {
+            let eps = headless_endpoints(svc, slices);
+            for ep in &eps {
+                let (rtype, rdata) = ip_rdata(ep.ip);
+                self.add(base.clone(), rtype, &rdata);
+                let Ok(host) = base.prepend_label(ep.label.as_str()) else {
+                    continue;
+                };
+                self.add(host.clone(), rtype, &rdata);
+                if let Ok(rev) = Name::from_ascii(reverse_name(ep.ip)) {
+                    self.add(rev, RecordType::PTR, &name_rdata(&host));
+                }
+            }
+            for sp in svc.ports.iter().filter(|p| !p.name.is_empty()) {
+                let Some(owner) = self.srv_owner(&sp.name, sp.protocol, &base) else {
+                    continue;
+                };
+                let targets: Vec<(u16, Name)> = eps
+                    .iter()
+                    .filter_map(|ep| {
+                        let port = ep
+                            .ports
+                            .iter()
+                            .find(|(n, p, _)| *n == sp.name && *p == sp.protocol)?
+                            .2;
+                        Some((port, base.prepend_label(ep.label.as_str()).ok()?))
+                    })
+                    .collect();
+                let weight = srv_weight(targets.len());
+                self.node(owner.clone());
+                for (port, target) in targets {
+                    self.add(owner.clone(), RecordType::SRV, &srv(weight, port, &target));
+                }
+            }
+            return;
+        }
+        for ip in &svc.cluster_ips {
+            let (rtype, rdata) = ip_rdata(*ip);
+            self.add(base.clone(), rtype, &rdata);
+            if let Ok(rev) = Name::from_ascii(reverse_name(*ip)) {
+                self.add(rev, RecordType::PTR, &name_rdata(&base));
+            }
+        }
+        for sp in svc.ports.iter().filter(|p| !p.name.is_empty()) {
+            if let Some(owner) = self.srv_owner(&sp.name, sp.protocol, &base) {
+                self.add(owner, RecordType::SRV, &srv(100, sp.port, &base));
+            }
+        }
+    }
+
+    fn srv_owner(&self, port: &str, proto: Protocol, base: &Name) -> Option<Name> {
+        base.prepend_label(proto_label(proto))
+            .and_then(|n| n.prepend_label(format!("_{port}").as_str()))
+            .ok()
+    }
+
+    fn finish(self, cfg: &ZoneConfig, generation: u64) -> Zone {
+        let mut soa = Vec::with_capacity(96);
+        put_name(&mut soa, &self.origin);
+        put_u16(&mut soa, u16::from(RecordType::SOA));
+        put_u16(&mut soa, CLASS_IN);
+        put_u32(&mut soa, self.ttl);
+        let mut rdata = Vec::with_capacity(64);
+        let mname = self
+            .origin
+            .prepend_label("dns")
+            .and_then(|n| n.prepend_label("ns"));
+        let rname = self.origin.prepend_label("hostmaster");
+        put_name(&mut rdata, mname.as_ref().unwrap_or(&self.origin));
+        put_name(&mut rdata, rname.as_ref().unwrap_or(&self.origin));
+        // Serial: the generation (wrapping is allowed by RFC 1982 arithmetic).
+        put_u32(&mut rdata, generation as u32);
+        for v in [7200, 1800, 86400, self.ttl] {
+            put_u32(&mut rdata, v);
+        }
+        put_u16(&mut soa, rdata.len() as u16);
+        soa.extend_from_slice(&rdata);
+        // The apex answers SOA queries from the same record, owned by the question.
+        let mut sets = self.sets;
+        sets.entry(self.origin.clone()).or_default().insert(
+            u16::from(RecordType::SOA),
+            vec![record(RecordType::SOA, self.ttl, &rdata)],
+        );
+        let nodes = sets
+            .into_iter()
+            .map(|(name, by_type)| {
+                let sets: Box<[RrSet]> = by_type
+                    .into_iter()
+                    .map(|(t, mut records)| {
+                        records.sort();
+                        RrSet {
+                            rtype: RecordType::from(t),
+                            records: records.into_boxed_slice(),
+                        }
+                    })
+                    .collect();
+                (name, Node { sets })
+            })
+            .collect();
+        Zone {
+            origin: cfg.origin.clone(),
+            ttl: cfg.ttl,
+            generation,
+            nodes,
+            soa: soa.into_boxed_slice(),
+        }
+    }
+}
+
+/// CoreDNS's SRV weight: 100 shared between the records.
+fn srv_weight(n: usize) -> u16 {
+    match n {
+        0 => 100,
+        n => (100 / n).max(1) as u16,
+    }
+}
+
+fn srv(weight: u16, port: u16, target: &Name) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + target.len());
+    put_u16(&mut v, 0);
+    put_u16(&mut v, weight);
+    put_u16(&mut v, port);
+    put_name(&mut v, target);
+    v
+}
