@@ -408,7 +408,7 @@ fn selector_pods_are_headless_endpoints() {
     let m = ask(&z, "cache-0.cache.default.svc.cluster.local.", RecordType::A);
     assert_eq!(data(&m), vec!["10.244.2.1"]);
     let m = ask(&z, "_redis._tcp.cache.default.svc.cluster.local.", RecordType::SRV);
-    assert_eq!(data(&m), vec!["0 100 6379 cache-0.cache.default.svc.cluster.local."]);
+    assert_eq!(data(&m), vec!["0 100 14379 cache-0.cache.default.svc.cluster.local."], "the targetPort");
     // The Pod becomes ready: it joins.
     st.apply(Update::Upsert(Box::new(Object::Pod(pod(
         "cache-1",
@@ -554,7 +554,8 @@ fn edns_version_one_gets_badvers() {
     m.set_edns(e);
     let (_, out) = raw_answer(&m.to_vec().unwrap());
     let r = Message::from_vec(&out).unwrap();
-    assert_eq!(r.metadata.response_code, ResponseCode::BADVERS);
+    // 16 is both BADVERS and BADSIG; hickory names it the latter.
+    assert_eq!(u16::from(r.metadata.response_code), 16);
     assert!(r.answers.is_empty());
 }
 
