@@ -377,7 +377,14 @@ pub fn fuzz_one(data: &[u8]) {
     let mut out = Vec::with_capacity(TCP_MAX);
     for transport in [Transport::Udp, Transport::Tcp] {
         for forward in [false, true] {
-            let o = answer(zone, data, transport, Options { forward }, data.len(), &mut out);
+            let o = answer(
+                zone,
+                data,
+                transport,
+                Options { forward },
+                data.len(),
+                &mut out,
+            );
             match o {
                 Outcome::Drop => assert!(data.len() < 12 || data[2] & 0x80 != 0),
                 Outcome::Forward => assert!(forward && out.is_empty()),

@@ -39,8 +39,14 @@ fn ep(ip: &str, ready: bool, hostname: Option<&str>) -> Endpoint {
 /// A store with one of each kind of Service.
 pub(super) fn sample_store() -> Store {
     let web = Service {
-        cluster_ips: vec!["10.96.0.10".parse().unwrap(), "fd00:10:96::a".parse().unwrap()],
-        ports: vec![port("http", Protocol::Tcp, 80), port("dns", Protocol::Udp, 53)],
+        cluster_ips: vec![
+            "10.96.0.10".parse().unwrap(),
+            "fd00:10:96::a".parse().unwrap(),
+        ],
+        ports: vec![
+            port("http", Protocol::Tcp, 80),
+            port("dns", Protocol::Udp, 53),
+        ],
         ..Service::new(ObjectKey::new("default", "web"))
     };
     let db = Service {
@@ -136,7 +142,10 @@ fn clusterip_a_and_aaaa() {
     assert_eq!(m.metadata.id, 0x1234);
     assert_eq!(data(&m), vec!["10.96.0.10"]);
     assert_eq!(m.answers[0].ttl, 5);
-    assert_eq!(m.answers[0].name.to_ascii(), "web.default.svc.cluster.local.");
+    assert_eq!(
+        m.answers[0].name.to_ascii(),
+        "web.default.svc.cluster.local."
+    );
     let m = ask(&z, "web.default.svc.cluster.local.", RecordType::AAAA);
     assert_eq!(data(&m), vec!["fd00:10:96::a"]);
 }
@@ -145,10 +154,18 @@ fn clusterip_a_and_aaaa() {
 fn headless_ready_endpoints_and_hostnames() {
     let z = zone();
     let m = ask(&z, "db.default.svc.cluster.local.", RecordType::A);
-    assert_eq!(data(&m), vec!["10.244.0.1", "10.244.0.2"], "not-ready skipped");
+    assert_eq!(
+        data(&m),
+        vec!["10.244.0.1", "10.244.0.2"],
+        "not-ready skipped"
+    );
     let m = ask(&z, "db-0.db.default.svc.cluster.local.", RecordType::A);
     assert_eq!(data(&m), vec!["10.244.0.1"]);
-    let m = ask(&z, "10-244-0-2.db.default.svc.cluster.local.", RecordType::A);
+    let m = ask(
+        &z,
+        "10-244-0-2.db.default.svc.cluster.local.",
+        RecordType::A,
+    );
     assert_eq!(data(&m), vec!["10.244.0.2"]);
     let m = ask(&z, "db-2.db.default.svc.cluster.local.", RecordType::A);
     assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
@@ -157,11 +174,7 @@ fn headless_ready_endpoints_and_hostnames() {
 #[test]
 fn headless_publish_not_ready_serves_every_endpoint() {
     let mut st = sample_store();
-    let mut db = st
-        .services()
-        .find(|s| s.key.name == "db")
-        .cloned()
-        .unwrap();
+    let mut db = st.services().find(|s| s.key.name == "db").cloned().unwrap();
     db.publish_not_ready = true;
     st.apply(Update::Upsert(Box::new(Object::Service(db))));
     let z = Zone::compile(&st, &cfg(), 2);
@@ -184,7 +197,12 @@ fn address_answers_rotate() {
 #[test]
 fn external_name_is_a_cname_for_every_type() {
     let z = zone();
-    for t in [RecordType::A, RecordType::AAAA, RecordType::CNAME, RecordType::TXT] {
+    for t in [
+        RecordType::A,
+        RecordType::AAAA,
+        RecordType::CNAME,
+        RecordType::TXT,
+    ] {
         let m = ask(&z, "ext.shop.svc.cluster.local.", t);
         assert_eq!(m.answers.len(), 1, "{t}");
         assert_eq!(m.answers[0].record_type(), RecordType::CNAME);
@@ -195,13 +213,33 @@ fn external_name_is_a_cname_for_every_type() {
 #[test]
 fn srv_for_named_ports_only() {
     let z = zone();
-    let m = ask(&z, "_http._tcp.web.default.svc.cluster.local.", RecordType::SRV);
+    let m = ask(
+        &z,
+        "_http._tcp.web.default.svc.cluster.local.",
+        RecordType::SRV,
+    );
     assert_eq!(data(&m), vec!["0 100 80 web.default.svc.cluster.local."]);
-    let m = ask(&z, "_dns._udp.web.default.svc.cluster.local.", RecordType::SRV);
+    let m = ask(
+        &z,
+        "_dns._udp.web.default.svc.cluster.local.",
+        RecordType::SRV,
+    );
     assert_eq!(data(&m), vec!["0 100 53 web.default.svc.cluster.local."]);
-    let m = ask(&z, "_dns._tcp.web.default.svc.cluster.local.", RecordType::SRV);
-    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain, "wrong protocol");
-    let m = ask(&z, "_pg._tcp.db.default.svc.cluster.local.", RecordType::SRV);
+    let m = ask(
+        &z,
+        "_dns._tcp.web.default.svc.cluster.local.",
+        RecordType::SRV,
+    );
+    assert_eq!(
+        m.metadata.response_code,
+        ResponseCode::NXDomain,
+        "wrong protocol"
+    );
+    let m = ask(
+        &z,
+        "_pg._tcp.db.default.svc.cluster.local.",
+        RecordType::SRV,
+    );
     assert_eq!(
         data(&m),
         vec![
@@ -222,7 +260,10 @@ fn ptr_for_cluster_ips_and_headless_endpoints() {
     let m = ask(&z, "1.0.244.10.in-addr.arpa.", RecordType::PTR);
     assert_eq!(data(&m), vec!["db-0.db.default.svc.cluster.local."]);
     let v6 = zone::reverse_name("fd00:10:96::a".parse().unwrap());
-    assert!(v6.starts_with("a.0.0.0.") && v6.ends_with(".0.1.0.0.0.0.d.f.ip6.arpa."), "{v6}");
+    assert!(
+        v6.starts_with("a.0.0.0.") && v6.ends_with(".0.1.0.0.0.0.d.f.ip6.arpa."),
+        "{v6}"
+    );
     let m = ask(&z, &v6, RecordType::PTR);
     assert_eq!(data(&m), vec!["web.default.svc.cluster.local."]);
     // An address nobody has is not ours.
@@ -311,8 +352,14 @@ fn names_match_case_insensitively_and_keep_the_clients_case() {
     let z = zone();
     let m = ask(&z, "WeB.DeFaUlT.SVC.cluster.LOCAL.", RecordType::A);
     assert_eq!(data(&m), vec!["10.96.0.10"]);
-    assert_eq!(m.answers[0].name.to_ascii(), "WeB.DeFaUlT.SVC.cluster.LOCAL.");
-    assert_eq!(m.queries[0].name().to_ascii(), "WeB.DeFaUlT.SVC.cluster.LOCAL.");
+    assert_eq!(
+        m.answers[0].name.to_ascii(),
+        "WeB.DeFaUlT.SVC.cluster.LOCAL."
+    );
+    assert_eq!(
+        m.queries[0].name().to_ascii(),
+        "WeB.DeFaUlT.SVC.cluster.LOCAL."
+    );
 }
 
 #[test]
@@ -361,16 +408,25 @@ fn edns_is_echoed_and_big_answers_truncate_over_udp_only() {
     let m = Message::from_vec(&out).unwrap();
     assert!(!m.metadata.truncation);
     assert_eq!(m.answers.len(), 100);
-    assert_eq!(m.edns.as_ref().map(|e| e.max_payload()), Some(UDP_MAX as u16));
+    assert_eq!(
+        m.edns.as_ref().map(|e| e.max_payload()),
+        Some(UDP_MAX as u16)
+    );
 }
 
 #[test]
 fn changes_to_services_show_up_in_the_next_zone() {
     let mut st = sample_store();
     let z1 = Zone::compile(&st, &cfg(), 1);
-    st.apply(Update::Delete(Kind::Service, ObjectKey::new("default", "web")));
+    st.apply(Update::Delete(
+        Kind::Service,
+        ObjectKey::new("default", "web"),
+    ));
     let z2 = Zone::compile(&st, &cfg(), 2);
-    assert_eq!(data(&ask(&z1, "web.default.svc.cluster.local.", RecordType::A)).len(), 1);
+    assert_eq!(
+        data(&ask(&z1, "web.default.svc.cluster.local.", RecordType::A)).len(),
+        1
+    );
     let m = ask(&z2, "web.default.svc.cluster.local.", RecordType::A);
     assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
 }
@@ -405,10 +461,22 @@ fn selector_pods_are_headless_endpoints() {
     let z = Zone::compile(&st, &cfg(), 1);
     let m = ask(&z, "cache.default.svc.cluster.local.", RecordType::A);
     assert_eq!(data(&m), vec!["10.244.2.1"]);
-    let m = ask(&z, "cache-0.cache.default.svc.cluster.local.", RecordType::A);
+    let m = ask(
+        &z,
+        "cache-0.cache.default.svc.cluster.local.",
+        RecordType::A,
+    );
     assert_eq!(data(&m), vec!["10.244.2.1"]);
-    let m = ask(&z, "_redis._tcp.cache.default.svc.cluster.local.", RecordType::SRV);
-    assert_eq!(data(&m), vec!["0 100 14379 cache-0.cache.default.svc.cluster.local."], "the targetPort");
+    let m = ask(
+        &z,
+        "_redis._tcp.cache.default.svc.cluster.local.",
+        RecordType::SRV,
+    );
+    assert_eq!(
+        data(&m),
+        vec!["0 100 14379 cache-0.cache.default.svc.cluster.local."],
+        "the targetPort"
+    );
     // The Pod becomes ready: it joins.
     st.apply(Update::Upsert(Box::new(Object::Pod(pod(
         "cache-1",
@@ -469,10 +537,10 @@ fn truncated_queries_get_formerr() {
 fn compression_loops_and_forward_pointers_get_formerr() {
     let header = [0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
     let cases: [&[u8]; 4] = [
-        &[0xC0, 12, 0, 1, 0, 1],                // points at itself
-        &[0xC0, 14, 0xC0, 12, 0, 1, 0, 1],      // forward pointer
+        &[0xC0, 12, 0, 1, 0, 1],                      // points at itself
+        &[0xC0, 14, 0xC0, 12, 0, 1, 0, 1],            // forward pointer
         &[3, b'a', b'b', b'c', 0xC0, 12, 0, 1, 0, 1], // loops back to its start
-        &[0xC0, 0xFF, 0, 1, 0, 1],              // beyond the message
+        &[0xC0, 0xFF, 0, 1, 0, 1],                    // beyond the message
     ];
     for (i, name) in cases.iter().enumerate() {
         let mut q = header.to_vec();
