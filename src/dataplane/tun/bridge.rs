@@ -16,7 +16,7 @@ use crate::dataplane::relay::set_reset_on_close;
 use crate::state::Frontend;
 
 /// Relay buffer for the backend side, per direction.
-const BUF_SIZE: usize = 64 * 1024;
+const BUF_SIZE: usize = 256 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ended {

@@ -52,7 +52,7 @@ impl Default for TunSettings {
     fn default() -> Self {
         Self {
             mtu: 65_535,
-            socket_buffer: 256 * 1024,
+            socket_buffer: 1024 * 1024,
             max_connections: 65_536,
             max_udp_flows: 65_536,
         }
@@ -395,20 +395,25 @@ pub async fn run(
         rng: RefCell::new(SmallRng::from_os_rng()),
     });
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
-    let mut rxbuf = vec![0u8; settings.mtu.max(1500)];
+    let mtu = settings.mtu.max(1500);
     loop {
-        // Packets in, through the classifier.
+        // Packets in, through the classifier, read straight into pooled buffers.
         for _ in 0..256 {
-            let n = match fd.get_ref().recv(&mut rxbuf) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            let mut buf = ctx.stack.borrow_mut().dev.buffer();
+            buf.resize(mtu, 0);
+            match fd.get_ref().recv(&mut buf) {
+                Ok(n) => {
+                    buf.truncate(n);
+                    ingress(&ctx, buf);
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "reading the TUN failed");
+                    ctx.stack.borrow_mut().dev.recycle(buf);
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        tracing::warn!(error = %e, "reading the TUN failed");
+                    }
                     break;
                 }
-            };
-            let packet = rxbuf.get(..n).unwrap_or_default();
-            ingress(&ctx, packet);
+            }
         }
         let delay = {
             let mut st = ctx.stack.borrow_mut();
@@ -462,29 +467,22 @@ fn flush(fd: &AsyncFd<Tun>, dev: &mut QueueDevice) {
 }
 
 /// Handles one packet from the TUN.
-fn ingress(ctx: &Rc<Ctx>, packet: &[u8]) {
-    let verdict = classify(&ctx.shared.snapshot.load(), packet);
+fn ingress(ctx: &Rc<Ctx>, packet: Vec<u8>) {
+    let verdict = classify(&ctx.shared.snapshot.load(), &packet);
     let mut st = ctx.stack.borrow_mut();
-    let copy = |dev: &mut QueueDevice| {
-        let mut b = dev.buffer();
-        b.extend_from_slice(packet);
-        b
-    };
     match verdict {
-        Classified::Stack => {
-            let b = copy(&mut st.dev);
-            st.dev.push_rx(b);
-        }
-        Classified::Drop => {}
+        Classified::Stack => st.dev.push_rx(packet),
+        Classified::Drop => st.dev.recycle(packet),
         Classified::Syn { client, vip, fe } => {
             let key = (client, vip);
             if st.conns.contains_key(&key) {
                 // A retransmitted SYN for a connection already answered.
-                let b = copy(&mut st.dev);
-                st.dev.push_rx(b);
+                st.dev.push_rx(packet);
             } else if st.pending.contains_key(&key) {
                 // Still connecting to a backend: the client retransmits.
+                st.dev.recycle(packet);
             } else if st.pending.len() + st.conns.len() >= st.settings.max_connections {
+                st.dev.recycle(packet);
                 if !st.warned_full {
                     tracing::warn!(
                         max = st.settings.max_connections,
@@ -494,8 +492,7 @@ fn ingress(ctx: &Rc<Ctx>, packet: &[u8]) {
                 }
             } else {
                 st.warned_full = false;
-                let b = copy(&mut st.dev);
-                st.pending.insert(key, b);
+                st.pending.insert(key, packet);
                 drop(st);
                 tokio_uring::spawn(open_connection(ctx.clone(), key, fe));
             }
@@ -510,6 +507,7 @@ fn ingress(ctx: &Rc<Ctx>, packet: &[u8]) {
             if let Some(data) = packet.get(payload) {
                 udp_ingress(ctx, (client, vip), fe, data);
             }
+            ctx.stack.borrow_mut().dev.recycle(packet);
         }
     }
 }
