@@ -50,6 +50,7 @@ pub fn run(
 ) -> anyhow::Result<()> {
     settings.validate()?;
     let ctx = node_context(&settings)?;
+    prepare_process();
     tracing::info!(
         node = %ctx.node_name,
         nodeport_addresses = ?ctx.nodeport_addresses,
@@ -94,6 +95,35 @@ pub fn run(
         let _ = w.join();
     }
     result
+}
+
+/// Process-wide settings a proxy needs: every connection holds two
+/// descriptors, and per-connection buffers should cost memory only as traffic
+/// fills them.
+fn prepare_process() {
+    // Raise the soft descriptor limit to the hard one.
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!("could not raise the open-files limit");
+            }
+        }
+    }
+    tracing::info!(open_files = lim.rlim_cur, "descriptor limit");
+    // Large buffers (smoltcp socket rings, relay buffers) come straight from
+    // mmap as zero pages, so a connection's resident memory grows only with the
+    // bytes it actually moves. A fixed threshold keeps glibc from raising it
+    // after the first free and serving them from the heap, memset and all.
+    // SAFETY: mallopt only adjusts allocator parameters.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
 }
 
 /// Creates the TUN device and routes every service CIDR into it. The device
