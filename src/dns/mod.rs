@@ -2,6 +2,12 @@
 //! from a [`Zone`] compiled beside every snapshot (see [`zone`]), over UDP and TCP
 //! ([`server`]).
 //!
+//! The zone is its own immutable view rather than part of the data-plane
+//! `Snapshot`: DNS needs headless and ExternalName Services and endpoint
+//! hostnames, which the snapshot leaves out, and the data plane needs none of
+//! the DNS names. Both are compiled from the same store in the same step of the
+//! control loop and published through `ArcSwap`, so they never disagree for long.
+//!
 //! [`answer`] is the whole query path: hickory-proto parses the query (names with
 //! compression, bounds, loops), then the response is assembled from the zone's
 //! precomputed records into a caller-owned buffer, so a query allocates nothing
@@ -182,6 +188,15 @@ impl Head {
     }
 }
 
+/// Writes the question at offset 12: the name uncompressed (a query may point
+/// into its own header, which the response's header would not match) in the
+/// client's spelling, then the type and class bytes as received. Answers name
+/// their owner with a pointer to it.
+fn put_question(out: &mut Vec<u8>, msg: &[u8], p: &Parsed) {
+    zone::put_name(out, p.query.name());
+    out.extend_from_slice(&msg[p.question_end - 4..p.question_end]);
+}
+
 /// The OPT record of a response: our payload size, extended rcode high bits.
 fn put_opt(out: &mut Vec<u8>, ext_rcode: u8) {
     out.push(0); // root owner
@@ -248,7 +263,7 @@ pub fn answer(
             .map_or(UDP_MIN, |n| usize::from(n).clamp(UDP_MIN, UDP_MAX)),
     };
     out.resize(12, 0);
-    out.extend_from_slice(&msg[12..p.question_end]);
+    put_question(out, msg, &p);
     let question_len = out.len();
 
     if p.bad_version {
@@ -345,7 +360,7 @@ pub fn servfail(msg: &[u8], out: &mut Vec<u8>) -> Option<()> {
     out.clear();
     let p = parse(msg).ok()?;
     out.resize(12, 0);
-    out.extend_from_slice(&msg[12..p.question_end]);
+    put_question(out, msg, &p);
     Head {
         id: p.id,
         opcode: p.opcode,

@@ -653,3 +653,16 @@ fn fuzz_corpus_replays() {
     }
     assert!(n >= 10, "corpus too small: {n} files in {}", dir.display());
 }
+
+/// Found by the fuzzer: a question name that is a pointer into the query's own
+/// header must not be copied as is (the response's header differs).
+#[test]
+fn question_pointing_into_the_header_is_written_out() {
+    let mut q = vec![0x00, 0x01, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    q.extend_from_slice(&[0xC0, 3, 0, 1, 0, 1]); // offset 3 holds 0: the root name
+    let (o, out) = raw_answer(&q);
+    assert_eq!(o, Outcome::Reply);
+    let m = Message::from_vec(&out).unwrap();
+    assert_eq!(m.queries[0].name().to_ascii(), ".");
+    assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+}

@@ -1,0 +1,116 @@
+//! The DNS query path and the DNS zone compile.
+//! Run: cargo bench --bench dns
+//!
+//! `dns/answer_*` is the whole per-query cost inside ringvip (parse with
+//! hickory-proto, one lookup, copy of the precomputed records); the socket
+//! round trip comes on top and is measured by benches/dns-compare.sh.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use hickory_proto::op::{Message, MessageType, OpCode, Query};
+use hickory_proto::rr::{Name, RecordType};
+use ringvip::discovery::Update;
+use ringvip::dns::{answer, Options, Transport, Zone, ZoneConfig};
+use ringvip::model::*;
+use ringvip::state::Store;
+
+/// `services` ClusterIP Services with one named port, plus one headless Service
+/// with 10 ready endpoints from Pods matched by its selector.
+fn store(services: u32) -> Store {
+    let mut objs = Vec::new();
+    for s in 0..services {
+        let [_, _, a, b] = (s + 1).to_be_bytes();
+        objs.push(Object::Service(Service {
+            cluster_ips: vec![IpAddr::V4(Ipv4Addr::new(10, 96, a, b))],
+            ports: vec![ServicePort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                node_port: None,
+                target_port: TargetPort::Number(8080),
+            }],
+            ..Service::new(ObjectKey::new("default", format!("svc-{s}")))
+        }));
+    }
+    let labels: BTreeMap<String, String> = [("app".to_string(), "db".to_string())].into();
+    objs.push(Object::Service(Service {
+        headless: true,
+        selector: Some(labels.clone()),
+        ports: vec![ServicePort {
+            name: "pg".into(),
+            protocol: Protocol::Tcp,
+            port: 5432,
+            node_port: None,
+            target_port: TargetPort::Number(5432),
+        }],
+        ..Service::new(ObjectKey::new("default", "db"))
+    }));
+    for i in 0..10u8 {
+        objs.push(Object::Pod(Pod {
+            key: ObjectKey::new("default", format!("db-{i}")),
+            labels: labels.clone(),
+            ips: vec![IpAddr::V4(Ipv4Addr::new(10, 244, 0, i + 1))],
+            node_name: None,
+            ready: true,
+            terminating: false,
+            container_ports: vec![],
+            hostname: Some(format!("db-{i}")),
+            subdomain: Some("db".into()),
+            terminal: false,
+        }));
+    }
+    let mut st = Store::new();
+    st.apply(Update::Reset(objs));
+    st
+}
+
+fn query(name: &str, t: RecordType) -> Vec<u8> {
+    let mut m = Message::new(1, MessageType::Query, OpCode::Query);
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), t));
+    m.to_vec().unwrap()
+}
+
+fn bench(c: &mut Criterion) {
+    let cfg = ZoneConfig::new("cluster.local", 5).unwrap();
+    let st = store(10_000);
+    let zone = Zone::compile(&st, &cfg, 1);
+    let mut out = Vec::with_capacity(65535);
+    let mut g = c.benchmark_group("dns");
+    for (id, name, t) in [
+        (
+            "answer_a",
+            "svc-4242.default.svc.cluster.local.",
+            RecordType::A,
+        ),
+        (
+            "answer_headless_10",
+            "db.default.svc.cluster.local.",
+            RecordType::A,
+        ),
+        (
+            "answer_nxdomain",
+            "svc-4242.default.svc.cluster.local.default.svc.cluster.local.",
+            RecordType::A,
+        ),
+        (
+            "answer_srv",
+            "_http._tcp.svc-7.default.svc.cluster.local.",
+            RecordType::SRV,
+        ),
+    ] {
+        let q = query(name, t);
+        g.bench_function(id, |b| {
+            b.iter(|| answer(&zone, &q, Transport::Udp, Options::default(), 0, &mut out))
+        });
+    }
+    g.sample_size(10);
+    g.bench_function("compile_10k_services", |b| {
+        b.iter(|| Zone::compile(&st, &cfg, 1))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
