@@ -278,6 +278,7 @@ pub struct Stack {
     udp: FlowTable<ConnKey, UdpIo>,
     settings: TunSettings,
     warned_full: bool,
+    warned_udp_full: bool,
 }
 
 fn now() -> SmolInstant {
@@ -310,6 +311,7 @@ impl Stack {
             udp: FlowTable::new(udp_idle, settings.max_udp_flows),
             settings,
             warned_full: false,
+            warned_udp_full: false,
         }
     }
 
@@ -651,8 +653,16 @@ fn udp_ingress(ctx: &Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>, data: &[u8]) {
         return;
     }
     if st.udp.len() >= st.settings.max_udp_flows {
+        if !st.warned_udp_full {
+            tracing::warn!(
+                max = st.settings.max_udp_flows,
+                "TUN UDP flow limit reached: datagrams of new flows are dropped"
+            );
+            st.warned_udp_full = true;
+        }
         return;
     }
+    st.warned_udp_full = false;
     drop(st);
     let ctx = ctx.clone();
     let payload = data.to_vec();
