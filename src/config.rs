@@ -406,7 +406,11 @@ mod tests {
         s.apply_file(f).unwrap();
         assert_eq!((s.tun.as_deref(), s.tun_mtu), (Some("rv1"), 9000));
         s.validate().unwrap();
-        s.apply_file(SettingsFile { no_tun: Some(true), ..SettingsFile::default() }).unwrap();
+        s.apply_file(SettingsFile {
+            no_tun: Some(true),
+            ..SettingsFile::default()
+        })
+        .unwrap();
         assert_eq!(s.tun, None);
         s.tun = Some("a-name-that-is-too-long".into());
         assert!(matches!(s.validate(), Err(SettingsError::TunName(_))));
@@ -419,7 +423,12 @@ mod tests {
     fn dns_settings_default_apply_and_validate() {
         let mut s = Settings::default();
         assert_eq!(
-            (s.dns_addr, s.cluster_domain.as_str(), s.dns_upstream, s.dns_ttl),
+            (
+                s.dns_addr,
+                s.cluster_domain.as_str(),
+                s.dns_upstream,
+                s.dns_ttl
+            ),
             (None, "cluster.local", None, 5)
         );
         let f: SettingsFile = serde_yaml::from_str(
