@@ -336,3 +336,42 @@ fn iperf3_through_the_clusterip() {
             / 1e9
     );
 }
+
+#[test]
+fn connection_cap_drops_new_syns_with_a_warning() {
+    if !can_run() {
+        return;
+    }
+    let t = Topology::new(&[]);
+    let addr = SocketAddr::from((t.pod_ip(2), 7000));
+    let _s = Topology::within(&t.pod, move || Backend::start(addr, "s", Mode::Stream));
+    let m = clusterip(
+        "cap",
+        "10.96.0.60",
+        7000,
+        "TCP",
+        7000,
+        &[IpAddr::V4(t.pod_ip(2))],
+        "",
+    );
+    let rv = Ringvip::launch(Some(&t.node), &m, &["--tun-max-connections", "2"]);
+    let (held, third) = Topology::within(&t.node, || {
+        let mut held = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while held.len() < 2 && Instant::now() < deadline {
+            if let Ok(c) = connect_from(None, sa("10.96.0.60:7000")) {
+                held.push(c);
+            }
+        }
+        let third = connect_from(None, sa("10.96.0.60:7000"));
+        (held, third)
+    });
+    assert_eq!(held.len(), 2, "{}", rv.log());
+    let e = third.expect_err("a third connection got through the cap");
+    assert_eq!(e.kind(), ErrorKind::TimedOut, "{e}");
+    assert!(
+        rv.log().contains("TUN connection limit reached"),
+        "{}",
+        rv.log()
+    );
+}

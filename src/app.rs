@@ -76,6 +76,8 @@ pub fn run(
     if let Some(dev) = tun {
         let tun_settings = TunSettings {
             mtu: settings.tun_mtu as usize,
+            max_connections: settings.tun_max_connections,
+            max_udp_flows: settings.tun_max_udp_flows,
             ..TunSettings::default()
         };
         let shared = shared.clone();

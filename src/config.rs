@@ -75,6 +75,10 @@ pub struct SettingsFile {
     pub no_tun: Option<bool>,
     /// MTU of the TUN device.
     pub tun_mtu: Option<u32>,
+    /// TCP connections through the TUN at most (new SYNs beyond are dropped).
+    pub tun_max_connections: Option<usize>,
+    /// UDP flows through the TUN at most.
+    pub tun_max_udp_flows: Option<usize>,
     /// DNS responder address (UDP and TCP); off when absent.
     pub dns_addr: Option<SocketAddr>,
     /// Cluster domain the DNS responder is authoritative for.
@@ -119,6 +123,10 @@ pub struct Settings {
     /// MTU of the TUN device: large segments from local clients cost one
     /// read each instead of dozens.
     pub tun_mtu: u32,
+    /// TCP connections through the TUN at most; SYN floods stop here.
+    pub tun_max_connections: usize,
+    /// UDP flows through the TUN at most.
+    pub tun_max_udp_flows: usize,
     /// DNS responder address (UDP and TCP); `None` turns DNS off.
     pub dns_addr: Option<SocketAddr>,
     /// Cluster domain (`cluster.local`), validated as a DNS name.
@@ -149,6 +157,8 @@ impl Default for Settings {
             health_timeout: Duration::from_secs(60),
             tun: Some("ringvip0".to_string()),
             tun_mtu: 65_535,
+            tun_max_connections: 65_536,
+            tun_max_udp_flows: 65_536,
             dns_addr: None,
             cluster_domain: "cluster.local".to_string(),
             dns_upstream: None,
@@ -252,6 +262,12 @@ impl Settings {
         if let Some(v) = f.tun_mtu {
             self.tun_mtu = v;
         }
+        if let Some(v) = f.tun_max_connections {
+            self.tun_max_connections = v;
+        }
+        if let Some(v) = f.tun_max_udp_flows {
+            self.tun_max_udp_flows = v;
+        }
         if f.dns_addr.is_some() {
             self.dns_addr = f.dns_addr;
         }
@@ -292,6 +308,12 @@ impl Settings {
         }
         if self.dns_ttl > 3600 {
             return Err(SettingsError::DnsTtl(self.dns_ttl));
+        }
+        if self.tun_max_connections == 0 {
+            return Err(SettingsError::Zero("tun-max-connections"));
+        }
+        if self.tun_max_udp_flows == 0 {
+            return Err(SettingsError::Zero("tun-max-udp-flows"));
         }
         if !(1280..=65_535).contains(&self.tun_mtu) {
             return Err(SettingsError::TunMtu(self.tun_mtu));

@@ -99,6 +99,12 @@ struct RunArgs {
     /// MTU of the TUN device [default: 65535].
     #[arg(long, value_name = "BYTES")]
     tun_mtu: Option<u32>,
+    /// TCP connections through the TUN at most; new SYNs beyond are dropped [default: 65536].
+    #[arg(long, value_name = "N")]
+    tun_max_connections: Option<usize>,
+    /// UDP flows through the TUN at most [default: 65536].
+    #[arg(long, value_name = "N")]
+    tun_max_udp_flows: Option<usize>,
     /// Serve cluster DNS on this address, UDP and TCP (off unless set).
     #[arg(long, value_name = "ADDR")]
     dns_addr: Option<SocketAddr>,
@@ -177,6 +183,8 @@ fn run_settings(a: RunArgs) -> anyhow::Result<Settings> {
         tun: a.tun,
         no_tun: a.no_tun.then_some(true),
         tun_mtu: a.tun_mtu,
+        tun_max_connections: a.tun_max_connections,
+        tun_max_udp_flows: a.tun_max_udp_flows,
         dns_addr: a.dns_addr,
         cluster_domain: a.cluster_domain,
         dns_upstream: a.dns_upstream,
