@@ -375,3 +375,56 @@ fn connection_cap_drops_new_syns_with_a_warning() {
         rv.log()
     );
 }
+
+/// A real UDP peer: dnsmasq in the pod answering dig through the VIP.
+#[test]
+fn dns_server_answers_dig_through_the_vip() {
+    if !can_run() {
+        return;
+    }
+    let Some(dnsmasq) = need_program("dnsmasq", "a real DNS server behind a UDP ClusterIP") else {
+        return;
+    };
+    let Some(dig) = need_program("dig", "a real DNS client") else {
+        return;
+    };
+    let t = Topology::new(&[]);
+    let pod = t.pod_ip(2).to_string();
+    let mut server = std::process::Command::new("ip")
+        .args(["netns", "exec", &t.pod])
+        .arg(&dnsmasq)
+        .args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+        ])
+        .args(["--port", "5353", "--listen-address", &pod, "--pid-file"])
+        .arg("--address=/web.test/192.0.2.80")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let m = clusterip(
+        "dns",
+        "10.96.0.70",
+        53,
+        "UDP",
+        5353,
+        &[IpAddr::V4(t.pod_ip(2))],
+        "",
+    );
+    let rv = Ringvip::launch(Some(&t.node), &m, &[]);
+    let mut answer = String::new();
+    let ok = wait_until(Duration::from_secs(5), || {
+        let out = t.on_node(
+            dig.to_str().unwrap(),
+            &["+short", "+time=1", "+tries=1", "@10.96.0.70", "web.test"],
+        );
+        answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        answer == "192.0.2.80"
+    });
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(ok, "dig through the VIP answered {answer:?}\n{}", rv.log());
+}
