@@ -12,54 +12,15 @@ cd "$(dirname "$0")/.."
 SECS=${1:-5}
 REPS=${2:-3}
 BIN=target/release/ringvip
-[ -x "$BIN" ] || cargo build --release --quiet
+cargo build --release --quiet  # up to date with the tree being measured
 command -v iperf3 >/dev/null && command -v iptables >/dev/null || {
   echo "needs iperf3 and iptables (apt-get install iperf3 iptables)" >&2; exit 1; }
 
-ID=$$
-NODE=rvbn$ID; POD=rvbp$ID; VN=rvb${ID}n; VP=rvb${ID}p
-WORK=$(mktemp -d)
-cleanup() {
-  [ -n "${RV:-}" ] && kill "$RV" 2>/dev/null && wait "$RV" 2>/dev/null || true
-  [ -n "${SRV:-}" ] && kill "$SRV" 2>/dev/null && wait "$SRV" 2>/dev/null || true
-  ip netns del "$NODE" 2>/dev/null || true
-  ip netns del "$POD" 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-ip netns add "$NODE"; ip netns add "$POD"
-ip link add "$VN" netns "$NODE" type veth peer name "$VP" netns "$POD"
-ip -n "$NODE" link set lo up; ip -n "$POD" link set lo up
-ip -n "$NODE" addr add 10.251.0.1/24 dev "$VN"; ip -n "$NODE" link set "$VN" up
-ip -n "$POD" addr add 10.251.0.2/24 dev "$VP"; ip -n "$POD" link set "$VP" up
-
-# Kernel DNAT, as kube-proxy programs it: VIP 10.96.200.1 -> pod.
-ip -n "$NODE" route add 10.96.200.1/32 dev "$VN"
-ip netns exec "$NODE" iptables -t nat -A OUTPUT -d 10.96.200.1 -p tcp --dport 5201 \
-  -j DNAT --to-destination 10.251.0.2:5201
-
-cat > "$WORK/m.yaml" <<Y
-apiVersion: v1
-kind: Service
-metadata: {name: perf, namespace: default}
-spec:
-  clusterIP: 10.96.0.10
-  ports: [{name: p, port: 5201, targetPort: 5201}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: perf-1, namespace: default, labels: {kubernetes.io/service-name: perf}}
-addressType: IPv4
-ports: [{name: p, port: 5201, protocol: TCP}]
-endpoints:
-- addresses: ["10.251.0.2"]
-Y
-RINGVIP_LOG=warn ip netns exec "$NODE" "$BIN" run --manifests "$WORK" --workers 1 \
-  --health-addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 &
-RV=$!
-ip netns exec "$POD" iperf3 -s -B 10.251.0.2 -p 5201 >/dev/null 2>&1 &
-SRV=$!
+. benches/netns-lib.sh
+setup_topology 251 5201
+start_ringvip
+ip netns exec "$POD" iperf3 -s -B "$POD_IP" -p 5201 >/dev/null 2>&1 &
+PIDS+=($!)
 sleep 1
 
 # PERF_OUT=file: profile ringvip (cpu-clock) during one extra 1-stream run, then exit.
@@ -84,7 +45,7 @@ for streams in 1 4; do
   for dir in up R; do
     d=(); n=(); r=()
     for _ in $(seq "$REPS"); do  # alternate candidates within each repeat
-      d+=("$(gbps 10.251.0.2 "$streams" "$dir")")
+      d+=("$(gbps "$POD_IP" "$streams" "$dir")")
       n+=("$(gbps 10.96.200.1 "$streams" "$dir")")
       r+=("$(gbps 10.96.0.10 "$streams" "$dir")")
     done

@@ -245,12 +245,7 @@ fn half_close_reset_and_endpoint_churn_while_streaming() {
     let rv = Ringvip::launch(Some(&t.node), &eps(IpAddr::V4(t.pod_ip(2))), &[]);
     // Half-close: all echoed bytes come back after our FIN.
     let back = Topology::within(&t.node, || {
-        let mut c = None;
-        assert!(wait_until(Duration::from_secs(5), || {
-            c = connect_from(None, sa("10.96.0.40:7000")).ok();
-            c.is_some()
-        }));
-        let mut c = c.unwrap();
+        let mut c = connect_when_ready(sa("10.96.0.40:7000"));
         let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         c.write_all(&payload).unwrap();
         c.shutdown(std::net::Shutdown::Write).unwrap();
@@ -299,13 +294,10 @@ fn iperf3_through_the_clusterip() {
         return;
     };
     let t = Topology::new(&[]);
-    let mut server = std::process::Command::new("ip")
-        .args(["netns", "exec", &t.pod])
-        .arg(&iperf3)
-        .args(["-s", "-1", "-B", &t.pod_ip(2).to_string(), "-p", "5201"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let server = t.spawn_on_pod(
+        &iperf3,
+        &["-s", "-1", "-B", &t.pod_ip(2).to_string(), "-p", "5201"],
+    );
     let m = clusterip(
         "perf",
         "10.96.0.50",
@@ -321,8 +313,7 @@ fn iperf3_through_the_clusterip() {
         iperf3.to_str().unwrap(),
         &["-c", "10.96.0.50", "-t", "2", "-J"],
     );
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", rv.log());
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -390,21 +381,26 @@ fn dns_server_answers_dig_through_the_vip() {
     };
     let t = Topology::new(&[]);
     let pod = t.pod_ip(2).to_string();
-    let mut server = std::process::Command::new("ip")
-        .args(["netns", "exec", &t.pod])
-        .arg(&dnsmasq)
-        .args([
+    let address = "--address=/web.test/192.0.2.80";
+    let server = t.spawn_on_pod(
+        &dnsmasq,
+        &[
             "--keep-in-foreground",
             "--no-resolv",
             "--no-hosts",
             "--bind-interfaces",
+        ]
+        .into_iter()
+        .chain([
+            "--port",
+            "5353",
+            "--listen-address",
+            &pod,
+            "--pid-file",
+            address,
         ])
-        .args(["--port", "5353", "--listen-address", &pod, "--pid-file"])
-        .arg("--address=/web.test/192.0.2.80")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+        .collect::<Vec<_>>(),
+    );
     let m = clusterip(
         "dns",
         "10.96.0.70",
@@ -424,7 +420,6 @@ fn dns_server_answers_dig_through_the_vip() {
         answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
         answer == "192.0.2.80"
     });
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     assert!(ok, "dig through the VIP answered {answer:?}\n{}", rv.log());
 }

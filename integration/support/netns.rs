@@ -128,9 +128,33 @@ impl Topology {
             .expect("ip netns exec")
     }
 
+    /// Starts a program inside the pod namespace; it is killed when the
+    /// returned guard drops.
+    pub fn spawn_on_pod(&self, program: &std::path::Path, args: &[&str]) -> Spawned {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.pod])
+            .arg(program)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("ip netns exec");
+        Spawned(child)
+    }
+
     /// A pod address.
     pub fn pod_ip(&self, host: u8) -> std::net::Ipv4Addr {
         std::net::Ipv4Addr::new(10, self.net, 0, host)
+    }
+}
+
+/// A process started by a test; killed on drop.
+pub struct Spawned(std::process::Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

@@ -117,11 +117,12 @@ impl<K: std::hash::Hash + Eq + Copy, T> FlowTable<K, T> {
     }
 }
 
-/// The I/O half of a flow: aborting the reader closes the backend socket.
+/// The I/O half of a flow (kernel-socket and TUN paths alike): its backend
+/// socket and reply task. Dropping it aborts the task, which closes the socket.
 pub struct FlowIo {
-    socket: Rc<UdpSocket>,
-    reader: tokio::task::JoinHandle<()>,
-    fe: Arc<Frontend>,
+    pub(crate) socket: Rc<UdpSocket>,
+    pub(crate) reader: tokio::task::JoinHandle<()>,
+    pub(crate) fe: Arc<Frontend>,
 }
 
 impl Drop for FlowIo {

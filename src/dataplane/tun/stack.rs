@@ -30,7 +30,7 @@ use super::bridge;
 use super::device::{QueueDevice, Tun};
 use crate::dataplane::flow::{resolve, FlowKey, Verdict};
 use crate::dataplane::relay::connect;
-use crate::dataplane::udp::{FlowEntry, FlowTable};
+use crate::dataplane::udp::{FlowEntry, FlowIo, FlowTable};
 use crate::dataplane::Shared;
 use crate::model::Protocol;
 use crate::state::{Frontend, Snapshot};
@@ -246,20 +246,6 @@ pub fn udp_packet(
 /// A connection's identity: (client, VIP).
 pub type ConnKey = (SocketAddr, SocketAddr);
 
-/// The I/O half of a TUN UDP flow: its backend socket and reply task.
-pub struct UdpIo {
-    socket: Rc<tokio_uring::net::UdpSocket>,
-    reader: tokio::task::JoinHandle<()>,
-    fe: Arc<Frontend>,
-}
-
-impl Drop for UdpIo {
-    fn drop(&mut self) {
-        self.reader.abort();
-        self.fe.metrics.udp_flows_active.dec();
-    }
-}
-
 /// The smoltcp interface, its sockets and the flows being set up.
 pub struct Stack {
     /// smoltcp interface (any-IP).
@@ -275,7 +261,7 @@ pub struct Stack {
     /// Sockets whose relay ended, removed once closed.
     closing: Vec<(ConnKey, SocketHandle)>,
     /// UDP flows.
-    udp: FlowTable<ConnKey, UdpIo>,
+    udp: FlowTable<ConnKey, FlowIo>,
     settings: TunSettings,
     warned_full: bool,
     warned_udp_full: bool,
@@ -697,7 +683,7 @@ fn udp_ingress(ctx: &Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>, data: &[u8]) {
             endpoint: ep,
             last_seen: now,
             generation,
-            io: UdpIo {
+            io: FlowIo {
                 socket: sock.clone(),
                 reader,
                 fe,

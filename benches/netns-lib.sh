@@ -1,0 +1,54 @@
+# Sourced by the namespace benchmarks. `setup_topology NET PORT` creates a
+# "node" and a "pod" namespace joined by a veth pair (node 10.NET.0.1, pod
+# 10.NET.0.2), a kernel-DNAT VIP 10.96.200.1:PORT -> pod (what kube-proxy's
+# iptables mode programs) and a manifest for ringvip's VIP 10.96.0.10:PORT ->
+# pod in $WORK. `start_ringvip` runs ringvip in the node namespace. Everything,
+# including processes appended to PIDS, is removed on exit.
+ID=$$
+NODE=rvbn$ID; POD=rvbp$ID; VN=rvb${ID}n; VP=rvb${ID}p
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  ip netns del "$NODE" 2>/dev/null || true
+  ip netns del "$POD" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+setup_topology() {
+  local net=$1 port=$2
+  POD_IP=10.$net.0.2
+  ip netns add "$NODE"; ip netns add "$POD"
+  ip link add "$VN" netns "$NODE" type veth peer name "$VP" netns "$POD"
+  ip -n "$NODE" link set lo up; ip -n "$POD" link set lo up
+  ip -n "$NODE" addr add "10.$net.0.1/24" dev "$VN"; ip -n "$NODE" link set "$VN" up
+  ip -n "$POD" addr add "$POD_IP/24" dev "$VP"; ip -n "$POD" link set "$VP" up
+  ip -n "$NODE" route add 10.96.200.1/32 dev "$VN"
+  ip netns exec "$NODE" iptables -t nat -A OUTPUT -d 10.96.200.1 -p tcp --dport "$port" \
+    -j DNAT --to-destination "$POD_IP:$port"
+  cat > "$WORK/m.yaml" <<Y
+apiVersion: v1
+kind: Service
+metadata: {name: bench, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: p, port: $port, targetPort: $port}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: bench-1, namespace: default, labels: {kubernetes.io/service-name: bench}}
+addressType: IPv4
+ports: [{name: p, port: $port, protocol: TCP}]
+endpoints:
+- addresses: ["$POD_IP"]
+Y
+}
+
+start_ringvip() {
+  RINGVIP_LOG=warn ip netns exec "$NODE" "$BIN" run --manifests "$WORK" --workers 1 \
+    --health-addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 &
+  RV=$!
+  PIDS+=("$RV")
+}
