@@ -303,7 +303,12 @@ impl Stack {
 
     /// Runs the interface over everything queued.
     pub fn poll(&mut self) {
-        self.iface.poll(now(), &mut self.dev, &mut self.sockets);
+        self.poll_at(now());
+    }
+
+    /// Runs the interface as if it were `at` (tests drive the clock).
+    pub fn poll_at(&mut self, at: SmolInstant) {
+        self.iface.poll(at, &mut self.dev, &mut self.sockets);
     }
 
     /// Removes sockets whose relay ended and whose TCP connection is over.
@@ -331,6 +336,10 @@ impl Stack {
         );
         s.set_nagle_enabled(false);
         s.set_ack_delay(None);
+        // A peer that stops acknowledging (a spoofed SYN's SYN-ACK, a vanished
+        // client) releases its socket and backend connection instead of
+        // holding a slot under --tun-max-connections forever.
+        s.set_timeout(Some(smoltcp::time::Duration::from_secs(60)));
         let ep = IpListenEndpoint {
             addr: Some(key.1.ip().into()),
             port: key.1.port(),
@@ -975,6 +984,24 @@ mod tests {
         let t = TcpPacket::new_checked(ip.payload()).unwrap();
         assert!(t.syn() && t.ack());
         assert_eq!(t.src_port(), 80);
+    }
+
+    #[test]
+    fn unanswered_syn_ack_releases_the_socket() {
+        let mut st = Stack::new(TunSettings::default(), Duration::from_secs(30));
+        let key = (sa("10.1.0.5:40000"), sa("10.96.0.10:80"));
+        let p = tcp_packet(key.0, key.1, TcpControl::Syn, false);
+        let h = st.accept(key, p).expect("accepted");
+        let later = SmolInstant::now() + smoltcp::time::Duration::from_secs(30);
+        st.poll_at(later);
+        assert_eq!(
+            st.sockets.get::<tcp::Socket>(h).state(),
+            tcp::State::SynReceived
+        );
+        let much_later = later + smoltcp::time::Duration::from_secs(31);
+        st.poll_at(much_later);
+        st.poll_at(much_later);
+        assert_eq!(st.sockets.get::<tcp::Socket>(h).state(), tcp::State::Closed);
     }
 
     #[test]
