@@ -479,6 +479,8 @@ pub async fn run(
     let mtu = settings.mtu.max(1500);
     loop {
         // Packets in, through the classifier, read straight into pooled buffers.
+        // At most a batch at a time, so relays get their turn under load.
+        let mut drained = false;
         for _ in 0..256 {
             let mut buf = ctx.stack.borrow_mut().dev.buffer();
             buf.resize(mtu, 0);
@@ -492,6 +494,7 @@ pub async fn run(
                     if e.kind() != io::ErrorKind::WouldBlock {
                         tracing::warn!(error = %e, "reading the TUN failed");
                     }
+                    drained = true;
                     break;
                 }
             }
@@ -504,6 +507,12 @@ pub async fn run(
             let st = &mut *st;
             st.iface.poll_delay(now(), &st.sockets)
         };
+        if !drained {
+            // Packets are still waiting: readiness is edge-triggered, so no new
+            // wake-up would come for them. Let other tasks run, then read on.
+            tokio::task::yield_now().await;
+            continue;
+        }
         let wait_write = ctx.stack.borrow().dev.tx_len() > 0;
         let sleep = tokio::time::sleep(delay.map_or(Duration::from_millis(100), |d| {
             Duration::from_micros(d.total_micros())
