@@ -511,3 +511,54 @@ fn blackholed_backend_times_out_and_is_retried_around() {
         "no connect timeout counted:\n{m}"
     );
 }
+
+#[test]
+fn health_check_node_port_reports_local_endpoints() {
+    let (port, _b) = three_backends(25);
+    let node_port = free_port();
+    let hc = free_port();
+    let spec = format!("  externalTrafficPolicy: Local\n  healthCheckNodePort: {hc}\n");
+    let m = |node: &str| {
+        nodeport_service("lb", node_port, port, &[ip(25, 1)], &spec)
+            .replace("type: NodePort", "type: LoadBalancer")
+            .replace("nodeName: node-a", &format!("nodeName: {node}"))
+    };
+    let rv = Ringvip::start(&m("node-a"), &[]);
+    let hc_addr = np(hc);
+    let mut r = String::new();
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            r = std::net::TcpStream::connect(hc_addr)
+                .map(|_| admin_get(hc_addr, "/any/path"))
+                .unwrap_or_default();
+            r.starts_with("HTTP/1.1 200")
+        }),
+        "{r}\n{}",
+        rv.log()
+    );
+    assert!(r.contains("\"localEndpoints\":1"), "{r}");
+    assert!(r.contains("\"serviceProxyHealthy\":true"), "{r}");
+    assert!(
+        r.contains("\"namespace\":\"default\",\"name\":\"lb\""),
+        "{r}"
+    );
+    assert!(
+        r.to_ascii_lowercase()
+            .contains("x-load-balancing-endpoint-weight: 1"),
+        "{r}"
+    );
+    // The only endpoint moves to another node: 503, no local endpoints.
+    rv.write_manifest(&m("node-b"));
+    assert!(
+        wait_until(Duration::from_secs(5), || admin_get(hc_addr, "/")
+            .starts_with("HTTP/1.1 503")),
+        "{}",
+        rv.log()
+    );
+    assert!(admin_get(hc_addr, "/").contains("\"localEndpoints\":0"));
+    // The Service goes away: so does its health check port.
+    rv.write_manifest("");
+    assert!(wait_until(Duration::from_secs(5), || {
+        std::net::TcpStream::connect(hc_addr).is_err()
+    }));
+}

@@ -29,6 +29,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -43,6 +44,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use crate::model::ObjectKey;
 use crate::telemetry::{Metrics, OPENMETRICS_CONTENT_TYPE};
 
 /// Path of the health endpoint that also reflects Node deletion.
@@ -178,7 +180,91 @@ pub async fn serve_metrics(l: TcpListener, metrics: Arc<Metrics>) {
     .await
 }
 
-/// Accept loop shared by both servers: one task per connection.
+/// What one `healthCheckNodePort` server reports; its count is updated in
+/// place after every snapshot compile, so the listener never moves.
+#[derive(Debug)]
+pub struct ServiceHealth {
+    service: ObjectKey,
+    local_endpoints: AtomicUsize,
+}
+
+impl ServiceHealth {
+    /// A report for `service` with `n` local ready endpoints.
+    pub fn new(service: ObjectKey, n: usize) -> Self {
+        Self {
+            service,
+            local_endpoints: AtomicUsize::new(n),
+        }
+    }
+
+    /// The Service reported on.
+    pub fn service(&self) -> &ObjectKey {
+        &self.service
+    }
+
+    /// Sets the number of local ready endpoints.
+    pub fn set(&self, n: usize) {
+        self.local_endpoints.store(n, Ordering::Relaxed);
+    }
+}
+
+/// Serves a Service's `healthCheckNodePort` (kube-proxy's service health
+/// server, pkg/proxy/healthcheck/service_health.go): any path answers with the
+/// Service, its local endpoint count and the proxy's health; 200 when there
+/// are local endpoints and the proxy is healthy, else 503.
+pub async fn serve_service_health(
+    l: TcpListener,
+    sh: Arc<ServiceHealth>,
+    health: Arc<Health>,
+    timeout: Duration,
+) {
+    serve(l, "service-health", HEADER_READ_TIMEOUT, move |_req| {
+        let healthy = health.report(SystemTime::now(), timeout).healthy;
+        service_health_response(&sh, healthy)
+    })
+    .await
+}
+
+/// JSON body of a `healthCheckNodePort` answer, in kube-proxy's field names.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ServiceHealthBody<'a> {
+    service: ServiceName<'a>,
+    local_endpoints: usize,
+    service_proxy_healthy: bool,
+}
+
+#[derive(Serialize)]
+struct ServiceName<'a> {
+    namespace: &'a str,
+    name: &'a str,
+}
+
+fn service_health_response(sh: &ServiceHealth, proxy_healthy: bool) -> Response<Full<Bytes>> {
+    let n = sh.local_endpoints.load(Ordering::Relaxed);
+    let body = ServiceHealthBody {
+        service: ServiceName {
+            namespace: &sh.service.namespace,
+            name: &sh.service.name,
+        },
+        local_endpoints: n,
+        service_proxy_healthy: proxy_healthy,
+    };
+    let status = if n > 0 && proxy_healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let json = serde_json::to_string(&body).unwrap_or_default();
+    let mut resp = response(status, "application/json", json);
+    resp.headers_mut().insert(
+        "X-Load-Balancing-Endpoint-Weight",
+        HeaderValue::from(n as u64),
+    );
+    resp
+}
+
+/// Accept loop shared by every admin server: one task per connection.
 async fn serve<H>(l: TcpListener, server: &'static str, header_timeout: Duration, handler: H)
 where
     H: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
@@ -374,6 +460,39 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 mod tests {
     use super::*;
     use crate::telemetry::{PortLabels, CONNECTIONS_TOTAL};
+
+    #[test]
+    fn service_health_follows_kube_proxy() {
+        let sh = ServiceHealth::new(ObjectKey::new("default", "web"), 2);
+        let r = service_health_response(&sh, true);
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["X-Load-Balancing-Endpoint-Weight"], "2");
+        assert_eq!(r.headers()[CONTENT_TYPE], "application/json");
+        // no local endpoints, or an unhealthy proxy: 503
+        sh.set(0);
+        assert_eq!(
+            service_health_response(&sh, true).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        sh.set(1);
+        assert_eq!(
+            service_health_response(&sh, false).status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let body = ServiceHealthBody {
+            service: ServiceName {
+                namespace: "default",
+                name: "web",
+            },
+            local_endpoints: 1,
+            service_proxy_healthy: false,
+        };
+        let v: serde_json::Value = serde_json::to_value(&body).unwrap();
+        assert_eq!(v["service"]["namespace"], "default");
+        assert_eq!(v["service"]["name"], "web");
+        assert_eq!(v["localEndpoints"], 1);
+        assert_eq!(v["serviceProxyHealthy"], false);
+    }
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 

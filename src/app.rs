@@ -15,6 +15,7 @@ use crate::dataplane::{socket, DataPlaneSettings, Shared};
 use crate::discovery::file::FileSource;
 use crate::discovery::Update;
 use crate::dns::server::Dns;
+use crate::healthcheck::HealthCheckServers;
 use crate::state::{NodeContext, Snapshot, Store};
 use crate::telemetry::Metrics;
 
@@ -209,6 +210,11 @@ async fn control(
     let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut store = Store::new();
+    let mut health_checks = HealthCheckServers::new(
+        ctx.nodeport_addresses.clone(),
+        health.clone(),
+        settings.health_timeout,
+    );
     let mut generation = 0u64;
     loop {
         tokio::select! {
@@ -241,7 +247,8 @@ async fn control(
                 );
                 metrics.set_no_local_endpoints(snap.no_local_internal as i64, snap.no_local_external as i64);
                 shared.snapshot.store(snap.clone());
-                snap_tx.send_replace(snap);
+                snap_tx.send_replace(snap.clone());
+                health_checks.sync(&snap.health_checks).await;
                 metrics.observe_sync(started.elapsed());
                 metrics.add_service_changes(changes.services);
                 metrics.add_endpoint_changes(changes.endpoints);

@@ -12,6 +12,7 @@ pub mod demo;
 pub mod discovery;
 pub mod dns;
 pub mod envvars;
+pub mod healthcheck;
 pub mod model;
 pub mod state;
 pub mod telemetry;

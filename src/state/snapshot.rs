@@ -138,6 +138,21 @@ pub struct Snapshot {
     pub no_local_external: usize,
     /// Frontends claimed by more than one Service port (first one wins).
     pub conflicts: Vec<String>,
+    /// healthCheckNodePort servers to run (eTP=Local Services), sorted by port.
+    pub health_checks: Vec<HealthCheck>,
+}
+
+/// A `healthCheckNodePort` and what it reports: load balancers send traffic
+/// for an `externalTrafficPolicy: Local` Service only to nodes answering 200.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// The port.
+    pub port: u16,
+    /// The Service.
+    pub service: ObjectKey,
+    /// Distinct ready endpoint addresses on this node, over all its ports
+    /// (kube-proxy's LocalReadyEndpoints).
+    pub local_endpoints: usize,
 }
 
 impl Snapshot {
@@ -313,16 +328,16 @@ impl Compiler<'_> {
     }
 
     fn service(&mut self, svc: &Service, slices: &[&EndpointSlice], zone: Option<&str>) {
+        let mut local_ready: BTreeSet<IpAddr> = BTreeSet::new();
         for sp in &svc.ports {
+            let v4 = merge(slices, sp, AddressFamily::V4, &self.ctx.node_name);
+            let v6 = merge(slices, sp, AddressFamily::V6, &self.ctx.node_name);
+            for c in v4.iter().chain(&v6).filter(|c| c.local && c.ready) {
+                local_ready.insert(c.addr.ip());
+            }
             let eps = PortEndpoints {
-                v4: categorize(
-                    &merge(slices, sp, AddressFamily::V4, &self.ctx.node_name),
-                    zone,
-                ),
-                v6: categorize(
-                    &merge(slices, sp, AddressFamily::V6, &self.ctx.node_name),
-                    zone,
-                ),
+                v4: categorize(&v4, zone),
+                v6: categorize(&v6, zone),
             };
             let pm = self.metrics.port(&PortLabels {
                 namespace: svc.key.namespace.clone(),
@@ -389,6 +404,15 @@ impl Compiler<'_> {
                 self.add(svc, sp, &pm, &eps, a, k, svc.external_policy);
             }
         }
+        if let (Some(port), TrafficPolicy::Local) =
+            (svc.health_check_node_port, svc.external_policy)
+        {
+            self.snap.health_checks.push(HealthCheck {
+                port,
+                service: svc.key.clone(),
+                local_endpoints: local_ready.len(),
+            });
+        }
     }
 }
 
@@ -423,6 +447,7 @@ impl Store {
         }
         c.snap.listeners.sort();
         c.snap.listeners.dedup();
+        c.snap.health_checks.sort_by_key(|h| h.port);
         c.snap
     }
 }
@@ -714,6 +739,38 @@ mod tests {
             &["10.0.0.1:8080".parse::<SocketAddr>().unwrap()]
         );
         assert_eq!(snap.no_local_internal, 0);
+    }
+
+    #[test]
+    fn health_check_counts_distinct_local_ready_endpoints() {
+        let mut s = svc("web");
+        s.service_type = ServiceType::LoadBalancer;
+        s.external_policy = TrafficPolicy::Local;
+        s.health_check_node_port = Some(31000);
+        let snap = compile(vec![
+            Object::Service(s.clone()),
+            Object::EndpointSlice(slice(
+                "w",
+                "web",
+                8080,
+                vec![
+                    ep("10.0.0.1", "node-a", true, false),
+                    ep("10.0.0.2", "node-a", false, true),
+                    ep("10.0.0.3", "node-b", true, false),
+                ],
+            )),
+        ]);
+        assert_eq!(
+            snap.health_checks,
+            vec![HealthCheck {
+                port: 31000,
+                service: s.key.clone(),
+                local_endpoints: 1
+            }]
+        );
+        // Cluster policy: no health check server.
+        s.external_policy = TrafficPolicy::Cluster;
+        assert!(compile(vec![Object::Service(s)]).health_checks.is_empty());
     }
 
     #[test]
