@@ -562,3 +562,44 @@ fn health_check_node_port_reports_local_endpoints() {
         std::net::TcpStream::connect(hc_addr).is_err()
     }));
 }
+
+#[test]
+fn sigterm_drains_established_connections_and_refuses_new_ones() {
+    let port = free_port();
+    let _s = Backend::start(SocketAddr::from((ip(26, 1), port)), "s", Mode::Stream);
+    let node_port = free_port();
+    let mut rv = Ringvip::start(
+        &nodeport_service("drain", node_port, port, &[ip(26, 1)], ""),
+        &["--drain-timeout-secs", "10"],
+    );
+    let mut conn = connect_when_ready(np(node_port));
+    conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(conn.read(&mut buf).unwrap() > 0);
+    rv.sigterm();
+    // New clients are refused at once...
+    assert!(
+        wait_until(Duration::from_secs(2), || matches!(
+            connect_from(None, np(node_port)),
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused
+        )),
+        "{}",
+        rv.log()
+    );
+    // ...while the established stream keeps flowing and ringvip waits for it.
+    let end = Instant::now() + Duration::from_millis(500);
+    let mut got = 0;
+    while Instant::now() < end {
+        got += conn.read(&mut buf).unwrap();
+    }
+    assert!(got > 10, "stream stalled during drain ({got} bytes)");
+    assert!(
+        !rv.wait_exit(Duration::from_millis(200)),
+        "exited before the connection ended"
+    );
+    // The client goes away: the drain completes and ringvip exits well
+    // before the 10 s drain timeout.
+    drop(conn);
+    assert!(rv.wait_exit(Duration::from_secs(5)), "{}", rv.log());
+    assert!(rv.log().contains("drained"), "{}", rv.log());
+}

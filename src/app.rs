@@ -261,10 +261,52 @@ async fn control(
                 tracing::info!("SIGHUP: reloading manifests");
                 reload.notify_one();
             }
-            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break }
+            _ = sigterm.recv() => {
+                drain(&shared, &snap_tx, generation + 1, settings.drain_timeout, &mut sigterm).await;
+                break;
+            }
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); break }
             _ = shutdown.notified() => break,
         }
     }
     Ok(())
+}
+
+/// Stops taking new flows and waits up to `timeout` for relayed connections
+/// to finish, as a pod's grace period does. Publishing an empty snapshot is
+/// all it takes: listeners close (new clients are refused) and the TUN path
+/// refuses new SYNs, while established connections keep their frontend.
+/// A second SIGTERM ends the wait.
+async fn drain(
+    shared: &Shared,
+    snap_tx: &watch::Sender<Arc<Snapshot>>,
+    generation: u64,
+    timeout: std::time::Duration,
+    sigterm: &mut tokio::signal::unix::Signal,
+) {
+    let empty = Arc::new(Snapshot::empty(generation));
+    shared.snapshot.store(empty.clone());
+    snap_tx.send_replace(empty);
+    let active = || shared.active.load(std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(
+        connections = active(),
+        timeout_secs = timeout.as_secs(),
+        "SIGTERM: draining"
+    );
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    while active() > 0 {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(connections = active(), "drain timeout: closing remaining connections");
+                return;
+            }
+            _ = sigterm.recv() => {
+                tracing::warn!(connections = active(), "second SIGTERM: closing remaining connections");
+                return;
+            }
+        }
+    }
+    tracing::info!("drained");
 }

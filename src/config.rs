@@ -77,6 +77,8 @@ pub struct SettingsFile {
     pub tun_mtu: Option<u32>,
     /// TCP connections through the TUN at most (new SYNs beyond are dropped).
     pub tun_max_connections: Option<usize>,
+    /// On SIGTERM, how long established connections may finish, seconds.
+    pub drain_timeout_secs: Option<u64>,
     /// UDP flows through the TUN at most.
     pub tun_max_udp_flows: Option<usize>,
     /// DNS responder address (UDP and TCP); off when absent.
@@ -125,6 +127,9 @@ pub struct Settings {
     pub tun_mtu: u32,
     /// TCP connections through the TUN at most; SYN floods stop here.
     pub tun_max_connections: usize,
+    /// On SIGTERM, how long established connections may finish (a pod's
+    /// default grace period).
+    pub drain_timeout: Duration,
     /// UDP flows through the TUN at most.
     pub tun_max_udp_flows: usize,
     /// DNS responder address (UDP and TCP); `None` turns DNS off.
@@ -158,6 +163,7 @@ impl Default for Settings {
             tun: Some("ringvip0".to_string()),
             tun_mtu: 65_535,
             tun_max_connections: 65_536,
+            drain_timeout: Duration::from_secs(30),
             tun_max_udp_flows: 65_536,
             dns_addr: None,
             cluster_domain: "cluster.local".to_string(),
@@ -264,6 +270,9 @@ impl Settings {
         }
         if let Some(v) = f.tun_max_connections {
             self.tun_max_connections = v;
+        }
+        if let Some(v) = f.drain_timeout_secs {
+            self.drain_timeout = Duration::from_secs(v);
         }
         if let Some(v) = f.tun_max_udp_flows {
             self.tun_max_udp_flows = v;

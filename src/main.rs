@@ -105,6 +105,10 @@ struct RunArgs {
     /// UDP flows through the TUN at most [default: 65536].
     #[arg(long, value_name = "N")]
     tun_max_udp_flows: Option<usize>,
+    /// On SIGTERM, stop accepting and let established connections finish for
+    /// this long [default: 30].
+    #[arg(long, value_name = "SECS")]
+    drain_timeout_secs: Option<u64>,
     /// Serve cluster DNS on this address, UDP and TCP (off unless set).
     #[arg(long, value_name = "ADDR")]
     dns_addr: Option<SocketAddr>,
@@ -185,6 +189,7 @@ fn run_settings(a: RunArgs) -> anyhow::Result<Settings> {
         tun_mtu: a.tun_mtu,
         tun_max_connections: a.tun_max_connections,
         tun_max_udp_flows: a.tun_max_udp_flows,
+        drain_timeout_secs: a.drain_timeout_secs,
         dns_addr: a.dns_addr,
         cluster_domain: a.cluster_domain,
         dns_upstream: a.dns_upstream,

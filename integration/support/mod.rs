@@ -324,7 +324,7 @@ impl Ringvip {
             metrics,
         };
         assert!(
-            wait_until(Duration::from_secs(10), || r
+            wait_until(Duration::from_secs(20), || r
                 .log()
                 .contains("snapshot published")),
             "ringvip did not publish a snapshot:\n{}",
@@ -342,6 +342,20 @@ impl Ringvip {
         let tmp = self.dir.path().join(".manifest.tmp");
         std::fs::write(&tmp, text).unwrap();
         std::fs::rename(&tmp, self.dir.path().join("manifest.yaml")).unwrap();
+    }
+
+    /// Sends SIGTERM (graceful stop: drain).
+    pub fn sigterm(&self) {
+        // SAFETY: kill only signals our own child process.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+    }
+
+    /// Waits up to `limit` for the process to exit; true when it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> bool {
+        let child = &mut self.child;
+        wait_until(limit, || matches!(child.try_wait(), Ok(Some(_))))
     }
 
     /// Number of "snapshot published" lines so far.

@@ -7,6 +7,7 @@ pub mod socket;
 pub mod tun;
 pub mod udp;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +36,26 @@ pub struct Shared {
     pub affinity: AffinityTable,
     /// Limits.
     pub settings: DataPlaneSettings,
+    /// TCP connections being relayed, over every front end and thread (what
+    /// a drain waits for).
+    pub active: AtomicUsize,
+}
+
+/// Counts one relayed connection in [`Shared::active`] while it lives.
+pub struct ActiveConnection<'a>(&'a AtomicUsize);
+
+impl<'a> ActiveConnection<'a> {
+    /// Counts a connection until the guard drops.
+    pub fn new(shared: &'a Shared) -> Self {
+        shared.active.fetch_add(1, Ordering::Relaxed);
+        Self(&shared.active)
+    }
+}
+
+impl Drop for ActiveConnection<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Shared {
@@ -44,6 +65,7 @@ impl Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             affinity: AffinityTable::new(),
             settings,
+            active: AtomicUsize::new(0),
         })
     }
 }

@@ -303,6 +303,7 @@ async fn handle(
             fe.metrics.connections_total.inc();
             fe.metrics.connections_active.inc();
             let _guard = ActiveGuard(fe.metrics.connections_active.clone());
+            let _counted = super::ActiveConnection::new(&shared);
             relay(client, backend, &fe).await;
         }
         Err(e) => {

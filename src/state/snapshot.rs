@@ -156,6 +156,14 @@ pub struct HealthCheck {
 }
 
 impl Snapshot {
+    /// A snapshot with nothing in it: no frontend, no listener.
+    pub fn empty(generation: u64) -> Self {
+        Snapshot {
+            generation,
+            ..Snapshot::default()
+        }
+    }
+
     /// The frontend a flow was addressed to.
     #[inline]
     pub fn frontend(&self, key: &FrontendKey) -> Option<&Arc<Frontend>> {
