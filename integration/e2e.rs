@@ -603,3 +603,56 @@ fn sigterm_drains_established_connections_and_refuses_new_ones() {
     assert!(rv.wait_exit(Duration::from_secs(5)), "{}", rv.log());
     assert!(rv.log().contains("drained"), "{}", rv.log());
 }
+
+#[test]
+fn status_shows_frontends_endpoints_and_traffic() {
+    let (port, _b) = three_backends(27);
+    let node_port = free_port();
+    let rv = Ringvip::start(
+        &nodeport_service("st", node_port, port, &[ip(27, 1), ip(27, 2)], ""),
+        &[],
+    );
+    wait_serving(np(node_port));
+    for _ in 0..4 {
+        http_get(np(node_port)).unwrap();
+    }
+    let run = |fmt: &str| {
+        let out = Command::new(bin())
+            .args(["status", "--admin", &rv.metrics.to_string(), "-o", fmt])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let table = run("table");
+    let line = table
+        .lines()
+        .find(|l| l.contains(&format!("127.0.0.1:{node_port}")))
+        .unwrap_or_else(|| panic!("no NodePort row:\n{table}"));
+    assert!(
+        line.contains("default/st") && line.contains("NodePort"),
+        "{line}"
+    );
+    let rows: serde_json::Value = serde_json::from_str(&run("json")).unwrap();
+    let row = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["address"] == format!("127.0.0.1:{node_port}"))
+        .unwrap();
+    assert_eq!(row["endpoints"].as_array().unwrap().len(), 2);
+    // wait_serving's probes plus our four requests
+    assert!(row["total"].as_u64().unwrap() >= 4, "{row}");
+    assert!(row["bytes_to_client"].as_u64().unwrap() > 0, "{row}");
+    // Nothing listening: a clear error, exit code 2.
+    let out = Command::new(bin())
+        .args(["status", "--admin", &format!("127.0.0.1:{}", free_port())])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the admin API"));
+}

@@ -174,7 +174,24 @@ pub async fn serve_health(l: TcpListener, health: Arc<Health>, timeout: Duration
 
 /// Serve `/metrics` on `l` until the task is dropped.
 pub async fn serve_metrics(l: TcpListener, metrics: Arc<Metrics>) {
+    serve_metrics_with_api(l, metrics, Arc::new(|| "[]".to_string())).await
+}
+
+/// Path of the JSON list of frontends (what `ringvip status` shows).
+pub const API_FRONTENDS_PATH: &str = "/api/frontends";
+
+/// Produces the JSON answer of [`API_FRONTENDS_PATH`].
+pub type FrontendsApi = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Serve `/metrics` and the admin JSON API on `l` until the task is dropped.
+pub async fn serve_metrics_with_api(l: TcpListener, metrics: Arc<Metrics>, api: FrontendsApi) {
     serve(l, "metrics", HEADER_READ_TIMEOUT, move |req| {
+        if req.uri().path() == API_FRONTENDS_PATH {
+            if !is_get_or_head(req.method()) {
+                return method_not_allowed();
+            }
+            return response(StatusCode::OK, "application/json", api());
+        }
         metrics_response(req, &metrics)
     })
     .await

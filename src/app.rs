@@ -189,7 +189,10 @@ async fn control(
         health.clone(),
         settings.health_timeout,
     ));
-    tokio::spawn(admin::serve_metrics(ml, metrics.clone()));
+    let status_of = shared.clone();
+    let api: admin::FrontendsApi =
+        Arc::new(move || crate::status::frontends_json(&status_of.snapshot.load()));
+    tokio::spawn(admin::serve_metrics_with_api(ml, metrics.clone(), api));
 
     let (tx, mut rx) = mpsc::channel::<Update>(64);
     let reload = Arc::new(Notify::new());

@@ -15,4 +15,5 @@ pub mod envvars;
 pub mod healthcheck;
 pub mod model;
 pub mod state;
+pub mod status;
 pub mod telemetry;

@@ -11,6 +11,7 @@ use ipnet::IpNet;
 
 use ringvip::config::{Settings, SettingsFile};
 use ringvip::discovery::file;
+use ringvip::status;
 
 /// Kubernetes Services in userspace, on io_uring.
 #[derive(Debug, Parser)]
@@ -36,6 +37,22 @@ enum Cmd {
         #[arg(long)]
         once: bool,
     },
+    /// Show each frontend of a running ringvip: endpoints, connections, bytes.
+    Status {
+        /// The running ringvip's metrics address (its admin API).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10249")]
+        admin: SocketAddr,
+        /// Output: table, wide (with endpoints and failures) or json.
+        #[arg(short = 'o', long, value_name = "FORMAT", default_value = "table")]
+        output: StatusFormat,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum StatusFormat {
+    Table,
+    Wide,
+    Json,
 }
 
 #[derive(Debug, Args)]
@@ -259,6 +276,19 @@ fn main() -> ExitCode {
         Cmd::Check(a) => check(a),
         Cmd::Env(a) => env(a),
         Cmd::Demo { once } => ringvip::demo::run(once).map(|()| ExitCode::SUCCESS),
+        Cmd::Status { admin, output } => {
+            let format = match output {
+                StatusFormat::Table => status::Format::Table,
+                StatusFormat::Wide => status::Format::Wide,
+                StatusFormat::Json => status::Format::Json,
+            };
+            status::fetch(admin)
+                .map(|rows| {
+                    print!("{}", status::render(&rows, format));
+                    ExitCode::SUCCESS
+                })
+                .map_err(Into::into)
+        }
     };
     match res {
         Ok(code) => code,

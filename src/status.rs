@@ -1,0 +1,282 @@
+//! `ringvip status`: what each frontend serves and has carried, from the admin
+//! JSON API (`/api/frontends` on the metrics address), as a table or JSON.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::admin::API_FRONTENDS_PATH;
+use crate::state::{EmptyAction, FrontendKind, Snapshot};
+use crate::telemetry::ConnectFailure;
+
+/// One frontend as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrontendStatus {
+    /// Namespace of the Service.
+    pub namespace: String,
+    /// Name of the Service.
+    pub service: String,
+    /// Service port name (may be empty).
+    pub port: String,
+    /// `TCP` or `UDP`.
+    pub protocol: String,
+    /// `ClusterIP`, `NodePort`, `LoadBalancer` or `ExternalIP`.
+    pub kind: String,
+    /// Address and port clients use.
+    pub address: String,
+    /// Usable endpoints after policy filtering.
+    pub endpoints: Vec<String>,
+    /// With no usable endpoint: `refuse` or `drop`.
+    pub when_empty: String,
+    /// Connections (and UDP flows) relayed now, for the Service port.
+    pub active: i64,
+    /// Connections (and UDP flows) relayed since start, for the Service port.
+    pub total: u64,
+    /// Bytes client → backend, for the Service port.
+    pub bytes_to_backend: u64,
+    /// Bytes backend → client, for the Service port.
+    pub bytes_to_client: u64,
+    /// Failed connects by reason, for the Service port (non-zero only).
+    pub connect_failures: BTreeMap<String, u64>,
+}
+
+fn kind_name(k: FrontendKind) -> &'static str {
+    match k {
+        FrontendKind::ClusterIp => "ClusterIP",
+        FrontendKind::NodePort => "NodePort",
+        FrontendKind::LoadBalancer => "LoadBalancer",
+        FrontendKind::ExternalIp => "ExternalIP",
+    }
+}
+
+/// Every frontend of a snapshot, sorted by Service, port and address.
+pub fn frontends(snap: &Snapshot) -> Vec<FrontendStatus> {
+    let mut rows: Vec<FrontendStatus> = snap
+        .frontends()
+        .map(|(key, fe)| {
+            let m = &fe.metrics;
+            FrontendStatus {
+                namespace: fe.service.namespace.clone(),
+                service: fe.service.name.clone(),
+                port: fe.port_name.clone(),
+                protocol: fe.proto.as_str().to_string(),
+                kind: kind_name(fe.kind).to_string(),
+                address: key.addr.to_string(),
+                endpoints: fe.endpoints.iter().map(ToString::to_string).collect(),
+                when_empty: match fe.when_empty {
+                    EmptyAction::Refuse => "refuse",
+                    EmptyAction::Drop => "drop",
+                }
+                .to_string(),
+                active: m.connections_active.get() + m.udp_flows_active.get(),
+                total: m.connections_total.get(),
+                bytes_to_backend: m.bytes_to_backend.get(),
+                bytes_to_client: m.bytes_to_client.get(),
+                connect_failures: ConnectFailure::ALL
+                    .iter()
+                    .map(|r| (r.as_str().to_string(), m.connect_failures(*r)))
+                    .filter(|(_, n)| *n > 0)
+                    .collect(),
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        (&a.namespace, &a.service, &a.port, &a.protocol, &a.address).cmp(&(
+            &b.namespace,
+            &b.service,
+            &b.port,
+            &b.protocol,
+            &b.address,
+        ))
+    });
+    rows
+}
+
+/// The admin API's JSON answer.
+pub fn frontends_json(snap: &Snapshot) -> String {
+    serde_json::to_string(&frontends(snap)).unwrap_or_else(|_| "[]".to_string())
+}
+
+/// Output format of `ringvip status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// One line per frontend.
+    Table,
+    /// The table plus endpoints and failures.
+    Wide,
+    /// The API's JSON, pretty-printed.
+    Json,
+}
+
+/// Renders rows as `ringvip status` prints them.
+pub fn render(rows: &[FrontendStatus], format: Format) -> String {
+    if format == Format::Json {
+        return serde_json::to_string_pretty(rows).unwrap_or_default() + "\n";
+    }
+    let mut out = String::new();
+    let header = [
+        "SERVICE",
+        "PORT",
+        "KIND",
+        "ADDRESS",
+        "ENDPOINTS",
+        "ACTIVE",
+        "TOTAL",
+        "IN",
+        "OUT",
+    ];
+    let mut lines: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    if format == Format::Wide {
+        lines[0].push("FAILURES".into());
+        lines[0].push("ENDPOINT LIST".into());
+    }
+    for r in rows {
+        let port = if r.port.is_empty() {
+            r.protocol.clone()
+        } else {
+            format!("{}/{}", r.port, r.protocol)
+        };
+        let mut l = vec![
+            format!("{}/{}", r.namespace, r.service),
+            port,
+            r.kind.clone(),
+            r.address.clone(),
+            r.endpoints.len().to_string(),
+            r.active.to_string(),
+            r.total.to_string(),
+            r.bytes_to_backend.to_string(),
+            r.bytes_to_client.to_string(),
+        ];
+        if format == Format::Wide {
+            let f: Vec<String> = r
+                .connect_failures
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            l.push(if f.is_empty() {
+                "-".into()
+            } else {
+                f.join(",")
+            });
+            l.push(if r.endpoints.is_empty() {
+                format!("(none: {})", r.when_empty)
+            } else {
+                r.endpoints.join(",")
+            });
+        }
+        lines.push(l);
+    }
+    let cols = lines[0].len();
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| lines.iter().map(|l| l[c].len()).max().unwrap_or(0))
+        .collect();
+    for l in &lines {
+        let cells: Vec<String> = l
+            .iter()
+            .zip(&widths)
+            .map(|(s, w)| format!("{s:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Could not get the status from a running ringvip.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    /// Connecting or reading failed.
+    #[error("cannot reach the admin API at {addr}: {source} (is ringvip running with --metrics-addr {addr}?)")]
+    Io {
+        /// Admin address.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The answer was not what the API sends.
+    #[error("unexpected answer from {addr}: {detail}")]
+    Answer {
+        /// Admin address.
+        addr: SocketAddr,
+        /// What was wrong.
+        detail: String,
+    },
+}
+
+/// Fetches the frontends from a running ringvip's admin API.
+pub fn fetch(addr: SocketAddr) -> Result<Vec<FrontendStatus>, StatusError> {
+    let io = |source| StatusError::Io { addr, source };
+    let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(io)?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(io)?;
+    write!(
+        c,
+        "GET {API_FRONTENDS_PATH} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(io)?;
+    let mut text = String::new();
+    c.read_to_string(&mut text).map_err(io)?;
+    let answer = |detail: String| StatusError::Answer { addr, detail };
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| answer("no HTTP header".into()))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(answer(head.lines().next().unwrap_or_default().to_string()));
+    }
+    serde_json::from_str(body).map_err(|e| answer(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::tun::stack::sample_snapshot;
+
+    #[test]
+    fn rows_follow_the_snapshot_and_metrics() {
+        let snap = sample_snapshot(true);
+        let rows = frontends(&snap);
+        // TCP and UDP ports on two ClusterIPs
+        assert_eq!(rows.len(), 4);
+        let tcp4 = rows
+            .iter()
+            .find(|r| r.address == "10.96.0.10:80")
+            .expect("tcp v4 row");
+        assert_eq!(tcp4.kind, "ClusterIP");
+        assert_eq!(tcp4.endpoints, vec!["10.0.0.1:8080".to_string()]);
+        let tcp6 = rows
+            .iter()
+            .find(|r| r.address == "[fd00:10:96::10]:80")
+            .expect("tcp v6 row");
+        assert!(tcp6.endpoints.is_empty(), "the slice is IPv4 only");
+        // counters are the Service port's live metrics
+        let (_, fe) = snap
+            .frontends()
+            .find(|(k, _)| k.addr.to_string() == "10.96.0.10:80")
+            .unwrap();
+        fe.metrics.connections_total.inc_by(3);
+        fe.metrics.connect_failure(ConnectFailure::Refused);
+        let again = frontends(&snap);
+        let tcp4 = again.iter().find(|r| r.address == "10.96.0.10:80").unwrap();
+        assert_eq!(tcp4.total, 3);
+        assert_eq!(tcp4.connect_failures.get("refused"), Some(&1));
+    }
+
+    #[test]
+    fn table_json_round_trip_and_wide_columns() {
+        let rows = frontends(&sample_snapshot(true));
+        let json = frontends_json(&sample_snapshot(true));
+        let back: Vec<FrontendStatus> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.len(), rows.len());
+        let table = render(&rows, Format::Table);
+        assert!(table.starts_with("SERVICE"));
+        assert!(table.contains("default/web"));
+        assert_eq!(table.lines().count(), rows.len() + 1);
+        let wide = render(&rows, Format::Wide);
+        assert!(wide.contains("10.0.0.1:8080"));
+        assert!(wide.contains("(none: refuse)"));
+    }
+}
