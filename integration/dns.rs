@@ -696,3 +696,26 @@ fn selector_membership_changes_live() {
         "the port never closed"
     );
 }
+
+/// 100 endpoints do not fit a UDP response: dig sees TC and retries over TCP,
+/// where the whole answer comes back.
+#[test]
+fn big_answers_truncate_over_udp_and_come_whole_over_tcp() {
+    let Some(dig_bin) = dig_bin() else { return };
+    let eps: String = (1..=100)
+        .map(|i| format!("- addresses: [10.244.9.{i}]\n"))
+        .collect();
+    let manifest = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: big, namespace: default}}\nspec:\n  clusterIP: None\n  ports: [{{port: 80}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: big-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: big}}\naddressType: IPv4\nports: [{{port: 80}}]\nendpoints:\n{eps}"
+    );
+    let (_rv, dns) = start_with_dns(&manifest, &[]);
+    let name = "big.default.svc.cluster.local";
+    // +ignore: keep the truncated UDP answer.
+    let d = dig(&dig_bin, dns, &[name, "A", "+ignore"]);
+    assert!(d.flags.contains("tc"), "{}", d.raw);
+    assert!(d.answers.is_empty(), "{}", d.raw);
+    // Default dig: retries over TCP on TC.
+    let d = dig(&dig_bin, dns, &[name, "A"]);
+    assert_eq!(d.data("A").len(), 100, "{}", d.raw);
+    assert!(!d.flags.contains("tc"));
+}

@@ -666,3 +666,12 @@ fn question_pointing_into_the_header_is_written_out() {
     assert_eq!(m.queries[0].name().to_ascii(), ".");
     assert_eq!(m.metadata.response_code, ResponseCode::Refused);
 }
+
+#[test]
+fn any_returns_every_set_of_the_name() {
+    let z = zone();
+    let m = ask(&z, "web.default.svc.cluster.local.", RecordType::ANY);
+    assert_eq!(data(&m), vec!["10.96.0.10", "fd00:10:96::a"]);
+    let m = ask(&z, "cluster.local.", RecordType::ANY);
+    assert_eq!(m.answers.len(), 1, "the apex SOA");
+}

@@ -173,3 +173,88 @@ impl Changes {
         c
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Protocol, ServicePort, TargetPort};
+    use crate::state::NodeContext;
+    use crate::telemetry::Metrics;
+
+    fn svc() -> Service {
+        Service {
+            cluster_ips: vec!["10.96.0.10".parse().unwrap()],
+            selector: Some([("app".to_string(), "web".to_string())].into()),
+            ports: vec![ServicePort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                node_port: None,
+                target_port: TargetPort::Name("http".into()),
+            }],
+            ..Service::new(ObjectKey::new("default", "web"))
+        }
+    }
+
+    fn pod(name: &str, ip: &str, ready: bool) -> Pod {
+        Pod {
+            key: ObjectKey::new("default", name),
+            labels: [("app".to_string(), "web".to_string())].into(),
+            ips: vec![ip.parse().unwrap()],
+            node_name: None,
+            ready,
+            terminating: false,
+            container_ports: vec![("http".into(), Protocol::Tcp, 8080)],
+            hostname: None,
+            subdomain: None,
+            terminal: false,
+        }
+    }
+
+    fn endpoints(st: &Store) -> Vec<String> {
+        let snap = st.compile(&NodeContext::default(), &Metrics::new(), 1);
+        let mut v: Vec<String> = snap
+            .frontends()
+            .flat_map(|(_, f)| f.endpoints.iter().map(|e| e.to_string()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn selector_services_get_endpoints_from_pods_live() {
+        let mut st = Store::new();
+        st.apply(Update::Reset(vec![Object::Service(svc())]));
+        assert!(st.selector_slices().is_empty(), "no Pods: nothing derived");
+        assert!(endpoints(&st).is_empty());
+        st.apply(Update::Upsert(Box::new(Object::Pod(pod(
+            "a", "10.0.0.1", true,
+        )))));
+        st.apply(Update::Upsert(Box::new(Object::Pod(pod(
+            "b", "10.0.0.2", false,
+        )))));
+        assert_eq!(endpoints(&st), vec!["10.0.0.1:8080"]);
+        st.apply(Update::Upsert(Box::new(Object::Pod(pod(
+            "b", "10.0.0.2", true,
+        )))));
+        assert_eq!(endpoints(&st), vec!["10.0.0.1:8080", "10.0.0.2:8080"]);
+        st.apply(Update::Delete(Kind::Pod, ObjectKey::new("default", "a")));
+        assert_eq!(endpoints(&st), vec!["10.0.0.2:8080"]);
+    }
+
+    #[test]
+    fn pods_in_lists_one_namespace() {
+        let mut st = Store::new();
+        let mut other = pod("a", "10.0.0.3", true);
+        other.key.namespace = "defaultx".into();
+        st.apply(Update::Reset(vec![
+            Object::Pod(pod("a", "10.0.0.1", true)),
+            Object::Pod(pod("b", "10.0.0.2", true)),
+            Object::Pod(other),
+        ]));
+        let names: Vec<&str> = st.pods_in("default").map(|p| p.key.name.as_str()).collect();
+        assert_eq!(names, vec!["a", "b"]);
+        assert_eq!(st.pods_in("defaultx").count(), 1);
+        assert_eq!(st.pods_in("nope").count(), 0);
+    }
+}
