@@ -1688,6 +1688,40 @@ metadata:
     }
 
     #[test]
+    fn selector_example_gives_endpoints_from_ready_pods() {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/examples/selector.yaml");
+        let (objects, errors) = load(&[path], &Limits::default());
+        assert!(errors.is_empty(), "{:?}", messages(&errors));
+        let mut store = crate::state::Store::new();
+        store.apply(super::super::Update::Reset(objects));
+        let slices = store.selector_slices();
+        let eps: Vec<(String, String, bool, Option<u16>)> = slices
+            .iter()
+            .flat_map(|s| {
+                s.endpoints.iter().map(move |e| {
+                    (
+                        s.service_name.clone(),
+                        e.ip.to_string(),
+                        e.ready,
+                        s.ports[0].port,
+                    )
+                })
+            })
+            .collect();
+        assert_eq!(
+            eps,
+            vec![
+                ("api".into(), "127.0.0.11".into(), true, Some(8080)),
+                ("api".into(), "127.0.0.12".into(), false, Some(8080)),
+                ("api-public".into(), "127.0.0.11".into(), true, Some(8080)),
+                ("api-public".into(), "127.0.0.12".into(), false, Some(8080)),
+            ]
+        );
+        assert_eq!(slices[0].endpoints[0].hostname.as_deref(), Some("api-0"));
+        assert_eq!(slices[1].endpoints[0].hostname, None, "subdomain is api");
+    }
+
+    #[test]
     fn examples_load_without_errors() {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/examples");
         let (objects, errors) = load(
