@@ -719,3 +719,70 @@ fn big_answers_truncate_over_udp_and_come_whole_over_tcp() {
     assert_eq!(d.data("A").len(), 100, "{}", d.raw);
     assert!(!d.flags.contains("tc"));
 }
+
+/// Removes /etc/netns/<ns> (the resolv.conf `ip netns exec` mounts) on drop.
+struct NetnsEtc(PathBuf);
+
+impl Drop for NetnsEtc {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The whole path a Pod's client takes: glibc's resolver (resolv.conf with the
+/// kubelet's search path and ndots:5) asks ringvip's DNS for `web`, gets the
+/// ClusterIP, and curl connects to it through ringvip's TUN. Runs in network
+/// namespaces the test creates (root), like integration/tun.rs.
+#[test]
+fn curl_resolves_a_short_name_and_connects_through_the_clusterip() {
+    if !support::netns::can_run() {
+        return;
+    }
+    let Some(_) = dig_bin() else { return };
+    let Some(curl) = need_program("curl", "the client resolving through the system resolver")
+    else {
+        return;
+    };
+    let t = support::netns::Topology::new(&[3]);
+    let backend_addr = SocketAddr::from((t.pod_ip(3), 8080));
+    let _backend = support::netns::Topology::within(&t.pod, move || {
+        Backend::start(backend_addr, "3", Mode::Http)
+    });
+    let manifest = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n- addresses: [\"{}\"]\n",
+        t.pod_ip(3)
+    );
+    // `ip netns exec` bind-mounts /etc/netns/<ns>/resolv.conf over /etc/resolv.conf.
+    let etc = NetnsEtc(PathBuf::from("/etc/netns").join(&t.node));
+    std::fs::create_dir_all(&etc.0).unwrap();
+    std::fs::write(
+        etc.0.join("resolv.conf"),
+        "nameserver 127.0.0.1\nsearch default.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5 timeout:2 attempts:1\n",
+    )
+    .unwrap();
+    let rv = Ringvip::launch(Some(&t.node), &manifest, &["--dns-addr", "127.0.0.1:53"]);
+    let curl = curl.display().to_string();
+    let mut last = String::new();
+    let ok = wait_until(Duration::from_secs(10), || {
+        let out = t.on_node(&curl, &["-sS", "--max-time", "5", "http://web/"]);
+        last = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.status.success() && last.trim() == "backend-3"
+    });
+    assert!(ok, "curl http://web/ failed: {last}\n{}", rv.log());
+    // And by the fully qualified name.
+    let out = t.on_node(
+        &curl,
+        &[
+            "-sS",
+            "--max-time",
+            "5",
+            "http://web.default.svc.cluster.local./",
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "backend-3");
+    drop(rv);
+}
