@@ -1,0 +1,176 @@
+"""Helpers for benches/compare (stdlib only).
+
+udp-echo HOST PORT                  echo every datagram back (SO_REUSEPORT, run several)
+udp HOST PORT SECS FLOWS WINDOW     UDP request/response: FLOWS sockets, WINDOW datagrams in
+                                    flight each; print answered requests per second
+lat HOST PORT RATE SECS CONNS       HTTP/1.1 GETs over CONNS persistent connections, paced to
+                                    RATE requests/s in total; print "p50_us p99_us"
+table RESULTS REPS                  aggregate "measure<TAB>candidate<TAB>value" lines into the
+                                    markdown table (min/median/max, ratios of medians)
+"""
+import asyncio
+import selectors
+import socket
+import statistics
+import sys
+import time
+
+
+def udp_echo(host, port):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    s.bind((host, int(port)))
+    while True:
+        data, peer = s.recvfrom(2048)
+        s.sendto(data, peer)
+
+
+def udp(host, port, secs, flows, window):
+    sel = selectors.DefaultSelector()
+    msg = b"x" * 64
+    socks = []
+    for _ in range(int(flows)):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.connect((host, int(port)))
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ)
+        socks.append(s)
+    last = {}
+    for s in socks:
+        for _ in range(int(window)):
+            s.send(msg)
+        last[s] = time.monotonic()
+    answered, start = 0, time.monotonic()
+    end = start + float(secs)
+    while True:
+        now = time.monotonic()
+        if now >= end:
+            break
+        for key, _ in sel.select(timeout=0.05):
+            s = key.fileobj
+            for _ in range(64):
+                try:
+                    s.recv(2048)
+                except (BlockingIOError, ConnectionRefusedError):
+                    break
+                answered += 1
+                s.send(msg)
+                last[s] = now
+        for s in socks:  # refill a window that lost datagrams (bounded: once per 200 ms)
+            if now - last[s] > 0.2:
+                for _ in range(int(window)):
+                    try:
+                        s.send(msg)
+                    except OSError:
+                        pass
+                last[s] = now
+    print(f"{answered / (time.monotonic() - start):.0f}")
+
+
+async def lat(host, port, rate, secs, conns):
+    conns, interval = int(conns), int(conns) / float(rate)
+    req = f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    samples = []
+    end = time.monotonic() + float(secs)
+
+    async def client(i):
+        r, w = await asyncio.open_connection(host, int(port))
+        nxt = time.monotonic() + interval * i / conns
+        while True:
+            delay = nxt - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if time.monotonic() >= end:
+                break
+            t = time.perf_counter()
+            w.write(req)
+            head = await r.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            await r.readexactly(length)
+            samples.append(time.perf_counter() - t)
+            nxt += interval
+        w.close()
+
+    await asyncio.gather(*(client(i) for i in range(conns)))
+    samples.sort()
+    q = lambda p: samples[min(len(samples) - 1, int(p * len(samples)))] * 1e6
+    print(f"{q(0.50):.0f} {q(0.99):.0f}")
+
+
+MEASURES = [  # key, label, unit, higher is better
+    ("bulk1up", "bulk 1 stream client→pod", "Gbit/s", True),
+    ("bulk1down", "bulk 1 stream client←pod", "Gbit/s", True),
+    ("bulk8up", "bulk 8 streams client→pod", "Gbit/s", True),
+    ("bulk8down", "bulk 8 streams client←pod", "Gbit/s", True),
+    ("cps", "new connections/s (HTTP, Connection: close)", "conn/s", True),
+    ("p50", "latency p50 at fixed load", "µs", False),
+    ("p99", "latency p99 at fixed load", "µs", False),
+    ("udp", "UDP request/response", "req/s", True),
+    ("mem", "memory per 10,000 idle connections", "MiB", False),
+]
+CANDIDATES = [
+    ("direct", "direct"),
+    ("dnat", "iptables DNAT"),
+    ("haproxy", "HAProxy"),
+    ("nginx", "nginx stream"),
+    ("rv-np", "ringvip NodePort"),
+    ("rv-cip", "ringvip ClusterIP"),
+]
+
+
+def table(path, reps):
+    data = {}
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) != 3:
+                continue
+            try:
+                v = float(parts[2])
+            except ValueError:
+                continue
+            if v == v:  # skip nan
+                data.setdefault((parts[0], parts[1]), []).append(v)
+
+    def num(v):
+        if v >= 100:
+            return f"{v:.0f}"
+        if v >= 10:
+            return f"{v:.1f}"
+        return f"{v:.2f}"
+
+    print("| measure | candidate | min / median / max | ×HAProxy | ×nginx | ×direct |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for key, label, unit, _ in MEASURES:
+        med = {c: statistics.median(data[(key, c)]) for c, _ in CANDIDATES if data.get((key, c))}
+
+        def ratio(c, ref):
+            if c not in med or ref not in med or not med[ref] or c == ref:
+                return "—"
+            return f"{med[c] / med[ref]:.2f}"
+
+        for c, name in CANDIDATES:
+            v = data.get((key, c))
+            if not v:
+                continue
+            n = f" (n={len(v)})" if len(v) != int(reps) else ""
+            cell = f"{num(min(v))} / **{num(statistics.median(v))}** / {num(max(v))}{n}"
+            print(f"| {label} ({unit}) | {name} | {cell} | {ratio(c, 'haproxy')} | "
+                  f"{ratio(c, 'nginx')} | {ratio(c, 'direct')} |")
+
+
+cmd, args = sys.argv[1], sys.argv[2:]
+if cmd == "udp-echo":
+    udp_echo(*args)
+elif cmd == "udp":
+    udp(*args)
+elif cmd == "lat":
+    asyncio.run(lat(*args))
+elif cmd == "table":
+    table(*args)
+else:
+    sys.exit(__doc__)
