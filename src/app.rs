@@ -190,8 +190,9 @@ async fn control(
         settings.health_timeout,
     ));
     let status_of = shared.clone();
-    let api: admin::FrontendsApi =
-        Arc::new(move || crate::status::frontends_json(&status_of.snapshot.load()));
+    let api: admin::FrontendsApi = Arc::new(move || {
+        crate::status::frontends_json(&status_of.snapshot.load(), &status_of.health)
+    });
     tokio::spawn(admin::serve_metrics_with_api(ml, metrics.clone(), api));
 
     let (tx, mut rx) = mpsc::channel::<Update>(64);

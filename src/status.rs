@@ -4,11 +4,12 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
 use crate::admin::API_FRONTENDS_PATH;
+use crate::balance::PassiveHealth;
 use crate::state::{EmptyAction, FrontendKind, Snapshot};
 use crate::telemetry::ConnectFailure;
 
@@ -29,6 +30,8 @@ pub struct FrontendStatus {
     pub address: String,
     /// Usable endpoints after policy filtering.
     pub endpoints: Vec<String>,
+    /// Of those, the ones backed off after failed connects (passive health).
+    pub failing: Vec<String>,
     /// With no usable endpoint: `refuse` or `drop`.
     pub when_empty: String,
     /// Connections (and UDP flows) relayed now, for the Service port.
@@ -53,7 +56,7 @@ fn kind_name(k: FrontendKind) -> &'static str {
 }
 
 /// Every frontend of a snapshot, sorted by Service, port and address.
-pub fn frontends(snap: &Snapshot) -> Vec<FrontendStatus> {
+pub fn frontends(snap: &Snapshot, health: &PassiveHealth, now: Instant) -> Vec<FrontendStatus> {
     let mut rows: Vec<FrontendStatus> = snap
         .frontends()
         .map(|(key, fe)| {
@@ -66,6 +69,12 @@ pub fn frontends(snap: &Snapshot) -> Vec<FrontendStatus> {
                 kind: kind_name(fe.kind).to_string(),
                 address: key.addr.to_string(),
                 endpoints: fe.endpoints.iter().map(ToString::to_string).collect(),
+                failing: fe
+                    .endpoints
+                    .iter()
+                    .filter(|e| health.is_failing(e, now))
+                    .map(ToString::to_string)
+                    .collect(),
                 when_empty: match fe.when_empty {
                     EmptyAction::Refuse => "refuse",
                     EmptyAction::Drop => "drop",
@@ -96,8 +105,9 @@ pub fn frontends(snap: &Snapshot) -> Vec<FrontendStatus> {
 }
 
 /// The admin API's JSON answer.
-pub fn frontends_json(snap: &Snapshot) -> String {
-    serde_json::to_string(&frontends(snap)).unwrap_or_else(|_| "[]".to_string())
+pub fn frontends_json(snap: &Snapshot, health: &PassiveHealth) -> String {
+    serde_json::to_string(&frontends(snap, health, Instant::now()))
+        .unwrap_or_else(|_| "[]".to_string())
 }
 
 /// Output format of `ringvip status`.
@@ -164,7 +174,17 @@ pub fn render(rows: &[FrontendStatus], format: Format) -> String {
             l.push(if r.endpoints.is_empty() {
                 format!("(none: {})", r.when_empty)
             } else {
-                r.endpoints.join(",")
+                r.endpoints
+                    .iter()
+                    .map(|e| {
+                        if r.failing.contains(e) {
+                            format!("{e}(failing)")
+                        } else {
+                            e.clone()
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",")
             });
         }
         lines.push(l);
@@ -238,7 +258,9 @@ mod tests {
     #[test]
     fn rows_follow_the_snapshot_and_metrics() {
         let snap = sample_snapshot(true);
-        let rows = frontends(&snap);
+        let health = PassiveHealth::default();
+        let now = Instant::now();
+        let rows = frontends(&snap, &health, now);
         // TCP and UDP ports on two ClusterIPs
         assert_eq!(rows.len(), 4);
         let tcp4 = rows
@@ -259,16 +281,20 @@ mod tests {
             .unwrap();
         fe.metrics.connections_total.inc_by(3);
         fe.metrics.connect_failure(ConnectFailure::Refused);
-        let again = frontends(&snap);
+        health.failed("10.0.0.1:8080".parse().unwrap(), now);
+        let again = frontends(&snap, &health, now);
         let tcp4 = again.iter().find(|r| r.address == "10.96.0.10:80").unwrap();
         assert_eq!(tcp4.total, 3);
         assert_eq!(tcp4.connect_failures.get("refused"), Some(&1));
+        assert_eq!(tcp4.failing, vec!["10.0.0.1:8080".to_string()]);
+        assert!(render(&again, Format::Wide).contains("10.0.0.1:8080(failing)"));
     }
 
     #[test]
     fn table_json_round_trip_and_wide_columns() {
-        let rows = frontends(&sample_snapshot(true));
-        let json = frontends_json(&sample_snapshot(true));
+        let health = PassiveHealth::default();
+        let rows = frontends(&sample_snapshot(true), &health, Instant::now());
+        let json = frontends_json(&sample_snapshot(true), &health);
         let back: Vec<FrontendStatus> = serde_json::from_str(&json).unwrap();
         assert_eq!(back.len(), rows.len());
         let table = render(&rows, Format::Table);

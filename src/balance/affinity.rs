@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use rand::Rng;
 
-use super::random::pick_random;
+use super::random::pick_avoiding;
 
 /// Identity of a Service port across snapshots (a hash of namespace, name,
 /// port name and protocol), so affinity survives snapshot swaps.
@@ -51,18 +51,38 @@ impl AffinityTable {
         now: Instant,
         rng: &mut R,
     ) -> Option<SocketAddr> {
+        self.pick_avoiding(port, client, usable, timeout, now, rng, |_| false)
+    }
+
+    /// Like [`pick`](Self::pick), but an endpoint `avoid` rejects (backed off
+    /// after failed connects) loses its clients while another one is fine.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pick_avoiding<R: Rng + ?Sized>(
+        &self,
+        port: PortId,
+        client: IpAddr,
+        usable: &[SocketAddr],
+        timeout: Duration,
+        now: Instant,
+        rng: &mut R,
+        avoid: impl Fn(&SocketAddr) -> bool,
+    ) -> Option<SocketAddr> {
         let mut slot = self.map.entry((port, client)).or_insert(Entry {
             endpoint: SocketAddr::from(([0, 0, 0, 0], 0)),
             last_used: now,
             timeout: Duration::ZERO,
         });
         let e = slot.value_mut();
-        if e.timeout != Duration::ZERO && e.live(now) && usable.contains(&e.endpoint) {
+        let keep = e.timeout != Duration::ZERO
+            && e.live(now)
+            && usable.contains(&e.endpoint)
+            && !(avoid(&e.endpoint) && usable.iter().any(|u| !avoid(u)));
+        if keep {
             e.last_used = now;
             e.timeout = timeout;
             return Some(e.endpoint);
         }
-        match pick_random(usable, rng) {
+        match pick_avoiding(usable, avoid, rng) {
             Some(p) => {
                 *e = Entry {
                     endpoint: p,

@@ -2,7 +2,9 @@
 //! arguments, so every decision is reproducible in tests.
 
 pub mod affinity;
+pub mod health;
 pub mod random;
 
 pub use affinity::AffinityTable;
-pub use random::{pick_random, pick_retry};
+pub use health::PassiveHealth;
+pub use random::{pick_avoiding, pick_random, pick_retry};

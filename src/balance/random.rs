@@ -14,6 +14,22 @@ pub fn pick_random<R: Rng + ?Sized>(endpoints: &[SocketAddr], rng: &mut R) -> Op
     }
 }
 
+/// Picks uniformly among endpoints that `avoid` rejects not, or among all of
+/// them when it rejects every one (better a doubtful endpoint than none).
+/// Allocates nothing: two passes over the slice.
+pub fn pick_avoiding<R: Rng + ?Sized>(
+    endpoints: &[SocketAddr],
+    avoid: impl Fn(&SocketAddr) -> bool,
+    rng: &mut R,
+) -> Option<SocketAddr> {
+    let ok = endpoints.iter().filter(|e| !avoid(e)).count();
+    if ok == 0 {
+        return pick_random(endpoints, rng);
+    }
+    let k = rng.random_range(0..ok);
+    endpoints.iter().filter(|e| !avoid(e)).nth(k).copied()
+}
+
 /// Picks for a retry after failed connects: uniformly among endpoints not yet
 /// `tried`, or among all of them once every one has been tried.
 pub fn pick_retry<R: Rng + ?Sized>(
@@ -21,16 +37,7 @@ pub fn pick_retry<R: Rng + ?Sized>(
     tried: &[SocketAddr],
     rng: &mut R,
 ) -> Option<SocketAddr> {
-    let untried = endpoints.iter().filter(|e| !tried.contains(e)).count();
-    if untried == 0 {
-        return pick_random(endpoints, rng);
-    }
-    let k = rng.random_range(0..untried);
-    endpoints
-        .iter()
-        .filter(|e| !tried.contains(e))
-        .nth(k)
-        .copied()
+    pick_avoiding(endpoints, |e| tried.contains(e), rng)
 }
 
 #[cfg(test)]

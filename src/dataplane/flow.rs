@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use crate::balance::{pick_random, pick_retry, AffinityTable};
+use crate::balance::{pick_avoiding, pick_retry};
+use crate::dataplane::Shared;
 use crate::model::Protocol;
 use crate::state::{EmptyAction, Frontend, FrontendKey, Snapshot};
 use crate::telemetry::ConnectFailure;
@@ -59,19 +60,36 @@ pub fn resolve(snap: &Snapshot, key: &FlowKey) -> Verdict {
 
 /// Chooses the endpoint for try number `attempt` (0-based) of a flow: affinity
 /// on the first try, then untried endpoints, bypassing affinity after a failure.
+/// Endpoints backed off by passive health are skipped while another will do.
 pub fn pick<R: Rng + ?Sized>(
     fe: &Frontend,
     client: IpAddr,
-    affinity: &AffinityTable,
+    shared: &Shared,
     attempt: u32,
     tried: &[SocketAddr],
     now: Instant,
     rng: &mut R,
 ) -> Option<SocketAddr> {
+    let failing = |e: &SocketAddr| shared.health.is_failing(e, now);
     match (attempt, fe.affinity) {
-        (0, Some(timeout)) => affinity.pick(fe.port_id, client, &fe.endpoints, timeout, now, rng),
-        (0, None) => pick_random(&fe.endpoints, rng),
-        _ => pick_retry(&fe.endpoints, tried, rng),
+        (0, Some(timeout)) => shared.affinity.pick_avoiding(
+            fe.port_id,
+            client,
+            &fe.endpoints,
+            timeout,
+            now,
+            rng,
+            failing,
+        ),
+        (0, None) => pick_avoiding(&fe.endpoints, failing, rng),
+        _ => {
+            let fresh = |e: &SocketAddr| !tried.contains(e) && !failing(e);
+            if fe.endpoints.iter().any(fresh) {
+                pick_avoiding(&fe.endpoints, |e| !fresh(e), rng)
+            } else {
+                pick_retry(&fe.endpoints, tried, rng)
+            }
+        }
     }
 }
 
@@ -187,19 +205,67 @@ mod tests {
         let Verdict::Forward(fe) = resolve(&snap, &key("192.0.2.9:1000", "192.0.2.1:30080")) else {
             panic!("expected forward");
         };
-        let table = AffinityTable::new();
+        let shared = shared();
         let mut rng = SmallRng::seed_from_u64(9);
         let now = Instant::now();
         let client: IpAddr = "192.0.2.9".parse().unwrap();
-        let first = pick(&fe, client, &table, 0, &[], now, &mut rng).unwrap();
+        let first = pick(&fe, client, &shared, 0, &[], now, &mut rng).unwrap();
         for _ in 0..20 {
             assert_eq!(
-                pick(&fe, client, &table, 0, &[], now, &mut rng),
+                pick(&fe, client, &shared, 0, &[], now, &mut rng),
                 Some(first)
             );
-            let retry = pick(&fe, client, &table, 1, &[first], now, &mut rng).unwrap();
+            let retry = pick(&fe, client, &shared, 1, &[first], now, &mut rng).unwrap();
             assert_ne!(retry, first);
         }
+    }
+
+    fn shared() -> std::sync::Arc<Shared> {
+        Shared::new(crate::dataplane::DataPlaneSettings {
+            connect_timeout: Duration::from_millis(250),
+            connect_attempts: 4,
+            udp_idle_timeout: Duration::from_secs(30),
+        })
+    }
+
+    #[test]
+    fn failing_endpoints_are_skipped_unless_all_fail() {
+        let snap = snapshot(&["10.0.0.1", "10.0.0.2", "10.0.0.3"], vec![]);
+        let Verdict::Forward(fe) = resolve(&snap, &key("192.0.2.9:1000", "192.0.2.1:30080")) else {
+            panic!("expected forward");
+        };
+        let shared = shared();
+        let mut rng = SmallRng::seed_from_u64(4);
+        let now = Instant::now();
+        let client: IpAddr = "192.0.2.9".parse().unwrap();
+        // The client's affinity endpoint starts failing: it moves elsewhere.
+        let first = pick(&fe, client, &shared, 0, &[], now, &mut rng).unwrap();
+        shared.health.failed(first, now);
+        for _ in 0..50 {
+            let p = pick(&fe, client, &shared, 0, &[], now, &mut rng).unwrap();
+            assert_ne!(p, first);
+        }
+        // Every endpoint failing: they are tried anyway.
+        for ep in fe.endpoints.iter() {
+            shared.health.failed(*ep, now);
+        }
+        assert!(pick(&fe, client, &shared, 0, &[], now, &mut rng).is_some());
+        // After the back-off, the endpoint is picked again.
+        let later = now + Duration::from_secs(2);
+        let seen: std::collections::HashSet<_> = (0..100)
+            .map(|i| {
+                pick(
+                    &fe,
+                    IpAddr::from([192, 0, 2, i as u8]),
+                    &shared,
+                    0,
+                    &[],
+                    later,
+                    &mut rng,
+                )
+            })
+            .collect();
+        assert!(seen.contains(&Some(first)));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
-use crate::balance::AffinityTable;
+use crate::balance::{AffinityTable, PassiveHealth};
 use crate::state::Snapshot;
 
 /// Limits the data plane applies to every flow.
@@ -34,6 +34,8 @@ pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     /// ClientIP affinity, across threads.
     pub affinity: AffinityTable,
+    /// Endpoints backed off after failed connects, across threads.
+    pub health: PassiveHealth,
     /// Limits.
     pub settings: DataPlaneSettings,
     /// TCP connections being relayed, over every front end and thread (what
@@ -64,6 +66,7 @@ impl Shared {
         Arc::new(Self {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             affinity: AffinityTable::new(),
+            health: PassiveHealth::default(),
             settings,
             active: AtomicUsize::new(0),
         })

@@ -50,7 +50,7 @@ pub async fn connect(
         let Some(ep) = pick(
             fe,
             client,
-            &shared.affinity,
+            shared,
             attempt,
             &tried,
             now,
@@ -67,6 +67,7 @@ pub async fn connect(
                     }
                 }
                 let _ = stream.set_nodelay(true);
+                shared.health.succeeded(ep);
                 return Ok((stream, ep));
             }
             Ok(Err(e)) => {
@@ -79,6 +80,7 @@ pub async fn connect(
             }
         }
         fe.metrics.connect_failure(last);
+        shared.health.failed(ep, Instant::now());
         tried.push(ep);
     }
     Err(ConnectError {

@@ -253,7 +253,7 @@ async fn open_flow(
     let Some(ep) = pick(
         &fe,
         client.ip(),
-        &shared.affinity,
+        shared,
         0,
         &[],
         now,

@@ -676,7 +676,7 @@ fn udp_ingress(ctx: &Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>, data: &[u8]) {
         let Some(ep) = crate::dataplane::flow::pick(
             &fe,
             key.0.ip(),
-            &ctx.shared.affinity,
+            &ctx.shared,
             0,
             &[],
             now,
