@@ -283,6 +283,8 @@ pub fn answer(
     } else {
         Lookup::OutOfZone
     };
+    // The additional-section records of the answer, written after it.
+    let mut extra: &[Box<[u8]>] = &[];
     match lookup {
         Lookup::OutOfZone => {
             if opts.forward && class_ok {
@@ -325,6 +327,7 @@ pub fn answer(
                     out.extend_from_slice(&s.records[(start + i) % n]);
                 }
                 an = n;
+                extra = &s.additional;
             }
             if an == 0 {
                 // NODATA: the name exists without records of this type.
@@ -337,6 +340,16 @@ pub fn answer(
             }
         }
     }
+    // Additional records are a courtesy: left out when they would not fit,
+    // rather than truncating the answer (RFC 2181 section 9).
+    let opt_len = if p.edns.is_some() { 11 } else { 0 };
+    let extra_len: usize = extra.iter().map(|r| r.len()).sum();
+    if !extra.is_empty() && out.len() + extra_len + opt_len <= limit {
+        for r in extra {
+            out.extend_from_slice(r);
+        }
+        head.ar += u16::try_from(extra.len()).unwrap_or(0);
+    }
     if p.edns.is_some() {
         put_opt(out, 0);
     }
@@ -346,6 +359,7 @@ pub fn answer(
         head.tc = true;
         head.an = 0;
         head.ns = 0;
+        head.ar = u16::from(p.edns.is_some());
         if p.edns.is_some() {
             put_opt(out, 0);
         }

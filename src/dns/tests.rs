@@ -675,3 +675,78 @@ fn any_returns_every_set_of_the_name() {
     let m = ask(&z, "cluster.local.", RecordType::ANY);
     assert_eq!(m.answers.len(), 1, "the apex SOA");
 }
+
+#[test]
+fn headless_srv_carries_target_addresses_when_they_fit() {
+    let z = zone();
+    let m = ask(
+        &z,
+        "_pg._tcp.db.default.svc.cluster.local.",
+        RecordType::SRV,
+    );
+    let mut extra: Vec<(String, String)> = m
+        .additionals
+        .iter()
+        .map(|r| (r.name.to_ascii(), r.data.to_string()))
+        .collect();
+    extra.sort();
+    assert_eq!(
+        extra,
+        vec![
+            (
+                "10-244-0-2.db.default.svc.cluster.local.".to_string(),
+                "10.244.0.2".to_string()
+            ),
+            (
+                "db-0.db.default.svc.cluster.local.".to_string(),
+                "10.244.0.1".to_string()
+            ),
+        ]
+    );
+    // A ClusterIP Service's SRV has none (its target is the Service name).
+    let m = ask(
+        &z,
+        "_http._tcp.web.default.svc.cluster.local.",
+        RecordType::SRV,
+    );
+    assert!(m.additionals.is_empty());
+
+    // 8 endpoints: the SRV answer fits 512 bytes without its additional
+    // records, which are left out instead of truncating.
+    let mut st = Store::new();
+    let svc = Service {
+        headless: true,
+        ports: vec![port("pg", Protocol::Tcp, 5432)],
+        ..Service::new(ObjectKey::new("default", "d"))
+    };
+    let slice = EndpointSlice {
+        key: ObjectKey::new("default", "d-1"),
+        service_name: "d".into(),
+        family: AddressFamily::V4,
+        ports: vec![SlicePort {
+            name: "pg".into(),
+            protocol: Protocol::Tcp,
+            port: Some(5432),
+        }],
+        endpoints: (1..=8)
+            .map(|i| ep(&format!("10.244.3.{i}"), true, Some(&format!("d{i}"))))
+            .collect(),
+    };
+    st.apply(Update::Reset(vec![
+        Object::Service(svc),
+        Object::EndpointSlice(slice),
+    ]));
+    let z = Zone::compile(&st, &cfg(), 1);
+    let q = query_bytes(
+        "_pg._tcp.d.default.svc.cluster.local.",
+        RecordType::SRV,
+        None,
+    );
+    let (_, out) = ask_with(&z, &q, Transport::Udp, Options::default());
+    let m = Message::from_vec(&out).unwrap();
+    assert!(!m.metadata.truncation);
+    assert_eq!(m.answers.len(), 8);
+    assert!(m.additionals.is_empty(), "{} bytes", out.len());
+    let (_, out) = ask_with(&z, &q, Transport::Tcp, Options::default());
+    assert_eq!(Message::from_vec(&out).unwrap().additionals.len(), 8);
+}

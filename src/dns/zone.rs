@@ -9,7 +9,8 @@
 //!   `<a-b-c-d>.<svc>.<ns>.svc.Z` for those without (as CoreDNS).
 //! - ExternalName: `<svc>.<ns>.svc.Z` CNAME `externalName`, for every type.
 //! - `_<port>._<proto>.<svc>.<ns>.svc.Z` SRV for named ports: the Service name and
-//!   port, or for headless Services one per endpoint naming it and its port.
+//!   port, or for headless Services one per endpoint naming it and its port,
+//!   with the endpoints' addresses in the additional section when they fit.
 //! - PTR for ClusterIPs and headless endpoint IPs.
 //! - `dns-version.Z` TXT `1.1.0`; `Z` SOA.
 //!
@@ -95,6 +96,9 @@ pub struct RrSet {
     pub rtype: RecordType,
     /// Each record, in wire format.
     pub records: Box<[Box<[u8]>]>,
+    /// Records for the additional section, owner written out: the addresses of
+    /// the targets of a headless Service's SRV records (as CoreDNS sends them).
+    pub additional: Box<[Box<[u8]>]>,
 }
 
 /// One name of the zone.
@@ -222,6 +226,18 @@ fn record(rtype: RecordType, ttl: u32, rdata: &[u8]) -> Box<[u8]> {
     out.into_boxed_slice()
 }
 
+/// One record with its owner name written out (for the additional section).
+fn owned_record(owner: &Name, rtype: RecordType, ttl: u32, rdata: &[u8]) -> Box<[u8]> {
+    let mut out = Vec::with_capacity(owner.len() + 12 + rdata.len());
+    put_name(&mut out, owner);
+    put_u16(&mut out, u16::from(rtype));
+    put_u16(&mut out, CLASS_IN);
+    put_u32(&mut out, ttl);
+    put_u16(&mut out, rdata.len() as u16);
+    out.extend_from_slice(rdata);
+    out.into_boxed_slice()
+}
+
 fn name_rdata(name: &Name) -> Vec<u8> {
     let mut v = Vec::with_capacity(name.len() + 2);
     put_name(&mut v, name);
@@ -318,6 +334,8 @@ struct Builder {
     origin: Name,
     ttl: u32,
     sets: Collected,
+    /// Additional-section records by SRV owner name.
+    additional: HashMap<Name, Vec<Box<[u8]>>>,
 }
 
 impl Builder {
@@ -326,6 +344,7 @@ impl Builder {
             origin: cfg.origin.clone(),
             ttl: cfg.ttl,
             sets: HashMap::new(),
+            additional: HashMap::new(),
         };
         b.node(cfg.origin.clone());
         if let Ok(v) = cfg.origin.prepend_label("dns-version") {
@@ -406,7 +425,7 @@ impl Builder {
                 let Some(owner) = self.srv_owner(&sp.name, sp.protocol, &base) else {
                     continue;
                 };
-                let targets: Vec<(u16, Name)> = eps
+                let targets: Vec<(u16, Name, IpAddr)> = eps
                     .iter()
                     .filter_map(|ep| {
                         let port = ep
@@ -414,13 +433,19 @@ impl Builder {
                             .iter()
                             .find(|(n, p, _)| *n == sp.name && *p == sp.protocol)?
                             .2;
-                        Some((port, base.prepend_label(ep.label.as_str()).ok()?))
+                        Some((port, base.prepend_label(ep.label.as_str()).ok()?, ep.ip))
                     })
                     .collect();
                 let weight = srv_weight(targets.len());
                 self.node(owner.clone());
-                for (port, target) in targets {
+                for (port, target, ip) in targets {
                     self.add(owner.clone(), RecordType::SRV, &srv(weight, port, &target));
+                    let (rtype, rdata) = ip_rdata(ip);
+                    let extra = self.additional.entry(owner.clone()).or_default();
+                    let rr = owned_record(&target, rtype, self.ttl, &rdata);
+                    if !extra.contains(&rr) {
+                        extra.push(rr);
+                    }
                 }
             }
             return;
@@ -468,6 +493,7 @@ impl Builder {
         soa.extend_from_slice(&rdata);
         // The apex answers SOA queries from the same record, owned by the question.
         let mut sets = self.sets;
+        let mut additional = self.additional;
         sets.entry(self.origin.clone()).or_default().insert(
             u16::from(RecordType::SOA),
             vec![record(RecordType::SOA, self.ttl, &rdata)],
@@ -479,9 +505,16 @@ impl Builder {
                     .into_iter()
                     .map(|(t, mut records)| {
                         records.sort();
+                        let mut extra = if t == u16::from(RecordType::SRV) {
+                            additional.remove(&name).unwrap_or_default()
+                        } else {
+                            Vec::new()
+                        };
+                        extra.sort();
                         RrSet {
                             rtype: RecordType::from(t),
                             records: records.into_boxed_slice(),
+                            additional: extra.into_boxed_slice(),
                         }
                     })
                     .collect();
