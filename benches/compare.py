@@ -3,6 +3,8 @@
 udp-echo HOST PORT                  echo every datagram back (SO_REUSEPORT, run several)
 udp HOST PORT SECS FLOWS WINDOW     UDP request/response: FLOWS sockets, WINDOW datagrams in
                                     flight each; print answered requests per second
+hold HOST PORT N                    open N HTTP keep-alive connections (one GET each, 100 at once),
+                                    hold them idle; print "holding K" (K answered) when done
 lat HOST PORT RATE SECS CONNS       HTTP/1.1 GETs over CONNS persistent connections, paced to
                                     RATE requests/s in total; print "p50_us p99_us"
 table RESULTS REPS                  aggregate "measure<TAB>candidate<TAB>value" lines into the
@@ -101,6 +103,26 @@ async def lat(host, port, rate, secs, conns):
     print(f"{q(0.50):.0f} {q(0.99):.0f}")
 
 
+async def hold(host, port, n):
+    req = f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    keep, sem, failed = [], asyncio.Semaphore(100), 0
+
+    async def one():
+        nonlocal failed
+        async with sem:
+            try:
+                r, w = await asyncio.wait_for(asyncio.open_connection(host, int(port)), 10)
+                w.write(req)
+                await asyncio.wait_for(r.readuntil(b"ok\n"), 10)
+                keep.append(w)
+            except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+                failed += 1
+
+    await asyncio.gather(*(one() for _ in range(int(n))))
+    print(f"holding {len(keep)} failed {failed}", flush=True)
+    await asyncio.sleep(3600)
+
+
 MEASURES = [  # key, label, unit, higher is better
     ("bulk1up", "bulk 1 stream client→pod", "Gbit/s", True),
     ("bulk1down", "bulk 1 stream client←pod", "Gbit/s", True),
@@ -168,6 +190,8 @@ if cmd == "udp-echo":
     udp_echo(*args)
 elif cmd == "udp":
     udp(*args)
+elif cmd == "hold":
+    asyncio.run(hold(*args))
 elif cmd == "lat":
     asyncio.run(lat(*args))
 elif cmd == "table":
