@@ -31,8 +31,14 @@ impl Default for Limits {
 /// Kubernetes' defaults (kubeadm's IPv4 range, kind's IPv6 range).
 pub fn default_service_cidrs() -> Vec<IpNet> {
     vec![
-        "10.96.0.0/12".parse().expect("literal CIDR"),
-        "fd00:10:96::/112".parse().expect("literal CIDR"),
+        IpNet::V4(ipnet::Ipv4Net::new_assert(
+            std::net::Ipv4Addr::new(10, 96, 0, 0),
+            12,
+        )),
+        IpNet::V6(ipnet::Ipv6Net::new_assert(
+            std::net::Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0),
+            112,
+        )),
     ]
 }
 

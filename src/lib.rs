@@ -3,6 +3,12 @@
 //! The shape is described in DESIGN.md: sources → [`state::Store`] →
 //! [`state::Snapshot`] (ArcSwap) → data plane. See README.md for usage.
 
+// Nothing input can reach may panic: no unwrap/expect/panic outside tests.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
 pub mod admin;
 pub mod app;
 pub mod balance;
