@@ -226,6 +226,17 @@ pub fn connect_when_ready(addr: SocketAddr) -> TcpStream {
     conn.expect("checked above")
 }
 
+/// Bytes read from a streaming connection over `dur` (it must not stall).
+pub fn bytes_within(conn: &mut TcpStream, dur: Duration) -> usize {
+    let mut buf = [0u8; 64];
+    let end = Instant::now() + dur;
+    let mut got = 0;
+    while Instant::now() < end {
+        got += conn.read(&mut buf).unwrap();
+    }
+    got
+}
+
 /// GET `path` from an admin server; the whole response, headers included.
 pub fn admin_get(addr: SocketAddr, path: &str) -> String {
     let mut c = TcpStream::connect(addr).unwrap();
