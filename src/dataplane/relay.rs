@@ -17,8 +17,19 @@ use super::Shared;
 use crate::state::Frontend;
 use crate::telemetry::ConnectFailure;
 
-/// Relay buffer per direction.
-const BUF_SIZE: usize = 32 * 1024;
+/// Relay buffer per direction: starts small, grows with the traffic.
+const BUF_START: usize = 4 * 1024;
+/// Largest relay buffer per direction.
+const BUF_MAX: usize = 64 * 1024;
+
+/// Doubles `buf` (up to `max`) when a read of `n` bytes filled it: an idle
+/// connection costs a few KiB, a bulk transfer soon gets large reads.
+pub fn grow(buf: &mut Vec<u8>, n: usize, max: usize) {
+    if n == buf.len() && buf.len() < max {
+        let size = (buf.len() * 2).min(max);
+        buf.resize(size, 0);
+    }
+}
 
 /// Every connect try failed.
 #[derive(Debug, thiserror::Error)]
@@ -137,7 +148,7 @@ async fn copy(
     to: Rc<TcpStream>,
     bytes: prometheus_client::metrics::counter::Counter,
 ) -> Ended {
-    let mut buf = vec![0u8; BUF_SIZE];
+    let mut buf = vec![0u8; BUF_START];
     loop {
         let (res, b) = from.read(buf).await;
         buf = b;
@@ -155,10 +166,28 @@ async fn copy(
             break;
         }
         bytes.inc_by(n as u64);
+        grow(&mut buf, n, BUF_MAX);
     }
     set_reset_on_close(&*from);
     set_reset_on_close(&*to);
     let _ = from.shutdown(Shutdown::Read);
     let _ = to.shutdown(Shutdown::Read);
     Ended::Reset
+}
+
+#[cfg(test)]
+mod tests {
+    use super::grow;
+
+    #[test]
+    fn buffers_grow_only_when_filled() {
+        let mut b = vec![0u8; 4];
+        grow(&mut b, 3, 16);
+        assert_eq!(b.len(), 4);
+        grow(&mut b, 4, 16);
+        assert_eq!(b.len(), 8);
+        grow(&mut b, 8, 16);
+        grow(&mut b, 16, 16);
+        assert_eq!(b.len(), 16);
+    }
 }
