@@ -14,7 +14,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use crate::balance::{AffinityTable, PassiveHealth};
-use crate::state::Snapshot;
+use crate::state::{Frontend, Snapshot};
+use crate::telemetry::Gauge;
 
 /// Limits the data plane applies to every flow.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -43,20 +44,31 @@ pub struct Shared {
     pub active: AtomicUsize,
 }
 
-/// Counts one relayed connection in [`Shared::active`] while it lives.
-pub struct ActiveConnection<'a>(&'a AtomicUsize);
+/// One relayed TCP connection, from either front end: counted in the
+/// Service port's metrics (total, active) and in [`Shared::active`] (what a
+/// drain waits for) for as long as the guard lives, however the relay ends.
+pub struct ActiveConnection<'a> {
+    shared: &'a AtomicUsize,
+    gauge: Gauge,
+}
 
 impl<'a> ActiveConnection<'a> {
-    /// Counts a connection until the guard drops.
-    pub fn new(shared: &'a Shared) -> Self {
+    /// Counts a connection through `fe` until the guard drops.
+    pub fn new(shared: &'a Shared, fe: &Frontend) -> Self {
+        fe.metrics.connections_total.inc();
+        fe.metrics.connections_active.inc();
         shared.active.fetch_add(1, Ordering::Relaxed);
-        Self(&shared.active)
+        Self {
+            shared: &shared.active,
+            gauge: fe.metrics.connections_active.clone(),
+        }
     }
 }
 
 impl Drop for ActiveConnection<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.dec();
+        self.shared.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

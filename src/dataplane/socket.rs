@@ -266,15 +266,6 @@ async fn accept_loop(
     }
 }
 
-/// Decreases the active-connections gauge when the connection ends, however it ends.
-struct ActiveGuard(prometheus_client::metrics::gauge::Gauge);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 async fn handle(
     client: TcpStream,
     peer: SocketAddr,
@@ -300,10 +291,7 @@ async fn handle(
     match connect(&fe, peer.ip(), &shared, &rng).await {
         Ok((backend, _ep)) => {
             let _ = client.set_nodelay(true);
-            fe.metrics.connections_total.inc();
-            fe.metrics.connections_active.inc();
-            let _guard = ActiveGuard(fe.metrics.connections_active.clone());
-            let _counted = super::ActiveConnection::new(&shared);
+            let _counted = super::ActiveConnection::new(&shared, &fe);
             relay(client, backend, &fe).await;
         }
         Err(e) => {

@@ -30,57 +30,25 @@ enum Ended {
 
 /// Relays until both directions are closed; a reset on either side resets both.
 pub async fn relay(ctx: &Rc<Ctx>, h: SocketHandle, backend: TcpStream, fe: &Frontend) {
-    fe.metrics.connections_total.inc();
-    fe.metrics.connections_active.inc();
     let backend = Rc::new(backend);
-    let up = std::pin::pin!(client_to_backend(ctx, h, &backend, fe));
-    let down = std::pin::pin!(backend_to_client(ctx, h, &backend, fe));
-    let ended = match futures_select(up, down).await {
-        (Ended::Reset, _) => Ended::Reset,
-        (Ended::Fin, other) => other.await,
+    let up = client_to_backend(ctx, h, &backend, fe);
+    let down = backend_to_client(ctx, h, &backend, fe);
+    tokio::pin!(up, down);
+    // A FIN ends one direction; the other runs on. A reset ends both.
+    let ended = tokio::select! {
+        r = &mut up => if r == Ended::Reset { r } else { (&mut down).await },
+        r = &mut down => if r == Ended::Reset { r } else { (&mut up).await },
     };
     if ended == Ended::Reset {
         set_reset_on_close(&*backend);
-        ctx.stack
-            .borrow_mut()
-            .sockets
-            .get_mut::<tcp::Socket>(h)
-            .abort();
+        with_socket(ctx, h, tcp::Socket::abort);
     }
     ctx.poke.notify_one();
-    fe.metrics.connections_active.dec();
 }
 
-/// Waits for the first of two futures; returns its output and the other one.
-async fn futures_select<'a, A, B>(
-    mut a: std::pin::Pin<&'a mut A>,
-    mut b: std::pin::Pin<&'a mut B>,
-) -> (
-    Ended,
-    std::pin::Pin<&'a mut dyn std::future::Future<Output = Ended>>,
-)
-where
-    A: std::future::Future<Output = Ended> + 'a,
-    B: std::future::Future<Output = Ended> + 'a,
-{
-    enum Which {
-        A(Ended),
-        B(Ended),
-    }
-    let w = poll_fn(|cx| {
-        if let Poll::Ready(r) = a.as_mut().poll(cx) {
-            return Poll::Ready(Which::A(r));
-        }
-        if let Poll::Ready(r) = b.as_mut().poll(cx) {
-            return Poll::Ready(Which::B(r));
-        }
-        Poll::Pending
-    })
-    .await;
-    match w {
-        Which::A(r) => (r, b),
-        Which::B(r) => (r, a),
-    }
+/// Runs `f` on the connection's smoltcp socket.
+fn with_socket<R>(ctx: &Ctx, h: SocketHandle, f: impl FnOnce(&mut tcp::Socket<'static>) -> R) -> R {
+    f(ctx.stack.borrow_mut().sockets.get_mut::<tcp::Socket>(h))
 }
 
 /// Client (smoltcp) → backend.
@@ -93,18 +61,18 @@ async fn client_to_backend(
     let mut buf = vec![0u8; BUF_SIZE];
     loop {
         let got = poll_fn(|cx| {
-            let mut st = ctx.stack.borrow_mut();
-            let s = st.sockets.get_mut::<tcp::Socket>(h);
-            if s.can_recv() {
-                return Poll::Ready(Ok(s.recv_slice(&mut buf).unwrap_or(0)));
-            }
-            // The bridge starts while the handshake completes (SYN-RECEIVED).
-            if !s.may_recv() && s.state() != tcp::State::SynReceived {
-                let reset = s.state() == tcp::State::Closed;
-                return Poll::Ready(Err(if reset { Ended::Reset } else { Ended::Fin }));
-            }
-            s.register_recv_waker(cx.waker());
-            Poll::Pending
+            with_socket(ctx, h, |s| {
+                if s.can_recv() {
+                    return Poll::Ready(Ok(s.recv_slice(&mut buf).unwrap_or(0)));
+                }
+                // The bridge starts while the handshake completes (SYN-RECEIVED).
+                if !s.may_recv() && s.state() != tcp::State::SynReceived {
+                    let reset = s.state() == tcp::State::Closed;
+                    return Poll::Ready(Err(if reset { Ended::Reset } else { Ended::Fin }));
+                }
+                s.register_recv_waker(cx.waker());
+                Poll::Pending
+            })
         })
         .await;
         let n = match got {
@@ -139,11 +107,7 @@ async fn backend_to_client(
         buf = b;
         let n = match res {
             Ok(0) => {
-                ctx.stack
-                    .borrow_mut()
-                    .sockets
-                    .get_mut::<tcp::Socket>(h)
-                    .close();
+                with_socket(ctx, h, tcp::Socket::close);
                 ctx.poke.notify_one();
                 return Ended::Fin;
             }
@@ -153,16 +117,16 @@ async fn backend_to_client(
         let mut off = 0;
         while off < n {
             let sent = poll_fn(|cx| {
-                let mut st = ctx.stack.borrow_mut();
-                let s = st.sockets.get_mut::<tcp::Socket>(h);
-                if !s.may_send() && s.state() != tcp::State::SynReceived {
-                    return Poll::Ready(None);
-                }
-                if s.can_send() {
-                    return Poll::Ready(Some(s.send_slice(&buf[off..n]).unwrap_or(0)));
-                }
-                s.register_send_waker(cx.waker());
-                Poll::Pending
+                with_socket(ctx, h, |s| {
+                    if !s.may_send() && s.state() != tcp::State::SynReceived {
+                        return Poll::Ready(None);
+                    }
+                    if s.can_send() {
+                        return Poll::Ready(Some(s.send_slice(&buf[off..n]).unwrap_or(0)));
+                    }
+                    s.register_send_waker(cx.waker());
+                    Poll::Pending
+                })
             })
             .await;
             match sent {

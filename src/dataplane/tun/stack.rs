@@ -626,7 +626,7 @@ async fn open_connection(ctx: Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>) {
         }
     };
     ctx.poke.notify_one();
-    let counted = crate::dataplane::ActiveConnection::new(&ctx.shared);
+    let counted = crate::dataplane::ActiveConnection::new(&ctx.shared, &fe);
     bridge::relay(&ctx, handle, backend, &fe).await;
     drop(counted);
     ctx.stack.borrow_mut().release(key, handle);
