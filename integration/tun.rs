@@ -58,6 +58,11 @@ struct Env {
 
 /// Three HTTP backends on pod hosts .2 .3 .4 port 8080, Service `web` at 10.96.0.10:80.
 fn web(extra_spec: &str) -> Env {
+    web_with(extra_spec, &[])
+}
+
+/// [`web`] with extra ringvip arguments.
+fn web_with(extra_spec: &str, args: &[&str]) -> Env {
     let t = Topology::new(&[3, 4]);
     let backends: Vec<Backend> = (2..=4u8)
         .map(|h| {
@@ -69,7 +74,7 @@ fn web(extra_spec: &str) -> Env {
         .collect();
     let eps: Vec<IpAddr> = (2..=4).map(|h| IpAddr::V4(t.pod_ip(h))).collect();
     let m = clusterip("web", "10.96.0.10", 80, "TCP", 8080, &eps, extra_spec);
-    let rv = Ringvip::launch(Some(&t.node), &m, &[]);
+    let rv = Ringvip::launch(Some(&t.node), &m, args);
     assert!(
         wait_until(Duration::from_secs(5), || curl(&t, "http://10.96.0.10/").0),
         "ClusterIP never served:\n{}",
@@ -108,6 +113,31 @@ fn clusterip_balances_with_curl_and_refuses_unknown_ports() {
         connect_from(None, sa("10.96.0.10:81")).unwrap_err()
     });
     assert_eq!(e.kind(), ErrorKind::ConnectionRefused);
+}
+
+/// Every queue of a multi-queue TUN is served: the kernel spreads flows over
+/// the queues by hash, so 40 connections from different ports all succeed only
+/// if each queue's thread answers its share.
+#[test]
+fn multi_queue_tun_serves_flows_on_every_queue() {
+    if !can_run() {
+        return;
+    }
+    let env = web_with("", &["--tun-queues", "3"]);
+    let out = env.t.on_node("ls", &["/sys/class/net/ringvip0/queues"]);
+    let listing = String::from_utf8_lossy(&out.stdout);
+    let rx = listing
+        .split_whitespace()
+        .filter(|q| q.starts_with("rx-"))
+        .count();
+    assert_eq!(rx, 3, "queues: {listing}\n{}", env.rv.log());
+    let mut seen = HashSet::new();
+    for i in 0..40 {
+        let (ok, body) = curl(&env.t, "http://10.96.0.10/");
+        assert!(ok, "request {i} failed\n{}", env.rv.log());
+        seen.insert(body);
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
 }
 
 #[test]
@@ -341,7 +371,12 @@ fn connection_cap_drops_new_syns_with_a_warning() {
         &[IpAddr::V4(t.pod_ip(2))],
         "",
     );
-    let rv = Ringvip::launch(Some(&t.node), &m, &["--tun-max-connections", "2"]);
+    // One queue: the cap is split across queues, and this test counts exactly.
+    let rv = Ringvip::launch(
+        Some(&t.node),
+        &m,
+        &["--tun-max-connections", "2", "--tun-queues", "1"],
+    );
     let (held, third) = Topology::within(&t.node, || {
         let mut held = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(5);

@@ -74,23 +74,29 @@ pub fn run(
     };
     let mut workers = socket::spawn_workers(settings.workers, shared.clone(), snap_rx.clone())
         .context("starting data-plane threads")?;
-    if let Some(dev) = tun {
+    if let Some(queues) = tun {
+        // Caps are per stack; split them so the device as a whole keeps them.
+        let n = queues.len();
         let tun_settings = TunSettings {
             mtu: settings.tun_mtu as usize,
-            max_connections: settings.tun_max_connections,
-            max_udp_flows: settings.tun_max_udp_flows,
+            max_connections: settings.tun_max_connections.div_ceil(n),
+            max_udp_flows: settings.tun_max_udp_flows.div_ceil(n),
             ..TunSettings::default()
         };
-        let shared = shared.clone();
-        let t = std::thread::Builder::new()
-            .name("ringvip-tun".into())
-            .spawn(move || {
-                if let Err(e) = tokio_uring::start(tun::run(dev, shared, tun_settings, snap_rx)) {
-                    tracing::error!(error = %e, "the TUN front end stopped");
-                }
-            })
-            .context("starting the TUN thread")?;
-        workers.push(t);
+        for (i, dev) in queues.into_iter().enumerate() {
+            let shared = shared.clone();
+            let snap_rx = snap_rx.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("ringvip-tun{i}"))
+                .spawn(move || {
+                    if let Err(e) = tokio_uring::start(tun::run(dev, shared, tun_settings, snap_rx))
+                    {
+                        tracing::error!(error = %e, queue = i, "a TUN queue stopped");
+                    }
+                })
+                .context("starting a TUN thread")?;
+            workers.push(t);
+        }
     }
     let result = rt.block_on(control(settings, ctx, shared, snap_tx, shutdown, on_ready));
     // snap_tx is dropped by now: every worker closes its listeners and returns.
@@ -135,10 +141,11 @@ fn open_tun(
     name: &str,
     settings: &Settings,
     rt: &tokio::runtime::Runtime,
-) -> anyhow::Result<tun::Tun> {
-    let dev = tun::Tun::open(name).context("use --no-tun to run without ClusterIP capture")?;
+) -> anyhow::Result<Vec<tun::Tun>> {
+    let queues = tun::Tun::open_queues(name, settings.tun_queues)
+        .context("use --no-tun to run without ClusterIP capture")?;
     let link = tun::LinkConfig {
-        name: dev.name().to_string(),
+        name: queues.first().map_or(name, |q| q.name()).to_string(),
         mtu: settings.tun_mtu,
         // The default 500 drops packets under a large window.
         txqueuelen: 10_000,
@@ -146,8 +153,8 @@ fn open_tun(
     };
     rt.block_on(tun::configure(&link))
         .with_context(|| format!("configuring TUN device {}", link.name))?;
-    tracing::info!(dev = %link.name, mtu = link.mtu, routes = ?link.routes, "capturing ClusterIP traffic");
-    Ok(dev)
+    tracing::info!(dev = %link.name, mtu = link.mtu, queues = queues.len(), routes = ?link.routes, "capturing ClusterIP traffic");
+    Ok(queues)
 }
 
 async fn control(

@@ -81,6 +81,8 @@ pub struct SettingsFile {
     pub no_tun: Option<bool>,
     /// MTU of the TUN device.
     pub tun_mtu: Option<u32>,
+    /// TUN queues, one data-plane thread each.
+    pub tun_queues: Option<usize>,
     /// TCP connections through the TUN at most (new SYNs beyond are dropped).
     pub tun_max_connections: Option<usize>,
     /// On SIGTERM, how long established connections may finish, seconds.
@@ -131,6 +133,9 @@ pub struct Settings {
     /// MTU of the TUN device: large segments from local clients cost one
     /// read each instead of dozens.
     pub tun_mtu: u32,
+    /// TUN queues (`IFF_MULTI_QUEUE`), each with its own thread and smoltcp
+    /// stack; the kernel keeps a flow on one queue. Default: one per core.
+    pub tun_queues: usize,
     /// TCP connections through the TUN at most; SYN floods stop here.
     pub tun_max_connections: usize,
     /// On SIGTERM, how long established connections may finish (a pod's
@@ -168,6 +173,9 @@ impl Default for Settings {
             health_timeout: Duration::from_secs(60),
             tun: Some("ringvip0".to_string()),
             tun_mtu: 65_535,
+            tun_queues: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
             tun_max_connections: 65_536,
             drain_timeout: Duration::from_secs(30),
             tun_max_udp_flows: 65_536,
@@ -194,6 +202,9 @@ pub enum SettingsError {
     /// No service CIDR.
     #[error("service-cidrs must name at least one CIDR")]
     NoServiceCidr,
+    /// More TUN queues than the kernel allows (256), or none.
+    #[error("tun-queues {0}: expected 1..=256")]
+    TunQueues(usize),
     /// MTU outside what IPv6 and the TUN allow.
     #[error("tun-mtu {0}: expected 1280..=65535")]
     TunMtu(u32),
@@ -274,6 +285,9 @@ impl Settings {
         if let Some(v) = f.tun_mtu {
             self.tun_mtu = v;
         }
+        if let Some(v) = f.tun_queues {
+            self.tun_queues = v;
+        }
         if let Some(v) = f.tun_max_connections {
             self.tun_max_connections = v;
         }
@@ -329,6 +343,9 @@ impl Settings {
         }
         if self.tun_max_udp_flows == 0 {
             return Err(SettingsError::Zero("tun-max-udp-flows"));
+        }
+        if !(1..=256).contains(&self.tun_queues) {
+            return Err(SettingsError::TunQueues(self.tun_queues));
         }
         if !(1280..=65_535).contains(&self.tun_mtu) {
             return Err(SettingsError::TunMtu(self.tun_mtu));

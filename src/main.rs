@@ -116,6 +116,9 @@ struct RunArgs {
     /// MTU of the TUN device [default: 65535].
     #[arg(long, value_name = "BYTES")]
     tun_mtu: Option<u32>,
+    /// TUN queues, each served by its own thread and stack [default: one per core].
+    #[arg(long, value_name = "N")]
+    tun_queues: Option<usize>,
     /// TCP connections through the TUN at most; new SYNs beyond are dropped [default: 65536].
     #[arg(long, value_name = "N")]
     tun_max_connections: Option<usize>,
@@ -204,6 +207,7 @@ fn run_settings(a: RunArgs) -> anyhow::Result<Settings> {
         tun: a.tun,
         no_tun: a.no_tun.then_some(true),
         tun_mtu: a.tun_mtu,
+        tun_queues: a.tun_queues,
         tun_max_connections: a.tun_max_connections,
         tun_max_udp_flows: a.tun_max_udp_flows,
         drain_timeout_secs: a.drain_timeout_secs,

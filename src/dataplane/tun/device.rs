@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use smoltcp::phy::{self, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
@@ -21,44 +21,104 @@ pub struct TunError {
     pub source: io::Error,
 }
 
-/// An open, non-blocking TUN device (IP packets, no packet-info header).
-/// Closing it removes the device and every route through it.
+/// `TUNSETIFF`: `_IOW('T', 202, int)`; not exported by libc.
+const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+
+/// One queue of a TUN device: IP packets, no packet-info header, non-blocking.
+/// Closing the last queue removes the device and every route through it.
+///
+/// Opened with `ioctl(TUNSETIFF)` directly rather than through the tun-tap
+/// crate: tun-tap cannot set `IFF_MULTI_QUEUE`, and one queue bound ClusterIP
+/// throughput to a single thread (4 streams: 0.23-0.30x kernel DNAT, see
+/// BENCHMARKS.md).
 #[derive(Debug)]
 pub struct Tun {
-    iface: tun_tap::Iface,
+    fd: OwnedFd,
+    name: String,
 }
 
 impl Tun {
-    /// Creates (or attaches to) the TUN device `name`.
-    pub fn open(name: &str) -> Result<Tun, TunError> {
+    /// Creates the multi-queue TUN device `name` with `queues` queues (at
+    /// least one). The kernel steers each flow to one queue by a symmetric
+    /// hash of its addresses and ports, so a thread per queue owns whole flows.
+    pub fn open_queues(name: &str, queues: usize) -> Result<Vec<Tun>, TunError> {
+        let first = Self::attach(name)?;
+        // Later queues must attach to the name the kernel gave the first one.
+        let real = first.name.clone();
+        let mut all = vec![first];
+        for _ in 1..queues.max(1) {
+            all.push(Self::attach(&real)?);
+        }
+        Ok(all)
+    }
+
+    fn attach(name: &str) -> Result<Tun, TunError> {
         let err = |source| TunError {
             name: name.to_string(),
             source,
         };
-        let iface = tun_tap::Iface::without_packet_info(name, tun_tap::Mode::Tun).map_err(err)?;
-        iface.set_non_blocking().map_err(err)?;
-        Ok(Tun { iface })
+        if name.len() >= libc::IFNAMSIZ || name.contains('\0') {
+            return Err(err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "interface names are at most 15 bytes",
+            )));
+        }
+        // SAFETY: a plain open(2) of a NUL-terminated path.
+        let raw = unsafe {
+            libc::open(
+                c"/dev/net/tun".as_ptr(),
+                libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            )
+        };
+        if raw < 0 {
+            return Err(err(io::Error::last_os_error()));
+        }
+        // SAFETY: `raw` is a descriptor we just opened and own alone.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        req.ifr_ifru.ifru_flags =
+            (libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE) as libc::c_short;
+        // SAFETY: TUNSETIFF reads and writes the ifreq we pass, nothing else.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, &mut req) } < 0 {
+            return Err(err(io::Error::last_os_error()));
+        }
+        let len = req.ifr_name.iter().position(|&c| c == 0).unwrap_or(0);
+        let name = req
+            .ifr_name
+            .iter()
+            .take(len)
+            .map(|&c| c as u8 as char)
+            .collect();
+        Ok(Tun { fd, name })
     }
 
     /// The kernel's name of the device.
     pub fn name(&self) -> &str {
-        self.iface.name()
+        &self.name
     }
 
     /// Reads one packet; `WouldBlock` when none is waiting.
     pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.iface.recv(buf)
+        // SAFETY: read(2) into a buffer we own, bounded by its length.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
     }
 
     /// Writes one packet.
     pub fn send(&self, buf: &[u8]) -> io::Result<usize> {
-        self.iface.send(buf)
+        // SAFETY: write(2) from a buffer we own, bounded by its length.
+        let n = unsafe { libc::write(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
     }
 }
 
 impl AsRawFd for Tun {
     fn as_raw_fd(&self) -> RawFd {
-        self.iface.as_raw_fd()
+        self.fd.as_raw_fd()
     }
 }
 
