@@ -237,6 +237,63 @@ fn udp_round_trip_through_the_vip() {
     assert_eq!(from, sa("10.96.0.30:53"), "reply must come from the VIP");
 }
 
+/// A datagram whose checksum the kernel did not vouch for (a raw socket's,
+/// like one forwarded from a NIC without offload) is verified in ringvip: a
+/// corrupt one is dropped, an intact one is answered.
+#[test]
+fn udp_with_a_bad_checksum_is_dropped() {
+    if !can_run() {
+        return;
+    }
+    let t = Topology::new(&[]);
+    let addr = SocketAddr::from((t.pod_ip(2), 5353));
+    let _u = Topology::within(&t.pod, move || UdpBackend::start(addr, "u"));
+    let m = clusterip(
+        "raw",
+        "10.96.0.31",
+        53,
+        "UDP",
+        5353,
+        &[IpAddr::V4(t.pod_ip(2))],
+        "",
+    );
+    let rv = Ringvip::launch(Some(&t.node), &m, &[]);
+    let client = SocketAddr::from(([10, t.net, 0, 1], 40_053));
+    let (bad, good) = Topology::within(&t.node, move || {
+        let replies = UdpSocket::bind(client).unwrap();
+        replies
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let raw = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::from(libc::IPPROTO_RAW)),
+        )
+        .unwrap();
+        let vip = sa("10.96.0.31:53");
+        let mut packet = Vec::new();
+        ringvip::dataplane::tun::stack::udp_packet(client, vip, b"ping", &mut packet).unwrap();
+        let mut corrupt = packet.clone();
+        let last = corrupt.len() - 1;
+        corrupt[last] ^= 0x20; // "ping" -> "pinG": the checksum no longer matches
+        let mut buf = [0u8; 64];
+        let mut answered = |p: &[u8]| {
+            raw.send_to(p, &vip.into()).unwrap();
+            replies.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
+        };
+        // Wait until the frontend answers intact datagrams at all.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut good = None;
+        while good.is_none() && Instant::now() < deadline {
+            good = answered(&packet);
+        }
+        let bad = (0..3).find_map(|_| answered(&corrupt));
+        (bad, good)
+    });
+    assert_eq!(good.as_deref(), Some(&b"u:ping"[..]), "{}", rv.log());
+    assert_eq!(bad, None, "a corrupt datagram reached the backend");
+}
+
 #[test]
 fn ipv6_vip() {
     if !can_run() {

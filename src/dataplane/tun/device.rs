@@ -7,8 +7,10 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use smoltcp::phy::{self, ChecksumCapabilities, DeviceCapabilities, Medium};
+use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
+
+use super::offload::{rx_checksum, tx_header, RxChecksum, VNET_HDR_LEN};
 
 /// The TUN device could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -23,14 +25,18 @@ pub struct TunError {
 
 /// `TUNSETIFF`: `_IOW('T', 202, int)`; not exported by libc.
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+/// `TUNSETOFFLOAD`: `_IOW('T', 208, unsigned int)`.
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 
-/// One queue of a TUN device: IP packets, no packet-info header, non-blocking.
-/// Closing the last queue removes the device and every route through it.
+/// One queue of a TUN device: IP packets behind a `virtio_net_hdr` (checksum
+/// offload, see [`offload`](super::offload)), no packet-info header,
+/// non-blocking. Closing the last queue removes the device and every route
+/// through it.
 ///
 /// Opened with `ioctl(TUNSETIFF)` directly rather than through the tun-tap
-/// crate: tun-tap cannot set `IFF_MULTI_QUEUE`, and one queue bound ClusterIP
-/// throughput to a single thread (4 streams: 0.23-0.30x kernel DNAT, see
-/// BENCHMARKS.md).
+/// crate: tun-tap can set neither `IFF_MULTI_QUEUE` nor `IFF_VNET_HDR`; one
+/// queue bound ClusterIP throughput to a single thread (4 streams: 0.23-0.30x
+/// kernel DNAT), and checksums cost a tenth of the CPU (see BENCHMARKS.md).
 #[derive(Debug)]
 pub struct Tun {
     fd: OwnedFd,
@@ -81,9 +87,16 @@ impl Tun {
             *dst = src as libc::c_char;
         }
         req.ifr_ifru.ifru_flags =
-            (libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE) as libc::c_short;
+            (libc::IFF_TUN | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE | libc::IFF_VNET_HDR)
+                as libc::c_short;
         // SAFETY: TUNSETIFF reads and writes the ifreq we pass, nothing else.
         if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, &mut req) } < 0 {
+            return Err(err(io::Error::last_os_error()));
+        }
+        // Checksum offload only: no TSO, so the kernel never hands over a
+        // segment larger than the MTU.
+        // SAFETY: TUNSETOFFLOAD takes its argument by value.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD as _, libc::TUN_F_CSUM) } < 0 {
             return Err(err(io::Error::last_os_error()));
         }
         let len = req.ifr_name.iter().position(|&c| c == 0).unwrap_or(0);
@@ -101,18 +114,53 @@ impl Tun {
         &self.name
     }
 
-    /// Reads one packet; `WouldBlock` when none is waiting.
-    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: read(2) into a buffer we own, bounded by its length.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    /// Reads one packet of at most `max` bytes into `buf` (replacing its
+    /// contents, without zeroing the buffer first); `WouldBlock` when none is
+    /// waiting.
+    pub fn recv(&self, buf: &mut Vec<u8>, max: usize) -> io::Result<RxChecksum> {
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        buf.clear();
+        buf.reserve(max);
+        let spare = buf.spare_capacity_mut();
+        let iov = [
+            libc::iovec {
+                iov_base: hdr.as_mut_ptr().cast(),
+                iov_len: hdr.len(),
+            },
+            libc::iovec {
+                iov_base: spare.as_mut_ptr().cast(),
+                iov_len: spare.len().min(max),
+            },
+        ];
+        // SAFETY: readv(2) writes at most iov_len bytes into each buffer, both
+        // owned by us and alive for the call.
+        let n = unsafe { libc::readv(self.fd.as_raw_fd(), iov.as_ptr(), 2) };
+        let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+        let len = n.saturating_sub(VNET_HDR_LEN);
+        // SAFETY: the kernel initialised the first `len` bytes of the spare
+        // capacity, which `reserve` made at least `max >= len` long.
+        unsafe { buf.set_len(len) };
+        Ok(rx_checksum(&hdr))
     }
 
-    /// Writes one packet.
-    pub fn send(&self, buf: &[u8]) -> io::Result<usize> {
-        // SAFETY: write(2) from a buffer we own, bounded by its length.
-        let n = unsafe { libc::write(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
-        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    /// Writes one packet, asking the kernel to complete its TCP or UDP
+    /// checksum only if it ever needs it (the checksum field is rewritten).
+    pub fn send(&self, packet: &mut [u8]) -> io::Result<usize> {
+        let hdr = tx_header(packet);
+        let iov = [
+            libc::iovec {
+                iov_base: hdr.as_ptr().cast_mut().cast(),
+                iov_len: hdr.len(),
+            },
+            libc::iovec {
+                iov_base: packet.as_mut_ptr().cast(),
+                iov_len: packet.len(),
+            },
+        ];
+        // SAFETY: writev(2) only reads the two buffers, alive for the call.
+        let n = unsafe { libc::writev(self.fd.as_raw_fd(), iov.as_ptr(), 2) };
+        let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+        Ok(n.saturating_sub(VNET_HDR_LEN))
     }
 }
 
@@ -256,9 +304,13 @@ impl phy::Device for QueueDevice {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ip;
         caps.max_transmission_unit = self.mtu;
-        // The kernel verified and will verify checksums of what crosses the TUN
-        // only if we give it correct ones: compute on send, verify on receive.
-        caps.checksum = ChecksumCapabilities::default();
+        // TCP and UDP checksums are the driver's job (offload.rs): the TUN
+        // hands over partial sums, which smoltcp must not verify, and takes
+        // partial sums back. IP header and ICMP checksums stay smoltcp's.
+        let mut checksum = ChecksumCapabilities::default();
+        checksum.tcp = Checksum::None;
+        checksum.udp = Checksum::None;
+        caps.checksum = checksum;
         caps
     }
 }

@@ -6,6 +6,7 @@
 pub mod bridge;
 pub mod device;
 pub mod link;
+pub mod offload;
 pub mod stack;
 
 pub use device::{Tun, TunError};

@@ -28,6 +28,7 @@ use tokio::sync::{watch, Notify};
 
 use super::bridge;
 use super::device::{QueueDevice, Tun};
+use super::offload::{self, RxChecksum};
 use crate::dataplane::flow::{resolve, FlowKey, Verdict};
 use crate::dataplane::relay::connect;
 use crate::dataplane::udp::{FlowEntry, FlowIo, FlowTable};
@@ -483,12 +484,11 @@ pub async fn run(
         let mut drained = false;
         for _ in 0..256 {
             let mut buf = ctx.stack.borrow_mut().dev.buffer();
-            buf.resize(mtu, 0);
-            match fd.get_ref().recv(&mut buf) {
-                Ok(n) => {
-                    buf.truncate(n);
-                    ingress(&ctx, buf);
+            match fd.get_ref().recv(&mut buf, mtu) {
+                Ok(RxChecksum::Unverified) if !offload::verify(&buf) => {
+                    ctx.stack.borrow_mut().dev.recycle(buf);
                 }
+                Ok(_) => ingress(&ctx, buf),
                 Err(e) => {
                     ctx.stack.borrow_mut().dev.recycle(buf);
                     if e.kind() != io::ErrorKind::WouldBlock {
@@ -541,8 +541,8 @@ pub async fn run(
 
 /// Writes queued packets to the TUN until it would block.
 fn flush(fd: &AsyncFd<Tun>, dev: &mut QueueDevice) {
-    while let Some(p) = dev.pop_tx() {
-        match fd.get_ref().send(&p) {
+    while let Some(mut p) = dev.pop_tx() {
+        match fd.get_ref().send(&mut p) {
             Ok(_) => dev.recycle(p),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 dev.unpop_tx(p);
