@@ -249,7 +249,7 @@ fn udp_round_trip_replies_from_the_frontend() {
     let _u = UdpBackend::start(SocketAddr::from((ip(16, 1), port)), "u1");
     let node_port = free_port();
     let m = nodeport_service("dns", node_port, port, &[ip(16, 1)], "").replace("TCP", "UDP");
-    let _rv = Ringvip::start(&m, &["--udp-idle-timeout-secs", "2"]);
+    let rv = Ringvip::start(&m, &["--udp-idle-timeout-secs", "2"]);
     let c = UdpSocket::bind("127.0.0.1:0").unwrap();
     c.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
@@ -274,6 +274,13 @@ fn udp_round_trip_replies_from_the_frontend() {
         let (n, _) = c.recv_from(&mut buf).unwrap();
         assert_eq!(&buf[..n], format!("u1:{msg}").as_bytes());
     }
+    // Payload bytes are counted both ways: at least "ping" and m0..m19 (54
+    // bytes) to the backend, each echoed with a 3-byte prefix.
+    let metrics = admin_get(rv.metrics, "/metrics");
+    let up = bytes_relayed(&metrics, "dns", "to_backend").unwrap_or(0);
+    let down = bytes_relayed(&metrics, "dns", "to_client").unwrap_or(0);
+    assert!(up >= 54, "to_backend {up}\n{metrics}");
+    assert!(down >= up + 3 * 21, "to_client {down}, to_backend {up}");
 }
 
 #[test]

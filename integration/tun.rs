@@ -235,6 +235,24 @@ fn udp_round_trip_through_the_vip() {
     let (data, from) = got.unwrap_or_else(|| panic!("no UDP reply\n{}", rv.log()));
     assert_eq!(data, b"u:ping");
     assert_eq!(from, sa("10.96.0.30:53"), "reply must come from the VIP");
+    // Later datagrams of the flow take the no-copy send path; all are counted.
+    let more = Topology::within(&t.node, || {
+        let c = UdpSocket::bind("0.0.0.0:0").unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 64];
+        (0..10)
+            .filter(|i| {
+                let msg = format!("m{i}");
+                c.send_to(msg.as_bytes(), "10.96.0.30:53").unwrap();
+                c.recv(&mut buf).ok() == Some(msg.len() + 2)
+            })
+            .count()
+    });
+    assert_eq!(more, 10, "{}", rv.log());
+    let addr = rv.metrics;
+    let metrics = Topology::within(&t.node, move || admin_get(addr, "/metrics"));
+    let up = bytes_relayed(&metrics, "dns", "to_backend").unwrap_or(0);
+    assert!(up >= 4 + 20, "to_backend {up}\n{metrics}");
 }
 
 /// A datagram whose checksum the kernel did not vouch for (a raw socket's,

@@ -263,6 +263,17 @@ pub fn connect_failures(metrics: &str, service: &str, reason: &str) -> Option<u6
         .and_then(|v| v.parse().ok())
 }
 
+/// `ringvip_bytes_total` of a Service in one direction (`to_backend` or `to_client`).
+pub fn bytes_relayed(metrics: &str, service: &str, direction: &str) -> Option<u64> {
+    let svc = format!("service=\"{service}\"");
+    let dir = format!("direction=\"{direction}\"");
+    metrics
+        .lines()
+        .find(|l| l.starts_with("ringvip_bytes_total") && l.contains(&svc) && l.contains(&dir))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// The ringvip process under test.
 pub struct Ringvip {
     child: Child,

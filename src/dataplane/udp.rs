@@ -18,6 +18,7 @@ use super::flow::{pick, resolve, FlowKey, Verdict};
 use super::Shared;
 use crate::model::Protocol;
 use crate::state::Frontend;
+use crate::telemetry::Counter;
 
 /// Flows one listener socket may hold; new clients beyond it are dropped.
 pub const MAX_FLOWS_PER_LISTENER: usize = 65_536;
@@ -163,7 +164,7 @@ pub async fn serve(
             }
         };
         let now = Instant::now();
-        let backend = match current_backend(&table, &shared, client, local, now) {
+        let (backend, sent_bytes) = match current_backend(&table, &shared, client, local, now) {
             Some(s) => s,
             None => match open_flow(&table, &sock, &shared, &rng, client, local, now).await {
                 Ok(Some(s)) => s,
@@ -183,8 +184,11 @@ pub async fn serve(
         };
         let (res, slice) = backend.send(buf.slice(..n)).await;
         buf = slice.into_inner();
-        if res.is_err() {
-            table.borrow_mut().remove(&client);
+        match res {
+            Ok(sent) => {
+                sent_bytes.inc_by(sent as u64);
+            }
+            Err(_) => drop(table.borrow_mut().remove(&client)),
         }
     }
 }
@@ -197,7 +201,7 @@ fn current_backend(
     client: SocketAddr,
     local: SocketAddr,
     now: Instant,
-) -> Option<Rc<UdpSocket>> {
+) -> Option<(Rc<UdpSocket>, Counter)> {
     let mut t = table.borrow_mut();
     let f = t.get_mut(&client)?;
     let snap = shared.snapshot.load();
@@ -218,7 +222,10 @@ fn current_backend(
         f.generation = snap.generation;
     }
     f.last_seen = now;
-    Some(f.io.socket.clone())
+    Some((
+        f.io.socket.clone(),
+        f.io.fe.metrics.bytes_to_backend.clone(),
+    ))
 }
 
 enum FlowError {
@@ -234,7 +241,7 @@ async fn open_flow(
     client: SocketAddr,
     local: SocketAddr,
     now: Instant,
-) -> Result<Option<Rc<UdpSocket>>, FlowError> {
+) -> Result<Option<(Rc<UdpSocket>, Counter)>, FlowError> {
     let (fe, generation) = {
         let snap = shared.snapshot.load();
         let key = FlowKey {
@@ -279,6 +286,7 @@ async fn open_flow(
     ));
     fe.metrics.udp_flows_active.inc();
     fe.metrics.connections_total.inc();
+    let sent_bytes = fe.metrics.bytes_to_backend.clone();
     let entry = FlowEntry {
         endpoint: ep,
         last_seen: now,
@@ -293,7 +301,7 @@ async fn open_flow(
         .borrow_mut()
         .insert(client, entry)
         .map_err(|_| FlowError::Full)?;
-    Ok(Some(backend))
+    Ok(Some((backend, sent_bytes)))
 }
 
 /// Backend → client, sent from the frontend address.
@@ -363,6 +371,24 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// Sends one datagram on a connected socket without waiting: the caller's
+/// thread must not stall, and a UDP datagram the socket buffer cannot take is
+/// dropped as the network would drop it. No buffer is copied or allocated.
+pub fn try_send(sock: &UdpSocket, data: &[u8]) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: send(2) reads `data` only; the descriptor is owned by `sock`,
+    // alive for the call.
+    let n = unsafe {
+        libc::send(
+            sock.as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
 }
 
 #[cfg(test)]

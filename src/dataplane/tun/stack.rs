@@ -650,12 +650,10 @@ fn udp_ingress(ctx: &Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>, data: &[u8]) {
     }
     if let Some(f) = st.udp.get_mut(&key) {
         f.last_seen = now;
-        let sock = f.io.socket.clone();
-        let payload = data.to_vec();
-        drop(st);
-        tokio_uring::spawn(async move {
-            let _ = sock.send(payload).await;
-        });
+        // A datagram the socket buffer cannot take is dropped, as UDP may be.
+        if let Ok(n) = crate::dataplane::udp::try_send(&f.io.socket, data) {
+            fe.metrics.bytes_to_backend.inc_by(n as u64);
+        }
         return;
     }
     if st.udp.len() >= st.settings.max_udp_flows {
@@ -697,6 +695,7 @@ fn udp_ingress(ctx: &Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>, data: &[u8]) {
         }
         let sock = Rc::new(sock);
         let reader = tokio_uring::spawn(udp_replies(ctx.clone(), key, sock.clone(), fe.clone()));
+        let fe_bytes = fe.metrics.bytes_to_backend.clone();
         fe.metrics.udp_flows_active.inc();
         fe.metrics.connections_total.inc();
         let entry = FlowEntry {
@@ -712,7 +711,9 @@ fn udp_ingress(ctx: &Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>, data: &[u8]) {
         if ctx.stack.borrow_mut().udp.insert(key, entry).is_err() {
             return;
         }
-        let _ = sock.send(payload).await;
+        if let Ok(n) = crate::dataplane::udp::try_send(&sock, &payload) {
+            fe_bytes.inc_by(n as u64);
+        }
     });
 }
 
