@@ -274,6 +274,14 @@ fn udp_round_trip_replies_from_the_frontend() {
         let (n, _) = c.recv_from(&mut buf).unwrap();
         assert_eq!(&buf[..n], format!("u1:{msg}").as_bytes());
     }
+    // A burst (read by the frontend in one batch) comes back whole and in order.
+    for i in 0..30 {
+        c.send_to(format!("b{i}").as_bytes(), np(node_port)).unwrap();
+    }
+    for i in 0..30 {
+        let (n, _) = c.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], format!("u1:b{i}").as_bytes());
+    }
     // Payload bytes are counted both ways: at least "ping" and m0..m19 (54
     // bytes) to the backend, each echoed with a 3-byte prefix.
     let metrics = admin_get(rv.metrics, "/metrics");

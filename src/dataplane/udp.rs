@@ -24,6 +24,9 @@ use crate::telemetry::Counter;
 pub const MAX_FLOWS_PER_LISTENER: usize = 65_536;
 /// Largest datagram relayed.
 const DATAGRAM: usize = 65_536;
+/// Datagrams a frontend socket reads without waiting before it lets the
+/// thread's other tasks (reply readers, other sockets) run.
+const RECV_BATCH: usize = 64;
 
 /// One flow's bookkeeping, generic over what the I/O side keeps with it.
 #[derive(Debug)]
@@ -153,9 +156,31 @@ pub async fn serve(
     )));
     let mut buf = vec![0u8; DATAGRAM];
     let mut warned_full = false;
+    // Datagrams taken since the last wait on the ring. After one arrives, the
+    // next ones already queued are read at once with plain non-blocking calls:
+    // one ring round trip per datagram would bound the rate by the event loop.
+    let mut batch = 0usize;
     loop {
-        let (res, b) = sock.recv_from(buf).await;
-        buf = b;
+        let ready = if (1..RECV_BATCH).contains(&batch) {
+            match try_recv_from(&sock, &mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+                r => Some(r),
+            }
+        } else {
+            None
+        };
+        let res = match ready {
+            Some(r) => {
+                batch += 1;
+                r
+            }
+            None => {
+                batch = 1;
+                let (res, b) = sock.recv_from(buf).await;
+                buf = b;
+                res
+            }
+        };
         let (n, client) = match res {
             Ok(r) => r,
             Err(e) => {
@@ -399,6 +424,20 @@ pub fn try_send_to(sock: &UdpSocket, data: &[u8], to: SocketAddr) -> std::io::Re
     with_sock_ref(sock, |s| {
         s.send_to_with_flags(data, &to.into(), libc::MSG_DONTWAIT)
     })
+}
+
+/// Receives one datagram without waiting (`WouldBlock` when none is queued).
+pub fn try_recv_from(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+    // SAFETY: initialised bytes are valid `MaybeUninit<u8>`; recv only writes.
+    let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) };
+    let (n, from) = with_sock_ref(sock, |s| s.recv_from_with_flags(uninit, libc::MSG_DONTWAIT))?;
+    let from = from.as_socket().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "datagram from a non-IP address",
+        )
+    })?;
+    Ok((n, from))
 }
 
 fn with_sock_ref<R>(sock: &UdpSocket, f: impl FnOnce(socket2::SockRef<'_>) -> R) -> R {
