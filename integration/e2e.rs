@@ -276,7 +276,8 @@ fn udp_round_trip_replies_from_the_frontend() {
     }
     // A burst (read by the frontend in one batch) comes back whole and in order.
     for i in 0..30 {
-        c.send_to(format!("b{i}").as_bytes(), np(node_port)).unwrap();
+        c.send_to(format!("b{i}").as_bytes(), np(node_port))
+            .unwrap();
     }
     for i in 0..30 {
         let (n, _) = c.recv_from(&mut buf).unwrap();

@@ -367,8 +367,21 @@ impl Stack {
 
 /// The packet path without I/O: classifies `packet` and hands smoltcp what it
 /// would get, answering a held SYN as if its backend had accepted at once.
-/// Returns how many packets the stack queued for the wire. For fuzzing and tests.
+/// Returns how many packets the stack queued for the wire, dropping them. For
+/// fuzzing and tests.
 pub fn ingest_offline(stack: &mut Stack, snap: &Snapshot, packet: &[u8]) -> usize {
+    ingest_offline_queued(stack, snap, packet);
+    let mut n = 0;
+    while let Some(p) = stack.dev.pop_tx() {
+        stack.dev.recycle(p);
+        n += 1;
+    }
+    n
+}
+
+/// [`ingest_offline`], leaving the stack's replies queued in `stack.dev` for
+/// the caller (benchmarks drive a peer with them).
+pub fn ingest_offline_queued(stack: &mut Stack, snap: &Snapshot, packet: &[u8]) {
     match classify(snap, packet) {
         Classified::Stack => {
             stack.dev.push_rx(packet.to_vec());
@@ -382,12 +395,6 @@ pub fn ingest_offline(stack: &mut Stack, snap: &Snapshot, packet: &[u8]) -> usiz
         }
         Classified::Drop | Classified::Udp { .. } => {}
     }
-    let mut n = 0;
-    while let Some(p) = stack.dev.pop_tx() {
-        stack.dev.recycle(p);
-        n += 1;
-    }
-    n
 }
 
 /// A small snapshot for the fuzz target and tests: Service `default/web` at

@@ -1,0 +1,258 @@
+//! The data path's hot pieces, each alone:
+//! - `flow_table/*`: the UDP flow table (lookup of an existing flow among
+//!   10,000, and the once-a-second idle sweep over 10,000);
+//! - `tun/classify_*`: deciding what a packet from the TUN is;
+//! - `tun/smoltcp_pair_*`: bulk TCP through ringvip's smoltcp stack settings,
+//!   a client interface and ringvip's any-IP `Stack` joined by in-memory
+//!   queues (both ends are smoltcp, so this is twice the stack's cost per byte);
+//! - `relay/echo_64k`: the kernel-socket relay loop on loopback, 64 KiB sent
+//!   through it to an echo backend and back.
+//!
+//! Run: cargo bench --bench dataplane
+
+use std::hint::black_box;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use ringvip::dataplane::tun::device::QueueDevice;
+use ringvip::dataplane::tun::stack::{
+    classify, ingest_offline_queued, sample_snapshot, udp_packet, Stack,
+};
+use ringvip::dataplane::tun::TunSettings;
+use ringvip::dataplane::udp::{FlowEntry, FlowTable};
+use smoltcp::iface::{Config, Interface, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant as SmolInstant;
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, Ipv4Address};
+
+fn client(i: u32) -> SocketAddr {
+    let [a, b, c, d] = (0x0a01_0000 + i).to_be_bytes();
+    SocketAddr::from(([a, b, c, d], 40_000))
+}
+
+fn flow_table(c: &mut Criterion) {
+    let now = Instant::now();
+    let mut table = FlowTable::new(Duration::from_secs(30), 65_536);
+    for i in 0..10_000 {
+        let e = FlowEntry {
+            endpoint: SocketAddr::from(([10, 0, 0, 1], 53)),
+            last_seen: now,
+            generation: 1,
+            io: (),
+        };
+        let _ = table.insert(client(i), e);
+    }
+    let hit = client(4_321);
+    c.bench_function("flow_table/lookup_hit_10k", |b| {
+        b.iter(|| table.get_mut(black_box(&hit)).is_some())
+    });
+    // Nothing is idle yet: the sweep walks every flow and keeps them all.
+    c.bench_function("flow_table/sweep_10k", |b| {
+        b.iter(|| table.expire(black_box(now)).len())
+    });
+}
+
+fn classify_bench(c: &mut Criterion) {
+    let snap = sample_snapshot(true);
+    let mut udp = Vec::new();
+    let _ = udp_packet(
+        "10.1.0.5:5000".parse().unwrap(),
+        "10.96.0.10:53".parse().unwrap(),
+        b"query",
+        &mut udp,
+    );
+    c.bench_function("tun/classify_udp", |b| {
+        b.iter(|| {
+            matches!(
+                classify(&snap, black_box(&udp)),
+                ringvip::dataplane::tun::Classified::Udp { .. }
+            )
+        })
+    });
+}
+
+/// A smoltcp client interface at 10.1.0.5 talking to 10.96.0.10:80 through
+/// ringvip's `Stack`; packets are moved between the two by hand.
+struct Pair {
+    stack: Stack,
+    iface: Interface,
+    dev: QueueDevice,
+    sockets: SocketSet<'static>,
+    client: smoltcp::iface::SocketHandle,
+    server: smoltcp::iface::SocketHandle,
+    snap: ringvip::state::Snapshot,
+}
+
+impl Pair {
+    fn new(mtu: usize) -> Pair {
+        let settings = TunSettings {
+            mtu,
+            ..TunSettings::default()
+        };
+        let mut dev = QueueDevice::new(mtu, 4096);
+        let mut iface = Interface::new(
+            Config::new(HardwareAddress::Ip),
+            &mut dev,
+            SmolInstant::now(),
+        );
+        iface.update_ip_addrs(|a| {
+            let _ = a.push(IpCidr::new(IpAddress::v4(10, 1, 0, 5), 16));
+        });
+        let _ = iface
+            .routes_mut()
+            .add_default_ipv4_route(Ipv4Address::new(10, 1, 0, 1));
+        let mut sockets = SocketSet::new(Vec::new());
+        let size = settings.socket_buffer;
+        let mut s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; size]),
+            tcp::SocketBuffer::new(vec![0; size]),
+        );
+        s.set_nagle_enabled(false);
+        s.set_ack_delay(None);
+        s.connect(iface.context(), (IpAddress::v4(10, 96, 0, 10), 80), 40_000)
+            .unwrap();
+        let client = sockets.add(s);
+        let mut p = Pair {
+            stack: Stack::new(settings, Duration::from_secs(30)),
+            iface,
+            dev,
+            sockets,
+            client,
+            server: client,
+            snap: sample_snapshot(true),
+        };
+        // Handshake: the SYN goes through the classifier and is accepted as if
+        // the backend had answered at once.
+        p.iface.poll(SmolInstant::now(), &mut p.dev, &mut p.sockets);
+        while let Some(syn) = p.dev.pop_tx() {
+            ingest_offline_queued(&mut p.stack, &p.snap, &syn);
+        }
+        for _ in 0..4 {
+            p.exchange();
+        }
+        p.server = p
+            .stack
+            .sockets
+            .iter()
+            .map(|(h, _)| h)
+            .next()
+            .expect("accepted socket");
+        assert!(p.sockets.get::<tcp::Socket>(p.client).may_send());
+        p
+    }
+
+    /// Moves packets both ways once and lets both stacks react.
+    fn exchange(&mut self) {
+        let now = SmolInstant::now();
+        self.iface.poll(now, &mut self.dev, &mut self.sockets);
+        while let Some(p) = self.dev.pop_tx() {
+            self.stack.dev.push_rx(p);
+        }
+        self.stack.poll_at(now);
+        while let Some(p) = self.stack.dev.pop_tx() {
+            self.dev.push_rx(p);
+        }
+        self.iface.poll(now, &mut self.dev, &mut self.sockets);
+    }
+
+    /// Sends `n` bytes client → ringvip and reads them out of ringvip's socket.
+    fn transfer(&mut self, n: usize, chunk: &[u8]) {
+        let mut sent = 0;
+        let mut got = 0;
+        while got < n {
+            if sent < n {
+                let s = self.sockets.get_mut::<tcp::Socket>(self.client);
+                sent += s
+                    .send_slice(&chunk[..chunk.len().min(n - sent)])
+                    .unwrap_or(0);
+            }
+            self.exchange();
+            let s = self.stack.sockets.get_mut::<tcp::Socket>(self.server);
+            while let Ok(k) = s.recv(|b| (b.len(), b.len())) {
+                if k == 0 {
+                    break;
+                }
+                got += k;
+            }
+        }
+    }
+}
+
+fn smoltcp_pair(c: &mut Criterion) {
+    let mut g = c.benchmark_group("tun");
+    const N: usize = 4 << 20;
+    g.throughput(Throughput::Bytes(N as u64));
+    g.sample_size(10);
+    let chunk = vec![0x5a; 256 * 1024];
+    for mtu in [1500usize, 65_535] {
+        let mut pair = Pair::new(mtu);
+        g.bench_function(format!("smoltcp_pair_mtu{mtu}_4MiB"), |b| {
+            b.iter(|| pair.transfer(N, &chunk))
+        });
+    }
+    g.finish();
+}
+
+fn relay(c: &mut Criterion) {
+    let mut g = c.benchmark_group("relay");
+    g.throughput(Throughput::Bytes(2 * 64 * 1024));
+    g.bench_function("echo_64k", |b| {
+        b.iter_custom(|iters| {
+            tokio_uring::start(async move {
+                use tokio_uring::net::{TcpListener, TcpStream};
+                let any = SocketAddr::from(([127, 0, 0, 1], 0));
+                let echo = TcpListener::bind(any).unwrap();
+                let echo_addr = echo.local_addr().unwrap();
+                tokio_uring::spawn(async move {
+                    let (s, _) = echo.accept().await.unwrap();
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let (r, b) = s.read(buf).await;
+                        buf = b;
+                        let n = match r {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let (r, b) = s.write_all(buf.slice(..n)).await;
+                        buf = b.into_inner();
+                        if r.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let front = TcpListener::bind(any).unwrap();
+                let front_addr = front.local_addr().unwrap();
+                let snap = sample_snapshot(true);
+                let fe = snap.frontends().map(|(_, f)| f.clone()).next().unwrap();
+                tokio_uring::spawn(async move {
+                    let (client, _) = front.accept().await.unwrap();
+                    let backend = TcpStream::connect(echo_addr).await.unwrap();
+                    ringvip::dataplane::relay::relay(client, backend, &fe).await;
+                });
+                let conn = TcpStream::connect(front_addr).await.unwrap();
+                let mut out = vec![0x42u8; 64 * 1024];
+                let mut back = vec![0u8; 64 * 1024];
+                let start = Instant::now();
+                for _ in 0..iters {
+                    let (r, b) = conn.write_all(out).await;
+                    out = b;
+                    r.unwrap();
+                    let mut got = 0;
+                    while got < out.len() {
+                        let (r, b) = conn.read(back).await;
+                        back = b;
+                        got += r.unwrap();
+                    }
+                }
+                start.elapsed()
+            })
+        })
+    });
+    g.finish();
+}
+
+use tokio_uring::buf::BoundedBuf;
+
+criterion_group!(benches, flow_table, classify_bench, smoltcp_pair, relay);
+criterion_main!(benches);
