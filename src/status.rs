@@ -138,11 +138,13 @@ pub fn render(rows: &[FrontendStatus], format: Format) -> String {
         "IN",
         "OUT",
     ];
-    let mut lines: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    let mut first: Vec<String> = header.iter().map(|s| s.to_string()).collect();
     if format == Format::Wide {
-        lines[0].push("FAILURES".into());
-        lines[0].push("ENDPOINT LIST".into());
+        first.push("FAILURES".into());
+        first.push("ENDPOINT LIST".into());
     }
+    let cols = first.len();
+    let mut lines: Vec<Vec<String>> = vec![first];
     for r in rows {
         let port = if r.port.is_empty() {
             r.protocol.clone()
@@ -189,9 +191,15 @@ pub fn render(rows: &[FrontendStatus], format: Format) -> String {
         }
         lines.push(l);
     }
-    let cols = lines[0].len();
     let widths: Vec<usize> = (0..cols)
-        .map(|c| lines.iter().map(|l| l[c].len()).max().unwrap_or(0))
+        .map(|c| {
+            lines
+                .iter()
+                .filter_map(|l| l.get(c))
+                .map(String::len)
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     for l in &lines {
         let cells: Vec<String> = l

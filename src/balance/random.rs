@@ -9,7 +9,7 @@ use rand::Rng;
 pub fn pick_random<R: Rng + ?Sized>(endpoints: &[SocketAddr], rng: &mut R) -> Option<SocketAddr> {
     match endpoints.len() {
         0 => None,
-        1 => Some(endpoints[0]),
+        1 => endpoints.first().copied(),
         n => endpoints.get(rng.random_range(0..n)).copied(),
     }
 }

@@ -97,11 +97,11 @@ enum ParseError {
 }
 
 fn parse(msg: &[u8]) -> Result<Parsed, ParseError> {
-    if msg.len() < 12 {
+    let Some(hdr) = msg.first_chunk::<12>() else {
         return Err(ParseError::Drop);
-    }
+    };
     // Never answer a response (a reflected or looped message).
-    if msg[2] & 0x80 != 0 {
+    if hdr[2] & 0x80 != 0 {
         return Err(ParseError::Drop);
     }
     let mut d = BinDecoder::new(msg);
@@ -161,7 +161,12 @@ struct Head {
 }
 
 impl Head {
+    /// Writes the 12-byte header over the start of `out` (which callers size
+    /// to at least 12 bytes first; a shorter buffer is left alone).
     fn write(&self, out: &mut [u8]) {
+        let Some(out) = out.first_chunk_mut::<12>() else {
+            return;
+        };
         let mut f: u16 = 0x8000 | (u16::from(self.opcode & 0x0f) << 11);
         if self.aa {
             f |= 0x0400;
@@ -194,7 +199,11 @@ impl Head {
 /// their owner with a pointer to it.
 fn put_question(out: &mut Vec<u8>, msg: &[u8], p: &Parsed) {
     zone::put_name(out, p.query.name());
-    out.extend_from_slice(&msg[p.question_end - 4..p.question_end]);
+    let type_class = p
+        .question_end
+        .checked_sub(4)
+        .and_then(|start| msg.get(start..p.question_end));
+    out.extend_from_slice(type_class.unwrap_or_default());
 }
 
 /// The OPT record of a response: our payload size, extended rcode high bits.
@@ -222,13 +231,13 @@ pub fn answer(
         Err(ParseError::Drop) => return Outcome::Drop,
         Err(ParseError::Code(code)) => {
             // The header parsed far enough to be a query: echo id and opcode.
-            let id = u16::from_be_bytes([msg[0], msg[1]]);
+            let [id0, id1, flags, ..] = msg.first_chunk::<12>().copied().unwrap_or_default();
             let head = Head {
-                id,
-                opcode: (msg[2] >> 3) & 0x0f,
+                id: u16::from_be_bytes([id0, id1]),
+                opcode: (flags >> 3) & 0x0f,
                 aa: false,
                 tc: false,
-                rd: msg[2] & 0x01 != 0,
+                rd: flags & 0x01 != 0,
                 ra: opts.forward,
                 cd: false,
                 rcode: code,
@@ -323,8 +332,9 @@ pub fn answer(
                 } else {
                     0
                 };
-                for i in 0..n {
-                    out.extend_from_slice(&s.records[(start + i) % n]);
+                let (tail, head) = s.records.split_at(start.min(n));
+                for r in head.iter().chain(tail) {
+                    out.extend_from_slice(r);
                 }
                 an = n;
                 extra = &s.additional;
@@ -399,7 +409,7 @@ pub fn servfail(msg: &[u8], out: &mut Vec<u8>) -> Option<()> {
 /// be — a well-formed message with the query's id, within the transport's size.
 /// Panics when one is not.
 #[doc(hidden)]
-#[allow(clippy::panic)] // a fuzz oracle: panicking is how it reports
+#[allow(clippy::panic, clippy::indexing_slicing)] // a fuzz oracle: panicking is how it reports
 pub fn fuzz_one(data: &[u8]) {
     use std::sync::OnceLock;
     static ZONE: OnceLock<Zone> = OnceLock::new();

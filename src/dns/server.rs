@@ -135,7 +135,7 @@ async fn serve_udp(
                 continue;
             }
         };
-        let msg = &buf[..n];
+        let msg = buf.get(..n).unwrap_or_default();
         let outcome = answer(
             &zone.load(),
             msg,
@@ -182,7 +182,12 @@ async fn serve_udp(
 
 /// Whether `reply` answers `query`: a response with the same id.
 fn answers(query: &[u8], reply: &[u8]) -> bool {
-    reply.len() >= 12 && reply[0..2] == query[0..2] && reply[2] & 0x80 != 0
+    match (reply.first_chunk::<3>(), query.first_chunk::<2>()) {
+        (Some([r0, r1, flags]), Some(id)) => {
+            [*r0, *r1] == *id && flags & 0x80 != 0 && reply.len() >= 12
+        }
+        _ => false,
+    }
 }
 
 async fn forward_udp(upstream: SocketAddr, query: &[u8]) -> Option<Vec<u8>> {
@@ -201,7 +206,7 @@ async fn forward_udp(upstream: SocketAddr, query: &[u8]) -> Option<Vec<u8>> {
             .await
             .ok()?
             .ok()?;
-        if answers(query, &buf[..n]) {
+        if answers(query, buf.get(..n).unwrap_or_default()) {
             buf.truncate(n);
             return Some(buf);
         }
@@ -268,12 +273,14 @@ async fn serve_conn(
             Ok(Ok(n)) => usize::from(n),
             _ => return,
         };
-        let msg = &mut buf[..len];
+        let Some(msg) = buf.get_mut(..len) else {
+            return;
+        };
         match tokio::time::timeout(TCP_IDLE, stream.read_exact(msg)).await {
             Ok(Ok(_)) => {}
             _ => return,
         }
-        let msg = &buf[..len];
+        let msg = &*msg;
         let outcome = answer(
             &zone.load(),
             msg,
