@@ -13,6 +13,7 @@ cleanup() {
   wait 2>/dev/null || true
   ip netns del "$NODE" 2>/dev/null || true
   ip netns del "$POD" 2>/dev/null || true
+  [ -n "${CPOD:-}" ] && ip netns del "$CPOD" 2>/dev/null || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -44,6 +45,24 @@ ports: [{name: p, port: $port, protocol: TCP}]
 endpoints:
 - addresses: ["$POD_IP"]
 Y
+}
+
+# setup_client_pod NET PORT: a second pod namespace ($CPOD, 10.NET.1.2, MTU
+# 1500 veth) whose traffic to the service CIDR is routed through the node, as a
+# pod's is on a Kubernetes node; kernel DNAT then needs PREROUTING too.
+setup_client_pod() {
+  local net=$1 port=$2
+  CPOD=rvbc$ID
+  ip netns add "$CPOD"
+  ip link add "rvb${ID}c" netns "$NODE" type veth peer name "rvb${ID}q" netns "$CPOD"
+  ip -n "$CPOD" link set lo up
+  ip -n "$NODE" addr add "10.$net.1.1/24" dev "rvb${ID}c"; ip -n "$NODE" link set "rvb${ID}c" up
+  ip -n "$CPOD" addr add "10.$net.1.2/24" dev "rvb${ID}q"; ip -n "$CPOD" link set "rvb${ID}q" up
+  ip -n "$CPOD" route add default via "10.$net.1.1"
+  ip -n "$POD" route add "10.$net.1.0/24" via "10.$net.0.1"
+  ip netns exec "$NODE" sysctl -qw net.ipv4.ip_forward=1
+  ip netns exec "$NODE" iptables -t nat -A PREROUTING -d 10.96.200.1 -p tcp --dport "$port" \
+    -j DNAT --to-destination "$POD_IP:$port"
 }
 
 start_ringvip() {

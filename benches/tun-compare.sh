@@ -5,6 +5,8 @@
 # namespace across a veth pair. Needs root, iperf3 and iptables.
 #
 #   sudo benches/tun-compare.sh [SECONDS_PER_RUN] [REPEATS]
+#   CLIENT=pod: the iperf3 client runs in a second pod namespace (MTU 1500
+#   veth) routed through the node, the way pods reach ClusterIPs.
 #
 # Every namespace, device and process it starts is removed on exit.
 set -euo pipefail
@@ -18,6 +20,11 @@ command -v iperf3 >/dev/null && command -v iptables >/dev/null || {
 
 . benches/netns-lib.sh
 setup_topology 251 5201
+CLIENT_NS=$NODE
+if [ "${CLIENT:-node}" = pod ]; then
+  setup_client_pod 251 5201
+  CLIENT_NS=$CPOD
+fi
 start_ringvip
 ip netns exec "$POD" iperf3 -s -B "$POD_IP" -p 5201 >/dev/null 2>&1 &
 PIDS+=($!)
@@ -26,7 +33,7 @@ sleep 1
 # PERF_OUT=file: profile ringvip (cpu-clock) during one extra 1-stream run, then exit.
 if [ -n "${PERF_OUT:-}" ]; then
   perf record -e cpu-clock -F 2000 -g -o "$PERF_OUT" -p "$RV" -- sleep "$SECS" >/dev/null 2>&1 &
-  ip netns exec "$NODE" iperf3 -c 10.96.0.10 -p 5201 -t "$SECS" | tail -3
+  ip netns exec "$CLIENT_NS" iperf3 -c 10.96.0.10 -p 5201 -t "$SECS" | tail -3
   wait %% 2>/dev/null || true
   sleep 1
   exit 0
@@ -34,12 +41,12 @@ fi
 
 gbps() { # target streams reverse
   local extra=""; [ "$3" = R ] && extra="-R"
-  ip netns exec "$NODE" iperf3 -c "$1" -p 5201 -t "$SECS" -P "$2" $extra -J 2>/dev/null |
+  ip netns exec "$CLIENT_NS" iperf3 -c "$1" -p 5201 -t "$SECS" -P "$2" $extra -J 2>/dev/null |
     python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.2f" % (d["end"]["sum_received"]["bits_per_second"]/1e9))' \
     || echo "nan"
 }
 
-echo "# ringvip TUN path vs kernel DNAT vs direct, iperf3 ${SECS}s x ${REPS}, $(date -u +%F), commit $(git rev-parse --short HEAD)"
+echo "# ringvip TUN path vs kernel DNAT vs direct, client in the ${CLIENT:-node}, iperf3 ${SECS}s x ${REPS}, $(date -u +%F), commit $(git rev-parse --short HEAD)"
 printf "%-22s %-18s %-18s %-18s %s\n" case "direct Gbit/s" "DNAT Gbit/s" "ringvip Gbit/s" "ringvip/DNAT (median)"
 for streams in 1 4; do
   for dir in up R; do

@@ -93,10 +93,11 @@ impl Tun {
         if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, &mut req) } < 0 {
             return Err(err(io::Error::last_os_error()));
         }
-        // Checksum offload only: no TSO, so the kernel never hands over a
-        // segment larger than the MTU.
+        // Checksums and TCP segmentation (see offload.rs). Without ECN
+        // offload the kernel segments the rare ECN-marked super-packet itself.
+        let offload = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
         // SAFETY: TUNSETOFFLOAD takes its argument by value.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD as _, libc::TUN_F_CSUM) } < 0 {
+        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD as _, offload) } < 0 {
             return Err(err(io::Error::last_os_error()));
         }
         let len = req.ifr_name.iter().position(|&c| c == 0).unwrap_or(0);
@@ -144,9 +145,10 @@ impl Tun {
     }
 
     /// Writes one packet, asking the kernel to complete its TCP or UDP
-    /// checksum only if it ever needs it (the checksum field is rewritten).
-    pub fn send(&self, packet: &mut [u8]) -> io::Result<usize> {
-        let hdr = tx_header(packet);
+    /// checksum only if it ever needs it (the checksum field is rewritten),
+    /// and to cut a TCP segment into pieces of `mss` payload bytes when larger.
+    pub fn send(&self, packet: &mut [u8], mss: Option<u16>) -> io::Result<usize> {
+        let hdr = tx_header(packet, mss);
         let iov = [
             libc::iovec {
                 iov_base: hdr.as_ptr().cast_mut().cast(),

@@ -1,12 +1,25 @@
-//! Checksum offload across the TUN (`IFF_VNET_HDR` + `TUN_F_CSUM`).
+//! Checksum and segmentation offload across the TUN (`IFF_VNET_HDR` with
+//! `TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6`).
 //!
-//! Every packet crossing the device carries a 10-byte `virtio_net_hdr`. With
-//! it the kernel hands over locally generated TCP and UDP packets with only the
-//! pseudo-header summed (`NEEDS_CSUM`), and accepts ours the same way: local
-//! delivery and veth trust a partial checksum, so neither side ever sums the
-//! payload. Without it the kernel summed every 64 KiB segment it wrote to the
-//! TUN and smoltcp summed it again (about 11% of the CPU of a bulk stream,
-//! measured with perf; see BENCHMARKS.md). Pure functions over byte slices.
+//! Every packet crossing the device carries a 10-byte `virtio_net_hdr`.
+//!
+//! Checksums: the kernel hands over locally generated TCP and UDP packets with
+//! only the pseudo-header summed (`NEEDS_CSUM`), and accepts ours the same way:
+//! local delivery and veth trust a partial checksum, so neither side ever sums
+//! the payload. Without it the kernel summed every 64 KiB segment it wrote to
+//! the TUN and smoltcp summed it again (about 11% of the CPU of a bulk stream,
+//! measured with perf; see BENCHMARKS.md).
+//!
+//! Segmentation: a pod's TCP stack builds 64 KiB segments that cross its veth
+//! whole; with TSO on the TUN they reach smoltcp whole too, instead of as 45
+//! MTU-sized packets (one read each). The other way, smoltcp is told a large
+//! MSS in the client's SYN ([`raise_syn_mss`]) so it sends 64 KiB segments, and
+//! each goes out with `gso_size` set from the client's real MSS, so the kernel
+//! (or the pod's veth) cuts it to what the client can take.
+//!
+//! Pure functions over byte slices.
+
+use std::net::SocketAddr;
 
 use smoltcp::wire::checksum;
 use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket, UdpPacket};
@@ -19,6 +32,10 @@ pub const VNET_HDR_LEN: usize = 10;
 const F_NEEDS_CSUM: u8 = 1;
 /// `VIRTIO_NET_HDR_F_DATA_VALID`: the kernel already verified the checksum.
 const F_DATA_VALID: u8 = 2;
+
+/// `VIRTIO_NET_HDR_GSO_TCPV4` and `_TCPV6`.
+const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
 
 /// Offsets of the checksum field in the TCP and UDP headers.
 const TCP_CSUM_OFFSET: u16 = 16;
@@ -91,11 +108,73 @@ pub fn verify(packet: &[u8]) -> bool {
     }
 }
 
+/// The MSS option of a TCP SYN: where its value is, and the value.
+fn syn_mss(packet: &[u8]) -> Option<(usize, u16)> {
+    let (_, _, proto, start, end) = transport(packet)?;
+    if proto != IpProtocol::Tcp {
+        return None;
+    }
+    let tcp = packet.get(start..end)?;
+    let t = TcpPacket::new_checked(tcp).ok()?;
+    if !t.syn() {
+        return None;
+    }
+    let opts_end = usize::from(t.header_len());
+    let mut at = 20;
+    while at < opts_end {
+        match *tcp.get(at)? {
+            0 => return None, // end of options
+            1 => at += 1,     // no-op
+            2 => {
+                let v = tcp.get(at + 2..at + 4)?;
+                return Some((
+                    start + at + 2,
+                    u16::from_be_bytes([*v.first()?, *v.get(1)?]),
+                ));
+            }
+            _ => at += usize::from(*tcp.get(at + 1)?).max(2),
+        }
+    }
+    None
+}
+
+/// Raises the MSS option of a client's SYN to `to` before smoltcp reads it, so
+/// smoltcp builds segments as large as the TUN allows; returns the client's
+/// own MSS when it was lower (the flow then needs `gso_size`, see
+/// [`tx_header`]). The checksum is left as it was: the kernel's partial sum
+/// is not verified, and a verified one has been checked already.
+pub fn raise_syn_mss(packet: &mut [u8], to: u16) -> Option<u16> {
+    let (at, mss) = syn_mss(packet)?;
+    if mss >= to {
+        return None;
+    }
+    packet
+        .get_mut(at..at + 2)?
+        .copy_from_slice(&to.to_be_bytes());
+    Some(mss)
+}
+
+/// The (client, VIP) of an outgoing TCP packet and its payload length; the key
+/// under which a flow's real MSS is kept.
+pub fn tcp_flow(packet: &[u8]) -> Option<((SocketAddr, SocketAddr), usize)> {
+    let (src, dst, proto, start, end) = transport(packet)?;
+    if proto != IpProtocol::Tcp {
+        return None;
+    }
+    let t = TcpPacket::new_checked(packet.get(start..end)?).ok()?;
+    let payload = (end - start).checked_sub(usize::from(t.header_len()))?;
+    let client = SocketAddr::new(dst.into(), t.dst_port());
+    let vip = SocketAddr::new(src.into(), t.src_port());
+    Some(((client, vip), payload))
+}
+
 /// Prepares an outgoing packet and returns its header. TCP and UDP get the
 /// pseudo-header sum in their checksum field and `NEEDS_CSUM`, so the kernel
 /// completes the sum only if the packet leaves the host; everything else
-/// (ICMP, whose checksum smoltcp computes) goes out as is.
-pub fn tx_header(packet: &mut [u8]) -> [u8; VNET_HDR_LEN] {
+/// (ICMP, whose checksum smoltcp computes) goes out as is. A TCP packet whose
+/// payload exceeds `mss` (the client's own MSS, when smoltcp was told a larger
+/// one) is marked for segmentation into pieces of that size.
+pub fn tx_header(packet: &mut [u8], mss: Option<u16>) -> [u8; VNET_HDR_LEN] {
     let mut hdr = [0u8; VNET_HDR_LEN];
     let Some((src, dst, proto, start, end)) = transport(packet) else {
         return hdr;
@@ -122,6 +201,31 @@ pub fn tx_header(packet: &mut [u8]) -> [u8; VNET_HDR_LEN] {
     // byte order (the TUN's default for virtio headers).
     hdr[6..8].copy_from_slice(&start16.to_ne_bytes());
     hdr[8..10].copy_from_slice(&offset.to_ne_bytes());
+    if let (IpProtocol::Tcp, Some(mss)) = (proto, mss) {
+        let tcp_len = packet
+            .get(start..end)
+            .and_then(|t| TcpPacket::new_checked(t).ok())
+            .map(|t| usize::from(t.header_len()));
+        if let Some(tcp_len) = tcp_len {
+            // Every piece repeats this header's options: they come out of the
+            // client's MSS, which counts payload only.
+            let size = usize::from(mss).saturating_sub(tcp_len - 20).max(1);
+            let payload = end - start - tcp_len;
+            if let (true, Ok(size), Ok(hdr_len)) = (
+                payload > size,
+                u16::try_from(size),
+                u16::try_from(start + tcp_len),
+            ) {
+                hdr[1] = if matches!(src, IpAddress::Ipv4(_)) {
+                    GSO_TCPV4
+                } else {
+                    GSO_TCPV6
+                };
+                hdr[2..4].copy_from_slice(&hdr_len.to_ne_bytes());
+                hdr[4..6].copy_from_slice(&size.to_ne_bytes());
+            }
+        }
+    }
     hdr
 }
 
@@ -129,7 +233,6 @@ pub fn tx_header(packet: &mut [u8]) -> [u8; VNET_HDR_LEN] {
 mod tests {
     use super::*;
     use crate::dataplane::tun::stack::udp_packet;
-    use std::net::SocketAddr;
 
     /// What the kernel does with a `NEEDS_CSUM` packet that leaves the host:
     /// sum from `csum_start` (the field holds the pseudo-header sum) and store
@@ -156,7 +259,7 @@ mod tests {
             udp_packet(sa(src), sa(dst), b"an odd-length payload", &mut full).unwrap();
             assert!(verify(&full));
             let mut p = full.clone();
-            let hdr = tx_header(&mut p);
+            let hdr = tx_header(&mut p, None);
             assert_ne!(p, full, "the field must hold the pseudo-header sum");
             assert!(!verify(&p), "a partial sum is not a valid checksum");
             complete(&hdr, &mut p);
@@ -201,7 +304,7 @@ mod tests {
             &caps,
         );
         let mut p = full.clone();
-        let hdr = tx_header(&mut p);
+        let hdr = tx_header(&mut p, None);
         assert_eq!(u16::from_ne_bytes([hdr[8], hdr[9]]), TCP_CSUM_OFFSET);
         complete(&hdr, &mut p);
         assert_eq!(p, full);
@@ -211,11 +314,108 @@ mod tests {
         assert!(!verify(&full));
     }
 
+    /// A TCP segment from the VIP to a client, with a timestamp option (12
+    /// bytes with padding) as Linux clients negotiate.
+    fn tcp_segment(
+        control: smoltcp::wire::TcpControl,
+        mss: Option<u16>,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        use smoltcp::phy::ChecksumCapabilities;
+        use smoltcp::wire::{Ipv4Repr, TcpRepr, TcpSeqNumber};
+        let tcp = TcpRepr {
+            src_port: 80,
+            dst_port: 40000,
+            control,
+            seq_number: TcpSeqNumber(7),
+            ack_number: Some(TcpSeqNumber(9)),
+            window_len: 1000,
+            window_scale: Some(7),
+            max_seg_size: mss,
+            sack_permitted: true,
+            sack_ranges: [None, None, None],
+            timestamp: Some(smoltcp::wire::TcpTimestampRepr::new(1, 2)),
+            payload,
+        };
+        let (s, d) = ("10.96.0.10".parse().unwrap(), "10.1.0.5".parse().unwrap());
+        let ip = Ipv4Repr {
+            src_addr: s,
+            dst_addr: d,
+            next_header: IpProtocol::Tcp,
+            payload_len: tcp.buffer_len(),
+            hop_limit: 64,
+        };
+        let mut out = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
+        let caps = ChecksumCapabilities::default();
+        let mut p = Ipv4Packet::new_unchecked(&mut out[..]);
+        ip.emit(&mut p, &caps);
+        tcp.emit(
+            &mut TcpPacket::new_unchecked(p.payload_mut()),
+            &s.into(),
+            &d.into(),
+            &caps,
+        );
+        out
+    }
+
+    #[test]
+    fn syn_mss_is_raised_and_the_real_one_returned() {
+        use smoltcp::wire::{TcpControl, TcpOption};
+        let mut syn = tcp_segment(TcpControl::Syn, Some(1460), &[]);
+        assert_eq!(raise_syn_mss(&mut syn, 65_475), Some(1460));
+        let ip = Ipv4Packet::new_checked(&syn[..]).unwrap();
+        let t = TcpPacket::new_checked(ip.payload()).unwrap();
+        let mut opts = t.options();
+        let mut seen = None;
+        while !opts.is_empty() {
+            let (rest, o) = TcpOption::parse(opts).unwrap();
+            if let TcpOption::MaxSegmentSize(m) = o {
+                seen = Some(m);
+            }
+            opts = rest;
+        }
+        assert_eq!(seen, Some(65_475));
+        // Already large enough, no option, or not a SYN: untouched.
+        assert_eq!(raise_syn_mss(&mut syn, 65_475), None);
+        let mut bare = tcp_segment(TcpControl::Syn, None, &[]);
+        assert_eq!(raise_syn_mss(&mut bare, 65_475), None);
+        let mut data = tcp_segment(TcpControl::None, Some(1460), b"x");
+        let before = data.clone();
+        assert_eq!(raise_syn_mss(&mut data, 65_475), None);
+        assert_eq!(data, before);
+    }
+
+    #[test]
+    fn large_segments_carry_the_clients_mss_as_gso_size() {
+        use smoltcp::wire::TcpControl;
+        let payload = vec![7u8; 4000];
+        let mut p = tcp_segment(TcpControl::Psh, None, &payload);
+        let ((client, vip), len) = tcp_flow(&p).unwrap();
+        assert_eq!((client, vip), (sa("10.1.0.5:40000"), sa("10.96.0.10:80")));
+        assert_eq!(len, 4000);
+        let hdr = tx_header(&mut p, Some(1460));
+        assert_eq!(hdr[0], F_NEEDS_CSUM);
+        assert_eq!(hdr[1], GSO_TCPV4);
+        // 20 IP + 20 TCP + 12 timestamp option (with padding); pieces of
+        // 1460 - 12 payload bytes, as Linux sizes them for this client.
+        let tcp_len = usize::from(u16::from_ne_bytes([hdr[2], hdr[3]])) - 20;
+        assert_eq!(
+            u16::from_ne_bytes([hdr[4], hdr[5]]),
+            1460 - (tcp_len as u16 - 20)
+        );
+        // Small enough already: no segmentation asked for.
+        let mut small = tcp_segment(TcpControl::Psh, None, &payload[..1000]);
+        assert_eq!(tx_header(&mut small, Some(1460))[1], 0);
+        // No MSS known (a node-local client): none either.
+        let mut big = tcp_segment(TcpControl::Psh, None, &payload);
+        assert_eq!(tx_header(&mut big, None)[1], 0);
+    }
+
     #[test]
     fn other_packets_go_out_untouched() {
         let mut junk = vec![0x45, 0, 0, 20, 0, 0, 0, 0, 64, 1, 0, 0];
         let before = junk.clone();
-        assert_eq!(tx_header(&mut junk), [0; VNET_HDR_LEN]);
+        assert_eq!(tx_header(&mut junk, None), [0; VNET_HDR_LEN]);
         assert_eq!(junk, before);
         assert!(verify(&[]));
         // A header claiming more bytes than the packet has is not touched.
@@ -223,7 +423,7 @@ mod tests {
         udp_packet(sa("10.96.0.10:53"), sa("10.1.0.5:5000"), b"x", &mut short).unwrap();
         short.truncate(24);
         let before = short.clone();
-        let _ = tx_header(&mut short);
+        let _ = tx_header(&mut short, Some(100));
         assert_eq!(short, before);
     }
 

@@ -259,6 +259,9 @@ pub struct Stack {
     conns: HashMap<ConnKey, SocketHandle>,
     /// SYNs held while a backend connect is in flight.
     pending: HashMap<ConnKey, Vec<u8>>,
+    /// The client's own MSS, for connections whose SYN smoltcp saw with a
+    /// larger one: segments to them go out with this `gso_size`.
+    client_mss: HashMap<ConnKey, u16>,
     /// Sockets whose relay ended, removed once closed.
     closing: Vec<(ConnKey, SocketHandle)>,
     /// UDP flows.
@@ -294,6 +297,7 @@ impl Stack {
             sockets: SocketSet::new(Vec::new()),
             conns: HashMap::new(),
             pending: HashMap::new(),
+            client_mss: HashMap::new(),
             closing: Vec::new(),
             udp: FlowTable::new(udp_idle, settings.max_udp_flows),
             settings,
@@ -316,12 +320,14 @@ impl Stack {
     fn reap(&mut self) {
         let sockets = &mut self.sockets;
         let conns = &mut self.conns;
+        let client_mss = &mut self.client_mss;
         self.closing.retain(|(key, h)| {
             let s = sockets.get::<tcp::Socket>(*h);
             let done = matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait);
             if done {
                 sockets.remove(*h);
                 conns.remove(key);
+                client_mss.remove(key);
             }
             !done
         });
@@ -484,14 +490,16 @@ pub async fn run(
         rng: RefCell::new(SmallRng::from_os_rng()),
     });
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
-    let mtu = settings.mtu.max(1500);
+    // Whatever the MTU, a TSO super-packet can be 64 KiB of IPv6 payload
+    // plus its header.
+    let rx_max = settings.mtu.max(usize::from(u16::MAX) + 40);
     loop {
         // Packets in, through the classifier, read straight into pooled buffers.
         // At most a batch at a time, so relays get their turn under load.
         let mut drained = false;
         for _ in 0..256 {
             let mut buf = ctx.stack.borrow_mut().dev.buffer();
-            match fd.get_ref().recv(&mut buf, mtu) {
+            match fd.get_ref().recv(&mut buf, rx_max) {
                 Ok(RxChecksum::Unverified) if !offload::verify(&buf) => {
                     ctx.stack.borrow_mut().dev.recycle(buf);
                 }
@@ -510,8 +518,8 @@ pub async fn run(
             let mut st = ctx.stack.borrow_mut();
             st.poll();
             st.reap();
-            flush(&fd, &mut st.dev);
             let st = &mut *st;
+            flush(&fd, &mut st.dev, &st.client_mss);
             st.iface.poll_delay(now(), &st.sockets)
         };
         if !drained {
@@ -547,9 +555,16 @@ pub async fn run(
 }
 
 /// Writes queued packets to the TUN until it would block.
-fn flush(fd: &AsyncFd<Tun>, dev: &mut QueueDevice) {
+fn flush(fd: &AsyncFd<Tun>, dev: &mut QueueDevice, client_mss: &HashMap<ConnKey, u16>) {
     while let Some(mut p) = dev.pop_tx() {
-        match fd.get_ref().send(&mut p) {
+        // Only segments larger than any MSS can need cutting.
+        let mss = match offload::tcp_flow(&p) {
+            Some((key, len)) if len > 536 && !client_mss.is_empty() => {
+                client_mss.get(&key).copied()
+            }
+            _ => None,
+        };
+        match fd.get_ref().send(&mut p, mss) {
             Ok(_) => dev.recycle(p),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 dev.unpop_tx(p);
@@ -589,6 +604,13 @@ fn ingress(ctx: &Rc<Ctx>, packet: Vec<u8>) {
                 }
             } else {
                 st.warned_full = false;
+                let mut packet = packet;
+                // smoltcp may then send segments as large as the TUN takes; the
+                // kernel cuts them to the client's MSS (see offload.rs).
+                let raised = u16::try_from(st.settings.mtu.saturating_sub(60)).unwrap_or(u16::MAX);
+                if let Some(mss) = offload::raise_syn_mss(&mut packet, raised) {
+                    st.client_mss.insert(key, mss);
+                }
                 st.pending.insert(key, packet);
                 drop(st);
                 tokio_uring::spawn(open_connection(ctx.clone(), key, fe));
@@ -615,14 +637,19 @@ async fn open_connection(ctx: Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>) {
     let (handle, backend) = {
         let mut st = ctx.stack.borrow_mut();
         let Some(syn) = st.pending.remove(&key) else {
+            st.client_mss.remove(&key);
             return;
         };
         match res {
             Ok((backend, _)) => match st.accept(key, syn) {
                 Some(h) => (h, backend),
-                None => return,
+                None => {
+                    st.client_mss.remove(&key);
+                    return;
+                }
             },
             Err(e) => {
+                st.client_mss.remove(&key);
                 tracing::debug!(client = %key.0, "{e}");
                 // No listener exists for it: smoltcp answers with RST.
                 st.dev.push_rx(syn);
