@@ -604,6 +604,15 @@ fn ingress(ctx: &Rc<Ctx>, packet: Vec<u8>) {
 
 /// Connects to a backend for a held SYN, then answers it (or refuses).
 async fn open_connection(ctx: Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>) {
+    // Over --max-connections(-per-frontend): the SYN is dropped, no SYN-ACK
+    // or RST, as with --tun-max-connections.
+    let Some(_slot) = ctx.shared.limits.admit(&fe) else {
+        let mut st = ctx.stack.borrow_mut();
+        if let Some(syn) = st.pending.remove(&key) {
+            st.dev.recycle(syn);
+        }
+        return;
+    };
     let res = connect(&fe, key.0.ip(), &ctx.shared, &ctx.rng).await;
     let (handle, backend) = {
         let mut st = ctx.stack.borrow_mut();
