@@ -363,6 +363,19 @@ impl Ringvip {
         }
     }
 
+    /// Process id of ringvip (`ip netns exec` execs it, so the same process).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `sig` (e.g. `libc::SIGHUP`: re-read the manifests).
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill only signals our own child process.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, sig);
+        }
+    }
+
     /// Waits up to `limit` for the process to exit; true when it did.
     pub fn wait_exit(&mut self, limit: Duration) -> bool {
         let child = &mut self.child;

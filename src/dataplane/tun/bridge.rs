@@ -56,6 +56,15 @@ pub async fn relay(ctx: &Rc<Ctx>, h: SocketHandle, backend: TcpStream, fe: &Fron
     };
     if ended == Ended::Reset {
         set_reset_on_close(&*backend);
+        // A backend read or write may still be in flight (its future was
+        // dropped, not the io_uring op), which keeps the descriptor open:
+        // shutting the socket down completes it, so the close (RST) happens.
+        let how = if activity.timed_out() {
+            Shutdown::Both
+        } else {
+            Shutdown::Read
+        };
+        let _ = backend.shutdown(how);
         with_socket(ctx, h, tcp::Socket::abort);
     }
     ctx.poke.notify_one();
