@@ -755,8 +755,8 @@ fn packet(src: SocketAddrV4, dst: SocketAddrV4, udp: bool, seq: u32) -> Vec<u8> 
 use std::net::SocketAddrV4;
 
 /// Sends `n` packets from `n` different spoofed sources (10.77.0.0/16, routed
-/// nowhere in the namespace) to `dst`, in bursts of 100 every 20 ms.
-fn flood(dst: SocketAddrV4, n: u32, udp: bool) -> Duration {
+/// nowhere in the namespace) to `dst`, in bursts of `burst` every 50 ms.
+fn flood(dst: SocketAddrV4, n: u32, udp: bool, burst: u32) -> Duration {
     let s = socket2::Socket::new(
         socket2::Domain::IPV4,
         socket2::Type::RAW,
@@ -772,8 +772,8 @@ fn flood(dst: SocketAddrV4, n: u32, udp: bool) -> Duration {
         );
         let p = packet(src, dst, udp, i.wrapping_mul(2_654_435_761));
         s.send_to(&p, &to).expect("send flood packet");
-        if i % 100 == 99 {
-            thread::sleep(Duration::from_millis(20));
+        if i % burst == burst - 1 {
+            thread::sleep(Duration::from_millis(50));
         }
     }
     start.elapsed()
@@ -787,9 +787,11 @@ fn syn_and_udp_floods_leave_clients_served_and_memory_bounded() {
     let Some((nginx, _)) = tools() else {
         return;
     };
-    const SYNS: u32 = 3000;
-    const DATAGRAMS: u32 = 5000;
-    const RSS_BOUND_MIB: u64 = 256;
+    const SYNS: u32 = 1000;
+    const SYN_BURST: u32 = 50;
+    const DATAGRAMS: u32 = 3000;
+    const UDP_BURST: u32 = 150;
+    const RSS_BOUND_MIB: u64 = 160;
     let t = Topology::new(&[3]);
     let _webs: Vec<Web> = (2..=3u8)
         .map(|h| {
@@ -856,15 +858,16 @@ fn syn_and_udp_floods_leave_clients_served_and_memory_bounded() {
         SocketAddr::V6(_) => unreachable!(),
     };
     let (tv, uv) = (dst(vip), dst(uvip));
-    let syn_time = Topology::within(&t.node, move || flood(tv, SYNS, false));
+    let syn_time = Topology::within(&t.node, move || flood(tv, SYNS, false, SYN_BURST));
     thread::sleep(Duration::from_millis(500));
     let rss_syn = rss_kib(rv.pid());
-    let udp_time = Topology::within(&t.node, move || flood(uv, DATAGRAMS, true));
+    let udp_time = Topology::within(&t.node, move || flood(uv, DATAGRAMS, true, UDP_BURST));
     thread::sleep(Duration::from_millis(500));
     let rss_udp = rss_kib(rv.pid());
     stop.store(true, Ordering::SeqCst);
     legit.join().unwrap();
-    let m = admin_get(rv.metrics, "/metrics");
+    let maddr = rv.metrics;
+    let m = Topology::within(&t.node, move || admin_get(maddr, "/metrics"));
     let conns = metric(&m, "ringvip_connections_total", &["service=\"web\""]).unwrap_or(0.0);
     let flows = metric(&m, "ringvip_udp_flows_active", &["service=\"dns\""]).unwrap_or(0.0);
     let (ok, failed) = (
