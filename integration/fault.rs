@@ -676,7 +676,11 @@ fn endpoint_churn_every_100ms_under_load_fails_no_request() {
     while Instant::now() < end {
         let t = Instant::now();
         let g = rv.generations();
-        rv.write_manifest(if changes % 2 == 0 { &with } else { &without });
+        rv.write_manifest(if changes.is_multiple_of(2) {
+            &with
+        } else {
+            &without
+        });
         changes += 1;
         assert!(
             wait_until(Duration::from_secs(3), || rv.generations() > g),
