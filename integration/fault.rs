@@ -906,3 +906,88 @@ fn syn_and_udp_floods_leave_clients_served_and_memory_bounded() {
     );
     assert!(rss_syn.max(rss_udp) < RSS_BOUND_MIB * 1024);
 }
+
+#[test]
+fn syn_flood_on_a_nodeport_meets_the_kernel_not_ringvip() {
+    if !can_run() {
+        return;
+    }
+    const SYNS: u32 = 20_000;
+    let t = Topology::new(&[]);
+    let node_ip = Ipv4Addr::new(10, t.net, 0, 1);
+    // Replies to the spoofed sources leave towards the pod side, which drops
+    // them (no such address there, no forwarding): the route also satisfies
+    // reverse-path filtering in the node namespace.
+    let out = t.on_node(
+        "ip",
+        &[
+            "route",
+            "add",
+            "10.77.0.0/16",
+            "via",
+            &t.pod_ip(2).to_string(),
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let be = SocketAddr::from((t.pod_ip(2), 8080));
+    let _b = Topology::within(&t.pod, move || Backend::start(be, "b", Mode::Http));
+    let np_port = 30080;
+    let m = nodeport("flood", np_port, 8080, &[t.pod_ip(2)]);
+    let cidr = format!("{node_ip}/32");
+    let rv = Ringvip::launch(Some(&t.node), &m, &["--nodeport-addresses", &cidr]);
+    let front = SocketAddr::from((node_ip, np_port));
+    assert!(Topology::within(&t.pod, move || wait_until(
+        Duration::from_secs(5),
+        || http_get(front).is_ok()
+    )));
+    let rss_start = rss_kib(rv.pid());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let legit = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let ns = t.pod.clone();
+        thread::spawn(move || {
+            Topology::within(&ns, move || {
+                while !stop.load(Ordering::SeqCst) {
+                    match http_get(front) {
+                        Ok(_) => ok.fetch_add(1, Ordering::SeqCst),
+                        Err(_) => failed.fetch_add(1, Ordering::SeqCst),
+                    };
+                    thread::sleep(Duration::from_millis(20));
+                }
+            })
+        })
+    };
+    let dst = SocketAddrV4::new(node_ip, np_port);
+    let took = Topology::within(&t.pod, move || flood(dst, SYNS, false, 1000));
+    thread::sleep(Duration::from_millis(300));
+    let rss_end = rss_kib(rv.pid());
+    stop.store(true, Ordering::SeqCst);
+    legit.join().unwrap();
+    let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    let cookies = syncookies_sent(&t);
+    println!(
+        "FIGURE SYN flood (NodePort in a namespace): {SYNS} spoofed SYNs from {SYNS} sources \
+         in {took:?}; legitimate clients meanwhile: {ok} HTTP requests ok, {failed} failed; \
+         ringvip RSS {} KiB before, {} KiB after; the node's kernel sent {cookies} SYN \
+         cookies (ringvip only sees completed handshakes)",
+        rss_start, rss_end
+    );
+    assert_eq!(failed, 0, "{}", rv.log());
+    assert!(ok > 5);
+    assert!(rss_end < rss_start + 8 * 1024);
+    assert!(cookies > 0, "the flood did not reach the listener");
+}
+
+/// `TcpExt: SyncookiesSent` of the node namespace.
+fn syncookies_sent(t: &Topology) -> u64 {
+    let out = t.on_node("cat", &["/proc/net/netstat"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+    let (names, values) = (rows[0].split_whitespace(), rows[1].split_whitespace());
+    names
+        .zip(values)
+        .find(|(n, _)| *n == "SyncookiesSent")
+        .and_then(|(_, v)| v.parse().ok())
+        .expect("SyncookiesSent")
+}
