@@ -119,6 +119,46 @@ impl Web {
         Web { child, _dir: dir }
     }
 
+    /// Stops like a drained pod: the listening socket first stops taking
+    /// SYNs (a drop-all socket filter, attached through a copy of nginx's
+    /// descriptor), the connections already queued or accepted finish, then
+    /// nginx stops gracefully. A plain SIGQUIT resets connections still in the
+    /// accept queue and closes accepted ones whose request has not arrived:
+    /// those reach a client through any L4 proxy, which cannot replay them.
+    fn drain_and_quit(&mut self, addr: SocketAddr) {
+        let pid = self.child.id();
+        // SAFETY: pidfd_open/pidfd_getfd only return new descriptors we own.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) } as i32;
+        assert!(
+            pidfd >= 0,
+            "pidfd_open: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut found = false;
+        for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+            let Ok(n) = e.unwrap().file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            // SAFETY: as above.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, n, 0) } as i32;
+            if fd < 0 {
+                continue;
+            }
+            // SAFETY: `fd` is a fresh descriptor owned by nothing else.
+            let sock = unsafe { <socket2::Socket as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            if sock.local_addr().ok().and_then(|a| a.as_socket()) == Some(addr) {
+                sock.attach_filter(&[socket2::SockFilter::new(0x06, 0, 0, 0)])
+                    .expect("attach a drop-all filter");
+                found = true;
+            }
+        }
+        // SAFETY: closes our own pidfd.
+        unsafe { libc::close(pidfd) };
+        assert!(found, "nginx's listening socket {addr} not found");
+        thread::sleep(Duration::from_millis(300));
+        self.quit();
+    }
+
     /// Graceful stop: nginx closes its listener, finishes what it has, exits.
     fn quit(&mut self) {
         // SAFETY: signals only our own child.
@@ -493,18 +533,19 @@ fn nodeport_serves_every_request_while_one_of_three_backends_stops() {
         return;
     };
     let (port, mut webs) = three_nginx(&nginx, 3);
+    let stopped = SocketAddr::from((lo(3, 1), port));
     let p = free_port();
     let eps: Vec<Ipv4Addr> = (1..=3).map(|i| lo(3, i)).collect();
     let rv = Ringvip::start(&nodeport("kill", p, port, &eps), &[]);
     assert!(wait_until(Duration::from_secs(5), || http_get(np(p)).is_ok()));
     let wrk = Wrk::start(None, &format!("http://127.0.0.1:{p}/"), 4, 16, true);
     thread::sleep(Duration::from_millis(1500));
-    webs[0].quit();
+    webs[0].drain_and_quit(stopped);
     let r = wrk.finish();
     println!(
         "FIGURE backend stopped (NodePort, loopback): wrk -t2 -c16 -d4s -H 'Connection: close', \
-         1 of 3 nginx stopped gracefully (SIGQUIT) at 1.5 s: {} requests ({:.0}/s), \
-         {} socket errors, {} non-2xx",
+         1 of 3 nginx drained at 1.5 s (listener drops SYNs, SIGQUIT 300 ms later): {} \
+         requests ({:.0}/s), {} socket errors, {} non-2xx",
         r.requests, r.per_sec, r.socket_errors, r.non_2xx
     );
     assert_eq!(r.errors(), 0, "{}\n{}", r.text, rv.log());
@@ -539,12 +580,12 @@ fn clusterip_serves_every_request_while_one_of_three_backends_stops() {
     )));
     let wrk = Wrk::start(Some(&t.node), "http://10.96.0.41/", 4, 16, true);
     thread::sleep(Duration::from_millis(1500));
-    webs[0].quit();
+    webs[0].drain_and_quit(SocketAddr::from((t.pod_ip(2), 8080)));
     let r = wrk.finish();
     println!(
         "FIGURE backend stopped (ClusterIP, TUN in a namespace): wrk -t2 -c16 -d4s \
-         -H 'Connection: close', 1 of 3 nginx stopped gracefully (SIGQUIT) at 1.5 s: \
-         {} requests ({:.0}/s), {} socket errors, {} non-2xx",
+         -H 'Connection: close', 1 of 3 nginx drained at 1.5 s (listener drops SYNs, SIGQUIT \
+         300 ms later): {} requests ({:.0}/s), {} socket errors, {} non-2xx",
         r.requests, r.per_sec, r.socket_errors, r.non_2xx
     );
     assert_eq!(r.errors(), 0, "{}\n{}", r.text, rv.log());
