@@ -90,10 +90,12 @@ fn refused(front: SocketAddr) -> bool {
 
 // ---- nginx and wrk ------------------------------------------------------------
 
-/// An nginx backend with room for many connections; `quit` stops it
-/// gracefully (SIGQUIT: listener closed, requests in flight finished).
+/// An nginx backend with room for many connections. Its listening socket is
+/// made here and handed over (nginx's `NGINX` inherited-sockets variable), so
+/// the test keeps a handle on it for [`Web::drain_and_quit`].
 struct Web {
     child: Child,
+    listener: socket2::Socket,
     _dir: tempfile::TempDir,
 }
 
@@ -105,56 +107,44 @@ impl Web {
             "daemon off;\nworker_processes 1;\nworker_rlimit_nofile 20000;\npid {p}/nginx.pid;\nerror_log {p}/error.log;\nevents {{ worker_connections 8192; }}\nhttp {{\n  access_log off;\n  keepalive_requests 1000000;\n  client_body_temp_path {p};\n  proxy_temp_path {p};\n  fastcgi_temp_path {p};\n  uwsgi_temp_path {p};\n  scgi_temp_path {p};\n  server {{\n    listen {addr} backlog=4096;\n    location / {{ return 200 \"backend-{name}\\n\"; }}\n  }}\n}}\n"
         );
         std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+        let listener =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        listener.set_reuse_address(true).unwrap();
+        listener.bind(&addr.into()).unwrap();
+        listener.listen(4096).unwrap();
+        // nginx must inherit it: clear close-on-exec.
+        listener.set_cloexec(false).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
         let child = Command::new(bin)
             .args(["-e", &format!("{p}/error.log"), "-p", &p, "-c"])
             .arg(dir.path().join("nginx.conf"))
+            .env("NGINX", format!("{fd};"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start nginx");
+        listener.set_cloexec(true).unwrap();
         assert!(
-            wait_until(Duration::from_secs(5), || TcpStream::connect(addr).is_ok()),
-            "nginx did not start on {addr}"
+            wait_until(Duration::from_secs(5), || http_get(addr).is_ok()),
+            "nginx did not serve on {addr}"
         );
-        Web { child, _dir: dir }
+        Web {
+            child,
+            listener,
+            _dir: dir,
+        }
     }
 
     /// Stops like a drained pod: the listening socket first stops taking
-    /// SYNs (a drop-all socket filter, attached through a copy of nginx's
-    /// descriptor), the connections already queued or accepted finish, then
-    /// nginx stops gracefully. A plain SIGQUIT resets connections still in the
-    /// accept queue and closes accepted ones whose request has not arrived:
-    /// those reach a client through any L4 proxy, which cannot replay them.
-    fn drain_and_quit(&mut self, addr: SocketAddr) {
-        let pid = self.child.id();
-        // SAFETY: pidfd_open/pidfd_getfd only return new descriptors we own.
-        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) } as i32;
-        assert!(
-            pidfd >= 0,
-            "pidfd_open: {}",
-            std::io::Error::last_os_error()
-        );
-        let mut found = false;
-        for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
-            let Ok(n) = e.unwrap().file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            // SAFETY: as above.
-            let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, n, 0) } as i32;
-            if fd < 0 {
-                continue;
-            }
-            // SAFETY: `fd` is a fresh descriptor owned by nothing else.
-            let sock = unsafe { <socket2::Socket as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-            if sock.local_addr().ok().and_then(|a| a.as_socket()) == Some(addr) {
-                sock.attach_filter(&[socket2::SockFilter::new(0x06, 0, 0, 0)])
-                    .expect("attach a drop-all filter");
-                found = true;
-            }
-        }
-        // SAFETY: closes our own pidfd.
-        unsafe { libc::close(pidfd) };
-        assert!(found, "nginx's listening socket {addr} not found");
+    /// SYNs (a drop-all socket filter), the connections already queued or
+    /// accepted finish, then nginx stops gracefully (SIGQUIT). A plain SIGQUIT
+    /// resets connections still in the accept queue and closes accepted ones
+    /// whose request has not arrived yet: those reach a client through any L4
+    /// proxy, which cannot replay them.
+    fn drain_and_quit(&mut self) {
+        self.listener
+            .attach_filter(&[socket2::SockFilter::new(0x06, 0, 0, 0)])
+            .expect("attach a drop-all filter");
         thread::sleep(Duration::from_millis(300));
         self.quit();
     }
@@ -533,14 +523,13 @@ fn nodeport_serves_every_request_while_one_of_three_backends_stops() {
         return;
     };
     let (port, mut webs) = three_nginx(&nginx, 3);
-    let stopped = SocketAddr::from((lo(3, 1), port));
     let p = free_port();
     let eps: Vec<Ipv4Addr> = (1..=3).map(|i| lo(3, i)).collect();
     let rv = Ringvip::start(&nodeport("kill", p, port, &eps), &[]);
     assert!(wait_until(Duration::from_secs(5), || http_get(np(p)).is_ok()));
     let wrk = Wrk::start(None, &format!("http://127.0.0.1:{p}/"), 4, 16, true);
     thread::sleep(Duration::from_millis(1500));
-    webs[0].drain_and_quit(stopped);
+    webs[0].drain_and_quit();
     let r = wrk.finish();
     println!(
         "FIGURE backend stopped (NodePort, loopback): wrk -t2 -c16 -d4s -H 'Connection: close', \
@@ -580,7 +569,7 @@ fn clusterip_serves_every_request_while_one_of_three_backends_stops() {
     )));
     let wrk = Wrk::start(Some(&t.node), "http://10.96.0.41/", 4, 16, true);
     thread::sleep(Duration::from_millis(1500));
-    webs[0].drain_and_quit(SocketAddr::from((t.pod_ip(2), 8080)));
+    webs[0].drain_and_quit();
     let r = wrk.finish();
     println!(
         "FIGURE backend stopped (ClusterIP, TUN in a namespace): wrk -t2 -c16 -d4s \
