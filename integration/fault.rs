@@ -825,6 +825,9 @@ fn syn_and_udp_floods_leave_clients_served_and_memory_bounded() {
     const SYN_BURST: u32 = 50;
     const DATAGRAMS: u32 = 3000;
     const UDP_BURST: u32 = 150;
+    // The UDP flood overruns the flow cap: new flows are dropped, the
+    // legitimate client's flow (opened before) carries on.
+    const UDP_CAP: u32 = 2000;
     const RSS_BOUND_MIB: u64 = 160;
     let t = Topology::new(&[3]);
     let _webs: Vec<Web> = (2..=3u8)
@@ -842,7 +845,8 @@ fn syn_and_udp_floods_leave_clients_served_and_memory_bounded() {
         clusterip("web", "10.96.0.42", 80, "TCP", 8080, &eps),
         clusterip("dns", "10.96.0.43", 53, "UDP", 5353, &[ua.ip()])
     );
-    let rv = Ringvip::launch(Some(&t.node), &m, &[]);
+    let cap = UDP_CAP.to_string();
+    let rv = Ringvip::launch(Some(&t.node), &m, &["--tun-max-udp-flows", &cap]);
     let vip: SocketAddr = "10.96.0.42:80".parse().unwrap();
     let uvip: SocketAddr = "10.96.0.43:53".parse().unwrap();
     assert!(Topology::within(&t.node, move || wait_until(
@@ -915,7 +919,7 @@ fn syn_and_udp_floods_leave_clients_served_and_memory_bounded() {
     println!(
         "FIGURE floods (ClusterIP, TUN in a namespace): {SYNS} spoofed SYNs from {SYNS} \
          sources in {syn_time:?}, then {DATAGRAMS} UDP datagrams from {DATAGRAMS} sources in \
-         {udp_time:?}; ringvip relayed {conns} TCP connections and held {flows} UDP flows; \
+         {udp_time:?}; ringvip relayed {conns} TCP connections and held {flows} UDP flows (cap {UDP_CAP}); \
          legitimate clients meanwhile: {ok} HTTP requests ok, {failed} failed, {uok} UDP \
          answers, {ulost} lost; RSS {} MiB at start, {} MiB after the SYN flood, {} MiB \
          after the UDP flood (bound {RSS_BOUND_MIB} MiB)",
@@ -924,15 +928,27 @@ fn syn_and_udp_floods_leave_clients_served_and_memory_bounded() {
         rss_udp / 1024
     );
     assert_eq!(failed, 0, "{}", rv.log());
-    assert_eq!(ulost, 0);
+    // UDP may lose a datagram under load; the flow must keep being answered.
+    assert!(ulost * 20 <= uok, "legitimate UDP flow starved");
     assert!(ok > 10 && uok > 10);
     assert!(
         conns >= f64::from(SYNS),
         "the SYN flood did not reach ringvip"
     );
-    assert!(
-        flows >= f64::from(DATAGRAMS),
-        "the UDP flood did not reach ringvip"
+    assert_eq!(
+        flows,
+        f64::from(UDP_CAP),
+        "the UDP flood did not fill the cap"
+    );
+    assert_eq!(
+        rv.log().matches("TUN UDP flow limit reached").count(),
+        1,
+        "{}",
+        rv.log()
+            .lines()
+            .filter(|l| !l.contains("INFO"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     assert!(rss_syn.max(rss_udp) < RSS_BOUND_MIB * 1024);
 }

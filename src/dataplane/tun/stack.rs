@@ -718,7 +718,21 @@ fn udp_ingress(ctx: &Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>, data: &[u8]) {
                 fe,
             },
         };
-        if ctx.stack.borrow_mut().udp.insert(key, entry).is_err() {
+        let refused = {
+            let mut st = ctx.stack.borrow_mut();
+            let refused = st.udp.insert(key, entry).is_err();
+            // Flows opened concurrently filled the table since the check in
+            // udp_ingress: the same refusal, said the same way.
+            if refused && !st.warned_udp_full {
+                tracing::warn!(
+                    max = st.settings.max_udp_flows,
+                    "TUN UDP flow limit reached: datagrams of new flows are dropped"
+                );
+                st.warned_udp_full = true;
+            }
+            refused
+        };
+        if refused {
             return;
         }
         let _ = sock.send(payload).await;
