@@ -582,7 +582,11 @@ fn ingress(ctx: &Rc<Ctx>, packet: Vec<u8>) {
                 }
             } else {
                 st.warned_full = false;
-                st.pending.insert(key, packet);
+                // Hold a copy the size of the SYN: the read buffer is MTU-sized
+                // (64 KiB, resident), and a SYN flood can hold thousands.
+                let held = packet.to_vec();
+                st.dev.recycle(packet);
+                st.pending.insert(key, held);
                 drop(st);
                 tokio_uring::spawn(open_connection(ctx.clone(), key, fe));
             }
