@@ -290,7 +290,13 @@ impl Ringvip {
         std::fs::write(dir.path().join("manifest.yaml"), manifest).unwrap();
         let log = dir.path().join("ringvip.log");
         let health = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
-        let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        // free_port releases its port: two calls may return the same one.
+        let metrics = loop {
+            let m = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+            if m != health {
+                break m;
+            }
+        };
         let mut cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
