@@ -777,6 +777,30 @@ mod tests {
     }
 
     #[test]
+    fn limit_hits_and_frontend_gauges_are_exposed() {
+        let mut m = Metrics::new();
+        let hits = LimitHits::default();
+        m.register_limit_hits(&hits);
+        hits.max_connections_per_frontend.inc();
+        let fe = FrontendLabels {
+            address: "10.96.0.10:80".into(),
+            protocol: "TCP".into(),
+        };
+        m.frontend_active(&fe).inc();
+        // The same labels give the same atomic (it outlives snapshots).
+        m.frontend_active(&fe).inc();
+        let text = m.encode();
+        assert!(
+            text.contains("ringvip_limit_hits_total{limit=\"max_connections_per_frontend\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("ringvip_limit_hits_total{limit=\"tcp_idle_timeout\"} 0"));
+        assert!(text.contains(
+            "ringvip_frontend_connections_active{address=\"10.96.0.10:80\",protocol=\"TCP\"} 2"
+        ));
+    }
+
+    #[test]
     fn counters_survive_recompile() {
         let m = Metrics::new();
         m.port(&labels("http", "TCP")).connections_total.inc();
