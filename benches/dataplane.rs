@@ -228,7 +228,9 @@ fn relay(c: &mut Criterion) {
                 tokio_uring::spawn(async move {
                     let (client, _) = front.accept().await.unwrap();
                     let backend = TcpStream::connect(echo_addr).await.unwrap();
-                    ringvip::dataplane::relay::relay(client, backend, &fe).await;
+                    // No limits, no idle timeout: the loop alone.
+                    let limits = ringvip::dataplane::limits::ConnLimits::new(0, 0, Duration::ZERO);
+                    ringvip::dataplane::relay::relay(client, backend, &fe, &limits).await;
                 });
                 let conn = TcpStream::connect(front_addr).await.unwrap();
                 let mut out = vec![0x42u8; 64 * 1024];

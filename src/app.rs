@@ -62,6 +62,9 @@ pub fn run(
         connect_timeout: settings.connect_timeout,
         connect_attempts: settings.connect_attempts,
         udp_idle_timeout: settings.udp_idle_timeout,
+        max_connections: settings.max_connections,
+        max_connections_per_frontend: settings.max_connections_per_frontend,
+        tcp_idle_timeout: settings.tcp_idle_timeout,
     });
     let (snap_tx, snap_rx) = watch::channel(shared.snapshot.load_full());
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -165,7 +168,9 @@ async fn control(
     shutdown: Arc<Notify>,
     on_ready: impl FnOnce(Bound),
 ) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::new());
+    let mut metrics = Metrics::new();
+    metrics.register_limit_hits(&shared.limits.hits);
+    let metrics = Arc::new(metrics);
     let health = Arc::new(Health::new());
     let hl = admin::bind(settings.health_addr)
         .await

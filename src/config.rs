@@ -97,6 +97,12 @@ pub struct SettingsFile {
     pub dns_upstream: Option<SocketAddr>,
     /// TTL of DNS answers, seconds.
     pub dns_ttl: Option<u32>,
+    /// TCP connections at most, over every front end (0: unlimited).
+    pub max_connections: Option<usize>,
+    /// TCP connections at most per frontend (0: unlimited).
+    pub max_connections_per_frontend: Option<usize>,
+    /// TCP relay idle timeout, seconds (0: never).
+    pub tcp_idle_timeout_secs: Option<u64>,
 }
 
 /// Validated process settings.
@@ -151,6 +157,16 @@ pub struct Settings {
     pub dns_upstream: Option<SocketAddr>,
     /// TTL of DNS answers and negative answers, seconds (CoreDNS default 5).
     pub dns_ttl: u32,
+    /// TCP connections at most, over every front end; new ones beyond are
+    /// refused (0: unlimited).
+    pub max_connections: usize,
+    /// TCP connections at most per frontend (0: unlimited).
+    pub max_connections_per_frontend: usize,
+    /// A TCP relay with no bytes either way this long is closed, both sides
+    /// (zero: never). Default 1 h, HAProxy's usual `timeout tunnel`: longer
+    /// than IPVS's 900 s because a proxy's sockets never see TCP keepalive
+    /// probes (the kernel answers them), so keepalive-only connections look idle.
+    pub tcp_idle_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -183,6 +199,9 @@ impl Default for Settings {
             cluster_domain: "cluster.local".to_string(),
             dns_upstream: None,
             dns_ttl: 5,
+            max_connections: 0,
+            max_connections_per_frontend: 0,
+            tcp_idle_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -308,6 +327,15 @@ impl Settings {
         }
         if let Some(v) = f.dns_ttl {
             self.dns_ttl = v;
+        }
+        if let Some(v) = f.max_connections {
+            self.max_connections = v;
+        }
+        if let Some(v) = f.max_connections_per_frontend {
+            self.max_connections_per_frontend = v;
+        }
+        if let Some(v) = f.tcp_idle_timeout_secs {
+            self.tcp_idle_timeout = Duration::from_secs(v);
         }
         Ok(())
     }
@@ -499,6 +527,24 @@ mod tests {
         s.cluster_domain = "cluster.local".into();
         s.dns_ttl = 3601;
         assert_eq!(s.validate(), Err(SettingsError::DnsTtl(3601)));
+    }
+
+    #[test]
+    fn limit_settings_default_and_apply() {
+        let mut s = Settings::default();
+        assert_eq!((s.max_connections, s.max_connections_per_frontend), (0, 0));
+        assert_eq!(s.tcp_idle_timeout, Duration::from_secs(3600));
+        let f: SettingsFile = serde_yaml::from_str(
+            "max-connections: 100\nmax-connections-per-frontend: 10\ntcp-idle-timeout-secs: 0\n",
+        )
+        .unwrap();
+        s.apply_file(f).unwrap();
+        assert_eq!(
+            (s.max_connections, s.max_connections_per_frontend),
+            (100, 10)
+        );
+        assert!(s.tcp_idle_timeout.is_zero());
+        s.validate().unwrap();
     }
 
     #[test]

@@ -141,6 +141,18 @@ struct RunArgs {
     /// TTL of DNS answers in seconds [default: 5].
     #[arg(long, value_name = "SECS")]
     dns_ttl: Option<u32>,
+    /// TCP connections at most over every front end; new ones beyond are
+    /// refused (reset on NodePorts, SYN dropped on ClusterIPs) [default: 0 = unlimited].
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// TCP connections at most per frontend (VIP or node address and port)
+    /// [default: 0 = unlimited].
+    #[arg(long, value_name = "N")]
+    max_connections_per_frontend: Option<usize>,
+    /// Close a TCP connection (both sides) after this many seconds without a
+    /// byte either way; 0 disables [default: 3600].
+    #[arg(long, value_name = "SECS")]
+    tcp_idle_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -215,6 +227,9 @@ fn run_settings(a: RunArgs) -> anyhow::Result<Settings> {
         cluster_domain: a.cluster_domain,
         dns_upstream: a.dns_upstream,
         dns_ttl: a.dns_ttl,
+        max_connections: a.max_connections,
+        max_connections_per_frontend: a.max_connections_per_frontend,
+        tcp_idle_timeout_secs: a.tcp_idle_timeout_secs,
         ..SettingsFile::default()
     };
     let s = settings(&a.common, flags)?;

@@ -91,6 +91,12 @@ pub const BYTES_TOTAL: &str = "ringvip_bytes_total";
 pub const CONNECT_FAILURES_TOTAL: &str = "ringvip_connect_failures_total";
 /// Gauge per UDP Service port: UDP flows currently in the flow table.
 pub const UDP_FLOWS_ACTIVE: &str = "ringvip_udp_flows_active";
+/// Gauge per frontend (`address`, `protocol`): TCP connections admitted under
+/// `--max-connections-per-frontend` (connecting or relaying).
+pub const FRONTEND_CONNECTIONS_ACTIVE: &str = "ringvip_frontend_connections_active";
+/// Counter per `limit` (`max_connections` | `max_connections_per_frontend` |
+/// `tcp_idle_timeout`): connections refused by a limit, or closed for idleness.
+pub const LIMIT_HITS_TOTAL: &str = "ringvip_limit_hits_total";
 
 // ---- label names and values ---------------------------------------------------
 
@@ -266,6 +272,46 @@ impl EncodeLabelValue for ConnectFailure {
     }
 }
 
+/// Labels identifying one frontend (address and port, protocol).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FrontendLabels {
+    /// `IP:port` of the frontend.
+    pub address: String,
+    /// `TCP`, `UDP` or `SCTP`.
+    pub protocol: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: &'static str,
+}
+
+/// Counters of [`LIMIT_HITS_TOTAL`], one per limit; created detached and
+/// registered with [`Metrics::register_limit_hits`].
+#[derive(Clone, Debug)]
+pub struct LimitHits {
+    family: Family<LimitLabels, Counter>,
+    /// Refused by `--max-connections`.
+    pub max_connections: Counter,
+    /// Refused by `--max-connections-per-frontend`.
+    pub max_connections_per_frontend: Counter,
+    /// Closed by `--tcp-idle-timeout-secs`.
+    pub tcp_idle_timeout: Counter,
+}
+
+impl Default for LimitHits {
+    fn default() -> Self {
+        let family = Family::<LimitLabels, Counter>::default();
+        let get = |limit| family.get_or_create_owned(&LimitLabels { limit });
+        LimitHits {
+            max_connections: get("max_connections"),
+            max_connections_per_frontend: get("max_connections_per_frontend"),
+            tcp_idle_timeout: get("tcp_idle_timeout"),
+            family,
+        }
+    }
+}
+
 /// Handles for one Service port, taken at snapshot compile. Cloning is cheap
 /// (reference counts); every operation on the data path is one atomic op.
 #[derive(Clone, Debug)]
@@ -335,6 +381,7 @@ pub struct Metrics {
     bytes: Family<BytesLabels, Counter>,
     connect_failures: Family<FailureLabels, Counter>,
     udp_flows_active: Family<PortLabels, Gauge>,
+    frontend_active: Family<FrontendLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -451,6 +498,13 @@ impl Metrics {
             udp_flows_active.clone(),
         );
 
+        let frontend_active = Family::<FrontendLabels, Gauge>::default();
+        registry.register(
+            FRONTEND_CONNECTIONS_ACTIVE,
+            "TCP connections admitted (connecting or relaying), per frontend",
+            frontend_active.clone(),
+        );
+
         // kube-proxy exports both traffic policies from the start.
         for traffic_policy in [TrafficPolicy::Internal, TrafficPolicy::External] {
             drop(no_local_endpoints.get_or_create(&TrafficPolicyLabels { traffic_policy }));
@@ -472,7 +526,23 @@ impl Metrics {
             bytes,
             connect_failures,
             udp_flows_active,
+            frontend_active,
         }
+    }
+
+    /// The admitted-connections gauge of one frontend (same labels, same
+    /// atomic across snapshots). Call at snapshot compile.
+    pub fn frontend_active(&self, labels: &FrontendLabels) -> Gauge {
+        self.frontend_active.get_or_create_owned(labels)
+    }
+
+    /// Exposes the data plane's limit counters (created before the registry).
+    pub fn register_limit_hits(&mut self, hits: &LimitHits) {
+        self.registry.register(
+            counter_family(LIMIT_HITS_TOTAL),
+            "Connections refused by a limit, or closed for idleness, per limit",
+            hits.family.clone(),
+        );
     }
 
     /// Handles for one Service port. Call at snapshot compile, not per
@@ -704,6 +774,30 @@ mod tests {
         // Counter families are declared without `_total`, as OpenMetrics wants.
         assert!(text.contains("# TYPE ringvip_connections counter"));
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn limit_hits_and_frontend_gauges_are_exposed() {
+        let mut m = Metrics::new();
+        let hits = LimitHits::default();
+        m.register_limit_hits(&hits);
+        hits.max_connections_per_frontend.inc();
+        let fe = FrontendLabels {
+            address: "10.96.0.10:80".into(),
+            protocol: "TCP".into(),
+        };
+        m.frontend_active(&fe).inc();
+        // The same labels give the same atomic (it outlives snapshots).
+        m.frontend_active(&fe).inc();
+        let text = m.encode();
+        assert!(
+            text.contains("ringvip_limit_hits_total{limit=\"max_connections_per_frontend\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("ringvip_limit_hits_total{limit=\"tcp_idle_timeout\"} 0"));
+        assert!(text.contains(
+            "ringvip_frontend_connections_active{address=\"10.96.0.10:80\",protocol=\"TCP\"} 2"
+        ));
     }
 
     #[test]

@@ -301,7 +301,13 @@ impl Ringvip {
         std::fs::write(dir.path().join("manifest.yaml"), manifest).unwrap();
         let log = dir.path().join("ringvip.log");
         let health = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
-        let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        // free_port releases its port: two calls may return the same one.
+        let metrics = loop {
+            let m = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+            if m != health {
+                break m;
+            }
+        };
         let mut cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -371,6 +377,19 @@ impl Ringvip {
         // SAFETY: kill only signals our own child process.
         unsafe {
             libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+    }
+
+    /// Process id of ringvip (`ip netns exec` execs it, so the same process).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `sig` (e.g. `libc::SIGHUP`: re-read the manifests).
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill only signals our own child process.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, sig);
         }
     }
 

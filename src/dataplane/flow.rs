@@ -95,6 +95,7 @@ pub fn pick<R: Rng + ?Sized>(
 
 /// Timeout of connect try `attempt`: the first timeout doubled at each retry
 /// (250 ms, 500 ms, 1 s, 2 s with the defaults, like kube-proxy's userspace mode).
+/// `--connect-timeout-ms` sets the first, `--connect-attempts` the number of tries.
 pub fn connect_timeout(first: Duration, attempt: u32) -> Duration {
     first.saturating_mul(1u32 << attempt.min(16))
 }
@@ -225,6 +226,9 @@ mod tests {
             connect_timeout: Duration::from_millis(250),
             connect_attempts: 4,
             udp_idle_timeout: Duration::from_secs(30),
+            max_connections: 0,
+            max_connections_per_frontend: 0,
+            tcp_idle_timeout: Duration::ZERO,
         })
     }
 

@@ -2,6 +2,7 @@
 //! [`flow::resolve`] and a picker, then share the upstream connect and relay code.
 
 pub mod flow;
+pub mod limits;
 pub mod relay;
 pub mod socket;
 pub mod tun;
@@ -26,6 +27,12 @@ pub struct DataPlaneSettings {
     pub connect_attempts: u32,
     /// UDP flow idle timeout.
     pub udp_idle_timeout: Duration,
+    /// TCP connections at most, over every front end (0: unlimited).
+    pub max_connections: usize,
+    /// TCP connections at most per frontend (0: unlimited).
+    pub max_connections_per_frontend: usize,
+    /// A TCP relay with no bytes either way this long is closed (0: never).
+    pub tcp_idle_timeout: Duration,
 }
 
 /// State shared by all data-plane threads.
@@ -42,6 +49,8 @@ pub struct Shared {
     /// TCP connections being relayed, over every front end and thread (what
     /// a drain waits for).
     pub active: AtomicUsize,
+    /// Connection limits and the TCP idle timeout.
+    pub limits: limits::ConnLimits,
 }
 
 /// One relayed TCP connection, from either front end: counted in the
@@ -81,6 +90,11 @@ impl Shared {
             health: PassiveHealth::default(),
             settings,
             active: AtomicUsize::new(0),
+            limits: limits::ConnLimits::new(
+                settings.max_connections,
+                settings.max_connections_per_frontend,
+                settings.tcp_idle_timeout,
+            ),
         })
     }
 }

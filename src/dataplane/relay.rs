@@ -13,6 +13,7 @@ use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::TcpStream;
 
 use super::flow::{connect_timeout, pick};
+use super::limits::{idle_watchdog, Activity, ConnLimits};
 use super::Shared;
 use crate::state::Frontend;
 use crate::telemetry::ConnectFailure;
@@ -114,22 +115,47 @@ pub fn set_reset_on_close(fd: &impl AsRawFd) {
 }
 
 /// Relays bytes both ways until both directions are closed. A FIN is passed on
-/// as a half-close; a reset or error on either side resets both.
-pub async fn relay(client: TcpStream, backend: TcpStream, fe: &Frontend) {
+/// as a half-close; a reset or error on either side resets both. With no byte
+/// either way for the idle timeout, both sides are reset.
+pub async fn relay(client: TcpStream, backend: TcpStream, fe: &Frontend, limits: &ConnLimits) {
     let client = Rc::new(client);
     let backend = Rc::new(backend);
+    let activity = Rc::new(Activity::default());
     let up = tokio_uring::spawn(copy(
         client.clone(),
         backend.clone(),
         fe.metrics.bytes_to_backend.clone(),
+        activity.clone(),
     ));
     let down = copy(
         backend.clone(),
         client.clone(),
         fe.metrics.bytes_to_client.clone(),
-    )
-    .await;
-    let up = up.await.unwrap_or(Ended::Reset);
+        activity.clone(),
+    );
+    let both = async {
+        let down = down.await;
+        (up.await.unwrap_or(Ended::Reset), down)
+    };
+    let watchdog = async {
+        idle_watchdog(
+            &activity,
+            limits.idle_timeout,
+            &limits.hits.tcp_idle_timeout,
+        )
+        .await;
+        // Wake both copies, reads and writes stuck on a full peer alike;
+        // they see the idle flag and end as a reset.
+        set_reset_on_close(&*client);
+        set_reset_on_close(&*backend);
+        let _ = client.shutdown(Shutdown::Both);
+        let _ = backend.shutdown(Shutdown::Both);
+        std::future::pending::<()>().await;
+    };
+    let (up, down) = tokio::select! {
+        r = both => r,
+        () = watchdog => (Ended::Reset, Ended::Reset),
+    };
     if up == Ended::Reset || down == Ended::Reset {
         set_reset_on_close(&*client);
         set_reset_on_close(&*backend);
@@ -149,12 +175,15 @@ async fn copy(
     from: Rc<TcpStream>,
     to: Rc<TcpStream>,
     bytes: prometheus_client::metrics::counter::Counter,
+    activity: Rc<Activity>,
 ) -> Ended {
     let mut buf = vec![0u8; BUF_START];
     loop {
         let (res, b) = from.read(buf).await;
         buf = b;
         let n = match res {
+            // The idle watchdog shut reading down: not the peer's FIN.
+            Ok(0) if activity.timed_out() => return Ended::Reset,
             Ok(0) => {
                 let _ = to.shutdown(Shutdown::Write);
                 return Ended::Fin;
@@ -162,6 +191,7 @@ async fn copy(
             Ok(n) => n,
             Err(_) => break,
         };
+        activity.touch();
         let (res, slice) = to.write_all(buf.slice(..n)).await;
         buf = slice.into_inner();
         if res.is_err() {

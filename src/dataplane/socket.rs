@@ -288,11 +288,16 @@ async fn handle(
             return;
         }
     };
+    // Over a connection limit: reset at once, established ones carry on.
+    let Some(_slot) = shared.limits.admit(&fe) else {
+        set_reset_on_close(&client);
+        return;
+    };
     match connect(&fe, peer.ip(), &shared, &rng).await {
         Ok((backend, _ep)) => {
             let _ = client.set_nodelay(true);
             let _counted = super::ActiveConnection::new(&shared, &fe);
-            relay(client, backend, &fe).await;
+            relay(client, backend, &fe, &shared.limits).await;
         }
         Err(e) => {
             tracing::debug!(client = %peer, "{e}");

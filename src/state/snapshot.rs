@@ -89,6 +89,9 @@ pub struct Frontend {
     pub when_empty: EmptyAction,
     /// Metric handles of the Service port.
     pub metrics: PortMetrics,
+    /// TCP connections admitted through this frontend; the same atomic in
+    /// every snapshot, so `--max-connections-per-frontend` holds across reloads.
+    pub admitted: crate::telemetry::Gauge,
 }
 
 impl Frontend {
@@ -314,6 +317,15 @@ impl Compiler<'_> {
             source_ranges,
             when_empty,
             metrics: pm.clone(),
+            admitted: if sp.protocol == Protocol::Tcp {
+                self.metrics
+                    .frontend_active(&crate::telemetry::FrontendLabels {
+                        address: addr.to_string(),
+                        protocol: sp.protocol.as_str().to_string(),
+                    })
+            } else {
+                crate::telemetry::Gauge::default()
+            },
         };
         // 127.0.0.0/8 is routed locally as a whole on Linux, not just 127.0.0.1.
         let local = addr.ip().is_loopback() || self.local.contains(&addr.ip());

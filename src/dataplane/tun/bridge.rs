@@ -12,6 +12,7 @@ use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::TcpStream;
 
 use super::stack::Ctx;
+use crate::dataplane::limits::{idle_watchdog, Activity};
 use crate::dataplane::relay::set_reset_on_close;
 use crate::state::Frontend;
 
@@ -31,16 +32,39 @@ enum Ended {
 /// Relays until both directions are closed; a reset on either side resets both.
 pub async fn relay(ctx: &Rc<Ctx>, h: SocketHandle, backend: TcpStream, fe: &Frontend) {
     let backend = Rc::new(backend);
-    let up = client_to_backend(ctx, h, &backend, fe);
-    let down = backend_to_client(ctx, h, &backend, fe);
-    tokio::pin!(up, down);
-    // A FIN ends one direction; the other runs on. A reset ends both.
+    let activity = Activity::default();
+    let up = client_to_backend(ctx, h, &backend, fe, &activity);
+    let down = backend_to_client(ctx, h, &backend, fe, &activity);
+    let limits = &ctx.shared.limits;
+    let idle = idle_watchdog(
+        &activity,
+        limits.idle_timeout,
+        &limits.hits.tcp_idle_timeout,
+    );
+    tokio::pin!(up, down, idle);
+    // A FIN ends one direction; the other runs on. A reset ends both, and so
+    // does the idle timeout.
+    let both = async {
+        tokio::select! {
+            r = &mut up => if r == Ended::Reset { r } else { (&mut down).await },
+            r = &mut down => if r == Ended::Reset { r } else { (&mut up).await },
+        }
+    };
     let ended = tokio::select! {
-        r = &mut up => if r == Ended::Reset { r } else { (&mut down).await },
-        r = &mut down => if r == Ended::Reset { r } else { (&mut up).await },
+        r = both => r,
+        () = &mut idle => Ended::Reset,
     };
     if ended == Ended::Reset {
         set_reset_on_close(&*backend);
+        // A backend read or write may still be in flight (its future was
+        // dropped, not the io_uring op), which keeps the descriptor open:
+        // shutting the socket down completes it, so the close (RST) happens.
+        let how = if activity.timed_out() {
+            Shutdown::Both
+        } else {
+            Shutdown::Read
+        };
+        let _ = backend.shutdown(how);
         with_socket(ctx, h, tcp::Socket::abort);
     }
     ctx.poke.notify_one();
@@ -57,6 +81,7 @@ async fn client_to_backend(
     h: SocketHandle,
     backend: &TcpStream,
     fe: &Frontend,
+    activity: &Activity,
 ) -> Ended {
     let mut buf = vec![0u8; BUF_SIZE];
     loop {
@@ -83,6 +108,7 @@ async fn client_to_backend(
             }
             Err(Ended::Reset) => return Ended::Reset,
         };
+        activity.touch();
         // Reading opened the window: let the driver advertise it.
         ctx.poke.notify_one();
         let (res, slice) = backend.write_all(buf.slice(..n)).await;
@@ -100,6 +126,7 @@ async fn backend_to_client(
     h: SocketHandle,
     backend: &TcpStream,
     fe: &Frontend,
+    activity: &Activity,
 ) -> Ended {
     let mut buf = vec![0u8; BUF_SIZE];
     loop {
@@ -114,6 +141,7 @@ async fn backend_to_client(
             Ok(n) => n,
             Err(_) => return Ended::Reset,
         };
+        activity.touch();
         let mut off = 0;
         while off < n {
             let sent = poll_fn(|cx| {

@@ -611,7 +611,11 @@ fn ingress(ctx: &Rc<Ctx>, packet: Vec<u8>) {
                 if let Some(mss) = offload::raise_syn_mss(&mut packet, raised) {
                     st.client_mss.insert(key, mss);
                 }
-                st.pending.insert(key, packet);
+                // Hold a copy the size of the SYN: the read buffer is MTU-sized
+                // (64 KiB, resident), and a SYN flood can hold thousands.
+                let held = packet.to_vec();
+                st.dev.recycle(packet);
+                st.pending.insert(key, held);
                 drop(st);
                 tokio_uring::spawn(open_connection(ctx.clone(), key, fe));
             }
@@ -633,6 +637,15 @@ fn ingress(ctx: &Rc<Ctx>, packet: Vec<u8>) {
 
 /// Connects to a backend for a held SYN, then answers it (or refuses).
 async fn open_connection(ctx: Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>) {
+    // Over --max-connections(-per-frontend): the SYN is dropped, no SYN-ACK
+    // or RST, as with --tun-max-connections.
+    let Some(_slot) = ctx.shared.limits.admit(&fe) else {
+        let mut st = ctx.stack.borrow_mut();
+        if let Some(syn) = st.pending.remove(&key) {
+            st.dev.recycle(syn);
+        }
+        return;
+    };
     let res = connect(&fe, key.0.ip(), &ctx.shared, &ctx.rng).await;
     let (handle, backend) = {
         let mut st = ctx.stack.borrow_mut();
@@ -742,7 +755,21 @@ fn udp_ingress(ctx: &Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>, data: &[u8]) {
                 fe,
             },
         };
-        if ctx.stack.borrow_mut().udp.insert(key, entry).is_err() {
+        let refused = {
+            let mut st = ctx.stack.borrow_mut();
+            let refused = st.udp.insert(key, entry).is_err();
+            // Flows opened concurrently filled the table since the check in
+            // udp_ingress: the same refusal, said the same way.
+            if refused && !st.warned_udp_full {
+                tracing::warn!(
+                    max = st.settings.max_udp_flows,
+                    "TUN UDP flow limit reached: datagrams of new flows are dropped"
+                );
+                st.warned_udp_full = true;
+            }
+            refused
+        };
+        if refused {
             return;
         }
         if let Ok(n) = crate::dataplane::udp::try_send(&sock, &payload) {
