@@ -333,12 +333,14 @@ pub struct PortMetrics {
 impl PortMetrics {
     /// Count one failed connect attempt for `r`.
     pub fn connect_failure(&self, r: ConnectFailure) {
-        self.failures[r.index()].inc();
+        if let Some(c) = self.failures.get(r.index()) {
+            c.inc();
+        }
     }
 
     /// Connect failures counted so far for `r`.
     pub fn connect_failures(&self, r: ConnectFailure) -> u64 {
-        self.failures[r.index()].get()
+        self.failures.get(r.index()).map_or(0, Counter::get)
     }
 
     /// Handles registered nowhere: for tests and for code paths that need a

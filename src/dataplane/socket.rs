@@ -125,17 +125,20 @@ pub fn source_filter(local: SocketAddr, allow: &[ipnet::IpNet]) -> Option<Vec<In
             ),
             (ipnet::IpNet::V6(n), SocketAddr::V6(_)) => {
                 let words = |b: [u8; 16]| -> Vec<u32> {
-                    b.chunks(4)
-                        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+                    b.as_chunks::<4>()
+                        .0
+                        .iter()
+                        .map(|c| u32::from_be_bytes(*c))
                         .collect()
                 };
                 (8, words(n.network().octets()), words(n.netmask().octets()))
             }
             _ => continue,
         };
-        let words: Vec<(u32, u32, u32)> = (0..addr.len())
-            .filter(|&i| mask[i] != 0)
-            .map(|i| (off + 4 * i as u32, addr[i], mask[i]))
+        let words: Vec<(u32, u32, u32)> = (0u32..)
+            .zip(addr.iter().zip(&mask))
+            .filter(|(_, (_, m))| **m != 0)
+            .map(|(i, (a, m))| (off + 4 * i, *a, *m))
             .collect();
         let block = 3 * words.len() + 1;
         for (i, (o, a, m)) in words.iter().enumerate() {

@@ -150,7 +150,8 @@ async fn backend_to_client(
                         return Poll::Ready(None);
                     }
                     if s.can_send() {
-                        return Poll::Ready(Some(s.send_slice(&buf[off..n]).unwrap_or(0)));
+                        let rest = buf.get(off..n).unwrap_or_default();
+                        return Poll::Ready(Some(s.send_slice(rest).unwrap_or(0)));
                     }
                     s.register_send_waker(cx.waker());
                     Poll::Pending
