@@ -80,7 +80,7 @@ struct Pair {
     dev: QueueDevice,
     sockets: SocketSet<'static>,
     client: smoltcp::iface::SocketHandle,
-    server: smoltcp::iface::SocketHandle,
+    server: Option<ringvip::dataplane::tun::stack::ConnSocket>,
     snap: ringvip::state::Snapshot,
 }
 
@@ -119,7 +119,7 @@ impl Pair {
             dev,
             sockets,
             client,
-            server: client,
+            server: None,
             snap: sample_snapshot(true),
         };
         // Handshake: the SYN goes through the classifier and is accepted as if
@@ -131,13 +131,11 @@ impl Pair {
         for _ in 0..4 {
             p.exchange();
         }
-        p.server = p
-            .stack
-            .sockets
-            .iter()
-            .map(|(h, _)| h)
-            .next()
-            .expect("accepted socket");
+        let key = (
+            "10.1.0.5:40000".parse().unwrap(),
+            "10.96.0.10:80".parse().unwrap(),
+        );
+        p.server = Some(p.stack.connection(&key).expect("accepted socket"));
         assert!(p.sockets.get::<tcp::Socket>(p.client).may_send());
         p
     }
@@ -147,7 +145,7 @@ impl Pair {
         let now = SmolInstant::now();
         self.iface.poll(now, &mut self.dev, &mut self.sockets);
         while let Some(p) = self.dev.pop_tx() {
-            self.stack.dev.push_rx(p);
+            self.stack.push_rx(p);
         }
         self.stack.poll_at(now);
         while let Some(p) = self.stack.dev.pop_tx() {
@@ -168,7 +166,7 @@ impl Pair {
                     .unwrap_or(0);
             }
             self.exchange();
-            let s = self.stack.sockets.get_mut::<tcp::Socket>(self.server);
+            let s = self.server.and_then(|c| self.stack.tcp(c)).unwrap();
             while let Ok(k) = s.recv(|b| (b.len(), b.len())) {
                 if k == 0 {
                     break;

@@ -6,12 +6,11 @@ use std::net::Shutdown;
 use std::rc::Rc;
 use std::task::Poll;
 
-use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
 use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::TcpStream;
 
-use super::stack::Ctx;
+use super::stack::{ConnSocket, Ctx};
 use crate::dataplane::limits::{idle_watchdog, Activity};
 use crate::dataplane::relay::set_reset_on_close;
 use crate::state::Frontend;
@@ -30,7 +29,7 @@ enum Ended {
 }
 
 /// Relays until both directions are closed; a reset on either side resets both.
-pub async fn relay(ctx: &Rc<Ctx>, h: SocketHandle, backend: TcpStream, fe: &Frontend) {
+pub async fn relay(ctx: &Rc<Ctx>, h: ConnSocket, backend: TcpStream, fe: &Frontend) {
     let backend = Rc::new(backend);
     let activity = Activity::default();
     let up = client_to_backend(ctx, h, &backend, fe, &activity);
@@ -71,14 +70,20 @@ pub async fn relay(ctx: &Rc<Ctx>, h: SocketHandle, backend: TcpStream, fe: &Fron
 }
 
 /// Runs `f` on the connection's smoltcp socket.
-fn with_socket<R>(ctx: &Ctx, h: SocketHandle, f: impl FnOnce(&mut tcp::Socket<'static>) -> R) -> R {
-    f(ctx.stack.borrow_mut().sockets.get_mut::<tcp::Socket>(h))
+/// `None` once the socket is gone (never while its relay runs: sockets are
+/// removed only after `release`).
+fn with_socket<R>(
+    ctx: &Ctx,
+    h: ConnSocket,
+    f: impl FnOnce(&mut tcp::Socket<'static>) -> R,
+) -> Option<R> {
+    ctx.stack.borrow_mut().tcp(h).map(f)
 }
 
 /// Client (smoltcp) → backend.
 async fn client_to_backend(
     ctx: &Rc<Ctx>,
-    h: SocketHandle,
+    h: ConnSocket,
     backend: &TcpStream,
     fe: &Frontend,
     activity: &Activity,
@@ -98,6 +103,7 @@ async fn client_to_backend(
                 s.register_recv_waker(cx.waker());
                 Poll::Pending
             })
+            .unwrap_or(Poll::Ready(Err(Ended::Reset)))
         })
         .await;
         let n = match got {
@@ -123,7 +129,7 @@ async fn client_to_backend(
 /// Backend → client (smoltcp).
 async fn backend_to_client(
     ctx: &Rc<Ctx>,
-    h: SocketHandle,
+    h: ConnSocket,
     backend: &TcpStream,
     fe: &Frontend,
     activity: &Activity,
@@ -156,6 +162,7 @@ async fn backend_to_client(
                     s.register_send_waker(cx.waker());
                     Poll::Pending
                 })
+                .unwrap_or(Poll::Ready(None))
             })
             .await;
             match sent {

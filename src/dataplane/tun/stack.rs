@@ -5,7 +5,7 @@
 //! unreachable itself.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
@@ -247,23 +247,71 @@ pub fn udp_packet(
 /// A connection's identity: (client, VIP).
 pub type ConnKey = (SocketAddr, SocketAddr);
 
+/// Socket sets the stack's connections are spread over. smoltcp finds the
+/// socket of an incoming segment, and the sockets with something to send, by
+/// walking its whole set: with one set, every packet cost a walk over every
+/// connection (5,000 idle connections halved a bulk stream's throughput).
+/// A packet is handled with its connection's shard only.
+const SHARDS: usize = 256;
+
+/// A connection's socket: its shard and its handle there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnSocket {
+    shard: usize,
+    handle: SocketHandle,
+}
+
+/// One socket set with the packets waiting for it and its next timer.
+struct Shard {
+    sockets: SocketSet<'static>,
+    rx: VecDeque<Vec<u8>>,
+    /// Polled since its sockets or queue last changed?
+    dirty: bool,
+    /// When a socket of this set next needs polling (retransmits, timeouts).
+    due: Option<SmolInstant>,
+}
+
+/// The shard of a connection: a hash of client and VIP.
+fn shard_of(key: &ConnKey) -> usize {
+    let mut h = std::hash::DefaultHasher::new();
+    std::hash::Hash::hash(key, &mut h);
+    (std::hash::Hasher::finish(&h) % SHARDS as u64) as usize
+}
+
+/// The shard a packet from the TUN belongs to: its TCP/UDP (client, VIP),
+/// or shard 0 for anything without ports (smoltcp answers those itself).
+fn shard_of_packet(packet: &[u8]) -> usize {
+    let Some(ip) = parse_ip(packet) else {
+        return 0;
+    };
+    let ports = packet.get(ip.l4..ip.l4 + 4);
+    match (ip.proto, ports) {
+        (IpProtocol::Tcp | IpProtocol::Udp, Some(&[a, b, c, d])) => shard_of(&(
+            SocketAddr::new(ip.src, u16::from_be_bytes([a, b])),
+            SocketAddr::new(ip.dst, u16::from_be_bytes([c, d])),
+        )),
+        _ => 0,
+    }
+}
+
 /// The smoltcp interface, its sockets and the flows being set up.
 pub struct Stack {
     /// smoltcp interface (any-IP).
     pub iface: Interface,
-    /// Packet queues between the TUN and the interface.
+    /// Packet queues between the TUN and the interface. Packets for smoltcp
+    /// go in through [`Stack::push_rx`], which files them under their shard.
     pub dev: QueueDevice,
-    /// TCP sockets.
-    pub sockets: SocketSet<'static>,
+    /// TCP sockets, sharded by connection.
+    shards: Vec<Shard>,
     /// Established (or closing) connections.
-    conns: HashMap<ConnKey, SocketHandle>,
+    conns: HashMap<ConnKey, ConnSocket>,
     /// SYNs held while a backend connect is in flight.
     pending: HashMap<ConnKey, Vec<u8>>,
     /// The client's own MSS, for connections whose SYN smoltcp saw with a
     /// larger one: segments to them go out with this `gso_size`.
     client_mss: HashMap<ConnKey, u16>,
     /// Sockets whose relay ended, removed once closed.
-    closing: Vec<(ConnKey, SocketHandle)>,
+    closing: Vec<(ConnKey, ConnSocket)>,
     /// UDP flows.
     udp: FlowTable<ConnKey, FlowIo>,
     settings: TunSettings,
@@ -294,7 +342,14 @@ impl Stack {
         Self {
             iface,
             dev,
-            sockets: SocketSet::new(Vec::new()),
+            shards: (0..SHARDS)
+                .map(|_| Shard {
+                    sockets: SocketSet::new(Vec::new()),
+                    rx: VecDeque::new(),
+                    dirty: false,
+                    due: None,
+                })
+                .collect(),
             conns: HashMap::new(),
             pending: HashMap::new(),
             client_mss: HashMap::new(),
@@ -306,26 +361,75 @@ impl Stack {
         }
     }
 
-    /// Runs the interface over everything queued.
+    /// Queues a packet from the TUN for smoltcp, with its connection's shard.
+    pub fn push_rx(&mut self, packet: Vec<u8>) {
+        let i = shard_of_packet(&packet);
+        if let Some(sh) = self.shards.get_mut(i) {
+            sh.rx.push_back(packet);
+            sh.dirty = true;
+        }
+    }
+
+    /// Runs the interface over everything queued and every timer due.
     pub fn poll(&mut self) {
         self.poll_at(now());
     }
 
-    /// Runs the interface as if it were `at` (tests drive the clock).
+    /// Runs the interface as if it were `at` (tests drive the clock): each
+    /// shard with packets queued, sockets touched or a timer due.
     pub fn poll_at(&mut self, at: SmolInstant) {
-        self.iface.poll(at, &mut self.dev, &mut self.sockets);
+        for i in 0..SHARDS {
+            let Some(sh) = self.shards.get(i) else { break };
+            if sh.dirty || sh.due.is_some_and(|d| d <= at) {
+                self.poll_shard(i, at);
+            }
+        }
+    }
+
+    fn poll_shard(&mut self, i: usize, at: SmolInstant) {
+        let Some(sh) = self.shards.get_mut(i) else {
+            return;
+        };
+        // Only this shard's packets are in the device while it is polled, so
+        // none is answered by another shard's sockets (or refused for lack of one).
+        while let Some(p) = sh.rx.pop_front() {
+            self.dev.push_rx(p);
+        }
+        self.iface.poll(at, &mut self.dev, &mut sh.sockets);
+        sh.dirty = false;
+        sh.due = self.iface.poll_at(at, &sh.sockets);
+    }
+
+    /// When the interface next needs polling for a timer, if ever.
+    pub fn next_due(&self) -> Option<SmolInstant> {
+        self.shards.iter().filter_map(|s| s.due).min()
+    }
+
+    /// A connection's smoltcp socket; its shard is polled on the next round.
+    pub fn tcp(&mut self, c: ConnSocket) -> Option<&mut tcp::Socket<'static>> {
+        let sh = self.shards.get_mut(c.shard)?;
+        sh.dirty = true;
+        Some(sh.sockets.get_mut::<tcp::Socket>(c.handle))
+    }
+
+    /// The socket of an accepted connection.
+    pub fn connection(&self, key: &ConnKey) -> Option<ConnSocket> {
+        self.conns.get(key).copied()
     }
 
     /// Removes sockets whose relay ended and whose TCP connection is over.
     fn reap(&mut self) {
-        let sockets = &mut self.sockets;
+        let shards = &mut self.shards;
         let conns = &mut self.conns;
         let client_mss = &mut self.client_mss;
-        self.closing.retain(|(key, h)| {
-            let s = sockets.get::<tcp::Socket>(*h);
+        self.closing.retain(|(key, c)| {
+            let Some(sh) = shards.get_mut(c.shard) else {
+                return false;
+            };
+            let s = sh.sockets.get::<tcp::Socket>(c.handle);
             let done = matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait);
             if done {
-                sockets.remove(*h);
+                sh.sockets.remove(c.handle);
                 conns.remove(key);
                 client_mss.remove(key);
             }
@@ -335,7 +439,7 @@ impl Stack {
 
     /// Answers a held SYN with a fresh socket listening on exactly its VIP:port.
     /// Returns the socket when the SYN was taken.
-    fn accept(&mut self, key: ConnKey, syn: Vec<u8>) -> Option<SocketHandle> {
+    fn accept(&mut self, key: ConnKey, syn: Vec<u8>) -> Option<ConnSocket> {
         let size = self.settings.socket_buffer;
         let mut s = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; size]),
@@ -352,22 +456,25 @@ impl Stack {
             port: key.1.port(),
         };
         s.listen(ep).ok()?;
-        let h = self.sockets.add(s);
-        self.dev.push_rx(syn);
-        self.poll();
+        let shard = shard_of(&key);
+        let handle = self.shards.get_mut(shard)?.sockets.add(s);
+        let c = ConnSocket { shard, handle };
+        self.push_rx(syn);
+        self.poll_shard(shard, now());
         // Another listener on the same VIP:port must never linger: it would
         // take a different client's SYN.
-        if self.sockets.get::<tcp::Socket>(h).state() == tcp::State::Listen {
-            self.sockets.remove(h);
+        let sockets = &mut self.shards.get_mut(shard)?.sockets;
+        if sockets.get::<tcp::Socket>(handle).state() == tcp::State::Listen {
+            sockets.remove(handle);
             return None;
         }
-        self.conns.insert(key, h);
-        Some(h)
+        self.conns.insert(key, c);
+        Some(c)
     }
 
     /// Marks a connection's socket for removal once closed.
-    pub fn release(&mut self, key: ConnKey, h: SocketHandle) {
-        self.closing.push((key, h));
+    pub fn release(&mut self, key: ConnKey, c: ConnSocket) {
+        self.closing.push((key, c));
     }
 }
 
@@ -390,7 +497,7 @@ pub fn ingest_offline(stack: &mut Stack, snap: &Snapshot, packet: &[u8]) -> usiz
 pub fn ingest_offline_queued(stack: &mut Stack, snap: &Snapshot, packet: &[u8]) {
     match classify(snap, packet) {
         Classified::Stack => {
-            stack.dev.push_rx(packet.to_vec());
+            stack.push_rx(packet.to_vec());
             stack.poll();
         }
         Classified::Syn { client, vip, .. } => {
@@ -520,7 +627,8 @@ pub async fn run(
             st.reap();
             let st = &mut *st;
             flush(&fd, &mut st.dev, &st.client_mss);
-            st.iface.poll_delay(now(), &st.sockets)
+            let t = now();
+            st.next_due().map(|d| if d > t { d - t } else { smoltcp::time::Duration::ZERO })
         };
         if !drained {
             // Packets are still waiting: readiness is edge-triggered, so no new
@@ -583,13 +691,13 @@ fn ingress(ctx: &Rc<Ctx>, packet: Vec<u8>) {
     let verdict = classify(&ctx.shared.snapshot.load(), &packet);
     let mut st = ctx.stack.borrow_mut();
     match verdict {
-        Classified::Stack => st.dev.push_rx(packet),
+        Classified::Stack => st.push_rx(packet),
         Classified::Drop => st.dev.recycle(packet),
         Classified::Syn { client, vip, fe } => {
             let key = (client, vip);
             if st.conns.contains_key(&key) {
                 // A retransmitted SYN for a connection already answered.
-                st.dev.push_rx(packet);
+                st.push_rx(packet);
             } else if st.pending.contains_key(&key) {
                 // Still connecting to a backend: the client retransmits.
                 st.dev.recycle(packet);
@@ -665,7 +773,7 @@ async fn open_connection(ctx: Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>) {
                 st.client_mss.remove(&key);
                 tracing::debug!(client = %key.0, "{e}");
                 // No listener exists for it: smoltcp answers with RST.
-                st.dev.push_rx(syn);
+                st.push_rx(syn);
                 drop(st);
                 ctx.poke.notify_one();
                 return;
@@ -1030,7 +1138,7 @@ mod tests {
             TcpControl::Syn,
             false,
         );
-        st.dev.push_rx(p);
+        st.push_rx(p);
         st.poll();
         let out = st.dev.pop_tx().expect("a reply");
         let ip = Ipv4Packet::new_checked(&out[..]).unwrap();
@@ -1049,7 +1157,7 @@ mod tests {
         let p = tcp_packet(key.0, key.1, TcpControl::Syn, false);
         let h = st.accept(key, p).expect("accepted");
         assert_eq!(
-            st.sockets.get::<tcp::Socket>(h).state(),
+            st.tcp(h).unwrap().state(),
             tcp::State::SynReceived
         );
         let out = st.dev.pop_tx().expect("a SYN-ACK");
@@ -1068,13 +1176,13 @@ mod tests {
         let later = SmolInstant::now() + smoltcp::time::Duration::from_secs(30);
         st.poll_at(later);
         assert_eq!(
-            st.sockets.get::<tcp::Socket>(h).state(),
+            st.tcp(h).unwrap().state(),
             tcp::State::SynReceived
         );
         let much_later = later + smoltcp::time::Duration::from_secs(31);
         st.poll_at(much_later);
         st.poll_at(much_later);
-        assert_eq!(st.sockets.get::<tcp::Socket>(h).state(), tcp::State::Closed);
+        assert_eq!(st.tcp(h).unwrap().state(), tcp::State::Closed);
     }
 
     #[test]
@@ -1082,7 +1190,7 @@ mod tests {
         let mut st = Stack::new(TunSettings::default(), Duration::from_secs(30));
         let mut p = Vec::new();
         udp_packet(sa("10.1.0.5:5000"), sa("10.96.0.10:54"), b"x", &mut p).unwrap();
-        st.dev.push_rx(p);
+        st.push_rx(p);
         st.poll();
         let out = st.dev.pop_tx().expect("an ICMP reply");
         let ip = Ipv4Packet::new_checked(&out[..]).unwrap();
