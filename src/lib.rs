@@ -20,6 +20,7 @@ pub mod dns;
 pub mod envvars;
 pub mod healthcheck;
 pub mod model;
+pub mod privileges;
 pub mod state;
 pub mod status;
 pub mod telemetry;
