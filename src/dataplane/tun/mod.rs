@@ -8,6 +8,9 @@ pub mod device;
 pub mod link;
 pub mod stack;
 
+#[cfg(test)]
+mod proptests;
+
 pub use device::{Tun, TunError};
 pub use link::{configure, LinkConfig, LinkError};
 pub use stack::{classify, run, Classified, TunSettings};
