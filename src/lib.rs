@@ -18,6 +18,7 @@ pub mod demo;
 pub mod discovery;
 pub mod dns;
 pub mod envvars;
+pub mod fuzzing;
 pub mod healthcheck;
 pub mod model;
 pub mod privileges;

@@ -464,60 +464,10 @@ fn yaml(v: &Value) -> String {
     serde_yaml::to_string(v).unwrap()
 }
 
-/// What every object that comes out of parsing must satisfy, whatever went in.
-fn assert_valid(o: &Object, limits: &Limits) {
-    match o {
-        Object::Service(s) => {
-            assert!(!s.key.name.is_empty() && !s.key.namespace.is_empty());
-            assert!(s.cluster_ips.len() <= 2);
-            for ip in &s.cluster_ips {
-                assert!(limits.service_cidrs.iter().any(|n| n.contains(ip)), "{ip}");
-            }
-            for p in &s.ports {
-                assert_ne!(p.port, 0);
-                if let Some(np) = p.node_port {
-                    assert!(limits.node_port_range.contains(&np));
-                }
-                if let TargetPort::Number(n) = p.target_port {
-                    assert_ne!(n, 0);
-                }
-            }
-            if s.ports.len() > 1 {
-                assert!(s.ports.iter().all(|p| !p.name.is_empty()));
-            }
-            for ip in &s.external_ips {
-                assert!(!ip.is_loopback() && !ip.is_unspecified() && !ip.is_multicast());
-            }
-        }
-        Object::EndpointSlice(s) => {
-            assert!(!s.service_name.is_empty());
-            for e in &s.endpoints {
-                assert_eq!(AddressFamily::of(&e.ip), s.family);
-            }
-            for p in &s.ports {
-                assert_ne!(p.port, Some(0));
-            }
-        }
-        Object::Node(n) => assert!(!n.name.is_empty()),
-        Object::Pod(p) => assert!(!p.key.name.is_empty()),
-    }
-}
-
-/// Parses `text`; checks that nothing panics, that every error names the
-/// file and that every object is valid.
+/// Parses `text` with the `manifest` fuzz target's oracle: no panic, every
+/// error names the file, every object is valid.
 fn parse_checked(origin: &str, text: &str) {
-    let limits = Limits::default();
-    match parse_str(origin, text, &limits) {
-        Ok(objects) => objects.iter().for_each(|o| assert_valid(o, &limits)),
-        Err(errors) => {
-            assert!(!errors.is_empty());
-            for e in errors {
-                let line = e.to_string();
-                assert!(line.starts_with(&format!("{origin}:")), "{line}");
-                assert!(!line.contains('\n') || line.len() > origin.len(), "{line}");
-            }
-        }
-    }
+    crate::fuzzing::manifest_text(origin, text);
 }
 
 /// Pieces of YAML and Kubernetes structure, so random documents get deep.

@@ -4,16 +4,16 @@
 //! rules leave no choice; listeners exist for exactly the frontends that may
 //! accept; compile is deterministic.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use proptest::prelude::*;
 
-use super::snapshot::{EmptyAction, FrontendKind, ListenerMode, NodeContext, Snapshot};
+use super::snapshot::{ListenerMode, NodeContext, Snapshot};
 use super::store::Store;
 use crate::discovery::Update;
+use crate::fuzzing::{check_snapshot, normalized};
 use crate::model::*;
 use crate::telemetry::Metrics;
 
@@ -292,290 +292,14 @@ fn compile(objects: Vec<Object>, ctx: &NodeContext) -> (Store, Snapshot) {
     (st, snap)
 }
 
-/// One merged view of a Service port's endpoints of one family, as
-/// SEMANTICS.md describes the inputs: every copy of every address.
-#[derive(Debug, Default)]
-struct Copies {
-    by_addr: BTreeMap<SocketAddr, Vec<Endpoint>>,
-}
-
-impl Copies {
-    fn of(st: &Store, svc: &Service, sp: &ServicePort, v6: bool) -> Copies {
-        let mut c = Copies::default();
-        for s in st.slices.values() {
-            if s.key.namespace != svc.key.namespace || s.service_name != svc.key.name {
-                continue;
-            }
-            if (s.family == AddressFamily::V6) != v6 {
-                continue;
-            }
-            let Some(port) = s
-                .ports
-                .iter()
-                .find(|p| p.name == sp.name && p.protocol == sp.protocol)
-                .and_then(|p| p.port)
-            else {
-                continue;
-            };
-            for e in &s.endpoints {
-                if e.ip.is_ipv6() == v6 {
-                    c.by_addr
-                        .entry(SocketAddr::new(e.ip, port))
-                        .or_default()
-                        .push(e.clone());
-                }
-            }
-        }
-        c
-    }
-
-    fn has_duplicates(&self) -> bool {
-        self.by_addr.values().any(|v| v.len() > 1)
-    }
-}
-
-fn is_local(e: &Endpoint) -> bool {
-    e.node_name.as_deref() == Some(NODE)
-}
-
-/// Checks one snapshot against the store it came from.
-fn check(st: &Store, ctx: &NodeContext, snap: &Snapshot) -> Result<(), TestCaseError> {
-    let zone = ctx
-        .zone
-        .clone()
-        .or_else(|| st.node(NODE).and_then(|n| n.zone.clone()));
-    let local: BTreeSet<IpAddr> = ctx.local_addresses.iter().copied().collect();
-    for (key, fe) in snap.frontends() {
-        let svc = st
-            .services
-            .get(&fe.service)
-            .expect("frontend of a stored Service");
-        prop_assert!(
-            svc.is_proxied(&ctx.proxy_name),
-            "{} is not proxied",
-            svc.key
-        );
-        let sp = svc
-            .ports
-            .iter()
-            .find(|p| p.name == fe.port_name && p.protocol == fe.proto)
-            .expect("frontend of a Service port");
-        prop_assert_eq!(key.proto, sp.protocol);
-        let a = key.addr;
-        let policy = match fe.kind {
-            FrontendKind::ClusterIp => {
-                prop_assert!(svc.cluster_ips.contains(&a.ip()) && a.port() == sp.port);
-                svc.internal_policy
-            }
-            FrontendKind::NodePort => {
-                prop_assert!(ctx.nodeport_addresses.contains(&a.ip()));
-                prop_assert_eq!(Some(a.port()), sp.node_port);
-                prop_assert!(
-                    svc.service_type == ServiceType::NodePort
-                        || (svc.service_type == ServiceType::LoadBalancer
-                            && svc.allocate_lb_node_ports)
-                );
-                svc.external_policy
-            }
-            FrontendKind::LoadBalancer => {
-                prop_assert!(svc.service_type == ServiceType::LoadBalancer);
-                prop_assert!(svc.load_balancer_ips.contains(&a.ip()) && a.port() == sp.port);
-                svc.external_policy
-            }
-            FrontendKind::ExternalIp => {
-                prop_assert!(svc.external_ips.contains(&a.ip()) && a.port() == sp.port);
-                svc.external_policy
-            }
-        };
-        if fe.kind != FrontendKind::LoadBalancer {
-            prop_assert!(fe.source_ranges.is_empty());
-        }
-        // A stable order without repeats.
-        prop_assert!(
-            fe.endpoints.windows(2).all(|w| w[0] < w[1]),
-            "{:?}",
-            fe.endpoints
-        );
-
-        let copies = Copies::of(st, svc, sp, a.is_ipv6());
-        let usable = |e: &Endpoint| e.ready || (e.serving && e.terminating);
-        for ep in fe.endpoints.iter() {
-            let c = copies.by_addr.get(ep);
-            prop_assert!(
-                c.is_some(),
-                "{} uses {} which no slice of {} has",
-                a,
-                ep,
-                svc.key
-            );
-            let c = c.map(Vec::as_slice).unwrap_or_default();
-            // Never an endpoint that is neither ready nor serving-and-terminating.
-            prop_assert!(c.iter().any(usable), "{a}: {ep} is not usable: {c:?}");
-            if policy == TrafficPolicy::Local {
-                prop_assert!(c.iter().any(is_local), "{a}: Local policy uses remote {ep}");
-            }
-        }
-        if policy == TrafficPolicy::Cluster && fe.endpoints.is_empty() {
-            prop_assert_eq!(fe.when_empty, EmptyAction::Refuse);
-        }
-
-        // Where no address repeats, the set is exactly what the rules give.
-        if !copies.has_duplicates() {
-            let one = |addr: &SocketAddr| copies.by_addr[addr][0].clone();
-            let pool: Vec<SocketAddr> = copies
-                .by_addr
-                .keys()
-                .copied()
-                .filter(|x| policy == TrafficPolicy::Cluster || is_local(&one(x)))
-                .collect();
-            let ready: BTreeSet<SocketAddr> =
-                pool.iter().copied().filter(|x| one(x).ready).collect();
-            let fallback: BTreeSet<SocketAddr> = pool
-                .iter()
-                .copied()
-                .filter(|x| one(x).serving && one(x).terminating)
-                .collect();
-            let got: BTreeSet<SocketAddr> = fe.endpoints.iter().copied().collect();
-            if !ready.is_empty() {
-                prop_assert!(
-                    !got.is_empty() && got.is_subset(&ready),
-                    "{a}: {got:?} vs ready {ready:?}"
-                );
-                if policy == TrafficPolicy::Local || zone.is_none() {
-                    prop_assert_eq!(&got, &ready, "{}", a);
-                }
-            } else {
-                prop_assert_eq!(&got, &fallback, "{}: terminating fallback", a);
-            }
-            // Drop (not refuse) only for Local policy with endpoints elsewhere.
-            let cluster_usable = copies.by_addr.values().any(|c| usable(&c[0]));
-            if got.is_empty() {
-                let want = if policy == TrafficPolicy::Local && cluster_usable {
-                    EmptyAction::Drop
-                } else {
-                    EmptyAction::Refuse
-                };
-                prop_assert_eq!(fe.when_empty, want, "{}", a);
-            }
-        }
-
-        // Listeners: exactly for local non-ClusterIP frontends that accept or drop.
-        let want_mode = if fe.kind == FrontendKind::ClusterIp
-            || !(a.ip().is_loopback() || local.contains(&a.ip()))
-        {
-            None
-        } else if !fe.endpoints.is_empty() {
-            Some(ListenerMode::Accept)
-        } else if fe.when_empty == EmptyAction::Drop {
-            Some(ListenerMode::Drop)
-        } else {
-            None
-        };
-        let modes: Vec<ListenerMode> = snap
-            .listeners()
-            .iter()
-            .filter(|l| l.addr == a && l.proto == key.proto)
-            .map(|l| l.mode)
-            .collect();
-        prop_assert_eq!(
-            modes,
-            want_mode.into_iter().collect::<Vec<_>>(),
-            "listener of {}",
-            a
-        );
-    }
-    // No listener without its frontend; none refusing ones accept.
-    for l in snap.listeners() {
-        let fe = snap.frontend(&super::FrontendKey {
-            addr: l.addr,
-            proto: l.proto,
-        });
-        prop_assert!(fe.is_some(), "listener {} without a frontend", l.addr);
-        if let Some(fe) = fe {
-            prop_assert_eq!(l.mode == ListenerMode::Accept, !fe.endpoints.is_empty());
-        }
-    }
-    // Every address of every proxied Service port has a frontend (its own
-    // or, on a clash, the first claimant's).
-    for svc in st
-        .services
-        .values()
-        .filter(|s| s.is_proxied(&ctx.proxy_name))
-    {
-        for sp in &svc.ports {
-            for ip in &svc.cluster_ips {
-                let k = super::FrontendKey {
-                    addr: SocketAddr::new(*ip, sp.port),
-                    proto: sp.protocol,
-                };
-                prop_assert!(
-                    snap.frontend(&k).is_some(),
-                    "{} {:?} has no frontend",
-                    svc.key,
-                    k
-                );
-            }
-        }
-    }
-    // Health checks: eTP=Local Services with a healthCheckNodePort, sorted.
-    let want: Vec<(u16, ObjectKey)> = {
-        let mut v: Vec<_> = st
-            .services
-            .values()
-            .filter(|s| s.is_proxied(&ctx.proxy_name) && s.external_policy == TrafficPolicy::Local)
-            .filter_map(|s| s.health_check_node_port.map(|p| (p, s.key.clone())))
-            .collect();
-        v.sort_by_key(|(p, _)| *p);
-        v
-    };
-    let got: Vec<(u16, ObjectKey)> = snap
-        .health_checks
-        .iter()
-        .map(|h| (h.port, h.service.clone()))
-        .collect();
-    prop_assert_eq!(got, want);
-    Ok(())
-}
-
-/// Everything observable in a snapshot, comparable.
-fn normalized(s: &Snapshot) -> String {
-    let fes: BTreeMap<_, _> = s
-        .frontends()
-        .map(|(k, f)| {
-            (
-                *k,
-                format!(
-                    "{} {} {:?} {:?} {:?} {:?} {:?} {:?} {}",
-                    f.service,
-                    f.port_name,
-                    f.kind,
-                    f.endpoints,
-                    f.affinity,
-                    f.source_ranges,
-                    f.when_empty,
-                    f.proto,
-                    f.port_id
-                ),
-            )
-        })
-        .collect();
-    format!(
-        "{fes:?}\n{:?}\n{:?}\n{:?}\n{} {}",
-        s.listeners(),
-        s.health_checks,
-        s.conflicts,
-        s.no_local_internal,
-        s.no_local_external
-    )
-}
-
 proptest! {
     #![proptest_config(config())]
 
     #[test]
     fn compiled_frontends_follow_the_policy_rules(w in world()) {
         let (st, snap) = compile(w.objects, &w.ctx);
-        check(&st, &w.ctx, &snap)?;
+        // The same oracle the `compile` fuzz target uses.
+        check_snapshot(&st, &w.ctx, &snap);
     }
 
     #[test]
