@@ -42,7 +42,9 @@ fn field(status: &str, name: &str) -> u64 {
         .lines()
         .find_map(|l| l.strip_prefix(name))
         .unwrap_or_else(|| panic!("{name} missing:\n{status}"))
-        .trim();
+        .split_whitespace()
+        .next()
+        .unwrap_or_default();
     if name.starts_with("Cap") {
         u64::from_str_radix(v, 16).unwrap()
     } else {
@@ -133,4 +135,112 @@ fn runs_with_only_net_admin_and_net_bind_service_after_setup() {
         assert!(ok, "{addr}: {last}\n{}", rv.log());
         assert_eq!(last, "backend-priv", "{addr}");
     }
+}
+
+/// Removes a namespace made by the test, whatever happens.
+struct Netns(String);
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .output();
+    }
+}
+
+/// As systemd's unit runs it: an unprivileged user holding CAP_NET_ADMIN and
+/// CAP_NET_BIND_SERVICE as ambient capabilities, no CAP_SETPCAP. ringvip must
+/// start, keep exactly those two (the bounding set is systemd's business),
+/// set no_new_privs, and still bind ports below 1024 afterwards.
+#[test]
+fn unprivileged_user_with_ambient_capabilities_starts_and_keeps_only_them() {
+    if !support::netns::is_root() {
+        assert!(!in_ci(), "CI runs as root");
+        eprintln!("SKIP: needs root to start ringvip as another user with chosen capabilities");
+        return;
+    }
+    let Some(setpriv) = need_program(
+        "setpriv",
+        "runs ringvip as nobody with ambient capabilities",
+    ) else {
+        return;
+    };
+    let ns = Netns(format!("rvpriv{}", std::process::id()));
+    for args in [
+        vec!["netns", "add", ns.0.as_str()],
+        vec!["-n", ns.0.as_str(), "link", "set", "lo", "up"],
+    ] {
+        let out = std::process::Command::new("ip")
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    }
+    // nobody must be able to read the manifests and write the log.
+    let dir = tempfile::tempdir().unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::write(
+        dir.path().join("m.yaml"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {type: NodePort, ports: [{port: 80, nodePort: 30080}]}\n",
+    )
+    .unwrap();
+    let log = dir.path().join("ringvip.log");
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.0])
+        .arg(setpriv)
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all,+net_admin,+net_bind_service",
+            "--ambient-caps=-all,+net_admin,+net_bind_service",
+            "--",
+        ])
+        .arg(bin())
+        .args(["run", "--manifests"])
+        .arg(dir.path())
+        .args([
+            "--no-tun",
+            "--workers",
+            "1",
+            "--node-name",
+            "node-a",
+            "--nodeport-addresses",
+            "127.0.0.1/32",
+            // Ports below 1024, bound after the drop.
+            "--health-addr",
+            "127.0.0.1:81",
+            "--metrics-addr",
+            "127.0.0.1:82",
+        ])
+        .env("RINGVIP_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let published = wait_until(Duration::from_secs(20), || {
+        read_log().contains("snapshot published")
+    });
+    let pid = child.id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let metrics = Topology::within(&ns.0, || {
+        std::net::TcpStream::connect("127.0.0.1:82")
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = read_log();
+    assert!(published, "ringvip did not start as nobody:\n{log}");
+    assert!(log.contains("bounding set left as given"), "{log}");
+    assert_eq!(field(&status, "Uid:"), 65534, "{status}");
+    for f in ["CapEff:", "CapPrm:"] {
+        assert_eq!(field(&status, f), KEPT_MASK, "{f}\n{status}");
+    }
+    assert_eq!(field(&status, "CapAmb:"), 0, "{status}");
+    assert_eq!(field(&status, "NoNewPrivs:"), 1, "{status}");
+    assert_eq!(metrics, Ok(()), "metrics on port 82 after the drop\n{log}");
 }
