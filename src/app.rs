@@ -75,6 +75,9 @@ pub fn run(
         Some(name) => Some(open_tun(name, &settings, &rt)?),
         None => None,
     };
+    // Setup that needed root is done (TUN open, routes set): keep only what
+    // runtime needs, before any other thread exists to inherit more.
+    crate::privileges::drop_and_log().context("dropping capabilities after setup")?;
     let mut workers = socket::spawn_workers(settings.workers, shared.clone(), snap_rx.clone())
         .context("starting data-plane threads")?;
     if let Some(queues) = tun {

@@ -6,6 +6,9 @@ pub mod convert;
 pub mod file;
 pub mod selector;
 
+#[cfg(test)]
+mod proptests;
+
 use crate::model::{Kind, Object, ObjectKey};
 
 /// One change from a source.

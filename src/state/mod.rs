@@ -5,6 +5,9 @@ pub mod snapshot;
 pub mod store;
 pub mod topology;
 
+#[cfg(test)]
+mod proptests;
+
 pub use snapshot::{
     EmptyAction, Frontend, FrontendKey, FrontendKind, HealthCheck, ListenerMode, ListenerSpec,
     NodeContext, Snapshot,

@@ -9,6 +9,9 @@ pub mod link;
 pub mod offload;
 pub mod stack;
 
+#[cfg(test)]
+mod proptests;
+
 pub use device::{Tun, TunError};
 pub use link::{configure, LinkConfig, LinkError};
 pub use stack::{classify, run, Classified, TunSettings};
