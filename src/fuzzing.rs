@@ -255,7 +255,9 @@ pub fn check_snapshot(st: &Store, ctx: &NodeContext, snap: &Snapshot) {
             assert!(fe.source_ranges.is_empty(), "{a}");
         }
         assert!(
-            fe.endpoints.windows(2).all(|w| w[0] < w[1]),
+            fe.endpoints
+                .windows(2)
+                .all(|w| matches!(w, [x, y] if x < y)),
             "{a}: endpoints not sorted and unique: {:?}",
             fe.endpoints
         );

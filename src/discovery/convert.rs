@@ -263,14 +263,11 @@ pub fn service(svc: &core::Service, limits: &Limits) -> Result<Service, ConvertE
         .map(String::as_str)
         .filter(|s| !s.is_empty())
         .collect();
-    let (raw_ips, ips_field): (Vec<&str>, &str) = if !listed.is_empty() {
-        if !cluster_ip.is_empty() && listed[0] != cluster_ip {
+    let (raw_ips, ips_field): (Vec<&str>, &str) = if let Some(&first) = listed.first() {
+        if !cluster_ip.is_empty() && first != cluster_ip {
             errs.push(
                 "spec.clusterIPs[0]",
-                format!(
-                    "{:?} must be the same as spec.clusterIP {cluster_ip:?}",
-                    listed[0]
-                ),
+                format!("{first:?} must be the same as spec.clusterIP {cluster_ip:?}"),
             );
         }
         (listed, "spec.clusterIPs")

@@ -628,7 +628,13 @@ pub async fn run(
             let st = &mut *st;
             flush(&fd, &mut st.dev, &st.client_mss);
             let t = now();
-            st.next_due().map(|d| if d > t { d - t } else { smoltcp::time::Duration::ZERO })
+            st.next_due().map(|d| {
+                if d > t {
+                    d - t
+                } else {
+                    smoltcp::time::Duration::ZERO
+                }
+            })
         };
         if !drained {
             // Packets are still waiting: readiness is edge-triggered, so no new
@@ -1156,10 +1162,7 @@ mod tests {
         let key = (sa("10.1.0.5:40000"), sa("10.96.0.10:80"));
         let p = tcp_packet(key.0, key.1, TcpControl::Syn, false);
         let h = st.accept(key, p).expect("accepted");
-        assert_eq!(
-            st.tcp(h).unwrap().state(),
-            tcp::State::SynReceived
-        );
+        assert_eq!(st.tcp(h).unwrap().state(), tcp::State::SynReceived);
         let out = st.dev.pop_tx().expect("a SYN-ACK");
         let ip = Ipv4Packet::new_checked(&out[..]).unwrap();
         let t = TcpPacket::new_checked(ip.payload()).unwrap();
@@ -1175,10 +1178,7 @@ mod tests {
         let h = st.accept(key, p).expect("accepted");
         let later = SmolInstant::now() + smoltcp::time::Duration::from_secs(30);
         st.poll_at(later);
-        assert_eq!(
-            st.tcp(h).unwrap().state(),
-            tcp::State::SynReceived
-        );
+        assert_eq!(st.tcp(h).unwrap().state(), tcp::State::SynReceived);
         let much_later = later + smoltcp::time::Duration::from_secs(31);
         st.poll_at(much_later);
         st.poll_at(much_later);
