@@ -95,6 +95,10 @@ pub struct SettingsFile {
     pub dns_upstream: Option<SocketAddr>,
     /// TTL of DNS answers, seconds.
     pub dns_ttl: Option<u32>,
+    /// Watch the Kubernetes API instead of manifests.
+    pub kube: Option<bool>,
+    /// Kubeconfig for `kube` (default: `$KUBECONFIG` / `~/.kube/config`, else in-cluster).
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// Validated process settings.
@@ -146,6 +150,10 @@ pub struct Settings {
     pub dns_upstream: Option<SocketAddr>,
     /// TTL of DNS answers and negative answers, seconds (CoreDNS default 5).
     pub dns_ttl: u32,
+    /// Objects come from the Kubernetes API (watch) instead of manifests.
+    pub kube: bool,
+    /// Kubeconfig for the API source; `None` infers (kubeconfig, else in-cluster).
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -175,6 +183,8 @@ impl Default for Settings {
             cluster_domain: "cluster.local".to_string(),
             dns_upstream: None,
             dns_ttl: 5,
+            kube: false,
+            kubeconfig: None,
         }
     }
 }
@@ -206,6 +216,12 @@ pub enum SettingsError {
     /// DNS TTL out of range.
     #[error("dns-ttl {0}: expected 0..=3600")]
     DnsTtl(u32),
+    /// Both sources at once: a manifest reload would replace the API's objects.
+    #[error("kube and manifests are exclusive: give one source of objects")]
+    TwoSources,
+    /// A kubeconfig without the API source.
+    #[error("kubeconfig is only used with kube")]
+    KubeconfigWithoutKube,
 }
 
 /// Parses `LOW-HIGH`.
@@ -295,6 +311,12 @@ impl Settings {
         if let Some(v) = f.dns_ttl {
             self.dns_ttl = v;
         }
+        if let Some(v) = f.kube {
+            self.kube = v;
+        }
+        if f.kubeconfig.is_some() {
+            self.kubeconfig = f.kubeconfig;
+        }
         Ok(())
     }
 
@@ -323,6 +345,12 @@ impl Settings {
         }
         if self.dns_ttl > 3600 {
             return Err(SettingsError::DnsTtl(self.dns_ttl));
+        }
+        if self.kube && !self.manifests.is_empty() {
+            return Err(SettingsError::TwoSources);
+        }
+        if !self.kube && self.kubeconfig.is_some() {
+            return Err(SettingsError::KubeconfigWithoutKube);
         }
         if self.tun_max_connections == 0 {
             return Err(SettingsError::Zero("tun-max-connections"));
@@ -482,6 +510,22 @@ mod tests {
         s.cluster_domain = "cluster.local".into();
         s.dns_ttl = 3601;
         assert_eq!(s.validate(), Err(SettingsError::DnsTtl(3601)));
+    }
+
+    #[test]
+    fn kube_settings_come_from_the_file_and_exclude_manifests() {
+        let f: SettingsFile =
+            serde_yaml::from_str("kube: true\nkubeconfig: /etc/kc\nnode-name: n1\n").unwrap();
+        let mut s = Settings::default();
+        s.apply_file(f).unwrap();
+        assert!(s.kube);
+        assert_eq!(s.kubeconfig, Some(PathBuf::from("/etc/kc")));
+        assert_eq!(s.validate(), Ok(()));
+        s.manifests = vec![PathBuf::from("m.yaml")];
+        assert_eq!(s.validate(), Err(SettingsError::TwoSources));
+        s.manifests.clear();
+        s.kube = false;
+        assert_eq!(s.validate(), Err(SettingsError::KubeconfigWithoutKube));
     }
 
     #[test]

@@ -138,6 +138,13 @@ struct RunArgs {
     /// TTL of DNS answers in seconds [default: 5].
     #[arg(long, value_name = "SECS")]
     dns_ttl: Option<u32>,
+    /// Watch Services, EndpointSlices and this Node on the Kubernetes API
+    /// (in-cluster, or --kubeconfig) instead of reading manifests.
+    #[arg(long, conflicts_with = "manifests")]
+    kube: bool,
+    /// Kubeconfig for --kube [default: $KUBECONFIG or ~/.kube/config, else in-cluster].
+    #[arg(long, value_name = "FILE", requires = "kube")]
+    kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -211,11 +218,15 @@ fn run_settings(a: RunArgs) -> anyhow::Result<Settings> {
         cluster_domain: a.cluster_domain,
         dns_upstream: a.dns_upstream,
         dns_ttl: a.dns_ttl,
+        kube: a.kube.then_some(true),
+        kubeconfig: a.kubeconfig,
         ..SettingsFile::default()
     };
     let s = settings(&a.common, flags)?;
-    if s.manifests.is_empty() {
-        anyhow::bail!("no manifests: give --manifests PATH (or `manifests:` in --config)");
+    if s.manifests.is_empty() && !s.kube {
+        anyhow::bail!(
+            "no source: give --manifests PATH or --kube (or `manifests:` / `kube: true` in --config)"
+        );
     }
     s.validate()?;
     Ok(s)
