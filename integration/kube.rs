@@ -470,3 +470,114 @@ fn the_node_gives_the_zone_and_its_deletion_turns_healthz_503() {
     // Liveness is not about the Node.
     assert!(admin_get(r.health, "/livez").starts_with("HTTP/1.1 200"));
 }
+
+#[test]
+fn daemonset_manifest_is_valid_and_least_privilege() {
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    use serde::Deserialize;
+
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/daemonset.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde_yaml::Value::deserialize(d).expect("valid YAML"))
+        .collect();
+    let of = |kind: &str| -> serde_yaml::Value {
+        let found: Vec<_> = docs.iter().filter(|d| d["kind"] == kind).collect();
+        assert_eq!(found.len(), 1, "exactly one {kind}");
+        found[0].clone()
+    };
+    let sa: ServiceAccount = serde_yaml::from_value(of("ServiceAccount")).unwrap();
+    let role: ClusterRole = serde_yaml::from_value(of("ClusterRole")).unwrap();
+    let binding: ClusterRoleBinding = serde_yaml::from_value(of("ClusterRoleBinding")).unwrap();
+    let ds: DaemonSet = serde_yaml::from_value(of("DaemonSet")).unwrap();
+    assert_eq!(docs.len(), 4);
+
+    // RBAC: exactly list and watch on services, nodes and endpointslices.
+    let mut granted = std::collections::BTreeSet::new();
+    for rule in role.rules.unwrap() {
+        let mut verbs = rule.verbs.clone();
+        verbs.sort();
+        assert_eq!(verbs, ["list", "watch"], "{rule:?}");
+        assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
+        for g in rule.api_groups.unwrap() {
+            for r in rule.resources.clone().unwrap() {
+                granted.insert(format!("{g}/{r}"));
+            }
+        }
+    }
+    let want: std::collections::BTreeSet<String> =
+        ["/services", "/nodes", "discovery.k8s.io/endpointslices"]
+            .into_iter()
+            .map(String::from)
+            .collect();
+    assert_eq!(granted, want);
+    assert_eq!(binding.role_ref.name, role.metadata.name.unwrap());
+    let subject = &binding.subjects.unwrap()[0];
+    assert_eq!(Some(&subject.name), sa.metadata.name.as_ref());
+    assert_eq!(subject.namespace, sa.metadata.namespace);
+
+    // The pod: host network, the service account, NET_ADMIN (+ bind) only,
+    // /dev/net/tun, the probes, --kube with the node name from the downward API.
+    let pod = ds.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(pod.service_account_name, sa.metadata.name);
+    let c = &pod.containers[0];
+    let caps = c
+        .security_context
+        .as_ref()
+        .unwrap()
+        .capabilities
+        .clone()
+        .unwrap();
+    assert_eq!(caps.drop.unwrap(), ["ALL"]);
+    assert_eq!(caps.add.unwrap(), ["NET_ADMIN", "NET_BIND_SERVICE"]);
+    assert_ne!(c.security_context.as_ref().unwrap().privileged, Some(true));
+    let tun = pod.volumes.unwrap()[0].host_path.clone().unwrap();
+    assert_eq!(tun.path, "/dev/net/tun");
+    assert_eq!(
+        c.volume_mounts.as_ref().unwrap()[0].mount_path,
+        "/dev/net/tun"
+    );
+    let probe_path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        p.as_ref().unwrap().http_get.as_ref().unwrap().path.clone()
+    };
+    assert_eq!(probe_path(&c.liveness_probe).as_deref(), Some("/livez"));
+    assert_eq!(probe_path(&c.readiness_probe).as_deref(), Some("/healthz"));
+    let args = c.args.clone().unwrap();
+    assert!(args.contains(&"--kube".to_string()));
+    assert!(args.contains(&"--node-name=$(NODE_NAME)".to_string()));
+    let env = c.env.as_ref().unwrap();
+    let node_name = env.iter().find(|e| e.name == "NODE_NAME").unwrap();
+    assert_eq!(
+        node_name
+            .value_from
+            .as_ref()
+            .unwrap()
+            .field_ref
+            .as_ref()
+            .unwrap()
+            .field_path,
+        "spec.nodeName"
+    );
+
+    // The arguments are ones ringvip accepts (NODE_NAME substituted; an
+    // unreadable kubeconfig makes it stop right after parsing them).
+    let mut cmd = std::process::Command::new(bin());
+    for a in &args {
+        // Port 0 for the admin servers: other tests may hold 10256/10249.
+        let a = match a.split_once('=') {
+            Some((flag @ ("--health-addr" | "--metrics-addr"), _)) => format!("{flag}=127.0.0.1:0"),
+            _ => a.replace("$(NODE_NAME)", "node-a"),
+        };
+        cmd.arg(a);
+    }
+    let out = cmd
+        .args(["--kubeconfig", "/nonexistent/kubeconfig", "--no-tun"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("/nonexistent/kubeconfig"), "{err}");
+}
