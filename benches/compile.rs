@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use criterion::{criterion_group, criterion_main, Criterion};
 use ringvip::discovery::Update;
 use ringvip::model::*;
-use ringvip::state::{NodeContext, Store};
+use ringvip::state::{CompileCache, NodeContext, Store};
 use ringvip::telemetry::Metrics;
 
 fn objects(services: u32, per: u32) -> Vec<Object> {
@@ -70,6 +70,31 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10);
     g.bench_function("10k_services_x_10_endpoints", |b| {
         b.iter(|| store.compile(&ctx, &metrics, 1))
+    });
+    // One EndpointSlice changed between compiles, with the cache the control
+    // loop keeps: only that Service is compiled again.
+    let mut cache = CompileCache::default();
+    store.compile_with(&ctx, &metrics, 1, &mut cache);
+    let mut changed = store.clone();
+    let flip = objects(1, 10).pop().map(|o| match o {
+        Object::EndpointSlice(mut s) => {
+            s.endpoints.truncate(5);
+            Object::EndpointSlice(s)
+        }
+        other => other,
+    });
+    g.bench_function("one_slice_changed_10k_services_cached", |b| {
+        let mut n = 0u64;
+        b.iter(|| {
+            // Alternate the slice so every iteration sees a change.
+            n += 1;
+            if n.is_multiple_of(2) {
+                changed.apply(Update::Upsert(Box::new(flip.clone().unwrap())));
+            } else {
+                changed.apply(Update::Upsert(Box::new(objects(1, 10).pop().unwrap())));
+            }
+            changed.compile_with(&ctx, &metrics, n, &mut cache)
+        })
     });
     g.finish();
 }

@@ -226,6 +226,8 @@ async fn control(
         settings.health_timeout,
     );
     let mut generation = 0u64;
+    // Unchanged Services are not compiled again (see CompileCache).
+    let mut compile_cache = crate::state::CompileCache::default();
     loop {
         tokio::select! {
             u = rx.recv() => {
@@ -240,7 +242,7 @@ async fn control(
                     changes.other += c.other;
                 }
                 generation += 1;
-                let snap = Arc::new(store.compile(&ctx, &metrics, generation));
+                let snap = Arc::new(store.compile_with(&ctx, &metrics, generation, &mut compile_cache));
                 // DNS view of the same objects, published with the snapshot.
                 if let Some(d) = &dns {
                     d.publish(&store, generation);

@@ -6,7 +6,7 @@ pub mod store;
 pub mod topology;
 
 pub use snapshot::{
-    EmptyAction, Frontend, FrontendKey, FrontendKind, HealthCheck, ListenerMode, ListenerSpec,
-    NodeContext, Snapshot,
+    CompileCache, EmptyAction, Frontend, FrontendKey, FrontendKind, HealthCheck, ListenerMode,
+    ListenerSpec, NodeContext, Snapshot,
 };
 pub use store::{Changes, Store};
