@@ -300,7 +300,14 @@ fn an_expired_resource_version_relists_and_finds_deletes() {
         "{}",
         r.log()
     );
-    assert!(w.api.stat("lists") >= lists + 2, "expected relists");
+    // Every kind relists (its resourceVersion expired), not just resumes.
+    assert!(
+        wait_until(Duration::from_secs(20), || w.api.stat("lists") >= lists + 3),
+        "expected three relists:\n{}",
+        r.log()
+    );
+    // The Service delete was found by the relist: the port stays closed.
+    assert!(refused(np(gone_port)));
 
     // /expire on a live server: same story.
     let lists = w.api.stat("lists");
