@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use super::store::Store;
+use super::store::{Dirty, Store};
 use super::topology::{categorize, Candidate, Usable};
 use crate::balance::affinity::PortId;
 use crate::model::{
@@ -276,14 +276,6 @@ struct ServiceOut {
     no_local_external: usize,
 }
 
-/// What [`CompileCache`] remembers of one Service.
-#[derive(Debug)]
-struct Cached {
-    service: Service,
-    slices: Vec<EndpointSlice>,
-    out: Arc<ServiceOut>,
-}
-
 /// Compiled Services kept between compiles, so a change recompiles only the
 /// Services whose Service object or EndpointSlices changed (kube-proxy's
 /// partial sync): at 10,000 Services, one endpoint change no longer costs a
@@ -292,7 +284,7 @@ struct Cached {
 pub struct CompileCache {
     ctx: Option<NodeContext>,
     zone: Option<String>,
-    services: HashMap<ObjectKey, Cached>,
+    services: HashMap<ObjectKey, Arc<ServiceOut>>,
 }
 
 impl Compiler<'_> {
@@ -451,26 +443,44 @@ impl Compiler<'_> {
 impl Store {
     /// Compiles the current objects into a snapshot for this node.
     pub fn compile(&self, ctx: &NodeContext, metrics: &Metrics, generation: u64) -> Snapshot {
-        self.compile_with(ctx, metrics, generation, &mut CompileCache::default())
+        let all = Dirty {
+            all: true,
+            ..Dirty::default()
+        };
+        self.compile_dirty(ctx, metrics, generation, &mut CompileCache::default(), &all)
     }
 
     /// Like [`Store::compile`], reusing from `cache` every Service whose
-    /// Service object, EndpointSlices, node context and zone are unchanged
-    /// since the last compile with the same cache. The result is the same as
-    /// a full compile.
+    /// Service object and EndpointSlices did not change (the store tracks
+    /// them, see [`Store::take_dirty`]) and whose node context and zone are
+    /// the same as at the last compile. The result is the same as a full
+    /// compile. Use one cache per store: this consumes the store's record of
+    /// changes.
     pub fn compile_with(
+        &mut self,
+        ctx: &NodeContext,
+        metrics: &Metrics,
+        generation: u64,
+        cache: &mut CompileCache,
+    ) -> Snapshot {
+        let dirty = self.take_dirty();
+        self.compile_dirty(ctx, metrics, generation, cache, &dirty)
+    }
+
+    fn compile_dirty(
         &self,
         ctx: &NodeContext,
         metrics: &Metrics,
         generation: u64,
         cache: &mut CompileCache,
+        dirty: &Dirty,
     ) -> Snapshot {
         let node = self.node(&ctx.node_name);
         let zone = ctx
             .zone
             .as_deref()
             .or_else(|| node.and_then(|n| n.zone.as_deref()));
-        if cache.ctx.as_ref() != Some(ctx) || cache.zone.as_deref() != zone {
+        if dirty.all || cache.ctx.as_ref() != Some(ctx) || cache.zone.as_deref() != zone {
             cache.services.clear();
             cache.ctx = Some(ctx.clone());
             cache.zone = zone.map(str::to_string);
@@ -497,28 +507,22 @@ impl Store {
                 .map(Vec::as_slice)
                 .unwrap_or(&[]);
             seen.insert(&svc.key);
-            let fresh = cache.services.get(&svc.key).is_some_and(|e| {
-                e.service == *svc
-                    && e.slices.len() == slices.len()
-                    && e.slices.iter().zip(slices).all(|(a, b)| a == *b)
-            });
-            if !fresh {
-                c.out = ServiceOut::default();
-                c.service(svc, slices, zone);
-                let out = Arc::new(std::mem::take(&mut c.out));
-                cache.services.insert(
-                    svc.key.clone(),
-                    Cached {
-                        service: svc.clone(),
-                        slices: slices.iter().map(|s| (*s).clone()).collect(),
-                        out,
-                    },
-                );
-            }
-            let Some(entry) = cache.services.get(&svc.key) else {
-                continue;
+            let cached = cache
+                .services
+                .get(&svc.key)
+                .filter(|_| !dirty.services.contains(&svc.key))
+                .cloned();
+            let out = match cached {
+                Some(out) => out,
+                None => {
+                    c.out = ServiceOut::default();
+                    c.service(svc, slices, zone);
+                    let out = Arc::new(std::mem::take(&mut c.out));
+                    cache.services.insert(svc.key.clone(), out.clone());
+                    out
+                }
             };
-            assemble(&mut snap, &svc.key, &entry.out);
+            assemble(&mut snap, &svc.key, &out);
         }
         cache.services.retain(|k, _| seen.contains(k));
         snap.listeners.sort();
@@ -1082,5 +1086,30 @@ mod tests {
         assert_eq!(fe(&fourth, "10.96.0.10:80").service.name, "c");
         assert!(fourth.health_checks.is_empty() && fourth.listeners().is_empty());
         assert_eq!(cache.services.len(), 2);
+
+        // A slice moving from b to c changes both; nothing changed, nothing
+        // compiled: the same frontends again.
+        st.apply(Update::Upsert(Box::new(Object::EndpointSlice(slice(
+            "b-1",
+            "c",
+            8080,
+            vec![ep("10.0.0.4", "node-b", true, false)],
+        )))));
+        let fifth = st.compile_with(&ctx, &metrics, 5, &mut cache);
+        assert_eq!(served(&fifth), served(&st.compile(&ctx, &metrics, 5)));
+        assert!(fe(&fifth, "10.96.0.11:80").endpoints.is_empty());
+        assert_eq!(
+            &*fe(&fifth, "10.96.0.10:80").endpoints,
+            &["10.0.0.4:8080".parse().unwrap()]
+        );
+        let sixth = st.compile_with(&ctx, &metrics, 6, &mut cache);
+        assert!(Arc::ptr_eq(
+            &fe(&fifth, "10.96.0.11:80"),
+            &fe(&sixth, "10.96.0.11:80")
+        ));
+        assert!(Arc::ptr_eq(
+            &fe(&fifth, "10.96.0.10:80"),
+            &fe(&sixth, "10.96.0.10:80")
+        ));
     }
 }
