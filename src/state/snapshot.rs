@@ -2,7 +2,7 @@
 //! All policy filtering happens here, once per change, never per connection.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -285,6 +285,8 @@ pub struct CompileCache {
     ctx: Option<NodeContext>,
     zone: Option<String>,
     services: HashMap<ObjectKey, Arc<ServiceOut>>,
+    /// Frontends of the last snapshot, to size the next one's map.
+    frontends: usize,
 }
 
 impl Compiler<'_> {
@@ -485,8 +487,17 @@ impl Store {
             cache.ctx = Some(ctx.clone());
             cache.zone = zone.map(str::to_string);
         }
+        // A changed Service is compiled again; one that is gone (or no
+        // longer ours) simply leaves the cache.
+        for k in &dirty.services {
+            cache.services.remove(k);
+        }
         let derived = self.selector_slices();
-        let by_service = self.slices_by_service(&derived);
+        // Grouping every slice costs a pass over all of them: only worth it
+        // when many Services need their slices; a few look theirs up.
+        let by_service = (cache.services.len() < self.services.len() / 2
+            || dirty.services.len() > 64)
+            .then(|| self.slices_by_service(&derived));
         let mut c = Compiler {
             ctx,
             metrics,
@@ -495,26 +506,35 @@ impl Store {
         };
         let mut snap = Snapshot {
             generation,
+            frontends: HashMap::with_capacity(cache.frontends),
             ..Snapshot::default()
         };
-        let mut seen: HashSet<&ObjectKey> = HashSet::with_capacity(self.services.len());
         for svc in self.services.values() {
             if !svc.is_proxied(&ctx.proxy_name) {
                 continue;
             }
-            let slices = by_service
-                .get(&(svc.key.namespace.as_str(), svc.key.name.as_str()))
-                .map(Vec::as_slice)
-                .unwrap_or(&[]);
-            seen.insert(&svc.key);
-            let cached = cache
-                .services
-                .get(&svc.key)
-                .filter(|_| !dirty.services.contains(&svc.key))
-                .cloned();
-            let out = match cached {
-                Some(out) => out,
+            let out = match cache.services.get(&svc.key) {
+                Some(out) => out.clone(),
                 None => {
+                    let found;
+                    let slices: &[&EndpointSlice] = match &by_service {
+                        Some(map) => map
+                            .get(&(svc.key.namespace.as_str(), svc.key.name.as_str()))
+                            .map(Vec::as_slice)
+                            .unwrap_or(&[]),
+                        None => {
+                            found = self
+                                .slices
+                                .values()
+                                .chain(&derived)
+                                .filter(|s| {
+                                    s.service_name == svc.key.name
+                                        && s.key.namespace == svc.key.namespace
+                                })
+                                .collect::<Vec<_>>();
+                            &found
+                        }
+                    };
                     c.out = ServiceOut::default();
                     c.service(svc, slices, zone);
                     let out = Arc::new(std::mem::take(&mut c.out));
@@ -524,7 +544,7 @@ impl Store {
             };
             assemble(&mut snap, &svc.key, &out);
         }
-        cache.services.retain(|k, _| seen.contains(k));
+        cache.frontends = snap.frontends.len();
         snap.listeners.sort();
         snap.listeners.dedup();
         snap.health_checks.sort_by_key(|h| h.port);
@@ -535,15 +555,21 @@ impl Store {
 /// Adds one Service's frontends to the snapshot; a frontend already claimed
 /// by an earlier Service stays with it (first one wins) and is reported.
 fn assemble(snap: &mut Snapshot, service: &ObjectKey, out: &ServiceOut) {
+    use std::collections::hash_map::Entry;
     for (key, fe, listener) in &out.frontends {
-        if let Some(prev) = snap.frontends.get(key) {
-            snap.conflicts.push(format!(
-                "{} {}: claimed by {} and {}; {} wins",
-                key.proto, key.addr, prev.service, service, prev.service
-            ));
-            continue;
+        match snap.frontends.entry(*key) {
+            Entry::Occupied(prev) => {
+                let prev = &prev.get().service;
+                snap.conflicts.push(format!(
+                    "{} {}: claimed by {prev} and {service}; {prev} wins",
+                    key.proto, key.addr
+                ));
+                continue;
+            }
+            Entry::Vacant(v) => {
+                v.insert(fe.clone());
+            }
         }
-        snap.frontends.insert(*key, fe.clone());
         if let Some(l) = listener {
             snap.listeners.push(l.clone());
         }
