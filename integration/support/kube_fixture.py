@@ -41,6 +41,7 @@ JSON line to stdout (and to --info FILE when given).
 """
 
 import argparse
+import bisect
 import json
 import os
 import socket
@@ -67,7 +68,10 @@ class World:
         self.rv = 1
         self.compacted = 0  # a resume from rv < compacted is expired
         self.objects = {name: {} for name in RESOURCES}
-        self.log = []  # (rv, resource, type, object)
+        # Per resource: events in resourceVersion order, and their versions
+        # (for bisect: a watch finds its place without scanning the log).
+        self.log = {name: [] for name in RESOURCES}  # (rv, resource, type, object)
+        self.log_rvs = {name: [] for name in RESOURCES}
         self.drop_gen = 0
         self.held = set()
         self.stopped = False
@@ -87,7 +91,8 @@ class World:
         obj["apiVersion"], obj["kind"] = api_version, kind
         kind_of = "MODIFIED" if key in self.objects[resource] else "ADDED"
         self.objects[resource][key] = obj
-        self.log.append((rv, resource, kind_of, obj))
+        self.log[resource].append((rv, resource, kind_of, obj))
+        self.log_rvs[resource].append(rv)
 
     def delete(self, resource, namespace, name):
         obj = self.objects[resource].pop((namespace or "", name), None)
@@ -96,13 +101,22 @@ class World:
         rv = self._bump()
         gone = json.loads(json.dumps(obj))
         gone["metadata"]["resourceVersion"] = str(rv)
-        self.log.append((rv, resource, "DELETED", gone))
+        self.log[resource].append((rv, resource, "DELETED", gone))
+        self.log_rvs[resource].append(rv)
         return True
 
     def expire(self):
         """Compacts everything up to a fresh resourceVersion."""
         self.compacted = self._bump()
-        self.log = [e for e in self.log if e[0] >= self.compacted]
+        for name in RESOURCES:
+            i = bisect.bisect_left(self.log_rvs[name], self.compacted)
+            del self.log[name][:i]
+            del self.log_rvs[name][:i]
+
+    def since(self, resource, rv):
+        """Events of `resource` after resourceVersion `rv`."""
+        i = bisect.bisect_right(self.log_rvs[resource], rv)
+        return self.log[resource][i:]
 
 
 WORLD = World()
@@ -236,13 +250,13 @@ class ApiHandler(BaseHTTPRequestHandler):
                 self.chunk(ev)
             while True:
                 with WORLD.cond:
-                    pending = [e for e in WORLD.log if e[0] > last and e[1] == resource]
+                    pending = WORLD.since(resource, last)
                     if not pending:
                         now = time.monotonic()
                         wait = min(deadline, next_bookmark if bookmarks else deadline) - now
                         if WORLD.drop_gen == drop_gen and not WORLD.stopped and wait > 0:
                             WORLD.cond.wait(wait)
-                        pending = [e for e in WORLD.log if e[0] > last and e[1] == resource]
+                        pending = WORLD.since(resource, last)
                     if WORLD.drop_gen != drop_gen or WORLD.stopped:
                         break
                     current_rv = WORLD.rv
@@ -397,6 +411,8 @@ def main():
             for op in json.load(f):
                 if op["op"] == "apply":
                     WORLD.apply(op["resource"], op["object"])
+        # The watch cache starts now, as when an API server starts.
+        WORLD.expire()
     start_api()
     control = ThreadingHTTPServer(("127.0.0.1", 0), ControlHandler)
     control.daemon_threads = True
