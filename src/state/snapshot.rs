@@ -287,7 +287,36 @@ pub struct CompileCache {
     services: HashMap<ObjectKey, Arc<ServiceOut>>,
     /// Frontends of the last snapshot, to size the next one's map.
     frontends: usize,
+    /// The last snapshot's parts, patched when few Services change.
+    last: Option<Last>,
 }
+
+/// What a snapshot holds, kept to build the next one by patching.
+#[derive(Debug)]
+struct Last {
+    frontends: HashMap<FrontendKey, Arc<Frontend>>,
+    listeners: Vec<ListenerSpec>,
+    health_checks: Vec<HealthCheck>,
+    conflicts: usize,
+    no_local_internal: usize,
+    no_local_external: usize,
+}
+
+impl Last {
+    fn of(snap: &Snapshot) -> Last {
+        Last {
+            frontends: snap.frontends.clone(),
+            listeners: snap.listeners.clone(),
+            health_checks: snap.health_checks.clone(),
+            conflicts: snap.conflicts.len(),
+            no_local_internal: snap.no_local_internal,
+            no_local_external: snap.no_local_external,
+        }
+    }
+}
+
+/// Above this many changed Services a full assembly is cheaper than patching.
+const PATCH_MAX: usize = 64;
 
 impl Compiler<'_> {
     #[allow(clippy::too_many_arguments)]
@@ -486,6 +515,10 @@ impl Store {
             cache.services.clear();
             cache.ctx = Some(ctx.clone());
             cache.zone = zone.map(str::to_string);
+            cache.last = None;
+        }
+        if let Some(snap) = self.patch(ctx, metrics, generation, cache, dirty, zone) {
+            return snap;
         }
         // A changed Service is compiled again; one that is gone (or no
         // longer ours) simply leaves the cache.
@@ -548,7 +581,109 @@ impl Store {
         snap.listeners.sort();
         snap.listeners.dedup();
         snap.health_checks.sort_by_key(|h| h.port);
+        cache.last = Some(Last::of(&snap));
         snap
+    }
+
+    /// The next snapshot as the last one with the changed Services' parts
+    /// taken out and their new parts put in: O(changed), not O(all). `None`
+    /// (do a full assembly) when the order of Services could matter (a
+    /// frontend or healthCheckNodePort claimed twice, before or now), when
+    /// Pods derive slices, or when many Services changed.
+    fn patch(
+        &self,
+        ctx: &NodeContext,
+        metrics: &Metrics,
+        generation: u64,
+        cache: &mut CompileCache,
+        dirty: &Dirty,
+        zone: Option<&str>,
+    ) -> Option<Snapshot> {
+        let last = cache.last.as_ref()?;
+        if last.conflicts > 0 || dirty.services.len() > PATCH_MAX || !self.pods.is_empty() {
+            return None;
+        }
+        let mut frontends = last.frontends.clone();
+        let mut listeners = last.listeners.clone();
+        let mut health_checks = last.health_checks.clone();
+        let mut no_local_internal = last.no_local_internal;
+        let mut no_local_external = last.no_local_external;
+        for k in &dirty.services {
+            let Some(old) = cache.services.remove(k) else {
+                continue;
+            };
+            for (key, fe, listener) in &old.frontends {
+                if frontends.get(key).is_some_and(|f| Arc::ptr_eq(f, fe)) {
+                    frontends.remove(key);
+                    if let Some(i) = listener
+                        .as_ref()
+                        .and_then(|l| listeners.binary_search(l).ok())
+                    {
+                        listeners.remove(i);
+                    }
+                }
+            }
+            if let Some(h) = &old.health_check {
+                health_checks.retain(|x| x != h);
+            }
+            no_local_internal = no_local_internal.saturating_sub(old.no_local_internal);
+            no_local_external = no_local_external.saturating_sub(old.no_local_external);
+        }
+        let mut c = Compiler {
+            ctx,
+            metrics,
+            local: ctx.local_addresses.iter().copied().collect(),
+            out: ServiceOut::default(),
+        };
+        for k in &dirty.services {
+            let Some(svc) = self.services.get(k) else {
+                continue;
+            };
+            if !svc.is_proxied(&ctx.proxy_name) {
+                continue;
+            }
+            let slices: Vec<&EndpointSlice> = self
+                .slices
+                .values()
+                .filter(|s| s.service_name == k.name && s.key.namespace == k.namespace)
+                .collect();
+            c.out = ServiceOut::default();
+            c.service(svc, &slices, zone);
+            let out = Arc::new(std::mem::take(&mut c.out));
+            cache.services.insert(k.clone(), out.clone());
+            for (key, fe, listener) in &out.frontends {
+                if frontends.insert(*key, fe.clone()).is_some() {
+                    return None;
+                }
+                if let Some(l) = listener {
+                    match listeners.binary_search(l) {
+                        Ok(_) => return None,
+                        Err(i) => listeners.insert(i, l.clone()),
+                    }
+                }
+            }
+            if let Some(h) = &out.health_check {
+                if health_checks.iter().any(|x| x.port == h.port) {
+                    return None;
+                }
+                health_checks.push(h.clone());
+            }
+            no_local_internal += out.no_local_internal;
+            no_local_external += out.no_local_external;
+        }
+        health_checks.sort_by_key(|h| h.port);
+        let snap = Snapshot {
+            generation,
+            frontends,
+            listeners,
+            no_local_internal,
+            no_local_external,
+            conflicts: Vec::new(),
+            health_checks,
+        };
+        cache.frontends = snap.frontends.len();
+        cache.last = Some(Last::of(&snap));
+        Some(snap)
     }
 }
 
@@ -1137,5 +1272,48 @@ mod tests {
             &fe(&fifth, "10.96.0.10:80"),
             &fe(&sixth, "10.96.0.10:80")
         ));
+
+        // Patched in place (no conflicts left): a NodePort Service with a
+        // health check comes, changes and goes.
+        let mut d = svc("d");
+        d.cluster_ips = vec!["10.96.0.12".parse().unwrap()];
+        d.service_type = ServiceType::NodePort;
+        d.ports[0].node_port = Some(30081);
+        d.external_policy = TrafficPolicy::Local;
+        d.health_check_node_port = Some(30998);
+        let d_slice = |ip: &str| {
+            Object::EndpointSlice(slice("d-1", "d", 8080, vec![ep(ip, "node-a", true, false)]))
+        };
+        let steps = vec![
+            vec![
+                Update::Upsert(Box::new(Object::Service(d.clone()))),
+                Update::Upsert(Box::new(d_slice("10.0.0.5"))),
+            ],
+            vec![Update::Upsert(Box::new(d_slice("10.0.0.6")))],
+            vec![Update::Delete(
+                Kind::EndpointSlice,
+                ObjectKey::new("default", "d-1"),
+            )],
+            vec![Update::Delete(
+                Kind::Service,
+                ObjectKey::new("default", "d"),
+            )],
+        ];
+        for (i, updates) in steps.into_iter().enumerate() {
+            for u in updates {
+                st.apply(u);
+            }
+            let g = 7 + i as u64;
+            let patched = st.compile_with(&ctx, &metrics, g, &mut cache);
+            let full = st.compile(&ctx, &metrics, g);
+            assert_eq!(served(&patched), served(&full), "step {i}");
+            assert_eq!(patched.no_local_external, full.no_local_external);
+            assert!(cache.last.is_some());
+            assert!(Arc::ptr_eq(
+                &fe(&sixth, "10.96.0.11:80"),
+                &fe(&patched, "10.96.0.11:80")
+            ));
+        }
+        assert_eq!(cache.services.len(), 2);
     }
 }
