@@ -73,9 +73,24 @@ fn bench(c: &mut Criterion) {
     });
     // One EndpointSlice changed between compiles, with the cache the control
     // loop keeps: only that Service is compiled again.
+    // Unique nodePorts here (the objects above reuse some, and a frontend
+    // claimed twice makes every compile a full one).
+    let mut next_port = 30000u16;
+    let unique: Vec<Object> = objects(10_000, 10)
+        .into_iter()
+        .map(|o| match o {
+            Object::Service(mut s) if s.ports[0].node_port.is_some() => {
+                s.ports[0].node_port = Some(next_port);
+                next_port += 1;
+                Object::Service(s)
+            }
+            other => other,
+        })
+        .collect();
+    let mut changed = Store::new();
+    changed.apply(Update::Reset(unique));
     let mut cache = CompileCache::default();
-    store.compile_with(&ctx, &metrics, 1, &mut cache);
-    let mut changed = store.clone();
+    changed.compile_with(&ctx, &metrics, 1, &mut cache);
     let flip = objects(1, 10).pop().map(|o| match o {
         Object::EndpointSlice(mut s) => {
             s.endpoints.truncate(5);
