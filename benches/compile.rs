@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use criterion::{criterion_group, criterion_main, Criterion};
 use ringvip::discovery::Update;
 use ringvip::model::*;
-use ringvip::state::{NodeContext, Store};
+use ringvip::state::{CompileCache, NodeContext, Store};
 use ringvip::telemetry::Metrics;
 
 fn objects(services: u32, per: u32) -> Vec<Object> {
@@ -70,6 +70,46 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10);
     g.bench_function("10k_services_x_10_endpoints", |b| {
         b.iter(|| store.compile(&ctx, &metrics, 1))
+    });
+    // One EndpointSlice changed between compiles, with the cache the control
+    // loop keeps: only that Service is compiled again.
+    // Unique nodePorts here (the objects above reuse some, and a frontend
+    // claimed twice makes every compile a full one).
+    let mut next_port = 30000u16;
+    let unique: Vec<Object> = objects(10_000, 10)
+        .into_iter()
+        .map(|o| match o {
+            Object::Service(mut s) if s.ports[0].node_port.is_some() => {
+                s.ports[0].node_port = Some(next_port);
+                next_port += 1;
+                Object::Service(s)
+            }
+            other => other,
+        })
+        .collect();
+    let mut changed = Store::new();
+    changed.apply(Update::Reset(unique));
+    let mut cache = CompileCache::default();
+    changed.compile_with(&ctx, &metrics, 1, &mut cache);
+    let flip = objects(1, 10).pop().map(|o| match o {
+        Object::EndpointSlice(mut s) => {
+            s.endpoints.truncate(5);
+            Object::EndpointSlice(s)
+        }
+        other => other,
+    });
+    g.bench_function("one_slice_changed_10k_services_cached", |b| {
+        let mut n = 0u64;
+        b.iter(|| {
+            // Alternate the slice so every iteration sees a change.
+            n += 1;
+            if n.is_multiple_of(2) {
+                changed.apply(Update::Upsert(Box::new(flip.clone().unwrap())));
+            } else {
+                changed.apply(Update::Upsert(Box::new(objects(1, 10).pop().unwrap())));
+            }
+            changed.compile_with(&ctx, &metrics, n, &mut cache)
+        })
     });
     g.finish();
 }

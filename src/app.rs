@@ -13,6 +13,7 @@ use crate::config::{self, Settings};
 use crate::dataplane::tun::{self, TunSettings};
 use crate::dataplane::{socket, DataPlaneSettings, Shared};
 use crate::discovery::file::FileSource;
+use crate::discovery::kube;
 use crate::discovery::Update;
 use crate::dns::server::Dns;
 use crate::healthcheck::HealthCheckServers;
@@ -212,8 +213,13 @@ async fn control(
 
     let (tx, mut rx) = mpsc::channel::<Update>(64);
     let reload = Arc::new(Notify::new());
-    let source = FileSource::new(settings.manifests.clone(), settings.limits.clone());
-    tokio::spawn(source.run(tx, reload.clone()));
+    let tracker = if settings.kube {
+        Some(start_kube(&settings, &ctx, tx, &metrics, &health).await?)
+    } else {
+        let source = FileSource::new(settings.manifests.clone(), settings.limits.clone());
+        tokio::spawn(source.run(tx, reload.clone()));
+        None
+    };
     on_ready(bound);
 
     // Forget ClientIP affinity entries that outlived their timeout.
@@ -235,6 +241,8 @@ async fn control(
         settings.health_timeout,
     );
     let mut generation = 0u64;
+    // Unchanged Services are not compiled again (see CompileCache).
+    let mut compile_cache = crate::state::CompileCache::default();
     loop {
         tokio::select! {
             u = rx.recv() => {
@@ -249,7 +257,7 @@ async fn control(
                     changes.other += c.other;
                 }
                 generation += 1;
-                let snap = Arc::new(store.compile(&ctx, &metrics, generation));
+                let snap = Arc::new(store.compile_with(&ctx, &metrics, generation, &mut compile_cache));
                 // DNS view of the same objects, published with the snapshot.
                 if let Some(d) = &dns {
                     d.publish(&store, generation);
@@ -272,6 +280,9 @@ async fn control(
                 metrics.add_service_changes(changes.services);
                 metrics.add_endpoint_changes(changes.endpoints);
                 let now = SystemTime::now();
+                if let Some(t) = &tracker {
+                    kube::published(t, &metrics, now);
+                }
                 metrics.set_last_sync(now);
                 health.set_node_deleting(store.node(&ctx.node_name).is_some_and(|n| n.deleting));
                 health.applied(now);
@@ -289,6 +300,35 @@ async fn control(
         }
     }
     Ok(())
+}
+
+/// Starts the API source (see [`kube`]); the returned tracker carries its
+/// pending changes to the control loop.
+async fn start_kube(
+    settings: &Settings,
+    ctx: &NodeContext,
+    tx: mpsc::Sender<Update>,
+    metrics: &Arc<Metrics>,
+    health: &Arc<Health>,
+) -> anyhow::Result<Arc<kube::Tracker>> {
+    let client = kube::client(settings.kubeconfig.as_deref()).await?;
+    let tracker = Arc::new(kube::Tracker::default());
+    let filter = kube::Filter {
+        proxy_name: ctx.proxy_name.clone(),
+        keep_headless: settings.dns_addr.is_some(),
+    };
+    let source = kube::KubeSource::new(
+        client,
+        ctx.node_name.clone(),
+        filter,
+        settings.limits.clone(),
+        tracker.clone(),
+        metrics.clone(),
+        health.clone(),
+    );
+    tracing::info!(node = %ctx.node_name, "watching the Kubernetes API");
+    tokio::spawn(source.run(tx));
+    Ok(tracker)
 }
 
 /// Stops taking new flows and waits up to `timeout` for relayed connections

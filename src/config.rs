@@ -103,6 +103,10 @@ pub struct SettingsFile {
     pub max_connections_per_frontend: Option<usize>,
     /// TCP relay idle timeout, seconds (0: never).
     pub tcp_idle_timeout_secs: Option<u64>,
+    /// Watch the Kubernetes API instead of manifests.
+    pub kube: Option<bool>,
+    /// Kubeconfig for `kube` (default: `$KUBECONFIG` / `~/.kube/config`, else in-cluster).
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// Validated process settings.
@@ -167,6 +171,10 @@ pub struct Settings {
     /// than IPVS's 900 s because a proxy's sockets never see TCP keepalive
     /// probes (the kernel answers them), so keepalive-only connections look idle.
     pub tcp_idle_timeout: Duration,
+    /// Objects come from the Kubernetes API (watch) instead of manifests.
+    pub kube: bool,
+    /// Kubeconfig for the API source; `None` infers (kubeconfig, else in-cluster).
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -202,6 +210,8 @@ impl Default for Settings {
             max_connections: 0,
             max_connections_per_frontend: 0,
             tcp_idle_timeout: Duration::from_secs(3600),
+            kube: false,
+            kubeconfig: None,
         }
     }
 }
@@ -236,6 +246,12 @@ pub enum SettingsError {
     /// DNS TTL out of range.
     #[error("dns-ttl {0}: expected 0..=3600")]
     DnsTtl(u32),
+    /// Both sources at once: a manifest reload would replace the API's objects.
+    #[error("kube and manifests are exclusive: give one source of objects")]
+    TwoSources,
+    /// A kubeconfig without the API source.
+    #[error("kubeconfig is only used with kube")]
+    KubeconfigWithoutKube,
 }
 
 /// Parses `LOW-HIGH`.
@@ -337,6 +353,12 @@ impl Settings {
         if let Some(v) = f.tcp_idle_timeout_secs {
             self.tcp_idle_timeout = Duration::from_secs(v);
         }
+        if let Some(v) = f.kube {
+            self.kube = v;
+        }
+        if f.kubeconfig.is_some() {
+            self.kubeconfig = f.kubeconfig;
+        }
         Ok(())
     }
 
@@ -365,6 +387,12 @@ impl Settings {
         }
         if self.dns_ttl > 3600 {
             return Err(SettingsError::DnsTtl(self.dns_ttl));
+        }
+        if self.kube && !self.manifests.is_empty() {
+            return Err(SettingsError::TwoSources);
+        }
+        if !self.kube && self.kubeconfig.is_some() {
+            return Err(SettingsError::KubeconfigWithoutKube);
         }
         if self.tun_max_connections == 0 {
             return Err(SettingsError::Zero("tun-max-connections"));
@@ -545,6 +573,22 @@ mod tests {
         );
         assert!(s.tcp_idle_timeout.is_zero());
         s.validate().unwrap();
+    }
+
+    #[test]
+    fn kube_settings_come_from_the_file_and_exclude_manifests() {
+        let f: SettingsFile =
+            serde_yaml::from_str("kube: true\nkubeconfig: /etc/kc\nnode-name: n1\n").unwrap();
+        let mut s = Settings::default();
+        s.apply_file(f).unwrap();
+        assert!(s.kube);
+        assert_eq!(s.kubeconfig, Some(PathBuf::from("/etc/kc")));
+        assert_eq!(s.validate(), Ok(()));
+        s.manifests = vec![PathBuf::from("m.yaml")];
+        assert_eq!(s.validate(), Err(SettingsError::TwoSources));
+        s.manifests.clear();
+        s.kube = false;
+        assert_eq!(s.validate(), Err(SettingsError::KubeconfigWithoutKube));
     }
 
     #[test]

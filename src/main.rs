@@ -153,6 +153,13 @@ struct RunArgs {
     /// byte either way; 0 disables [default: 3600].
     #[arg(long, value_name = "SECS")]
     tcp_idle_timeout_secs: Option<u64>,
+    /// Watch Services, EndpointSlices and this Node on the Kubernetes API
+    /// (in-cluster, or --kubeconfig) instead of reading manifests.
+    #[arg(long, conflicts_with = "manifests")]
+    kube: bool,
+    /// Kubeconfig for --kube [default: $KUBECONFIG or ~/.kube/config, else in-cluster].
+    #[arg(long, value_name = "FILE", requires = "kube")]
+    kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -230,11 +237,15 @@ fn run_settings(a: RunArgs) -> anyhow::Result<Settings> {
         max_connections: a.max_connections,
         max_connections_per_frontend: a.max_connections_per_frontend,
         tcp_idle_timeout_secs: a.tcp_idle_timeout_secs,
+        kube: a.kube.then_some(true),
+        kubeconfig: a.kubeconfig,
         ..SettingsFile::default()
     };
     let s = settings(&a.common, flags)?;
-    if s.manifests.is_empty() {
-        anyhow::bail!("no manifests: give --manifests PATH (or `manifests:` in --config)");
+    if s.manifests.is_empty() && !s.kube {
+        anyhow::bail!(
+            "no source: give --manifests PATH or --kube (or `manifests:` / `kube: true` in --config)"
+        );
     }
     s.validate()?;
     Ok(s)

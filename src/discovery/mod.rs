@@ -4,6 +4,7 @@
 
 pub mod convert;
 pub mod file;
+pub mod kube;
 pub mod selector;
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ pub mod topology;
 mod proptests;
 
 pub use snapshot::{
-    EmptyAction, Frontend, FrontendKey, FrontendKind, HealthCheck, ListenerMode, ListenerSpec,
-    NodeContext, Snapshot,
+    CompileCache, EmptyAction, Frontend, FrontendKey, FrontendKind, HealthCheck, ListenerMode,
+    ListenerSpec, NodeContext, Snapshot,
 };
 pub use store::{Changes, Store};

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use super::store::Store;
+use super::store::{Dirty, Store};
 use super::topology::{categorize, Candidate, Usable};
 use crate::balance::affinity::PortId;
 use crate::model::{
@@ -263,8 +263,63 @@ struct Compiler<'a> {
     ctx: &'a NodeContext,
     metrics: &'a Metrics,
     local: BTreeSet<IpAddr>,
-    snap: Snapshot,
+    /// What the Service being compiled contributes.
+    out: ServiceOut,
 }
+
+/// One Service's contribution to a snapshot, before conflicts between
+/// Services are resolved: reusable as long as the Service, its slices and the
+/// zone are unchanged.
+#[derive(Debug, Default)]
+struct ServiceOut {
+    /// Frontends in creation order, each with its kernel listener if any.
+    frontends: Vec<(FrontendKey, Arc<Frontend>, Option<ListenerSpec>)>,
+    health_check: Option<HealthCheck>,
+    no_local_internal: usize,
+    no_local_external: usize,
+}
+
+/// Compiled Services kept between compiles, so a change recompiles only the
+/// Services whose Service object or EndpointSlices changed (kube-proxy's
+/// partial sync): at 10,000 Services, one endpoint change no longer costs a
+/// full compile. Reused frontends keep their `Arc` (and metric handles).
+#[derive(Debug, Default)]
+pub struct CompileCache {
+    ctx: Option<NodeContext>,
+    zone: Option<String>,
+    services: HashMap<ObjectKey, Arc<ServiceOut>>,
+    /// Frontends of the last snapshot, to size the next one's map.
+    frontends: usize,
+    /// The last snapshot's parts, patched when few Services change.
+    last: Option<Last>,
+}
+
+/// What a snapshot holds, kept to build the next one by patching.
+#[derive(Debug)]
+struct Last {
+    frontends: HashMap<FrontendKey, Arc<Frontend>>,
+    listeners: Vec<ListenerSpec>,
+    health_checks: Vec<HealthCheck>,
+    conflicts: usize,
+    no_local_internal: usize,
+    no_local_external: usize,
+}
+
+impl Last {
+    fn of(snap: &Snapshot) -> Last {
+        Last {
+            frontends: snap.frontends.clone(),
+            listeners: snap.listeners.clone(),
+            health_checks: snap.health_checks.clone(),
+            conflicts: snap.conflicts.len(),
+            no_local_internal: snap.no_local_internal,
+            no_local_external: snap.no_local_external,
+        }
+    }
+}
+
+/// Above this many changed Services a full assembly is cheaper than patching.
+const PATCH_MAX: usize = 64;
 
 impl Compiler<'_> {
     #[allow(clippy::too_many_arguments)]
@@ -296,13 +351,6 @@ impl Compiler<'_> {
             addr,
             proto: sp.protocol,
         };
-        if let Some(prev) = self.snap.frontends.get(&key) {
-            self.snap.conflicts.push(format!(
-                "{} {}: claimed by {} and {}; {} wins",
-                sp.protocol, addr, prev.service, svc.key, prev.service
-            ));
-            return;
-        }
         let fe = Frontend {
             service: svc.key.clone(),
             port_name: sp.name.clone(),
@@ -329,22 +377,21 @@ impl Compiler<'_> {
         };
         // 127.0.0.0/8 is routed locally as a whole on Linux, not just 127.0.0.1.
         let local = addr.ip().is_loopback() || self.local.contains(&addr.ip());
+        let mut listener = None;
         if kind != FrontendKind::ClusterIp && local {
             let mode = match (fe.endpoints.is_empty(), fe.when_empty) {
                 (false, _) => Some(ListenerMode::Accept),
                 (true, EmptyAction::Drop) => Some(ListenerMode::Drop),
                 (true, EmptyAction::Refuse) => None,
             };
-            if let Some(mode) = mode {
-                self.snap.listeners.push(ListenerSpec {
-                    addr,
-                    proto: sp.protocol,
-                    mode,
-                    allow: fe.source_ranges.iter().copied().collect(),
-                });
-            }
+            listener = mode.map(|mode| ListenerSpec {
+                addr,
+                proto: sp.protocol,
+                mode,
+                allow: fe.source_ranges.iter().copied().collect(),
+            });
         }
-        self.snap.frontends.insert(key, Arc::new(fe));
+        self.out.frontends.push((key, Arc::new(fe), listener));
     }
 
     fn service(&mut self, svc: &Service, slices: &[&EndpointSlice], zone: Option<&str>) {
@@ -372,12 +419,12 @@ impl Compiler<'_> {
             let any_cluster = !eps.v4.cluster.is_empty() || !eps.v6.cluster.is_empty();
             let no_local = eps.v4.local.is_empty() && eps.v6.local.is_empty() && any_cluster;
             if no_local && svc.internal_policy == TrafficPolicy::Local {
-                self.snap.no_local_internal += 1;
+                self.out.no_local_internal += 1;
             }
             let external =
                 svc.service_type != ServiceType::ClusterIp || !svc.external_ips.is_empty();
             if no_local && external && svc.external_policy == TrafficPolicy::Local {
-                self.snap.no_local_external += 1;
+                self.out.no_local_external += 1;
             }
 
             for ip in &svc.cluster_ips {
@@ -427,7 +474,7 @@ impl Compiler<'_> {
         if let (Some(port), TrafficPolicy::Local) =
             (svc.health_check_node_port, svc.external_policy)
         {
-            self.snap.health_checks.push(HealthCheck {
+            self.out.health_check = Some(HealthCheck {
                 port,
                 service: svc.key.clone(),
                 local_endpoints: local_ready.len(),
@@ -439,37 +486,244 @@ impl Compiler<'_> {
 impl Store {
     /// Compiles the current objects into a snapshot for this node.
     pub fn compile(&self, ctx: &NodeContext, metrics: &Metrics, generation: u64) -> Snapshot {
+        let all = Dirty {
+            all: true,
+            ..Dirty::default()
+        };
+        self.compile_dirty(ctx, metrics, generation, &mut CompileCache::default(), &all)
+    }
+
+    /// Like [`Store::compile`], reusing from `cache` every Service whose
+    /// Service object and EndpointSlices did not change (the store tracks
+    /// them, see [`Store::take_dirty`]) and whose node context and zone are
+    /// the same as at the last compile. The result is the same as a full
+    /// compile. Use one cache per store: this consumes the store's record of
+    /// changes.
+    pub fn compile_with(
+        &mut self,
+        ctx: &NodeContext,
+        metrics: &Metrics,
+        generation: u64,
+        cache: &mut CompileCache,
+    ) -> Snapshot {
+        let dirty = self.take_dirty();
+        self.compile_dirty(ctx, metrics, generation, cache, &dirty)
+    }
+
+    fn compile_dirty(
+        &self,
+        ctx: &NodeContext,
+        metrics: &Metrics,
+        generation: u64,
+        cache: &mut CompileCache,
+        dirty: &Dirty,
+    ) -> Snapshot {
         let node = self.node(&ctx.node_name);
         let zone = ctx
             .zone
             .as_deref()
             .or_else(|| node.and_then(|n| n.zone.as_deref()));
+        if dirty.all || cache.ctx.as_ref() != Some(ctx) || cache.zone.as_deref() != zone {
+            cache.services.clear();
+            cache.ctx = Some(ctx.clone());
+            cache.zone = zone.map(str::to_string);
+            cache.last = None;
+        }
+        if let Some(snap) = self.patch(ctx, metrics, generation, cache, dirty, zone) {
+            return snap;
+        }
+        // A changed Service is compiled again; one that is gone (or no
+        // longer ours) simply leaves the cache.
+        for k in &dirty.services {
+            cache.services.remove(k);
+        }
         let derived = self.selector_slices();
-        let by_service = self.slices_by_service(&derived);
+        // Grouping every slice costs a pass over all of them: only worth it
+        // when many Services need their slices; a few look theirs up.
+        let by_service = (cache.services.len() < self.services.len() / 2
+            || dirty.services.len() > 64)
+            .then(|| self.slices_by_service(&derived));
         let mut c = Compiler {
             ctx,
             metrics,
             local: ctx.local_addresses.iter().copied().collect(),
-            snap: Snapshot {
-                generation,
-                ..Snapshot::default()
-            },
+            out: ServiceOut::default(),
+        };
+        let mut snap = Snapshot {
+            generation,
+            frontends: HashMap::with_capacity(cache.frontends),
+            ..Snapshot::default()
         };
         for svc in self.services.values() {
             if !svc.is_proxied(&ctx.proxy_name) {
                 continue;
             }
-            let slices = by_service
-                .get(&(svc.key.namespace.as_str(), svc.key.name.as_str()))
-                .map(Vec::as_slice)
-                .unwrap_or(&[]);
-            c.service(svc, slices, zone);
+            let out = match cache.services.get(&svc.key) {
+                Some(out) => out.clone(),
+                None => {
+                    let found;
+                    let slices: &[&EndpointSlice] = match &by_service {
+                        Some(map) => map
+                            .get(&(svc.key.namespace.as_str(), svc.key.name.as_str()))
+                            .map(Vec::as_slice)
+                            .unwrap_or(&[]),
+                        None => {
+                            found = self
+                                .slices
+                                .values()
+                                .chain(&derived)
+                                .filter(|s| {
+                                    s.service_name == svc.key.name
+                                        && s.key.namespace == svc.key.namespace
+                                })
+                                .collect::<Vec<_>>();
+                            &found
+                        }
+                    };
+                    c.out = ServiceOut::default();
+                    c.service(svc, slices, zone);
+                    let out = Arc::new(std::mem::take(&mut c.out));
+                    cache.services.insert(svc.key.clone(), out.clone());
+                    out
+                }
+            };
+            assemble(&mut snap, &svc.key, &out);
         }
-        c.snap.listeners.sort();
-        c.snap.listeners.dedup();
-        c.snap.health_checks.sort_by_key(|h| h.port);
-        c.snap
+        cache.frontends = snap.frontends.len();
+        snap.listeners.sort();
+        snap.listeners.dedup();
+        snap.health_checks.sort_by_key(|h| h.port);
+        cache.last = Some(Last::of(&snap));
+        snap
     }
+
+    /// The next snapshot as the last one with the changed Services' parts
+    /// taken out and their new parts put in: O(changed), not O(all). `None`
+    /// (do a full assembly) when the order of Services could matter (a
+    /// frontend or healthCheckNodePort claimed twice, before or now), when
+    /// Pods derive slices, or when many Services changed.
+    fn patch(
+        &self,
+        ctx: &NodeContext,
+        metrics: &Metrics,
+        generation: u64,
+        cache: &mut CompileCache,
+        dirty: &Dirty,
+        zone: Option<&str>,
+    ) -> Option<Snapshot> {
+        let last = cache.last.as_ref()?;
+        if last.conflicts > 0 || dirty.services.len() > PATCH_MAX || !self.pods.is_empty() {
+            return None;
+        }
+        let mut frontends = last.frontends.clone();
+        let mut listeners = last.listeners.clone();
+        let mut health_checks = last.health_checks.clone();
+        let mut no_local_internal = last.no_local_internal;
+        let mut no_local_external = last.no_local_external;
+        for k in &dirty.services {
+            let Some(old) = cache.services.remove(k) else {
+                continue;
+            };
+            for (key, fe, listener) in &old.frontends {
+                if frontends.get(key).is_some_and(|f| Arc::ptr_eq(f, fe)) {
+                    frontends.remove(key);
+                    if let Some(i) = listener
+                        .as_ref()
+                        .and_then(|l| listeners.binary_search(l).ok())
+                    {
+                        listeners.remove(i);
+                    }
+                }
+            }
+            if let Some(h) = &old.health_check {
+                health_checks.retain(|x| x != h);
+            }
+            no_local_internal = no_local_internal.saturating_sub(old.no_local_internal);
+            no_local_external = no_local_external.saturating_sub(old.no_local_external);
+        }
+        let mut c = Compiler {
+            ctx,
+            metrics,
+            local: ctx.local_addresses.iter().copied().collect(),
+            out: ServiceOut::default(),
+        };
+        for k in &dirty.services {
+            let Some(svc) = self.services.get(k) else {
+                continue;
+            };
+            if !svc.is_proxied(&ctx.proxy_name) {
+                continue;
+            }
+            let slices: Vec<&EndpointSlice> = self
+                .slices
+                .values()
+                .filter(|s| s.service_name == k.name && s.key.namespace == k.namespace)
+                .collect();
+            c.out = ServiceOut::default();
+            c.service(svc, &slices, zone);
+            let out = Arc::new(std::mem::take(&mut c.out));
+            cache.services.insert(k.clone(), out.clone());
+            for (key, fe, listener) in &out.frontends {
+                if frontends.insert(*key, fe.clone()).is_some() {
+                    return None;
+                }
+                if let Some(l) = listener {
+                    match listeners.binary_search(l) {
+                        Ok(_) => return None,
+                        Err(i) => listeners.insert(i, l.clone()),
+                    }
+                }
+            }
+            if let Some(h) = &out.health_check {
+                if health_checks.iter().any(|x| x.port == h.port) {
+                    return None;
+                }
+                health_checks.push(h.clone());
+            }
+            no_local_internal += out.no_local_internal;
+            no_local_external += out.no_local_external;
+        }
+        health_checks.sort_by_key(|h| h.port);
+        let snap = Snapshot {
+            generation,
+            frontends,
+            listeners,
+            no_local_internal,
+            no_local_external,
+            conflicts: Vec::new(),
+            health_checks,
+        };
+        cache.frontends = snap.frontends.len();
+        cache.last = Some(Last::of(&snap));
+        Some(snap)
+    }
+}
+
+/// Adds one Service's frontends to the snapshot; a frontend already claimed
+/// by an earlier Service stays with it (first one wins) and is reported.
+fn assemble(snap: &mut Snapshot, service: &ObjectKey, out: &ServiceOut) {
+    use std::collections::hash_map::Entry;
+    for (key, fe, listener) in &out.frontends {
+        match snap.frontends.entry(*key) {
+            Entry::Occupied(prev) => {
+                let prev = &prev.get().service;
+                snap.conflicts.push(format!(
+                    "{} {}: claimed by {prev} and {service}; {prev} wins",
+                    key.proto, key.addr
+                ));
+                continue;
+            }
+            Entry::Vacant(v) => {
+                v.insert(fe.clone());
+            }
+        }
+        if let Some(l) = listener {
+            snap.listeners.push(l.clone());
+        }
+    }
+    snap.health_checks.extend(out.health_check.clone());
+    snap.no_local_internal += out.no_local_internal;
+    snap.no_local_external += out.no_local_external;
 }
 
 #[cfg(test)]
@@ -892,5 +1146,186 @@ mod tests {
         ));
         assert_eq!(c.services, 1);
         assert_eq!(st.service_count(), 1);
+    }
+
+    /// What a snapshot serves, comparable across compiles.
+    type Served = Vec<(FrontendKey, Vec<SocketAddr>, EmptyAction, String)>;
+
+    fn served(s: &Snapshot) -> (Served, Vec<ListenerSpec>, Vec<String>, Vec<HealthCheck>) {
+        let mut f: Served = s
+            .frontends()
+            .map(|(k, fe)| {
+                (
+                    *k,
+                    fe.endpoints.to_vec(),
+                    fe.when_empty,
+                    fe.service.name.clone(),
+                )
+            })
+            .collect();
+        f.sort_by_key(|e| e.0);
+        (
+            f,
+            s.listeners().to_vec(),
+            s.conflicts.clone(),
+            s.health_checks.clone(),
+        )
+    }
+
+    #[test]
+    fn compile_cache_recompiles_only_what_changed_and_matches_a_full_compile() {
+        let mut a = svc("a");
+        a.service_type = ServiceType::NodePort;
+        a.ports[0].node_port = Some(30080);
+        a.external_policy = TrafficPolicy::Local;
+        a.health_check_node_port = Some(30999);
+        let mut b = svc("b");
+        b.cluster_ips = vec!["10.96.0.11".parse().unwrap()];
+        // c claims a's ClusterIP: a conflict, a wins.
+        let c = svc("c");
+        let mut st = Store::new();
+        st.apply(Update::Reset(vec![
+            Object::Service(a),
+            Object::Service(b),
+            Object::Service(c),
+            Object::EndpointSlice(slice(
+                "a-1",
+                "a",
+                8080,
+                vec![ep("10.0.0.1", "node-a", true, false)],
+            )),
+            Object::EndpointSlice(slice(
+                "b-1",
+                "b",
+                8080,
+                vec![ep("10.0.0.2", "node-b", true, false)],
+            )),
+        ]));
+        let (ctx, metrics) = (ctx(), Metrics::new());
+        let mut cache = CompileCache::default();
+        let first = st.compile_with(&ctx, &metrics, 1, &mut cache);
+        assert_eq!(served(&first), served(&st.compile(&ctx, &metrics, 1)));
+        assert_eq!(first.conflicts.len(), 1);
+        let fe = |s: &Snapshot, a: &str| s.frontend(&fkey(a, Protocol::Tcp)).unwrap().clone();
+
+        // b's endpoints change: only b is compiled again.
+        st.apply(Update::Upsert(Box::new(Object::EndpointSlice(slice(
+            "b-1",
+            "b",
+            8080,
+            vec![ep("10.0.0.3", "node-b", true, false)],
+        )))));
+        let second = st.compile_with(&ctx, &metrics, 2, &mut cache);
+        assert_eq!(served(&second), served(&st.compile(&ctx, &metrics, 2)));
+        assert!(Arc::ptr_eq(
+            &fe(&first, "10.96.0.10:80"),
+            &fe(&second, "10.96.0.10:80")
+        ));
+        assert!(Arc::ptr_eq(
+            &fe(&first, "192.0.2.1:30080"),
+            &fe(&second, "192.0.2.1:30080")
+        ));
+        assert!(!Arc::ptr_eq(
+            &fe(&first, "10.96.0.11:80"),
+            &fe(&second, "10.96.0.11:80")
+        ));
+        assert_eq!(
+            &*fe(&second, "10.96.0.11:80").endpoints,
+            &["10.0.0.3:8080".parse().unwrap()]
+        );
+
+        // The Node's zone changes: everything is compiled again.
+        st.apply(Update::Upsert(Box::new(Object::Node(Node {
+            name: "node-a".into(),
+            zone: Some("z1".into()),
+            addresses: vec![],
+            deleting: false,
+        }))));
+        let third = st.compile_with(&ctx, &metrics, 3, &mut cache);
+        assert_eq!(served(&third), served(&st.compile(&ctx, &metrics, 3)));
+        assert!(!Arc::ptr_eq(
+            &fe(&second, "10.96.0.10:80"),
+            &fe(&third, "10.96.0.10:80")
+        ));
+
+        // a deleted: c now owns the ClusterIP, a's NodePort and health check go.
+        st.apply(Update::Delete(
+            Kind::Service,
+            ObjectKey::new("default", "a"),
+        ));
+        let fourth = st.compile_with(&ctx, &metrics, 4, &mut cache);
+        assert_eq!(served(&fourth), served(&st.compile(&ctx, &metrics, 4)));
+        assert!(fourth.conflicts.is_empty());
+        assert_eq!(fe(&fourth, "10.96.0.10:80").service.name, "c");
+        assert!(fourth.health_checks.is_empty() && fourth.listeners().is_empty());
+        assert_eq!(cache.services.len(), 2);
+
+        // A slice moving from b to c changes both; nothing changed, nothing
+        // compiled: the same frontends again.
+        st.apply(Update::Upsert(Box::new(Object::EndpointSlice(slice(
+            "b-1",
+            "c",
+            8080,
+            vec![ep("10.0.0.4", "node-b", true, false)],
+        )))));
+        let fifth = st.compile_with(&ctx, &metrics, 5, &mut cache);
+        assert_eq!(served(&fifth), served(&st.compile(&ctx, &metrics, 5)));
+        assert!(fe(&fifth, "10.96.0.11:80").endpoints.is_empty());
+        assert_eq!(
+            &*fe(&fifth, "10.96.0.10:80").endpoints,
+            &["10.0.0.4:8080".parse().unwrap()]
+        );
+        let sixth = st.compile_with(&ctx, &metrics, 6, &mut cache);
+        assert!(Arc::ptr_eq(
+            &fe(&fifth, "10.96.0.11:80"),
+            &fe(&sixth, "10.96.0.11:80")
+        ));
+        assert!(Arc::ptr_eq(
+            &fe(&fifth, "10.96.0.10:80"),
+            &fe(&sixth, "10.96.0.10:80")
+        ));
+
+        // Patched in place (no conflicts left): a NodePort Service with a
+        // health check comes, changes and goes.
+        let mut d = svc("d");
+        d.cluster_ips = vec!["10.96.0.12".parse().unwrap()];
+        d.service_type = ServiceType::NodePort;
+        d.ports[0].node_port = Some(30081);
+        d.external_policy = TrafficPolicy::Local;
+        d.health_check_node_port = Some(30998);
+        let d_slice = |ip: &str| {
+            Object::EndpointSlice(slice("d-1", "d", 8080, vec![ep(ip, "node-a", true, false)]))
+        };
+        let steps = vec![
+            vec![
+                Update::Upsert(Box::new(Object::Service(d.clone()))),
+                Update::Upsert(Box::new(d_slice("10.0.0.5"))),
+            ],
+            vec![Update::Upsert(Box::new(d_slice("10.0.0.6")))],
+            vec![Update::Delete(
+                Kind::EndpointSlice,
+                ObjectKey::new("default", "d-1"),
+            )],
+            vec![Update::Delete(
+                Kind::Service,
+                ObjectKey::new("default", "d"),
+            )],
+        ];
+        for (i, updates) in steps.into_iter().enumerate() {
+            for u in updates {
+                st.apply(u);
+            }
+            let g = 7 + i as u64;
+            let patched = st.compile_with(&ctx, &metrics, g, &mut cache);
+            let full = st.compile(&ctx, &metrics, g);
+            assert_eq!(served(&patched), served(&full), "step {i}");
+            assert_eq!(patched.no_local_external, full.no_local_external);
+            assert!(cache.last.is_some());
+            assert!(Arc::ptr_eq(
+                &fe(&sixth, "10.96.0.11:80"),
+                &fe(&patched, "10.96.0.11:80")
+            ));
+        }
+        assert_eq!(cache.services.len(), 2);
     }
 }

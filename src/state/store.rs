@@ -1,7 +1,7 @@
 //! The single writer: holds the latest objects from the sources and compiles
 //! snapshots from them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::discovery::{selector, Update};
 use crate::model::{EndpointSlice, Kind, Node, Object, ObjectKey, Pod, Service};
@@ -31,6 +31,18 @@ pub struct Store {
     pub(crate) slices: BTreeMap<ObjectKey, EndpointSlice>,
     pub(crate) nodes: BTreeMap<String, Node>,
     pub(crate) pods: BTreeMap<ObjectKey, Pod>,
+    /// Services to compile again since the last [`Store::take_dirty`].
+    pub(crate) dirty: Dirty,
+}
+
+/// Which Services changed (their object or one of their slices) since the
+/// last compile with a cache; `all` after a reset or a Node/Pod change.
+#[derive(Debug, Default, Clone)]
+pub struct Dirty {
+    /// Everything must be compiled again.
+    pub all: bool,
+    /// Namespace and name of each changed Service.
+    pub services: HashSet<ObjectKey>,
 }
 
 fn count<K: Ord, V: PartialEq>(old: &BTreeMap<K, V>, new: &BTreeMap<K, V>) -> u64 {
@@ -59,10 +71,12 @@ impl Store {
                     other: count(&self.nodes, &next.nodes) + count(&self.pods, &next.pods),
                 };
                 *self = next;
+                self.dirty.all = true;
                 changes
             }
             Update::Upsert(o) => {
                 let kind = o.id().0;
+                self.mark(&o);
                 if self.upsert(*o) {
                     Changes::one(kind)
                 } else {
@@ -70,6 +84,19 @@ impl Store {
                 }
             }
             Update::Delete(kind, key) => {
+                match kind {
+                    Kind::Service => {
+                        self.dirty.services.insert(key.clone());
+                    }
+                    Kind::EndpointSlice => {
+                        if let Some(old) = self.slices.get(&key) {
+                            let svc =
+                                ObjectKey::new(key.namespace.clone(), old.service_name.clone());
+                            self.dirty.services.insert(svc);
+                        }
+                    }
+                    Kind::Node | Kind::Pod => self.dirty.all = true,
+                }
                 let gone = match kind {
                     Kind::Service => self.services.remove(&key).is_some(),
                     Kind::EndpointSlice => self.slices.remove(&key).is_some(),
@@ -83,6 +110,31 @@ impl Store {
                 }
             }
         }
+    }
+
+    /// Marks the Services an upsert of `o` may change (a slice that moves to
+    /// another Service changes both).
+    fn mark(&mut self, o: &Object) {
+        match o {
+            Object::Service(s) => {
+                self.dirty.services.insert(s.key.clone());
+            }
+            Object::EndpointSlice(s) => {
+                let ns = &s.key.namespace;
+                if let Some(old) = self.slices.get(&s.key) {
+                    let before = ObjectKey::new(ns.clone(), old.service_name.clone());
+                    self.dirty.services.insert(before);
+                }
+                let now = ObjectKey::new(ns.clone(), s.service_name.clone());
+                self.dirty.services.insert(now);
+            }
+            Object::Node(_) | Object::Pod(_) => self.dirty.all = true,
+        }
+    }
+
+    /// What changed since the last call (see [`Dirty`]).
+    pub fn take_dirty(&mut self) -> Dirty {
+        std::mem::take(&mut self.dirty)
     }
 
     /// Inserts or replaces; true when the stored object changed.
