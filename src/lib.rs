@@ -3,10 +3,17 @@
 //! The shape is described in DESIGN.md: sources → [`state::Store`] →
 //! [`state::Snapshot`] (ArcSwap) → data plane. See README.md for usage.
 
-// Nothing input can reach may panic: no unwrap/expect/panic outside tests.
+// Nothing input can reach may panic: no unwrap/expect/panic and no indexing
+// or slicing that can go out of bounds, outside tests (fuzz oracles, whose
+// panics are their reports, allow these by name).
 #![cfg_attr(
     not(test),
-    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
 )]
 
 pub mod admin;

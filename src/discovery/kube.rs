@@ -227,11 +227,13 @@ pub struct Mirror {
     since: SystemTime,
 }
 
-fn slot(kind: Kind) -> usize {
+/// The per-kind entry of a three-slot array (Services, slices, the Node).
+fn slot<T>(slots: &mut [T; 3], kind: Kind) -> &mut T {
+    let [services, slices, node] = slots;
     match kind {
-        Kind::Service => 0,
-        Kind::EndpointSlice => 1,
-        Kind::Node | Kind::Pod => 2,
+        Kind::Service => services,
+        Kind::EndpointSlice => slices,
+        Kind::Node | Kind::Pod => node,
     }
 }
 
@@ -268,13 +270,13 @@ impl Mirror {
         let started = self.started;
         match event {
             Event::Init => {
-                let k = &mut self.kinds[slot(kind)];
+                let k = slot(&mut self.kinds, kind);
                 k.relist = Some(BTreeMap::new());
                 k.relist_triggers.clear();
             }
             Event::InitApply(item) => {
                 let trigger = self.trigger(item.trigger);
-                let k = &mut self.kinds[slot(kind)];
+                let k = slot(&mut self.kinds, kind);
                 let relist = k.relist.get_or_insert_with(BTreeMap::new);
                 match item.object {
                     Ok(Some(o)) => {
@@ -294,7 +296,7 @@ impl Mirror {
                 }
             }
             Event::InitDone => {
-                let k = &mut self.kinds[slot(kind)];
+                let k = slot(&mut self.kinds, kind);
                 let listed = k.relist.take().unwrap_or_default();
                 let mut triggers = std::mem::take(&mut k.relist_triggers);
                 k.synced = true;
@@ -329,7 +331,7 @@ impl Mirror {
             }
             Event::Apply(item) => {
                 let trigger = self.trigger(item.trigger);
-                let k = &mut self.kinds[slot(kind)];
+                let k = slot(&mut self.kinds, kind);
                 match item.object {
                     Ok(Some(o)) => {
                         if k.current.get(&item.key) != Some(&o) {
@@ -349,7 +351,7 @@ impl Mirror {
                 }
             }
             Event::Delete(item) => {
-                let k = &mut self.kinds[slot(kind)];
+                let k = slot(&mut self.kinds, kind);
                 if k.current.remove(&item.key).is_some() && started {
                     out.push(kind, Update::Delete(kind, item.key), None);
                 }
@@ -484,14 +486,14 @@ impl KubeSource {
         while let Some((kind, r)) = events.next().await {
             let ev = match r {
                 Ok(ev) => {
-                    if std::mem::take(&mut failing[slot(kind)]) {
+                    if std::mem::take(slot(&mut failing, kind)) {
                         info!(kind = convert::kind_name(kind), "watch resumed");
                     }
                     ev
                 }
                 Err(e) => {
                     // Logged once per outage and kind; the backoff paces retries.
-                    if !std::mem::replace(&mut failing[slot(kind)], true) {
+                    if !std::mem::replace(slot(&mut failing, kind), true) {
                         warn!(kind = convert::kind_name(kind), error = %e, "watch failed; serving the last state while retrying");
                     }
                     continue;

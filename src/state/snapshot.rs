@@ -242,10 +242,10 @@ fn merge(
                 local: ep.node_name.as_deref() == Some(node_name),
                 zone_hints: ep.zone_hints.clone(),
             };
-            match index.get(&c.addr) {
-                Some(&i) => {
-                    if out[i].terminating && !c.terminating {
-                        out[i] = c;
+            match index.get(&c.addr).and_then(|&i| out.get_mut(i)) {
+                Some(seen) => {
+                    if seen.terminating && !c.terminating {
+                        *seen = c;
                     }
                 }
                 None => {
