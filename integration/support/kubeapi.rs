@@ -5,11 +5,10 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::{bin, free_port, in_ci, wait_until, Ringvip};
+use super::{bin, in_ci, Ringvip};
 
 /// The fixture API server process.
 pub struct ApiServer {
@@ -186,50 +185,11 @@ impl Ringvip {
     /// Starts `ringvip run --kube` against `api` (NodePorts on 127.0.0.1, no
     /// TUN, node `node-a`); returns once it is watching, not once it serves.
     pub fn start_kube(api: &ApiServer, extra: &[&str]) -> Ringvip {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("ringvip.log");
-        let health = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
-        let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
-        let child = Command::new(bin())
-            .args(["run", "--kube", "--kubeconfig"])
+        let mut cmd = Command::new(bin());
+        cmd.args(["run", "--kube", "--kubeconfig"])
             .arg(&api.kubeconfig)
-            .args([
-                "--nodeport-addresses",
-                "127.0.0.1/32",
-                "--node-port-range",
-                "1-65535",
-                "--workers",
-                "2",
-                "--node-name",
-                "node-a",
-                "--connect-timeout-ms",
-                "100",
-                "--no-tun",
-            ])
-            .arg("--health-addr")
-            .arg(health.to_string())
-            .arg("--metrics-addr")
-            .arg(metrics.to_string())
-            .args(extra)
-            .env("RINGVIP_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start ringvip");
-        let r = Ringvip {
-            child,
-            dir,
-            log,
-            health,
-            metrics,
-        };
-        assert!(
-            wait_until(Duration::from_secs(20), || r
-                .log()
-                .contains("watching the Kubernetes API")),
-            "ringvip did not start watching:\n{}",
-            r.log()
-        );
-        r
+            .arg("--no-tun");
+        let dir = tempfile::tempdir().unwrap();
+        Ringvip::spawn(cmd, dir, extra, "watching the Kubernetes API")
     }
 }

@@ -300,6 +300,27 @@ impl Ringvip {
     pub fn launch(netns: Option<&str>, manifest: &str, extra: &[&str]) -> Ringvip {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("manifest.yaml"), manifest).unwrap();
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
+        cmd.args(["run", "--manifests"]).arg(dir.path());
+        // Many tests run at once: only those in their own namespace get a TUN.
+        if netns.is_none() {
+            cmd.arg("--no-tun");
+        }
+        Ringvip::spawn(cmd, dir, extra, "snapshot published")
+    }
+
+    /// Starts `cmd` (ringvip with its source arguments) with the settings
+    /// every test shares (NodePorts on 127.0.0.1, node `node-a`, 2 workers,
+    /// 100 ms connect timeout, admin ports of its own), logging into `dir`;
+    /// returns once the log shows `ready`.
+    pub fn spawn(mut cmd: Command, dir: tempfile::TempDir, extra: &[&str], ready: &str) -> Ringvip {
         let log = dir.path().join("ringvip.log");
         let health = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
         // free_port releases its port: two calls may return the same one.
@@ -309,19 +330,7 @@ impl Ringvip {
                 break m;
             }
         };
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(bin());
-                c
-            }
-            None => Command::new(bin()),
-        };
-        // Many tests run at once: only those in their own namespace get a TUN.
-        let tun: &[&str] = if netns.is_some() { &[] } else { &["--no-tun"] };
         let child = cmd
-            .args(["run", "--manifests"])
-            .arg(dir.path())
             .args([
                 "--nodeport-addresses",
                 "127.0.0.1/32",
@@ -334,7 +343,6 @@ impl Ringvip {
                 "--connect-timeout-ms",
                 "100",
             ])
-            .args(tun)
             .arg("--health-addr")
             .arg(health.to_string())
             .arg("--metrics-addr")
@@ -353,10 +361,8 @@ impl Ringvip {
             metrics,
         };
         assert!(
-            wait_until(Duration::from_secs(20), || r
-                .log()
-                .contains("snapshot published")),
-            "ringvip did not publish a snapshot:\n{}",
+            wait_until(Duration::from_secs(20), || r.log().contains(ready)),
+            "ringvip never logged {ready:?}:\n{}",
             r.log()
         );
         r

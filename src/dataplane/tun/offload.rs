@@ -269,40 +269,8 @@ mod tests {
 
     #[test]
     fn partial_tcp_checksum_completes_to_the_full_one() {
-        use smoltcp::phy::ChecksumCapabilities;
-        use smoltcp::wire::{Ipv4Repr, TcpControl, TcpRepr, TcpSeqNumber};
-        let tcp = TcpRepr {
-            src_port: 80,
-            dst_port: 40000,
-            control: TcpControl::Psh,
-            seq_number: TcpSeqNumber(7),
-            ack_number: Some(TcpSeqNumber(9)),
-            window_len: 1000,
-            window_scale: None,
-            max_seg_size: None,
-            sack_permitted: false,
-            sack_ranges: [None, None, None],
-            timestamp: None,
-            payload: b"hello, world",
-        };
-        let (s, d) = ("10.96.0.10".parse().unwrap(), "10.1.0.5".parse().unwrap());
-        let ip = Ipv4Repr {
-            src_addr: s,
-            dst_addr: d,
-            next_header: IpProtocol::Tcp,
-            payload_len: tcp.buffer_len(),
-            hop_limit: 64,
-        };
-        let mut full = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
-        let caps = ChecksumCapabilities::default();
-        let mut p = Ipv4Packet::new_unchecked(&mut full[..]);
-        ip.emit(&mut p, &caps);
-        tcp.emit(
-            &mut TcpPacket::new_unchecked(p.payload_mut()),
-            &s.into(),
-            &d.into(),
-            &caps,
-        );
+        let mut full = tcp_segment(smoltcp::wire::TcpControl::Psh, None, b"hello, world");
+        assert!(verify(&full));
         let mut p = full.clone();
         let hdr = tx_header(&mut p, None);
         assert_eq!(u16::from_ne_bytes([hdr[8], hdr[9]]), TCP_CSUM_OFFSET);
