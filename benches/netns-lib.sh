@@ -65,9 +65,12 @@ setup_client_pod() {
     -j DNAT --to-destination "$POD_IP:$port"
 }
 
+# start_ringvip: ringvip in the node namespace; RINGVIP_ARGS adds flags
+# (e.g. RINGVIP_ARGS="--tun-queues 1").
 start_ringvip() {
+  # shellcheck disable=SC2086 # RINGVIP_ARGS is a list of flags
   RINGVIP_LOG=warn ip netns exec "$NODE" "$BIN" run --manifests "$WORK" --workers 1 \
-    --health-addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 &
+    --health-addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 ${RINGVIP_ARGS:-} &
   RV=$!
   PIDS+=("$RV")
 }
