@@ -9,6 +9,7 @@ mod support;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -115,7 +116,9 @@ impl Web {
         // nginx must inherit it: clear close-on-exec.
         listener.set_cloexec(false).unwrap();
         let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+        // Its own process group: dropping it ends the worker too.
         let child = Command::new(bin)
+            .process_group(0)
             .args(["-e", &format!("{p}/error.log"), "-p", &p, "-c"])
             .arg(dir.path().join("nginx.conf"))
             .env("NGINX", format!("{fd};"))
@@ -168,8 +171,7 @@ impl Web {
 
 impl Drop for Web {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        kill_group(&mut self.child);
     }
 }
 
