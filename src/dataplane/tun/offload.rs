@@ -232,7 +232,7 @@ pub fn tx_header(packet: &mut [u8], mss: Option<u16>) -> [u8; VNET_HDR_LEN] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::tun::stack::udp_packet;
+    use crate::dataplane::tun::stack::{tcp_packet_of, udp_packet};
 
     /// What the kernel does with a `NEEDS_CSUM` packet that leaves the host:
     /// sum from `csum_start` (the field holds the pseudo-header sum) and store
@@ -289,8 +289,7 @@ mod tests {
         mss: Option<u16>,
         payload: &[u8],
     ) -> Vec<u8> {
-        use smoltcp::phy::ChecksumCapabilities;
-        use smoltcp::wire::{Ipv4Repr, TcpRepr, TcpSeqNumber};
+        use smoltcp::wire::{TcpRepr, TcpSeqNumber};
         let tcp = TcpRepr {
             src_port: 80,
             dst_port: 40000,
@@ -305,25 +304,11 @@ mod tests {
             timestamp: Some(smoltcp::wire::TcpTimestampRepr::new(1, 2)),
             payload,
         };
-        let (s, d) = ("10.96.0.10".parse().unwrap(), "10.1.0.5".parse().unwrap());
-        let ip = Ipv4Repr {
-            src_addr: s,
-            dst_addr: d,
-            next_header: IpProtocol::Tcp,
-            payload_len: tcp.buffer_len(),
-            hop_limit: 64,
-        };
-        let mut out = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
-        let caps = ChecksumCapabilities::default();
-        let mut p = Ipv4Packet::new_unchecked(&mut out[..]);
-        ip.emit(&mut p, &caps);
-        tcp.emit(
-            &mut TcpPacket::new_unchecked(p.payload_mut()),
-            &s.into(),
-            &d.into(),
-            &caps,
-        );
-        out
+        tcp_packet_of(
+            "10.96.0.10".parse().unwrap(),
+            "10.1.0.5".parse().unwrap(),
+            &tcp,
+        )
     }
 
     #[test]

@@ -11,11 +11,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::wire::{
-    IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpControl, TcpPacket, TcpRepr,
-    TcpSeqNumber,
-};
+use smoltcp::wire::{TcpControl, TcpRepr, TcpSeqNumber};
 
 use super::stack::{
     classify, ingest_offline, sample_snapshot, udp_packet, Classified, Stack, TunSettings,
@@ -66,48 +62,7 @@ fn tcp(
         timestamp: None,
         payload,
     };
-    let caps = ChecksumCapabilities::default();
-    match (src.ip(), dst.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let ip = Ipv4Repr {
-                src_addr: s,
-                dst_addr: d,
-                next_header: IpProtocol::Tcp,
-                payload_len: repr.buffer_len(),
-                hop_limit: 64,
-            };
-            let mut out = vec![0u8; ip.buffer_len() + repr.buffer_len()];
-            let mut p = Ipv4Packet::new_unchecked(&mut out[..]);
-            ip.emit(&mut p, &caps);
-            repr.emit(
-                &mut TcpPacket::new_unchecked(p.payload_mut()),
-                &s.into(),
-                &d.into(),
-                &caps,
-            );
-            out
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let ip = Ipv6Repr {
-                src_addr: s,
-                dst_addr: d,
-                next_header: IpProtocol::Tcp,
-                payload_len: repr.buffer_len(),
-                hop_limit: 64,
-            };
-            let mut out = vec![0u8; ip.buffer_len() + repr.buffer_len()];
-            let mut p = Ipv6Packet::new_unchecked(&mut out[..]);
-            ip.emit(&mut p);
-            repr.emit(
-                &mut TcpPacket::new_unchecked(p.payload_mut()),
-                &s.into(),
-                &d.into(),
-                &caps,
-            );
-            out
-        }
-        _ => unreachable!("same family by construction"),
-    }
+    super::stack::tcp_packet_of(src.ip(), dst.ip(), &repr)
 }
 
 /// Where a generated packet goes.

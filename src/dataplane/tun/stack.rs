@@ -244,6 +244,47 @@ pub fn udp_packet(
     Some(())
 }
 
+/// An IP+TCP packet carrying `tcp` from `src` to `dst` (same family), with
+/// valid checksums. The one TCP packet builder of the tests.
+#[cfg(test)]
+pub(crate) fn tcp_packet_of(src: IpAddr, dst: IpAddr, tcp: &smoltcp::wire::TcpRepr) -> Vec<u8> {
+    let caps = ChecksumCapabilities::default();
+    let emit_tcp = |b: &mut [u8], s: IpAddress, d: IpAddress| {
+        tcp.emit(&mut TcpPacket::new_unchecked(b), &s, &d, &caps);
+    };
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let ip = Ipv4Repr {
+                src_addr: s,
+                dst_addr: d,
+                next_header: IpProtocol::Tcp,
+                payload_len: tcp.buffer_len(),
+                hop_limit: 64,
+            };
+            let mut out = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
+            let mut p = Ipv4Packet::new_unchecked(&mut out[..]);
+            ip.emit(&mut p, &caps);
+            emit_tcp(p.payload_mut(), s.into(), d.into());
+            out
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let ip = Ipv6Repr {
+                src_addr: s,
+                dst_addr: d,
+                next_header: IpProtocol::Tcp,
+                payload_len: tcp.buffer_len(),
+                hop_limit: 64,
+            };
+            let mut out = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
+            let mut p = Ipv6Packet::new_unchecked(&mut out[..]);
+            ip.emit(&mut p);
+            emit_tcp(p.payload_mut(), s.into(), d.into());
+            out
+        }
+        _ => panic!("{src} and {dst} are of different families"),
+    }
+}
+
 /// A connection's identity: (client, VIP).
 pub type ConnKey = (SocketAddr, SocketAddr);
 
@@ -929,9 +970,6 @@ mod tests {
     }
 
     fn tcp_packet(src: SocketAddr, dst: SocketAddr, control: TcpControl, ack: bool) -> Vec<u8> {
-        let (IpAddr::V4(s), IpAddr::V4(d)) = (src.ip(), dst.ip()) else {
-            panic!("v4 only")
-        };
         let tcp = TcpRepr {
             src_port: src.port(),
             dst_port: dst.port(),
@@ -946,24 +984,7 @@ mod tests {
             timestamp: None,
             payload: &[],
         };
-        let ip = Ipv4Repr {
-            src_addr: s,
-            dst_addr: d,
-            next_header: IpProtocol::Tcp,
-            payload_len: tcp.buffer_len(),
-            hop_limit: 64,
-        };
-        let mut out = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
-        let caps = ChecksumCapabilities::default();
-        let mut p = Ipv4Packet::new_unchecked(&mut out[..]);
-        ip.emit(&mut p, &caps);
-        tcp.emit(
-            &mut TcpPacket::new_unchecked(p.payload_mut()),
-            &s.into(),
-            &d.into(),
-            &caps,
-        );
-        out
+        tcp_packet_of(src.ip(), dst.ip(), &tcp)
     }
 
     fn sa(s: &str) -> SocketAddr {
