@@ -530,6 +530,20 @@ mod tests {
     }
 
     #[test]
+    fn tun_queues_come_from_the_file_and_are_bounded() {
+        let mut s = Settings::default();
+        assert!(s.tun_queues >= 1, "one per core by default");
+        let f: SettingsFile = serde_yaml::from_str("tun-queues: 4\n").unwrap();
+        s.apply_file(f).unwrap();
+        assert_eq!(s.tun_queues, 4);
+        assert_eq!(s.validate(), Ok(()));
+        for bad in [0, 257] {
+            s.tun_queues = bad;
+            assert_eq!(s.validate(), Err(SettingsError::TunQueues(bad)));
+        }
+    }
+
+    #[test]
     fn dns_settings_default_apply_and_validate() {
         let mut s = Settings::default();
         assert_eq!(
