@@ -13,7 +13,21 @@ use crate::state::HealthCheck;
 
 struct Running {
     report: Arc<ServiceHealth>,
-    _tasks: Vec<AbortOnDrop>,
+    /// Aborted when dropped too (a failed bind, shutdown).
+    tasks: Vec<AbortOnDrop>,
+}
+
+impl Running {
+    /// Stops the servers and waits until their listeners are closed, so a
+    /// probe right after the sync is refused, not accepted and left unanswered.
+    async fn close(self) {
+        for t in &self.tasks {
+            t.0.abort();
+        }
+        for mut t in self.tasks {
+            let _ = (&mut t.0).await;
+        }
+    }
 }
 
 /// The running healthCheckNodePort servers.
@@ -45,11 +59,21 @@ impl HealthCheckServers {
 
     /// Makes the running servers match `checks`.
     pub async fn sync(&mut self, checks: &[HealthCheck]) {
-        self.running.retain(|port, r| {
-            checks
-                .iter()
-                .any(|c| c.port == *port && c.service == *r.report.service())
-        });
+        let gone: Vec<u16> = self
+            .running
+            .iter()
+            .filter(|(port, r)| {
+                !checks
+                    .iter()
+                    .any(|c| c.port == **port && c.service == *r.report.service())
+            })
+            .map(|(port, _)| *port)
+            .collect();
+        for port in gone {
+            if let Some(r) = self.running.remove(&port) {
+                r.close().await;
+            }
+        }
         self.failed
             .retain(|port, _| checks.iter().any(|c| c.port == *port));
         for c in checks {
@@ -80,13 +104,7 @@ impl HealthCheckServers {
                 }
                 None => {
                     self.failed.remove(&c.port);
-                    self.running.insert(
-                        c.port,
-                        Running {
-                            report,
-                            _tasks: tasks,
-                        },
-                    );
+                    self.running.insert(c.port, Running { report, tasks });
                 }
             }
         }

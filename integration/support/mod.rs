@@ -380,6 +380,19 @@ impl Ringvip {
         std::fs::rename(&tmp, self.dir.path().join("manifest.yaml")).unwrap();
     }
 
+    /// Replaces the manifest and returns once ringvip has compiled and published
+    /// the change (a precondition of every "first connection after a change"
+    /// check, not a wait for the good answer).
+    pub fn apply(&self, text: &str) {
+        let before = self.generations();
+        self.write_manifest(text);
+        assert!(
+            wait_until(Duration::from_secs(10), || self.generations() > before),
+            "the change was never published:\n{}",
+            self.log()
+        );
+    }
+
     /// Sends SIGTERM (graceful stop: drain).
     pub fn sigterm(&self) {
         // SAFETY: kill only signals our own child process.
@@ -518,4 +531,71 @@ pub fn kill_group(child: &mut Child) {
         unsafe { libc::kill(-pid, libc::SIGKILL) };
     }
     let _ = child.wait();
+}
+
+/// One kernel socket as `ss` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sock {
+    /// `tcp` or `udp`.
+    pub proto: String,
+    /// `LISTEN`, `UNCONN`, `ESTAB`, `CLOSE-WAIT`, ...
+    pub state: String,
+    /// Local address:port.
+    pub local: String,
+    /// Peer address:port (`*` parts when unconnected).
+    pub peer: String,
+}
+
+/// TCP and UDP sockets of this network namespace that `ss` selects with
+/// `filter` (ss's filter syntax, e.g. `sport = :30085`).
+pub fn sockets(filter: &str) -> Vec<Sock> {
+    let out = Command::new("ss")
+        .args(["-H", "-a", "-n", "-t", "-u"])
+        .args(filter.split_whitespace())
+        .output()
+        .expect("ss (iproute2) runs");
+    assert!(out.status.success(), "ss {filter}: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            match f.as_slice() {
+                [proto, state, _, _, local, peer, ..] => Some(Sock {
+                    proto: proto.to_string(),
+                    state: state.to_string(),
+                    local: local.to_string(),
+                    peer: peer.to_string(),
+                }),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// Sockets whose local port is `port`.
+pub fn sockets_on(port: u16) -> Vec<Sock> {
+    sockets(&format!("sport = :{port}"))
+}
+
+/// Waits at most `limit` for the sockets on `port` to satisfy `ok` (the
+/// contract: a listener change reaches the kernel within that time); the
+/// sockets last seen, and whether they did.
+pub fn sockets_within(
+    limit: Duration,
+    port: u16,
+    ok: impl Fn(&[Sock]) -> bool,
+) -> (bool, Vec<Sock>) {
+    let end = Instant::now() + limit;
+    loop {
+        let s = sockets_on(port);
+        if ok(&s) || Instant::now() >= end {
+            return (ok(&s), s);
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// How many of `socks` are in `state`.
+pub fn count(socks: &[Sock], state: &str) -> usize {
+    socks.iter().filter(|s| s.state == state).count()
 }

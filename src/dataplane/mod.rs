@@ -3,6 +3,7 @@
 
 pub mod flow;
 pub mod limits;
+pub mod listener;
 pub mod relay;
 pub mod socket;
 pub mod tun;

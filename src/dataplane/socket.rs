@@ -2,8 +2,7 @@
 //! tokio-uring runtime per data-plane thread, each holding its own SO_REUSEPORT
 //! listeners, opened and closed as snapshots come and go.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
+use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -13,11 +12,11 @@ use rand::rngs::SmallRng;
 use rand::SeedableRng;
 use socket2::{Domain, SockFilter, Socket, Type};
 use tokio::sync::watch;
-use tokio_uring::net::{TcpListener, TcpStream, UdpSocket};
+use tokio_uring::net::{TcpListener, TcpStream};
 
 use super::flow::{resolve, FlowKey, Verdict};
+use super::listener::Listeners;
 use super::relay::{connect, relay, set_reset_on_close};
-use super::udp::{self, AbortOnDrop};
 use super::Shared;
 use crate::model::Protocol;
 use crate::state::{ListenerMode, ListenerSpec, Snapshot};
@@ -189,77 +188,31 @@ pub fn spawn_workers(
 /// One data-plane thread: keeps its listeners equal to the snapshot's.
 async fn worker(id: usize, shared: Arc<Shared>, mut rx: watch::Receiver<Arc<Snapshot>>) {
     let rng = Rc::new(RefCell::new(SmallRng::from_os_rng()));
-    let mut open_now: HashMap<ListenerSpec, AbortOnDrop> = HashMap::new();
-    let mut failing: HashMap<ListenerSpec, String> = HashMap::new();
+    let mut listeners = Listeners::new(id);
     loop {
         let snap = rx.borrow_and_update().clone();
-        let want = snap.listeners();
-        open_now.retain(|spec, _| want.binary_search(spec).is_ok());
-        failing.retain(|spec, _| want.binary_search(spec).is_ok());
-        for spec in want {
-            if open_now.contains_key(spec) {
-                continue;
-            }
-            match start(spec, &shared, &rng) {
-                Ok(task) => {
-                    if failing.remove(spec).is_some() || id == 0 {
-                        tracing::info!(addr = %spec.addr, proto = %spec.proto, mode = ?spec.mode, "listening");
-                    }
-                    open_now.insert(spec.clone(), task);
-                }
-                Err(e) => {
-                    let msg = e.to_string();
-                    if failing.get(spec) != Some(&msg) && id == 0 {
-                        tracing::warn!("{msg}");
-                    }
-                    failing.insert(spec.clone(), msg);
-                }
-            }
-        }
+        listeners.sync(snap.listeners(), &shared, &rng);
         if rx.changed().await.is_err() {
             break;
         }
     }
 }
 
-fn start(
-    spec: &ListenerSpec,
-    shared: &Arc<Shared>,
-    rng: &Rc<RefCell<SmallRng>>,
-) -> Result<AbortOnDrop, ListenError> {
-    let sock = open(spec)?;
-    let (shared, rng, addr) = (shared.clone(), rng.clone(), spec.addr);
-    let task = match (spec.proto, spec.mode) {
-        (_, ListenerMode::Drop) => {
-            // Hold the socket; its filter drops everything.
-            tokio_uring::spawn(async move {
-                let _sock = sock;
-                std::future::pending::<()>().await
-            })
-        }
-        (Protocol::Tcp, ListenerMode::Accept) => {
-            let l = TcpListener::from_std(std::net::TcpListener::from(sock));
-            tokio_uring::spawn(accept_loop(l, addr, shared, rng))
-        }
-        (Protocol::Udp, ListenerMode::Accept) => {
-            let u = Rc::new(UdpSocket::from_std(std::net::UdpSocket::from(sock)));
-            tokio_uring::spawn(udp::serve(u, addr, shared, rng))
-        }
-    };
-    Ok(AbortOnDrop(task))
-}
-
-async fn accept_loop(
+/// Accepts connections until the listener is closed (`stopping` set, then the
+/// socket shut down, which fails the pending accept).
+pub(super) async fn accept_loop(
     l: TcpListener,
     local: SocketAddr,
     shared: Arc<Shared>,
     rng: Rc<RefCell<SmallRng>>,
+    stopping: Rc<Cell<bool>>,
 ) {
     loop {
         match l.accept().await {
             Ok((stream, peer)) => {
                 tokio_uring::spawn(handle(stream, peer, local, shared.clone(), rng.clone()));
             }
+            Err(_) if stopping.get() => return,
             Err(e) => {
                 // EMFILE/ENFILE and the like: back off instead of spinning.
                 tracing::warn!(%local, error = %e, "accept failed");
@@ -269,7 +222,8 @@ async fn accept_loop(
     }
 }
 
-async fn handle(
+/// Serves one accepted client connection: resolve, admit, connect, relay.
+pub(super) async fn handle(
     client: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,

@@ -87,6 +87,11 @@ impl<K: std::hash::Hash + Eq + Copy, T> FlowTable<K, T> {
         self.flows.remove(client)
     }
 
+    /// Removes and returns every flow.
+    pub fn drain(&mut self) -> Vec<FlowEntry<T>> {
+        self.flows.drain().map(|(_, f)| f).collect()
+    }
+
     /// Removes and returns flows idle for longer than the idle timeout.
     pub fn expire(&mut self, now: Instant) -> Vec<FlowEntry<T>> {
         let idle = self.idle;
@@ -122,7 +127,7 @@ impl<K: std::hash::Hash + Eq + Copy, T> FlowTable<K, T> {
 }
 
 /// The I/O half of a flow (kernel-socket and TUN paths alike): its backend
-/// socket and reply task. Dropping it aborts the task, which closes the socket.
+/// socket and reply task. Dropping it stops the task and closes the socket.
 pub struct FlowIo {
     pub(crate) socket: Rc<UdpSocket>,
     pub(crate) reader: tokio::task::JoinHandle<()>,
@@ -131,24 +136,37 @@ pub struct FlowIo {
 
 impl Drop for FlowIo {
     fn drop(&mut self) {
+        // Aborted first, so the reader is never polled again: the receive the
+        // shutdown completes is only reaped.
         self.reader.abort();
+        // An aborted task's pending receive keeps the socket open in the ring
+        // until it completes, that is until the backend next sends, if ever:
+        // the shutdown completes it now, and the socket closes.
+        let _ = with_sock_ref(&self.socket, |s| s.shutdown(std::net::Shutdown::Both));
         self.fe.metrics.udp_flows_active.dec();
     }
 }
 
-type Table = Rc<RefCell<FlowTable<SocketAddr, FlowIo>>>;
+/// The flows of one frontend socket, shared by its receive loop, reply readers
+/// and sweeper, and held by its listener so closing it ends them all.
+pub type Table = Rc<RefCell<FlowTable<SocketAddr, FlowIo>>>;
+
+/// An empty flow table for one frontend socket.
+pub fn table(settings: &super::DataPlaneSettings) -> Table {
+    Rc::new(RefCell::new(FlowTable::new(
+        settings.udp_idle_timeout,
+        MAX_FLOWS_PER_LISTENER,
+    )))
+}
 
 /// Serves one UDP frontend socket until the task is aborted.
 pub async fn serve(
     sock: Rc<UdpSocket>,
+    table: Table,
     local: SocketAddr,
     shared: Arc<Shared>,
     rng: Rc<RefCell<SmallRng>>,
 ) {
-    let table: Table = Rc::new(RefCell::new(FlowTable::new(
-        shared.settings.udp_idle_timeout,
-        MAX_FLOWS_PER_LISTENER,
-    )));
     let _sweeper = AbortOnDrop(tokio_uring::spawn(sweep(
         table.clone(),
         shared.clone(),

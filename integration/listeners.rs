@@ -1,0 +1,355 @@
+//! Listener lifecycle, as a client sees it: a listener the snapshot no longer
+//! asks for is closed on every worker at once (no LISTEN or UNCONN socket left,
+//! nothing in CLOSE-WAIT), and the FIRST connection after the change gets the
+//! new answer (refused, dropped or served), never a connection that hangs.
+//!
+//! Each check runs right after ringvip has published the change; the only wait
+//! is the contract's own: the kernel sockets follow within 100 ms. Everything
+//! runs on loopback addresses owned by the test (127.0.0.0/8), no root needed.
+
+mod support;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// What the contract allows between a published snapshot and its sockets.
+const SETTLE: Duration = Duration::from_millis(100);
+/// ringvip's data-plane threads in these tests (`Ringvip::spawn`): each holds
+/// its own SO_REUSEPORT socket per listener.
+const WORKERS: usize = 2;
+
+fn ip(a: u8, b: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, a, b)
+}
+
+fn np(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// A Service with endpoints `eps` (address, ready, nodeName) on one port of
+/// `proto`, as NodePort on 127.0.0.1 plus whatever `extra_spec` adds; the
+/// Service port is the nodePort too, so externalIPs serve on it.
+fn service(
+    name: &str,
+    proto: &str,
+    node_port: u16,
+    target: u16,
+    eps: &[(Ipv4Addr, bool, &str)],
+    extra_spec: &str,
+) -> String {
+    let eps: String = eps
+        .iter()
+        .map(|(a, ready, node)| {
+            format!(
+                "- addresses: [\"{a}\"]\n  conditions: {{ready: {ready}}}\n  nodeName: {node}\n"
+            )
+        })
+        .collect();
+    let eps = if eps.is_empty() {
+        " []\n".to_string()
+    } else {
+        format!("\n{eps}")
+    };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: NodePort\n{extra_spec}  ports:\n  - name: p\n    protocol: {proto}\n    port: {node_port}\n    targetPort: {target}\n    nodePort: {node_port}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv4\nports:\n- name: p\n  protocol: {proto}\n  port: {target}\nendpoints:{eps}"
+    )
+}
+
+/// One connection: `Ok(true)` when an echo came back through it, `Ok(false)`
+/// when it connected but nothing came back within 2 s (the bug: a listener
+/// that accepts and never relays), `Err` when the connect failed.
+fn echo_once(addr: SocketAddr) -> std::io::Result<bool> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.connect_timeout(&addr.into(), Duration::from_millis(500))?;
+    let mut c: TcpStream = s.into();
+    c.set_read_timeout(Some(Duration::from_secs(2)))?;
+    c.write_all(b"ping")?;
+    let mut buf = [0u8; 4];
+    Ok(c.read_exact(&mut buf).is_ok() && &buf == b"ping")
+}
+
+/// Asserts the first connection after a change is refused, and at once.
+fn assert_refused(addr: SocketAddr, rv: &Ringvip) {
+    let t = Instant::now();
+    match echo_once(addr) {
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
+        other => panic!(
+            "first connection to {addr} after the change: {other:?}, not refused\n{}",
+            rv.log()
+        ),
+    }
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "refused only after {:?}",
+        t.elapsed()
+    );
+}
+
+/// Asserts the first connection after a change is relayed.
+fn assert_served(addr: SocketAddr, rv: &Ringvip) {
+    let r = echo_once(addr);
+    assert!(
+        matches!(r, Ok(true)),
+        "first connection to {addr} after the change: {r:?}, not served\n{}",
+        rv.log()
+    );
+}
+
+/// Asserts the sockets on `port` reach exactly `listen` LISTEN sockets within
+/// the contract's time, with nothing in CLOSE-WAIT.
+fn assert_listening(port: u16, listen: usize) {
+    let (ok, socks) = sockets_within(SETTLE, port, |s| {
+        count(s, "LISTEN") == listen && count(s, "CLOSE-WAIT") == 0
+    });
+    assert!(
+        ok,
+        "port {port}: want {listen} LISTEN and no CLOSE-WAIT within {SETTLE:?}, have {socks:#?}"
+    );
+}
+
+fn echo_backends(net: u8, n: u8) -> (u16, Vec<Backend>) {
+    let port = free_port();
+    let b = (1..=n)
+        .map(|i| {
+            Backend::start(
+                SocketAddr::from((ip(net, i), port)),
+                &i.to_string(),
+                Mode::Echo,
+            )
+        })
+        .collect();
+    (port, b)
+}
+
+#[test]
+fn deleted_service_closes_its_listeners_at_once() {
+    let (port, _b) = echo_backends(60, 2);
+    let node_port = free_port();
+    let lb_ip = ip(60, 9);
+    let eps = [(ip(60, 1), true, "node-a"), (ip(60, 2), true, "node-a")];
+    // A LoadBalancer: its nodePort on 127.0.0.1 and its ingress IP (local:
+    // all of 127.0.0.0/8 is) on the same port.
+    let m = service("gone", "TCP", node_port, port, &eps, "")
+        .replace("type: NodePort", "type: LoadBalancer")
+        .replacen(
+            "\n---\n",
+            &format!("\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: \"{lb_ip}\"\n---\n"),
+            1,
+        );
+    let rv = Ringvip::start(&m, &[]);
+    let ext = SocketAddr::from((lb_ip, node_port));
+    // Precondition: both frontends serve (listeners open asynchronously).
+    assert!(
+        wait_until(Duration::from_secs(5), || matches!(
+            echo_once(np(node_port)),
+            Ok(true)
+        )),
+        "{}",
+        rv.log()
+    );
+    assert!(wait_until(Duration::from_secs(5), || matches!(
+        echo_once(ext),
+        Ok(true)
+    )));
+    // One per worker and address.
+    assert_listening(node_port, 2 * WORKERS);
+    // An established connection: removing the Service closes nothing.
+    let mut live = connect_from(None, np(node_port)).unwrap();
+    live.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+
+    rv.apply("");
+    assert_listening(node_port, 0);
+    assert_refused(np(node_port), &rv);
+    assert_refused(ext, &rv);
+    live.write_all(b"live").unwrap();
+    let mut buf = [0u8; 4];
+    live.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"live");
+    drop(live);
+    let (ok, socks) = sockets_within(Duration::from_secs(2), node_port, |s| {
+        count(s, "CLOSE-WAIT") == 0
+    });
+    assert!(ok, "{socks:#?}");
+}
+
+#[test]
+fn last_endpoint_gone_closes_the_listener_and_it_comes_back() {
+    let (port, _b) = echo_backends(61, 1);
+    let node_port = free_port();
+    let with = service(
+        "last",
+        "TCP",
+        node_port,
+        port,
+        &[(ip(61, 1), true, "node-a")],
+        "",
+    );
+    let without = service("last", "TCP", node_port, port, &[], "");
+    let rv = Ringvip::start(&with, &[]);
+    assert!(wait_until(Duration::from_secs(5), || matches!(
+        echo_once(np(node_port)),
+        Ok(true)
+    )));
+
+    rv.apply(&without);
+    assert_listening(node_port, 0);
+    assert_refused(np(node_port), &rv);
+
+    rv.apply(&with);
+    assert_listening(node_port, WORKERS);
+    assert_served(np(node_port), &rv);
+}
+
+#[test]
+fn flapping_endpoints_leave_exactly_the_wanted_listeners() {
+    let (port, _b) = echo_backends(62, 2);
+    let node_port = free_port();
+    let m = |ready: bool| {
+        service(
+            "flap",
+            "TCP",
+            node_port,
+            port,
+            &[(ip(62, 1), ready, "node-a"), (ip(62, 2), ready, "node-a")],
+            "",
+        )
+    };
+    let rv = Ringvip::start(&m(true), &[]);
+    assert!(wait_until(Duration::from_secs(5), || matches!(
+        echo_once(np(node_port)),
+        Ok(true)
+    )));
+    for i in 0..20 {
+        let ready = i % 2 == 1;
+        rv.apply(&m(ready));
+        if ready {
+            assert_listening(node_port, WORKERS);
+            assert_served(np(node_port), &rv);
+        } else {
+            assert_listening(node_port, 0);
+            assert_refused(np(node_port), &rv);
+        }
+    }
+}
+
+#[test]
+fn traffic_policy_local_switch_swaps_accepting_and_dropping_listeners() {
+    let (port, _b) = echo_backends(63, 1);
+    let node_port = free_port();
+    // With eTP Local and no endpoint on this node, kube-proxy drops: clients
+    // time out. The listener stays (its filter drops every SYN).
+    let m = |policy: &str, node: &str| {
+        service(
+            "local",
+            "TCP",
+            node_port,
+            port,
+            &[(ip(63, 1), true, node)],
+            &format!("  externalTrafficPolicy: {policy}\n"),
+        )
+    };
+    let rv = Ringvip::start(&m("Local", "node-a"), &[]);
+    assert!(wait_until(Duration::from_secs(5), || matches!(
+        echo_once(np(node_port)),
+        Ok(true)
+    )));
+    for (policy, node, served) in [
+        ("Local", "node-b", false),
+        ("Local", "node-a", true),
+        ("Local", "node-b", false),
+        ("Cluster", "node-b", true),
+        ("Local", "node-b", false),
+        ("Cluster", "node-b", true),
+    ] {
+        rv.apply(&m(policy, node));
+        // Exactly one socket per worker: the old mode's sockets are gone.
+        assert_listening(node_port, WORKERS);
+        if served {
+            assert_served(np(node_port), &rv);
+        } else {
+            match echo_once(np(node_port)) {
+                Err(e) if e.kind() == ErrorKind::TimedOut => {}
+                other => panic!(
+                    "{policy}/{node}: first connection {other:?}, not dropped\n{}",
+                    rv.log()
+                ),
+            }
+        }
+    }
+}
+
+#[test]
+fn deleted_udp_service_unbinds_at_once_with_its_flows() {
+    let port = free_port();
+    let backend = SocketAddr::from((ip(64, 1), port));
+    let _u = UdpBackend::start(backend, "u1");
+    let node_port = free_port();
+    let m = service(
+        "dns",
+        "UDP",
+        node_port,
+        port,
+        &[(ip(64, 1), true, "node-a")],
+        "",
+    );
+    let rv = Ringvip::start(&m, &[]);
+    let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+    c.connect(np(node_port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    // Precondition: a flow exists (its backend socket is connected to the pod).
+    assert!(wait_until(Duration::from_secs(5), || {
+        c.send(b"q").is_ok() && c.recv(&mut buf).is_ok_and(|n| &buf[..n] == b"u1:q")
+    }));
+    let flow_sockets = || sockets(&format!("dst {backend}"));
+    assert_eq!(flow_sockets().len(), 1, "{:#?}", flow_sockets());
+
+    rv.apply("");
+    let (ok, socks) = sockets_within(SETTLE, node_port, |s| s.is_empty());
+    assert!(ok, "port {node_port} still bound: {socks:#?}");
+    assert!(
+        flow_sockets().is_empty(),
+        "flow sockets left: {:#?}",
+        flow_sockets()
+    );
+    // The flow's client and a fresh one: ICMP port unreachable, at once.
+    for sock in [c, UdpSocket::bind("127.0.0.1:0").unwrap()] {
+        sock.connect(np(node_port)).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        sock.send(b"q").unwrap();
+        let e = sock
+            .recv(&mut buf)
+            .expect_err("a datagram to a deleted Service was answered");
+        assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}\n{}", rv.log());
+    }
+}
+
+#[test]
+fn health_check_node_port_closes_with_its_service() {
+    let (port, _b) = echo_backends(65, 1);
+    let node_port = free_port();
+    let hc = free_port();
+    let m = service(
+        "hc",
+        "TCP",
+        node_port,
+        port,
+        &[(ip(65, 1), true, "node-a")],
+        &format!("  externalTrafficPolicy: Local\n  healthCheckNodePort: {hc}\n"),
+    )
+    .replace("type: NodePort", "type: LoadBalancer");
+    let rv = Ringvip::start(&m, &[]);
+    // Precondition: the health check server answers (it opens asynchronously).
+    assert!(wait_until(Duration::from_secs(5), || {
+        TcpStream::connect(np(hc)).is_ok() && admin_get(np(hc), "/").starts_with("HTTP/1.1 200")
+    }));
+    rv.apply("");
+    assert_listening(hc, 0);
+    assert_listening(node_port, 0);
+    assert_refused(np(hc), &rv);
+    assert_refused(np(node_port), &rv);
+}

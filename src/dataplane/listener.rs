@@ -1,0 +1,290 @@
+//! One data-plane thread's kernel listeners, kept equal to the snapshot's:
+//! new ones opened before removed ones close, and a removed one closed at once.
+//!
+//! Closing is the delicate part. Dropping a tokio-uring task does not cancel
+//! its pending io_uring operation: the runtime keeps the operation, and with it
+//! the descriptor, until the kernel completes it. An aborted accept loop
+//! therefore left its socket listening, and the connection that finally
+//! completed that accept was neither relayed nor closed (CLOSE-WAIT for as long
+//! as ringvip ran). A listener is closed by shutting its socket down through a
+//! second descriptor, which completes the pending operation at once.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::Shutdown;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use rand::rngs::SmallRng;
+use socket2::Socket;
+use tokio::task::JoinHandle;
+use tokio_uring::net::{TcpListener, TcpStream, UdpSocket};
+
+use super::socket::{accept_loop, handle, open, ListenError};
+use super::{udp, Shared};
+use crate::model::Protocol;
+use crate::state::{ListenerMode, ListenerSpec};
+
+/// What a thread must do to go from the listeners it holds to the ones a
+/// snapshot wants.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Plan<'a> {
+    /// Wanted and not held: opened first, so a replaced listener's address
+    /// never goes unserved.
+    pub open: Vec<&'a ListenerSpec>,
+    /// Held and no longer wanted: closed after the opens.
+    pub close: Vec<ListenerSpec>,
+}
+
+/// Compares what is held with what is wanted (`want` sorted, as
+/// [`crate::state::Snapshot::listeners`] gives it).
+pub fn plan<'a, 'h>(
+    held: impl IntoIterator<Item = &'h ListenerSpec>,
+    want: &'a [ListenerSpec],
+) -> Plan<'a> {
+    let held: Vec<&ListenerSpec> = held.into_iter().collect();
+    Plan {
+        open: want.iter().filter(|s| !held.contains(s)).collect(),
+        close: held
+            .into_iter()
+            .filter(|s| want.binary_search(s).is_err())
+            .cloned()
+            .collect(),
+    }
+}
+
+/// A listener serving on this thread.
+pub struct Listener {
+    /// A second descriptor of the socket the ring holds (or the only one, for
+    /// a dropping listener): shutdown through it reaches the same socket.
+    sock: Socket,
+    kind: Kind,
+}
+
+enum Kind {
+    /// Its socket filter drops every packet; nothing runs.
+    Drop,
+    Tcp {
+        /// Set before the shutdown, so the accept loop ends on the failure
+        /// the shutdown causes instead of retrying.
+        stopping: Rc<Cell<bool>>,
+        context: Context,
+    },
+    Udp {
+        task: JoinHandle<()>,
+        flows: udp::Table,
+    },
+}
+
+/// What a TCP listener's connections need.
+#[derive(Clone)]
+struct Context {
+    spec: ListenerSpec,
+    shared: Arc<Shared>,
+    rng: Rc<RefCell<SmallRng>>,
+}
+
+impl Listener {
+    /// Opens `spec`'s socket and starts serving it on this thread.
+    pub fn start(
+        spec: &ListenerSpec,
+        shared: &Arc<Shared>,
+        rng: &Rc<RefCell<SmallRng>>,
+    ) -> Result<Self, ListenError> {
+        let sock = open(spec)?;
+        if spec.mode == ListenerMode::Drop {
+            return Ok(Self {
+                sock,
+                kind: Kind::Drop,
+            });
+        }
+        let ring_side = sock.try_clone().map_err(|source| ListenError {
+            addr: spec.addr,
+            proto: spec.proto,
+            source,
+        })?;
+        let kind = match spec.proto {
+            Protocol::Tcp => {
+                let stopping = Rc::new(Cell::new(false));
+                let l = TcpListener::from_std(std::net::TcpListener::from(ring_side));
+                tokio_uring::spawn(accept_loop(
+                    l,
+                    spec.addr,
+                    shared.clone(),
+                    rng.clone(),
+                    stopping.clone(),
+                ));
+                Kind::Tcp {
+                    stopping,
+                    context: Context {
+                        spec: spec.clone(),
+                        shared: shared.clone(),
+                        rng: rng.clone(),
+                    },
+                }
+            }
+            Protocol::Udp => {
+                let u = Rc::new(UdpSocket::from_std(std::net::UdpSocket::from(ring_side)));
+                let flows = udp::table(&shared.settings);
+                let task = tokio_uring::spawn(udp::serve(
+                    u,
+                    flows.clone(),
+                    spec.addr,
+                    shared.clone(),
+                    rng.clone(),
+                ));
+                Kind::Udp { task, flows }
+            }
+        };
+        Ok(Self { sock, kind })
+    }
+
+    /// Closes the listener now: its socket leaves LISTEN (TCP) or is unbound
+    /// (UDP) before this returns or, for the ring's descriptor, as soon as the
+    /// pending operation's completion is reaped.
+    pub fn close(self) {
+        match self.kind {
+            Kind::Drop => {}
+            Kind::Tcp { stopping, context } => {
+                stopping.set(true);
+                // Connections already queued are served or refused under the
+                // current snapshot, rather than reset by the shutdown below.
+                while let Ok((c, peer)) = self.sock.accept() {
+                    let Some(peer) = peer.as_socket() else {
+                        continue;
+                    };
+                    let c = std::net::TcpStream::from(c);
+                    if c.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    let Context { spec, shared, rng } = context.clone();
+                    tokio_uring::spawn(handle(
+                        TcpStream::from_std(c),
+                        peer,
+                        spec.addr,
+                        shared,
+                        rng,
+                    ));
+                }
+                // The socket leaves LISTEN at once (a SYN that raced in is
+                // reset by the kernel) and the ring's accept fails with EINVAL.
+                let _ = self.sock.shutdown(Shutdown::Read);
+            }
+            Kind::Udp { task, flows } => {
+                // Aborted before its receive completes: a receive completed by
+                // a shutdown carries no source address, which tokio-uring 0.5
+                // cannot turn into a result (it panics); an aborted task's
+                // completion is only reaped.
+                task.abort();
+                // Each flow's backend socket is shut and its reader stopped;
+                // the readers also hold the frontend socket.
+                drop(flows.borrow_mut().drain());
+                // Completes the pending receive, so the ring lets go of the
+                // socket. (ENOTCONN for an unconnected socket, after the
+                // shutdown has been applied.)
+                let _ = self.sock.shutdown(Shutdown::Both);
+            }
+        }
+    }
+}
+
+/// The listeners one thread holds, with the opens that failed (retried on each
+/// snapshot, reported once per distinct error).
+pub struct Listeners {
+    /// Thread index; thread 0 logs for all.
+    id: usize,
+    held: HashMap<ListenerSpec, Listener>,
+    failing: HashMap<ListenerSpec, String>,
+}
+
+impl Listeners {
+    /// No listeners yet.
+    pub fn new(id: usize) -> Self {
+        Self {
+            id,
+            held: HashMap::new(),
+            failing: HashMap::new(),
+        }
+    }
+
+    /// Makes the held listeners equal to `want`.
+    pub fn sync(
+        &mut self,
+        want: &[ListenerSpec],
+        shared: &Arc<Shared>,
+        rng: &Rc<RefCell<SmallRng>>,
+    ) {
+        let Plan { open, close } = plan(self.held.keys(), want);
+        for spec in open {
+            match Listener::start(spec, shared, rng) {
+                Ok(l) => {
+                    if self.failing.remove(spec).is_some() || self.id == 0 {
+                        tracing::info!(addr = %spec.addr, proto = %spec.proto, mode = ?spec.mode, "listening");
+                    }
+                    self.held.insert(spec.clone(), l);
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    if self.failing.get(spec) != Some(&msg) && self.id == 0 {
+                        tracing::warn!("{msg}");
+                    }
+                    self.failing.insert(spec.clone(), msg);
+                }
+            }
+        }
+        for spec in close {
+            if let Some(l) = self.held.remove(&spec) {
+                if self.id == 0 {
+                    tracing::info!(addr = %spec.addr, proto = %spec.proto, mode = ?spec.mode, "closed");
+                }
+                l.close();
+            }
+        }
+        self.failing
+            .retain(|spec, _| want.binary_search(spec).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(port: u16, proto: Protocol, mode: ListenerMode) -> ListenerSpec {
+        ListenerSpec {
+            addr: std::net::SocketAddr::from(([192, 0, 2, 1], port)),
+            proto,
+            mode,
+            allow: Vec::new().into(),
+        }
+    }
+
+    #[test]
+    fn plan_opens_the_new_and_closes_the_gone() {
+        let a = spec(30001, Protocol::Tcp, ListenerMode::Accept);
+        let b = spec(30002, Protocol::Udp, ListenerMode::Accept);
+        let c = spec(30003, Protocol::Tcp, ListenerMode::Accept);
+        let held = [a.clone(), b.clone()];
+        let mut want = vec![b.clone(), c.clone()];
+        want.sort();
+        let p = plan(held.iter(), &want);
+        assert_eq!(p.open, vec![&c]);
+        assert_eq!(p.close, vec![a]);
+    }
+
+    #[test]
+    fn a_mode_switch_is_a_new_listener_and_the_old_one_closes() {
+        let accept = spec(30001, Protocol::Tcp, ListenerMode::Accept);
+        let drop = spec(30001, Protocol::Tcp, ListenerMode::Drop);
+        let want = vec![drop.clone()];
+        let p = plan([&accept], &want);
+        assert_eq!(p.open, vec![&drop]);
+        assert_eq!(p.close, vec![accept]);
+        assert_eq!(
+            plan([&drop], &want),
+            Plan {
+                open: vec![],
+                close: vec![]
+            }
+        );
+    }
+}
