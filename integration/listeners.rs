@@ -29,35 +29,6 @@ fn np(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
 }
 
-/// A Service with endpoints `eps` (address, ready, nodeName) on one port of
-/// `proto`, as NodePort on 127.0.0.1 plus whatever `extra_spec` adds; the
-/// Service port is the nodePort too, so externalIPs serve on it.
-fn service(
-    name: &str,
-    proto: &str,
-    node_port: u16,
-    target: u16,
-    eps: &[(Ipv4Addr, bool, &str)],
-    extra_spec: &str,
-) -> String {
-    let eps: String = eps
-        .iter()
-        .map(|(a, ready, node)| {
-            format!(
-                "- addresses: [\"{a}\"]\n  conditions: {{ready: {ready}}}\n  nodeName: {node}\n"
-            )
-        })
-        .collect();
-    let eps = if eps.is_empty() {
-        " []\n".to_string()
-    } else {
-        format!("\n{eps}")
-    };
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: NodePort\n{extra_spec}  ports:\n  - name: p\n    protocol: {proto}\n    port: {node_port}\n    targetPort: {target}\n    nodePort: {node_port}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv4\nports:\n- name: p\n  protocol: {proto}\n  port: {target}\nendpoints:{eps}"
-    )
-}
-
 /// One connection: `Ok(true)` when an echo came back through it, `Ok(false)`
 /// when it connected but nothing came back within 2 s (the bug: a listener
 /// that accepts and never relays), `Err` when the connect failed.
@@ -132,7 +103,7 @@ fn deleted_service_closes_its_listeners_at_once() {
     let eps = [(ip(60, 1), true, "node-a"), (ip(60, 2), true, "node-a")];
     // A LoadBalancer: its nodePort on 127.0.0.1 and its ingress IP (local:
     // all of 127.0.0.0/8 is) on the same port.
-    let m = service("gone", "TCP", node_port, port, &eps, "")
+    let m = service_with("gone", "TCP", node_port, port, &eps, "")
         .replace("type: NodePort", "type: LoadBalancer")
         .replacen(
             "\n---\n",
@@ -179,7 +150,7 @@ fn deleted_service_closes_its_listeners_at_once() {
 fn last_endpoint_gone_closes_the_listener_and_it_comes_back() {
     let (port, _b) = echo_backends(61, 1);
     let node_port = free_port();
-    let with = service(
+    let with = service_with(
         "last",
         "TCP",
         node_port,
@@ -187,7 +158,7 @@ fn last_endpoint_gone_closes_the_listener_and_it_comes_back() {
         &[(ip(61, 1), true, "node-a")],
         "",
     );
-    let without = service("last", "TCP", node_port, port, &[], "");
+    let without = service_with("last", "TCP", node_port, port, &[], "");
     let rv = Ringvip::start(&with, &[]);
     assert!(wait_until(Duration::from_secs(5), || matches!(
         echo_once(np(node_port)),
@@ -208,7 +179,7 @@ fn flapping_endpoints_leave_exactly_the_wanted_listeners() {
     let (port, _b) = echo_backends(62, 2);
     let node_port = free_port();
     let m = |ready: bool| {
-        service(
+        service_with(
             "flap",
             "TCP",
             node_port,
@@ -242,7 +213,7 @@ fn traffic_policy_local_switch_swaps_accepting_and_dropping_listeners() {
     // With eTP Local and no endpoint on this node, kube-proxy drops: clients
     // time out. The listener stays (its filter drops every SYN).
     let m = |policy: &str, node: &str| {
-        service(
+        service_with(
             "local",
             "TCP",
             node_port,
@@ -287,7 +258,7 @@ fn deleted_udp_service_unbinds_at_once_with_its_flows() {
     let backend = SocketAddr::from((ip(64, 1), port));
     let _u = UdpBackend::start(backend, "u1");
     let node_port = free_port();
-    let m = service(
+    let m = service_with(
         "dns",
         "UDP",
         node_port,
@@ -333,7 +304,7 @@ fn health_check_node_port_closes_with_its_service() {
     let (port, _b) = echo_backends(65, 1);
     let node_port = free_port();
     let hc = free_port();
-    let m = service(
+    let m = service_with(
         "hc",
         "TCP",
         node_port,

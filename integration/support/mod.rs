@@ -461,6 +461,36 @@ pub fn nodeport_service(
     )
 }
 
+/// A Service with endpoints `eps` (address, ready, nodeName) on one port of
+/// `proto`, as NodePort on 127.0.0.1 plus whatever `extra_spec` adds; the
+/// Service port is the nodePort too, so a LoadBalancer ingress IP serves on
+/// the same port.
+pub fn service_with(
+    name: &str,
+    proto: &str,
+    node_port: u16,
+    target: u16,
+    eps: &[(Ipv4Addr, bool, &str)],
+    extra_spec: &str,
+) -> String {
+    let eps: String = eps
+        .iter()
+        .map(|(a, ready, node)| {
+            format!(
+                "- addresses: [\"{a}\"]\n  conditions: {{ready: {ready}}}\n  nodeName: {node}\n"
+            )
+        })
+        .collect();
+    let eps = if eps.is_empty() {
+        " []\n".to_string()
+    } else {
+        format!("\n{eps}")
+    };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: NodePort\n{extra_spec}  ports:\n  - name: p\n    protocol: {proto}\n    port: {node_port}\n    targetPort: {target}\n    nodePort: {node_port}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv4\nports:\n- name: p\n  protocol: {proto}\n  port: {target}\nendpoints:{eps}"
+    )
+}
+
 /// True when running under CI, where every peer must be present.
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
@@ -549,26 +579,67 @@ pub struct Sock {
 /// TCP and UDP sockets of this network namespace that `ss` selects with
 /// `filter` (ss's filter syntax, e.g. `sport = :30085`).
 pub fn sockets(filter: &str) -> Vec<Sock> {
+    ss(&["-t", "-u", "-a"], filter)
+}
+
+/// Like [`sockets`], only LISTEN (TCP) and UNCONN (UDP) ones, asked so that
+/// the kernel skips TIME-WAIT sockets, which a load leaves by the ten
+/// thousand and which make a full listing take 100 ms.
+pub fn listening(filter: &str) -> Vec<Sock> {
+    // With one `state`, ss drops its state column: put it back.
+    let tcp = ss_lines(&["-t", "state", "listening"], filter)
+        .into_iter()
+        .filter_map(|f| match f.as_slice() {
+            [.., local, peer] => Some(Sock {
+                proto: "tcp".into(),
+                state: "LISTEN".into(),
+                local: local.clone(),
+                peer: peer.clone(),
+            }),
+            _ => None,
+        });
+    // With one protocol, ss drops its netid column.
+    let udp = ss_lines(&["-u", "-l"], filter)
+        .into_iter()
+        .filter_map(|f| match f.as_slice() {
+            [state, _, _, local, peer, ..] => Some(Sock {
+                proto: "udp".into(),
+                state: state.clone(),
+                local: local.clone(),
+                peer: peer.clone(),
+            }),
+            _ => None,
+        });
+    tcp.chain(udp).collect()
+}
+
+fn ss(which: &[&str], filter: &str) -> Vec<Sock> {
+    ss_lines(which, filter)
+        .into_iter()
+        .filter_map(|f| match f.as_slice() {
+            [proto, state, _, _, local, peer, ..] => Some(Sock {
+                proto: proto.clone(),
+                state: state.clone(),
+                local: local.clone(),
+                peer: peer.clone(),
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `ss -H -n WHICH FILTER`, each line split into fields.
+fn ss_lines(which: &[&str], filter: &str) -> Vec<Vec<String>> {
     let out = Command::new("ss")
-        .args(["-H", "-a", "-n", "-t", "-u"])
+        .args(["-H", "-n"])
+        .args(which)
         .args(filter.split_whitespace())
         .output()
         .expect("ss (iproute2) runs");
     assert!(out.status.success(), "ss {filter}: {out:?}");
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            match f.as_slice() {
-                [proto, state, _, _, local, peer, ..] => Some(Sock {
-                    proto: proto.to_string(),
-                    state: state.to_string(),
-                    local: local.to_string(),
-                    peer: peer.to_string(),
-                }),
-                _ => None,
-            }
-        })
+        .map(|l| l.split_whitespace().map(str::to_string).collect())
         .collect()
 }
 
@@ -587,8 +658,11 @@ pub fn sockets_within(
 ) -> (bool, Vec<Sock>) {
     let end = Instant::now() + limit;
     loop {
+        // A listing shows the sockets as they were when it started (it may
+        // take 100 ms among many TIME-WAIT sockets): judge it by that time.
+        let started = Instant::now();
         let s = sockets_on(port);
-        if ok(&s) || Instant::now() >= end {
+        if ok(&s) || started >= end {
             return (ok(&s), s);
         }
         thread::sleep(Duration::from_millis(5));
