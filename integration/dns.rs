@@ -311,20 +311,21 @@ fn answers_follow_manifest_changes() {
         dig(&dig_bin, dns, &[name, "A"]).data("A"),
         vec!["10.96.0.10"]
     );
-    rv.write_manifest(&ZONE_MANIFEST.replace("10.96.0.10", "10.96.0.20"));
-    assert!(
-        wait_until(Duration::from_secs(5), || dig(&dig_bin, dns, &[name, "A"])
-            .data("A")
-            == vec!["10.96.0.20"]),
-        "the new ClusterIP never showed:\n{}",
+    // The DNS view is published with the snapshot: the first query after
+    // the change gets the new answer.
+    rv.apply(&ZONE_MANIFEST.replace("10.96.0.10", "10.96.0.20"));
+    assert_eq!(
+        dig(&dig_bin, dns, &[name, "A"]).data("A"),
+        vec!["10.96.0.20"],
+        "{}",
         rv.log()
     );
-    rv.write_manifest("");
-    assert!(
-        wait_until(Duration::from_secs(5), || dig(&dig_bin, dns, &[name, "A"])
-            .status
-            == "NXDOMAIN"),
-        "the removed Service still answered"
+    rv.apply("");
+    let d = dig(&dig_bin, dns, &[name, "A"]);
+    assert_eq!(
+        d.status, "NXDOMAIN",
+        "the removed Service still answered: {}",
+        d.raw
     );
 }
 
@@ -646,10 +647,9 @@ fn selector_membership_changes_live() {
     let front = SocketAddr::from((Ipv4Addr::LOCALHOST, node_port));
     let backends_seen = |n: usize| {
         let mut seen: HashMap<String, u32> = HashMap::new();
-        for _ in 0..n {
-            if let Ok(b) = http_get(front) {
-                *seen.entry(b).or_default() += 1;
-            }
+        for i in 0..n {
+            let b = http_get(front).unwrap_or_else(|e| panic!("request {i} through {front}: {e}"));
+            *seen.entry(b).or_default() += 1;
         }
         seen.into_keys().collect::<BTreeSet<_>>()
     };
@@ -660,41 +660,26 @@ fn selector_membership_changes_live() {
         &manifest(&[pod(1, "shop", true), pod(2, "shop", false)]),
         &[],
     );
-    assert!(
-        wait_until(Duration::from_secs(5), || http_get(front).is_ok()),
-        "{}",
-        rv.log()
-    );
-    assert_eq!(backends_seen(20), set(&["backend-1"]));
+    // Each check is of the requests right after the snapshot is published.
+    assert_eq!(backends_seen(20), set(&["backend-1"]), "{}", rv.log());
 
     // Pod 2 becomes ready: both.
-    rv.write_manifest(&manifest(&[pod(1, "shop", true), pod(2, "shop", true)]));
-    assert!(
-        wait_until(Duration::from_secs(5), || backends_seen(20)
-            == set(&["backend-1", "backend-2"])),
-        "pod 2 never joined:\n{}",
+    rv.apply(&manifest(&[pod(1, "shop", true), pod(2, "shop", true)]));
+    assert_eq!(
+        backends_seen(20),
+        set(&["backend-1", "backend-2"]),
+        "{}",
         rv.log()
     );
 
     // Pod 1's labels change: it leaves.
-    rv.write_manifest(&manifest(&[pod(1, "other", true), pod(2, "shop", true)]));
-    assert!(
-        wait_until(Duration::from_secs(5), || backends_seen(20)
-            == set(&["backend-2"])),
-        "pod 1 never left:\n{}",
-        rv.log()
-    );
+    rv.apply(&manifest(&[pod(1, "other", true), pod(2, "shop", true)]));
+    assert_eq!(backends_seen(20), set(&["backend-2"]), "{}", rv.log());
 
     // No matching Pod: refused at once.
-    rv.write_manifest(&manifest(&[pod(1, "other", true)]));
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            TcpStream::connect_timeout(&front, Duration::from_secs(1))
-                .err()
-                .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
-        }),
-        "the port never closed"
-    );
+    rv.apply(&manifest(&[pod(1, "other", true)]));
+    let e = TcpStream::connect_timeout(&front, Duration::from_secs(1)).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
 }
 
 /// 100 endpoints do not fit a UDP response: dig sees TC and retries over TCP,
@@ -762,17 +747,18 @@ fn curl_resolves_a_short_name_and_connects_through_the_clusterip() {
     .unwrap();
     let rv = Ringvip::launch(Some(&t.node), &manifest, &["--dns-addr", "127.0.0.1:53"]);
     let curl = curl.display().to_string();
-    let mut last = String::new();
-    let ok = wait_until(Duration::from_secs(10), || {
-        let out = t.on_node(&curl, &["-sS", "--max-time", "5", "http://web/"]);
-        last = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.status.success() && last.trim() == "backend-3"
-    });
-    assert!(ok, "curl http://web/ failed: {last}\n{}", rv.log());
+    // The first request once ringvip is up: DNS, TUN and relay all ready.
+    let out = t.on_node(&curl, &["-sS", "--max-time", "5", "http://web/"]);
+    let last = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && last.trim() == "backend-3",
+        "curl http://web/ failed: {last}\n{}",
+        rv.log()
+    );
     // And by the fully qualified name.
     let out = t.on_node(
         &curl,

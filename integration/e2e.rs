@@ -34,11 +34,13 @@ fn three_backends(net: u8) -> (u16, Vec<Backend>) {
     (port, b)
 }
 
-fn wait_serving(addr: SocketAddr) {
-    assert!(
-        wait_until(Duration::from_secs(5), || http_get(addr).is_ok()),
-        "{addr} never served"
-    );
+/// The first request through `addr` is served. `Ringvip::start` and
+/// `Ringvip::apply` return once the snapshot is published, and published
+/// means the listeners are open: no retry is part of the contract.
+fn assert_serving(addr: SocketAddr) {
+    if let Err(e) = http_get(addr) {
+        panic!("first request through {addr}: {e}");
+    }
 }
 
 #[test]
@@ -55,7 +57,7 @@ fn balancing_spreads_over_all_endpoints() {
         ),
         &[],
     );
-    wait_serving(np(node_port));
+    assert_serving(np(node_port));
     let mut seen: HashMap<String, u32> = HashMap::new();
     for _ in 0..60 {
         *seen.entry(http_get(np(node_port)).unwrap()).or_default() += 1;
@@ -79,7 +81,7 @@ fn client_ip_affinity_sticks_and_expires() {
         ),
         &[],
     );
-    wait_serving(np(node_port));
+    assert_serving(np(node_port));
     // Ten clients (distinct source IPs), each pinned to one backend while active.
     let clients: Vec<IpAddr> = (1..=10).map(|i| IpAddr::V4(ip(111, i))).collect();
     let mut first = Vec::new();
@@ -126,9 +128,7 @@ fn removed_endpoint_gets_no_new_connections_but_established_keeps_streaming() {
     );
 
     // Move the Service to the other endpoint.
-    let before = rv.generations();
-    rv.write_manifest(&nodeport_service("s", node_port, port, &[ip(12, 2)], ""));
-    assert!(wait_until(Duration::from_secs(5), || rv.generations() > before));
+    rv.apply(&nodeport_service("s", node_port, port, &[ip(12, 2)], ""));
     // New connections go to endpoint 2 only.
     for _ in 0..10 {
         let mut c = connect_from(None, np(node_port)).unwrap();
@@ -155,7 +155,7 @@ fn dead_backend_is_retried_around() {
         &nodeport_service("r", node_port, port, &[ip(13, 1), ip(13, 2), ip(13, 3)], ""),
         &[],
     );
-    wait_serving(np(node_port));
+    assert_serving(np(node_port));
     b[0].kill();
     for i in 0..40 {
         let body = http_get(np(node_port))
@@ -197,8 +197,10 @@ fn bad_manifest_is_reported_and_old_config_keeps_serving() {
         &nodeport_service("keep", node_port, port, &[ip(14, 1)], ""),
         &[],
     );
-    wait_serving(np(node_port));
+    assert_serving(np(node_port));
     rv.write_manifest("apiVersion: v1\nkind: Service\nmetadata:\n  name: keep\n  spec: [\n");
+    // Waits for the report itself (the file is read asynchronously); the
+    // first request after it is still served.
     assert!(
         wait_until(Duration::from_secs(5), || rv
             .log()
@@ -206,6 +208,7 @@ fn bad_manifest_is_reported_and_old_config_keeps_serving() {
         "no error naming the file:\n{}",
         rv.log()
     );
+    assert_eq!(http_get(np(node_port)).unwrap(), "backend-1");
     // semantic error too: the port is out of range
     rv.write_manifest(
         &nodeport_service("keep", node_port, port, &[ip(14, 1)], "")
@@ -228,19 +231,19 @@ fn nodeport_disappears_with_its_service() {
         &nodeport_service("gone", node_port, port, &[ip(15, 1)], ""),
         &[],
     );
-    wait_serving(np(node_port));
-    rv.write_manifest(&nodeport_service(
+    assert_serving(np(node_port));
+    rv.apply(&nodeport_service(
         "other",
         other_port,
         port,
         &[ip(15, 2)],
         "",
     ));
-    wait_serving(np(other_port));
-    assert!(wait_until(Duration::from_secs(5), || matches!(
-        connect_from(None, np(node_port)),
-        Err(e) if e.kind() == ErrorKind::ConnectionRefused
-    )));
+    // Published means programmed: the first connection after it gets the
+    // new answer, on both ports.
+    assert_eq!(http_get(np(other_port)).unwrap(), "backend-2");
+    let e = connect_from(None, np(node_port)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}");
 }
 
 #[test]
@@ -251,16 +254,11 @@ fn udp_round_trip_replies_from_the_frontend() {
     let m = nodeport_service("dns", node_port, port, &[ip(16, 1)], "").replace("TCP", "UDP");
     let rv = Ringvip::start(&m, &["--udp-idle-timeout-secs", "2"]);
     let c = UdpSocket::bind("127.0.0.1:0").unwrap();
-    c.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut buf = [0u8; 256];
-    let mut reply = None;
-    assert!(wait_until(Duration::from_secs(5), || {
-        let _ = c.send_to(b"ping", np(node_port));
-        reply = c.recv_from(&mut buf).ok();
-        reply.is_some()
-    }));
-    let (n, from) = reply.unwrap();
+    // The first datagram after start is answered.
+    c.send_to(b"ping", np(node_port)).unwrap();
+    let (n, from) = c.recv_from(&mut buf).expect("first datagram answered");
     assert_eq!(&buf[..n], b"u1:ping");
     assert_eq!(
         from,
@@ -347,10 +345,7 @@ fn load_balancer_source_ranges_are_enforced() {
     let lb = SocketAddr::from((lb_ip, lb_port));
     let inside = Some(IpAddr::V4(Ipv4Addr::new(127, 0, 191, 5)));
     let outside = Some(IpAddr::V4(Ipv4Addr::new(127, 0, 192, 5)));
-    assert!(wait_until(Duration::from_secs(5), || http_get_from(
-        inside, lb
-    )
-    .is_ok()));
+    // The first request from inside the ranges is served.
     assert_eq!(http_get_from(inside, lb).unwrap(), "backend-1");
     // Outsiders are dropped in the kernel (no handshake at all), as kube-proxy drops them.
     let e = connect_from(outside, lb).expect_err("client outside the source ranges connected");
@@ -395,7 +390,7 @@ fn health_and_metrics_endpoints_answer() {
         &nodeport_service("m", node_port, port, &[ip(21, 1)], ""),
         &[],
     );
-    wait_serving(np(node_port));
+    assert_serving(np(node_port));
     let h = admin_get(rv.health, "/healthz");
     assert!(h.starts_with("HTTP/1.1 200"), "{h}");
     assert!(h.contains("\"healthy\":true"), "{h}");
@@ -440,7 +435,7 @@ fn nginx_backends_through_a_nodeport_with_curl() {
         &nodeport_service("ng", node_port, port, &[ip(22, 1), ip(22, 2)], ""),
         &[],
     );
-    wait_serving(np(node_port));
+    assert_serving(np(node_port));
     let mut seen = HashSet::new();
     for _ in 0..30 {
         let out = Command::new(&curl)
@@ -492,10 +487,8 @@ fn udp_flow_moves_when_its_endpoint_is_removed() {
         let (n, _) = c.recv_from(&mut buf).ok()?;
         Some(String::from_utf8_lossy(&buf[..n]).into_owned())
     };
-    assert!(wait_until(Duration::from_secs(5), || ask().as_deref() == Some("u1:x")));
-    let before = rv.generations();
-    rv.write_manifest(&m(ip(23, 2)));
-    assert!(wait_until(Duration::from_secs(5), || rv.generations() > before));
+    assert_eq!(ask().as_deref(), Some("u1:x"), "first datagram");
+    rv.apply(&m(ip(23, 2)));
     // The same client flow is re-pinned at once, well before the idle timeout (30 s).
     assert_eq!(ask().as_deref(), Some("u2:x"));
 }
@@ -519,7 +512,7 @@ fn blackholed_backend_times_out_and_is_retried_around() {
         &nodeport_service("hole", node_port, port, &[ip(24, 1), ip(24, 2)], ""),
         &[],
     );
-    wait_serving(np(node_port));
+    assert_serving(np(node_port));
     for _ in 0..10 {
         assert_eq!(http_get(np(node_port)).unwrap(), "backend-2");
     }
@@ -544,17 +537,9 @@ fn health_check_node_port_reports_local_endpoints() {
     };
     let rv = Ringvip::start(&m("node-a"), &[]);
     let hc_addr = np(hc);
-    let mut r = String::new();
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            r = std::net::TcpStream::connect(hc_addr)
-                .map(|_| admin_get(hc_addr, "/any/path"))
-                .unwrap_or_default();
-            r.starts_with("HTTP/1.1 200")
-        }),
-        "{r}\n{}",
-        rv.log()
-    );
+    // The first probe: health check servers are open once the snapshot is published.
+    let r = admin_get(hc_addr, "/any/path");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}\n{}", rv.log());
     assert!(r.contains("\"localEndpoints\":1"), "{r}");
     assert!(r.contains("\"serviceProxyHealthy\":true"), "{r}");
     assert!(
@@ -566,20 +551,16 @@ fn health_check_node_port_reports_local_endpoints() {
             .contains("x-load-balancing-endpoint-weight: 1"),
         "{r}"
     );
-    // The only endpoint moves to another node: 503, no local endpoints.
-    rv.write_manifest(&m("node-b"));
-    assert!(
-        wait_until(Duration::from_secs(5), || admin_get(hc_addr, "/")
-            .starts_with("HTTP/1.1 503")),
-        "{}",
-        rv.log()
-    );
-    assert!(admin_get(hc_addr, "/").contains("\"localEndpoints\":0"));
-    // The Service goes away: so does its health check port.
-    rv.write_manifest("");
-    assert!(wait_until(Duration::from_secs(5), || {
-        std::net::TcpStream::connect(hc_addr).is_err()
-    }));
+    // The only endpoint moves to another node: the first probe after the
+    // change gets 503, no local endpoints.
+    rv.apply(&m("node-b"));
+    let r = admin_get(hc_addr, "/");
+    assert!(r.starts_with("HTTP/1.1 503"), "{r}\n{}", rv.log());
+    assert!(r.contains("\"localEndpoints\":0"), "{r}");
+    // The Service goes away: so does its health check port, at once.
+    rv.apply("");
+    let e = std::net::TcpStream::connect(hc_addr).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}");
 }
 
 #[test]
@@ -596,15 +577,17 @@ fn sigterm_drains_established_connections_and_refuses_new_ones() {
     let mut buf = [0u8; 64];
     assert!(conn.read(&mut buf).unwrap() > 0);
     rv.sigterm();
-    // New clients are refused at once...
+    // New clients are refused at once: the first one after ringvip says it
+    // drains (it says so once its listeners are closed).
     assert!(
-        wait_until(Duration::from_secs(2), || matches!(
-            connect_from(None, np(node_port)),
-            Err(e) if e.kind() == ErrorKind::ConnectionRefused
-        )),
+        wait_until(Duration::from_secs(2), || rv
+            .log()
+            .contains("SIGTERM: draining")),
         "{}",
         rv.log()
     );
+    let e = connect_from(None, np(node_port)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}\n{}", rv.log());
     // ...while the established stream keeps flowing and ringvip waits for it.
     let got = bytes_within(&mut conn, Duration::from_millis(500));
     assert!(got > 10, "stream stalled during drain ({got} bytes)");
@@ -627,7 +610,7 @@ fn status_shows_frontends_endpoints_and_traffic() {
         &nodeport_service("st", node_port, port, &[ip(27, 1), ip(27, 2)], ""),
         &[],
     );
-    wait_serving(np(node_port));
+    assert_serving(np(node_port));
     for _ in 0..4 {
         http_get(np(node_port)).unwrap();
     }

@@ -26,13 +26,41 @@ fn who(addr: SocketAddr) -> Option<String> {
         .and_then(|b| b.rsplit("backend-").next().map(|s| s.trim().to_string()))
 }
 
-/// Waits until requests through `addr` reach backend `name`.
+/// Waits until requests through `addr` reach backend `name`. An API change
+/// reaches ringvip through its watch, asynchronously, so the requests before
+/// may still see the state before it (another backend, refused, or reset when
+/// one raced a listener's close); a client that hangs or is dropped fails the
+/// test at once.
 fn wait_backend(addr: SocketAddr, name: &str, limit: Duration) -> bool {
-    wait_until(limit, || who(addr).as_deref() == Some(name))
+    wait_answer(addr, &Answer::Backend(name.to_string()), limit)
 }
 
+/// Like [`wait_backend`], until the port is closed.
+fn wait_refused(addr: SocketAddr, limit: Duration) -> bool {
+    wait_answer(addr, &Answer::Refused, limit)
+}
+
+fn wait_answer(addr: SocketAddr, want: &Answer, limit: Duration) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        let a = ask(addr);
+        if a == *want {
+            return true;
+        }
+        assert!(
+            !matches!(a, Answer::Hung | Answer::Dropped),
+            "{addr}: {a:?} on the way to {want:?}"
+        );
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One connection to `addr` is refused.
 fn refused(addr: SocketAddr) -> bool {
-    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_err()
+    ask(addr) == Answer::Refused
 }
 
 /// A metric's value (first sample line starting with `name` and containing `filter`).
@@ -176,7 +204,7 @@ fn services_and_slices_added_changed_and_deleted_take_effect() {
     w.api
         .apply(&[("services", service("web", moved, Value::Null))]);
     assert!(wait_backend(np(moved), "b2", Duration::from_secs(5)));
-    assert!(wait_until(Duration::from_secs(5), || refused(web)));
+    assert!(wait_refused(web, Duration::from_secs(5)));
 
     // A Service for another proxy is not ours; one for ringvip is.
     let other = free_port();
@@ -212,9 +240,9 @@ fn services_and_slices_added_changed_and_deleted_take_effect() {
 
     // The slice deleted: no endpoints, then the Service deleted: port closed.
     w.api.delete("endpointslices", "api-1");
-    assert!(wait_until(Duration::from_secs(5), || who(np(api_port)).is_none()));
+    assert!(wait_refused(np(api_port), Duration::from_secs(5)));
     w.api.delete("services", "api");
-    assert!(wait_until(Duration::from_secs(5), || refused(np(api_port))));
+    assert!(wait_refused(np(api_port), Duration::from_secs(5)));
     assert!(wait_backend(np(moved), "b2", Duration::from_secs(1)));
 }
 
@@ -296,7 +324,7 @@ fn an_expired_resource_version_relists_and_finds_deletes() {
         r.log()
     );
     assert!(
-        wait_until(Duration::from_secs(10), || refused(np(gone_port))),
+        wait_refused(np(gone_port), Duration::from_secs(10)),
         "{}",
         r.log()
     );
@@ -410,9 +438,15 @@ fn an_endpoint_change_reaches_the_data_plane_fast_and_is_measured() {
     // A generous bound for a loaded CI machine; benches/ measures the real figure.
     assert!(took < Duration::from_secs(1), "took {took:?}");
     eprintln!("endpoint change to first connection on the new endpoint: {took:?}");
-    assert_eq!(
-        metric(&r, "ringvip_network_programming_duration_seconds_count", ""),
-        Some(1.0),
+    // New flows see a snapshot as soon as it is stored; its programming is
+    // measured once every worker has applied it, a moment later: a delay is
+    // part of this contract.
+    assert!(
+        wait_until(Duration::from_secs(2), || metric(
+            &r,
+            "ringvip_network_programming_duration_seconds_count",
+            ""
+        ) == Some(1.0)),
         "{}",
         admin_get(r.metrics, "/metrics")
     );

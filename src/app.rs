@@ -79,8 +79,9 @@ pub fn run(
     // Setup that needed root is done (TUN open, routes set): keep only what
     // runtime needs, before any other thread exists to inherit more.
     crate::privileges::drop_and_log().context("dropping capabilities after setup")?;
-    let mut workers = socket::spawn_workers(settings.workers, shared.clone(), snap_rx.clone())
-        .context("starting data-plane threads")?;
+    let (mut workers, programmed) =
+        socket::spawn_workers(settings.workers, shared.clone(), snap_rx.clone())
+            .context("starting data-plane threads")?;
     if let Some(queues) = tun {
         // Caps are per stack; split them so the device as a whole keeps them.
         let n = queues.len();
@@ -105,7 +106,12 @@ pub fn run(
             workers.push(t);
         }
     }
-    let result = rt.block_on(control(settings, ctx, shared, snap_tx, shutdown, on_ready));
+    let publish = Publisher {
+        shared,
+        snap_tx,
+        programmed,
+    };
+    let result = rt.block_on(control(settings, ctx, publish, shutdown, on_ready));
     // snap_tx is dropped by now: every worker closes its listeners and returns.
     for w in workers {
         let _ = w.join();
@@ -164,14 +170,42 @@ fn open_tun(
     Ok(queues)
 }
 
+/// Hands snapshots to the data plane and waits until its listeners follow.
+struct Publisher {
+    shared: Arc<Shared>,
+    snap_tx: watch::Sender<Arc<Snapshot>>,
+    programmed: Arc<crate::dataplane::listener::Programmed>,
+}
+
+/// How long a published snapshot may take to reach every worker's listeners
+/// before the control loop goes on without (a worker that slow is reported).
+const PROGRAMMING_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Publisher {
+    /// Publishes `snap`: new flows see it at once; returns once every
+    /// kernel-socket worker has opened and closed its listeners to match.
+    async fn publish(&self, snap: Arc<Snapshot>) {
+        let generation = snap.generation;
+        self.shared.snapshot.store(snap.clone());
+        self.snap_tx.send_replace(snap);
+        if !self.programmed.wait(generation, PROGRAMMING_LIMIT).await {
+            tracing::warn!(
+                generation,
+                limit_ms = PROGRAMMING_LIMIT.as_millis() as u64,
+                "a data-plane thread has not applied the snapshot in time"
+            );
+        }
+    }
+}
+
 async fn control(
     settings: Settings,
     ctx: NodeContext,
-    shared: Arc<Shared>,
-    snap_tx: watch::Sender<Arc<Snapshot>>,
+    publisher: Publisher,
     shutdown: Arc<Notify>,
     on_ready: impl FnOnce(Bound),
 ) -> anyhow::Result<()> {
+    let shared = publisher.shared.clone();
     let mut metrics = Metrics::new();
     metrics.register_limit_hits(&shared.limits.hits);
     let metrics = Arc::new(metrics);
@@ -265,16 +299,8 @@ async fn control(
                 for c in &snap.conflicts {
                     tracing::warn!("frontend conflict: {c}");
                 }
-                tracing::info!(
-                    generation,
-                    services = store.service_count(),
-                    frontends = snap.frontend_count(),
-                    listeners = snap.listeners().len(),
-                    "snapshot published"
-                );
                 metrics.set_no_local_endpoints(snap.no_local_internal as i64, snap.no_local_external as i64);
-                shared.snapshot.store(snap.clone());
-                snap_tx.send_replace(snap.clone());
+                publisher.publish(snap.clone()).await;
                 health_checks.sync(&snap.health_checks).await;
                 metrics.observe_sync(started.elapsed());
                 metrics.add_service_changes(changes.services);
@@ -286,13 +312,23 @@ async fn control(
                 metrics.set_last_sync(now);
                 health.set_node_deleting(store.node(&ctx.node_name).is_some_and(|n| n.deleting));
                 health.applied(now);
+                // Logged last, once the data plane follows the snapshot and
+                // health and metrics say so: a client that connects after
+                // this line sees exactly this snapshot's listeners.
+                tracing::info!(
+                    generation,
+                    services = store.service_count(),
+                    frontends = snap.frontend_count(),
+                    listeners = snap.listeners().len(),
+                    "snapshot published"
+                );
             }
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: reloading manifests");
                 reload.notify_one();
             }
             _ = sigterm.recv() => {
-                drain(&shared, &snap_tx, generation + 1, settings.drain_timeout, &mut sigterm).await;
+                drain(&publisher, generation + 1, settings.drain_timeout, &mut sigterm).await;
                 break;
             }
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); break }
@@ -337,15 +373,15 @@ async fn start_kube(
 /// refuses new SYNs, while established connections keep their frontend.
 /// A second SIGTERM ends the wait.
 async fn drain(
-    shared: &Shared,
-    snap_tx: &watch::Sender<Arc<Snapshot>>,
+    publisher: &Publisher,
     generation: u64,
     timeout: std::time::Duration,
     sigterm: &mut tokio::signal::unix::Signal,
 ) {
-    let empty = Arc::new(Snapshot::empty(generation));
-    shared.snapshot.store(empty.clone());
-    snap_tx.send_replace(empty);
+    publisher
+        .publish(Arc::new(Snapshot::empty(generation)))
+        .await;
+    let shared = &publisher.shared;
     let active = || shared.active.load(std::sync::atomic::Ordering::Relaxed);
     tracing::info!(
         connections = active(),

@@ -491,6 +491,99 @@ pub fn service_with(
     )
 }
 
+/// What one HTTP request through a frontend got, as its client saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// Served: the body's backend name (`backend-<name>`).
+    Backend(String),
+    /// Refused at connect.
+    Refused,
+    /// Reset or closed without an answer.
+    Reset,
+    /// The SYN went unanswered for 1 s (a dropping listener).
+    Dropped,
+    /// Connected, then nothing for 2 s: a listener that accepted and never
+    /// relayed. Never acceptable.
+    Hung,
+}
+
+/// One HTTP GET through `addr`, classified.
+pub fn ask(addr: SocketAddr) -> Answer {
+    let s = match socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None) {
+        Ok(s) => s,
+        Err(e) => panic!("socket: {e}"),
+    };
+    match s.connect_timeout(&addr.into(), Duration::from_secs(1)) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Answer::Refused,
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Answer::Dropped,
+        Err(_) => return Answer::Reset,
+        Ok(()) => {}
+    }
+    let mut c: TcpStream = s.into();
+    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    if write!(c, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").is_err() {
+        return Answer::Reset;
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return if got.is_empty() {
+                    Answer::Hung
+                } else {
+                    Answer::Reset
+                };
+            }
+            Err(_) => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    match text.split("\r\n\r\n").nth(1) {
+        Some(body) if text.starts_with("HTTP/1.1 200") => {
+            Answer::Backend(body.trim().trim_start_matches("backend-").to_string())
+        }
+        _ => Answer::Reset,
+    }
+}
+
+/// Asks `addr` until it answers `want`, for at most `limit`; every answer
+/// before must be one `allowed` (the state before the change: a change that
+/// reaches ringvip asynchronously, through an API watch, may take a moment,
+/// but no client may ever hang or see anything else). The answers seen.
+pub fn transition(
+    addr: SocketAddr,
+    allowed: &[Answer],
+    want: &Answer,
+    limit: Duration,
+) -> Vec<Answer> {
+    let end = Instant::now() + limit;
+    let mut seen = Vec::new();
+    loop {
+        let a = ask(addr);
+        seen.push(a.clone());
+        if a == *want {
+            return seen;
+        }
+        assert!(
+            allowed.contains(&a),
+            "{addr}: {a:?} on the way to {want:?} (answers so far {seen:?})"
+        );
+        assert!(
+            Instant::now() < end,
+            "{addr}: never answered {want:?} in {limit:?}: {seen:?}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// True when running under CI, where every peer must be present.
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")

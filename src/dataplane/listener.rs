@@ -13,7 +13,9 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::Shutdown;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rand::rngs::SmallRng;
 use socket2::Socket;
@@ -242,6 +244,58 @@ impl Listeners {
         }
         self.failing
             .retain(|spec, _| want.binary_search(spec).is_ok());
+    }
+}
+
+/// How far each kernel-socket thread has applied the published snapshots.
+/// The control loop waits on it before it calls a snapshot published, so a
+/// client that connects after that sees the new listeners, never the old.
+#[derive(Debug)]
+pub struct Programmed {
+    applied: Vec<AtomicU64>,
+    changed: tokio::sync::Notify,
+}
+
+impl Programmed {
+    /// For `threads` threads, none of which has applied anything.
+    pub fn new(threads: usize) -> Arc<Self> {
+        Arc::new(Self {
+            applied: (0..threads).map(|_| AtomicU64::new(0)).collect(),
+            changed: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Thread `id` holds the listeners of snapshot `generation`.
+    pub fn applied(&self, id: usize, generation: u64) {
+        if let Some(a) = self.applied.get(id) {
+            a.fetch_max(generation, Ordering::Release);
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// True when every thread has applied `generation` (or a later one).
+    pub fn reached(&self, generation: u64) -> bool {
+        self.applied
+            .iter()
+            .all(|a| a.load(Ordering::Acquire) >= generation)
+    }
+
+    /// Waits until every thread has applied `generation`; false when `limit`
+    /// passed first.
+    pub async fn wait(&self, generation: u64, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the check, so an update in between still wakes us.
+            changed.as_mut().enable();
+            if self.reached(generation) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return self.reached(generation);
+            }
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio_uring::net::{TcpListener, TcpStream};
 
 use super::flow::{resolve, FlowKey, Verdict};
-use super::listener::Listeners;
+use super::listener::{Listeners, Programmed};
 use super::relay::{connect, relay, set_reset_on_close};
 use super::Shared;
 use crate::model::Protocol;
@@ -168,30 +168,38 @@ pub fn source_filter(local: SocketAddr, allow: &[ipnet::IpNet]) -> Option<Vec<In
     (prog.len() <= 4096).then_some(prog)
 }
 
-/// Runs `workers` data-plane threads until the snapshot channel closes.
+/// Runs `workers` data-plane threads until the snapshot channel closes; they
+/// report the snapshots they applied in the returned [`Programmed`].
 pub fn spawn_workers(
     workers: usize,
     shared: Arc<Shared>,
     rx: watch::Receiver<Arc<Snapshot>>,
-) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
-    (0..workers)
+) -> std::io::Result<(Vec<std::thread::JoinHandle<()>>, Arc<Programmed>)> {
+    let programmed = Programmed::new(workers);
+    let threads = (0..workers)
         .map(|id| {
-            let shared = shared.clone();
-            let rx = rx.clone();
+            let (shared, rx, programmed) = (shared.clone(), rx.clone(), programmed.clone());
             std::thread::Builder::new()
                 .name(format!("ringvip-dp-{id}"))
-                .spawn(move || tokio_uring::start(worker(id, shared, rx)))
+                .spawn(move || tokio_uring::start(worker(id, shared, rx, programmed)))
         })
-        .collect()
+        .collect::<std::io::Result<_>>()?;
+    Ok((threads, programmed))
 }
 
 /// One data-plane thread: keeps its listeners equal to the snapshot's.
-async fn worker(id: usize, shared: Arc<Shared>, mut rx: watch::Receiver<Arc<Snapshot>>) {
+async fn worker(
+    id: usize,
+    shared: Arc<Shared>,
+    mut rx: watch::Receiver<Arc<Snapshot>>,
+    programmed: Arc<Programmed>,
+) {
     let rng = Rc::new(RefCell::new(SmallRng::from_os_rng()));
     let mut listeners = Listeners::new(id);
     loop {
         let snap = rx.borrow_and_update().clone();
         listeners.sync(snap.listeners(), &shared, &rng);
+        programmed.applied(id, snap.generation);
         if rx.changed().await.is_err() {
             break;
         }
