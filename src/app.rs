@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use crate::admin::{self, Health};
 use crate::config::{self, Settings};
 use crate::dataplane::tun::{self, TunSettings};
-use crate::dataplane::{socket, DataPlaneSettings, Shared};
+use crate::dataplane::{socket, Shared};
 use crate::discovery::file::FileSource;
 use crate::discovery::kube;
 use crate::discovery::Update;
@@ -35,10 +35,10 @@ pub struct Bound {
 pub fn node_context(settings: &Settings) -> anyhow::Result<NodeContext> {
     let local = config::local_addresses().context("listing local addresses")?;
     Ok(NodeContext {
-        node_name: settings.node_name.clone(),
-        zone: settings.zone.clone(),
-        proxy_name: settings.proxy_name.clone(),
-        nodeport_addresses: settings.select_nodeport_addresses(&local),
+        node_name: settings.node.node_name.clone(),
+        zone: settings.node.zone.clone(),
+        proxy_name: settings.node.proxy_name.clone(),
+        nodeport_addresses: settings.node.select_nodeport_addresses(&local),
         local_addresses: local,
     })
 }
@@ -56,38 +56,32 @@ pub fn run(
     tracing::info!(
         node = %ctx.node_name,
         nodeport_addresses = ?ctx.nodeport_addresses,
-        workers = settings.workers,
+        workers = settings.dataplane.workers,
         "starting"
     );
-    let shared = Shared::new(DataPlaneSettings {
-        connect_timeout: settings.connect_timeout,
-        connect_attempts: settings.connect_attempts,
-        udp_idle_timeout: settings.udp_idle_timeout,
-        max_connections: settings.max_connections,
-        max_connections_per_frontend: settings.max_connections_per_frontend,
-        tcp_idle_timeout: settings.tcp_idle_timeout,
-    });
+    let shared = Shared::new(settings.dataplane);
     let (snap_tx, snap_rx) = watch::channel(shared.snapshot.load_full());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the control runtime")?;
-    let tun = match &settings.tun {
+    let tun = match settings.tun.device() {
         Some(name) => Some(open_tun(name, &settings, &rt)?),
         None => None,
     };
     // Setup that needed root is done (TUN open, routes set): keep only what
     // runtime needs, before any other thread exists to inherit more.
     crate::privileges::drop_and_log().context("dropping capabilities after setup")?;
-    let mut workers = socket::spawn_workers(settings.workers, shared.clone(), snap_rx.clone())
-        .context("starting data-plane threads")?;
+    let mut workers =
+        socket::spawn_workers(settings.dataplane.workers, shared.clone(), snap_rx.clone())
+            .context("starting data-plane threads")?;
     if let Some(queues) = tun {
         // Caps are per stack; split them so the device as a whole keeps them.
         let n = queues.len();
         let tun_settings = TunSettings {
-            mtu: settings.tun_mtu as usize,
-            max_connections: settings.tun_max_connections.div_ceil(n),
-            max_udp_flows: settings.tun_max_udp_flows.div_ceil(n),
+            mtu: settings.tun.tun_mtu as usize,
+            max_connections: settings.tun.tun_max_connections.div_ceil(n),
+            max_udp_flows: settings.tun.tun_max_udp_flows.div_ceil(n),
             ..TunSettings::default()
         };
         for (i, dev) in queues.into_iter().enumerate() {
@@ -149,11 +143,11 @@ fn open_tun(
     settings: &Settings,
     rt: &tokio::runtime::Runtime,
 ) -> anyhow::Result<Vec<tun::Tun>> {
-    let queues = tun::Tun::open_queues(name, settings.tun_queues)
+    let queues = tun::Tun::open_queues(name, settings.tun.tun_queues)
         .context("use --no-tun to run without ClusterIP capture")?;
     let link = tun::LinkConfig {
         name: queues.first().map_or(name, |q| q.name()).to_string(),
-        mtu: settings.tun_mtu,
+        mtu: settings.tun.tun_mtu,
         // The default 500 drops packets under a large window.
         txqueuelen: 10_000,
         routes: settings.limits.service_cidrs.clone(),
@@ -176,19 +170,20 @@ async fn control(
     metrics.register_limit_hits(&shared.limits.hits);
     let metrics = Arc::new(metrics);
     let health = Arc::new(Health::new());
-    let hl = admin::bind(settings.health_addr)
+    let (admin_opts, dns_opts) = (&settings.admin, &settings.dns);
+    let hl = admin::bind(admin_opts.health_addr)
         .await
-        .with_context(|| format!("binding the health address {}", settings.health_addr))?;
-    let ml = admin::bind(settings.metrics_addr)
+        .with_context(|| format!("binding the health address {}", admin_opts.health_addr))?;
+    let ml = admin::bind(admin_opts.metrics_addr)
         .await
-        .with_context(|| format!("binding the metrics address {}", settings.metrics_addr))?;
-    let dns = match settings.dns_addr {
+        .with_context(|| format!("binding the metrics address {}", admin_opts.metrics_addr))?;
+    let dns = match dns_opts.dns_addr {
         Some(addr) => Some(
             Dns::start(
                 addr,
-                &settings.cluster_domain,
-                settings.dns_ttl,
-                settings.dns_upstream,
+                &dns_opts.cluster_domain,
+                dns_opts.dns_ttl,
+                dns_opts.dns_upstream,
             )
             .await
             .with_context(|| format!("starting DNS on {addr}"))?,
@@ -203,7 +198,7 @@ async fn control(
     tokio::spawn(admin::serve_health(
         hl,
         health.clone(),
-        settings.health_timeout,
+        admin_opts.health_timeout,
     ));
     let status_of = shared.clone();
     let api: admin::FrontendsApi = Arc::new(move || {
@@ -213,10 +208,10 @@ async fn control(
 
     let (tx, mut rx) = mpsc::channel::<Update>(64);
     let reload = Arc::new(Notify::new());
-    let tracker = if settings.kube {
+    let tracker = if settings.source.kube {
         Some(start_kube(&settings, &ctx, tx, &metrics, &health).await?)
     } else {
-        let source = FileSource::new(settings.manifests.clone(), settings.limits.clone());
+        let source = FileSource::new(settings.source.manifests.clone(), settings.limits.clone());
         tokio::spawn(source.run(tx, reload.clone()));
         None
     };
@@ -238,7 +233,7 @@ async fn control(
     let mut health_checks = HealthCheckServers::new(
         ctx.nodeport_addresses.clone(),
         health.clone(),
-        settings.health_timeout,
+        admin_opts.health_timeout,
     );
     let mut generation = 0u64;
     // Unchanged Services are not compiled again (see CompileCache).
@@ -292,7 +287,7 @@ async fn control(
                 reload.notify_one();
             }
             _ = sigterm.recv() => {
-                drain(&shared, &snap_tx, generation + 1, settings.drain_timeout, &mut sigterm).await;
+                drain(&shared, &snap_tx, generation + 1, settings.dataplane.drain_timeout, &mut sigterm).await;
                 break;
             }
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); break }
@@ -311,11 +306,11 @@ async fn start_kube(
     metrics: &Arc<Metrics>,
     health: &Arc<Health>,
 ) -> anyhow::Result<Arc<kube::Tracker>> {
-    let client = kube::client(settings.kubeconfig.as_deref()).await?;
+    let client = kube::client(settings.source.kubeconfig.as_deref()).await?;
     let tracker = Arc::new(kube::Tracker::default());
     let filter = kube::Filter {
         proxy_name: ctx.proxy_name.clone(),
-        keep_headless: settings.dns_addr.is_some(),
+        keep_headless: settings.dns.dns_addr.is_some(),
     };
     let source = kube::KubeSource::new(
         client,
