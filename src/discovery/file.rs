@@ -16,7 +16,7 @@ use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::api::discovery::v1 as discovery;
@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
 
 use super::convert::{self, ConvertError};
-use super::Update;
+use super::{Batch, Update};
 use crate::config::Limits;
 use crate::model::{Kind, Object, ObjectKey};
 
@@ -883,16 +883,21 @@ impl FileSource {
         t
     }
 
-    /// Loads, sends [`Update::Reset`] with all good objects, then watches the paths
+    /// Loads, sends a [`Batch`] of one [`Update::Reset`] with all good objects,
+    /// then watches the paths
     /// (debounced ~100 ms; also reloads when `reload_now` is notified, e.g. on
     /// SIGHUP) and sends a new `Reset` whenever the set of good objects changed.
     /// Errors are logged with `tracing::warn!`, one line each, and the last good
-    /// objects of that file keep serving. Runs until `tx` is closed.
+    /// objects of that file keep serving. Runs until `tx` is closed. A batch
+    /// after a change carries, as its trigger time, when the change was
+    /// noticed (the first file event, the reload request or the poll), so
+    /// manifest edits feed the network programming latency like the API's
+    /// EndpointSlice changes do.
     ///
     /// Reading and parsing happen on tokio's blocking pool, so a slow disk never
     /// stalls the control runtime. Without a working file watcher (e.g. inotify
     /// limits reached) the paths are polled every few seconds instead.
-    pub async fn run(self, tx: mpsc::Sender<Update>, reload_now: Arc<Notify>) {
+    pub async fn run(self, tx: mpsc::Sender<Batch>, reload_now: Arc<Notify>) {
         let (ev_tx, mut ev_rx) = mpsc::channel::<()>(1);
         let mut watcher: Option<notify::RecommendedWatcher> = None;
         let mut poll = tokio::time::interval(POLL_FALLBACK);
@@ -904,6 +909,8 @@ impl FileSource {
         let mut last_sent: Option<Vec<Object>> = None;
         let mut last_errors: Vec<String> = Vec::new();
         let mut forced = true;
+        // When the change that led to this reload was noticed; none at start.
+        let mut noticed: Option<SystemTime> = None;
         loop {
             // Watch first, then read: a change made while reading raises an event
             // and another reload. A fresh watcher each time carries no stale
@@ -949,21 +956,29 @@ impl FileSource {
                     errors = last_errors.len(),
                     "manifests loaded"
                 );
-                if tx.send(Update::Reset(objects.clone())).await.is_err() {
+                let batch = Batch {
+                    updates: vec![Update::Reset(objects.clone())],
+                    queued: SystemTime::now(),
+                    triggers: noticed.into_iter().collect(),
+                };
+                if tx.send(batch).await.is_err() {
                     return;
                 }
                 last_sent = Some(objects);
             }
 
-            forced = tokio::select! {
+            let (f, at) = tokio::select! {
                 _ = tx.closed() => return,
-                _ = reload_now.notified() => true,
+                _ = reload_now.notified() => (true, SystemTime::now()),
                 Some(()) = ev_rx.recv(), if watcher.is_some() => {
+                    let at = SystemTime::now();
                     debounce(&mut ev_rx).await;
-                    false
+                    (false, at)
                 }
-                _ = poll.tick(), if watcher.is_none() => false,
+                _ = poll.tick(), if watcher.is_none() => (false, SystemTime::now()),
             };
+            forced = f;
+            noticed = Some(at);
         }
     }
 }
@@ -1766,20 +1781,28 @@ metadata:
         assert_send(&fut);
     }
 
-    async fn next_reset(rx: &mut mpsc::Receiver<Update>) -> Vec<Object> {
+    async fn next_reset(rx: &mut mpsc::Receiver<Batch>) -> Vec<Object> {
         match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
-            Ok(Some(Update::Reset(objects))) => objects,
-            other => panic!("expected a Reset within 5 s, got {other:?}"),
+            Ok(Some(b)) => match <[Update; 1]>::try_from(b.updates) {
+                Ok([Update::Reset(objects)]) => objects,
+                other => panic!("expected one Reset, got {other:?}"),
+            },
+            other => panic!("expected a batch within 5 s, got {other:?}"),
         }
     }
 
     /// Waits (at most 5 s) for a Reset with exactly these objects.
-    async fn wait_for(rx: &mut mpsc::Receiver<Update>, want: &[&str]) {
+    async fn wait_for(rx: &mut mpsc::Receiver<Batch>, want: &[&str]) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(Update::Reset(objects))) if names(&objects) == want => return,
-                Ok(Some(_)) => {}
+                Ok(Some(b)) => {
+                    if let [Update::Reset(objects)] = b.updates.as_slice() {
+                        if names(objects) == want {
+                            return;
+                        }
+                    }
+                }
                 other => panic!("no Reset with {want:?} within 5 s: {other:?}"),
             }
         }
