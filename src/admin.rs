@@ -27,7 +27,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -332,56 +332,19 @@ fn metrics_response(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full
 }
 
 /// `t` as RFC 3339 in UTC: `2024-05-01T10:00:00Z`, with a fraction of up to
-/// nine digits (trailing zeros dropped) when `t` is not on a whole second.
+/// nine digits (trailing zeros dropped) when `t` is not on a whole second;
+/// `""` outside the years -9999..=9999.
 pub fn rfc3339(t: SystemTime) -> String {
-    let (secs, nanos): (i64, u32) = match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => (
-            i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-            d.subsec_nanos(),
-        ),
-        Err(e) => {
-            let d = e.duration();
-            let s = i64::try_from(d.as_secs()).map_or(i64::MIN, |s| -s);
-            match d.subsec_nanos() {
-                0 => (s, 0),
-                n => (s.saturating_sub(1), 1_000_000_000 - n),
-            }
-        }
-    };
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    let (hh, mm, ss) = (sod / 3600, sod % 3600 / 60, sod % 60);
-    let mut out = format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}");
-    if nanos != 0 {
-        let frac = format!("{nanos:09}");
-        out.push('.');
-        out.push_str(frac.trim_end_matches('0'));
-    }
-    out.push('Z');
-    out
-}
-
-/// Proleptic Gregorian date of a day count since 1970-01-01
-/// (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z.saturating_add(719_468);
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097); // [0, 146096]
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // [0, 399]
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // [0, 365]
-    let mp = (5 * doy + 2) / 153; // [0, 11], March-based
-    let d = doy - (153 * mp + 2) / 5 + 1; // [1, 31]
-    let m = if mp < 10 { mp + 3 } else { mp - 9 }; // [1, 12]
-    let y = yoe + era.saturating_mul(400) + i64::from(m <= 2);
-    // Both are in range by construction.
-    (y, m as u32, d as u32)
+    jiff::Timestamp::try_from(t)
+        .map(|ts| ts.to_string())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::telemetry::{PortLabels, CONNECTIONS_TOTAL};
+    use std::time::UNIX_EPOCH;
 
     #[test]
     fn service_health_follows_kube_proxy() {
