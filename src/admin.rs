@@ -1,14 +1,10 @@
 //! HTTP endpoints on the control runtime: `/healthz` and `/livez` on the
 //! health address, `/metrics` on the metrics address.
 //!
-//! Health follows kube-proxy 1.33 (`pkg/proxy/healthcheck/proxy_health.go`):
-//! the proxy is unhealthy when an update has been queued for at least the
-//! health timeout without being applied; `/healthz` is also 503 while this
-//! Node is being deleted. Differences, on purpose:
+//! The health endpoints serve [`crate::state::Health`], the readiness model
+//! the control loop keeps, in kube-proxy 1.33's shapes
+//! (`pkg/proxy/healthcheck/proxy_health.go`). Differences, on purpose:
 //!
-//! * kube-proxy only judges an IP family once it has synced at least once, so a
-//!   first sync that never finishes stays "healthy" forever. Here an update
-//!   queued before the first apply counts like any other.
 //! * Times are RFC 3339 (UTC, nanoseconds when non-zero) rather than Go's
 //!   `time.Time.String()`, and the body also carries `healthy`.
 //! * Only GET and HEAD are answered (405 otherwise); kube-proxy's mux answers
@@ -30,8 +26,8 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -45,6 +41,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::model::ObjectKey;
+use crate::state::{Health, HealthReport};
 use crate::telemetry::{Metrics, OPENMETRICS_CONTENT_TYPE};
 
 /// Path of the health endpoint that also reflects Node deletion.
@@ -61,98 +58,6 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_CONNECTIONS: usize = 256;
 /// Largest request head accepted (bigger gets 431).
 const MAX_HEADER_SIZE: usize = 16 * 1024;
-
-/// Shared health state, written by the store/app, read by the HTTP server.
-/// Not on the data path: a std `Mutex` held for a few instructions.
-#[derive(Debug, Default)]
-pub struct Health {
-    state: Mutex<HealthState>,
-}
-
-#[derive(Debug, Default)]
-struct HealthState {
-    /// When the oldest update not yet applied arrived.
-    oldest_pending: Option<SystemTime>,
-    /// When the data plane last caught up with everything queued.
-    last_updated: Option<SystemTime>,
-    node_deleting: bool,
-}
-
-/// The health of the proxy at one instant; see [`Health::report`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HealthReport {
-    /// No update has been pending for the health timeout or longer.
-    /// Does not include [`HealthReport::node_deleting`].
-    pub healthy: bool,
-    /// This Node is being deleted (deletionTimestamp set, or tainted
-    /// `ToBeDeletedByClusterAutoscaler`).
-    pub node_deleting: bool,
-    /// When the data plane last applied everything queued; `None` before the
-    /// first apply.
-    pub last_updated: Option<SystemTime>,
-    /// The `now` the report was made for.
-    pub current_time: SystemTime,
-}
-
-impl HealthReport {
-    /// What `/healthz` reports: healthy and the Node is not being deleted.
-    pub fn healthz(&self) -> bool {
-        self.healthy && !self.node_deleting
-    }
-}
-
-impl Health {
-    /// Healthy, nothing pending, nothing applied yet, Node eligible.
-    pub fn new() -> Health {
-        Health::default()
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HealthState> {
-        // The state is plain data always left consistent, so a panic in
-        // another holder does not make it unusable.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// An update arrived at `at` and is not yet applied. The oldest pending
-    /// time is kept until [`Health::applied`].
-    pub fn queued(&self, at: SystemTime) {
-        let mut s = self.lock();
-        s.oldest_pending = Some(match s.oldest_pending {
-            Some(t) if t <= at => t,
-            _ => at,
-        });
-    }
-
-    /// The data plane now uses everything queued so far: clears the pending
-    /// time and records `at` as the last update.
-    pub fn applied(&self, at: SystemTime) {
-        let mut s = self.lock();
-        s.oldest_pending = None;
-        s.last_updated = Some(at);
-    }
-
-    /// Mark this Node as being deleted (or not any more).
-    pub fn set_node_deleting(&self, v: bool) {
-        self.lock().node_deleting = v;
-    }
-
-    /// The health at `now`: unhealthy when an update has been pending since
-    /// `T` and `now - T >= timeout` (kube-proxy's comparison). A pending time
-    /// in the future of `now` (clock stepped back) counts as fresh.
-    pub fn report(&self, now: SystemTime, timeout: Duration) -> HealthReport {
-        let s = self.lock();
-        let healthy = match s.oldest_pending {
-            None => true,
-            Some(t) => now.duration_since(t).map_or(true, |age| age < timeout),
-        };
-        HealthReport {
-            healthy,
-            node_deleting: s.node_deleting,
-            last_updated: s.last_updated,
-            current_time: now,
-        }
-    }
-}
 
 /// Bind an admin listener. The error names the address, so start-up fails
 /// clearly (e.g. on EADDRINUSE); its kind is the original one.
@@ -427,56 +332,19 @@ fn metrics_response(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full
 }
 
 /// `t` as RFC 3339 in UTC: `2024-05-01T10:00:00Z`, with a fraction of up to
-/// nine digits (trailing zeros dropped) when `t` is not on a whole second.
+/// nine digits (trailing zeros dropped) when `t` is not on a whole second;
+/// `""` outside the years -9999..=9999.
 pub fn rfc3339(t: SystemTime) -> String {
-    let (secs, nanos): (i64, u32) = match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => (
-            i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-            d.subsec_nanos(),
-        ),
-        Err(e) => {
-            let d = e.duration();
-            let s = i64::try_from(d.as_secs()).map_or(i64::MIN, |s| -s);
-            match d.subsec_nanos() {
-                0 => (s, 0),
-                n => (s.saturating_sub(1), 1_000_000_000 - n),
-            }
-        }
-    };
-    let days = secs.div_euclid(86_400);
-    let sod = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    let (hh, mm, ss) = (sod / 3600, sod % 3600 / 60, sod % 60);
-    let mut out = format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}");
-    if nanos != 0 {
-        let frac = format!("{nanos:09}");
-        out.push('.');
-        out.push_str(frac.trim_end_matches('0'));
-    }
-    out.push('Z');
-    out
-}
-
-/// Proleptic Gregorian date of a day count since 1970-01-01
-/// (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z.saturating_add(719_468);
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097); // [0, 146096]
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // [0, 399]
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // [0, 365]
-    let mp = (5 * doy + 2) / 153; // [0, 11], March-based
-    let d = doy - (153 * mp + 2) / 5 + 1; // [1, 31]
-    let m = if mp < 10 { mp + 3 } else { mp - 9 }; // [1, 12]
-    let y = yoe + era.saturating_mul(400) + i64::from(m <= 2);
-    // Both are in range by construction.
-    (y, m as u32, d as u32)
+    jiff::Timestamp::try_from(t)
+        .map(|ts| ts.to_string())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::telemetry::{PortLabels, CONNECTIONS_TOTAL};
+    use std::time::UNIX_EPOCH;
 
     #[test]
     fn service_health_follows_kube_proxy() {
@@ -582,40 +450,6 @@ mod tests {
 
     fn at(secs: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(secs)
-    }
-
-    #[test]
-    fn report_pending_and_applied() {
-        let h = Health::new();
-        let r = h.report(at(1000), TIMEOUT);
-        assert!(r.healthy && !r.node_deleting && r.healthz());
-        assert_eq!(r.last_updated, None);
-        assert_eq!(r.current_time, at(1000));
-
-        h.queued(at(1000));
-        h.queued(at(1005)); // keeps the oldest
-        assert!(h.report(at(1000), TIMEOUT).healthy);
-        assert!(
-            !h.report(at(1001), TIMEOUT).healthy,
-            "age == timeout is late"
-        );
-        assert!(!h.report(at(1003), TIMEOUT).healthy);
-        // A pending time in the future of `now` counts as fresh.
-        assert!(h.report(at(900), TIMEOUT).healthy);
-
-        h.applied(at(1010));
-        let r = h.report(at(2000), TIMEOUT);
-        assert!(r.healthy);
-        assert_eq!(r.last_updated, Some(at(1010)));
-
-        // An older out-of-order time replaces a newer pending one.
-        h.queued(at(2000));
-        h.queued(at(1990));
-        assert!(!h.report(at(1995), Duration::from_secs(5)).healthy);
-
-        h.set_node_deleting(true);
-        let r = h.report(at(1990), TIMEOUT);
-        assert!(r.healthy && r.node_deleting && !r.healthz());
     }
 
     #[test]

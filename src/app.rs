@@ -8,16 +8,16 @@ use std::time::{Instant, SystemTime};
 use anyhow::Context;
 use tokio::sync::{mpsc, watch, Notify};
 
-use crate::admin::{self, Health};
+use crate::admin;
 use crate::config::{self, Settings};
 use crate::dataplane::tun::{self, TunSettings};
-use crate::dataplane::{socket, DataPlaneSettings, Shared};
+use crate::dataplane::{socket, Shared};
 use crate::discovery::file::FileSource;
 use crate::discovery::kube;
-use crate::discovery::Update;
+use crate::discovery::Batch;
 use crate::dns::server::Dns;
 use crate::healthcheck::HealthCheckServers;
-use crate::state::{NodeContext, Snapshot, Store};
+use crate::state::{Changes, Health, NodeContext, Snapshot, Store};
 use crate::telemetry::Metrics;
 
 /// Addresses the admin servers actually bound (ports may have been 0).
@@ -35,10 +35,10 @@ pub struct Bound {
 pub fn node_context(settings: &Settings) -> anyhow::Result<NodeContext> {
     let local = config::local_addresses().context("listing local addresses")?;
     Ok(NodeContext {
-        node_name: settings.node_name.clone(),
-        zone: settings.zone.clone(),
-        proxy_name: settings.proxy_name.clone(),
-        nodeport_addresses: settings.select_nodeport_addresses(&local),
+        node_name: settings.node.node_name.clone(),
+        zone: settings.node.zone.clone(),
+        proxy_name: settings.node.proxy_name.clone(),
+        nodeport_addresses: settings.node.select_nodeport_addresses(&local),
         local_addresses: local,
     })
 }
@@ -56,23 +56,16 @@ pub fn run(
     tracing::info!(
         node = %ctx.node_name,
         nodeport_addresses = ?ctx.nodeport_addresses,
-        workers = settings.workers,
+        workers = settings.dataplane.workers,
         "starting"
     );
-    let shared = Shared::new(DataPlaneSettings {
-        connect_timeout: settings.connect_timeout,
-        connect_attempts: settings.connect_attempts,
-        udp_idle_timeout: settings.udp_idle_timeout,
-        max_connections: settings.max_connections,
-        max_connections_per_frontend: settings.max_connections_per_frontend,
-        tcp_idle_timeout: settings.tcp_idle_timeout,
-    });
+    let shared = Shared::new(settings.dataplane);
     let (snap_tx, snap_rx) = watch::channel(shared.snapshot.load_full());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the control runtime")?;
-    let tun = match &settings.tun {
+    let tun = match settings.tun.device() {
         Some(name) => Some(open_tun(name, &settings, &rt)?),
         None => None,
     };
@@ -80,15 +73,15 @@ pub fn run(
     // runtime needs, before any other thread exists to inherit more.
     crate::privileges::drop_and_log().context("dropping capabilities after setup")?;
     let (mut workers, programmed) =
-        socket::spawn_workers(settings.workers, shared.clone(), snap_rx.clone())
+        socket::spawn_workers(settings.dataplane.workers, shared.clone(), snap_rx.clone())
             .context("starting data-plane threads")?;
     if let Some(queues) = tun {
         // Caps are per stack; split them so the device as a whole keeps them.
         let n = queues.len();
         let tun_settings = TunSettings {
-            mtu: settings.tun_mtu as usize,
-            max_connections: settings.tun_max_connections.div_ceil(n),
-            max_udp_flows: settings.tun_max_udp_flows.div_ceil(n),
+            mtu: settings.tun.tun_mtu as usize,
+            max_connections: settings.tun.tun_max_connections.div_ceil(n),
+            max_udp_flows: settings.tun.tun_max_udp_flows.div_ceil(n),
             ..TunSettings::default()
         };
         for (i, dev) in queues.into_iter().enumerate() {
@@ -155,11 +148,11 @@ fn open_tun(
     settings: &Settings,
     rt: &tokio::runtime::Runtime,
 ) -> anyhow::Result<Vec<tun::Tun>> {
-    let queues = tun::Tun::open_queues(name, settings.tun_queues)
+    let queues = tun::Tun::open_queues(name, settings.tun.tun_queues)
         .context("use --no-tun to run without ClusterIP capture")?;
     let link = tun::LinkConfig {
         name: queues.first().map_or(name, |q| q.name()).to_string(),
-        mtu: settings.tun_mtu,
+        mtu: settings.tun.tun_mtu,
         // The default 500 drops packets under a large window.
         txqueuelen: 10_000,
         routes: settings.limits.service_cidrs.clone(),
@@ -210,19 +203,20 @@ async fn control(
     metrics.register_limit_hits(&shared.limits.hits);
     let metrics = Arc::new(metrics);
     let health = Arc::new(Health::new());
-    let hl = admin::bind(settings.health_addr)
+    let (admin_opts, dns_opts) = (&settings.admin, &settings.dns);
+    let hl = admin::bind(admin_opts.health_addr)
         .await
-        .with_context(|| format!("binding the health address {}", settings.health_addr))?;
-    let ml = admin::bind(settings.metrics_addr)
+        .with_context(|| format!("binding the health address {}", admin_opts.health_addr))?;
+    let ml = admin::bind(admin_opts.metrics_addr)
         .await
-        .with_context(|| format!("binding the metrics address {}", settings.metrics_addr))?;
-    let dns = match settings.dns_addr {
+        .with_context(|| format!("binding the metrics address {}", admin_opts.metrics_addr))?;
+    let dns = match dns_opts.dns_addr {
         Some(addr) => Some(
             Dns::start(
                 addr,
-                &settings.cluster_domain,
-                settings.dns_ttl,
-                settings.dns_upstream,
+                &dns_opts.cluster_domain,
+                dns_opts.dns_ttl,
+                dns_opts.dns_upstream,
             )
             .await
             .with_context(|| format!("starting DNS on {addr}"))?,
@@ -237,7 +231,7 @@ async fn control(
     tokio::spawn(admin::serve_health(
         hl,
         health.clone(),
-        settings.health_timeout,
+        admin_opts.health_timeout,
     ));
     let status_of = shared.clone();
     let api: admin::FrontendsApi = Arc::new(move || {
@@ -245,15 +239,14 @@ async fn control(
     });
     tokio::spawn(admin::serve_metrics_with_api(ml, metrics.clone(), api));
 
-    let (tx, mut rx) = mpsc::channel::<Update>(64);
+    let (tx, mut rx) = mpsc::channel::<Batch>(64);
     let reload = Arc::new(Notify::new());
-    let tracker = if settings.kube {
-        Some(start_kube(&settings, &ctx, tx, &metrics, &health).await?)
+    if settings.source.kube {
+        start_kube(&settings, &ctx, tx).await?;
     } else {
-        let source = FileSource::new(settings.manifests.clone(), settings.limits.clone());
+        let source = FileSource::new(settings.source.manifests.clone(), settings.limits.clone());
         tokio::spawn(source.run(tx, reload.clone()));
-        None
-    };
+    }
     on_ready(bound);
 
     // Forget ClientIP affinity entries that outlived their timeout.
@@ -272,24 +265,22 @@ async fn control(
     let mut health_checks = HealthCheckServers::new(
         ctx.nodeport_addresses.clone(),
         health.clone(),
-        settings.health_timeout,
+        admin_opts.health_timeout,
     );
     let mut generation = 0u64;
     // Unchanged Services are not compiled again (see CompileCache).
     let mut compile_cache = crate::state::CompileCache::default();
     loop {
         tokio::select! {
-            u = rx.recv() => {
-                let Some(u) = u else { break };
-                health.queued(SystemTime::now());
+            b = rx.recv() => {
+                let Some(b) = b else { break };
                 let started = Instant::now();
-                let mut changes = store.apply(u);
+                let mut received = Received::default();
+                received.take(b, &mut store, &health, &metrics);
                 while let Ok(more) = rx.try_recv() {
-                    let c = store.apply(more);
-                    changes.services += c.services;
-                    changes.endpoints += c.endpoints;
-                    changes.other += c.other;
+                    received.take(more, &mut store, &health, &metrics);
                 }
+                received.pending(&metrics);
                 generation += 1;
                 let snap = Arc::new(store.compile_with(&ctx, &metrics, generation, &mut compile_cache));
                 // DNS view of the same objects, published with the snapshot.
@@ -303,12 +294,8 @@ async fn control(
                 publisher.publish(snap.clone()).await;
                 health_checks.sync(&snap.health_checks).await;
                 metrics.observe_sync(started.elapsed());
-                metrics.add_service_changes(changes.services);
-                metrics.add_endpoint_changes(changes.endpoints);
                 let now = SystemTime::now();
-                if let Some(t) = &tracker {
-                    kube::published(t, &metrics, now);
-                }
+                received.published(&metrics, now);
                 metrics.set_last_sync(now);
                 health.set_node_deleting(store.node(&ctx.node_name).is_some_and(|n| n.deleting));
                 health.applied(now);
@@ -328,7 +315,7 @@ async fn control(
                 reload.notify_one();
             }
             _ = sigterm.recv() => {
-                drain(&publisher, generation + 1, settings.drain_timeout, &mut sigterm).await;
+                drain(&publisher, generation + 1, settings.dataplane.drain_timeout, &mut sigterm).await;
                 break;
             }
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); break }
@@ -338,33 +325,70 @@ async fn control(
     Ok(())
 }
 
-/// Starts the API source (see [`kube`]); the returned tracker carries its
-/// pending changes to the control loop.
+/// Batches taken from the sources for one snapshot: what they changed and
+/// when. The control loop alone turns them into health and metrics.
+#[derive(Debug, Default)]
+struct Received {
+    changes: Changes,
+    triggers: Vec<SystemTime>,
+}
+
+impl Received {
+    /// Applies `b` to the store. Its queued time counts for health (pending
+    /// since then) and the last-queued metric at once; its trigger times
+    /// once the snapshot holding it is published.
+    fn take(&mut self, b: Batch, store: &mut Store, health: &Health, metrics: &Metrics) {
+        health.queued(b.queued);
+        metrics.set_last_queued(b.queued);
+        for u in b.updates {
+            let c = store.apply(u);
+            self.changes.services += c.services;
+            self.changes.endpoints += c.endpoints;
+            self.changes.other += c.other;
+        }
+        self.triggers.extend(b.triggers);
+    }
+
+    /// Shows the changes taken as pending until [`Received::published`].
+    fn pending(&self, metrics: &Metrics) {
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        metrics.set_pending_changes(gauge(self.changes.services), gauge(self.changes.endpoints));
+    }
+
+    /// The snapshot holding these changes was published at `now`: counts
+    /// them and observes each trigger's network programming latency.
+    fn published(self, metrics: &Metrics, now: SystemTime) {
+        for t in self.triggers {
+            if let Ok(d) = now.duration_since(t) {
+                metrics.observe_network_programming(d);
+            }
+        }
+        metrics.set_pending_changes(0, 0);
+        metrics.add_service_changes(self.changes.services);
+        metrics.add_endpoint_changes(self.changes.endpoints);
+    }
+}
+
+/// Starts the API source (see [`kube`]).
 async fn start_kube(
     settings: &Settings,
     ctx: &NodeContext,
-    tx: mpsc::Sender<Update>,
-    metrics: &Arc<Metrics>,
-    health: &Arc<Health>,
-) -> anyhow::Result<Arc<kube::Tracker>> {
-    let client = kube::client(settings.kubeconfig.as_deref()).await?;
-    let tracker = Arc::new(kube::Tracker::default());
+    tx: mpsc::Sender<Batch>,
+) -> anyhow::Result<()> {
+    let client = kube::client(settings.source.kubeconfig.as_deref()).await?;
     let filter = kube::Filter {
         proxy_name: ctx.proxy_name.clone(),
-        keep_headless: settings.dns_addr.is_some(),
+        keep_headless: settings.dns.dns_addr.is_some(),
     };
     let source = kube::KubeSource::new(
         client,
         ctx.node_name.clone(),
         filter,
         settings.limits.clone(),
-        tracker.clone(),
-        metrics.clone(),
-        health.clone(),
     );
     tracing::info!(node = %ctx.node_name, "watching the Kubernetes API");
     tokio::spawn(source.run(tx));
-    Ok(tracker)
+    Ok(())
 }
 
 /// Stops taking new flows and waits up to `timeout` for relayed connections
@@ -404,4 +428,95 @@ async fn drain(
         }
     }
     tracing::info!("drained");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::telemetry::{
+        NETWORK_PROGRAMMING_DURATION_SECONDS, SYNC_PROXY_RULES_LAST_QUEUED_TIMESTAMP_SECONDS,
+        SYNC_PROXY_RULES_SERVICE_CHANGES_PENDING, SYNC_PROXY_RULES_SERVICE_CHANGES_TOTAL,
+    };
+
+    fn service(port: u16) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: a, namespace: default}}\n\
+             spec: {{clusterIP: 10.96.0.10, ports: [{{port: {port}}}]}}\n"
+        )
+    }
+
+    fn scrape(addr: SocketAddr) -> String {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    /// The value of the sample named exactly `name` (no labels).
+    fn value(text: &str, name: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    }
+
+    /// Waits for a precondition (a snapshot published), not for the answer
+    /// under test: the publish takes a moment after the file is written.
+    fn wait_until_changes(addr: SocketAddr, at_least: f64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while value(&scrape(addr), SYNC_PROXY_RULES_SERVICE_CHANGES_TOTAL) < at_least {
+            assert!(
+                Instant::now() < deadline,
+                "no snapshot with {at_least} Service changes"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The file source feeds the same control-loop metrics as the API
+    /// source: a manifest edit is one network programming latency sample,
+    /// its Service change is no longer pending once published, and the last
+    /// queued time is set.
+    #[test]
+    fn a_manifest_change_feeds_the_programming_latency() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.yaml");
+        std::fs::write(&file, service(80)).unwrap();
+        let mut settings = Settings::default();
+        settings.source.manifests = vec![dir.path().to_path_buf()];
+        settings.tun.no_tun = true;
+        settings.dataplane.workers = 1;
+        settings.node.nodeport_addresses = vec!["127.0.0.1/32".parse().unwrap()];
+        settings.admin.health_addr = "127.0.0.1:0".parse().unwrap();
+        settings.admin.metrics_addr = "127.0.0.1:0".parse().unwrap();
+        let shutdown = Arc::new(Notify::new());
+        let stop = shutdown.clone();
+        let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+        let app =
+            std::thread::spawn(move || run(settings, stop, move |b| bound_tx.send(b).unwrap()));
+        let metrics = bound_rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap()
+            .metrics;
+        let count = format!("{NETWORK_PROGRAMMING_DURATION_SECONDS}_count");
+
+        wait_until_changes(metrics, 1.0);
+        let text = scrape(metrics);
+        assert_eq!(value(&text, &count), 0.0, "the first load is no change");
+        assert!(value(&text, SYNC_PROXY_RULES_LAST_QUEUED_TIMESTAMP_SECONDS) > 0.0);
+
+        std::fs::write(&file, service(81)).unwrap();
+        wait_until_changes(metrics, 2.0);
+        let text = scrape(metrics);
+        assert_eq!(value(&text, &count), 1.0, "{text}");
+        assert_eq!(value(&text, SYNC_PROXY_RULES_SERVICE_CHANGES_PENDING), 0.0);
+
+        shutdown.notify_one();
+        app.join().unwrap().unwrap();
+    }
 }

@@ -173,16 +173,14 @@ pub fn run(once: bool) -> anyhow::Result<()> {
     std::fs::write(&file, manifest(backend_port, np_random, np_sticky))
         .with_context(|| format!("writing {}", file.display()))?;
     let admin_port = |p| free_port(std::iter::once(p).chain(std::iter::once(0)));
-    let settings = Settings {
-        manifests: vec![dir.clone()],
-        nodeport_addresses: vec!["127.0.0.1/32".parse()?],
-        workers: 2,
-        // The demo shows NodePorts and needs no root: no ClusterIP capture.
-        tun: None,
-        health_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, admin_port(10256)?)),
-        metrics_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, admin_port(10249)?)),
-        ..Settings::default()
-    };
+    let mut settings = Settings::default();
+    settings.source.manifests = vec![dir.clone()];
+    settings.node.nodeport_addresses = vec!["127.0.0.1/32".parse()?];
+    settings.dataplane.workers = 2;
+    // The demo shows NodePorts and needs no root: no ClusterIP capture.
+    settings.tun.no_tun = true;
+    settings.admin.health_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, admin_port(10256)?));
+    settings.admin.metrics_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, admin_port(10249)?));
     let shutdown = Arc::new(Notify::new());
     let stop = shutdown.clone();
     let outcome: Arc<std::sync::Mutex<Option<anyhow::Result<DemoReport>>>> = Arc::default();

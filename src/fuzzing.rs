@@ -459,7 +459,7 @@ impl AdminRig {
             let (Ok(ha), Ok(ma), Ok(sa)) = addrs else {
                 panic!("no local address")
             };
-            let state = Arc::new(admin::Health::new());
+            let state = Arc::new(crate::state::Health::new());
             let timeout = Duration::from_secs(60);
             tokio::spawn(admin::serve_health(h, state.clone(), timeout));
             let metrics = Arc::new(Metrics::new());

@@ -7,8 +7,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::admin::{self, Health, ServiceHealth};
+use crate::admin::{self, ServiceHealth};
 use crate::dataplane::udp::AbortOnDrop;
+use crate::state::Health;
 use crate::state::HealthCheck;
 
 struct Running {

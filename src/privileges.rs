@@ -212,7 +212,7 @@ mod tests {
     /// localhost unless told otherwise.
     #[test]
     fn admin_and_metrics_default_to_localhost() {
-        let s = crate::config::Settings::default();
+        let s = crate::config::AdminOptions::default();
         assert!(s.metrics_addr.ip().is_loopback(), "{}", s.metrics_addr);
         assert!(s.health_addr.ip().is_loopback(), "{}", s.health_addr);
     }

@@ -222,13 +222,9 @@ mod tests {
     }
 
     fn shared() -> std::sync::Arc<Shared> {
-        Shared::new(crate::dataplane::DataPlaneSettings {
-            connect_timeout: Duration::from_millis(250),
-            connect_attempts: 4,
-            udp_idle_timeout: Duration::from_secs(30),
-            max_connections: 0,
-            max_connections_per_frontend: 0,
+        Shared::new(crate::config::DataPlaneOptions {
             tcp_idle_timeout: Duration::ZERO,
+            ..Default::default()
         })
     }
 

@@ -11,30 +11,13 @@ pub mod udp;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
 use crate::balance::{AffinityTable, PassiveHealth};
+use crate::config::DataPlaneOptions;
 use crate::state::{Frontend, Snapshot};
 use crate::telemetry::Gauge;
-
-/// Limits the data plane applies to every flow.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DataPlaneSettings {
-    /// First connect try's timeout; doubled at each retry.
-    pub connect_timeout: Duration,
-    /// Connect tries per client connection.
-    pub connect_attempts: u32,
-    /// UDP flow idle timeout.
-    pub udp_idle_timeout: Duration,
-    /// TCP connections at most, over every front end (0: unlimited).
-    pub max_connections: usize,
-    /// TCP connections at most per frontend (0: unlimited).
-    pub max_connections_per_frontend: usize,
-    /// A TCP relay with no bytes either way this long is closed (0: never).
-    pub tcp_idle_timeout: Duration,
-}
 
 /// State shared by all data-plane threads.
 #[derive(Debug)]
@@ -45,8 +28,8 @@ pub struct Shared {
     pub affinity: AffinityTable,
     /// Endpoints backed off after failed connects, across threads.
     pub health: PassiveHealth,
-    /// Limits.
-    pub settings: DataPlaneSettings,
+    /// Connect tries, timeouts, limits: the `dataplane` part of the settings.
+    pub settings: DataPlaneOptions,
     /// TCP connections being relayed, over every front end and thread (what
     /// a drain waits for).
     pub active: AtomicUsize,
@@ -84,7 +67,7 @@ impl Drop for ActiveConnection<'_> {
 
 impl Shared {
     /// Shared state starting from an empty snapshot.
-    pub fn new(settings: DataPlaneSettings) -> Arc<Self> {
+    pub fn new(settings: DataPlaneOptions) -> Arc<Self> {
         Arc::new(Self {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             affinity: AffinityTable::new(),

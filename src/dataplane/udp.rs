@@ -152,7 +152,7 @@ impl Drop for FlowIo {
 pub type Table = Rc<RefCell<FlowTable<SocketAddr, FlowIo>>>;
 
 /// An empty flow table for one frontend socket.
-pub fn table(settings: &super::DataPlaneSettings) -> Table {
+pub fn table(settings: &crate::config::DataPlaneOptions) -> Table {
     Rc::new(RefCell::new(FlowTable::new(
         settings.udp_idle_timeout,
         MAX_FLOWS_PER_LISTENER,

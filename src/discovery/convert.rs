@@ -236,8 +236,55 @@ pub fn service(svc: &core::Service, limits: &Limits) -> Result<Service, ConvertE
     let key = namespaced_key(&svc.metadata, &mut errs);
     let empty_spec = core::ServiceSpec::default();
     let spec = svc.spec.as_ref().unwrap_or(&empty_spec);
+    let e = &mut errs;
+    let service_type = service_type(spec, e);
+    let (cluster_ips, headless) = cluster_ips(spec, service_type, limits, e);
+    let ports = ports(spec, service_type, headless, limits, e);
+    let external_ips = external_ips(spec, e);
+    let load_balancer_ips = load_balancer_ips(svc, e);
+    let source_ranges = source_ranges(spec, e);
+    let external_policy =
+        traffic_policy(spec.external_traffic_policy.as_deref()).unwrap_or_else(|m| {
+            e.push("spec.externalTrafficPolicy", m);
+            TrafficPolicy::Cluster
+        });
+    let internal_policy =
+        traffic_policy(spec.internal_traffic_policy.as_deref()).unwrap_or_else(|m| {
+            e.push("spec.internalTrafficPolicy", m);
+            TrafficPolicy::Cluster
+        });
+    let affinity = session_affinity(spec, e);
+    let health_check_node_port =
+        health_check_node_port(spec, service_type, external_policy, limits, e);
+    let external_name = external_name(spec, service_type, e);
 
-    let service_type = match spec.type_.as_deref().unwrap_or("") {
+    let selector = spec.selector.clone().filter(|s| !s.is_empty());
+    let value = Service {
+        key: key.clone(),
+        service_type,
+        cluster_ips,
+        headless,
+        ports,
+        external_ips,
+        load_balancer_ips,
+        source_ranges,
+        allocate_lb_node_ports: spec.allocate_load_balancer_node_ports.unwrap_or(true),
+        external_policy,
+        internal_policy,
+        affinity,
+        health_check_node_port,
+        external_name,
+        selector,
+        publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false),
+        proxy_name: label(&svc.metadata, LABEL_SERVICE_PROXY_NAME).map(str::to_string),
+        headless_label: label(&svc.metadata, LABEL_HEADLESS).is_some(),
+    };
+    errs.finish(Kind::Service, key, value)
+}
+
+/// `spec.type`, default ClusterIP.
+fn service_type(spec: &core::ServiceSpec, errs: &mut Errors) -> ServiceType {
+    match spec.type_.as_deref().unwrap_or("") {
         "" | "ClusterIP" => ServiceType::ClusterIp,
         "NodePort" => ServiceType::NodePort,
         "LoadBalancer" => ServiceType::LoadBalancer,
@@ -251,9 +298,17 @@ pub fn service(svc: &core::Service, limits: &Limits) -> Result<Service, ConvertE
             );
             ServiceType::ClusterIp
         }
-    };
+    }
+}
 
-    // Cluster IPs.
+/// `spec.clusterIPs` (or `spec.clusterIP`): the addresses, and whether the
+/// Service is headless (`None`).
+fn cluster_ips(
+    spec: &core::ServiceSpec,
+    service_type: ServiceType,
+    limits: &Limits,
+    errs: &mut Errors,
+) -> (Vec<IpAddr>, bool) {
     let cluster_ip = spec.cluster_ip.as_deref().unwrap_or("");
     let listed: Vec<&str> = spec
         .cluster_ips
@@ -336,8 +391,17 @@ pub fn service(svc: &core::Service, limits: &Limits) -> Result<Service, ConvertE
             }
         }
     }
+    (cluster_ips, headless)
+}
 
-    // Ports.
+/// `spec.ports`: names, protocols and numbers unique, defaults applied.
+fn ports(
+    spec: &core::ServiceSpec,
+    service_type: ServiceType,
+    headless: bool,
+    limits: &Limits,
+    errs: &mut Errors,
+) -> Vec<ServicePort> {
     let raw_ports = spec.ports.as_deref().unwrap_or_default();
     if raw_ports.is_empty() && !headless && service_type != ServiceType::ExternalName {
         errs.push("spec.ports", "at least one port is required");
@@ -384,73 +448,16 @@ pub fn service(svc: &core::Service, limits: &Limits) -> Result<Service, ConvertE
                 );
             }
         }
-        let node_port_v = match p.node_port.filter(|&np| np != 0) {
-            None => None,
-            Some(np) => {
-                if matches!(
-                    service_type,
-                    ServiceType::ClusterIp | ServiceType::ExternalName
-                ) {
-                    errs.push(
-                        format!("{f}.nodePort"),
-                        "may not be set when type is ClusterIP or ExternalName",
-                    );
-                    None
-                } else {
-                    match node_port(np, limits) {
-                        Ok(n) => {
-                            if let Some(pr) = proto {
-                                if let Some(j) = seen_node_ports.insert((np, pr), i) {
-                                    errs.push(
-                                        format!("{f}.nodePort"),
-                                        format!(
-                                            "duplicate nodePort {np}/{pr} (also spec.ports[{j}])"
-                                        ),
-                                    );
-                                }
-                            }
-                            Some(n)
-                        }
-                        Err(m) => {
-                            errs.push(format!("{f}.nodePort"), m);
-                            None
-                        }
-                    }
-                }
+        let node_port_v = port_node_port(p, &f, service_type, limits, errs);
+        if let (Some(np), Some(pr)) = (node_port_v, proto) {
+            if let Some(j) = seen_node_ports.insert((i32::from(np), pr), i) {
+                errs.push(
+                    format!("{f}.nodePort"),
+                    format!("duplicate nodePort {np}/{pr} (also spec.ports[{j}])"),
+                );
             }
-        };
-        let target_port = match &p.target_port {
-            None | Some(IntOrString::Int(0)) => port.map(TargetPort::Number),
-            Some(IntOrString::String(s)) if s.is_empty() => port.map(TargetPort::Number),
-            Some(IntOrString::Int(t)) => match port_number(*t) {
-                Ok(n) => Some(TargetPort::Number(n)),
-                Err(m) => {
-                    errs.push(format!("{f}.targetPort"), m);
-                    None
-                }
-            },
-            Some(IntOrString::String(s)) => {
-                if is_iana_svc_name(s) {
-                    Some(TargetPort::Name(s.clone()))
-                } else if s.parse::<u16>().is_ok() {
-                    errs.push(
-                        format!("{f}.targetPort"),
-                        format!(
-                            "{s:?} is not a valid port name (a quoted number is a name in Kubernetes: write it without quotes)"
-                        ),
-                    );
-                    None
-                } else {
-                    errs.push(
-                        format!("{f}.targetPort"),
-                        format!(
-                            "{s:?} is not a valid port name (1-15 lowercase letters, digits and '-', at least one letter)"
-                        ),
-                    );
-                    None
-                }
-            }
-        };
+        }
+        let target_port = target_port(p, &f, port, errs);
         if let (Some(protocol), Some(port), Some(target_port)) = (proto, port, target_port) {
             ports.push(ServicePort {
                 name: name.to_string(),
@@ -461,8 +468,76 @@ pub fn service(svc: &core::Service, limits: &Limits) -> Result<Service, ConvertE
             });
         }
     }
+    ports
+}
 
-    // External addresses.
+/// A port's `nodePort` (0: not allocated).
+fn port_node_port(
+    p: &core::ServicePort,
+    f: &str,
+    service_type: ServiceType,
+    limits: &Limits,
+    errs: &mut Errors,
+) -> Option<u16> {
+    let np = p.node_port.filter(|&np| np != 0)?;
+    if matches!(
+        service_type,
+        ServiceType::ClusterIp | ServiceType::ExternalName
+    ) {
+        errs.push(
+            format!("{f}.nodePort"),
+            "may not be set when type is ClusterIP or ExternalName",
+        );
+        return None;
+    }
+    node_port(np, limits)
+        .map_err(|m| errs.push(format!("{f}.nodePort"), m))
+        .ok()
+}
+
+/// A port's `targetPort`: a number (default: the port) or a port name.
+fn target_port(
+    p: &core::ServicePort,
+    f: &str,
+    port: Option<u16>,
+    errs: &mut Errors,
+) -> Option<TargetPort> {
+    match &p.target_port {
+        None | Some(IntOrString::Int(0)) => port.map(TargetPort::Number),
+        Some(IntOrString::String(s)) if s.is_empty() => port.map(TargetPort::Number),
+        Some(IntOrString::Int(t)) => match port_number(*t) {
+            Ok(n) => Some(TargetPort::Number(n)),
+            Err(m) => {
+                errs.push(format!("{f}.targetPort"), m);
+                None
+            }
+        },
+        Some(IntOrString::String(s)) => {
+            if is_iana_svc_name(s) {
+                Some(TargetPort::Name(s.clone()))
+            } else if s.parse::<u16>().is_ok() {
+                errs.push(
+                    format!("{f}.targetPort"),
+                    format!(
+                        "{s:?} is not a valid port name (a quoted number is a name in Kubernetes: write it without quotes)"
+                    ),
+                );
+                None
+            } else {
+                errs.push(
+                    format!("{f}.targetPort"),
+                    format!(
+                        "{s:?} is not a valid port name (1-15 lowercase letters, digits and '-', at least one letter)"
+                    ),
+                );
+                None
+            }
+        }
+    }
+}
+
+/// `spec.externalIPs`.
+fn external_ips(spec: &core::ServiceSpec, errs: &mut Errors) -> Vec<IpAddr> {
     let mut external_ips = Vec::new();
     for (i, raw) in spec
         .external_ips
@@ -483,6 +558,11 @@ pub fn service(svc: &core::Service, limits: &Limits) -> Result<Service, ConvertE
             Err(m) => errs.push(f, m),
         }
     }
+    external_ips
+}
+
+/// `status.loadBalancer.ingress[].ip` served here (`ipMode` VIP or empty).
+fn load_balancer_ips(svc: &core::Service, errs: &mut Errors) -> Vec<IpAddr> {
     let mut load_balancer_ips = Vec::new();
     let ingress = svc
         .status
@@ -512,6 +592,11 @@ pub fn service(svc: &core::Service, limits: &Limits) -> Result<Service, ConvertE
             },
         }
     }
+    load_balancer_ips
+}
+
+/// `spec.loadBalancerSourceRanges`.
+fn source_ranges(spec: &core::ServiceSpec, errs: &mut Errors) -> Vec<IpNet> {
     let mut source_ranges = Vec::new();
     for (i, raw) in spec
         .load_balancer_source_ranges
@@ -528,19 +613,12 @@ pub fn service(svc: &core::Service, limits: &Limits) -> Result<Service, ConvertE
             ),
         }
     }
+    source_ranges
+}
 
-    // Policies.
-    let external_policy =
-        traffic_policy(spec.external_traffic_policy.as_deref()).unwrap_or_else(|m| {
-            errs.push("spec.externalTrafficPolicy", m);
-            TrafficPolicy::Cluster
-        });
-    let internal_policy =
-        traffic_policy(spec.internal_traffic_policy.as_deref()).unwrap_or_else(|m| {
-            errs.push("spec.internalTrafficPolicy", m);
-            TrafficPolicy::Cluster
-        });
-    let affinity = match spec.session_affinity.as_deref().unwrap_or("") {
+/// `spec.sessionAffinity` and its ClientIP timeout.
+fn session_affinity(spec: &core::ServiceSpec, errs: &mut Errors) -> Affinity {
+    match spec.session_affinity.as_deref().unwrap_or("") {
         "" | "None" => Affinity::None,
         "ClientIP" => {
             let timeout = spec
@@ -571,8 +649,19 @@ pub fn service(svc: &core::Service, limits: &Limits) -> Result<Service, ConvertE
             );
             Affinity::None
         }
-    };
-    let health_check_node_port = match spec.health_check_node_port.filter(|&p| p != 0) {
+    }
+}
+
+/// `spec.healthCheckNodePort`: only with LoadBalancer and
+/// `externalTrafficPolicy: Local`.
+fn health_check_node_port(
+    spec: &core::ServiceSpec,
+    service_type: ServiceType,
+    external_policy: TrafficPolicy,
+    limits: &Limits,
+    errs: &mut Errors,
+) -> Option<u16> {
+    match spec.health_check_node_port.filter(|&p| p != 0) {
         None => None,
         Some(p) => {
             if service_type != ServiceType::LoadBalancer || external_policy != TrafficPolicy::Local
@@ -592,7 +681,15 @@ pub fn service(svc: &core::Service, limits: &Limits) -> Result<Service, ConvertE
                 }
             }
         }
-    };
+    }
+}
+
+/// `spec.externalName`: required, and a DNS name, for type ExternalName.
+fn external_name(
+    spec: &core::ServiceSpec,
+    service_type: ServiceType,
+    errs: &mut Errors,
+) -> Option<String> {
     let external_name = spec.external_name.clone().filter(|s| !s.is_empty());
     if service_type == ServiceType::ExternalName {
         match &external_name {
@@ -604,29 +701,7 @@ pub fn service(svc: &core::Service, limits: &Limits) -> Result<Service, ConvertE
             Some(_) => {}
         }
     }
-
-    let selector = spec.selector.clone().filter(|s| !s.is_empty());
-    let value = Service {
-        key: key.clone(),
-        service_type,
-        cluster_ips,
-        headless,
-        ports,
-        external_ips,
-        load_balancer_ips,
-        source_ranges,
-        allocate_lb_node_ports: spec.allocate_load_balancer_node_ports.unwrap_or(true),
-        external_policy,
-        internal_policy,
-        affinity,
-        health_check_node_port,
-        external_name,
-        selector,
-        publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false),
-        proxy_name: label(&svc.metadata, LABEL_SERVICE_PROXY_NAME).map(str::to_string),
-        headless_label: label(&svc.metadata, LABEL_HEADLESS).is_some(),
-    };
-    errs.finish(Kind::Service, key, value)
+    external_name
 }
 
 /// Converts and validates a `discovery.k8s.io/v1 EndpointSlice`.

@@ -21,7 +21,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use futures_util::stream::{self, StreamExt};
@@ -35,11 +34,9 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::convert::{self, ConvertError, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME};
-use super::Update;
-use crate::admin::Health;
+use super::{Batch, Update};
 use crate::config::Limits;
 use crate::model::{Kind, Object, ObjectKey};
-use crate::telemetry::Metrics;
 
 /// EndpointSlice annotation: when the change that produced this version
 /// happened (set by the EndpointSlice controller); the start of kube-proxy's
@@ -361,94 +358,28 @@ impl Mirror {
     }
 }
 
-/// Changes sent to the store but not yet in a published snapshot, shared by
-/// the source (which adds) and the control loop (which takes after publishing).
-#[derive(Debug, Default)]
-pub struct Tracker {
-    state: Mutex<Pending>,
-}
-
-/// What the source queued since the last [`Tracker::take`].
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct Pending {
-    /// Service changes.
-    pub services: u64,
-    /// EndpointSlice changes.
-    pub endpoints: u64,
-    /// Change trigger times of those slice changes.
-    pub triggers: Vec<SystemTime>,
-}
-
-impl Tracker {
-    fn lock(&self) -> MutexGuard<'_, Pending> {
-        // Plain counters, consistent after any panic.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Records changes about to be sent; returns the pending totals.
-    pub fn queued(&self, out: &Output) -> (u64, u64) {
-        let mut p = self.lock();
-        p.services += out.services;
-        p.endpoints += out.endpoints;
-        p.triggers.extend_from_slice(&out.triggers);
-        (p.services, p.endpoints)
-    }
-
-    /// Takes everything queued so far (the snapshot just published holds it).
-    pub fn take(&self) -> Pending {
-        std::mem::take(&mut *self.lock())
-    }
-}
-
-/// Called by the control loop once a snapshot is published at `now`: feeds
-/// the network programming latency of every slice change it holds and zeroes
-/// the pending-change gauges.
-pub fn published(tracker: &Tracker, metrics: &Metrics, now: SystemTime) {
-    let p = tracker.take();
-    for t in p.triggers {
-        if let Ok(d) = now.duration_since(t) {
-            metrics.observe_network_programming(d);
-        }
-    }
-    metrics.set_pending_changes(0, 0);
-}
-
 /// The running API source.
 pub struct KubeSource {
     client: Client,
     node_name: String,
     filter: Filter,
     limits: Limits,
-    tracker: Arc<Tracker>,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
 }
 
 impl KubeSource {
     /// A source on `client` for node `node_name`.
-    pub fn new(
-        client: Client,
-        node_name: String,
-        filter: Filter,
-        limits: Limits,
-        tracker: Arc<Tracker>,
-        metrics: Arc<Metrics>,
-        health: Arc<Health>,
-    ) -> Self {
+    pub fn new(client: Client, node_name: String, filter: Filter, limits: Limits) -> Self {
         KubeSource {
             client,
             node_name,
             filter,
             limits,
-            tracker,
-            metrics,
-            health,
         }
     }
 
     /// Watches until `tx` closes. Never returns on API errors: the watchers
     /// back off and resume, and the store keeps what it has.
-    pub async fn run(self, tx: mpsc::Sender<Update>) {
+    pub async fn run(self, tx: mpsc::Sender<Batch>) {
         // Informer-style lists (resourceVersion=0: served from the API
         // server's cache), bookmarks on, client-go-like backoff on errors.
         let cfg = watcher::Config::default().any_semantic();
@@ -511,16 +442,13 @@ impl KubeSource {
             if out.updates.is_empty() {
                 continue;
             }
-            let now = SystemTime::now();
-            let (s, e) = self.tracker.queued(&out);
-            self.metrics
-                .set_pending_changes(s.min(i64::MAX as u64) as i64, e.min(i64::MAX as u64) as i64);
-            self.metrics.set_last_queued(now);
-            self.health.queued(now);
-            for u in out.updates {
-                if tx.send(u).await.is_err() {
-                    return;
-                }
+            let batch = Batch {
+                updates: out.updates,
+                queued: SystemTime::now(),
+                triggers: out.triggers,
+            };
+            if tx.send(batch).await.is_err() {
+                return;
             }
         }
     }
@@ -797,22 +725,6 @@ mod tests {
             }),
         );
         assert_eq!(out.triggers, vec![start + Duration::from_millis(1500)]);
-
-        let t = Tracker::default();
-        assert_eq!(t.queued(&out), (0, 1));
-        let metrics = Metrics::new();
-        published(&t, &metrics, start + Duration::from_secs(2));
-        assert_eq!(t.take(), Pending::default());
-        let text = metrics.encode();
-        let count = text
-            .lines()
-            .find(|l| {
-                l.starts_with(crate::telemetry::NETWORK_PROGRAMMING_DURATION_SECONDS)
-                    && l.contains("_count")
-            })
-            .unwrap_or_default()
-            .to_string();
-        assert!(count.ends_with(" 1"), "{count}");
     }
 
     #[test]

@@ -1,6 +1,9 @@
-//! Sources of Kubernetes objects. Every source speaks the same typed [`Update`]
-//! protocol into the store, so the file source, the API source (later) and test
-//! fakes are interchangeable.
+//! Sources of Kubernetes objects. Every source speaks the same typed protocol
+//! into the control loop, [`Batch`]es of [`Update`]s, so the file source, the
+//! API source and test fakes are interchangeable. A batch is a source's only
+//! output: it carries what the control loop needs to keep health and metrics
+//! (when it was queued, when its changes happened), and only the control loop
+//! touches those.
 
 pub mod convert;
 pub mod file;
@@ -10,7 +13,35 @@ pub mod selector;
 #[cfg(test)]
 mod proptests;
 
+use std::time::SystemTime;
+
 use crate::model::{Kind, Object, ObjectKey};
+
+/// What a source sends: changes for the store, in order, with their times.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    /// The changes, applied in order.
+    pub updates: Vec<Update>,
+    /// When the source queued them: the start of "pending" for health
+    /// (`/healthz` fails once a batch waited the health timeout unapplied).
+    pub queued: SystemTime,
+    /// When the changes happened at their origin (an EndpointSlice's
+    /// `last-change-trigger-time`, the moment a manifest change was noticed):
+    /// the start of each one's network programming latency. Empty when the
+    /// origin is unknown or older than the source.
+    pub triggers: Vec<SystemTime>,
+}
+
+impl Batch {
+    /// Changes queued now, with no trigger times.
+    pub fn now(updates: Vec<Update>) -> Self {
+        Batch {
+            updates,
+            queued: SystemTime::now(),
+            triggers: Vec::new(),
+        }
+    }
+}
 
 /// One change from a source.
 #[derive(Debug, Clone, PartialEq)]

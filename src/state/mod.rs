@@ -1,6 +1,7 @@
 //! The control plane's state: one writer ([`Store`]) applies source updates and
 //! compiles immutable [`Snapshot`]s that the data plane reads lock-free.
 
+pub mod health;
 pub mod snapshot;
 pub mod store;
 pub mod topology;
@@ -8,6 +9,7 @@ pub mod topology;
 #[cfg(test)]
 mod proptests;
 
+pub use health::{Health, HealthReport};
 pub use snapshot::{
     CompileCache, EmptyAction, Frontend, FrontendKey, FrontendKind, HealthCheck, ListenerMode,
     ListenerSpec, NodeContext, Snapshot,
