@@ -4,6 +4,7 @@
 //! namespace, into ringvip's own TUN. Everything is removed on drop.
 
 use std::fs::File;
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -36,6 +37,31 @@ fn ip(args: &[&str]) {
         args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A ClusterIP Service with one port (TCP or UDP) and its slice.
+pub fn clusterip(
+    name: &str,
+    vip: &str,
+    port: u16,
+    proto: &str,
+    target: u16,
+    eps: &[IpAddr],
+    extra: &str,
+) -> String {
+    let family = if vip.contains(':') { "IPv6" } else { "IPv4" };
+    let eps: String = eps
+        .iter()
+        .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n"))
+        .collect();
+    let eps = if eps.is_empty() {
+        "[]\n".to_string()
+    } else {
+        format!("\n{eps}")
+    };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: \"{vip}\"\n{extra}  ports: [{{name: p, port: {port}, protocol: {proto}, targetPort: {target}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: {family}\nports: [{{name: p, port: {target}, protocol: {proto}}}]\nendpoints: {eps}"
+    )
 }
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
