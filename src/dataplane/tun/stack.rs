@@ -632,11 +632,10 @@ impl Stack {
         Some(c)
     }
 
-    /// Marks a connection's socket for removal once closed; one already
-    /// closed leaves the table now.
+    /// Marks a connection's socket for removal once closed: the driver's
+    /// next round polls it (an aborted one sends its RST then) and reaps it.
     pub fn release(&mut self, key: ConnKey, c: ConnSocket) {
         self.closing.push((key, c));
-        self.reap();
     }
 }
 
@@ -1460,13 +1459,17 @@ mod tests {
     }
 
     #[test]
-    fn a_released_connection_leaves_the_table_when_it_ends() {
+    fn an_aborted_connection_sends_its_rst_before_it_leaves_the_table() {
         let mut st = Stack::new(TunSettings::default(), Duration::from_secs(30));
         let key = (sa("10.1.0.5:40000"), sa("10.96.0.10:80"));
         let h = closed_by_client(&mut st, key);
-        // Relay over, the socket aborted: gone at release, not at a later sweep.
         st.tcp(h).unwrap().abort();
         st.release(key, h);
+        // One round of the driver: poll, then reap.
+        st.poll();
+        st.reap();
+        let (_, _, _, rst, _) = reply(&mut st);
+        assert!(rst, "the client never hears of the abort");
         assert_eq!(st.connection(&key), None);
         assert!(st.closing.is_empty());
     }
