@@ -164,22 +164,10 @@ fn glibc_resolves_fifty_names_through_a_dns_clusterip() {
         return;
     };
     let t = Topology::new(&[]);
-    let pod = t.pod_ip(2).to_string();
-    let mut args: Vec<String> = [
-        "--keep-in-foreground",
-        "--no-resolv",
-        "--no-hosts",
-        "--bind-interfaces",
-        "--port=5353",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.push(format!("--listen-address={pod}"));
-    args.push("--pid-file".into());
-    args.extend((1..=50).map(|i| format!("--address=/name{i}.test/192.0.2.{i}")));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let _server = t.spawn_on_pod(&dnsmasq, &args);
+    let names: Vec<String> = (1..=50)
+        .map(|i| format!("/name{i}.test/192.0.2.{i}"))
+        .collect();
+    let _server = t.spawn_dnsmasq(&dnsmasq, 5353, &names);
     let m = clusterip(
         "kube-dns",
         "10.96.0.54",

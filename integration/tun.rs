@@ -561,27 +561,7 @@ fn dns_server_answers_dig_through_the_vip() {
         return;
     };
     let t = Topology::new(&[]);
-    let pod = t.pod_ip(2).to_string();
-    let address = "--address=/web.test/192.0.2.80";
-    let server = t.spawn_on_pod(
-        &dnsmasq,
-        &[
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-        ]
-        .into_iter()
-        .chain([
-            "--port",
-            "5353",
-            "--listen-address",
-            &pod,
-            "--pid-file",
-            address,
-        ])
-        .collect::<Vec<_>>(),
-    );
+    let server = t.spawn_dnsmasq(&dnsmasq, 5353, &["/web.test/192.0.2.80".into()]);
     let m = clusterip(
         "dns",
         "10.96.0.70",

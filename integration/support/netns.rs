@@ -50,15 +50,7 @@ pub fn clusterip(
     extra: &str,
 ) -> String {
     let family = if vip.contains(':') { "IPv6" } else { "IPv4" };
-    let eps: String = eps
-        .iter()
-        .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n"))
-        .collect();
-    let eps = if eps.is_empty() {
-        "[]\n".to_string()
-    } else {
-        format!("\n{eps}")
-    };
+    let eps = super::endpoints_yaml(eps, "");
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: \"{vip}\"\n{extra}  ports: [{{name: p, port: {port}, protocol: {proto}, targetPort: {target}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: {family}\nports: [{{name: p, port: {target}, protocol: {proto}}}]\nendpoints: {eps}"
     )
@@ -166,6 +158,30 @@ impl Topology {
             .spawn()
             .expect("ip netns exec");
         Spawned(child)
+    }
+
+    /// Starts dnsmasq in the pod namespace on pod address .2, `port`,
+    /// answering from `addresses` only (`--address=/<domain>/<ip>` values,
+    /// no upstream, no hosts file); killed when the guard drops.
+    pub fn spawn_dnsmasq(
+        &self,
+        dnsmasq: &std::path::Path,
+        port: u16,
+        addresses: &[String],
+    ) -> Spawned {
+        let mut args = vec![
+            "--keep-in-foreground".to_string(),
+            "--no-resolv".into(),
+            "--no-hosts".into(),
+            "--bind-interfaces".into(),
+            format!("--port={port}"),
+            format!("--listen-address={}", self.pod_ip(2)),
+            // With no value: no pid file.
+            "--pid-file".into(),
+        ];
+        args.extend(addresses.iter().map(|a| format!("--address={a}")));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.spawn_on_pod(dnsmasq, &args)
     }
 
     /// A pod address.
