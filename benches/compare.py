@@ -133,6 +133,15 @@ MEASURES = [  # key, label, unit, higher is better
     ("p99", "latency p99 at fixed load", "µs", False),
     ("udp", "UDP request/response", "req/s", True),
     ("mem", "memory per 10,000 idle connections", "MiB", False),
+    # MEASURES=clients: real clients and servers (Debian's redis, PostgreSQL
+    # 15, dnsmasq) through each path.
+    ("redis-ka", "redis-benchmark GET, keep-alive, 50 clients", "req/s", True),
+    ("redis-k0", "redis-benchmark GET, new connection per request (-k 0)", "req/s", True),
+    ("redis-p16", "redis-benchmark GET, pipelined 16 deep", "req/s", True),
+    ("pg-s", "pgbench select-only, 8 clients", "tps", True),
+    ("pg-sc", "pgbench select-only, connection per transaction (-C)", "tps", True),
+    ("dnsperf", "dnsperf through a UDP Service (dnsmasq)", "queries/s", True),
+    ("dnslost", "dnsperf queries lost", "%", False),
 ]
 CANDIDATES = [
     ("direct", "direct"),

@@ -9,33 +9,8 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use support::netns::{can_run, Topology};
+use support::netns::{can_run, clusterip, Topology};
 use support::*;
-
-/// A ClusterIP Service with one port (TCP or UDP) and its slice.
-fn clusterip(
-    name: &str,
-    vip: &str,
-    port: u16,
-    proto: &str,
-    target: u16,
-    eps: &[IpAddr],
-    extra: &str,
-) -> String {
-    let family = if vip.contains(':') { "IPv6" } else { "IPv4" };
-    let eps: String = eps
-        .iter()
-        .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n"))
-        .collect();
-    let eps = if eps.is_empty() {
-        "[]\n".to_string()
-    } else {
-        format!("\n{eps}")
-    };
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: \"{vip}\"\n{extra}  ports: [{{name: p, port: {port}, protocol: {proto}, targetPort: {target}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: {family}\nports: [{{name: p, port: {target}, protocol: {proto}}}]\nendpoints: {eps}"
-    )
-}
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
@@ -586,27 +561,7 @@ fn dns_server_answers_dig_through_the_vip() {
         return;
     };
     let t = Topology::new(&[]);
-    let pod = t.pod_ip(2).to_string();
-    let address = "--address=/web.test/192.0.2.80";
-    let server = t.spawn_on_pod(
-        &dnsmasq,
-        &[
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-        ]
-        .into_iter()
-        .chain([
-            "--port",
-            "5353",
-            "--listen-address",
-            &pod,
-            "--pid-file",
-            address,
-        ])
-        .collect::<Vec<_>>(),
-    );
+    let server = t.spawn_dnsmasq(&dnsmasq, 5353, &["/web.test/192.0.2.80".into()]);
     let m = clusterip(
         "dns",
         "10.96.0.70",

@@ -437,6 +437,20 @@ impl Drop for Ringvip {
     }
 }
 
+/// An EndpointSlice's `endpoints:` value: one ready endpoint per address,
+/// each with the `extra` lines (indented by two).
+pub fn endpoints_yaml<T: std::fmt::Display>(addresses: &[T], extra: &str) -> String {
+    let eps: String = addresses
+        .iter()
+        .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n{extra}"))
+        .collect();
+    if eps.is_empty() {
+        "[]\n".to_string()
+    } else {
+        format!("\n{eps}")
+    }
+}
+
 /// A NodePort Service `name` in `default` with one TCP port, plus its slice.
 pub fn nodeport_service(
     name: &str,
@@ -445,17 +459,7 @@ pub fn nodeport_service(
     endpoints: &[Ipv4Addr],
     extra_spec: &str,
 ) -> String {
-    let eps: String = endpoints
-        .iter()
-        .map(|ip| {
-            format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n  nodeName: node-a\n")
-        })
-        .collect();
-    let eps = if eps.is_empty() {
-        "[]\n".to_string()
-    } else {
-        format!("\n{eps}")
-    };
+    let eps = endpoints_yaml(endpoints, "  nodeName: node-a\n");
     format!(
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: NodePort\n{extra_spec}  ports:\n  - name: p\n    protocol: TCP\n    port: 80\n    targetPort: {target}\n    nodePort: {node_port}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv4\nports:\n- name: p\n  protocol: TCP\n  port: {target}\nendpoints: {eps}"
     )

@@ -4,6 +4,7 @@
 //! namespace, into ringvip's own TUN. Everything is removed on drop.
 
 use std::fs::File;
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -36,6 +37,23 @@ fn ip(args: &[&str]) {
         args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A ClusterIP Service with one port (TCP or UDP) and its slice.
+pub fn clusterip(
+    name: &str,
+    vip: &str,
+    port: u16,
+    proto: &str,
+    target: u16,
+    eps: &[IpAddr],
+    extra: &str,
+) -> String {
+    let family = if vip.contains(':') { "IPv6" } else { "IPv4" };
+    let eps = super::endpoints_yaml(eps, "");
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: \"{vip}\"\n{extra}  ports: [{{name: p, port: {port}, protocol: {proto}, targetPort: {target}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: {family}\nports: [{{name: p, port: {target}, protocol: {proto}}}]\nendpoints: {eps}"
+    )
 }
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -140,6 +158,30 @@ impl Topology {
             .spawn()
             .expect("ip netns exec");
         Spawned(child)
+    }
+
+    /// Starts dnsmasq in the pod namespace on pod address .2, `port`,
+    /// answering from `addresses` only (`--address=/<domain>/<ip>` values,
+    /// no upstream, no hosts file); killed when the guard drops.
+    pub fn spawn_dnsmasq(
+        &self,
+        dnsmasq: &std::path::Path,
+        port: u16,
+        addresses: &[String],
+    ) -> Spawned {
+        let mut args = vec![
+            "--keep-in-foreground".to_string(),
+            "--no-resolv".into(),
+            "--no-hosts".into(),
+            "--bind-interfaces".into(),
+            format!("--port={port}"),
+            format!("--listen-address={}", self.pod_ip(2)),
+            // With no value: no pid file.
+            "--pid-file".into(),
+        ];
+        args.extend(addresses.iter().map(|a| format!("--address={a}")));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.spawn_on_pod(dnsmasq, &args)
     }
 
     /// A pod address.

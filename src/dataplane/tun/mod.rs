@@ -7,6 +7,7 @@ pub mod bridge;
 pub mod device;
 pub mod link;
 pub mod offload;
+pub mod opening;
 pub mod stack;
 
 #[cfg(test)]

@@ -29,6 +29,7 @@ use tokio::sync::{watch, Notify};
 use super::bridge;
 use super::device::{QueueDevice, Tun};
 use super::offload::{self, RxChecksum};
+use super::opening::Opening;
 use crate::dataplane::flow::{resolve, FlowKey, Verdict};
 use crate::dataplane::relay::connect;
 use crate::dataplane::udp::{FlowEntry, FlowIo, FlowTable};
@@ -288,6 +289,67 @@ pub(crate) fn tcp_packet_of(src: IpAddr, dst: IpAddr, tcp: &smoltcp::wire::TcpRe
 /// A connection's identity: (client, VIP).
 pub type ConnKey = (SocketAddr, SocketAddr);
 
+/// What tells a connection's SYN from the SYN of a later connection on the
+/// same 4-tuple: its sequence number and, when it carries one, its timestamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SynId {
+    /// Initial sequence number.
+    pub seq: u32,
+    /// TSval of the timestamp option (RFC 7323).
+    pub tsval: Option<u32>,
+}
+
+/// The [`SynId`] of a TCP segment (any flags), `None` when it is not TCP.
+pub fn syn_id(packet: &[u8]) -> Option<SynId> {
+    let ip = parse_ip(packet)?;
+    if ip.proto != IpProtocol::Tcp {
+        return None;
+    }
+    let tcp = TcpPacket::new_checked(packet.get(ip.l4..ip.end)?).ok()?;
+    // Checksums were verified on the way in (offload::verify or the kernel).
+    let repr = smoltcp::wire::TcpRepr::parse(
+        &tcp,
+        &ip.src.into(),
+        &ip.dst.into(),
+        &ChecksumCapabilities::ignored(),
+    )
+    .ok()?;
+    Some(SynId {
+        seq: repr.seq_number.0 as u32,
+        tsval: repr.timestamp.map(|t| t.tsval),
+    })
+}
+
+/// True when `new`, a SYN on the 4-tuple of a connection that is closing
+/// (TIME-WAIT, or the client's FIN seen), starts a new connection, as the
+/// kernel decides in tcp_timewait_state_process (RFC 6191): its timestamp is
+/// newer, or without timestamps its sequence number is after the old one.
+///
+/// The kernel compares with the old connection's next expected sequence
+/// number; smoltcp does not expose it, so this compares with the old
+/// connection's initial one. That admits no duplicate: the only SYN the old
+/// connection ever sent carries its own initial sequence number, and SYNs of
+/// earlier connections (clock-driven ISNs and timestamps, RFC 6528) are older
+/// still. A timestamp older than the old connection's is rejected (PAWS).
+pub fn supersedes(old: SynId, new: SynId) -> bool {
+    if new.seq == old.seq {
+        // The old connection's own SYN, retransmitted.
+        return false;
+    }
+    let after = |a: u32, b: u32| (a.wrapping_sub(b) as i32) > 0;
+    match (old.tsval, new.tsval) {
+        (Some(o), Some(n)) if n != o => after(n, o),
+        _ => after(new.seq, old.seq),
+    }
+}
+
+/// An accepted connection: its socket and the SYN that opened it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Conn {
+    sock: ConnSocket,
+    syn: SynId,
+}
+
 /// Socket sets the stack's connections are spread over. smoltcp finds the
 /// socket of an incoming segment, and the sockets with something to send, by
 /// walking its whole set: with one set, every packet cost a walk over every
@@ -345,7 +407,7 @@ pub struct Stack {
     /// TCP sockets, sharded by connection.
     shards: Vec<Shard>,
     /// Established (or closing) connections.
-    conns: HashMap<ConnKey, ConnSocket>,
+    conns: HashMap<ConnKey, Conn>,
     /// SYNs held while a backend connect is in flight.
     pending: HashMap<ConnKey, Vec<u8>>,
     /// The client's own MSS, for connections whose SYN smoltcp saw with a
@@ -355,6 +417,8 @@ pub struct Stack {
     closing: Vec<(ConnKey, ConnSocket)>,
     /// UDP flows.
     udp: FlowTable<ConnKey, FlowIo>,
+    /// UDP flows whose backend socket is being set up, with their datagrams.
+    udp_opening: Opening<ConnKey>,
     settings: TunSettings,
     warned_full: bool,
     warned_udp_full: bool,
@@ -362,6 +426,11 @@ pub struct Stack {
 
 fn now() -> SmolInstant {
     SmolInstant::now()
+}
+
+/// TCP timestamp clock (RFC 7323): milliseconds, wrapping.
+fn tsval() -> u32 {
+    now().total_millis() as u32
 }
 
 impl Stack {
@@ -396,6 +465,7 @@ impl Stack {
             client_mss: HashMap::new(),
             closing: Vec::new(),
             udp: FlowTable::new(udp_idle, settings.max_udp_flows),
+            udp_opening: Opening::default(),
             settings,
             warned_full: false,
             warned_udp_full: false,
@@ -455,7 +525,51 @@ impl Stack {
 
     /// The socket of an accepted connection.
     pub fn connection(&self, key: &ConnKey) -> Option<ConnSocket> {
-        self.conns.get(key).copied()
+        self.conns.get(key).map(|c| c.sock)
+    }
+
+    /// True when a connection holds `key` and the SYN in `packet` is its own
+    /// (a retransmit) or not newer. A connection that is closing and sees a
+    /// newer SYN ([`supersedes`]) is forgotten at once, so the SYN opens a new
+    /// connection instead of waiting for the client's SYN retransmits.
+    fn holds(&mut self, key: &ConnKey, packet: &[u8]) -> bool {
+        let Some(conn) = self.conns.get(key).copied() else {
+            return false;
+        };
+        let closing = self.tcp(conn.sock).is_none_or(|s| {
+            matches!(
+                s.state(),
+                tcp::State::CloseWait
+                    | tcp::State::LastAck
+                    | tcp::State::Closing
+                    | tcp::State::TimeWait
+                    | tcp::State::Closed
+            )
+        });
+        let newer = syn_id(packet).is_some_and(|new| supersedes(conn.syn, new));
+        if !(closing && newer) {
+            return true;
+        }
+        self.conns.remove(key);
+        self.client_mss.remove(key);
+        match self.closing.iter().position(|(_, c)| *c == conn.sock) {
+            // Its relay is over: the socket goes now, without a packet.
+            Some(i) => {
+                self.closing.swap_remove(i);
+                if let Some(sh) = self.shards.get_mut(conn.sock.shard) {
+                    sh.sockets.remove(conn.sock.handle);
+                }
+            }
+            // Its relay still runs (client gone, backend still sending): the
+            // closed socket ends it, and `release` then removes the socket.
+            // A closed socket takes no segment, so the new one gets them all.
+            None => {
+                if let Some(s) = self.tcp(conn.sock) {
+                    close_silently(s);
+                }
+            }
+        }
+        false
     }
 
     /// Removes sockets whose relay ended and whose TCP connection is over.
@@ -471,8 +585,11 @@ impl Stack {
             let done = matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait);
             if done {
                 sh.sockets.remove(c.handle);
-                conns.remove(key);
-                client_mss.remove(key);
+                // A newer connection may hold the key already (see `holds`).
+                if conns.get(key).is_some_and(|held| held.sock == *c) {
+                    conns.remove(key);
+                    client_mss.remove(key);
+                }
             }
             !done
         });
@@ -481,6 +598,7 @@ impl Stack {
     /// Answers a held SYN with a fresh socket listening on exactly its VIP:port.
     /// Returns the socket when the SYN was taken.
     fn accept(&mut self, key: ConnKey, syn: Vec<u8>) -> Option<ConnSocket> {
+        let id = syn_id(&syn)?;
         let size = self.settings.socket_buffer;
         let mut s = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; size]),
@@ -488,6 +606,7 @@ impl Stack {
         );
         s.set_nagle_enabled(false);
         s.set_ack_delay(None);
+        s.set_tsval_generator(Some(tsval));
         // A peer that stops acknowledging (a spoofed SYN's SYN-ACK, a vanished
         // client) releases its socket and backend connection instead of
         // holding a slot under --tun-max-connections forever.
@@ -509,11 +628,12 @@ impl Stack {
             sockets.remove(handle);
             return None;
         }
-        self.conns.insert(key, c);
+        self.conns.insert(key, Conn { sock: c, syn: id });
         Some(c)
     }
 
-    /// Marks a connection's socket for removal once closed.
+    /// Marks a connection's socket for removal once closed: the driver's
+    /// next round polls it (an aborted one sends its RST then) and reaps it.
     pub fn release(&mut self, key: ConnKey, c: ConnSocket) {
         self.closing.push((key, c));
     }
@@ -543,7 +663,7 @@ pub fn ingest_offline_queued(stack: &mut Stack, snap: &Snapshot, packet: &[u8]) 
         }
         Classified::Syn { client, vip, .. } => {
             let key = (client, vip);
-            if !stack.conns.contains_key(&key) {
+            if !stack.holds(&key, packet) {
                 let _ = stack.accept(key, packet.to_vec());
             }
         }
@@ -608,6 +728,18 @@ pub fn sample_snapshot(with_endpoints: bool) -> Snapshot {
         ..crate::state::NodeContext::default()
     };
     st.compile(&ctx, &crate::telemetry::Metrics::new(), 1)
+}
+
+/// Closes a socket without a packet to its peer (an aborted smoltcp socket
+/// sends an RST, which would hit the client's new connection on the same
+/// 4-tuple): its wakers are woken, so a relay waiting on it ends, and an
+/// empty closed socket, holding no buffers, takes its place.
+fn close_silently(s: &mut tcp::Socket<'static>) {
+    s.abort();
+    *s = tcp::Socket::new(
+        tcp::SocketBuffer::new(Vec::new()),
+        tcp::SocketBuffer::new(Vec::new()),
+    );
 }
 
 /// Everything the TUN thread's tasks share.
@@ -742,7 +874,7 @@ fn ingress(ctx: &Rc<Ctx>, packet: Vec<u8>) {
         Classified::Drop => st.dev.recycle(packet),
         Classified::Syn { client, vip, fe } => {
             let key = (client, vip);
-            if st.conns.contains_key(&key) {
+            if st.holds(&key, &packet) {
                 // A retransmitted SYN for a connection already answered.
                 st.push_rx(packet);
             } else if st.pending.contains_key(&key) {
@@ -858,7 +990,13 @@ fn udp_ingress(ctx: &Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>, data: &[u8]) {
         }
         return;
     }
-    if st.udp.len() >= st.settings.max_udp_flows {
+    // A flow being set up takes the datagram in its queue (or drops it when
+    // the queue is full): one flow per key, set up once.
+    if st.udp_opening.contains(&key) {
+        let _ = st.udp_opening.offer(key, data);
+        return;
+    }
+    if st.udp.len() + st.udp_opening.len() >= st.settings.max_udp_flows {
         if !st.warned_udp_full {
             tracing::warn!(
                 max = st.settings.max_udp_flows,
@@ -869,68 +1007,78 @@ fn udp_ingress(ctx: &Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>, data: &[u8]) {
         return;
     }
     st.warned_udp_full = false;
+    let _ = st.udp_opening.offer(key, data);
     drop(st);
-    let ctx = ctx.clone();
-    let payload = data.to_vec();
-    tokio_uring::spawn(async move {
-        let Some(ep) = crate::dataplane::flow::pick(
-            &fe,
-            key.0.ip(),
-            &ctx.shared,
-            0,
-            &[],
-            now,
-            &mut *ctx.rng.borrow_mut(),
-        ) else {
-            return;
-        };
-        let any: IpAddr = match ep {
-            SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
-            SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
-        };
-        let any = SocketAddr::new(any, 0);
-        let Ok(sock) = tokio_uring::net::UdpSocket::bind(any).await else {
-            return;
-        };
-        if sock.connect(ep).await.is_err() {
-            return;
-        }
-        let sock = Rc::new(sock);
-        let reader = tokio_uring::spawn(udp_replies(ctx.clone(), key, sock.clone(), fe.clone()));
-        let fe_bytes = fe.metrics.bytes_to_backend.clone();
-        fe.metrics.udp_flows_active.inc();
-        fe.metrics.connections_total.inc();
-        let entry = FlowEntry {
-            endpoint: ep,
-            last_seen: now,
-            generation,
-            io: FlowIo {
-                socket: sock.clone(),
-                reader,
-                fe,
-            },
-        };
-        let refused = {
-            let mut st = ctx.stack.borrow_mut();
-            let refused = st.udp.insert(key, entry).is_err();
-            // Flows opened concurrently filled the table since the check in
-            // udp_ingress: the same refusal, said the same way.
-            if refused && !st.warned_udp_full {
-                tracing::warn!(
-                    max = st.settings.max_udp_flows,
-                    "TUN UDP flow limit reached: datagrams of new flows are dropped"
-                );
-                st.warned_udp_full = true;
-            }
-            refused
-        };
-        if refused {
-            return;
-        }
-        if let Ok(n) = crate::dataplane::udp::try_send(&sock, &payload) {
+    tokio_uring::spawn(open_udp_flow(ctx.clone(), key, fe, now, generation));
+}
+
+/// Sets up the backend socket of a new flow, then sends the datagrams that
+/// arrived meanwhile; on failure they are dropped with the flow.
+async fn open_udp_flow(
+    ctx: Rc<Ctx>,
+    key: ConnKey,
+    fe: Arc<Frontend>,
+    now: std::time::Instant,
+    generation: u64,
+) {
+    let Some((ep, sock)) = udp_backend(&ctx, key, &fe, now).await else {
+        ctx.stack.borrow_mut().udp_opening.abandon(&key);
+        return;
+    };
+    let sock = Rc::new(sock);
+    let reader = tokio_uring::spawn(udp_replies(ctx.clone(), key, sock.clone(), fe.clone()));
+    let fe_bytes = fe.metrics.bytes_to_backend.clone();
+    fe.metrics.udp_flows_active.inc();
+    fe.metrics.connections_total.inc();
+    let entry = FlowEntry {
+        endpoint: ep,
+        last_seen: now,
+        generation,
+        io: FlowIo {
+            socket: sock.clone(),
+            reader,
+            fe,
+        },
+    };
+    let mut st = ctx.stack.borrow_mut();
+    let queued = st.udp_opening.finish(&key);
+    // Room was counted for this flow while it opened.
+    if st.udp.insert(key, entry).is_err() {
+        return;
+    }
+    drop(st);
+    for datagram in queued {
+        if let Ok(n) = crate::dataplane::udp::try_send(&sock, &datagram) {
             fe_bytes.inc_by(n as u64);
         }
-    });
+    }
+}
+
+/// Picks a backend for a new flow and opens a socket connected to it.
+async fn udp_backend(
+    ctx: &Ctx,
+    key: ConnKey,
+    fe: &Frontend,
+    now: std::time::Instant,
+) -> Option<(SocketAddr, tokio_uring::net::UdpSocket)> {
+    let ep = crate::dataplane::flow::pick(
+        fe,
+        key.0.ip(),
+        &ctx.shared,
+        0,
+        &[],
+        now,
+        &mut *ctx.rng.borrow_mut(),
+    )?;
+    let any: IpAddr = match ep {
+        SocketAddr::V4(_) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => std::net::Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let sock = tokio_uring::net::UdpSocket::bind(SocketAddr::new(any, 0))
+        .await
+        .ok()?;
+    sock.connect(ep).await.ok()?;
+    Some((ep, sock))
 }
 
 /// Backend → client: replies leave the TUN from the VIP.
@@ -1189,6 +1337,141 @@ mod tests {
         let t = TcpPacket::new_checked(ip.payload()).unwrap();
         assert!(t.syn() && t.ack());
         assert_eq!(t.src_port(), 80);
+    }
+
+    /// A client segment with chosen sequence numbers and timestamp.
+    fn segment(
+        key: ConnKey,
+        control: TcpControl,
+        seq: u32,
+        ack: Option<u32>,
+        tsval: Option<u32>,
+    ) -> Vec<u8> {
+        let tcp = TcpRepr {
+            src_port: key.0.port(),
+            dst_port: key.1.port(),
+            control,
+            seq_number: TcpSeqNumber(seq as i32),
+            ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
+            window_len: 65535,
+            window_scale: None,
+            max_seg_size: (control == TcpControl::Syn).then_some(1460),
+            sack_permitted: false,
+            sack_ranges: [None, None, None],
+            timestamp: tsval.map(|tsval| smoltcp::wire::TcpTimestampRepr { tsval, tsecr: 0 }),
+            payload: &[],
+        };
+        tcp_packet_of(key.0.ip(), key.1.ip(), &tcp)
+    }
+
+    /// The stack's next TCP segment to the client: (seq, flags SYN/FIN/RST, TSval).
+    fn reply(st: &mut Stack) -> (u32, bool, bool, bool, Option<u32>) {
+        let out = st.dev.pop_tx().expect("a reply");
+        let id = syn_id(&out).expect("TCP");
+        let ip = Ipv4Packet::new_checked(&out[..]).unwrap();
+        let t = TcpPacket::new_checked(ip.payload()).unwrap();
+        (id.seq, t.syn(), t.fin(), t.rst(), id.tsval)
+    }
+
+    /// Opens a connection from `key` with ISN 1000 (and TSval 100), then the
+    /// client closes it (FIN): the socket is in CLOSE-WAIT.
+    fn closed_by_client(st: &mut Stack, key: ConnKey) -> ConnSocket {
+        let h = st
+            .accept(key, segment(key, TcpControl::Syn, 1000, None, Some(100)))
+            .expect("accepted");
+        let (iss, syn, ..) = reply(st);
+        assert!(syn);
+        let ack = Some(iss.wrapping_add(1));
+        st.push_rx(segment(key, TcpControl::None, 1001, ack, Some(101)));
+        st.push_rx(segment(key, TcpControl::Fin, 1001, ack, Some(102)));
+        st.poll();
+        while st.dev.pop_tx().is_some() {}
+        assert_eq!(st.tcp(h).unwrap().state(), tcp::State::CloseWait);
+        h
+    }
+
+    #[test]
+    fn syn_ack_echoes_the_clients_timestamps() {
+        // Without timestamps the client's kernel cannot reuse the port from
+        // TIME-WAIT (tcp_tw_reuse needs them).
+        let mut st = Stack::new(TunSettings::default(), Duration::from_secs(30));
+        let key = (sa("10.1.0.5:40000"), sa("10.96.0.10:80"));
+        st.accept(key, segment(key, TcpControl::Syn, 1000, None, Some(77)))
+            .expect("accepted");
+        let (_, syn, _, _, tsval) = reply(&mut st);
+        assert!(syn);
+        assert!(tsval.is_some(), "SYN-ACK without a timestamp option");
+    }
+
+    #[test]
+    fn a_newer_syn_on_a_closing_connection_opens_a_new_one() {
+        let mut st = Stack::new(TunSettings::default(), Duration::from_secs(30));
+        let key = (sa("10.1.0.5:40000"), sa("10.96.0.10:80"));
+        let old = closed_by_client(&mut st, key);
+        // The old SYN again, and a SYN with an older timestamp: still the old
+        // connection's (smoltcp ignores them).
+        assert!(st.holds(&key, &segment(key, TcpControl::Syn, 1000, None, Some(100))));
+        assert!(st.holds(&key, &segment(key, TcpControl::Syn, 9000, None, Some(50))));
+        assert_eq!(st.connection(&key), Some(old));
+        // The client reused the port for a new connection: newer timestamp.
+        let new = segment(key, TcpControl::Syn, 500, None, Some(5000));
+        assert!(!st.holds(&key, &new));
+        assert_eq!(st.connection(&key), None);
+        // Its relay still runs: the old socket is closed (it takes nothing).
+        assert_eq!(st.tcp(old).unwrap().state(), tcp::State::Closed);
+        let h = st.accept(key, new).expect("the new SYN is answered");
+        let (_, syn, _, rst, _) = reply(&mut st);
+        assert!(syn && !rst);
+        assert_eq!(st.tcp(h).unwrap().state(), tcp::State::SynReceived);
+        // The old relay ends: releasing its socket leaves the new connection.
+        st.release(key, old);
+        assert_eq!(st.connection(&key), Some(h));
+    }
+
+    #[test]
+    fn a_newer_syn_without_timestamps_needs_a_later_sequence_number() {
+        let old = SynId {
+            seq: 1000,
+            tsval: None,
+        };
+        let seq = |seq| SynId { seq, tsval: None };
+        assert!(supersedes(old, seq(1001)));
+        assert!(supersedes(old, seq(1000u32.wrapping_add(1 << 30))));
+        assert!(!supersedes(old, seq(999)));
+        assert!(!supersedes(old, seq(1000)));
+        // Across the wrap of the sequence space.
+        let high = SynId {
+            seq: u32::MAX - 5,
+            tsval: None,
+        };
+        assert!(supersedes(high, seq(10)));
+        // A timestamp decides when both have one; PAWS rejects an older one.
+        let ts = |seq, tsval| SynId {
+            seq,
+            tsval: Some(tsval),
+        };
+        assert!(supersedes(ts(1000, 100), ts(10, 101)));
+        assert!(!supersedes(ts(1000, 100), ts(5000, 99)));
+        assert!(
+            !supersedes(ts(1000, 100), ts(1000, 200)),
+            "its own SYN again"
+        );
+    }
+
+    #[test]
+    fn an_aborted_connection_sends_its_rst_before_it_leaves_the_table() {
+        let mut st = Stack::new(TunSettings::default(), Duration::from_secs(30));
+        let key = (sa("10.1.0.5:40000"), sa("10.96.0.10:80"));
+        let h = closed_by_client(&mut st, key);
+        st.tcp(h).unwrap().abort();
+        st.release(key, h);
+        // One round of the driver: poll, then reap.
+        st.poll();
+        st.reap();
+        let (_, _, _, rst, _) = reply(&mut st);
+        assert!(rst, "the client never hears of the abort");
+        assert_eq!(st.connection(&key), None);
+        assert!(st.closing.is_empty());
     }
 
     #[test]
