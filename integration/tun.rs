@@ -50,9 +50,11 @@ fn web_with(extra_spec: &str, args: &[&str]) -> Env {
     let eps: Vec<IpAddr> = (2..=4).map(|h| IpAddr::V4(t.pod_ip(h))).collect();
     let m = clusterip("web", "10.96.0.10", 80, "TCP", 8080, &eps, extra_spec);
     let rv = Ringvip::launch(Some(&t.node), &m, args);
+    // Published means serving: the first request through the VIP is.
+    let (ok, body) = curl(&t, "http://10.96.0.10/");
     assert!(
-        wait_until(Duration::from_secs(5), || curl(&t, "http://10.96.0.10/").0),
-        "ClusterIP never served:\n{}",
+        ok,
+        "first request through the ClusterIP: {body}\n{}",
         rv.log()
     );
     Env {
@@ -298,15 +300,9 @@ fn ipv6_vip() {
     let _b = Topology::within(&t.pod, move || Backend::start(addr, "v6", Mode::Http));
     let m = clusterip("web6", "fd00:10:96::10", 80, "TCP", 8080, &[pod6], "");
     let rv = Ringvip::launch(Some(&t.node), &m, &[]);
-    assert!(
-        wait_until(Duration::from_secs(5), || curl(
-            &t,
-            "http://[fd00:10:96::10]/"
-        )
-        .1 == "backend-v6"),
-        "IPv6 VIP never served:\n{}",
-        rv.log()
-    );
+    // The first request (the veth addresses are added without DAD).
+    let (_, body) = curl(&t, "http://[fd00:10:96::10]/");
+    assert_eq!(body, "backend-v6", "{}", rv.log());
 }
 
 /// The node-proxy case: a pod (MTU 1500 veth) reaches a ClusterIP through
@@ -370,12 +366,8 @@ fn pod_echo_through_the_node(v6: bool) {
     assert!(fwd.status.success(), "{fwd:?}");
     let vip = SocketAddr::new(vip.parse().unwrap(), 7000);
     let back = Topology::within(&t.pod, move || {
-        let mut c = None;
-        wait_until(Duration::from_secs(5), || {
-            c = connect_any(client, vip).ok();
-            c.is_some()
-        });
-        let mut c = c.expect("the pod never reached the ClusterIP");
+        // The first connection from the pod, once its route is in place.
+        let mut c = connect_any(client, vip).expect("the pod reached the ClusterIP");
         let payload: Vec<u8> = (0..2_000_000u32).map(|i| (i % 253) as u8).collect();
         let mut reader = c.try_clone().unwrap();
         reader
@@ -572,15 +564,23 @@ fn dns_server_answers_dig_through_the_vip() {
         "",
     );
     let rv = Ringvip::launch(Some(&t.node), &m, &[]);
-    let mut answer = String::new();
-    let ok = wait_until(Duration::from_secs(5), || {
+    let ask = |server: &str, port: &str| {
+        let at = format!("@{server}");
         let out = t.on_node(
             dig.to_str().unwrap(),
-            &["+short", "+time=1", "+tries=1", "@10.96.0.70", "web.test"],
+            &["+short", "+time=1", "+tries=1", "-p", port, &at, "web.test"],
         );
-        answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        answer == "192.0.2.80"
-    });
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    // Precondition: dnsmasq itself answers (it starts asynchronously).
+    let direct = t.pod_ip(2).to_string();
+    assert!(
+        wait_until(Duration::from_secs(5), || ask(&direct, "5353")
+            == "192.0.2.80"),
+        "dnsmasq never answered"
+    );
+    // Then the first query through the VIP is answered.
+    let answer = ask("10.96.0.70", "53");
     drop(server);
-    assert!(ok, "dig through the VIP answered {answer:?}\n{}", rv.log());
+    assert_eq!(answer, "192.0.2.80", "dig through the VIP\n{}", rv.log());
 }
