@@ -493,6 +493,38 @@ fn udp_flow_moves_when_its_endpoint_is_removed() {
     assert_eq!(ask().as_deref(), Some("u2:x"));
 }
 
+/// An expired UDP flow closes its backend socket. (Its reader's pending
+/// io_uring receive once kept the socket open, with its buffer, until the
+/// backend sent again: a descriptor and 64 KiB per flow, never returned.)
+#[test]
+fn expired_udp_flows_close_their_backend_sockets() {
+    let port = free_port();
+    let backend = SocketAddr::from((ip(28, 1), port));
+    let _u = UdpBackend::start(backend, "u1");
+    let node_port = free_port();
+    let m = nodeport_service("flows", node_port, port, &[ip(28, 1)], "").replace("TCP", "UDP");
+    let rv = Ringvip::start(&m, &["--udp-idle-timeout-secs", "1"]);
+    let mut buf = [0u8; 64];
+    for i in 0..100 {
+        let c = UdpSocket::bind("127.0.0.1:0").unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        c.send_to(b"q", np(node_port)).unwrap();
+        let (n, _) = c
+            .recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("flow {i}: {e}"));
+        assert_eq!(&buf[..n], b"u1:q");
+    }
+    let flow_sockets = || sockets(&format!("dst {backend}")).len();
+    assert_eq!(flow_sockets(), 100);
+    // Expiry is the contract's delay: idle 1 s, swept once a second.
+    assert!(
+        wait_until(Duration::from_secs(5), || flow_sockets() == 0),
+        "{} flow sockets still open after the flows expired\n{}",
+        flow_sockets(),
+        rv.log()
+    );
+}
+
 #[test]
 fn blackholed_backend_times_out_and_is_retried_around() {
     use ringvip::model::Protocol;
