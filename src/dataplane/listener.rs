@@ -141,10 +141,9 @@ impl Listener {
         Ok(Self { sock, kind })
     }
 
-    /// Closes the listener now: its socket leaves LISTEN (TCP) or is unbound
-    /// (UDP) before this returns or, for the ring's descriptor, as soon as the
-    /// pending operation's completion is reaped.
-    pub fn close(self) {
+    /// Closes the listener: its socket leaves LISTEN (TCP) or is unbound (UDP)
+    /// before this returns.
+    pub async fn close(self) {
         match self.kind {
             Kind::Drop => {}
             Kind::Tcp { stopping, context } => {
@@ -185,6 +184,11 @@ impl Listener {
                 // socket. (ENOTCONN for an unconnected socket, after the
                 // shutdown has been applied.)
                 let _ = self.sock.shutdown(Shutdown::Both);
+                // Once the task is gone and the runtime has polled the ring
+                // (a yield comes back after the driver ran), the completion
+                // is reaped and the last descriptor closed.
+                let _ = task.await;
+                tokio::task::yield_now().await;
             }
         }
     }
@@ -209,8 +213,9 @@ impl Listeners {
         }
     }
 
-    /// Makes the held listeners equal to `want`.
-    pub fn sync(
+    /// Makes the held listeners equal to `want`; returns once the removed
+    /// ones are closed.
+    pub async fn sync(
         &mut self,
         want: &[ListenerSpec],
         shared: &Arc<Shared>,
@@ -239,7 +244,7 @@ impl Listeners {
                 if self.id == 0 {
                     tracing::info!(addr = %spec.addr, proto = %spec.proto, mode = ?spec.mode, "closed");
                 }
-                l.close();
+                l.close().await;
             }
         }
         self.failing
