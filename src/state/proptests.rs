@@ -13,9 +13,9 @@ use proptest::prelude::*;
 use super::snapshot::{ListenerMode, NodeContext, Snapshot};
 use super::store::Store;
 use crate::discovery::Update;
-use crate::fuzzing::{check_snapshot, normalized};
 use crate::model::*;
 use crate::telemetry::Metrics;
+use crate::testing::{check_snapshot, normalized};
 
 const NODE: &str = "node-a";
 
