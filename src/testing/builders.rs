@@ -4,11 +4,12 @@
 //! defaults; a test that needs more sets fields with struct update syntax
 //! (`Service { headless: true, ..service(..) }`).
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use crate::discovery::Update;
 use crate::model::{
-    AddressFamily, Endpoint, EndpointSlice, Object, ObjectKey, Protocol, Service, ServicePort,
+    AddressFamily, Endpoint, EndpointSlice, Object, ObjectKey, Pod, Protocol, Service, ServicePort,
     SlicePort, TargetPort,
 };
 use crate::state::{NodeContext, Snapshot, Store};
@@ -78,6 +79,31 @@ pub fn slice(
 /// A ready endpoint at `addr`.
 pub fn endpoint(addr: &str) -> Endpoint {
     Endpoint::ready(ip(addr))
+}
+
+/// Labels (or a selector) from key/value pairs.
+pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A ready, running Pod `namespace/name` at `addr` with `labels`, on no node,
+/// without container ports, hostname or subdomain.
+pub fn pod(namespace: &str, name: &str, addr: &str, labels: BTreeMap<String, String>) -> Pod {
+    Pod {
+        key: ObjectKey::new(namespace, name),
+        labels,
+        ips: vec![ip(addr)],
+        node_name: None,
+        ready: true,
+        terminating: false,
+        container_ports: vec![],
+        hostname: None,
+        subdomain: None,
+        terminal: false,
+    }
 }
 
 /// Node `name` of proxy `ringvip` (no zone), serving NodePorts on
