@@ -16,7 +16,7 @@
     )
 )]
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod app;
 pub mod balance;
 pub mod config;
@@ -25,9 +25,9 @@ pub mod demo;
 pub mod discovery;
 pub mod dns;
 pub mod envvars;
-pub mod healthcheck;
+pub(crate) mod healthcheck;
 pub mod model;
-pub mod privileges;
+pub(crate) mod privileges;
 pub mod state;
 pub mod status;
 pub mod telemetry;

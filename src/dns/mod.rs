@@ -15,8 +15,8 @@
 //! parse gets FORMERR when its header is readable, and is dropped otherwise; a
 //! response is never answered.
 
-pub mod server;
-pub mod zone;
+pub(crate) mod server;
+pub(crate) mod zone;
 
 use hickory_proto::op::{Header, MessageType, OpCode, Query};
 use hickory_proto::rr::{DNSClass, RecordType};
