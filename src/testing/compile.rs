@@ -277,6 +277,11 @@ pub fn check_snapshot(st: &Store, ctx: &NodeContext, snap: &Snapshot) {
     assert_eq!(got, want, "health checks");
 }
 
+/// How many listeners of `snap` are in `mode`.
+pub fn listeners_in(snap: &Snapshot, mode: ListenerMode) -> usize {
+    snap.listeners().iter().filter(|l| l.mode == mode).count()
+}
+
 /// Everything observable in a snapshot, as comparable text.
 pub fn normalized(s: &Snapshot) -> String {
     let fes: BTreeMap<_, _> = s.frontends().collect();

@@ -23,7 +23,7 @@ mod dns;
 mod manifest;
 
 pub use admin_http::admin_http;
-pub use compile::{check_snapshot, compile, node_context, normalized};
+pub use compile::{check_snapshot, compile, listeners_in, node_context, normalized};
 pub use dns::dns_query;
 pub use manifest::{check_object, manifest, manifest_text};
 
@@ -93,16 +93,8 @@ mod tests {
             let mut st = Store::new();
             st.apply(Update::Reset(objects));
             let snap = st.compile(&node_context(), &Metrics::new(), 1);
-            accept += snap
-                .listeners()
-                .iter()
-                .filter(|l| l.mode == ListenerMode::Accept)
-                .count();
-            drop += snap
-                .listeners()
-                .iter()
-                .filter(|l| l.mode == ListenerMode::Drop)
-                .count();
+            accept += listeners_in(&snap, ListenerMode::Accept);
+            drop += listeners_in(&snap, ListenerMode::Drop);
             checks += snap.health_checks.len();
         }
         assert!(
