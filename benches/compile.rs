@@ -1,45 +1,44 @@
 //! Snapshot compile time for 10,000 Services × 10 endpoints (NodePorts included).
-//! Run: cargo bench --bench compile
+//! Run: cargo bench --features testing --bench compile
 
 use std::net::{IpAddr, Ipv4Addr};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use ringvip::discovery::Update;
 use ringvip::model::*;
-use ringvip::state::{CompileCache, NodeContext, Store};
+use ringvip::state::CompileCache;
 use ringvip::telemetry::Metrics;
+use ringvip::testing::builders::{self, node, port, service, slice, slice_port};
 
 fn objects(services: u32, per: u32) -> Vec<Object> {
     let mut out = Vec::new();
     for s in 0..services {
         let name = format!("svc-{s}");
         let [_, _, a, b] = (s + 1).to_be_bytes();
+        let node_port = s % 2 == 0;
         out.push(Object::Service(Service {
-            service_type: if s % 2 == 0 {
+            service_type: if node_port {
                 ServiceType::NodePort
             } else {
                 ServiceType::ClusterIp
             },
             cluster_ips: vec![IpAddr::V4(Ipv4Addr::new(10, 96, a, b))],
-            ports: vec![ServicePort {
-                name: "http".into(),
-                protocol: Protocol::Tcp,
-                port: 80,
-                node_port: (s % 2 == 0).then_some(30000 + (s % 2700) as u16),
-                target_port: TargetPort::Number(8080),
-            }],
-            ..Service::new(ObjectKey::new("default", name.clone()))
+            ..service(
+                "default",
+                &name,
+                &[],
+                vec![ServicePort {
+                    node_port: node_port.then_some(30000 + (s % 2700) as u16),
+                    ..port("http", Protocol::Tcp, 80, 8080)
+                }],
+            )
         }));
-        out.push(Object::EndpointSlice(EndpointSlice {
-            key: ObjectKey::new("default", format!("{name}-1")),
-            service_name: name,
-            family: AddressFamily::V4,
-            ports: vec![SlicePort {
-                name: "http".into(),
-                protocol: Protocol::Tcp,
-                port: Some(8080),
-            }],
-            endpoints: (0..per)
+        out.push(Object::EndpointSlice(slice(
+            "default",
+            &format!("{name}-1"),
+            &name,
+            vec![slice_port("http", Protocol::Tcp, 8080)],
+            (0..per)
                 .map(|e| Endpoint {
                     node_name: Some(format!("node-{}", e % 3)),
                     ..Endpoint::ready(IpAddr::V4(Ipv4Addr::new(
@@ -50,21 +49,14 @@ fn objects(services: u32, per: u32) -> Vec<Object> {
                     )))
                 })
                 .collect(),
-        }));
+        )));
     }
     out
 }
 
 fn bench(c: &mut Criterion) {
-    let mut store = Store::new();
-    store.apply(Update::Reset(objects(10_000, 10)));
-    let ctx = NodeContext {
-        node_name: "node-0".into(),
-        proxy_name: "ringvip".into(),
-        nodeport_addresses: vec!["192.0.2.1".parse().unwrap()],
-        local_addresses: vec!["192.0.2.1".parse().unwrap()],
-        ..NodeContext::default()
-    };
+    let store = builders::store(objects(10_000, 10));
+    let ctx = node("node-0", &["192.0.2.1"], &["192.0.2.1"]);
     let metrics = Metrics::new();
     let mut g = c.benchmark_group("compile");
     g.sample_size(10);
@@ -87,8 +79,7 @@ fn bench(c: &mut Criterion) {
             other => other,
         })
         .collect();
-    let mut changed = Store::new();
-    changed.apply(Update::Reset(unique));
+    let mut changed = builders::store(unique);
     let mut cache = CompileCache::default();
     changed.compile_with(&ctx, &metrics, 1, &mut cache);
     let flip = objects(1, 10).pop().map(|o| match o {

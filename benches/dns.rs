@@ -1,69 +1,57 @@
 //! The DNS query path and the DNS zone compile.
-//! Run: cargo bench --bench dns
+//! Run: cargo bench --features testing --bench dns
 //!
 //! `dns/answer_*` is the whole per-query cost inside ringvip (parse with
 //! hickory-proto, one lookup, copy of the precomputed records); the socket
 //! round trip comes on top and is measured by benches/dns-compare.sh.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RecordType};
-use ringvip::discovery::Update;
 use ringvip::dns::{answer, Options, Transport, Zone, ZoneConfig};
 use ringvip::model::*;
 use ringvip::state::Store;
+use ringvip::testing::builders::{self, labels, pod, port, service};
 
 /// `services` ClusterIP Services with one named port, plus one headless Service
 /// with 10 ready endpoints from Pods matched by its selector.
 fn store(services: u32) -> Store {
+    let http = port("http", Protocol::Tcp, 80, 8080);
     let mut objs = Vec::new();
     for s in 0..services {
         let [_, _, a, b] = (s + 1).to_be_bytes();
         objs.push(Object::Service(Service {
             cluster_ips: vec![IpAddr::V4(Ipv4Addr::new(10, 96, a, b))],
-            ports: vec![ServicePort {
-                name: "http".into(),
-                protocol: Protocol::Tcp,
-                port: 80,
-                node_port: None,
-                target_port: TargetPort::Number(8080),
-            }],
-            ..Service::new(ObjectKey::new("default", format!("svc-{s}")))
+            ..service("default", &format!("svc-{s}"), &[], vec![http.clone()])
         }));
     }
-    let labels: BTreeMap<String, String> = [("app".to_string(), "db".to_string())].into();
+    let app = labels(&[("app", "db")]);
     objs.push(Object::Service(Service {
         headless: true,
-        selector: Some(labels.clone()),
-        ports: vec![ServicePort {
-            name: "pg".into(),
-            protocol: Protocol::Tcp,
-            port: 5432,
-            node_port: None,
-            target_port: TargetPort::Number(5432),
-        }],
-        ..Service::new(ObjectKey::new("default", "db"))
+        selector: Some(app.clone()),
+        ..service(
+            "default",
+            "db",
+            &[],
+            vec![port("pg", Protocol::Tcp, 5432, 5432)],
+        )
     }));
     for i in 0..10u8 {
+        let name = format!("db-{i}");
         objs.push(Object::Pod(Pod {
-            key: ObjectKey::new("default", format!("db-{i}")),
-            labels: labels.clone(),
-            ips: vec![IpAddr::V4(Ipv4Addr::new(10, 244, 0, i + 1))],
-            node_name: None,
-            ready: true,
-            terminating: false,
-            container_ports: vec![],
-            hostname: Some(format!("db-{i}")),
+            hostname: Some(name.clone()),
             subdomain: Some("db".into()),
-            terminal: false,
+            ..pod(
+                "default",
+                &name,
+                &format!("10.244.0.{}", i + 1),
+                app.clone(),
+            )
         }));
     }
-    let mut st = Store::new();
-    st.apply(Update::Reset(objs));
-    st
+    builders::store(objs)
 }
 
 fn query(name: &str, t: RecordType) -> Vec<u8> {

@@ -77,11 +77,6 @@ pub async fn serve_health(l: TcpListener, health: Arc<Health>, timeout: Duration
     .await
 }
 
-/// Serve `/metrics` on `l` until the task is dropped.
-pub async fn serve_metrics(l: TcpListener, metrics: Arc<Metrics>) {
-    serve_metrics_with_api(l, metrics, Arc::new(|| "[]".to_string())).await
-}
-
 /// Path of the JSON list of frontends (what `ringvip status` shows).
 pub const API_FRONTENDS_PATH: &str = "/api/frontends";
 
@@ -444,7 +439,11 @@ mod tests {
             .await
             .expect("bind");
         let addr = l.local_addr().expect("local addr");
-        tokio::spawn(serve_metrics(l, metrics));
+        tokio::spawn(serve_metrics_with_api(
+            l,
+            metrics,
+            Arc::new(|| "[]".to_string()),
+        ));
         addr
     }
 

@@ -124,24 +124,17 @@ pub fn render(vars: &BTreeMap<String, String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ObjectKey, Protocol, ServicePort, TargetPort};
+    use crate::model::{Protocol, ServicePort};
+    use crate::testing::builders;
 
+    /// Port `port` sending to the same port.
     fn port(name: &str, protocol: Protocol, port: u16) -> ServicePort {
-        ServicePort {
-            name: name.into(),
-            protocol,
-            port,
-            node_port: None,
-            target_port: TargetPort::Number(port),
-        }
+        builders::port(name, protocol, port, port)
     }
 
+    /// Service `ns/name` at ClusterIP `ip`.
     fn svc(ns: &str, name: &str, ip: &str, ports: Vec<ServicePort>) -> Service {
-        Service {
-            cluster_ips: vec![ip.parse().unwrap()],
-            ports,
-            ..Service::new(ObjectKey::new(ns, name))
-        }
+        builders::service(ns, name, &[ip], ports)
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! [`state::Snapshot`] (ArcSwap) → data plane. See README.md for usage.
 
 // Nothing input can reach may panic: no unwrap/expect/panic and no indexing
-// or slicing that can go out of bounds, outside tests (fuzz oracles, whose
-// panics are their reports, allow these by name).
+// or slicing that can go out of bounds, outside tests (the `testing` module,
+// whose panics are its reports, allows these by name).
 #![cfg_attr(
     not(test),
     deny(
@@ -16,7 +16,7 @@
     )
 )]
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod app;
 pub mod balance;
 pub mod config;
@@ -25,10 +25,11 @@ pub mod demo;
 pub mod discovery;
 pub mod dns;
 pub mod envvars;
-pub mod fuzzing;
-pub mod healthcheck;
+pub(crate) mod healthcheck;
 pub mod model;
-pub mod privileges;
+pub(crate) mod privileges;
 pub mod state;
 pub mod status;
 pub mod telemetry;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;

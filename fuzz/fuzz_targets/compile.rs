@@ -1,10 +1,10 @@
 //! Any bytes as a manifest, compiled into a snapshot: never a panic, the
 //! SEMANTICS.md endpoint and listener rules hold, compile is deterministic
-//! (see `ringvip::fuzzing::compile`).
+//! (see `ringvip::testing::compile`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    ringvip::fuzzing::compile(data);
+    ringvip::testing::compile(data);
 });

@@ -1,10 +1,10 @@
 //! Any bytes as a manifest file, parsed as YAML and as JSON: never a panic,
 //! every error names the file, every object valid (see
-//! `ringvip::fuzzing::manifest`).
+//! `ringvip::testing::manifest`).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    ringvip::fuzzing::manifest(data);
+    ringvip::testing::manifest(data);
 });

@@ -1,9 +1,9 @@
 //! Endpoint pickers. Pure: the clock (`Instant`) and the random source are
 //! arguments, so every decision is reproducible in tests.
 
-pub mod affinity;
-pub mod health;
-pub mod random;
+pub(crate) mod affinity;
+pub(crate) mod health;
+pub(crate) mod random;
 
 pub use affinity::AffinityTable;
 pub use health::PassiveHealth;

@@ -10,8 +10,8 @@
 //! name (the one exception: the list key `service-cidrs` is given one CIDR at a
 //! time as `--service-cidr`).
 
-pub mod load;
-pub mod units;
+pub(crate) mod load;
+pub(crate) mod units;
 
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;

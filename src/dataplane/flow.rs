@@ -103,58 +103,41 @@ pub fn connect_timeout(first: Duration, attempt: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::Update;
     use crate::model::*;
-    use crate::state::{NodeContext, Store};
-    use crate::telemetry::Metrics;
+    use crate::testing::builders::{self, endpoint, node, port, service, slice, slice_port};
     use rand::rngs::SmallRng;
     use rand::SeedableRng;
 
+    /// LoadBalancer default/web (ClusterIP 10.96.0.10, LB IP 198.51.100.7,
+    /// NodePort 30080 on 192.0.2.1) with ClientIP affinity, port 80 to 8080
+    /// on `eps`.
     fn snapshot(eps: &[&str], source_ranges: Vec<ipnet::IpNet>) -> Snapshot {
         let svc = Service {
             service_type: ServiceType::LoadBalancer,
-            cluster_ips: vec!["10.96.0.10".parse().unwrap()],
-            ports: vec![ServicePort {
-                name: String::new(),
-                protocol: Protocol::Tcp,
-                port: 80,
-                node_port: Some(30080),
-                target_port: TargetPort::Number(8080),
-            }],
             load_balancer_ips: vec!["198.51.100.7".parse().unwrap()],
             source_ranges,
             affinity: Affinity::ClientIp {
                 timeout: Duration::from_secs(10),
             },
-            ..Service::new(ObjectKey::new("default", "web"))
+            ..service(
+                "default",
+                "web",
+                &["10.96.0.10"],
+                vec![ServicePort {
+                    node_port: Some(30080),
+                    ..port("", Protocol::Tcp, 80, 8080)
+                }],
+            )
         };
-        let slice = EndpointSlice {
-            key: ObjectKey::new("default", "web-1"),
-            service_name: "web".into(),
-            family: AddressFamily::V4,
-            ports: vec![SlicePort {
-                name: String::new(),
-                protocol: Protocol::Tcp,
-                port: Some(8080),
-            }],
-            endpoints: eps
-                .iter()
-                .map(|ip| Endpoint::ready(ip.parse().unwrap()))
-                .collect(),
-        };
-        let mut st = Store::new();
-        st.apply(Update::Reset(vec![
-            Object::Service(svc),
-            Object::EndpointSlice(slice),
-        ]));
-        let ctx = NodeContext {
-            node_name: "n".into(),
-            proxy_name: "ringvip".into(),
-            nodeport_addresses: vec!["192.0.2.1".parse().unwrap()],
-            local_addresses: vec!["192.0.2.1".parse().unwrap()],
-            ..NodeContext::default()
-        };
-        st.compile(&ctx, &Metrics::new(), 1)
+        let eps = slice(
+            "default",
+            "web-1",
+            "web",
+            vec![slice_port("", Protocol::Tcp, 8080)],
+            eps.iter().map(|ip| endpoint(ip)).collect(),
+        );
+        let ctx = node("n", &["192.0.2.1"], &["192.0.2.1"]);
+        builders::snapshot(vec![Object::Service(svc), Object::EndpointSlice(eps)], &ctx)
     }
 
     fn key(src: &str, dst: &str) -> FlowKey {

@@ -3,7 +3,7 @@
 
 pub mod flow;
 pub mod limits;
-pub mod listener;
+pub(crate) mod listener;
 pub mod relay;
 pub mod socket;
 pub mod tun;

@@ -5,10 +5,10 @@
 //! (when it was queued, when its changes happened), and only the control loop
 //! touches those.
 
-pub mod convert;
+pub(crate) mod convert;
 pub mod file;
-pub mod kube;
-pub mod selector;
+pub(crate) mod kube;
+pub(crate) mod selector;
 
 #[cfg(test)]
 mod proptests;

@@ -467,7 +467,7 @@ fn yaml(v: &Value) -> String {
 /// Parses `text` with the `manifest` fuzz target's oracle: no panic, every
 /// error names the file, every object is valid.
 fn parse_checked(origin: &str, text: &str) {
-    crate::fuzzing::manifest_text(origin, text);
+    crate::testing::manifest_text(origin, text);
 }
 
 /// Pieces of YAML and Kubernetes structure, so random documents get deep.

@@ -163,40 +163,27 @@ pub fn slices_for<'a>(
 mod tests {
     use super::*;
     use crate::model::ServicePort;
+    use crate::testing::builders::{self, labels, service};
 
-    fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
-        kv.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
+    /// A Pod on node-a with app=`app`, tier=x, its port "http" at 8080.
     fn pod(name: &str, ip: &str, app: &str) -> Pod {
         Pod {
-            key: ObjectKey::new("default", name),
-            labels: labels(&[("app", app), ("tier", "x")]),
-            ips: vec![ip.parse().unwrap()],
             node_name: Some("node-a".into()),
-            ready: true,
-            terminating: false,
             container_ports: vec![("http".into(), Protocol::Tcp, 8080)],
-            hostname: None,
-            subdomain: None,
-            terminal: false,
+            ..builders::pod("default", name, ip, labels(&[("app", app), ("tier", "x")]))
         }
     }
 
+    /// default/web at 10.96.0.10 selecting app=web, port "web" 80/TCP to
+    /// `target`.
     fn svc(target: TargetPort) -> Service {
+        let web = ServicePort {
+            target_port: target,
+            ..builders::port("web", Protocol::Tcp, 80, 0)
+        };
         Service {
-            cluster_ips: vec!["10.96.0.10".parse().unwrap()],
             selector: Some(labels(&[("app", "web")])),
-            ports: vec![ServicePort {
-                name: "web".into(),
-                protocol: Protocol::Tcp,
-                port: 80,
-                node_port: None,
-                target_port: target,
-            }],
-            ..Service::new(ObjectKey::new("default", "web"))
+            ..service("default", "web", &["10.96.0.10"], vec![web])
         }
     }
 

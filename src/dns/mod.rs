@@ -15,8 +15,8 @@
 //! parse gets FORMERR when its header is readable, and is dropped otherwise; a
 //! response is never answered.
 
-pub mod server;
-pub mod zone;
+pub(crate) mod server;
+pub(crate) mod zone;
 
 use hickory_proto::op::{Header, MessageType, OpCode, Query};
 use hickory_proto::rr::{DNSClass, RecordType};
@@ -401,107 +401,6 @@ pub fn servfail(msg: &[u8], out: &mut Vec<u8>) -> Option<()> {
     }
     .write(out);
     Some(())
-}
-
-/// The fuzz target's entry point (fuzz/fuzz_targets/dns_query.rs), also replayed
-/// over the checked-in corpus by a unit test: answers `data` as a query over both
-/// transports, with and without forwarding, and checks what every response must
-/// be — a well-formed message with the query's id, within the transport's size.
-/// Panics when one is not.
-#[doc(hidden)]
-#[allow(clippy::panic, clippy::indexing_slicing)] // a fuzz oracle: panicking is how it reports
-pub fn fuzz_one(data: &[u8]) {
-    use std::sync::OnceLock;
-    static ZONE: OnceLock<Zone> = OnceLock::new();
-    let zone = ZONE.get_or_init(fuzz_zone);
-    let mut out = Vec::with_capacity(TCP_MAX);
-    for transport in [Transport::Udp, Transport::Tcp] {
-        for forward in [false, true] {
-            let o = answer(
-                zone,
-                data,
-                transport,
-                Options { forward },
-                data.len(),
-                &mut out,
-            );
-            match o {
-                Outcome::Drop => assert!(data.len() < 12 || data[2] & 0x80 != 0),
-                Outcome::Forward => assert!(forward && out.is_empty()),
-                Outcome::Reply => {
-                    assert!(out.len() >= 12);
-                    assert_eq!(out[0..2], data[0..2], "id echoed");
-                    assert!(out[2] & 0x80 != 0, "QR set");
-                    if transport == Transport::Udp {
-                        assert!(out.len() <= UDP_MAX, "UDP response of {} bytes", out.len());
-                    }
-                    if let Err(e) = hickory_proto::op::Message::from_vec(&out) {
-                        panic!("response does not parse: {e}: {out:02x?}");
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// A zone with one Service of each kind, for fuzzing.
-#[allow(clippy::panic)] // literal input; only the fuzz target calls it
-fn fuzz_zone() -> Zone {
-    use crate::discovery::Update;
-    use crate::model::*;
-    let port = |name: &str, port| ServicePort {
-        name: name.to_string(),
-        protocol: Protocol::Tcp,
-        port,
-        node_port: None,
-        target_port: TargetPort::Number(port),
-    };
-    let web = Service {
-        cluster_ips: vec![
-            std::net::IpAddr::from([10, 96, 0, 10]),
-            std::net::IpAddr::from([0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0xa]),
-        ],
-        ports: vec![port("http", 80)],
-        ..Service::new(ObjectKey::new("default", "web"))
-    };
-    let db = Service {
-        headless: true,
-        ports: vec![port("pg", 5432)],
-        ..Service::new(ObjectKey::new("default", "db"))
-    };
-    let slice = EndpointSlice {
-        key: ObjectKey::new("default", "db-1"),
-        service_name: "db".into(),
-        family: AddressFamily::V4,
-        ports: vec![SlicePort {
-            name: "pg".into(),
-            protocol: Protocol::Tcp,
-            port: Some(5432),
-        }],
-        endpoints: (1..=60u8)
-            .map(|i| Endpoint {
-                hostname: Some(format!("db-{i}")),
-                ..Endpoint::ready(std::net::IpAddr::from([10, 244, 0, i]))
-            })
-            .collect(),
-    };
-    let ext = Service {
-        service_type: ServiceType::ExternalName,
-        external_name: Some("db.example.com".into()),
-        ..Service::new(ObjectKey::new("default", "ext"))
-    };
-    let mut st = crate::state::Store::new();
-    st.apply(Update::Reset(vec![
-        Object::Service(web),
-        Object::Service(db),
-        Object::EndpointSlice(slice),
-        Object::Service(ext),
-    ]));
-    // The literal domain is valid; an empty zone would still be fuzzable.
-    match ZoneConfig::new("cluster.local", 5) {
-        Ok(cfg) => Zone::compile(&st, &cfg, 1),
-        Err(e) => panic!("fuzz zone: {e}"),
-    }
 }
 
 #[cfg(test)]

@@ -1,8 +1,6 @@
 //! Query-path tests: queries built and responses parsed by hickory-proto, the
 //! zone compiled from a real store.
 
-use std::collections::BTreeMap;
-
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
 
@@ -10,84 +8,67 @@ use super::*;
 use crate::discovery::Update;
 use crate::model::*;
 use crate::state::Store;
+use crate::testing::builders::{self, endpoint, labels, service, slice, slice_port, store};
 
-fn labels(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
-    kv.iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
+/// Port `port` named `name`, sending to `port + 8000`.
 fn port(name: &str, protocol: Protocol, port: u16) -> ServicePort {
-    ServicePort {
-        name: name.into(),
-        protocol,
-        port,
-        node_port: None,
-        target_port: TargetPort::Number(port + 8000),
-    }
+    builders::port(name, protocol, port, port + 8000)
 }
 
+/// An endpoint at `ip`, ready (and serving) or not, with `hostname`.
 fn ep(ip: &str, ready: bool, hostname: Option<&str>) -> Endpoint {
     Endpoint {
         ready,
         serving: ready,
         hostname: hostname.map(str::to_string),
-        ..Endpoint::ready(ip.parse().unwrap())
+        ..endpoint(ip)
     }
 }
 
 /// A store with one of each kind of Service.
 pub(super) fn sample_store() -> Store {
-    let web = Service {
-        cluster_ips: vec![
-            "10.96.0.10".parse().unwrap(),
-            "fd00:10:96::a".parse().unwrap(),
-        ],
-        ports: vec![
+    let web = service(
+        "default",
+        "web",
+        &["10.96.0.10", "fd00:10:96::a"],
+        vec![
             port("http", Protocol::Tcp, 80),
             port("dns", Protocol::Udp, 53),
         ],
-        ..Service::new(ObjectKey::new("default", "web"))
-    };
+    );
     let db = Service {
         headless: true,
-        ports: vec![port("pg", Protocol::Tcp, 5432)],
-        ..Service::new(ObjectKey::new("default", "db"))
+        ..service("default", "db", &[], vec![port("pg", Protocol::Tcp, 5432)])
     };
-    let db_slice = EndpointSlice {
-        key: ObjectKey::new("default", "db-1"),
-        service_name: "db".into(),
-        family: AddressFamily::V4,
-        ports: vec![SlicePort {
-            name: "pg".into(),
-            protocol: Protocol::Tcp,
-            port: Some(5433),
-        }],
-        endpoints: vec![
+    let db_slice = slice(
+        "default",
+        "db-1",
+        "db",
+        vec![slice_port("pg", Protocol::Tcp, 5433)],
+        vec![
             ep("10.244.0.1", true, Some("db-0")),
             ep("10.244.0.2", true, None),
             ep("10.244.0.3", false, Some("db-2")),
         ],
-    };
+    );
     let ext = Service {
         service_type: ServiceType::ExternalName,
         external_name: Some("db.example.com".into()),
-        ..Service::new(ObjectKey::new("shop", "ext"))
+        ..service("shop", "ext", &[], vec![])
     };
-    let unnamed = Service {
-        cluster_ips: vec!["10.96.0.11".parse().unwrap()],
-        ports: vec![port("", Protocol::Tcp, 8080)],
-        ..Service::new(ObjectKey::new("shop", "plain"))
-    };
-    let mut st = Store::new();
-    st.apply(Update::Reset(vec![
+    let unnamed = service(
+        "shop",
+        "plain",
+        &["10.96.0.11"],
+        vec![port("", Protocol::Tcp, 8080)],
+    );
+    store(vec![
         Object::Service(web),
         Object::Service(db),
         Object::EndpointSlice(db_slice),
         Object::Service(ext),
         Object::Service(unnamed),
-    ]));
-    st
+    ])
 }
 
 fn cfg() -> ZoneConfig {
@@ -364,25 +345,20 @@ fn names_match_case_insensitively_and_keep_the_clients_case() {
 
 #[test]
 fn edns_is_echoed_and_big_answers_truncate_over_udp_only() {
-    let mut st = Store::new();
     let big = Service {
         headless: true,
-        ports: vec![port("", Protocol::Tcp, 80)],
-        ..Service::new(ObjectKey::new("default", "big"))
+        ..service("default", "big", &[], vec![port("", Protocol::Tcp, 80)])
     };
-    let slice = EndpointSlice {
-        key: ObjectKey::new("default", "big-1"),
-        service_name: "big".into(),
-        family: AddressFamily::V4,
-        ports: vec![],
-        endpoints: (1..=100)
+    let eps = slice(
+        "default",
+        "big-1",
+        "big",
+        vec![],
+        (1..=100)
             .map(|i| ep(&format!("10.244.1.{i}"), true, None))
             .collect(),
-    };
-    st.apply(Update::Reset(vec![
-        Object::Service(big),
-        Object::EndpointSlice(slice),
-    ]));
+    );
+    let st = store(vec![Object::Service(big), Object::EndpointSlice(eps)]);
     let z = Zone::compile(&st, &cfg(), 1);
     let name = "big.default.svc.cluster.local.";
     // 100 A records = 1600 bytes of answers: too big for 512 and for 1232.
@@ -436,28 +412,25 @@ fn selector_pods_are_headless_endpoints() {
     let svc = Service {
         headless: true,
         selector: Some(labels(&[("app", "cache")])),
-        ports: vec![port("redis", Protocol::Tcp, 6379)],
-        ..Service::new(ObjectKey::new("default", "cache"))
+        ..service(
+            "default",
+            "cache",
+            &[],
+            vec![port("redis", Protocol::Tcp, 6379)],
+        )
     };
     let pod = |name: &str, ip: &str, ready: bool, app: &str| Pod {
-        key: ObjectKey::new("default", name),
-        labels: labels(&[("app", app)]),
-        ips: vec![ip.parse().unwrap()],
-        node_name: None,
         ready,
-        terminating: false,
-        container_ports: vec![],
         hostname: Some(name.into()),
         subdomain: Some("cache".into()),
-        terminal: false,
+        ..builders::pod("default", name, ip, labels(&[("app", app)]))
     };
-    let mut st = Store::new();
-    st.apply(Update::Reset(vec![
+    let mut st = store(vec![
         Object::Service(svc),
         Object::Pod(pod("cache-0", "10.244.2.1", true, "cache")),
         Object::Pod(pod("cache-1", "10.244.2.2", false, "cache")),
         Object::Pod(pod("other", "10.244.2.3", true, "web")),
-    ]));
+    ]);
     let z = Zone::compile(&st, &cfg(), 1);
     let m = ask(&z, "cache.default.svc.cluster.local.", RecordType::A);
     assert_eq!(data(&m), vec!["10.244.2.1"]);
@@ -639,21 +612,6 @@ fn servfail_echoes_the_question() {
     assert!(servfail(&[1, 2, 3], &mut out).is_none());
 }
 
-/// The fuzz corpus (fuzz/corpus/dns_query) replayed through the fuzz target's
-/// entry point, so CI exercises it on stable.
-#[test]
-fn fuzz_corpus_replays() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/dns_query");
-    let mut n = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        let bytes = std::fs::read(&path).unwrap();
-        fuzz_one(&bytes);
-        n += 1;
-    }
-    assert!(n >= 10, "corpus too small: {n} files in {}", dir.display());
-}
-
 /// Found by the fuzzer: a question name that is a pointer into the query's own
 /// header must not be copied as is (the response's header differs).
 #[test]
@@ -713,29 +671,20 @@ fn headless_srv_carries_target_addresses_when_they_fit() {
 
     // 8 endpoints: the SRV answer fits 512 bytes without its additional
     // records, which are left out instead of truncating.
-    let mut st = Store::new();
     let svc = Service {
         headless: true,
-        ports: vec![port("pg", Protocol::Tcp, 5432)],
-        ..Service::new(ObjectKey::new("default", "d"))
+        ..service("default", "d", &[], vec![port("pg", Protocol::Tcp, 5432)])
     };
-    let slice = EndpointSlice {
-        key: ObjectKey::new("default", "d-1"),
-        service_name: "d".into(),
-        family: AddressFamily::V4,
-        ports: vec![SlicePort {
-            name: "pg".into(),
-            protocol: Protocol::Tcp,
-            port: Some(5432),
-        }],
-        endpoints: (1..=8)
+    let eps = slice(
+        "default",
+        "d-1",
+        "d",
+        vec![slice_port("pg", Protocol::Tcp, 5432)],
+        (1..=8)
             .map(|i| ep(&format!("10.244.3.{i}"), true, Some(&format!("d{i}"))))
             .collect(),
-    };
-    st.apply(Update::Reset(vec![
-        Object::Service(svc),
-        Object::EndpointSlice(slice),
-    ]));
+    );
+    let st = store(vec![Object::Service(svc), Object::EndpointSlice(eps)]);
     let z = Zone::compile(&st, &cfg(), 1);
     let q = query_bytes(
         "_pg._tcp.d.default.svc.cluster.local.",

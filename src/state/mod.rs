@@ -1,10 +1,10 @@
 //! The control plane's state: one writer ([`Store`]) applies source updates and
 //! compiles immutable [`Snapshot`]s that the data plane reads lock-free.
 
-pub mod health;
-pub mod snapshot;
-pub mod store;
-pub mod topology;
+pub(crate) mod health;
+pub(crate) mod snapshot;
+pub(crate) mod store;
+pub(crate) mod topology;
 
 #[cfg(test)]
 mod proptests;

@@ -13,9 +13,9 @@ use proptest::prelude::*;
 use super::snapshot::{ListenerMode, NodeContext, Snapshot};
 use super::store::Store;
 use crate::discovery::Update;
-use crate::fuzzing::{check_snapshot, normalized};
 use crate::model::*;
 use crate::telemetry::Metrics;
+use crate::testing::{check_snapshot, listeners_in, normalized};
 
 const NODE: &str = "node-a";
 
@@ -325,16 +325,8 @@ fn generated_worlds_cover_the_cases() {
     for _ in 0..300 {
         let w = world().new_tree(&mut runner).unwrap().current();
         let (st, snap) = compile(w.objects, &w.ctx);
-        accept += snap
-            .listeners()
-            .iter()
-            .filter(|l| l.mode == ListenerMode::Accept)
-            .count();
-        drop += snap
-            .listeners()
-            .iter()
-            .filter(|l| l.mode == ListenerMode::Drop)
-            .count();
+        accept += listeners_in(&snap, ListenerMode::Accept);
+        drop += listeners_in(&snap, ListenerMode::Drop);
         conflicts += snap.conflicts.len();
         for (_, fe) in snap.frontends() {
             let svc = &st.services[&fe.service];

@@ -731,33 +731,22 @@ mod tests {
     use super::*;
     use crate::discovery::Update;
     use crate::model::*;
+    use crate::testing::builders::{self, endpoint, port, slice_port};
     use std::collections::BTreeMap;
 
+    /// node-a: NodePorts on 192.0.2.1, which is local with 198.51.100.7.
     fn ctx() -> NodeContext {
-        NodeContext {
-            node_name: "node-a".into(),
-            zone: None,
-            proxy_name: "ringvip".into(),
-            nodeport_addresses: vec!["192.0.2.1".parse().unwrap()],
-            local_addresses: vec![
-                "192.0.2.1".parse().unwrap(),
-                "198.51.100.7".parse().unwrap(),
-            ],
-        }
+        builders::node("node-a", &["192.0.2.1"], &["192.0.2.1", "198.51.100.7"])
     }
 
+    /// default/`name` at 10.96.0.10, port "http" 80/TCP to 8080.
     fn svc(name: &str) -> Service {
-        Service {
-            cluster_ips: vec!["10.96.0.10".parse().unwrap()],
-            ports: vec![ServicePort {
-                name: "http".into(),
-                protocol: Protocol::Tcp,
-                port: 80,
-                node_port: None,
-                target_port: TargetPort::Number(8080),
-            }],
-            ..Service::new(ObjectKey::new("default", name))
-        }
+        builders::service(
+            "default",
+            name,
+            &["10.96.0.10"],
+            vec![port("http", Protocol::Tcp, 80, 8080)],
+        )
     }
 
     fn ep(ip: &str, node: &str, ready: bool, terminating: bool) -> Endpoint {
@@ -766,28 +755,26 @@ mod tests {
             serving: ready || terminating,
             terminating,
             node_name: Some(node.into()),
-            ..Endpoint::ready(ip.parse().unwrap())
+            ..endpoint(ip)
         }
     }
 
+    /// IPv4 slice default/`name` of `svc`, port "http" at `port`.
     fn slice(name: &str, svc: &str, port: u16, eps: Vec<Endpoint>) -> EndpointSlice {
         EndpointSlice {
-            key: ObjectKey::new("default", name),
-            service_name: svc.into(),
             family: AddressFamily::V4,
-            ports: vec![SlicePort {
-                name: "http".into(),
-                protocol: Protocol::Tcp,
-                port: Some(port),
-            }],
-            endpoints: eps,
+            ..builders::slice(
+                "default",
+                name,
+                svc,
+                vec![slice_port("http", Protocol::Tcp, port)],
+                eps,
+            )
         }
     }
 
     fn compile(objs: Vec<Object>) -> Snapshot {
-        let mut st = Store::new();
-        st.apply(Update::Reset(objs));
-        st.compile(&ctx(), &Metrics::new(), 1)
+        builders::snapshot(objs, &ctx())
     }
 
     fn fkey(a: &str, proto: Protocol) -> FrontendKey {
@@ -880,11 +867,8 @@ mod tests {
         ];
         s.external_ips = vec!["198.51.100.7".parse().unwrap()];
         s.ports.push(ServicePort {
-            name: "dns".into(),
-            protocol: Protocol::Udp,
-            port: 53,
             node_port: Some(30053),
-            target_port: TargetPort::Number(53),
+            ..port("dns", Protocol::Udp, 53, 53)
         });
         let mut sl = slice(
             "w",
@@ -892,11 +876,7 @@ mod tests {
             8080,
             vec![ep("10.0.0.1", "node-b", true, false)],
         );
-        sl.ports.push(SlicePort {
-            name: "dns".into(),
-            protocol: Protocol::Udp,
-            port: Some(5353),
-        });
+        sl.ports.push(slice_port("dns", Protocol::Udp, 5353));
         let snap = compile(vec![Object::Service(s), Object::EndpointSlice(sl)]);
         let l: Vec<_> = snap
             .listeners()

@@ -232,34 +232,27 @@ mod tests {
     use crate::model::{Protocol, ServicePort, TargetPort};
     use crate::state::NodeContext;
     use crate::telemetry::Metrics;
+    use crate::testing::builders::{self, labels, service};
 
+    /// default/web at 10.96.0.10 selecting app=web, port "http" 80/TCP to the
+    /// Pods' port named "http".
     fn svc() -> Service {
+        let http = ServicePort {
+            target_port: TargetPort::Name("http".into()),
+            ..builders::port("http", Protocol::Tcp, 80, 0)
+        };
         Service {
-            cluster_ips: vec!["10.96.0.10".parse().unwrap()],
-            selector: Some([("app".to_string(), "web".to_string())].into()),
-            ports: vec![ServicePort {
-                name: "http".into(),
-                protocol: Protocol::Tcp,
-                port: 80,
-                node_port: None,
-                target_port: TargetPort::Name("http".into()),
-            }],
-            ..Service::new(ObjectKey::new("default", "web"))
+            selector: Some(labels(&[("app", "web")])),
+            ..service("default", "web", &["10.96.0.10"], vec![http])
         }
     }
 
+    /// A Pod with app=web, its port "http" at 8080.
     fn pod(name: &str, ip: &str, ready: bool) -> Pod {
         Pod {
-            key: ObjectKey::new("default", name),
-            labels: [("app".to_string(), "web".to_string())].into(),
-            ips: vec![ip.parse().unwrap()],
-            node_name: None,
             ready,
-            terminating: false,
             container_ports: vec![("http".into(), Protocol::Tcp, 8080)],
-            hostname: None,
-            subdomain: None,
-            terminal: false,
+            ..builders::pod("default", name, ip, labels(&[("app", "web")]))
         }
     }
 
