@@ -154,10 +154,8 @@ impl Listener {
                     let Some(peer) = peer.as_socket() else {
                         continue;
                     };
+                    // Blocking, like the sockets the ring's accept returns.
                     let c = std::net::TcpStream::from(c);
-                    if c.set_nonblocking(true).is_err() {
-                        continue;
-                    }
                     let Context { spec, shared, rng } = context.clone();
                     tokio_uring::spawn(handle(
                         TcpStream::from_std(c),
