@@ -546,7 +546,8 @@ impl Stack {
                     | tcp::State::Closed
             )
         });
-        let newer = syn_id(packet).is_some_and(|new| supersedes(conn.syn, new));
+        // Parsed only for a closing connection: a live one's SYN is a retransmit.
+        let newer = closing && syn_id(packet).is_some_and(|new| supersedes(conn.syn, new));
         if !(closing && newer) {
             return true;
         }
