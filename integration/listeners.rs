@@ -29,24 +29,11 @@ fn np(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
 }
 
-/// One connection: `Ok(true)` when an echo came back through it, `Ok(false)`
-/// when it connected but nothing came back within 2 s (the bug: a listener
-/// that accepts and never relays), `Err` when the connect failed.
-fn echo_once(addr: SocketAddr) -> std::io::Result<bool> {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-    s.connect_timeout(&addr.into(), Duration::from_millis(500))?;
-    let mut c: TcpStream = s.into();
-    c.set_read_timeout(Some(Duration::from_secs(2)))?;
-    c.write_all(b"ping")?;
-    let mut buf = [0u8; 4];
-    Ok(c.read_exact(&mut buf).is_ok() && &buf == b"ping")
-}
-
 /// Asserts the first connection after a change is refused, and at once.
 fn assert_refused(addr: SocketAddr, rv: &Ringvip) {
     let t = Instant::now();
-    match echo_once(addr) {
-        Err(e) if e.kind() == ErrorKind::ConnectionRefused => {}
+    match echo(addr) {
+        Answer::Refused => {}
         other => panic!(
             "first connection to {addr} after the change: {other:?}, not refused\n{}",
             rv.log()
@@ -61,9 +48,9 @@ fn assert_refused(addr: SocketAddr, rv: &Ringvip) {
 
 /// Asserts the first connection after a change is relayed.
 fn assert_served(addr: SocketAddr, rv: &Ringvip) {
-    let r = echo_once(addr);
+    let r = echo(addr);
     assert!(
-        matches!(r, Ok(true)),
+        r == Answer::Echoed,
         "first connection to {addr} after the change: {r:?}, not served\n{}",
         rv.log()
     );
@@ -114,17 +101,12 @@ fn deleted_service_closes_its_listeners_at_once() {
     let ext = SocketAddr::from((lb_ip, node_port));
     // Precondition: both frontends serve (listeners open asynchronously).
     assert!(
-        wait_until(Duration::from_secs(5), || matches!(
-            echo_once(np(node_port)),
-            Ok(true)
-        )),
+        wait_until(Duration::from_secs(5), || echo(np(node_port))
+            == Answer::Echoed),
         "{}",
         rv.log()
     );
-    assert!(wait_until(Duration::from_secs(5), || matches!(
-        echo_once(ext),
-        Ok(true)
-    )));
+    assert!(wait_until(Duration::from_secs(5), || echo(ext) == Answer::Echoed));
     // One per worker and address.
     assert_listening(node_port, 2 * WORKERS);
     // An established connection: removing the Service closes nothing.
@@ -160,10 +142,8 @@ fn last_endpoint_gone_closes_the_listener_and_it_comes_back() {
     );
     let without = service_with("last", "TCP", node_port, port, &[], "");
     let rv = Ringvip::start(&with, &[]);
-    assert!(wait_until(Duration::from_secs(5), || matches!(
-        echo_once(np(node_port)),
-        Ok(true)
-    )));
+    assert!(wait_until(Duration::from_secs(5), || echo(np(node_port))
+        == Answer::Echoed));
 
     rv.apply(&without);
     assert_listening(node_port, 0);
@@ -189,10 +169,8 @@ fn flapping_endpoints_leave_exactly_the_wanted_listeners() {
         )
     };
     let rv = Ringvip::start(&m(true), &[]);
-    assert!(wait_until(Duration::from_secs(5), || matches!(
-        echo_once(np(node_port)),
-        Ok(true)
-    )));
+    assert!(wait_until(Duration::from_secs(5), || echo(np(node_port))
+        == Answer::Echoed));
     for i in 0..20 {
         let ready = i % 2 == 1;
         rv.apply(&m(ready));
@@ -223,10 +201,8 @@ fn traffic_policy_local_switch_swaps_accepting_and_dropping_listeners() {
         )
     };
     let rv = Ringvip::start(&m("Local", "node-a"), &[]);
-    assert!(wait_until(Duration::from_secs(5), || matches!(
-        echo_once(np(node_port)),
-        Ok(true)
-    )));
+    assert!(wait_until(Duration::from_secs(5), || echo(np(node_port))
+        == Answer::Echoed));
     for (policy, node, served) in [
         ("Local", "node-b", false),
         ("Local", "node-a", true),
@@ -241,8 +217,8 @@ fn traffic_policy_local_switch_swaps_accepting_and_dropping_listeners() {
         if served {
             assert_served(np(node_port), &rv);
         } else {
-            match echo_once(np(node_port)) {
-                Err(e) if e.kind() == ErrorKind::TimedOut => {}
+            match echo(np(node_port)) {
+                Answer::Dropped => {}
                 other => panic!(
                     "{policy}/{node}: first connection {other:?}, not dropped\n{}",
                     rv.log()

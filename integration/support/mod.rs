@@ -495,14 +495,17 @@ pub fn service_with(
     )
 }
 
-/// What one HTTP request through a frontend got, as its client saw it.
+/// What one request through a frontend got, as its client saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Answer {
-    /// Served: the body's backend name (`backend-<name>`).
+    /// HTTP served: the body's backend name (`backend-<name>`).
     Backend(String),
+    /// An echo backend sent the bytes back.
+    Echoed,
     /// Refused at connect.
     Refused,
-    /// Reset or closed without an answer.
+    /// Reset or closed without an answer (a connection that raced a
+    /// listener's close, or was refused after the handshake).
     Reset,
     /// The SYN went unanswered for 1 s (a dropping listener).
     Dropped,
@@ -511,20 +514,34 @@ pub enum Answer {
     Hung,
 }
 
+/// Connects to `addr`, or says how the connect failed.
+fn connect_or_answer(addr: SocketAddr) -> Result<TcpStream, Answer> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .unwrap_or_else(|e| panic!("socket: {e}"));
+    match s.connect_timeout(&addr.into(), Duration::from_secs(1)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Err(Answer::Refused),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(Answer::Dropped),
+        Err(_) => return Err(Answer::Reset),
+    }
+    let c: TcpStream = s.into();
+    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    Ok(c)
+}
+
+fn timed_out(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
 /// One HTTP GET through `addr`, classified.
 pub fn ask(addr: SocketAddr) -> Answer {
-    let s = match socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None) {
-        Ok(s) => s,
-        Err(e) => panic!("socket: {e}"),
+    let mut c = match connect_or_answer(addr) {
+        Ok(c) => c,
+        Err(a) => return a,
     };
-    match s.connect_timeout(&addr.into(), Duration::from_secs(1)) {
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Answer::Refused,
-        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Answer::Dropped,
-        Err(_) => return Answer::Reset,
-        Ok(()) => {}
-    }
-    let mut c: TcpStream = s.into();
-    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     if write!(c, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").is_err() {
         return Answer::Reset;
     }
@@ -534,12 +551,7 @@ pub fn ask(addr: SocketAddr) -> Answer {
         match c.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(e) if timed_out(&e) => {
                 return if got.is_empty() {
                     Answer::Hung
                 } else {
@@ -554,6 +566,21 @@ pub fn ask(addr: SocketAddr) -> Answer {
         Some(body) if text.starts_with("HTTP/1.1 200") => {
             Answer::Backend(body.trim().trim_start_matches("backend-").to_string())
         }
+        _ => Answer::Reset,
+    }
+}
+
+/// One `ping` through `addr` to an echo backend, classified.
+pub fn echo(addr: SocketAddr) -> Answer {
+    let mut c = match connect_or_answer(addr) {
+        Ok(c) => c,
+        Err(a) => return a,
+    };
+    let _ = c.write_all(b"ping");
+    let mut b = [0u8; 4];
+    match c.read_exact(&mut b) {
+        Ok(()) if &b == b"ping" => Answer::Echoed,
+        Err(e) if timed_out(&e) => Answer::Hung,
         _ => Answer::Reset,
     }
 }
