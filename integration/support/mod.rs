@@ -585,36 +585,6 @@ pub fn echo(addr: SocketAddr) -> Answer {
     }
 }
 
-/// Asks `addr` until it answers `want`, for at most `limit`; every answer
-/// before must be one `allowed` (the state before the change: a change that
-/// reaches ringvip asynchronously, through an API watch, may take a moment,
-/// but no client may ever hang or see anything else). The answers seen.
-pub fn transition(
-    addr: SocketAddr,
-    allowed: &[Answer],
-    want: &Answer,
-    limit: Duration,
-) -> Vec<Answer> {
-    let end = Instant::now() + limit;
-    let mut seen = Vec::new();
-    loop {
-        let a = ask(addr);
-        seen.push(a.clone());
-        if a == *want {
-            return seen;
-        }
-        assert!(
-            allowed.contains(&a),
-            "{addr}: {a:?} on the way to {want:?} (answers so far {seen:?})"
-        );
-        assert!(
-            Instant::now() < end,
-            "{addr}: never answered {want:?} in {limit:?}: {seen:?}"
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// True when running under CI, where every peer must be present.
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
