@@ -434,18 +434,14 @@ fn half_close_reset_and_endpoint_churn_while_streaming() {
 
     // Endpoint churn: switch the Service to the streaming backend, stream, then
     // move it back; the established stream keeps flowing.
-    let before = rv.generations();
-    rv.write_manifest(&eps(IpAddr::V4(t.pod_ip(3))));
-    assert!(wait_until(Duration::from_secs(5), || rv.generations() > before));
+    rv.apply(&eps(IpAddr::V4(t.pod_ip(3))));
     let mut conn = Topology::within(&t.node, || {
         connect_from(None, sa("10.96.0.40:7000")).unwrap()
     });
     conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut buf = [0u8; 64];
     assert!(conn.read(&mut buf).unwrap() > 0);
-    let before = rv.generations();
-    rv.write_manifest(&eps(IpAddr::V4(t.pod_ip(2))));
-    assert!(wait_until(Duration::from_secs(5), || rv.generations() > before));
+    rv.apply(&eps(IpAddr::V4(t.pod_ip(2))));
     let got = bytes_within(&mut conn, Duration::from_millis(500));
     assert!(
         got > 10,
