@@ -503,8 +503,12 @@ fn expired_udp_flows_close_their_backend_sockets() {
     let _u = UdpBackend::start(backend, "u1");
     let node_port = free_port();
     let m = nodeport_service("flows", node_port, port, &[ip(28, 1)], "").replace("TCP", "UDP");
-    let rv = Ringvip::start(&m, &["--udp-idle-timeout-secs", "1"]);
+    // Idle 3 s: long enough that no flow expires while the 100 are made.
+    let rv = Ringvip::start(&m, &["--udp-idle-timeout-secs", "3"]);
     let mut buf = [0u8; 64];
+    // Kept open until all are made: a closed client's port may be handed out
+    // again, and the same client address is the same flow.
+    let mut clients = Vec::new();
     for i in 0..100 {
         let c = UdpSocket::bind("127.0.0.1:0").unwrap();
         c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -513,12 +517,13 @@ fn expired_udp_flows_close_their_backend_sockets() {
             .recv_from(&mut buf)
             .unwrap_or_else(|e| panic!("flow {i}: {e}"));
         assert_eq!(&buf[..n], b"u1:q");
+        clients.push(c);
     }
     let flow_sockets = || sockets(&format!("dst {backend}")).len();
     assert_eq!(flow_sockets(), 100);
-    // Expiry is the contract's delay: idle 1 s, swept once a second.
+    // Expiry is the contract's delay: idle 3 s, swept once a second.
     assert!(
-        wait_until(Duration::from_secs(5), || flow_sockets() == 0),
+        wait_until(Duration::from_secs(8), || flow_sockets() == 0),
         "{} flow sockets still open after the flows expired\n{}",
         flow_sockets(),
         rv.log()
