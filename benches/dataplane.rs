@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ringvip::dataplane::tun::device::QueueDevice;
-use ringvip::dataplane::tun::stack::{
-    classify, ingest_offline_queued, sample_snapshot, udp_packet, Stack,
-};
+use ringvip::dataplane::tun::stack::Stack;
 use ringvip::dataplane::tun::TunSettings;
+use ringvip::dataplane::tun::{classify, udp_packet};
 use ringvip::dataplane::udp::{FlowEntry, FlowTable};
+use ringvip::testing::tun::{ingest_offline_queued, sample_snapshot};
 use smoltcp::iface::{Config, Interface, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant as SmolInstant;
@@ -80,7 +80,7 @@ struct Pair {
     dev: QueueDevice,
     sockets: SocketSet<'static>,
     client: smoltcp::iface::SocketHandle,
-    server: Option<ringvip::dataplane::tun::stack::ConnSocket>,
+    server: Option<ringvip::dataplane::tun::conns::ConnSocket>,
     snap: ringvip::state::Snapshot,
 }
 
@@ -114,7 +114,7 @@ impl Pair {
             .unwrap();
         let client = sockets.add(s);
         let mut p = Pair {
-            stack: Stack::new(settings, Duration::from_secs(30)),
+            stack: Stack::new(settings),
             iface,
             dev,
             sockets,

@@ -267,7 +267,7 @@ fn udp_with_a_bad_checksum_is_dropped() {
         .unwrap();
         let vip = sa("10.96.0.31:53");
         let mut packet = Vec::new();
-        ringvip::dataplane::tun::stack::udp_packet(client, vip, b"ping", &mut packet).unwrap();
+        ringvip::dataplane::tun::udp_packet(client, vip, b"ping", &mut packet).unwrap();
         let mut corrupt = packet.clone();
         let last = corrupt.len() - 1;
         corrupt[last] ^= 0x20; // "ping" -> "pinG": the checksum no longer matches

@@ -261,7 +261,7 @@ pub fn fetch(addr: SocketAddr) -> Result<Vec<FrontendStatus>, StatusError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::tun::stack::sample_snapshot;
+    use crate::testing::tun::sample_snapshot;
 
     #[test]
     fn rows_follow_the_snapshot_and_metrics() {

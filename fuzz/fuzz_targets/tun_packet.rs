@@ -3,13 +3,13 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ringvip::dataplane::tun::stack::{ingest_offline, sample_snapshot, Stack, TunSettings};
+use ringvip::dataplane::tun::stack::{Stack, TunSettings};
+use ringvip::testing::tun::{ingest_offline, sample_snapshot};
 use std::sync::OnceLock;
-use std::time::Duration;
 
 fuzz_target!(|data: &[u8]| {
     static SNAP: OnceLock<ringvip::state::Snapshot> = OnceLock::new();
     let snap = SNAP.get_or_init(|| sample_snapshot(true));
-    let mut stack = Stack::new(TunSettings::default(), Duration::from_secs(30));
+    let mut stack = Stack::new(TunSettings::default());
     ingest_offline(&mut stack, snap, data);
 });

@@ -1,6 +1,7 @@
 //! The data plane: front ends reduce a new flow to a [`flow::FlowKey`], call
 //! [`flow::resolve`] and a picker, then share the upstream connect and relay code.
 
+pub mod connect;
 pub mod flow;
 pub mod limits;
 pub(crate) mod listener;

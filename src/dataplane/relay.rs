@@ -1,22 +1,21 @@
-//! Upstream connect with retry, and the byte relay between a client and a
-//! backend, shared by every front end.
+//! How a relayed TCP connection ends, the same on every front end, and the
+//! kernel-socket relay. A FIN ends one direction and the other runs on
+//! (half-close); a reset or an error on either side resets both; no byte
+//! either way for the idle timeout resets both. The TUN bridge
+//! (`tun::bridge`) follows the same policy through [`both_directions`] and
+//! [`reset`].
 
-use std::cell::RefCell;
-use std::net::{IpAddr, Shutdown, SocketAddr};
+use std::future::Future;
+use std::net::Shutdown;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::rc::Rc;
-use std::time::Instant;
 
-use rand::rngs::SmallRng;
 use socket2::SockRef;
 use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::TcpStream;
 
-use super::flow::{connect_timeout, pick};
 use super::limits::{idle_watchdog, Activity, ConnLimits};
-use super::Shared;
 use crate::state::Frontend;
-use crate::telemetry::ConnectFailure;
 
 /// Relay buffer per direction: starts small, grows with the traffic. An idle
 /// connection holds two of these (io_uring reads own their buffer while they
@@ -34,77 +33,6 @@ pub fn grow(buf: &mut Vec<u8>, n: usize, max: usize) {
     }
 }
 
-/// Every connect try failed.
-#[derive(Debug, thiserror::Error)]
-#[error("{service} port {port:?}: no backend accepted after {attempts} tries (last: {last:?})")]
-pub struct ConnectError {
-    /// The Service.
-    pub service: String,
-    /// Port name.
-    pub port: String,
-    /// Tries made.
-    pub attempts: u32,
-    /// Reason of the last failure.
-    pub last: ConnectFailure,
-}
-
-/// Connects to a backend of `fe`, retrying other endpoints with growing
-/// timeouts. On success after a retry, affinity follows the backend that answered.
-pub async fn connect(
-    fe: &Frontend,
-    client: IpAddr,
-    shared: &Shared,
-    rng: &RefCell<SmallRng>,
-) -> Result<(TcpStream, SocketAddr), ConnectError> {
-    let s = &shared.settings;
-    let mut tried: Vec<SocketAddr> = Vec::new();
-    let mut last = ConnectFailure::NoEndpoints;
-    for attempt in 0..s.connect_attempts {
-        let now = Instant::now();
-        let Some(ep) = pick(
-            fe,
-            client,
-            shared,
-            attempt,
-            &tried,
-            now,
-            &mut *rng.borrow_mut(),
-        ) else {
-            break;
-        };
-        let limit = connect_timeout(s.connect_timeout, attempt);
-        match tokio::time::timeout(limit, TcpStream::connect(ep)).await {
-            Ok(Ok(stream)) => {
-                if attempt > 0 {
-                    if let Some(t) = fe.affinity {
-                        shared.affinity.record(fe.port_id, client, ep, t, now);
-                    }
-                }
-                let _ = stream.set_nodelay(true);
-                shared.health.succeeded(ep);
-                return Ok((stream, ep));
-            }
-            Ok(Err(e)) => {
-                last = ConnectFailure::from_io(&e);
-                tracing::debug!(service = %fe.service, endpoint = %ep, error = %e, "backend connect failed");
-            }
-            Err(_) => {
-                last = ConnectFailure::Timeout;
-                tracing::debug!(service = %fe.service, endpoint = %ep, "backend connect timed out");
-            }
-        }
-        fe.metrics.connect_failure(last);
-        shared.health.failed(ep, Instant::now());
-        tried.push(ep);
-    }
-    Err(ConnectError {
-        service: fe.service.to_string(),
-        port: fe.port_name.clone(),
-        attempts: tried.len() as u32,
-        last,
-    })
-}
-
 /// Closes a TCP socket with RST instead of FIN when it is dropped.
 pub fn set_reset_on_close(fd: &impl AsRawFd) {
     // SAFETY: `fd` is borrowed from a live socket object for this whole call,
@@ -114,13 +42,62 @@ pub fn set_reset_on_close(fd: &impl AsRawFd) {
     let _ = sock.set_linger(Some(std::time::Duration::ZERO));
 }
 
-/// Relays bytes both ways until both directions are closed. A FIN is passed on
-/// as a half-close; a reset or error on either side resets both. With no byte
-/// either way for the idle timeout, both sides are reset.
+/// How one direction of a relay, or the whole relay, ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The sender closed its side: passed on as a half-close.
+    Fin,
+    /// A reset, an error, or the idle timeout.
+    Reset,
+}
+
+/// Runs both directions of a relay under the close policy: a FIN ends one
+/// direction and the other runs on; a reset of either ends both; so does the
+/// idle timeout (counted in `limits`). A direction still running when the
+/// relay ends is dropped: its I/O still in flight is the caller's to wake,
+/// which [`reset`] does.
+pub async fn both_directions(
+    up: impl Future<Output = Ended>,
+    down: impl Future<Output = Ended>,
+    activity: &Activity,
+    limits: &ConnLimits,
+) -> Ended {
+    tokio::pin!(up, down);
+    let both = async {
+        tokio::select! {
+            r = &mut up => if r == Ended::Reset { r } else { (&mut down).await },
+            r = &mut down => if r == Ended::Reset { r } else { (&mut up).await },
+        }
+    };
+    let idle = idle_watchdog(activity, limits.idle_timeout, &limits.hits.tcp_idle_timeout);
+    tokio::select! {
+        r = both => r,
+        () = idle => Ended::Reset,
+    }
+}
+
+/// Resets a kernel TCP socket of a relay that ended with [`Ended::Reset`]:
+/// it closes with RST, and a read or write of a dropped direction still in
+/// flight in the ring (which keeps the descriptor open) completes now. After
+/// the idle timeout both ways are shut, so a write stuck on a full peer
+/// completes too.
+pub fn reset(sock: &TcpStream, activity: &Activity) {
+    set_reset_on_close(sock);
+    let how = if activity.timed_out() {
+        Shutdown::Both
+    } else {
+        Shutdown::Read
+    };
+    let _ = sock.shutdown(how);
+}
+
+/// Relays bytes between a client and a backend, both kernel sockets, until
+/// both directions are closed (see the module's close policy).
 pub async fn relay(client: TcpStream, backend: TcpStream, fe: &Frontend, limits: &ConnLimits) {
     let client = Rc::new(client);
     let backend = Rc::new(backend);
     let activity = Rc::new(Activity::default());
+    // Its own task: each direction then runs as soon as its I/O completes.
     let up = tokio_uring::spawn(copy(
         client.clone(),
         backend.clone(),
@@ -133,44 +110,15 @@ pub async fn relay(client: TcpStream, backend: TcpStream, fe: &Frontend, limits:
         fe.metrics.bytes_to_client.clone(),
         activity.clone(),
     );
-    let both = async {
-        let down = down.await;
-        (up.await.unwrap_or(Ended::Reset), down)
-    };
-    let watchdog = async {
-        idle_watchdog(
-            &activity,
-            limits.idle_timeout,
-            &limits.hits.tcp_idle_timeout,
-        )
-        .await;
-        // Wake both copies, reads and writes stuck on a full peer alike;
-        // they see the idle flag and end as a reset.
-        set_reset_on_close(&*client);
-        set_reset_on_close(&*backend);
-        let _ = client.shutdown(Shutdown::Both);
-        let _ = backend.shutdown(Shutdown::Both);
-        std::future::pending::<()>().await;
-    };
-    let (up, down) = tokio::select! {
-        r = both => r,
-        () = watchdog => (Ended::Reset, Ended::Reset),
-    };
-    if up == Ended::Reset || down == Ended::Reset {
-        set_reset_on_close(&*client);
-        set_reset_on_close(&*backend);
+    let up = async { up.await.unwrap_or(Ended::Reset) };
+    if both_directions(up, down, &activity, limits).await == Ended::Reset {
+        reset(&client, &activity);
+        reset(&backend, &activity);
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ended {
-    Fin,
-    Reset,
-}
-
-/// Copies `from` → `to`. On EOF, half-closes `to`. On any error, makes both
-/// sockets reset on close and wakes the opposite direction by shutting down
-/// reading on both, so it ends too.
+/// Copies `from` → `to`. On EOF, half-closes `to`; on an error, reports a
+/// reset (the relay resets both sockets).
 async fn copy(
     from: Rc<TcpStream>,
     to: Rc<TcpStream>,
@@ -182,29 +130,25 @@ async fn copy(
         let (res, b) = from.read(buf).await;
         buf = b;
         let n = match res {
-            // The idle watchdog shut reading down: not the peer's FIN.
+            // The relay shut reading down after the idle timeout: not the
+            // peer's FIN.
             Ok(0) if activity.timed_out() => return Ended::Reset,
             Ok(0) => {
                 let _ = to.shutdown(Shutdown::Write);
                 return Ended::Fin;
             }
             Ok(n) => n,
-            Err(_) => break,
+            Err(_) => return Ended::Reset,
         };
         activity.touch();
         let (res, slice) = to.write_all(buf.slice(..n)).await;
         buf = slice.into_inner();
         if res.is_err() {
-            break;
+            return Ended::Reset;
         }
         bytes.inc_by(n as u64);
         grow(&mut buf, n, BUF_MAX);
     }
-    set_reset_on_close(&*from);
-    set_reset_on_close(&*to);
-    let _ = from.shutdown(Shutdown::Read);
-    let _ = to.shutdown(Shutdown::Read);
-    Ended::Reset
 }
 
 #[cfg(test)]

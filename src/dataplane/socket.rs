@@ -14,9 +14,10 @@ use socket2::{Domain, SockFilter, Socket, Type};
 use tokio::sync::watch;
 use tokio_uring::net::{TcpListener, TcpStream};
 
+use super::connect::connect;
 use super::flow::{resolve, FlowKey, Verdict};
 use super::listener::{Listeners, Programmed};
-use super::relay::{connect, relay, set_reset_on_close};
+use super::relay::{relay, set_reset_on_close};
 use super::Shared;
 use crate::model::Protocol;
 use crate::state::{ListenerMode, ListenerSpec, Snapshot};

@@ -41,6 +41,26 @@ pub struct FlowEntry<T> {
     pub io: T,
 }
 
+impl<T> FlowEntry<T> {
+    /// Checks, once per snapshot `generation`, that the pinned endpoint is
+    /// still usable (`usable` is asked only when the generation changed).
+    /// False when it is not: the flow is to be removed.
+    pub fn revalidate(
+        &mut self,
+        generation: u64,
+        usable: impl FnOnce(&SocketAddr) -> bool,
+    ) -> bool {
+        if self.generation == generation {
+            return true;
+        }
+        if !usable(&self.endpoint) {
+            return false;
+        }
+        self.generation = generation;
+        true
+    }
+}
+
 /// Flow key → flow, with idle expiry. Pure: time is passed in. The kernel-socket
 /// path keys by client address (one table per frontend socket); the TUN path by
 /// (client, frontend).
@@ -134,6 +154,19 @@ pub struct FlowIo {
     pub(crate) fe: Arc<Frontend>,
 }
 
+impl FlowIo {
+    /// A flow's I/O half: counted in the frontend's flow metrics until dropped.
+    pub fn new(
+        socket: Rc<UdpSocket>,
+        reader: tokio::task::JoinHandle<()>,
+        fe: Arc<Frontend>,
+    ) -> Self {
+        fe.metrics.udp_flows_active.inc();
+        fe.metrics.connections_total.inc();
+        Self { socket, reader, fe }
+    }
+}
+
 impl Drop for FlowIo {
     fn drop(&mut self) {
         // Aborted first, so the reader is never polled again: the receive the
@@ -210,8 +243,8 @@ pub async fn serve(
         let (backend, sent_bytes) = match current_backend(&table, &shared, client, local, now) {
             Some(s) => s,
             None => match open_flow(&table, &sock, &shared, &rng, client, local, now).await {
-                Ok(Some(s)) => s,
-                Ok(None) => continue,
+                Ok(s) => s,
+                Err(FlowError::Open(OpenError::NoEndpoint)) => continue,
                 Err(FlowError::Full) => {
                     if !warned_full {
                         tracing::warn!(%local, max = MAX_FLOWS_PER_LISTENER, "udp flow table full: dropping datagrams of new clients");
@@ -219,7 +252,7 @@ pub async fn serve(
                     }
                     continue;
                 }
-                Err(FlowError::Io(e)) => {
+                Err(FlowError::Open(e)) => {
                     tracing::debug!(%local, error = %e, "udp backend socket failed");
                     continue;
                 }
@@ -255,21 +288,17 @@ fn current_backend(
     let mut t = table.borrow_mut();
     let f = t.get_mut(&client)?;
     let snap = shared.snapshot.load();
-    if f.generation != snap.generation {
+    let usable = |ep: &SocketAddr| {
         let key = FlowKey {
             src: client,
             dst: local,
             proto: Protocol::Udp,
         };
-        let still = match resolve(&snap, &key) {
-            Verdict::Forward(fe) => fe.endpoints.contains(&f.endpoint),
-            _ => false,
-        };
-        if !still {
-            t.remove(&client);
-            return None;
-        }
-        f.generation = snap.generation;
+        matches!(resolve(&snap, &key), Verdict::Forward(fe) if fe.endpoints.contains(ep))
+    };
+    if !f.revalidate(snap.generation, usable) {
+        t.remove(&client);
+        return None;
     }
     f.last_seen = now;
     Some((
@@ -280,7 +309,48 @@ fn current_backend(
 
 enum FlowError {
     Full,
-    Io(std::io::Error),
+    Open(OpenError),
+}
+
+/// Why a new flow has no backend socket.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// No endpoint of the frontend is usable.
+    #[error("no usable endpoint")]
+    NoEndpoint,
+    /// The socket to the picked backend could not be opened.
+    #[error("opening a UDP socket to backend {endpoint}: {source}")]
+    Io {
+        /// The backend.
+        endpoint: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Picks the backend of a new flow from `client` through `fe` and opens a
+/// socket connected to it: how both front ends open a backend flow.
+pub async fn open_backend(
+    fe: &Frontend,
+    client: IpAddr,
+    shared: &Shared,
+    rng: &RefCell<SmallRng>,
+    now: Instant,
+) -> Result<(SocketAddr, Rc<UdpSocket>), OpenError> {
+    let ep = pick(fe, client, shared, 0, &[], now, &mut *rng.borrow_mut())
+        .ok_or(OpenError::NoEndpoint)?;
+    let io = |source| OpenError::Io {
+        endpoint: ep,
+        source,
+    };
+    let any: IpAddr = match ep {
+        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+    };
+    let sock = UdpSocket::bind(SocketAddr::new(any, 0)).await.map_err(io)?;
+    sock.connect(ep).await.map_err(io)?;
+    Ok((ep, Rc::new(sock)))
 }
 
 async fn open_flow(
@@ -291,7 +361,7 @@ async fn open_flow(
     client: SocketAddr,
     local: SocketAddr,
     now: Instant,
-) -> Result<Option<(Rc<UdpSocket>, Counter)>, FlowError> {
+) -> Result<(Rc<UdpSocket>, Counter), FlowError> {
     let (fe, generation) = {
         let snap = shared.snapshot.load();
         let key = FlowKey {
@@ -301,32 +371,15 @@ async fn open_flow(
         };
         match resolve(&snap, &key) {
             Verdict::Forward(fe) => (fe, snap.generation),
-            _ => return Ok(None),
+            _ => return Err(FlowError::Open(OpenError::NoEndpoint)),
         }
     };
     if table.borrow().len() >= MAX_FLOWS_PER_LISTENER {
         return Err(FlowError::Full);
     }
-    let Some(ep) = pick(
-        &fe,
-        client.ip(),
-        shared,
-        0,
-        &[],
-        now,
-        &mut *rng.borrow_mut(),
-    ) else {
-        return Ok(None);
-    };
-    let any: IpAddr = match ep {
-        SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
-        SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
-    };
-    let backend = UdpSocket::bind(SocketAddr::new(any, 0))
+    let (ep, backend) = open_backend(&fe, client.ip(), shared, rng, now)
         .await
-        .map_err(FlowError::Io)?;
-    backend.connect(ep).await.map_err(FlowError::Io)?;
-    let backend = Rc::new(backend);
+        .map_err(FlowError::Open)?;
     let reader = tokio_uring::spawn(replies(
         backend.clone(),
         sock.clone(),
@@ -334,24 +387,18 @@ async fn open_flow(
         table.clone(),
         fe.clone(),
     ));
-    fe.metrics.udp_flows_active.inc();
-    fe.metrics.connections_total.inc();
     let sent_bytes = fe.metrics.bytes_to_backend.clone();
     let entry = FlowEntry {
         endpoint: ep,
         last_seen: now,
         generation,
-        io: FlowIo {
-            socket: backend.clone(),
-            reader,
-            fe,
-        },
+        io: FlowIo::new(backend.clone(), reader, fe),
     };
     table
         .borrow_mut()
         .insert(client, entry)
         .map_err(|_| FlowError::Full)?;
-    Ok(Some((backend, sent_bytes)))
+    Ok((backend, sent_bytes))
 }
 
 /// Backend → client, sent from the frontend address.

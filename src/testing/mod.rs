@@ -21,6 +21,7 @@ pub mod builders;
 mod compile;
 mod dns;
 mod manifest;
+pub mod tun;
 
 pub use admin_http::admin_http;
 pub use compile::{check_snapshot, compile, listeners_in, node_context, normalized};

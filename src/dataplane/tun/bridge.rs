@@ -1,18 +1,20 @@
 //! Relays bytes between a smoltcp socket (the client side, on the TUN) and a
 //! kernel TCP connection to the backend, with half-close and reset semantics.
 
+use std::cell::RefCell;
 use std::future::poll_fn;
 use std::net::Shutdown;
-use std::rc::Rc;
 use std::task::Poll;
 
 use smoltcp::socket::tcp;
+use tokio::sync::Notify;
 use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::TcpStream;
 
-use super::stack::{ConnSocket, Ctx};
-use crate::dataplane::limits::{idle_watchdog, Activity};
-use crate::dataplane::relay::set_reset_on_close;
+use super::conns::ConnSocket;
+use super::stack::Stack;
+use crate::dataplane::limits::{Activity, ConnLimits};
+use crate::dataplane::relay::{both_directions, reset, Ended};
 use crate::state::Frontend;
 
 /// Relay buffer per direction. Large reads are what bulk throughput through
@@ -22,68 +24,52 @@ use crate::state::Frontend;
 /// that grow.
 const BUF_SIZE: usize = 256 * 1024;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ended {
-    Fin,
-    Reset,
+/// The client side of a bridged connection: its socket in the stack, and the
+/// driver to wake when the socket has something to send or more room.
+#[derive(Clone, Copy)]
+struct Client<'a> {
+    stack: &'a RefCell<Stack>,
+    poke: &'a Notify,
+    socket: ConnSocket,
 }
 
-/// Relays until both directions are closed; a reset on either side resets both.
-pub async fn relay(ctx: &Rc<Ctx>, h: ConnSocket, backend: TcpStream, fe: &Frontend) {
-    let backend = Rc::new(backend);
+/// Relays between the connection's smoltcp socket and `backend` under the
+/// data plane's close policy (`relay::both_directions`).
+pub async fn relay(
+    stack: &RefCell<Stack>,
+    poke: &Notify,
+    socket: ConnSocket,
+    backend: TcpStream,
+    fe: &Frontend,
+    limits: &ConnLimits,
+) {
+    let c = Client {
+        stack,
+        poke,
+        socket,
+    };
     let activity = Activity::default();
-    let up = client_to_backend(ctx, h, &backend, fe, &activity);
-    let down = backend_to_client(ctx, h, &backend, fe, &activity);
-    let limits = &ctx.shared.limits;
-    let idle = idle_watchdog(
-        &activity,
-        limits.idle_timeout,
-        &limits.hits.tcp_idle_timeout,
-    );
-    tokio::pin!(up, down, idle);
-    // A FIN ends one direction; the other runs on. A reset ends both, and so
-    // does the idle timeout.
-    let both = async {
-        tokio::select! {
-            r = &mut up => if r == Ended::Reset { r } else { (&mut down).await },
-            r = &mut down => if r == Ended::Reset { r } else { (&mut up).await },
-        }
-    };
-    let ended = tokio::select! {
-        r = both => r,
-        () = &mut idle => Ended::Reset,
-    };
-    if ended == Ended::Reset {
-        set_reset_on_close(&*backend);
-        // A backend read or write may still be in flight (its future was
-        // dropped, not the io_uring op), which keeps the descriptor open:
-        // shutting the socket down completes it, so the close (RST) happens.
-        let how = if activity.timed_out() {
-            Shutdown::Both
-        } else {
-            Shutdown::Read
-        };
-        let _ = backend.shutdown(how);
-        with_socket(ctx, h, tcp::Socket::abort);
+    let up = client_to_backend(c, &backend, fe, &activity);
+    let down = backend_to_client(c, &backend, fe, &activity);
+    if both_directions(up, down, &activity, limits).await == Ended::Reset {
+        reset(&backend, &activity);
+        c.with_socket(tcp::Socket::abort);
     }
-    ctx.poke.notify_one();
+    poke.notify_one();
 }
 
-/// Runs `f` on the connection's smoltcp socket.
-/// `None` once the socket is gone (never while its relay runs: sockets are
-/// removed only after `release`).
-fn with_socket<R>(
-    ctx: &Ctx,
-    h: ConnSocket,
-    f: impl FnOnce(&mut tcp::Socket<'static>) -> R,
-) -> Option<R> {
-    ctx.stack.borrow_mut().tcp(h).map(f)
+impl Client<'_> {
+    /// Runs `f` on the connection's smoltcp socket.
+    /// `None` once the socket is gone (never while its relay runs: sockets
+    /// are removed only after `release`).
+    fn with_socket<R>(&self, f: impl FnOnce(&mut tcp::Socket<'static>) -> R) -> Option<R> {
+        self.stack.borrow_mut().tcp(self.socket).map(f)
+    }
 }
 
 /// Client (smoltcp) → backend.
 async fn client_to_backend(
-    ctx: &Rc<Ctx>,
-    h: ConnSocket,
+    c: Client<'_>,
     backend: &TcpStream,
     fe: &Frontend,
     activity: &Activity,
@@ -91,7 +77,7 @@ async fn client_to_backend(
     let mut buf = vec![0u8; BUF_SIZE];
     loop {
         let got = poll_fn(|cx| {
-            with_socket(ctx, h, |s| {
+            c.with_socket(|s| {
                 if s.can_recv() {
                     return Poll::Ready(Ok(s.recv_slice(&mut buf).unwrap_or(0)));
                 }
@@ -116,7 +102,7 @@ async fn client_to_backend(
         };
         activity.touch();
         // Reading opened the window: let the driver advertise it.
-        ctx.poke.notify_one();
+        c.poke.notify_one();
         let (res, slice) = backend.write_all(buf.slice(..n)).await;
         buf = slice.into_inner();
         if res.is_err() {
@@ -128,8 +114,7 @@ async fn client_to_backend(
 
 /// Backend → client (smoltcp).
 async fn backend_to_client(
-    ctx: &Rc<Ctx>,
-    h: ConnSocket,
+    c: Client<'_>,
     backend: &TcpStream,
     fe: &Frontend,
     activity: &Activity,
@@ -140,8 +125,8 @@ async fn backend_to_client(
         buf = b;
         let n = match res {
             Ok(0) => {
-                with_socket(ctx, h, tcp::Socket::close);
-                ctx.poke.notify_one();
+                c.with_socket(tcp::Socket::close);
+                c.poke.notify_one();
                 return Ended::Fin;
             }
             Ok(n) => n,
@@ -151,7 +136,7 @@ async fn backend_to_client(
         let mut off = 0;
         while off < n {
             let sent = poll_fn(|cx| {
-                with_socket(ctx, h, |s| {
+                c.with_socket(|s| {
                     if !s.may_send() && s.state() != tcp::State::SynReceived {
                         return Poll::Ready(None);
                     }
@@ -169,7 +154,7 @@ async fn backend_to_client(
                 Some(k) => off += k,
                 None => return Ended::Reset,
             }
-            ctx.poke.notify_one();
+            c.poke.notify_one();
         }
         fe.metrics.bytes_to_client.inc_by(n as u64);
     }

@@ -2,17 +2,35 @@
 //! smoltcp stack terminates it; connections and UDP flows are spliced to
 //! backends with the same resolve, pick, connect and relay rules as the
 //! kernel-socket path.
+//!
+//! - [`device`], [`link`]: the multi-queue TUN device and its netlink setup;
+//!   [`offload`]: checksum and segmentation offload across it;
+//! - [`packet`]: what a packet is (pure);
+//! - [`conns`]: the connection table, held SYN to closed socket (pure);
+//!   [`stack`]: the smoltcp interface, its sharded sockets and that table;
+//! - [`driver`]: the per-queue loop; [`tcp`] and [`udp`]: what happens to a
+//!   new connection and a datagram; [`bridge`]: the TCP relay between a
+//!   smoltcp socket and a backend; [`flows`]: the UDP flow state;
+//!   [`ctx`]: what the queue's tasks share.
 
 pub mod bridge;
+pub mod conns;
+pub mod ctx;
 pub mod device;
+pub mod driver;
+pub mod flows;
 pub mod link;
 pub mod offload;
-pub mod opening;
+pub mod packet;
 pub mod stack;
+pub mod tcp;
+pub mod udp;
 
 #[cfg(test)]
 mod proptests;
 
 pub use device::{Tun, TunError};
+pub use driver::run;
 pub use link::{configure, LinkConfig, LinkError};
-pub use stack::{classify, run, Classified, TunSettings};
+pub use packet::{classify, udp_packet, Classified};
+pub use stack::TunSettings;

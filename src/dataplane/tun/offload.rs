@@ -232,7 +232,8 @@ pub fn tx_header(packet: &mut [u8], mss: Option<u16>) -> [u8; VNET_HDR_LEN] {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::tun::stack::{tcp_packet_of, udp_packet};
+    use crate::dataplane::tun::packet::udp_packet;
+    use crate::testing::tun::tcp_packet_of;
 
     /// What the kernel does with a `NEEDS_CSUM` packet that leaves the host:
     /// sum from `csum_start` (the field holds the pseudo-header sum) and store

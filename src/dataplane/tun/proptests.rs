@@ -8,15 +8,14 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use proptest::prelude::*;
-use smoltcp::wire::{TcpControl, TcpRepr, TcpSeqNumber};
+use smoltcp::wire::TcpControl;
 
-use super::stack::{
-    classify, ingest_offline, sample_snapshot, udp_packet, Classified, Stack, TunSettings,
-};
+use super::packet::{classify, udp_packet, Classified};
+use super::stack::{Stack, TunSettings};
 use crate::state::Snapshot;
+use crate::testing::tun::{ingest_offline, sample_snapshot, segment};
 
 fn config() -> ProptestConfig {
     ProptestConfig {
@@ -37,7 +36,7 @@ fn stack() -> Stack {
         socket_buffer: 4096,
         ..TunSettings::default()
     };
-    Stack::new(settings, Duration::from_secs(30))
+    Stack::new(settings)
 }
 
 /// A TCP segment from `src` to `dst` (same family).
@@ -48,21 +47,7 @@ fn tcp(
     ack: bool,
     payload: &[u8],
 ) -> Vec<u8> {
-    let repr = TcpRepr {
-        src_port: src.port(),
-        dst_port: dst.port(),
-        control,
-        seq_number: TcpSeqNumber(1000),
-        ack_number: ack.then_some(TcpSeqNumber(1)),
-        window_len: 65535,
-        window_scale: None,
-        max_seg_size: (control == TcpControl::Syn).then_some(1460),
-        sack_permitted: false,
-        sack_ranges: [None, None, None],
-        timestamp: None,
-        payload,
-    };
-    super::stack::tcp_packet_of(src.ip(), dst.ip(), &repr)
+    segment((src, dst), control, 1000, ack.then_some(1), None, payload)
 }
 
 /// Where a generated packet goes.

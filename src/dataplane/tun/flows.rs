@@ -1,12 +1,56 @@
-//! UDP flows of the TUN path whose backend socket is being set up. Binding
-//! and connecting that socket takes a trip through the ring, and a client
-//! (glibc's resolver with its A and AAAA queries) sends its next datagram
-//! before it completes. The flow exists from its first datagram on: later ones
-//! wait here, bounded, and go out in order once the socket exists, so a flow is
-//! set up (and counted) once. Pure: no I/O.
+//! The UDP flows of the TUN path: those with a backend socket, and those
+//! whose backend socket is being set up. Binding and connecting that socket
+//! takes a trip through the ring, and a client (glibc's resolver with its A
+//! and AAAA queries) sends its next datagram before it completes. The flow
+//! exists from its first datagram on: later ones wait in [`Opening`],
+//! bounded, and go out in order once the socket exists, so a flow is set up
+//! (and counted) once. No I/O here: `tun::udp` does it.
 
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::time::Duration;
+
+use super::packet::ConnKey;
+use crate::dataplane::udp::{FlowIo, FlowTable};
+
+/// Every UDP flow of one TUN queue.
+pub struct Flows {
+    /// Flows with a backend socket.
+    pub open: FlowTable<ConnKey, FlowIo>,
+    /// Flows whose backend socket is being set up, with their datagrams.
+    pub opening: Opening<ConnKey>,
+    max: usize,
+    warned_full: bool,
+}
+
+impl Flows {
+    /// No flows; at most `max`, idle ones expire after `idle`.
+    pub fn new(idle: Duration, max: usize) -> Self {
+        Self {
+            open: FlowTable::new(idle, max),
+            opening: Opening::default(),
+            max,
+            warned_full: false,
+        }
+    }
+
+    /// True when a new flow fits (open and opening ones count); warns once
+    /// each time the table fills.
+    pub fn room(&mut self) -> bool {
+        if self.open.len() + self.opening.len() < self.max {
+            self.warned_full = false;
+            return true;
+        }
+        if !self.warned_full {
+            tracing::warn!(
+                max = self.max,
+                "TUN UDP flow limit reached: datagrams of new flows are dropped"
+            );
+            self.warned_full = true;
+        }
+        false
+    }
+}
 
 /// Datagrams a flow holds while its backend socket is set up; more are
 /// dropped, as UDP may be (a resolver sends two, a burst more).

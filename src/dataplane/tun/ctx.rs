@@ -1,0 +1,48 @@
+//! What the tasks of one TUN queue's thread share: its stack, its UDP flows,
+//! the driver's wake-up, and the data plane's shared state.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+use tokio::sync::Notify;
+
+use super::flows::Flows;
+use super::stack::{Stack, TunSettings};
+use crate::dataplane::Shared;
+
+/// Everything the TUN thread's tasks share.
+pub struct Ctx {
+    /// The stack and its TCP connections.
+    pub stack: RefCell<Stack>,
+    /// UDP flows.
+    pub flows: RefCell<Flows>,
+    /// Wakes the driver to poll and flush.
+    pub poke: Notify,
+    /// Snapshot, affinity, settings.
+    pub shared: Arc<Shared>,
+    /// Endpoint picks.
+    pub rng: RefCell<SmallRng>,
+}
+
+impl Ctx {
+    /// A queue's state with nothing in it yet.
+    pub fn new(settings: TunSettings, shared: Arc<Shared>, rng: SmallRng) -> Self {
+        Self {
+            stack: RefCell::new(Stack::new(settings)),
+            flows: RefCell::new(Flows::new(
+                shared.settings.udp_idle_timeout,
+                settings.max_udp_flows,
+            )),
+            poke: Notify::new(),
+            shared,
+            rng: RefCell::new(rng),
+        }
+    }
+
+    /// [`Ctx::new`] with a random generator seeded from the OS.
+    pub fn seeded(settings: TunSettings, shared: Arc<Shared>) -> Self {
+        Self::new(settings, shared, SmallRng::from_os_rng())
+    }
+}

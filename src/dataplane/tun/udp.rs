@@ -1,0 +1,105 @@
+//! UDP flows of the ClusterIP front end: a client datagram is sent to its
+//! flow's backend socket, the flow opened on its first datagram (with the
+//! kernel-socket path's `open_backend`); replies leave the TUN from the VIP.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio_uring::net::UdpSocket;
+
+use super::ctx::Ctx;
+use super::packet::{udp_packet, ConnKey};
+use crate::dataplane::udp::{open_backend, try_send, FlowEntry, FlowIo};
+use crate::state::Frontend;
+
+/// Forwards one client datagram, opening the flow if needed.
+pub fn ingress(ctx: &Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>, data: &[u8]) {
+    let now = Instant::now();
+    let generation = ctx.shared.snapshot.load().generation;
+    let mut flows = ctx.flows.borrow_mut();
+    // Re-pin a flow whose endpoint left the usable set.
+    if let Some(f) = flows.open.get_mut(&key) {
+        if !f.revalidate(generation, |ep| fe.endpoints.contains(ep)) {
+            flows.open.remove(&key);
+        }
+    }
+    if let Some(f) = flows.open.get_mut(&key) {
+        f.last_seen = now;
+        // A datagram the socket buffer cannot take is dropped, as UDP may be.
+        if let Ok(n) = try_send(&f.io.socket, data) {
+            fe.metrics.bytes_to_backend.inc_by(n as u64);
+        }
+        return;
+    }
+    // A flow being set up takes the datagram in its queue (or drops it when
+    // the queue is full): one flow per key, set up once.
+    if flows.opening.contains(&key) {
+        let _ = flows.opening.offer(key, data);
+        return;
+    }
+    if !flows.room() {
+        return;
+    }
+    let _ = flows.opening.offer(key, data);
+    drop(flows);
+    tokio_uring::spawn(open(ctx.clone(), key, fe, now, generation));
+}
+
+/// Sets up the backend socket of a new flow, then sends the datagrams that
+/// arrived meanwhile; on failure they are dropped with the flow.
+async fn open(ctx: Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>, now: Instant, generation: u64) {
+    let opened = open_backend(&fe, key.0.ip(), &ctx.shared, &ctx.rng, now).await;
+    let (ep, sock) = match opened {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::debug!(client = %key.0, vip = %key.1, "{e}");
+            ctx.flows.borrow_mut().opening.abandon(&key);
+            return;
+        }
+    };
+    let reader = tokio_uring::spawn(replies(ctx.clone(), key, sock.clone(), fe.clone()));
+    let fe_bytes = fe.metrics.bytes_to_backend.clone();
+    let entry = FlowEntry {
+        endpoint: ep,
+        last_seen: now,
+        generation,
+        io: FlowIo::new(sock.clone(), reader, fe),
+    };
+    let mut flows = ctx.flows.borrow_mut();
+    let queued = flows.opening.finish(&key);
+    // Room was counted for this flow while it opened.
+    if flows.open.insert(key, entry).is_err() {
+        return;
+    }
+    drop(flows);
+    for datagram in queued {
+        if let Ok(n) = try_send(&sock, &datagram) {
+            fe_bytes.inc_by(n as u64);
+        }
+    }
+}
+
+/// Backend → client: replies leave the TUN from the VIP.
+async fn replies(ctx: Rc<Ctx>, key: ConnKey, sock: Rc<UdpSocket>, fe: Arc<Frontend>) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let (res, b) = sock.read(buf).await;
+        buf = b;
+        let Ok(n) = res else { break };
+        ctx.flows.borrow_mut().open.touch(&key, Instant::now());
+        let mut st = ctx.stack.borrow_mut();
+        let mut out = st.dev.buffer();
+        let payload = buf.get(..n).unwrap_or_default();
+        if udp_packet(key.1, key.0, payload, &mut out).is_some() {
+            st.dev.push_tx(out);
+            fe.metrics.bytes_to_client.inc_by(n as u64);
+        } else {
+            st.dev.recycle(out);
+        }
+        drop(st);
+        ctx.poke.notify_one();
+    }
+    let gone = ctx.flows.borrow_mut().open.remove(&key);
+    drop(gone);
+}
