@@ -185,14 +185,7 @@ mod tests {
 
     #[test]
     fn first_try_uses_affinity_retries_bypass_it() {
-        let snap = snapshot(&["10.0.0.1", "10.0.0.2", "10.0.0.3"], vec![]);
-        let Verdict::Forward(fe) = resolve(&snap, &key("192.0.2.9:1000", "192.0.2.1:30080")) else {
-            panic!("expected forward");
-        };
-        let shared = shared();
-        let mut rng = SmallRng::seed_from_u64(9);
-        let now = Instant::now();
-        let client: IpAddr = "192.0.2.9".parse().unwrap();
+        let (fe, shared, client, now, mut rng) = three_endpoints(9);
         let first = pick(&fe, client, &shared, 0, &[], now, &mut rng).unwrap();
         for _ in 0..20 {
             assert_eq!(
@@ -204,23 +197,38 @@ mod tests {
         }
     }
 
-    fn shared() -> std::sync::Arc<Shared> {
-        Shared::new(crate::config::DataPlaneOptions {
-            tcp_idle_timeout: Duration::ZERO,
-            ..Default::default()
-        })
-    }
-
-    #[test]
-    fn failing_endpoints_are_skipped_unless_all_fail() {
+    /// A NodePort frontend with three endpoints, the data plane's shared
+    /// state, a client, the time and a seeded generator.
+    fn three_endpoints(
+        seed: u64,
+    ) -> (
+        std::sync::Arc<Frontend>,
+        std::sync::Arc<Shared>,
+        IpAddr,
+        Instant,
+        SmallRng,
+    ) {
         let snap = snapshot(&["10.0.0.1", "10.0.0.2", "10.0.0.3"], vec![]);
         let Verdict::Forward(fe) = resolve(&snap, &key("192.0.2.9:1000", "192.0.2.1:30080")) else {
             panic!("expected forward");
         };
-        let shared = shared();
-        let mut rng = SmallRng::seed_from_u64(4);
-        let now = Instant::now();
-        let client: IpAddr = "192.0.2.9".parse().unwrap();
+        let shared = Shared::new(crate::config::DataPlaneOptions {
+            tcp_idle_timeout: Duration::ZERO,
+            ..Default::default()
+        });
+        let client = IpAddr::from([192, 0, 2, 9]);
+        (
+            fe,
+            shared,
+            client,
+            Instant::now(),
+            SmallRng::seed_from_u64(seed),
+        )
+    }
+
+    #[test]
+    fn failing_endpoints_are_skipped_unless_all_fail() {
+        let (fe, shared, client, now, mut rng) = three_endpoints(4);
         // The client's affinity endpoint starts failing: it moves elsewhere.
         let first = pick(&fe, client, &shared, 0, &[], now, &mut rng).unwrap();
         shared.health.failed(first, now);

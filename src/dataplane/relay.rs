@@ -117,6 +117,28 @@ pub async fn relay(client: TcpStream, backend: TcpStream, fe: &Frontend, limits:
     }
 }
 
+/// Reads what a kernel socket of a relay has into `buf`: the byte count, or
+/// how its direction ended (its FIN; a reset, an error, or reading shut down
+/// by [`reset`] after the idle timeout). Bytes read count as activity.
+pub async fn read(
+    from: &TcpStream,
+    buf: Vec<u8>,
+    activity: &Activity,
+) -> (Result<usize, Ended>, Vec<u8>) {
+    let (res, buf) = from.read(buf).await;
+    let got = match res {
+        // Not the peer's FIN: the relay shut reading down.
+        Ok(0) if activity.timed_out() => Err(Ended::Reset),
+        Ok(0) => Err(Ended::Fin),
+        Ok(n) => {
+            activity.touch();
+            Ok(n)
+        }
+        Err(_) => Err(Ended::Reset),
+    };
+    (got, buf)
+}
+
 /// Copies `from` → `to`. On EOF, half-closes `to`; on an error, reports a
 /// reset (the relay resets both sockets).
 async fn copy(
@@ -127,20 +149,16 @@ async fn copy(
 ) -> Ended {
     let mut buf = vec![0u8; BUF_START];
     loop {
-        let (res, b) = from.read(buf).await;
+        let (got, b) = read(&from, buf, &activity).await;
         buf = b;
-        let n = match res {
-            // The relay shut reading down after the idle timeout: not the
-            // peer's FIN.
-            Ok(0) if activity.timed_out() => return Ended::Reset,
-            Ok(0) => {
+        let n = match got {
+            Ok(n) => n,
+            Err(Ended::Fin) => {
                 let _ = to.shutdown(Shutdown::Write);
                 return Ended::Fin;
             }
-            Ok(n) => n,
-            Err(_) => return Ended::Reset,
+            Err(Ended::Reset) => return Ended::Reset,
         };
-        activity.touch();
         let (res, slice) = to.write_all(buf.slice(..n)).await;
         buf = slice.into_inner();
         if res.is_err() {

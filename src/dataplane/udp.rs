@@ -154,16 +154,25 @@ pub struct FlowIo {
     pub(crate) fe: Arc<Frontend>,
 }
 
-impl FlowIo {
-    /// A flow's I/O half: counted in the frontend's flow metrics until dropped.
-    pub fn new(
+impl FlowEntry<FlowIo> {
+    /// A new flow pinned to `endpoint` through its connected `socket`, whose
+    /// replies `reader` relays; counted in `fe`'s flow metrics until dropped.
+    pub fn opened(
+        endpoint: SocketAddr,
         socket: Rc<UdpSocket>,
         reader: tokio::task::JoinHandle<()>,
         fe: Arc<Frontend>,
+        now: Instant,
+        generation: u64,
     ) -> Self {
         fe.metrics.udp_flows_active.inc();
         fe.metrics.connections_total.inc();
-        Self { socket, reader, fe }
+        Self {
+            endpoint,
+            last_seen: now,
+            generation,
+            io: FlowIo { socket, reader, fe },
+        }
     }
 }
 
@@ -388,12 +397,7 @@ async fn open_flow(
         fe.clone(),
     ));
     let sent_bytes = fe.metrics.bytes_to_backend.clone();
-    let entry = FlowEntry {
-        endpoint: ep,
-        last_seen: now,
-        generation,
-        io: FlowIo::new(backend.clone(), reader, fe),
-    };
+    let entry = FlowEntry::opened(ep, backend.clone(), reader, fe, now, generation);
     table
         .borrow_mut()
         .insert(client, entry)
@@ -529,12 +533,20 @@ mod tests {
         SocketAddr::from(([192, 0, 2, 1], p))
     }
 
+    /// A table of at most `max` flows, client port i+1 pinned to `eps[i]`
+    /// and last seen at `t0`.
+    fn table(max: usize, eps: &[&str], t0: Instant) -> FlowTable<SocketAddr, ()> {
+        let mut t = FlowTable::new(Duration::from_secs(30), max);
+        for (port, ep) in (1..).zip(eps) {
+            t.insert(c(port), entry(ep, t0)).unwrap();
+        }
+        t
+    }
+
     #[test]
     fn idle_flows_expire_active_ones_stay() {
         let t0 = Instant::now();
-        let mut t = FlowTable::new(Duration::from_secs(30), 10);
-        t.insert(c(1), entry("10.0.0.1:53", t0)).unwrap();
-        t.insert(c(2), entry("10.0.0.2:53", t0)).unwrap();
+        let mut t = table(10, &["10.0.0.1:53", "10.0.0.2:53"], t0);
         t.touch(&c(2), t0 + Duration::from_secs(20));
         assert!(t.expire(t0 + Duration::from_secs(30)).is_empty());
         let gone = t.expire(t0 + Duration::from_secs(31));
@@ -548,9 +560,7 @@ mod tests {
     #[test]
     fn table_is_bounded() {
         let t0 = Instant::now();
-        let mut t = FlowTable::new(Duration::from_secs(30), 2);
-        t.insert(c(1), entry("10.0.0.1:53", t0)).unwrap();
-        t.insert(c(2), entry("10.0.0.1:53", t0)).unwrap();
+        let mut t = table(2, &["10.0.0.1:53", "10.0.0.1:53"], t0);
         assert!(t.insert(c(3), entry("10.0.0.1:53", t0)).is_err());
         // replacing an existing client is allowed
         assert!(t.insert(c(2), entry("10.0.0.2:53", t0)).is_ok());
@@ -558,10 +568,7 @@ mod tests {
 
     #[test]
     fn flows_of_unusable_endpoints_are_dropped() {
-        let t0 = Instant::now();
-        let mut t = FlowTable::new(Duration::from_secs(30), 10);
-        t.insert(c(1), entry("10.0.0.1:53", t0)).unwrap();
-        t.insert(c(2), entry("10.0.0.2:53", t0)).unwrap();
+        let mut t = table(10, &["10.0.0.1:53", "10.0.0.2:53"], Instant::now());
         let keep: SocketAddr = "10.0.0.2:53".parse().unwrap();
         let gone = t.retain_usable(|e| *e == keep);
         assert_eq!(gone.len(), 1);

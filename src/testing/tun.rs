@@ -6,11 +6,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpControl, TcpPacket,
-    TcpRepr, TcpSeqNumber, TcpTimestampRepr,
+    IpAddress, IpProtocol, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, TcpTimestampRepr,
 };
 
-use crate::dataplane::tun::packet::{classify, Classified, ConnKey};
+use crate::dataplane::tun::packet::{classify, ip_packet, Classified, ConnKey};
 use crate::dataplane::tun::stack::{Stack, SynVerdict};
 use crate::discovery::Update;
 use crate::model::{
@@ -22,41 +21,14 @@ use crate::state::{NodeContext, Snapshot, Store};
 /// An IP+TCP packet carrying `tcp` from `src` to `dst` (same family), with
 /// valid checksums.
 pub fn tcp_packet_of(src: IpAddr, dst: IpAddr, tcp: &TcpRepr) -> Vec<u8> {
-    let caps = ChecksumCapabilities::default();
-    let emit_tcp = |b: &mut [u8], s: IpAddress, d: IpAddress| {
-        tcp.emit(&mut TcpPacket::new_unchecked(b), &s, &d, &caps);
+    let mut out = Vec::new();
+    let emit = |b: &mut [u8], s: &IpAddress, d: &IpAddress| {
+        let caps = ChecksumCapabilities::default();
+        tcp.emit(&mut TcpPacket::new_unchecked(b), s, d, &caps);
     };
-    match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let ip = Ipv4Repr {
-                src_addr: s,
-                dst_addr: d,
-                next_header: IpProtocol::Tcp,
-                payload_len: tcp.buffer_len(),
-                hop_limit: 64,
-            };
-            let mut out = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
-            let mut p = Ipv4Packet::new_unchecked(&mut out[..]);
-            ip.emit(&mut p, &caps);
-            emit_tcp(p.payload_mut(), s.into(), d.into());
-            out
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let ip = Ipv6Repr {
-                src_addr: s,
-                dst_addr: d,
-                next_header: IpProtocol::Tcp,
-                payload_len: tcp.buffer_len(),
-                hop_limit: 64,
-            };
-            let mut out = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
-            let mut p = Ipv6Packet::new_unchecked(&mut out[..]);
-            ip.emit(&mut p);
-            emit_tcp(p.payload_mut(), s.into(), d.into());
-            out
-        }
-        _ => panic!("{src} and {dst} are of different families"),
-    }
+    ip_packet(src, dst, IpProtocol::Tcp, tcp.buffer_len(), &mut out, emit)
+        .unwrap_or_else(|| panic!("{src} and {dst}: different families"));
+    out
 }
 
 /// A client's TCP segment on `key` (client → VIP): a SYN carries MSS 1460;
@@ -112,8 +84,7 @@ pub fn ingest_offline_queued(stack: &mut Stack, snap: &Snapshot, packet: &[u8]) 
             stack.push_rx(packet.to_vec());
             stack.poll();
         }
-        Classified::Syn { client, vip, .. } => {
-            let key = (client, vip);
+        Classified::Syn { key, .. } => {
             if let SynVerdict::Hold = stack.syn(key, packet.to_vec()) {
                 let _ = stack.accept(key);
             }

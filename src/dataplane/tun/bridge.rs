@@ -14,7 +14,7 @@ use tokio_uring::net::TcpStream;
 use super::conns::ConnSocket;
 use super::stack::Stack;
 use crate::dataplane::limits::{Activity, ConnLimits};
-use crate::dataplane::relay::{both_directions, reset, Ended};
+use crate::dataplane::relay::{both_directions, read, reset, Ended};
 use crate::state::Frontend;
 
 /// Relay buffer per direction. Large reads are what bulk throughput through
@@ -24,13 +24,16 @@ use crate::state::Frontend;
 /// that grow.
 const BUF_SIZE: usize = 256 * 1024;
 
-/// The client side of a bridged connection: its socket in the stack, and the
-/// driver to wake when the socket has something to send or more room.
+/// One bridged connection: the client's socket in the stack, the driver to
+/// wake when that socket has something to send or more room, and the backend.
 #[derive(Clone, Copy)]
-struct Client<'a> {
+struct Bridge<'a> {
     stack: &'a RefCell<Stack>,
     poke: &'a Notify,
     socket: ConnSocket,
+    backend: &'a TcpStream,
+    fe: &'a Frontend,
+    activity: &'a Activity,
 }
 
 /// Relays between the connection's smoltcp socket and `backend` under the
@@ -43,14 +46,16 @@ pub async fn relay(
     fe: &Frontend,
     limits: &ConnLimits,
 ) {
-    let c = Client {
+    let activity = Activity::default();
+    let c = Bridge {
         stack,
         poke,
         socket,
+        backend: &backend,
+        fe,
+        activity: &activity,
     };
-    let activity = Activity::default();
-    let up = client_to_backend(c, &backend, fe, &activity);
-    let down = backend_to_client(c, &backend, fe, &activity);
+    let (up, down) = (c.client_to_backend(), c.backend_to_client());
     if both_directions(up, down, &activity, limits).await == Ended::Reset {
         reset(&backend, &activity);
         c.with_socket(tcp::Socket::abort);
@@ -58,104 +63,106 @@ pub async fn relay(
     poke.notify_one();
 }
 
-impl Client<'_> {
+/// A direction of the client's socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Way {
+    Recv,
+    Send,
+}
+
+impl Bridge<'_> {
     /// Runs `f` on the connection's smoltcp socket.
     /// `None` once the socket is gone (never while its relay runs: sockets
     /// are removed only after `release`).
     fn with_socket<R>(&self, f: impl FnOnce(&mut tcp::Socket<'static>) -> R) -> Option<R> {
         self.stack.borrow_mut().tcp(self.socket).map(f)
     }
-}
 
-/// Client (smoltcp) → backend.
-async fn client_to_backend(
-    c: Client<'_>,
-    backend: &TcpStream,
-    fe: &Frontend,
-    activity: &Activity,
-) -> Ended {
-    let mut buf = vec![0u8; BUF_SIZE];
-    loop {
-        let got = poll_fn(|cx| {
-            c.with_socket(|s| {
-                if s.can_recv() {
-                    return Poll::Ready(Ok(s.recv_slice(&mut buf).unwrap_or(0)));
+    /// Waits until the socket has bytes to take (`Recv`) or room for more
+    /// (`Send`), or says how that direction ended: the client's FIN ends its
+    /// own; anything else (its RST, an aborted or closed socket) is a reset.
+    async fn ready(&self, way: Way) -> Result<(), Ended> {
+        poll_fn(|cx| {
+            self.with_socket(|s| {
+                let (can, may) = match way {
+                    Way::Recv => (s.can_recv(), s.may_recv()),
+                    Way::Send => (s.can_send(), s.may_send()),
+                };
+                if can {
+                    return Poll::Ready(Ok(()));
                 }
                 // The bridge starts while the handshake completes (SYN-RECEIVED).
-                if !s.may_recv() && s.state() != tcp::State::SynReceived {
-                    let reset = s.state() == tcp::State::Closed;
-                    return Poll::Ready(Err(if reset { Ended::Reset } else { Ended::Fin }));
+                if !may && s.state() != tcp::State::SynReceived {
+                    let fin = way == Way::Recv && s.state() != tcp::State::Closed;
+                    return Poll::Ready(Err(if fin { Ended::Fin } else { Ended::Reset }));
                 }
-                s.register_recv_waker(cx.waker());
+                match way {
+                    Way::Recv => s.register_recv_waker(cx.waker()),
+                    Way::Send => s.register_send_waker(cx.waker()),
+                }
                 Poll::Pending
             })
             .unwrap_or(Poll::Ready(Err(Ended::Reset)))
         })
-        .await;
-        let n = match got {
-            Ok(n) => n,
-            Err(Ended::Fin) => {
-                let _ = backend.shutdown(Shutdown::Write);
-                return Ended::Fin;
-            }
-            Err(Ended::Reset) => return Ended::Reset,
-        };
-        activity.touch();
-        // Reading opened the window: let the driver advertise it.
-        c.poke.notify_one();
-        let (res, slice) = backend.write_all(buf.slice(..n)).await;
-        buf = slice.into_inner();
-        if res.is_err() {
-            return Ended::Reset;
-        }
-        fe.metrics.bytes_to_backend.inc_by(n as u64);
+        .await
     }
-}
 
-/// Backend → client (smoltcp).
-async fn backend_to_client(
-    c: Client<'_>,
-    backend: &TcpStream,
-    fe: &Frontend,
-    activity: &Activity,
-) -> Ended {
-    let mut buf = vec![0u8; BUF_SIZE];
-    loop {
-        let (res, b) = backend.read(buf).await;
-        buf = b;
-        let n = match res {
-            Ok(0) => {
-                c.with_socket(tcp::Socket::close);
-                c.poke.notify_one();
-                return Ended::Fin;
+    /// Client (smoltcp) → backend.
+    async fn client_to_backend(self) -> Ended {
+        let (c, backend) = (self, self.backend);
+        let mut buf = vec![0u8; BUF_SIZE];
+        loop {
+            match c.ready(Way::Recv).await {
+                Ok(()) => {}
+                Err(Ended::Fin) => {
+                    let _ = backend.shutdown(Shutdown::Write);
+                    return Ended::Fin;
+                }
+                Err(Ended::Reset) => return Ended::Reset,
             }
-            Ok(n) => n,
-            Err(_) => return Ended::Reset,
-        };
-        activity.touch();
-        let mut off = 0;
-        while off < n {
-            let sent = poll_fn(|cx| {
-                c.with_socket(|s| {
-                    if !s.may_send() && s.state() != tcp::State::SynReceived {
-                        return Poll::Ready(None);
-                    }
-                    if s.can_send() {
-                        let rest = buf.get(off..n).unwrap_or_default();
-                        return Poll::Ready(Some(s.send_slice(rest).unwrap_or(0)));
-                    }
-                    s.register_send_waker(cx.waker());
-                    Poll::Pending
-                })
-                .unwrap_or(Poll::Ready(None))
-            })
-            .await;
-            match sent {
-                Some(k) => off += k,
-                None => return Ended::Reset,
-            }
+            let n = c
+                .with_socket(|s| s.recv_slice(&mut buf).unwrap_or(0))
+                .unwrap_or(0);
+            c.activity.touch();
+            // Reading opened the window: let the driver advertise it.
             c.poke.notify_one();
+            let (res, slice) = backend.write_all(buf.slice(..n)).await;
+            buf = slice.into_inner();
+            if res.is_err() {
+                return Ended::Reset;
+            }
+            c.fe.metrics.bytes_to_backend.inc_by(n as u64);
         }
-        fe.metrics.bytes_to_client.inc_by(n as u64);
+    }
+
+    /// Backend → client (smoltcp).
+    async fn backend_to_client(self) -> Ended {
+        let (c, backend) = (self, self.backend);
+        let mut buf = vec![0u8; BUF_SIZE];
+        loop {
+            let (got, b) = read(backend, buf, c.activity).await;
+            buf = b;
+            let n = match got {
+                Ok(n) => n,
+                Err(Ended::Fin) => {
+                    c.with_socket(tcp::Socket::close);
+                    c.poke.notify_one();
+                    return Ended::Fin;
+                }
+                Err(Ended::Reset) => return Ended::Reset,
+            };
+            let mut off = 0;
+            while off < n {
+                if c.ready(Way::Send).await.is_err() {
+                    return Ended::Reset;
+                }
+                let rest = buf.get(off..n).unwrap_or_default();
+                off += c
+                    .with_socket(|s| s.send_slice(rest).unwrap_or(0))
+                    .unwrap_or(0);
+                c.poke.notify_one();
+            }
+            c.fe.metrics.bytes_to_client.inc_by(n as u64);
+        }
     }
 }

@@ -131,15 +131,10 @@ fn ingress(ctx: &Rc<Ctx>, packet: Vec<u8>) {
     match classify(&ctx.shared.snapshot.load(), &packet) {
         Classified::Stack => ctx.stack.borrow_mut().push_rx(packet),
         Classified::Drop => ctx.stack.borrow_mut().dev.recycle(packet),
-        Classified::Syn { client, vip, fe } => tcp::syn(ctx, (client, vip), fe, packet),
-        Classified::Udp {
-            client,
-            vip,
-            fe,
-            payload,
-        } => {
+        Classified::Syn { key, fe } => tcp::syn(ctx, key, fe, packet),
+        Classified::Udp { key, fe, payload } => {
             if let Some(data) = packet.get(payload) {
-                udp::ingress(ctx, (client, vip), fe, data);
+                udp::ingress(ctx, key, fe, data);
             }
             ctx.stack.borrow_mut().dev.recycle(packet);
         }

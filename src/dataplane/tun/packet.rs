@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpPacket, UdpPacket, UdpRepr,
+    IpAddress, IpProtocol, IpRepr, Ipv4Packet, Ipv6Packet, TcpPacket, UdpPacket, UdpRepr,
 };
 
 use crate::dataplane::flow::{resolve, FlowKey, Verdict};
@@ -30,19 +30,15 @@ pub enum Classified {
     Drop,
     /// A new TCP connection to a frontend with usable endpoints.
     Syn {
-        /// Client address.
-        client: SocketAddr,
-        /// VIP and port.
-        vip: SocketAddr,
+        /// (client, VIP).
+        key: ConnKey,
         /// The frontend.
         fe: Arc<Frontend>,
     },
     /// A UDP datagram for a frontend with usable endpoints.
     Udp {
-        /// Client address.
-        client: SocketAddr,
-        /// VIP and port.
-        vip: SocketAddr,
+        /// (client, VIP).
+        key: ConnKey,
         /// The frontend.
         fe: Arc<Frontend>,
         /// Where the datagram's payload is in the packet.
@@ -124,8 +120,7 @@ pub fn classify(snap: &Snapshot, packet: &[u8]) -> Classified {
     };
     match (resolve(snap, &key), proto) {
         (Verdict::Forward(fe), Protocol::Tcp) => Classified::Syn {
-            client: key.src,
-            vip: key.dst,
+            key: (key.src, key.dst),
             fe,
         },
         (Verdict::Forward(fe), Protocol::Udp) => {
@@ -134,8 +129,7 @@ pub fn classify(snap: &Snapshot, packet: &[u8]) -> Classified {
                 .map(|u| usize::from(u.len()))
                 .unwrap_or(8);
             Classified::Udp {
-                client: key.src,
-                vip: key.dst,
+                key: (key.src, key.dst),
                 fe,
                 payload: start..(ip.l4 + len.max(8)).min(ip.end),
             }
@@ -197,52 +191,55 @@ pub fn udp_packet(
     payload: &[u8],
     out: &mut Vec<u8>,
 ) -> Option<()> {
-    let caps = ChecksumCapabilities::default();
     let udp = UdpRepr {
         src_port: src.port(),
         dst_port: dst.port(),
     };
-    let udp_len = 8 + payload.len();
-    let fill = |b: &mut [u8]| b.copy_from_slice(payload);
-    match (src.ip(), dst.ip()) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            let ip = Ipv4Repr {
-                src_addr: s,
-                dst_addr: d,
-                next_header: IpProtocol::Udp,
-                payload_len: udp_len,
-                hop_limit: 64,
-            };
-            if ip.buffer_len() + udp_len > usize::from(u16::MAX) {
-                return None;
-            }
-            out.clear();
-            out.resize(ip.buffer_len() + udp_len, 0);
-            let mut p = Ipv4Packet::new_unchecked(&mut out[..]);
-            ip.emit(&mut p, &caps);
-            let mut u = UdpPacket::new_unchecked(p.payload_mut());
-            udp.emit(&mut u, &s.into(), &d.into(), payload.len(), fill, &caps);
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            let ip = Ipv6Repr {
-                src_addr: s,
-                dst_addr: d,
-                next_header: IpProtocol::Udp,
-                payload_len: udp_len,
-                hop_limit: 64,
-            };
-            if udp_len > usize::from(u16::MAX) {
-                return None;
-            }
-            out.clear();
-            out.resize(ip.buffer_len() + udp_len, 0);
-            let mut p = Ipv6Packet::new_unchecked(&mut out[..]);
-            ip.emit(&mut p);
-            let mut u = UdpPacket::new_unchecked(p.payload_mut());
-            udp.emit(&mut u, &s.into(), &d.into(), payload.len(), fill, &caps);
-        }
-        _ => return None,
+    let len = 8 + payload.len();
+    ip_packet(src.ip(), dst.ip(), IpProtocol::Udp, len, out, |b, s, d| {
+        let fill = |p: &mut [u8]| p.copy_from_slice(payload);
+        let caps = ChecksumCapabilities::default();
+        udp.emit(
+            &mut UdpPacket::new_unchecked(b),
+            s,
+            d,
+            payload.len(),
+            fill,
+            &caps,
+        );
+    })
+}
+
+/// Writes into `out` an IP packet from `src` to `dst` whose `l4_len` bytes
+/// of transport header and payload `emit` fills in (given the addresses, for
+/// its checksum). `None` when the families differ or the packet would not
+/// fit its length field.
+pub fn ip_packet(
+    src: IpAddr,
+    dst: IpAddr,
+    proto: IpProtocol,
+    l4_len: usize,
+    out: &mut Vec<u8>,
+    emit: impl FnOnce(&mut [u8], &IpAddress, &IpAddress),
+) -> Option<()> {
+    if src.is_ipv4() != dst.is_ipv4() {
+        return None;
     }
+    let (s, d) = (IpAddress::from(src), IpAddress::from(dst));
+    let ip = IpRepr::new(s, d, proto, l4_len, 64);
+    // IPv4's length field counts its header, IPv6's only the payload.
+    let length_field = if src.is_ipv4() {
+        ip.buffer_len()
+    } else {
+        l4_len
+    };
+    if length_field > usize::from(u16::MAX) {
+        return None;
+    }
+    out.clear();
+    out.resize(ip.buffer_len(), 0);
+    ip.emit(&mut out[..], &ChecksumCapabilities::default());
+    emit(out.get_mut(ip.header_len()..)?, &s, &d);
     Some(())
 }
 
@@ -284,11 +281,9 @@ mod tests {
         let mut p = Vec::new();
         udp_packet(sa("10.1.0.5:5000"), sa("10.96.0.10:53"), b"hello", &mut p).unwrap();
         match classify(&sample_snapshot(true), &p) {
-            Classified::Udp {
-                payload, client, ..
-            } => {
+            Classified::Udp { payload, key, .. } => {
                 assert_eq!(&p[payload], b"hello");
-                assert_eq!(client, sa("10.1.0.5:5000"));
+                assert_eq!(key, (sa("10.1.0.5:5000"), sa("10.96.0.10:53")));
             }
             other => panic!("{other:?}"),
         }

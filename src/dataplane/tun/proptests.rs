@@ -141,19 +141,11 @@ fn describe(c: &Classified) -> String {
     match c {
         Classified::Stack => "stack".into(),
         Classified::Drop => "drop".into(),
-        Classified::Syn { client, vip, fe } => {
-            format!("syn {client} {vip} {} {:?}", fe.service, fe.endpoints)
+        Classified::Syn { key, fe } => {
+            format!("syn {key:?} {} {:?}", fe.service, fe.endpoints)
         }
-        Classified::Udp {
-            client,
-            vip,
-            fe,
-            payload,
-        } => {
-            format!(
-                "udp {client} {vip} {} {:?} {payload:?}",
-                fe.service, fe.endpoints
-            )
+        Classified::Udp { key, fe, payload } => {
+            format!("udp {key:?} {} {:?} {payload:?}", fe.service, fe.endpoints)
         }
     }
 }
@@ -166,7 +158,9 @@ fn check_any(packet: &[u8]) -> Result<Classified, TestCaseError> {
     prop_assert_eq!(describe(&c), describe(&classify(snap, packet)));
     match &c {
         Classified::Udp {
-            payload, vip, fe, ..
+            payload,
+            key: (_, vip),
+            fe,
         } => {
             prop_assert!(
                 payload.start <= payload.end && payload.end <= packet.len(),
@@ -180,7 +174,7 @@ fn check_any(packet: &[u8]) -> Result<Classified, TestCaseError> {
             };
             prop_assert!(snap.frontend(&key).is_some());
         }
-        Classified::Syn { vip, fe, .. } => {
+        Classified::Syn { key: (_, vip), fe } => {
             prop_assert!(!fe.endpoints.is_empty());
             let key = crate::state::FrontendKey {
                 addr: *vip,
@@ -247,16 +241,14 @@ proptest! {
         let c = check_any(&g.packet)?;
         let served = g.dst == Dst::Served && !g.v6; // the v6 VIP has no endpoint
         match (&c, g.udp) {
-            (Classified::Udp { client, vip, payload, .. }, true) => {
+            (Classified::Udp { key, payload, .. }, true) => {
                 prop_assert!(served, "{:?}", g);
-                prop_assert_eq!(*client, g.src);
-                prop_assert_eq!(*vip, g.to);
+                prop_assert_eq!(*key, (g.src, g.to));
                 prop_assert_eq!(&g.packet[payload.clone()], &g.payload[..]);
             }
-            (Classified::Syn { client, vip, .. }, false) => {
+            (Classified::Syn { key, .. }, false) => {
                 prop_assert!(served && g.control == TcpControl::Syn && !g.ack, "{:?}", g);
-                prop_assert_eq!(*client, g.src);
-                prop_assert_eq!(*vip, g.to);
+                prop_assert_eq!(*key, (g.src, g.to));
             }
             (Classified::Stack, _) => {
                 // Refusals and established-flow segments.

@@ -10,7 +10,7 @@ use tokio_uring::net::UdpSocket;
 
 use super::ctx::Ctx;
 use super::packet::{udp_packet, ConnKey};
-use crate::dataplane::udp::{open_backend, try_send, FlowEntry, FlowIo};
+use crate::dataplane::udp::{open_backend, try_send, FlowEntry};
 use crate::state::Frontend;
 
 /// Forwards one client datagram, opening the flow if needed.
@@ -60,12 +60,7 @@ async fn open(ctx: Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>, now: Instant, gener
     };
     let reader = tokio_uring::spawn(replies(ctx.clone(), key, sock.clone(), fe.clone()));
     let fe_bytes = fe.metrics.bytes_to_backend.clone();
-    let entry = FlowEntry {
-        endpoint: ep,
-        last_seen: now,
-        generation,
-        io: FlowIo::new(sock.clone(), reader, fe),
-    };
+    let entry = FlowEntry::opened(ep, sock.clone(), reader, fe, now, generation);
     let mut flows = ctx.flows.borrow_mut();
     let queued = flows.opening.finish(&key);
     // Room was counted for this flow while it opened.
