@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use support::netns::Topology;
 use support::*;
 
 fn dig_bin() -> Option<PathBuf> {
@@ -456,20 +457,12 @@ fn hostile_queries_get_errors_or_silence_and_never_a_crash() {
 #[test]
 fn client_resolves_a_headless_service_then_connects() {
     let Some(dig_bin) = dig_bin() else { return };
-    let port = free_port();
-    let _b1 = Backend::start(
-        SocketAddr::from((Ipv4Addr::new(127, 0, 71, 1), port)),
-        "1",
-        Mode::Http,
-    );
-    let _b2 = Backend::start(
-        SocketAddr::from((Ipv4Addr::new(127, 0, 71, 2), port)),
-        "2",
-        Mode::Http,
-    );
+    let net = Loopback::take();
+    let (port, _b) = backends(net, 2, Mode::Http);
     let pod = |i: u8| {
         format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: api-{i}, namespace: default, labels: {{app: api}}}}\nspec:\n  hostname: api-{i}\n  subdomain: api\n  containers:\n  - name: c\n    ports: [{{name: http, containerPort: {port}}}]\nstatus:\n  podIP: 127.0.71.{i}\n  conditions: [{{type: Ready, status: \"True\"}}]\n"
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: api-{i}, namespace: default, labels: {{app: api}}}}\nspec:\n  hostname: api-{i}\n  subdomain: api\n  containers:\n  - name: c\n    ports: [{{name: http, containerPort: {port}}}]\nstatus:\n  podIP: {}\n  conditions: [{{type: Ready, status: \"True\"}}]\n",
+            net.ip(i)
         )
     };
     let manifest = format!(
@@ -479,7 +472,8 @@ fn client_resolves_a_headless_service_then_connects() {
     );
     let (_rv, dns) = start_with_dns(&manifest, &[]);
     let d = dig(&dig_bin, dns, &["api.default.svc.cluster.local", "A"]);
-    assert_eq!(d.data("A"), vec!["127.0.71.1", "127.0.71.2"], "{}", d.raw);
+    let want: Vec<String> = net.ips(1..=2).iter().map(|a| a.to_string()).collect();
+    assert_eq!(d.data("A"), want, "{}", d.raw);
     let srv = dig(
         &dig_bin,
         dns,
@@ -620,21 +614,13 @@ fn env_prints_the_kubelets_variables_for_a_namespace() {
 /// the matching ready Pods, and they change as the Pods in the file change.
 #[test]
 fn selector_membership_changes_live() {
-    let port = free_port();
-    let _b1 = Backend::start(
-        SocketAddr::from((Ipv4Addr::new(127, 0, 72, 1), port)),
-        "1",
-        Mode::Http,
-    );
-    let _b2 = Backend::start(
-        SocketAddr::from((Ipv4Addr::new(127, 0, 72, 2), port)),
-        "2",
-        Mode::Http,
-    );
+    let net = Loopback::take();
+    let (port, _b) = backends(net, 2, Mode::Http);
     let node_port = free_port();
     let pod = |i: u8, app: &str, ready: bool| {
         format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: shop-{i}, namespace: default, labels: {{app: {app}}}}}\nspec:\n  nodeName: node-a\n  containers:\n  - name: c\n    ports: [{{name: web, containerPort: {port}}}]\nstatus:\n  podIP: 127.0.72.{i}\n  conditions: [{{type: Ready, status: \"{}\"}}]\n",
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: shop-{i}, namespace: default, labels: {{app: {app}}}}}\nspec:\n  nodeName: node-a\n  containers:\n  - name: c\n    ports: [{{name: web, containerPort: {port}}}]\nstatus:\n  podIP: {}\n  conditions: [{{type: Ready, status: \"{}\"}}]\n",
+            net.ip(i),
             if ready { "True" } else { "False" }
         )
     };
@@ -705,47 +691,28 @@ fn big_answers_truncate_over_udp_and_come_whole_over_tcp() {
     assert!(!d.flags.contains("tc"));
 }
 
-/// Removes /etc/netns/<ns> (the resolv.conf `ip netns exec` mounts) on drop.
-struct NetnsEtc(PathBuf);
-
-impl Drop for NetnsEtc {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The whole path a Pod's client takes: glibc's resolver (resolv.conf with the
 /// kubelet's search path and ndots:5) asks ringvip's DNS for `web`, gets the
 /// ClusterIP, and curl connects to it through ringvip's TUN. Runs in network
 /// namespaces the test creates (root), like integration/tun.rs.
 #[test]
 fn curl_resolves_a_short_name_and_connects_through_the_clusterip() {
-    if !support::netns::can_run() {
+    let Some(t) = Topology::setup(&[3]) else {
         return;
-    }
+    };
     let Some(_) = dig_bin() else { return };
     let Some(curl) = need_program("curl", "the client resolving through the system resolver")
     else {
         return;
     };
-    let t = support::netns::Topology::new(&[3]);
     let backend_addr = SocketAddr::from((t.pod_ip(3), 8080));
-    let _backend = support::netns::Topology::within(&t.pod, move || {
-        Backend::start(backend_addr, "3", Mode::Http)
-    });
-    let manifest = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n- addresses: [\"{}\"]\n",
-        t.pod_ip(3)
-    );
-    // `ip netns exec` bind-mounts /etc/netns/<ns>/resolv.conf over /etc/resolv.conf.
-    let etc = NetnsEtc(PathBuf::from("/etc/netns").join(&t.node));
-    std::fs::create_dir_all(&etc.0).unwrap();
-    std::fs::write(
-        etc.0.join("resolv.conf"),
+    let _backend = t.backend(backend_addr, "3", Mode::Http);
+    let pod = [IpAddr::V4(t.pod_ip(3))];
+    let manifest = clusterip("web", "10.96.0.10", 80, "TCP", 8080, &pod, "");
+    let _conf = t.resolv_conf(
         "nameserver 127.0.0.1\nsearch default.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5 timeout:2 attempts:1\n",
-    )
-    .unwrap();
-    let rv = Ringvip::launch(Some(&t.node), &manifest, &["--dns-addr", "127.0.0.1:53"]);
+    );
+    let rv = t.launch(&manifest, &["--dns-addr", "127.0.0.1:53"]);
     let curl = curl.display().to_string();
     // The first request once ringvip is up: DNS, TUN and relay all ready.
     let out = t.on_node(&curl, &["-sS", "--max-time", "5", "http://web/"]);

@@ -11,27 +11,42 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-fn ip(a: u8, b: u8) -> Ipv4Addr {
-    Ipv4Addr::new(127, 0, a, b)
+/// Three HTTP backends "1" to "3" on hosts .1 to .3 of a loopback block of
+/// its own, and NodePort Service `name` on a free port with the first `eps`
+/// of them as endpoints (and `spec` added), served by a started ringvip.
+/// A test binds `backends` and `rv` (`..` would drop them at once).
+struct Web {
+    net: Loopback,
+    port: u16,
+    node_port: u16,
+    backends: Vec<Backend>,
+    rv: Ringvip,
 }
 
-fn np(port: u16) -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+fn web(name: &str, eps: u8, spec: &str) -> Web {
+    let net = Loopback::take();
+    let (port, backends) = backends(net, 3, Mode::Http);
+    let node_port = free_port();
+    let m = nodeport_service(name, node_port, port, &net.ips(1..=eps), spec);
+    let rv = Ringvip::start(&m, &[]);
+    assert_serving(np(node_port));
+    Web {
+        net,
+        port,
+        node_port,
+        backends,
+        rv,
+    }
 }
 
-/// Three HTTP backends on 127.0.<net>.1-3, same port.
-fn three_backends(net: u8) -> (u16, Vec<Backend>) {
-    let port = free_port();
-    let b = (1..=3)
-        .map(|i| {
-            Backend::start(
-                SocketAddr::from((ip(net, i), port)),
-                &i.to_string(),
-                Mode::Http,
-            )
-        })
-        .collect();
-    (port, b)
+/// One backend of `mode` (host .1 of a loopback block of its own) behind
+/// NodePort Service `name` on a free port, ringvip started with `args`.
+fn one_backend(name: &str, mode: Mode, args: &[&str]) -> (Backend, Ringvip, u16) {
+    let net = Loopback::take();
+    let b = Backend::start(net.addr(1, free_port()), name, mode);
+    let node_port = free_port();
+    let m = nodeport_service(name, node_port, b.addr.port(), &[net.ip(1)], "");
+    (b, Ringvip::start(&m, args), node_port)
 }
 
 /// The first request through `addr` is served. `Ringvip::start` and
@@ -45,19 +60,12 @@ fn assert_serving(addr: SocketAddr) {
 
 #[test]
 fn balancing_spreads_over_all_endpoints() {
-    let (port, _b) = three_backends(10);
-    let node_port = free_port();
-    let rv = Ringvip::start(
-        &nodeport_service(
-            "web",
-            node_port,
-            port,
-            &[ip(10, 1), ip(10, 2), ip(10, 3)],
-            "",
-        ),
-        &[],
-    );
-    assert_serving(np(node_port));
+    let Web {
+        node_port,
+        rv,
+        backends: _backends,
+        ..
+    } = web("web", 3, "");
     let mut seen: HashMap<String, u32> = HashMap::new();
     for _ in 0..60 {
         *seen.entry(http_get(np(node_port)).unwrap()).or_default() += 1;
@@ -68,22 +76,16 @@ fn balancing_spreads_over_all_endpoints() {
 
 #[test]
 fn client_ip_affinity_sticks_and_expires() {
-    let (port, _b) = three_backends(11);
-    let node_port = free_port();
     let spec = "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 1\n";
-    let _rv = Ringvip::start(
-        &nodeport_service(
-            "sticky",
-            node_port,
-            port,
-            &[ip(11, 1), ip(11, 2), ip(11, 3)],
-            spec,
-        ),
-        &[],
-    );
-    assert_serving(np(node_port));
+    let Web {
+        node_port,
+        rv: _rv,
+        backends: _backends,
+        ..
+    } = web("sticky", 3, spec);
     // Ten clients (distinct source IPs), each pinned to one backend while active.
-    let clients: Vec<IpAddr> = (1..=10).map(|i| IpAddr::V4(ip(111, i))).collect();
+    let sources = Loopback::take();
+    let clients: Vec<IpAddr> = (1..=10).map(|i| IpAddr::V4(sources.ip(i))).collect();
     let mut first = Vec::new();
     for c in &clients {
         let b = http_get_from(Some(*c), np(node_port)).unwrap();
@@ -110,12 +112,12 @@ fn client_ip_affinity_sticks_and_expires() {
 
 #[test]
 fn removed_endpoint_gets_no_new_connections_but_established_keeps_streaming() {
-    let port = free_port();
-    let streamer = Backend::start(SocketAddr::from((ip(12, 1), port)), "1", Mode::Stream);
-    let _other = Backend::start(SocketAddr::from((ip(12, 2), port)), "2", Mode::Stream);
+    let net = Loopback::take();
+    let (port, streamers) = backends(net, 2, Mode::Stream);
+    let streamer = &streamers[0];
     let node_port = free_port();
     let rv = Ringvip::start(
-        &nodeport_service("s", node_port, port, &[ip(12, 1)], ""),
+        &nodeport_service("s", node_port, port, &[net.ip(1)], ""),
         &[],
     );
     let mut conn = connect_when_ready(np(node_port));
@@ -128,7 +130,7 @@ fn removed_endpoint_gets_no_new_connections_but_established_keeps_streaming() {
     );
 
     // Move the Service to the other endpoint.
-    rv.apply(&nodeport_service("s", node_port, port, &[ip(12, 2)], ""));
+    rv.apply(&nodeport_service("s", node_port, port, &[net.ip(2)], ""));
     // New connections go to endpoint 2 only.
     for _ in 0..10 {
         let mut c = connect_from(None, np(node_port)).unwrap();
@@ -149,14 +151,13 @@ fn removed_endpoint_gets_no_new_connections_but_established_keeps_streaming() {
 
 #[test]
 fn dead_backend_is_retried_around() {
-    let (port, mut b) = three_backends(13);
-    let node_port = free_port();
-    let rv = Ringvip::start(
-        &nodeport_service("r", node_port, port, &[ip(13, 1), ip(13, 2), ip(13, 3)], ""),
-        &[],
-    );
-    assert_serving(np(node_port));
-    b[0].kill();
+    let Web {
+        node_port,
+        mut backends,
+        rv,
+        ..
+    } = web("r", 3, "");
+    backends[0].kill();
     for i in 0..40 {
         let body = http_get(np(node_port))
             .unwrap_or_else(|e| panic!("request {i} failed: {e}\n{}", rv.log()));
@@ -191,13 +192,14 @@ fn no_endpoints_is_refused_at_once() {
 
 #[test]
 fn bad_manifest_is_reported_and_old_config_keeps_serving() {
-    let (port, _b) = three_backends(14);
-    let node_port = free_port();
-    let rv = Ringvip::start(
-        &nodeport_service("keep", node_port, port, &[ip(14, 1)], ""),
-        &[],
-    );
-    assert_serving(np(node_port));
+    let Web {
+        net,
+        port,
+        node_port,
+        rv,
+        backends: _backends,
+        ..
+    } = web("keep", 1, "");
     rv.write_manifest("apiVersion: v1\nkind: Service\nmetadata:\n  name: keep\n  spec: [\n");
     // Waits for the report itself (the file is read asynchronously); the
     // first request after it is still served.
@@ -211,7 +213,7 @@ fn bad_manifest_is_reported_and_old_config_keeps_serving() {
     assert_eq!(http_get(np(node_port)).unwrap(), "backend-1");
     // semantic error too: the port is out of range
     rv.write_manifest(
-        &nodeport_service("keep", node_port, port, &[ip(14, 1)], "")
+        &nodeport_service("keep", node_port, port, &[net.ip(1)], "")
             .replace("port: 80", "port: 70000"),
     );
     assert!(wait_until(Duration::from_secs(5), || rv
@@ -224,19 +226,20 @@ fn bad_manifest_is_reported_and_old_config_keeps_serving() {
 
 #[test]
 fn nodeport_disappears_with_its_service() {
-    let (port, _b) = three_backends(15);
-    let node_port = free_port();
+    let Web {
+        net,
+        port,
+        node_port,
+        rv,
+        backends: _backends,
+        ..
+    } = web("gone", 1, "");
     let other_port = free_port();
-    let rv = Ringvip::start(
-        &nodeport_service("gone", node_port, port, &[ip(15, 1)], ""),
-        &[],
-    );
-    assert_serving(np(node_port));
     rv.apply(&nodeport_service(
         "other",
         other_port,
         port,
-        &[ip(15, 2)],
+        &[net.ip(2)],
         "",
     ));
     // Published means programmed: the first connection after it gets the
@@ -248,10 +251,11 @@ fn nodeport_disappears_with_its_service() {
 
 #[test]
 fn udp_round_trip_replies_from_the_frontend() {
+    let net = Loopback::take();
     let port = free_port();
-    let _u = UdpBackend::start(SocketAddr::from((ip(16, 1), port)), "u1");
+    let _u = UdpBackend::start(net.addr(1, port), "u1");
     let node_port = free_port();
-    let m = nodeport_service("dns", node_port, port, &[ip(16, 1)], "").replace("TCP", "UDP");
+    let m = nodeport_service("dns", node_port, port, &[net.ip(1)], "").replace("TCP", "UDP");
     let rv = Ringvip::start(&m, &["--udp-idle-timeout-secs", "2"]);
     let c = UdpSocket::bind("127.0.0.1:0").unwrap();
     c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -292,13 +296,7 @@ fn udp_round_trip_replies_from_the_frontend() {
 
 #[test]
 fn half_close_is_passed_on() {
-    let port = free_port();
-    let _b = Backend::start(SocketAddr::from((ip(17, 1), port)), "e", Mode::Echo);
-    let node_port = free_port();
-    let _rv = Ringvip::start(
-        &nodeport_service("echo", node_port, port, &[ip(17, 1)], ""),
-        &[],
-    );
+    let (_b, _rv, node_port) = one_backend("echo", Mode::Echo, &[]);
     let mut c = connect_when_ready(np(node_port));
     let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     c.write_all(&payload).unwrap();
@@ -314,13 +312,7 @@ fn half_close_is_passed_on() {
 
 #[test]
 fn backend_reset_is_passed_on_as_reset() {
-    let port = free_port();
-    let _b = Backend::start(SocketAddr::from((ip(18, 1), port)), "r", Mode::Reset);
-    let node_port = free_port();
-    let _rv = Ringvip::start(
-        &nodeport_service("rst", node_port, port, &[ip(18, 1)], ""),
-        &[],
-    );
+    let (_b, _rv, node_port) = one_backend("rst", Mode::Reset, &[]);
     let mut c = connect_when_ready(np(node_port));
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut buf = [0u8; 16];
@@ -333,18 +325,22 @@ fn backend_reset_is_passed_on_as_reset() {
 
 #[test]
 fn load_balancer_source_ranges_are_enforced() {
-    let (port, _b) = three_backends(19);
+    let net = Loopback::take();
+    let (port, _b) = backends(net, 3, Mode::Http);
     let lb_port = free_port();
     // The LB ingress IP is a local loopback address, so ringvip serves it.
-    let lb_ip = ip(19, 100);
+    let lb_ip = net.ip(100);
+    // The source ranges: a block of their own; the outsider is in `net`.
+    let allowed = Loopback::take();
     let m = format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: lb\n  namespace: default\nspec:\n  type: LoadBalancer\n  allocateLoadBalancerNodePorts: false\n  loadBalancerSourceRanges: [\"127.0.191.0/24\"]\n  ports:\n  - name: p\n    port: {lb_port}\n    targetPort: {port}\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: \"{lb_ip}\"\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: lb-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: lb}}\naddressType: IPv4\nports: [{{name: p, port: {port}, protocol: TCP}}]\nendpoints:\n- addresses: [\"{}\"]\n",
-        ip(19, 1)
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: lb\n  namespace: default\nspec:\n  type: LoadBalancer\n  allocateLoadBalancerNodePorts: false\n  loadBalancerSourceRanges: [\"{}\"]\n  ports:\n  - name: p\n    port: {lb_port}\n    targetPort: {port}\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: \"{lb_ip}\"\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: lb-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: lb}}\naddressType: IPv4\nports: [{{name: p, port: {port}, protocol: TCP}}]\nendpoints:\n- addresses: [\"{}\"]\n",
+        allowed.cidr(),
+        net.ip(1)
     );
     let _rv = Ringvip::start(&m, &[]);
     let lb = SocketAddr::from((lb_ip, lb_port));
-    let inside = Some(IpAddr::V4(Ipv4Addr::new(127, 0, 191, 5)));
-    let outside = Some(IpAddr::V4(Ipv4Addr::new(127, 0, 192, 5)));
+    let inside = Some(IpAddr::V4(allowed.ip(5)));
+    let outside = Some(IpAddr::V4(net.ip(5)));
     // The first request from inside the ranges is served.
     assert_eq!(http_get_from(inside, lb).unwrap(), "backend-1");
     // Outsiders are dropped in the kernel (no handshake at all), as kube-proxy drops them.
@@ -356,7 +352,9 @@ fn load_balancer_source_ranges_are_enforced() {
 fn check_command_reports_errors_and_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.yaml");
-    std::fs::write(&good, nodeport_service("ok", 30080, 8080, &[ip(20, 1)], "")).unwrap();
+    // Only checked, never served: a documentation address.
+    let ep = [Ipv4Addr::new(192, 0, 2, 1)];
+    std::fs::write(&good, nodeport_service("ok", 30080, 8080, &ep, "")).unwrap();
     let out = Command::new(bin())
         .arg("check")
         .arg(&good)
@@ -371,7 +369,7 @@ fn check_command_reports_errors_and_exit_codes() {
     let bad = dir.path().join("bad.yaml");
     std::fs::write(
         &bad,
-        nodeport_service("bad", 80, 8080, &[ip(20, 1)], "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}\n"),
+        nodeport_service("bad", 80, 8080, &ep, "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}\n"),
     )
     .unwrap();
     let out = Command::new(bin()).arg("check").arg(&bad).output().unwrap();
@@ -384,13 +382,11 @@ fn check_command_reports_errors_and_exit_codes() {
 
 #[test]
 fn health_and_metrics_endpoints_answer() {
-    let (port, _b) = three_backends(21);
-    let node_port = free_port();
-    let rv = Ringvip::start(
-        &nodeport_service("m", node_port, port, &[ip(21, 1)], ""),
-        &[],
-    );
-    assert_serving(np(node_port));
+    let Web {
+        rv,
+        backends: _backends,
+        ..
+    } = web("m", 1, "");
     let h = admin_get(rv.health, "/healthz");
     assert!(h.starts_with("HTTP/1.1 200"), "{h}");
     assert!(h.contains("\"healthy\":true"), "{h}");
@@ -426,13 +422,14 @@ fn nginx_backends_through_a_nodeport_with_curl() {
     let Some(curl) = need_program("curl", "a real HTTP client") else {
         return;
     };
+    let net = Loopback::take();
     let port = free_port();
     let _n: Vec<Nginx> = (1..=2)
-        .map(|i| Nginx::start(&nginx, SocketAddr::from((ip(22, i), port)), &i.to_string()))
+        .map(|i| Nginx::start(&nginx, net.addr(i, port), &i.to_string()))
         .collect();
     let node_port = free_port();
     let _rv = Ringvip::start(
-        &nodeport_service("ng", node_port, port, &[ip(22, 1), ip(22, 2)], ""),
+        &nodeport_service("ng", node_port, port, &net.ips(1..=2), ""),
         &[],
     );
     assert_serving(np(node_port));
@@ -472,12 +469,13 @@ fn udp_without_endpoints_gets_port_unreachable() {
 
 #[test]
 fn udp_flow_moves_when_its_endpoint_is_removed() {
+    let net = Loopback::take();
     let port = free_port();
-    let _u1 = UdpBackend::start(SocketAddr::from((ip(23, 1), port)), "u1");
-    let _u2 = UdpBackend::start(SocketAddr::from((ip(23, 2), port)), "u2");
+    let _u1 = UdpBackend::start(net.addr(1, port), "u1");
+    let _u2 = UdpBackend::start(net.addr(2, port), "u2");
     let node_port = free_port();
     let m = |ep| nodeport_service("flow", node_port, port, &[ep], "").replace("TCP", "UDP");
-    let rv = Ringvip::start(&m(ip(23, 1)), &[]);
+    let rv = Ringvip::start(&m(net.ip(1)), &[]);
     let c = UdpSocket::bind("127.0.0.1:0").unwrap();
     c.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
@@ -488,7 +486,7 @@ fn udp_flow_moves_when_its_endpoint_is_removed() {
         Some(String::from_utf8_lossy(&buf[..n]).into_owned())
     };
     assert_eq!(ask().as_deref(), Some("u1:x"), "first datagram");
-    rv.apply(&m(ip(23, 2)));
+    rv.apply(&m(net.ip(2)));
     // The same client flow is re-pinned at once, well before the idle timeout (30 s).
     assert_eq!(ask().as_deref(), Some("u2:x"));
 }
@@ -498,11 +496,12 @@ fn udp_flow_moves_when_its_endpoint_is_removed() {
 /// backend sent again: a descriptor and 64 KiB per flow, never returned.)
 #[test]
 fn expired_udp_flows_close_their_backend_sockets() {
+    let net = Loopback::take();
     let port = free_port();
-    let backend = SocketAddr::from((ip(28, 1), port));
+    let backend = net.addr(1, port);
     let _u = UdpBackend::start(backend, "u1");
     let node_port = free_port();
-    let m = nodeport_service("flows", node_port, port, &[ip(28, 1)], "").replace("TCP", "UDP");
+    let m = nodeport_service("flows", node_port, port, &[net.ip(1)], "").replace("TCP", "UDP");
     // Idle 3 s: long enough that no flow expires while the 100 are made.
     let rv = Ringvip::start(&m, &["--udp-idle-timeout-secs", "3"]);
     let mut buf = [0u8; 64];
@@ -534,19 +533,20 @@ fn expired_udp_flows_close_their_backend_sockets() {
 fn blackholed_backend_times_out_and_is_retried_around() {
     use ringvip::model::Protocol;
     use ringvip::state::{ListenerMode, ListenerSpec};
+    let net = Loopback::take();
     let port = free_port();
     // A socket whose filter drops every SYN: connects to it time out.
     let _hole = ringvip::dataplane::socket::open(&ListenerSpec {
-        addr: SocketAddr::from((ip(24, 1), port)),
+        addr: net.addr(1, port),
         proto: Protocol::Tcp,
         mode: ListenerMode::Drop,
         allow: Vec::new().into(),
     })
     .unwrap();
-    let _b = Backend::start(SocketAddr::from((ip(24, 2), port)), "2", Mode::Http);
+    let _b = Backend::start(net.addr(2, port), "2", Mode::Http);
     let node_port = free_port();
     let rv = Ringvip::start(
-        &nodeport_service("hole", node_port, port, &[ip(24, 1), ip(24, 2)], ""),
+        &nodeport_service("hole", node_port, port, &net.ips(1..=2), ""),
         &[],
     );
     assert_serving(np(node_port));
@@ -563,12 +563,13 @@ fn blackholed_backend_times_out_and_is_retried_around() {
 
 #[test]
 fn health_check_node_port_reports_local_endpoints() {
-    let (port, _b) = three_backends(25);
+    let net = Loopback::take();
+    let (port, _b) = backends(net, 3, Mode::Http);
     let node_port = free_port();
     let hc = free_port();
     let spec = format!("  externalTrafficPolicy: Local\n  healthCheckNodePort: {hc}\n");
     let m = |node: &str| {
-        nodeport_service("lb", node_port, port, &[ip(25, 1)], &spec)
+        nodeport_service("lb", node_port, port, &[net.ip(1)], &spec)
             .replace("type: NodePort", "type: LoadBalancer")
             .replace("nodeName: node-a", &format!("nodeName: {node}"))
     };
@@ -602,13 +603,8 @@ fn health_check_node_port_reports_local_endpoints() {
 
 #[test]
 fn sigterm_drains_established_connections_and_refuses_new_ones() {
-    let port = free_port();
-    let _s = Backend::start(SocketAddr::from((ip(26, 1), port)), "s", Mode::Stream);
-    let node_port = free_port();
-    let mut rv = Ringvip::start(
-        &nodeport_service("drain", node_port, port, &[ip(26, 1)], ""),
-        &["--drain-timeout-secs", "10"],
-    );
+    let (_s, mut rv, node_port) =
+        one_backend("drain", Mode::Stream, &["--drain-timeout-secs", "10"]);
     let mut conn = connect_when_ready(np(node_port));
     conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut buf = [0u8; 64];
@@ -641,13 +637,12 @@ fn sigterm_drains_established_connections_and_refuses_new_ones() {
 
 #[test]
 fn status_shows_frontends_endpoints_and_traffic() {
-    let (port, _b) = three_backends(27);
-    let node_port = free_port();
-    let rv = Ringvip::start(
-        &nodeport_service("st", node_port, port, &[ip(27, 1), ip(27, 2)], ""),
-        &[],
-    );
-    assert_serving(np(node_port));
+    let Web {
+        node_port,
+        rv,
+        backends: _backends,
+        ..
+    } = web("st", 2, "");
     for _ in 0..4 {
         http_get(np(node_port)).unwrap();
     }

@@ -4,20 +4,12 @@
 
 mod support;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::kubeapi::*;
 use support::*;
-
-fn ip(a: u8, b: u8) -> Ipv4Addr {
-    Ipv4Addr::new(127, 0, a, b)
-}
-
-fn np(port: u16) -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
-}
 
 /// The backend's name, from one request through `addr`.
 fn who(addr: SocketAddr) -> Option<String> {
@@ -58,57 +50,64 @@ fn wait_answer(addr: SocketAddr, want: &Answer, limit: Duration) -> bool {
     }
 }
 
-/// One connection to `addr` is refused.
-fn refused(addr: SocketAddr) -> bool {
-    ask(addr) == Answer::Refused
-}
-
-/// A metric's value (first sample line starting with `name` and containing `filter`).
-fn metric(r: &Ringvip, name: &str, filter: &str) -> Option<f64> {
-    let text = admin_get(r.metrics, "/metrics");
-    text.lines()
-        .find(|l| l.starts_with(name) && l.contains(filter))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
-/// A Service `web` on a fresh NodePort with one backend `b1` on 127.0.<net>.1.
+/// A Service `web` on a fresh NodePort with one backend `b1` on host .1 of a
+/// loopback block of its own; backend `b<h>` is on host .h.
 struct World {
     api: ApiServer,
+    net: Loopback,
     node_port: u16,
     backend_port: u16,
     backends: Vec<Backend>,
 }
 
-fn world(net: u8, more: Vec<Value>) -> Option<World> {
+fn world(more: Vec<Value>) -> Option<World> {
+    let net = Loopback::take();
     let node_port = free_port();
     let backend_port = free_port();
-    let backends = vec![Backend::start(
-        SocketAddr::from((ip(net, 1), backend_port)),
-        "b1",
-        Mode::Http,
-    )];
     let mut ops = vec![
         op("services", service("web", node_port, Value::Null)),
         op(
             "endpointslices",
-            slice("web-1", "web", backend_port, &[ip(net, 1)]),
+            slice("web-1", "web", backend_port, &[net.ip(1)]),
         ),
         op("nodes", node(Value::Null, false)),
     ];
     ops.extend(more);
-    let api = ApiServer::start(Value::Array(ops))?;
-    Some(World {
-        api,
+    let mut w = World {
+        api: ApiServer::start(Value::Array(ops))?,
+        net,
         node_port,
         backend_port,
-        backends,
-    })
+        backends: Vec::new(),
+    };
+    w.add_backend(1);
+    Some(w)
+}
+
+impl World {
+    /// Starts HTTP backend `b<host>` on host .host, the backend port.
+    fn add_backend(&mut self, host: u8) {
+        let addr = self.net.addr(host, self.backend_port);
+        let name = format!("b{host}");
+        self.backends.push(Backend::start(addr, &name, Mode::Http));
+    }
+
+    /// EndpointSlice `<service>-1` with ready endpoints on `hosts`.
+    fn slice(&self, service: &str, hosts: &[u8]) -> Value {
+        let ips = self.net.ips(hosts.iter().copied());
+        slice(&format!("{service}-1"), service, self.backend_port, &ips)
+    }
+
+    /// Applies `web`'s slice with endpoints on `hosts`.
+    fn move_web(&self, hosts: &[u8]) {
+        self.api
+            .apply(&[("endpointslices", self.slice("web", hosts))]);
+    }
 }
 
 #[test]
 fn initial_sync_serves_a_nodeport_to_a_real_backend() {
-    let Some(w) = world(61, vec![]) else { return };
+    let Some(w) = world(vec![]) else { return };
     let r = Ringvip::start_kube(&w.api, &[]);
     assert!(
         wait_backend(np(w.node_port), "b1", Duration::from_secs(10)),
@@ -120,22 +119,22 @@ fn initial_sync_serves_a_nodeport_to_a_real_backend() {
     assert_eq!(w.api.stat("lists"), 3);
     assert!(admin_get(r.health, "/healthz").starts_with("HTTP/1.1 200"));
     assert_eq!(
-        metric(&r, "ringvip_sync_proxy_rules_service_changes_total", ""),
+        r.metric("ringvip_sync_proxy_rules_service_changes_total", &[]),
         Some(1.0)
     );
     assert_eq!(
-        metric(&r, "ringvip_sync_proxy_rules_endpoint_changes_total", ""),
+        r.metric("ringvip_sync_proxy_rules_endpoint_changes_total", &[]),
         Some(1.0)
     );
     assert_eq!(
-        metric(&r, "ringvip_sync_proxy_rules_endpoint_changes_pending", ""),
+        r.metric("ringvip_sync_proxy_rules_endpoint_changes_pending", &[]),
         Some(0.0)
     );
 }
 
 #[test]
 fn no_frontend_until_services_and_slices_have_both_listed() {
-    let Some(w) = world(62, vec![]) else { return };
+    let Some(w) = world(vec![]) else { return };
     w.api.post("/hold", json!({"resource": "endpointslices"}));
     let r = Ringvip::start_kube(&w.api, &[]);
     // Services and the Node listed; the slices list is stuck in the server.
@@ -158,7 +157,7 @@ fn no_frontend_until_services_and_slices_have_both_listed() {
 
 #[test]
 fn services_and_slices_added_changed_and_deleted_take_effect() {
-    let Some(mut w) = world(63, vec![]) else {
+    let Some(mut w) = world(vec![]) else {
         return;
     };
     let r = Ringvip::start_kube(&w.api, &[]);
@@ -171,17 +170,10 @@ fn services_and_slices_added_changed_and_deleted_take_effect() {
 
     // A new Service and slice.
     let api_port = free_port();
-    w.backends.push(Backend::start(
-        SocketAddr::from((ip(63, 2), w.backend_port)),
-        "b2",
-        Mode::Http,
-    ));
+    w.add_backend(2);
     w.api.apply(&[
         ("services", service("api", api_port, Value::Null)),
-        (
-            "endpointslices",
-            slice("api-1", "api", w.backend_port, &[ip(63, 2)]),
-        ),
+        ("endpointslices", w.slice("api", &[2])),
     ]);
     assert!(
         wait_backend(np(api_port), "b2", Duration::from_secs(5)),
@@ -190,10 +182,7 @@ fn services_and_slices_added_changed_and_deleted_take_effect() {
     );
 
     // A slice changed: web moves to b2.
-    w.api.apply(&[(
-        "endpointslices",
-        slice("web-1", "web", w.backend_port, &[ip(63, 2)]),
-    )]);
+    w.move_web(&[2]);
     assert!(wait_backend(web, "b2", Duration::from_secs(5)));
     for _ in 0..10 {
         assert_eq!(who(web).as_deref(), Some("b2"));
@@ -218,10 +207,7 @@ fn services_and_slices_added_changed_and_deleted_take_effect() {
                 json!({"service.kubernetes.io/service-proxy-name": "cilium"}),
             ),
         ),
-        (
-            "endpointslices",
-            slice("other-1", "other", w.backend_port, &[ip(63, 2)]),
-        ),
+        ("endpointslices", w.slice("other", &[2])),
         (
             "services",
             service(
@@ -230,10 +216,7 @@ fn services_and_slices_added_changed_and_deleted_take_effect() {
                 json!({"service.kubernetes.io/service-proxy-name": "ringvip"}),
             ),
         ),
-        (
-            "endpointslices",
-            slice("mine-1", "mine", w.backend_port, &[ip(63, 2)]),
-        ),
+        ("endpointslices", w.slice("mine", &[2])),
     ]);
     assert!(wait_backend(np(mine), "b2", Duration::from_secs(5)));
     assert!(refused(np(other)));
@@ -248,7 +231,7 @@ fn services_and_slices_added_changed_and_deleted_take_effect() {
 
 #[test]
 fn a_dropped_watch_resumes_from_its_resource_version_without_relisting() {
-    let Some(mut w) = world(64, vec![]) else {
+    let Some(mut w) = world(vec![]) else {
         return;
     };
     let r = Ringvip::start_kube(&w.api, &[]);
@@ -263,15 +246,8 @@ fn a_dropped_watch_resumes_from_its_resource_version_without_relisting() {
     let watch_requests = w.api.stat("watch_requests");
     w.api.post("/drop", json!(null));
     // Changed while no watch is open: replayed on resume.
-    w.backends.push(Backend::start(
-        SocketAddr::from((ip(64, 2), w.backend_port)),
-        "b2",
-        Mode::Http,
-    ));
-    w.api.apply(&[(
-        "endpointslices",
-        slice("web-1", "web", w.backend_port, &[ip(64, 2)]),
-    )]);
+    w.add_backend(2);
+    w.move_web(&[2]);
     assert!(
         wait_backend(web, "b2", Duration::from_secs(5)),
         "{}",
@@ -283,7 +259,7 @@ fn a_dropped_watch_resumes_from_its_resource_version_without_relisting() {
 
 #[test]
 fn an_expired_resource_version_relists_and_finds_deletes() {
-    let Some(mut w) = world(65, vec![]) else {
+    let Some(mut w) = world(vec![]) else {
         return;
     };
     let r = Ringvip::start_kube(&w.api, &[]);
@@ -291,10 +267,7 @@ fn an_expired_resource_version_relists_and_finds_deletes() {
     let gone_port = free_port();
     w.api.apply(&[
         ("services", service("gone", gone_port, Value::Null)),
-        (
-            "endpointslices",
-            slice("gone-1", "gone", w.backend_port, &[ip(65, 1)]),
-        ),
+        ("endpointslices", w.slice("gone", &[1])),
     ]);
     assert!(
         wait_backend(np(gone_port), "b1", Duration::from_secs(10)),
@@ -308,15 +281,8 @@ fn an_expired_resource_version_relists_and_finds_deletes() {
     w.api.post("/stop", json!(null));
     w.api.delete("services", "gone");
     w.api.delete("endpointslices", "gone-1");
-    w.backends.push(Backend::start(
-        SocketAddr::from((ip(65, 2), w.backend_port)),
-        "b2",
-        Mode::Http,
-    ));
-    w.api.apply(&[(
-        "endpointslices",
-        slice("web-1", "web", w.backend_port, &[ip(65, 2)]),
-    )]);
+    w.add_backend(2);
+    w.move_web(&[2]);
     w.api.post("/start", json!(null));
     assert!(
         wait_backend(web, "b2", Duration::from_secs(20)),
@@ -340,10 +306,7 @@ fn an_expired_resource_version_relists_and_finds_deletes() {
     // /expire on a live server: same story.
     let lists = w.api.stat("lists");
     w.api.post("/expire", json!(null));
-    w.api.apply(&[(
-        "endpointslices",
-        slice("web-1", "web", w.backend_port, &[ip(65, 1)]),
-    )]);
+    w.move_web(&[1]);
     assert!(
         wait_backend(web, "b1", Duration::from_secs(20)),
         "{}",
@@ -354,7 +317,7 @@ fn an_expired_resource_version_relists_and_finds_deletes() {
 
 #[test]
 fn traffic_keeps_flowing_while_the_api_server_is_down() {
-    let Some(mut w) = world(66, vec![]) else {
+    let Some(mut w) = world(vec![]) else {
         return;
     };
     let r = Ringvip::start_kube(&w.api, &[]);
@@ -377,16 +340,9 @@ fn traffic_keeps_flowing_while_the_api_server_is_down() {
     assert!(n > 10);
     assert!(admin_get(r.health, "/healthz").starts_with("HTTP/1.1 200"));
     // Back (a plain restart): changes flow again.
-    w.backends.push(Backend::start(
-        SocketAddr::from((ip(66, 2), w.backend_port)),
-        "b2",
-        Mode::Http,
-    ));
+    w.add_backend(2);
     w.api.post("/start", json!(null));
-    w.api.apply(&[(
-        "endpointslices",
-        slice("web-1", "web", w.backend_port, &[ip(66, 2)]),
-    )]);
+    w.move_web(&[2]);
     assert!(
         wait_backend(web, "b2", Duration::from_secs(40)),
         "{}",
@@ -397,7 +353,7 @@ fn traffic_keeps_flowing_while_the_api_server_is_down() {
 
 #[test]
 fn an_endpoint_change_reaches_the_data_plane_fast_and_is_measured() {
-    let Some(mut w) = world(67, vec![]) else {
+    let Some(mut w) = world(vec![]) else {
         return;
     };
     let r = Ringvip::start_kube(&w.api, &[]);
@@ -407,12 +363,8 @@ fn an_endpoint_change_reaches_the_data_plane_fast_and_is_measured() {
         "{}",
         r.log()
     );
-    w.backends.push(Backend::start(
-        SocketAddr::from((ip(67, 2), w.backend_port)),
-        "b2",
-        Mode::Http,
-    ));
-    let mut s = slice("web-1", "web", w.backend_port, &[ip(67, 2)]);
+    w.add_backend(2);
+    let mut s = w.slice("web", &[2]);
     let started = Instant::now();
     // The EndpointSlice controller's trigger time: now.
     let now = std::time::SystemTime::now()
@@ -442,11 +394,9 @@ fn an_endpoint_change_reaches_the_data_plane_fast_and_is_measured() {
     // measured once every worker has applied it, a moment later: a delay is
     // part of this contract.
     assert!(
-        wait_until(Duration::from_secs(2), || metric(
-            &r,
-            "ringvip_network_programming_duration_seconds_count",
-            ""
-        ) == Some(1.0)),
+        wait_until(Duration::from_secs(2), || r
+            .metric("ringvip_network_programming_duration_seconds_count", &[])
+            == Some(1.0)),
         "{}",
         admin_get(r.metrics, "/metrics")
     );
@@ -469,21 +419,14 @@ fn civil(z: i64) -> (i64, u32, u32) {
 #[test]
 fn the_node_gives_the_zone_and_its_deletion_turns_healthz_503() {
     // Two endpoints hinted for different zones; this Node is in zone-b.
-    let Some(mut w) = world(
-        68,
-        vec![op(
-            "nodes",
-            node(json!({"topology.kubernetes.io/zone": "zone-b"}), false),
-        )],
-    ) else {
+    let Some(mut w) = world(vec![op(
+        "nodes",
+        node(json!({"topology.kubernetes.io/zone": "zone-b"}), false),
+    )]) else {
         return;
     };
-    w.backends.push(Backend::start(
-        SocketAddr::from((ip(68, 2), w.backend_port)),
-        "b2",
-        Mode::Http,
-    ));
-    let mut s = slice("web-1", "web", w.backend_port, &[ip(68, 1), ip(68, 2)]);
+    w.add_backend(2);
+    let mut s = w.slice("web", &[1, 2]);
     s["endpoints"][0]["hints"] = json!({"forZones": [{"name": "zone-a"}]});
     s["endpoints"][1]["hints"] = json!({"forZones": [{"name": "zone-b"}]});
     w.api.apply(&[("endpointslices", s)]);
