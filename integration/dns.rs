@@ -108,6 +108,15 @@ fn dig(bin: &Path, server: SocketAddr, args: &[&str]) -> Dig {
     d
 }
 
+/// [`dig`], over TCP when `tcp`.
+fn dig_over(bin: &Path, server: SocketAddr, tcp: bool, args: &[&str]) -> Dig {
+    let mut args = args.to_vec();
+    if tcp {
+        args.push("+tcp");
+    }
+    dig(bin, server, &args)
+}
+
 fn dns_flags(port: u16) -> Vec<String> {
     vec!["--dns-addr".into(), format!("127.0.0.1:{port}")]
 }
@@ -177,11 +186,7 @@ fn dig_gets_every_record_type_over_udp_and_tcp() {
     let (rv, dns) = start_with_dns(ZONE_MANIFEST, &[]);
     for tcp in [false, true] {
         let q = |name: &str, t: &str| {
-            let mut args = vec![name, t];
-            if tcp {
-                args.push("+tcp");
-            }
-            let d = dig(&dig_bin, dns, &args);
+            let d = dig_over(&dig_bin, dns, tcp, &[name, t]);
             assert!(
                 !d.status.is_empty(),
                 "no answer for {name} {t}:\n{}\n{}",
@@ -227,20 +232,12 @@ fn dig_gets_every_record_type_over_udp_and_tcp() {
         let d = q("ext.default.svc.cluster.local", "A");
         assert_eq!(d.data("CNAME"), vec!["db.example.com."]);
         // PTR.
-        let mut args = vec!["-x", "10.96.0.10"];
-        if tcp {
-            args.push("+tcp");
-        }
         assert_eq!(
-            dig(&dig_bin, dns, &args).data("PTR"),
+            dig_over(&dig_bin, dns, tcp, &["-x", "10.96.0.10"]).data("PTR"),
             vec!["web.default.svc.cluster.local."]
         );
-        let mut args = vec!["-x", "10.244.0.1"];
-        if tcp {
-            args.push("+tcp");
-        }
         assert_eq!(
-            dig(&dig_bin, dns, &args).data("PTR"),
+            dig_over(&dig_bin, dns, tcp, &["-x", "10.244.0.1"]).data("PTR"),
             vec!["db-0.db.shop.svc.cluster.local."]
         );
         assert_eq!(
@@ -256,13 +253,7 @@ fn dig_negative_answers_search_path_and_refused() {
     let Some(dig_bin) = dig_bin() else { return };
     let (_rv, dns) = start_with_dns(ZONE_MANIFEST, &[]);
     for tcp in [false, true] {
-        let q = |name: &str, t: &str| {
-            let mut args = vec![name, t];
-            if tcp {
-                args.push("+tcp");
-            }
-            dig(&dig_bin, dns, &args)
-        };
+        let q = |name: &str, t: &str| dig_over(&dig_bin, dns, tcp, &[name, t]);
         for name in [
             "nope.default.svc.cluster.local",
             "web.nope.svc.cluster.local",
@@ -340,17 +331,12 @@ fn out_of_zone_names_go_to_the_upstream() {
     );
     let (_rv, dns) = start_with_dns(ZONE_MANIFEST, &["--dns-upstream", &up_addr.to_string()]);
     for tcp in [false, true] {
-        let mut args = vec!["web.default.svc.upstream.test", "A"];
-        if tcp {
-            args.push("+tcp");
-        }
-        let d = dig(&dig_bin, dns, &args);
+        let d = dig_over(&dig_bin, dns, tcp, &["web.default.svc.upstream.test", "A"]);
         assert_eq!(d.status, "NOERROR", "{}", d.raw);
         assert_eq!(d.data("A"), vec!["10.96.0.10"]);
         assert_eq!(d.ttls, vec![30], "the upstream's --dns-ttl");
         // Its own zone is still its own.
-        args[0] = "web.default.svc.cluster.local";
-        let d = dig(&dig_bin, dns, &args);
+        let d = dig_over(&dig_bin, dns, tcp, &["web.default.svc.cluster.local", "A"]);
         assert!(d.flags.contains("aa"), "{}", d.raw);
     }
     // An upstream that does not answer: SERVFAIL, not a hang. The upstream
@@ -457,8 +443,7 @@ fn hostile_queries_get_errors_or_silence_and_never_a_crash() {
 #[test]
 fn client_resolves_a_headless_service_then_connects() {
     let Some(dig_bin) = dig_bin() else { return };
-    let net = Loopback::take();
-    let (port, _b) = backends(net, 2, Mode::Http);
+    let (net, port, _b) = backends(2, Mode::Http);
     let pod = |i: u8| {
         format!(
             "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: api-{i}, namespace: default, labels: {{app: api}}}}\nspec:\n  hostname: api-{i}\n  subdomain: api\n  containers:\n  - name: c\n    ports: [{{name: http, containerPort: {port}}}]\nstatus:\n  podIP: {}\n  conditions: [{{type: Ready, status: \"True\"}}]\n",
@@ -566,17 +551,8 @@ fn env_prints_the_kubelets_variables_for_a_namespace() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("svc.yaml");
     std::fs::write(&path, ENV_MANIFEST).unwrap();
-    let out = Command::new(bin())
-        .args(["env", "--namespace", "shop"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), ENV_EXPECTED);
+    let stdout = command_ok(&["env", "--namespace", "shop", path.to_str().unwrap()]);
+    assert_eq!(stdout, ENV_EXPECTED);
 
     // A shell can source it.
     let script = format!(
@@ -596,11 +572,7 @@ fn env_prints_the_kubelets_variables_for_a_namespace() {
         "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec:\n  ports: [{port: 0}]\n",
     )
     .unwrap();
-    let out = Command::new(bin())
-        .args(["env", "-n", "shop"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let out = command(&["env", "-n", "shop", dir.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stdout.is_empty());
     assert!(
@@ -614,8 +586,7 @@ fn env_prints_the_kubelets_variables_for_a_namespace() {
 /// the matching ready Pods, and they change as the Pods in the file change.
 #[test]
 fn selector_membership_changes_live() {
-    let net = Loopback::take();
-    let (port, _b) = backends(net, 2, Mode::Http);
+    let (net, port, _b) = backends(2, Mode::Http);
     let node_port = free_port();
     let pod = |i: u8, app: &str, ready: bool| {
         format!(

@@ -24,8 +24,7 @@ struct Web {
 }
 
 fn web(name: &str, eps: u8, spec: &str) -> Web {
-    let net = Loopback::take();
-    let (port, backends) = backends(net, 3, Mode::Http);
+    let (net, port, backends) = backends(3, Mode::Http);
     let node_port = free_port();
     let m = nodeport_service(name, node_port, port, &net.ips(1..=eps), spec);
     let rv = Ringvip::start(&m, &[]);
@@ -112,8 +111,7 @@ fn client_ip_affinity_sticks_and_expires() {
 
 #[test]
 fn removed_endpoint_gets_no_new_connections_but_established_keeps_streaming() {
-    let net = Loopback::take();
-    let (port, streamers) = backends(net, 2, Mode::Stream);
+    let (net, port, streamers) = backends(2, Mode::Stream);
     let streamer = &streamers[0];
     let node_port = free_port();
     let rv = Ringvip::start(
@@ -251,9 +249,7 @@ fn nodeport_disappears_with_its_service() {
 
 #[test]
 fn udp_round_trip_replies_from_the_frontend() {
-    let net = Loopback::take();
-    let port = free_port();
-    let _u = UdpBackend::start(net.addr(1, port), "u1");
+    let (net, port, _u) = udp_backends(1);
     let node_port = free_port();
     let m = nodeport_service("dns", node_port, port, &[net.ip(1)], "").replace("TCP", "UDP");
     let rv = Ringvip::start(&m, &["--udp-idle-timeout-secs", "2"]);
@@ -325,8 +321,7 @@ fn backend_reset_is_passed_on_as_reset() {
 
 #[test]
 fn load_balancer_source_ranges_are_enforced() {
-    let net = Loopback::take();
-    let (port, _b) = backends(net, 3, Mode::Http);
+    let (net, port, _b) = backends(3, Mode::Http);
     let lb_port = free_port();
     // The LB ingress IP is a local loopback address, so ringvip serves it.
     let lb_ip = net.ip(100);
@@ -355,16 +350,7 @@ fn check_command_reports_errors_and_exit_codes() {
     // Only checked, never served: a documentation address.
     let ep = [Ipv4Addr::new(192, 0, 2, 1)];
     std::fs::write(&good, nodeport_service("ok", 30080, 8080, &ep, "")).unwrap();
-    let out = Command::new(bin())
-        .arg("check")
-        .arg(&good)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    command_ok(&["check", good.to_str().unwrap()]);
 
     let bad = dir.path().join("bad.yaml");
     std::fs::write(
@@ -372,7 +358,7 @@ fn check_command_reports_errors_and_exit_codes() {
         nodeport_service("bad", 80, 8080, &ep, "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}\n"),
     )
     .unwrap();
-    let out = Command::new(bin()).arg("check").arg(&bad).output().unwrap();
+    let out = command(&["check", bad.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("bad.yaml"), "{text}");
@@ -399,16 +385,7 @@ fn health_and_metrics_endpoints_answer() {
 
 #[test]
 fn demo_runs_and_shows_balancing_and_affinity() {
-    let out = Command::new(bin())
-        .args(["demo", "--once"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = command_ok(&["demo", "--once"]);
     assert!(text.contains("curl http://127.0.0.1:"), "{text}");
     assert!(text.contains("random NodePort"), "{text}");
 }
@@ -469,10 +446,7 @@ fn udp_without_endpoints_gets_port_unreachable() {
 
 #[test]
 fn udp_flow_moves_when_its_endpoint_is_removed() {
-    let net = Loopback::take();
-    let port = free_port();
-    let _u1 = UdpBackend::start(net.addr(1, port), "u1");
-    let _u2 = UdpBackend::start(net.addr(2, port), "u2");
+    let (net, port, _u) = udp_backends(2);
     let node_port = free_port();
     let m = |ep| nodeport_service("flow", node_port, port, &[ep], "").replace("TCP", "UDP");
     let rv = Ringvip::start(&m(net.ip(1)), &[]);
@@ -496,10 +470,8 @@ fn udp_flow_moves_when_its_endpoint_is_removed() {
 /// backend sent again: a descriptor and 64 KiB per flow, never returned.)
 #[test]
 fn expired_udp_flows_close_their_backend_sockets() {
-    let net = Loopback::take();
-    let port = free_port();
+    let (net, port, _u) = udp_backends(1);
     let backend = net.addr(1, port);
-    let _u = UdpBackend::start(backend, "u1");
     let node_port = free_port();
     let m = nodeport_service("flows", node_port, port, &[net.ip(1)], "").replace("TCP", "UDP");
     // Idle 3 s: long enough that no flow expires while the 100 are made.
@@ -563,8 +535,7 @@ fn blackholed_backend_times_out_and_is_retried_around() {
 
 #[test]
 fn health_check_node_port_reports_local_endpoints() {
-    let net = Loopback::take();
-    let (port, _b) = backends(net, 3, Mode::Http);
+    let (net, port, _b) = backends(3, Mode::Http);
     let node_port = free_port();
     let hc = free_port();
     let spec = format!("  externalTrafficPolicy: Local\n  healthCheckNodePort: {hc}\n");
@@ -646,18 +617,8 @@ fn status_shows_frontends_endpoints_and_traffic() {
     for _ in 0..4 {
         http_get(np(node_port)).unwrap();
     }
-    let run = |fmt: &str| {
-        let out = Command::new(bin())
-            .args(["status", "--admin", &rv.metrics.to_string(), "-o", fmt])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let admin = rv.metrics.to_string();
+    let run = |fmt: &str| command_ok(&["status", "--admin", &admin, "-o", fmt]);
     let table = run("table");
     let line = table
         .lines()
@@ -679,10 +640,7 @@ fn status_shows_frontends_endpoints_and_traffic() {
     assert!(row["total"].as_u64().unwrap() >= 4, "{row}");
     assert!(row["bytes_to_client"].as_u64().unwrap() > 0, "{row}");
     // Nothing listening: a clear error, exit code 2.
-    let out = Command::new(bin())
-        .args(["status", "--admin", &format!("127.0.0.1:{}", free_port())])
-        .output()
-        .unwrap();
+    let out = command(&["status", "--admin", &np(free_port()).to_string()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the admin API"));
 }

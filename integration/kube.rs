@@ -18,18 +18,26 @@ fn who(addr: SocketAddr) -> Option<String> {
         .and_then(|b| b.rsplit("backend-").next().map(|s| s.trim().to_string()))
 }
 
-/// Waits until requests through `addr` reach backend `name`. An API change
-/// reaches ringvip through its watch, asynchronously, so the requests before
-/// may still see the state before it (another backend, refused, or reset when
-/// one raced a listener's close); a client that hangs or is dropped fails the
-/// test at once.
-fn wait_backend(addr: SocketAddr, name: &str, limit: Duration) -> bool {
-    wait_answer(addr, &Answer::Backend(name.to_string()), limit)
+/// Waits until requests through `addr` reach backend `name`, at most `secs`
+/// seconds, and fails the test (with ringvip's log) if they never do. An API
+/// change reaches ringvip through its watch, asynchronously, so the requests
+/// before may still see the state before it (another backend, refused, or
+/// reset when one raced a listener's close); a client that hangs or is
+/// dropped fails the test at once.
+fn reaches(r: &Ringvip, addr: SocketAddr, name: &str, secs: u64) {
+    let want = Answer::Backend(name.to_string());
+    let limit = Duration::from_secs(secs);
+    assert!(wait_answer(addr, &want, limit), "{addr}\n{}", r.log());
 }
 
-/// Like [`wait_backend`], until the port is closed.
-fn wait_refused(addr: SocketAddr, limit: Duration) -> bool {
-    wait_answer(addr, &Answer::Refused, limit)
+/// Like [`reaches`], until the port is closed.
+fn closes(r: &Ringvip, addr: SocketAddr, secs: u64) {
+    let limit = Duration::from_secs(secs);
+    assert!(
+        wait_answer(addr, &Answer::Refused, limit),
+        "{addr}\n{}",
+        r.log()
+    );
 }
 
 fn wait_answer(addr: SocketAddr, want: &Answer, limit: Duration) -> bool {
@@ -84,6 +92,14 @@ fn world(more: Vec<Value>) -> Option<World> {
     Some(w)
 }
 
+/// [`world`] with ringvip started against it, serving `web` through b1.
+fn serving() -> Option<(World, Ringvip)> {
+    let w = world(vec![])?;
+    let r = Ringvip::start_kube(&w.api, &[]);
+    reaches(&r, np(w.node_port), "b1", 10);
+    Some((w, r))
+}
+
 impl World {
     /// Starts HTTP backend `b<host>` on host .host, the backend port.
     fn add_backend(&mut self, host: u8) {
@@ -109,11 +125,7 @@ impl World {
 fn initial_sync_serves_a_nodeport_to_a_real_backend() {
     let Some(w) = world(vec![]) else { return };
     let r = Ringvip::start_kube(&w.api, &[]);
-    assert!(
-        wait_backend(np(w.node_port), "b1", Duration::from_secs(10)),
-        "{}",
-        r.log()
-    );
+    reaches(&r, np(w.node_port), "b1", 10);
     assert!(r.log().contains("initial list complete"), "{}", r.log());
     // One list per kind, then watches (bookmarks requested).
     assert_eq!(w.api.stat("lists"), 3);
@@ -148,25 +160,15 @@ fn no_frontend_until_services_and_slices_have_both_listed() {
     assert_eq!(r.generations(), 0, "{}", r.log());
     w.api
         .post("/release", json!({"resource": "endpointslices"}));
-    assert!(
-        wait_backend(np(w.node_port), "b1", Duration::from_secs(10)),
-        "{}",
-        r.log()
-    );
+    reaches(&r, np(w.node_port), "b1", 10);
 }
 
 #[test]
 fn services_and_slices_added_changed_and_deleted_take_effect() {
-    let Some(mut w) = world(vec![]) else {
+    let Some((mut w, r)) = serving() else {
         return;
     };
-    let r = Ringvip::start_kube(&w.api, &[]);
     let web = np(w.node_port);
-    assert!(
-        wait_backend(web, "b1", Duration::from_secs(10)),
-        "{}",
-        r.log()
-    );
 
     // A new Service and slice.
     let api_port = free_port();
@@ -175,15 +177,11 @@ fn services_and_slices_added_changed_and_deleted_take_effect() {
         ("services", service("api", api_port, Value::Null)),
         ("endpointslices", w.slice("api", &[2])),
     ]);
-    assert!(
-        wait_backend(np(api_port), "b2", Duration::from_secs(5)),
-        "{}",
-        r.log()
-    );
+    reaches(&r, np(api_port), "b2", 5);
 
     // A slice changed: web moves to b2.
     w.move_web(&[2]);
-    assert!(wait_backend(web, "b2", Duration::from_secs(5)));
+    reaches(&r, web, "b2", 5);
     for _ in 0..10 {
         assert_eq!(who(web).as_deref(), Some("b2"));
     }
@@ -192,8 +190,8 @@ fn services_and_slices_added_changed_and_deleted_take_effect() {
     let moved = free_port();
     w.api
         .apply(&[("services", service("web", moved, Value::Null))]);
-    assert!(wait_backend(np(moved), "b2", Duration::from_secs(5)));
-    assert!(wait_refused(web, Duration::from_secs(5)));
+    reaches(&r, np(moved), "b2", 5);
+    closes(&r, web, 5);
 
     // A Service for another proxy is not ours; one for ringvip is.
     let other = free_port();
@@ -218,29 +216,23 @@ fn services_and_slices_added_changed_and_deleted_take_effect() {
         ),
         ("endpointslices", w.slice("mine", &[2])),
     ]);
-    assert!(wait_backend(np(mine), "b2", Duration::from_secs(5)));
+    reaches(&r, np(mine), "b2", 5);
     assert!(refused(np(other)));
 
     // The slice deleted: no endpoints, then the Service deleted: port closed.
     w.api.delete("endpointslices", "api-1");
-    assert!(wait_refused(np(api_port), Duration::from_secs(5)));
+    closes(&r, np(api_port), 5);
     w.api.delete("services", "api");
-    assert!(wait_refused(np(api_port), Duration::from_secs(5)));
-    assert!(wait_backend(np(moved), "b2", Duration::from_secs(1)));
+    closes(&r, np(api_port), 5);
+    reaches(&r, np(moved), "b2", 1);
 }
 
 #[test]
 fn a_dropped_watch_resumes_from_its_resource_version_without_relisting() {
-    let Some(mut w) = world(vec![]) else {
+    let Some((mut w, r)) = serving() else {
         return;
     };
-    let r = Ringvip::start_kube(&w.api, &[]);
     let web = np(w.node_port);
-    assert!(
-        wait_backend(web, "b1", Duration::from_secs(10)),
-        "{}",
-        r.log()
-    );
     assert!(wait_until(Duration::from_secs(5), || w.api.stat("watches") == 3));
     let lists = w.api.stat("lists");
     let watch_requests = w.api.stat("watch_requests");
@@ -248,11 +240,7 @@ fn a_dropped_watch_resumes_from_its_resource_version_without_relisting() {
     // Changed while no watch is open: replayed on resume.
     w.add_backend(2);
     w.move_web(&[2]);
-    assert!(
-        wait_backend(web, "b2", Duration::from_secs(5)),
-        "{}",
-        r.log()
-    );
+    reaches(&r, web, "b2", 5);
     assert!(w.api.stat("watch_requests") >= watch_requests + 3);
     assert_eq!(w.api.stat("lists"), lists, "a drop must not cost a relist");
 }
@@ -269,11 +257,7 @@ fn an_expired_resource_version_relists_and_finds_deletes() {
         ("services", service("gone", gone_port, Value::Null)),
         ("endpointslices", w.slice("gone", &[1])),
     ]);
-    assert!(
-        wait_backend(np(gone_port), "b1", Duration::from_secs(10)),
-        "{}",
-        r.log()
-    );
+    reaches(&r, np(gone_port), "b1", 10);
     let lists = w.api.stat("lists");
     // The API server goes away; meanwhile "gone" is deleted and web's slice
     // changes; it comes back with its watch cache rebuilt (our
@@ -284,16 +268,8 @@ fn an_expired_resource_version_relists_and_finds_deletes() {
     w.add_backend(2);
     w.move_web(&[2]);
     w.api.post("/start", json!(null));
-    assert!(
-        wait_backend(web, "b2", Duration::from_secs(20)),
-        "{}",
-        r.log()
-    );
-    assert!(
-        wait_refused(np(gone_port), Duration::from_secs(10)),
-        "{}",
-        r.log()
-    );
+    reaches(&r, web, "b2", 20);
+    closes(&r, np(gone_port), 10);
     // Every kind relists (its resourceVersion expired), not just resumes.
     assert!(
         wait_until(Duration::from_secs(20), || w.api.stat("lists") >= lists + 3),
@@ -307,26 +283,16 @@ fn an_expired_resource_version_relists_and_finds_deletes() {
     let lists = w.api.stat("lists");
     w.api.post("/expire", json!(null));
     w.move_web(&[1]);
-    assert!(
-        wait_backend(web, "b1", Duration::from_secs(20)),
-        "{}",
-        r.log()
-    );
+    reaches(&r, web, "b1", 20);
     assert!(w.api.stat("lists") > lists);
 }
 
 #[test]
 fn traffic_keeps_flowing_while_the_api_server_is_down() {
-    let Some(mut w) = world(vec![]) else {
+    let Some((mut w, r)) = serving() else {
         return;
     };
-    let r = Ringvip::start_kube(&w.api, &[]);
     let web = np(w.node_port);
-    assert!(
-        wait_backend(web, "b1", Duration::from_secs(10)),
-        "{}",
-        r.log()
-    );
     w.api.post("/stop", json!(null));
     assert!(refused(w.api.api));
     // Two seconds without an API server: every request still served.
@@ -343,26 +309,16 @@ fn traffic_keeps_flowing_while_the_api_server_is_down() {
     w.add_backend(2);
     w.api.post("/start", json!(null));
     w.move_web(&[2]);
-    assert!(
-        wait_backend(web, "b2", Duration::from_secs(40)),
-        "{}",
-        r.log()
-    );
+    reaches(&r, web, "b2", 40);
     assert!(r.log().contains("watch resumed"), "{}", r.log());
 }
 
 #[test]
 fn an_endpoint_change_reaches_the_data_plane_fast_and_is_measured() {
-    let Some(mut w) = world(vec![]) else {
+    let Some((mut w, r)) = serving() else {
         return;
     };
-    let r = Ringvip::start_kube(&w.api, &[]);
     let web = np(w.node_port);
-    assert!(
-        wait_backend(web, "b1", Duration::from_secs(10)),
-        "{}",
-        r.log()
-    );
     w.add_backend(2);
     let mut s = w.slice("web", &[2]);
     let started = Instant::now();
@@ -432,11 +388,7 @@ fn the_node_gives_the_zone_and_its_deletion_turns_healthz_503() {
     w.api.apply(&[("endpointslices", s)]);
     let r = Ringvip::start_kube(&w.api, &[]);
     let web = np(w.node_port);
-    assert!(
-        wait_backend(web, "b2", Duration::from_secs(10)),
-        "{}",
-        r.log()
-    );
+    reaches(&r, web, "b2", 10);
     for _ in 0..10 {
         assert_eq!(who(web).as_deref(), Some("b2"), "topology hints ignored");
     }

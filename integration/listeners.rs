@@ -60,16 +60,9 @@ fn assert_listening(port: u16, listen: usize) {
     );
 }
 
-/// `n` echo backends on a loopback block of their own (hosts .1 to .n).
-fn echo_backends(n: u8) -> (Loopback, u16, Vec<Backend>) {
-    let net = Loopback::take();
-    let (port, b) = backends(net, n, Mode::Echo);
-    (net, port, b)
-}
-
 #[test]
 fn deleted_service_closes_its_listeners_at_once() {
-    let (net, port, _b) = echo_backends(2);
+    let (net, port, _b) = backends(2, Mode::Echo);
     let node_port = free_port();
     let lb_ip = net.ip(9);
     let eps = [(net.ip(1), true, "node-a"), (net.ip(2), true, "node-a")];
@@ -115,7 +108,7 @@ fn deleted_service_closes_its_listeners_at_once() {
 
 #[test]
 fn last_endpoint_gone_closes_the_listener_and_it_comes_back() {
-    let (net, port, _b) = echo_backends(1);
+    let (net, port, _b) = backends(1, Mode::Echo);
     let node_port = free_port();
     let with = service_with(
         "last",
@@ -141,7 +134,7 @@ fn last_endpoint_gone_closes_the_listener_and_it_comes_back() {
 
 #[test]
 fn flapping_endpoints_leave_exactly_the_wanted_listeners() {
-    let (net, port, _b) = echo_backends(2);
+    let (net, port, _b) = backends(2, Mode::Echo);
     let node_port = free_port();
     let m = |ready: bool| {
         service_with(
@@ -171,7 +164,7 @@ fn flapping_endpoints_leave_exactly_the_wanted_listeners() {
 
 #[test]
 fn traffic_policy_local_switch_swaps_accepting_and_dropping_listeners() {
-    let (net, port, _b) = echo_backends(1);
+    let (net, port, _b) = backends(1, Mode::Echo);
     let node_port = free_port();
     // With eTP Local and no endpoint on this node, kube-proxy drops: clients
     // time out. The listener stays (its filter drops every SYN).
@@ -215,10 +208,8 @@ fn traffic_policy_local_switch_swaps_accepting_and_dropping_listeners() {
 
 #[test]
 fn deleted_udp_service_unbinds_at_once_with_its_flows() {
-    let net = Loopback::take();
-    let backend = net.addr(1, free_port());
-    let port = backend.port();
-    let _u = UdpBackend::start(backend, "u1");
+    let (net, port, _u) = udp_backends(1);
+    let backend = net.addr(1, port);
     let node_port = free_port();
     let m = service_with(
         "dns",
@@ -263,7 +254,7 @@ fn deleted_udp_service_unbinds_at_once_with_its_flows() {
 
 #[test]
 fn health_check_node_port_closes_with_its_service() {
-    let (net, port, _b) = echo_backends(1);
+    let (net, port, _b) = backends(1, Mode::Echo);
     let node_port = free_port();
     let hc = free_port();
     let m = service_with(

@@ -128,14 +128,28 @@ fn serve(mut c: TcpStream, name: &str, mode: Mode, stop: &AtomicBool) {
     }
 }
 
-/// `n` backends of `mode`, named "1" to "n", on hosts .1 to .n of `net`, all
-/// on one free port.
-pub fn backends(net: Loopback, n: u8, mode: Mode) -> (u16, Vec<Backend>) {
+/// `n` backends of `mode`, named "1" to "n", on hosts .1 to .n of a
+/// loopback block of their own, all on one free port: (the block, the port,
+/// the backends).
+pub fn backends(n: u8, mode: Mode) -> (Loopback, u16, Vec<Backend>) {
+    let net = Loopback::take();
     let port = free_port();
     let b = (1..=n)
         .map(|i| Backend::start(net.addr(i, port), &i.to_string(), mode))
         .collect();
-    (port, b)
+    (net, port, b)
+}
+
+/// `n` UDP echo backends, named "u1" to "u<n>", on hosts .1 to .n of a
+/// loopback block of their own, all on one free port: (the block, the port,
+/// the backends).
+pub fn udp_backends(n: u8) -> (Loopback, u16, Vec<UdpBackend>) {
+    let net = Loopback::take();
+    let port = free_port();
+    let b = (1..=n)
+        .map(|i| UdpBackend::start(net.addr(i, port), &format!("u{i}")))
+        .collect();
+    (net, port, b)
 }
 
 /// A UDP echo backend: replies `<name>:<payload>`.

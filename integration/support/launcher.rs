@@ -2,7 +2,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use super::{free_port, wait_until};
@@ -166,4 +166,26 @@ impl Drop for Ringvip {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs `ringvip ARGS`, a one-shot command (`check`, `env`, `status`,
+/// `demo`), to its end.
+pub fn command(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("ringvip {args:?}: {e}"))
+}
+
+/// [`command`], which must succeed; what it printed on stdout.
+pub fn command_ok(args: &[&str]) -> String {
+    let out = command(args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "ringvip {args:?}: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
