@@ -132,10 +132,10 @@ fn glibc_resolves_fifty_names_through_a_dns_clusterip() {
     let Some(t) = Topology::setup(&[]) else {
         return;
     };
-    let Some(dnsmasq) = need_program("dnsmasq", "a real DNS server behind a UDP ClusterIP") else {
-        return;
-    };
-    let Some(getent) = need_program("getent", "glibc's resolver as a pod uses it") else {
+    let Some([dnsmasq, getent]) = need_programs([
+        ("dnsmasq", "a real DNS server behind a UDP ClusterIP"),
+        ("getent", "glibc's resolver as a pod uses it"),
+    ]) else {
         return;
     };
     let names: Vec<String> = (1..=50)
@@ -204,10 +204,10 @@ fn connection_per_request_runs_keep_their_rate() {
     let Some(t) = Topology::setup(&[]) else {
         return;
     };
-    let Some(server) = need_program("redis-server", "a real TCP server behind a ClusterIP") else {
-        return;
-    };
-    let Some(bench) = need_program("redis-benchmark", "a connection-per-request client") else {
+    let Some([server, bench]) = need_programs([
+        ("redis-server", "a real TCP server behind a ClusterIP"),
+        ("redis-benchmark", "a connection-per-request client"),
+    ]) else {
         return;
     };
     let pod = t.pod_ip(2).to_string();

@@ -114,6 +114,21 @@ impl World {
         slice(&format!("{service}-1"), service, self.backend_port, &ips)
     }
 
+    /// Service `name` on `node_port` (with `labels`) and its slice with
+    /// endpoints on `hosts`, as operations for [`ApiServer::apply`].
+    fn service_and_slice(
+        &self,
+        name: &str,
+        node_port: u16,
+        labels: Value,
+        hosts: &[u8],
+    ) -> Vec<(&'static str, Value)> {
+        vec![
+            ("services", service(name, node_port, labels)),
+            ("endpointslices", self.slice(name, hosts)),
+        ]
+    }
+
     /// Applies `web`'s slice with endpoints on `hosts`.
     fn move_web(&self, hosts: &[u8]) {
         self.api
@@ -173,10 +188,8 @@ fn services_and_slices_added_changed_and_deleted_take_effect() {
     // A new Service and slice.
     let api_port = free_port();
     w.add_backend(2);
-    w.api.apply(&[
-        ("services", service("api", api_port, Value::Null)),
-        ("endpointslices", w.slice("api", &[2])),
-    ]);
+    w.api
+        .apply(&w.service_and_slice("api", api_port, Value::Null, &[2]));
     reaches(&r, np(api_port), "b2", 5);
 
     // A slice changed: web moves to b2.
@@ -196,26 +209,10 @@ fn services_and_slices_added_changed_and_deleted_take_effect() {
     // A Service for another proxy is not ours; one for ringvip is.
     let other = free_port();
     let mine = free_port();
-    w.api.apply(&[
-        (
-            "services",
-            service(
-                "other",
-                other,
-                json!({"service.kubernetes.io/service-proxy-name": "cilium"}),
-            ),
-        ),
-        ("endpointslices", w.slice("other", &[2])),
-        (
-            "services",
-            service(
-                "mine",
-                mine,
-                json!({"service.kubernetes.io/service-proxy-name": "ringvip"}),
-            ),
-        ),
-        ("endpointslices", w.slice("mine", &[2])),
-    ]);
+    let proxy = |name: &str| json!({"service.kubernetes.io/service-proxy-name": name});
+    let mut ops = w.service_and_slice("other", other, proxy("cilium"), &[2]);
+    ops.extend(w.service_and_slice("mine", mine, proxy("ringvip"), &[2]));
+    w.api.apply(&ops);
     reaches(&r, np(mine), "b2", 5);
     assert!(refused(np(other)));
 
@@ -253,10 +250,8 @@ fn an_expired_resource_version_relists_and_finds_deletes() {
     let r = Ringvip::start_kube(&w.api, &[]);
     let web = np(w.node_port);
     let gone_port = free_port();
-    w.api.apply(&[
-        ("services", service("gone", gone_port, Value::Null)),
-        ("endpointslices", w.slice("gone", &[1])),
-    ]);
+    w.api
+        .apply(&w.service_and_slice("gone", gone_port, Value::Null, &[1]));
     reaches(&r, np(gone_port), "b1", 10);
     let lists = w.api.stat("lists");
     // The API server goes away; meanwhile "gone" is deleted and web's slice

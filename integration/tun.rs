@@ -23,6 +23,20 @@ struct Env {
     t: Topology,
 }
 
+impl Env {
+    /// `requests` curl requests through the VIP all succeed and reach all
+    /// three backends.
+    fn assert_balances(&self, requests: usize) {
+        let mut seen = HashSet::new();
+        for i in 0..requests {
+            let (ok, body) = self.t.curl("http://10.96.0.10/");
+            assert!(ok, "request {i} failed\n{}", self.rv.log());
+            seen.insert(body);
+        }
+        assert_eq!(seen.len(), 3, "{seen:?}");
+    }
+}
+
 /// Three HTTP backends on pod hosts .2 .3 .4 port 8080, Service `web` at
 /// 10.96.0.10:80; `None` where namespace tests cannot run.
 fn web(extra_spec: &str) -> Option<Env> {
@@ -57,13 +71,7 @@ fn clusterip_balances_with_curl_and_refuses_unknown_ports() {
     let Some(env) = web("") else {
         return;
     };
-    let mut seen = HashSet::new();
-    for _ in 0..30 {
-        let (ok, body) = env.t.curl("http://10.96.0.10/");
-        assert!(ok, "{}", env.rv.log());
-        seen.insert(body);
-    }
-    assert_eq!(seen.len(), 3, "{seen:?}");
+    env.assert_balances(30);
     // A port the Service does not define: refused (RST) at once.
     let start = Instant::now();
     let (ok, _) = env.t.curl("http://10.96.0.10:81/");
@@ -94,13 +102,7 @@ fn multi_queue_tun_serves_flows_on_every_queue() {
         .filter(|q| q.starts_with("rx-"))
         .count();
     assert_eq!(rx, 3, "queues: {listing}\n{}", env.rv.log());
-    let mut seen = HashSet::new();
-    for i in 0..40 {
-        let (ok, body) = env.t.curl("http://10.96.0.10/");
-        assert!(ok, "request {i} failed\n{}", env.rv.log());
-        seen.insert(body);
-    }
-    assert_eq!(seen.len(), 3, "{seen:?}");
+    env.assert_balances(40);
 }
 
 #[test]
@@ -160,15 +162,21 @@ fn no_endpoints_is_refused_and_udp_gets_port_unreachable() {
     assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e:?}");
 }
 
+/// A UDP echo backend `u` on pod .2 port 5353 behind ClusterIP Service
+/// `name` at `vip`:53, ringvip started; `None` where namespace tests cannot
+/// run.
+fn udp_echo_service(name: &str, vip: &str) -> Option<(Topology, UdpBackend, Ringvip)> {
+    let t = Topology::setup(&[])?;
+    let u = t.udp_backend((t.pod_ip(2), 5353).into(), "u");
+    let rv = t.launch(&t.pod_service(name, vip, 53, "UDP", 5353), &[]);
+    Some((t, u, rv))
+}
+
 #[test]
 fn udp_round_trip_through_the_vip() {
-    let Some(t) = Topology::setup(&[]) else {
+    let Some((t, _u, rv)) = udp_echo_service("dns", "10.96.0.30") else {
         return;
     };
-    let addr = SocketAddr::from((t.pod_ip(2), 5353));
-    let _u = t.udp_backend(addr, "u");
-    let m = t.pod_service("dns", "10.96.0.30", 53, "UDP", 5353);
-    let rv = t.launch(&m, &[]);
     let got = Topology::within(&t.node, || {
         let c = UdpSocket::bind("0.0.0.0:0").unwrap();
         c.set_read_timeout(Some(Duration::from_millis(200)))
@@ -211,13 +219,9 @@ fn udp_round_trip_through_the_vip() {
 /// corrupt one is dropped, an intact one is answered.
 #[test]
 fn udp_with_a_bad_checksum_is_dropped() {
-    let Some(t) = Topology::setup(&[]) else {
+    let Some((t, _u, rv)) = udp_echo_service("raw", "10.96.0.31") else {
         return;
     };
-    let addr = SocketAddr::from((t.pod_ip(2), 5353));
-    let _u = t.udp_backend(addr, "u");
-    let m = t.pod_service("raw", "10.96.0.31", 53, "UDP", 5353);
-    let rv = t.launch(&m, &[]);
     let client = SocketAddr::from((t.node_ip(), 40_053));
     let (bad, good) = Topology::within(&t.node, move || {
         let replies = UdpSocket::bind(client).unwrap();
@@ -361,13 +365,7 @@ fn half_close_reset_and_endpoint_churn_while_streaming() {
     // Half-close: all echoed bytes come back after our FIN.
     let back = Topology::within(&t.node, || {
         let mut c = connect_when_ready(sa("10.96.0.40:7000"));
-        let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-        c.write_all(&payload).unwrap();
-        c.shutdown(std::net::Shutdown::Write).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut back = Vec::new();
-        c.read_to_end(&mut back).unwrap();
-        back == payload
+        echoed_after_fin(&mut c, 300_000)
     });
     assert!(
         back,
@@ -385,11 +383,7 @@ fn half_close_reset_and_endpoint_churn_while_streaming() {
     let mut buf = [0u8; 64];
     assert!(conn.read(&mut buf).unwrap() > 0);
     rv.apply(&eps(IpAddr::V4(t.pod_ip(2))));
-    let got = bytes_within(&mut conn, Duration::from_millis(500));
-    assert!(
-        got > 10,
-        "stream stalled after its endpoint left ({got} bytes)"
-    );
+    assert_streams(&mut conn, "after its endpoint left");
 }
 
 #[test]
@@ -463,10 +457,10 @@ fn dns_server_answers_dig_through_the_vip() {
     let Some(t) = Topology::setup(&[]) else {
         return;
     };
-    let Some(dnsmasq) = need_program("dnsmasq", "a real DNS server behind a UDP ClusterIP") else {
-        return;
-    };
-    let Some(dig) = need_program("dig", "a real DNS client") else {
+    let Some([dnsmasq, dig]) = need_programs([
+        ("dnsmasq", "a real DNS server behind a UDP ClusterIP"),
+        ("dig", "a real DNS client"),
+    ]) else {
         return;
     };
     let server = t.spawn_dnsmasq(&dnsmasq, 5353, &["/web.test/192.0.2.80".into()]);

@@ -62,6 +62,26 @@ pub fn bytes_within(conn: &mut TcpStream, dur: Duration) -> usize {
     got
 }
 
+/// Sends `len` patterned bytes through `c` to an echo backend, half-closes
+/// (FIN), and reads to the end: whether exactly those bytes came back.
+pub fn echoed_after_fin(c: &mut TcpStream, len: u32) -> bool {
+    let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    c.write_all(&payload).unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    back == payload
+}
+
+/// Asserts that `conn`, to a [`Mode::Stream`](super::Mode) backend, keeps
+/// streaming (`when`, e.g. "after its endpoint left"): more than 10 bytes
+/// within 500 ms.
+pub fn assert_streams(conn: &mut TcpStream, when: &str) {
+    let got = bytes_within(conn, Duration::from_millis(500));
+    assert!(got > 10, "stream stalled {when} ({got} bytes)");
+}
+
 /// GET `path` from an admin server; the whole response, headers included.
 pub fn admin_get(addr: SocketAddr, path: &str) -> String {
     let mut c = TcpStream::connect(addr).unwrap();

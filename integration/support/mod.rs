@@ -65,6 +65,20 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
+/// [`need_program`] for several programs at once: all of them, or `None`
+/// (each missing one explained).
+pub fn need_programs<const N: usize>(wanted: [(&str, &str); N]) -> Option<[PathBuf; N]> {
+    let found: Vec<Option<PathBuf>> = wanted
+        .iter()
+        .map(|(name, why)| need_program(name, why))
+        .collect();
+    found
+        .into_iter()
+        .collect::<Option<Vec<_>>>()?
+        .try_into()
+        .ok()
+}
+
 /// Finds a program, or explains the skip (and fails under CI, where `.ci/run`
 /// installs it).
 pub fn need_program(name: &str, why: &str) -> Option<PathBuf> {
