@@ -1,7 +1,8 @@
 //! End-to-end: Service discovery for clients. The real binary serving cluster DNS
 //! to real clients (`dig`, over UDP and TCP), `ringvip env` against the kubelet's
 //! format, and Service selectors resolved from Pods in the manifests, changing
-//! live. Everything runs on loopback addresses owned by the test.
+//! live. Everything runs on loopback addresses each test takes for itself
+//! (`Loopback::take`), but for one test in network namespaces of its own.
 
 mod support;
 

@@ -1,5 +1,6 @@
 //! End-to-end: the real binary, real sockets, real clients. Everything runs on
-//! loopback addresses owned by the test (127.0.0.0/8), so no root is needed.
+//! loopback addresses each test takes for itself (`Loopback::take`, see
+//! support/addrs.rs), so no root is needed.
 
 mod support;
 
@@ -594,4 +595,29 @@ fn status_shows_frontends_endpoints_and_traffic() {
     let out = command(&["status", "--admin", &np(free_port()).to_string()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the admin API"));
+}
+
+/// The harness's own promise (support/addrs.rs): loopback blocks taken at
+/// once in one process are all different, and another process cannot take
+/// a block this one holds.
+#[test]
+fn loopback_blocks_are_never_shared() {
+    let Some(flock) = need_program("flock", "another process trying a held block") else {
+        return;
+    };
+    let blocks: Vec<Loopback> = (0..16)
+        .map(|_| std::thread::spawn(Loopback::take))
+        .map(|h| h.join().unwrap())
+        .collect();
+    let distinct: HashSet<String> = blocks.iter().map(Loopback::cidr).collect();
+    assert_eq!(distinct.len(), blocks.len(), "{blocks:?}");
+    for b in &blocks {
+        let other = Command::new(&flock)
+            .arg("--nonblock")
+            .arg(b.lock_path())
+            .arg("true")
+            .status()
+            .unwrap();
+        assert_eq!(other.code(), Some(1), "{} taken twice", b.cidr());
+    }
 }

@@ -5,7 +5,8 @@
 //!
 //! Each check runs right after ringvip has published the change; the only wait
 //! is the contract's own: the kernel sockets follow within 100 ms. Everything
-//! runs on loopback addresses owned by the test (127.0.0.0/8), no root needed.
+//! runs on loopback addresses each test takes for itself (`Loopback::take`),
+//! no root needed.
 
 mod support;
 

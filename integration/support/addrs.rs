@@ -30,7 +30,7 @@ use std::fs::{File, OpenOptions};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
@@ -61,7 +61,7 @@ impl Loopback {
         // (best effort: only the directory's owner may change it).
         let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777));
         for n in 0..BLOCKS {
-            let file = lock_file(&dir.join(format!("loopback-{n}")));
+            let file = lock_file(&block_path(n));
             // SAFETY: flock on a descriptor this function owns.
             let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
             if rc == 0 {
@@ -88,10 +88,19 @@ impl Loopback {
         SocketAddr::from((self.ip(host), port))
     }
 
+    /// The file whose flock holds the block.
+    pub fn lock_path(&self) -> PathBuf {
+        block_path(u16::from_be_bytes([self.a - 16, self.b]))
+    }
+
     /// The whole block, `127.a.b.0/24`.
     pub fn cidr(&self) -> String {
         format!("{}/24", self.ip(0))
     }
+}
+
+fn block_path(n: u16) -> PathBuf {
+    Path::new(LOCK_DIR).join(format!("loopback-{n}"))
 }
 
 /// Opens (creating it when missing) the lock file of one block. Read access

@@ -16,21 +16,17 @@ pub mod metrics;
 pub mod netns;
 pub mod sockets;
 
-// Each test binary uses part of these.
+// The helpers at the top level: each test binary uses part of them.
 #[allow(unused_imports)]
-pub use addrs::{np, Loopback};
-#[allow(unused_imports)]
-pub use backend::*;
-#[allow(unused_imports)]
-pub use client::*;
-#[allow(unused_imports)]
-pub use launcher::*;
-#[allow(unused_imports)]
-pub use manifest::*;
-#[allow(unused_imports)]
-pub use metrics::*;
-#[allow(unused_imports)]
-pub use sockets::*;
+pub use self::{
+    addrs::{np, Loopback},
+    backend::*,
+    client::*,
+    launcher::*,
+    manifest::*,
+    metrics::*,
+    sockets::*,
+};
 
 use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
