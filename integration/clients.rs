@@ -129,13 +129,13 @@ fn a_query(name: &str) -> Vec<u8> {
 /// names, none of them after a resolver timeout.
 #[test]
 fn glibc_resolves_fifty_names_through_a_dns_clusterip() {
-    let Some(t) = Topology::setup(&[]) else {
-        return;
-    };
-    let Some([dnsmasq, getent]) = need_programs([
-        ("dnsmasq", "a real DNS server behind a UDP ClusterIP"),
-        ("getent", "glibc's resolver as a pod uses it"),
-    ]) else {
+    let Some((t, [dnsmasq, getent])) = Topology::setup_with(
+        &[],
+        [
+            ("dnsmasq", "a real DNS server behind a UDP ClusterIP"),
+            ("getent", "glibc's resolver as a pod uses it"),
+        ],
+    ) else {
         return;
     };
     let names: Vec<String> = (1..=50)
@@ -201,13 +201,13 @@ fn redis_rate(t: &Topology, bench: &str, vip: &str, requests: &str) -> f64 {
 /// not offer). A ratio within one test, so a slow box slows all runs alike.
 #[test]
 fn connection_per_request_runs_keep_their_rate() {
-    let Some(t) = Topology::setup(&[]) else {
-        return;
-    };
-    let Some([server, bench]) = need_programs([
-        ("redis-server", "a real TCP server behind a ClusterIP"),
-        ("redis-benchmark", "a connection-per-request client"),
-    ]) else {
+    let Some((t, [server, bench])) = Topology::setup_with(
+        &[],
+        [
+            ("redis-server", "a real TCP server behind a ClusterIP"),
+            ("redis-benchmark", "a connection-per-request client"),
+        ],
+    ) else {
         return;
     };
     let pod = t.pod_ip(2).to_string();

@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 use support::netns::Topology;
 use support::*;
 
+/// Why the DNS tests need dig.
+const DIG_WHY: &str = "DNS tests query with a real client (Debian package bind9-dnsutils)";
+
 fn dig_bin() -> Option<PathBuf> {
-    need_program(
-        "dig",
-        "DNS tests query with a real client (Debian package bind9-dnsutils)",
-    )
+    need_program("dig", DIG_WHY)
 }
 
 /// What `dig` printed for one query.
@@ -503,9 +503,7 @@ spec:
 apiVersion: v1
 kind: Service
 metadata: {name: db, namespace: shop}
-spec:
-  clusterIP: None
-  ports: [{port: 5432}]
+spec: {clusterIP: None, ports: [{port: 5432}]}
 ---
 apiVersion: v1
 kind: Service
@@ -669,12 +667,13 @@ fn big_answers_truncate_over_udp_and_come_whole_over_tcp() {
 /// namespaces the test creates (root), like integration/tun.rs.
 #[test]
 fn curl_resolves_a_short_name_and_connects_through_the_clusterip() {
-    let Some(t) = Topology::setup(&[3]) else {
-        return;
-    };
-    let Some(_) = dig_bin() else { return };
-    let Some(curl) = need_program("curl", "the client resolving through the system resolver")
-    else {
+    let Some((t, [_, curl])) = Topology::setup_with(
+        &[3],
+        [
+            ("dig", DIG_WHY),
+            ("curl", "the client resolving through the system resolver"),
+        ],
+    ) else {
         return;
     };
     let backend_addr = SocketAddr::from((t.pod_ip(3), 8080));

@@ -388,10 +388,8 @@ fn half_close_reset_and_endpoint_churn_while_streaming() {
 
 #[test]
 fn iperf3_through_the_clusterip() {
-    let Some(t) = Topology::setup(&[]) else {
-        return;
-    };
-    let Some(iperf3) = need_program("iperf3", "bulk TCP through the VIP") else {
+    let Some((t, [iperf3])) = Topology::setup_with(&[], [("iperf3", "bulk TCP through the VIP")])
+    else {
         return;
     };
     let server = t.spawn_on_pod(
@@ -454,13 +452,13 @@ fn connection_cap_drops_new_syns_with_a_warning() {
 /// A real UDP peer: dnsmasq in the pod answering dig through the VIP.
 #[test]
 fn dns_server_answers_dig_through_the_vip() {
-    let Some(t) = Topology::setup(&[]) else {
-        return;
-    };
-    let Some([dnsmasq, dig]) = need_programs([
-        ("dnsmasq", "a real DNS server behind a UDP ClusterIP"),
-        ("dig", "a real DNS client"),
-    ]) else {
+    let Some((t, [dnsmasq, dig])) = Topology::setup_with(
+        &[],
+        [
+            ("dnsmasq", "a real DNS server behind a UDP ClusterIP"),
+            ("dig", "a real DNS client"),
+        ],
+    ) else {
         return;
     };
     let server = t.spawn_dnsmasq(&dnsmasq, 5353, &["/web.test/192.0.2.80".into()]);

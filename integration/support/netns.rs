@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use super::addrs::unique_name;
-use super::{clusterip, in_ci, Backend, Mode, Ringvip, UdpBackend};
+use super::{clusterip, in_ci, need_programs, Backend, Mode, Ringvip, UdpBackend};
 
 /// The veth subnet: 10.<NET>.0.0/24 (and an IPv6 /64), clear of the
 /// service CIDR 10.96.0.0/12 and the spoofed flood sources 10.77.0.0/16.
@@ -114,7 +114,20 @@ impl Topology {
     /// pod side; `None` (the test skips, see [`can_run`]) where they cannot
     /// be made.
     pub fn setup(pod_hosts: &[u8]) -> Option<Topology> {
-        can_run().then(|| Topology::new(pod_hosts))
+        Topology::setup_with(pod_hosts, []).map(|(t, [])| t)
+    }
+
+    /// [`Topology::setup`] for a test that also needs `programs` (name,
+    /// what for; see [`need_programs`]): the topology and their paths.
+    pub fn setup_with<const N: usize>(
+        pod_hosts: &[u8],
+        programs: [(&str, &str); N],
+    ) -> Option<(Topology, [PathBuf; N])> {
+        if !can_run() {
+            return None;
+        }
+        let found = need_programs(programs)?;
+        Some((Topology::new(pod_hosts), found))
     }
 
     fn new(pod_hosts: &[u8]) -> Topology {
