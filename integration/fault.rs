@@ -1,9 +1,9 @@
 //! Fault and load suite: limits, idle timeouts, backends stopped under load,
 //! reloads and endpoint churn under load, SYN and UDP floods. Each test prints
 //! its figure (`cargo nextest run --test fault --no-capture`) and asserts it.
-//! NodePort tests run on loopback addresses of their own (`Loopback`); ClusterIP tests in
-//! network namespaces they create (root; CI runs as root). Loads are bounded
-//! in count and time.
+//! NodePort tests run on loopback addresses of their own (`Loopback`);
+//! ClusterIP tests in network namespaces they create (root; CI runs as root).
+//! Loads are bounded in count and time.
 
 mod support;
 
