@@ -7,23 +7,18 @@
 
 mod support;
 
-use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::path::PathBuf;
+use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use support::netns::{can_run, clusterip, Topology};
+use support::netns::Topology;
 use support::*;
 
 /// `ringvip_connections_total` of a Service (UDP flows count there too).
 fn flows_total(t: &Topology, rv: &Ringvip, service: &str) -> u64 {
     let addr = rv.metrics;
-    let metrics = Topology::within(&t.node, move || admin_get(addr, "/metrics"));
+    let metrics = t.on_node_thread(move || admin_get(addr, "/metrics"));
     let svc = format!("service=\"{service}\"");
-    metrics
-        .lines()
-        .find(|l| l.starts_with("ringvip_connections_total") && l.contains(&svc))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    metric(&metrics, "ringvip_connections_total", &[&svc])
         .unwrap_or_else(|| panic!("no ringvip_connections_total for {service}\n{metrics}"))
 }
 
@@ -79,12 +74,11 @@ fn wait_udp_ready(to: SocketAddr, probe: &[u8]) -> bool {
 /// one flow, counted once.
 #[test]
 fn a_datagram_pair_from_fresh_sockets_gets_both_replies() {
-    if !can_run() {
+    let Some(t) = Topology::setup(&[]) else {
         return;
-    }
-    let t = Topology::new(&[]);
+    };
     let addr = SocketAddr::from((t.pod_ip(2), 5353));
-    let _echo = Topology::within(&t.pod, move || UdpBackend::start(addr, "u"));
+    let _echo = t.udp_backend(addr, "u");
     let node_port = 30_053;
     let m = nodeport_service(
         "pair",
@@ -94,7 +88,7 @@ fn a_datagram_pair_from_fresh_sockets_gets_both_replies() {
         "  clusterIP: 10.96.0.53\n",
     )
     .replace("TCP", "UDP");
-    let rv = Ringvip::launch(Some(&t.node), &m, &[]);
+    let rv = t.launch(&m, &[]);
     let vip = SocketAddr::from(([10, 96, 0, 53], 80));
     let np = SocketAddr::from(([127, 0, 0, 1], node_port));
     let ready = Topology::within(&t.node, move || {
@@ -129,61 +123,30 @@ fn a_query(name: &str) -> Vec<u8> {
     q
 }
 
-/// `/etc/netns/<ns>/resolv.conf`, which `ip netns exec` mounts over
-/// /etc/resolv.conf for the programs it runs there; removed on drop.
-struct NetnsResolvConf(PathBuf);
-
-impl NetnsResolvConf {
-    fn new(ns: &str, text: &str) -> NetnsResolvConf {
-        let dir = PathBuf::from("/etc/netns").join(ns);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("resolv.conf"), text).unwrap();
-        NetnsResolvConf(dir)
-    }
-}
-
-impl Drop for NetnsResolvConf {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// glibc's resolver in a pod-like namespace whose resolv.conf names a DNS
 /// ClusterIP with dnsmasq behind it: `getent ahosts` (getaddrinfo, which
 /// sends the A and AAAA queries back to back from one socket) resolves 50
 /// names, none of them after a resolver timeout.
 #[test]
 fn glibc_resolves_fifty_names_through_a_dns_clusterip() {
-    if !can_run() {
-        return;
-    }
-    let Some(dnsmasq) = need_program("dnsmasq", "a real DNS server behind a UDP ClusterIP") else {
+    let Some((t, [dnsmasq, getent])) = Topology::setup_with(
+        &[],
+        [
+            ("dnsmasq", "a real DNS server behind a UDP ClusterIP"),
+            ("getent", "glibc's resolver as a pod uses it"),
+        ],
+    ) else {
         return;
     };
-    let Some(getent) = need_program("getent", "glibc's resolver as a pod uses it") else {
-        return;
-    };
-    let t = Topology::new(&[]);
     let names: Vec<String> = (1..=50)
         .map(|i| format!("/name{i}.test/192.0.2.{i}"))
         .collect();
     let _server = t.spawn_dnsmasq(&dnsmasq, 5353, &names);
-    let m = clusterip(
-        "kube-dns",
-        "10.96.0.54",
-        53,
-        "UDP",
-        5353,
-        &[IpAddr::V4(t.pod_ip(2))],
-        "",
-    );
-    let rv = Ringvip::launch(Some(&t.node), &m, &[]);
+    let m = t.pod_service("kube-dns", "10.96.0.54", 53, "UDP", 5353);
+    let rv = t.launch(&m, &[]);
     // A timeout of 2 s, tried once: a lost reply shows as a lookup of 2 s or a
     // failed one, where an answered one takes milliseconds.
-    let _conf = NetnsResolvConf::new(
-        &t.node,
-        "nameserver 10.96.0.54\noptions timeout:2 attempts:1\n",
-    );
+    let _conf = t.resolv_conf("nameserver 10.96.0.54\noptions timeout:2 attempts:1\n");
     let dns = SocketAddr::from(([10, 96, 0, 54], 53));
     // Precondition (ringvip and dnsmasq up): any answer at all, from a socket
     // of its own; the lookups below are not retried.
@@ -238,16 +201,15 @@ fn redis_rate(t: &Topology, bench: &str, vip: &str, requests: &str) -> f64 {
 /// not offer). A ratio within one test, so a slow box slows all runs alike.
 #[test]
 fn connection_per_request_runs_keep_their_rate() {
-    if !can_run() {
-        return;
-    }
-    let Some(server) = need_program("redis-server", "a real TCP server behind a ClusterIP") else {
+    let Some((t, [server, bench])) = Topology::setup_with(
+        &[],
+        [
+            ("redis-server", "a real TCP server behind a ClusterIP"),
+            ("redis-benchmark", "a connection-per-request client"),
+        ],
+    ) else {
         return;
     };
-    let Some(bench) = need_program("redis-benchmark", "a connection-per-request client") else {
-        return;
-    };
-    let t = Topology::new(&[]);
     let pod = t.pod_ip(2).to_string();
     let _redis = t.spawn_on_pod(
         &server,
@@ -264,16 +226,8 @@ fn connection_per_request_runs_keep_their_rate() {
             "no",
         ],
     );
-    let m = clusterip(
-        "redis",
-        "10.96.0.55",
-        6379,
-        "TCP",
-        6379,
-        &[IpAddr::V4(t.pod_ip(2))],
-        "",
-    );
-    let rv = Ringvip::launch(Some(&t.node), &m, &[]);
+    let m = t.pod_service("redis", "10.96.0.55", 6379, "TCP", 6379);
+    let rv = t.launch(&m, &[]);
     let reuse = t.on_node("sysctl", &["-qw", "net.ipv4.tcp_tw_reuse=1"]);
     assert!(reuse.status.success(), "{reuse:?}");
     // Precondition: redis answers through the VIP (it starts asynchronously).

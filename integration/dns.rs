@@ -1,7 +1,8 @@
 //! End-to-end: Service discovery for clients. The real binary serving cluster DNS
 //! to real clients (`dig`, over UDP and TCP), `ringvip env` against the kubelet's
 //! format, and Service selectors resolved from Pods in the manifests, changing
-//! live. Everything runs on loopback addresses owned by the test.
+//! live. Everything runs on loopback addresses each test takes for itself
+//! (`Loopback::take`), but for one test in network namespaces of its own.
 
 mod support;
 
@@ -12,13 +13,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use support::netns::Topology;
 use support::*;
 
+/// Why the DNS tests need dig.
+const DIG_WHY: &str = "DNS tests query with a real client (Debian package bind9-dnsutils)";
+
 fn dig_bin() -> Option<PathBuf> {
-    need_program(
-        "dig",
-        "DNS tests query with a real client (Debian package bind9-dnsutils)",
-    )
+    need_program("dig", DIG_WHY)
 }
 
 /// What `dig` printed for one query.
@@ -107,6 +109,15 @@ fn dig(bin: &Path, server: SocketAddr, args: &[&str]) -> Dig {
     d
 }
 
+/// [`dig`], over TCP when `tcp`.
+fn dig_over(bin: &Path, server: SocketAddr, tcp: bool, args: &[&str]) -> Dig {
+    let mut args = args.to_vec();
+    if tcp {
+        args.push("+tcp");
+    }
+    dig(bin, server, &args)
+}
+
 fn dns_flags(port: u16) -> Vec<String> {
     vec!["--dns-addr".into(), format!("127.0.0.1:{port}")]
 }
@@ -176,11 +187,7 @@ fn dig_gets_every_record_type_over_udp_and_tcp() {
     let (rv, dns) = start_with_dns(ZONE_MANIFEST, &[]);
     for tcp in [false, true] {
         let q = |name: &str, t: &str| {
-            let mut args = vec![name, t];
-            if tcp {
-                args.push("+tcp");
-            }
-            let d = dig(&dig_bin, dns, &args);
+            let d = dig_over(&dig_bin, dns, tcp, &[name, t]);
             assert!(
                 !d.status.is_empty(),
                 "no answer for {name} {t}:\n{}\n{}",
@@ -226,20 +233,12 @@ fn dig_gets_every_record_type_over_udp_and_tcp() {
         let d = q("ext.default.svc.cluster.local", "A");
         assert_eq!(d.data("CNAME"), vec!["db.example.com."]);
         // PTR.
-        let mut args = vec!["-x", "10.96.0.10"];
-        if tcp {
-            args.push("+tcp");
-        }
         assert_eq!(
-            dig(&dig_bin, dns, &args).data("PTR"),
+            dig_over(&dig_bin, dns, tcp, &["-x", "10.96.0.10"]).data("PTR"),
             vec!["web.default.svc.cluster.local."]
         );
-        let mut args = vec!["-x", "10.244.0.1"];
-        if tcp {
-            args.push("+tcp");
-        }
         assert_eq!(
-            dig(&dig_bin, dns, &args).data("PTR"),
+            dig_over(&dig_bin, dns, tcp, &["-x", "10.244.0.1"]).data("PTR"),
             vec!["db-0.db.shop.svc.cluster.local."]
         );
         assert_eq!(
@@ -255,13 +254,7 @@ fn dig_negative_answers_search_path_and_refused() {
     let Some(dig_bin) = dig_bin() else { return };
     let (_rv, dns) = start_with_dns(ZONE_MANIFEST, &[]);
     for tcp in [false, true] {
-        let q = |name: &str, t: &str| {
-            let mut args = vec![name, t];
-            if tcp {
-                args.push("+tcp");
-            }
-            dig(&dig_bin, dns, &args)
-        };
+        let q = |name: &str, t: &str| dig_over(&dig_bin, dns, tcp, &[name, t]);
         for name in [
             "nope.default.svc.cluster.local",
             "web.nope.svc.cluster.local",
@@ -339,17 +332,12 @@ fn out_of_zone_names_go_to_the_upstream() {
     );
     let (_rv, dns) = start_with_dns(ZONE_MANIFEST, &["--dns-upstream", &up_addr.to_string()]);
     for tcp in [false, true] {
-        let mut args = vec!["web.default.svc.upstream.test", "A"];
-        if tcp {
-            args.push("+tcp");
-        }
-        let d = dig(&dig_bin, dns, &args);
+        let d = dig_over(&dig_bin, dns, tcp, &["web.default.svc.upstream.test", "A"]);
         assert_eq!(d.status, "NOERROR", "{}", d.raw);
         assert_eq!(d.data("A"), vec!["10.96.0.10"]);
         assert_eq!(d.ttls, vec![30], "the upstream's --dns-ttl");
         // Its own zone is still its own.
-        args[0] = "web.default.svc.cluster.local";
-        let d = dig(&dig_bin, dns, &args);
+        let d = dig_over(&dig_bin, dns, tcp, &["web.default.svc.cluster.local", "A"]);
         assert!(d.flags.contains("aa"), "{}", d.raw);
     }
     // An upstream that does not answer: SERVFAIL, not a hang. The upstream
@@ -456,20 +444,11 @@ fn hostile_queries_get_errors_or_silence_and_never_a_crash() {
 #[test]
 fn client_resolves_a_headless_service_then_connects() {
     let Some(dig_bin) = dig_bin() else { return };
-    let port = free_port();
-    let _b1 = Backend::start(
-        SocketAddr::from((Ipv4Addr::new(127, 0, 71, 1), port)),
-        "1",
-        Mode::Http,
-    );
-    let _b2 = Backend::start(
-        SocketAddr::from((Ipv4Addr::new(127, 0, 71, 2), port)),
-        "2",
-        Mode::Http,
-    );
+    let (net, port, _b) = backends(2, Mode::Http);
     let pod = |i: u8| {
         format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: api-{i}, namespace: default, labels: {{app: api}}}}\nspec:\n  hostname: api-{i}\n  subdomain: api\n  containers:\n  - name: c\n    ports: [{{name: http, containerPort: {port}}}]\nstatus:\n  podIP: 127.0.71.{i}\n  conditions: [{{type: Ready, status: \"True\"}}]\n"
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: api-{i}, namespace: default, labels: {{app: api}}}}\nspec:\n  hostname: api-{i}\n  subdomain: api\n  containers:\n  - name: c\n    ports: [{{name: http, containerPort: {port}}}]\nstatus:\n  podIP: {}\n  conditions: [{{type: Ready, status: \"True\"}}]\n",
+            net.ip(i)
         )
     };
     let manifest = format!(
@@ -479,7 +458,8 @@ fn client_resolves_a_headless_service_then_connects() {
     );
     let (_rv, dns) = start_with_dns(&manifest, &[]);
     let d = dig(&dig_bin, dns, &["api.default.svc.cluster.local", "A"]);
-    assert_eq!(d.data("A"), vec!["127.0.71.1", "127.0.71.2"], "{}", d.raw);
+    let want: Vec<String> = net.ips(1..=2).iter().map(|a| a.to_string()).collect();
+    assert_eq!(d.data("A"), want, "{}", d.raw);
     let srv = dig(
         &dig_bin,
         dns,
@@ -523,9 +503,7 @@ spec:
 apiVersion: v1
 kind: Service
 metadata: {name: db, namespace: shop}
-spec:
-  clusterIP: None
-  ports: [{port: 5432}]
+spec: {clusterIP: None, ports: [{port: 5432}]}
 ---
 apiVersion: v1
 kind: Service
@@ -572,17 +550,8 @@ fn env_prints_the_kubelets_variables_for_a_namespace() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("svc.yaml");
     std::fs::write(&path, ENV_MANIFEST).unwrap();
-    let out = Command::new(bin())
-        .args(["env", "--namespace", "shop"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), ENV_EXPECTED);
+    let stdout = command_ok(&["env", "--namespace", "shop", path.to_str().unwrap()]);
+    assert_eq!(stdout, ENV_EXPECTED);
 
     // A shell can source it.
     let script = format!(
@@ -602,11 +571,7 @@ fn env_prints_the_kubelets_variables_for_a_namespace() {
         "apiVersion: v1\nkind: Service\nmetadata: {name: x}\nspec:\n  ports: [{port: 0}]\n",
     )
     .unwrap();
-    let out = Command::new(bin())
-        .args(["env", "-n", "shop"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let out = command(&["env", "-n", "shop", dir.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stdout.is_empty());
     assert!(
@@ -620,21 +585,12 @@ fn env_prints_the_kubelets_variables_for_a_namespace() {
 /// the matching ready Pods, and they change as the Pods in the file change.
 #[test]
 fn selector_membership_changes_live() {
-    let port = free_port();
-    let _b1 = Backend::start(
-        SocketAddr::from((Ipv4Addr::new(127, 0, 72, 1), port)),
-        "1",
-        Mode::Http,
-    );
-    let _b2 = Backend::start(
-        SocketAddr::from((Ipv4Addr::new(127, 0, 72, 2), port)),
-        "2",
-        Mode::Http,
-    );
+    let (net, port, _b) = backends(2, Mode::Http);
     let node_port = free_port();
     let pod = |i: u8, app: &str, ready: bool| {
         format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: shop-{i}, namespace: default, labels: {{app: {app}}}}}\nspec:\n  nodeName: node-a\n  containers:\n  - name: c\n    ports: [{{name: web, containerPort: {port}}}]\nstatus:\n  podIP: 127.0.72.{i}\n  conditions: [{{type: Ready, status: \"{}\"}}]\n",
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: shop-{i}, namespace: default, labels: {{app: {app}}}}}\nspec:\n  nodeName: node-a\n  containers:\n  - name: c\n    ports: [{{name: web, containerPort: {port}}}]\nstatus:\n  podIP: {}\n  conditions: [{{type: Ready, status: \"{}\"}}]\n",
+            net.ip(i),
             if ready { "True" } else { "False" }
         )
     };
@@ -705,47 +661,29 @@ fn big_answers_truncate_over_udp_and_come_whole_over_tcp() {
     assert!(!d.flags.contains("tc"));
 }
 
-/// Removes /etc/netns/<ns> (the resolv.conf `ip netns exec` mounts) on drop.
-struct NetnsEtc(PathBuf);
-
-impl Drop for NetnsEtc {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The whole path a Pod's client takes: glibc's resolver (resolv.conf with the
 /// kubelet's search path and ndots:5) asks ringvip's DNS for `web`, gets the
 /// ClusterIP, and curl connects to it through ringvip's TUN. Runs in network
 /// namespaces the test creates (root), like integration/tun.rs.
 #[test]
 fn curl_resolves_a_short_name_and_connects_through_the_clusterip() {
-    if !support::netns::can_run() {
-        return;
-    }
-    let Some(_) = dig_bin() else { return };
-    let Some(curl) = need_program("curl", "the client resolving through the system resolver")
-    else {
+    let Some((t, [_, curl])) = Topology::setup_with(
+        &[3],
+        [
+            ("dig", DIG_WHY),
+            ("curl", "the client resolving through the system resolver"),
+        ],
+    ) else {
         return;
     };
-    let t = support::netns::Topology::new(&[3]);
     let backend_addr = SocketAddr::from((t.pod_ip(3), 8080));
-    let _backend = support::netns::Topology::within(&t.pod, move || {
-        Backend::start(backend_addr, "3", Mode::Http)
-    });
-    let manifest = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n- addresses: [\"{}\"]\n",
-        t.pod_ip(3)
-    );
-    // `ip netns exec` bind-mounts /etc/netns/<ns>/resolv.conf over /etc/resolv.conf.
-    let etc = NetnsEtc(PathBuf::from("/etc/netns").join(&t.node));
-    std::fs::create_dir_all(&etc.0).unwrap();
-    std::fs::write(
-        etc.0.join("resolv.conf"),
+    let _backend = t.backend(backend_addr, "3", Mode::Http);
+    let pod = [IpAddr::V4(t.pod_ip(3))];
+    let manifest = clusterip("web", "10.96.0.10", 80, "TCP", 8080, &pod, "");
+    let _conf = t.resolv_conf(
         "nameserver 127.0.0.1\nsearch default.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5 timeout:2 attempts:1\n",
-    )
-    .unwrap();
-    let rv = Ringvip::launch(Some(&t.node), &manifest, &["--dns-addr", "127.0.0.1:53"]);
+    );
+    let rv = t.launch(&manifest, &["--dns-addr", "127.0.0.1:53"]);
     let curl = curl.display().to_string();
     // The first request once ringvip is up: DNS, TUN and relay all ready.
     let out = t.on_node(&curl, &["-sS", "--max-time", "5", "http://web/"]);

@@ -1,37 +1,51 @@
 //! End-to-end: the real binary, real sockets, real clients. Everything runs on
-//! loopback addresses owned by the test (127.0.0.0/8), so no root is needed.
+//! loopback addresses each test takes for itself (`Loopback::take`, see
+//! support/addrs.rs), so no root is needed.
 
 mod support;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::*;
 
-fn ip(a: u8, b: u8) -> Ipv4Addr {
-    Ipv4Addr::new(127, 0, a, b)
+/// Three HTTP backends "1" to "3" on hosts .1 to .3 of a loopback block of
+/// its own, and NodePort Service `name` on a free port with the first `eps`
+/// of them as endpoints (and `spec` added), served by a started ringvip.
+struct Web {
+    net: Loopback,
+    port: u16,
+    node_port: u16,
+    backends: Vec<Backend>,
+    rv: Ringvip,
 }
 
-fn np(port: u16) -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+fn web(name: &str, eps: u8, spec: &str) -> Web {
+    let (net, port, backends) = backends(3, Mode::Http);
+    let node_port = free_port();
+    let m = nodeport_service(name, node_port, port, &net.ips(1..=eps), spec);
+    let rv = Ringvip::start(&m, &[]);
+    assert_serving(np(node_port));
+    Web {
+        net,
+        port,
+        node_port,
+        backends,
+        rv,
+    }
 }
 
-/// Three HTTP backends on 127.0.<net>.1-3, same port.
-fn three_backends(net: u8) -> (u16, Vec<Backend>) {
-    let port = free_port();
-    let b = (1..=3)
-        .map(|i| {
-            Backend::start(
-                SocketAddr::from((ip(net, i), port)),
-                &i.to_string(),
-                Mode::Http,
-            )
-        })
-        .collect();
-    (port, b)
+/// One backend of `mode` (host .1 of a loopback block of its own) behind
+/// NodePort Service `name` on a free port, ringvip started with `args`.
+fn one_backend(name: &str, mode: Mode, args: &[&str]) -> (Backend, Ringvip, u16) {
+    let net = Loopback::take();
+    let b = Backend::start(net.addr(1, free_port()), name, mode);
+    let node_port = free_port();
+    let m = nodeport_service(name, node_port, b.addr.port(), &[net.ip(1)], "");
+    (b, Ringvip::start(&m, args), node_port)
 }
 
 /// The first request through `addr` is served. `Ringvip::start` and
@@ -45,51 +59,28 @@ fn assert_serving(addr: SocketAddr) {
 
 #[test]
 fn balancing_spreads_over_all_endpoints() {
-    let (port, _b) = three_backends(10);
-    let node_port = free_port();
-    let rv = Ringvip::start(
-        &nodeport_service(
-            "web",
-            node_port,
-            port,
-            &[ip(10, 1), ip(10, 2), ip(10, 3)],
-            "",
-        ),
-        &[],
-    );
-    assert_serving(np(node_port));
+    let w = web("web", 3, "");
     let mut seen: HashMap<String, u32> = HashMap::new();
     for _ in 0..60 {
-        *seen.entry(http_get(np(node_port)).unwrap()).or_default() += 1;
+        *seen.entry(http_get(np(w.node_port)).unwrap()).or_default() += 1;
     }
-    assert_eq!(seen.len(), 3, "{seen:?}\n{}", rv.log());
+    assert_eq!(seen.len(), 3, "{seen:?}\n{}", w.rv.log());
     assert!(seen.values().all(|&n| n >= 5), "uneven: {seen:?}");
 }
 
 #[test]
 fn client_ip_affinity_sticks_and_expires() {
-    let (port, _b) = three_backends(11);
-    let node_port = free_port();
     let spec = "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 1\n";
-    let _rv = Ringvip::start(
-        &nodeport_service(
-            "sticky",
-            node_port,
-            port,
-            &[ip(11, 1), ip(11, 2), ip(11, 3)],
-            spec,
-        ),
-        &[],
-    );
-    assert_serving(np(node_port));
+    let w = web("sticky", 3, spec);
     // Ten clients (distinct source IPs), each pinned to one backend while active.
-    let clients: Vec<IpAddr> = (1..=10).map(|i| IpAddr::V4(ip(111, i))).collect();
+    let sources = Loopback::take();
+    let clients: Vec<IpAddr> = (1..=10).map(|i| IpAddr::V4(sources.ip(i))).collect();
     let mut first = Vec::new();
     for c in &clients {
-        let b = http_get_from(Some(*c), np(node_port)).unwrap();
+        let b = http_get_from(Some(*c), np(w.node_port)).unwrap();
         for _ in 0..5 {
             assert_eq!(
-                http_get_from(Some(*c), np(node_port)).unwrap(),
+                http_get_from(Some(*c), np(w.node_port)).unwrap(),
                 b,
                 "client {c} moved"
             );
@@ -103,19 +94,18 @@ fn client_ip_affinity_sticks_and_expires() {
     let moved = clients
         .iter()
         .zip(&first)
-        .filter(|(c, b)| http_get_from(Some(**c), np(node_port)).unwrap() != **b)
+        .filter(|(c, b)| http_get_from(Some(**c), np(w.node_port)).unwrap() != **b)
         .count();
     assert!(moved > 0, "no client re-picked after affinity expiry");
 }
 
 #[test]
 fn removed_endpoint_gets_no_new_connections_but_established_keeps_streaming() {
-    let port = free_port();
-    let streamer = Backend::start(SocketAddr::from((ip(12, 1), port)), "1", Mode::Stream);
-    let _other = Backend::start(SocketAddr::from((ip(12, 2), port)), "2", Mode::Stream);
+    let (net, port, streamers) = backends(2, Mode::Stream);
+    let streamer = &streamers[0];
     let node_port = free_port();
     let rv = Ringvip::start(
-        &nodeport_service("s", node_port, port, &[ip(12, 1)], ""),
+        &nodeport_service("s", node_port, port, &[net.ip(1)], ""),
         &[],
     );
     let mut conn = connect_when_ready(np(node_port));
@@ -128,7 +118,7 @@ fn removed_endpoint_gets_no_new_connections_but_established_keeps_streaming() {
     );
 
     // Move the Service to the other endpoint.
-    rv.apply(&nodeport_service("s", node_port, port, &[ip(12, 2)], ""));
+    rv.apply(&nodeport_service("s", node_port, port, &[net.ip(2)], ""));
     // New connections go to endpoint 2 only.
     for _ in 0..10 {
         let mut c = connect_from(None, np(node_port)).unwrap();
@@ -140,30 +130,20 @@ fn removed_endpoint_gets_no_new_connections_but_established_keeps_streaming() {
         1
     );
     // The established connection still streams, for a good while.
-    let got = bytes_within(&mut conn, Duration::from_millis(500));
-    assert!(
-        got > 10,
-        "established stream stalled after endpoint removal ({got} bytes)"
-    );
+    assert_streams(&mut conn, "after endpoint removal");
 }
 
 #[test]
 fn dead_backend_is_retried_around() {
-    let (port, mut b) = three_backends(13);
-    let node_port = free_port();
-    let rv = Ringvip::start(
-        &nodeport_service("r", node_port, port, &[ip(13, 1), ip(13, 2), ip(13, 3)], ""),
-        &[],
-    );
-    assert_serving(np(node_port));
-    b[0].kill();
+    let mut w = web("r", 3, "");
+    w.backends[0].kill();
     for i in 0..40 {
-        let body = http_get(np(node_port))
-            .unwrap_or_else(|e| panic!("request {i} failed: {e}\n{}", rv.log()));
+        let body = http_get(np(w.node_port))
+            .unwrap_or_else(|e| panic!("request {i} failed: {e}\n{}", w.rv.log()));
         assert_ne!(body, "backend-1");
     }
     // The failures were counted, by reason.
-    let m = admin_get(rv.metrics, "/metrics");
+    let m = admin_get(w.rv.metrics, "/metrics");
     let refused = connect_failures(&m, "r", "refused");
     assert!(
         refused.is_some_and(|n| n > 0),
@@ -191,67 +171,56 @@ fn no_endpoints_is_refused_at_once() {
 
 #[test]
 fn bad_manifest_is_reported_and_old_config_keeps_serving() {
-    let (port, _b) = three_backends(14);
-    let node_port = free_port();
-    let rv = Ringvip::start(
-        &nodeport_service("keep", node_port, port, &[ip(14, 1)], ""),
-        &[],
-    );
-    assert_serving(np(node_port));
-    rv.write_manifest("apiVersion: v1\nkind: Service\nmetadata:\n  name: keep\n  spec: [\n");
+    let w = web("keep", 1, "");
+    w.rv.write_manifest("apiVersion: v1\nkind: Service\nmetadata:\n  name: keep\n  spec: [\n");
     // Waits for the report itself (the file is read asynchronously); the
     // first request after it is still served.
     assert!(
-        wait_until(Duration::from_secs(5), || rv
+        wait_until(Duration::from_secs(5), || w
+            .rv
             .log()
             .contains("manifest.yaml:")),
         "no error naming the file:\n{}",
-        rv.log()
+        w.rv.log()
     );
-    assert_eq!(http_get(np(node_port)).unwrap(), "backend-1");
+    assert_eq!(http_get(np(w.node_port)).unwrap(), "backend-1");
     // semantic error too: the port is out of range
-    rv.write_manifest(
-        &nodeport_service("keep", node_port, port, &[ip(14, 1)], "")
+    w.rv.write_manifest(
+        &nodeport_service("keep", w.node_port, w.port, &[w.net.ip(1)], "")
             .replace("port: 80", "port: 70000"),
     );
-    assert!(wait_until(Duration::from_secs(5), || rv
+    assert!(wait_until(Duration::from_secs(5), || w
+        .rv
         .log()
         .contains("70000")));
     for _ in 0..10 {
-        assert_eq!(http_get(np(node_port)).unwrap(), "backend-1");
+        assert_eq!(http_get(np(w.node_port)).unwrap(), "backend-1");
     }
 }
 
 #[test]
 fn nodeport_disappears_with_its_service() {
-    let (port, _b) = three_backends(15);
-    let node_port = free_port();
+    let w = web("gone", 1, "");
     let other_port = free_port();
-    let rv = Ringvip::start(
-        &nodeport_service("gone", node_port, port, &[ip(15, 1)], ""),
-        &[],
-    );
-    assert_serving(np(node_port));
-    rv.apply(&nodeport_service(
+    w.rv.apply(&nodeport_service(
         "other",
         other_port,
-        port,
-        &[ip(15, 2)],
+        w.port,
+        &[w.net.ip(2)],
         "",
     ));
     // Published means programmed: the first connection after it gets the
     // new answer, on both ports.
     assert_eq!(http_get(np(other_port)).unwrap(), "backend-2");
-    let e = connect_from(None, np(node_port)).unwrap_err();
+    let e = connect_from(None, np(w.node_port)).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}");
 }
 
 #[test]
 fn udp_round_trip_replies_from_the_frontend() {
-    let port = free_port();
-    let _u = UdpBackend::start(SocketAddr::from((ip(16, 1), port)), "u1");
+    let (net, port, _u) = udp_backends(1);
     let node_port = free_port();
-    let m = nodeport_service("dns", node_port, port, &[ip(16, 1)], "").replace("TCP", "UDP");
+    let m = nodeport_service("dns", node_port, port, &[net.ip(1)], "").replace("TCP", "UDP");
     let rv = Ringvip::start(&m, &["--udp-idle-timeout-secs", "2"]);
     let c = UdpSocket::bind("127.0.0.1:0").unwrap();
     c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -292,35 +261,16 @@ fn udp_round_trip_replies_from_the_frontend() {
 
 #[test]
 fn half_close_is_passed_on() {
-    let port = free_port();
-    let _b = Backend::start(SocketAddr::from((ip(17, 1), port)), "e", Mode::Echo);
-    let node_port = free_port();
-    let _rv = Ringvip::start(
-        &nodeport_service("echo", node_port, port, &[ip(17, 1)], ""),
-        &[],
-    );
+    let (_b, _rv, node_port) = one_backend("echo", Mode::Echo, &[]);
     let mut c = connect_when_ready(np(node_port));
-    let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
-    c.write_all(&payload).unwrap();
     // Half-close: the echo backend sees EOF only if the FIN was passed on, and
     // its replies must still reach us on our open read side.
-    c.shutdown(std::net::Shutdown::Write).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut back = Vec::new();
-    c.read_to_end(&mut back).unwrap();
-    assert_eq!(back.len(), payload.len());
-    assert!(back == payload);
+    assert!(echoed_after_fin(&mut c, 200_000));
 }
 
 #[test]
 fn backend_reset_is_passed_on_as_reset() {
-    let port = free_port();
-    let _b = Backend::start(SocketAddr::from((ip(18, 1), port)), "r", Mode::Reset);
-    let node_port = free_port();
-    let _rv = Ringvip::start(
-        &nodeport_service("rst", node_port, port, &[ip(18, 1)], ""),
-        &[],
-    );
+    let (_b, _rv, node_port) = one_backend("rst", Mode::Reset, &[]);
     let mut c = connect_when_ready(np(node_port));
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut buf = [0u8; 16];
@@ -333,18 +283,21 @@ fn backend_reset_is_passed_on_as_reset() {
 
 #[test]
 fn load_balancer_source_ranges_are_enforced() {
-    let (port, _b) = three_backends(19);
+    let (net, port, _b) = backends(3, Mode::Http);
     let lb_port = free_port();
     // The LB ingress IP is a local loopback address, so ringvip serves it.
-    let lb_ip = ip(19, 100);
+    let lb_ip = net.ip(100);
+    // The source ranges: a block of their own; the outsider is in `net`.
+    let allowed = Loopback::take();
     let m = format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: lb\n  namespace: default\nspec:\n  type: LoadBalancer\n  allocateLoadBalancerNodePorts: false\n  loadBalancerSourceRanges: [\"127.0.191.0/24\"]\n  ports:\n  - name: p\n    port: {lb_port}\n    targetPort: {port}\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: \"{lb_ip}\"\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: lb-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: lb}}\naddressType: IPv4\nports: [{{name: p, port: {port}, protocol: TCP}}]\nendpoints:\n- addresses: [\"{}\"]\n",
-        ip(19, 1)
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: lb\n  namespace: default\nspec:\n  type: LoadBalancer\n  allocateLoadBalancerNodePorts: false\n  loadBalancerSourceRanges: [\"{}\"]\n  ports:\n  - name: p\n    port: {lb_port}\n    targetPort: {port}\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: \"{lb_ip}\"\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: lb-1\n  namespace: default\n  labels: {{kubernetes.io/service-name: lb}}\naddressType: IPv4\nports: [{{name: p, port: {port}, protocol: TCP}}]\nendpoints:\n- addresses: [\"{}\"]\n",
+        allowed.cidr(),
+        net.ip(1)
     );
     let _rv = Ringvip::start(&m, &[]);
     let lb = SocketAddr::from((lb_ip, lb_port));
-    let inside = Some(IpAddr::V4(Ipv4Addr::new(127, 0, 191, 5)));
-    let outside = Some(IpAddr::V4(Ipv4Addr::new(127, 0, 192, 5)));
+    let inside = Some(IpAddr::V4(allowed.ip(5)));
+    let outside = Some(IpAddr::V4(net.ip(5)));
     // The first request from inside the ranges is served.
     assert_eq!(http_get_from(inside, lb).unwrap(), "backend-1");
     // Outsiders are dropped in the kernel (no handshake at all), as kube-proxy drops them.
@@ -356,25 +309,18 @@ fn load_balancer_source_ranges_are_enforced() {
 fn check_command_reports_errors_and_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.yaml");
-    std::fs::write(&good, nodeport_service("ok", 30080, 8080, &[ip(20, 1)], "")).unwrap();
-    let out = Command::new(bin())
-        .arg("check")
-        .arg(&good)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    // Only checked, never served: a documentation address.
+    let ep = [Ipv4Addr::new(192, 0, 2, 1)];
+    std::fs::write(&good, nodeport_service("ok", 30080, 8080, &ep, "")).unwrap();
+    command_ok(&["check", good.to_str().unwrap()]);
 
     let bad = dir.path().join("bad.yaml");
     std::fs::write(
         &bad,
-        nodeport_service("bad", 80, 8080, &[ip(20, 1)], "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}\n"),
+        nodeport_service("bad", 80, 8080, &ep, "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}\n"),
     )
     .unwrap();
-    let out = Command::new(bin()).arg("check").arg(&bad).output().unwrap();
+    let out = command(&["check", bad.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("bad.yaml"), "{text}");
@@ -384,35 +330,20 @@ fn check_command_reports_errors_and_exit_codes() {
 
 #[test]
 fn health_and_metrics_endpoints_answer() {
-    let (port, _b) = three_backends(21);
-    let node_port = free_port();
-    let rv = Ringvip::start(
-        &nodeport_service("m", node_port, port, &[ip(21, 1)], ""),
-        &[],
-    );
-    assert_serving(np(node_port));
-    let h = admin_get(rv.health, "/healthz");
+    let w = web("m", 1, "");
+    let h = admin_get(w.rv.health, "/healthz");
     assert!(h.starts_with("HTTP/1.1 200"), "{h}");
     assert!(h.contains("\"healthy\":true"), "{h}");
-    let l = admin_get(rv.health, "/livez");
+    let l = admin_get(w.rv.health, "/livez");
     assert!(l.starts_with("HTTP/1.1 200"), "{l}");
-    let m = admin_get(rv.metrics, "/metrics");
+    let m = admin_get(w.rv.metrics, "/metrics");
     assert!(m.contains("ringvip_connections_total"), "{m}");
     assert!(m.contains("service=\"m\""), "{m}");
 }
 
 #[test]
 fn demo_runs_and_shows_balancing_and_affinity() {
-    let out = Command::new(bin())
-        .args(["demo", "--once"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = command_ok(&["demo", "--once"]);
     assert!(text.contains("curl http://127.0.0.1:"), "{text}");
     assert!(text.contains("random NodePort"), "{text}");
 }
@@ -420,19 +351,20 @@ fn demo_runs_and_shows_balancing_and_affinity() {
 /// Real peers: nginx backends, curl as the client.
 #[test]
 fn nginx_backends_through_a_nodeport_with_curl() {
-    let Some(nginx) = need_program("nginx", "real HTTP backends") else {
+    let Some([nginx, curl]) = need_programs([
+        ("nginx", "real HTTP backends"),
+        ("curl", "a real HTTP client"),
+    ]) else {
         return;
     };
-    let Some(curl) = need_program("curl", "a real HTTP client") else {
-        return;
-    };
+    let net = Loopback::take();
     let port = free_port();
     let _n: Vec<Nginx> = (1..=2)
-        .map(|i| Nginx::start(&nginx, SocketAddr::from((ip(22, i), port)), &i.to_string()))
+        .map(|i| Nginx::start(&nginx, net.addr(i, port), &i.to_string()))
         .collect();
     let node_port = free_port();
     let _rv = Ringvip::start(
-        &nodeport_service("ng", node_port, port, &[ip(22, 1), ip(22, 2)], ""),
+        &nodeport_service("ng", node_port, port, &net.ips(1..=2), ""),
         &[],
     );
     assert_serving(np(node_port));
@@ -472,12 +404,10 @@ fn udp_without_endpoints_gets_port_unreachable() {
 
 #[test]
 fn udp_flow_moves_when_its_endpoint_is_removed() {
-    let port = free_port();
-    let _u1 = UdpBackend::start(SocketAddr::from((ip(23, 1), port)), "u1");
-    let _u2 = UdpBackend::start(SocketAddr::from((ip(23, 2), port)), "u2");
+    let (net, port, _u) = udp_backends(2);
     let node_port = free_port();
     let m = |ep| nodeport_service("flow", node_port, port, &[ep], "").replace("TCP", "UDP");
-    let rv = Ringvip::start(&m(ip(23, 1)), &[]);
+    let rv = Ringvip::start(&m(net.ip(1)), &[]);
     let c = UdpSocket::bind("127.0.0.1:0").unwrap();
     c.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
@@ -488,7 +418,7 @@ fn udp_flow_moves_when_its_endpoint_is_removed() {
         Some(String::from_utf8_lossy(&buf[..n]).into_owned())
     };
     assert_eq!(ask().as_deref(), Some("u1:x"), "first datagram");
-    rv.apply(&m(ip(23, 2)));
+    rv.apply(&m(net.ip(2)));
     // The same client flow is re-pinned at once, well before the idle timeout (30 s).
     assert_eq!(ask().as_deref(), Some("u2:x"));
 }
@@ -498,11 +428,10 @@ fn udp_flow_moves_when_its_endpoint_is_removed() {
 /// backend sent again: a descriptor and 64 KiB per flow, never returned.)
 #[test]
 fn expired_udp_flows_close_their_backend_sockets() {
-    let port = free_port();
-    let backend = SocketAddr::from((ip(28, 1), port));
-    let _u = UdpBackend::start(backend, "u1");
+    let (net, port, _u) = udp_backends(1);
+    let backend = net.addr(1, port);
     let node_port = free_port();
-    let m = nodeport_service("flows", node_port, port, &[ip(28, 1)], "").replace("TCP", "UDP");
+    let m = nodeport_service("flows", node_port, port, &[net.ip(1)], "").replace("TCP", "UDP");
     // Idle 3 s: long enough that no flow expires while the 100 are made.
     let rv = Ringvip::start(&m, &["--udp-idle-timeout-secs", "3"]);
     let mut buf = [0u8; 64];
@@ -534,19 +463,20 @@ fn expired_udp_flows_close_their_backend_sockets() {
 fn blackholed_backend_times_out_and_is_retried_around() {
     use ringvip::model::Protocol;
     use ringvip::state::{ListenerMode, ListenerSpec};
+    let net = Loopback::take();
     let port = free_port();
     // A socket whose filter drops every SYN: connects to it time out.
     let _hole = ringvip::dataplane::socket::open(&ListenerSpec {
-        addr: SocketAddr::from((ip(24, 1), port)),
+        addr: net.addr(1, port),
         proto: Protocol::Tcp,
         mode: ListenerMode::Drop,
         allow: Vec::new().into(),
     })
     .unwrap();
-    let _b = Backend::start(SocketAddr::from((ip(24, 2), port)), "2", Mode::Http);
+    let _b = Backend::start(net.addr(2, port), "2", Mode::Http);
     let node_port = free_port();
     let rv = Ringvip::start(
-        &nodeport_service("hole", node_port, port, &[ip(24, 1), ip(24, 2)], ""),
+        &nodeport_service("hole", node_port, port, &net.ips(1..=2), ""),
         &[],
     );
     assert_serving(np(node_port));
@@ -563,12 +493,12 @@ fn blackholed_backend_times_out_and_is_retried_around() {
 
 #[test]
 fn health_check_node_port_reports_local_endpoints() {
-    let (port, _b) = three_backends(25);
+    let (net, port, _b) = backends(3, Mode::Http);
     let node_port = free_port();
     let hc = free_port();
     let spec = format!("  externalTrafficPolicy: Local\n  healthCheckNodePort: {hc}\n");
     let m = |node: &str| {
-        nodeport_service("lb", node_port, port, &[ip(25, 1)], &spec)
+        nodeport_service("lb", node_port, port, &[net.ip(1)], &spec)
             .replace("type: NodePort", "type: LoadBalancer")
             .replace("nodeName: node-a", &format!("nodeName: {node}"))
     };
@@ -602,13 +532,8 @@ fn health_check_node_port_reports_local_endpoints() {
 
 #[test]
 fn sigterm_drains_established_connections_and_refuses_new_ones() {
-    let port = free_port();
-    let _s = Backend::start(SocketAddr::from((ip(26, 1), port)), "s", Mode::Stream);
-    let node_port = free_port();
-    let mut rv = Ringvip::start(
-        &nodeport_service("drain", node_port, port, &[ip(26, 1)], ""),
-        &["--drain-timeout-secs", "10"],
-    );
+    let (_s, mut rv, node_port) =
+        one_backend("drain", Mode::Stream, &["--drain-timeout-secs", "10"]);
     let mut conn = connect_when_ready(np(node_port));
     conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut buf = [0u8; 64];
@@ -626,8 +551,7 @@ fn sigterm_drains_established_connections_and_refuses_new_ones() {
     let e = connect_from(None, np(node_port)).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e}\n{}", rv.log());
     // ...while the established stream keeps flowing and ringvip waits for it.
-    let got = bytes_within(&mut conn, Duration::from_millis(500));
-    assert!(got > 10, "stream stalled during drain ({got} bytes)");
+    assert_streams(&mut conn, "during drain");
     assert!(
         !rv.wait_exit(Duration::from_millis(200)),
         "exited before the connection ended"
@@ -641,32 +565,16 @@ fn sigterm_drains_established_connections_and_refuses_new_ones() {
 
 #[test]
 fn status_shows_frontends_endpoints_and_traffic() {
-    let (port, _b) = three_backends(27);
-    let node_port = free_port();
-    let rv = Ringvip::start(
-        &nodeport_service("st", node_port, port, &[ip(27, 1), ip(27, 2)], ""),
-        &[],
-    );
-    assert_serving(np(node_port));
+    let w = web("st", 2, "");
     for _ in 0..4 {
-        http_get(np(node_port)).unwrap();
+        http_get(np(w.node_port)).unwrap();
     }
-    let run = |fmt: &str| {
-        let out = Command::new(bin())
-            .args(["status", "--admin", &rv.metrics.to_string(), "-o", fmt])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let admin = w.rv.metrics.to_string();
+    let run = |fmt: &str| command_ok(&["status", "--admin", &admin, "-o", fmt]);
     let table = run("table");
     let line = table
         .lines()
-        .find(|l| l.contains(&format!("127.0.0.1:{node_port}")))
+        .find(|l| l.contains(&np(w.node_port).to_string()))
         .unwrap_or_else(|| panic!("no NodePort row:\n{table}"));
     assert!(
         line.contains("default/st") && line.contains("NodePort"),
@@ -677,17 +585,39 @@ fn status_shows_frontends_endpoints_and_traffic() {
         .as_array()
         .unwrap()
         .iter()
-        .find(|r| r["address"] == format!("127.0.0.1:{node_port}"))
+        .find(|r| r["address"] == np(w.node_port).to_string())
         .unwrap();
     assert_eq!(row["endpoints"].as_array().unwrap().len(), 2);
     // wait_serving's probes plus our four requests
     assert!(row["total"].as_u64().unwrap() >= 4, "{row}");
     assert!(row["bytes_to_client"].as_u64().unwrap() > 0, "{row}");
     // Nothing listening: a clear error, exit code 2.
-    let out = Command::new(bin())
-        .args(["status", "--admin", &format!("127.0.0.1:{}", free_port())])
-        .output()
-        .unwrap();
+    let out = command(&["status", "--admin", &np(free_port()).to_string()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the admin API"));
+}
+
+/// The harness's own promise (support/addrs.rs): loopback blocks taken at
+/// once in one process are all different, and another process cannot take
+/// a block this one holds.
+#[test]
+fn loopback_blocks_are_never_shared() {
+    let Some(flock) = need_program("flock", "another process trying a held block") else {
+        return;
+    };
+    let blocks: Vec<Loopback> = (0..16)
+        .map(|_| std::thread::spawn(Loopback::take))
+        .map(|h| h.join().unwrap())
+        .collect();
+    let distinct: HashSet<String> = blocks.iter().map(Loopback::cidr).collect();
+    assert_eq!(distinct.len(), blocks.len(), "{blocks:?}");
+    for b in &blocks {
+        let other = Command::new(&flock)
+            .arg("--nonblock")
+            .arg(b.lock_path())
+            .arg("true")
+            .status()
+            .unwrap();
+        assert_eq!(other.code(), Some(1), "{} taken twice", b.cidr());
+    }
 }

@@ -1,9 +1,9 @@
 //! Fault and load suite: limits, idle timeouts, backends stopped under load,
 //! reloads and endpoint churn under load, SYN and UDP floods. Each test prints
 //! its figure (`cargo nextest run --test fault --no-capture`) and asserts it.
-//! NodePort tests run on loopback addresses 127.7.<n>.x; ClusterIP tests in
-//! network namespaces they create (root; CI runs as root). Loads are bounded
-//! in count and time.
+//! NodePort tests run on loopback addresses of their own (`Loopback`);
+//! ClusterIP tests in network namespaces they create (root; CI runs as root).
+//! Loads are bounded in count and time.
 
 mod support;
 
@@ -17,29 +17,12 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::netns::{can_run, Topology};
+use support::netns::Topology;
 use support::*;
-
-fn lo(net: u8, host: u8) -> Ipv4Addr {
-    Ipv4Addr::new(127, 7, net, host)
-}
-
-fn np(port: u16) -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
-}
-
-/// One value of a metric line starting with `name` and containing every `labels`.
-fn metric(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
 
 fn limit_hits(rv: &Ringvip, limit: &str) -> u64 {
     let m = admin_get(rv.metrics, "/metrics");
-    metric(
+    metric::<f64>(
         &m,
         "ringvip_limit_hits_total",
         &[&format!("limit=\"{limit}\"")],
@@ -77,9 +60,9 @@ fn closed(c: &mut TcpStream, within: Duration) -> bool {
     }
 }
 
-/// Connects to `front` and expects the connection refused: reset or closed at
-/// once (the reset may already surface at connect).
-fn refused(front: SocketAddr) -> bool {
+/// Connects to `front` and expects the connection turned away: reset or
+/// closed at once (the reset may already surface at connect).
+fn reset_or_closed(front: SocketAddr) -> bool {
     match connect_from(None, front) {
         Err(e) => e.kind() == ErrorKind::ConnectionReset,
         Ok(mut c) => {
@@ -274,11 +257,11 @@ fn nodeport(name: &str, node_port: u16, port: u16, eps: &[Ipv4Addr]) -> String {
     nodeport_service(name, node_port, port, eps, "")
 }
 
-/// Three nginx on 127.7.<net>.1-3, same port.
-fn three_nginx(bin: &Path, net: u8) -> (u16, Vec<Web>) {
+/// `n` nginx, named "1" to "n", on hosts .1 to .n of `net`, same port.
+fn nginxes(bin: &Path, net: Loopback, n: u8) -> (u16, Vec<Web>) {
     let port = free_port();
-    let webs = (1..=3)
-        .map(|i| Web::start(bin, SocketAddr::from((lo(net, i), port)), &i.to_string()))
+    let webs = (1..=n)
+        .map(|i| Web::start(bin, net.addr(i, port), &i.to_string()))
         .collect();
     (port, webs)
 }
@@ -287,13 +270,14 @@ fn three_nginx(bin: &Path, net: u8) -> (u16, Vec<Web>) {
 
 #[test]
 fn connection_limits_refuse_new_connections_and_keep_established_ones() {
-    let be = SocketAddr::from((lo(1, 1), free_port()));
+    let net = Loopback::take();
+    let be = net.addr(1, free_port());
     let _echo = Backend::start(be, "e", Mode::Echo);
     let (pa, pb) = (free_port(), free_port());
     let m = format!(
         "{}---\n{}",
-        nodeport("a", pa, be.port(), &[lo(1, 1)]),
-        nodeport("b", pb, be.port(), &[lo(1, 1)])
+        nodeport("a", pa, be.port(), &[net.ip(1)]),
+        nodeport("b", pb, be.port(), &[net.ip(1)])
     );
     let rv = Ringvip::start(
         &m,
@@ -312,13 +296,13 @@ fn connection_limits_refuse_new_connections_and_keep_established_ones() {
     let mut slowest = Duration::ZERO;
     for _ in 0..5 {
         let start = Instant::now();
-        assert!(refused(np(pa)), "{}", rv.log());
+        assert!(reset_or_closed(np(pa)), "{}", rv.log());
         slowest = slowest.max(start.elapsed());
     }
     let mut b1 = connect_when_ready(np(pb));
     assert!(echoes(&mut b1));
     // Three in all: the global limit refuses b's second.
-    assert!(refused(np(pb)), "{}", rv.log());
+    assert!(reset_or_closed(np(pb)), "{}", rv.log());
     // Established connections are untouched.
     assert!(echoes(&mut a1) && echoes(&mut a2) && echoes(&mut b1));
     let m = admin_get(rv.metrics, "/metrics");
@@ -429,11 +413,12 @@ fn idle_and_busy(front: SocketAddr, l: &TcpListener) -> (Duration, u32) {
 
 #[test]
 fn idle_tcp_connections_are_closed_on_both_sides_busy_ones_stay() {
-    let l = TcpListener::bind((lo(2, 1), 0)).unwrap();
+    let net = Loopback::take();
+    let l = TcpListener::bind((net.ip(1), 0)).unwrap();
     let be = l.local_addr().unwrap();
     let p = free_port();
     let rv = Ringvip::start(
-        &nodeport("idle", p, be.port(), &[lo(2, 1)]),
+        &nodeport("idle", p, be.port(), &[net.ip(1)]),
         &["--tcp-idle-timeout-secs", "1"],
     );
     let (after, busy) = idle_and_busy(np(p), &l);
@@ -450,26 +435,14 @@ fn idle_tcp_connections_are_closed_on_both_sides_busy_ones_stay() {
 
 // ---- ClusterIP (TUN) limits and idle timeout -----------------------------------
 
-/// A ClusterIP Service with one port and its slice.
-fn clusterip(name: &str, vip: &str, port: u16, proto: &str, target: u16, eps: &[IpAddr]) -> String {
-    let eps: String = eps
-        .iter()
-        .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n"))
-        .collect();
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: \"{vip}\"\n  ports: [{{name: p, port: {port}, protocol: {proto}, targetPort: {target}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: IPv4\nports: [{{name: p, port: {target}, protocol: {proto}}}]\nendpoints:\n{eps}"
-    )
-}
-
 #[test]
 fn clusterip_global_limit_drops_syns_and_idle_relays_close() {
-    if !can_run() {
+    let Some(t) = Topology::setup(&[]) else {
         return;
-    }
-    let t = Topology::new(&[]);
+    };
     let be = SocketAddr::from((t.pod_ip(2), 8080));
     let l = Topology::within(&t.pod, move || TcpListener::bind(be).unwrap());
-    let m = clusterip("lim", "10.96.0.40", 80, "TCP", 8080, &[be.ip()]);
+    let m = clusterip("lim", "10.96.0.40", 80, "TCP", 8080, &[be.ip()], "");
     let rv = Ringvip::launch(
         Some(&t.node),
         &m,
@@ -524,12 +497,13 @@ fn clusterip_global_limit_drops_syns_and_idle_relays_close() {
 
 #[test]
 fn nodeport_serves_every_request_while_one_of_three_backends_stops() {
+    let net = Loopback::take();
     let Some((nginx, _)) = tools() else {
         return;
     };
-    let (port, mut webs) = three_nginx(&nginx, 3);
+    let (port, mut webs) = nginxes(&nginx, net, 3);
     let p = free_port();
-    let eps: Vec<Ipv4Addr> = (1..=3).map(|i| lo(3, i)).collect();
+    let eps = net.ips(1..=3);
     let rv = Ringvip::start(&nodeport("kill", p, port, &eps), &[]);
     // Published means listening: the first request is served.
     assert_eq!(
@@ -551,13 +525,12 @@ fn nodeport_serves_every_request_while_one_of_three_backends_stops() {
 
 #[test]
 fn clusterip_serves_every_request_while_one_of_three_backends_stops() {
-    if !can_run() {
+    let Some(t) = Topology::setup(&[3, 4]) else {
         return;
-    }
+    };
     let Some((nginx, _)) = tools() else {
         return;
     };
-    let t = Topology::new(&[3, 4]);
     let mut webs: Vec<Web> = (2..=4u8)
         .map(|h| {
             let addr = SocketAddr::from((t.pod_ip(h), 8080));
@@ -568,7 +541,7 @@ fn clusterip_serves_every_request_while_one_of_three_backends_stops() {
     let eps: Vec<IpAddr> = (2..=4).map(|h| IpAddr::V4(t.pod_ip(h))).collect();
     let rv = Ringvip::launch(
         Some(&t.node),
-        &clusterip("web", "10.96.0.41", 80, "TCP", 8080, &eps),
+        &clusterip("web", "10.96.0.41", 80, "TCP", 8080, &eps, ""),
         &[],
     );
     let vip: SocketAddr = "10.96.0.41:80".parse().unwrap();
@@ -620,18 +593,19 @@ fn echo_clients(
 
 #[test]
 fn hundred_reloads_under_load_break_no_connection() {
+    let net = Loopback::take();
     let Some((nginx, _)) = tools() else {
         return;
     };
-    let (port, _webs) = three_nginx(&nginx, 4);
-    let echo_be = SocketAddr::from((lo(4, 9), free_port()));
+    let (port, _webs) = nginxes(&nginx, net, 3);
+    let echo_be = net.addr(9, free_port());
     let _echo = Backend::start(echo_be, "e", Mode::Echo);
     let (p, pe, pad) = (free_port(), free_port(), free_port());
-    let eps: Vec<Ipv4Addr> = (1..=3).map(|i| lo(4, i)).collect();
+    let eps = net.ips(1..=3);
     let base = format!(
         "{}---\n{}",
         nodeport("web", p, port, &eps),
-        nodeport("echo", pe, echo_be.port(), &[lo(4, 9)])
+        nodeport("echo", pe, echo_be.port(), &[net.ip(9)])
     );
     // The other version adds a Service: each reload compiles a different snapshot.
     let other = format!("{base}---\n{}", nodeport("pad", pad, port, &eps[..1]));
@@ -686,18 +660,19 @@ fn hundred_reloads_under_load_break_no_connection() {
 
 #[test]
 fn endpoint_churn_every_100ms_under_load_fails_no_request() {
+    let net = Loopback::take();
     let Some((nginx, _)) = tools() else {
         return;
     };
     let port = free_port();
     let _webs: Vec<Web> = (1..=2)
-        .map(|i| Web::start(&nginx, SocketAddr::from((lo(5, i), port)), &i.to_string()))
+        .map(|i| Web::start(&nginx, net.addr(i, port), &i.to_string()))
         .collect();
     // The churning endpoint is a live backend that counts what it accepts.
-    let churner = Backend::start(SocketAddr::from((lo(5, 3), port)), "c", Mode::Http);
+    let churner = Backend::start(net.addr(3, port), "c", Mode::Http);
     let p = free_port();
-    let stable = [lo(5, 1), lo(5, 2)];
-    let with = nodeport("churn", p, port, &[lo(5, 1), lo(5, 2), lo(5, 3)]);
+    let stable = [net.ip(1), net.ip(2)];
+    let with = nodeport("churn", p, port, &[net.ip(1), net.ip(2), net.ip(3)]);
     let without = nodeport("churn", p, port, &stable);
     let rv = Ringvip::start(&without, &[]);
     // Published means listening: the first request is served.
@@ -741,11 +716,12 @@ fn endpoint_churn_every_100ms_under_load_fails_no_request() {
 
 #[test]
 fn thousand_service_changes_under_load_leave_exactly_the_wanted_listeners() {
+    let net = Loopback::take();
     use rand::{Rng, SeedableRng};
     const TCP: usize = 6;
     const UDP: usize = 2;
     const WORKERS: usize = 2; // Ringvip::spawn's --workers
-    let eps: Vec<Ipv4Addr> = (1..=3).map(|i| lo(6, i)).collect();
+    let eps = net.ips(1..=3);
     let tcp_target = free_port();
     let udp_target = free_port();
     let _tcp: Vec<Backend> = eps
@@ -1034,9 +1010,9 @@ fn flood(dst: SocketAddrV4, n: u32, udp: bool, burst: u32) -> Duration {
 
 #[test]
 fn syn_and_udp_floods_leave_clients_served_and_memory_bounded() {
-    if !can_run() {
+    let Some(t) = Topology::setup(&[3]) else {
         return;
-    }
+    };
     let Some((nginx, _)) = tools() else {
         return;
     };
@@ -1056,7 +1032,6 @@ fn syn_and_udp_floods_leave_clients_served_and_memory_bounded() {
     // legitimate client's flow (opened before) carries on.
     const UDP_CAP: u32 = 2000;
     const RSS_BOUND_MIB: u64 = 160;
-    let t = Topology::new(&[3]);
     let _webs: Vec<Web> = (2..=3u8)
         .map(|h| {
             let addr = SocketAddr::from((t.pod_ip(h), 8080));
@@ -1069,8 +1044,8 @@ fn syn_and_udp_floods_leave_clients_served_and_memory_bounded() {
     let eps: Vec<IpAddr> = (2..=3).map(|h| IpAddr::V4(t.pod_ip(h))).collect();
     let m = format!(
         "{}---\n{}",
-        clusterip("web", "10.96.0.42", 80, "TCP", 8080, &eps),
-        clusterip("dns", "10.96.0.43", 53, "UDP", 5353, &[ua.ip()])
+        clusterip("web", "10.96.0.42", 80, "TCP", 8080, &eps, ""),
+        clusterip("dns", "10.96.0.43", 53, "UDP", 5353, &[ua.ip()], "")
     );
     let cap = UDP_CAP.to_string();
     // One TUN queue: the flow cap is split across queues, each warning once.
@@ -1099,7 +1074,7 @@ fn syn_and_udp_floods_leave_clients_served_and_memory_bounded() {
             udp_ok.clone(),
             udp_lost.clone(),
         );
-        let ns = t.node.clone();
+        let ns = t.node.to_string();
         thread::spawn(move || {
             Topology::within(&ns, move || {
                 let u = UdpSocket::bind("0.0.0.0:0").unwrap();
@@ -1187,12 +1162,11 @@ fn syn_and_udp_floods_leave_clients_served_and_memory_bounded() {
 
 #[test]
 fn syn_flood_on_a_nodeport_meets_the_kernel_not_ringvip() {
-    if !can_run() {
+    let Some(t) = Topology::setup(&[]) else {
         return;
-    }
+    };
     const SYNS: u32 = 20_000;
-    let t = Topology::new(&[]);
-    let node_ip = Ipv4Addr::new(10, t.net, 0, 1);
+    let node_ip = t.node_ip();
     // Replies to the spoofed sources leave towards the pod side, which drops
     // them (no such address there, no forwarding): the route also satisfies
     // reverse-path filtering in the node namespace.
@@ -1222,7 +1196,7 @@ fn syn_flood_on_a_nodeport_meets_the_kernel_not_ringvip() {
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let legit = {
         let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        let ns = t.pod.clone();
+        let ns = t.pod.to_string();
         thread::spawn(move || {
             Topology::within(&ns, move || {
                 while !stop.load(Ordering::SeqCst) {

@@ -4,20 +4,12 @@
 
 mod support;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::kubeapi::*;
 use support::*;
-
-fn ip(a: u8, b: u8) -> Ipv4Addr {
-    Ipv4Addr::new(127, 0, a, b)
-}
-
-fn np(port: u16) -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
-}
 
 /// The backend's name, from one request through `addr`.
 fn who(addr: SocketAddr) -> Option<String> {
@@ -26,18 +18,26 @@ fn who(addr: SocketAddr) -> Option<String> {
         .and_then(|b| b.rsplit("backend-").next().map(|s| s.trim().to_string()))
 }
 
-/// Waits until requests through `addr` reach backend `name`. An API change
-/// reaches ringvip through its watch, asynchronously, so the requests before
-/// may still see the state before it (another backend, refused, or reset when
-/// one raced a listener's close); a client that hangs or is dropped fails the
-/// test at once.
-fn wait_backend(addr: SocketAddr, name: &str, limit: Duration) -> bool {
-    wait_answer(addr, &Answer::Backend(name.to_string()), limit)
+/// Waits until requests through `addr` reach backend `name`, at most `secs`
+/// seconds, and fails the test (with ringvip's log) if they never do. An API
+/// change reaches ringvip through its watch, asynchronously, so the requests
+/// before may still see the state before it (another backend, refused, or
+/// reset when one raced a listener's close); a client that hangs or is
+/// dropped fails the test at once.
+fn reaches(r: &Ringvip, addr: SocketAddr, name: &str, secs: u64) {
+    let want = Answer::Backend(name.to_string());
+    let limit = Duration::from_secs(secs);
+    assert!(wait_answer(addr, &want, limit), "{addr}\n{}", r.log());
 }
 
-/// Like [`wait_backend`], until the port is closed.
-fn wait_refused(addr: SocketAddr, limit: Duration) -> bool {
-    wait_answer(addr, &Answer::Refused, limit)
+/// Like [`reaches`], until the port is closed.
+fn closes(r: &Ringvip, addr: SocketAddr, secs: u64) {
+    let limit = Duration::from_secs(secs);
+    assert!(
+        wait_answer(addr, &Answer::Refused, limit),
+        "{addr}\n{}",
+        r.log()
+    );
 }
 
 fn wait_answer(addr: SocketAddr, want: &Answer, limit: Duration) -> bool {
@@ -58,84 +58,110 @@ fn wait_answer(addr: SocketAddr, want: &Answer, limit: Duration) -> bool {
     }
 }
 
-/// One connection to `addr` is refused.
-fn refused(addr: SocketAddr) -> bool {
-    ask(addr) == Answer::Refused
-}
-
-/// A metric's value (first sample line starting with `name` and containing `filter`).
-fn metric(r: &Ringvip, name: &str, filter: &str) -> Option<f64> {
-    let text = admin_get(r.metrics, "/metrics");
-    text.lines()
-        .find(|l| l.starts_with(name) && l.contains(filter))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
-/// A Service `web` on a fresh NodePort with one backend `b1` on 127.0.<net>.1.
+/// A Service `web` on a fresh NodePort with one backend `b1` on host .1 of a
+/// loopback block of its own; backend `b<h>` is on host .h.
 struct World {
     api: ApiServer,
+    net: Loopback,
     node_port: u16,
     backend_port: u16,
     backends: Vec<Backend>,
 }
 
-fn world(net: u8, more: Vec<Value>) -> Option<World> {
+fn world(more: Vec<Value>) -> Option<World> {
+    let net = Loopback::take();
     let node_port = free_port();
     let backend_port = free_port();
-    let backends = vec![Backend::start(
-        SocketAddr::from((ip(net, 1), backend_port)),
-        "b1",
-        Mode::Http,
-    )];
     let mut ops = vec![
         op("services", service("web", node_port, Value::Null)),
         op(
             "endpointslices",
-            slice("web-1", "web", backend_port, &[ip(net, 1)]),
+            slice("web-1", "web", backend_port, &[net.ip(1)]),
         ),
         op("nodes", node(Value::Null, false)),
     ];
     ops.extend(more);
-    let api = ApiServer::start(Value::Array(ops))?;
-    Some(World {
-        api,
+    let mut w = World {
+        api: ApiServer::start(Value::Array(ops))?,
+        net,
         node_port,
         backend_port,
-        backends,
-    })
+        backends: Vec::new(),
+    };
+    w.add_backend(1);
+    Some(w)
+}
+
+/// [`world`] with ringvip started against it, serving `web` through b1.
+fn serving() -> Option<(World, Ringvip)> {
+    let w = world(vec![])?;
+    let r = Ringvip::start_kube(&w.api, &[]);
+    reaches(&r, np(w.node_port), "b1", 10);
+    Some((w, r))
+}
+
+impl World {
+    /// Starts HTTP backend `b<host>` on host .host, the backend port.
+    fn add_backend(&mut self, host: u8) {
+        let addr = self.net.addr(host, self.backend_port);
+        let name = format!("b{host}");
+        self.backends.push(Backend::start(addr, &name, Mode::Http));
+    }
+
+    /// EndpointSlice `<service>-1` with ready endpoints on `hosts`.
+    fn slice(&self, service: &str, hosts: &[u8]) -> Value {
+        let ips = self.net.ips(hosts.iter().copied());
+        slice(&format!("{service}-1"), service, self.backend_port, &ips)
+    }
+
+    /// Service `name` on `node_port` (with `labels`) and its slice with
+    /// endpoints on `hosts`, as operations for [`ApiServer::apply`].
+    fn service_and_slice(
+        &self,
+        name: &str,
+        node_port: u16,
+        labels: Value,
+        hosts: &[u8],
+    ) -> Vec<(&'static str, Value)> {
+        vec![
+            ("services", service(name, node_port, labels)),
+            ("endpointslices", self.slice(name, hosts)),
+        ]
+    }
+
+    /// Applies `web`'s slice with endpoints on `hosts`.
+    fn move_web(&self, hosts: &[u8]) {
+        self.api
+            .apply(&[("endpointslices", self.slice("web", hosts))]);
+    }
 }
 
 #[test]
 fn initial_sync_serves_a_nodeport_to_a_real_backend() {
-    let Some(w) = world(61, vec![]) else { return };
+    let Some(w) = world(vec![]) else { return };
     let r = Ringvip::start_kube(&w.api, &[]);
-    assert!(
-        wait_backend(np(w.node_port), "b1", Duration::from_secs(10)),
-        "{}",
-        r.log()
-    );
+    reaches(&r, np(w.node_port), "b1", 10);
     assert!(r.log().contains("initial list complete"), "{}", r.log());
     // One list per kind, then watches (bookmarks requested).
     assert_eq!(w.api.stat("lists"), 3);
     assert!(admin_get(r.health, "/healthz").starts_with("HTTP/1.1 200"));
     assert_eq!(
-        metric(&r, "ringvip_sync_proxy_rules_service_changes_total", ""),
+        r.metric("ringvip_sync_proxy_rules_service_changes_total", &[]),
         Some(1.0)
     );
     assert_eq!(
-        metric(&r, "ringvip_sync_proxy_rules_endpoint_changes_total", ""),
+        r.metric("ringvip_sync_proxy_rules_endpoint_changes_total", &[]),
         Some(1.0)
     );
     assert_eq!(
-        metric(&r, "ringvip_sync_proxy_rules_endpoint_changes_pending", ""),
+        r.metric("ringvip_sync_proxy_rules_endpoint_changes_pending", &[]),
         Some(0.0)
     );
 }
 
 #[test]
 fn no_frontend_until_services_and_slices_have_both_listed() {
-    let Some(w) = world(62, vec![]) else { return };
+    let Some(w) = world(vec![]) else { return };
     w.api.post("/hold", json!({"resource": "endpointslices"}));
     let r = Ringvip::start_kube(&w.api, &[]);
     // Services and the Node listed; the slices list is stuck in the server.
@@ -149,52 +175,26 @@ fn no_frontend_until_services_and_slices_have_both_listed() {
     assert_eq!(r.generations(), 0, "{}", r.log());
     w.api
         .post("/release", json!({"resource": "endpointslices"}));
-    assert!(
-        wait_backend(np(w.node_port), "b1", Duration::from_secs(10)),
-        "{}",
-        r.log()
-    );
+    reaches(&r, np(w.node_port), "b1", 10);
 }
 
 #[test]
 fn services_and_slices_added_changed_and_deleted_take_effect() {
-    let Some(mut w) = world(63, vec![]) else {
+    let Some((mut w, r)) = serving() else {
         return;
     };
-    let r = Ringvip::start_kube(&w.api, &[]);
     let web = np(w.node_port);
-    assert!(
-        wait_backend(web, "b1", Duration::from_secs(10)),
-        "{}",
-        r.log()
-    );
 
     // A new Service and slice.
     let api_port = free_port();
-    w.backends.push(Backend::start(
-        SocketAddr::from((ip(63, 2), w.backend_port)),
-        "b2",
-        Mode::Http,
-    ));
-    w.api.apply(&[
-        ("services", service("api", api_port, Value::Null)),
-        (
-            "endpointslices",
-            slice("api-1", "api", w.backend_port, &[ip(63, 2)]),
-        ),
-    ]);
-    assert!(
-        wait_backend(np(api_port), "b2", Duration::from_secs(5)),
-        "{}",
-        r.log()
-    );
+    w.add_backend(2);
+    w.api
+        .apply(&w.service_and_slice("api", api_port, Value::Null, &[2]));
+    reaches(&r, np(api_port), "b2", 5);
 
     // A slice changed: web moves to b2.
-    w.api.apply(&[(
-        "endpointslices",
-        slice("web-1", "web", w.backend_port, &[ip(63, 2)]),
-    )]);
-    assert!(wait_backend(web, "b2", Duration::from_secs(5)));
+    w.move_web(&[2]);
+    reaches(&r, web, "b2", 5);
     for _ in 0..10 {
         assert_eq!(who(web).as_deref(), Some("b2"));
     }
@@ -203,104 +203,56 @@ fn services_and_slices_added_changed_and_deleted_take_effect() {
     let moved = free_port();
     w.api
         .apply(&[("services", service("web", moved, Value::Null))]);
-    assert!(wait_backend(np(moved), "b2", Duration::from_secs(5)));
-    assert!(wait_refused(web, Duration::from_secs(5)));
+    reaches(&r, np(moved), "b2", 5);
+    closes(&r, web, 5);
 
     // A Service for another proxy is not ours; one for ringvip is.
     let other = free_port();
     let mine = free_port();
-    w.api.apply(&[
-        (
-            "services",
-            service(
-                "other",
-                other,
-                json!({"service.kubernetes.io/service-proxy-name": "cilium"}),
-            ),
-        ),
-        (
-            "endpointslices",
-            slice("other-1", "other", w.backend_port, &[ip(63, 2)]),
-        ),
-        (
-            "services",
-            service(
-                "mine",
-                mine,
-                json!({"service.kubernetes.io/service-proxy-name": "ringvip"}),
-            ),
-        ),
-        (
-            "endpointslices",
-            slice("mine-1", "mine", w.backend_port, &[ip(63, 2)]),
-        ),
-    ]);
-    assert!(wait_backend(np(mine), "b2", Duration::from_secs(5)));
+    let proxy = |name: &str| json!({"service.kubernetes.io/service-proxy-name": name});
+    let mut ops = w.service_and_slice("other", other, proxy("cilium"), &[2]);
+    ops.extend(w.service_and_slice("mine", mine, proxy("ringvip"), &[2]));
+    w.api.apply(&ops);
+    reaches(&r, np(mine), "b2", 5);
     assert!(refused(np(other)));
 
     // The slice deleted: no endpoints, then the Service deleted: port closed.
     w.api.delete("endpointslices", "api-1");
-    assert!(wait_refused(np(api_port), Duration::from_secs(5)));
+    closes(&r, np(api_port), 5);
     w.api.delete("services", "api");
-    assert!(wait_refused(np(api_port), Duration::from_secs(5)));
-    assert!(wait_backend(np(moved), "b2", Duration::from_secs(1)));
+    closes(&r, np(api_port), 5);
+    reaches(&r, np(moved), "b2", 1);
 }
 
 #[test]
 fn a_dropped_watch_resumes_from_its_resource_version_without_relisting() {
-    let Some(mut w) = world(64, vec![]) else {
+    let Some((mut w, r)) = serving() else {
         return;
     };
-    let r = Ringvip::start_kube(&w.api, &[]);
     let web = np(w.node_port);
-    assert!(
-        wait_backend(web, "b1", Duration::from_secs(10)),
-        "{}",
-        r.log()
-    );
     assert!(wait_until(Duration::from_secs(5), || w.api.stat("watches") == 3));
     let lists = w.api.stat("lists");
     let watch_requests = w.api.stat("watch_requests");
     w.api.post("/drop", json!(null));
     // Changed while no watch is open: replayed on resume.
-    w.backends.push(Backend::start(
-        SocketAddr::from((ip(64, 2), w.backend_port)),
-        "b2",
-        Mode::Http,
-    ));
-    w.api.apply(&[(
-        "endpointslices",
-        slice("web-1", "web", w.backend_port, &[ip(64, 2)]),
-    )]);
-    assert!(
-        wait_backend(web, "b2", Duration::from_secs(5)),
-        "{}",
-        r.log()
-    );
+    w.add_backend(2);
+    w.move_web(&[2]);
+    reaches(&r, web, "b2", 5);
     assert!(w.api.stat("watch_requests") >= watch_requests + 3);
     assert_eq!(w.api.stat("lists"), lists, "a drop must not cost a relist");
 }
 
 #[test]
 fn an_expired_resource_version_relists_and_finds_deletes() {
-    let Some(mut w) = world(65, vec![]) else {
+    let Some(mut w) = world(vec![]) else {
         return;
     };
     let r = Ringvip::start_kube(&w.api, &[]);
     let web = np(w.node_port);
     let gone_port = free_port();
-    w.api.apply(&[
-        ("services", service("gone", gone_port, Value::Null)),
-        (
-            "endpointslices",
-            slice("gone-1", "gone", w.backend_port, &[ip(65, 1)]),
-        ),
-    ]);
-    assert!(
-        wait_backend(np(gone_port), "b1", Duration::from_secs(10)),
-        "{}",
-        r.log()
-    );
+    w.api
+        .apply(&w.service_and_slice("gone", gone_port, Value::Null, &[1]));
+    reaches(&r, np(gone_port), "b1", 10);
     let lists = w.api.stat("lists");
     // The API server goes away; meanwhile "gone" is deleted and web's slice
     // changes; it comes back with its watch cache rebuilt (our
@@ -308,26 +260,11 @@ fn an_expired_resource_version_relists_and_finds_deletes() {
     w.api.post("/stop", json!(null));
     w.api.delete("services", "gone");
     w.api.delete("endpointslices", "gone-1");
-    w.backends.push(Backend::start(
-        SocketAddr::from((ip(65, 2), w.backend_port)),
-        "b2",
-        Mode::Http,
-    ));
-    w.api.apply(&[(
-        "endpointslices",
-        slice("web-1", "web", w.backend_port, &[ip(65, 2)]),
-    )]);
+    w.add_backend(2);
+    w.move_web(&[2]);
     w.api.post("/start", json!(null));
-    assert!(
-        wait_backend(web, "b2", Duration::from_secs(20)),
-        "{}",
-        r.log()
-    );
-    assert!(
-        wait_refused(np(gone_port), Duration::from_secs(10)),
-        "{}",
-        r.log()
-    );
+    reaches(&r, web, "b2", 20);
+    closes(&r, np(gone_port), 10);
     // Every kind relists (its resourceVersion expired), not just resumes.
     assert!(
         wait_until(Duration::from_secs(20), || w.api.stat("lists") >= lists + 3),
@@ -340,30 +277,17 @@ fn an_expired_resource_version_relists_and_finds_deletes() {
     // /expire on a live server: same story.
     let lists = w.api.stat("lists");
     w.api.post("/expire", json!(null));
-    w.api.apply(&[(
-        "endpointslices",
-        slice("web-1", "web", w.backend_port, &[ip(65, 1)]),
-    )]);
-    assert!(
-        wait_backend(web, "b1", Duration::from_secs(20)),
-        "{}",
-        r.log()
-    );
+    w.move_web(&[1]);
+    reaches(&r, web, "b1", 20);
     assert!(w.api.stat("lists") > lists);
 }
 
 #[test]
 fn traffic_keeps_flowing_while_the_api_server_is_down() {
-    let Some(mut w) = world(66, vec![]) else {
+    let Some((mut w, r)) = serving() else {
         return;
     };
-    let r = Ringvip::start_kube(&w.api, &[]);
     let web = np(w.node_port);
-    assert!(
-        wait_backend(web, "b1", Duration::from_secs(10)),
-        "{}",
-        r.log()
-    );
     w.api.post("/stop", json!(null));
     assert!(refused(w.api.api));
     // Two seconds without an API server: every request still served.
@@ -377,42 +301,21 @@ fn traffic_keeps_flowing_while_the_api_server_is_down() {
     assert!(n > 10);
     assert!(admin_get(r.health, "/healthz").starts_with("HTTP/1.1 200"));
     // Back (a plain restart): changes flow again.
-    w.backends.push(Backend::start(
-        SocketAddr::from((ip(66, 2), w.backend_port)),
-        "b2",
-        Mode::Http,
-    ));
+    w.add_backend(2);
     w.api.post("/start", json!(null));
-    w.api.apply(&[(
-        "endpointslices",
-        slice("web-1", "web", w.backend_port, &[ip(66, 2)]),
-    )]);
-    assert!(
-        wait_backend(web, "b2", Duration::from_secs(40)),
-        "{}",
-        r.log()
-    );
+    w.move_web(&[2]);
+    reaches(&r, web, "b2", 40);
     assert!(r.log().contains("watch resumed"), "{}", r.log());
 }
 
 #[test]
 fn an_endpoint_change_reaches_the_data_plane_fast_and_is_measured() {
-    let Some(mut w) = world(67, vec![]) else {
+    let Some((mut w, r)) = serving() else {
         return;
     };
-    let r = Ringvip::start_kube(&w.api, &[]);
     let web = np(w.node_port);
-    assert!(
-        wait_backend(web, "b1", Duration::from_secs(10)),
-        "{}",
-        r.log()
-    );
-    w.backends.push(Backend::start(
-        SocketAddr::from((ip(67, 2), w.backend_port)),
-        "b2",
-        Mode::Http,
-    ));
-    let mut s = slice("web-1", "web", w.backend_port, &[ip(67, 2)]);
+    w.add_backend(2);
+    let mut s = w.slice("web", &[2]);
     let started = Instant::now();
     // The EndpointSlice controller's trigger time: now.
     let now = std::time::SystemTime::now()
@@ -442,11 +345,9 @@ fn an_endpoint_change_reaches_the_data_plane_fast_and_is_measured() {
     // measured once every worker has applied it, a moment later: a delay is
     // part of this contract.
     assert!(
-        wait_until(Duration::from_secs(2), || metric(
-            &r,
-            "ringvip_network_programming_duration_seconds_count",
-            ""
-        ) == Some(1.0)),
+        wait_until(Duration::from_secs(2), || r
+            .metric("ringvip_network_programming_duration_seconds_count", &[])
+            == Some(1.0)),
         "{}",
         admin_get(r.metrics, "/metrics")
     );
@@ -469,31 +370,20 @@ fn civil(z: i64) -> (i64, u32, u32) {
 #[test]
 fn the_node_gives_the_zone_and_its_deletion_turns_healthz_503() {
     // Two endpoints hinted for different zones; this Node is in zone-b.
-    let Some(mut w) = world(
-        68,
-        vec![op(
-            "nodes",
-            node(json!({"topology.kubernetes.io/zone": "zone-b"}), false),
-        )],
-    ) else {
+    let Some(mut w) = world(vec![op(
+        "nodes",
+        node(json!({"topology.kubernetes.io/zone": "zone-b"}), false),
+    )]) else {
         return;
     };
-    w.backends.push(Backend::start(
-        SocketAddr::from((ip(68, 2), w.backend_port)),
-        "b2",
-        Mode::Http,
-    ));
-    let mut s = slice("web-1", "web", w.backend_port, &[ip(68, 1), ip(68, 2)]);
+    w.add_backend(2);
+    let mut s = w.slice("web", &[1, 2]);
     s["endpoints"][0]["hints"] = json!({"forZones": [{"name": "zone-a"}]});
     s["endpoints"][1]["hints"] = json!({"forZones": [{"name": "zone-b"}]});
     w.api.apply(&[("endpointslices", s)]);
     let r = Ringvip::start_kube(&w.api, &[]);
     let web = np(w.node_port);
-    assert!(
-        wait_backend(web, "b2", Duration::from_secs(10)),
-        "{}",
-        r.log()
-    );
+    reaches(&r, web, "b2", 10);
     for _ in 0..10 {
         assert_eq!(who(web).as_deref(), Some("b2"), "topology hints ignored");
     }

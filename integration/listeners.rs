@@ -5,12 +5,13 @@
 //!
 //! Each check runs right after ringvip has published the change; the only wait
 //! is the contract's own: the kernel sockets follow within 100 ms. Everything
-//! runs on loopback addresses owned by the test (127.0.0.0/8), no root needed.
+//! runs on loopback addresses each test takes for itself (`Loopback::take`),
+//! no root needed.
 
 mod support;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -20,14 +21,6 @@ const SETTLE: Duration = Duration::from_millis(100);
 /// ringvip's data-plane threads in these tests (`Ringvip::spawn`): each holds
 /// its own SO_REUSEPORT socket per listener.
 const WORKERS: usize = 2;
-
-fn ip(a: u8, b: u8) -> Ipv4Addr {
-    Ipv4Addr::new(127, 0, a, b)
-}
-
-fn np(port: u16) -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
-}
 
 /// Asserts the first connection after a change is refused, and at once.
 fn assert_refused(addr: SocketAddr, rv: &Ringvip) {
@@ -68,26 +61,12 @@ fn assert_listening(port: u16, listen: usize) {
     );
 }
 
-fn echo_backends(net: u8, n: u8) -> (u16, Vec<Backend>) {
-    let port = free_port();
-    let b = (1..=n)
-        .map(|i| {
-            Backend::start(
-                SocketAddr::from((ip(net, i), port)),
-                &i.to_string(),
-                Mode::Echo,
-            )
-        })
-        .collect();
-    (port, b)
-}
-
 #[test]
 fn deleted_service_closes_its_listeners_at_once() {
-    let (port, _b) = echo_backends(60, 2);
+    let (net, port, _b) = backends(2, Mode::Echo);
     let node_port = free_port();
-    let lb_ip = ip(60, 9);
-    let eps = [(ip(60, 1), true, "node-a"), (ip(60, 2), true, "node-a")];
+    let lb_ip = net.ip(9);
+    let eps = [(net.ip(1), true, "node-a"), (net.ip(2), true, "node-a")];
     // A LoadBalancer: its nodePort on 127.0.0.1 and its ingress IP (local:
     // all of 127.0.0.0/8 is) on the same port.
     let m = service_with("gone", "TCP", node_port, port, &eps, "")
@@ -130,14 +109,14 @@ fn deleted_service_closes_its_listeners_at_once() {
 
 #[test]
 fn last_endpoint_gone_closes_the_listener_and_it_comes_back() {
-    let (port, _b) = echo_backends(61, 1);
+    let (net, port, _b) = backends(1, Mode::Echo);
     let node_port = free_port();
     let with = service_with(
         "last",
         "TCP",
         node_port,
         port,
-        &[(ip(61, 1), true, "node-a")],
+        &[(net.ip(1), true, "node-a")],
         "",
     );
     let without = service_with("last", "TCP", node_port, port, &[], "");
@@ -156,7 +135,7 @@ fn last_endpoint_gone_closes_the_listener_and_it_comes_back() {
 
 #[test]
 fn flapping_endpoints_leave_exactly_the_wanted_listeners() {
-    let (port, _b) = echo_backends(62, 2);
+    let (net, port, _b) = backends(2, Mode::Echo);
     let node_port = free_port();
     let m = |ready: bool| {
         service_with(
@@ -164,7 +143,7 @@ fn flapping_endpoints_leave_exactly_the_wanted_listeners() {
             "TCP",
             node_port,
             port,
-            &[(ip(62, 1), ready, "node-a"), (ip(62, 2), ready, "node-a")],
+            &[(net.ip(1), ready, "node-a"), (net.ip(2), ready, "node-a")],
             "",
         )
     };
@@ -186,7 +165,7 @@ fn flapping_endpoints_leave_exactly_the_wanted_listeners() {
 
 #[test]
 fn traffic_policy_local_switch_swaps_accepting_and_dropping_listeners() {
-    let (port, _b) = echo_backends(63, 1);
+    let (net, port, _b) = backends(1, Mode::Echo);
     let node_port = free_port();
     // With eTP Local and no endpoint on this node, kube-proxy drops: clients
     // time out. The listener stays (its filter drops every SYN).
@@ -196,7 +175,7 @@ fn traffic_policy_local_switch_swaps_accepting_and_dropping_listeners() {
             "TCP",
             node_port,
             port,
-            &[(ip(63, 1), true, node)],
+            &[(net.ip(1), true, node)],
             &format!("  externalTrafficPolicy: {policy}\n"),
         )
     };
@@ -230,16 +209,15 @@ fn traffic_policy_local_switch_swaps_accepting_and_dropping_listeners() {
 
 #[test]
 fn deleted_udp_service_unbinds_at_once_with_its_flows() {
-    let port = free_port();
-    let backend = SocketAddr::from((ip(64, 1), port));
-    let _u = UdpBackend::start(backend, "u1");
+    let (net, port, _u) = udp_backends(1);
+    let backend = net.addr(1, port);
     let node_port = free_port();
     let m = service_with(
         "dns",
         "UDP",
         node_port,
         port,
-        &[(ip(64, 1), true, "node-a")],
+        &[(net.ip(1), true, "node-a")],
         "",
     );
     let rv = Ringvip::start(&m, &[]);
@@ -277,7 +255,7 @@ fn deleted_udp_service_unbinds_at_once_with_its_flows() {
 
 #[test]
 fn health_check_node_port_closes_with_its_service() {
-    let (port, _b) = echo_backends(65, 1);
+    let (net, port, _b) = backends(1, Mode::Echo);
     let node_port = free_port();
     let hc = free_port();
     let m = service_with(
@@ -285,7 +263,7 @@ fn health_check_node_port_closes_with_its_service() {
         "TCP",
         node_port,
         port,
-        &[(ip(65, 1), true, "node-a")],
+        &[(net.ip(1), true, "node-a")],
         &format!("  externalTrafficPolicy: Local\n  healthCheckNodePort: {hc}\n"),
     )
     .replace("type: NodePort", "type: LoadBalancer");

@@ -6,11 +6,11 @@
 
 mod support;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
-use support::netns::{can_run, Topology};
+use support::netns::{need_root, Namespace, Topology};
 use support::*;
 
 /// CAP_NET_BIND_SERVICE (10) and CAP_NET_ADMIN (12).
@@ -54,23 +54,18 @@ fn field(status: &str, name: &str) -> u64 {
 
 #[test]
 fn runs_with_only_net_admin_and_net_bind_service_after_setup() {
-    if !can_run() {
+    let Some(t) = Topology::setup(&[]) else {
         return;
-    }
-    let t = Topology::new(&[]);
-    let backend_addr = SocketAddr::from((t.pod_ip(2), 8080));
-    let _backend = Topology::within(&t.pod, move || {
-        Backend::start(backend_addr, "priv", Mode::Http)
-    });
+    };
+    let _backend = t.backend((t.pod_ip(2), 8080).into(), "priv", Mode::Http);
     // An externalIP on the node's own address, port 80: its listener is opened
     // when the snapshot is published, after the drop, so it needs the kept
     // CAP_NET_BIND_SERVICE. The ClusterIP goes through the TUN.
-    let node_ip = format!("10.{}.0.1", t.net);
-    let manifest = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: low, namespace: default}}\nspec:\n  clusterIP: \"10.96.0.20\"\n  externalIPs: [\"{node_ip}\"]\n  ports: [{{name: p, port: 80, protocol: TCP, targetPort: 8080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: low-1, namespace: default, labels: {{kubernetes.io/service-name: low}}}}\naddressType: IPv4\nports: [{{name: p, port: 8080, protocol: TCP}}]\nendpoints:\n- addresses: [\"{}\"]\n",
-        t.pod_ip(2)
-    );
-    let rv = Ringvip::launch(Some(&t.node), &manifest, &[]);
+    let node_ip = t.node_ip();
+    let external = format!("  externalIPs: [\"{node_ip}\"]\n");
+    let pod = [IpAddr::V4(t.pod_ip(2))];
+    let manifest = clusterip("low", "10.96.0.20", 80, "TCP", 8080, &pod, &external);
+    let rv = t.launch(&manifest, &[]);
     let log = rv.log();
     let dropped = log
         .find("capabilities dropped after setup")
@@ -115,23 +110,12 @@ fn runs_with_only_net_admin_and_net_bind_service_after_setup() {
     );
 
     // Still able to do its job with what it kept.
-    let low: SocketAddr = format!("{node_ip}:80").parse().unwrap();
+    let low = SocketAddr::from((node_ip, 80));
     let vip: SocketAddr = "10.96.0.20:80".parse().unwrap();
     for addr in [low, vip] {
         // The first request once ringvip says it serves.
         let got = Topology::within(&t.node, move || http_get(addr).map_err(|e| e.to_string()));
         assert_eq!(got.as_deref(), Ok("backend-priv"), "{addr}\n{}", rv.log());
-    }
-}
-
-/// Removes a namespace made by the test, whatever happens.
-struct Netns(String);
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.0])
-            .output();
     }
 }
 
@@ -141,9 +125,7 @@ impl Drop for Netns {
 /// set no_new_privs, and still bind ports below 1024 afterwards.
 #[test]
 fn unprivileged_user_with_ambient_capabilities_starts_and_keeps_only_them() {
-    if !support::netns::is_root() {
-        assert!(!in_ci(), "CI runs as root");
-        eprintln!("SKIP: needs root to start ringvip as another user with chosen capabilities");
+    if !need_root("to start ringvip as another user with chosen capabilities") {
         return;
     }
     let Some(setpriv) = need_program(
@@ -152,17 +134,7 @@ fn unprivileged_user_with_ambient_capabilities_starts_and_keeps_only_them() {
     ) else {
         return;
     };
-    let ns = Netns(format!("rvpriv{}", std::process::id()));
-    for args in [
-        vec!["netns", "add", ns.0.as_str()],
-        vec!["-n", ns.0.as_str(), "link", "set", "lo", "up"],
-    ] {
-        let out = std::process::Command::new("ip")
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "ip {args:?}: {out:?}");
-    }
+    let ns = Namespace::new("rvpriv");
     // nobody must be able to read the manifests and write the log.
     let dir = tempfile::tempdir().unwrap();
     use std::os::unix::fs::PermissionsExt;
@@ -174,7 +146,7 @@ fn unprivileged_user_with_ambient_capabilities_starts_and_keeps_only_them() {
     .unwrap();
     let log = dir.path().join("ringvip.log");
     let mut child = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns.0])
+        .args(["netns", "exec", &ns])
         .arg(setpriv)
         .args([
             "--reuid=65534",
@@ -213,7 +185,7 @@ fn unprivileged_user_with_ambient_capabilities_starts_and_keeps_only_them() {
     });
     let pid = child.id();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let metrics = Topology::within(&ns.0, || {
+    let metrics = Topology::within(&ns, || {
         std::net::TcpStream::connect("127.0.0.1:82")
             .map(|_| ())
             .map_err(|e| e.to_string())

@@ -9,19 +9,11 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
-use support::netns::{can_run, clusterip, Topology};
+use support::netns::{ip, Topology};
 use support::*;
 
 fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
-}
-
-fn curl(t: &Topology, url: &str) -> (bool, String) {
-    let out = t.on_node("curl", &["-sS", "--max-time", "5", url]);
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).trim().to_string(),
-    )
 }
 
 struct Env {
@@ -31,55 +23,58 @@ struct Env {
     t: Topology,
 }
 
-/// Three HTTP backends on pod hosts .2 .3 .4 port 8080, Service `web` at 10.96.0.10:80.
-fn web(extra_spec: &str) -> Env {
+impl Env {
+    /// `requests` curl requests through the VIP all succeed and reach all
+    /// three backends.
+    fn assert_balances(&self, requests: usize) {
+        let mut seen = HashSet::new();
+        for i in 0..requests {
+            let (ok, body) = self.t.curl("http://10.96.0.10/");
+            assert!(ok, "request {i} failed\n{}", self.rv.log());
+            seen.insert(body);
+        }
+        assert_eq!(seen.len(), 3, "{seen:?}");
+    }
+}
+
+/// Three HTTP backends on pod hosts .2 .3 .4 port 8080, Service `web` at
+/// 10.96.0.10:80; `None` where namespace tests cannot run.
+fn web(extra_spec: &str) -> Option<Env> {
     web_with(extra_spec, &[])
 }
 
 /// [`web`] with extra ringvip arguments.
-fn web_with(extra_spec: &str, args: &[&str]) -> Env {
-    let t = Topology::new(&[3, 4]);
+fn web_with(extra_spec: &str, args: &[&str]) -> Option<Env> {
+    let t = Topology::setup(&[3, 4])?;
     let backends: Vec<Backend> = (2..=4u8)
-        .map(|h| {
-            let addr = SocketAddr::from((t.pod_ip(h), 8080));
-            Topology::within(&t.pod, move || {
-                Backend::start(addr, &h.to_string(), Mode::Http)
-            })
-        })
+        .map(|h| t.backend((t.pod_ip(h), 8080).into(), &h.to_string(), Mode::Http))
         .collect();
     let eps: Vec<IpAddr> = (2..=4).map(|h| IpAddr::V4(t.pod_ip(h))).collect();
     let m = clusterip("web", "10.96.0.10", 80, "TCP", 8080, &eps, extra_spec);
-    let rv = Ringvip::launch(Some(&t.node), &m, args);
+    let rv = t.launch(&m, args);
     // Published means serving: the first request through the VIP is.
-    let (ok, body) = curl(&t, "http://10.96.0.10/");
+    let (ok, body) = t.curl("http://10.96.0.10/");
     assert!(
         ok,
         "first request through the ClusterIP: {body}\n{}",
         rv.log()
     );
-    Env {
+    Some(Env {
         rv,
         _backends: backends,
         t,
-    }
+    })
 }
 
 #[test]
 fn clusterip_balances_with_curl_and_refuses_unknown_ports() {
-    if !can_run() {
+    let Some(env) = web("") else {
         return;
-    }
-    let env = web("");
-    let mut seen = HashSet::new();
-    for _ in 0..30 {
-        let (ok, body) = curl(&env.t, "http://10.96.0.10/");
-        assert!(ok, "{}", env.rv.log());
-        seen.insert(body);
-    }
-    assert_eq!(seen.len(), 3, "{seen:?}");
+    };
+    env.assert_balances(30);
     // A port the Service does not define: refused (RST) at once.
     let start = Instant::now();
-    let (ok, _) = curl(&env.t, "http://10.96.0.10:81/");
+    let (ok, _) = env.t.curl("http://10.96.0.10:81/");
     assert!(!ok);
     assert!(
         start.elapsed() < Duration::from_secs(2),
@@ -97,10 +92,9 @@ fn clusterip_balances_with_curl_and_refuses_unknown_ports() {
 /// if each queue's thread answers its share.
 #[test]
 fn multi_queue_tun_serves_flows_on_every_queue() {
-    if !can_run() {
+    let Some(env) = web_with("", &["--tun-queues", "3"]) else {
         return;
-    }
-    let env = web_with("", &["--tun-queues", "3"]);
+    };
     let out = env.t.on_node("ls", &["/sys/class/net/ringvip0/queues"]);
     let listing = String::from_utf8_lossy(&out.stdout);
     let rx = listing
@@ -108,37 +102,29 @@ fn multi_queue_tun_serves_flows_on_every_queue() {
         .filter(|q| q.starts_with("rx-"))
         .count();
     assert_eq!(rx, 3, "queues: {listing}\n{}", env.rv.log());
-    let mut seen = HashSet::new();
-    for i in 0..40 {
-        let (ok, body) = curl(&env.t, "http://10.96.0.10/");
-        assert!(ok, "request {i} failed\n{}", env.rv.log());
-        seen.insert(body);
-    }
-    assert_eq!(seen.len(), 3, "{seen:?}");
+    env.assert_balances(40);
 }
 
 #[test]
 fn clusterip_affinity_sticks() {
-    if !can_run() {
+    let Some(env) = web("  sessionAffinity: ClientIP\n") else {
         return;
-    }
-    let env = web("  sessionAffinity: ClientIP\n");
-    let first = curl(&env.t, "http://10.96.0.10/").1;
+    };
+    let first = env.t.curl("http://10.96.0.10/").1;
     for _ in 0..15 {
-        assert_eq!(curl(&env.t, "http://10.96.0.10/").1, first);
+        assert_eq!(env.t.curl("http://10.96.0.10/").1, first);
     }
 }
 
 #[test]
 fn killed_backend_is_invisible_to_clients() {
-    if !can_run() {
+    let Some(mut env) = web("") else {
         return;
-    }
-    let mut env = web("");
+    };
     env._backends[0].kill();
     // The SYN is answered only once a backend accepted, so no request fails.
     for i in 0..20 {
-        let (ok, body) = curl(&env.t, "http://10.96.0.10/");
+        let (ok, body) = env.t.curl("http://10.96.0.10/");
         assert!(ok, "request {i} failed\n{}", env.rv.log());
         assert_ne!(body, "backend-2");
     }
@@ -146,16 +132,15 @@ fn killed_backend_is_invisible_to_clients() {
 
 #[test]
 fn no_endpoints_is_refused_and_udp_gets_port_unreachable() {
-    if !can_run() {
+    let Some(t) = Topology::setup(&[]) else {
         return;
-    }
-    let t = Topology::new(&[]);
+    };
     let m = format!(
         "{}---\n{}",
         clusterip("empty", "10.96.0.20", 80, "TCP", 8080, &[], ""),
         clusterip("uempty", "10.96.0.21", 53, "UDP", 5353, &[], "")
     );
-    let rv = Ringvip::launch(Some(&t.node), &m, &[]);
+    let rv = t.launch(&m, &[]);
     let e = Topology::within(&t.node, || {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
@@ -177,24 +162,21 @@ fn no_endpoints_is_refused_and_udp_gets_port_unreachable() {
     assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{e:?}");
 }
 
+/// A UDP echo backend `u` on pod .2 port 5353 behind ClusterIP Service
+/// `name` at `vip`:53, ringvip started; `None` where namespace tests cannot
+/// run.
+fn udp_echo_service(name: &str, vip: &str) -> Option<(Topology, UdpBackend, Ringvip)> {
+    let t = Topology::setup(&[])?;
+    let u = t.udp_backend((t.pod_ip(2), 5353).into(), "u");
+    let rv = t.launch(&t.pod_service(name, vip, 53, "UDP", 5353), &[]);
+    Some((t, u, rv))
+}
+
 #[test]
 fn udp_round_trip_through_the_vip() {
-    if !can_run() {
+    let Some((t, _u, rv)) = udp_echo_service("dns", "10.96.0.30") else {
         return;
-    }
-    let t = Topology::new(&[]);
-    let addr = SocketAddr::from((t.pod_ip(2), 5353));
-    let _u = Topology::within(&t.pod, move || UdpBackend::start(addr, "u"));
-    let m = clusterip(
-        "dns",
-        "10.96.0.30",
-        53,
-        "UDP",
-        5353,
-        &[IpAddr::V4(t.pod_ip(2))],
-        "",
-    );
-    let rv = Ringvip::launch(Some(&t.node), &m, &[]);
+    };
     let got = Topology::within(&t.node, || {
         let c = UdpSocket::bind("0.0.0.0:0").unwrap();
         c.set_read_timeout(Some(Duration::from_millis(200)))
@@ -237,23 +219,10 @@ fn udp_round_trip_through_the_vip() {
 /// corrupt one is dropped, an intact one is answered.
 #[test]
 fn udp_with_a_bad_checksum_is_dropped() {
-    if !can_run() {
+    let Some((t, _u, rv)) = udp_echo_service("raw", "10.96.0.31") else {
         return;
-    }
-    let t = Topology::new(&[]);
-    let addr = SocketAddr::from((t.pod_ip(2), 5353));
-    let _u = Topology::within(&t.pod, move || UdpBackend::start(addr, "u"));
-    let m = clusterip(
-        "raw",
-        "10.96.0.31",
-        53,
-        "UDP",
-        5353,
-        &[IpAddr::V4(t.pod_ip(2))],
-        "",
-    );
-    let rv = Ringvip::launch(Some(&t.node), &m, &[]);
-    let client = SocketAddr::from(([10, t.net, 0, 1], 40_053));
+    };
+    let client = SocketAddr::from((t.node_ip(), 40_053));
     let (bad, good) = Topology::within(&t.node, move || {
         let replies = UdpSocket::bind(client).unwrap();
         replies
@@ -291,17 +260,16 @@ fn udp_with_a_bad_checksum_is_dropped() {
 
 #[test]
 fn ipv6_vip() {
-    if !can_run() {
+    let Some(t) = Topology::setup(&[]) else {
         return;
-    }
-    let t = Topology::new(&[]);
-    let pod6: IpAddr = format!("fd00:{}::2", t.net).parse().unwrap();
+    };
+    let pod6 = IpAddr::V6(t.pod_ip6());
     let addr = SocketAddr::new(pod6, 8080);
-    let _b = Topology::within(&t.pod, move || Backend::start(addr, "v6", Mode::Http));
+    let _b = t.backend(addr, "v6", Mode::Http);
     let m = clusterip("web6", "fd00:10:96::10", 80, "TCP", 8080, &[pod6], "");
-    let rv = Ringvip::launch(Some(&t.node), &m, &[]);
+    let rv = t.launch(&m, &[]);
     // The first request (the veth addresses are added without DAD).
-    let (_, body) = curl(&t, "http://[fd00:10:96::10]/");
+    let (_, body) = t.curl("http://[fd00:10:96::10]/");
     assert_eq!(body, "backend-v6", "{}", rv.log());
 }
 
@@ -311,29 +279,25 @@ fn ipv6_vip() {
 /// 64 KiB that the kernel cuts to the pod's MSS, both hold.
 #[test]
 fn pod_reaches_a_clusterip_through_the_node() {
-    if !can_run() {
-        return;
-    }
     pod_echo_through_the_node(false);
 }
 
 /// [`pod_reaches_a_clusterip_through_the_node`] over IPv6 (TCPv6 segmentation).
 #[test]
 fn pod_reaches_an_ipv6_clusterip_through_the_node() {
-    if !can_run() {
-        return;
-    }
     pod_echo_through_the_node(true);
 }
 
 fn pod_echo_through_the_node(v6: bool) {
-    let t = Topology::new(&[3]);
+    let Some(t) = Topology::setup(&[3]) else {
+        return;
+    };
     // Backend and client both live in the pod namespace; the client's packets
     // to the VIP still go through the node (its only route there).
     let (backend, client, vip, cidr, via, forward): (IpAddr, IpAddr, &str, &str, String, &str) =
         if v6 {
-            let pod: IpAddr = format!("fd00:{}::2", t.net).parse().unwrap();
-            let node = format!("fd00:{}::1", t.net);
+            let pod = IpAddr::V6(t.pod_ip6());
+            let node = t.node_ip6().to_string();
             (
                 pod,
                 pod,
@@ -343,7 +307,7 @@ fn pod_echo_through_the_node(v6: bool) {
                 "net.ipv6.conf.all.forwarding=1",
             )
         } else {
-            let node = format!("10.{}.0.1", t.net);
+            let node = t.node_ip().to_string();
             (
                 IpAddr::V4(t.pod_ip(3)),
                 IpAddr::V4(t.pod_ip(2)),
@@ -354,20 +318,16 @@ fn pod_echo_through_the_node(v6: bool) {
             )
         };
     let echo = SocketAddr::new(backend, 7000);
-    let _e = Topology::within(&t.pod, move || Backend::start(echo, "e", Mode::Echo));
+    let _e = t.backend(echo, "e", Mode::Echo);
     let m = clusterip("fwd", vip, 7000, "TCP", 7000, &[backend], "");
-    let rv = Ringvip::launch(Some(&t.node), &m, &[]);
-    let route = std::process::Command::new("ip")
-        .args(["-n", &t.pod, "route", "add", cidr, "via", &via])
-        .status()
-        .unwrap();
-    assert!(route.success());
+    let rv = t.launch(&m, &[]);
+    ip(&["-n", &t.pod, "route", "add", cidr, "via", &via]);
     let fwd = t.on_node("sysctl", &["-qw", forward]);
     assert!(fwd.status.success(), "{fwd:?}");
     let vip = SocketAddr::new(vip.parse().unwrap(), 7000);
     let back = Topology::within(&t.pod, move || {
         // The first connection from the pod, once its route is in place.
-        let mut c = connect_any(client, vip).expect("the pod reached the ClusterIP");
+        let mut c = connect_from(Some(client), vip).expect("the pod reached the ClusterIP");
         let payload: Vec<u8> = (0..2_000_000u32).map(|i| (i % 253) as u8).collect();
         let mut reader = c.try_clone().unwrap();
         reader
@@ -389,42 +349,23 @@ fn pod_echo_through_the_node(v6: bool) {
     );
 }
 
-/// Connects from `src` (either family) to `addr`.
-fn connect_any(src: IpAddr, addr: SocketAddr) -> std::io::Result<std::net::TcpStream> {
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )?;
-    s.bind(&SocketAddr::new(src, 0).into())?;
-    s.connect_timeout(&addr.into(), Duration::from_secs(3))?;
-    Ok(s.into())
-}
-
 #[test]
 fn half_close_reset_and_endpoint_churn_while_streaming() {
-    if !can_run() {
+    let Some(t) = Topology::setup(&[3]) else {
         return;
-    }
-    let t = Topology::new(&[3]);
+    };
     let (echo, stream) = (
         SocketAddr::from((t.pod_ip(2), 7000)),
         SocketAddr::from((t.pod_ip(3), 7000)),
     );
-    let _e = Topology::within(&t.pod, move || Backend::start(echo, "e", Mode::Echo));
-    let _s = Topology::within(&t.pod, move || Backend::start(stream, "s", Mode::Stream));
+    let _e = t.backend(echo, "e", Mode::Echo);
+    let _s = t.backend(stream, "s", Mode::Stream);
     let eps = |ip: IpAddr| clusterip("svc", "10.96.0.40", 7000, "TCP", 7000, &[ip], "");
-    let rv = Ringvip::launch(Some(&t.node), &eps(IpAddr::V4(t.pod_ip(2))), &[]);
+    let rv = t.launch(&eps(IpAddr::V4(t.pod_ip(2))), &[]);
     // Half-close: all echoed bytes come back after our FIN.
     let back = Topology::within(&t.node, || {
         let mut c = connect_when_ready(sa("10.96.0.40:7000"));
-        let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-        c.write_all(&payload).unwrap();
-        c.shutdown(std::net::Shutdown::Write).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut back = Vec::new();
-        c.read_to_end(&mut back).unwrap();
-        back == payload
+        echoed_after_fin(&mut c, 300_000)
     });
     assert!(
         back,
@@ -442,36 +383,21 @@ fn half_close_reset_and_endpoint_churn_while_streaming() {
     let mut buf = [0u8; 64];
     assert!(conn.read(&mut buf).unwrap() > 0);
     rv.apply(&eps(IpAddr::V4(t.pod_ip(2))));
-    let got = bytes_within(&mut conn, Duration::from_millis(500));
-    assert!(
-        got > 10,
-        "stream stalled after its endpoint left ({got} bytes)"
-    );
+    assert_streams(&mut conn, "after its endpoint left");
 }
 
 #[test]
 fn iperf3_through_the_clusterip() {
-    if !can_run() {
-        return;
-    }
-    let Some(iperf3) = need_program("iperf3", "bulk TCP through the VIP") else {
+    let Some((t, [iperf3])) = Topology::setup_with(&[], [("iperf3", "bulk TCP through the VIP")])
+    else {
         return;
     };
-    let t = Topology::new(&[]);
     let server = t.spawn_on_pod(
         &iperf3,
         &["-s", "-1", "-B", &t.pod_ip(2).to_string(), "-p", "5201"],
     );
-    let m = clusterip(
-        "perf",
-        "10.96.0.50",
-        5201,
-        "TCP",
-        5201,
-        &[IpAddr::V4(t.pod_ip(2))],
-        "",
-    );
-    let rv = Ringvip::launch(Some(&t.node), &m, &[]);
+    let m = t.pod_service("perf", "10.96.0.50", 5201, "TCP", 5201);
+    let rv = t.launch(&m, &[]);
     std::thread::sleep(Duration::from_millis(300));
     let out = t.on_node(
         iperf3.to_str().unwrap(),
@@ -494,27 +420,14 @@ fn iperf3_through_the_clusterip() {
 
 #[test]
 fn connection_cap_drops_new_syns_with_a_warning() {
-    if !can_run() {
+    let Some(t) = Topology::setup(&[]) else {
         return;
-    }
-    let t = Topology::new(&[]);
+    };
     let addr = SocketAddr::from((t.pod_ip(2), 7000));
-    let _s = Topology::within(&t.pod, move || Backend::start(addr, "s", Mode::Stream));
-    let m = clusterip(
-        "cap",
-        "10.96.0.60",
-        7000,
-        "TCP",
-        7000,
-        &[IpAddr::V4(t.pod_ip(2))],
-        "",
-    );
+    let _s = t.backend(addr, "s", Mode::Stream);
+    let m = t.pod_service("cap", "10.96.0.60", 7000, "TCP", 7000);
     // One queue: the cap is split across queues, and this test counts exactly.
-    let rv = Ringvip::launch(
-        Some(&t.node),
-        &m,
-        &["--tun-max-connections", "2", "--tun-queues", "1"],
-    );
+    let rv = t.launch(&m, &["--tun-max-connections", "2", "--tun-queues", "1"]);
     let (held, third) = Topology::within(&t.node, || {
         let mut held = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -539,27 +452,18 @@ fn connection_cap_drops_new_syns_with_a_warning() {
 /// A real UDP peer: dnsmasq in the pod answering dig through the VIP.
 #[test]
 fn dns_server_answers_dig_through_the_vip() {
-    if !can_run() {
-        return;
-    }
-    let Some(dnsmasq) = need_program("dnsmasq", "a real DNS server behind a UDP ClusterIP") else {
+    let Some((t, [dnsmasq, dig])) = Topology::setup_with(
+        &[],
+        [
+            ("dnsmasq", "a real DNS server behind a UDP ClusterIP"),
+            ("dig", "a real DNS client"),
+        ],
+    ) else {
         return;
     };
-    let Some(dig) = need_program("dig", "a real DNS client") else {
-        return;
-    };
-    let t = Topology::new(&[]);
     let server = t.spawn_dnsmasq(&dnsmasq, 5353, &["/web.test/192.0.2.80".into()]);
-    let m = clusterip(
-        "dns",
-        "10.96.0.70",
-        53,
-        "UDP",
-        5353,
-        &[IpAddr::V4(t.pod_ip(2))],
-        "",
-    );
-    let rv = Ringvip::launch(Some(&t.node), &m, &[]);
+    let m = t.pod_service("dns", "10.96.0.70", 53, "UDP", 5353);
+    let rv = t.launch(&m, &[]);
     let ask = |server: &str, port: &str| {
         let at = format!("@{server}");
         let out = t.on_node(

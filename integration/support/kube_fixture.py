@@ -152,6 +152,16 @@ def matches(obj, field_selector):
     return True
 
 
+def send_json(handler, code, body):
+    """One JSON response (compact, with its length) from either server."""
+    data = json.dumps(body, separators=(",", ":")).encode()
+    handler.send_response(code)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)
+
+
 class ApiHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -172,12 +182,7 @@ class ApiHandler(BaseHTTPRequestHandler):
             pass
 
     def send_json(self, code, body):
-        data = json.dumps(body, separators=(",", ":")).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, code, body)
 
     def do_GET(self):
         url = urllib.parse.urlsplit(self.path)
@@ -329,12 +334,7 @@ class ControlHandler(BaseHTTPRequestHandler):
         pass
 
     def reply(self, code, body):
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        send_json(self, code, body)
 
     def do_GET(self):
         if self.path == "/stats":

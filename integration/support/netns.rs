@@ -2,12 +2,28 @@
 //! ringvip runs with its TUN, and a "pod" namespace holding the backends,
 //! joined by a veth pair. Service CIDRs are only ever routed inside the node
 //! namespace, into ringvip's own TUN. Everything is removed on drop.
+//!
+//! Every namespace test starts with [`Topology::setup`], which skips (with
+//! the reason) where this process may not create namespaces and a TUN, and
+//! fails under CI, which runs as root.
+//!
+//! Names come from [`unique_name`] (pid and counter), so parallel tests and
+//! parallel runs never clash. The veth subnet needs no allocation: its
+//! addresses exist only inside the two namespaces of one topology, which no
+//! other test sees, so every topology uses the same [`NET`].
 
 use std::fs::File;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
+
+use super::addrs::unique_name;
+use super::{clusterip, in_ci, need_programs, Backend, Mode, Ringvip, UdpBackend};
+
+/// The veth subnet: 10.<NET>.0.0/24 (and an IPv6 /64), clear of the
+/// service CIDR 10.96.0.0/12 and the spoofed flood sources 10.77.0.0/16.
+pub const NET: u8 = 200;
 
 /// True when this process may create namespaces and TUN devices.
 pub fn is_root() -> bool {
@@ -15,21 +31,34 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// Whether a namespace test can run; explains the skip otherwise (and fails
-/// under CI, which runs as root).
-pub fn can_run() -> bool {
-    if is_root() && std::path::Path::new("/dev/net/tun").exists() {
+/// Whether a test needing root can run; explains the skip otherwise (`what`
+/// root is needed for), and fails under CI, which runs as root.
+pub fn need_root(what: &str) -> bool {
+    if is_root() {
         return true;
     }
-    assert!(
-        !super::in_ci(),
-        "CI must run the namespace tests as root with /dev/net/tun"
-    );
-    eprintln!("SKIP: needs root and /dev/net/tun to create network namespaces and a TUN device");
+    assert!(!in_ci(), "CI runs as root ({what})");
+    eprintln!("SKIP: needs root {what}");
     false
 }
 
-fn ip(args: &[&str]) {
+/// Whether a namespace test can run; explains the skip otherwise (and fails
+/// under CI, which runs as root with /dev/net/tun).
+pub fn can_run() -> bool {
+    let why = "to create network namespaces and a TUN device";
+    if !need_root(why) {
+        return false;
+    }
+    if Path::new("/dev/net/tun").exists() {
+        return true;
+    }
+    assert!(!in_ci(), "CI must provide /dev/net/tun ({why})");
+    eprintln!("SKIP: needs /dev/net/tun {why}");
+    false
+}
+
+/// Runs `ip ARGS`; panics with its error output when it fails.
+pub fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
     assert!(
         out.status.success(),
@@ -39,86 +68,93 @@ fn ip(args: &[&str]) {
     );
 }
 
-/// A ClusterIP Service with one port (TCP or UDP) and its slice.
-pub fn clusterip(
-    name: &str,
-    vip: &str,
-    port: u16,
-    proto: &str,
-    target: u16,
-    eps: &[IpAddr],
-    extra: &str,
-) -> String {
-    let family = if vip.contains(':') { "IPv6" } else { "IPv4" };
-    let eps = super::endpoints_yaml(eps, "");
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: \"{vip}\"\n{extra}  ports: [{{name: p, port: {port}, protocol: {proto}, targetPort: {target}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\naddressType: {family}\nports: [{{name: p, port: {target}, protocol: {proto}}}]\nendpoints: {eps}"
-    )
+/// A network namespace of this test, its loopback up; deleted on drop (with
+/// every device in it). Derefs to its name.
+#[derive(Debug)]
+pub struct Namespace(String);
+
+impl Namespace {
+    /// Creates `<prefix><pid>-<k>` (see [`unique_name`]).
+    pub fn new(prefix: &str) -> Namespace {
+        Namespace::named(unique_name(prefix))
+    }
+
+    fn named(name: String) -> Namespace {
+        ip(&["netns", "add", &name]);
+        let ns = Namespace(name);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        ns
+    }
 }
 
-static NEXT: AtomicU32 = AtomicU32::new(0);
+impl std::ops::Deref for Namespace {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
 
-/// node ⇄ pod, IPv4 10.<n>.0.1 ⇄ 10.<n>.0.2 (+ extra pod IPs) and IPv6
-/// fd00:<n>::1 ⇄ fd00:<n>::2.
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// node ⇄ pod, IPv4 10.<NET>.0.1 ⇄ 10.<NET>.0.2 (+ extra pod IPs) and IPv6
+/// fd00:<NET>::1 ⇄ fd00:<NET>::2 (the second group of the IPv6
+/// addresses is NET, which IPv6 prints in hex).
 pub struct Topology {
-    pub node: String,
-    pub pod: String,
-    pub net: u8,
+    pub node: Namespace,
+    pub pod: Namespace,
 }
 
 impl Topology {
-    /// Creates both namespaces and the veth pair; `pod_hosts` extra host
-    /// numbers get addresses 10.<n>.0.<h> on the pod side.
-    pub fn new(pod_hosts: &[u8]) -> Topology {
-        let id = std::process::id() % 100_000;
-        let seq = NEXT.fetch_add(1, Ordering::SeqCst);
-        let net = 200 + (seq as u8 % 50);
-        let node = format!("rvn{id}-{seq}");
-        let pod = format!("rvp{id}-{seq}");
-        let (vn, vp) = (format!("rv{id}{seq}n"), format!("rv{id}{seq}p"));
-        ip(&["netns", "add", &node]);
+    /// The setup of every namespace test: both namespaces and the veth pair,
+    /// `pod_hosts` extra host numbers with addresses 10.<NET>.0.<h> on the
+    /// pod side; `None` (the test skips, see [`can_run`]) where they cannot
+    /// be made.
+    pub fn setup(pod_hosts: &[u8]) -> Option<Topology> {
+        Topology::setup_with(pod_hosts, []).map(|(t, [])| t)
+    }
+
+    /// [`Topology::setup`] for a test that also needs `programs` (name,
+    /// what for; see [`need_programs`]): the topology and their paths.
+    pub fn setup_with<const N: usize>(
+        pod_hosts: &[u8],
+        programs: [(&str, &str); N],
+    ) -> Option<(Topology, [PathBuf; N])> {
+        if !can_run() {
+            return None;
+        }
+        let found = need_programs(programs)?;
+        Some((Topology::new(pod_hosts), found))
+    }
+
+    fn new(pod_hosts: &[u8]) -> Topology {
+        // One tag names all four: device names must fit 15 bytes.
+        let tag = unique_name("");
         let t = Topology {
-            node: node.clone(),
-            pod: pod.clone(),
-            net,
+            node: Namespace::named(format!("rvn{tag}")),
+            pod: Namespace::named(format!("rvp{tag}")),
         };
-        ip(&["netns", "add", &pod]);
+        let (vn, vp) = (format!("rv{tag}n"), format!("rv{tag}p"));
         ip(&[
-            "link", "add", &vn, "netns", &node, "type", "veth", "peer", "name", &vp, "netns", &pod,
+            "link", "add", &vn, "netns", &t.node, "type", "veth", "peer", "name", &vp, "netns",
+            &t.pod,
         ]);
-        for (ns, dev, host) in [(&node, &vn, 1u8), (&pod, &vp, 2u8)] {
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-            ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("10.{net}.0.{host}/24"),
-                "dev",
-                dev,
-            ]);
-            ip(&[
-                "-n",
-                ns,
-                "addr",
-                "add",
-                &format!("fd00:{net}::{host}/64"),
-                "dev",
-                dev,
-                "nodad",
-            ]);
+        let sides = [
+            (&t.node, &vn, t.node_ip(), t.node_ip6()),
+            (&t.pod, &vp, t.pod_ip(2), t.pod_ip6()),
+        ];
+        for (ns, dev, v4, v6) in sides {
+            let (v4, v6) = (format!("{v4}/24"), format!("{v6}/64"));
+            ip(&["-n", ns, "addr", "add", &v4, "dev", dev]);
+            ip(&["-n", ns, "addr", "add", &v6, "dev", dev, "nodad"]);
             ip(&["-n", ns, "link", "set", dev, "up"]);
         }
         for h in pod_hosts {
-            ip(&[
-                "-n",
-                &pod,
-                "addr",
-                "add",
-                &format!("10.{net}.0.{h}/32"),
-                "dev",
-                &vp,
-            ]);
+            let v4 = format!("{}/32", t.pod_ip(*h));
+            ip(&["-n", &t.pod, "addr", "add", &v4, "dev", &vp]);
         }
         t
     }
@@ -137,6 +173,16 @@ impl Topology {
         .expect("thread inside the namespace panicked")
     }
 
+    /// Runs `f` on a thread inside the node namespace.
+    pub fn on_node_thread<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        Topology::within(&self.node, f)
+    }
+
+    /// Runs `f` on a thread inside the pod namespace.
+    pub fn on_pod_thread<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        Topology::within(&self.pod, f)
+    }
+
     /// Runs a program inside the node namespace.
     pub fn on_node(&self, program: &str, args: &[&str]) -> Output {
         Command::new("ip")
@@ -146,9 +192,50 @@ impl Topology {
             .expect("ip netns exec")
     }
 
+    /// `curl -sS --max-time 5 URL` in the node namespace: whether it
+    /// succeeded, and what it printed (trimmed).
+    pub fn curl(&self, url: &str) -> (bool, String) {
+        let out = self.on_node("curl", &["-sS", "--max-time", "5", url]);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        )
+    }
+
+    /// Starts ringvip in the node namespace with its TUN (see [`Ringvip::launch`]).
+    pub fn launch(&self, manifest: &str, extra: &[&str]) -> Ringvip {
+        Ringvip::launch(Some(&self.node), manifest, extra)
+    }
+
+    /// A TCP backend on `addr` in the pod namespace.
+    pub fn backend(&self, addr: SocketAddr, name: &str, mode: Mode) -> Backend {
+        let name = name.to_string();
+        self.on_pod_thread(move || Backend::start(addr, &name, mode))
+    }
+
+    /// A UDP echo backend on `addr` in the pod namespace.
+    pub fn udp_backend(&self, addr: SocketAddr, name: &str) -> UdpBackend {
+        let name = name.to_string();
+        self.on_pod_thread(move || UdpBackend::start(addr, &name))
+    }
+
+    /// A ClusterIP Service `name` at `vip`:`port` whose one endpoint is pod
+    /// address .2, port `target`.
+    pub fn pod_service(
+        &self,
+        name: &str,
+        vip: &str,
+        port: u16,
+        proto: &str,
+        target: u16,
+    ) -> String {
+        let pod = [IpAddr::V4(self.pod_ip(2))];
+        clusterip(name, vip, port, proto, target, &pod, "")
+    }
+
     /// Starts a program inside the pod namespace; it is killed when the
     /// returned guard drops.
-    pub fn spawn_on_pod(&self, program: &std::path::Path, args: &[&str]) -> Spawned {
+    pub fn spawn_on_pod(&self, program: &Path, args: &[&str]) -> Spawned {
         let child = Command::new("ip")
             .args(["netns", "exec", &self.pod])
             .arg(program)
@@ -163,12 +250,7 @@ impl Topology {
     /// Starts dnsmasq in the pod namespace on pod address .2, `port`,
     /// answering from `addresses` only (`--address=/<domain>/<ip>` values,
     /// no upstream, no hosts file); killed when the guard drops.
-    pub fn spawn_dnsmasq(
-        &self,
-        dnsmasq: &std::path::Path,
-        port: u16,
-        addresses: &[String],
-    ) -> Spawned {
+    pub fn spawn_dnsmasq(&self, dnsmasq: &Path, port: u16, addresses: &[String]) -> Spawned {
         let mut args = vec![
             "--keep-in-foreground".to_string(),
             "--no-resolv".into(),
@@ -184,9 +266,35 @@ impl Topology {
         self.spawn_on_pod(dnsmasq, &args)
     }
 
-    /// A pod address.
-    pub fn pod_ip(&self, host: u8) -> std::net::Ipv4Addr {
-        std::net::Ipv4Addr::new(10, self.net, 0, host)
+    /// Writes the node namespace's resolv.conf, which `ip netns exec` mounts
+    /// over /etc/resolv.conf for the programs it runs there; removed when
+    /// the guard drops.
+    pub fn resolv_conf(&self, text: &str) -> ResolvConf {
+        let dir = PathBuf::from("/etc/netns").join(&*self.node);
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = ResolvConf(dir);
+        std::fs::write(conf.0.join("resolv.conf"), text).unwrap();
+        conf
+    }
+
+    /// A pod address, 10.<NET>.0.<host>.
+    pub fn pod_ip(&self, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, NET, 0, host)
+    }
+
+    /// The node's veth address, 10.<NET>.0.1.
+    pub fn node_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, NET, 0, 1)
+    }
+
+    /// The pod's IPv6 veth address, fd00:<NET>::2.
+    pub fn pod_ip6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, u16::from(NET), 0, 0, 0, 0, 0, 2)
+    }
+
+    /// The node's IPv6 veth address, fd00:<NET>::1.
+    pub fn node_ip6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, u16::from(NET), 0, 0, 0, 0, 0, 1)
     }
 }
 
@@ -200,11 +308,11 @@ impl Drop for Spawned {
     }
 }
 
-impl Drop for Topology {
+/// `/etc/netns/<ns>/`, holding a namespace's resolv.conf; removed on drop.
+pub struct ResolvConf(PathBuf);
+
+impl Drop for ResolvConf {
     fn drop(&mut self) {
-        // Deleting the namespaces removes the veth pair (and any TUN in them).
-        for ns in [&self.node, &self.pod] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

@@ -1,0 +1,191 @@
+//! Clients: HTTP requests, connections from chosen sources, and one
+//! request classified as its client saw it ([`Answer`]).
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use super::wait_until;
+
+/// One HTTP GET through `addr` from source `src` (any port); returns the body.
+pub fn http_get_from(src: Option<IpAddr>, addr: SocketAddr) -> std::io::Result<String> {
+    let mut c = connect_from(src, addr)?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(c, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")?;
+    let mut s = String::new();
+    c.read_to_string(&mut s)?;
+    match s.split("\r\n\r\n").nth(1) {
+        Some(body) if s.starts_with("HTTP/1.1 200") => Ok(body.trim().to_string()),
+        _ => Err(std::io::Error::other(format!("bad response {s:?}"))),
+    }
+}
+
+pub fn http_get(addr: SocketAddr) -> std::io::Result<String> {
+    http_get_from(None, addr)
+}
+
+/// A TCP connection (either family) from a chosen source address.
+pub fn connect_from(src: Option<IpAddr>, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    if let Some(ip) = src {
+        s.bind(&SocketAddr::new(ip, 0).into())?;
+    }
+    s.connect_timeout(&addr.into(), Duration::from_secs(3))?;
+    Ok(s.into())
+}
+
+/// Connects once the frontend accepts (ringvip opens listeners asynchronously).
+pub fn connect_when_ready(addr: SocketAddr) -> TcpStream {
+    let mut conn = None;
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            conn = connect_from(None, addr).ok();
+            conn.is_some()
+        }),
+        "{addr} never accepted"
+    );
+    conn.expect("checked above")
+}
+
+/// Bytes read from a streaming connection over `dur` (it must not stall).
+pub fn bytes_within(conn: &mut TcpStream, dur: Duration) -> usize {
+    let mut buf = [0u8; 64];
+    let end = Instant::now() + dur;
+    let mut got = 0;
+    while Instant::now() < end {
+        got += conn.read(&mut buf).unwrap();
+    }
+    got
+}
+
+/// Sends `len` patterned bytes through `c` to an echo backend, half-closes
+/// (FIN), and reads to the end: whether exactly those bytes came back.
+pub fn echoed_after_fin(c: &mut TcpStream, len: u32) -> bool {
+    let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    c.write_all(&payload).unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut back = Vec::new();
+    c.read_to_end(&mut back).unwrap();
+    back == payload
+}
+
+/// Asserts that `conn`, to a [`Mode::Stream`](super::Mode) backend, keeps
+/// streaming (`when`, e.g. "after its endpoint left"): more than 10 bytes
+/// within 500 ms.
+pub fn assert_streams(conn: &mut TcpStream, when: &str) {
+    let got = bytes_within(conn, Duration::from_millis(500));
+    assert!(got > 10, "stream stalled {when} ({got} bytes)");
+}
+
+/// GET `path` from an admin server; the whole response, headers included.
+pub fn admin_get(addr: SocketAddr, path: &str) -> String {
+    let mut c = TcpStream::connect(addr).unwrap();
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut s = String::new();
+    c.read_to_string(&mut s).unwrap();
+    s
+}
+
+/// What one request through a frontend got, as its client saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// HTTP served: the body's backend name (`backend-<name>`).
+    Backend(String),
+    /// An echo backend sent the bytes back.
+    Echoed,
+    /// Refused at connect.
+    Refused,
+    /// Reset or closed without an answer (a connection that raced a
+    /// listener's close, or was refused after the handshake).
+    Reset,
+    /// The SYN went unanswered for 1 s (a dropping listener).
+    Dropped,
+    /// Connected, then nothing for 2 s: a listener that accepted and never
+    /// relayed. Never acceptable.
+    Hung,
+}
+
+/// Connects to `addr`, or says how the connect failed.
+fn connect_or_answer(addr: SocketAddr) -> Result<TcpStream, Answer> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .unwrap_or_else(|e| panic!("socket: {e}"));
+    match s.connect_timeout(&addr.into(), Duration::from_secs(1)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Err(Answer::Refused),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(Answer::Dropped),
+        Err(_) => return Err(Answer::Reset),
+    }
+    let c: TcpStream = s.into();
+    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    Ok(c)
+}
+
+fn timed_out(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
+/// One HTTP GET through `addr`, classified.
+pub fn ask(addr: SocketAddr) -> Answer {
+    let mut c = match connect_or_answer(addr) {
+        Ok(c) => c,
+        Err(a) => return a,
+    };
+    if write!(c, "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").is_err() {
+        return Answer::Reset;
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if timed_out(&e) => {
+                return if got.is_empty() {
+                    Answer::Hung
+                } else {
+                    Answer::Reset
+                };
+            }
+            Err(_) => break,
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    match text.split("\r\n\r\n").nth(1) {
+        Some(body) if text.starts_with("HTTP/1.1 200") => {
+            Answer::Backend(body.trim().trim_start_matches("backend-").to_string())
+        }
+        _ => Answer::Reset,
+    }
+}
+
+/// One `ping` through `addr` to an echo backend, classified.
+pub fn echo(addr: SocketAddr) -> Answer {
+    let mut c = match connect_or_answer(addr) {
+        Ok(c) => c,
+        Err(a) => return a,
+    };
+    let _ = c.write_all(b"ping");
+    let mut b = [0u8; 4];
+    match c.read_exact(&mut b) {
+        Ok(()) if &b == b"ping" => Answer::Echoed,
+        Err(e) if timed_out(&e) => Answer::Hung,
+        _ => Answer::Reset,
+    }
+}
+
+/// One connection to `addr` is refused at connect.
+pub fn refused(addr: SocketAddr) -> bool {
+    ask(addr) == Answer::Refused
+}

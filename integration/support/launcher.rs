@@ -1,0 +1,191 @@
+//! The ringvip process under test: its launcher and controls.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use super::{free_port, wait_until};
+
+/// The ringvip process under test.
+pub struct Ringvip {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub log: PathBuf,
+    pub health: SocketAddr,
+    pub metrics: SocketAddr,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ringvip")
+}
+
+impl Ringvip {
+    /// Starts `ringvip run` on a directory holding `manifest.yaml`, NodePorts on
+    /// 127.0.0.1, any nodePort allowed, fast connect retries.
+    pub fn start(manifest: &str, extra: &[&str]) -> Ringvip {
+        Self::launch(None, manifest, extra)
+    }
+
+    /// Like `start`, but inside network namespace `netns` (when given) with
+    /// its TUN device capturing the service CIDRs.
+    pub fn launch(netns: Option<&str>, manifest: &str, extra: &[&str]) -> Ringvip {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("manifest.yaml"), manifest).unwrap();
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
+        cmd.args(["run", "--manifests"]).arg(dir.path());
+        // Many tests run at once: only those in their own namespace get a TUN.
+        if netns.is_none() {
+            cmd.arg("--no-tun");
+        }
+        Ringvip::spawn(cmd, dir, extra, "snapshot published")
+    }
+
+    /// Starts `cmd` (ringvip with its source arguments) with the settings
+    /// every test shares (NodePorts on 127.0.0.1, node `node-a`, 2 workers,
+    /// 100 ms connect timeout, admin ports of its own), logging into `dir`;
+    /// returns once the log shows `ready`.
+    pub fn spawn(mut cmd: Command, dir: tempfile::TempDir, extra: &[&str], ready: &str) -> Ringvip {
+        let log = dir.path().join("ringvip.log");
+        let health = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        // free_port releases its port: two calls may return the same one.
+        let metrics = loop {
+            let m = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+            if m != health {
+                break m;
+            }
+        };
+        let child = cmd
+            .args([
+                "--nodeport-addresses",
+                "127.0.0.1/32",
+                "--node-port-range",
+                "1-65535",
+                "--workers",
+                "2",
+                "--node-name",
+                "node-a",
+                "--connect-timeout-ms",
+                "100",
+            ])
+            .arg("--health-addr")
+            .arg(health.to_string())
+            .arg("--metrics-addr")
+            .arg(metrics.to_string())
+            .args(extra)
+            .env("RINGVIP_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start ringvip");
+        let r = Ringvip {
+            child,
+            dir,
+            log,
+            health,
+            metrics,
+        };
+        assert!(
+            wait_until(Duration::from_secs(20), || r.log().contains(ready)),
+            "ringvip never logged {ready:?}:\n{}",
+            r.log()
+        );
+        r
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Replaces the manifest (atomically, by rename, as editors and kubectl do).
+    pub fn write_manifest(&self, text: &str) {
+        let tmp = self.dir.path().join(".manifest.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.dir.path().join("manifest.yaml")).unwrap();
+    }
+
+    /// Replaces the manifest and returns once ringvip has compiled and published
+    /// the change (a precondition of every "first connection after a change"
+    /// check, not a wait for the good answer).
+    pub fn apply(&self, text: &str) {
+        let before = self.generations();
+        self.write_manifest(text);
+        assert!(
+            wait_until(Duration::from_secs(10), || self.generations() > before),
+            "the change was never published:\n{}",
+            self.log()
+        );
+    }
+
+    /// Sends SIGTERM (graceful stop: drain).
+    pub fn sigterm(&self) {
+        // SAFETY: kill only signals our own child process.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+    }
+
+    /// Process id of ringvip (`ip netns exec` execs it, so the same process).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `sig` (e.g. `libc::SIGHUP`: re-read the manifests).
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill only signals our own child process.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, sig);
+        }
+    }
+
+    /// Waits up to `limit` for the process to exit; true when it did.
+    pub fn wait_exit(&mut self, limit: Duration) -> bool {
+        let child = &mut self.child;
+        wait_until(limit, || matches!(child.try_wait(), Ok(Some(_))))
+    }
+
+    /// Number of "snapshot published" lines so far.
+    pub fn generations(&self) -> usize {
+        self.log().matches("snapshot published").count()
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Ringvip {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `ringvip ARGS`, a one-shot command (`check`, `env`, `status`,
+/// `demo`), to its end.
+pub fn command(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("ringvip {args:?}: {e}"))
+}
+
+/// [`command`], which must succeed; what it printed on stdout.
+pub fn command_ok(args: &[&str]) -> String {
+    let out = command(args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "ringvip {args:?}: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
