@@ -91,6 +91,8 @@ fn merge(
 struct Compiler<'a> {
     ctx: &'a NodeContext,
     metrics: &'a Metrics,
+    /// Generation of the snapshot being built.
+    generation: u64,
     local: BTreeSet<IpAddr>,
     /// What the Service being compiled contributes.
     out: ServiceOut,
@@ -163,7 +165,17 @@ impl Last {
 /// Above this many changed Services a full assembly is cheaper than patching.
 const PATCH_MAX: usize = 64;
 
-impl Compiler<'_> {
+impl<'a> Compiler<'a> {
+    fn new(ctx: &'a NodeContext, metrics: &'a Metrics, generation: u64) -> Self {
+        Compiler {
+            ctx,
+            metrics,
+            generation,
+            local: ctx.local_addresses.iter().copied().collect(),
+            out: ServiceOut::default(),
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn add(
         &mut self,
@@ -332,7 +344,8 @@ impl Store {
             all: true,
             ..Dirty::default()
         };
-        self.compile_dirty(ctx, metrics, generation, &mut CompileCache::default(), &all)
+        let c = Compiler::new(ctx, metrics, generation);
+        self.compile_dirty(c, &mut CompileCache::default(), &all)
     }
 
     /// Like [`Store::compile`], reusing from `cache` every Service whose
@@ -349,17 +362,16 @@ impl Store {
         cache: &mut CompileCache,
     ) -> Snapshot {
         let dirty = self.take_dirty();
-        self.compile_dirty(ctx, metrics, generation, cache, &dirty)
+        self.compile_dirty(Compiler::new(ctx, metrics, generation), cache, &dirty)
     }
 
     fn compile_dirty(
         &self,
-        ctx: &NodeContext,
-        metrics: &Metrics,
-        generation: u64,
+        mut c: Compiler<'_>,
         cache: &mut CompileCache,
         dirty: &Dirty,
     ) -> Snapshot {
+        let ctx = c.ctx;
         let node = self.node(&ctx.node_name);
         let zone = ctx
             .zone
@@ -371,7 +383,7 @@ impl Store {
             cache.zone = zone.map(str::to_string);
             cache.last = None;
         }
-        if let Some(snap) = self.patch(ctx, metrics, generation, cache, dirty, zone) {
+        if let Some(snap) = self.patch(&mut c, cache, dirty, zone) {
             return snap;
         }
         // A changed Service is compiled again; one that is gone (or no
@@ -385,14 +397,8 @@ impl Store {
         let by_service = (cache.services.len() < self.services.len() / 2
             || dirty.services.len() > 64)
             .then(|| self.slices_by_service(&derived));
-        let mut c = Compiler {
-            ctx,
-            metrics,
-            local: ctx.local_addresses.iter().copied().collect(),
-            out: ServiceOut::default(),
-        };
         let mut snap = Snapshot {
-            generation,
+            generation: c.generation,
             frontends: HashMap::with_capacity(cache.frontends),
             ..Snapshot::default()
         };
@@ -446,9 +452,7 @@ impl Store {
     /// Pods derive slices, or when many Services changed.
     fn patch(
         &self,
-        ctx: &NodeContext,
-        metrics: &Metrics,
-        generation: u64,
+        c: &mut Compiler<'_>,
         cache: &mut CompileCache,
         dirty: &Dirty,
         zone: Option<&str>,
@@ -483,17 +487,11 @@ impl Store {
             no_local_internal = no_local_internal.saturating_sub(old.no_local_internal);
             no_local_external = no_local_external.saturating_sub(old.no_local_external);
         }
-        let mut c = Compiler {
-            ctx,
-            metrics,
-            local: ctx.local_addresses.iter().copied().collect(),
-            out: ServiceOut::default(),
-        };
         for k in &dirty.services {
             let Some(svc) = self.services.get(k) else {
                 continue;
             };
-            if !svc.is_proxied(&ctx.proxy_name) {
+            if !svc.is_proxied(&c.ctx.proxy_name) {
                 continue;
             }
             let slices: Vec<&EndpointSlice> = self
@@ -527,7 +525,7 @@ impl Store {
         }
         health_checks.sort_by_key(|h| h.port);
         let snap = Snapshot {
-            generation,
+            generation: c.generation,
             frontends,
             listeners,
             no_local_internal,

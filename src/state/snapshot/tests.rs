@@ -23,6 +23,14 @@ fn svc(name: &str) -> Service {
     )
 }
 
+/// [`svc`] of `service_type` with NodePort `node_port` on its port.
+fn exposed(name: &str, service_type: ServiceType, node_port: u16) -> Service {
+    let mut s = svc(name);
+    s.service_type = service_type;
+    s.ports[0].node_port = Some(node_port);
+    s
+}
+
 fn ep(ip: &str, node: &str, ready: bool, terminating: bool) -> Endpoint {
     Endpoint {
         ready,
@@ -33,18 +41,28 @@ fn ep(ip: &str, node: &str, ready: bool, terminating: bool) -> Endpoint {
     }
 }
 
-/// IPv4 slice default/`name` of `svc`, port "http" at `port`.
-fn slice(name: &str, svc: &str, port: u16, eps: Vec<Endpoint>) -> EndpointSlice {
+/// A ready endpoint at `ip` on `node`.
+fn up(ip: &str, node: &str) -> Endpoint {
+    ep(ip, node, true, false)
+}
+
+/// IPv4 slice default/`name` of `svc`, port "http" at 8080.
+fn slice(name: &str, svc: &str, eps: Vec<Endpoint>) -> EndpointSlice {
     EndpointSlice {
         family: AddressFamily::V4,
         ..builders::slice(
             "default",
             name,
             svc,
-            vec![slice_port("http", Protocol::Tcp, port)],
+            vec![slice_port("http", Protocol::Tcp, 8080)],
             eps,
         )
     }
+}
+
+/// [`slice`] as an object.
+fn sliced(name: &str, svc: &str, eps: Vec<Endpoint>) -> Object {
+    Object::EndpointSlice(slice(name, svc, eps))
 }
 
 fn compile(objs: Vec<Object>) -> Snapshot {
@@ -58,41 +76,42 @@ fn fkey(a: &str, proto: Protocol) -> FrontendKey {
     }
 }
 
+/// The TCP frontend at `addr`, which must exist.
+fn tcp<'a>(snap: &'a Snapshot, addr: &str) -> &'a Arc<Frontend> {
+    match snap.frontend(&fkey(addr, Protocol::Tcp)) {
+        Some(fe) => fe,
+        None => panic!("no TCP frontend at {addr}"),
+    }
+}
+
+/// Whether `snap` has a frontend at `addr` for `proto`.
+fn has(snap: &Snapshot, addr: &str, proto: Protocol) -> bool {
+    snap.frontend(&fkey(addr, proto)).is_some()
+}
+
+fn addrs(v: &[&str]) -> Vec<SocketAddr> {
+    v.iter().map(|a| a.parse().unwrap()).collect()
+}
+
 #[test]
 fn clusterip_joins_slices_by_port_name_and_protocol() {
-    let mut s2 = slice(
-        "web-2",
-        "web",
-        8080,
-        vec![ep("10.0.0.3", "node-b", true, false)],
-    );
+    let mut s2 = slice("web-2", "web", vec![up("10.0.0.3", "node-b")]);
     s2.ports[0].name = "other".into();
     let snap = compile(vec![
         Object::Service(svc("web")),
-        Object::EndpointSlice(slice(
+        sliced(
             "web-1",
             "web",
-            8080,
-            vec![
-                ep("10.0.0.1", "node-a", true, false),
-                ep("10.0.0.2", "node-b", true, false),
-            ],
-        )),
+            vec![up("10.0.0.1", "node-a"), up("10.0.0.2", "node-b")],
+        ),
         Object::EndpointSlice(s2),
     ]);
-    let fe = snap
-        .frontend(&fkey("10.96.0.10:80", Protocol::Tcp))
-        .unwrap();
+    let fe = tcp(&snap, "10.96.0.10:80");
     assert_eq!(
-        &fe.endpoints[..],
-        &[
-            "10.0.0.1:8080".parse().unwrap(),
-            "10.0.0.2:8080".parse::<SocketAddr>().unwrap()
-        ]
+        fe.endpoints.to_vec(),
+        addrs(&["10.0.0.1:8080", "10.0.0.2:8080"])
     );
-    assert!(snap
-        .frontend(&fkey("10.96.0.10:80", Protocol::Udp))
-        .is_none());
+    assert!(!has(&snap, "10.96.0.10:80", Protocol::Udp));
     // ClusterIPs never become kernel listeners
     assert!(snap.listeners().is_empty());
 }
@@ -101,40 +120,18 @@ fn clusterip_joins_slices_by_port_name_and_protocol() {
 fn duplicate_endpoints_keep_non_terminating_copy() {
     let snap = compile(vec![
         Object::Service(svc("web")),
-        Object::EndpointSlice(slice(
-            "a",
-            "web",
-            8080,
-            vec![ep("10.0.0.1", "n", false, true)],
-        )),
-        Object::EndpointSlice(slice(
-            "b",
-            "web",
-            8080,
-            vec![ep("10.0.0.1", "n", true, false)],
-        )),
-        Object::EndpointSlice(slice(
-            "c",
-            "web",
-            8080,
-            vec![ep("10.0.0.2", "n", false, true)],
-        )),
+        sliced("a", "web", vec![ep("10.0.0.1", "n", false, true)]),
+        sliced("b", "web", vec![ep("10.0.0.1", "n", true, false)]),
+        sliced("c", "web", vec![ep("10.0.0.2", "n", false, true)]),
     ]);
-    let fe = snap
-        .frontend(&fkey("10.96.0.10:80", Protocol::Tcp))
-        .unwrap();
     // 10.0.0.1 is ready via slice b, so the terminating 10.0.0.2 is not used
-    assert_eq!(
-        &fe.endpoints[..],
-        &["10.0.0.1:8080".parse::<SocketAddr>().unwrap()]
-    );
+    let fe = tcp(&snap, "10.96.0.10:80");
+    assert_eq!(fe.endpoints.to_vec(), addrs(&["10.0.0.1:8080"]));
 }
 
 #[test]
 fn nodeport_lb_and_external_ips_get_listeners_when_local() {
-    let mut s = svc("web");
-    s.service_type = ServiceType::LoadBalancer;
-    s.ports[0].node_port = Some(30080);
+    let mut s = exposed("web", ServiceType::LoadBalancer, 30080);
     s.load_balancer_ips = vec![
         "198.51.100.7".parse().unwrap(),
         "203.0.113.9".parse().unwrap(),
@@ -144,12 +141,7 @@ fn nodeport_lb_and_external_ips_get_listeners_when_local() {
         node_port: Some(30053),
         ..port("dns", Protocol::Udp, 53, 53)
     });
-    let mut sl = slice(
-        "w",
-        "web",
-        8080,
-        vec![ep("10.0.0.1", "node-b", true, false)],
-    );
+    let mut sl = slice("w", "web", vec![up("10.0.0.1", "node-b")]);
     sl.ports.push(slice_port("dns", Protocol::Udp, 5353));
     let snap = compile(vec![Object::Service(s), Object::EndpointSlice(sl)]);
     let l: Vec<_> = snap
@@ -169,78 +161,50 @@ fn nodeport_lb_and_external_ips_get_listeners_when_local() {
     // the externalIP equals an LB IP: first claim wins, conflict recorded
     assert_eq!(snap.conflicts.len(), 2);
     // non-local LB IP is a frontend (for the TUN path) but not a listener
-    assert!(snap
-        .frontend(&fkey("203.0.113.9:80", Protocol::Tcp))
-        .is_some());
+    assert!(has(&snap, "203.0.113.9:80", Protocol::Tcp));
     let udp = snap
         .frontend(&fkey("192.0.2.1:30053", Protocol::Udp))
         .unwrap();
-    assert_eq!(
-        &udp.endpoints[..],
-        &["10.0.0.1:5353".parse::<SocketAddr>().unwrap()]
-    );
+    assert_eq!(udp.endpoints.to_vec(), addrs(&["10.0.0.1:5353"]));
 }
 
 #[test]
 fn lb_without_node_port_allocation_has_no_nodeport() {
-    let mut s = svc("web");
-    s.service_type = ServiceType::LoadBalancer;
+    let mut s = exposed("web", ServiceType::LoadBalancer, 30080);
     s.allocate_lb_node_ports = false;
-    s.ports[0].node_port = Some(30080);
     let snap = compile(vec![
         Object::Service(s),
-        Object::EndpointSlice(slice(
-            "w",
-            "web",
-            8080,
-            vec![ep("10.0.0.1", "x", true, false)],
-        )),
+        sliced("w", "web", vec![up("10.0.0.1", "x")]),
     ]);
-    assert!(snap
-        .frontend(&fkey("192.0.2.1:30080", Protocol::Tcp))
-        .is_none());
+    assert!(!has(&snap, "192.0.2.1:30080", Protocol::Tcp));
 }
 
 #[test]
 fn no_endpoints_means_no_listener_so_kernel_refuses() {
-    let mut s = svc("web");
-    s.service_type = ServiceType::NodePort;
-    s.ports[0].node_port = Some(30080);
+    let s = exposed("web", ServiceType::NodePort, 30080);
     let snap = compile(vec![Object::Service(s)]);
     assert!(snap.listeners().is_empty());
-    let fe = snap
-        .frontend(&fkey("192.0.2.1:30080", Protocol::Tcp))
-        .unwrap();
-    assert_eq!(fe.when_empty, EmptyAction::Refuse);
+    assert_eq!(
+        tcp(&snap, "192.0.2.1:30080").when_empty,
+        EmptyAction::Refuse
+    );
 }
 
 #[test]
 fn external_local_without_local_endpoints_drops() {
-    let mut s = svc("web");
-    s.service_type = ServiceType::NodePort;
-    s.ports[0].node_port = Some(30080);
+    let mut s = exposed("web", ServiceType::NodePort, 30080);
     s.external_policy = TrafficPolicy::Local;
     let snap = compile(vec![
         Object::Service(s),
-        Object::EndpointSlice(slice(
-            "w",
-            "web",
-            8080,
-            vec![ep("10.0.0.2", "node-b", true, false)],
-        )),
+        sliced("w", "web", vec![up("10.0.0.2", "node-b")]),
     ]);
-    let np = snap
-        .frontend(&fkey("192.0.2.1:30080", Protocol::Tcp))
-        .unwrap();
+    let np = tcp(&snap, "192.0.2.1:30080");
     assert!(np.endpoints.is_empty());
     assert_eq!(np.when_empty, EmptyAction::Drop);
     assert_eq!(snap.listeners()[0].mode, ListenerMode::Drop);
     assert_eq!(snap.no_local_external, 1);
     // ClusterIP traffic still uses the remote endpoint (internal policy Cluster)
-    let cip = snap
-        .frontend(&fkey("10.96.0.10:80", Protocol::Tcp))
-        .unwrap();
-    assert_eq!(cip.endpoints.len(), 1);
+    assert_eq!(tcp(&snap, "10.96.0.10:80").endpoints.len(), 1);
 }
 
 #[test]
@@ -249,23 +213,14 @@ fn internal_local_uses_local_endpoints_for_clusterip() {
     s.internal_policy = TrafficPolicy::Local;
     let snap = compile(vec![
         Object::Service(s),
-        Object::EndpointSlice(slice(
+        sliced(
             "w",
             "web",
-            8080,
-            vec![
-                ep("10.0.0.1", "node-a", true, false),
-                ep("10.0.0.2", "node-b", true, false),
-            ],
-        )),
+            vec![up("10.0.0.1", "node-a"), up("10.0.0.2", "node-b")],
+        ),
     ]);
-    let cip = snap
-        .frontend(&fkey("10.96.0.10:80", Protocol::Tcp))
-        .unwrap();
-    assert_eq!(
-        &cip.endpoints[..],
-        &["10.0.0.1:8080".parse::<SocketAddr>().unwrap()]
-    );
+    let cip = tcp(&snap, "10.96.0.10:80");
+    assert_eq!(cip.endpoints.to_vec(), addrs(&["10.0.0.1:8080"]));
     assert_eq!(snap.no_local_internal, 0);
 }
 
@@ -277,16 +232,15 @@ fn health_check_counts_distinct_local_ready_endpoints() {
     s.health_check_node_port = Some(31000);
     let snap = compile(vec![
         Object::Service(s.clone()),
-        Object::EndpointSlice(slice(
+        sliced(
             "w",
             "web",
-            8080,
             vec![
-                ep("10.0.0.1", "node-a", true, false),
+                up("10.0.0.1", "node-a"),
                 ep("10.0.0.2", "node-a", false, true),
-                ep("10.0.0.3", "node-b", true, false),
+                up("10.0.0.3", "node-b"),
             ],
-        )),
+        ),
     ]);
     assert_eq!(
         snap.health_checks,
@@ -320,43 +274,28 @@ fn skipped_services_have_no_frontends() {
         Object::Service(mine),
     ]);
     assert_eq!(snap.frontend_count(), 1);
-    assert!(snap
-        .frontend(&fkey("10.96.0.11:80", Protocol::Tcp))
-        .is_some());
+    assert!(has(&snap, "10.96.0.11:80", Protocol::Tcp));
 }
 
 #[test]
 fn source_ranges_only_on_lb_and_open_range_allows_all() {
-    let mut s = svc("web");
-    s.service_type = ServiceType::LoadBalancer;
-    s.ports[0].node_port = Some(30080);
+    let mut s = exposed("web", ServiceType::LoadBalancer, 30080);
     s.load_balancer_ips = vec!["198.51.100.7".parse().unwrap()];
     s.source_ranges = vec!["203.0.113.0/24".parse().unwrap()];
     let objs = vec![
         Object::Service(s.clone()),
-        Object::EndpointSlice(slice(
-            "w",
-            "web",
-            8080,
-            vec![ep("10.0.0.1", "x", true, false)],
-        )),
+        sliced("w", "web", vec![up("10.0.0.1", "x")]),
     ];
     let snap = compile(objs);
-    let lb = snap
-        .frontend(&fkey("198.51.100.7:80", Protocol::Tcp))
-        .unwrap();
+    let lb = tcp(&snap, "198.51.100.7:80");
     assert!(lb.allows("203.0.113.5".parse().unwrap()));
     assert!(!lb.allows("192.0.2.99".parse().unwrap()));
-    let np = snap
-        .frontend(&fkey("192.0.2.1:30080", Protocol::Tcp))
-        .unwrap();
+    let np = tcp(&snap, "192.0.2.1:30080");
     assert!(np.allows("192.0.2.99".parse().unwrap()));
 
     s.source_ranges.push("0.0.0.0/0".parse().unwrap());
     let snap = compile(vec![Object::Service(s)]);
-    let lb = snap
-        .frontend(&fkey("198.51.100.7:80", Protocol::Tcp))
-        .unwrap();
+    let lb = tcp(&snap, "198.51.100.7:80");
     assert!(lb.allows("192.0.2.99".parse().unwrap()));
 }
 
@@ -368,15 +307,9 @@ fn affinity_and_port_id_are_stable() {
     };
     let a = compile(vec![Object::Service(s.clone())]);
     let b = compile(vec![Object::Service(s)]);
-    let k = fkey("10.96.0.10:80", Protocol::Tcp);
-    assert_eq!(
-        a.frontend(&k).unwrap().affinity,
-        Some(Duration::from_secs(60))
-    );
-    assert_eq!(
-        a.frontend(&k).unwrap().port_id,
-        b.frontend(&k).unwrap().port_id
-    );
+    let k = "10.96.0.10:80";
+    assert_eq!(tcp(&a, k).affinity, Some(Duration::from_secs(60)));
+    assert_eq!(tcp(&a, k).port_id, tcp(&b, k).port_id);
 }
 
 #[test]
@@ -426,136 +359,121 @@ fn served(s: &Snapshot) -> (Served, Vec<ListenerSpec>, Vec<String>, Vec<HealthCh
     )
 }
 
+/// A store, the cache it compiles with, and what it compiles for.
+struct Cached {
+    st: Store,
+    cache: CompileCache,
+    ctx: NodeContext,
+    metrics: Metrics,
+}
+
+impl Cached {
+    /// Applies `updates`, compiles with the cache as generation `g`, and
+    /// checks the result serves the same as a full compile.
+    fn step(&mut self, updates: Vec<Update>, g: u64) -> Snapshot {
+        for u in updates {
+            self.st.apply(u);
+        }
+        let cached = self
+            .st
+            .compile_with(&self.ctx, &self.metrics, g, &mut self.cache);
+        let full = self.st.compile(&self.ctx, &self.metrics, g);
+        assert_eq!(served(&cached), served(&full), "generation {g}");
+        assert_eq!(cached.no_local_external, full.no_local_external);
+        cached
+    }
+}
+
+fn upsert(o: Object) -> Update {
+    Update::Upsert(Box::new(o))
+}
+
+/// Whether `a` and `b` hold the very same TCP frontend at `addr`.
+fn same(a: &Snapshot, b: &Snapshot, addr: &str) -> bool {
+    Arc::ptr_eq(tcp(a, addr), tcp(b, addr))
+}
+
 #[test]
 fn compile_cache_recompiles_only_what_changed_and_matches_a_full_compile() {
-    let mut a = svc("a");
-    a.service_type = ServiceType::NodePort;
-    a.ports[0].node_port = Some(30080);
+    let mut a = exposed("a", ServiceType::NodePort, 30080);
     a.external_policy = TrafficPolicy::Local;
     a.health_check_node_port = Some(30999);
     let mut b = svc("b");
     b.cluster_ips = vec!["10.96.0.11".parse().unwrap()];
     // c claims a's ClusterIP: a conflict, a wins.
     let c = svc("c");
-    let mut st = Store::new();
-    st.apply(Update::Reset(vec![
-        Object::Service(a),
-        Object::Service(b),
-        Object::Service(c),
-        Object::EndpointSlice(slice(
-            "a-1",
-            "a",
-            8080,
-            vec![ep("10.0.0.1", "node-a", true, false)],
-        )),
-        Object::EndpointSlice(slice(
-            "b-1",
-            "b",
-            8080,
-            vec![ep("10.0.0.2", "node-b", true, false)],
-        )),
-    ]));
-    let (ctx, metrics) = (ctx(), Metrics::new());
-    let mut cache = CompileCache::default();
-    let first = st.compile_with(&ctx, &metrics, 1, &mut cache);
-    assert_eq!(served(&first), served(&st.compile(&ctx, &metrics, 1)));
+    let mut run = Cached {
+        st: Store::new(),
+        cache: CompileCache::default(),
+        ctx: ctx(),
+        metrics: Metrics::new(),
+    };
+    let first = run.step(
+        vec![Update::Reset(vec![
+            Object::Service(a),
+            Object::Service(b),
+            Object::Service(c),
+            sliced("a-1", "a", vec![up("10.0.0.1", "node-a")]),
+            sliced("b-1", "b", vec![up("10.0.0.2", "node-b")]),
+        ])],
+        1,
+    );
     assert_eq!(first.conflicts.len(), 1);
-    let fe = |s: &Snapshot, a: &str| s.frontend(&fkey(a, Protocol::Tcp)).unwrap().clone();
 
     // b's endpoints change: only b is compiled again.
-    st.apply(Update::Upsert(Box::new(Object::EndpointSlice(slice(
-        "b-1",
-        "b",
-        8080,
-        vec![ep("10.0.0.3", "node-b", true, false)],
-    )))));
-    let second = st.compile_with(&ctx, &metrics, 2, &mut cache);
-    assert_eq!(served(&second), served(&st.compile(&ctx, &metrics, 2)));
-    assert!(Arc::ptr_eq(
-        &fe(&first, "10.96.0.10:80"),
-        &fe(&second, "10.96.0.10:80")
-    ));
-    assert!(Arc::ptr_eq(
-        &fe(&first, "192.0.2.1:30080"),
-        &fe(&second, "192.0.2.1:30080")
-    ));
-    assert!(!Arc::ptr_eq(
-        &fe(&first, "10.96.0.11:80"),
-        &fe(&second, "10.96.0.11:80")
-    ));
+    let b_slice = sliced("b-1", "b", vec![up("10.0.0.3", "node-b")]);
+    let second = run.step(vec![upsert(b_slice)], 2);
+    assert!(same(&first, &second, "10.96.0.10:80"));
+    assert!(same(&first, &second, "192.0.2.1:30080"));
+    assert!(!same(&first, &second, "10.96.0.11:80"));
     assert_eq!(
-        &*fe(&second, "10.96.0.11:80").endpoints,
-        &["10.0.0.3:8080".parse().unwrap()]
+        tcp(&second, "10.96.0.11:80").endpoints.to_vec(),
+        addrs(&["10.0.0.3:8080"])
     );
 
     // The Node's zone changes: everything is compiled again.
-    st.apply(Update::Upsert(Box::new(Object::Node(Node {
+    let node = Node {
         name: "node-a".into(),
         zone: Some("z1".into()),
         addresses: vec![],
         deleting: false,
-    }))));
-    let third = st.compile_with(&ctx, &metrics, 3, &mut cache);
-    assert_eq!(served(&third), served(&st.compile(&ctx, &metrics, 3)));
-    assert!(!Arc::ptr_eq(
-        &fe(&second, "10.96.0.10:80"),
-        &fe(&third, "10.96.0.10:80")
-    ));
+    };
+    let third = run.step(vec![upsert(Object::Node(node))], 3);
+    assert!(!same(&second, &third, "10.96.0.10:80"));
 
     // a deleted: c now owns the ClusterIP, a's NodePort and health check go.
-    st.apply(Update::Delete(
-        Kind::Service,
-        ObjectKey::new("default", "a"),
-    ));
-    let fourth = st.compile_with(&ctx, &metrics, 4, &mut cache);
-    assert_eq!(served(&fourth), served(&st.compile(&ctx, &metrics, 4)));
+    let gone = Update::Delete(Kind::Service, ObjectKey::new("default", "a"));
+    let fourth = run.step(vec![gone], 4);
     assert!(fourth.conflicts.is_empty());
-    assert_eq!(fe(&fourth, "10.96.0.10:80").service.name, "c");
+    assert_eq!(tcp(&fourth, "10.96.0.10:80").service.name, "c");
     assert!(fourth.health_checks.is_empty() && fourth.listeners().is_empty());
-    assert_eq!(cache.services_kept(), 2);
+    assert_eq!(run.cache.services_kept(), 2);
 
     // A slice moving from b to c changes both; nothing changed, nothing
     // compiled: the same frontends again.
-    st.apply(Update::Upsert(Box::new(Object::EndpointSlice(slice(
-        "b-1",
-        "c",
-        8080,
-        vec![ep("10.0.0.4", "node-b", true, false)],
-    )))));
-    let fifth = st.compile_with(&ctx, &metrics, 5, &mut cache);
-    assert_eq!(served(&fifth), served(&st.compile(&ctx, &metrics, 5)));
-    assert!(fe(&fifth, "10.96.0.11:80").endpoints.is_empty());
+    let moved = sliced("b-1", "c", vec![up("10.0.0.4", "node-b")]);
+    let fifth = run.step(vec![upsert(moved)], 5);
+    assert!(tcp(&fifth, "10.96.0.11:80").endpoints.is_empty());
     assert_eq!(
-        &*fe(&fifth, "10.96.0.10:80").endpoints,
-        &["10.0.0.4:8080".parse().unwrap()]
+        tcp(&fifth, "10.96.0.10:80").endpoints.to_vec(),
+        addrs(&["10.0.0.4:8080"])
     );
-    let sixth = st.compile_with(&ctx, &metrics, 6, &mut cache);
-    assert!(Arc::ptr_eq(
-        &fe(&fifth, "10.96.0.11:80"),
-        &fe(&sixth, "10.96.0.11:80")
-    ));
-    assert!(Arc::ptr_eq(
-        &fe(&fifth, "10.96.0.10:80"),
-        &fe(&sixth, "10.96.0.10:80")
-    ));
+    let sixth = run
+        .st
+        .compile_with(&run.ctx, &run.metrics, 6, &mut run.cache);
+    assert!(same(&fifth, &sixth, "10.96.0.11:80"));
+    assert!(same(&fifth, &sixth, "10.96.0.10:80"));
 
     // Patched in place (no conflicts left): a NodePort Service with a
     // health check comes, changes and goes.
-    let mut d = svc("d");
+    let mut d = exposed("d", ServiceType::NodePort, 30081);
     d.cluster_ips = vec!["10.96.0.12".parse().unwrap()];
-    d.service_type = ServiceType::NodePort;
-    d.ports[0].node_port = Some(30081);
     d.external_policy = TrafficPolicy::Local;
     d.health_check_node_port = Some(30998);
-    let d_slice = |ip: &str| {
-        Object::EndpointSlice(slice("d-1", "d", 8080, vec![ep(ip, "node-a", true, false)]))
-    };
+    let d_slice = |ip: &str| upsert(sliced("d-1", "d", vec![up(ip, "node-a")]));
     let steps = vec![
-        vec![
-            Update::Upsert(Box::new(Object::Service(d.clone()))),
-            Update::Upsert(Box::new(d_slice("10.0.0.5"))),
-        ],
-        vec![Update::Upsert(Box::new(d_slice("10.0.0.6")))],
+        vec![upsert(Object::Service(d.clone())), d_slice("10.0.0.5")],
+        vec![d_slice("10.0.0.6")],
         vec![Update::Delete(
             Kind::EndpointSlice,
             ObjectKey::new("default", "d-1"),
@@ -566,19 +484,9 @@ fn compile_cache_recompiles_only_what_changed_and_matches_a_full_compile() {
         )],
     ];
     for (i, updates) in steps.into_iter().enumerate() {
-        for u in updates {
-            st.apply(u);
-        }
-        let g = 7 + i as u64;
-        let patched = st.compile_with(&ctx, &metrics, g, &mut cache);
-        let full = st.compile(&ctx, &metrics, g);
-        assert_eq!(served(&patched), served(&full), "step {i}");
-        assert_eq!(patched.no_local_external, full.no_local_external);
-        assert!(cache.can_patch());
-        assert!(Arc::ptr_eq(
-            &fe(&sixth, "10.96.0.11:80"),
-            &fe(&patched, "10.96.0.11:80")
-        ));
+        let patched = run.step(updates, 7 + i as u64);
+        assert!(run.cache.can_patch(), "step {i}");
+        assert!(same(&sixth, &patched, "10.96.0.11:80"));
     }
-    assert_eq!(cache.services_kept(), 2);
+    assert_eq!(run.cache.services_kept(), 2);
 }
