@@ -68,15 +68,10 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
                 format!("duplicate name {name:?} (also ports[{j}])"),
             );
         }
-        let proto = protocol(p.protocol.as_deref())
-            .map_err(|m| errs.push(format!("{f}.protocol"), m))
-            .ok();
+        let proto = errs.ok(format!("{f}.protocol"), protocol(p.protocol.as_deref()));
         let port = match p.port {
             None => Some(None),
-            Some(n) => port_number(n)
-                .map(Some)
-                .map_err(|m| errs.push(format!("{f}.port"), m))
-                .ok(),
+            Some(n) => errs.ok(format!("{f}.port"), port_number(n)).map(Some),
         };
         if let (Some(protocol), Some(port)) = (proto, port) {
             ports.push(SlicePort {

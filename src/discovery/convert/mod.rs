@@ -112,6 +112,30 @@ impl Errors {
         });
     }
 
+    /// The value of `r`, or `None` with its message reported at `field`.
+    fn ok<T>(&mut self, field: impl Into<String>, r: Result<T, String>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(m) => {
+                self.push(field, m);
+                None
+            }
+        }
+    }
+
+    /// Every entry of the list field `field` through `parse`; each failure
+    /// is reported at `field[i]` and leaves its entry out.
+    fn each<T>(
+        &mut self,
+        list: Option<&[String]>,
+        field: &str,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Vec<T> {
+        let list = list.unwrap_or_default().iter().enumerate();
+        list.filter_map(|(i, raw)| self.ok(format!("{field}[{i}]"), parse(raw)))
+            .collect()
+    }
+
     fn finish<T>(self, kind: Kind, key: ObjectKey, value: T) -> Result<T, ConvertError> {
         if self.0.is_empty() {
             Ok(value)

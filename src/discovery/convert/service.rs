@@ -39,16 +39,8 @@ pub fn service(svc: &core::Service, limits: &Limits) -> Result<Service, ConvertE
     let external_ips = external_ips(spec, e);
     let load_balancer_ips = load_balancer_ips(svc, e);
     let source_ranges = source_ranges(spec, e);
-    let external_policy =
-        traffic_policy(spec.external_traffic_policy.as_deref()).unwrap_or_else(|m| {
-            e.push("spec.externalTrafficPolicy", m);
-            TrafficPolicy::Cluster
-        });
-    let internal_policy =
-        traffic_policy(spec.internal_traffic_policy.as_deref()).unwrap_or_else(|m| {
-            e.push("spec.internalTrafficPolicy", m);
-            TrafficPolicy::Cluster
-        });
+    let external_policy = traffic_policy(e, "externalTrafficPolicy", &spec.external_traffic_policy);
+    let internal_policy = traffic_policy(e, "internalTrafficPolicy", &spec.internal_traffic_policy);
     let affinity = session_affinity(spec, e);
     let health_check_node_port =
         health_check_node_port(spec, service_type, external_policy, limits, e);
@@ -222,20 +214,8 @@ fn ports(
                 format!("duplicate name {name:?} (also spec.ports[{j}])"),
             );
         }
-        let proto = match protocol(p.protocol.as_deref()) {
-            Ok(pr) => Some(pr),
-            Err(m) => {
-                errs.push(format!("{f}.protocol"), m);
-                None
-            }
-        };
-        let port = match port_number(p.port) {
-            Ok(n) => Some(n),
-            Err(m) => {
-                errs.push(format!("{f}.port"), m);
-                None
-            }
-        };
+        let proto = errs.ok(format!("{f}.protocol"), protocol(p.protocol.as_deref()));
+        let port = errs.ok(format!("{f}.port"), port_number(p.port));
         if let (Some(n), Some(pr)) = (port, proto) {
             if let Some(j) = seen_ports.insert((i32::from(n), pr), i) {
                 errs.push(
@@ -286,9 +266,7 @@ fn port_node_port(
         );
         return None;
     }
-    node_port(np, limits)
-        .map_err(|m| errs.push(format!("{f}.nodePort"), m))
-        .ok()
+    errs.ok(format!("{f}.nodePort"), node_port(np, limits))
 }
 
 /// A port's `targetPort`: a number (default: the port) or a port name.
@@ -301,13 +279,9 @@ fn target_port(
     match &p.target_port {
         None | Some(IntOrString::Int(0)) => port.map(TargetPort::Number),
         Some(IntOrString::String(s)) if s.is_empty() => port.map(TargetPort::Number),
-        Some(IntOrString::Int(t)) => match port_number(*t) {
-            Ok(n) => Some(TargetPort::Number(n)),
-            Err(m) => {
-                errs.push(format!("{f}.targetPort"), m);
-                None
-            }
-        },
+        Some(IntOrString::Int(t)) => errs
+            .ok(format!("{f}.targetPort"), port_number(*t))
+            .map(TargetPort::Number),
         Some(IntOrString::String(s)) => {
             if is_iana_svc_name(s) {
                 Some(TargetPort::Name(s.clone()))
@@ -334,27 +308,16 @@ fn target_port(
 
 /// `spec.externalIPs`.
 fn external_ips(spec: &core::ServiceSpec, errs: &mut Errors) -> Vec<IpAddr> {
-    let mut external_ips = Vec::new();
-    for (i, raw) in spec
-        .external_ips
-        .as_deref()
-        .unwrap_or_default()
-        .iter()
-        .enumerate()
-    {
-        let f = format!("spec.externalIPs[{i}]");
-        match parse_ip(raw) {
-            Ok(ip) if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() => {
-                errs.push(
-                    f,
-                    format!("{ip} may not be unspecified, loopback or multicast"),
-                );
-            }
-            Ok(ip) => external_ips.push(ip),
-            Err(m) => errs.push(f, m),
-        }
-    }
-    external_ips
+    errs.each(
+        spec.external_ips.as_deref(),
+        "spec.externalIPs",
+        |raw| match parse_ip(raw)? {
+            ip if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() => Err(format!(
+                "{ip} may not be unspecified, loopback or multicast"
+            )),
+            ip => Ok(ip),
+        },
+    )
 }
 
 /// `status.loadBalancer.ingress[].ip` served here (`ipMode` VIP or empty).
@@ -393,23 +356,13 @@ fn load_balancer_ips(svc: &core::Service, errs: &mut Errors) -> Vec<IpAddr> {
 
 /// `spec.loadBalancerSourceRanges`.
 fn source_ranges(spec: &core::ServiceSpec, errs: &mut Errors) -> Vec<IpNet> {
-    let mut source_ranges = Vec::new();
-    for (i, raw) in spec
-        .load_balancer_source_ranges
-        .as_deref()
-        .unwrap_or_default()
-        .iter()
-        .enumerate()
-    {
-        match raw.trim().parse::<IpNet>() {
-            Ok(net) => source_ranges.push(net.trunc()),
-            Err(_) => errs.push(
-                format!("spec.loadBalancerSourceRanges[{i}]"),
-                format!("{raw:?} is not a valid CIDR"),
-            ),
-        }
-    }
-    source_ranges
+    let list = spec.load_balancer_source_ranges.as_deref();
+    errs.each(list, "spec.loadBalancerSourceRanges", |raw| {
+        raw.trim()
+            .parse::<IpNet>()
+            .map(|net| net.trunc())
+            .map_err(|_| format!("{raw:?} is not a valid CIDR"))
+    })
 }
 
 /// `spec.sessionAffinity` and its ClientIP timeout.
@@ -468,13 +421,7 @@ fn health_check_node_port(
                 );
                 None
             } else {
-                match node_port(p, limits) {
-                    Ok(n) => Some(n),
-                    Err(m) => {
-                        errs.push("spec.healthCheckNodePort", m);
-                        None
-                    }
-                }
+                errs.ok("spec.healthCheckNodePort", node_port(p, limits))
             }
         }
     }
@@ -512,14 +459,16 @@ fn node_port(v: i32, limits: &Limits) -> Result<u16, String> {
     }
 }
 
-fn traffic_policy(v: Option<&str>) -> Result<TrafficPolicy, String> {
-    match v.unwrap_or("") {
+/// `spec.<field>`, a traffic policy (default Cluster, also when invalid).
+fn traffic_policy(errs: &mut Errors, field: &str, v: &Option<String>) -> TrafficPolicy {
+    let policy = match v.as_deref().unwrap_or("") {
         "" | "Cluster" => Ok(TrafficPolicy::Cluster),
         "Local" => Ok(TrafficPolicy::Local),
         other => Err(format!(
             "unknown traffic policy {other:?} (expected Cluster or Local)"
         )),
-    }
+    };
+    errs.ok(format!("spec.{field}"), policy).unwrap_or_default()
 }
 
 /// IANA service name, as Kubernetes validates named ports: 1-15 characters,
