@@ -34,16 +34,20 @@ pub fn service(svc: &core::Service, limits: &Limits) -> Result<Service, ConvertE
     let spec = svc.spec.as_ref().unwrap_or(&empty_spec);
     let e = &mut errs;
     let service_type = service_type(spec, e);
-    let (cluster_ips, headless) = cluster_ips(spec, service_type, limits, e);
-    let ports = ports(spec, service_type, headless, limits, e);
+    let typed = Typed {
+        spec,
+        service_type,
+        limits,
+    };
+    let (cluster_ips, headless) = typed.cluster_ips(e);
+    let ports = typed.ports(headless, e);
     let external_ips = external_ips(spec, e);
     let load_balancer_ips = load_balancer_ips(svc, e);
     let source_ranges = source_ranges(spec, e);
     let external_policy = traffic_policy(e, "externalTrafficPolicy", &spec.external_traffic_policy);
     let internal_policy = traffic_policy(e, "internalTrafficPolicy", &spec.internal_traffic_policy);
     let affinity = session_affinity(spec, e);
-    let health_check_node_port =
-        health_check_node_port(spec, service_type, external_policy, limits, e);
+    let health_check_node_port = typed.health_check_node_port(external_policy, e);
     let external_name = external_name(spec, service_type, e);
 
     let selector = spec.selector.clone().filter(|s| !s.is_empty());
@@ -70,6 +74,14 @@ pub fn service(svc: &core::Service, limits: &Limits) -> Result<Service, ConvertE
     errs.finish(Kind::Service, key, value)
 }
 
+/// What the field groups that depend on the Service's type read.
+#[derive(Clone, Copy)]
+struct Typed<'a> {
+    spec: &'a core::ServiceSpec,
+    service_type: ServiceType,
+    limits: &'a Limits,
+}
+
 /// `spec.type`, default ClusterIP.
 fn service_type(spec: &core::ServiceSpec, errs: &mut Errors) -> ServiceType {
     match spec.type_.as_deref().unwrap_or("") {
@@ -89,162 +101,168 @@ fn service_type(spec: &core::ServiceSpec, errs: &mut Errors) -> ServiceType {
     }
 }
 
-/// `spec.clusterIPs` (or `spec.clusterIP`): the addresses, and whether the
-/// Service is headless (`None`).
-fn cluster_ips(
-    spec: &core::ServiceSpec,
-    service_type: ServiceType,
-    limits: &Limits,
-    errs: &mut Errors,
-) -> (Vec<IpAddr>, bool) {
-    let cluster_ip = spec.cluster_ip.as_deref().unwrap_or("");
-    let listed: Vec<&str> = spec
-        .cluster_ips
-        .as_deref()
-        .unwrap_or_default()
-        .iter()
-        .map(String::as_str)
-        .filter(|s| !s.is_empty())
-        .collect();
-    let (raw_ips, ips_field): (Vec<&str>, &str) = if let Some(&first) = listed.first() {
-        if !cluster_ip.is_empty() && first != cluster_ip {
-            errs.push(
-                "spec.clusterIPs[0]",
-                format!("{first:?} must be the same as spec.clusterIP {cluster_ip:?}"),
-            );
-        }
-        (listed, "spec.clusterIPs")
-    } else if !cluster_ip.is_empty() {
-        (vec![cluster_ip], "spec.clusterIP")
-    } else {
-        (Vec::new(), "spec.clusterIPs")
-    };
-    let field_at = |i: usize| {
-        if ips_field == "spec.clusterIP" {
-            ips_field.to_string()
-        } else {
-            format!("{ips_field}[{i}]")
-        }
-    };
-    let mut headless = false;
-    let mut cluster_ips = Vec::new();
-    if service_type == ServiceType::ExternalName && !raw_ips.is_empty() {
-        errs.push(
-            ips_field,
-            "may not be set when type is ExternalName".to_string(),
-        );
-    } else if raw_ips.contains(&"None") {
-        if raw_ips.len() > 1 {
-            errs.push(ips_field, "\"None\" must be the only entry");
-        }
-        headless = true;
-        if matches!(
+impl Typed<'_> {
+    /// `spec.clusterIPs` (or `spec.clusterIP`): the addresses, and whether the
+    /// Service is headless (`None`).
+    fn cluster_ips(self, errs: &mut Errors) -> (Vec<IpAddr>, bool) {
+        let Typed {
+            spec,
             service_type,
-            ServiceType::NodePort | ServiceType::LoadBalancer
-        ) {
+            limits,
+        } = self;
+        let cluster_ip = spec.cluster_ip.as_deref().unwrap_or("");
+        let listed: Vec<&str> = spec
+            .cluster_ips
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .map(String::as_str)
+            .filter(|s| !s.is_empty())
+            .collect();
+        let (raw_ips, ips_field): (Vec<&str>, &str) = if let Some(&first) = listed.first() {
+            if !cluster_ip.is_empty() && first != cluster_ip {
+                errs.push(
+                    "spec.clusterIPs[0]",
+                    format!("{first:?} must be the same as spec.clusterIP {cluster_ip:?}"),
+                );
+            }
+            (listed, "spec.clusterIPs")
+        } else if !cluster_ip.is_empty() {
+            (vec![cluster_ip], "spec.clusterIP")
+        } else {
+            (Vec::new(), "spec.clusterIPs")
+        };
+        let field_at = |i: usize| {
+            if ips_field == "spec.clusterIP" {
+                ips_field.to_string()
+            } else {
+                format!("{ips_field}[{i}]")
+            }
+        };
+        let mut headless = false;
+        let mut cluster_ips = Vec::new();
+        if service_type == ServiceType::ExternalName && !raw_ips.is_empty() {
             errs.push(
                 ips_field,
-                "may not be \"None\" (headless) when type is NodePort or LoadBalancer",
+                "may not be set when type is ExternalName".to_string(),
             );
-        }
-    } else {
-        if raw_ips.len() > 2 {
-            errs.push(ips_field, "at most two addresses (one per family) allowed");
-        }
-        for (i, raw) in raw_ips.iter().enumerate() {
-            match parse_ip(raw) {
-                Ok(ip) => {
-                    if !limits.service_cidrs.is_empty()
-                        && !limits.service_cidrs.iter().any(|n| n.contains(&ip))
-                    {
-                        let cidrs: Vec<String> =
-                            limits.service_cidrs.iter().map(|n| n.to_string()).collect();
-                        errs.push(
-                            field_at(i),
-                            format!("{ip} is not inside any service CIDR ({})", cidrs.join(", ")),
-                        );
+        } else if raw_ips.contains(&"None") {
+            if raw_ips.len() > 1 {
+                errs.push(ips_field, "\"None\" must be the only entry");
+            }
+            headless = true;
+            if matches!(
+                service_type,
+                ServiceType::NodePort | ServiceType::LoadBalancer
+            ) {
+                errs.push(
+                    ips_field,
+                    "may not be \"None\" (headless) when type is NodePort or LoadBalancer",
+                );
+            }
+        } else {
+            if raw_ips.len() > 2 {
+                errs.push(ips_field, "at most two addresses (one per family) allowed");
+            }
+            for (i, raw) in raw_ips.iter().enumerate() {
+                match parse_ip(raw) {
+                    Ok(ip) => {
+                        if !limits.service_cidrs.is_empty()
+                            && !limits.service_cidrs.iter().any(|n| n.contains(&ip))
+                        {
+                            let cidrs: Vec<String> =
+                                limits.service_cidrs.iter().map(|n| n.to_string()).collect();
+                            errs.push(
+                                field_at(i),
+                                format!(
+                                    "{ip} is not inside any service CIDR ({})",
+                                    cidrs.join(", ")
+                                ),
+                            );
+                        }
+                        if cluster_ips
+                            .iter()
+                            .any(|o: &IpAddr| AddressFamily::of(o) == AddressFamily::of(&ip))
+                        {
+                            errs.push(
+                                field_at(i),
+                                format!(
+                                    "{ip}: dual-stack clusterIPs must be of different families"
+                                ),
+                            );
+                        }
+                        cluster_ips.push(ip);
                     }
-                    if cluster_ips
-                        .iter()
-                        .any(|o: &IpAddr| AddressFamily::of(o) == AddressFamily::of(&ip))
-                    {
-                        errs.push(
-                            field_at(i),
-                            format!("{ip}: dual-stack clusterIPs must be of different families"),
-                        );
-                    }
-                    cluster_ips.push(ip);
+                    Err(m) => errs.push(field_at(i), m),
                 }
-                Err(m) => errs.push(field_at(i), m),
             }
         }
+        (cluster_ips, headless)
     }
-    (cluster_ips, headless)
-}
 
-/// `spec.ports`: names, protocols and numbers unique, defaults applied.
-fn ports(
-    spec: &core::ServiceSpec,
-    service_type: ServiceType,
-    headless: bool,
-    limits: &Limits,
-    errs: &mut Errors,
-) -> Vec<ServicePort> {
-    let raw_ports = spec.ports.as_deref().unwrap_or_default();
-    if raw_ports.is_empty() && !headless && service_type != ServiceType::ExternalName {
-        errs.push("spec.ports", "at least one port is required");
-    }
-    let mut ports = Vec::with_capacity(raw_ports.len());
-    let mut seen_names: HashMap<&str, usize> = HashMap::new();
-    let mut seen_ports: HashMap<(i32, Protocol), usize> = HashMap::new();
-    let mut seen_node_ports: HashMap<(i32, Protocol), usize> = HashMap::new();
-    for (i, p) in raw_ports.iter().enumerate() {
-        let f = format!("spec.ports[{i}]");
-        let name = p.name.as_deref().unwrap_or("");
-        if name.is_empty() {
-            if raw_ports.len() > 1 {
+    /// `spec.ports`: names, protocols and numbers unique, defaults applied.
+    fn ports(self, headless: bool, errs: &mut Errors) -> Vec<ServicePort> {
+        let Typed {
+            spec,
+            service_type,
+            limits,
+        } = self;
+        let raw_ports = spec.ports.as_deref().unwrap_or_default();
+        if raw_ports.is_empty() && !headless && service_type != ServiceType::ExternalName {
+            errs.push("spec.ports", "at least one port is required");
+        }
+        let mut ports = Vec::with_capacity(raw_ports.len());
+        let mut seen_names: HashMap<&str, usize> = HashMap::new();
+        let mut seen_ports: HashMap<(i32, Protocol), usize> = HashMap::new();
+        let mut seen_node_ports: HashMap<(i32, Protocol), usize> = HashMap::new();
+        for (i, p) in raw_ports.iter().enumerate() {
+            let f = format!("spec.ports[{i}]");
+            let name = p.name.as_deref().unwrap_or("");
+            if name.is_empty() {
+                if raw_ports.len() > 1 {
+                    errs.push(
+                        format!("{f}.name"),
+                        "required when the Service has more than one port",
+                    );
+                }
+            } else if let Some(j) = seen_names.insert(name, i) {
                 errs.push(
                     format!("{f}.name"),
-                    "required when the Service has more than one port",
+                    format!("duplicate name {name:?} (also spec.ports[{j}])"),
                 );
             }
-        } else if let Some(j) = seen_names.insert(name, i) {
-            errs.push(
-                format!("{f}.name"),
-                format!("duplicate name {name:?} (also spec.ports[{j}])"),
-            );
-        }
-        let proto = errs.ok(format!("{f}.protocol"), protocol(p.protocol.as_deref()));
-        let port = errs.ok(format!("{f}.port"), port_number(p.port));
-        if let (Some(n), Some(pr)) = (port, proto) {
-            if let Some(j) = seen_ports.insert((i32::from(n), pr), i) {
-                errs.push(
-                    f.clone(),
-                    format!("duplicate port {n}/{pr} (also spec.ports[{j}])"),
-                );
+            let proto = errs.ok(format!("{f}.protocol"), protocol(p.protocol.as_deref()));
+            let port = errs.ok(format!("{f}.port"), port_number(p.port));
+            if let (Some(n), Some(pr)) = (port, proto) {
+                if let Some(j) = seen_ports.insert((i32::from(n), pr), i) {
+                    errs.push(
+                        f.clone(),
+                        format!("duplicate port {n}/{pr} (also spec.ports[{j}])"),
+                    );
+                }
+            }
+            let node_port_v = port_node_port(p, &f, service_type, limits, errs);
+            if let (Some(np), Some(pr)) = (node_port_v, proto) {
+                if let Some(j) = seen_node_ports.insert((i32::from(np), pr), i) {
+                    errs.push(
+                        format!("{f}.nodePort"),
+                        format!("duplicate nodePort {np}/{pr} (also spec.ports[{j}])"),
+                    );
+                }
+            }
+            let target_port = target_port(p, &f, port, errs);
+            if let (Some(protocol), Some(port), Some(target_port)) = (proto, port, target_port) {
+                ports.push(ServicePort {
+                    name: name.to_string(),
+                    protocol,
+                    port,
+                    node_port: node_port_v,
+                    target_port,
+                });
             }
         }
-        let node_port_v = port_node_port(p, &f, service_type, limits, errs);
-        if let (Some(np), Some(pr)) = (node_port_v, proto) {
-            if let Some(j) = seen_node_ports.insert((i32::from(np), pr), i) {
-                errs.push(
-                    format!("{f}.nodePort"),
-                    format!("duplicate nodePort {np}/{pr} (also spec.ports[{j}])"),
-                );
-            }
-        }
-        let target_port = target_port(p, &f, port, errs);
-        if let (Some(protocol), Some(port), Some(target_port)) = (proto, port, target_port) {
-            ports.push(ServicePort {
-                name: name.to_string(),
-                protocol,
-                port,
-                node_port: node_port_v,
-                target_port,
-            });
-        }
+        ports
     }
-    ports
 }
 
 /// A port's `nodePort` (0: not allocated).
@@ -401,27 +419,33 @@ fn session_affinity(spec: &core::ServiceSpec, errs: &mut Errors) -> Affinity {
     }
 }
 
-/// `spec.healthCheckNodePort`: only with LoadBalancer and
-/// `externalTrafficPolicy: Local`.
-fn health_check_node_port(
-    spec: &core::ServiceSpec,
-    service_type: ServiceType,
-    external_policy: TrafficPolicy,
-    limits: &Limits,
-    errs: &mut Errors,
-) -> Option<u16> {
-    match spec.health_check_node_port.filter(|&p| p != 0) {
-        None => None,
-        Some(p) => {
-            if service_type != ServiceType::LoadBalancer || external_policy != TrafficPolicy::Local
-            {
-                errs.push(
-                    "spec.healthCheckNodePort",
-                    "may only be set when type is LoadBalancer and externalTrafficPolicy is Local",
-                );
-                None
-            } else {
-                errs.ok("spec.healthCheckNodePort", node_port(p, limits))
+impl Typed<'_> {
+    /// `spec.healthCheckNodePort`: only with LoadBalancer and
+    /// `externalTrafficPolicy: Local`.
+    fn health_check_node_port(
+        self,
+        external_policy: TrafficPolicy,
+        errs: &mut Errors,
+    ) -> Option<u16> {
+        let Typed {
+            spec,
+            service_type,
+            limits,
+        } = self;
+        match spec.health_check_node_port.filter(|&p| p != 0) {
+            None => None,
+            Some(p) => {
+                if service_type != ServiceType::LoadBalancer
+                    || external_policy != TrafficPolicy::Local
+                {
+                    errs.push(
+                        "spec.healthCheckNodePort",
+                        "may only be set when type is LoadBalancer and externalTrafficPolicy is Local",
+                    );
+                    None
+                } else {
+                    errs.ok("spec.healthCheckNodePort", node_port(p, limits))
+                }
             }
         }
     }
