@@ -12,8 +12,13 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-fn k8s_service(yaml: &str) -> core::Service {
+/// A Kubernetes object from YAML.
+fn k8s<T: serde::de::DeserializeOwned>(yaml: &str) -> T {
     serde_yaml::from_str(yaml).unwrap()
+}
+
+fn k8s_service(yaml: &str) -> core::Service {
+    k8s(yaml)
 }
 
 fn convert_service(yaml: &str) -> Result<Service, ConvertError> {
@@ -25,6 +30,16 @@ fn with_spec(spec: &str) -> String {
     format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n{spec}")
 }
 
+/// The Service [`with_spec`] converts to, which must be valid.
+fn web(spec: &str) -> Service {
+    convert_service(&with_spec(spec)).unwrap()
+}
+
+/// The slice [`slice_yaml`] converts to, which must be valid.
+fn web_slice(body: &str) -> EndpointSlice {
+    convert_slice(&slice_yaml(body)).unwrap()
+}
+
 fn slice_yaml(body: &str) -> String {
     format!(
         "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  labels:\n    kubernetes.io/service-name: web\n{body}"
@@ -32,15 +47,12 @@ fn slice_yaml(body: &str) -> String {
 }
 
 fn convert_slice(yaml: &str) -> Result<EndpointSlice, ConvertError> {
-    endpoint_slice(&serde_yaml::from_str(yaml).unwrap())
+    endpoint_slice(&k8s(yaml))
 }
 
 #[test]
 fn service_defaults_are_applied() {
-    let s = convert_service(&with_spec(
-        "  clusterIP: 10.96.0.10\n  ports:\n  - port: 80\n",
-    ))
-    .unwrap();
+    let s = web("  clusterIP: 10.96.0.10\n  ports:\n  - port: 80\n");
     assert_eq!(s.key, ObjectKey::new("default", "web"));
     assert_eq!(s.service_type, ServiceType::ClusterIp);
     assert_eq!(s.cluster_ips, vec![ip("10.96.0.10")]);
@@ -121,26 +133,17 @@ fn service_fields_are_converted() {
 
 #[test]
 fn headless_and_external_name_and_affinity_timeout() {
-    let s = convert_service(&with_spec(
-        "  clusterIP: None\n  clusterIPs: [None]\n  ports:\n  - port: 80\n",
-    ))
-    .unwrap();
+    let s = web("  clusterIP: None\n  clusterIPs: [None]\n  ports:\n  - port: 80\n");
     assert!(s.headless);
     assert!(s.cluster_ips.is_empty());
-    let s = convert_service(&with_spec("  clusterIP: None\n")).unwrap();
+    let s = web("  clusterIP: None\n");
     assert!(s.headless, "headless needs no ports");
 
-    let s = convert_service(&with_spec(
-        "  type: ExternalName\n  externalName: db.example.com\n",
-    ))
-    .unwrap();
+    let s = web("  type: ExternalName\n  externalName: db.example.com\n");
     assert_eq!(s.service_type, ServiceType::ExternalName);
     assert_eq!(s.external_name.as_deref(), Some("db.example.com"));
 
-    let s = convert_service(&with_spec(
-        "  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 60\n  ports:\n  - port: 80\n",
-    ))
-    .unwrap();
+    let s = web("  sessionAffinity: ClientIP\n  sessionAffinityConfig:\n    clientIP:\n      timeoutSeconds: 60\n  ports:\n  - port: 80\n");
     assert_eq!(
         s.affinity,
         Affinity::ClientIp {
@@ -148,10 +151,7 @@ fn headless_and_external_name_and_affinity_timeout() {
         }
     );
     // targetPort 0 and "" mean "same as port", nodePort 0 means unallocated.
-    let s = convert_service(&with_spec(
-        "  type: NodePort\n  ports:\n  - name: a\n    port: 81\n    targetPort: 0\n    nodePort: 0\n  - name: b\n    port: 82\n    targetPort: \"\"\n",
-    ))
-    .unwrap();
+    let s = web("  type: NodePort\n  ports:\n  - name: a\n    port: 81\n    targetPort: 0\n    nodePort: 0\n  - name: b\n    port: 82\n    targetPort: \"\"\n");
     assert_eq!(s.ports[0].target_port, TargetPort::Number(81));
     assert_eq!(s.ports[0].node_port, None);
     assert_eq!(s.ports[1].target_port, TargetPort::Number(82));
@@ -267,10 +267,7 @@ fn node_port_range_comes_from_limits() {
 
 #[test]
 fn endpoint_slice_defaults_and_fields() {
-    let s = convert_slice(&slice_yaml(
-        "addressType: IPv4\nports:\n- port: 8080\n- name: dns\n  protocol: UDP\n  port: 53\nendpoints:\n- addresses: [10.244.1.10, 10.244.1.99]\n- addresses: [10.244.1.11]\n  conditions: {ready: false, serving: true, terminating: true}\n  nodeName: node-a\n  zone: z1\n  hostname: pod-1\n  hints:\n    forZones: [{name: z1}, {name: z2}]\n- addresses: [10.244.1.12]\n  hints: {forZones: []}\n",
-    ))
-    .unwrap();
+    let s = web_slice("addressType: IPv4\nports:\n- port: 8080\n- name: dns\n  protocol: UDP\n  port: 53\nendpoints:\n- addresses: [10.244.1.10, 10.244.1.99]\n- addresses: [10.244.1.11]\n  conditions: {ready: false, serving: true, terminating: true}\n  nodeName: node-a\n  zone: z1\n  hostname: pod-1\n  hints:\n    forZones: [{name: z1}, {name: z2}]\n- addresses: [10.244.1.12]\n  hints: {forZones: []}\n");
     assert_eq!(s.key, ObjectKey::new("default", "web-1"));
     assert_eq!(s.service_name, "web");
     assert_eq!(s.family, AddressFamily::V4);
@@ -305,10 +302,8 @@ fn endpoint_slice_defaults_and_fields() {
     );
     assert_eq!(s.endpoints[2].zone_hints, None, "empty hints are no hints");
 
-    let s = convert_slice(&slice_yaml(
-        "addressType: IPv6\nendpoints:\n- addresses: [\"fd00::1\"]\n  conditions: {}\n",
-    ))
-    .unwrap();
+    let s =
+        web_slice("addressType: IPv6\nendpoints:\n- addresses: [\"fd00::1\"]\n  conditions: {}\n");
     assert_eq!(s.family, AddressFamily::V6);
     assert!(s.endpoints[0].ready && s.endpoints[0].serving);
 }
@@ -316,37 +311,17 @@ fn endpoint_slice_defaults_and_fields() {
 #[test]
 fn endpoint_slice_validation_errors() {
     let cases: &[(String, &str, &str)] = &[
-        (
-            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: orphan\naddressType: IPv4\nendpoints: []\n".to_string(),
-            "metadata.labels[kubernetes.io/service-name]",
-            "required",
-        ),
+        ("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: orphan\naddressType: IPv4\nendpoints: []\n".to_string(), "metadata.labels[kubernetes.io/service-name]", "required"),
         (slice_yaml("addressType: FQDN\nendpoints: []\n"), "addressType", "FQDN slices are not supported"),
         (slice_yaml("addressType: IPv5\nendpoints: []\n"), "addressType", "unknown addressType \"IPv5\""),
         (slice_yaml("endpoints: []\n"), "addressType", "required"),
-        (
-            slice_yaml("addressType: IPv6\nendpoints:\n- addresses: [10.0.0.1]\n"),
-            "endpoints[0].addresses[0]",
-            "10.0.0.1 is not an IPv6 address (addressType is IPv6)",
-        ),
-        (
-            slice_yaml("addressType: IPv4\nendpoints:\n- addresses: [\"fd00::1\"]\n"),
-            "endpoints[0].addresses[0]",
-            "fd00::1 is not an IPv4 address",
-        ),
-        (
-            slice_yaml("addressType: IPv4\nendpoints:\n- addresses: [10.0.0.1]\n- addresses: [web-0.local]\n"),
-            "endpoints[1].addresses[0]",
-            "\"web-0.local\" is not a valid IP address",
-        ),
+        (slice_yaml("addressType: IPv6\nendpoints:\n- addresses: [10.0.0.1]\n"), "endpoints[0].addresses[0]", "10.0.0.1 is not an IPv6 address (addressType is IPv6)"),
+        (slice_yaml("addressType: IPv4\nendpoints:\n- addresses: [\"fd00::1\"]\n"), "endpoints[0].addresses[0]", "fd00::1 is not an IPv4 address"),
+        (slice_yaml("addressType: IPv4\nendpoints:\n- addresses: [10.0.0.1]\n- addresses: [web-0.local]\n"), "endpoints[1].addresses[0]", "\"web-0.local\" is not a valid IP address"),
         (slice_yaml("addressType: IPv4\nendpoints:\n- addresses: []\n"), "endpoints[0].addresses", "at least one address"),
         (slice_yaml("addressType: IPv4\nports:\n- port: 0\nendpoints: []\n"), "ports[0].port", "0 is out of range 1..65535"),
         (slice_yaml("addressType: IPv4\nports:\n- port: 80\n  protocol: SCTP\nendpoints: []\n"), "ports[0].protocol", "SCTP is not supported"),
-        (
-            slice_yaml("addressType: IPv4\nports:\n- {name: a, port: 80}\n- {name: a, port: 81}\nendpoints: []\n"),
-            "ports[1].name",
-            "duplicate name \"a\"",
-        ),
+        (slice_yaml("addressType: IPv4\nports:\n- {name: a, port: 80}\n- {name: a, port: 81}\nendpoints: []\n"), "ports[1].name", "duplicate name \"a\""),
     ];
     for (yaml, field, msg) in cases {
         let e = convert_slice(yaml).expect_err(yaml);
@@ -361,10 +336,7 @@ fn endpoint_slice_validation_errors() {
 
 #[test]
 fn node_is_converted() {
-    let n: core::Node = serde_yaml::from_str(
-        "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n  deletionTimestamp: \"2024-05-01T10:00:00Z\"\n  labels:\n    topology.kubernetes.io/zone: zone-a\nstatus:\n  addresses:\n  - {type: Hostname, address: node-a}\n  - {type: ExternalIP, address: 203.0.113.5}\n  - {type: InternalIP, address: 192.168.1.5}\n  - {type: InternalIP, address: \"fd00::5\"}\n",
-    )
-    .unwrap();
+    let n: core::Node = k8s("apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n  deletionTimestamp: \"2024-05-01T10:00:00Z\"\n  labels:\n    topology.kubernetes.io/zone: zone-a\nstatus:\n  addresses:\n  - {type: Hostname, address: node-a}\n  - {type: ExternalIP, address: 203.0.113.5}\n  - {type: InternalIP, address: 192.168.1.5}\n  - {type: InternalIP, address: \"fd00::5\"}\n");
     let n = node(&n).unwrap();
     assert_eq!(n.name, "node-a");
     assert_eq!(n.zone.as_deref(), Some("zone-a"));
@@ -374,10 +346,7 @@ fn node_is_converted() {
     );
     assert!(n.deleting);
 
-    let bad: core::Node = serde_yaml::from_str(
-        "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-b\nstatus:\n  addresses:\n  - {type: InternalIP, address: x}\n",
-    )
-    .unwrap();
+    let bad: core::Node = k8s("apiVersion: v1\nkind: Node\nmetadata:\n  name: node-b\nstatus:\n  addresses:\n  - {type: InternalIP, address: x}\n");
     let e = node(&bad).unwrap_err();
     assert_eq!(
         e.to_string(),
@@ -387,10 +356,7 @@ fn node_is_converted() {
 
 #[test]
 fn pod_is_converted() {
-    let p: core::Pod = serde_yaml::from_str(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web-0\n  labels: {app: web}\nspec:\n  hostname: web-0\n  nodeName: node-a\n  initContainers:\n  - name: proxy\n    restartPolicy: Always\n    ports: [{name: admin, containerPort: 9901}]\n  - name: init\n    ports: [{name: ignored, containerPort: 1}]\n  containers:\n  - name: app\n    ports:\n    - {name: http, containerPort: 8080}\n    - {containerPort: 9090}\n    - {name: dns, containerPort: 53, protocol: UDP}\n    - {name: sctp, containerPort: 99, protocol: SCTP}\nstatus:\n  podIP: 10.244.1.10\n  podIPs: [{ip: 10.244.1.10}, {ip: \"fd00::10\"}]\n  conditions:\n  - {type: PodScheduled, status: \"True\"}\n  - {type: Ready, status: \"True\"}\n",
-    )
-    .unwrap();
+    let p: core::Pod = k8s("apiVersion: v1\nkind: Pod\nmetadata:\n  name: web-0\n  labels: {app: web}\nspec:\n  hostname: web-0\n  nodeName: node-a\n  initContainers:\n  - name: proxy\n    restartPolicy: Always\n    ports: [{name: admin, containerPort: 9901}]\n  - name: init\n    ports: [{name: ignored, containerPort: 1}]\n  containers:\n  - name: app\n    ports:\n    - {name: http, containerPort: 8080}\n    - {containerPort: 9090}\n    - {name: dns, containerPort: 53, protocol: UDP}\n    - {name: sctp, containerPort: 99, protocol: SCTP}\nstatus:\n  podIP: 10.244.1.10\n  podIPs: [{ip: 10.244.1.10}, {ip: \"fd00::10\"}]\n  conditions:\n  - {type: PodScheduled, status: \"True\"}\n  - {type: Ready, status: \"True\"}\n");
     let p = pod(&p).unwrap();
     assert_eq!(p.key, ObjectKey::new("default", "web-0"));
     assert_eq!(p.labels.get("app").map(String::as_str), Some("web"));
@@ -408,10 +374,7 @@ fn pod_is_converted() {
         ]
     );
 
-    let p: core::Pod = serde_yaml::from_str(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web-1\n  namespace: shop\n  deletionTimestamp: \"2024-05-01T10:00:00Z\"\nspec:\n  containers: []\nstatus:\n  podIP: 10.244.1.11\n  conditions:\n  - {type: Ready, status: \"False\"}\n",
-    )
-    .unwrap();
+    let p: core::Pod = k8s("apiVersion: v1\nkind: Pod\nmetadata:\n  name: web-1\n  namespace: shop\n  deletionTimestamp: \"2024-05-01T10:00:00Z\"\nspec:\n  containers: []\nstatus:\n  podIP: 10.244.1.11\n  conditions:\n  - {type: Ready, status: \"False\"}\n");
     let p = pod(&p).unwrap();
     assert_eq!(
         p.ips,
@@ -423,10 +386,7 @@ fn pod_is_converted() {
     assert!(!p.terminal);
     assert_eq!(p.subdomain, None);
 
-    let p: core::Pod = serde_yaml::from_str(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: job-1\nspec:\n  hostname: job-1\n  subdomain: jobs\n  containers: []\nstatus:\n  phase: Succeeded\n  podIP: 10.244.1.12\n",
-    )
-    .unwrap();
+    let p: core::Pod = k8s("apiVersion: v1\nkind: Pod\nmetadata:\n  name: job-1\nspec:\n  hostname: job-1\n  subdomain: jobs\n  containers: []\nstatus:\n  phase: Succeeded\n  podIP: 10.244.1.12\n");
     let p = pod(&p).unwrap();
     assert!(p.terminal, "Succeeded and Failed Pods are terminal");
     assert_eq!(p.subdomain.as_deref(), Some("jobs"));
