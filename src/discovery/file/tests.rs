@@ -53,6 +53,20 @@ fn slice_at(objects: &[Object], i: usize) -> &EndpointSlice {
     }
 }
 
+/// `web`, the example NodePort Service: 30080 to `target`.
+fn assert_web_node_port(web: &Service, target: TargetPort) {
+    assert_eq!(web.service_type, ServiceType::NodePort);
+    assert_eq!(web.ports[0].node_port, Some(30080));
+    assert_eq!(web.ports[0].target_port, target);
+}
+
+/// The objects of `paths`, which must load without errors.
+fn load_clean(paths: &[PathBuf]) -> Vec<Object> {
+    let (objects, errors) = load(paths, &Limits::default());
+    assert!(errors.is_empty(), "{:?}", messages(&errors));
+    objects
+}
+
 /// The first port of the Service `objects[i]`.
 fn port_of(objects: &[Object], i: usize) -> u16 {
     svc(objects, i).ports[0].port
@@ -331,9 +345,7 @@ fn kubectl_get_output_parses() {
         ]
     );
     let web = svc(&objects, 1);
-    assert_eq!(web.service_type, ServiceType::NodePort);
-    assert_eq!(web.ports[0].node_port, Some(30080));
-    assert_eq!(web.ports[0].target_port, TargetPort::Name("http".into()));
+    assert_web_node_port(web, TargetPort::Name("http".into()));
     let db = svc(&objects, 2);
     assert!(db.headless);
     let slice = slice_at(&objects, 4);
@@ -567,11 +579,7 @@ fn directories_are_recursive_sorted_and_skip_hidden_entries() {
     // An explicitly named file is loaded whatever its name, and only once.
     let extra = d.join("notes.conf");
     fs::write(&extra, service("extra", 1)).unwrap();
-    let (objects, errors) = load(
-        &[d.to_path_buf(), extra.clone(), d.join("a.yml")],
-        &Limits::default(),
-    );
-    assert!(errors.is_empty(), "{:?}", messages(&errors));
+    let objects = load_clean(&[d.to_path_buf(), extra.clone(), d.join("a.yml")]);
     assert_eq!(
         names(&objects),
         vec![
@@ -661,8 +669,7 @@ fn deleted_file_drops_objects_and_new_file_is_picked_up() {
 #[test]
 fn selector_example_gives_endpoints_from_ready_pods() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/examples/selector.yaml");
-    let (objects, errors) = load(&[path], &Limits::default());
-    assert!(errors.is_empty(), "{:?}", messages(&errors));
+    let objects = load_clean(&[path]);
     let mut store = crate::state::Store::new();
     store.apply(super::super::Update::Reset(objects));
     let slices = store.selector_slices();
@@ -695,11 +702,7 @@ fn selector_example_gives_endpoints_from_ready_pods() {
 #[test]
 fn examples_load_without_errors() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/examples");
-    let (objects, errors) = load(
-        &[dir.join("web.yaml"), dir.join("dns-udp.yaml")],
-        &Limits::default(),
-    );
-    assert!(errors.is_empty(), "{:?}", messages(&errors));
+    let objects = load_clean(&[dir.join("web.yaml"), dir.join("dns-udp.yaml")]);
     assert_eq!(
         names(&objects),
         vec![
@@ -710,9 +713,7 @@ fn examples_load_without_errors() {
         ]
     );
     let web = svc(&objects, 0);
-    assert_eq!(web.service_type, ServiceType::NodePort);
-    assert_eq!(web.ports[0].node_port, Some(30080));
-    assert_eq!(web.ports[0].target_port, TargetPort::Number(8080));
+    assert_web_node_port(web, TargetPort::Number(8080));
     let slice = slice_at(&objects, 1);
     assert_eq!(slice.endpoints.len(), 3);
     assert!(slice
