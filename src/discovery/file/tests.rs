@@ -67,6 +67,16 @@ fn load_clean(paths: &[PathBuf]) -> Vec<Object> {
     objects
 }
 
+/// The first error of `text`, which must not parse.
+fn first_error(origin: &str, text: &str) -> String {
+    parse_err(origin, text)[0].to_string()
+}
+
+/// Service `first` on port 80, then `doc` in the same file.
+fn after(first: &str, doc: &str) -> String {
+    format!("{}---\n{doc}", service(first, 80))
+}
+
 /// The first port of the Service `objects[i]`.
 fn port_of(objects: &[Object], i: usize) -> u16 {
     svc(objects, i).ports[0].port
@@ -405,9 +415,9 @@ fn doc_starts_follow_the_parser() {
 
 #[test]
 fn yaml_syntax_error_has_line_and_column() {
-    let text = format!(
-        "{}---\napiVersion: v1\nkind: Service\nmetadata:\n  name: x\n   bad: indent\n",
-        service("a", 80)
+    let text = after(
+        "a",
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: x\n   bad: indent\n",
     );
     let errors = parse_err("dir/bad.yaml", &text);
     assert_eq!(errors.len(), 1);
@@ -420,21 +430,17 @@ fn yaml_syntax_error_has_line_and_column() {
         "dir/bad.yaml:13:7: syntax error: mapping values are not allowed in this context"
     );
     // Unclosed flow sequence: the message keeps the parser's context.
-    let errors = parse_err("f.yaml", "a: [1, 2\nb: 3\n");
-    assert!(
-        errors[0].to_string().starts_with("f.yaml:2:"),
-        "{}",
-        errors[0]
-    );
+    let e = first_error("f.yaml", "a: [1, 2\nb: 3\n");
+    assert!(e.starts_with("f.yaml:2:"), "{e}");
 }
 
 #[test]
 fn type_error_has_field_path_and_position() {
     // Top-level document: the exact position of the bad value.
-    let text = format!(
-            "{}---\napiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  ports:\n  - port: 80\n  - port: abc\n",
-            service("a", 80)
-        );
+    let text = after(
+        "a",
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  ports:\n  - port: 80\n  - port: abc\n",
+    );
     let errors = parse_err("t.yaml", &text);
     assert_eq!(errors.len(), 1);
     assert_eq!(
@@ -449,14 +455,9 @@ fn type_error_has_field_path_and_position() {
             vec!["l.yaml:2: Service shop/web (items[1]): spec.ports[0].port: invalid type: sequence, expected i32"]
         );
     // Unknown name.
-    let errors = parse_err("n.yaml", "apiVersion: v1\nkind: Pod\nmetadata: 7\n");
-    assert!(
-        errors[0]
-            .to_string()
-            .starts_with("n.yaml:3:11: Pod (no name): metadata: invalid type"),
-        "{}",
-        errors[0]
-    );
+    let e = first_error("n.yaml", "apiVersion: v1\nkind: Pod\nmetadata: 7\n");
+    let want = "n.yaml:3:11: Pod (no name): metadata: invalid type";
+    assert!(e.starts_with(want), "{e}");
 }
 
 #[test]
@@ -470,29 +471,21 @@ fn json_files_parse_and_report_positions() {
 }"#;
     let objects = parse("x.json", json);
     assert_eq!(names(&objects), vec!["Service default/j"]);
-    let errors = parse_err("x.json", "{\n  \"kind\": \"Service\",\n}");
+    let e = first_error("x.json", "{\n  \"kind\": \"Service\",\n}");
+    assert!(e.starts_with("x.json:3:1: syntax error:"), "{e}");
+    let e = first_error("y.json", "{\"apiVersion\": \"v1\", \"kind\": \"Service\", \"metadata\": {\"name\": \"s\"},\n \"spec\": {\"ports\": [{\"port\": \"x\"}]}}");
     assert!(
-        errors[0]
-            .to_string()
-            .starts_with("x.json:3:1: syntax error:"),
-        "{}",
-        errors[0]
-    );
-    let errors = parse_err("y.json", "{\"apiVersion\": \"v1\", \"kind\": \"Service\", \"metadata\": {\"name\": \"s\"},\n \"spec\": {\"ports\": [{\"port\": \"x\"}]}}");
-    assert!(
-        errors[0].to_string().starts_with("y.json:2:")
-            && errors[0].to_string().contains("spec.ports[0].port"),
-        "{}",
-        errors[0]
+        e.starts_with("y.json:2:") && e.contains("spec.ports[0].port"),
+        "{e}"
     );
 }
 
 #[test]
 fn semantic_errors_carry_file_line_object_and_field() {
-    let text = format!(
-            "{}---\napiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  ports:\n  - {{name: a, port: 80}}\n  - {{name: b, port: 70000, protocol: SCTP}}\n",
-            service("ok", 80)
-        );
+    let text = after(
+        "ok",
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  ports:\n  - {name: a, port: 80}\n  - {name: b, port: 70000, protocol: SCTP}\n",
+    );
     let errors = parse_err("web.yaml", &text);
     assert_eq!(
             messages(&errors),
