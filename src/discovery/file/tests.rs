@@ -72,6 +72,13 @@ fn first_error(origin: &str, text: &str) -> String {
     parse_err(origin, text)[0].to_string()
 }
 
+/// The one error of `text`, which must not parse.
+fn only_error(origin: &str, text: &str) -> ManifestError {
+    let errors = parse_err(origin, text);
+    assert_eq!(errors.len(), 1, "{:?}", messages(&errors));
+    errors.into_iter().next().unwrap()
+}
+
 /// Service `first` on port 80, then `doc` in the same file.
 fn after(first: &str, doc: &str) -> String {
     format!("{}---\n{doc}", service(first, 80))
@@ -419,14 +426,13 @@ fn yaml_syntax_error_has_line_and_column() {
         "a",
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: x\n   bad: indent\n",
     );
-    let errors = parse_err("dir/bad.yaml", &text);
-    assert_eq!(errors.len(), 1);
-    match &errors[0] {
+    let e = only_error("dir/bad.yaml", &text);
+    match &e {
         ManifestError::Syntax { line, column, .. } => assert_eq!((*line, *column), (13, 7)),
         other => panic!("{other:?}"),
     }
     assert_eq!(
-        errors[0].to_string(),
+        e.to_string(),
         "dir/bad.yaml:13:7: syntax error: mapping values are not allowed in this context"
     );
     // Unclosed flow sequence: the message keeps the parser's context.
@@ -441,18 +447,15 @@ fn type_error_has_field_path_and_position() {
         "a",
         "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  ports:\n  - port: 80\n  - port: abc\n",
     );
-    let errors = parse_err("t.yaml", &text);
-    assert_eq!(errors.len(), 1);
     assert_eq!(
-            errors[0].to_string(),
+            only_error("t.yaml", &text).to_string(),
             "t.yaml:16:11: Service default/web: spec.ports[1].port: invalid type: string \"abc\", expected i32"
         );
     // Inside a List: the List's first line, the item and the path.
     let text = "# list\napiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {name: ok}\n  spec: {ports: [{port: 1}]}\n- apiVersion: v1\n  kind: Service\n  metadata: {name: web, namespace: shop}\n  spec:\n    ports:\n    - port: [80]\n";
-    let errors = parse_err("l.yaml", text);
     assert_eq!(
-            messages(&errors),
-            vec!["l.yaml:2: Service shop/web (items[1]): spec.ports[0].port: invalid type: sequence, expected i32"]
+            only_error("l.yaml", text).to_string(),
+            "l.yaml:2: Service shop/web (items[1]): spec.ports[0].port: invalid type: sequence, expected i32"
         );
     // Unknown name.
     let e = first_error("n.yaml", "apiVersion: v1\nkind: Pod\nmetadata: 7\n");
