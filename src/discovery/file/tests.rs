@@ -79,9 +79,10 @@ fn only_error(origin: &str, text: &str) -> ManifestError {
     errors.into_iter().next().unwrap()
 }
 
-/// Service `first` on port 80, then `doc` in the same file.
-fn after(first: &str, doc: &str) -> String {
-    format!("{}---\n{doc}", service(first, 80))
+/// Service `a` on port 80 (eight lines and a separator), then `doc` in the
+/// same file.
+fn after_a(doc: &str) -> String {
+    format!("{}---\n{doc}", service("a", 80))
 }
 
 /// The first port of the Service `objects[i]`.
@@ -422,10 +423,7 @@ fn doc_starts_follow_the_parser() {
 
 #[test]
 fn yaml_syntax_error_has_line_and_column() {
-    let text = after(
-        "a",
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: x\n   bad: indent\n",
-    );
+    let text = after_a("apiVersion: v1\nkind: Service\nmetadata:\n  name: x\n   bad: indent\n");
     let e = only_error("dir/bad.yaml", &text);
     match &e {
         ManifestError::Syntax { line, column, .. } => assert_eq!((*line, *column), (13, 7)),
@@ -443,10 +441,7 @@ fn yaml_syntax_error_has_line_and_column() {
 #[test]
 fn type_error_has_field_path_and_position() {
     // Top-level document: the exact position of the bad value.
-    let text = after(
-        "a",
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  ports:\n  - port: 80\n  - port: abc\n",
-    );
+    let text = after_a("apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  ports:\n  - port: 80\n  - port: abc\n");
     assert_eq!(
             only_error("t.yaml", &text).to_string(),
             "t.yaml:16:11: Service default/web: spec.ports[1].port: invalid type: string \"abc\", expected i32"
@@ -485,10 +480,7 @@ fn json_files_parse_and_report_positions() {
 
 #[test]
 fn semantic_errors_carry_file_line_object_and_field() {
-    let text = after(
-        "ok",
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  ports:\n  - {name: a, port: 80}\n  - {name: b, port: 70000, protocol: SCTP}\n",
-    );
+    let text = after_a("apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  ports:\n  - {name: a, port: 80}\n  - {name: b, port: 70000, protocol: SCTP}\n");
     let errors = parse_err("web.yaml", &text);
     assert_eq!(
             messages(&errors),
