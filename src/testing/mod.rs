@@ -56,10 +56,13 @@ mod tests {
             .join(name)
     }
 
+    /// A fuzz oracle: panics when its input breaks a rule.
+    type Oracle = fn(&[u8]);
+
     /// Every oracle replays its checked-in corpus, of at least ten inputs.
     #[test]
     fn corpora_replay() {
-        let oracles: [(&str, fn(&[u8])); 4] = [
+        let oracles: [(&str, Oracle); 4] = [
             ("manifest", manifest),
             ("compile", compile),
             ("dns_query", dns_query),
