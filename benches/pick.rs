@@ -27,9 +27,9 @@ fn bench(c: &mut Criterion) {
     let now = Instant::now();
     let t = Duration::from_secs(10800);
     let client = IpAddr::from([192, 0, 2, 1]);
-    table.pick(1, client, &eps, t, now, &mut rng);
+    table.pick_avoiding(1, client, &eps, t, now, &mut rng, |_| false);
     c.bench_function("pick/affinity_hit_10", |b| {
-        b.iter(|| table.pick(1, black_box(client), &eps, t, now, &mut rng))
+        b.iter(|| table.pick_avoiding(1, black_box(client), &eps, t, now, &mut rng, |_| false))
     });
 
     // Miss: the remembered entry has expired at every call, so each pick is a
@@ -40,7 +40,7 @@ fn bench(c: &mut Criterion) {
     c.bench_function("pick/affinity_miss_10", |b| {
         b.iter(|| {
             at += Duration::from_nanos(2);
-            miss.pick(1, black_box(client), &eps, short, at, &mut rng)
+            miss.pick_avoiding(1, black_box(client), &eps, short, at, &mut rng, |_| false)
         })
     });
 }

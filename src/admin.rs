@@ -425,20 +425,38 @@ mod tests {
         exchange(addr, req.as_bytes()).await
     }
 
-    async fn start_health(health: Arc<Health>) -> SocketAddr {
+    /// A listener on a free loopback port, and its address.
+    async fn loopback() -> (TcpListener, SocketAddr) {
         let l = bind("127.0.0.1:0".parse().expect("addr"))
             .await
             .expect("bind");
         let addr = l.local_addr().expect("local addr");
+        (l, addr)
+    }
+
+    /// A health server for a fresh [`Health`], and its address.
+    async fn health_server() -> (Arc<Health>, SocketAddr) {
+        let health = Arc::new(Health::new());
+        (Arc::clone(&health), start_health(health).await)
+    }
+
+    /// The JSON body of `GET path`, which must answer `status` with a
+    /// JSON content type.
+    async fn json_at(addr: SocketAddr, path: &str, status: u16) -> serde_json::Value {
+        let r = get(addr, "GET", path).await;
+        assert_eq!(r.status, status, "GET {path}");
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        r.json()
+    }
+
+    async fn start_health(health: Arc<Health>) -> SocketAddr {
+        let (l, addr) = loopback().await;
         tokio::spawn(serve_health(l, health, TIMEOUT));
         addr
     }
 
     async fn start_metrics(metrics: Arc<Metrics>) -> SocketAddr {
-        let l = bind("127.0.0.1:0".parse().expect("addr"))
-            .await
-            .expect("bind");
-        let addr = l.local_addr().expect("local addr");
+        let (l, addr) = loopback().await;
         tokio::spawn(serve_metrics_with_api(
             l,
             metrics,
@@ -520,14 +538,11 @@ mod tests {
 
     #[tokio::test]
     async fn livez_turns_503_when_update_is_late() {
-        let health = Arc::new(Health::new());
-        let addr = start_health(Arc::clone(&health)).await;
+        let (health, addr) = health_server().await;
 
         let r = get(addr, "GET", "/livez").await;
-        assert_eq!(r.status, 200);
-        assert_eq!(r.header("content-type"), Some("application/json"));
         assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
-        let v = r.json();
+        let v = json_at(addr, "/livez", 200).await;
         assert_eq!(v["healthy"], true);
         assert!(v["lastUpdated"].as_str().is_some_and(|s| !s.is_empty()));
         assert!(v["currentTime"].as_str().is_some_and(|s| s.ends_with('Z')));
@@ -538,9 +553,7 @@ mod tests {
         assert_eq!(get(addr, "GET", "/livez").await.status, 200);
 
         health.queued(SystemTime::now() - Duration::from_secs(10));
-        let r = get(addr, "GET", "/livez").await;
-        assert_eq!(r.status, 503);
-        let v = r.json();
+        let v = json_at(addr, "/livez", 503).await;
         assert_eq!(v["healthy"], false);
         assert_eq!(v["lastUpdated"], "");
         assert_eq!(get(addr, "GET", "/healthz").await.status, 503);
@@ -555,12 +568,9 @@ mod tests {
 
     #[tokio::test]
     async fn healthz_503_when_node_deleting() {
-        let health = Arc::new(Health::new());
-        let addr = start_health(Arc::clone(&health)).await;
+        let (health, addr) = health_server().await;
 
-        let r = get(addr, "GET", "/healthz").await;
-        assert_eq!(r.status, 200);
-        let v = r.json();
+        let v = json_at(addr, "/healthz", 200).await;
         assert_eq!(v["healthy"], true);
         assert_eq!(v["nodeEligible"], true);
         for field in ["lastUpdated", "currentTime"] {
@@ -568,10 +578,7 @@ mod tests {
         }
 
         health.set_node_deleting(true);
-        let r = get(addr, "GET", "/healthz").await;
-        assert_eq!(r.status, 503);
-        assert_eq!(r.header("content-type"), Some("application/json"));
-        let v = r.json();
+        let v = json_at(addr, "/healthz", 503).await;
         assert_eq!(v["healthy"], false);
         assert_eq!(v["nodeEligible"], false);
         // /livez ignores the Node.
@@ -638,8 +645,7 @@ mod tests {
 
     #[tokio::test]
     async fn garbage_gets_400_and_server_keeps_serving() {
-        let health = Arc::new(Health::new());
-        let addr = start_health(Arc::clone(&health)).await;
+        let (_health, addr) = health_server().await;
         let metrics_addr = start_metrics(Arc::new(Metrics::new())).await;
 
         // A connection left open mid-request must not block others.
@@ -670,10 +676,7 @@ mod tests {
 
     #[tokio::test]
     async fn slow_client_is_disconnected() {
-        let l = bind("127.0.0.1:0".parse().expect("addr"))
-            .await
-            .expect("bind");
-        let addr = l.local_addr().expect("local addr");
+        let (l, addr) = loopback().await;
         let health = Arc::new(Health::new());
         tokio::spawn(serve(l, "test", Duration::from_millis(200), move |req| {
             health_response(req, &health, TIMEOUT, SystemTime::now())
@@ -701,10 +704,7 @@ mod tests {
 
     #[tokio::test]
     async fn bind_reports_address_in_use() {
-        let l = bind("127.0.0.1:0".parse().expect("addr"))
-            .await
-            .expect("bind");
-        let addr = l.local_addr().expect("local addr");
+        let (_l, addr) = loopback().await;
         let e = bind(addr).await.expect_err("second bind fails");
         assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
         assert!(e.to_string().contains(&addr.to_string()), "{e}");

@@ -137,14 +137,14 @@ mod tests {
         builders::service(ns, name, &[ip], ports)
     }
 
+    /// Service `ns/name` at ClusterIP `ip` with one TCP port `number` named `port_name`.
+    fn tcp(ns: &str, name: &str, ip: &str, port_name: &str, number: u16) -> Service {
+        svc(ns, name, ip, vec![port(port_name, Protocol::Tcp, number)])
+    }
+
     #[test]
     fn single_port_service_matches_the_kubelet_documentation() {
-        let s = svc(
-            "default",
-            "redis-primary",
-            "10.96.0.11",
-            vec![port("", Protocol::Tcp, 6379)],
-        );
+        let s = tcp("default", "redis-primary", "10.96.0.11", "", 6379);
         let got = render(&for_namespace("default", [&s]));
         assert_eq!(
             got,
@@ -183,34 +183,14 @@ mod tests {
 
     #[test]
     fn namespace_filter_master_service_and_skips() {
-        let api = svc(
-            "default",
-            "kubernetes",
-            "10.96.0.1",
-            vec![port("https", Protocol::Tcp, 443)],
-        );
-        let other = svc(
-            "other",
-            "web",
-            "10.96.0.2",
-            vec![port("", Protocol::Tcp, 80)],
-        );
+        let api = tcp("default", "kubernetes", "10.96.0.1", "https", 443);
+        let other = tcp("other", "web", "10.96.0.2", "", 80);
         let headless = Service {
             cluster_ips: vec![],
             headless: true,
-            ..svc(
-                "shop",
-                "db",
-                "10.96.0.3",
-                vec![port("", Protocol::Tcp, 5432)],
-            )
+            ..tcp("shop", "db", "10.96.0.3", "", 5432)
         };
-        let mine = svc(
-            "shop",
-            "cart",
-            "10.96.0.4",
-            vec![port("", Protocol::Tcp, 80)],
-        );
+        let mine = tcp("shop", "cart", "10.96.0.4", "", 80);
         let v = for_namespace("shop", [&api, &other, &headless, &mine]);
         assert_eq!(v["KUBERNETES_SERVICE_HOST"], "10.96.0.1");
         assert_eq!(v["KUBERNETES_SERVICE_PORT_HTTPS"], "443");
@@ -219,12 +199,7 @@ mod tests {
             .keys()
             .any(|k| k.starts_with("WEB_") || k.starts_with("DB_")));
 
-        let own_api = svc(
-            "shop",
-            "kubernetes",
-            "10.96.0.9",
-            vec![port("", Protocol::Tcp, 1)],
-        );
+        let own_api = tcp("shop", "kubernetes", "10.96.0.9", "", 1);
         let v = for_namespace("shop", [&api, &own_api]);
         assert_eq!(
             v["KUBERNETES_SERVICE_HOST"], "10.96.0.9",

@@ -284,6 +284,17 @@ pub struct EndpointSlice {
     pub endpoints: Vec<Endpoint>,
 }
 
+impl EndpointSlice {
+    /// The port number this slice gives for Service port `sp`: the slice port
+    /// of the same name and protocol (kube-proxy's join), if it has a number.
+    pub fn port_for(&self, sp: &ServicePort) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|p| p.name == sp.name && p.protocol == sp.protocol)
+            .and_then(|p| p.port)
+    }
+}
+
 /// What ringvip needs of a Node object.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Node {

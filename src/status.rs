@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::admin::API_FRONTENDS_PATH;
 use crate::balance::PassiveHealth;
 use crate::state::{EmptyAction, FrontendKind, Snapshot};
-use crate::telemetry::ConnectFailure;
+use crate::telemetry::{ConnectFailure, PortMetrics};
 
 /// One frontend as `status` reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,16 +34,42 @@ pub struct FrontendStatus {
     pub failing: Vec<String>,
     /// With no usable endpoint: `refuse` or `drop`.
     pub when_empty: String,
-    /// Connections (and UDP flows) relayed now, for the Service port.
+    /// What the Service port has carried (the same on each of its
+    /// frontends); its fields are the row's own in JSON.
+    #[serde(flatten)]
+    pub traffic: PortTraffic,
+}
+
+/// What a Service port has carried, from its live metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortTraffic {
+    /// Connections (and UDP flows) relayed now.
     pub active: i64,
-    /// Connections (and UDP flows) relayed since start, for the Service port.
+    /// Connections (and UDP flows) relayed since start.
     pub total: u64,
-    /// Bytes client → backend, for the Service port.
+    /// Bytes client → backend.
     pub bytes_to_backend: u64,
-    /// Bytes backend → client, for the Service port.
+    /// Bytes backend → client.
     pub bytes_to_client: u64,
-    /// Failed connects by reason, for the Service port (non-zero only).
+    /// Failed connects by reason (non-zero only).
     pub connect_failures: BTreeMap<String, u64>,
+}
+
+impl PortTraffic {
+    /// The counters of a Service port's metrics, now.
+    pub fn of(m: &PortMetrics) -> Self {
+        PortTraffic {
+            active: m.connections_active.get() + m.udp_flows_active.get(),
+            total: m.connections_total.get(),
+            bytes_to_backend: m.bytes_to_backend.get(),
+            bytes_to_client: m.bytes_to_client.get(),
+            connect_failures: ConnectFailure::ALL
+                .iter()
+                .map(|r| (r.as_str().to_string(), m.connect_failures(*r)))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
+        }
+    }
 }
 
 fn kind_name(k: FrontendKind) -> &'static str {
@@ -59,37 +85,26 @@ fn kind_name(k: FrontendKind) -> &'static str {
 pub fn frontends(snap: &Snapshot, health: &PassiveHealth, now: Instant) -> Vec<FrontendStatus> {
     let mut rows: Vec<FrontendStatus> = snap
         .frontends()
-        .map(|(key, fe)| {
-            let m = &fe.metrics;
-            FrontendStatus {
-                namespace: fe.service.namespace.clone(),
-                service: fe.service.name.clone(),
-                port: fe.port_name.clone(),
-                protocol: fe.proto.as_str().to_string(),
-                kind: kind_name(fe.kind).to_string(),
-                address: key.addr.to_string(),
-                endpoints: fe.endpoints.iter().map(ToString::to_string).collect(),
-                failing: fe
-                    .endpoints
-                    .iter()
-                    .filter(|e| health.is_failing(e, now))
-                    .map(ToString::to_string)
-                    .collect(),
-                when_empty: match fe.when_empty {
-                    EmptyAction::Refuse => "refuse",
-                    EmptyAction::Drop => "drop",
-                }
-                .to_string(),
-                active: m.connections_active.get() + m.udp_flows_active.get(),
-                total: m.connections_total.get(),
-                bytes_to_backend: m.bytes_to_backend.get(),
-                bytes_to_client: m.bytes_to_client.get(),
-                connect_failures: ConnectFailure::ALL
-                    .iter()
-                    .map(|r| (r.as_str().to_string(), m.connect_failures(*r)))
-                    .filter(|(_, n)| *n > 0)
-                    .collect(),
+        .map(|(key, fe)| FrontendStatus {
+            namespace: fe.service.namespace.clone(),
+            service: fe.service.name.clone(),
+            port: fe.port_name.clone(),
+            protocol: fe.proto.as_str().to_string(),
+            kind: kind_name(fe.kind).to_string(),
+            address: key.addr.to_string(),
+            endpoints: fe.endpoints.iter().map(ToString::to_string).collect(),
+            failing: fe
+                .endpoints
+                .iter()
+                .filter(|e| health.is_failing(e, now))
+                .map(ToString::to_string)
+                .collect(),
+            when_empty: match fe.when_empty {
+                EmptyAction::Refuse => "refuse",
+                EmptyAction::Drop => "drop",
             }
+            .to_string(),
+            traffic: PortTraffic::of(&fe.metrics),
         })
         .collect();
     rows.sort_by(|a, b| {
@@ -157,13 +172,14 @@ pub fn render(rows: &[FrontendStatus], format: Format) -> String {
             r.kind.clone(),
             r.address.clone(),
             r.endpoints.len().to_string(),
-            r.active.to_string(),
-            r.total.to_string(),
-            r.bytes_to_backend.to_string(),
-            r.bytes_to_client.to_string(),
+            r.traffic.active.to_string(),
+            r.traffic.total.to_string(),
+            r.traffic.bytes_to_backend.to_string(),
+            r.traffic.bytes_to_client.to_string(),
         ];
         if format == Format::Wide {
             let f: Vec<String> = r
+                .traffic
                 .connect_failures
                 .iter()
                 .map(|(k, v)| format!("{k}={v}"))
@@ -292,10 +308,42 @@ mod tests {
         health.failed("10.0.0.1:8080".parse().unwrap(), now);
         let again = frontends(&snap, &health, now);
         let tcp4 = again.iter().find(|r| r.address == "10.96.0.10:80").unwrap();
-        assert_eq!(tcp4.total, 3);
-        assert_eq!(tcp4.connect_failures.get("refused"), Some(&1));
+        assert_eq!(tcp4.traffic.total, 3);
+        assert_eq!(tcp4.traffic.connect_failures.get("refused"), Some(&1));
         assert_eq!(tcp4.failing, vec!["10.0.0.1:8080".to_string()]);
         assert!(render(&again, Format::Wide).contains("10.0.0.1:8080(failing)"));
+    }
+
+    /// The JSON row is flat, its keys in the order the API has always sent.
+    #[test]
+    fn json_rows_keep_their_keys() {
+        let rows = frontends(
+            &sample_snapshot(true),
+            &PassiveHealth::default(),
+            Instant::now(),
+        );
+        let json = serde_json::to_string(&rows[0]).unwrap();
+        let keys = [
+            "namespace",
+            "service",
+            "port",
+            "protocol",
+            "kind",
+            "address",
+            "endpoints",
+            "failing",
+            "when_empty",
+            "active",
+            "total",
+            "bytes_to_backend",
+            "bytes_to_client",
+            "connect_failures",
+        ];
+        let at: Vec<usize> = keys
+            .iter()
+            .map(|k| json.find(&format!("\"{k}\":")).expect(k))
+            .collect();
+        assert!(at.windows(2).all(|w| w[0] < w[1]), "{json}");
     }
 
     #[test]

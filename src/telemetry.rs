@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, linear_buckets, Histogram};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 /// Counter handle used in [`PortMetrics`] (an `Arc<AtomicU64>` inside).
 pub type Counter = prometheus_client::metrics::counter::Counter;
@@ -38,44 +38,40 @@ type FloatGauge = prometheus_client::metrics::gauge::Gauge<f64, AtomicU64>;
 
 // ---- kube-proxy compatible metrics -------------------------------------------
 
-/// Histogram: time one store → snapshot sync (compile + publish) took.
-/// kube-proxy: `kubeproxy_sync_proxy_rules_duration_seconds`.
-pub const SYNC_PROXY_RULES_DURATION_SECONDS: &str = "ringvip_sync_proxy_rules_duration_seconds";
-/// Histogram: time from a change of a Service's endpoints (their trigger
-/// time) until the data plane uses it.
-/// kube-proxy: `kubeproxy_network_programming_duration_seconds`.
-pub const NETWORK_PROGRAMMING_DURATION_SECONDS: &str =
-    "ringvip_network_programming_duration_seconds";
-/// Counter: Service changes seen by the store.
-/// kube-proxy: `kubeproxy_sync_proxy_rules_service_changes_total`.
-pub const SYNC_PROXY_RULES_SERVICE_CHANGES_TOTAL: &str =
-    "ringvip_sync_proxy_rules_service_changes_total";
-/// Counter: endpoint (EndpointSlice) changes seen by the store.
-/// kube-proxy: `kubeproxy_sync_proxy_rules_endpoint_changes_total`.
-pub const SYNC_PROXY_RULES_ENDPOINT_CHANGES_TOTAL: &str =
-    "ringvip_sync_proxy_rules_endpoint_changes_total";
-/// Gauge: Service changes received but not yet in a published snapshot.
-/// kube-proxy: `kubeproxy_sync_proxy_rules_service_changes_pending`.
-pub const SYNC_PROXY_RULES_SERVICE_CHANGES_PENDING: &str =
-    "ringvip_sync_proxy_rules_service_changes_pending";
-/// Gauge: endpoint changes received but not yet in a published snapshot.
-/// kube-proxy: `kubeproxy_sync_proxy_rules_endpoint_changes_pending`.
-pub const SYNC_PROXY_RULES_ENDPOINT_CHANGES_PENDING: &str =
-    "ringvip_sync_proxy_rules_endpoint_changes_pending";
-/// Gauge (despite the name, as in kube-proxy), label `traffic_policy` =
-/// `internal` | `external`: Services with a Local traffic policy that have
-/// ready endpoints in the cluster but none on this node.
-/// kube-proxy: `kubeproxy_sync_proxy_rules_no_local_endpoints_total`.
-pub const SYNC_PROXY_RULES_NO_LOCAL_ENDPOINTS_TOTAL: &str =
-    "ringvip_sync_proxy_rules_no_local_endpoints_total";
-/// Gauge: Unix time (seconds) of the last successful sync.
-/// kube-proxy: `kubeproxy_sync_proxy_rules_last_timestamp_seconds`.
-pub const SYNC_PROXY_RULES_LAST_TIMESTAMP_SECONDS: &str =
-    "ringvip_sync_proxy_rules_last_timestamp_seconds";
-/// Gauge: Unix time (seconds) at which the last sync was queued.
-/// kube-proxy: `kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds`.
-pub const SYNC_PROXY_RULES_LAST_QUEUED_TIMESTAMP_SECONDS: &str =
-    "ringvip_sync_proxy_rules_last_queued_timestamp_seconds";
+/// Declares the name of a kube-proxy metric as ringvip exports it: the same
+/// name with `ringvip_` in place of `kubeproxy_`, so the two cannot drift.
+macro_rules! kube_proxy_metric {
+    ($($(#[doc = $doc:literal])* $name:ident = $suffix:literal;)*) => {$(
+        $(#[doc = $doc])*
+        #[doc = concat!("kube-proxy: `kubeproxy_", $suffix, "`.")]
+        pub const $name: &str = concat!("ringvip_", $suffix);
+    )*};
+}
+
+kube_proxy_metric! {
+    /// Histogram: time one store → snapshot sync (compile + publish) took.
+    SYNC_PROXY_RULES_DURATION_SECONDS = "sync_proxy_rules_duration_seconds";
+    /// Histogram: time from a change of a Service's endpoints (their trigger
+    /// time) until the data plane uses it.
+    NETWORK_PROGRAMMING_DURATION_SECONDS = "network_programming_duration_seconds";
+    /// Counter: Service changes seen by the store.
+    SYNC_PROXY_RULES_SERVICE_CHANGES_TOTAL = "sync_proxy_rules_service_changes_total";
+    /// Counter: endpoint (EndpointSlice) changes seen by the store.
+    SYNC_PROXY_RULES_ENDPOINT_CHANGES_TOTAL = "sync_proxy_rules_endpoint_changes_total";
+    /// Gauge: Service changes received but not yet in a published snapshot.
+    SYNC_PROXY_RULES_SERVICE_CHANGES_PENDING = "sync_proxy_rules_service_changes_pending";
+    /// Gauge: endpoint changes received but not yet in a published snapshot.
+    SYNC_PROXY_RULES_ENDPOINT_CHANGES_PENDING = "sync_proxy_rules_endpoint_changes_pending";
+    /// Gauge (despite the name, as in kube-proxy), label `traffic_policy` =
+    /// `internal` | `external`: Services with a Local traffic policy that have
+    /// ready endpoints in the cluster but none on this node.
+    SYNC_PROXY_RULES_NO_LOCAL_ENDPOINTS_TOTAL = "sync_proxy_rules_no_local_endpoints_total";
+    /// Gauge: Unix time (seconds) of the last successful sync.
+    SYNC_PROXY_RULES_LAST_TIMESTAMP_SECONDS = "sync_proxy_rules_last_timestamp_seconds";
+    /// Gauge: Unix time (seconds) at which the last sync was queued.
+    SYNC_PROXY_RULES_LAST_QUEUED_TIMESTAMP_SECONDS =
+        "sync_proxy_rules_last_queued_timestamp_seconds";
+}
 
 // ---- byte-path metrics, per Service port --------------------------------------
 
@@ -98,19 +94,6 @@ pub const FRONTEND_CONNECTIONS_ACTIVE: &str = "ringvip_frontend_connections_acti
 /// `tcp_idle_timeout`): connections refused by a limit, or closed for idleness.
 pub const LIMIT_HITS_TOTAL: &str = "ringvip_limit_hits_total";
 
-// ---- label names and values ---------------------------------------------------
-
-/// Label on [`SYNC_PROXY_RULES_NO_LOCAL_ENDPOINTS_TOTAL`].
-pub const LABEL_TRAFFIC_POLICY: &str = "traffic_policy";
-/// Label on [`BYTES_TOTAL`].
-pub const LABEL_DIRECTION: &str = "direction";
-/// Label on [`CONNECT_FAILURES_TOTAL`].
-pub const LABEL_REASON: &str = "reason";
-/// [`LABEL_DIRECTION`] value: client → backend.
-pub const DIRECTION_TO_BACKEND: &str = "to_backend";
-/// [`LABEL_DIRECTION`] value: backend → client.
-pub const DIRECTION_TO_CLIENT: &str = "to_client";
-
 /// The OpenMetrics family name under which a counter must be registered so
 /// that its sample is exposed as `name` (prometheus-client appends `_total`).
 fn counter_family(name: &str) -> &str {
@@ -130,7 +113,8 @@ pub struct PortLabels {
     pub protocol: String,
 }
 
-/// Direction of relayed bytes (label value of [`BYTES_TOTAL`]).
+/// Direction of relayed bytes: the `direction` label of [`BYTES_TOTAL`],
+/// `to_backend` (client → backend) or `to_client` (backend → client).
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 enum Direction {
     ToBackend,
@@ -140,8 +124,8 @@ enum Direction {
 impl EncodeLabelValue for Direction {
     fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
         encoder.write_str(match self {
-            Direction::ToBackend => DIRECTION_TO_BACKEND,
-            Direction::ToClient => DIRECTION_TO_CLIENT,
+            Direction::ToBackend => "to_backend",
+            Direction::ToClient => "to_client",
         })
     }
 }
@@ -160,7 +144,8 @@ struct FailureLabels {
     reason: ConnectFailure,
 }
 
-/// Traffic policy a no-local-endpoints count refers to.
+/// Traffic policy a no-local-endpoints count refers to: the `traffic_policy`
+/// label of [`SYNC_PROXY_RULES_NO_LOCAL_ENDPOINTS_TOTAL`].
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 enum TrafficPolicy {
     Internal,
@@ -182,7 +167,7 @@ struct TrafficPolicyLabels {
 }
 
 /// Why a new flow could not be connected to a backend. A bounded set, so it
-/// can be a metric label.
+/// can be a metric label: `reason` on [`CONNECT_FAILURES_TOTAL`].
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum ConnectFailure {
     /// The backend did not answer in time (ETIMEDOUT or our connect timeout).
@@ -213,7 +198,7 @@ impl ConnectFailure {
         ConnectFailure::Other,
     ];
 
-    /// The label value used for [`LABEL_REASON`].
+    /// The label value of the `reason` label.
     pub fn as_str(self) -> &'static str {
         match self {
             ConnectFailure::Timeout => "timeout",
@@ -408,128 +393,117 @@ fn unix_seconds(t: SystemTime) -> f64 {
     }
 }
 
+/// `metric`, registered under `name`.
+fn registered<M: Metric + Clone>(r: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    r.register(name, help, metric.clone());
+    metric
+}
+
+/// A new metric (or family), registered under `name`.
+fn fresh<M: Metric + Clone + Default>(r: &mut Registry, name: &str, help: &str) -> M {
+    registered(r, name, help, M::default())
+}
+
+/// A new counter (or family of counters) whose samples are named `name`.
+fn counter<M: Metric + Clone + Default>(r: &mut Registry, name: &str, help: &str) -> M {
+    fresh(r, counter_family(name), help)
+}
+
 impl Metrics {
     /// A registry with every family registered (and no per-port series yet).
     pub fn new() -> Metrics {
         let mut registry = Registry::default();
-
-        // kube-proxy: ExponentialBuckets(0.001, 2, 15).
-        let sync_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
-        registry.register(
-            SYNC_PROXY_RULES_DURATION_SECONDS,
-            "Time one sync (snapshot compile and publish) took, in seconds",
-            sync_duration.clone(),
-        );
-        let network_programming = Histogram::new(network_programming_buckets());
-        registry.register(
-            NETWORK_PROGRAMMING_DURATION_SECONDS,
-            "Time from an endpoints change until the data plane uses it, in seconds",
-            network_programming.clone(),
-        );
-        let service_changes = Counter::default();
-        registry.register(
-            counter_family(SYNC_PROXY_RULES_SERVICE_CHANGES_TOTAL),
-            "Service changes received",
-            service_changes.clone(),
-        );
-        let endpoint_changes = Counter::default();
-        registry.register(
-            counter_family(SYNC_PROXY_RULES_ENDPOINT_CHANGES_TOTAL),
-            "Endpoint changes received",
-            endpoint_changes.clone(),
-        );
-        let service_changes_pending = Gauge::default();
-        registry.register(
-            SYNC_PROXY_RULES_SERVICE_CHANGES_PENDING,
-            "Service changes received and not yet applied",
-            service_changes_pending.clone(),
-        );
-        let endpoint_changes_pending = Gauge::default();
-        registry.register(
-            SYNC_PROXY_RULES_ENDPOINT_CHANGES_PENDING,
-            "Endpoint changes received and not yet applied",
-            endpoint_changes_pending.clone(),
-        );
-        let no_local_endpoints = Family::<TrafficPolicyLabels, Gauge>::default();
-        registry.register(
-            SYNC_PROXY_RULES_NO_LOCAL_ENDPOINTS_TOTAL,
-            "Services with a Local traffic policy and no local ready endpoints",
-            no_local_endpoints.clone(),
-        );
-        let last_timestamp = FloatGauge::default();
-        registry.register(
-            SYNC_PROXY_RULES_LAST_TIMESTAMP_SECONDS,
-            "Unix time of the last successful sync, in seconds",
-            last_timestamp.clone(),
-        );
-        let last_queued_timestamp = FloatGauge::default();
-        registry.register(
-            SYNC_PROXY_RULES_LAST_QUEUED_TIMESTAMP_SECONDS,
-            "Unix time at which the last sync was queued, in seconds",
-            last_queued_timestamp.clone(),
-        );
-
-        let connections_active = Family::<PortLabels, Gauge>::default();
-        registry.register(
-            CONNECTIONS_ACTIVE,
-            "Connections currently open, per Service port",
-            connections_active.clone(),
-        );
-        let connections_total = Family::<PortLabels, Counter>::default();
-        registry.register(
-            counter_family(CONNECTIONS_TOTAL),
-            "Connections accepted, per Service port",
-            connections_total.clone(),
-        );
-        let bytes = Family::<BytesLabels, Counter>::default();
-        registry.register(
-            counter_family(BYTES_TOTAL),
-            "Payload bytes relayed, per Service port and direction",
-            bytes.clone(),
-        );
-        let connect_failures = Family::<FailureLabels, Counter>::default();
-        registry.register(
-            counter_family(CONNECT_FAILURES_TOTAL),
-            "Flows that could not be connected to a backend, per Service port and reason",
-            connect_failures.clone(),
-        );
-        let udp_flows_active = Family::<PortLabels, Gauge>::default();
-        registry.register(
-            UDP_FLOWS_ACTIVE,
-            "UDP flows currently in the flow table, per Service port",
-            udp_flows_active.clone(),
-        );
-
-        let frontend_active = Family::<FrontendLabels, Gauge>::default();
-        registry.register(
-            FRONTEND_CONNECTIONS_ACTIVE,
-            "TCP connections admitted (connecting or relaying), per frontend",
-            frontend_active.clone(),
-        );
-
+        let r = &mut registry;
+        // Fields in registration order: it is the order of the exposition.
+        let m = Metrics {
+            // kube-proxy: ExponentialBuckets(0.001, 2, 15).
+            sync_duration: registered(
+                r,
+                SYNC_PROXY_RULES_DURATION_SECONDS,
+                "Time one sync (snapshot compile and publish) took, in seconds",
+                Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            ),
+            network_programming: registered(
+                r,
+                NETWORK_PROGRAMMING_DURATION_SECONDS,
+                "Time from an endpoints change until the data plane uses it, in seconds",
+                Histogram::new(network_programming_buckets()),
+            ),
+            service_changes: counter(
+                r,
+                SYNC_PROXY_RULES_SERVICE_CHANGES_TOTAL,
+                "Service changes received",
+            ),
+            endpoint_changes: counter(
+                r,
+                SYNC_PROXY_RULES_ENDPOINT_CHANGES_TOTAL,
+                "Endpoint changes received",
+            ),
+            service_changes_pending: fresh(
+                r,
+                SYNC_PROXY_RULES_SERVICE_CHANGES_PENDING,
+                "Service changes received and not yet applied",
+            ),
+            endpoint_changes_pending: fresh(
+                r,
+                SYNC_PROXY_RULES_ENDPOINT_CHANGES_PENDING,
+                "Endpoint changes received and not yet applied",
+            ),
+            no_local_endpoints: fresh(
+                r,
+                SYNC_PROXY_RULES_NO_LOCAL_ENDPOINTS_TOTAL,
+                "Services with a Local traffic policy and no local ready endpoints",
+            ),
+            last_timestamp: fresh(
+                r,
+                SYNC_PROXY_RULES_LAST_TIMESTAMP_SECONDS,
+                "Unix time of the last successful sync, in seconds",
+            ),
+            last_queued_timestamp: fresh(
+                r,
+                SYNC_PROXY_RULES_LAST_QUEUED_TIMESTAMP_SECONDS,
+                "Unix time at which the last sync was queued, in seconds",
+            ),
+            connections_active: fresh(
+                r,
+                CONNECTIONS_ACTIVE,
+                "Connections currently open, per Service port",
+            ),
+            connections_total: counter(
+                r,
+                CONNECTIONS_TOTAL,
+                "Connections accepted, per Service port",
+            ),
+            bytes: counter(
+                r,
+                BYTES_TOTAL,
+                "Payload bytes relayed, per Service port and direction",
+            ),
+            connect_failures: counter(
+                r,
+                CONNECT_FAILURES_TOTAL,
+                "Flows that could not be connected to a backend, per Service port and reason",
+            ),
+            udp_flows_active: fresh(
+                r,
+                UDP_FLOWS_ACTIVE,
+                "UDP flows currently in the flow table, per Service port",
+            ),
+            frontend_active: fresh(
+                r,
+                FRONTEND_CONNECTIONS_ACTIVE,
+                "TCP connections admitted (connecting or relaying), per frontend",
+            ),
+            registry,
+        };
         // kube-proxy exports both traffic policies from the start.
         for traffic_policy in [TrafficPolicy::Internal, TrafficPolicy::External] {
-            drop(no_local_endpoints.get_or_create(&TrafficPolicyLabels { traffic_policy }));
+            drop(
+                m.no_local_endpoints
+                    .get_or_create(&TrafficPolicyLabels { traffic_policy }),
+            );
         }
-
-        Metrics {
-            registry,
-            sync_duration,
-            network_programming,
-            service_changes,
-            endpoint_changes,
-            service_changes_pending,
-            endpoint_changes_pending,
-            no_local_endpoints,
-            last_timestamp,
-            last_queued_timestamp,
-            connections_active,
-            connections_total,
-            bytes,
-            connect_failures,
-            udp_flows_active,
-            frontend_active,
-        }
+        m
     }
 
     /// The admitted-connections gauge of one frontend (same labels, same

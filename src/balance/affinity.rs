@@ -40,22 +40,10 @@ impl AffinityTable {
     }
 
     /// Picks for a new flow: the remembered endpoint if it is still usable and
-    /// was used within `timeout`, else a fresh random pick. Either way the entry's
-    /// timer restarts at `now`.
-    pub fn pick<R: Rng + ?Sized>(
-        &self,
-        port: PortId,
-        client: IpAddr,
-        usable: &[SocketAddr],
-        timeout: Duration,
-        now: Instant,
-        rng: &mut R,
-    ) -> Option<SocketAddr> {
-        self.pick_avoiding(port, client, usable, timeout, now, rng, |_| false)
-    }
-
-    /// Like [`pick`](Self::pick), but an endpoint `avoid` rejects (backed off
-    /// after failed connects) loses its clients while another one is fine.
+    /// was used within `timeout`, else a fresh random pick. Either way the
+    /// entry's timer restarts at `now`. An endpoint `avoid` rejects (backed off
+    /// after failed connects) loses its clients while another one is fine;
+    /// `|_| false` avoids none.
     #[allow(clippy::too_many_arguments)]
     pub fn pick_avoiding<R: Rng + ?Sized>(
         &self,
@@ -144,42 +132,55 @@ mod tests {
 
     const T: Duration = Duration::from_secs(10);
 
-    fn eps() -> Vec<SocketAddr> {
-        (1..=5)
-            .map(|i| SocketAddr::from(([10, 0, 0, i], 80)))
-            .collect()
-    }
-
     fn client(i: u8) -> IpAddr {
         IpAddr::from([192, 0, 2, i])
     }
 
+    /// A fresh table, five endpoints, a start time and a seeded generator.
+    fn setup(seed: u64) -> (AffinityTable, Vec<SocketAddr>, Instant, SmallRng) {
+        let eps = (1..=5)
+            .map(|i| SocketAddr::from(([10, 0, 0, i], 80)))
+            .collect();
+        (
+            AffinityTable::new(),
+            eps,
+            Instant::now(),
+            SmallRng::seed_from_u64(seed),
+        )
+    }
+
+    /// A pick that avoids no endpoint, with timeout `T`.
+    fn pick(
+        t: &AffinityTable,
+        port: PortId,
+        c: IpAddr,
+        usable: &[SocketAddr],
+        now: Instant,
+        rng: &mut SmallRng,
+    ) -> Option<SocketAddr> {
+        t.pick_avoiding(port, c, usable, T, now, rng, |_| false)
+    }
+
     #[test]
     fn sticks_within_timeout_and_refreshes() {
-        let t = AffinityTable::new();
-        let e = eps();
-        let mut rng = SmallRng::seed_from_u64(1);
-        let t0 = Instant::now();
-        let first = t.pick(1, client(1), &e, T, t0, &mut rng).unwrap();
+        let (t, e, t0, mut rng) = setup(1);
+        let first = pick(&t, 1, client(1), &e, t0, &mut rng).unwrap();
         // each use within the timeout refreshes the timer: 9 s steps stay sticky
         for i in 1..=10u64 {
             let now = t0 + Duration::from_secs(9 * i);
-            assert_eq!(t.pick(1, client(1), &e, T, now, &mut rng), Some(first));
+            assert_eq!(pick(&t, 1, client(1), &e, now, &mut rng), Some(first));
         }
     }
 
     #[test]
     fn expires_after_timeout() {
-        let t = AffinityTable::new();
-        let e = eps();
-        let t0 = Instant::now();
-        let mut rng = SmallRng::seed_from_u64(2);
+        let (t, e, t0, mut rng) = setup(2);
         // after expiry a new random pick is made; over many clients some must differ
         let mut changed = 0;
         for i in 0..50u8 {
             let c = client(i);
-            let a = t.pick(1, c, &e, T, t0, &mut rng).unwrap();
-            let b = t.pick(1, c, &e, T, t0 + T + Duration::from_millis(1), &mut rng);
+            let a = pick(&t, 1, c, &e, t0, &mut rng).unwrap();
+            let b = pick(&t, 1, c, &e, t0 + T + Duration::from_millis(1), &mut rng);
             if Some(a) != b {
                 changed += 1;
             }
@@ -190,35 +191,28 @@ mod tests {
 
     #[test]
     fn unusable_endpoint_is_dropped_and_repicked() {
-        let t = AffinityTable::new();
-        let e = eps();
-        let t0 = Instant::now();
-        let mut rng = SmallRng::seed_from_u64(3);
-        let first = t.pick(1, client(1), &e, T, t0, &mut rng).unwrap();
+        let (t, e, t0, mut rng) = setup(3);
+        let first = pick(&t, 1, client(1), &e, t0, &mut rng).unwrap();
         let rest: Vec<_> = e.iter().copied().filter(|x| *x != first).collect();
-        let second = t.pick(1, client(1), &rest, T, t0, &mut rng).unwrap();
+        let second = pick(&t, 1, client(1), &rest, t0, &mut rng).unwrap();
         assert_ne!(first, second);
-        assert_eq!(t.pick(1, client(1), &e, T, t0, &mut rng), Some(second));
+        assert_eq!(pick(&t, 1, client(1), &e, t0, &mut rng), Some(second));
     }
 
     #[test]
     fn keyed_by_port_and_client_ip_only() {
-        let t = AffinityTable::new();
-        let e = eps();
-        let t0 = Instant::now();
-        let mut rng = SmallRng::seed_from_u64(4);
+        let (t, e, t0, mut rng) = setup(4);
         t.record(1, client(1), e[0], T, t0);
         t.record(2, client(1), e[3], T, t0);
-        assert_eq!(t.pick(1, client(1), &e, T, t0, &mut rng), Some(e[0]));
-        assert_eq!(t.pick(2, client(1), &e, T, t0, &mut rng), Some(e[3]));
+        assert_eq!(pick(&t, 1, client(1), &e, t0, &mut rng), Some(e[0]));
+        assert_eq!(pick(&t, 2, client(1), &e, t0, &mut rng), Some(e[3]));
         assert_eq!(t.len(), 2);
     }
 
     #[test]
     fn no_endpoints_leaves_no_entry() {
-        let t = AffinityTable::new();
-        let mut rng = SmallRng::seed_from_u64(5);
-        assert_eq!(t.pick(1, client(1), &[], T, Instant::now(), &mut rng), None);
+        let (t, _, t0, mut rng) = setup(5);
+        assert_eq!(pick(&t, 1, client(1), &[], t0, &mut rng), None);
         assert!(t.is_empty());
     }
 }

@@ -181,17 +181,10 @@ fn service() -> impl Strategy<Value = GenService> {
             want.proxy_name = proxy_name.clone();
 
             // The manifest.
-            let mut metadata = Map::new();
-            metadata.insert("name".into(), json!(name));
-            if let Some(ns) = &namespace {
-                metadata.insert("namespace".into(), json!(ns));
-            }
-            if let Some(p) = &proxy_name {
-                metadata.insert(
-                    "labels".into(),
-                    json!({ super::convert::LABEL_SERVICE_PROXY_NAME: p }),
-                );
-            }
+            let label = proxy_name
+                .as_deref()
+                .map(|p| (super::convert::LABEL_SERVICE_PROXY_NAME, p));
+            let metadata = metadata(&name, namespace.as_deref(), label);
             let mut spec = Map::new();
             spec.insert(
                 "type".into(),
@@ -206,11 +199,7 @@ fn service() -> impl Strategy<Value = GenService> {
                 .ports
                 .iter()
                 .map(|p| {
-                    let mut m = Map::new();
-                    if !p.name.is_empty() {
-                        m.insert("name".into(), json!(p.name));
-                    }
-                    m.insert("protocol".into(), json!(p.protocol.as_str()));
+                    let mut m = port_entry(&p.name, p.protocol);
                     m.insert("port".into(), json!(p.port));
                     m.insert(
                         "targetPort".into(),
@@ -417,23 +406,12 @@ fn slice() -> impl Strategy<Value = GenSlice> {
                     }
                     eps_doc.push(Value::Object(m));
                 }
-                let mut metadata = Map::new();
-                metadata.insert("name".into(), json!(name));
-                if let Some(ns) = &namespace {
-                    metadata.insert("namespace".into(), json!(ns));
-                }
-                metadata.insert(
-                    "labels".into(),
-                    json!({ super::convert::LABEL_SERVICE_NAME: service }),
-                );
+                let label = (super::convert::LABEL_SERVICE_NAME, service.as_str());
+                let metadata = metadata(&name, namespace.as_deref(), Some(label));
                 let ports_doc: Vec<Value> = ports
                     .iter()
                     .map(|p| {
-                        let mut m = Map::new();
-                        if !p.name.is_empty() {
-                            m.insert("name".into(), json!(p.name));
-                        }
-                        m.insert("protocol".into(), json!(p.protocol.as_str()));
+                        let mut m = port_entry(&p.name, p.protocol);
                         if let Some(n) = p.port {
                             m.insert("port".into(), json!(n));
                         }
@@ -458,6 +436,31 @@ fn slice() -> impl Strategy<Value = GenSlice> {
                 GenSlice { doc, want }
             },
         )
+}
+
+/// A generated object's `metadata`: its name, its namespace when given (else
+/// it defaults), and one label when given.
+fn metadata(name: &str, namespace: Option<&str>, label: Option<(&str, &str)>) -> Value {
+    let mut m = Map::new();
+    m.insert("name".into(), json!(name));
+    if let Some(ns) = namespace {
+        m.insert("namespace".into(), json!(ns));
+    }
+    if let Some((k, v)) = label {
+        m.insert("labels".into(), json!({ k: v }));
+    }
+    Value::Object(m)
+}
+
+/// A Service or slice port's `name` (left out when empty, as for a single
+/// unnamed port) and `protocol`.
+fn port_entry(name: &str, protocol: Protocol) -> Map<String, Value> {
+    let mut m = Map::new();
+    if !name.is_empty() {
+        m.insert("name".into(), json!(name));
+    }
+    m.insert("protocol".into(), json!(protocol.as_str()));
+    m
 }
 
 fn yaml(v: &Value) -> String {

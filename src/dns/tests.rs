@@ -3,6 +3,7 @@
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};
+use RecordType::{A, AAAA, PTR, SRV};
 
 use super::*;
 use crate::discovery::Update;
@@ -25,6 +26,21 @@ fn ep(ip: &str, ready: bool, hostname: Option<&str>) -> Endpoint {
     }
 }
 
+/// Headless Service default/`name` with one port, and its slice `name-1`.
+fn headless(
+    name: &str,
+    port: ServicePort,
+    slice_ports: Vec<SlicePort>,
+    eps: Vec<Endpoint>,
+) -> [Object; 2] {
+    let svc = Service {
+        headless: true,
+        ..service("default", name, &[], vec![port])
+    };
+    let eps = slice("default", &format!("{name}-1"), name, slice_ports, eps);
+    [Object::Service(svc), Object::EndpointSlice(eps)]
+}
+
 /// A store with one of each kind of Service.
 pub(super) fn sample_store() -> Store {
     let web = service(
@@ -36,14 +52,9 @@ pub(super) fn sample_store() -> Store {
             port("dns", Protocol::Udp, 53),
         ],
     );
-    let db = Service {
-        headless: true,
-        ..service("default", "db", &[], vec![port("pg", Protocol::Tcp, 5432)])
-    };
-    let db_slice = slice(
-        "default",
-        "db-1",
+    let [db, db_slice] = headless(
         "db",
+        port("pg", Protocol::Tcp, 5432),
         vec![slice_port("pg", Protocol::Tcp, 5433)],
         vec![
             ep("10.244.0.1", true, Some("db-0")),
@@ -64,8 +75,8 @@ pub(super) fn sample_store() -> Store {
     );
     store(vec![
         Object::Service(web),
-        Object::Service(db),
-        Object::EndpointSlice(db_slice),
+        db,
+        db_slice,
         Object::Service(ext),
         Object::Service(unnamed),
     ])
@@ -114,10 +125,41 @@ fn data(m: &Message) -> Vec<String> {
     v
 }
 
+/// The sorted answer data for `name`/`qtype`.
+fn answers(z: &Zone, name: &str, qtype: RecordType) -> Vec<String> {
+    data(&ask(z, name, qtype))
+}
+
+/// The response code for `name`/`qtype`.
+fn rcode(z: &Zone, name: &str, qtype: RecordType) -> ResponseCode {
+    ask(z, name, qtype).metadata.response_code
+}
+
+/// Each name and type answers exactly the data given (sorted); `None`:
+/// NXDOMAIN.
+fn expect(z: &Zone, cases: &[(&str, RecordType, Option<&[&str]>)]) {
+    for &(name, qtype, want) in cases {
+        match want {
+            Some(want) => assert_eq!(answers(z, name, qtype), want, "{name} {qtype}"),
+            None => assert_eq!(
+                rcode(z, name, qtype),
+                ResponseCode::NXDomain,
+                "{name} {qtype}"
+            ),
+        }
+    }
+}
+
+/// The response to query bytes `q` over `t`, and its size on the wire.
+fn reply(z: &Zone, q: &[u8], t: Transport) -> (Message, usize) {
+    let (_, out) = ask_with(z, q, t, Options::default());
+    (Message::from_vec(&out).unwrap(), out.len())
+}
+
 #[test]
 fn clusterip_a_and_aaaa() {
     let z = zone();
-    let m = ask(&z, "web.default.svc.cluster.local.", RecordType::A);
+    let m = ask(&z, "web.default.svc.cluster.local.", A);
     assert_eq!(m.metadata.response_code, ResponseCode::NoError);
     assert!(m.metadata.authoritative);
     assert_eq!(m.metadata.id, 0x1234);
@@ -127,29 +169,34 @@ fn clusterip_a_and_aaaa() {
         m.answers[0].name.to_ascii(),
         "web.default.svc.cluster.local."
     );
-    let m = ask(&z, "web.default.svc.cluster.local.", RecordType::AAAA);
+    let m = ask(&z, "web.default.svc.cluster.local.", AAAA);
     assert_eq!(data(&m), vec!["fd00:10:96::a"]);
 }
 
 #[test]
 fn headless_ready_endpoints_and_hostnames() {
-    let z = zone();
-    let m = ask(&z, "db.default.svc.cluster.local.", RecordType::A);
-    assert_eq!(
-        data(&m),
-        vec!["10.244.0.1", "10.244.0.2"],
-        "not-ready skipped"
+    // db-2 is not ready: skipped, also by name.
+    expect(
+        &zone(),
+        &[
+            (
+                "db.default.svc.cluster.local.",
+                A,
+                Some(&["10.244.0.1", "10.244.0.2"]),
+            ),
+            (
+                "db-0.db.default.svc.cluster.local.",
+                A,
+                Some(&["10.244.0.1"]),
+            ),
+            (
+                "10-244-0-2.db.default.svc.cluster.local.",
+                A,
+                Some(&["10.244.0.2"]),
+            ),
+            ("db-2.db.default.svc.cluster.local.", A, None),
+        ],
     );
-    let m = ask(&z, "db-0.db.default.svc.cluster.local.", RecordType::A);
-    assert_eq!(data(&m), vec!["10.244.0.1"]);
-    let m = ask(
-        &z,
-        "10-244-0-2.db.default.svc.cluster.local.",
-        RecordType::A,
-    );
-    assert_eq!(data(&m), vec!["10.244.0.2"]);
-    let m = ask(&z, "db-2.db.default.svc.cluster.local.", RecordType::A);
-    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
 }
 
 #[test]
@@ -159,14 +206,14 @@ fn headless_publish_not_ready_serves_every_endpoint() {
     db.publish_not_ready = true;
     st.apply(Update::Upsert(Box::new(Object::Service(db))));
     let z = Zone::compile(&st, &cfg(), 2);
-    let m = ask(&z, "db.default.svc.cluster.local.", RecordType::A);
+    let m = ask(&z, "db.default.svc.cluster.local.", A);
     assert_eq!(data(&m).len(), 3);
 }
 
 #[test]
 fn address_answers_rotate() {
     let z = zone();
-    let q = query_bytes("db.default.svc.cluster.local.", RecordType::A, None);
+    let q = query_bytes("db.default.svc.cluster.local.", A, None);
     let first = |rot| {
         let mut out = Vec::new();
         answer(&z, &q, Transport::Udp, Options::default(), rot, &mut out);
@@ -178,12 +225,7 @@ fn address_answers_rotate() {
 #[test]
 fn external_name_is_a_cname_for_every_type() {
     let z = zone();
-    for t in [
-        RecordType::A,
-        RecordType::AAAA,
-        RecordType::CNAME,
-        RecordType::TXT,
-    ] {
+    for t in [A, AAAA, RecordType::CNAME, RecordType::TXT] {
         let m = ask(&z, "ext.shop.svc.cluster.local.", t);
         assert_eq!(m.answers.len(), 1, "{t}");
         assert_eq!(m.answers[0].record_type(), RecordType::CNAME);
@@ -193,63 +235,59 @@ fn external_name_is_a_cname_for_every_type() {
 
 #[test]
 fn srv_for_named_ports_only() {
-    let z = zone();
-    let m = ask(
-        &z,
-        "_http._tcp.web.default.svc.cluster.local.",
-        RecordType::SRV,
+    let web = "web.default.svc.cluster.local.";
+    let db = [
+        "0 50 5433 10-244-0-2.db.default.svc.cluster.local.",
+        "0 50 5433 db-0.db.default.svc.cluster.local.",
+    ];
+    expect(
+        &zone(),
+        &[
+            (
+                "_http._tcp.web.default.svc.cluster.local.",
+                SRV,
+                Some(&[&format!("0 100 80 {web}")]),
+            ),
+            (
+                "_dns._udp.web.default.svc.cluster.local.",
+                SRV,
+                Some(&[&format!("0 100 53 {web}")]),
+            ),
+            // The wrong protocol.
+            ("_dns._tcp.web.default.svc.cluster.local.", SRV, None),
+            ("_pg._tcp.db.default.svc.cluster.local.", SRV, Some(&db)),
+            // The unnamed port of shop/plain has no SRV name.
+            ("_tcp.plain.shop.svc.cluster.local.", SRV, None),
+        ],
     );
-    assert_eq!(data(&m), vec!["0 100 80 web.default.svc.cluster.local."]);
-    let m = ask(
-        &z,
-        "_dns._udp.web.default.svc.cluster.local.",
-        RecordType::SRV,
-    );
-    assert_eq!(data(&m), vec!["0 100 53 web.default.svc.cluster.local."]);
-    let m = ask(
-        &z,
-        "_dns._tcp.web.default.svc.cluster.local.",
-        RecordType::SRV,
-    );
-    assert_eq!(
-        m.metadata.response_code,
-        ResponseCode::NXDomain,
-        "wrong protocol"
-    );
-    let m = ask(
-        &z,
-        "_pg._tcp.db.default.svc.cluster.local.",
-        RecordType::SRV,
-    );
-    assert_eq!(
-        data(&m),
-        vec![
-            "0 50 5433 10-244-0-2.db.default.svc.cluster.local.",
-            "0 50 5433 db-0.db.default.svc.cluster.local.",
-        ]
-    );
-    // The unnamed port of shop/plain has no SRV name.
-    let m = ask(&z, "_tcp.plain.shop.svc.cluster.local.", RecordType::SRV);
-    assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
 }
 
 #[test]
 fn ptr_for_cluster_ips_and_headless_endpoints() {
     let z = zone();
-    let m = ask(&z, "10.0.96.10.in-addr.arpa.", RecordType::PTR);
-    assert_eq!(data(&m), vec!["web.default.svc.cluster.local."]);
-    let m = ask(&z, "1.0.244.10.in-addr.arpa.", RecordType::PTR);
-    assert_eq!(data(&m), vec!["db-0.db.default.svc.cluster.local."]);
     let v6 = zone::reverse_name("fd00:10:96::a".parse().unwrap());
     assert!(
         v6.starts_with("a.0.0.0.") && v6.ends_with(".0.1.0.0.0.0.d.f.ip6.arpa."),
         "{v6}"
     );
-    let m = ask(&z, &v6, RecordType::PTR);
-    assert_eq!(data(&m), vec!["web.default.svc.cluster.local."]);
+    let web: &[&str] = &["web.default.svc.cluster.local."];
+    expect(
+        &z,
+        &[
+            ("10.0.96.10.in-addr.arpa.", PTR, Some(web)),
+            (
+                "1.0.244.10.in-addr.arpa.",
+                PTR,
+                Some(&["db-0.db.default.svc.cluster.local."]),
+            ),
+            (&v6, PTR, Some(web)),
+        ],
+    );
     // An address nobody has is not ours.
-    let m = ask(&z, "9.9.9.9.in-addr.arpa.", RecordType::PTR);
-    assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+    assert_eq!(
+        rcode(&z, "9.9.9.9.in-addr.arpa.", PTR),
+        ResponseCode::Refused
+    );
 }
 
 #[test]
@@ -272,58 +310,54 @@ fn dns_version_and_soa() {
 #[test]
 fn nxdomain_and_nodata_carry_the_soa() {
     let z = zone();
-    for name in [
-        "nope.default.svc.cluster.local.",
-        "web.nope.svc.cluster.local.",
-        "web.default.pod.cluster.local.",
-    ] {
-        let m = ask(&z, name, RecordType::A);
-        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain, "{name}");
-        assert!(m.answers.is_empty());
-        assert_eq!(m.authorities.len(), 1);
-        assert_eq!(m.authorities[0].record_type(), RecordType::SOA);
-        assert_eq!(m.authorities[0].name.to_ascii(), "cluster.local.");
-    }
-    // Existing names (and empty non-terminals) without the type: NODATA.
-    for (name, t) in [
-        ("web.default.svc.cluster.local.", RecordType::TXT),
-        ("db.default.svc.cluster.local.", RecordType::AAAA),
-        ("default.svc.cluster.local.", RecordType::A),
-        ("svc.cluster.local.", RecordType::A),
-        ("_tcp.web.default.svc.cluster.local.", RecordType::SRV),
+    let (nx, nodata) = (ResponseCode::NXDomain, ResponseCode::NoError);
+    for (name, t, code) in [
+        ("nope.default.svc.cluster.local.", A, nx),
+        ("web.nope.svc.cluster.local.", A, nx),
+        ("web.default.pod.cluster.local.", A, nx),
+        // Existing names (and empty non-terminals) without the type: NODATA.
+        ("web.default.svc.cluster.local.", RecordType::TXT, nodata),
+        ("db.default.svc.cluster.local.", AAAA, nodata),
+        ("default.svc.cluster.local.", A, nodata),
+        ("svc.cluster.local.", A, nodata),
+        ("_tcp.web.default.svc.cluster.local.", SRV, nodata),
     ] {
         let m = ask(&z, name, t);
-        assert_eq!(m.metadata.response_code, ResponseCode::NoError, "{name}");
+        assert_eq!(m.metadata.response_code, code, "{name}");
         assert!(m.answers.is_empty(), "{name}");
         assert_eq!(m.authorities.len(), 1, "{name}");
         assert_eq!(m.authorities[0].record_type(), RecordType::SOA);
+        assert_eq!(m.authorities[0].name.to_ascii(), "cluster.local.");
     }
 }
 
 #[test]
 fn search_path_expansions_are_nxdomain() {
-    let z = zone();
-    for name in [
-        "web.default.svc.cluster.local.default.svc.cluster.local.",
-        "web.default.svc.cluster.local.svc.cluster.local.",
-        "web.default.svc.cluster.local.cluster.local.",
-    ] {
-        let m = ask(&z, name, RecordType::A);
-        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain, "{name}");
-    }
+    expect(
+        &zone(),
+        &[
+            (
+                "web.default.svc.cluster.local.default.svc.cluster.local.",
+                A,
+                None,
+            ),
+            ("web.default.svc.cluster.local.svc.cluster.local.", A, None),
+            ("web.default.svc.cluster.local.cluster.local.", A, None),
+        ],
+    );
 }
 
 #[test]
 fn out_of_zone_is_refused_or_forwarded() {
     let z = zone();
-    let m = ask(&z, "example.com.", RecordType::A);
+    let m = ask(&z, "example.com.", A);
     assert_eq!(m.metadata.response_code, ResponseCode::Refused);
     assert!(!m.metadata.authoritative);
     assert_eq!(m.queries.len(), 1, "question echoed");
-    let q = query_bytes("example.com.", RecordType::A, None);
+    let q = query_bytes("example.com.", A, None);
     let (o, _) = ask_with(&z, &q, Transport::Udp, Options { forward: true });
     assert_eq!(o, Outcome::Forward);
-    let q = query_bytes("web.default.svc.cluster.local.", RecordType::A, None);
+    let q = query_bytes("web.default.svc.cluster.local.", A, None);
     let (o, _) = ask_with(&z, &q, Transport::Udp, Options { forward: true });
     assert_eq!(o, Outcome::Reply, "in-zone names are never forwarded");
 }
@@ -331,7 +365,7 @@ fn out_of_zone_is_refused_or_forwarded() {
 #[test]
 fn names_match_case_insensitively_and_keep_the_clients_case() {
     let z = zone();
-    let m = ask(&z, "WeB.DeFaUlT.SVC.cluster.LOCAL.", RecordType::A);
+    let m = ask(&z, "WeB.DeFaUlT.SVC.cluster.LOCAL.", A);
     assert_eq!(data(&m), vec!["10.96.0.10"]);
     assert_eq!(
         m.answers[0].name.to_ascii(),
@@ -345,43 +379,23 @@ fn names_match_case_insensitively_and_keep_the_clients_case() {
 
 #[test]
 fn edns_is_echoed_and_big_answers_truncate_over_udp_only() {
-    let big = Service {
-        headless: true,
-        ..service("default", "big", &[], vec![port("", Protocol::Tcp, 80)])
-    };
-    let eps = slice(
-        "default",
-        "big-1",
-        "big",
-        vec![],
-        (1..=100)
-            .map(|i| ep(&format!("10.244.1.{i}"), true, None))
-            .collect(),
-    );
-    let st = store(vec![Object::Service(big), Object::EndpointSlice(eps)]);
+    let eps = (1..=100)
+        .map(|i| ep(&format!("10.244.1.{i}"), true, None))
+        .collect();
+    let big = headless("big", port("", Protocol::Tcp, 80), vec![], eps);
+    let st = store(big.into());
     let z = Zone::compile(&st, &cfg(), 1);
     let name = "big.default.svc.cluster.local.";
     // 100 A records = 1600 bytes of answers: too big for 512 and for 1232.
     for edns in [None, Some(4096)] {
-        let (_, out) = ask_with(
-            &z,
-            &query_bytes(name, RecordType::A, edns),
-            Transport::Udp,
-            Options::default(),
-        );
-        let m = Message::from_vec(&out).unwrap();
+        let (m, len) = reply(&z, &query_bytes(name, A, edns), Transport::Udp);
         assert!(m.metadata.truncation, "edns {edns:?}");
         assert!(m.answers.is_empty());
         assert_eq!(m.edns.is_some(), edns.is_some(), "OPT echoed");
-        assert!(out.len() <= 512);
+        assert!(len <= 512);
     }
-    let (_, out) = ask_with(
-        &z,
-        &query_bytes(name, RecordType::A, Some(4096)),
-        Transport::Tcp,
-        Options::default(),
-    );
-    let m = Message::from_vec(&out).unwrap();
+    let q = query_bytes(name, A, Some(4096));
+    let (m, _) = reply(&z, &q, Transport::Tcp);
     assert!(!m.metadata.truncation);
     assert_eq!(m.answers.len(), 100);
     assert_eq!(
@@ -400,10 +414,10 @@ fn changes_to_services_show_up_in_the_next_zone() {
     ));
     let z2 = Zone::compile(&st, &cfg(), 2);
     assert_eq!(
-        data(&ask(&z1, "web.default.svc.cluster.local.", RecordType::A)).len(),
+        data(&ask(&z1, "web.default.svc.cluster.local.", A)).len(),
         1
     );
-    let m = ask(&z2, "web.default.svc.cluster.local.", RecordType::A);
+    let m = ask(&z2, "web.default.svc.cluster.local.", A);
     assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
 }
 
@@ -419,56 +433,56 @@ fn selector_pods_are_headless_endpoints() {
             vec![port("redis", Protocol::Tcp, 6379)],
         )
     };
-    let pod = |name: &str, ip: &str, ready: bool, app: &str| Pod {
-        ready,
-        hostname: Some(name.into()),
-        subdomain: Some("cache".into()),
-        ..builders::pod("default", name, ip, labels(&[("app", app)]))
+    let pod = |name: &str, ip: &str, ready: bool, app: &str| {
+        Object::Pod(Pod {
+            ready,
+            hostname: Some(name.into()),
+            subdomain: Some("cache".into()),
+            ..builders::pod("default", name, ip, labels(&[("app", app)]))
+        })
     };
     let mut st = store(vec![
         Object::Service(svc),
-        Object::Pod(pod("cache-0", "10.244.2.1", true, "cache")),
-        Object::Pod(pod("cache-1", "10.244.2.2", false, "cache")),
-        Object::Pod(pod("other", "10.244.2.3", true, "web")),
+        pod("cache-0", "10.244.2.1", true, "cache"),
+        pod("cache-1", "10.244.2.2", false, "cache"),
+        pod("other", "10.244.2.3", true, "web"),
     ]);
-    let z = Zone::compile(&st, &cfg(), 1);
-    let m = ask(&z, "cache.default.svc.cluster.local.", RecordType::A);
-    assert_eq!(data(&m), vec!["10.244.2.1"]);
-    let m = ask(
-        &z,
-        "cache-0.cache.default.svc.cluster.local.",
-        RecordType::A,
-    );
-    assert_eq!(data(&m), vec!["10.244.2.1"]);
-    let m = ask(
-        &z,
-        "_redis._tcp.cache.default.svc.cluster.local.",
-        RecordType::SRV,
-    );
-    assert_eq!(
-        data(&m),
-        vec!["0 100 14379 cache-0.cache.default.svc.cluster.local."],
-        "the targetPort"
+    let cache = "cache.default.svc.cluster.local.";
+    expect(
+        &Zone::compile(&st, &cfg(), 1),
+        &[
+            (cache, A, Some(&["10.244.2.1"])),
+            (
+                "cache-0.cache.default.svc.cluster.local.",
+                A,
+                Some(&["10.244.2.1"]),
+            ),
+            // The targetPort.
+            (
+                "_redis._tcp.cache.default.svc.cluster.local.",
+                SRV,
+                Some(&["0 100 14379 cache-0.cache.default.svc.cluster.local."]),
+            ),
+        ],
     );
     // The Pod becomes ready: it joins.
-    st.apply(Update::Upsert(Box::new(Object::Pod(pod(
+    st.apply(Update::Upsert(Box::new(pod(
         "cache-1",
         "10.244.2.2",
         true,
         "cache",
-    )))));
+    ))));
     let z = Zone::compile(&st, &cfg(), 2);
-    let m = ask(&z, "cache.default.svc.cluster.local.", RecordType::A);
-    assert_eq!(data(&m), vec!["10.244.2.1", "10.244.2.2"]);
+    assert_eq!(answers(&z, cache, A), vec!["10.244.2.1", "10.244.2.2"]);
 }
 
 #[test]
 fn other_domains_and_ttls() {
     let cfg = ZoneConfig::new("k8s.example.", 30).unwrap();
     let z = Zone::compile(&sample_store(), &cfg, 1);
-    let m = ask(&z, "web.default.svc.k8s.example.", RecordType::A);
+    let m = ask(&z, "web.default.svc.k8s.example.", A);
     assert_eq!(m.answers[0].ttl, 30);
-    let m = ask(&z, "web.default.svc.cluster.local.", RecordType::A);
+    let m = ask(&z, "web.default.svc.cluster.local.", A);
     assert_eq!(m.metadata.response_code, ResponseCode::Refused);
     assert!(ZoneConfig::new("bad..name", 5).is_err());
     assert!(ZoneConfig::new("", 5).is_err());
@@ -489,14 +503,14 @@ fn too_short_and_responses_are_dropped() {
     for len in 0..12 {
         assert_eq!(raw_answer(&vec![0u8; len]).0, Outcome::Drop, "len {len}");
     }
-    let mut q = query_bytes("web.default.svc.cluster.local.", RecordType::A, None);
+    let mut q = query_bytes("web.default.svc.cluster.local.", A, None);
     q[2] |= 0x80; // QR: a response
     assert_eq!(raw_answer(&q).0, Outcome::Drop);
 }
 
 #[test]
 fn truncated_queries_get_formerr() {
-    let q = query_bytes("web.default.svc.cluster.local.", RecordType::A, Some(1232));
+    let q = query_bytes("web.default.svc.cluster.local.", A, Some(1232));
     for cut in 12..q.len() {
         let (o, out) = raw_answer(&q[..cut]);
         assert_eq!(o, Outcome::Reply, "cut at {cut}");
@@ -542,7 +556,7 @@ fn oversized_names_and_labels_get_formerr() {
     q.extend_from_slice(&[0, 0, 1, 0, 1]);
     assert_eq!(rcode_of(&raw_answer(&q).1), 1);
     // A 64 KiB message of junk after a valid question.
-    let mut q = query_bytes("web.default.svc.cluster.local.", RecordType::A, None);
+    let mut q = query_bytes("web.default.svc.cluster.local.", A, None);
     q[11] = 1; // one additional record, which is junk
     q.extend(std::iter::repeat_n(0xAB, 65_000));
     assert_eq!(rcode_of(&raw_answer(&q).1), 1);
@@ -550,7 +564,7 @@ fn oversized_names_and_labels_get_formerr() {
 
 #[test]
 fn wrong_counts_opcodes_and_types() {
-    let q = query_bytes("web.default.svc.cluster.local.", RecordType::A, None);
+    let q = query_bytes("web.default.svc.cluster.local.", A, None);
     // Two questions announced, one present; zero questions.
     for qd in [0u8, 2] {
         let mut m = q.clone();
@@ -588,7 +602,7 @@ fn edns_version_one_gets_badvers() {
     let mut m = Message::new(7, MessageType::Query, OpCode::Query);
     m.add_query(Query::query(
         Name::from_ascii("web.default.svc.cluster.local.").unwrap(),
-        RecordType::A,
+        A,
     ));
     let mut e = Edns::new();
     e.set_version(1);
@@ -602,7 +616,7 @@ fn edns_version_one_gets_badvers() {
 
 #[test]
 fn servfail_echoes_the_question() {
-    let q = query_bytes("example.com.", RecordType::A, None);
+    let q = query_bytes("example.com.", A, None);
     let mut out = Vec::new();
     servfail(&q, &mut out).unwrap();
     let m = Message::from_vec(&out).unwrap();
@@ -637,11 +651,7 @@ fn any_returns_every_set_of_the_name() {
 #[test]
 fn headless_srv_carries_target_addresses_when_they_fit() {
     let z = zone();
-    let m = ask(
-        &z,
-        "_pg._tcp.db.default.svc.cluster.local.",
-        RecordType::SRV,
-    );
+    let m = ask(&z, "_pg._tcp.db.default.svc.cluster.local.", SRV);
     let mut extra: Vec<(String, String)> = m
         .additionals
         .iter()
@@ -662,40 +672,22 @@ fn headless_srv_carries_target_addresses_when_they_fit() {
         ]
     );
     // A ClusterIP Service's SRV has none (its target is the Service name).
-    let m = ask(
-        &z,
-        "_http._tcp.web.default.svc.cluster.local.",
-        RecordType::SRV,
-    );
-    assert!(m.additionals.is_empty());
+    let web_srv = "_http._tcp.web.default.svc.cluster.local.";
+    assert!(ask(&z, web_srv, SRV).additionals.is_empty());
 
     // 8 endpoints: the SRV answer fits 512 bytes without its additional
     // records, which are left out instead of truncating.
-    let svc = Service {
-        headless: true,
-        ..service("default", "d", &[], vec![port("pg", Protocol::Tcp, 5432)])
-    };
-    let eps = slice(
-        "default",
-        "d-1",
-        "d",
-        vec![slice_port("pg", Protocol::Tcp, 5432)],
-        (1..=8)
-            .map(|i| ep(&format!("10.244.3.{i}"), true, Some(&format!("d{i}"))))
-            .collect(),
-    );
-    let st = store(vec![Object::Service(svc), Object::EndpointSlice(eps)]);
+    let eps = (1..=8)
+        .map(|i| ep(&format!("10.244.3.{i}"), true, Some(&format!("d{i}"))))
+        .collect();
+    let pg = port("pg", Protocol::Tcp, 5432);
+    let d = headless("d", pg, vec![slice_port("pg", Protocol::Tcp, 5432)], eps);
+    let st = store(d.into());
     let z = Zone::compile(&st, &cfg(), 1);
-    let q = query_bytes(
-        "_pg._tcp.d.default.svc.cluster.local.",
-        RecordType::SRV,
-        None,
-    );
-    let (_, out) = ask_with(&z, &q, Transport::Udp, Options::default());
-    let m = Message::from_vec(&out).unwrap();
+    let q = query_bytes("_pg._tcp.d.default.svc.cluster.local.", SRV, None);
+    let (m, len) = reply(&z, &q, Transport::Udp);
     assert!(!m.metadata.truncation);
     assert_eq!(m.answers.len(), 8);
-    assert!(m.additionals.is_empty(), "{} bytes", out.len());
-    let (_, out) = ask_with(&z, &q, Transport::Tcp, Options::default());
-    assert_eq!(Message::from_vec(&out).unwrap().additionals.len(), 8);
+    assert!(m.additionals.is_empty(), "{len} bytes");
+    assert_eq!(reply(&z, &q, Transport::Tcp).0.additionals.len(), 8);
 }

@@ -217,22 +217,23 @@ fn put_u32(out: &mut Vec<u8>, v: u32) {
 fn record(rtype: RecordType, ttl: u32, rdata: &[u8]) -> Box<[u8]> {
     let mut out = Vec::with_capacity(12 + rdata.len());
     out.extend_from_slice(&OWNER_IS_QUESTION);
-    put_u16(&mut out, u16::from(rtype));
-    put_u16(&mut out, CLASS_IN);
-    put_u32(&mut out, ttl);
-    // rdata is built here from at most a few names: far below 64 KiB.
-    put_u16(&mut out, rdata.len() as u16);
-    out.extend_from_slice(rdata);
-    out.into_boxed_slice()
+    put_record_tail(out, rtype, ttl, rdata)
 }
 
 /// One record with its owner name written out (for the additional section).
 fn owned_record(owner: &Name, rtype: RecordType, ttl: u32, rdata: &[u8]) -> Box<[u8]> {
     let mut out = Vec::with_capacity(owner.len() + 12 + rdata.len());
     put_name(&mut out, owner);
+    put_record_tail(out, rtype, ttl, rdata)
+}
+
+/// Appends what follows a record's owner name (type, class, TTL, rdata) to
+/// `out`, which holds the owner, and returns the finished record.
+fn put_record_tail(mut out: Vec<u8>, rtype: RecordType, ttl: u32, rdata: &[u8]) -> Box<[u8]> {
     put_u16(&mut out, u16::from(rtype));
     put_u16(&mut out, CLASS_IN);
     put_u32(&mut out, ttl);
+    // rdata is built here from at most a few names: far below 64 KiB.
     put_u16(&mut out, rdata.len() as u16);
     out.extend_from_slice(rdata);
     out.into_boxed_slice()

@@ -63,12 +63,7 @@ fn copies(
         {
             continue;
         }
-        let Some(port) = s
-            .ports
-            .iter()
-            .find(|p| p.name == sp.name && p.protocol == sp.protocol)
-            .and_then(|p| p.port)
-        else {
+        let Some(port) = s.port_for(sp) else {
             continue;
         };
         for e in s.endpoints.iter().filter(|e| e.ip.is_ipv6() == v6) {

@@ -57,28 +57,22 @@ mod tests {
             .join(name)
     }
 
-    #[test]
-    fn manifest_corpus_replays() {
-        let n = replay(&corpus("manifest"), manifest);
-        assert!(n >= 10, "corpus too small: {n}");
-    }
+    /// A fuzz oracle: panics when its input breaks a rule.
+    type Oracle = fn(&[u8]);
 
+    /// Every oracle replays its checked-in corpus, of at least ten inputs.
     #[test]
-    fn compile_corpus_replays() {
-        let n = replay(&corpus("compile"), compile);
-        assert!(n >= 10, "corpus too small: {n}");
-    }
-
-    #[test]
-    fn dns_query_corpus_replays() {
-        let n = replay(&corpus("dns_query"), dns_query);
-        assert!(n >= 10, "corpus too small: {n}");
-    }
-
-    #[test]
-    fn admin_http_corpus_replays() {
-        let n = replay(&corpus("admin_http"), admin_http);
-        assert!(n >= 10, "corpus too small: {n}");
+    fn corpora_replay() {
+        let oracles: [(&str, Oracle); 4] = [
+            ("manifest", manifest),
+            ("compile", compile),
+            ("dns_query", dns_query),
+            ("admin_http", admin_http),
+        ];
+        for (name, oracle) in oracles {
+            let n = replay(&corpus(name), oracle);
+            assert!(n >= 10, "{name} corpus too small: {n}");
+        }
     }
 
     /// The compile seeds are real: together they give frontends with

@@ -11,7 +11,7 @@ use super::*;
 use crate::config::Limits;
 use crate::discovery::convert;
 use crate::discovery::{Batch, Update};
-use crate::model::{Object, Protocol, ServiceType, TargetPort};
+use crate::model::{EndpointSlice, Object, Protocol, Service, ServiceType, TargetPort};
 
 fn names(objects: &[Object]) -> Vec<String> {
     objects
@@ -25,6 +25,79 @@ fn names(objects: &[Object]) -> Vec<String> {
 
 fn messages(errors: &[ManifestError]) -> Vec<String> {
     errors.iter().map(ToString::to_string).collect()
+}
+
+/// The objects of `text`, which must parse.
+fn parse(origin: &str, text: &str) -> Vec<Object> {
+    parse_str(origin, text, &Limits::default()).unwrap()
+}
+
+/// The errors of `text`, which must not parse.
+fn parse_err(origin: &str, text: &str) -> Vec<ManifestError> {
+    parse_str(origin, text, &Limits::default()).unwrap_err()
+}
+
+/// `objects[i]`, which must be a Service.
+fn svc(objects: &[Object], i: usize) -> &Service {
+    match &objects[i] {
+        Object::Service(s) => s,
+        other => panic!("not a Service: {other:?}"),
+    }
+}
+
+/// `objects[i]`, which must be an EndpointSlice.
+fn slice_at(objects: &[Object], i: usize) -> &EndpointSlice {
+    match &objects[i] {
+        Object::EndpointSlice(s) => s,
+        other => panic!("not a slice: {other:?}"),
+    }
+}
+
+/// `web`, the example NodePort Service: 30080 to `target`.
+fn assert_web_node_port(web: &Service, target: TargetPort) {
+    assert_eq!(web.service_type, ServiceType::NodePort);
+    assert_eq!(web.ports[0].node_port, Some(30080));
+    assert_eq!(web.ports[0].target_port, target);
+}
+
+/// The objects of `paths`, which must load without errors.
+fn load_clean(paths: &[PathBuf]) -> Vec<Object> {
+    let (objects, errors) = load(paths, &Limits::default());
+    assert!(errors.is_empty(), "{:?}", messages(&errors));
+    objects
+}
+
+/// The first error of `text`, which must not parse.
+fn first_error(origin: &str, text: &str) -> String {
+    parse_err(origin, text)[0].to_string()
+}
+
+/// The one error of `text`, which must not parse.
+fn only_error(origin: &str, text: &str) -> ManifestError {
+    let errors = parse_err(origin, text);
+    assert_eq!(errors.len(), 1, "{:?}", messages(&errors));
+    errors.into_iter().next().unwrap()
+}
+
+/// Service `a` on port 80 (eight lines and a separator), then `doc` in the
+/// same file.
+fn after_a(doc: &str) -> String {
+    format!("{}---\n{doc}", service("a", 80))
+}
+
+/// The first port of the Service `objects[i]`.
+fn port_of(objects: &[Object], i: usize) -> u16 {
+    svc(objects, i).ports[0].port
+}
+
+/// A directory with a.yaml and b.yaml, Services a and b on port 80.
+fn two_files() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.yaml");
+    let b = dir.path().join("b.yaml");
+    fs::write(&a, service("a", 80)).unwrap();
+    fs::write(&b, service("b", 80)).unwrap();
+    (dir, a, b)
 }
 
 fn service(name: &str, port: u32) -> String {
@@ -277,7 +350,7 @@ metadata:
 
 #[test]
 fn kubectl_get_output_parses() {
-    let objects = parse_str("get.yaml", KUBECTL_GET, &Limits::default()).unwrap();
+    let objects = parse("get.yaml", KUBECTL_GET);
     assert_eq!(
         names(&objects),
         vec![
@@ -289,26 +362,16 @@ fn kubectl_get_output_parses() {
             "EndpointSlice shop/db-p9w2x",
         ]
     );
-    let Object::Service(web) = &objects[1] else {
-        panic!("not a service")
-    };
-    assert_eq!(web.service_type, ServiceType::NodePort);
-    assert_eq!(web.ports[0].node_port, Some(30080));
-    assert_eq!(web.ports[0].target_port, TargetPort::Name("http".into()));
-    let Object::Service(db) = &objects[2] else {
-        panic!("not a service")
-    };
+    let web = svc(&objects, 1);
+    assert_web_node_port(web, TargetPort::Name("http".into()));
+    let db = svc(&objects, 2);
     assert!(db.headless);
-    let Object::EndpointSlice(slice) = &objects[4] else {
-        panic!("not a slice")
-    };
+    let slice = slice_at(&objects, 4);
     assert_eq!(slice.service_name, "web");
     assert_eq!(slice.endpoints.len(), 2);
     assert!(slice.endpoints[1].terminating && !slice.endpoints[1].ready);
     assert_eq!(slice.endpoints[0].zone.as_deref(), Some("zone-a"));
-    let Object::EndpointSlice(empty) = &objects[5] else {
-        panic!("not a slice")
-    };
+    let empty = slice_at(&objects, 5);
     assert!(empty.endpoints.is_empty() && empty.ports.is_empty());
 }
 
@@ -319,7 +382,7 @@ fn list_and_multi_document_files_parse() {
             service("a", 80),
             "{apiVersion: v1, kind: Service, metadata: {name: b}, spec: {ports: [{port: 81}]}}"
         );
-    let objects = parse_str("multi.yaml", &text, &Limits::default()).unwrap();
+    let objects = parse("multi.yaml", &text);
     assert_eq!(
         names(&objects),
         vec![
@@ -331,20 +394,15 @@ fn list_and_multi_document_files_parse() {
         ]
     );
     // An empty file is fine too.
-    assert_eq!(parse_str("e.yaml", "", &Limits::default()).unwrap(), vec![]);
-    assert_eq!(
-        parse_str("e.yaml", "# nothing\n---\n", &Limits::default()).unwrap(),
-        vec![]
-    );
+    assert_eq!(parse("e.yaml", ""), vec![]);
+    assert_eq!(parse("e.yaml", "# nothing\n---\n"), vec![]);
 }
 
 #[test]
 fn yaml_merge_keys_are_applied() {
     let text = "apiVersion: v1\nkind: Service\nmetadata:\n  name: m\nspec:\n  ports:\n  - &p {name: a, port: 80, protocol: UDP}\n  - <<: *p\n    name: b\n    port: 81\n";
-    let objects = parse_str("m.yaml", text, &Limits::default()).unwrap();
-    let Object::Service(s) = &objects[0] else {
-        panic!()
-    };
+    let objects = parse("m.yaml", text);
+    let s = svc(&objects, 0);
     assert_eq!(s.ports[1].protocol, Protocol::Udp);
     assert_eq!(s.ports[1].port, 81);
 }
@@ -365,63 +423,39 @@ fn doc_starts_follow_the_parser() {
 
 #[test]
 fn yaml_syntax_error_has_line_and_column() {
-    let text = format!(
-        "{}---\napiVersion: v1\nkind: Service\nmetadata:\n  name: x\n   bad: indent\n",
-        service("a", 80)
-    );
-    let errors = parse_str("dir/bad.yaml", &text, &Limits::default()).unwrap_err();
-    assert_eq!(errors.len(), 1);
-    match &errors[0] {
+    let text = after_a("apiVersion: v1\nkind: Service\nmetadata:\n  name: x\n   bad: indent\n");
+    let e = only_error("dir/bad.yaml", &text);
+    match &e {
         ManifestError::Syntax { line, column, .. } => assert_eq!((*line, *column), (13, 7)),
         other => panic!("{other:?}"),
     }
     assert_eq!(
-        errors[0].to_string(),
+        e.to_string(),
         "dir/bad.yaml:13:7: syntax error: mapping values are not allowed in this context"
     );
     // Unclosed flow sequence: the message keeps the parser's context.
-    let errors = parse_str("f.yaml", "a: [1, 2\nb: 3\n", &Limits::default()).unwrap_err();
-    assert!(
-        errors[0].to_string().starts_with("f.yaml:2:"),
-        "{}",
-        errors[0]
-    );
+    let e = first_error("f.yaml", "a: [1, 2\nb: 3\n");
+    assert!(e.starts_with("f.yaml:2:"), "{e}");
 }
 
 #[test]
 fn type_error_has_field_path_and_position() {
     // Top-level document: the exact position of the bad value.
-    let text = format!(
-            "{}---\napiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  ports:\n  - port: 80\n  - port: abc\n",
-            service("a", 80)
-        );
-    let errors = parse_str("t.yaml", &text, &Limits::default()).unwrap_err();
-    assert_eq!(errors.len(), 1);
+    let text = after_a("apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  ports:\n  - port: 80\n  - port: abc\n");
     assert_eq!(
-            errors[0].to_string(),
+            only_error("t.yaml", &text).to_string(),
             "t.yaml:16:11: Service default/web: spec.ports[1].port: invalid type: string \"abc\", expected i32"
         );
     // Inside a List: the List's first line, the item and the path.
     let text = "# list\napiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {name: ok}\n  spec: {ports: [{port: 1}]}\n- apiVersion: v1\n  kind: Service\n  metadata: {name: web, namespace: shop}\n  spec:\n    ports:\n    - port: [80]\n";
-    let errors = parse_str("l.yaml", text, &Limits::default()).unwrap_err();
     assert_eq!(
-            messages(&errors),
-            vec!["l.yaml:2: Service shop/web (items[1]): spec.ports[0].port: invalid type: sequence, expected i32"]
+            only_error("l.yaml", text).to_string(),
+            "l.yaml:2: Service shop/web (items[1]): spec.ports[0].port: invalid type: sequence, expected i32"
         );
     // Unknown name.
-    let errors = parse_str(
-        "n.yaml",
-        "apiVersion: v1\nkind: Pod\nmetadata: 7\n",
-        &Limits::default(),
-    )
-    .unwrap_err();
-    assert!(
-        errors[0]
-            .to_string()
-            .starts_with("n.yaml:3:11: Pod (no name): metadata: invalid type"),
-        "{}",
-        errors[0]
-    );
+    let e = first_error("n.yaml", "apiVersion: v1\nkind: Pod\nmetadata: 7\n");
+    let want = "n.yaml:3:11: Pod (no name): metadata: invalid type";
+    assert!(e.starts_with(want), "{e}");
 }
 
 #[test]
@@ -433,42 +467,21 @@ fn json_files_parse_and_report_positions() {
     {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "j"}, "spec": {"ports": [{"port": 80}]}}
   ]
 }"#;
-    let objects = parse_str("x.json", json, &Limits::default()).unwrap();
+    let objects = parse("x.json", json);
     assert_eq!(names(&objects), vec!["Service default/j"]);
-    let errors = parse_str(
-        "x.json",
-        "{\n  \"kind\": \"Service\",\n}",
-        &Limits::default(),
-    )
-    .unwrap_err();
+    let e = first_error("x.json", "{\n  \"kind\": \"Service\",\n}");
+    assert!(e.starts_with("x.json:3:1: syntax error:"), "{e}");
+    let e = first_error("y.json", "{\"apiVersion\": \"v1\", \"kind\": \"Service\", \"metadata\": {\"name\": \"s\"},\n \"spec\": {\"ports\": [{\"port\": \"x\"}]}}");
     assert!(
-        errors[0]
-            .to_string()
-            .starts_with("x.json:3:1: syntax error:"),
-        "{}",
-        errors[0]
-    );
-    let errors = parse_str(
-            "y.json",
-            "{\"apiVersion\": \"v1\", \"kind\": \"Service\", \"metadata\": {\"name\": \"s\"},\n \"spec\": {\"ports\": [{\"port\": \"x\"}]}}",
-            &Limits::default(),
-        )
-        .unwrap_err();
-    assert!(
-        errors[0].to_string().starts_with("y.json:2:")
-            && errors[0].to_string().contains("spec.ports[0].port"),
-        "{}",
-        errors[0]
+        e.starts_with("y.json:2:") && e.contains("spec.ports[0].port"),
+        "{e}"
     );
 }
 
 #[test]
 fn semantic_errors_carry_file_line_object_and_field() {
-    let text = format!(
-            "{}---\napiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  ports:\n  - {{name: a, port: 80}}\n  - {{name: b, port: 70000, protocol: SCTP}}\n",
-            service("ok", 80)
-        );
-    let errors = parse_str("web.yaml", &text, &Limits::default()).unwrap_err();
+    let text = after_a("apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  ports:\n  - {name: a, port: 80}\n  - {name: b, port: 70000, protocol: SCTP}\n");
+    let errors = parse_err("web.yaml", &text);
     assert_eq!(
             messages(&errors),
             vec![
@@ -476,12 +489,7 @@ fn semantic_errors_carry_file_line_object_and_field() {
                 "web.yaml:9: Service default/web: spec.ports[1].port: 70000 is out of range 1..65535",
             ]
         );
-    let errors = parse_str(
-            "s.yaml",
-            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: IPv4\nendpoints: []\n",
-            &Limits::default(),
-        )
-        .unwrap_err();
+    let errors = parse_err("s.yaml", "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: IPv4\nendpoints: []\n");
     assert_eq!(
             messages(&errors),
             vec!["s.yaml:1: EndpointSlice default/s: metadata.labels[kubernetes.io/service-name]: required: it names the Service this slice belongs to"]
@@ -491,13 +499,10 @@ fn semantic_errors_carry_file_line_object_and_field() {
 #[test]
 fn unknown_kinds_are_ignored_and_wrong_versions_are_errors() {
     let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec: {replicas: notanumber}\n---\napiVersion: serving.knative.dev/v1\nkind: Service\nmetadata: {name: k}\n---\napiVersion: v1\nkind: Endpoints\nmetadata: {name: e}\n";
-    assert_eq!(
-        parse_str("k.yaml", text, &Limits::default()).unwrap(),
-        vec![]
-    );
+    assert_eq!(parse("k.yaml", text), vec![]);
 
     let text = "apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: s}\n---\nkind: Service\nmetadata: {name: x}\n---\napiVersion: v1\nmetadata: {name: y}\n---\n- just\n- a list\n---\napiVersion: v1\nkind: List\nitems: {}\n";
-    let errors = parse_str("v.yaml", text, &Limits::default()).unwrap_err();
+    let errors = parse_err("v.yaml", text);
     assert_eq!(
             messages(&errors),
             vec![
@@ -513,7 +518,7 @@ fn unknown_kinds_are_ignored_and_wrong_versions_are_errors() {
 #[test]
 fn duplicates_are_reported_naming_both_places() {
     let text = format!("{}---\n{}", service("web", 80), service("web", 81));
-    let errors = parse_str("d.yaml", &text, &Limits::default()).unwrap_err();
+    let errors = parse_err("d.yaml", &text);
     assert_eq!(
         messages(&errors),
         vec!["d.yaml:9: duplicate Service default/web: already defined at d.yaml:1"]
@@ -533,10 +538,7 @@ fn duplicates_are_reported_naming_both_places() {
         names(&objects),
         vec!["Service default/web", "Service default/other"]
     );
-    let Object::Service(web) = &objects[0] else {
-        panic!()
-    };
-    assert_eq!(web.ports[0].port, 80, "the first file wins");
+    assert_eq!(port_of(&objects, 0), 80, "the first file wins");
     assert_eq!(
         messages(&errors),
         vec![format!(
@@ -565,11 +567,7 @@ fn directories_are_recursive_sorted_and_skip_hidden_entries() {
     // An explicitly named file is loaded whatever its name, and only once.
     let extra = d.join("notes.conf");
     fs::write(&extra, service("extra", 1)).unwrap();
-    let (objects, errors) = load(
-        &[d.to_path_buf(), extra.clone(), d.join("a.yml")],
-        &Limits::default(),
-    );
-    assert!(errors.is_empty(), "{:?}", messages(&errors));
+    let objects = load_clean(&[d.to_path_buf(), extra.clone(), d.join("a.yml")]);
     assert_eq!(
         names(&objects),
         vec![
@@ -598,11 +596,7 @@ fn missing_path_is_an_error() {
 
 #[test]
 fn bad_edit_keeps_last_good_objects_of_that_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let a = dir.path().join("a.yaml");
-    let b = dir.path().join("b.yaml");
-    fs::write(&a, service("a", 80)).unwrap();
-    fs::write(&b, service("b", 80)).unwrap();
+    let (dir, a, b) = two_files();
     let mut src = FileSource::new(vec![dir.path().to_path_buf()], Limits::default());
     let (objects, errors) = src.reload();
     assert!(errors.is_empty());
@@ -627,10 +621,7 @@ fn bad_edit_keeps_last_good_objects_of_that_file() {
     fs::write(&a, service("a", 81)).unwrap();
     let (objects3, errors) = src.reload();
     assert_eq!(errors.len(), 1);
-    let Object::Service(sa) = &objects3[0] else {
-        panic!()
-    };
-    assert_eq!(sa.ports[0].port, 81);
+    assert_eq!(port_of(&objects3, 0), 81);
 
     // A file that never loaded cleanly serves nothing.
     let c = dir.path().join("c.yaml");
@@ -644,11 +635,7 @@ fn bad_edit_keeps_last_good_objects_of_that_file() {
 
 #[test]
 fn deleted_file_drops_objects_and_new_file_is_picked_up() {
-    let dir = tempfile::tempdir().unwrap();
-    let a = dir.path().join("a.yaml");
-    let b = dir.path().join("b.yaml");
-    fs::write(&a, service("a", 80)).unwrap();
-    fs::write(&b, service("b", 80)).unwrap();
+    let (dir, a, b) = two_files();
     let mut src = FileSource::new(vec![dir.path().to_path_buf(), a.clone()], Limits::default());
     assert_eq!(
         names(&src.reload().0),
@@ -670,8 +657,7 @@ fn deleted_file_drops_objects_and_new_file_is_picked_up() {
 #[test]
 fn selector_example_gives_endpoints_from_ready_pods() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/examples/selector.yaml");
-    let (objects, errors) = load(&[path], &Limits::default());
-    assert!(errors.is_empty(), "{:?}", messages(&errors));
+    let objects = load_clean(&[path]);
     let mut store = crate::state::Store::new();
     store.apply(super::super::Update::Reset(objects));
     let slices = store.selector_slices();
@@ -704,11 +690,7 @@ fn selector_example_gives_endpoints_from_ready_pods() {
 #[test]
 fn examples_load_without_errors() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/examples");
-    let (objects, errors) = load(
-        &[dir.join("web.yaml"), dir.join("dns-udp.yaml")],
-        &Limits::default(),
-    );
-    assert!(errors.is_empty(), "{:?}", messages(&errors));
+    let objects = load_clean(&[dir.join("web.yaml"), dir.join("dns-udp.yaml")]);
     assert_eq!(
         names(&objects),
         vec![
@@ -718,23 +700,15 @@ fn examples_load_without_errors() {
             "EndpointSlice kube-system/dns-x7k2p",
         ]
     );
-    let Object::Service(web) = &objects[0] else {
-        panic!()
-    };
-    assert_eq!(web.service_type, ServiceType::NodePort);
-    assert_eq!(web.ports[0].node_port, Some(30080));
-    assert_eq!(web.ports[0].target_port, TargetPort::Number(8080));
-    let Object::EndpointSlice(slice) = &objects[1] else {
-        panic!()
-    };
+    let web = svc(&objects, 0);
+    assert_web_node_port(web, TargetPort::Number(8080));
+    let slice = slice_at(&objects, 1);
     assert_eq!(slice.endpoints.len(), 3);
     assert!(slice
         .endpoints
         .iter()
         .all(|e| e.zone_hints.is_none() && e.node_name.as_deref() == Some("node-a")));
-    let Object::Service(dns) = &objects[2] else {
-        panic!()
-    };
+    let dns = svc(&objects, 2);
     assert_eq!(dns.ports[0].protocol, Protocol::Udp);
 }
 
@@ -793,20 +767,14 @@ async fn run_sends_a_new_reset_when_files_change() {
     // Rewritten in place.
     fs::write(&a, service("a", 81)).unwrap();
     let objects = next_reset(&mut rx).await;
-    let Object::Service(s) = &objects[0] else {
-        panic!()
-    };
-    assert_eq!(s.ports[0].port, 81);
+    assert_eq!(port_of(&objects, 0), 81);
 
     // Replaced by rename, as editors do.
     let tmp = dir.path().join(".a.yaml.swp");
     fs::write(&tmp, service("a", 82)).unwrap();
     fs::rename(&tmp, &a).unwrap();
     let objects = next_reset(&mut rx).await;
-    let Object::Service(s) = &objects[0] else {
-        panic!()
-    };
-    assert_eq!(s.ports[0].port, 82);
+    assert_eq!(port_of(&objects, 0), 82);
 
     // A new file in the watched directory.
     fs::write(sub.join("b.yaml"), service("b", 1)).unwrap();
@@ -823,10 +791,7 @@ async fn run_sends_a_new_reset_when_files_change() {
         .is_err());
     fs::write(sub.join("b.yaml"), service("b", 2)).unwrap();
     let objects = next_reset(&mut rx).await;
-    let Object::Service(b) = &objects[1] else {
-        panic!()
-    };
-    assert_eq!(b.ports[0].port, 2);
+    assert_eq!(port_of(&objects, 1), 2);
 
     // The watched directory deleted and re-created: watched again.
     fs::remove_dir_all(&sub).unwrap();

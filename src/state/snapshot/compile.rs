@@ -1,0 +1,567 @@
+//! The compile from store to [`Snapshot`], full or patched: Service ports
+//! joined with their slices' endpoints, filtered by traffic policy and
+//! topology, into frontends, kernel listeners and health checks.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use super::{
+    EmptyAction, Frontend, FrontendKey, FrontendKind, HealthCheck, ListenerMode, ListenerSpec,
+    NodeContext, Snapshot,
+};
+use crate::balance::affinity::PortId;
+use crate::model::{
+    AddressFamily, Affinity, EndpointSlice, ObjectKey, Protocol, Service, ServicePort, ServiceType,
+    TrafficPolicy,
+};
+use crate::state::store::{Dirty, Store};
+use crate::state::topology::{categorize, Candidate, Usable};
+use crate::telemetry::{Metrics, PortLabels, PortMetrics};
+
+/// Stable id of a Service port, for affinity across snapshots.
+pub fn port_id(service: &ObjectKey, port_name: &str, proto: Protocol) -> PortId {
+    let mut h = DefaultHasher::new();
+    (service, port_name, proto).hash(&mut h);
+    h.finish()
+}
+
+struct PortEndpoints {
+    v4: Usable<SocketAddr>,
+    v6: Usable<SocketAddr>,
+}
+
+impl PortEndpoints {
+    fn family(&self, ip: &IpAddr) -> &Usable<SocketAddr> {
+        match ip {
+            IpAddr::V4(_) => &self.v4,
+            IpAddr::V6(_) => &self.v6,
+        }
+    }
+}
+
+/// Merges the slices of one Service port into candidates of one family
+/// (kube-proxy endpointslicecache): first address only, duplicates by ip:port keep
+/// the non-terminating copy, slices of the other family ignored.
+fn merge(
+    slices: &[&EndpointSlice],
+    sp: &ServicePort,
+    family: AddressFamily,
+    node_name: &str,
+) -> Vec<Candidate<SocketAddr>> {
+    let mut out: Vec<Candidate<SocketAddr>> = Vec::new();
+    let mut index: HashMap<SocketAddr, usize> = HashMap::new();
+    for slice in slices.iter().filter(|s| s.family == family) {
+        let Some(port) = slice.port_for(sp) else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            if AddressFamily::of(&ep.ip) != family {
+                continue;
+            }
+            let c = Candidate {
+                addr: SocketAddr::new(ep.ip, port),
+                ready: ep.ready,
+                serving: ep.serving,
+                terminating: ep.terminating,
+                local: ep.node_name.as_deref() == Some(node_name),
+                zone_hints: ep.zone_hints.clone(),
+            };
+            match index.get(&c.addr).and_then(|&i| out.get_mut(i)) {
+                Some(seen) => {
+                    if seen.terminating && !c.terminating {
+                        *seen = c;
+                    }
+                }
+                None => {
+                    index.insert(c.addr, out.len());
+                    out.push(c);
+                }
+            }
+        }
+    }
+    out.sort_by_key(|c| c.addr);
+    out
+}
+
+struct Compiler<'a> {
+    ctx: &'a NodeContext,
+    metrics: &'a Metrics,
+    /// Generation of the snapshot being built.
+    generation: u64,
+    local: BTreeSet<IpAddr>,
+    /// What the Service being compiled contributes.
+    out: ServiceOut,
+}
+
+/// One Service's contribution to a snapshot, before conflicts between
+/// Services are resolved: reusable as long as the Service, its slices and the
+/// zone are unchanged.
+#[derive(Debug, Default)]
+struct ServiceOut {
+    /// Frontends in creation order, each with its kernel listener if any.
+    frontends: Vec<(FrontendKey, Arc<Frontend>, Option<ListenerSpec>)>,
+    health_check: Option<HealthCheck>,
+    no_local_internal: usize,
+    no_local_external: usize,
+}
+
+/// Compiled Services kept between compiles, so a change recompiles only the
+/// Services whose Service object or EndpointSlices changed (kube-proxy's
+/// partial sync): at 10,000 Services, one endpoint change no longer costs a
+/// full compile. Reused frontends keep their `Arc` (and metric handles).
+#[derive(Debug, Default)]
+pub struct CompileCache {
+    ctx: Option<NodeContext>,
+    zone: Option<String>,
+    services: HashMap<ObjectKey, Arc<ServiceOut>>,
+    /// Frontends of the last snapshot, to size the next one's map.
+    frontends: usize,
+    /// The last snapshot's parts, patched when few Services change.
+    last: Option<Last>,
+}
+
+#[cfg(test)]
+impl CompileCache {
+    /// Number of compiled Services kept.
+    pub(super) fn services_kept(&self) -> usize {
+        self.services.len()
+    }
+
+    /// Whether the next compile may patch the last snapshot.
+    pub(super) fn can_patch(&self) -> bool {
+        self.last.is_some()
+    }
+}
+
+/// What a snapshot holds, kept to build the next one by patching.
+#[derive(Debug)]
+struct Last {
+    frontends: HashMap<FrontendKey, Arc<Frontend>>,
+    listeners: Vec<ListenerSpec>,
+    health_checks: Vec<HealthCheck>,
+    conflicts: usize,
+    no_local_internal: usize,
+    no_local_external: usize,
+}
+
+impl Last {
+    fn of(snap: &Snapshot) -> Last {
+        Last {
+            frontends: snap.frontends.clone(),
+            listeners: snap.listeners.clone(),
+            health_checks: snap.health_checks.clone(),
+            conflicts: snap.conflicts.len(),
+            no_local_internal: snap.no_local_internal,
+            no_local_external: snap.no_local_external,
+        }
+    }
+}
+
+/// Above this many changed Services a full assembly is cheaper than patching.
+const PATCH_MAX: usize = 64;
+
+impl<'a> Compiler<'a> {
+    fn new(ctx: &'a NodeContext, metrics: &'a Metrics, generation: u64) -> Self {
+        Compiler {
+            ctx,
+            metrics,
+            generation,
+            local: ctx.local_addresses.iter().copied().collect(),
+            out: ServiceOut::default(),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn add(
+        &mut self,
+        svc: &Service,
+        sp: &ServicePort,
+        pm: &PortMetrics,
+        eps: &PortEndpoints,
+        addr: SocketAddr,
+        kind: FrontendKind,
+        policy: TrafficPolicy,
+    ) {
+        let usable = eps.family(&addr.ip());
+        let endpoints: Box<[SocketAddr]> = usable.for_policy(policy).into();
+        let when_empty = if policy == TrafficPolicy::Local && !usable.cluster.is_empty() {
+            EmptyAction::Drop
+        } else {
+            EmptyAction::Refuse
+        };
+        let source_ranges: Box<[IpNet]> = if kind == FrontendKind::LoadBalancer
+            && !svc.source_ranges.iter().any(|n| n.prefix_len() == 0)
+        {
+            svc.source_ranges.clone().into()
+        } else {
+            Box::new([])
+        };
+        let key = FrontendKey {
+            addr,
+            proto: sp.protocol,
+        };
+        let fe = Frontend {
+            service: svc.key.clone(),
+            port_name: sp.name.clone(),
+            proto: sp.protocol,
+            kind,
+            port_id: port_id(&svc.key, &sp.name, sp.protocol),
+            endpoints,
+            affinity: match svc.affinity {
+                Affinity::None => None,
+                Affinity::ClientIp { timeout } => Some(timeout),
+            },
+            source_ranges,
+            when_empty,
+            metrics: pm.clone(),
+            admitted: if sp.protocol == Protocol::Tcp {
+                self.metrics
+                    .frontend_active(&crate::telemetry::FrontendLabels {
+                        address: addr.to_string(),
+                        protocol: sp.protocol.as_str().to_string(),
+                    })
+            } else {
+                crate::telemetry::Gauge::default()
+            },
+        };
+        // 127.0.0.0/8 is routed locally as a whole on Linux, not just 127.0.0.1.
+        let local = addr.ip().is_loopback() || self.local.contains(&addr.ip());
+        let mut listener = None;
+        if kind != FrontendKind::ClusterIp && local {
+            let mode = match (fe.endpoints.is_empty(), fe.when_empty) {
+                (false, _) => Some(ListenerMode::Accept),
+                (true, EmptyAction::Drop) => Some(ListenerMode::Drop),
+                (true, EmptyAction::Refuse) => None,
+            };
+            listener = mode.map(|mode| ListenerSpec {
+                addr,
+                proto: sp.protocol,
+                mode,
+                allow: fe.source_ranges.iter().copied().collect(),
+            });
+        }
+        self.out.frontends.push((key, Arc::new(fe), listener));
+    }
+
+    fn service(&mut self, svc: &Service, slices: &[&EndpointSlice], zone: Option<&str>) {
+        let mut local_ready: BTreeSet<IpAddr> = BTreeSet::new();
+        for sp in &svc.ports {
+            let v4 = merge(slices, sp, AddressFamily::V4, &self.ctx.node_name);
+            let v6 = merge(slices, sp, AddressFamily::V6, &self.ctx.node_name);
+            for c in v4.iter().chain(&v6).filter(|c| c.local && c.ready) {
+                local_ready.insert(c.addr.ip());
+            }
+            let eps = PortEndpoints {
+                v4: categorize(&v4, zone),
+                v6: categorize(&v6, zone),
+            };
+            let pm = self.metrics.port(&PortLabels {
+                namespace: svc.key.namespace.clone(),
+                service: svc.key.name.clone(),
+                port: if sp.name.is_empty() {
+                    sp.port.to_string()
+                } else {
+                    sp.name.clone()
+                },
+                protocol: sp.protocol.as_str().to_string(),
+            });
+            let any_cluster = !eps.v4.cluster.is_empty() || !eps.v6.cluster.is_empty();
+            let no_local = eps.v4.local.is_empty() && eps.v6.local.is_empty() && any_cluster;
+            if no_local && svc.internal_policy == TrafficPolicy::Local {
+                self.out.no_local_internal += 1;
+            }
+            let external =
+                svc.service_type != ServiceType::ClusterIp || !svc.external_ips.is_empty();
+            if no_local && external && svc.external_policy == TrafficPolicy::Local {
+                self.out.no_local_external += 1;
+            }
+
+            for ip in &svc.cluster_ips {
+                let a = SocketAddr::new(*ip, sp.port);
+                self.add(
+                    svc,
+                    sp,
+                    &pm,
+                    &eps,
+                    a,
+                    FrontendKind::ClusterIp,
+                    svc.internal_policy,
+                );
+            }
+            let wants_node_port = match svc.service_type {
+                ServiceType::NodePort => true,
+                ServiceType::LoadBalancer => svc.allocate_lb_node_ports,
+                _ => false,
+            };
+            if let (true, Some(np)) = (wants_node_port, sp.node_port) {
+                for ip in self.ctx.nodeport_addresses.clone() {
+                    let a = SocketAddr::new(ip, np);
+                    self.add(
+                        svc,
+                        sp,
+                        &pm,
+                        &eps,
+                        a,
+                        FrontendKind::NodePort,
+                        svc.external_policy,
+                    );
+                }
+            }
+            if svc.service_type == ServiceType::LoadBalancer {
+                for ip in &svc.load_balancer_ips {
+                    let a = SocketAddr::new(*ip, sp.port);
+                    let k = FrontendKind::LoadBalancer;
+                    self.add(svc, sp, &pm, &eps, a, k, svc.external_policy);
+                }
+            }
+            for ip in &svc.external_ips {
+                let a = SocketAddr::new(*ip, sp.port);
+                let k = FrontendKind::ExternalIp;
+                self.add(svc, sp, &pm, &eps, a, k, svc.external_policy);
+            }
+        }
+        if let (Some(port), TrafficPolicy::Local) =
+            (svc.health_check_node_port, svc.external_policy)
+        {
+            self.out.health_check = Some(HealthCheck {
+                port,
+                service: svc.key.clone(),
+                local_endpoints: local_ready.len(),
+            });
+        }
+    }
+}
+
+impl Store {
+    /// Compiles the current objects into a snapshot for this node.
+    pub fn compile(&self, ctx: &NodeContext, metrics: &Metrics, generation: u64) -> Snapshot {
+        let all = Dirty {
+            all: true,
+            ..Dirty::default()
+        };
+        let c = Compiler::new(ctx, metrics, generation);
+        self.compile_dirty(c, &mut CompileCache::default(), &all)
+    }
+
+    /// Like [`Store::compile`], reusing from `cache` every Service whose
+    /// Service object and EndpointSlices did not change (the store tracks
+    /// them, see [`Store::take_dirty`]) and whose node context and zone are
+    /// the same as at the last compile. The result is the same as a full
+    /// compile. Use one cache per store: this consumes the store's record of
+    /// changes.
+    pub fn compile_with(
+        &mut self,
+        ctx: &NodeContext,
+        metrics: &Metrics,
+        generation: u64,
+        cache: &mut CompileCache,
+    ) -> Snapshot {
+        let dirty = self.take_dirty();
+        self.compile_dirty(Compiler::new(ctx, metrics, generation), cache, &dirty)
+    }
+
+    fn compile_dirty(
+        &self,
+        mut c: Compiler<'_>,
+        cache: &mut CompileCache,
+        dirty: &Dirty,
+    ) -> Snapshot {
+        let ctx = c.ctx;
+        let node = self.node(&ctx.node_name);
+        let zone = ctx
+            .zone
+            .as_deref()
+            .or_else(|| node.and_then(|n| n.zone.as_deref()));
+        if dirty.all || cache.ctx.as_ref() != Some(ctx) || cache.zone.as_deref() != zone {
+            cache.services.clear();
+            cache.ctx = Some(ctx.clone());
+            cache.zone = zone.map(str::to_string);
+            cache.last = None;
+        }
+        if let Some(snap) = self.patch(&mut c, cache, dirty, zone) {
+            return snap;
+        }
+        // A changed Service is compiled again; one that is gone (or no
+        // longer ours) simply leaves the cache.
+        for k in &dirty.services {
+            cache.services.remove(k);
+        }
+        let derived = self.selector_slices();
+        // Grouping every slice costs a pass over all of them: only worth it
+        // when many Services need their slices; a few look theirs up.
+        let by_service = (cache.services.len() < self.services.len() / 2
+            || dirty.services.len() > 64)
+            .then(|| self.slices_by_service(&derived));
+        let mut snap = Snapshot {
+            generation: c.generation,
+            frontends: HashMap::with_capacity(cache.frontends),
+            ..Snapshot::default()
+        };
+        for svc in self.services.values() {
+            if !svc.is_proxied(&ctx.proxy_name) {
+                continue;
+            }
+            let out = match cache.services.get(&svc.key) {
+                Some(out) => out.clone(),
+                None => {
+                    let found;
+                    let slices: &[&EndpointSlice] = match &by_service {
+                        Some(map) => map
+                            .get(&(svc.key.namespace.as_str(), svc.key.name.as_str()))
+                            .map(Vec::as_slice)
+                            .unwrap_or(&[]),
+                        None => {
+                            found = self
+                                .slices
+                                .values()
+                                .chain(&derived)
+                                .filter(|s| {
+                                    s.service_name == svc.key.name
+                                        && s.key.namespace == svc.key.namespace
+                                })
+                                .collect::<Vec<_>>();
+                            &found
+                        }
+                    };
+                    c.out = ServiceOut::default();
+                    c.service(svc, slices, zone);
+                    let out = Arc::new(std::mem::take(&mut c.out));
+                    cache.services.insert(svc.key.clone(), out.clone());
+                    out
+                }
+            };
+            assemble(&mut snap, &svc.key, &out);
+        }
+        cache.frontends = snap.frontends.len();
+        snap.listeners.sort();
+        snap.listeners.dedup();
+        snap.health_checks.sort_by_key(|h| h.port);
+        cache.last = Some(Last::of(&snap));
+        snap
+    }
+
+    /// The next snapshot as the last one with the changed Services' parts
+    /// taken out and their new parts put in: O(changed), not O(all). `None`
+    /// (do a full assembly) when the order of Services could matter (a
+    /// frontend or healthCheckNodePort claimed twice, before or now), when
+    /// Pods derive slices, or when many Services changed.
+    fn patch(
+        &self,
+        c: &mut Compiler<'_>,
+        cache: &mut CompileCache,
+        dirty: &Dirty,
+        zone: Option<&str>,
+    ) -> Option<Snapshot> {
+        let last = cache.last.as_ref()?;
+        if last.conflicts > 0 || dirty.services.len() > PATCH_MAX || !self.pods.is_empty() {
+            return None;
+        }
+        let mut frontends = last.frontends.clone();
+        let mut listeners = last.listeners.clone();
+        let mut health_checks = last.health_checks.clone();
+        let mut no_local_internal = last.no_local_internal;
+        let mut no_local_external = last.no_local_external;
+        for k in &dirty.services {
+            let Some(old) = cache.services.remove(k) else {
+                continue;
+            };
+            for (key, fe, listener) in &old.frontends {
+                if frontends.get(key).is_some_and(|f| Arc::ptr_eq(f, fe)) {
+                    frontends.remove(key);
+                    if let Some(i) = listener
+                        .as_ref()
+                        .and_then(|l| listeners.binary_search(l).ok())
+                    {
+                        listeners.remove(i);
+                    }
+                }
+            }
+            if let Some(h) = &old.health_check {
+                health_checks.retain(|x| x != h);
+            }
+            no_local_internal = no_local_internal.saturating_sub(old.no_local_internal);
+            no_local_external = no_local_external.saturating_sub(old.no_local_external);
+        }
+        for k in &dirty.services {
+            let Some(svc) = self.services.get(k) else {
+                continue;
+            };
+            if !svc.is_proxied(&c.ctx.proxy_name) {
+                continue;
+            }
+            let slices: Vec<&EndpointSlice> = self
+                .slices
+                .values()
+                .filter(|s| s.service_name == k.name && s.key.namespace == k.namespace)
+                .collect();
+            c.out = ServiceOut::default();
+            c.service(svc, &slices, zone);
+            let out = Arc::new(std::mem::take(&mut c.out));
+            cache.services.insert(k.clone(), out.clone());
+            for (key, fe, listener) in &out.frontends {
+                if frontends.insert(*key, fe.clone()).is_some() {
+                    return None;
+                }
+                if let Some(l) = listener {
+                    match listeners.binary_search(l) {
+                        Ok(_) => return None,
+                        Err(i) => listeners.insert(i, l.clone()),
+                    }
+                }
+            }
+            if let Some(h) = &out.health_check {
+                if health_checks.iter().any(|x| x.port == h.port) {
+                    return None;
+                }
+                health_checks.push(h.clone());
+            }
+            no_local_internal += out.no_local_internal;
+            no_local_external += out.no_local_external;
+        }
+        health_checks.sort_by_key(|h| h.port);
+        let snap = Snapshot {
+            generation: c.generation,
+            frontends,
+            listeners,
+            no_local_internal,
+            no_local_external,
+            conflicts: Vec::new(),
+            health_checks,
+        };
+        cache.frontends = snap.frontends.len();
+        cache.last = Some(Last::of(&snap));
+        Some(snap)
+    }
+}
+
+/// Adds one Service's frontends to the snapshot; a frontend already claimed
+/// by an earlier Service stays with it (first one wins) and is reported.
+fn assemble(snap: &mut Snapshot, service: &ObjectKey, out: &ServiceOut) {
+    use std::collections::hash_map::Entry;
+    for (key, fe, listener) in &out.frontends {
+        match snap.frontends.entry(*key) {
+            Entry::Occupied(prev) => {
+                let prev = &prev.get().service;
+                snap.conflicts.push(format!(
+                    "{} {}: claimed by {prev} and {service}; {prev} wins",
+                    key.proto, key.addr
+                ));
+                continue;
+            }
+            Entry::Vacant(v) => {
+                v.insert(fe.clone());
+            }
+        }
+        if let Some(l) = listener {
+            snap.listeners.push(l.clone());
+        }
+    }
+    snap.health_checks.extend(out.health_check.clone());
+    snap.no_local_internal += out.no_local_internal;
+    snap.no_local_external += out.no_local_external;
+}

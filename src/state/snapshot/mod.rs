@@ -1,0 +1,191 @@
+//! The immutable snapshot the data plane reads: frontends by address, the
+//! kernel listeners to hold and the health checks to serve. [`compile`]
+//! builds it from the store; all policy filtering happens there, once per
+//! change, never per connection.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use crate::balance::affinity::PortId;
+use crate::model::{ObjectKey, Protocol};
+use crate::telemetry::PortMetrics;
+
+mod compile;
+#[cfg(test)]
+mod tests;
+
+pub use compile::CompileCache;
+
+/// What this node is, as compile needs it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeContext {
+    /// This node's name (endpoints with this `nodeName` are local).
+    pub node_name: String,
+    /// Zone from the settings; else the Node object's label is used.
+    pub zone: Option<String>,
+    /// Value of `service.kubernetes.io/service-proxy-name` served here.
+    pub proxy_name: String,
+    /// Addresses NodePorts listen on.
+    pub nodeport_addresses: Vec<IpAddr>,
+    /// Every address assigned to this host (LB IPs and externalIPs are served
+    /// only when local).
+    pub local_addresses: Vec<IpAddr>,
+}
+
+/// A frontend's identity: where the client sent the flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    /// Destination address and port.
+    pub addr: SocketAddr,
+    /// Protocol.
+    pub proto: Protocol,
+}
+
+/// Which kind of Service address a frontend is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FrontendKind {
+    /// A ClusterIP (internal traffic policy).
+    ClusterIp,
+    /// A NodePort on a node address (external policy).
+    NodePort,
+    /// A LoadBalancer ingress IP (external policy, source ranges).
+    LoadBalancer,
+    /// An externalIP (external policy).
+    ExternalIp,
+}
+
+/// What to do with a new flow when the frontend has no usable endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EmptyAction {
+    /// Refuse at once (TCP RST, ICMP port unreachable).
+    Refuse,
+    /// Drop silently: Local policy with endpoints only on other nodes, as kube-proxy.
+    Drop,
+}
+
+/// One frontend, with everything a new flow needs, precomputed.
+#[derive(Debug, Clone)]
+pub struct Frontend {
+    /// The Service.
+    pub service: ObjectKey,
+    /// Service port name (may be empty).
+    pub port_name: String,
+    /// Protocol.
+    pub proto: Protocol,
+    /// Kind of address.
+    pub kind: FrontendKind,
+    /// Stable id of the Service port (affinity key).
+    pub port_id: PortId,
+    /// Usable endpoints after policy filtering, in a stable order.
+    pub endpoints: Box<[SocketAddr]>,
+    /// ClientIP affinity timeout, if enabled.
+    pub affinity: Option<Duration>,
+    /// Allowed client ranges (LoadBalancer only); empty allows all.
+    pub source_ranges: Box<[IpNet]>,
+    /// What happens when `endpoints` is empty.
+    pub when_empty: EmptyAction,
+    /// Metric handles of the Service port.
+    pub metrics: PortMetrics,
+    /// TCP connections admitted through this frontend; the same atomic in
+    /// every snapshot, so `--max-connections-per-frontend` holds across reloads.
+    pub admitted: crate::telemetry::Gauge,
+}
+
+impl Frontend {
+    /// Whether a client address may use this frontend.
+    #[inline]
+    pub fn allows(&self, client: IpAddr) -> bool {
+        self.source_ranges.is_empty() || self.source_ranges.iter().any(|n| n.contains(&client))
+    }
+}
+
+/// How a kernel listener for a frontend behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ListenerMode {
+    /// Accept and proxy.
+    Accept,
+    /// Bound with a filter that drops every packet: clients time out.
+    Drop,
+}
+
+/// A kernel socket the data plane must hold open. Frontends with no usable
+/// endpoint and [`EmptyAction::Refuse`] have no listener, so the kernel itself
+/// refuses (RST / ICMP port unreachable) at once.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListenerSpec {
+    /// Local address and port.
+    pub addr: SocketAddr,
+    /// Protocol.
+    pub proto: Protocol,
+    /// Behaviour.
+    pub mode: ListenerMode,
+    /// Client ranges allowed (loadBalancerSourceRanges); empty allows all.
+    /// Enforced in the kernel with a socket filter, so others are dropped
+    /// before any handshake, as kube-proxy drops them.
+    pub allow: Arc<[IpNet]>,
+}
+
+/// Everything the data plane needs, immutable once published.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Increases with every compile.
+    pub generation: u64,
+    frontends: HashMap<FrontendKey, Arc<Frontend>>,
+    listeners: Vec<ListenerSpec>,
+    /// Service ports with Local internal policy and no local endpoint.
+    pub no_local_internal: usize,
+    /// Service ports with Local external policy and no local endpoint.
+    pub no_local_external: usize,
+    /// Frontends claimed by more than one Service port (first one wins).
+    pub conflicts: Vec<String>,
+    /// healthCheckNodePort servers to run (eTP=Local Services), sorted by port.
+    pub health_checks: Vec<HealthCheck>,
+}
+
+/// A `healthCheckNodePort` and what it reports: load balancers send traffic
+/// for an `externalTrafficPolicy: Local` Service only to nodes answering 200.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// The port.
+    pub port: u16,
+    /// The Service.
+    pub service: ObjectKey,
+    /// Distinct ready endpoint addresses on this node, over all its ports
+    /// (kube-proxy's LocalReadyEndpoints).
+    pub local_endpoints: usize,
+}
+
+impl Snapshot {
+    /// A snapshot with nothing in it: no frontend, no listener.
+    pub fn empty(generation: u64) -> Self {
+        Snapshot {
+            generation,
+            ..Snapshot::default()
+        }
+    }
+
+    /// The frontend a flow was addressed to.
+    #[inline]
+    pub fn frontend(&self, key: &FrontendKey) -> Option<&Arc<Frontend>> {
+        self.frontends.get(key)
+    }
+
+    /// Kernel listeners to hold open, sorted.
+    pub fn listeners(&self) -> &[ListenerSpec] {
+        &self.listeners
+    }
+
+    /// Number of frontends.
+    pub fn frontend_count(&self) -> usize {
+        self.frontends.len()
+    }
+
+    /// All frontends (for status and tests).
+    pub fn frontends(&self) -> impl Iterator<Item = (&FrontendKey, &Arc<Frontend>)> {
+        self.frontends.iter()
+    }
+}

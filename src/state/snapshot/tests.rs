@@ -1,0 +1,492 @@
+//! Tests of the snapshot compile: joins, policies, listeners, the cache.
+
+use super::*;
+use crate::discovery::Update;
+use crate::model::*;
+use crate::state::Store;
+use crate::telemetry::Metrics;
+use crate::testing::builders::{self, endpoint, port, slice_port};
+use std::collections::BTreeMap;
+
+/// node-a: NodePorts on 192.0.2.1, which is local with 198.51.100.7.
+fn ctx() -> NodeContext {
+    builders::node("node-a", &["192.0.2.1"], &["192.0.2.1", "198.51.100.7"])
+}
+
+/// default/`name` at 10.96.0.10, port "http" 80/TCP to 8080.
+fn svc(name: &str) -> Service {
+    builders::service(
+        "default",
+        name,
+        &["10.96.0.10"],
+        vec![port("http", Protocol::Tcp, 80, 8080)],
+    )
+}
+
+/// [`svc`] of `service_type` with NodePort `node_port` on its port.
+fn exposed(name: &str, service_type: ServiceType, node_port: u16) -> Service {
+    let mut s = svc(name);
+    s.service_type = service_type;
+    s.ports[0].node_port = Some(node_port);
+    s
+}
+
+fn ep(ip: &str, node: &str, ready: bool, terminating: bool) -> Endpoint {
+    Endpoint {
+        ready,
+        serving: ready || terminating,
+        terminating,
+        node_name: Some(node.into()),
+        ..endpoint(ip)
+    }
+}
+
+/// A ready endpoint at `ip` on `node`.
+fn up(ip: &str, node: &str) -> Endpoint {
+    ep(ip, node, true, false)
+}
+
+/// IPv4 slice default/`name` of `svc`, port "http" at 8080.
+fn slice(name: &str, svc: &str, eps: Vec<Endpoint>) -> EndpointSlice {
+    EndpointSlice {
+        family: AddressFamily::V4,
+        ..builders::slice(
+            "default",
+            name,
+            svc,
+            vec![slice_port("http", Protocol::Tcp, 8080)],
+            eps,
+        )
+    }
+}
+
+/// [`slice`] as an object.
+fn sliced(name: &str, svc: &str, eps: Vec<Endpoint>) -> Object {
+    Object::EndpointSlice(slice(name, svc, eps))
+}
+
+fn compile(objs: Vec<Object>) -> Snapshot {
+    builders::snapshot(objs, &ctx())
+}
+
+fn fkey(a: &str, proto: Protocol) -> FrontendKey {
+    FrontendKey {
+        addr: a.parse().unwrap(),
+        proto,
+    }
+}
+
+/// The TCP frontend at `addr`, which must exist.
+fn tcp<'a>(snap: &'a Snapshot, addr: &str) -> &'a Arc<Frontend> {
+    match snap.frontend(&fkey(addr, Protocol::Tcp)) {
+        Some(fe) => fe,
+        None => panic!("no TCP frontend at {addr}"),
+    }
+}
+
+/// Whether `snap` has a frontend at `addr` for `proto`.
+fn has(snap: &Snapshot, addr: &str, proto: Protocol) -> bool {
+    snap.frontend(&fkey(addr, proto)).is_some()
+}
+
+fn addrs(v: &[&str]) -> Vec<SocketAddr> {
+    v.iter().map(|a| a.parse().unwrap()).collect()
+}
+
+#[test]
+fn clusterip_joins_slices_by_port_name_and_protocol() {
+    let mut s2 = slice("web-2", "web", vec![up("10.0.0.3", "node-b")]);
+    s2.ports[0].name = "other".into();
+    let snap = compile(vec![
+        Object::Service(svc("web")),
+        sliced(
+            "web-1",
+            "web",
+            vec![up("10.0.0.1", "node-a"), up("10.0.0.2", "node-b")],
+        ),
+        Object::EndpointSlice(s2),
+    ]);
+    let fe = tcp(&snap, "10.96.0.10:80");
+    assert_eq!(
+        fe.endpoints.to_vec(),
+        addrs(&["10.0.0.1:8080", "10.0.0.2:8080"])
+    );
+    assert!(!has(&snap, "10.96.0.10:80", Protocol::Udp));
+    // ClusterIPs never become kernel listeners
+    assert!(snap.listeners().is_empty());
+}
+
+#[test]
+fn duplicate_endpoints_keep_non_terminating_copy() {
+    let snap = compile(vec![
+        Object::Service(svc("web")),
+        sliced("a", "web", vec![ep("10.0.0.1", "n", false, true)]),
+        sliced("b", "web", vec![ep("10.0.0.1", "n", true, false)]),
+        sliced("c", "web", vec![ep("10.0.0.2", "n", false, true)]),
+    ]);
+    // 10.0.0.1 is ready via slice b, so the terminating 10.0.0.2 is not used
+    let fe = tcp(&snap, "10.96.0.10:80");
+    assert_eq!(fe.endpoints.to_vec(), addrs(&["10.0.0.1:8080"]));
+}
+
+#[test]
+fn nodeport_lb_and_external_ips_get_listeners_when_local() {
+    let mut s = exposed("web", ServiceType::LoadBalancer, 30080);
+    s.load_balancer_ips = vec![
+        "198.51.100.7".parse().unwrap(),
+        "203.0.113.9".parse().unwrap(),
+    ];
+    s.external_ips = vec!["198.51.100.7".parse().unwrap()];
+    s.ports.push(ServicePort {
+        node_port: Some(30053),
+        ..port("dns", Protocol::Udp, 53, 53)
+    });
+    let mut sl = slice("w", "web", vec![up("10.0.0.1", "node-b")]);
+    sl.ports.push(slice_port("dns", Protocol::Udp, 5353));
+    let snap = compile(vec![Object::Service(s), Object::EndpointSlice(sl)]);
+    let l: Vec<_> = snap
+        .listeners()
+        .iter()
+        .map(|l| (l.addr.to_string(), l.proto))
+        .collect();
+    assert_eq!(
+        l,
+        vec![
+            ("192.0.2.1:30053".to_string(), Protocol::Udp),
+            ("192.0.2.1:30080".to_string(), Protocol::Tcp),
+            ("198.51.100.7:53".to_string(), Protocol::Udp),
+            ("198.51.100.7:80".to_string(), Protocol::Tcp),
+        ]
+    );
+    // the externalIP equals an LB IP: first claim wins, conflict recorded
+    assert_eq!(snap.conflicts.len(), 2);
+    // non-local LB IP is a frontend (for the TUN path) but not a listener
+    assert!(has(&snap, "203.0.113.9:80", Protocol::Tcp));
+    let udp = snap
+        .frontend(&fkey("192.0.2.1:30053", Protocol::Udp))
+        .unwrap();
+    assert_eq!(udp.endpoints.to_vec(), addrs(&["10.0.0.1:5353"]));
+}
+
+#[test]
+fn lb_without_node_port_allocation_has_no_nodeport() {
+    let mut s = exposed("web", ServiceType::LoadBalancer, 30080);
+    s.allocate_lb_node_ports = false;
+    let snap = compile(vec![
+        Object::Service(s),
+        sliced("w", "web", vec![up("10.0.0.1", "x")]),
+    ]);
+    assert!(!has(&snap, "192.0.2.1:30080", Protocol::Tcp));
+}
+
+#[test]
+fn no_endpoints_means_no_listener_so_kernel_refuses() {
+    let s = exposed("web", ServiceType::NodePort, 30080);
+    let snap = compile(vec![Object::Service(s)]);
+    assert!(snap.listeners().is_empty());
+    assert_eq!(
+        tcp(&snap, "192.0.2.1:30080").when_empty,
+        EmptyAction::Refuse
+    );
+}
+
+#[test]
+fn external_local_without_local_endpoints_drops() {
+    let mut s = exposed("web", ServiceType::NodePort, 30080);
+    s.external_policy = TrafficPolicy::Local;
+    let snap = compile(vec![
+        Object::Service(s),
+        sliced("w", "web", vec![up("10.0.0.2", "node-b")]),
+    ]);
+    let np = tcp(&snap, "192.0.2.1:30080");
+    assert!(np.endpoints.is_empty());
+    assert_eq!(np.when_empty, EmptyAction::Drop);
+    assert_eq!(snap.listeners()[0].mode, ListenerMode::Drop);
+    assert_eq!(snap.no_local_external, 1);
+    // ClusterIP traffic still uses the remote endpoint (internal policy Cluster)
+    assert_eq!(tcp(&snap, "10.96.0.10:80").endpoints.len(), 1);
+}
+
+#[test]
+fn internal_local_uses_local_endpoints_for_clusterip() {
+    let mut s = svc("web");
+    s.internal_policy = TrafficPolicy::Local;
+    let snap = compile(vec![
+        Object::Service(s),
+        sliced(
+            "w",
+            "web",
+            vec![up("10.0.0.1", "node-a"), up("10.0.0.2", "node-b")],
+        ),
+    ]);
+    let cip = tcp(&snap, "10.96.0.10:80");
+    assert_eq!(cip.endpoints.to_vec(), addrs(&["10.0.0.1:8080"]));
+    assert_eq!(snap.no_local_internal, 0);
+}
+
+#[test]
+fn health_check_counts_distinct_local_ready_endpoints() {
+    let mut s = svc("web");
+    s.service_type = ServiceType::LoadBalancer;
+    s.external_policy = TrafficPolicy::Local;
+    s.health_check_node_port = Some(31000);
+    let snap = compile(vec![
+        Object::Service(s.clone()),
+        sliced(
+            "w",
+            "web",
+            vec![
+                up("10.0.0.1", "node-a"),
+                ep("10.0.0.2", "node-a", false, true),
+                up("10.0.0.3", "node-b"),
+            ],
+        ),
+    ]);
+    assert_eq!(
+        snap.health_checks,
+        vec![HealthCheck {
+            port: 31000,
+            service: s.key.clone(),
+            local_endpoints: 1
+        }]
+    );
+    // Cluster policy: no health check server.
+    s.external_policy = TrafficPolicy::Cluster;
+    assert!(compile(vec![Object::Service(s)]).health_checks.is_empty());
+}
+
+#[test]
+fn skipped_services_have_no_frontends() {
+    let mut headless = svc("h");
+    headless.headless = true;
+    headless.cluster_ips.clear();
+    let mut other_proxy = svc("o");
+    other_proxy.proxy_name = Some("cilium".into());
+    let mut labelled = svc("l");
+    labelled.headless_label = true;
+    let mut mine = svc("m");
+    mine.proxy_name = Some("ringvip".into());
+    mine.cluster_ips = vec!["10.96.0.11".parse().unwrap()];
+    let snap = compile(vec![
+        Object::Service(headless),
+        Object::Service(other_proxy),
+        Object::Service(labelled),
+        Object::Service(mine),
+    ]);
+    assert_eq!(snap.frontend_count(), 1);
+    assert!(has(&snap, "10.96.0.11:80", Protocol::Tcp));
+}
+
+#[test]
+fn source_ranges_only_on_lb_and_open_range_allows_all() {
+    let mut s = exposed("web", ServiceType::LoadBalancer, 30080);
+    s.load_balancer_ips = vec!["198.51.100.7".parse().unwrap()];
+    s.source_ranges = vec!["203.0.113.0/24".parse().unwrap()];
+    let objs = vec![
+        Object::Service(s.clone()),
+        sliced("w", "web", vec![up("10.0.0.1", "x")]),
+    ];
+    let snap = compile(objs);
+    let lb = tcp(&snap, "198.51.100.7:80");
+    assert!(lb.allows("203.0.113.5".parse().unwrap()));
+    assert!(!lb.allows("192.0.2.99".parse().unwrap()));
+    let np = tcp(&snap, "192.0.2.1:30080");
+    assert!(np.allows("192.0.2.99".parse().unwrap()));
+
+    s.source_ranges.push("0.0.0.0/0".parse().unwrap());
+    let snap = compile(vec![Object::Service(s)]);
+    let lb = tcp(&snap, "198.51.100.7:80");
+    assert!(lb.allows("192.0.2.99".parse().unwrap()));
+}
+
+#[test]
+fn affinity_and_port_id_are_stable() {
+    let mut s = svc("web");
+    s.affinity = Affinity::ClientIp {
+        timeout: Duration::from_secs(60),
+    };
+    let a = compile(vec![Object::Service(s.clone())]);
+    let b = compile(vec![Object::Service(s)]);
+    let k = "10.96.0.10:80";
+    assert_eq!(tcp(&a, k).affinity, Some(Duration::from_secs(60)));
+    assert_eq!(tcp(&a, k).port_id, tcp(&b, k).port_id);
+}
+
+#[test]
+fn reset_counts_changes() {
+    let mut st = Store::new();
+    let c = st.apply(Update::Reset(vec![
+        Object::Service(svc("a")),
+        Object::Service(svc("b")),
+    ]));
+    assert_eq!(c.services, 2);
+    let mut b2 = svc("b");
+    b2.selector = Some(BTreeMap::new());
+    let c = st.apply(Update::Reset(vec![
+        Object::Service(svc("a")),
+        Object::Service(b2),
+    ]));
+    assert_eq!(c.services, 1);
+    let c = st.apply(Update::Delete(
+        Kind::Service,
+        ObjectKey::new("default", "a"),
+    ));
+    assert_eq!(c.services, 1);
+    assert_eq!(st.service_count(), 1);
+}
+
+/// What a snapshot serves, comparable across compiles.
+type Served = Vec<(FrontendKey, Vec<SocketAddr>, EmptyAction, String)>;
+
+fn served(s: &Snapshot) -> (Served, Vec<ListenerSpec>, Vec<String>, Vec<HealthCheck>) {
+    let mut f: Served = s
+        .frontends()
+        .map(|(k, fe)| {
+            (
+                *k,
+                fe.endpoints.to_vec(),
+                fe.when_empty,
+                fe.service.name.clone(),
+            )
+        })
+        .collect();
+    f.sort_by_key(|e| e.0);
+    (
+        f,
+        s.listeners().to_vec(),
+        s.conflicts.clone(),
+        s.health_checks.clone(),
+    )
+}
+
+/// A store, the cache it compiles with, and what it compiles for.
+struct Cached {
+    st: Store,
+    cache: CompileCache,
+    ctx: NodeContext,
+    metrics: Metrics,
+}
+
+impl Cached {
+    /// Applies `updates`, compiles with the cache as generation `g`, and
+    /// checks the result serves the same as a full compile.
+    fn step(&mut self, updates: Vec<Update>, g: u64) -> Snapshot {
+        for u in updates {
+            self.st.apply(u);
+        }
+        let cached = self
+            .st
+            .compile_with(&self.ctx, &self.metrics, g, &mut self.cache);
+        let full = self.st.compile(&self.ctx, &self.metrics, g);
+        assert_eq!(served(&cached), served(&full), "generation {g}");
+        assert_eq!(cached.no_local_external, full.no_local_external);
+        cached
+    }
+}
+
+fn upsert(o: Object) -> Update {
+    Update::Upsert(Box::new(o))
+}
+
+/// Whether `a` and `b` hold the very same TCP frontend at `addr`.
+fn same(a: &Snapshot, b: &Snapshot, addr: &str) -> bool {
+    Arc::ptr_eq(tcp(a, addr), tcp(b, addr))
+}
+
+#[test]
+fn compile_cache_recompiles_only_what_changed_and_matches_a_full_compile() {
+    let mut a = exposed("a", ServiceType::NodePort, 30080);
+    a.external_policy = TrafficPolicy::Local;
+    a.health_check_node_port = Some(30999);
+    let mut b = svc("b");
+    b.cluster_ips = vec!["10.96.0.11".parse().unwrap()];
+    // c claims a's ClusterIP: a conflict, a wins.
+    let c = svc("c");
+    let mut run = Cached {
+        st: Store::new(),
+        cache: CompileCache::default(),
+        ctx: ctx(),
+        metrics: Metrics::new(),
+    };
+    let first = run.step(
+        vec![Update::Reset(vec![
+            Object::Service(a),
+            Object::Service(b),
+            Object::Service(c),
+            sliced("a-1", "a", vec![up("10.0.0.1", "node-a")]),
+            sliced("b-1", "b", vec![up("10.0.0.2", "node-b")]),
+        ])],
+        1,
+    );
+    assert_eq!(first.conflicts.len(), 1);
+
+    // b's endpoints change: only b is compiled again.
+    let b_slice = sliced("b-1", "b", vec![up("10.0.0.3", "node-b")]);
+    let second = run.step(vec![upsert(b_slice)], 2);
+    assert!(same(&first, &second, "10.96.0.10:80"));
+    assert!(same(&first, &second, "192.0.2.1:30080"));
+    assert!(!same(&first, &second, "10.96.0.11:80"));
+    assert_eq!(
+        tcp(&second, "10.96.0.11:80").endpoints.to_vec(),
+        addrs(&["10.0.0.3:8080"])
+    );
+
+    // The Node's zone changes: everything is compiled again.
+    let node = Node {
+        name: "node-a".into(),
+        zone: Some("z1".into()),
+        addresses: vec![],
+        deleting: false,
+    };
+    let third = run.step(vec![upsert(Object::Node(node))], 3);
+    assert!(!same(&second, &third, "10.96.0.10:80"));
+
+    // a deleted: c now owns the ClusterIP, a's NodePort and health check go.
+    let gone = Update::Delete(Kind::Service, ObjectKey::new("default", "a"));
+    let fourth = run.step(vec![gone], 4);
+    assert!(fourth.conflicts.is_empty());
+    assert_eq!(tcp(&fourth, "10.96.0.10:80").service.name, "c");
+    assert!(fourth.health_checks.is_empty() && fourth.listeners().is_empty());
+    assert_eq!(run.cache.services_kept(), 2);
+
+    // A slice moving from b to c changes both; nothing changed, nothing
+    // compiled: the same frontends again.
+    let moved = sliced("b-1", "c", vec![up("10.0.0.4", "node-b")]);
+    let fifth = run.step(vec![upsert(moved)], 5);
+    assert!(tcp(&fifth, "10.96.0.11:80").endpoints.is_empty());
+    assert_eq!(
+        tcp(&fifth, "10.96.0.10:80").endpoints.to_vec(),
+        addrs(&["10.0.0.4:8080"])
+    );
+    let sixth = run
+        .st
+        .compile_with(&run.ctx, &run.metrics, 6, &mut run.cache);
+    assert!(same(&fifth, &sixth, "10.96.0.11:80"));
+    assert!(same(&fifth, &sixth, "10.96.0.10:80"));
+
+    // Patched in place (no conflicts left): a NodePort Service with a
+    // health check comes, changes and goes.
+    let mut d = exposed("d", ServiceType::NodePort, 30081);
+    d.cluster_ips = vec!["10.96.0.12".parse().unwrap()];
+    d.external_policy = TrafficPolicy::Local;
+    d.health_check_node_port = Some(30998);
+    let d_slice = |ip: &str| upsert(sliced("d-1", "d", vec![up(ip, "node-a")]));
+    let steps = vec![
+        vec![upsert(Object::Service(d.clone())), d_slice("10.0.0.5")],
+        vec![d_slice("10.0.0.6")],
+        vec![Update::Delete(
+            Kind::EndpointSlice,
+            ObjectKey::new("default", "d-1"),
+        )],
+        vec![Update::Delete(
+            Kind::Service,
+            ObjectKey::new("default", "d"),
+        )],
+    ];
+    for (i, updates) in steps.into_iter().enumerate() {
+        let patched = run.step(updates, 7 + i as u64);
+        assert!(run.cache.can_patch(), "step {i}");
+        assert!(same(&sixth, &patched, "10.96.0.11:80"));
+    }
+    assert_eq!(run.cache.services_kept(), 2);
+}
