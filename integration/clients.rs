@@ -24,11 +24,17 @@ fn flows_total(t: &Topology, rv: &Ringvip, service: &str) -> u64 {
 
 /// Sends two datagrams back to back from each of `sockets` fresh sockets
 /// (what glibc's resolver does with its A and AAAA queries) and counts the
-/// sockets that did not get both replies within a second.
+/// sockets that did not get both replies within a second. The sockets are
+/// all bound first and stay open until all are done, so each has a port of
+/// its own: a port the kernel handed out again would make a later socket the
+/// same flow as an earlier one.
 fn pairs_lost(to: SocketAddr, sockets: usize) -> usize {
-    (0..sockets)
-        .filter(|i| {
-            let c = UdpSocket::bind("0.0.0.0:0").unwrap();
+    let open: Vec<UdpSocket> = (0..sockets)
+        .map(|_| UdpSocket::bind("0.0.0.0:0").unwrap())
+        .collect();
+    open.iter()
+        .enumerate()
+        .filter(|(i, c)| {
             c.connect(to).unwrap();
             c.send(format!("A{i}").as_bytes()).unwrap();
             c.send(format!("AAAA{i}").as_bytes()).unwrap();
@@ -53,8 +59,10 @@ fn pairs_lost(to: SocketAddr, sockets: usize) -> usize {
 
 /// Waits until `to` answers a datagram at all (ringvip sets up the TUN and
 /// the NodePort listener after it logs its first snapshot): a precondition,
-/// so a poll; the socket used here is not one the test counts.
-fn wait_udp_ready(to: SocketAddr, probe: &[u8]) -> bool {
+/// so a poll; the socket used here is not one the test counts. It is given
+/// back for the caller to hold, so no counted socket gets its port (and its
+/// flow) while the test runs.
+fn wait_udp_ready(to: SocketAddr, probe: &[u8]) -> Option<UdpSocket> {
     let c = UdpSocket::bind("0.0.0.0:0").unwrap();
     c.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
@@ -63,10 +71,10 @@ fn wait_udp_ready(to: SocketAddr, probe: &[u8]) -> bool {
     while Instant::now() < deadline {
         c.send_to(probe, to).unwrap();
         if c.recv(&mut buf).is_ok() {
-            return true;
+            return Some(c);
         }
     }
-    false
+    None
 }
 
 /// A UDP Service with a ClusterIP and a NodePort: from 30 fresh sockets each,
@@ -91,10 +99,13 @@ fn a_datagram_pair_from_fresh_sockets_gets_both_replies() {
     let rv = t.launch(&m, &[]);
     let vip = SocketAddr::from(([10, 96, 0, 53], 80));
     let np = SocketAddr::from(([127, 0, 0, 1], node_port));
-    let ready = Topology::within(&t.node, move || {
-        wait_udp_ready(vip, b"ready?") && wait_udp_ready(np, b"ready?")
+    let probes = Topology::within(&t.node, move || {
+        Some((
+            wait_udp_ready(vip, b"ready?")?,
+            wait_udp_ready(np, b"ready?")?,
+        ))
     });
-    assert!(ready, "the Service never answered\n{}", rv.log());
+    assert!(probes.is_some(), "the Service never answered\n{}", rv.log());
     let before = flows_total(&t, &rv, "pair");
     let (via_vip, via_np) =
         Topology::within(&t.node, move || (pairs_lost(vip, 30), pairs_lost(np, 30)));
@@ -110,6 +121,7 @@ fn a_datagram_pair_from_fresh_sockets_gets_both_replies() {
         60,
         "one flow per socket and path, each counted once"
     );
+    drop(probes);
 }
 
 /// A DNS query (RFC 1035) for the A record of `name`.
@@ -150,7 +162,8 @@ fn glibc_resolves_fifty_names_through_a_dns_clusterip() {
     let dns = SocketAddr::from(([10, 96, 0, 54], 53));
     // Precondition (ringvip and dnsmasq up): any answer at all, from a socket
     // of its own; the lookups below are not retried.
-    let ready = Topology::within(&t.node, move || wait_udp_ready(dns, &a_query("name1.test")));
+    let ready =
+        Topology::within(&t.node, move || wait_udp_ready(dns, &a_query("name1.test"))).is_some();
     assert!(ready, "the DNS ClusterIP never answered\n{}", rv.log());
     let getent = getent.to_str().unwrap().to_string();
     for i in 1..=50 {
