@@ -17,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
+use support::netns::Topology;
 use support::*;
 
 const PROM_WHY: &str = "the dashboard and the alert rules are checked against a real \
@@ -34,18 +35,16 @@ const MADE_TRUE: [&str; 3] = [
     "RingvipLimitsHit",
     "RingvipDrainStuck",
 ];
-/// Alerts whose condition this test cannot reach: every series they select
-/// must exist, and alerts_test.yaml tests the condition. A healthy process
-/// does not take 30 s to program a change, nor stall a sync for 2 minutes;
-/// and `no_endpoints` failures are counted only on the ClusterIP (TUN)
-/// path, which needs a network namespace: a NodePort without endpoints has
-/// no listener (the kernel refuses, as kube-proxy's REJECT does), so
-/// nothing counts them on loopback.
-const SELECTORS_ONLY: [&str; 3] = [
-    "RingvipNetworkProgrammingLatencyHigh",
-    "RingvipSyncStalled",
-    "RingvipNoEndpointsWithTraffic",
-];
+/// Alerts whose condition these tests cannot reach: every series they
+/// select must exist, and alerts_test.yaml tests the condition. A healthy
+/// process does not take 30 s to program a change, nor stall a sync for 2
+/// minutes.
+const SELECTORS_ONLY: [&str; 2] = ["RingvipNetworkProgrammingLatencyHigh", "RingvipSyncStalled"];
+/// Made true (and firing) by the namespace test: `no_endpoints` failures are
+/// counted on the ClusterIP (TUN) path; a NodePort without endpoints has no
+/// listener (the kernel refuses, as kube-proxy's REJECT does), so nothing
+/// counts them on loopback.
+const MADE_TRUE_IN_A_NAMESPACE: [&str; 1] = ["RingvipNoEndpointsWithTraffic"];
 /// Alerts over per-endpoint series: whole expression made true when the
 /// scrape has them.
 const ENDPOINT_ALERTS: [&str; 1] = ["RingvipEndpointsAllUnhealthy"];
@@ -153,6 +152,15 @@ fn selectors(expr: &str) -> Vec<String> {
     out
 }
 
+/// The expression of alert `name`.
+fn expr_of(name: &str) -> String {
+    alert_exprs(&rules_yaml())
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, e)| e)
+        .unwrap_or_else(|| panic!("no alert {name}"))
+}
+
 /// Percent-encodes `s` for a URL query value.
 fn url_encode(s: &str) -> String {
     s.bytes()
@@ -166,15 +174,21 @@ fn url_encode(s: &str) -> String {
 }
 
 /// A Prometheus server of this test: its own directory, a free port,
-/// scraping `target` every second and evaluating `rules` every second.
+/// scraping `target` every second and evaluating `rules` every second;
+/// inside network namespace `netns` when given (where ringvip runs).
 struct Prometheus {
     child: Child,
     dir: tempfile::TempDir,
     addr: SocketAddr,
+    netns: Option<String>,
 }
 
 impl Prometheus {
     fn start(bin: &Path, target: SocketAddr, rules: &str) -> Prometheus {
+        Prometheus::start_in(None, bin, target, rules)
+    }
+
+    fn start_in(netns: Option<&str>, bin: &Path, target: SocketAddr, rules: &str) -> Prometheus {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("alerts.yaml"), rules).unwrap();
         let cfg = format!(
@@ -185,7 +199,15 @@ impl Prometheus {
         );
         std::fs::write(dir.path().join("prometheus.yml"), cfg).unwrap();
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
-        let child = Command::new(bin)
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .arg(format!(
                 "--config.file={}",
                 dir.path().join("prometheus.yml").display()
@@ -199,7 +221,13 @@ impl Prometheus {
             .stderr(std::fs::File::create(dir.path().join("prometheus.log")).unwrap())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
-        let p = Prometheus { child, dir, addr };
+        let netns = netns.map(str::to_string);
+        let p = Prometheus {
+            child,
+            dir,
+            addr,
+            netns,
+        };
         // Precondition: Prometheus has loaded its configuration and rules.
         assert!(
             wait_until(Duration::from_secs(30), || p
@@ -217,14 +245,21 @@ impl Prometheus {
 
     /// GET `path` (HTTP/1.0: the body is not chunked): status and body.
     fn raw_get(&self, path: &str) -> Option<(u16, String)> {
-        let mut c = TcpStream::connect(self.addr).ok()?;
-        c.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-        write!(c, "GET {path} HTTP/1.0\r\nHost: prometheus\r\n\r\n").ok()?;
-        let mut s = String::new();
-        c.read_to_string(&mut s).ok()?;
-        let code = s.split(' ').nth(1)?.parse().ok()?;
-        let body = s.split_once("\r\n\r\n")?.1.to_string();
-        Some((code, body))
+        let (addr, path) = (self.addr, path.to_string());
+        let get = move || {
+            let mut c = TcpStream::connect(addr).ok()?;
+            c.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+            write!(c, "GET {path} HTTP/1.0\r\nHost: prometheus\r\n\r\n").ok()?;
+            let mut s = String::new();
+            c.read_to_string(&mut s).ok()?;
+            let code = s.split(' ').nth(1)?.parse().ok()?;
+            let body = s.split_once("\r\n\r\n")?.1.to_string();
+            Some((code, body))
+        };
+        match &self.netns {
+            Some(ns) => Topology::within(ns, get),
+            None => get(),
+        }
     }
 
     /// The `data` of an API call, which must succeed.
@@ -597,17 +632,17 @@ fn dashboard_and_alerts_work_on_a_real_prometheus() {
     for (name, _) in &alerts {
         let n = name.as_str();
         assert!(
-            MADE_TRUE.contains(&n) || SELECTORS_ONLY.contains(&n) || ENDPOINT_ALERTS.contains(&n),
+            [
+                &MADE_TRUE[..],
+                &SELECTORS_ONLY,
+                &MADE_TRUE_IN_A_NAMESPACE,
+                &ENDPOINT_ALERTS
+            ]
+            .iter()
+            .any(|list| list.contains(&n)),
             "{name}: say how this test checks it"
         );
     }
-    let expr_of = |name: &str| {
-        alerts
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, e)| e.clone())
-            .unwrap_or_else(|| panic!("no alert {name}"))
-    };
     // Every series a rule selects exists.
     let selected: Vec<(String, String)> = alerts
         .iter()
@@ -683,4 +718,37 @@ fn dashboard_and_alerts_work_on_a_real_prometheus() {
     assert_eq!(prom.rule_state(drain), "firing");
     held.clear();
     assert!(rv.wait_exit(Duration::from_secs(10)), "{}", rv.log());
+}
+
+/// "No endpoints for a Service with traffic", for real: a ClusterIP without
+/// endpoints, reached through ringvip's TUN in a network namespace of this
+/// test (root), where ringvip refuses the client and counts `no_endpoints`;
+/// Prometheus runs in the same namespace.
+#[test]
+fn no_endpoints_alert_fires_for_a_clusterip_with_traffic() {
+    let Some((t, [prom_bin])) = Topology::setup_with(&[], [("prometheus", PROM_WHY)]) else {
+        return;
+    };
+    let vip: SocketAddr = "10.96.0.40:80".parse().unwrap();
+    let m = clusterip("orphan", "10.96.0.40", 80, "TCP", 8080, &[], "");
+    let rv = t.launch(&m, &[]);
+    let prom = Prometheus::start_in(Some(&t.node), &prom_bin, rv.metrics, &rules_for_the_test());
+    // Precondition: a scrape before the traffic, so that its rise shows.
+    prom.scraped();
+    let name = MADE_TRUE_IN_A_NAMESPACE[0];
+    let refused = Topology::within(&t.node, move || connect_from(None, vip).is_err());
+    assert!(
+        refused,
+        "a Service without endpoints refuses:\n{}",
+        rv.log()
+    );
+    prom.scraped();
+    let now_true = prom.query(&expr_of(name));
+    assert!(
+        now_true.iter().any(|s| s["metric"]["service"] == "orphan"),
+        "{name} not true: {now_true:?}\n{}",
+        rv.log()
+    );
+    prom.two_evaluations();
+    assert_eq!(prom.alert_states(name, "orphan"), vec!["firing"]);
 }
