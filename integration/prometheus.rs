@@ -331,6 +331,18 @@ impl Prometheus {
         );
     }
 
+    /// Once a scrape after now is in (precondition), the expression of
+    /// alert `name` returns a series for Service `service`.
+    fn assert_true_after_a_scrape(&self, name: &str, service: &str, rv: &Ringvip) {
+        self.scraped();
+        let series = self.query(&expr_of(name));
+        assert!(
+            series.iter().any(|s| s["metric"]["service"] == service),
+            "{name} not true for {service}: {series:?}\n{}",
+            rv.log()
+        );
+    }
+
     /// Waits until Prometheus holds a scrape of ringvip taken after now.
     fn scraped(&self) {
         let now = jiff::Timestamp::now().as_millisecond() as f64 / 1000.0;
@@ -674,14 +686,7 @@ fn dashboard_and_alerts_work_on_a_real_prometheus() {
     for _ in 0..3 {
         assert_ne!(ask(np(down)), Answer::Backend("down".into()));
     }
-    // A scrape after the failures, then the expression is true for "down".
-    prom.scraped();
-    let failing_now = prom.query(&expr_of(failing));
-    assert!(
-        failing_now.iter().any(|s| s["metric"]["service"] == "down"),
-        "{failing} not true for down: {failing_now:?}\n{}",
-        rv.metrics_text()
-    );
+    prom.assert_true_after_a_scrape(failing, "down", &rv);
     if has_endpoint_series {
         let unhealthy = ENDPOINT_ALERTS[0];
         let missing = without_series(&prom, &[(unhealthy.into(), expr_of(unhealthy))]);
@@ -742,13 +747,7 @@ fn no_endpoints_alert_fires_for_a_clusterip_with_traffic() {
         "a Service without endpoints refuses:\n{}",
         rv.log()
     );
-    prom.scraped();
-    let now_true = prom.query(&expr_of(name));
-    assert!(
-        now_true.iter().any(|s| s["metric"]["service"] == "orphan"),
-        "{name} not true: {now_true:?}\n{}",
-        rv.log()
-    );
+    prom.assert_true_after_a_scrape(name, "orphan", &rv);
     prom.two_evaluations();
     assert_eq!(prom.alert_states(name, "orphan"), vec!["firing"]);
 }
