@@ -124,17 +124,6 @@ fn a_datagram_pair_from_fresh_sockets_gets_both_replies() {
     drop(probes);
 }
 
-/// A DNS query (RFC 1035) for the A record of `name`.
-fn a_query(name: &str) -> Vec<u8> {
-    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-    for label in name.split('.') {
-        q.push(label.len() as u8);
-        q.extend_from_slice(label.as_bytes());
-    }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
-    q
-}
-
 /// glibc's resolver in a pod-like namespace whose resolv.conf names a DNS
 /// ClusterIP with dnsmasq behind it: `getent ahosts` (getaddrinfo, which
 /// sends the A and AAAA queries back to back from one socket) resolves 50

@@ -18,7 +18,7 @@ use crate::discovery::Batch;
 use crate::dns::server::Dns;
 use crate::healthcheck::HealthCheckServers;
 use crate::state::{Changes, Health, NodeContext, Snapshot, Store};
-use crate::telemetry::Metrics;
+use crate::telemetry::{DnsMetrics, Gauge, Metrics};
 
 /// Addresses the admin servers actually bound (ports may have been 0).
 #[derive(Debug, Clone, Copy)]
@@ -201,6 +201,12 @@ async fn control(
     let shared = publisher.shared.clone();
     let mut metrics = Metrics::new();
     metrics.register_limit_hits(&shared.limits.hits);
+    let draining = Gauge::default();
+    metrics.register_drain(&draining);
+    let dns_metrics = DnsMetrics::default();
+    if settings.dns.dns_addr.is_some() {
+        metrics.register_dns(&dns_metrics);
+    }
     let metrics = Arc::new(metrics);
     let health = Arc::new(Health::new());
     let (admin_opts, dns_opts) = (&settings.admin, &settings.dns);
@@ -217,6 +223,7 @@ async fn control(
                 &dns_opts.cluster_domain,
                 dns_opts.dns_ttl,
                 dns_opts.dns_upstream,
+                dns_metrics,
             )
             .await
             .with_context(|| format!("starting DNS on {addr}"))?,
@@ -315,7 +322,7 @@ async fn control(
                 reload.notify_one();
             }
             _ = sigterm.recv() => {
-                drain(&publisher, generation + 1, settings.dataplane.drain_timeout, &mut sigterm).await;
+                drain(&publisher, generation + 1, settings.dataplane.drain_timeout, &mut sigterm, &draining).await;
                 break;
             }
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); break }
@@ -395,18 +402,25 @@ async fn start_kube(
 /// to finish, as a pod's grace period does. Publishing an empty snapshot is
 /// all it takes: listeners close (new clients are refused) and the TUN path
 /// refuses new SYNs, while established connections keep their frontend.
-/// A second SIGTERM ends the wait.
+/// A second SIGTERM ends the wait. `remaining` shows the connections still
+/// waited for, so that a drain that does not end can be seen (and alerted
+/// on) from the metrics, which are served until the process exits.
 async fn drain(
     publisher: &Publisher,
     generation: u64,
     timeout: std::time::Duration,
     sigterm: &mut tokio::signal::unix::Signal,
+    remaining: &Gauge,
 ) {
     publisher
         .publish(Arc::new(Snapshot::empty(generation)))
         .await;
     let shared = &publisher.shared;
-    let active = || shared.active.load(std::sync::atomic::Ordering::Relaxed);
+    let active = || {
+        let n = shared.active.load(std::sync::atomic::Ordering::Relaxed);
+        remaining.set(i64::try_from(n).unwrap_or(i64::MAX));
+        n
+    };
     tracing::info!(
         connections = active(),
         timeout_secs = timeout.as_secs(),

@@ -615,6 +615,111 @@ impl Metrics {
     }
 }
 
+// ---- DNS answers and drain -------------------------------------------------------
+
+/// Counter per `rcode` (see [`DNS_RCODES`]) and `protocol` (`udp` |
+/// `tcp`): DNS responses sent by the cluster DNS server, forwarded ones included.
+pub const DNS_RESPONSES_TOTAL: &str = "ringvip_dns_responses_total";
+/// Gauge: TCP connections a drain (after SIGTERM) still waits for; 0 when
+/// not draining.
+pub const DRAIN_CONNECTIONS: &str = "ringvip_drain_connections";
+
+/// Transport a DNS response went out on: the `protocol` label of
+/// [`DNS_RESPONSES_TOTAL`].
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum DnsProtocol {
+    /// UDP.
+    Udp,
+    /// TCP.
+    Tcp,
+}
+
+impl DnsProtocol {
+    fn as_str(self) -> &'static str {
+        match self {
+            DnsProtocol::Udp => "udp",
+            DnsProtocol::Tcp => "tcp",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DnsLabels {
+    rcode: &'static str,
+    protocol: &'static str,
+}
+
+/// Counters of [`DNS_RESPONSES_TOTAL`]; created detached (every series at
+/// zero, so rates work from the first scrape) and registered with
+/// [`Metrics::register_dns`]. Counting is one atomic add, no lock.
+#[derive(Clone, Debug)]
+pub struct DnsMetrics {
+    family: Family<DnsLabels, Counter>,
+    /// Indexed by [`DnsProtocol`] (UDP, TCP), then by rcode (0..=5, then
+    /// "other").
+    counters: [[Counter; DNS_RCODES.len()]; 2],
+}
+
+/// `rcode` label values of [`DNS_RESPONSES_TOTAL`]: the codes 0 to 5 by their
+/// RFC 1035 names, then `other` for any other code (what an upstream sent).
+pub const DNS_RCODES: [&str; 7] = [
+    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "other",
+];
+
+impl DnsMetrics {
+    /// Count one response with (4-bit header) response code `rcode` sent
+    /// over `protocol`.
+    pub fn responded(&self, protocol: DnsProtocol, rcode: u8) {
+        let row = match protocol {
+            DnsProtocol::Udp => &self.counters[0],
+            DnsProtocol::Tcp => &self.counters[1],
+        };
+        let other = DNS_RCODES.len() - 1;
+        let i = usize::from(rcode).min(other);
+        if let Some(c) = row.get(i) {
+            c.inc();
+        }
+    }
+}
+
+impl Default for DnsMetrics {
+    fn default() -> Self {
+        let family = Family::<DnsLabels, Counter>::default();
+        let row = |protocol: DnsProtocol| {
+            DNS_RCODES.map(|rcode| {
+                family.get_or_create_owned(&DnsLabels {
+                    rcode,
+                    protocol: protocol.as_str(),
+                })
+            })
+        };
+        DnsMetrics {
+            counters: [row(DnsProtocol::Udp), row(DnsProtocol::Tcp)],
+            family,
+        }
+    }
+}
+
+impl Metrics {
+    /// Exposes the DNS server's response counters.
+    pub fn register_dns(&mut self, dns: &DnsMetrics) {
+        self.registry.register(
+            counter_family(DNS_RESPONSES_TOTAL),
+            "DNS responses sent, per response code and transport",
+            dns.family.clone(),
+        );
+    }
+
+    /// Exposes `gauge` as [`DRAIN_CONNECTIONS`].
+    pub fn register_drain(&mut self, gauge: &Gauge) {
+        self.registry.register(
+            DRAIN_CONNECTIONS,
+            "TCP connections a drain (after SIGTERM) still waits for; 0 when not draining",
+            gauge.clone(),
+        );
+    }
+}
+
 /// Content type of [`Metrics::encode`]'s output.
 pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -774,6 +879,42 @@ mod tests {
         assert!(text.contains(
             "ringvip_frontend_connections_active{address=\"10.96.0.10:80\",protocol=\"TCP\"} 2"
         ));
+    }
+
+    #[test]
+    fn dns_responses_and_drain_are_exposed() {
+        let mut m = Metrics::new();
+        let dns = DnsMetrics::default();
+        let drain = Gauge::default();
+        m.register_dns(&dns);
+        m.register_drain(&drain);
+        dns.responded(DnsProtocol::Udp, 0);
+        dns.responded(DnsProtocol::Udp, 0);
+        dns.responded(DnsProtocol::Tcp, 3);
+        // A code without a name of its own here (NOTAUTH, from an upstream).
+        dns.responded(DnsProtocol::Tcp, 9);
+        drain.set(4);
+        let text = m.encode();
+        for (series, want) in [
+            (r#"{rcode="NOERROR",protocol="udp"}"#, "2"),
+            (r#"{rcode="NXDOMAIN",protocol="tcp"}"#, "1"),
+            (r#"{rcode="other",protocol="tcp"}"#, "1"),
+            (r#"{rcode="NOERROR",protocol="tcp"}"#, "0"),
+            (r#"{rcode="SERVFAIL",protocol="udp"}"#, "0"),
+        ] {
+            let prefix = format!("{DNS_RESPONSES_TOTAL}{series}");
+            assert_eq!(
+                sample(&text, &prefix).as_deref(),
+                Some(want),
+                "{prefix}\n{text}"
+            );
+        }
+        assert_eq!(
+            sample(&text, DRAIN_CONNECTIONS).as_deref(),
+            Some("4"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE ringvip_dns_responses counter"));
     }
 
     #[test]

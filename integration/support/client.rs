@@ -82,6 +82,17 @@ pub fn assert_streams(conn: &mut TcpStream, when: &str) {
     assert!(got > 10, "stream stalled {when} ({got} bytes)");
 }
 
+/// A DNS query (RFC 1035) for the A record of `name`.
+pub fn a_query(name: &str) -> Vec<u8> {
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
 /// GET `path` from an admin server; the whole response, headers included.
 pub fn admin_get(addr: SocketAddr, path: &str) -> String {
     let mut c = TcpStream::connect(addr).unwrap();

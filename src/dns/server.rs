@@ -2,6 +2,8 @@
 //! control runtime. Each query reads the current [`Zone`] with one `load()`.
 //! Out-of-zone queries go to `--dns-upstream` when set (bounded in number and
 //! time; SERVFAIL when the upstream does not answer), else get REFUSED.
+//! Every response sent is counted by response code and transport
+//! ([`DnsMetrics`]).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,6 +16,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 
 use super::{answer, servfail, Options, Outcome, Transport, Zone, TCP_MAX};
+use crate::telemetry::{DnsMetrics, DnsProtocol};
 
 /// How long an upstream has to answer a forwarded query.
 pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
@@ -53,15 +56,17 @@ pub struct DnsServer {
     tcp: TcpListener,
     zone: Arc<ArcSwap<Zone>>,
     upstream: Option<SocketAddr>,
+    metrics: DnsMetrics,
 }
 
 impl DnsServer {
     /// Binds UDP and TCP on `addr` (the TCP port is the one UDP got when `addr`
-    /// has port 0).
+    /// has port 0); responses will be counted in `metrics`.
     pub async fn bind(
         addr: SocketAddr,
         zone: Arc<ArcSwap<Zone>>,
         upstream: Option<SocketAddr>,
+        metrics: DnsMetrics,
     ) -> Result<Self, ServerError> {
         let udp = UdpSocket::bind(addr)
             .await
@@ -80,6 +85,7 @@ impl DnsServer {
             tcp,
             zone,
             upstream,
+            metrics,
         })
     }
 
@@ -100,6 +106,7 @@ impl DnsServer {
             self.upstream,
             opts,
             forwards.clone(),
+            self.metrics.clone(),
         ));
         tokio::spawn(serve_tcp(
             self.tcp,
@@ -107,6 +114,7 @@ impl DnsServer {
             self.upstream,
             opts,
             forwards,
+            self.metrics,
         ));
     }
 }
@@ -117,12 +125,28 @@ fn next_rotation() -> usize {
     ROTATE.fetch_add(1, Ordering::Relaxed)
 }
 
+/// The response code in a DNS message's header (the low 4 bits of byte 3);
+/// 0 for a message too short to have one (never sent: every reply here has
+/// a whole header).
+fn rcode(reply: &[u8]) -> u8 {
+    reply.get(3).map_or(0, |b| b & 0x0F)
+}
+
+/// Sends `reply` to `peer` and counts it when it went out.
+async fn send_udp(sock: &UdpSocket, reply: &[u8], peer: SocketAddr, metrics: &DnsMetrics) {
+    match sock.send_to(reply, peer).await {
+        Ok(_) => metrics.responded(DnsProtocol::Udp, rcode(reply)),
+        Err(e) => tracing::debug!("dns udp send to {peer}: {e}"),
+    }
+}
+
 async fn serve_udp(
     sock: Arc<UdpSocket>,
     zone: Arc<ArcSwap<Zone>>,
     upstream: Option<SocketAddr>,
     opts: Options,
     forwards: Arc<Semaphore>,
+    metrics: DnsMetrics,
 ) {
     let mut buf = vec![0u8; 65536];
     let mut out = Vec::with_capacity(TCP_MAX);
@@ -145,15 +169,12 @@ async fn serve_udp(
             &mut out,
         );
         match (outcome, upstream) {
-            (Outcome::Reply, _) => {
-                if let Err(e) = sock.send_to(&out, peer).await {
-                    tracing::debug!("dns udp send to {peer}: {e}");
-                }
-            }
+            (Outcome::Reply, _) => send_udp(&sock, &out, peer, &metrics).await,
             (Outcome::Forward, Some(up)) => match forwards.clone().try_acquire_owned() {
                 Ok(permit) => {
                     let q = msg.to_vec();
                     let sock = sock.clone();
+                    let metrics = metrics.clone();
                     tokio::spawn(async move {
                         let reply = match forward_udp(up, &q).await {
                             Some(r) => r,
@@ -165,13 +186,13 @@ async fn serve_udp(
                                 r
                             }
                         };
-                        let _ = sock.send_to(&reply, peer).await;
+                        send_udp(&sock, &reply, peer, &metrics).await;
                         drop(permit);
                     });
                 }
                 Err(_) => {
                     if servfail(msg, &mut out).is_some() {
-                        let _ = sock.send_to(&out, peer).await;
+                        send_udp(&sock, &out, peer, &metrics).await;
                     }
                 }
             },
@@ -235,6 +256,7 @@ async fn serve_tcp(
     upstream: Option<SocketAddr>,
     opts: Options,
     forwards: Arc<Semaphore>,
+    metrics: DnsMetrics,
 ) {
     let conns = Arc::new(Semaphore::new(MAX_TCP));
     loop {
@@ -252,8 +274,9 @@ async fn serve_tcp(
         };
         let zone = zone.clone();
         let forwards = forwards.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
-            serve_conn(stream, zone, upstream, opts, forwards).await;
+            serve_conn(stream, zone, upstream, opts, forwards, metrics).await;
             drop(permit);
         });
     }
@@ -265,6 +288,7 @@ async fn serve_conn(
     upstream: Option<SocketAddr>,
     opts: Options,
     forwards: Arc<Semaphore>,
+    metrics: DnsMetrics,
 ) {
     let mut buf = vec![0u8; TCP_MAX];
     let mut out = Vec::with_capacity(1024);
@@ -321,6 +345,7 @@ async fn serve_conn(
         if stream.write_all(&framed).await.is_err() {
             return;
         }
+        metrics.responded(DnsProtocol::Tcp, rcode(bytes));
     }
 }
 
@@ -347,16 +372,17 @@ pub enum StartError {
 
 impl Dns {
     /// Binds `addr` and starts serving an empty zone for `domain` on the current
-    /// tokio runtime.
+    /// tokio runtime, counting responses in `metrics`.
     pub async fn start(
         addr: SocketAddr,
         domain: &str,
         ttl: u32,
         upstream: Option<SocketAddr>,
+        metrics: DnsMetrics,
     ) -> Result<Dns, StartError> {
         let config = super::ZoneConfig::new(domain, ttl)?;
         let zone = Arc::new(ArcSwap::from_pointee(Zone::empty(&config)));
-        let server = DnsServer::bind(addr, zone.clone(), upstream).await?;
+        let server = DnsServer::bind(addr, zone.clone(), upstream, metrics).await?;
         let addr = server
             .local_addr()
             .map_err(|source| ServerError::Udp { addr, source })?;
@@ -369,5 +395,98 @@ impl Dns {
     pub fn publish(&self, store: &crate::state::Store, generation: u64) {
         self.zone
             .store(Arc::new(Zone::compile(store, &self.config, generation)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use hickory_proto::rr::RecordType;
+
+    use super::*;
+    use crate::dns::tests::query_bytes;
+    use crate::telemetry::{Metrics, DNS_RESPONSES_TOTAL};
+
+    fn query(name: &str) -> Vec<u8> {
+        query_bytes(name, RecordType::A, None)
+    }
+
+    /// The value of `ringvip_dns_responses_total{rcode, protocol}`.
+    fn responses(text: &str, rcode: &str, protocol: &str) -> Option<String> {
+        let prefix = format!("{DNS_RESPONSES_TOTAL}{{rcode=\"{rcode}\",protocol=\"{protocol}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .map(str::to_string)
+    }
+
+    /// Each response a client receives is counted once, under its response
+    /// code and the transport it came over.
+    #[test]
+    fn responses_are_counted_by_rcode_and_transport() {
+        let mut metrics = Metrics::new();
+        let dns_metrics = DnsMetrics::default();
+        metrics.register_dns(&dns_metrics);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dns = rt
+            .block_on(Dns::start(
+                "127.0.0.1:0".parse().unwrap(),
+                "cluster.local",
+                5,
+                None,
+                dns_metrics,
+            ))
+            .unwrap();
+        let addr = dns.addr;
+        // The clients are blocking sockets on a thread of their own while
+        // the runtime serves on this one.
+        let client = std::thread::spawn(move || {
+            let timeout = Some(Duration::from_secs(5));
+            let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            udp.set_read_timeout(timeout).unwrap();
+            let mut buf = [0u8; 512];
+            for _ in 0..2 {
+                udp.send_to(&query("nope.default.svc.cluster.local."), addr)
+                    .unwrap();
+                let n = udp.recv(&mut buf).unwrap();
+                assert_eq!(rcode(&buf[..n]), 3, "NXDOMAIN");
+            }
+            // Out of the zone, no upstream: REFUSED, over TCP.
+            let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+            tcp.set_read_timeout(timeout).unwrap();
+            let q = query("example.com.");
+            let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+            framed.extend_from_slice(&q);
+            tcp.write_all(&framed).unwrap();
+            let mut len = [0u8; 2];
+            tcp.read_exact(&mut len).unwrap();
+            let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            tcp.read_exact(&mut reply).unwrap();
+            assert_eq!(rcode(&reply), 5, "REFUSED");
+        });
+        rt.block_on(async {
+            while !client.is_finished() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        client.join().unwrap();
+        let text = metrics.encode();
+        let counted = [
+            ("NXDOMAIN", "udp", "2"),
+            ("REFUSED", "tcp", "1"),
+            ("NOERROR", "udp", "0"),
+            ("REFUSED", "udp", "0"),
+            ("NXDOMAIN", "tcp", "0"),
+        ];
+        for (rcode, protocol, want) in counted {
+            assert_eq!(
+                responses(&text, rcode, protocol).as_deref(),
+                Some(want),
+                "{rcode} {protocol}\n{text}"
+            );
+        }
     }
 }

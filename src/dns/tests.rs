@@ -90,7 +90,7 @@ fn zone() -> Zone {
     Zone::compile(&sample_store(), &cfg(), 7)
 }
 
-fn query_bytes(name: &str, qtype: RecordType, edns: Option<u16>) -> Vec<u8> {
+pub(super) fn query_bytes(name: &str, qtype: RecordType, edns: Option<u16>) -> Vec<u8> {
     let mut m = Message::new(0x1234, MessageType::Query, OpCode::Query);
     m.metadata.recursion_desired = true;
     m.add_query(Query::query(Name::from_ascii(name).unwrap(), qtype));
