@@ -50,8 +50,7 @@ fn ci_runs_exactly_the_readme_test_command() {
     let last = ci
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .last()
+        .rfind(|l| !l.is_empty() && !l.starts_with('#'))
         .unwrap();
     assert_eq!(last, cmds[1], ".ci/run ends with the README's test command");
 }
