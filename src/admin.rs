@@ -83,14 +83,31 @@ pub const API_FRONTENDS_PATH: &str = "/api/frontends";
 /// Produces the JSON answer of [`API_FRONTENDS_PATH`].
 pub type FrontendsApi = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// Answers [`crate::explain::API_EXPLAIN_PATH`] from the URL query (without
+/// the `?`): an HTTP status code and a JSON body.
+pub type ExplainApi = Arc<dyn Fn(&str) -> (u16, String) + Send + Sync>;
+
 /// Serve `/metrics` and the admin JSON API on `l` until the task is dropped.
-pub async fn serve_metrics_with_api(l: TcpListener, metrics: Arc<Metrics>, api: FrontendsApi) {
+pub async fn serve_metrics_with_api(
+    l: TcpListener,
+    metrics: Arc<Metrics>,
+    api: FrontendsApi,
+    explain: ExplainApi,
+) {
     serve(l, "metrics", HEADER_READ_TIMEOUT, move |req| {
         if req.uri().path() == API_FRONTENDS_PATH {
             if !is_get_or_head(req.method()) {
                 return method_not_allowed();
             }
             return response(StatusCode::OK, "application/json", api());
+        }
+        if req.uri().path() == crate::explain::API_EXPLAIN_PATH {
+            if !is_get_or_head(req.method()) {
+                return method_not_allowed();
+            }
+            let (code, body) = explain(req.uri().query().unwrap_or_default());
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return response(status, "application/json", body);
         }
         metrics_response(req, &metrics)
     })
@@ -461,8 +478,57 @@ mod tests {
             l,
             metrics,
             Arc::new(|| "[]".to_string()),
+            explain_api(),
         ));
         addr
+    }
+
+    /// The explain API over an empty snapshot.
+    fn explain_api() -> ExplainApi {
+        Arc::new(crate::explain::answer_empty)
+    }
+
+    /// Bad parameters get a 400 with a message saying what is wrong, good
+    /// ones an explanation; the server keeps serving either way.
+    #[tokio::test]
+    async fn explain_endpoint_answers_and_refuses_bad_parameters() {
+        let addr = start_metrics(Arc::new(Metrics::new())).await;
+        for (query, says) in [
+            ("", "missing parameter \"client\""),
+            ("client=10.0.0.5", "missing parameter \"to\""),
+            ("client=nope&to=10.96.0.10:80", "bad client address"),
+            ("client=10.0.0.5&to=10.96.0.10", "bad destination"),
+            (
+                "client=10.0.0.5&to=10.96.0.10:80&proto=sctp",
+                "unknown protocol",
+            ),
+            (
+                "client=10.0.0.5&to=10.96.0.10:80&prot=udp",
+                "unknown parameter",
+            ),
+        ] {
+            let r = get(addr, "GET", &format!("/api/explain?{query}")).await;
+            assert_eq!(r.status, 400, "{query}: {}", r.body);
+            assert_eq!(r.header("content-type"), Some("application/json"));
+            let msg = r.json()["error"].as_str().unwrap_or_default().to_string();
+            assert!(msg.contains(says), "{query}: {msg}");
+        }
+        let v = json_at(
+            addr,
+            "/api/explain?client=10.0.0.5&to=%5Bfd00%3A10%3A96%3A%3A10%5D%3A53&proto=UDP",
+            200,
+        )
+        .await;
+        assert_eq!(v["to"], "[fd00:10:96::10]:53");
+        assert_eq!(v["protocol"], "UDP");
+        assert_eq!(v["verdict"], "refuse");
+        assert_eq!(
+            get(addr, "POST", "/api/explain?client=1.2.3.4")
+                .await
+                .status,
+            405
+        );
+        assert_eq!(get(addr, "GET", "/metrics").await.status, 200);
     }
 
     fn at(secs: u64) -> SystemTime {

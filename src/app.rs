@@ -148,6 +148,12 @@ fn open_tun(
     settings: &Settings,
     rt: &tokio::runtime::Runtime,
 ) -> anyhow::Result<Vec<tun::Tun>> {
+    // The device and its routes are made where the thread is: in
+    // `settings.tun.netns` when set (left again below, or on error by drop).
+    let inside = match &settings.tun.netns {
+        Some(ns) => Some(crate::netns::enter(ns).context("creating the TUN device")?),
+        None => None,
+    };
     let queues = tun::Tun::open_queues(name, settings.tun.tun_queues)
         .context("use --no-tun to run without ClusterIP capture")?;
     let link = tun::LinkConfig {
@@ -159,6 +165,11 @@ fn open_tun(
     };
     rt.block_on(tun::configure(&link))
         .with_context(|| format!("configuring TUN device {}", link.name))?;
+    if let Some(inside) = inside {
+        inside
+            .leave()
+            .context("returning to ringvip's own network namespace")?;
+    }
     tracing::info!(dev = %link.name, mtu = link.mtu, queues = queues.len(), routes = ?link.routes, "capturing ClusterIP traffic");
     Ok(queues)
 }
@@ -240,11 +251,30 @@ async fn control(
         health.clone(),
         admin_opts.health_timeout,
     ));
+    // ClusterIP frontends are served only through a TUN: status and explain
+    // say so rather than show them as served.
+    let cluster_ips = settings.tun.device().is_some();
     let status_of = shared.clone();
     let api: admin::FrontendsApi = Arc::new(move || {
-        crate::status::frontends_json(&status_of.snapshot.load(), &status_of.health)
+        crate::status::frontends_json(&status_of.snapshot.load(), &status_of.health, cluster_ips)
     });
-    tokio::spawn(admin::serve_metrics_with_api(ml, metrics.clone(), api));
+    let explain_of = shared.clone();
+    let explain: admin::ExplainApi = Arc::new(move |query| {
+        let live = crate::explain::Live {
+            health: &explain_of.health,
+            affinity: &explain_of.affinity,
+            limits: Some(&explain_of.limits),
+            cluster_ips,
+            now: Instant::now(),
+        };
+        crate::explain::answer(query, &explain_of.snapshot.load(), &live)
+    });
+    tokio::spawn(admin::serve_metrics_with_api(
+        ml,
+        metrics.clone(),
+        api,
+        explain,
+    ));
 
     let (tx, mut rx) = mpsc::channel::<Batch>(64);
     let reload = Arc::new(Notify::new());

@@ -1,11 +1,18 @@
 //! `ringvip demo`: three local HTTP backends behind two NodePorts on 127.0.0.1
 //! (one random, one with ClientIP affinity), driven by a manifest file the user
 //! can edit live. Needs no root: 127.0.0.0/8 is all loopback.
+//!
+//! Run as root, it also shows the heart of ringvip: a ClusterIP answered
+//! through its TUN device. The device and the service CIDR's routes live in a
+//! network namespace the demo creates (`ringvip-demo-<pid>`) and removes when
+//! it exits (also on Ctrl-C or SIGTERM), so nothing of the host's routing
+//! changes; a client thread inside that namespace makes the requests.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -21,6 +28,13 @@ const BACKEND_IPS: [Ipv4Addr; 3] = [
     Ipv4Addr::new(127, 0, 0, 4),
 ];
 
+/// The ClusterIP the demo shows through the TUN (the random Service's).
+const CLUSTER_IP: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(10, 96, 0, 80)), 80);
+/// The client's address inside the demo's namespace (on its loopback
+/// device, so the kernel has a source address for the ClusterIP route).
+const CLIENT_ADDR: &str = "10.254.0.1/32";
+
 /// What the demo's self-test saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DemoReport {
@@ -28,13 +42,168 @@ pub struct DemoReport {
     pub random: [u32; 3],
     /// Answers per backend through the affinity NodePort.
     pub sticky: [u32; 3],
+    /// Answers per backend through the ClusterIP (root only).
+    pub cluster_ip: Option<[u32; 3]>,
 }
 
 impl DemoReport {
-    /// Balancing reached every backend and affinity kept to one.
+    /// Balancing reached every backend and affinity kept to one, through
+    /// the NodePorts and the ClusterIP when it was shown.
     pub fn ok(&self) -> bool {
-        self.random.iter().all(|&n| n > 0) && self.sticky.iter().filter(|&&n| n > 0).count() == 1
+        let all = |c: &[u32; 3]| c.iter().all(|&n| n > 0);
+        all(&self.random)
+            && self.sticky.iter().filter(|&&n| n > 0).count() == 1
+            && self.cluster_ip.as_ref().is_none_or(all)
     }
+}
+
+/// The demo's network namespace: created with `ip netns add`, loopback up
+/// with the client's address; deleted (with the TUN device in it) on drop.
+///
+/// Deleting needs `CAP_SYS_ADMIN`, which ringvip drops from the main thread
+/// once its TUN is up; capabilities belong to threads, so a thread started
+/// before that (keeping root's) deletes it when asked.
+struct DemoNetns {
+    name: String,
+    delete: mpsc::Sender<()>,
+    deleted: mpsc::Receiver<Result<(), String>>,
+}
+
+impl DemoNetns {
+    /// Creates it, or says why the ClusterIP part cannot be shown.
+    fn create() -> Result<DemoNetns, String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(
+                "it needs root (to create a network namespace and a TUN device in it)".into(),
+            );
+        }
+        if !Path::new("/dev/net/tun").exists() {
+            return Err("/dev/net/tun is missing (no TUN support here)".into());
+        }
+        let name = format!("ringvip-demo-{}", std::process::id());
+        ip(&["netns", "add", &name])?;
+        let (delete, asked) = mpsc::channel::<()>();
+        let (done, deleted) = mpsc::channel();
+        let doomed = name.clone();
+        std::thread::spawn(move || {
+            // Asked, or the demo is gone (the sender dropped): delete.
+            let _ = asked.recv();
+            let _ = done.send(ip(&["netns", "del", &doomed]));
+        });
+        // From here on, drop removes it.
+        let ns = DemoNetns {
+            name,
+            delete,
+            deleted,
+        };
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
+        ip(&["-n", &ns.name, "addr", "add", CLIENT_ADDR, "dev", "lo"])?;
+        Ok(ns)
+    }
+
+    fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+}
+
+impl Drop for DemoNetns {
+    fn drop(&mut self) {
+        let _ = self.delete.send(());
+        match self.deleted.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!(
+                "ringvip demo: removing network namespace {}: {e}",
+                self.name
+            ),
+            Err(_) => eprintln!(
+                "ringvip demo: network namespace {} not removed in time",
+                self.name
+            ),
+        }
+    }
+}
+
+/// Runs `ip ARGS`; the error says what failed.
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run `ip` (iproute2): {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// The ClusterIP requests of the self-test, made from a thread inside the
+/// demo's namespace. It enters the namespace before ringvip starts, because
+/// entering needs `CAP_SYS_ADMIN`, which ringvip drops once its TUN is up;
+/// a thread keeps its namespace after that.
+struct Client {
+    go: mpsc::Sender<()>,
+    done: mpsc::Receiver<anyhow::Result<[u32; 3]>>,
+}
+
+impl Client {
+    fn start(ns: &Path) -> anyhow::Result<Client> {
+        let (go, wait) = mpsc::channel::<()>();
+        let (report, done) = mpsc::channel();
+        let (entered_tx, entered) = mpsc::channel();
+        let ns = ns.to_path_buf();
+        std::thread::spawn(move || match crate::netns::enter(&ns) {
+            // The guard stays alive: the thread stays inside for good.
+            Ok(_inside) => {
+                let _ = entered_tx.send(Ok(()));
+                if wait.recv().is_ok() {
+                    let _ = report.send(requests(CLUSTER_IP, 30));
+                }
+            }
+            Err(e) => {
+                let _ = entered_tx.send(Err(e));
+            }
+        });
+        entered
+            .recv()
+            .map_err(|_| anyhow::anyhow!("the ClusterIP client thread stopped"))?
+            .context("entering the demo's network namespace")?;
+        Ok(Client { go, done })
+    }
+
+    /// Makes the requests; their answers per backend.
+    fn run(&self) -> anyhow::Result<[u32; 3]> {
+        self.go
+            .send(())
+            .map_err(|_| anyhow::anyhow!("the ClusterIP client thread stopped"))?;
+        self.done
+            .recv_timeout(Duration::from_secs(60))
+            .map_err(|_| anyhow::anyhow!("no ClusterIP answers within 60 s"))?
+    }
+}
+
+/// `n` requests to `addr` once it answers (the wait is for the data plane
+/// to come up, a precondition); the answers per backend.
+fn requests(addr: SocketAddr, n: u32) -> anyhow::Result<[u32; 3]> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(addr).is_err() {
+        if Instant::now() > deadline {
+            bail!("{addr} did not answer within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut counts = [0; 3];
+    // `get` answers 1..=3 only, so every answer has its slot.
+    for _ in 0..n {
+        if let Some(c) = counts.get_mut(get(addr)? - 1) {
+            *c += 1;
+        }
+    }
+    Ok(counts)
 }
 
 fn bind_backends() -> anyhow::Result<(u16, Vec<TcpListener>)> {
@@ -122,32 +291,18 @@ pub fn get(addr: SocketAddr) -> std::io::Result<usize> {
         .ok_or_else(|| std::io::Error::other(format!("unexpected answer: {s:?}")))
 }
 
-fn self_test(np_random: u16, np_sticky: u16) -> anyhow::Result<DemoReport> {
+fn self_test(
+    np_random: u16,
+    np_sticky: u16,
+    client: Option<&Client>,
+) -> anyhow::Result<DemoReport> {
     let random = SocketAddr::from((Ipv4Addr::LOCALHOST, np_random));
     let sticky = SocketAddr::from((Ipv4Addr::LOCALHOST, np_sticky));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while get(random).is_err() || get(sticky).is_err() {
-        if Instant::now() > deadline {
-            bail!("the NodePorts did not start serving within 10 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let mut r = DemoReport {
-        random: [0; 3],
-        sticky: [0; 3],
-    };
-    // `get` answers 1..=3 only, so every answer has its slot.
-    for _ in 0..30 {
-        if let Some(n) = r.random.get_mut(get(random)? - 1) {
-            *n += 1;
-        }
-    }
-    for _ in 0..10 {
-        if let Some(n) = r.sticky.get_mut(get(sticky)? - 1) {
-            *n += 1;
-        }
-    }
-    Ok(r)
+    Ok(DemoReport {
+        random: requests(random, 30)?,
+        sticky: requests(sticky, 10)?,
+        cluster_ip: client.map(Client::run).transpose()?,
+    })
 }
 
 fn tally(counts: &[u32; 3]) -> String {
@@ -177,10 +332,28 @@ pub fn run(once: bool) -> anyhow::Result<()> {
     settings.source.manifests = vec![dir.clone()];
     settings.node.nodeport_addresses = vec!["127.0.0.1/32".parse()?];
     settings.dataplane.workers = 2;
-    // The demo shows NodePorts and needs no root: no ClusterIP capture.
-    settings.tun.no_tun = true;
+    // Nothing long-lived to wait for on SIGTERM.
+    settings.dataplane.drain_timeout = Duration::from_secs(2);
     settings.admin.health_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, admin_port(10256)?));
     settings.admin.metrics_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, admin_port(10249)?));
+    // The ClusterIP part, where it can be shown: the TUN device in a
+    // namespace of the demo's own. Dropped last: removed however run ends.
+    let netns = DemoNetns::create();
+    let client = match &netns {
+        Ok(ns) => {
+            settings.tun.netns = Some(ns.path());
+            settings.tun.tun_queues = 1;
+            Some(Client::start(&ns.path())?)
+        }
+        Err(_) => {
+            settings.tun.no_tun = true;
+            None
+        }
+    };
+    let shown = netns
+        .as_ref()
+        .map(|ns| ns.name.clone())
+        .map_err(Clone::clone);
     let shutdown = Arc::new(Notify::new());
     let stop = shutdown.clone();
     let outcome: Arc<std::sync::Mutex<Option<anyhow::Result<DemoReport>>>> = Arc::default();
@@ -188,19 +361,40 @@ pub fn run(once: bool) -> anyhow::Result<()> {
     let file_shown = file.clone();
     let result = crate::app::run(settings, shutdown, move |bound| {
         std::thread::spawn(move || {
-            let res = self_test(np_random, np_sticky);
+            let res = self_test(np_random, np_sticky, client.as_ref());
             println!();
             println!("ringvip demo: three backends on 127.0.0.2-4:{backend_port}, two NodePorts on 127.0.0.1");
             match &res {
                 Ok(r) => {
                     println!("  30 requests, random NodePort:       {}", tally(&r.random));
                     println!("  10 requests, ClientIP affinity:     {}", tally(&r.sticky));
+                    if let (Some(c), Ok(ns)) = (&r.cluster_ip, &shown) {
+                        println!("  30 requests, ClusterIP {CLUSTER_IP} through the TUN, from namespace {ns}: {}", tally(c));
+                    }
                 }
                 Err(e) => println!("  self-test failed: {e:#}"),
+            }
+            if let Err(why) = &shown {
+                println!("  ClusterIP part not shown: {why}. As root, the demo also answers");
+                println!("  ClusterIP {CLUSTER_IP} through ringvip's TUN, in a network namespace of its own.");
             }
             println!();
             println!("  random balancing:    curl http://127.0.0.1:{np_random}/");
             println!("  ClientIP affinity:   curl http://127.0.0.1:{np_sticky}/");
+            if let Ok(ns) = &shown {
+                println!(
+                    "  ClusterIP:           ip netns exec {ns} curl http://{}/",
+                    CLUSTER_IP.ip()
+                );
+            }
+            println!(
+                "  what is served:      ringvip status --admin {}",
+                bound.metrics
+            );
+            println!(
+                "  why a flow goes where it goes: ringvip explain --admin {} 127.0.0.1 127.0.0.1:{np_sticky}",
+                bound.metrics
+            );
             println!(
                 "  metrics:             curl http://{}/metrics",
                 bound.metrics
@@ -226,6 +420,7 @@ pub fn run(once: bool) -> anyhow::Result<()> {
         });
     });
     let _ = std::fs::remove_dir_all(&dir);
+    drop(netns);
     result?;
     let report = outcome
         .lock()

@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use serde::Serialize;
 
-use ringvip::config::{self, Limits, Settings};
+use ringvip::config::{self, Limits, NodeOptions, Settings};
 use ringvip::discovery::file;
 use ringvip::status;
 
@@ -44,6 +45,59 @@ enum Cmd {
         #[arg(short = 'o', long, value_name = "FORMAT", default_value = "table")]
         output: StatusFormat,
     },
+    /// Explain what ringvip does with a new flow from CLIENT to
+    /// VIP:PORT[/PROTO], and why: the frontend it matches (or why none),
+    /// every endpoint with why it is or is not eligible, ClientIP affinity
+    /// for that client, and what a pick would choose.
+    Explain(Box<ExplainArgs>),
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ExplainFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct ExplainArgs {
+    /// The client's IP address.
+    #[arg(value_name = "CLIENT")]
+    client: String,
+    /// Where the client connects: VIP:PORT[/tcp|udp] (TCP when not given;
+    /// IPv6 as [ADDR]:PORT).
+    #[arg(value_name = "VIP:PORT[/PROTO]")]
+    to: String,
+    /// The running ringvip's metrics address (its admin API).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10249")]
+    admin: SocketAddr,
+    /// Explain against these manifest files or directories instead of a
+    /// running ringvip: compiled for this node as `run` would, with no live
+    /// state (health, affinity, limits).
+    #[arg(
+        long,
+        value_name = "PATH",
+        value_delimiter = ',',
+        conflicts_with = "admin"
+    )]
+    manifests: Vec<PathBuf>,
+    /// Output: text or json.
+    #[arg(short = 'o', long, value_name = "FORMAT", default_value = "text")]
+    output: ExplainFormat,
+    #[command(flatten)]
+    file: ConfigFile,
+    #[command(flatten)]
+    node: ExplainNode,
+}
+
+/// The settings `explain --manifests` compiles with.
+#[derive(Debug, Args, Serialize)]
+struct ExplainNode {
+    #[command(flatten)]
+    #[serde(flatten)]
+    node: NodeOptions,
+    #[command(flatten)]
+    #[serde(flatten)]
+    limits: Limits,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -144,6 +198,28 @@ fn env(a: EnvArgs, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `ringvip explain`: bad input is an error (exit code 2), a flow that is
+/// refused or dropped is an answer (exit code 0).
+fn explain(a: ExplainArgs, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
+    use ringvip::explain;
+    let q = explain::Query::parse(&a.client, &a.to)?;
+    let e = if a.manifests.is_empty() {
+        explain::fetch(a.admin, &q)?
+    } else {
+        let settings = config::load(a.file.config.as_deref(), &a.node, matches)?;
+        let (e, errors) = explain::from_manifests(&a.manifests, &settings, &q)?;
+        for err in errors {
+            eprintln!("ringvip: {err} (explained without it)");
+        }
+        e
+    };
+    match a.output {
+        ExplainFormat::Text => print!("{}", explain::render(&e)),
+        ExplainFormat::Json => println!("{}", serde_json::to_string_pretty(&e)?),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     // The matches are kept: they tell which settings the command line gave.
     let matches = Cli::command().get_matches();
@@ -169,6 +245,7 @@ fn main() -> ExitCode {
         }),
         Cmd::Check(a) => check(a, &sub),
         Cmd::Env(a) => env(a, &sub),
+        Cmd::Explain(a) => explain(*a, &sub),
         Cmd::Demo { once } => ringvip::demo::run(once).map(|()| ExitCode::SUCCESS),
         Cmd::Status { admin, output } => {
             let format = match output {

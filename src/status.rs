@@ -81,10 +81,18 @@ fn kind_name(k: FrontendKind) -> &'static str {
     }
 }
 
-/// Every frontend of a snapshot, sorted by Service, port and address.
-pub fn frontends(snap: &Snapshot, health: &PassiveHealth, now: Instant) -> Vec<FrontendStatus> {
+/// Every frontend of a snapshot that is served, sorted by Service, port and
+/// address: ClusterIP frontends only with `cluster_ips` (a TUN device
+/// captures them; without one nothing reaches them).
+pub fn frontends(
+    snap: &Snapshot,
+    health: &PassiveHealth,
+    now: Instant,
+    cluster_ips: bool,
+) -> Vec<FrontendStatus> {
     let mut rows: Vec<FrontendStatus> = snap
         .frontends()
+        .filter(|(_, fe)| cluster_ips || fe.kind != FrontendKind::ClusterIp)
         .map(|(key, fe)| FrontendStatus {
             namespace: fe.service.namespace.clone(),
             service: fe.service.name.clone(),
@@ -119,9 +127,9 @@ pub fn frontends(snap: &Snapshot, health: &PassiveHealth, now: Instant) -> Vec<F
     rows
 }
 
-/// The admin API's JSON answer.
-pub fn frontends_json(snap: &Snapshot, health: &PassiveHealth) -> String {
-    serde_json::to_string(&frontends(snap, health, Instant::now()))
+/// The admin API's JSON answer (see [`frontends`] for `cluster_ips`).
+pub fn frontends_json(snap: &Snapshot, health: &PassiveHealth, cluster_ips: bool) -> String {
+    serde_json::to_string(&frontends(snap, health, Instant::now(), cluster_ips))
         .unwrap_or_else(|_| "[]".to_string())
 }
 
@@ -253,13 +261,23 @@ pub enum StatusError {
 
 /// Fetches the frontends from a running ringvip's admin API.
 pub fn fetch(addr: SocketAddr) -> Result<Vec<FrontendStatus>, StatusError> {
+    let (status, body) = admin_get(addr, API_FRONTENDS_PATH)?;
+    let answer = |detail: String| StatusError::Answer { addr, detail };
+    if status != 200 {
+        return Err(answer(format!("HTTP {status}")));
+    }
+    serde_json::from_str(&body).map_err(|e| answer(e.to_string()))
+}
+
+/// `GET path` on a running ringvip's admin API: the status code and body.
+pub fn admin_get(addr: SocketAddr, path: &str) -> Result<(u16, String), StatusError> {
     let io = |source| StatusError::Io { addr, source };
     let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).map_err(io)?;
     c.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(io)?;
     write!(
         c,
-        "GET {API_FRONTENDS_PATH} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )
     .map_err(io)?;
     let mut text = String::new();
@@ -268,10 +286,12 @@ pub fn fetch(addr: SocketAddr) -> Result<Vec<FrontendStatus>, StatusError> {
     let (head, body) = text
         .split_once("\r\n\r\n")
         .ok_or_else(|| answer("no HTTP header".into()))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(answer(head.lines().next().unwrap_or_default().to_string()));
-    }
-    serde_json::from_str(body).map_err(|e| answer(e.to_string()))
+    let status = head
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or_else(|| answer(head.lines().next().unwrap_or_default().to_string()))?;
+    Ok((status, body.to_string()))
 }
 
 #[cfg(test)]
@@ -284,7 +304,7 @@ mod tests {
         let snap = sample_snapshot(true);
         let health = PassiveHealth::default();
         let now = Instant::now();
-        let rows = frontends(&snap, &health, now);
+        let rows = frontends(&snap, &health, now, true);
         // TCP and UDP ports on two ClusterIPs
         assert_eq!(rows.len(), 4);
         let tcp4 = rows
@@ -306,7 +326,7 @@ mod tests {
         fe.metrics.connections_total.inc_by(3);
         fe.metrics.connect_failure(ConnectFailure::Refused);
         health.failed("10.0.0.1:8080".parse().unwrap(), now);
-        let again = frontends(&snap, &health, now);
+        let again = frontends(&snap, &health, now, true);
         let tcp4 = again.iter().find(|r| r.address == "10.96.0.10:80").unwrap();
         assert_eq!(tcp4.traffic.total, 3);
         assert_eq!(tcp4.traffic.connect_failures.get("refused"), Some(&1));
@@ -321,6 +341,7 @@ mod tests {
             &sample_snapshot(true),
             &PassiveHealth::default(),
             Instant::now(),
+            true,
         );
         let json = serde_json::to_string(&rows[0]).unwrap();
         let keys = [
@@ -349,8 +370,8 @@ mod tests {
     #[test]
     fn table_json_round_trip_and_wide_columns() {
         let health = PassiveHealth::default();
-        let rows = frontends(&sample_snapshot(true), &health, Instant::now());
-        let json = frontends_json(&sample_snapshot(true), &health);
+        let rows = frontends(&sample_snapshot(true), &health, Instant::now(), true);
+        let json = frontends_json(&sample_snapshot(true), &health, true);
         let back: Vec<FrontendStatus> = serde_json::from_str(&json).unwrap();
         assert_eq!(back.len(), rows.len());
         let table = render(&rows, Format::Table);
@@ -360,5 +381,16 @@ mod tests {
         let wide = render(&rows, Format::Wide);
         assert!(wide.contains("10.0.0.1:8080"));
         assert!(wide.contains("(none: refuse)"));
+    }
+
+    /// Without a TUN nothing reaches a ClusterIP: no row claims it is served.
+    #[test]
+    fn cluster_ip_rows_only_with_a_tun() {
+        let snap = sample_snapshot(true);
+        let health = PassiveHealth::default();
+        let with = frontends(&snap, &health, Instant::now(), true);
+        assert!(with.iter().any(|r| r.kind == "ClusterIP"));
+        let without = frontends(&snap, &health, Instant::now(), false);
+        assert!(without.is_empty(), "{without:?}");
     }
 }

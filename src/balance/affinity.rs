@@ -87,6 +87,23 @@ impl AffinityTable {
         }
     }
 
+    /// The endpoint remembered for `client` on `port` and how much longer it
+    /// stays remembered without use, when the entry is live at `now`.
+    /// Read-only: unlike a pick, it restarts no timer (for `ringvip explain`).
+    pub fn peek(
+        &self,
+        port: PortId,
+        client: IpAddr,
+        now: Instant,
+    ) -> Option<(SocketAddr, Duration)> {
+        let e = *self.map.get(&(port, client))?;
+        if e.timeout == Duration::ZERO || !e.live(now) {
+            return None;
+        }
+        let used = now.saturating_duration_since(e.last_used);
+        Some((e.endpoint, e.timeout.saturating_sub(used)))
+    }
+
     /// Remembers `endpoint` for the client (used after a retry succeeded elsewhere).
     pub fn record(
         &self,

@@ -74,6 +74,15 @@ impl PassiveHealth {
         self.count.load(Ordering::Relaxed) > 0
             && self.failing.get(ep).is_some_and(|f| now < f.until)
     }
+
+    /// How much longer `ep` stays backed off at `now`, if it is (for
+    /// `ringvip explain`; not for the data path).
+    pub fn backed_off_for(&self, ep: &SocketAddr, now: Instant) -> Option<Duration> {
+        self.failing
+            .get(ep)
+            .map(|f| f.until.saturating_duration_since(now))
+            .filter(|left| !left.is_zero())
+    }
 }
 
 #[cfg(test)]

@@ -175,6 +175,12 @@ pub struct TunOptions {
     /// UDP flows through the TUN at most.
     #[arg(long, value_name = "N", default_value_t = 65_536)]
     pub tun_max_udp_flows: usize,
+    /// Network namespace (`/run/netns/NAME`) to create the TUN device and
+    /// its routes in instead of ringvip's own. Not a flag or setting: the
+    /// demo sets it to show a ClusterIP in a namespace of its own.
+    #[arg(skip)]
+    #[serde(skip)]
+    pub netns: Option<PathBuf>,
 }
 
 impl TunOptions {

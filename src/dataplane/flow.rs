@@ -35,27 +35,38 @@ pub enum Verdict {
     Drop(ConnectFailure),
 }
 
-/// Decides for a new flow from the current snapshot.
+/// Decides for a new flow from the current snapshot, counting a refusal or
+/// drop in the frontend's metrics.
 pub fn resolve(snap: &Snapshot, key: &FlowKey) -> Verdict {
+    let (fe, verdict) = decide(snap, key);
+    if let (Some(fe), Verdict::Refuse(why) | Verdict::Drop(why)) = (fe, &verdict) {
+        fe.metrics.connect_failure(*why);
+    }
+    verdict
+}
+
+/// The decision of [`resolve`] without counting anything (what `ringvip
+/// explain` shows): the frontend the flow was addressed to, if any, and the
+/// verdict.
+pub fn decide<'s>(snap: &'s Snapshot, key: &FlowKey) -> (Option<&'s Arc<Frontend>>, Verdict) {
     let fk = FrontendKey {
         addr: key.dst,
         proto: key.proto,
     };
     let Some(fe) = snap.frontend(&fk) else {
-        return Verdict::Refuse(ConnectFailure::NoEndpoints);
+        return (None, Verdict::Refuse(ConnectFailure::NoEndpoints));
     };
-    if !fe.allows(key.src.ip()) {
-        fe.metrics.connect_failure(ConnectFailure::SourceRange);
-        return Verdict::Drop(ConnectFailure::SourceRange);
-    }
-    if fe.endpoints.is_empty() {
-        fe.metrics.connect_failure(ConnectFailure::NoEndpoints);
-        return match fe.when_empty {
+    let verdict = if !fe.allows(key.src.ip()) {
+        Verdict::Drop(ConnectFailure::SourceRange)
+    } else if fe.endpoints.is_empty() {
+        match fe.when_empty {
             EmptyAction::Refuse => Verdict::Refuse(ConnectFailure::NoEndpoints),
             EmptyAction::Drop => Verdict::Drop(ConnectFailure::NoEndpoints),
-        };
-    }
-    Verdict::Forward(fe.clone())
+        }
+    } else {
+        Verdict::Forward(fe.clone())
+    };
+    (Some(fe), verdict)
 }
 
 /// Chooses the endpoint for try number `attempt` (0-based) of a flow: affinity
@@ -104,7 +115,7 @@ pub fn connect_timeout(first: Duration, attempt: u32) -> Duration {
 mod tests {
     use super::*;
     use crate::model::*;
-    use crate::testing::builders::{self, endpoint, node, port, service, slice, slice_port};
+    use crate::testing::builders::{self, endpoint, node};
     use rand::rngs::SmallRng;
     use rand::SeedableRng;
 
@@ -112,30 +123,8 @@ mod tests {
     /// NodePort 30080 on 192.0.2.1) with ClientIP affinity, port 80 to 8080
     /// on `eps`.
     fn snapshot(eps: &[&str], source_ranges: Vec<ipnet::IpNet>) -> Snapshot {
-        let svc = Service {
-            service_type: ServiceType::LoadBalancer,
-            load_balancer_ips: vec!["198.51.100.7".parse().unwrap()],
-            source_ranges,
-            affinity: Affinity::ClientIp {
-                timeout: Duration::from_secs(10),
-            },
-            ..service(
-                "default",
-                "web",
-                &["10.96.0.10"],
-                vec![ServicePort {
-                    node_port: Some(30080),
-                    ..port("", Protocol::Tcp, 80, 8080)
-                }],
-            )
-        };
-        let eps = slice(
-            "default",
-            "web-1",
-            "web",
-            vec![slice_port("", Protocol::Tcp, 8080)],
-            eps.iter().map(|ip| endpoint(ip)).collect(),
-        );
+        let (svc, eps) =
+            builders::lb_web(source_ranges, eps.iter().map(|ip| endpoint(ip)).collect());
         let ctx = node("n", &["192.0.2.1"], &["192.0.2.1"]);
         builders::snapshot(vec![Object::Service(svc), Object::EndpointSlice(eps)], &ctx)
     }

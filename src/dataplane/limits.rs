@@ -95,6 +95,16 @@ impl ConnLimits {
         }
     }
 
+    /// `--max-connections` (0: unlimited).
+    pub fn max_total(&self) -> usize {
+        self.max_total
+    }
+
+    /// `--max-connections-per-frontend` (0: unlimited).
+    pub fn max_per_frontend(&self) -> usize {
+        self.max_per_frontend
+    }
+
     /// Connections admitted and not yet released, over every front end.
     pub fn total(&self) -> usize {
         self.total.load(Ordering::Relaxed)

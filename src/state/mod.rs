@@ -12,6 +12,7 @@ mod proptests;
 pub use health::{Health, HealthReport};
 pub use snapshot::{
     CompileCache, EmptyAction, Frontend, FrontendKey, FrontendKind, HealthCheck, ListenerMode,
-    ListenerSpec, NodeContext, Snapshot,
+    ListenerSpec, NodeContext, PortCandidates, Snapshot,
 };
 pub use store::{Changes, Store};
+pub use topology::{explain_endpoint, Candidate, Eligibility};

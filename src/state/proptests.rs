@@ -302,6 +302,24 @@ proptest! {
         check_snapshot(&st, &w.ctx, &snap);
     }
 
+    /// What `ringvip explain` reads of a frontend (its candidates, policy
+    /// and zone) explains exactly the endpoints the compile kept, in order.
+    #[test]
+    fn explained_endpoints_are_the_compiled_ones(w in world()) {
+        let (_, snap) = compile(w.objects, &w.ctx);
+        for (key, fe) in snap.frontends() {
+            let c = &fe.candidates;
+            let eligible: Vec<_> = c
+                .endpoints
+                .iter()
+                .filter(|e| super::explain_endpoint(&c.endpoints, e, c.zone.as_deref(), fe.policy).is_eligible())
+                .map(|e| e.addr)
+                .collect();
+            prop_assert_eq!(&eligible[..], &fe.endpoints[..], "{:?}", key);
+            prop_assert!(c.endpoints.iter().all(|e| e.addr.is_ipv4() == key.addr.is_ipv4()));
+        }
+    }
+
     #[test]
     fn compile_is_deterministic(w in world()) {
         let (st, a) = compile(w.objects.clone(), &w.ctx);

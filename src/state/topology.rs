@@ -64,12 +64,7 @@ pub fn categorize<A: Clone>(eps: &[Candidate<A>], zone: Option<&str>) -> Usable<
             .collect()
     };
     let topo = can_use_topology(eps, zone);
-    let in_zone = |e: &Candidate<A>| {
-        !topo
-            || e.zone_hints
-                .as_ref()
-                .is_some_and(|h| zone.is_some_and(|z| h.iter().any(|x| x == z)))
-    };
+    let in_zone = |e: &Candidate<A>| !topo || hinted_for(e, zone);
     let mut cluster = select(&|e| e.ready && in_zone(e));
     if cluster.is_empty() {
         cluster = select(&|e| e.serving && e.terminating);
@@ -79,6 +74,112 @@ pub fn categorize<A: Clone>(eps: &[Candidate<A>], zone: Option<&str>) -> Usable<
         local = select(&|e| e.serving && e.terminating && e.local);
     }
     Usable { cluster, local }
+}
+
+/// Why one endpoint is, or is not, in the set a frontend under a traffic
+/// policy uses: [`categorize`]'s rules for a single endpoint, with the reason
+/// kept (what `ringvip explain` shows). A property test holds the two together:
+/// an endpoint is eligible here exactly when `categorize` keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Eligibility {
+    /// Ready (in this node's zone when topology applies, on this node under
+    /// `Local` policy).
+    Ready,
+    /// Serving and terminating, used because no endpoint is ready.
+    TerminatingFallback,
+    /// Not ready and not terminating.
+    NotReady,
+    /// Terminating and no longer serving: never used.
+    TerminatingNotServing,
+    /// Serving and terminating, but a ready endpoint exists, so it is not used.
+    TerminatingNotNeeded,
+    /// On another node while the policy is `Local`.
+    NotLocal,
+    /// Topology-aware routing is on and the endpoint's hints name other zones.
+    OtherZone,
+}
+
+impl Eligibility {
+    /// Whether the endpoint is in the frontend's set.
+    pub fn is_eligible(self) -> bool {
+        matches!(self, Eligibility::Ready | Eligibility::TerminatingFallback)
+    }
+
+    /// A stable, machine-readable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Eligibility::Ready => "ready",
+            Eligibility::TerminatingFallback => "terminating_fallback",
+            Eligibility::NotReady => "not_ready",
+            Eligibility::TerminatingNotServing => "terminating_not_serving",
+            Eligibility::TerminatingNotNeeded => "terminating_not_needed",
+            Eligibility::NotLocal => "not_local",
+            Eligibility::OtherZone => "other_zone",
+        }
+    }
+
+    /// One sentence for people.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Eligibility::Ready => "ready",
+            Eligibility::TerminatingFallback => {
+                "terminating but still serving; used because no endpoint is ready"
+            }
+            Eligibility::NotReady => "not ready",
+            Eligibility::TerminatingNotServing => "terminating and no longer serving",
+            Eligibility::TerminatingNotNeeded => {
+                "terminating; used only while no endpoint is ready"
+            }
+            Eligibility::NotLocal => "on another node, and the traffic policy is Local",
+            Eligibility::OtherZone => {
+                "topology hints name other zones than this node's (topology-aware routing)"
+            }
+        }
+    }
+}
+
+/// Whether `e`'s zone hints name `zone`.
+fn hinted_for<A>(e: &Candidate<A>, zone: Option<&str>) -> bool {
+    e.zone_hints
+        .as_ref()
+        .is_some_and(|h| zone.is_some_and(|z| h.iter().any(|x| x == z)))
+}
+
+/// Explains `e`, one of `eps` (a Service port's merged endpoints of one
+/// family), for a frontend under `policy` on a node in `zone`. The order of
+/// the reasons: locality under `Local` first (nothing else matters then),
+/// then readiness, then zone.
+pub fn explain_endpoint<A>(
+    eps: &[Candidate<A>],
+    e: &Candidate<A>,
+    zone: Option<&str>,
+    policy: TrafficPolicy,
+) -> Eligibility {
+    let topo = policy == TrafficPolicy::Cluster && can_use_topology(eps, zone);
+    let in_scope = |c: &Candidate<A>| match policy {
+        TrafficPolicy::Cluster => !topo || hinted_for(c, zone),
+        TrafficPolicy::Local => c.local,
+    };
+    if policy == TrafficPolicy::Local && !e.local {
+        return Eligibility::NotLocal;
+    }
+    if e.ready {
+        return if in_scope(e) {
+            Eligibility::Ready
+        } else {
+            Eligibility::OtherZone
+        };
+    }
+    if !e.terminating {
+        return Eligibility::NotReady;
+    }
+    if !e.serving {
+        return Eligibility::TerminatingNotServing;
+    }
+    if eps.iter().any(|c| c.ready && in_scope(c)) {
+        return Eligibility::TerminatingNotNeeded;
+    }
+    Eligibility::TerminatingFallback
 }
 
 #[cfg(test)]
@@ -203,5 +304,69 @@ mod tests {
             c("t", St::NotServing, false),
         ];
         assert!(can_use_topology(&eps, Some("zone-a")));
+    }
+
+    use proptest::prelude::*;
+
+    /// Candidates named by index, in any mix of states, locality and hints
+    /// (hints from a pool of two zones, sometimes absent or empty).
+    fn candidates() -> impl Strategy<Value = Vec<Candidate<usize>>> {
+        let hints = prop_oneof![
+            2 => Just(None),
+            1 => Just(Some(vec![])),
+            3 => prop::sample::subsequence(vec!["zone-a", "zone-b"], 1..=2)
+                .prop_map(|z| Some(z.into_iter().map(String::from).collect())),
+        ];
+        prop::collection::vec(
+            (
+                any::<bool>(),
+                any::<bool>(),
+                any::<bool>(),
+                any::<bool>(),
+                hints,
+            ),
+            0..8,
+        )
+        .prop_map(|v| {
+            v.into_iter()
+                .enumerate()
+                .map(
+                    |(i, (ready, serving, terminating, local, zone_hints))| Candidate {
+                        addr: i,
+                        ready,
+                        serving,
+                        terminating,
+                        local,
+                        zone_hints,
+                    },
+                )
+                .collect()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Every endpoint `categorize` keeps is explained eligible, every one
+        /// it drops is explained with a reason: the two cannot drift.
+        #[test]
+        fn explain_agrees_with_categorize(
+            eps in candidates(),
+            zone in prop_oneof![Just(None), Just(Some("zone-a")), Just(Some("zone-c"))],
+        ) {
+            let u = categorize(&eps, zone);
+            for policy in [Cluster, Local] {
+                let kept = u.for_policy(policy);
+                for e in &eps {
+                    let why = explain_endpoint(&eps, e, zone, policy);
+                    prop_assert_eq!(
+                        why.is_eligible(),
+                        kept.contains(&e.addr),
+                        "{:?} under {:?} in zone {:?}: {:?} of {:?}",
+                        e, policy, zone, why, eps
+                    );
+                }
+            }
+        }
     }
 }

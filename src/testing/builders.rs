@@ -6,11 +6,12 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::time::Duration;
 
 use crate::discovery::Update;
 use crate::model::{
-    AddressFamily, Endpoint, EndpointSlice, Object, ObjectKey, Pod, Protocol, Service, ServicePort,
-    SlicePort, TargetPort,
+    AddressFamily, Affinity, Endpoint, EndpointSlice, Object, ObjectKey, Pod, Protocol, Service,
+    ServicePort, ServiceType, SlicePort, TargetPort,
 };
 use crate::state::{NodeContext, Snapshot, Store};
 use crate::telemetry::Metrics;
@@ -128,4 +129,38 @@ pub fn store(objects: Vec<Object>) -> Store {
 /// `objects` compiled for `ctx` as generation 1.
 pub fn snapshot(objects: Vec<Object>, ctx: &NodeContext) -> Snapshot {
     store(objects).compile(ctx, &Metrics::new(), 1)
+}
+
+/// LoadBalancer `default/web`: ClusterIP 10.96.0.10, LB IP 198.51.100.7
+/// (`source_ranges` allowed), NodePort 30080, ClientIP affinity for 10 s,
+/// unnamed port 80 → 8080; with its slice `web-1` holding `endpoints`.
+pub fn lb_web(
+    source_ranges: Vec<ipnet::IpNet>,
+    endpoints: Vec<Endpoint>,
+) -> (Service, EndpointSlice) {
+    let svc = Service {
+        service_type: ServiceType::LoadBalancer,
+        load_balancer_ips: vec![ip("198.51.100.7")],
+        source_ranges,
+        affinity: Affinity::ClientIp {
+            timeout: Duration::from_secs(10),
+        },
+        ..service(
+            "default",
+            "web",
+            &["10.96.0.10"],
+            vec![ServicePort {
+                node_port: Some(30080),
+                ..port("", Protocol::Tcp, 80, 8080)
+            }],
+        )
+    };
+    let eps = slice(
+        "default",
+        "web-1",
+        "web",
+        vec![slice_port("", Protocol::Tcp, 8080)],
+        endpoints,
+    );
+    (svc, eps)
 }

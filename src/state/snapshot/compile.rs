@@ -12,7 +12,7 @@ use ipnet::IpNet;
 
 use super::{
     EmptyAction, Frontend, FrontendKey, FrontendKind, HealthCheck, ListenerMode, ListenerSpec,
-    NodeContext, Snapshot,
+    NodeContext, PortCandidates, Snapshot,
 };
 use crate::balance::affinity::PortId;
 use crate::model::{
@@ -33,13 +33,16 @@ pub fn port_id(service: &ObjectKey, port_name: &str, proto: Protocol) -> PortId 
 struct PortEndpoints {
     v4: Usable<SocketAddr>,
     v6: Usable<SocketAddr>,
+    /// Before filtering, for `explain`.
+    all_v4: Arc<PortCandidates>,
+    all_v6: Arc<PortCandidates>,
 }
 
 impl PortEndpoints {
-    fn family(&self, ip: &IpAddr) -> &Usable<SocketAddr> {
+    fn family(&self, ip: &IpAddr) -> (&Usable<SocketAddr>, &Arc<PortCandidates>) {
         match ip {
-            IpAddr::V4(_) => &self.v4,
-            IpAddr::V6(_) => &self.v6,
+            IpAddr::V4(_) => (&self.v4, &self.all_v4),
+            IpAddr::V6(_) => (&self.v6, &self.all_v6),
         }
     }
 }
@@ -187,7 +190,7 @@ impl<'a> Compiler<'a> {
         kind: FrontendKind,
         policy: TrafficPolicy,
     ) {
-        let usable = eps.family(&addr.ip());
+        let (usable, candidates) = eps.family(&addr.ip());
         let endpoints: Box<[SocketAddr]> = usable.for_policy(policy).into();
         let when_empty = if policy == TrafficPolicy::Local && !usable.cluster.is_empty() {
             EmptyAction::Drop
@@ -228,6 +231,8 @@ impl<'a> Compiler<'a> {
             } else {
                 crate::telemetry::Gauge::default()
             },
+            policy,
+            candidates: candidates.clone(),
         };
         // 127.0.0.0/8 is routed locally as a whole on Linux, not just 127.0.0.1.
         let local = addr.ip().is_loopback() || self.local.contains(&addr.ip());
@@ -256,9 +261,17 @@ impl<'a> Compiler<'a> {
             for c in v4.iter().chain(&v6).filter(|c| c.local && c.ready) {
                 local_ready.insert(c.addr.ip());
             }
+            let all = |c: Vec<Candidate<SocketAddr>>| {
+                Arc::new(PortCandidates {
+                    endpoints: c.into(),
+                    zone: zone.map(str::to_string),
+                })
+            };
             let eps = PortEndpoints {
                 v4: categorize(&v4, zone),
                 v6: categorize(&v6, zone),
+                all_v4: all(v4),
+                all_v6: all(v6),
             };
             let pm = self.metrics.port(&PortLabels {
                 namespace: svc.key.namespace.clone(),

@@ -11,7 +11,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use crate::balance::affinity::PortId;
-use crate::model::{ObjectKey, Protocol};
+use crate::model::{ObjectKey, Protocol, TrafficPolicy};
+use crate::state::topology::Candidate;
 use crate::telemetry::PortMetrics;
 
 mod compile;
@@ -93,6 +94,23 @@ pub struct Frontend {
     /// TCP connections admitted through this frontend; the same atomic in
     /// every snapshot, so `--max-connections-per-frontend` holds across reloads.
     pub admitted: crate::telemetry::Gauge,
+    /// The traffic policy `endpoints` was filtered by (the Service's internal
+    /// one for ClusterIPs, its external one otherwise).
+    pub policy: TrafficPolicy,
+    /// Every endpoint of the Service port in this frontend's family before
+    /// filtering, shared by the port's frontends: what `ringvip explain`
+    /// reads. Never read by the data path.
+    pub candidates: Arc<PortCandidates>,
+}
+
+/// A Service port's merged endpoints of one address family before policy
+/// filtering, and the zone the compile filtered for.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PortCandidates {
+    /// The endpoints, sorted by address.
+    pub endpoints: Box<[Candidate<SocketAddr>]>,
+    /// This node's zone at compile (topology hints are matched against it).
+    pub zone: Option<String>,
 }
 
 impl Frontend {
