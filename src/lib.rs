@@ -16,6 +16,7 @@
     )
 )]
 
+pub mod access_log;
 pub(crate) mod admin;
 pub mod app;
 pub mod balance;
@@ -26,6 +27,7 @@ pub mod discovery;
 pub mod dns;
 pub mod envvars;
 pub(crate) mod healthcheck;
+pub mod logging;
 pub mod model;
 pub(crate) mod privileges;
 pub mod state;

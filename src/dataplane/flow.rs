@@ -45,11 +45,11 @@ pub fn resolve(snap: &Snapshot, key: &FlowKey) -> Verdict {
         return Verdict::Refuse(ConnectFailure::NoEndpoints);
     };
     if !fe.allows(key.src.ip()) {
-        fe.metrics.connect_failure(ConnectFailure::SourceRange);
+        fe.connect_failure(ConnectFailure::SourceRange, None);
         return Verdict::Drop(ConnectFailure::SourceRange);
     }
     if fe.endpoints.is_empty() {
-        fe.metrics.connect_failure(ConnectFailure::NoEndpoints);
+        fe.connect_failure(ConnectFailure::NoEndpoints, None);
         return match fe.when_empty {
             EmptyAction::Refuse => Verdict::Refuse(ConnectFailure::NoEndpoints),
             EmptyAction::Drop => Verdict::Drop(ConnectFailure::NoEndpoints),
