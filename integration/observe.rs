@@ -69,17 +69,25 @@ fn per_endpoint_series_and_per_frontend_rows_count_exactly() {
     let _echo = Backend::start(good, "good", Mode::Echo);
     let refusing = net.addr(2, port); // nothing listens there
     let node_port = free_port();
+    // A LoadBalancer: its nodePort on 127.0.0.1 and its ingress IP (local:
+    // all of 127.0.0.0/8 is) on the same port, two frontends of one port.
     let external: Ipv4Addr = net.ip(3);
     let manifest = |eps: &[Ipv4Addr]| {
         let eps: Vec<(Ipv4Addr, bool, &str)> = eps.iter().map(|ip| (*ip, true, "node-a")).collect();
-        let spec = format!("  externalIPs: [\"{external}\"]\n");
-        service_with("obs", "TCP", node_port, port, &eps, &spec)
+        service_with("obs", "TCP", node_port, port, &eps, "")
+            .replace("type: NodePort", "type: LoadBalancer")
+            .replacen(
+                "\n---\n",
+                &format!("\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: \"{external}\"\n---\n"),
+                1,
+            )
     };
     let started = unix_now();
     // Phase 1: the refusing endpoint alone. One client: every one of the 4
     // connect tries fails (refused), and the client is reset.
     let rv = Ringvip::start(&manifest(&[net.ip(2)]), &["--connect-attempts", "4"]);
-    let mut c = TcpStream::connect(np(node_port)).unwrap();
+    let mut c = TcpStream::connect(np(node_port))
+        .unwrap_or_else(|e| panic!("{e}: {}", rv.log()));
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut buf = [0u8; 8];
     assert!(
@@ -162,7 +170,7 @@ fn per_endpoint_series_and_per_frontend_rows_count_exactly() {
         );
     }
 
-    // Status: the NodePort row carried everything, the externalIP row nothing.
+    // Status: the NodePort row carried everything, the LoadBalancer row nothing.
     let json = command_ok(&["status", "--admin", &rv.metrics.to_string(), "-o", "json"]);
     let rows: serde_json::Value = serde_json::from_str(&json).unwrap();
     let row = |addr: String| {
