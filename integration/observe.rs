@@ -78,7 +78,9 @@ fn per_endpoint_series_and_per_frontend_rows_count_exactly() {
             .replace("type: NodePort", "type: LoadBalancer")
             .replacen(
                 "\n---\n",
-                &format!("\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: \"{external}\"\n---\n"),
+                &format!(
+                    "\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: \"{external}\"\n---\n"
+                ),
                 1,
             )
     };
@@ -86,8 +88,7 @@ fn per_endpoint_series_and_per_frontend_rows_count_exactly() {
     // Phase 1: the refusing endpoint alone. One client: every one of the 4
     // connect tries fails (refused), and the client is reset.
     let rv = Ringvip::start(&manifest(&[net.ip(2)]), &["--connect-attempts", "4"]);
-    let mut c = TcpStream::connect(np(node_port))
-        .unwrap_or_else(|e| panic!("{e}: {}", rv.log()));
+    let mut c = TcpStream::connect(np(node_port)).unwrap_or_else(|e| panic!("{e}: {}", rv.log()));
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut buf = [0u8; 8];
     assert!(

@@ -19,7 +19,7 @@ use super::Shared;
 use crate::access_log::{End, Record};
 use crate::model::Protocol;
 use crate::state::Frontend;
-use crate::telemetry::EndpointMetrics;
+use crate::telemetry::{Counter, EndpointMetrics, Traffic};
 
 /// A live connection or flow; see the module documentation. Single-threaded
 /// (it stays on the data-plane thread that opened it).
@@ -82,24 +82,27 @@ impl Session {
     /// `n` payload bytes relayed client → backend.
     #[inline]
     pub fn to_backend(&self, n: usize) {
-        let n = n as u64;
-        self.to_backend.set(self.to_backend.get() + n);
-        self.fe.metrics.bytes_to_backend.inc_by(n);
-        self.fe.traffic.bytes_to_backend.inc_by(n);
-        if let Some(ep) = &self.ep {
-            ep.traffic.bytes_to_backend.inc_by(n);
-        }
+        let port = &self.fe.metrics.bytes_to_backend;
+        self.count(n, &self.to_backend, port, |t| &t.bytes_to_backend);
     }
 
     /// `n` payload bytes relayed backend → client.
     #[inline]
     pub fn to_client(&self, n: usize) {
+        let port = &self.fe.metrics.bytes_to_client;
+        self.count(n, &self.to_client, port, |t| &t.bytes_to_client);
+    }
+
+    /// Adds `n` bytes to this session's `tally`, the port's counter, and the
+    /// frontend's and endpoint's counters `which` picks.
+    #[inline]
+    fn count(&self, n: usize, tally: &Cell<u64>, port: &Counter, which: fn(&Traffic) -> &Counter) {
         let n = n as u64;
-        self.to_client.set(self.to_client.get() + n);
-        self.fe.metrics.bytes_to_client.inc_by(n);
-        self.fe.traffic.bytes_to_client.inc_by(n);
+        tally.set(tally.get() + n);
+        port.inc_by(n);
+        which(&self.fe.traffic).inc_by(n);
         if let Some(ep) = &self.ep {
-            ep.traffic.bytes_to_client.inc_by(n);
+            which(&ep.traffic).inc_by(n);
         }
     }
 
