@@ -220,18 +220,21 @@ mod tests {
         assert_eq!(fe.metrics.bytes_to_client.get(), 10);
 
         refused(&shared, &fe, client, vip, End::Limit);
+        // Dropped while still open (its thread stopped): a drain.
+        drop(Session::open(&shared, fe.clone(), client, vip, ep));
         writer.finish();
         let text = out.text();
         let lines: Vec<serde_json::Value> = text
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
-        assert_eq!(lines.len(), 2, "{text}");
+        assert_eq!(lines.len(), 3, "{text}");
         assert_eq!(lines[0]["ended"], "reset");
         assert_eq!(lines[0]["endpoint"], ep.to_string());
         assert_eq!(lines[0]["bytes_to_backend"], 5);
         assert_eq!(lines[0]["bytes_to_client"], 10);
         assert_eq!(lines[1]["ended"], "limit");
         assert_eq!(lines[1]["endpoint"], serde_json::Value::Null);
+        assert_eq!(lines[2]["ended"], "drain");
     }
 }
