@@ -150,6 +150,7 @@ CANDIDATES = [
     ("nginx", "nginx stream"),
     ("rv-np", "ringvip NodePort"),
     ("rv-cip", "ringvip ClusterIP"),
+    ("rv-np-al", "ringvip NodePort, --access-log"),
 ]
 
 

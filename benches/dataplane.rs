@@ -6,7 +6,9 @@
 //!   a client interface and ringvip's any-IP `Stack` joined by in-memory
 //!   queues (both ends are smoltcp, so this is twice the stack's cost per byte);
 //! - `relay/echo_64k`: the kernel-socket relay loop on loopback, 64 KiB sent
-//!   through it to an echo backend and back.
+//!   through it to an echo backend and back;
+//! - `session/*`: what a relayed connection costs for metrics (port, frontend
+//!   and endpoint counters) and, with `--access-log`, its record's hand-over.
 //!
 //! Run: cargo bench --bench dataplane
 
@@ -14,12 +16,19 @@ use std::hint::black_box;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use std::rc::Rc;
+use std::sync::Arc;
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use ringvip::access_log::{self, End};
+use ringvip::config::LogFormat;
+use ringvip::dataplane::session::Session;
 use ringvip::dataplane::tun::device::QueueDevice;
 use ringvip::dataplane::tun::stack::Stack;
 use ringvip::dataplane::tun::TunSettings;
 use ringvip::dataplane::tun::{classify, udp_packet};
 use ringvip::dataplane::udp::{FlowEntry, FlowTable};
+use ringvip::dataplane::Shared;
 use ringvip::testing::tun::{ingest_offline_queued, sample_snapshot};
 use smoltcp::iface::{Config, Interface, SocketSet};
 use smoltcp::socket::tcp;
@@ -224,11 +233,14 @@ fn relay(c: &mut Criterion) {
                 let snap = sample_snapshot(true);
                 let fe = snap.frontends().map(|(_, f)| f.clone()).next().unwrap();
                 tokio_uring::spawn(async move {
-                    let (client, _) = front.accept().await.unwrap();
+                    let (client, peer) = front.accept().await.unwrap();
                     let backend = TcpStream::connect(echo_addr).await.unwrap();
                     // No limits, no idle timeout: the loop alone.
                     let limits = ringvip::dataplane::limits::ConnLimits::new(0, 0, Duration::ZERO);
-                    ringvip::dataplane::relay::relay(client, backend, &fe, &limits).await;
+                    let shared = Shared::new(Default::default());
+                    let session = Session::open(&shared, fe, peer, front_addr, echo_addr);
+                    ringvip::dataplane::relay::relay(client, backend, Rc::new(session), &limits)
+                        .await;
                 });
                 let conn = TcpStream::connect(front_addr).await.unwrap();
                 let mut out = vec![0x42u8; 64 * 1024];
@@ -254,5 +266,56 @@ fn relay(c: &mut Criterion) {
 
 use tokio_uring::buf::BoundedBuf;
 
-criterion_group!(benches, flow_table, classify_bench, smoltcp_pair, relay);
+/// What a relayed connection adds on the data plane for metrics and the
+/// access log: open a session (port, frontend and endpoint counters), count
+/// two chunks each way, end and drop it; with the access log on, the drop
+/// also hands a record to the writer thread (writing to a sink here; when it
+/// falls behind, records are dropped and counted, never waited for).
+fn session(c: &mut Criterion) {
+    let snap = sample_snapshot(true);
+    let fe = snap
+        .frontends()
+        .find(|(k, _)| k.proto == ringvip::model::Protocol::Tcp && k.addr.is_ipv4())
+        .map(|(_, f)| f.clone())
+        .unwrap();
+    let ep = fe.endpoints[0];
+    let client: SocketAddr = "10.1.0.5:40000".parse().unwrap();
+    let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    let run = |shared: &Arc<Shared>| {
+        let s = Session::open(shared, fe.clone(), client, vip, ep);
+        s.to_backend(black_box(100));
+        s.to_client(black_box(1000));
+        s.to_backend(black_box(100));
+        s.to_client(black_box(1000));
+        s.end(End::Fin);
+        drop(s);
+    };
+    let plain = Shared::new(Default::default());
+    c.bench_function("session/open_count_close", |b| b.iter(|| run(&plain)));
+    let (log, writer) = access_log::start(
+        Box::new(std::io::sink()),
+        LogFormat::Json,
+        access_log::CAPACITY,
+    );
+    let dropped = log.dropped().clone();
+    let logged = Shared::with_access_log(Default::default(), Some(log));
+    c.bench_function("session/open_count_close_access_log", |b| {
+        b.iter(|| run(&logged))
+    });
+    drop(logged);
+    writer.finish();
+    eprintln!(
+        "session/open_count_close_access_log: {} records dropped (writer behind)",
+        dropped.get()
+    );
+}
+
+criterion_group!(
+    benches,
+    flow_table,
+    classify_bench,
+    smoltcp_pair,
+    relay,
+    session
+);
 criterion_main!(benches);

@@ -8,6 +8,7 @@ use std::time::{Instant, SystemTime};
 use anyhow::Context;
 use tokio::sync::{mpsc, watch, Notify};
 
+use crate::access_log;
 use crate::admin;
 use crate::config::{self, Settings};
 use crate::dataplane::tun::{self, TunSettings};
@@ -59,7 +60,16 @@ pub fn run(
         workers = settings.dataplane.workers,
         "starting"
     );
-    let shared = Shared::new(settings.dataplane);
+    let (log, log_writer) = match &settings.log.access_log {
+        Some(path) => {
+            let (log, writer) =
+                access_log::open(path, settings.log.log_format, access_log::CAPACITY)
+                    .with_context(|| format!("opening the access log {}", path.display()))?;
+            (Some(log), Some(writer))
+        }
+        None => (None, None),
+    };
+    let shared = Shared::with_access_log(settings.dataplane, log);
     let (snap_tx, snap_rx) = watch::channel(shared.snapshot.load_full());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -108,6 +118,11 @@ pub fn run(
     // snap_tx is dropped by now: every worker closes its listeners and returns.
     for w in workers {
         let _ = w.join();
+    }
+    // The workers' connections have ended (as `drain` when still open), so
+    // every access-log record is queued: written out before the exit.
+    if let Some(w) = log_writer {
+        w.finish();
     }
     result
 }
@@ -217,6 +232,9 @@ async fn control(
     let dns_metrics = DnsMetrics::default();
     if settings.dns.dns_addr.is_some() {
         metrics.register_dns(&dns_metrics);
+    }
+    if let Some(log) = &shared.access_log {
+        metrics.register_access_log_dropped(log.dropped());
     }
     let metrics = Arc::new(metrics);
     let health = Arc::new(Health::new());

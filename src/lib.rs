@@ -16,6 +16,7 @@
     )
 )]
 
+pub mod access_log;
 pub(crate) mod admin;
 pub mod app;
 pub mod balance;
@@ -27,6 +28,7 @@ pub mod dns;
 pub mod envvars;
 pub mod explain;
 pub(crate) mod healthcheck;
+pub mod logging;
 pub mod model;
 pub mod netns;
 pub(crate) mod privileges;

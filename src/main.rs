@@ -232,17 +232,24 @@ fn main() -> ExitCode {
         Cmd::Demo { .. } => "warn",
         _ => "info",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RINGVIP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    // `run`'s settings say how to log, so they are read first (their errors
+    // are printed below, without a logger).
+    let settings = match &cli.cmd {
+        Cmd::Run(a) => Some(run_settings(a, &sub)),
+        _ => None,
+    };
+    let format = match &settings {
+        Some(Ok(s)) => s.log.log_format,
+        _ => config::LogFormat::Text,
+    };
+    ringvip::logging::init(format, default_level);
     let res = match cli.cmd {
-        Cmd::Run(a) => run_settings(&a, &sub).and_then(|s| {
-            ringvip::app::run(s, Arc::new(tokio::sync::Notify::new()), |_| {})
-                .map(|()| ExitCode::SUCCESS)
-        }),
+        Cmd::Run(_) => settings
+            .unwrap_or_else(|| Err(anyhow::anyhow!("no settings for run")))
+            .and_then(|s| {
+                ringvip::app::run(s, Arc::new(tokio::sync::Notify::new()), |_| {})
+                    .map(|()| ExitCode::SUCCESS)
+            }),
         Cmd::Check(a) => check(a, &sub),
         Cmd::Env(a) => env(a, &sub),
         Cmd::Explain(a) => explain(*a, &sub),

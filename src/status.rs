@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::admin::API_FRONTENDS_PATH;
 use crate::balance::PassiveHealth;
 use crate::state::{EmptyAction, FrontendKind, Snapshot};
-use crate::telemetry::{ConnectFailure, PortMetrics};
+use crate::telemetry::{ConnectFailure, Traffic};
 
 /// One frontend as `status` reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,13 +34,13 @@ pub struct FrontendStatus {
     pub failing: Vec<String>,
     /// With no usable endpoint: `refuse` or `drop`.
     pub when_empty: String,
-    /// What the Service port has carried (the same on each of its
-    /// frontends); its fields are the row's own in JSON.
+    /// What this frontend has carried (its own counters, not its Service
+    /// port's); its fields are the row's own in JSON.
     #[serde(flatten)]
     pub traffic: PortTraffic,
 }
 
-/// What a Service port has carried, from its live metrics.
+/// What a frontend has carried, from its live counters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortTraffic {
     /// Connections (and UDP flows) relayed now.
@@ -56,10 +56,10 @@ pub struct PortTraffic {
 }
 
 impl PortTraffic {
-    /// The counters of a Service port's metrics, now.
-    pub fn of(m: &PortMetrics) -> Self {
+    /// The counters of a frontend, now.
+    pub fn of(m: &Traffic) -> Self {
         PortTraffic {
-            active: m.connections_active.get() + m.udp_flows_active.get(),
+            active: m.connections_active.get(),
             total: m.connections_total.get(),
             bytes_to_backend: m.bytes_to_backend.get(),
             bytes_to_client: m.bytes_to_client.get(),
@@ -112,7 +112,7 @@ pub fn frontends(
                 EmptyAction::Drop => "drop",
             }
             .to_string(),
-            traffic: PortTraffic::of(&fe.metrics),
+            traffic: PortTraffic::of(&fe.traffic),
         })
         .collect();
     rows.sort_by(|a, b| {
@@ -318,18 +318,28 @@ mod tests {
             .find(|r| r.address == "[fd00:10:96::10]:80")
             .expect("tcp v6 row");
         assert!(tcp6.endpoints.is_empty(), "the slice is IPv4 only");
-        // counters are the Service port's live metrics
+        // counters are the frontend's own live counters, not its port's
         let (_, fe) = snap
             .frontends()
             .find(|(k, _)| k.addr.to_string() == "10.96.0.10:80")
             .unwrap();
-        fe.metrics.connections_total.inc_by(3);
-        fe.metrics.connect_failure(ConnectFailure::Refused);
+        fe.traffic.connections_total.inc_by(3);
+        fe.traffic.bytes_to_client.inc_by(10);
+        fe.connect_failure(ConnectFailure::Refused, None);
+        fe.metrics.connections_total.inc_by(5);
         health.failed("10.0.0.1:8080".parse().unwrap(), now);
         let again = frontends(&snap, &health, now, true);
         let tcp4 = again.iter().find(|r| r.address == "10.96.0.10:80").unwrap();
         assert_eq!(tcp4.traffic.total, 3);
+        assert_eq!(tcp4.traffic.bytes_to_client, 10);
         assert_eq!(tcp4.traffic.connect_failures.get("refused"), Some(&1));
+        // The other frontend of the same Service port carried nothing.
+        let tcp6 = again
+            .iter()
+            .find(|r| r.address == "[fd00:10:96::10]:80")
+            .unwrap();
+        assert_eq!((tcp6.traffic.total, tcp6.traffic.bytes_to_client), (0, 0));
+        assert!(tcp6.traffic.connect_failures.is_empty());
         assert_eq!(tcp4.failing, vec!["10.0.0.1:8080".to_string()]);
         assert!(render(&again, Format::Wide).contains("10.0.0.1:8080(failing)"));
     }

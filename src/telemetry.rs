@@ -20,8 +20,11 @@
 //! counters that is the sample name ending in `_total` (the OpenMetrics family
 //! name, shown on `# TYPE` lines, is the same without `_total`).
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
@@ -34,7 +37,7 @@ pub type Counter = prometheus_client::metrics::counter::Counter;
 /// Integer gauge handle used in [`PortMetrics`] (an `Arc<AtomicI64>` inside).
 pub type Gauge = prometheus_client::metrics::gauge::Gauge;
 /// Floating-point gauge (seconds since the epoch).
-type FloatGauge = prometheus_client::metrics::gauge::Gauge<f64, AtomicU64>;
+pub type FloatGauge = prometheus_client::metrics::gauge::Gauge<f64, AtomicU64>;
 
 // ---- kube-proxy compatible metrics -------------------------------------------
 
@@ -93,6 +96,35 @@ pub const FRONTEND_CONNECTIONS_ACTIVE: &str = "ringvip_frontend_connections_acti
 /// Counter per `limit` (`max_connections` | `max_connections_per_frontend` |
 /// `tcp_idle_timeout`): connections refused by a limit, or closed for idleness.
 pub const LIMIT_HITS_TOTAL: &str = "ringvip_limit_hits_total";
+
+// ---- byte-path metrics, per endpoint of a Service port ------------------------
+//
+// Labels: the per-port labels plus `endpoint` = "IP:port". Series of an
+// endpoint exist while it is listed for the Service port: 12 per endpoint
+// and Service port (see `telemetry::endpoints`).
+
+/// Counter per endpoint: connections (and UDP flows) relayed to it.
+pub const ENDPOINT_CONNECTIONS_TOTAL: &str = "ringvip_endpoint_connections_total";
+/// Gauge per endpoint: connections (and UDP flows) open to it now.
+pub const ENDPOINT_CONNECTIONS_ACTIVE: &str = "ringvip_endpoint_connections_active";
+/// Counter per endpoint and `reason` (as [`CONNECT_FAILURES_TOTAL`]): failed
+/// connects to it.
+pub const ENDPOINT_CONNECT_FAILURES_TOTAL: &str = "ringvip_endpoint_connect_failures_total";
+/// Counter per endpoint and `direction` (`to_backend` | `to_client`).
+pub const ENDPOINT_BYTES_TOTAL: &str = "ringvip_endpoint_bytes_total";
+/// Gauge per endpoint: 1 usable, 0 backed off after a failed connect
+/// (passive health) until a connect to it succeeds.
+pub const ENDPOINT_HEALTHY: &str = "ringvip_endpoint_healthy";
+/// Gauge per endpoint: Unix time (seconds) of its last health change, or of
+/// its first appearance in the Service port.
+pub const ENDPOINT_HEALTH_LAST_CHANGE_TIMESTAMP_SECONDS: &str =
+    "ringvip_endpoint_health_last_change_timestamp_seconds";
+/// Counter: access-log records dropped because the writer fell behind (the
+/// data plane never waits for it).
+pub const ACCESS_LOG_DROPPED_TOTAL: &str = "ringvip_access_log_dropped_total";
+
+mod endpoints;
+pub use endpoints::{EndpointLease, EndpointMetrics};
 
 /// The OpenMetrics family name under which a counter must be registered so
 /// that its sample is exposed as `name` (prometheus-client appends `_total`).
@@ -315,17 +347,27 @@ pub struct PortMetrics {
     failures: [Counter; ConnectFailure::COUNT],
 }
 
+/// Counts one failure for `r` in `failures` (indexed by [`ConnectFailure::index`]).
+fn count_failure(failures: &[Counter; ConnectFailure::COUNT], r: ConnectFailure) {
+    if let Some(c) = failures.get(r.index()) {
+        c.inc();
+    }
+}
+
+/// The failures counted for `r` in `failures`.
+fn failures_of(failures: &[Counter; ConnectFailure::COUNT], r: ConnectFailure) -> u64 {
+    failures.get(r.index()).map_or(0, Counter::get)
+}
+
 impl PortMetrics {
     /// Count one failed connect attempt for `r`.
     pub fn connect_failure(&self, r: ConnectFailure) {
-        if let Some(c) = self.failures.get(r.index()) {
-            c.inc();
-        }
+        count_failure(&self.failures, r);
     }
 
     /// Connect failures counted so far for `r`.
     pub fn connect_failures(&self, r: ConnectFailure) -> u64 {
-        self.failures.get(r.index()).map_or(0, Counter::get)
+        failures_of(&self.failures, r)
     }
 
     /// Handles registered nowhere: for tests and for code paths that need a
@@ -345,6 +387,34 @@ impl PortMetrics {
 impl Default for PortMetrics {
     fn default() -> Self {
         PortMetrics::detached()
+    }
+}
+
+/// What one frontend, or one endpoint of a Service port, has carried:
+/// connections (and UDP flows) total and open, bytes each way, failed
+/// connects by reason. Cloning shares the atomics.
+#[derive(Clone, Debug, Default)]
+pub struct Traffic {
+    /// Connections (and UDP flows) open now.
+    pub connections_active: Gauge,
+    /// Connections (and UDP flows) since start.
+    pub connections_total: Counter,
+    /// Payload bytes client → backend.
+    pub bytes_to_backend: Counter,
+    /// Payload bytes backend → client.
+    pub bytes_to_client: Counter,
+    failures: [Counter; ConnectFailure::COUNT],
+}
+
+impl Traffic {
+    /// Count one failed connect attempt for `r`.
+    pub fn connect_failure(&self, r: ConnectFailure) {
+        count_failure(&self.failures, r);
+    }
+
+    /// Connect failures counted so far for `r`.
+    pub fn connect_failures(&self, r: ConnectFailure) -> u64 {
+        failures_of(&self.failures, r)
     }
 }
 
@@ -369,6 +439,10 @@ pub struct Metrics {
     connect_failures: Family<FailureLabels, Counter>,
     udp_flows_active: Family<PortLabels, Gauge>,
     frontend_active: Family<FrontendLabels, Gauge>,
+    endpoints: Arc<endpoints::Endpoints>,
+    /// Per-frontend counters (`ringvip status` rows), not exported: the same
+    /// atomics for a frontend in every snapshot.
+    frontend_traffic: Mutex<HashMap<FrontendLabels, Traffic>>,
 }
 
 impl Default for Metrics {
@@ -494,6 +568,12 @@ impl Metrics {
                 FRONTEND_CONNECTIONS_ACTIVE,
                 "TCP connections admitted (connecting or relaying), per frontend",
             ),
+            endpoints: {
+                let e = Arc::new(endpoints::Endpoints::default());
+                r.register_collector(Box::new(e.clone()));
+                e
+            },
+            frontend_traffic: Mutex::new(HashMap::new()),
             registry,
         };
         // kube-proxy exports both traffic policies from the start.
@@ -510,6 +590,33 @@ impl Metrics {
     /// atomic across snapshots). Call at snapshot compile.
     pub fn frontend_active(&self, labels: &FrontendLabels) -> Gauge {
         self.frontend_active.get_or_create_owned(labels)
+    }
+
+    /// The counters of one frontend (same labels, same atomics across
+    /// snapshots). Call at snapshot compile.
+    pub fn frontend_traffic(&self, labels: &FrontendLabels) -> Traffic {
+        let mut map = self
+            .frontend_traffic
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        map.entry(labels.clone()).or_default().clone()
+    }
+
+    /// A lease on the series of `endpoint` of the Service port `port`: they
+    /// are exported while a lease on them lives (see [`EndpointLease`]).
+    /// Call at snapshot compile, not per connection (it takes a lock).
+    pub fn endpoint(&self, port: &PortLabels, endpoint: SocketAddr) -> EndpointLease {
+        self.endpoints.lease(port, endpoint, SystemTime::now())
+    }
+
+    /// Exposes the access log's dropped-records counter (created with the
+    /// data plane, before the registry).
+    pub fn register_access_log_dropped(&mut self, dropped: &Counter) {
+        self.registry.register(
+            counter_family(ACCESS_LOG_DROPPED_TOTAL),
+            "Access-log records dropped because the writer fell behind",
+            dropped.clone(),
+        );
     }
 
     /// Exposes the data plane's limit counters (created before the registry).
@@ -929,6 +1036,108 @@ mod tests {
             sample(&text, &format!("{CONNECTIONS_TOTAL}{{{l}}}")).as_deref(),
             Some("2")
         );
+    }
+
+    /// The value of the per-endpoint sample `name{labels of 10.0.0.1:8080
+    /// of default/web http/TCP, extra}`.
+    fn endpoint_sample(text: &str, name: &str, extra: &str) -> Option<String> {
+        let l = r#"namespace="default",service="web",port="http",protocol="TCP",endpoint="10.0.0.1:8080""#;
+        sample(text, &format!("{name}{{{l}{extra}}}"))
+    }
+
+    #[test]
+    fn endpoint_series_live_while_a_lease_does() {
+        let m = Metrics::new();
+        let port = labels("http", "TCP");
+        let ep: SocketAddr = "10.0.0.1:8080".parse().unwrap();
+        let a = m.endpoint(&port, ep);
+        let b = m.endpoint(&port, ep);
+        assert!(Arc::ptr_eq(a.metrics(), b.metrics()), "one set of atomics");
+        let h = a.metrics().clone();
+        assert_eq!(h.healthy(), 1);
+        h.traffic.connections_total.inc_by(2);
+        h.traffic.bytes_to_client.inc_by(9);
+        h.connect_failed(
+            ConnectFailure::Refused,
+            UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+        );
+        let text = m.encode();
+        let checks = [
+            (ENDPOINT_CONNECTIONS_TOTAL, "", "2"),
+            (ENDPOINT_CONNECTIONS_ACTIVE, "", "0"),
+            (ENDPOINT_CONNECT_FAILURES_TOTAL, ",reason=\"refused\"", "1"),
+            (ENDPOINT_CONNECT_FAILURES_TOTAL, ",reason=\"timeout\"", "0"),
+            (ENDPOINT_BYTES_TOTAL, ",direction=\"to_client\"", "9"),
+            (ENDPOINT_BYTES_TOTAL, ",direction=\"to_backend\"", "0"),
+            (ENDPOINT_HEALTHY, "", "0"),
+            (
+                ENDPOINT_HEALTH_LAST_CHANGE_TIMESTAMP_SECONDS,
+                "",
+                "1700000000.0",
+            ),
+        ];
+        for (name, extra, want) in checks {
+            assert_eq!(
+                endpoint_sample(&text, name, extra).as_deref(),
+                Some(want),
+                "{name}{extra} in\n{text}"
+            );
+        }
+        assert_eq!(text.matches("endpoint=\"10.0.0.1:8080\"").count(), 12);
+        // A second failure is no health change; a success is.
+        h.connect_failed(ConnectFailure::Timeout, SystemTime::now());
+        let text = m.encode();
+        assert_eq!(
+            endpoint_sample(&text, ENDPOINT_HEALTH_LAST_CHANGE_TIMESTAMP_SECONDS, "").as_deref(),
+            Some("1700000000.0")
+        );
+        h.connect_succeeded();
+        assert_eq!(h.healthy(), 1);
+
+        drop(a);
+        assert_eq!(m.endpoints.live(), 1, "b still holds them");
+        assert!(m.encode().contains("endpoint=\"10.0.0.1:8080\""));
+        drop(b);
+        assert_eq!(m.endpoints.live(), 0);
+        assert!(!m.encode().contains("endpoint="), "{}", m.encode());
+        // A handle kept by a connection still counts, unexported.
+        h.traffic.connections_total.inc();
+        assert!(!m.encode().contains("endpoint="));
+
+        // Back again: new series, healthy, counting from zero.
+        let c = m.endpoint(&port, ep);
+        assert!(!Arc::ptr_eq(c.metrics(), &h));
+        let text = m.encode();
+        assert_eq!(
+            endpoint_sample(&text, ENDPOINT_CONNECTIONS_TOTAL, "").as_deref(),
+            Some("0")
+        );
+        assert_eq!(
+            endpoint_sample(&text, ENDPOINT_HEALTHY, "").as_deref(),
+            Some("1")
+        );
+        // Another port's endpoint of the same address is its own series.
+        let other = m.endpoint(&labels("https", "TCP"), ep);
+        assert!(!Arc::ptr_eq(c.metrics(), other.metrics()));
+    }
+
+    #[test]
+    fn frontend_traffic_is_kept_across_calls() {
+        let m = Metrics::new();
+        let fe = FrontendLabels {
+            address: "192.0.2.1:30080".into(),
+            protocol: "TCP".into(),
+        };
+        m.frontend_traffic(&fe).connections_total.inc();
+        m.frontend_traffic(&fe).connections_total.inc();
+        assert_eq!(m.frontend_traffic(&fe).connections_total.get(), 2);
+        let other = FrontendLabels {
+            address: "192.0.2.2:30080".into(),
+            protocol: "TCP".into(),
+        };
+        assert_eq!(m.frontend_traffic(&other).connections_total.get(), 0);
+        // Not exported: status rows only.
+        assert!(!m.encode().contains("192.0.2.1:30080"));
     }
 
     #[test]

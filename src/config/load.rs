@@ -196,6 +196,7 @@ fn from_map(map: &Mapping) -> Result<Settings, String> {
         tun: section(map)?,
         dns: section(map)?,
         admin: section(map)?,
+        log: section(map)?,
     })
 }
 

@@ -56,6 +56,10 @@ pub struct Settings {
     #[command(flatten)]
     #[serde(flatten)]
     pub admin: AdminOptions,
+    /// Log format and the access log.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub log: LogOptions,
 }
 
 /// Where Services and endpoints come from: manifests or the Kubernetes API.
@@ -225,6 +229,33 @@ pub struct AdminOptions {
     pub health_timeout: Duration,
 }
 
+/// Log lines and the access log.
+#[derive(Debug, Clone, PartialEq, Eq, Args, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case")]
+pub struct LogOptions {
+    /// Format of log lines on stderr, and of access-log lines: text, or json
+    /// (one JSON object per line). Text is coloured only when stderr is a
+    /// terminal.
+    #[arg(long, value_name = "FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+    /// Write one line per finished TCP connection or UDP flow (client,
+    /// frontend, endpoint, bytes each way, duration, how it ended) to this
+    /// file, appended, or to stdout with `-`. Off unless set.
+    #[arg(long, value_name = "PATH|-")]
+    pub access_log: Option<PathBuf>,
+}
+
+/// Format of log lines: the `log-format` setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (`key=value` fields).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 /// The defaults of an options struct are its clap defaults: written once, on
 /// the field, and shown by `--help`.
 fn clap_defaults<T: Args + FromArgMatches>() -> T {
@@ -256,7 +287,8 @@ defaults_from_clap!(
     DataPlaneOptions,
     TunOptions,
     DnsOptions,
-    AdminOptions
+    AdminOptions,
+    LogOptions
 );
 
 fn cores() -> usize {

@@ -62,6 +62,9 @@ pub async fn connect(
                 }
                 let _ = stream.set_nodelay(true);
                 shared.health.succeeded(ep);
+                if let Some(m) = fe.endpoint_metrics(&ep) {
+                    m.connect_succeeded();
+                }
                 return Ok((stream, ep));
             }
             Ok(Err(e)) => {
@@ -73,7 +76,7 @@ pub async fn connect(
                 tracing::debug!(service = %fe.service, endpoint = %ep, "backend connect timed out");
             }
         }
-        fe.metrics.connect_failure(last);
+        fe.connect_failure(last, Some(&ep));
         shared.health.failed(ep, Instant::now());
         tried.push(ep);
     }

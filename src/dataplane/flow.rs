@@ -40,7 +40,7 @@ pub enum Verdict {
 pub fn resolve(snap: &Snapshot, key: &FlowKey) -> Verdict {
     let (fe, verdict) = decide(snap, key);
     if let (Some(fe), Verdict::Refuse(why) | Verdict::Drop(why)) = (fe, &verdict) {
-        fe.metrics.connect_failure(*why);
+        fe.connect_failure(*why, None);
     }
     verdict
 }

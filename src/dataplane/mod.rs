@@ -6,19 +6,20 @@ pub mod flow;
 pub mod limits;
 pub(crate) mod listener;
 pub mod relay;
+pub mod session;
 pub mod socket;
 pub mod tun;
 pub mod udp;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::access_log::AccessLog;
 use crate::balance::{AffinityTable, PassiveHealth};
 use crate::config::DataPlaneOptions;
-use crate::state::{Frontend, Snapshot};
-use crate::telemetry::Gauge;
+use crate::state::Snapshot;
 
 /// State shared by all data-plane threads.
 #[derive(Debug)]
@@ -36,40 +37,21 @@ pub struct Shared {
     pub active: AtomicUsize,
     /// Connection limits and the TCP idle timeout.
     pub limits: limits::ConnLimits,
-}
-
-/// One relayed TCP connection, from either front end: counted in the
-/// Service port's metrics (total, active) and in [`Shared::active`] (what a
-/// drain waits for) for as long as the guard lives, however the relay ends.
-pub struct ActiveConnection<'a> {
-    shared: &'a AtomicUsize,
-    gauge: Gauge,
-}
-
-impl<'a> ActiveConnection<'a> {
-    /// Counts a connection through `fe` until the guard drops.
-    pub fn new(shared: &'a Shared, fe: &Frontend) -> Self {
-        fe.metrics.connections_total.inc();
-        fe.metrics.connections_active.inc();
-        shared.active.fetch_add(1, Ordering::Relaxed);
-        Self {
-            shared: &shared.active,
-            gauge: fe.metrics.connections_active.clone(),
-        }
-    }
-}
-
-impl Drop for ActiveConnection<'_> {
-    fn drop(&mut self) {
-        self.gauge.dec();
-        self.shared.fetch_sub(1, Ordering::Relaxed);
-    }
+    /// Where finished connections and flows are logged (`--access-log`).
+    pub access_log: Option<AccessLog>,
 }
 
 impl Shared {
-    /// Shared state starting from an empty snapshot.
+    /// Shared state starting from an empty snapshot, without access log.
     pub fn new(settings: DataPlaneOptions) -> Arc<Self> {
+        Self::with_access_log(settings, None)
+    }
+
+    /// Shared state starting from an empty snapshot, logging finished
+    /// connections and flows to `access_log`.
+    pub fn with_access_log(settings: DataPlaneOptions, access_log: Option<AccessLog>) -> Arc<Self> {
         Arc::new(Self {
+            access_log,
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             affinity: AffinityTable::new(),
             health: PassiveHealth::default(),

@@ -15,7 +15,8 @@ use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::TcpStream;
 
 use super::limits::{idle_watchdog, Activity, ConnLimits};
-use crate::state::Frontend;
+use super::session::Session;
+use crate::access_log::End;
 
 /// Relay buffer per direction: starts small, grows with the traffic. An idle
 /// connection holds two of these (io_uring reads own their buffer while they
@@ -53,15 +54,17 @@ pub enum Ended {
 
 /// Runs both directions of a relay under the close policy: a FIN ends one
 /// direction and the other runs on; a reset of either ends both; so does the
-/// idle timeout (counted in `limits`). A direction still running when the
-/// relay ends is dropped: its I/O still in flight is the caller's to wake,
-/// which [`reset`] does.
+/// idle timeout (counted in `limits`). Says why the relay ended:
+/// [`End::Fin`] (both directions closed), [`End::Reset`] or
+/// [`End::IdleTimeout`]; anything but `Fin` is to be passed on as a reset.
+/// A direction still running when the relay ends is dropped: its I/O still
+/// in flight is the caller's to wake, which [`reset`] does.
 pub async fn both_directions(
     up: impl Future<Output = Ended>,
     down: impl Future<Output = Ended>,
     activity: &Activity,
     limits: &ConnLimits,
-) -> Ended {
+) -> End {
     tokio::pin!(up, down);
     let both = async {
         tokio::select! {
@@ -71,8 +74,11 @@ pub async fn both_directions(
     };
     let idle = idle_watchdog(activity, limits.idle_timeout, &limits.hits.tcp_idle_timeout);
     tokio::select! {
-        r = both => r,
-        () = idle => Ended::Reset,
+        r = both => match r {
+            Ended::Fin => End::Fin,
+            Ended::Reset => End::Reset,
+        },
+        () = idle => End::IdleTimeout,
     }
 }
 
@@ -92,8 +98,14 @@ pub fn reset(sock: &TcpStream, activity: &Activity) {
 }
 
 /// Relays bytes between a client and a backend, both kernel sockets, until
-/// both directions are closed (see the module's close policy).
-pub async fn relay(client: TcpStream, backend: TcpStream, fe: &Frontend, limits: &ConnLimits) {
+/// both directions are closed (see the module's close policy); bytes and
+/// how it ended go to `session`.
+pub async fn relay(
+    client: TcpStream,
+    backend: TcpStream,
+    session: Rc<Session>,
+    limits: &ConnLimits,
+) {
     let client = Rc::new(client);
     let backend = Rc::new(backend);
     let activity = Rc::new(Activity::default());
@@ -101,20 +113,22 @@ pub async fn relay(client: TcpStream, backend: TcpStream, fe: &Frontend, limits:
     let up = tokio_uring::spawn(copy(
         client.clone(),
         backend.clone(),
-        fe.metrics.bytes_to_backend.clone(),
+        (session.clone(), Session::to_backend),
         activity.clone(),
     ));
     let down = copy(
         backend.clone(),
         client.clone(),
-        fe.metrics.bytes_to_client.clone(),
+        (session.clone(), Session::to_client),
         activity.clone(),
     );
     let up = async { up.await.unwrap_or(Ended::Reset) };
-    if both_directions(up, down, &activity, limits).await == Ended::Reset {
+    let ended = both_directions(up, down, &activity, limits).await;
+    if ended != End::Fin {
         reset(&client, &activity);
         reset(&backend, &activity);
     }
+    session.end(ended);
 }
 
 /// Reads what a kernel socket of a relay has into `buf`: the byte count, or
@@ -144,7 +158,7 @@ pub async fn read(
 async fn copy(
     from: Rc<TcpStream>,
     to: Rc<TcpStream>,
-    bytes: prometheus_client::metrics::counter::Counter,
+    (session, count): (Rc<Session>, fn(&Session, usize)),
     activity: Rc<Activity>,
 ) -> Ended {
     let mut buf = vec![0u8; BUF_START];
@@ -164,7 +178,7 @@ async fn copy(
         if res.is_err() {
             return Ended::Reset;
         }
-        bytes.inc_by(n as u64);
+        count(&session, n);
         grow(&mut buf, n, BUF_MAX);
     }
 }

@@ -18,7 +18,9 @@ use super::connect::connect;
 use super::flow::{resolve, FlowKey, Verdict};
 use super::listener::{Listeners, Programmed};
 use super::relay::{relay, set_reset_on_close};
+use super::session::{self, Session};
 use super::Shared;
+use crate::access_log::End;
 use crate::model::Protocol;
 use crate::state::{ListenerMode, ListenerSpec, Snapshot};
 
@@ -257,17 +259,19 @@ pub(super) async fn handle(
     // Over a connection limit: reset at once, established ones carry on.
     let Some(_slot) = shared.limits.admit(&fe) else {
         set_reset_on_close(&client);
+        session::refused(&shared, &fe, peer, local, End::Limit);
         return;
     };
     match connect(&fe, peer.ip(), &shared, &rng).await {
-        Ok((backend, _ep)) => {
+        Ok((backend, ep)) => {
             let _ = client.set_nodelay(true);
-            let _counted = super::ActiveConnection::new(&shared, &fe);
-            relay(client, backend, &fe, &shared.limits).await;
+            let session = Session::open(&shared, fe, peer, local, ep);
+            relay(client, backend, Rc::new(session), &shared.limits).await;
         }
         Err(e) => {
             tracing::debug!(client = %peer, "{e}");
             set_reset_on_close(&client);
+            session::refused(&shared, &fe, peer, local, End::NoBackend);
         }
     }
 }

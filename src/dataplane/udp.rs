@@ -6,7 +6,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,10 +15,11 @@ use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::UdpSocket;
 
 use super::flow::{pick, resolve, FlowKey, Verdict};
+use super::session::Session;
 use super::Shared;
+use crate::access_log::End;
 use crate::model::Protocol;
 use crate::state::Frontend;
-use crate::telemetry::Counter;
 
 /// Flows one listener socket may hold; new clients beyond it are dropped.
 pub const MAX_FLOWS_PER_LISTENER: usize = 65_536;
@@ -147,31 +148,41 @@ impl<K: std::hash::Hash + Eq + Copy, T> FlowTable<K, T> {
 }
 
 /// The I/O half of a flow (kernel-socket and TUN paths alike): its backend
-/// socket and reply task. Dropping it stops the task and closes the socket.
+/// socket, reply task and session. Dropping it stops the task, closes the
+/// socket and ends the session (the reply task holds it only weakly).
 pub struct FlowIo {
     pub(crate) socket: Rc<UdpSocket>,
     pub(crate) reader: tokio::task::JoinHandle<()>,
-    pub(crate) fe: Arc<Frontend>,
+    pub(crate) session: Rc<Session>,
+}
+
+impl FlowIo {
+    /// Says how the flow ended, before it is dropped.
+    pub fn ended(&self, how: End) {
+        self.session.end(how);
+    }
 }
 
 impl FlowEntry<FlowIo> {
     /// A new flow pinned to `endpoint` through its connected `socket`, whose
-    /// replies `reader` relays; counted in `fe`'s flow metrics until dropped.
+    /// replies `reader` relays; counted by `session` until dropped.
     pub fn opened(
         endpoint: SocketAddr,
         socket: Rc<UdpSocket>,
         reader: tokio::task::JoinHandle<()>,
-        fe: Arc<Frontend>,
+        session: Rc<Session>,
         now: Instant,
         generation: u64,
     ) -> Self {
-        fe.metrics.udp_flows_active.inc();
-        fe.metrics.connections_total.inc();
         Self {
             endpoint,
             last_seen: now,
             generation,
-            io: FlowIo { socket, reader, fe },
+            io: FlowIo {
+                socket,
+                reader,
+                session,
+            },
         }
     }
 }
@@ -185,7 +196,14 @@ impl Drop for FlowIo {
         // until it completes, that is until the backend next sends, if ever:
         // the shutdown completes it now, and the socket closes.
         let _ = with_sock_ref(&self.socket, |s| s.shutdown(std::net::Shutdown::Both));
-        self.fe.metrics.udp_flows_active.dec();
+    }
+}
+
+/// Ends the flows in `dead` (taken out of their table) by `how`, as the
+/// access log reports them; dropping them closes their sockets.
+pub fn end_all(dead: impl IntoIterator<Item = FlowEntry<FlowIo>>, how: End) {
+    for f in dead {
+        f.io.ended(how);
     }
 }
 
@@ -249,7 +267,7 @@ pub async fn serve(
             }
         };
         let now = Instant::now();
-        let (backend, sent_bytes) = match current_backend(&table, &shared, client, local, now) {
+        let (backend, session) = match current_backend(&table, &shared, client, local, now) {
             Some(s) => s,
             None => match open_flow(&table, &sock, &shared, &rng, client, local, now).await {
                 Ok(s) => s,
@@ -277,10 +295,11 @@ pub async fn serve(
             other => other,
         };
         match res {
-            Ok(sent) => {
-                sent_bytes.inc_by(sent as u64);
+            Ok(sent) => session.to_backend(sent),
+            Err(_) => {
+                let gone = table.borrow_mut().remove(&client);
+                end_all(gone, End::Reset);
             }
-            Err(_) => drop(table.borrow_mut().remove(&client)),
         }
     }
 }
@@ -293,7 +312,7 @@ fn current_backend(
     client: SocketAddr,
     local: SocketAddr,
     now: Instant,
-) -> Option<(Rc<UdpSocket>, Counter)> {
+) -> Option<(Rc<UdpSocket>, Rc<Session>)> {
     let mut t = table.borrow_mut();
     let f = t.get_mut(&client)?;
     let snap = shared.snapshot.load();
@@ -306,14 +325,11 @@ fn current_backend(
         matches!(resolve(&snap, &key), Verdict::Forward(fe) if fe.endpoints.contains(ep))
     };
     if !f.revalidate(snap.generation, usable) {
-        t.remove(&client);
+        end_all(t.remove(&client), End::EndpointGone);
         return None;
     }
     f.last_seen = now;
-    Some((
-        f.io.socket.clone(),
-        f.io.fe.metrics.bytes_to_backend.clone(),
-    ))
+    Some((f.io.socket.clone(), f.io.session.clone()))
 }
 
 enum FlowError {
@@ -370,7 +386,7 @@ async fn open_flow(
     client: SocketAddr,
     local: SocketAddr,
     now: Instant,
-) -> Result<(Rc<UdpSocket>, Counter), FlowError> {
+) -> Result<(Rc<UdpSocket>, Rc<Session>), FlowError> {
     let (fe, generation) = {
         let snap = shared.snapshot.load();
         let key = FlowKey {
@@ -389,20 +405,27 @@ async fn open_flow(
     let (ep, backend) = open_backend(&fe, client.ip(), shared, rng, now)
         .await
         .map_err(FlowError::Open)?;
+    let session = Rc::new(Session::open(shared, fe, client, local, ep));
     let reader = tokio_uring::spawn(replies(
         backend.clone(),
         sock.clone(),
         client,
         table.clone(),
-        fe.clone(),
+        Rc::downgrade(&session),
     ));
-    let sent_bytes = fe.metrics.bytes_to_backend.clone();
-    let entry = FlowEntry::opened(ep, backend.clone(), reader, fe, now, generation);
-    table
-        .borrow_mut()
-        .insert(client, entry)
-        .map_err(|_| FlowError::Full)?;
-    Ok((backend, sent_bytes))
+    let entry = FlowEntry::opened(
+        ep,
+        backend.clone(),
+        reader,
+        session.clone(),
+        now,
+        generation,
+    );
+    table.borrow_mut().insert(client, entry).map_err(|e| {
+        e.io.ended(End::Limit);
+        FlowError::Full
+    })?;
+    Ok((backend, session))
 }
 
 /// Backend → client, sent from the frontend address.
@@ -411,7 +434,7 @@ async fn replies(
     front: Rc<UdpSocket>,
     client: SocketAddr,
     table: Table,
-    fe: Arc<Frontend>,
+    session: Weak<Session>,
 ) {
     let mut buf = vec![0u8; DATAGRAM];
     loop {
@@ -433,11 +456,15 @@ async fn replies(
         if res.is_err() {
             break;
         }
-        fe.metrics.bytes_to_client.inc_by(n as u64);
+        // Gone once the flow is removed (this task is then aborted too).
+        let Some(session) = session.upgrade() else {
+            return;
+        };
+        session.to_client(n);
     }
     // Dropping the entry aborts this task; it is the last thing done here.
     let gone = table.borrow_mut().remove(&client);
-    drop(gone);
+    end_all(gone, End::Reset);
 }
 
 /// Once a second: expires idle flows, and after a snapshot change drops flows
@@ -448,7 +475,7 @@ async fn sweep(table: Table, shared: Arc<Shared>, local: SocketAddr) {
     loop {
         tick.tick().await;
         let dead = table.borrow_mut().expire(Instant::now());
-        drop(dead);
+        end_all(dead, End::IdleTimeout);
         let snap = shared.snapshot.load();
         if snap.generation != checked {
             checked = snap.generation;
@@ -465,7 +492,7 @@ async fn sweep(table: Table, shared: Arc<Shared>, local: SocketAddr) {
                 None => &[],
             };
             let dead = table.borrow_mut().retain_usable(|e| usable.contains(e));
-            drop(dead);
+            end_all(dead, End::EndpointGone);
         }
     }
 }

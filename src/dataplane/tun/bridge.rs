@@ -13,9 +13,10 @@ use tokio_uring::net::TcpStream;
 
 use super::conns::ConnSocket;
 use super::stack::Stack;
+use crate::access_log::End;
 use crate::dataplane::limits::{Activity, ConnLimits};
 use crate::dataplane::relay::{both_directions, read, reset, Ended};
-use crate::state::Frontend;
+use crate::dataplane::session::Session;
 
 /// Relay buffer per direction. Large reads are what bulk throughput through
 /// the TUN needs, and at this size the buffer is a lazily-resident mmap (see
@@ -32,18 +33,19 @@ struct Bridge<'a> {
     poke: &'a Notify,
     socket: ConnSocket,
     backend: &'a TcpStream,
-    fe: &'a Frontend,
+    session: &'a Session,
     activity: &'a Activity,
 }
 
 /// Relays between the connection's smoltcp socket and `backend` under the
-/// data plane's close policy (`relay::both_directions`).
+/// data plane's close policy (`relay::both_directions`); bytes and how it
+/// ended go to `session`.
 pub async fn relay(
     stack: &RefCell<Stack>,
     poke: &Notify,
     socket: ConnSocket,
     backend: TcpStream,
-    fe: &Frontend,
+    session: &Session,
     limits: &ConnLimits,
 ) {
     let activity = Activity::default();
@@ -52,14 +54,16 @@ pub async fn relay(
         poke,
         socket,
         backend: &backend,
-        fe,
+        session,
         activity: &activity,
     };
     let (up, down) = (c.client_to_backend(), c.backend_to_client());
-    if both_directions(up, down, &activity, limits).await == Ended::Reset {
+    let ended = both_directions(up, down, &activity, limits).await;
+    if ended != End::Fin {
         reset(&backend, &activity);
         c.with_socket(tcp::Socket::abort);
     }
+    session.end(ended);
     poke.notify_one();
 }
 
@@ -131,7 +135,7 @@ impl Bridge<'_> {
             if res.is_err() {
                 return Ended::Reset;
             }
-            c.fe.metrics.bytes_to_backend.inc_by(n as u64);
+            c.session.to_backend(n);
         }
     }
 
@@ -162,7 +166,7 @@ impl Bridge<'_> {
                     .unwrap_or(0);
                 c.poke.notify_one();
             }
-            c.fe.metrics.bytes_to_client.inc_by(n as u64);
+            c.session.to_client(n);
         }
     }
 }

@@ -96,7 +96,7 @@ pub async fn run(
             _ = sleep => {}
             _ = sweep.tick() => {
                 let dead = ctx.flows.borrow_mut().open.expire(std::time::Instant::now());
-                drop(dead);
+                crate::dataplane::udp::end_all(dead, crate::access_log::End::IdleTimeout);
             }
             r = stop.changed() => if r.is_err() { return Ok(()) },
         }

@@ -10,8 +10,9 @@ use super::bridge;
 use super::ctx::Ctx;
 use super::packet::ConnKey;
 use super::stack::{Refusal, SynVerdict};
+use crate::access_log::End;
 use crate::dataplane::connect::connect;
-use crate::dataplane::ActiveConnection;
+use crate::dataplane::session::{self, Session};
 use crate::state::Frontend;
 
 /// Takes a SYN for `fe` (a frontend with usable endpoints).
@@ -28,14 +29,16 @@ async fn open(ctx: Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>) {
     // or RST, as with --tun-max-connections.
     let Some(_slot) = ctx.shared.limits.admit(&fe) else {
         ctx.stack.borrow_mut().refuse(&key, Refusal::Silently);
+        session::refused(&ctx.shared, &fe, key.0, key.1, End::Limit);
         return;
     };
-    let backend = match connect(&fe, key.0.ip(), &ctx.shared, &ctx.rng).await {
-        Ok((backend, _)) => backend,
+    let (backend, ep) = match connect(&fe, key.0.ip(), &ctx.shared, &ctx.rng).await {
+        Ok(connected) => connected,
         Err(e) => {
             tracing::debug!(client = %key.0, "{e}");
             ctx.stack.borrow_mut().refuse(&key, Refusal::Reset);
             ctx.poke.notify_one();
+            session::refused(&ctx.shared, &fe, key.0, key.1, End::NoBackend);
             return;
         }
     };
@@ -43,17 +46,17 @@ async fn open(ctx: Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>) {
         return;
     };
     ctx.poke.notify_one();
-    let counted = ActiveConnection::new(&ctx.shared, &fe);
+    let session = Session::open(&ctx.shared, fe, key.0, key.1, ep);
     bridge::relay(
         &ctx.stack,
         &ctx.poke,
         socket,
         backend,
-        &fe,
+        &session,
         &ctx.shared.limits,
     )
     .await;
-    drop(counted);
+    drop(session);
     ctx.stack.borrow_mut().release(key, socket);
     ctx.poke.notify_one();
 }

@@ -2,7 +2,7 @@
 //! flow's backend socket, the flow opened on its first datagram (with the
 //! kernel-socket path's `open_backend`); replies leave the TUN from the VIP.
 
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -10,7 +10,9 @@ use tokio_uring::net::UdpSocket;
 
 use super::ctx::Ctx;
 use super::packet::{udp_packet, ConnKey};
-use crate::dataplane::udp::{open_backend, try_send, FlowEntry};
+use crate::access_log::End;
+use crate::dataplane::session::Session;
+use crate::dataplane::udp::{end_all, open_backend, try_send, FlowEntry};
 use crate::state::Frontend;
 
 /// Forwards one client datagram, opening the flow if needed.
@@ -21,14 +23,14 @@ pub fn ingress(ctx: &Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>, data: &[u8]) {
     // Re-pin a flow whose endpoint left the usable set.
     if let Some(f) = flows.open.get_mut(&key) {
         if !f.revalidate(generation, |ep| fe.endpoints.contains(ep)) {
-            flows.open.remove(&key);
+            end_all(flows.open.remove(&key), End::EndpointGone);
         }
     }
     if let Some(f) = flows.open.get_mut(&key) {
         f.last_seen = now;
         // A datagram the socket buffer cannot take is dropped, as UDP may be.
         if let Ok(n) = try_send(&f.io.socket, data) {
-            fe.metrics.bytes_to_backend.inc_by(n as u64);
+            f.io.session.to_backend(n);
         }
         return;
     }
@@ -58,37 +60,47 @@ async fn open(ctx: Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>, now: Instant, gener
             return;
         }
     };
-    let reader = tokio_uring::spawn(replies(ctx.clone(), key, sock.clone(), fe.clone()));
-    let fe_bytes = fe.metrics.bytes_to_backend.clone();
-    let entry = FlowEntry::opened(ep, sock.clone(), reader, fe, now, generation);
+    let session = Rc::new(Session::open(&ctx.shared, fe, key.0, key.1, ep));
+    let reader = tokio_uring::spawn(replies(
+        ctx.clone(),
+        key,
+        sock.clone(),
+        Rc::downgrade(&session),
+    ));
+    let entry = FlowEntry::opened(ep, sock.clone(), reader, session.clone(), now, generation);
     let mut flows = ctx.flows.borrow_mut();
     let queued = flows.opening.finish(&key);
     // Room was counted for this flow while it opened.
-    if flows.open.insert(key, entry).is_err() {
+    if let Err(e) = flows.open.insert(key, entry) {
+        e.io.ended(End::Limit);
         return;
     }
     drop(flows);
     for datagram in queued {
         if let Ok(n) = try_send(&sock, &datagram) {
-            fe_bytes.inc_by(n as u64);
+            session.to_backend(n);
         }
     }
 }
 
 /// Backend → client: replies leave the TUN from the VIP.
-async fn replies(ctx: Rc<Ctx>, key: ConnKey, sock: Rc<UdpSocket>, fe: Arc<Frontend>) {
+async fn replies(ctx: Rc<Ctx>, key: ConnKey, sock: Rc<UdpSocket>, session: Weak<Session>) {
     let mut buf = vec![0u8; 65_536];
     loop {
         let (res, b) = sock.read(buf).await;
         buf = b;
         let Ok(n) = res else { break };
+        // Gone once the flow is removed (this task is then aborted too).
+        let Some(session) = session.upgrade() else {
+            return;
+        };
         ctx.flows.borrow_mut().open.touch(&key, Instant::now());
         let mut st = ctx.stack.borrow_mut();
         let mut out = st.dev.buffer();
         let payload = buf.get(..n).unwrap_or_default();
         if udp_packet(key.1, key.0, payload, &mut out).is_some() {
             st.dev.push_tx(out);
-            fe.metrics.bytes_to_client.inc_by(n as u64);
+            session.to_client(n);
         } else {
             st.dev.recycle(out);
         }
@@ -96,5 +108,5 @@ async fn replies(ctx: Rc<Ctx>, key: ConnKey, sock: Rc<UdpSocket>, fe: Arc<Fronte
         ctx.poke.notify_one();
     }
     let gone = ctx.flows.borrow_mut().open.remove(&key);
-    drop(gone);
+    end_all(gone, End::Reset);
 }

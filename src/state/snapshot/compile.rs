@@ -21,7 +21,9 @@ use crate::model::{
 };
 use crate::state::store::{Dirty, Store};
 use crate::state::topology::{categorize, Candidate, Usable};
-use crate::telemetry::{Metrics, PortLabels, PortMetrics};
+use crate::telemetry::{
+    EndpointLease, EndpointMetrics, FrontendLabels, Gauge, Metrics, PortLabels, PortMetrics,
+};
 
 /// Stable id of a Service port, for affinity across snapshots.
 pub fn port_id(service: &ObjectKey, port_name: &str, proto: Protocol) -> PortId {
@@ -36,6 +38,12 @@ struct PortEndpoints {
     /// Before filtering, for `explain`.
     all_v4: Arc<PortCandidates>,
     all_v6: Arc<PortCandidates>,
+}
+
+/// Metric handles of one Service port: its own and its endpoints'.
+struct PortHandles {
+    port: PortMetrics,
+    endpoints: HashMap<SocketAddr, Arc<EndpointMetrics>>,
 }
 
 impl PortEndpoints {
@@ -111,6 +119,9 @@ struct ServiceOut {
     health_check: Option<HealthCheck>,
     no_local_internal: usize,
     no_local_external: usize,
+    /// Keep the per-endpoint series of the Service's ports exported for as
+    /// long as this compiled Service is the current one.
+    leases: Vec<EndpointLease>,
 }
 
 /// Compiled Services kept between compiles, so a change recompiles only the
@@ -184,7 +195,7 @@ impl<'a> Compiler<'a> {
         &mut self,
         svc: &Service,
         sp: &ServicePort,
-        pm: &PortMetrics,
+        handles: &PortHandles,
         eps: &PortEndpoints,
         addr: SocketAddr,
         kind: FrontendKind,
@@ -208,6 +219,20 @@ impl<'a> Compiler<'a> {
             addr,
             proto: sp.protocol,
         };
+        let endpoint_metrics = endpoints
+            .iter()
+            .map(|a| {
+                handles
+                    .endpoints
+                    .get(a)
+                    .cloned()
+                    .unwrap_or_else(EndpointMetrics::detached)
+            })
+            .collect();
+        let labels = FrontendLabels {
+            address: addr.to_string(),
+            protocol: sp.protocol.as_str().to_string(),
+        };
         let fe = Frontend {
             service: svc.key.clone(),
             port_name: sp.name.clone(),
@@ -221,18 +246,16 @@ impl<'a> Compiler<'a> {
             },
             source_ranges,
             when_empty,
-            metrics: pm.clone(),
+            metrics: handles.port.clone(),
             admitted: if sp.protocol == Protocol::Tcp {
-                self.metrics
-                    .frontend_active(&crate::telemetry::FrontendLabels {
-                        address: addr.to_string(),
-                        protocol: sp.protocol.as_str().to_string(),
-                    })
+                self.metrics.frontend_active(&labels)
             } else {
-                crate::telemetry::Gauge::default()
+                Gauge::default()
             },
             policy,
             candidates: candidates.clone(),
+            traffic: self.metrics.frontend_traffic(&labels),
+            endpoint_metrics,
         };
         // 127.0.0.0/8 is routed locally as a whole on Linux, not just 127.0.0.1.
         let local = addr.ip().is_loopback() || self.local.contains(&addr.ip());
@@ -267,13 +290,7 @@ impl<'a> Compiler<'a> {
                     zone: zone.map(str::to_string),
                 })
             };
-            let eps = PortEndpoints {
-                v4: categorize(&v4, zone),
-                v6: categorize(&v6, zone),
-                all_v4: all(v4),
-                all_v6: all(v6),
-            };
-            let pm = self.metrics.port(&PortLabels {
+            let labels = PortLabels {
                 namespace: svc.key.namespace.clone(),
                 service: svc.key.name.clone(),
                 port: if sp.name.is_empty() {
@@ -282,7 +299,24 @@ impl<'a> Compiler<'a> {
                     sp.name.clone()
                 },
                 protocol: sp.protocol.as_str().to_string(),
-            });
+            };
+            // Every endpoint listed for the port has series, usable or not.
+            let mut endpoints = HashMap::with_capacity(v4.len() + v6.len());
+            for c in v4.iter().chain(&v6) {
+                let lease = self.metrics.endpoint(&labels, c.addr);
+                endpoints.insert(c.addr, lease.metrics().clone());
+                self.out.leases.push(lease);
+            }
+            let eps = PortEndpoints {
+                v4: categorize(&v4, zone),
+                v6: categorize(&v6, zone),
+                all_v4: all(v4),
+                all_v6: all(v6),
+            };
+            let pm = PortHandles {
+                port: self.metrics.port(&labels),
+                endpoints,
+            };
             let any_cluster = !eps.v4.cluster.is_empty() || !eps.v6.cluster.is_empty();
             let no_local = eps.v4.local.is_empty() && eps.v6.local.is_empty() && any_cluster;
             if no_local && svc.internal_policy == TrafficPolicy::Local {
@@ -351,7 +385,10 @@ impl<'a> Compiler<'a> {
 }
 
 impl Store {
-    /// Compiles the current objects into a snapshot for this node.
+    /// Compiles the current objects into a snapshot for this node. Keeps no
+    /// compile cache, hence no per-endpoint leases: the snapshot's endpoint
+    /// handles count, but are not exported (the running proxy uses
+    /// [`Store::compile_with`]).
     pub fn compile(&self, ctx: &NodeContext, metrics: &Metrics, generation: u64) -> Snapshot {
         let all = Dirty {
             all: true,
@@ -390,19 +427,23 @@ impl Store {
             .zone
             .as_deref()
             .or_else(|| node.and_then(|n| n.zone.as_deref()));
+        // Compiled Services replaced or gone: dropped only once the new
+        // snapshot is built, so an endpoint that stays keeps its series
+        // (and counts) and one that left loses them before it is published.
+        let mut retired: Vec<Arc<ServiceOut>> = Vec::new();
         if dirty.all || cache.ctx.as_ref() != Some(ctx) || cache.zone.as_deref() != zone {
-            cache.services.clear();
+            retired.extend(cache.services.drain().map(|(_, out)| out));
             cache.ctx = Some(ctx.clone());
             cache.zone = zone.map(str::to_string);
             cache.last = None;
         }
-        if let Some(snap) = self.patch(&mut c, cache, dirty, zone) {
+        if let Some(snap) = self.patch(&mut c, cache, dirty, zone, &mut retired) {
             return snap;
         }
         // A changed Service is compiled again; one that is gone (or no
         // longer ours) simply leaves the cache.
         for k in &dirty.services {
-            cache.services.remove(k);
+            retired.extend(cache.services.remove(k));
         }
         let derived = self.selector_slices();
         // Grouping every slice costs a pass over all of them: only worth it
@@ -455,6 +496,7 @@ impl Store {
         snap.listeners.dedup();
         snap.health_checks.sort_by_key(|h| h.port);
         cache.last = Some(Last::of(&snap));
+        drop(retired);
         snap
     }
 
@@ -469,6 +511,7 @@ impl Store {
         cache: &mut CompileCache,
         dirty: &Dirty,
         zone: Option<&str>,
+        retired: &mut Vec<Arc<ServiceOut>>,
     ) -> Option<Snapshot> {
         let last = cache.last.as_ref()?;
         if last.conflicts > 0 || dirty.services.len() > PATCH_MAX || !self.pods.is_empty() {
@@ -499,6 +542,7 @@ impl Store {
             }
             no_local_internal = no_local_internal.saturating_sub(old.no_local_internal);
             no_local_external = no_local_external.saturating_sub(old.no_local_external);
+            retired.push(old);
         }
         for k in &dirty.services {
             let Some(svc) = self.services.get(k) else {

@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use crate::balance::affinity::PortId;
 use crate::model::{ObjectKey, Protocol, TrafficPolicy};
 use crate::state::topology::Candidate;
-use crate::telemetry::PortMetrics;
+use crate::telemetry::{ConnectFailure, EndpointMetrics, PortMetrics, Traffic};
 
 mod compile;
 #[cfg(test)]
@@ -101,6 +101,11 @@ pub struct Frontend {
     /// filtering, shared by the port's frontends: what `ringvip explain`
     /// reads. Never read by the data path.
     pub candidates: Arc<PortCandidates>,
+    /// What this frontend alone has carried (the same atomics in every
+    /// snapshot): the counters of its `ringvip status` row.
+    pub traffic: Traffic,
+    /// Metric handles of each of `endpoints`, at the same index.
+    pub endpoint_metrics: Box<[Arc<EndpointMetrics>]>,
 }
 
 /// A Service port's merged endpoints of one address family before policy
@@ -114,6 +119,25 @@ pub struct PortCandidates {
 }
 
 impl Frontend {
+    /// The metric handles of `ep`, one of [`Frontend::endpoints`]: a scan
+    /// of the endpoints, like the pick that chose `ep`.
+    #[inline]
+    pub fn endpoint_metrics(&self, ep: &SocketAddr) -> Option<&Arc<EndpointMetrics>> {
+        let i = self.endpoints.iter().position(|e| e == ep)?;
+        self.endpoint_metrics.get(i)
+    }
+
+    /// Counts a flow that could not be connected for `reason`, in the Service
+    /// port's, this frontend's and (when one was tried) the endpoint's
+    /// metrics; a failed connect also marks the endpoint unhealthy.
+    pub fn connect_failure(&self, reason: ConnectFailure, ep: Option<&SocketAddr>) {
+        self.metrics.connect_failure(reason);
+        self.traffic.connect_failure(reason);
+        if let Some(m) = ep.and_then(|e| self.endpoint_metrics(e)) {
+            m.connect_failed(reason, std::time::SystemTime::now());
+        }
+    }
+
     /// Whether a client address may use this frontend.
     #[inline]
     pub fn allows(&self, client: IpAddr) -> bool {

@@ -490,3 +490,92 @@ fn compile_cache_recompiles_only_what_changed_and_matches_a_full_compile() {
     }
     assert_eq!(run.cache.services_kept(), 2);
 }
+
+/// An endpoint's series live while its Service port lists it: a recompile
+/// keeps those of the endpoints that stay (same atomics, same counts) and
+/// removes those of an endpoint that left, patched or fully compiled; the
+/// Service going removes them all.
+#[test]
+fn endpoint_series_follow_the_endpoints_of_the_port() {
+    use crate::telemetry::ENDPOINT_CONNECTIONS_TOTAL;
+    let mut run = Cached {
+        st: Store::new(),
+        cache: CompileCache::default(),
+        ctx: ctx(),
+        metrics: Metrics::new(),
+    };
+    let both = vec![up("10.0.0.1", "node-a"), up("10.0.0.2", "node-b")];
+    let first = run.step(
+        vec![Update::Reset(vec![
+            Object::Service(svc("a")),
+            sliced("a-1", "a", both),
+        ])],
+        1,
+    );
+    let one: SocketAddr = "10.0.0.1:8080".parse().unwrap();
+    let kept = tcp(&first, "10.96.0.10:80")
+        .endpoint_metrics(&one)
+        .unwrap()
+        .clone();
+    kept.traffic.connections_total.inc_by(3);
+    let series = |m: &Metrics, ip: &str| {
+        let text = m.encode();
+        let label = format!("endpoint=\"{ip}:8080\"");
+        text.lines().filter(|l| l.contains(&label)).count()
+    };
+    let count_of_one = |m: &Metrics| {
+        let l = r#"namespace="default",service="a",port="http",protocol="TCP",endpoint="10.0.0.1:8080""#;
+        let name = format!("{ENDPOINT_CONNECTIONS_TOTAL}{{{l}}} ");
+        m.encode()
+            .lines()
+            .find_map(|x| x.strip_prefix(&name).map(str::to_string))
+    };
+    assert_eq!(
+        (
+            series(&run.metrics, "10.0.0.1"),
+            series(&run.metrics, "10.0.0.2")
+        ),
+        (12, 12)
+    );
+
+    // 10.0.0.2 leaves: patched in place.
+    let second = run.step(
+        vec![upsert(sliced("a-1", "a", vec![up("10.0.0.1", "node-a")]))],
+        2,
+    );
+    assert!(run.cache.can_patch());
+    assert_eq!(
+        (
+            series(&run.metrics, "10.0.0.1"),
+            series(&run.metrics, "10.0.0.2")
+        ),
+        (12, 0)
+    );
+    assert_eq!(count_of_one(&run.metrics).as_deref(), Some("3"));
+    let again = tcp(&second, "10.96.0.10:80")
+        .endpoint_metrics(&one)
+        .unwrap();
+    assert!(Arc::ptr_eq(&kept, again));
+
+    // The zone changes: a full compile, the same series.
+    let node = Node {
+        name: "node-a".into(),
+        zone: Some("z1".into()),
+        addresses: vec![],
+        deleting: false,
+    };
+    run.step(vec![upsert(Object::Node(node))], 3);
+    assert_eq!(
+        (
+            series(&run.metrics, "10.0.0.1"),
+            series(&run.metrics, "10.0.0.2")
+        ),
+        (12, 0)
+    );
+    assert_eq!(count_of_one(&run.metrics).as_deref(), Some("3"));
+
+    // The Service goes: so do its endpoints' series.
+    let gone = Update::Delete(Kind::Service, ObjectKey::new("default", "a"));
+    run.step(vec![gone], 4);
+    assert_eq!(series(&run.metrics, "10.0.0.1"), 0);
+}
