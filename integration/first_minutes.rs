@@ -257,24 +257,9 @@ fn nodeport_with_cluster_ip(node_port: u16, target: u16, ep: std::net::Ipv4Addr)
 /// `ringvip status -o json` against `metrics`, run by `cmd` (a netns
 /// wrapper or nothing): the rows' (kind, address).
 fn status_rows(prefix: &[&str], metrics: std::net::SocketAddr) -> Vec<(String, String)> {
-    let mut c = match prefix.split_first() {
-        Some((p, rest)) => {
-            let mut c = Command::new(p);
-            c.args(rest).arg(bin());
-            c
-        }
-        None => Command::new(bin()),
-    };
-    let out = c
-        .args(["status", "-o", "json", "--admin", &metrics.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let metrics = metrics.to_string();
+    let out = command_ok_in(prefix, &["status", "-o", "json", "--admin", &metrics]);
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
     rows.as_array()
         .unwrap()
         .iter()

@@ -44,13 +44,14 @@ pub fn node_context(settings: &Settings) -> anyhow::Result<NodeContext> {
     })
 }
 
+/// Called once the admin servers are bound. A trait object, not a type
+/// parameter: a generic `run` would be compiled again, with the whole control
+/// loop, in every crate that calls it (the binary's build took 37 s of it).
+pub type OnReady = Box<dyn FnOnce(Bound) + Send>;
+
 /// Runs ringvip until SIGTERM/SIGINT or until `shutdown` is notified.
 /// `on_ready` is called once the admin servers are bound.
-pub fn run(
-    settings: Settings,
-    shutdown: Arc<Notify>,
-    on_ready: impl FnOnce(Bound) + Send + 'static,
-) -> anyhow::Result<()> {
+pub fn run(settings: Settings, shutdown: Arc<Notify>, on_ready: OnReady) -> anyhow::Result<()> {
     settings.validate()?;
     let ctx = node_context(&settings)?;
     prepare_process();
@@ -222,7 +223,7 @@ async fn control(
     ctx: NodeContext,
     publisher: Publisher,
     shutdown: Arc<Notify>,
-    on_ready: impl FnOnce(Bound),
+    on_ready: OnReady,
 ) -> anyhow::Result<()> {
     let shared = publisher.shared.clone();
     let mut metrics = Metrics::new();
@@ -559,8 +560,9 @@ mod tests {
         let shutdown = Arc::new(Notify::new());
         let stop = shutdown.clone();
         let (bound_tx, bound_rx) = std::sync::mpsc::channel();
-        let app =
-            std::thread::spawn(move || run(settings, stop, move |b| bound_tx.send(b).unwrap()));
+        let app = std::thread::spawn(move || {
+            run(settings, stop, Box::new(move |b| bound_tx.send(b).unwrap()))
+        });
         let metrics = bound_rx
             .recv_timeout(Duration::from_secs(10))
             .unwrap()

@@ -359,66 +359,70 @@ pub fn run(once: bool) -> anyhow::Result<()> {
     let outcome: Arc<std::sync::Mutex<Option<anyhow::Result<DemoReport>>>> = Arc::default();
     let slot = outcome.clone();
     let file_shown = file.clone();
-    let result = crate::app::run(settings, shutdown, move |bound| {
-        std::thread::spawn(move || {
-            let res = self_test(np_random, np_sticky, client.as_ref());
-            println!();
-            println!("ringvip demo: three backends on 127.0.0.2-4:{backend_port}, two NodePorts on 127.0.0.1");
-            match &res {
-                Ok(r) => {
-                    println!("  30 requests, random NodePort:       {}", tally(&r.random));
-                    println!("  10 requests, ClientIP affinity:     {}", tally(&r.sticky));
-                    if let (Some(c), Ok(ns)) = (&r.cluster_ip, &shown) {
-                        println!("  30 requests, ClusterIP {CLUSTER_IP} through the TUN, from namespace {ns}: {}", tally(c));
+    let result = crate::app::run(
+        settings,
+        shutdown,
+        Box::new(move |bound| {
+            std::thread::spawn(move || {
+                let res = self_test(np_random, np_sticky, client.as_ref());
+                println!();
+                println!("ringvip demo: three backends on 127.0.0.2-4:{backend_port}, two NodePorts on 127.0.0.1");
+                match &res {
+                    Ok(r) => {
+                        println!("  30 requests, random NodePort:       {}", tally(&r.random));
+                        println!("  10 requests, ClientIP affinity:     {}", tally(&r.sticky));
+                        if let (Some(c), Ok(ns)) = (&r.cluster_ip, &shown) {
+                            println!("  30 requests, ClusterIP {CLUSTER_IP} through the TUN, from namespace {ns}: {}", tally(c));
+                        }
                     }
+                    Err(e) => println!("  self-test failed: {e:#}"),
                 }
-                Err(e) => println!("  self-test failed: {e:#}"),
-            }
-            if let Err(why) = &shown {
-                println!("  ClusterIP part not shown: {why}. As root, the demo also answers");
-                println!("  ClusterIP {CLUSTER_IP} through ringvip's TUN, in a network namespace of its own.");
-            }
-            println!();
-            println!("  random balancing:    curl http://127.0.0.1:{np_random}/");
-            println!("  ClientIP affinity:   curl http://127.0.0.1:{np_sticky}/");
-            if let Ok(ns) = &shown {
+                if let Err(why) = &shown {
+                    println!("  ClusterIP part not shown: {why}. As root, the demo also answers");
+                    println!("  ClusterIP {CLUSTER_IP} through ringvip's TUN, in a network namespace of its own.");
+                }
+                println!();
+                println!("  random balancing:    curl http://127.0.0.1:{np_random}/");
+                println!("  ClientIP affinity:   curl http://127.0.0.1:{np_sticky}/");
+                if let Ok(ns) = &shown {
+                    println!(
+                        "  ClusterIP:           ip netns exec {ns} curl http://{}/",
+                        CLUSTER_IP.ip()
+                    );
+                }
                 println!(
-                    "  ClusterIP:           ip netns exec {ns} curl http://{}/",
-                    CLUSTER_IP.ip()
+                    "  what is served:      ringvip status --admin {}",
+                    bound.metrics
                 );
-            }
-            println!(
-                "  what is served:      ringvip status --admin {}",
-                bound.metrics
-            );
-            println!(
+                println!(
                 "  why a flow goes where it goes: ringvip explain --admin {} 127.0.0.1 127.0.0.1:{np_sticky}",
                 bound.metrics
             );
-            println!(
-                "  metrics:             curl http://{}/metrics",
-                bound.metrics
-            );
-            println!(
-                "  health:              curl http://{}/healthz",
-                bound.health
-            );
-            println!();
-            println!(
-                "  manifests (edit and save; changes apply live): {}",
-                file_shown.display()
-            );
-            let failed = !matches!(&res, Ok(r) if r.ok());
-            if let Ok(mut s) = slot.lock() {
-                *s = Some(res);
-            }
-            if once || failed {
-                stop.notify_one();
-            } else {
-                println!("  Ctrl-C to stop.");
-            }
-        });
-    });
+                println!(
+                    "  metrics:             curl http://{}/metrics",
+                    bound.metrics
+                );
+                println!(
+                    "  health:              curl http://{}/healthz",
+                    bound.health
+                );
+                println!();
+                println!(
+                    "  manifests (edit and save; changes apply live): {}",
+                    file_shown.display()
+                );
+                let failed = !matches!(&res, Ok(r) if r.ok());
+                if let Ok(mut s) = slot.lock() {
+                    *s = Some(res);
+                }
+                if once || failed {
+                    stop.notify_one();
+                } else {
+                    println!("  Ctrl-C to stop.");
+                }
+            });
+        }),
+    );
     let _ = std::fs::remove_dir_all(&dir);
     drop(netns);
     result?;

@@ -247,7 +247,7 @@ fn main() -> ExitCode {
         Cmd::Run(_) => settings
             .unwrap_or_else(|| Err(anyhow::anyhow!("no settings for run")))
             .and_then(|s| {
-                ringvip::app::run(s, Arc::new(tokio::sync::Notify::new()), |_| {})
+                ringvip::app::run(s, Arc::new(tokio::sync::Notify::new()), Box::new(|_| {}))
                     .map(|()| ExitCode::SUCCESS)
             }),
         Cmd::Check(a) => check(a, &sub),

@@ -768,21 +768,25 @@ pub struct DnsMetrics {
 }
 
 /// `rcode` label values of [`DNS_RESPONSES_TOTAL`]: the codes 0 to 5 by their
-/// RFC 1035 names, then `other` for any other code (what an upstream sent).
-pub const DNS_RCODES: [&str; 7] = [
-    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "other",
+/// RFC 1035 names, BADVERS (16, RFC 6891), then `other` for any other code
+/// (what an upstream sent).
+pub const DNS_RCODES: [&str; 8] = [
+    "NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED", "BADVERS", "other",
 ];
 
 impl DnsMetrics {
-    /// Count one response with (4-bit header) response code `rcode` sent
-    /// over `protocol`.
-    pub fn responded(&self, protocol: DnsProtocol, rcode: u8) {
+    /// Count one response with (extended, 12-bit) response code `rcode`
+    /// sent over `protocol`.
+    pub fn responded(&self, protocol: DnsProtocol, rcode: u16) {
         let row = match protocol {
             DnsProtocol::Udp => &self.counters[0],
             DnsProtocol::Tcp => &self.counters[1],
         };
-        let other = DNS_RCODES.len() - 1;
-        let i = usize::from(rcode).min(other);
+        let i = match rcode {
+            0..=5 => usize::from(rcode),
+            16 => 6,
+            _ => 7,
+        };
         if let Some(c) = row.get(i) {
             c.inc();
         }

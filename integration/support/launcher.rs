@@ -171,19 +171,37 @@ impl Drop for Ringvip {
 /// Runs `ringvip ARGS`, a one-shot command (`check`, `env`, `status`,
 /// `demo`), to its end.
 pub fn command(args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
+    command_in(&[], args)
+}
+
+/// [`command`] run through `prefix` (e.g. `ip netns exec NAME`); an empty
+/// prefix runs the binary directly.
+pub fn command_in(prefix: &[&str], args: &[&str]) -> Output {
+    let mut c = match prefix.split_first() {
+        Some((p, rest)) => {
+            let mut c = Command::new(p);
+            c.args(rest).arg(bin());
+            c
+        }
+        None => Command::new(bin()),
+    };
+    c.args(args)
         .output()
-        .unwrap_or_else(|e| panic!("ringvip {args:?}: {e}"))
+        .unwrap_or_else(|e| panic!("{prefix:?} ringvip {args:?}: {e}"))
 }
 
 /// [`command`], which must succeed; what it printed on stdout.
 pub fn command_ok(args: &[&str]) -> String {
-    let out = command(args);
+    command_ok_in(&[], args)
+}
+
+/// [`command_in`], which must succeed; what it printed on stdout.
+pub fn command_ok_in(prefix: &[&str], args: &[&str]) -> String {
+    let out = command_in(prefix, args);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "ringvip {args:?}: {}\n{stdout}\n{}",
+        "{prefix:?} ringvip {args:?}: {}\n{stdout}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );

@@ -215,6 +215,63 @@ fn put_opt(out: &mut Vec<u8>, ext_rcode: u8) {
     out.extend_from_slice(&[0, 0]); // no options
 }
 
+/// The whole response code of a DNS message: the header's 4 bits, plus the
+/// high 8 bits an OPT record carries (RFC 6891), so BADVERS reads 16 rather
+/// than NOERROR. Walks the sections without allocating; a message that ends
+/// early or has no OPT record gives the header's code.
+pub fn response_code(msg: &[u8]) -> u16 {
+    let Some(&low) = msg.get(3) else {
+        return 0;
+    };
+    let low = u16::from(low & 0x0F);
+    let count = |i: usize| usize::from(u16_at(msg, i).unwrap_or(0));
+    let (qd, records, additional) = (count(4), count(6) + count(8), count(10));
+    let mut at = 12;
+    for _ in 0..qd {
+        let Some(end) = skip_name(msg, at) else {
+            return low;
+        };
+        at = end + 4;
+    }
+    for i in 0..records + additional {
+        // Owner name, then type (2), class (2), TTL (4), rdata length (2).
+        let Some(end) = skip_name(msg, at) else {
+            return low;
+        };
+        let (Some(rtype), Some(&ext), Some(rdlen)) =
+            (u16_at(msg, end), msg.get(end + 4), u16_at(msg, end + 8))
+        else {
+            return low;
+        };
+        if i >= records && rtype == u16::from(RecordType::OPT) {
+            // An OPT record's TTL starts with the rcode's high 8 bits.
+            return (u16::from(ext) << 4) | low;
+        }
+        at = end + 10 + usize::from(rdlen);
+    }
+    low
+}
+
+/// The big-endian `u16` at `at`, if the message is long enough.
+fn u16_at(msg: &[u8], at: usize) -> Option<u16> {
+    match msg.get(at..at + 2)? {
+        &[a, b] => Some(u16::from_be_bytes([a, b])),
+        _ => None,
+    }
+}
+
+/// The offset just past the (possibly compressed) name at `at`.
+fn skip_name(msg: &[u8], mut at: usize) -> Option<usize> {
+    loop {
+        let len = *msg.get(at)?;
+        match len {
+            0 => return Some(at + 1),
+            l if l & 0xC0 == 0xC0 => return Some(at + 2),
+            l => at += 1 + usize::from(l),
+        }
+    }
+}
+
 /// Answers one query from `zone` into `out` (cleared first). `rotate` picks where
 /// multi-record address answers start, so clients spread over headless endpoints.
 pub fn answer(

@@ -125,17 +125,10 @@ fn next_rotation() -> usize {
     ROTATE.fetch_add(1, Ordering::Relaxed)
 }
 
-/// The response code in a DNS message's header (the low 4 bits of byte 3);
-/// 0 for a message too short to have one (never sent: every reply here has
-/// a whole header).
-fn rcode(reply: &[u8]) -> u8 {
-    reply.get(3).map_or(0, |b| b & 0x0F)
-}
-
 /// Sends `reply` to `peer` and counts it when it went out.
 async fn send_udp(sock: &UdpSocket, reply: &[u8], peer: SocketAddr, metrics: &DnsMetrics) {
     match sock.send_to(reply, peer).await {
-        Ok(_) => metrics.responded(DnsProtocol::Udp, rcode(reply)),
+        Ok(_) => metrics.responded(DnsProtocol::Udp, super::response_code(reply)),
         Err(e) => tracing::debug!("dns udp send to {peer}: {e}"),
     }
 }
@@ -345,7 +338,7 @@ async fn serve_conn(
         if stream.write_all(&framed).await.is_err() {
             return;
         }
-        metrics.responded(DnsProtocol::Tcp, rcode(bytes));
+        metrics.responded(DnsProtocol::Tcp, super::response_code(bytes));
     }
 }
 
@@ -452,7 +445,7 @@ mod tests {
                 udp.send_to(&query("nope.default.svc.cluster.local."), addr)
                     .unwrap();
                 let n = udp.recv(&mut buf).unwrap();
-                assert_eq!(rcode(&buf[..n]), 3, "NXDOMAIN");
+                assert_eq!(crate::dns::response_code(&buf[..n]), 3, "NXDOMAIN");
             }
             // Out of the zone, no upstream: REFUSED, over TCP.
             let mut tcp = std::net::TcpStream::connect(addr).unwrap();
@@ -465,7 +458,7 @@ mod tests {
             tcp.read_exact(&mut len).unwrap();
             let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
             tcp.read_exact(&mut reply).unwrap();
-            assert_eq!(rcode(&reply), 5, "REFUSED");
+            assert_eq!(crate::dns::response_code(&reply), 5, "REFUSED");
         });
         rt.block_on(async {
             while !client.is_finished() {

@@ -612,6 +612,29 @@ fn edns_version_one_gets_badvers() {
     // 16 is both BADVERS and BADSIG; hickory names it the latter.
     assert_eq!(u16::from(r.metadata.response_code), 16);
     assert!(r.answers.is_empty());
+    // What the responses metric counts it as: BADVERS, not the header's NOERROR.
+    assert_eq!(crate::dns::response_code(&out), 16);
+}
+
+#[test]
+fn response_code_reads_the_opt_record_past_every_section() {
+    // An answer with records before the OPT (compressed names, rdata skipped).
+    let (_, out) = raw_answer(&query_bytes(
+        "web.default.svc.cluster.local.",
+        A,
+        Some(1232),
+    ));
+    let m = Message::from_vec(&out).unwrap();
+    assert!(!m.answers.is_empty());
+    assert_eq!(crate::dns::response_code(&out), 0);
+    let mut m = m;
+    m.metadata.response_code = ResponseCode::BADCOOKIE;
+    assert_eq!(crate::dns::response_code(&m.to_vec().unwrap()), 23);
+    // Cut short, or no OPT: the header's code alone.
+    assert_eq!(crate::dns::response_code(&out[..out.len() - 3]), 0);
+    assert_eq!(crate::dns::response_code(&out[..2]), 0);
+    let nx = raw_answer(&query_bytes("nope.default.svc.cluster.local.", A, None)).1;
+    assert_eq!(crate::dns::response_code(&nx), 3);
 }
 
 #[test]

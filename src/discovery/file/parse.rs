@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_yaml::Value;
 use tracing::debug;
 
-use super::{ManifestError, Position};
+use super::{locate, ManifestError, Position};
 use crate::config::Limits;
 use crate::discovery::convert::{self, ConvertError};
 use crate::model::{Kind, Object, ObjectKey};
@@ -356,11 +356,10 @@ impl Parser<'_> {
         match serde_path_to_error::deserialize::<_, T>(v) {
             Ok(t) => Some(t),
             Err(e) => {
-                let path = e.path().to_string();
                 let message = e.inner().to_string();
                 let position = ctx
                     .top_level
-                    .and_then(|i| self.locate::<T>(i, &path))
+                    .and_then(|i| self.locate(i, e.path()))
                     .unwrap_or(Position {
                         line: ctx.line,
                         column: None,
@@ -369,7 +368,7 @@ impl Parser<'_> {
                     origin: self.origin.to_string(),
                     position,
                     object,
-                    path,
+                    path: e.path().to_string(),
                     message,
                 });
                 None
@@ -377,33 +376,12 @@ impl Parser<'_> {
         }
     }
 
-    /// Deserializes top-level document `index` straight from the text to find the
-    /// line and column of the error at `path` (a `Value` has no positions).
-    fn locate<T: DeserializeOwned>(&self, index: usize, path: &str) -> Option<Position> {
+    /// Where the value at `path` of top-level document `index` is in the
+    /// text (a `Value` has no positions).
+    fn locate(&self, index: usize, path: &serde_path_to_error::Path) -> Option<Position> {
         match self.format {
-            Format::Yaml => {
-                let doc = serde_yaml::Deserializer::from_str(self.text).nth(index)?;
-                let e = serde_path_to_error::deserialize::<_, T>(doc).err()?;
-                if e.path().to_string() != path {
-                    return None;
-                }
-                let l = e.inner().location()?;
-                Some(Position {
-                    line: l.line(),
-                    column: Some(l.column()),
-                })
-            }
-            Format::Json => {
-                let mut de = serde_json::Deserializer::from_str(self.text);
-                let e = serde_path_to_error::deserialize::<_, T>(&mut de).err()?;
-                if e.path().to_string() != path || e.inner().line() == 0 {
-                    return None;
-                }
-                Some(Position {
-                    line: e.inner().line(),
-                    column: Some(e.inner().column()),
-                })
-            }
+            Format::Yaml => locate::in_yaml(self.text, index, path),
+            Format::Json => locate::in_json(self.text, path),
         }
     }
 
