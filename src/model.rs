@@ -122,6 +122,43 @@ pub struct ServicePort {
     pub target_port: TargetPort,
 }
 
+/// `ringvip.io/balance`: how a new flow chooses among usable endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Balance {
+    /// Uniform random (kube-proxy's; the default).
+    #[default]
+    Random,
+    /// In turn, per frontend.
+    RoundRobin,
+    /// Power of two random choices over active connections.
+    LeastConnections,
+    /// Maglev consistent hashing of the client IP.
+    Maglev {
+        /// Lookup table size, a prime (`ringvip.io/maglev-table-size`).
+        table_size: u32,
+    },
+}
+
+/// A SCTP port of a Service, left unserved (ringvip has no SCTP); the
+/// Service's other ports are served.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SkippedPort {
+    /// Port name (may be empty).
+    pub name: String,
+    /// The Service port number.
+    pub port: u16,
+}
+
+/// ringvip's own per-Service options, from `ringvip.io/*` annotations.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServiceOptions {
+    /// `ringvip.io/balance` (and `ringvip.io/maglev-table-size`).
+    pub balance: Balance,
+    /// `ringvip.io/slow-start-seconds`: newly usable endpoints take a share of
+    /// new connections growing linearly over this window.
+    pub slow_start: Option<Duration>,
+}
+
 /// A validated Service.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Service {
@@ -161,6 +198,10 @@ pub struct Service {
     pub proxy_name: Option<String>,
     /// Label `service.kubernetes.io/headless` present.
     pub headless_label: bool,
+    /// `ringvip.io/*` annotations.
+    pub options: ServiceOptions,
+    /// SCTP ports of `spec.ports`, not served (not in `ports`).
+    pub skipped_ports: Vec<SkippedPort>,
 }
 
 impl Service {
@@ -186,6 +227,8 @@ impl Service {
             publish_not_ready: false,
             proxy_name: None,
             headless_label: false,
+            options: ServiceOptions::default(),
+            skipped_ports: Vec::new(),
         }
     }
 

@@ -39,11 +39,56 @@ impl AffinityTable {
         Self::default()
     }
 
-    /// Picks for a new flow: the remembered endpoint if it is still usable and
-    /// was used within `timeout`, else a fresh random pick. Either way the
-    /// entry's timer restarts at `now`. An endpoint `avoid` rejects (backed off
-    /// after failed connects) loses its clients while another one is fine;
-    /// `|_| false` avoids none.
+    /// Picks for a new flow: the index in `usable` of the remembered endpoint
+    /// if it is still usable and was used within `timeout`, else `fresh()`
+    /// (the Service's algorithm). Either way the entry's timer restarts at
+    /// `now`. An endpoint `avoid` rejects (backed off after failed connects)
+    /// loses its clients while another one is fine; `|_| false` avoids none.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pick_with(
+        &self,
+        port: PortId,
+        client: IpAddr,
+        usable: &[SocketAddr],
+        timeout: Duration,
+        now: Instant,
+        avoid: impl Fn(&SocketAddr) -> bool,
+        fresh: impl FnOnce() -> Option<usize>,
+    ) -> Option<usize> {
+        let mut slot = self.map.entry((port, client)).or_insert(Entry {
+            endpoint: SocketAddr::from(([0, 0, 0, 0], 0)),
+            last_used: now,
+            timeout: Duration::ZERO,
+        });
+        let e = slot.value_mut();
+        let kept = (e.timeout != Duration::ZERO && e.live(now))
+            .then(|| usable.iter().position(|u| *u == e.endpoint))
+            .flatten()
+            .filter(|_| !(avoid(&e.endpoint) && usable.iter().any(|u| !avoid(u))));
+        if let Some(i) = kept {
+            e.last_used = now;
+            e.timeout = timeout;
+            return Some(i);
+        }
+        match fresh().and_then(|i| usable.get(i).map(|p| (i, *p))) {
+            Some((i, p)) => {
+                *e = Entry {
+                    endpoint: p,
+                    last_used: now,
+                    timeout,
+                };
+                Some(i)
+            }
+            None => {
+                drop(slot);
+                self.map.remove(&(port, client));
+                None
+            }
+        }
+    }
+
+    /// [`AffinityTable::pick_with`] with a uniform random fresh pick,
+    /// returning the address.
     #[allow(clippy::too_many_arguments)]
     pub fn pick_avoiding<R: Rng + ?Sized>(
         &self,
@@ -55,36 +100,12 @@ impl AffinityTable {
         rng: &mut R,
         avoid: impl Fn(&SocketAddr) -> bool,
     ) -> Option<SocketAddr> {
-        let mut slot = self.map.entry((port, client)).or_insert(Entry {
-            endpoint: SocketAddr::from(([0, 0, 0, 0], 0)),
-            last_used: now,
-            timeout: Duration::ZERO,
-        });
-        let e = slot.value_mut();
-        let keep = e.timeout != Duration::ZERO
-            && e.live(now)
-            && usable.contains(&e.endpoint)
-            && !(avoid(&e.endpoint) && usable.iter().any(|u| !avoid(u)));
-        if keep {
-            e.last_used = now;
-            e.timeout = timeout;
-            return Some(e.endpoint);
-        }
-        match pick_avoiding(usable, avoid, rng) {
-            Some(p) => {
-                *e = Entry {
-                    endpoint: p,
-                    last_used: now,
-                    timeout,
-                };
-                Some(p)
-            }
-            None => {
-                drop(slot);
-                self.map.remove(&(port, client));
-                None
-            }
-        }
+        let fresh = || {
+            let p = pick_avoiding(usable, &avoid, rng)?;
+            usable.iter().position(|u| *u == p)
+        };
+        let i = self.pick_with(port, client, usable, timeout, now, &avoid, fresh)?;
+        usable.get(i).copied()
     }
 
     /// The endpoint remembered for `client` on `port` and how much longer it

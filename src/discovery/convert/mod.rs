@@ -13,6 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::model::{Kind, ObjectKey, Protocol};
 
+pub mod annotations;
 mod endpoint_slice;
 mod node;
 mod pod;
