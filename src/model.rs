@@ -376,6 +376,20 @@ pub struct Pod {
     pub terminal: bool,
 }
 
+/// A legacy `v1 Endpoints` object (file mode), already mirrored into the
+/// EndpointSlices the EndpointSliceMirroring controller would write; they
+/// are used only while its same-name Service exists without a selector.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LegacyEndpoints {
+    /// Namespace and name (the Service's).
+    pub key: ObjectKey,
+    /// False when labelled `endpointslice.kubernetes.io/skip-mirror: "true"`
+    /// or annotated as a leader-election lock: never mirrored.
+    pub mirror: bool,
+    /// One slice per subset and address family.
+    pub slices: Vec<EndpointSlice>,
+}
+
 /// Any object a source can deliver.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
@@ -387,6 +401,8 @@ pub enum Object {
     Node(Node),
     /// A Pod (file mode).
     Pod(Pod),
+    /// A legacy `v1 Endpoints` (file mode).
+    Endpoints(LegacyEndpoints),
 }
 
 /// Kind of an object, for deletes and messages.
@@ -400,6 +416,8 @@ pub enum Kind {
     Node,
     /// `v1 Pod`.
     Pod,
+    /// `v1 Endpoints`.
+    Endpoints,
 }
 
 impl Object {
@@ -410,6 +428,7 @@ impl Object {
             Object::EndpointSlice(s) => (Kind::EndpointSlice, s.key.clone()),
             Object::Node(n) => (Kind::Node, ObjectKey::new("", n.name.clone())),
             Object::Pod(p) => (Kind::Pod, p.key.clone()),
+            Object::Endpoints(e) => (Kind::Endpoints, e.key.clone()),
         }
     }
 }

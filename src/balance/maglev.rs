@@ -27,9 +27,18 @@ const SEED_CLIENT: u64 = 0x6d61_676c_6576_3033;
 const SEED_PROPOSAL: u64 = 0x6d61_676c_6576_3034;
 
 /// A Maglev lookup table over an endpoint list: slot → index into that list.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Maglev {
     table: Box<[u32]>,
+}
+
+impl std::fmt::Debug for Maglev {
+    // The table's 65537 entries would drown any debug print of a frontend.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Maglev")
+            .field("size", &self.table.len())
+            .finish()
+    }
 }
 
 impl Maglev {

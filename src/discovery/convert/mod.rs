@@ -15,6 +15,7 @@ use crate::model::{Kind, ObjectKey, Protocol};
 
 pub mod annotations;
 mod endpoint_slice;
+mod endpoints;
 mod node;
 mod pod;
 mod service;
@@ -22,6 +23,7 @@ mod service;
 mod tests;
 
 pub use endpoint_slice::endpoint_slice;
+pub use endpoints::{endpoints, MAX_MIRRORED_PER_SUBSET};
 pub use node::node;
 pub use pod::pod;
 pub use service::service;
@@ -49,6 +51,7 @@ pub fn kind_name(kind: Kind) -> &'static str {
         Kind::EndpointSlice => "EndpointSlice",
         Kind::Node => "Node",
         Kind::Pod => "Pod",
+        Kind::Endpoints => "Endpoints",
     }
 }
 

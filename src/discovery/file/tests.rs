@@ -497,7 +497,7 @@ fn semantic_errors_carry_file_line_object_and_field() {
 
 #[test]
 fn unknown_kinds_are_ignored_and_wrong_versions_are_errors() {
-    let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec: {replicas: notanumber}\n---\napiVersion: serving.knative.dev/v1\nkind: Service\nmetadata: {name: k}\n---\napiVersion: v1\nkind: Endpoints\nmetadata: {name: e}\n";
+    let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec: {replicas: notanumber}\n---\napiVersion: serving.knative.dev/v1\nkind: Service\nmetadata: {name: k}\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: e}\n";
     assert_eq!(parse("k.yaml", text), vec![]);
 
     let text = "apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: s}\n---\nkind: Service\nmetadata: {name: x}\n---\napiVersion: v1\nmetadata: {name: y}\n---\n- just\n- a list\n---\napiVersion: v1\nkind: List\nitems: {}\n";

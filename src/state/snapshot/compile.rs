@@ -550,7 +550,7 @@ impl Store {
         for k in &dirty.services {
             retired.extend(cache.services.remove(k));
         }
-        let derived = self.selector_slices();
+        let derived = self.derived_slices();
         // Grouping every slice costs a pass over all of them: only worth it
         // when many Services need their slices; a few look theirs up.
         let by_service = (cache.services.len() < self.services.len() / 2
@@ -621,7 +621,10 @@ impl Store {
         retired: &mut Vec<Arc<ServiceOut>>,
     ) -> Option<Snapshot> {
         let last = cache.last.as_ref()?;
-        if last.conflicts > 0 || dirty.services.len() > PATCH_MAX || !self.pods.is_empty() {
+        // Derived slices (from Pods, or mirrored from legacy Endpoints) are
+        // not looked up per Service here: a full assembly handles them.
+        let derives = !self.pods.is_empty() || !self.endpoints.is_empty();
+        if last.conflicts > 0 || dirty.services.len() > PATCH_MAX || derives {
             return None;
         }
         let mut frontends = last.frontends.clone();
