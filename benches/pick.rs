@@ -67,7 +67,10 @@ fn algorithms(c: &mut Criterion) {
         ("random", Balancer::Random),
         ("round_robin", Balancer::RoundRobin(Arc::default())),
         ("least_connections", Balancer::LeastConnections),
-        ("maglev", Balancer::Maglev(Arc::new(Maglev::build(&eps, 65537)))),
+        (
+            "maglev",
+            Balancer::Maglev(Arc::new(Maglev::build(&eps, 65537))),
+        ),
     ];
     let mut rng = SmallRng::seed_from_u64(7);
     for (name, b) in &algos {
@@ -78,9 +81,7 @@ fn algorithms(c: &mut Criterion) {
                     client = client.wrapping_add(1);
                     let inp = Inputs {
                         n: eps.len(),
-                        active: |i: usize| {
-                            active[i].load(std::sync::atomic::Ordering::Relaxed)
-                        },
+                        active: |i: usize| active[i].load(std::sync::atomic::Ordering::Relaxed),
                         avoid: |_| false,
                         warmup,
                         client: IpAddr::from(client.to_be_bytes()),

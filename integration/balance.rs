@@ -34,8 +34,14 @@ fn two_processes_with_the_same_maglev_service_agree_for_1000_clients() {
     let eps = net.ips(1..=5);
     let (np_a, np_b) = (free_port(), free_port());
     let maglev = "ringvip.io/balance: maglev";
-    let a = Ringvip::start(&annotated(&nodeport_service("web", np_a, port, &eps, ""), maglev), &[]);
-    let b = Ringvip::start(&annotated(&nodeport_service("web", np_b, port, &eps, ""), maglev), &[]);
+    let a = Ringvip::start(
+        &annotated(&nodeport_service("web", np_a, port, &eps, ""), maglev),
+        &[],
+    );
+    let b = Ringvip::start(
+        &annotated(&nodeport_service("web", np_b, port, &eps, ""), maglev),
+        &[],
+    );
     // 1,000 client addresses: hosts .1 to .250 of four loopback blocks.
     let clients: Vec<IpAddr> = (0..4)
         .flat_map(|_| Loopback::take().ips(1..=250))
@@ -51,11 +57,17 @@ fn two_processes_with_the_same_maglev_service_agree_for_1000_clients() {
     }
     // Spread over all five (each owns a fifth of the table: ~200 clients).
     assert_eq!(per_backend.len(), 5, "{per_backend:?}");
-    assert!(per_backend.values().all(|&n| (140..=260).contains(&n)), "{per_backend:?}");
+    assert!(
+        per_backend.values().all(|&n| (140..=260).contains(&n)),
+        "{per_backend:?}"
+    );
 
     // Endpoint 5 leaves process B: its clients move, the others stay
     // (Maglev's bound: at most 1/N + 1% of the clients move in all).
-    b.apply(&annotated(&nodeport_service("web", np_b, port, &eps[..4], ""), maglev));
+    b.apply(&annotated(
+        &nodeport_service("web", np_b, port, &eps[..4], ""),
+        maglev,
+    ));
     let mut moved_others = 0;
     for (c, before) in clients.iter().zip(&first) {
         let now = backend_for(*c, np_b);
@@ -64,7 +76,10 @@ fn two_processes_with_the_same_maglev_service_agree_for_1000_clients() {
             moved_others += 1;
         }
     }
-    assert!(moved_others <= 10, "{moved_others} clients of staying endpoints moved");
+    assert!(
+        moved_others <= 10,
+        "{moved_others} clients of staying endpoints moved"
+    );
     drop(a);
 }
 

@@ -307,7 +307,13 @@ mod tests {
             || Balancer::LeastConnections,
         ] {
             let b = make();
-            for (secs, want) in [(0u64, MIN_WEIGHT), (25, 0.25), (50, 0.5), (75, 0.75), (100, 1.0)] {
+            for (secs, want) in [
+                (0u64, MIN_WEIGHT),
+                (25, 0.25),
+                (50, 0.5),
+                (75, 0.75),
+                (100, 1.0),
+            ] {
                 let now = t0 + Duration::from_secs(secs);
                 let got = tally(&b, n, &[0; 4], Some(&warm), now, rounds);
                 let normal = f64::from(got[1] + got[2] + got[3]) / 3.0;
@@ -330,7 +336,10 @@ mod tests {
             let now = t0 + Duration::from_secs(secs);
             let got = tally(&b, n, &[0; 4], Some(&warm), now, rounds)[0];
             let rel = f64::from(got) / f64::from(owned);
-            assert!((rel - want).abs() < 0.05, "maglev at {secs}s: {rel:.3} of its clients");
+            assert!(
+                (rel - want).abs() < 0.05,
+                "maglev at {secs}s: {rel:.3} of its clients"
+            );
             assert!(got >= last);
             last = got;
         }

@@ -68,16 +68,19 @@ impl Maglev {
         let mut table: Vec<u32> = vec![u32::MAX; m as usize];
         let mut filled = 0u64;
         'fill: loop {
-            for (i, &(offset, skip)) in perm.iter().enumerate() {
-                let mut slot;
-                loop {
-                    slot = ((offset + next[i] % m * skip) % m) as usize;
-                    next[i] += 1;
-                    if table[slot] == u32::MAX {
-                        break;
+            for (i, (&(offset, skip), next)) in perm.iter().zip(next.iter_mut()).enumerate() {
+                // The endpoint's next free slot in its permutation.
+                let free = loop {
+                    let slot = ((offset + *next % m * skip) % m) as usize;
+                    *next += 1;
+                    match table.get_mut(slot) {
+                        Some(t) if *t == u32::MAX => break t,
+                        Some(_) => {}
+                        // Never: slot < m = the table's length.
+                        None => break 'fill,
                     }
-                }
-                table[slot] = i as u32;
+                };
+                *free = i as u32;
                 filled += 1;
                 if filled == m {
                     break 'fill;
@@ -234,7 +237,10 @@ mod tests {
             client_key(IpAddr::from([192, 0, 2, 1])),
             client_key("192.0.2.1".parse().unwrap())
         );
-        assert_eq!(client_key(IpAddr::from([192, 0, 2, 1])), 0xc4cf_d2cc_c16a_9de6);
+        assert_eq!(
+            client_key(IpAddr::from([192, 0, 2, 1])),
+            0xc4cf_d2cc_c16a_9de6
+        );
     }
 
     #[test]

@@ -372,7 +372,10 @@ mod tests {
         assert!(mirrored.iter().all(|s| s.service_name == "ext"));
         let nr = mirrored[0].endpoints.iter().find(|e| !e.ready).unwrap();
         assert_eq!(nr.ip.to_string(), "192.0.2.12");
-        assert_eq!(mirrored[0].endpoints[0].node_name.as_deref(), Some("node-a"));
+        assert_eq!(
+            mirrored[0].endpoints[0].node_name.as_deref(),
+            Some("node-a")
+        );
     }
 
     #[test]
@@ -386,11 +389,14 @@ mod tests {
         assert_eq!(count(&legacy("ext", &format!("{skip}: \"true\""))), 0);
         assert_eq!(count(&legacy("ext", &format!("{skip}: \"false\""))), 3);
         // A Service with a selector ignores its Endpoints.
-        let with_selector =
-            legacy("ext", "").replace("  clusterIP: 10.96.0.20\n", "  clusterIP: 10.96.0.20\n  selector: {app: x}\n");
+        let with_selector = legacy("ext", "").replace(
+            "  clusterIP: 10.96.0.20\n",
+            "  clusterIP: 10.96.0.20\n  selector: {app: x}\n",
+        );
         assert_eq!(count(&with_selector), 0);
         // No Service of that name: nothing.
-        let other = legacy("ext", "").replacen("metadata: {name: ext}", "metadata: {name: other}", 1);
+        let other =
+            legacy("ext", "").replacen("metadata: {name: ext}", "metadata: {name: other}", 1);
         assert_eq!(count(&other), 0);
         // A leader-election lock is never mirrored.
         let lock = legacy("ext", "").replace(
@@ -417,7 +423,10 @@ mod tests {
         assert_eq!(s[0].endpoints.len(), 1000);
         assert!(s[0].endpoints.iter().all(|e| e.ready));
         // Deleting the Endpoints object takes the endpoints away.
-        st.apply(Update::Delete(Kind::Endpoints, ObjectKey::new("default", "big")));
+        st.apply(Update::Delete(
+            Kind::Endpoints,
+            ObjectKey::new("default", "big"),
+        ));
         assert_eq!(st.mirrored_slices().count(), 0);
     }
 

@@ -82,7 +82,10 @@ pub fn check_object(o: &Object, limits: &Limits) {
             for s in &e.slices {
                 check_slice(s);
                 assert_eq!(s.service_name, e.key.name, "{e:?}");
-                assert!(s.endpoints.len() <= crate::discovery::convert::MAX_MIRRORED_PER_SUBSET);
+                assert!(
+                    s.endpoints.len()
+                        <= crate::discovery::convert::endpoints::MAX_MIRRORED_PER_SUBSET
+                );
             }
         }
     }

@@ -14,9 +14,7 @@
 
 use k8s_openapi::api::core::v1 as core;
 
-use super::{
-    label, namespaced_key, parse_ip, port_number, protocol, ConvertError, Errors,
-};
+use super::{label, namespaced_key, parse_ip, port_number, protocol, ConvertError, Errors};
 use crate::model::{
     AddressFamily, Endpoint, EndpointSlice, Kind, LegacyEndpoints, ObjectKey, SlicePort,
 };
@@ -57,7 +55,7 @@ pub fn endpoints(e: &core::Endpoints) -> Result<LegacyEndpoints, ConvertError> {
                     .enumerate()
                     .map(|(j, a)| (a, false, format!("{f}.notReadyAddresses[{j}].ip"))),
             );
-        let mut by_family: [Vec<Endpoint>; 2] = [Vec::new(), Vec::new()];
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
         for (a, is_ready, field) in all.take(MAX_MIRRORED_PER_SUBSET) {
             let Some(ip) = errs.ok(field, parse_ip(&a.ip)) else {
                 continue;
@@ -68,11 +66,15 @@ pub fn endpoints(e: &core::Endpoints) -> Result<LegacyEndpoints, ConvertError> {
                 hostname: a.hostname.clone(),
                 ..Endpoint::ready(ip)
             };
-            by_family[usize::from(ip.is_ipv6())].push(ep);
+            if ip.is_ipv6() {
+                v6.push(ep);
+            } else {
+                v4.push(ep);
+            }
         }
         for (family, eps) in [AddressFamily::V4, AddressFamily::V6]
             .into_iter()
-            .zip(by_family)
+            .zip([v4, v6])
         {
             if eps.is_empty() {
                 continue;
@@ -104,7 +106,13 @@ pub fn endpoints(e: &core::Endpoints) -> Result<LegacyEndpoints, ConvertError> {
 /// A subset's ports, SCTP ones left out.
 fn ports(subset: &core::EndpointSubset, f: &str, errs: &mut Errors) -> Vec<SlicePort> {
     let mut out = Vec::new();
-    for (j, p) in subset.ports.as_deref().unwrap_or_default().iter().enumerate() {
+    for (j, p) in subset
+        .ports
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+    {
         if p.protocol.as_deref() == Some("SCTP") {
             continue;
         }

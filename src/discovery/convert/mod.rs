@@ -15,7 +15,7 @@ use crate::model::{Kind, ObjectKey, Protocol};
 
 pub mod annotations;
 mod endpoint_slice;
-mod endpoints;
+pub(crate) mod endpoints;
 mod node;
 mod pod;
 mod service;
@@ -23,7 +23,7 @@ mod service;
 mod tests;
 
 pub use endpoint_slice::endpoint_slice;
-pub use endpoints::{endpoints, MAX_MIRRORED_PER_SUBSET};
+pub use endpoints::endpoints;
 pub use node::node;
 pub use pod::pod;
 pub use service::service;

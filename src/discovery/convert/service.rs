@@ -10,14 +10,13 @@ use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    annotations, label, namespaced_key, parse_ip, port_number, protocol, ConvertError, Errors, LABEL_HEADLESS,
-    LABEL_SERVICE_PROXY_NAME, MAX_AFFINITY_TIMEOUT_SECS,
+    annotations, label, namespaced_key, parse_ip, port_number, protocol, ConvertError, Errors,
+    LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, MAX_AFFINITY_TIMEOUT_SECS,
 };
 use crate::config::Limits;
 use crate::model::{
     AddressFamily, Affinity, Kind, Protocol, Service, ServicePort, ServiceType, SkippedPort,
-    TargetPort,
-    TrafficPolicy, DEFAULT_AFFINITY_TIMEOUT,
+    TargetPort, TrafficPolicy, DEFAULT_AFFINITY_TIMEOUT,
 };
 
 /// Converts and validates a `v1 Service`.

@@ -399,12 +399,21 @@ fn annotated(annotations: &str) -> String {
 #[test]
 fn ringvip_annotations_are_parsed() {
     let opts = |a: &str| convert_service(&annotated(a)).unwrap().options;
-    assert_eq!(web("  ports:\n  - port: 80\n").options, ServiceOptions::default());
+    assert_eq!(
+        web("  ports:\n  - port: 80\n").options,
+        ServiceOptions::default()
+    );
     let cases = [
         ("    ringvip.io/balance: random\n", Balance::Random),
         ("    ringvip.io/balance: round-robin\n", Balance::RoundRobin),
-        ("    ringvip.io/balance: least-connections\n", Balance::LeastConnections),
-        ("    ringvip.io/balance: maglev\n", Balance::Maglev { table_size: 65537 }),
+        (
+            "    ringvip.io/balance: least-connections\n",
+            Balance::LeastConnections,
+        ),
+        (
+            "    ringvip.io/balance: maglev\n",
+            Balance::Maglev { table_size: 65537 },
+        ),
         (
             "    ringvip.io/balance: maglev\n    ringvip.io/maglev-table-size: \"251\"\n",
             Balance::Maglev { table_size: 251 },
@@ -417,7 +426,10 @@ fn ringvip_annotations_are_parsed() {
         opts("    ringvip.io/slow-start-seconds: \"30\"\n").slow_start,
         Some(Duration::from_secs(30))
     );
-    assert_eq!(opts("    ringvip.io/slow-start-seconds: \"0\"\n").slow_start, None);
+    assert_eq!(
+        opts("    ringvip.io/slow-start-seconds: \"0\"\n").slow_start,
+        None
+    );
     // Someone else's annotations, and unknown ringvip.io ones, are left alone.
     assert_eq!(
         opts("    example.com/x: y\n    ringvip.io/future: z\n"),
@@ -441,7 +453,9 @@ fn bad_ringvip_annotations_are_field_errors() {
         let e = convert_service(&annotated(a)).expect_err(a);
         let field = format!("metadata.annotations[{name}]");
         assert!(
-            e.errors.iter().any(|fe| fe.field == field && fe.message.contains(msg)),
+            e.errors
+                .iter()
+                .any(|fe| fe.field == field && fe.message.contains(msg)),
             "{a}\nwant {field}: {msg}\ngot {e}"
         );
     }

@@ -59,7 +59,7 @@ impl PortEndpoints {
             TrafficPolicy::Local => 1,
         };
         let f = usize::from(ip.is_ipv6());
-        self.warmup[p][f].clone()
+        self.warmup.get(p).and_then(|w| w.get(f)).cloned().flatten()
     }
 
     fn family(&self, ip: &IpAddr) -> (&Usable<SocketAddr>, &Arc<PortCandidates>) {
@@ -398,10 +398,12 @@ impl<'a> Compiler<'a> {
                         TrafficPolicy::Cluster => 0,
                         TrafficPolicy::Local => 1,
                     };
-                    eps.warmup[slot] = [
-                        Warmup::new(window, v4.into()).map(Arc::new),
-                        Warmup::new(window, v6.into()).map(Arc::new),
-                    ];
+                    if let Some(w) = eps.warmup.get_mut(slot) {
+                        *w = [
+                            Warmup::new(window, v4.into()).map(Arc::new),
+                            Warmup::new(window, v6.into()).map(Arc::new),
+                        ];
+                    }
                 }
             }
             let pm = PortHandles {

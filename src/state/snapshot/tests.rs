@@ -608,7 +608,10 @@ fn sctp_ports_are_skipped_and_counted_the_others_served() {
     let first = run.step(vec![Update::Reset(vec![Object::Service(s)])], 1);
     assert_eq!(first.skipped_ports, 1);
     let gone = run.step(
-        vec![Update::Delete(Kind::Service, ObjectKey::new("default", "web"))],
+        vec![Update::Delete(
+            Kind::Service,
+            ObjectKey::new("default", "web"),
+        )],
         2,
     );
     assert_eq!(gone.skipped_ports, 0);
@@ -660,10 +663,16 @@ fn slow_start_times_survive_recompiles() {
     let at = |s: u64| t0 + Duration::from_secs(s);
     let compile_at = |run: &mut Cached, objs: Vec<Object>, g: u64, now| {
         run.st.apply(Update::Reset(objs));
-        run.st.compile_at(&run.ctx, &run.metrics, g, &mut run.cache, now)
+        run.st
+            .compile_at(&run.ctx, &run.metrics, g, &mut run.cache, now)
     };
     // First sight: nobody warms (a Service or a process that starts).
-    let s1 = compile_at(&mut run, balanced(rr, Some(w), &["10.0.0.1", "10.0.0.2"]), 1, at(0));
+    let s1 = compile_at(
+        &mut run,
+        balanced(rr, Some(w), &["10.0.0.1", "10.0.0.2"]),
+        1,
+        at(0),
+    );
     assert!(tcp(&s1, "10.96.0.10:80").warmup.is_none());
     // 10.0.0.3 joins at 10 s: it starts at the floor.
     let three = ["10.0.0.1", "10.0.0.2", "10.0.0.3"];
