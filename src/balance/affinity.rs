@@ -6,9 +6,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use rand::Rng;
-
-use super::random::pick_avoiding;
 
 /// Identity of a Service port across snapshots (a hash of namespace, name,
 /// port name and protocol), so affinity survives snapshot swaps.
@@ -85,27 +82,6 @@ impl AffinityTable {
                 None
             }
         }
-    }
-
-    /// [`AffinityTable::pick_with`] with a uniform random fresh pick,
-    /// returning the address.
-    #[allow(clippy::too_many_arguments)]
-    pub fn pick_avoiding<R: Rng + ?Sized>(
-        &self,
-        port: PortId,
-        client: IpAddr,
-        usable: &[SocketAddr],
-        timeout: Duration,
-        now: Instant,
-        rng: &mut R,
-        avoid: impl Fn(&SocketAddr) -> bool,
-    ) -> Option<SocketAddr> {
-        let fresh = || {
-            let p = pick_avoiding(usable, &avoid, rng)?;
-            usable.iter().position(|u| *u == p)
-        };
-        let i = self.pick_with(port, client, usable, timeout, now, &avoid, fresh)?;
-        usable.get(i).copied()
     }
 
     /// The endpoint remembered for `client` on `port` and how much longer it
@@ -196,7 +172,9 @@ mod tests {
         now: Instant,
         rng: &mut SmallRng,
     ) -> Option<SocketAddr> {
-        t.pick_avoiding(port, c, usable, T, now, rng, |_| false)
+        let fresh = || Some(rand::Rng::random_range(rng, 0..usable.len().max(1)));
+        let i = t.pick_with(port, c, usable, T, now, |_| false, fresh)?;
+        usable.get(i).copied()
     }
 
     #[test]
