@@ -741,7 +741,7 @@ fn annotation_examples_load_with_their_options() {
             ),
             ("reports".into(), opts(Balance::LeastConnections, None)),
             (
-                "api".into(),
+                "checkout".into(),
                 opts(Balance::RoundRobin, Some(Duration::from_secs(60)))
             ),
             ("legacy-db".into(), ServiceOptions::default()),

@@ -82,7 +82,8 @@ pub struct Frontend {
     pub kind: FrontendKind,
     /// Stable id of the Service port (affinity key).
     pub port_id: PortId,
-    /// Usable endpoints after policy filtering, in a stable order.
+    /// Usable endpoints after policy filtering, sorted by address (the
+    /// index a pick hands back, and [`Frontend::endpoint_index`], rely on it).
     pub endpoints: Box<[SocketAddr]>,
     /// ClientIP affinity timeout, if enabled.
     pub affinity: Option<Duration>,
