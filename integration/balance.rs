@@ -144,6 +144,10 @@ fn an_sctp_port_is_skipped_and_the_tcp_port_served() {
     let rv = Ringvip::start(&m, &[]);
     // The first request is served (no retry: start returns once published).
     assert_eq!(http_get(np(node_port)).unwrap(), "backend-1");
+    // A Node object changes every Service's compile: still one warning.
+    let node = "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n  labels: {topology.kubernetes.io/zone: z1}\n";
+    rv.apply(&format!("{m}\n{node}"));
+    assert_eq!(http_get(np(node_port)).unwrap(), "backend-1");
     let log = rv.log();
     assert_eq!(log.matches("SCTP is not supported").count(), 1, "{log}");
     assert_eq!(rv.metric("ringvip_skipped_service_ports", &[]), Some(1.0));

@@ -19,7 +19,7 @@ use crate::balance::affinity::PortId;
 use crate::balance::{Balancer, Joined, Maglev, Warmup};
 use crate::model::{
     AddressFamily, Affinity, Balance, EndpointSlice, ObjectKey, Protocol, Service, ServicePort,
-    ServiceType, TrafficPolicy,
+    ServiceType, SkippedPort, TrafficPolicy,
 };
 use crate::state::store::{Dirty, Store};
 use crate::state::topology::{categorize, Candidate, Usable};
@@ -161,6 +161,10 @@ pub struct CompileCache {
     /// When each endpoint of a slow-start Service joined its usable set:
     /// kept across compiles, even full ones.
     joined: Joined,
+    /// The SCTP ports each Service was last warned about: a recompile that
+    /// does not change them (a full compile after a Node or Pod change)
+    /// does not warn again.
+    warned: HashMap<ObjectKey, Vec<SkippedPort>>,
 }
 
 #[cfg(test)]
@@ -329,11 +333,16 @@ impl<'a> Compiler<'a> {
         slices: &[&EndpointSlice],
         zone: Option<&str>,
         joined: &mut Joined,
+        warned: &mut HashMap<ObjectKey, Vec<SkippedPort>>,
     ) {
         let mut local_ready: BTreeSet<IpAddr> = BTreeSet::new();
         let mut warm_sets = Vec::new();
-        if !svc.skipped_ports.is_empty() {
-            self.out.skipped_ports = svc.skipped_ports.len();
+        self.out.skipped_ports = svc.skipped_ports.len();
+        let seen = warned.get(&svc.key) == Some(&svc.skipped_ports);
+        if svc.skipped_ports.is_empty() {
+            warned.remove(&svc.key);
+        } else if !seen {
+            warned.insert(svc.key.clone(), svc.skipped_ports.clone());
             let ports: Vec<String> = svc
                 .skipped_ports
                 .iter()
@@ -590,7 +599,7 @@ impl Store {
                         }
                     };
                     c.out = ServiceOut::default();
-                    c.service(svc, slices, zone, &mut cache.joined);
+                    c.service(svc, slices, zone, &mut cache.joined, &mut cache.warned);
                     let out = Arc::new(std::mem::take(&mut c.out));
                     cache.services.insert(svc.key.clone(), out.clone());
                     out
@@ -600,6 +609,7 @@ impl Store {
         }
         let services = &self.services;
         cache.joined.retain_services(|k| services.contains_key(k));
+        cache.warned.retain(|k, _| services.contains_key(k));
         cache.frontends = snap.frontends.len();
         snap.listeners.sort();
         snap.listeners.dedup();
@@ -671,7 +681,7 @@ impl Store {
                 .filter(|s| s.service_name == k.name && s.key.namespace == k.namespace)
                 .collect();
             c.out = ServiceOut::default();
-            c.service(svc, &slices, zone, &mut cache.joined);
+            c.service(svc, &slices, zone, &mut cache.joined, &mut cache.warned);
             let out = Arc::new(std::mem::take(&mut c.out));
             cache.services.insert(k.clone(), out.clone());
             for (key, fe, listener) in &out.frontends {
@@ -698,6 +708,7 @@ impl Store {
         for k in &dirty.services {
             if !self.services.contains_key(k) {
                 cache.joined.retain(k, &[]);
+                cache.warned.remove(k);
             }
         }
         health_checks.sort_by_key(|h| h.port);
