@@ -347,6 +347,7 @@ async fn control(
                     tracing::warn!("frontend conflict: {c}");
                 }
                 metrics.set_no_local_endpoints(snap.no_local_internal as i64, snap.no_local_external as i64);
+                metrics.set_skipped_ports(snap.skipped_ports as i64);
                 publisher.publish(snap.clone()).await;
                 health_checks.sync(&snap.health_checks).await;
                 metrics.observe_sync(started.elapsed());

@@ -122,6 +122,43 @@ pub struct ServicePort {
     pub target_port: TargetPort,
 }
 
+/// `ringvip.io/balance`: how a new flow chooses among usable endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Balance {
+    /// Uniform random (kube-proxy's; the default).
+    #[default]
+    Random,
+    /// In turn, per frontend.
+    RoundRobin,
+    /// Power of two random choices over active connections.
+    LeastConnections,
+    /// Maglev consistent hashing of the client IP.
+    Maglev {
+        /// Lookup table size, a prime (`ringvip.io/maglev-table-size`).
+        table_size: u32,
+    },
+}
+
+/// A SCTP port of a Service, left unserved (ringvip has no SCTP); the
+/// Service's other ports are served.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SkippedPort {
+    /// Port name (may be empty).
+    pub name: String,
+    /// The Service port number.
+    pub port: u16,
+}
+
+/// ringvip's own per-Service options, from `ringvip.io/*` annotations.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServiceOptions {
+    /// `ringvip.io/balance` (and `ringvip.io/maglev-table-size`).
+    pub balance: Balance,
+    /// `ringvip.io/slow-start-seconds`: newly usable endpoints take a share of
+    /// new connections growing linearly over this window.
+    pub slow_start: Option<Duration>,
+}
+
 /// A validated Service.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Service {
@@ -161,6 +198,10 @@ pub struct Service {
     pub proxy_name: Option<String>,
     /// Label `service.kubernetes.io/headless` present.
     pub headless_label: bool,
+    /// `ringvip.io/*` annotations.
+    pub options: ServiceOptions,
+    /// SCTP ports of `spec.ports`, not served (not in `ports`).
+    pub skipped_ports: Vec<SkippedPort>,
 }
 
 impl Service {
@@ -186,6 +227,8 @@ impl Service {
             publish_not_ready: false,
             proxy_name: None,
             headless_label: false,
+            options: ServiceOptions::default(),
+            skipped_ports: Vec::new(),
         }
     }
 
@@ -333,6 +376,20 @@ pub struct Pod {
     pub terminal: bool,
 }
 
+/// A legacy `v1 Endpoints` object (file mode), already mirrored into the
+/// EndpointSlices the EndpointSliceMirroring controller would write; they
+/// are used only while its same-name Service exists without a selector.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LegacyEndpoints {
+    /// Namespace and name (the Service's).
+    pub key: ObjectKey,
+    /// False when labelled `endpointslice.kubernetes.io/skip-mirror: "true"`
+    /// or annotated as a leader-election lock: never mirrored.
+    pub mirror: bool,
+    /// One slice per subset and address family.
+    pub slices: Vec<EndpointSlice>,
+}
+
 /// Any object a source can deliver.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
@@ -344,6 +401,8 @@ pub enum Object {
     Node(Node),
     /// A Pod (file mode).
     Pod(Pod),
+    /// A legacy `v1 Endpoints` (file mode).
+    Endpoints(LegacyEndpoints),
 }
 
 /// Kind of an object, for deletes and messages.
@@ -357,6 +416,8 @@ pub enum Kind {
     Node,
     /// `v1 Pod`.
     Pod,
+    /// `v1 Endpoints`.
+    Endpoints,
 }
 
 impl Object {
@@ -367,6 +428,7 @@ impl Object {
             Object::EndpointSlice(s) => (Kind::EndpointSlice, s.key.clone()),
             Object::Node(n) => (Kind::Node, ObjectKey::new("", n.name.clone())),
             Object::Pod(p) => (Kind::Pod, p.key.clone()),
+            Object::Endpoints(e) => (Kind::Endpoints, e.key.clone()),
         }
     }
 }

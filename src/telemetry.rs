@@ -119,6 +119,9 @@ pub const ENDPOINT_HEALTHY: &str = "ringvip_endpoint_healthy";
 /// its first appearance in the Service port.
 pub const ENDPOINT_HEALTH_LAST_CHANGE_TIMESTAMP_SECONDS: &str =
     "ringvip_endpoint_health_last_change_timestamp_seconds";
+/// Gauge: Service ports not served, over every Service ringvip programs:
+/// SCTP ports beside a Service's TCP/UDP ones (which are served).
+pub const SKIPPED_SERVICE_PORTS: &str = "ringvip_skipped_service_ports";
 /// Counter: access-log records dropped because the writer fell behind (the
 /// data plane never waits for it).
 pub const ACCESS_LOG_DROPPED_TOTAL: &str = "ringvip_access_log_dropped_total";
@@ -432,6 +435,7 @@ pub struct Metrics {
     no_local_endpoints: Family<TrafficPolicyLabels, Gauge>,
     last_timestamp: FloatGauge,
     last_queued_timestamp: FloatGauge,
+    skipped_ports: Gauge,
 
     connections_active: Family<PortLabels, Gauge>,
     connections_total: Family<PortLabels, Counter>,
@@ -537,6 +541,11 @@ impl Metrics {
                 r,
                 SYNC_PROXY_RULES_LAST_QUEUED_TIMESTAMP_SECONDS,
                 "Unix time at which the last sync was queued, in seconds",
+            ),
+            skipped_ports: fresh(
+                r,
+                SKIPPED_SERVICE_PORTS,
+                "Service ports not served (SCTP), over every Service",
             ),
             connections_active: fresh(
                 r,
@@ -697,6 +706,11 @@ impl Metrics {
                 .get_or_create(&TrafficPolicyLabels { traffic_policy })
                 .set(v);
         }
+    }
+
+    /// Sets the number of Service ports not served (SCTP).
+    pub fn set_skipped_ports(&self, n: i64) {
+        self.skipped_ports.set(n);
     }
 
     /// Record the time of the last successful sync.

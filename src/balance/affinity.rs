@@ -6,9 +6,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
-use rand::Rng;
-
-use super::random::pick_avoiding;
 
 /// Identity of a Service port across snapshots (a hash of namespace, name,
 /// port name and protocol), so affinity survives snapshot swaps.
@@ -39,45 +36,45 @@ impl AffinityTable {
         Self::default()
     }
 
-    /// Picks for a new flow: the remembered endpoint if it is still usable and
-    /// was used within `timeout`, else a fresh random pick. Either way the
-    /// entry's timer restarts at `now`. An endpoint `avoid` rejects (backed off
-    /// after failed connects) loses its clients while another one is fine;
-    /// `|_| false` avoids none.
+    /// Picks for a new flow: the index in `usable` of the remembered endpoint
+    /// if it is still usable and was used within `timeout`, else `fresh()`
+    /// (the Service's algorithm). Either way the entry's timer restarts at
+    /// `now`. An endpoint `avoid` rejects (backed off after failed connects)
+    /// loses its clients while another one is fine; `|_| false` avoids none.
     #[allow(clippy::too_many_arguments)]
-    pub fn pick_avoiding<R: Rng + ?Sized>(
+    pub fn pick_with(
         &self,
         port: PortId,
         client: IpAddr,
         usable: &[SocketAddr],
         timeout: Duration,
         now: Instant,
-        rng: &mut R,
         avoid: impl Fn(&SocketAddr) -> bool,
-    ) -> Option<SocketAddr> {
+        fresh: impl FnOnce() -> Option<usize>,
+    ) -> Option<usize> {
         let mut slot = self.map.entry((port, client)).or_insert(Entry {
             endpoint: SocketAddr::from(([0, 0, 0, 0], 0)),
             last_used: now,
             timeout: Duration::ZERO,
         });
         let e = slot.value_mut();
-        let keep = e.timeout != Duration::ZERO
-            && e.live(now)
-            && usable.contains(&e.endpoint)
-            && !(avoid(&e.endpoint) && usable.iter().any(|u| !avoid(u)));
-        if keep {
+        let kept = (e.timeout != Duration::ZERO && e.live(now))
+            .then(|| usable.iter().position(|u| *u == e.endpoint))
+            .flatten()
+            .filter(|_| !(avoid(&e.endpoint) && usable.iter().any(|u| !avoid(u))));
+        if let Some(i) = kept {
             e.last_used = now;
             e.timeout = timeout;
-            return Some(e.endpoint);
+            return Some(i);
         }
-        match pick_avoiding(usable, avoid, rng) {
-            Some(p) => {
+        match fresh().and_then(|i| usable.get(i).map(|p| (i, *p))) {
+            Some((i, p)) => {
                 *e = Entry {
                     endpoint: p,
                     last_used: now,
                     timeout,
                 };
-                Some(p)
+                Some(i)
             }
             None => {
                 drop(slot);
@@ -175,7 +172,9 @@ mod tests {
         now: Instant,
         rng: &mut SmallRng,
     ) -> Option<SocketAddr> {
-        t.pick_avoiding(port, c, usable, T, now, rng, |_| false)
+        let fresh = || Some(rand::Rng::random_range(rng, 0..usable.len().max(1)));
+        let i = t.pick_with(port, c, usable, T, now, |_| false, fresh)?;
+        usable.get(i).copied()
     }
 
     #[test]

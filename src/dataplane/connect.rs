@@ -41,7 +41,7 @@ pub async fn connect(
     let mut last = ConnectFailure::NoEndpoints;
     for attempt in 0..s.connect_attempts {
         let now = Instant::now();
-        let Some(ep) = pick(
+        let Some(picked) = pick(
             fe,
             client,
             shared,
@@ -52,6 +52,7 @@ pub async fn connect(
         ) else {
             break;
         };
+        let ep = picked.addr;
         let limit = connect_timeout(s.connect_timeout, attempt);
         match tokio::time::timeout(limit, TcpStream::connect(ep)).await {
             Ok(Ok(stream)) => {
@@ -62,7 +63,7 @@ pub async fn connect(
                 }
                 let _ = stream.set_nodelay(true);
                 shared.health.succeeded(ep);
-                if let Some(m) = fe.endpoint_metrics(&ep) {
+                if let Some(m) = fe.endpoint_metrics_at(picked.index) {
                     m.connect_succeeded();
                 }
                 return Ok((stream, ep));

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use crate::balance::{pick_avoiding, pick_retry};
+use crate::balance::{choose, pick_avoiding, pick_retry, Inputs};
 use crate::dataplane::Shared;
 use crate::model::Protocol;
 use crate::state::{EmptyAction, Frontend, FrontendKey, Snapshot};
@@ -69,9 +69,21 @@ pub fn decide<'s>(snap: &'s Snapshot, key: &FlowKey) -> (Option<&'s Arc<Frontend
     (Some(fe), verdict)
 }
 
-/// Chooses the endpoint for try number `attempt` (0-based) of a flow: affinity
-/// on the first try, then untried endpoints, bypassing affinity after a failure.
-/// Endpoints backed off by passive health are skipped while another will do.
+/// The endpoint a pick chose: its address and its index in
+/// [`Frontend::endpoints`], so the caller reaches its metrics (and any other
+/// per-endpoint state at the same index) in O(1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Picked {
+    /// Address and port.
+    pub addr: SocketAddr,
+    /// Index in [`Frontend::endpoints`].
+    pub index: usize,
+}
+
+/// Chooses the endpoint for try number `attempt` (0-based) of a flow: on the
+/// first try affinity, else the Service's algorithm (with slow start); then
+/// untried endpoints, bypassing affinity after a failure. Endpoints backed
+/// off by passive health are skipped while another will do.
 pub fn pick<R: Rng + ?Sized>(
     fe: &Frontend,
     client: IpAddr,
@@ -80,28 +92,44 @@ pub fn pick<R: Rng + ?Sized>(
     tried: &[SocketAddr],
     now: Instant,
     rng: &mut R,
-) -> Option<SocketAddr> {
+) -> Option<Picked> {
+    let eps = &fe.endpoints;
     let failing = |e: &SocketAddr| shared.health.is_failing(e, now);
-    match (attempt, fe.affinity) {
-        (0, Some(timeout)) => shared.affinity.pick_avoiding(
-            fe.port_id,
-            client,
-            &fe.endpoints,
-            timeout,
-            now,
-            rng,
-            failing,
-        ),
-        (0, None) => pick_avoiding(&fe.endpoints, failing, rng),
-        _ => {
-            let fresh = |e: &SocketAddr| !tried.contains(e) && !failing(e);
-            if fe.endpoints.iter().any(fresh) {
-                pick_avoiding(&fe.endpoints, |e| !fresh(e), rng)
-            } else {
-                pick_retry(&fe.endpoints, tried, rng)
+    let index = match attempt {
+        0 => {
+            let inputs = Inputs {
+                n: eps.len(),
+                active: |i: usize| {
+                    fe.endpoint_metrics
+                        .get(i)
+                        .map_or(0, |m| m.traffic.connections_active.get())
+                },
+                avoid: |i: usize| eps.get(i).is_some_and(failing),
+                warmup: fe.warmup.as_deref(),
+                client,
+                now,
+            };
+            let mut fresh = || choose(&fe.balancer, &inputs, rng);
+            match fe.affinity {
+                Some(timeout) => {
+                    let a = &shared.affinity;
+                    a.pick_with(fe.port_id, client, eps, timeout, now, failing, fresh)
+                }
+                None => fresh(),
             }
         }
-    }
+        _ => {
+            let fresh = |e: &SocketAddr| !tried.contains(e) && !failing(e);
+            let addr = if eps.iter().any(fresh) {
+                pick_avoiding(eps, |e| !fresh(e), rng)
+            } else {
+                pick_retry(eps, tried, rng)
+            };
+            addr.and_then(|a| fe.endpoint_index(&a))
+        }
+    }?;
+    let addr = *eps.get(index)?;
+    Some(Picked { addr, index })
 }
 
 /// Timeout of connect try `attempt`: the first timeout doubled at each retry
@@ -127,6 +155,21 @@ mod tests {
             builders::lb_web(source_ranges, eps.iter().map(|ip| endpoint(ip)).collect());
         let ctx = node("n", &["192.0.2.1"], &["192.0.2.1"]);
         builders::snapshot(vec![Object::Service(svc), Object::EndpointSlice(eps)], &ctx)
+    }
+
+    /// [`super::pick`], checking the index it hands back, as an address.
+    fn pick(
+        fe: &Frontend,
+        client: IpAddr,
+        shared: &Shared,
+        attempt: u32,
+        tried: &[SocketAddr],
+        now: Instant,
+        rng: &mut SmallRng,
+    ) -> Option<SocketAddr> {
+        let p = super::pick(fe, client, shared, attempt, tried, now, rng)?;
+        assert_eq!(fe.endpoints.get(p.index), Some(&p.addr));
+        Some(p.addr)
     }
 
     fn key(src: &str, dst: &str) -> FlowKey {

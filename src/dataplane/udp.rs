@@ -364,7 +364,8 @@ pub async fn open_backend(
     now: Instant,
 ) -> Result<(SocketAddr, Rc<UdpSocket>), OpenError> {
     let ep = pick(fe, client, shared, 0, &[], now, &mut *rng.borrow_mut())
-        .ok_or(OpenError::NoEndpoint)?;
+        .ok_or(OpenError::NoEndpoint)?
+        .addr;
     let io = |source| OpenError::Io {
         endpoint: ep,
         source,

@@ -197,7 +197,9 @@ impl Output {
         match kind {
             Kind::Service => self.services += 1,
             Kind::EndpointSlice => self.endpoints += 1,
-            Kind::Node | Kind::Pod => {}
+            // Never watched: in a cluster the EndpointSliceMirroring
+            // controller mirrors Endpoints into slices, which are watched.
+            Kind::Node | Kind::Pod | Kind::Endpoints => {}
         }
         self.triggers.extend(trigger);
         self.updates.push(update);
@@ -230,7 +232,7 @@ fn slot<T>(slots: &mut [T; 3], kind: Kind) -> &mut T {
     match kind {
         Kind::Service => services,
         Kind::EndpointSlice => slices,
-        Kind::Node | Kind::Pod => node,
+        Kind::Node | Kind::Pod | Kind::Endpoints => node,
     }
 }
 

@@ -152,7 +152,7 @@ impl Zone {
     /// Compiles every Service of the store (and its endpoints, from slices and
     /// from Pods matching selectors) into a zone.
     pub fn compile(store: &Store, cfg: &ZoneConfig, generation: u64) -> Zone {
-        let derived = store.selector_slices();
+        let derived = store.derived_slices();
         let by_service = store.slices_by_service(&derived);
         let mut b = Builder::new(cfg);
         for svc in store.services() {

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::discovery::{selector, Update};
-use crate::model::{EndpointSlice, Kind, Node, Object, ObjectKey, Pod, Service};
+use crate::model::{EndpointSlice, Kind, LegacyEndpoints, Node, Object, ObjectKey, Pod, Service};
 
 /// How many objects an update changed, for kube-proxy's change metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -31,6 +31,8 @@ pub struct Store {
     pub(crate) slices: BTreeMap<ObjectKey, EndpointSlice>,
     pub(crate) nodes: BTreeMap<String, Node>,
     pub(crate) pods: BTreeMap<ObjectKey, Pod>,
+    /// Legacy `v1 Endpoints` (file mode), by the key of their Service.
+    pub(crate) endpoints: BTreeMap<ObjectKey, LegacyEndpoints>,
     /// Services to compile again since the last [`Store::take_dirty`].
     pub(crate) dirty: Dirty,
 }
@@ -67,7 +69,8 @@ impl Store {
                 }
                 let changes = Changes {
                     services: count(&self.services, &next.services),
-                    endpoints: count(&self.slices, &next.slices),
+                    endpoints: count(&self.slices, &next.slices)
+                        + count(&self.endpoints, &next.endpoints),
                     other: count(&self.nodes, &next.nodes) + count(&self.pods, &next.pods),
                 };
                 *self = next;
@@ -96,12 +99,16 @@ impl Store {
                         }
                     }
                     Kind::Node | Kind::Pod => self.dirty.all = true,
+                    Kind::Endpoints => {
+                        self.dirty.services.insert(key.clone());
+                    }
                 }
                 let gone = match kind {
                     Kind::Service => self.services.remove(&key).is_some(),
                     Kind::EndpointSlice => self.slices.remove(&key).is_some(),
                     Kind::Node => self.nodes.remove(&key.name).is_some(),
                     Kind::Pod => self.pods.remove(&key).is_some(),
+                    Kind::Endpoints => self.endpoints.remove(&key).is_some(),
                 };
                 if gone {
                     Changes::one(kind)
@@ -129,6 +136,9 @@ impl Store {
                 self.dirty.services.insert(now);
             }
             Object::Node(_) | Object::Pod(_) => self.dirty.all = true,
+            Object::Endpoints(e) => {
+                self.dirty.services.insert(e.key.clone());
+            }
         }
     }
 
@@ -151,6 +161,7 @@ impl Store {
             Object::EndpointSlice(s) => put(&mut self.slices, s.key.clone(), s),
             Object::Node(n) => put(&mut self.nodes, n.name.clone(), n),
             Object::Pod(p) => put(&mut self.pods, p.key.clone(), p),
+            Object::Endpoints(e) => put(&mut self.endpoints, e.key.clone(), e),
         }
     }
 
@@ -197,6 +208,30 @@ impl Store {
         out
     }
 
+    /// Every slice ringvip derives itself: [`Store::selector_slices`] and
+    /// [`Store::mirrored_slices`].
+    pub fn derived_slices(&self) -> Vec<EndpointSlice> {
+        let mut out = self.selector_slices();
+        out.extend(self.mirrored_slices().cloned());
+        out
+    }
+
+    /// The EndpointSliceMirroring controller's work in file mode: the slices
+    /// of each legacy Endpoints object whose same-name Service exists and has
+    /// no selector, unless the object opted out of mirroring.
+    pub fn mirrored_slices(&self) -> impl Iterator<Item = &EndpointSlice> {
+        self.endpoints
+            .values()
+            .filter(|e| {
+                e.mirror
+                    && self
+                        .services
+                        .get(&e.key)
+                        .is_some_and(|s| s.selector.is_none())
+            })
+            .flat_map(|e| e.slices.iter())
+    }
+
     /// Every EndpointSlice, from the sources and `derived` (from
     /// [`Store::selector_slices`]), grouped by (namespace, Service name).
     pub fn slices_by_service<'a>(
@@ -219,7 +254,7 @@ impl Changes {
         let mut c = Changes::default();
         match kind {
             Kind::Service => c.services = 1,
-            Kind::EndpointSlice => c.endpoints = 1,
+            Kind::EndpointSlice | Kind::Endpoints => c.endpoints = 1,
             Kind::Node | Kind::Pod => c.other = 1,
         }
         c
@@ -285,6 +320,114 @@ mod tests {
         assert_eq!(endpoints(&st), vec!["10.0.0.1:8080", "10.0.0.2:8080"]);
         st.apply(Update::Delete(Kind::Pod, ObjectKey::new("default", "a")));
         assert_eq!(endpoints(&st), vec!["10.0.0.2:8080"]);
+    }
+
+    /// Objects parsed from a manifest, as the file source delivers them.
+    fn parsed(yaml: &str) -> Vec<Object> {
+        let limits = crate::config::Limits::default();
+        match crate::discovery::file::parse_str("m.yaml", yaml, &limits) {
+            Ok(o) => o,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+
+    /// A selector-less Service `name` (10.96.0.20, ports http 80/TCP and
+    /// dns 53/UDP) and its legacy Endpoints: one subset with two ready and
+    /// one not-ready address, another with an IPv6 one; `labels` on the
+    /// Endpoints.
+    fn legacy(name: &str, labels: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  clusterIP: 10.96.0.20\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n  - {{name: dns, port: 53, protocol: UDP}}\n---\napiVersion: v1\nkind: Endpoints\nmetadata:\n  name: {name}\n  labels: {{{labels}}}\nsubsets:\n- addresses: [{{ip: 192.0.2.10, nodeName: node-a}}, {{ip: 192.0.2.11}}]\n  notReadyAddresses: [{{ip: 192.0.2.12}}]\n  ports: [{{name: http, port: 8080}}, {{name: dns, port: 5353, protocol: UDP}}, {{name: sig, port: 3868, protocol: SCTP}}]\n- addresses: [{{ip: \"fd00::10\"}}, {{ip: 192.0.2.13}}]\n  ports: [{{name: http, port: 8081}}]\n"
+        )
+    }
+
+    #[test]
+    fn legacy_endpoints_are_mirrored_for_selectorless_services() {
+        let mut st = Store::new();
+        st.apply(Update::Reset(parsed(&legacy("ext", ""))));
+        let snap = st.compile(&NodeContext::default(), &Metrics::new(), 1);
+        let eps = |addr: &str, proto| {
+            let key = crate::state::FrontendKey {
+                addr: addr.parse().unwrap(),
+                proto,
+            };
+            let fe = snap.frontend(&key).map(|f| f.endpoints.to_vec());
+            fe.unwrap_or_default()
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+        };
+        // Ready addresses of both subsets, each with its subset's port; the
+        // not-ready one and the other family's left out.
+        assert_eq!(
+            eps("10.96.0.20:80", Protocol::Tcp),
+            vec!["192.0.2.10:8080", "192.0.2.11:8080", "192.0.2.13:8081"]
+        );
+        assert_eq!(
+            eps("10.96.0.20:53", Protocol::Udp),
+            vec!["192.0.2.10:5353", "192.0.2.11:5353"]
+        );
+        let mirrored: Vec<_> = st.mirrored_slices().collect();
+        assert_eq!(mirrored.len(), 3, "subset 0 v4, subset 1 v4 and v6");
+        assert!(mirrored.iter().all(|s| s.service_name == "ext"));
+        let nr = mirrored[0].endpoints.iter().find(|e| !e.ready).unwrap();
+        assert_eq!(nr.ip.to_string(), "192.0.2.12");
+        assert_eq!(
+            mirrored[0].endpoints[0].node_name.as_deref(),
+            Some("node-a")
+        );
+    }
+
+    #[test]
+    fn legacy_endpoints_mirror_only_as_the_controller_does() {
+        let count = |yaml: &str| {
+            let mut st = Store::new();
+            st.apply(Update::Reset(parsed(yaml)));
+            st.mirrored_slices().count()
+        };
+        let skip = "endpointslice.kubernetes.io/skip-mirror";
+        assert_eq!(count(&legacy("ext", &format!("{skip}: \"true\""))), 0);
+        assert_eq!(count(&legacy("ext", &format!("{skip}: \"false\""))), 3);
+        // A Service with a selector ignores its Endpoints.
+        let with_selector = legacy("ext", "").replace(
+            "  clusterIP: 10.96.0.20\n",
+            "  clusterIP: 10.96.0.20\n  selector: {app: x}\n",
+        );
+        assert_eq!(count(&with_selector), 0);
+        // No Service of that name: nothing.
+        let other =
+            legacy("ext", "").replacen("metadata: {name: ext}", "metadata: {name: other}", 1);
+        assert_eq!(count(&other), 0);
+        // A leader-election lock is never mirrored.
+        let lock = legacy("ext", "").replace(
+            "  name: ext\n  labels",
+            "  name: ext\n  annotations: {control-plane.alpha.kubernetes.io/leader: x}\n  labels",
+        );
+        assert_eq!(count(&lock), 0);
+    }
+
+    #[test]
+    fn legacy_endpoints_mirror_at_most_1000_addresses_per_subset() {
+        let addrs: Vec<String> = (0..1200)
+            .map(|i| format!("{{ip: 10.1.{}.{}}}", i / 250, i % 250 + 1))
+            .collect();
+        let yaml = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: big}}\nspec:\n  clusterIP: 10.96.0.21\n  ports: [{{port: 80}}]\n---\napiVersion: v1\nkind: Endpoints\nmetadata: {{name: big}}\nsubsets:\n- notReadyAddresses: [{{ip: 10.2.0.1}}]\n  addresses: [{}]\n  ports: [{{port: 80}}]\n",
+            addrs.join(", ")
+        );
+        let mut st = Store::new();
+        st.apply(Update::Reset(parsed(&yaml)));
+        let s: Vec<_> = st.mirrored_slices().collect();
+        assert_eq!(s.len(), 1);
+        // Ready addresses first: the not-ready one is past the limit.
+        assert_eq!(s[0].endpoints.len(), 1000);
+        assert!(s[0].endpoints.iter().all(|e| e.ready));
+        // Deleting the Endpoints object takes the endpoints away.
+        st.apply(Update::Delete(
+            Kind::Endpoints,
+            ObjectKey::new("default", "big"),
+        ));
+        assert_eq!(st.mirrored_slices().count(), 0);
     }
 
     #[test]

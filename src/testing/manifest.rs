@@ -74,16 +74,29 @@ pub fn check_object(o: &Object, limits: &Limits) {
                 assert_eq!(s.external_policy, TrafficPolicy::Local, "{s:?}");
             }
         }
-        Object::EndpointSlice(s) => {
-            assert!(!s.service_name.is_empty(), "{s:?}");
-            for e in &s.endpoints {
-                assert_eq!(AddressFamily::of(&e.ip), s.family, "{s:?}");
-            }
-            for p in &s.ports {
-                assert_ne!(p.port, Some(0), "{s:?}");
-            }
-        }
+        Object::EndpointSlice(s) => check_slice(s),
         Object::Node(n) => assert!(!n.name.is_empty(), "{n:?}"),
         Object::Pod(p) => assert!(!p.key.name.is_empty(), "{p:?}"),
+        Object::Endpoints(e) => {
+            assert!(!e.key.name.is_empty(), "{e:?}");
+            for s in &e.slices {
+                check_slice(s);
+                assert_eq!(s.service_name, e.key.name, "{e:?}");
+                assert!(
+                    s.endpoints.len()
+                        <= crate::discovery::convert::endpoints::MAX_MIRRORED_PER_SUBSET
+                );
+            }
+        }
+    }
+}
+
+fn check_slice(s: &crate::model::EndpointSlice) {
+    assert!(!s.service_name.is_empty(), "{s:?}");
+    for e in &s.endpoints {
+        assert_eq!(AddressFamily::of(&e.ip), s.family, "{s:?}");
+    }
+    for p in &s.ports {
+        assert_ne!(p.port, Some(0), "{s:?}");
     }
 }

@@ -15,6 +15,7 @@ use crate::model::{AddressFamily, Endpoint, EndpointSlice, Kind, SlicePort};
 /// Defaults applied: namespace `default`, port protocol TCP, port name empty,
 /// conditions ready/serving true and terminating false when missing. Only the first
 /// address of each endpoint is kept, but all are checked against `addressType`.
+/// SCTP ports are left out (no Service port ringvip serves joins them).
 pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice, ConvertError> {
     let mut errs = Errors::default();
     let key = namespaced_key(&slice.metadata, &mut errs);
@@ -67,6 +68,11 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
                 format!("{f}.name"),
                 format!("duplicate name {name:?} (also ports[{j}])"),
             );
+        }
+        // A mixed-protocol Service's slices list its SCTP ports too: they
+        // join no served port, so they are left out, not refused.
+        if p.protocol.as_deref() == Some("SCTP") {
+            continue;
         }
         let proto = errs.ok(format!("{f}.protocol"), protocol(p.protocol.as_deref()));
         let port = match p.port {

@@ -13,7 +13,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::model::{Kind, ObjectKey, Protocol};
 
+pub mod annotations;
 mod endpoint_slice;
+pub(crate) mod endpoints;
 mod node;
 mod pod;
 mod service;
@@ -21,6 +23,7 @@ mod service;
 mod tests;
 
 pub use endpoint_slice::endpoint_slice;
+pub use endpoints::endpoints;
 pub use node::node;
 pub use pod::pod;
 pub use service::service;
@@ -48,6 +51,7 @@ pub fn kind_name(kind: Kind) -> &'static str {
         Kind::EndpointSlice => "EndpointSlice",
         Kind::Node => "Node",
         Kind::Pod => "Pod",
+        Kind::Endpoints => "Endpoints",
     }
 }
 

@@ -10,13 +10,13 @@ use k8s_openapi::api::core::v1 as core;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    label, namespaced_key, parse_ip, port_number, protocol, ConvertError, Errors, LABEL_HEADLESS,
-    LABEL_SERVICE_PROXY_NAME, MAX_AFFINITY_TIMEOUT_SECS,
+    annotations, label, namespaced_key, parse_ip, port_number, protocol, ConvertError, Errors,
+    LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME, MAX_AFFINITY_TIMEOUT_SECS,
 };
 use crate::config::Limits;
 use crate::model::{
-    AddressFamily, Affinity, Kind, Protocol, Service, ServicePort, ServiceType, TargetPort,
-    TrafficPolicy, DEFAULT_AFFINITY_TIMEOUT,
+    AddressFamily, Affinity, Kind, Protocol, Service, ServicePort, ServiceType, SkippedPort,
+    TargetPort, TrafficPolicy, DEFAULT_AFFINITY_TIMEOUT,
 };
 
 /// Converts and validates a `v1 Service`.
@@ -40,7 +40,8 @@ pub fn service(svc: &core::Service, limits: &Limits) -> Result<Service, ConvertE
         limits,
     };
     let (cluster_ips, headless) = typed.cluster_ips(e);
-    let ports = typed.ports(headless, e);
+    let (ports, skipped_ports) = typed.ports(headless, e);
+    let options = annotations::options(&svc.metadata, e);
     let external_ips = external_ips(spec, e);
     let load_balancer_ips = load_balancer_ips(svc, e);
     let source_ranges = source_ranges(spec, e);
@@ -70,6 +71,8 @@ pub fn service(svc: &core::Service, limits: &Limits) -> Result<Service, ConvertE
         publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false),
         proxy_name: label(&svc.metadata, LABEL_SERVICE_PROXY_NAME).map(str::to_string),
         headless_label: label(&svc.metadata, LABEL_HEADLESS).is_some(),
+        options,
+        skipped_ports,
     };
     errs.finish(Kind::Service, key, value)
 }
@@ -201,7 +204,9 @@ impl Typed<'_> {
     }
 
     /// `spec.ports`: names, protocols and numbers unique, defaults applied.
-    fn ports(self, headless: bool, errs: &mut Errors) -> Vec<ServicePort> {
+    /// SCTP ports are validated like the others, then set aside (ringvip
+    /// cannot serve SCTP; the Service's TCP and UDP ports are still served).
+    fn ports(self, headless: bool, errs: &mut Errors) -> (Vec<ServicePort>, Vec<SkippedPort>) {
         let Typed {
             spec,
             service_type,
@@ -212,6 +217,8 @@ impl Typed<'_> {
             errs.push("spec.ports", "at least one port is required");
         }
         let mut ports = Vec::with_capacity(raw_ports.len());
+        let mut skipped = Vec::new();
+        let mut seen_sctp: HashMap<i32, usize> = HashMap::new();
         let mut seen_names: HashMap<&str, usize> = HashMap::new();
         let mut seen_ports: HashMap<(i32, Protocol), usize> = HashMap::new();
         let mut seen_node_ports: HashMap<(i32, Protocol), usize> = HashMap::new();
@@ -230,6 +237,22 @@ impl Typed<'_> {
                     format!("{f}.name"),
                     format!("duplicate name {name:?} (also spec.ports[{j}])"),
                 );
+            }
+            if p.protocol.as_deref() == Some("SCTP") {
+                let port = errs.ok(format!("{f}.port"), port_number(p.port));
+                if let Some(j) = seen_sctp.insert(p.port, i) {
+                    errs.push(
+                        f.clone(),
+                        format!("duplicate port {}/SCTP (also spec.ports[{j}])", p.port),
+                    );
+                }
+                if let Some(port) = port {
+                    skipped.push(SkippedPort {
+                        name: name.to_string(),
+                        port,
+                    });
+                }
+                continue;
             }
             let proto = errs.ok(format!("{f}.protocol"), protocol(p.protocol.as_deref()));
             let port = errs.ok(format!("{f}.port"), port_number(p.port));
@@ -261,7 +284,7 @@ impl Typed<'_> {
                 });
             }
         }
-        ports
+        (ports, skipped)
     }
 }
 

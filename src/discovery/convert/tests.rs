@@ -184,7 +184,8 @@ fn service_validation_errors() {
         ("  externalIPs: [nope]\n  ports:\n  - port: 80\n", "spec.externalIPs[0]", "\"nope\" is not a valid IP address"),
         ("  externalIPs: [127.0.0.1]\n  ports:\n  - port: 80\n", "spec.externalIPs[0]", "loopback"),
         ("  type: LoadBalancer\n  loadBalancerSourceRanges: [10.0.0.0/33]\n  ports:\n  - port: 80\n", "spec.loadBalancerSourceRanges[0]", "\"10.0.0.0/33\" is not a valid CIDR"),
-        ("  ports:\n  - port: 80\n    protocol: SCTP\n", "spec.ports[0].protocol", "SCTP is not supported by ringvip: no kernel socket or smoltcp support"),
+        ("  ports:\n  - port: 0\n    protocol: SCTP\n", "spec.ports[0].port", "0 is out of range 1..65535"),
+        ("  ports:\n  - {name: a, port: 80, protocol: SCTP}\n  - {name: b, port: 80, protocol: SCTP}\n", "spec.ports[1]", "duplicate port 80/SCTP (also spec.ports[0])"),
         ("  ports:\n  - port: 80\n    protocol: tcp\n", "spec.ports[0].protocol", "unknown protocol \"tcp\" (expected TCP or UDP)"),
         ("  type: Magic\n  ports:\n  - port: 80\n", "spec.type", "unknown type \"Magic\""),
         ("  externalTrafficPolicy: Global\n  ports:\n  - port: 80\n", "spec.externalTrafficPolicy", "unknown traffic policy \"Global\""),
@@ -235,7 +236,6 @@ fn every_error_of_an_object_is_reported() {
             "spec.clusterIP",
             "spec.ports[0].port",
             "spec.ports[1].name",
-            "spec.ports[1].protocol",
         ],
         "{e}"
     );
@@ -320,7 +320,6 @@ fn endpoint_slice_validation_errors() {
         (slice_yaml("addressType: IPv4\nendpoints:\n- addresses: [10.0.0.1]\n- addresses: [web-0.local]\n"), "endpoints[1].addresses[0]", "\"web-0.local\" is not a valid IP address"),
         (slice_yaml("addressType: IPv4\nendpoints:\n- addresses: []\n"), "endpoints[0].addresses", "at least one address"),
         (slice_yaml("addressType: IPv4\nports:\n- port: 0\nendpoints: []\n"), "ports[0].port", "0 is out of range 1..65535"),
-        (slice_yaml("addressType: IPv4\nports:\n- port: 80\n  protocol: SCTP\nendpoints: []\n"), "ports[0].protocol", "SCTP is not supported"),
         (slice_yaml("addressType: IPv4\nports:\n- {name: a, port: 80}\n- {name: a, port: 81}\nendpoints: []\n"), "ports[1].name", "duplicate name \"a\""),
     ];
     for (yaml, field, msg) in cases {
@@ -390,4 +389,92 @@ fn pod_is_converted() {
     let p = pod(&p).unwrap();
     assert!(p.terminal, "Succeeded and Failed Pods are terminal");
     assert_eq!(p.subdomain.as_deref(), Some("jobs"));
+}
+
+/// A Service web with `annotations` (YAML lines indented 4) and one port.
+fn annotated(annotations: &str) -> String {
+    format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  annotations:\n{annotations}spec:\n  ports:\n  - port: 80\n")
+}
+
+#[test]
+fn ringvip_annotations_are_parsed() {
+    let opts = |a: &str| convert_service(&annotated(a)).unwrap().options;
+    assert_eq!(
+        web("  ports:\n  - port: 80\n").options,
+        ServiceOptions::default()
+    );
+    let cases = [
+        ("    ringvip.io/balance: random\n", Balance::Random),
+        ("    ringvip.io/balance: round-robin\n", Balance::RoundRobin),
+        (
+            "    ringvip.io/balance: least-connections\n",
+            Balance::LeastConnections,
+        ),
+        (
+            "    ringvip.io/balance: maglev\n",
+            Balance::Maglev { table_size: 65537 },
+        ),
+        (
+            "    ringvip.io/balance: maglev\n    ringvip.io/maglev-table-size: \"251\"\n",
+            Balance::Maglev { table_size: 251 },
+        ),
+    ];
+    for (a, want) in cases {
+        assert_eq!(opts(a).balance, want, "{a}");
+    }
+    assert_eq!(
+        opts("    ringvip.io/slow-start-seconds: \"30\"\n").slow_start,
+        Some(Duration::from_secs(30))
+    );
+    assert_eq!(
+        opts("    ringvip.io/slow-start-seconds: \"0\"\n").slow_start,
+        None
+    );
+    // Someone else's annotations, and unknown ringvip.io ones, are left alone.
+    assert_eq!(
+        opts("    example.com/x: y\n    ringvip.io/future: z\n"),
+        ServiceOptions::default()
+    );
+}
+
+#[test]
+fn bad_ringvip_annotations_are_field_errors() {
+    let cases = [
+        ("    ringvip.io/balance: fastest\n", "ringvip.io/balance", "unknown balancing \"fastest\" (expected random, round-robin, least-connections or maglev)"),
+        ("    ringvip.io/balance: maglev\n    ringvip.io/maglev-table-size: \"65536\"\n", "ringvip.io/maglev-table-size", "65536 is not a prime"),
+        ("    ringvip.io/balance: maglev\n    ringvip.io/maglev-table-size: \"5\"\n", "ringvip.io/maglev-table-size", "5 is out of range 7..1048573"),
+        ("    ringvip.io/balance: maglev\n    ringvip.io/maglev-table-size: big\n", "ringvip.io/maglev-table-size", "\"big\" is not a whole number"),
+        ("    ringvip.io/maglev-table-size: \"251\"\n", "ringvip.io/maglev-table-size", "only meaningful with ringvip.io/balance: maglev"),
+        ("    ringvip.io/slow-start-seconds: \"3601\"\n", "ringvip.io/slow-start-seconds", "3601 is out of range 0..3600 seconds"),
+        ("    ringvip.io/slow-start-seconds: 1m\n", "ringvip.io/slow-start-seconds", "\"1m\" is not a whole number of seconds"),
+        ("    ringvip.io/slow-start-seconds: \"-5\"\n", "ringvip.io/slow-start-seconds", "\"-5\" is not a whole number of seconds"),
+    ];
+    for (a, name, msg) in cases {
+        let e = convert_service(&annotated(a)).expect_err(a);
+        let field = format!("metadata.annotations[{name}]");
+        assert!(
+            e.errors
+                .iter()
+                .any(|fe| fe.field == field && fe.message.contains(msg)),
+            "{a}\nwant {field}: {msg}\ngot {e}"
+        );
+    }
+}
+
+#[test]
+fn sctp_ports_are_set_aside_and_the_others_kept() {
+    let s = web("  clusterIP: 10.96.0.10\n  ports:\n  - {name: http, port: 80}\n  - {name: sig, port: 3868, protocol: SCTP}\n  - {name: dns, port: 53, protocol: UDP}\n");
+    let served: Vec<(u16, Protocol)> = s.ports.iter().map(|p| (p.port, p.protocol)).collect();
+    assert_eq!(served, vec![(80, Protocol::Tcp), (53, Protocol::Udp)]);
+    assert_eq!(
+        s.skipped_ports,
+        vec![SkippedPort {
+            name: "sig".into(),
+            port: 3868
+        }]
+    );
+    // Its slices list the SCTP port too: left out, the rest kept.
+    let sl = web_slice("addressType: IPv4\nports:\n- {name: http, port: 8080}\n- {name: sig, port: 3868, protocol: SCTP}\nendpoints:\n- addresses: [10.0.0.1]\n");
+    assert_eq!(sl.ports.len(), 1);
+    assert_eq!(sl.ports[0].name, "http");
 }

@@ -284,7 +284,14 @@ impl Parser<'_> {
                     self.converted(r, &ctx);
                 }
             }
+            ("v1", "Endpoints") => {
+                if let Some(e) = self.typed::<core::Endpoints>(v, &ctx, "Endpoints", true) {
+                    let r = convert::endpoints(&e).map(Object::Endpoints);
+                    self.converted(r, &ctx);
+                }
+            }
             ("v1", "List") => self.list(v, &ctx, None),
+            ("v1", "EndpointsList") => self.list(v, &ctx, Some(("v1", "Endpoints"))),
             ("v1", "ServiceList") => self.list(v, &ctx, Some(("v1", "Service"))),
             ("v1", "NodeList") => self.list(v, &ctx, Some(("v1", "Node"))),
             ("v1", "PodList") => self.list(v, &ctx, Some(("v1", "Pod"))),
@@ -297,8 +304,8 @@ impl Parser<'_> {
                 // in Kubernetes 1.25); the same kind in another group (Knative's
                 // serving.knative.dev/v1 Service) is a different thing.
                 let expected = match k {
-                    "Service" | "Node" | "Pod" | "List" | "ServiceList" | "NodeList"
-                    | "PodList" => Some("v1"),
+                    "Service" | "Node" | "Pod" | "Endpoints" | "List" | "ServiceList"
+                    | "NodeList" | "PodList" | "EndpointsList" => Some("v1"),
                     "EndpointSlice" | "EndpointSliceList" => Some("discovery.k8s.io/v1"),
                     _ => None,
                 };

@@ -11,7 +11,9 @@ use super::*;
 use crate::config::Limits;
 use crate::discovery::convert;
 use crate::discovery::{Batch, Update};
-use crate::model::{EndpointSlice, Object, Protocol, Service, ServiceType, TargetPort};
+use crate::model::{
+    Balance, EndpointSlice, Object, Protocol, Service, ServiceOptions, ServiceType, TargetPort,
+};
 
 fn names(objects: &[Object]) -> Vec<String> {
     objects
@@ -483,12 +485,9 @@ fn semantic_errors_carry_file_line_object_and_field() {
     let text = after_a("apiVersion: v1\nkind: Service\nmetadata:\n  name: web\nspec:\n  ports:\n  - {name: a, port: 80}\n  - {name: b, port: 70000, protocol: SCTP}\n");
     let errors = parse_err("web.yaml", &text);
     assert_eq!(
-            messages(&errors),
-            vec![
-                "web.yaml:9: Service default/web: spec.ports[1].protocol: SCTP is not supported by ringvip: no kernel socket or smoltcp support",
-                "web.yaml:9: Service default/web: spec.ports[1].port: 70000 is out of range 1..65535",
-            ]
-        );
+        messages(&errors),
+        vec!["web.yaml:9: Service default/web: spec.ports[1].port: 70000 is out of range 1..65535",]
+    );
     let errors = parse_err("s.yaml", "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: s}\naddressType: IPv4\nendpoints: []\n");
     assert_eq!(
             messages(&errors),
@@ -498,7 +497,7 @@ fn semantic_errors_carry_file_line_object_and_field() {
 
 #[test]
 fn unknown_kinds_are_ignored_and_wrong_versions_are_errors() {
-    let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec: {replicas: notanumber}\n---\napiVersion: serving.knative.dev/v1\nkind: Service\nmetadata: {name: k}\n---\napiVersion: v1\nkind: Endpoints\nmetadata: {name: e}\n";
+    let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: c}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec: {replicas: notanumber}\n---\napiVersion: serving.knative.dev/v1\nkind: Service\nmetadata: {name: k}\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: e}\n";
     assert_eq!(parse("k.yaml", text), vec![]);
 
     let text = "apiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: s}\n---\nkind: Service\nmetadata: {name: x}\n---\napiVersion: v1\nmetadata: {name: y}\n---\n- just\n- a list\n---\napiVersion: v1\nkind: List\nitems: {}\n";
@@ -710,6 +709,48 @@ fn examples_load_without_errors() {
         .all(|e| e.zone_hints.is_none() && e.node_name.as_deref() == Some("node-a")));
     let dns = svc(&objects, 2);
     assert_eq!(dns.ports[0].protocol, Protocol::Udp);
+}
+
+#[test]
+fn annotation_examples_load_with_their_options() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/examples");
+    let files = [
+        "balance-maglev.yaml",
+        "balance-least-connections.yaml",
+        "slow-start.yaml",
+        "legacy-endpoints.yaml",
+    ];
+    let objects = load_clean(&files.map(|f| dir.join(f)));
+    let options: Vec<(String, ServiceOptions)> = objects
+        .iter()
+        .filter_map(|o| match o {
+            Object::Service(s) => Some((s.key.name.clone(), s.options.clone())),
+            _ => None,
+        })
+        .collect();
+    let opts = |balance, slow_start| ServiceOptions {
+        balance,
+        slow_start,
+    };
+    assert_eq!(
+        options,
+        vec![
+            (
+                "gateway".into(),
+                opts(Balance::Maglev { table_size: 65537 }, None)
+            ),
+            ("reports".into(), opts(Balance::LeastConnections, None)),
+            (
+                "checkout".into(),
+                opts(Balance::RoundRobin, Some(Duration::from_secs(60)))
+            ),
+            ("legacy-db".into(), ServiceOptions::default()),
+        ]
+    );
+    let mirrored = objects
+        .iter()
+        .any(|o| matches!(o, Object::Endpoints(e) if e.mirror && e.slices[0].endpoints.len() == 2));
+    assert!(mirrored, "{objects:?}");
 }
 
 #[test]

@@ -7,6 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Instant;
 
 use ipnet::IpNet;
 
@@ -15,9 +16,10 @@ use super::{
     NodeContext, PortCandidates, Snapshot,
 };
 use crate::balance::affinity::PortId;
+use crate::balance::{Balancer, Joined, Maglev, Warmup};
 use crate::model::{
-    AddressFamily, Affinity, EndpointSlice, ObjectKey, Protocol, Service, ServicePort, ServiceType,
-    TrafficPolicy,
+    AddressFamily, Affinity, Balance, EndpointSlice, ObjectKey, Protocol, Service, ServicePort,
+    ServiceType, SkippedPort, TrafficPolicy,
 };
 use crate::state::store::{Dirty, Store};
 use crate::state::topology::{categorize, Candidate, Usable};
@@ -38,6 +40,8 @@ struct PortEndpoints {
     /// Before filtering, for `explain`.
     all_v4: Arc<PortCandidates>,
     all_v6: Arc<PortCandidates>,
+    /// Slow start of the [cluster, local] sets, [v4, v6] each.
+    warmup: [[Option<Arc<Warmup>>; 2]; 2],
 }
 
 /// Metric handles of one Service port: its own and its endpoints'.
@@ -47,6 +51,17 @@ struct PortHandles {
 }
 
 impl PortEndpoints {
+    /// The slow-start state of the set a frontend of `ip`'s family under
+    /// `policy` uses.
+    fn warmup(&self, ip: &IpAddr, policy: TrafficPolicy) -> Option<Arc<Warmup>> {
+        let p = match policy {
+            TrafficPolicy::Cluster => 0,
+            TrafficPolicy::Local => 1,
+        };
+        let f = usize::from(ip.is_ipv6());
+        self.warmup.get(p).and_then(|w| w.get(f)).cloned().flatten()
+    }
+
     fn family(&self, ip: &IpAddr) -> (&Usable<SocketAddr>, &Arc<PortCandidates>) {
         match ip {
             IpAddr::V4(_) => (&self.v4, &self.all_v4),
@@ -104,6 +119,11 @@ struct Compiler<'a> {
     metrics: &'a Metrics,
     /// Generation of the snapshot being built.
     generation: u64,
+    /// When the compile runs: endpoints joining now start their slow start.
+    now: Instant,
+    /// Maglev tables built for the Service port being compiled, by endpoint
+    /// list: the port's frontends with the same set share one.
+    maglev: HashMap<Box<[SocketAddr]>, Arc<Maglev>>,
     local: BTreeSet<IpAddr>,
     /// What the Service being compiled contributes.
     out: ServiceOut,
@@ -119,6 +139,7 @@ struct ServiceOut {
     health_check: Option<HealthCheck>,
     no_local_internal: usize,
     no_local_external: usize,
+    skipped_ports: usize,
     /// Keep the per-endpoint series of the Service's ports exported for as
     /// long as this compiled Service is the current one.
     leases: Vec<EndpointLease>,
@@ -137,6 +158,13 @@ pub struct CompileCache {
     frontends: usize,
     /// The last snapshot's parts, patched when few Services change.
     last: Option<Last>,
+    /// When each endpoint of a slow-start Service joined its usable set:
+    /// kept across compiles, even full ones.
+    joined: Joined,
+    /// The SCTP ports each Service was last warned about: a recompile that
+    /// does not change them (a full compile after a Node or Pod change)
+    /// does not warn again.
+    warned: HashMap<ObjectKey, Vec<SkippedPort>>,
 }
 
 #[cfg(test)]
@@ -161,6 +189,7 @@ struct Last {
     conflicts: usize,
     no_local_internal: usize,
     no_local_external: usize,
+    skipped_ports: usize,
 }
 
 impl Last {
@@ -172,6 +201,7 @@ impl Last {
             conflicts: snap.conflicts.len(),
             no_local_internal: snap.no_local_internal,
             no_local_external: snap.no_local_external,
+            skipped_ports: snap.skipped_ports,
         }
     }
 }
@@ -180,11 +210,13 @@ impl Last {
 const PATCH_MAX: usize = 64;
 
 impl<'a> Compiler<'a> {
-    fn new(ctx: &'a NodeContext, metrics: &'a Metrics, generation: u64) -> Self {
+    fn new(ctx: &'a NodeContext, metrics: &'a Metrics, generation: u64, now: Instant) -> Self {
         Compiler {
             ctx,
             metrics,
             generation,
+            now,
+            maglev: HashMap::new(),
             local: ctx.local_addresses.iter().copied().collect(),
             out: ServiceOut::default(),
         }
@@ -203,6 +235,8 @@ impl<'a> Compiler<'a> {
     ) {
         let (usable, candidates) = eps.family(&addr.ip());
         let endpoints: Box<[SocketAddr]> = usable.for_policy(policy).into();
+        let balancer = self.balancer(svc.options.balance, &endpoints);
+        let warmup = eps.warmup(&addr.ip(), policy);
         let when_empty = if policy == TrafficPolicy::Local && !usable.cluster.is_empty() {
             EmptyAction::Drop
         } else {
@@ -256,6 +290,8 @@ impl<'a> Compiler<'a> {
             candidates: candidates.clone(),
             traffic: self.metrics.frontend_traffic(&labels),
             endpoint_metrics,
+            balancer,
+            warmup,
         };
         // 127.0.0.0/8 is routed locally as a whole on Linux, not just 127.0.0.1.
         let local = addr.ip().is_loopback() || self.local.contains(&addr.ip());
@@ -276,9 +312,50 @@ impl<'a> Compiler<'a> {
         self.out.frontends.push((key, Arc::new(fe), listener));
     }
 
-    fn service(&mut self, svc: &Service, slices: &[&EndpointSlice], zone: Option<&str>) {
+    /// The balancer of a frontend over `endpoints`.
+    fn balancer(&mut self, balance: Balance, endpoints: &[SocketAddr]) -> Balancer {
+        match balance {
+            Balance::Random => Balancer::Random,
+            Balance::RoundRobin => Balancer::RoundRobin(Arc::default()),
+            Balance::LeastConnections => Balancer::LeastConnections,
+            Balance::Maglev { table_size } => Balancer::Maglev(
+                self.maglev
+                    .entry(endpoints.into())
+                    .or_insert_with(|| Arc::new(Maglev::build(endpoints, table_size)))
+                    .clone(),
+            ),
+        }
+    }
+
+    fn service(
+        &mut self,
+        svc: &Service,
+        slices: &[&EndpointSlice],
+        zone: Option<&str>,
+        joined: &mut Joined,
+        warned: &mut HashMap<ObjectKey, Vec<SkippedPort>>,
+    ) {
         let mut local_ready: BTreeSet<IpAddr> = BTreeSet::new();
+        let mut warm_sets = Vec::new();
+        self.out.skipped_ports = svc.skipped_ports.len();
+        let seen = warned.get(&svc.key) == Some(&svc.skipped_ports);
+        if svc.skipped_ports.is_empty() {
+            warned.remove(&svc.key);
+        } else if !seen {
+            warned.insert(svc.key.clone(), svc.skipped_ports.clone());
+            let ports: Vec<String> = svc
+                .skipped_ports
+                .iter()
+                .map(|p| format!("{}/SCTP", p.port))
+                .collect();
+            tracing::warn!(
+                service = %svc.key,
+                "not serving port(s) {}: SCTP is not supported; the other ports are served",
+                ports.join(", ")
+            );
+        }
         for sp in &svc.ports {
+            self.maglev.clear();
             let v4 = merge(slices, sp, AddressFamily::V4, &self.ctx.node_name);
             let v6 = merge(slices, sp, AddressFamily::V6, &self.ctx.node_name);
             for c in v4.iter().chain(&v6).filter(|c| c.local && c.ready) {
@@ -307,12 +384,37 @@ impl<'a> Compiler<'a> {
                 endpoints.insert(c.addr, lease.metrics().clone());
                 self.out.leases.push(lease);
             }
-            let eps = PortEndpoints {
+            let mut eps = PortEndpoints {
                 v4: categorize(&v4, zone),
                 v6: categorize(&v6, zone),
                 all_v4: all(v4),
                 all_v6: all(v6),
+                warmup: Default::default(),
             };
+            if let Some(window) = svc.options.slow_start {
+                let id = port_id(&svc.key, &sp.name, sp.protocol);
+                for policy in [TrafficPolicy::Cluster, TrafficPolicy::Local] {
+                    let set = (id, policy);
+                    warm_sets.push(set);
+                    // Both families in one set: an endpoint is one address.
+                    let usable: Vec<SocketAddr> = [&eps.v4, &eps.v6]
+                        .iter()
+                        .flat_map(|u| u.for_policy(policy).iter().copied())
+                        .collect();
+                    let since = joined.update(&svc.key, set, &usable, window, self.now);
+                    let (v4, v6) = since.split_at(eps.v4.for_policy(policy).len());
+                    let slot = match policy {
+                        TrafficPolicy::Cluster => 0,
+                        TrafficPolicy::Local => 1,
+                    };
+                    if let Some(w) = eps.warmup.get_mut(slot) {
+                        *w = [
+                            Warmup::new(window, v4.into()).map(Arc::new),
+                            Warmup::new(window, v6.into()).map(Arc::new),
+                        ];
+                    }
+                }
+            }
             let pm = PortHandles {
                 port: self.metrics.port(&labels),
                 endpoints,
@@ -372,6 +474,7 @@ impl<'a> Compiler<'a> {
                 self.add(svc, sp, &pm, &eps, a, k, svc.external_policy);
             }
         }
+        joined.retain(&svc.key, &warm_sets);
         if let (Some(port), TrafficPolicy::Local) =
             (svc.health_check_node_port, svc.external_policy)
         {
@@ -394,7 +497,7 @@ impl Store {
             all: true,
             ..Dirty::default()
         };
-        let c = Compiler::new(ctx, metrics, generation);
+        let c = Compiler::new(ctx, metrics, generation, Instant::now());
         self.compile_dirty(c, &mut CompileCache::default(), &all)
     }
 
@@ -411,8 +514,21 @@ impl Store {
         generation: u64,
         cache: &mut CompileCache,
     ) -> Snapshot {
+        self.compile_at(ctx, metrics, generation, cache, Instant::now())
+    }
+
+    /// [`Store::compile_with`] at `now`: endpoints that joined a usable set
+    /// since the last compile start their slow start at `now`.
+    pub fn compile_at(
+        &mut self,
+        ctx: &NodeContext,
+        metrics: &Metrics,
+        generation: u64,
+        cache: &mut CompileCache,
+        now: Instant,
+    ) -> Snapshot {
         let dirty = self.take_dirty();
-        self.compile_dirty(Compiler::new(ctx, metrics, generation), cache, &dirty)
+        self.compile_dirty(Compiler::new(ctx, metrics, generation, now), cache, &dirty)
     }
 
     fn compile_dirty(
@@ -445,7 +561,7 @@ impl Store {
         for k in &dirty.services {
             retired.extend(cache.services.remove(k));
         }
-        let derived = self.selector_slices();
+        let derived = self.derived_slices();
         // Grouping every slice costs a pass over all of them: only worth it
         // when many Services need their slices; a few look theirs up.
         let by_service = (cache.services.len() < self.services.len() / 2
@@ -483,7 +599,7 @@ impl Store {
                         }
                     };
                     c.out = ServiceOut::default();
-                    c.service(svc, slices, zone);
+                    c.service(svc, slices, zone, &mut cache.joined, &mut cache.warned);
                     let out = Arc::new(std::mem::take(&mut c.out));
                     cache.services.insert(svc.key.clone(), out.clone());
                     out
@@ -491,6 +607,9 @@ impl Store {
             };
             assemble(&mut snap, &svc.key, &out);
         }
+        let services = &self.services;
+        cache.joined.retain_services(|k| services.contains_key(k));
+        cache.warned.retain(|k, _| services.contains_key(k));
         cache.frontends = snap.frontends.len();
         snap.listeners.sort();
         snap.listeners.dedup();
@@ -514,7 +633,10 @@ impl Store {
         retired: &mut Vec<Arc<ServiceOut>>,
     ) -> Option<Snapshot> {
         let last = cache.last.as_ref()?;
-        if last.conflicts > 0 || dirty.services.len() > PATCH_MAX || !self.pods.is_empty() {
+        // Derived slices (from Pods, or mirrored from legacy Endpoints) are
+        // not looked up per Service here: a full assembly handles them.
+        let derives = !self.pods.is_empty() || !self.endpoints.is_empty();
+        if last.conflicts > 0 || dirty.services.len() > PATCH_MAX || derives {
             return None;
         }
         let mut frontends = last.frontends.clone();
@@ -522,6 +644,7 @@ impl Store {
         let mut health_checks = last.health_checks.clone();
         let mut no_local_internal = last.no_local_internal;
         let mut no_local_external = last.no_local_external;
+        let mut skipped_ports = last.skipped_ports;
         for k in &dirty.services {
             let Some(old) = cache.services.remove(k) else {
                 continue;
@@ -542,6 +665,7 @@ impl Store {
             }
             no_local_internal = no_local_internal.saturating_sub(old.no_local_internal);
             no_local_external = no_local_external.saturating_sub(old.no_local_external);
+            skipped_ports = skipped_ports.saturating_sub(old.skipped_ports);
             retired.push(old);
         }
         for k in &dirty.services {
@@ -557,7 +681,7 @@ impl Store {
                 .filter(|s| s.service_name == k.name && s.key.namespace == k.namespace)
                 .collect();
             c.out = ServiceOut::default();
-            c.service(svc, &slices, zone);
+            c.service(svc, &slices, zone, &mut cache.joined, &mut cache.warned);
             let out = Arc::new(std::mem::take(&mut c.out));
             cache.services.insert(k.clone(), out.clone());
             for (key, fe, listener) in &out.frontends {
@@ -579,6 +703,13 @@ impl Store {
             }
             no_local_internal += out.no_local_internal;
             no_local_external += out.no_local_external;
+            skipped_ports += out.skipped_ports;
+        }
+        for k in &dirty.services {
+            if !self.services.contains_key(k) {
+                cache.joined.retain(k, &[]);
+                cache.warned.remove(k);
+            }
         }
         health_checks.sort_by_key(|h| h.port);
         let snap = Snapshot {
@@ -589,6 +720,7 @@ impl Store {
             no_local_external,
             conflicts: Vec::new(),
             health_checks,
+            skipped_ports,
         };
         cache.frontends = snap.frontends.len();
         cache.last = Some(Last::of(&snap));
@@ -621,4 +753,5 @@ fn assemble(snap: &mut Snapshot, service: &ObjectKey, out: &ServiceOut) {
     snap.health_checks.extend(out.health_check.clone());
     snap.no_local_internal += out.no_local_internal;
     snap.no_local_external += out.no_local_external;
+    snap.skipped_ports += out.skipped_ports;
 }

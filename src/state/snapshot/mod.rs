@@ -11,6 +11,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use crate::balance::affinity::PortId;
+use crate::balance::{Balancer, Warmup};
 use crate::model::{ObjectKey, Protocol, TrafficPolicy};
 use crate::state::topology::Candidate;
 use crate::telemetry::{ConnectFailure, EndpointMetrics, PortMetrics, Traffic};
@@ -81,7 +82,8 @@ pub struct Frontend {
     pub kind: FrontendKind,
     /// Stable id of the Service port (affinity key).
     pub port_id: PortId,
-    /// Usable endpoints after policy filtering, in a stable order.
+    /// Usable endpoints after policy filtering, sorted by address (the
+    /// index a pick hands back, and [`Frontend::endpoint_index`], rely on it).
     pub endpoints: Box<[SocketAddr]>,
     /// ClientIP affinity timeout, if enabled.
     pub affinity: Option<Duration>,
@@ -106,6 +108,11 @@ pub struct Frontend {
     pub traffic: Traffic,
     /// Metric handles of each of `endpoints`, at the same index.
     pub endpoint_metrics: Box<[Arc<EndpointMetrics>]>,
+    /// How a new flow chooses among `endpoints` (`ringvip.io/balance`).
+    pub balancer: Balancer,
+    /// Slow start (`ringvip.io/slow-start-seconds`): when each of
+    /// `endpoints` joined, while one of them is in its window at compile.
+    pub warmup: Option<Arc<Warmup>>,
 }
 
 /// A Service port's merged endpoints of one address family before policy
@@ -119,12 +126,26 @@ pub struct PortCandidates {
 }
 
 impl Frontend {
-    /// The metric handles of `ep`, one of [`Frontend::endpoints`]: a scan
-    /// of the endpoints, like the pick that chose `ep`.
+    /// The metric handles of `ep`, one of [`Frontend::endpoints`]: a binary
+    /// search (the endpoints are sorted by address). The pick hands back the
+    /// index itself; use [`Frontend::endpoint_metrics_at`] where it is known.
     #[inline]
     pub fn endpoint_metrics(&self, ep: &SocketAddr) -> Option<&Arc<EndpointMetrics>> {
-        let i = self.endpoints.iter().position(|e| e == ep)?;
+        let i = self.endpoint_index(ep)?;
         self.endpoint_metrics.get(i)
+    }
+
+    /// The metric handles of the endpoint at `index` of
+    /// [`Frontend::endpoints`]: O(1).
+    #[inline]
+    pub fn endpoint_metrics_at(&self, index: usize) -> Option<&Arc<EndpointMetrics>> {
+        self.endpoint_metrics.get(index)
+    }
+
+    /// The index of `ep` in [`Frontend::endpoints`] (sorted by address).
+    #[inline]
+    pub fn endpoint_index(&self, ep: &SocketAddr) -> Option<usize> {
+        self.endpoints.binary_search(ep).ok()
     }
 
     /// Counts a flow that could not be connected for `reason`, in the Service
@@ -186,6 +207,8 @@ pub struct Snapshot {
     pub conflicts: Vec<String>,
     /// healthCheckNodePort servers to run (eTP=Local Services), sorted by port.
     pub health_checks: Vec<HealthCheck>,
+    /// Service ports not served (SCTP) over the Services programmed.
+    pub skipped_ports: usize,
 }
 
 /// A `healthCheckNodePort` and what it reports: load balancers send traffic

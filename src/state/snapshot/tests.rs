@@ -579,3 +579,128 @@ fn endpoint_series_follow_the_endpoints_of_the_port() {
     run.step(vec![gone], 4);
     assert_eq!(series(&run.metrics, "10.0.0.1"), 0);
 }
+
+#[test]
+fn sctp_ports_are_skipped_and_counted_the_others_served() {
+    let mut s = svc("web");
+    s.skipped_ports = vec![SkippedPort {
+        name: "sig".into(),
+        port: 3868,
+    }];
+    let snap = compile(vec![
+        Object::Service(s),
+        sliced("web-1", "web", vec![up("10.0.0.1", "node-a")]),
+    ]);
+    assert_eq!(tcp(&snap, "10.96.0.10:80").endpoints.len(), 1);
+    assert_eq!(snap.skipped_ports, 1);
+    // Patched compiles keep the count right as the Service comes and goes.
+    let mut run = Cached {
+        st: Store::new(),
+        cache: CompileCache::default(),
+        ctx: ctx(),
+        metrics: Metrics::new(),
+    };
+    let mut s = svc("web");
+    s.skipped_ports = vec![SkippedPort {
+        name: String::new(),
+        port: 9,
+    }];
+    let first = run.step(vec![Update::Reset(vec![Object::Service(s)])], 1);
+    assert_eq!(first.skipped_ports, 1);
+    let gone = run.step(
+        vec![Update::Delete(
+            Kind::Service,
+            ObjectKey::new("default", "web"),
+        )],
+        2,
+    );
+    assert_eq!(gone.skipped_ports, 0);
+}
+
+/// default/web with `balance` and `slow_start` over ready endpoints `ips`
+/// (port 8080), as the objects to reset a store to.
+fn balanced(balance: Balance, slow_start: Option<Duration>, ips: &[&str]) -> Vec<Object> {
+    let mut s = exposed("web", ServiceType::NodePort, 30080);
+    s.options = ServiceOptions {
+        balance,
+        slow_start,
+    };
+    let eps = ips.iter().map(|ip| up(ip, "node-b")).collect();
+    vec![Object::Service(s), sliced("web-1", "web", eps)]
+}
+
+#[test]
+fn maglev_tables_depend_only_on_the_endpoints() {
+    let m = Balance::Maglev { table_size: 65537 };
+    let a = compile(balanced(m, None, &["10.0.0.1", "10.0.0.2", "10.0.0.3"]));
+    // Another process, its objects in another order: the same table.
+    let mut objs = balanced(m, None, &["10.0.0.3", "10.0.0.1", "10.0.0.2"]);
+    objs.reverse();
+    let b = compile(objs);
+    let table = |s: &Snapshot, addr: &str| match &tcp(s, addr).balancer {
+        crate::balance::Balancer::Maglev(t) => t.clone(),
+        other => panic!("{other:?}"),
+    };
+    let ta = table(&a, "10.96.0.10:80");
+    assert_eq!(ta.size(), 65537);
+    assert_eq!(*ta, *table(&b, "10.96.0.10:80"));
+    // The ClusterIP and the NodePort use the same set: one table.
+    assert!(Arc::ptr_eq(&ta, &table(&a, "192.0.2.1:30080")));
+}
+
+#[test]
+fn slow_start_times_survive_recompiles() {
+    use crate::balance::slow_start::MIN_WEIGHT;
+    let w = Duration::from_secs(60);
+    let rr = Balance::RoundRobin;
+    let mut run = Cached {
+        st: Store::new(),
+        cache: CompileCache::default(),
+        ctx: ctx(),
+        metrics: Metrics::new(),
+    };
+    let t0 = std::time::Instant::now();
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    let compile_at = |run: &mut Cached, objs: Vec<Object>, g: u64, now| {
+        run.st.apply(Update::Reset(objs));
+        run.st
+            .compile_at(&run.ctx, &run.metrics, g, &mut run.cache, now)
+    };
+    // First sight: nobody warms (a Service or a process that starts).
+    let s1 = compile_at(
+        &mut run,
+        balanced(rr, Some(w), &["10.0.0.1", "10.0.0.2"]),
+        1,
+        at(0),
+    );
+    assert!(tcp(&s1, "10.96.0.10:80").warmup.is_none());
+    // 10.0.0.3 joins at 10 s: it starts at the floor.
+    let three = ["10.0.0.1", "10.0.0.2", "10.0.0.3"];
+    let s2 = compile_at(&mut run, balanced(rr, Some(w), &three), 2, at(10));
+    let fe = tcp(&s2, "10.96.0.10:80");
+    let warm = fe.warmup.as_deref().unwrap();
+    assert_eq!(warm.weight(2, at(10)), MIN_WEIGHT);
+    assert_eq!(warm.weight(0, at(10)), 1.0);
+    // The NodePort (same set) warms the same endpoint.
+    assert!(tcp(&s2, "192.0.2.1:30080").warmup.is_some());
+    // 10.0.0.4 joins at 40 s: a recompile of the Service. 10.0.0.3 keeps
+    // having joined at 10 s (half-way at 40 s), 10.0.0.4 starts now.
+    let four = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"];
+    let s3 = compile_at(&mut run, balanced(rr, Some(w), &four), 3, at(40));
+    let warm = tcp(&s3, "10.96.0.10:80").warmup.clone().unwrap();
+    assert!((warm.weight(2, at(40)) - 0.5).abs() < 1e-9);
+    assert_eq!(warm.weight(3, at(40)), MIN_WEIGHT);
+    // A full recompile (the node context changed) keeps the times too.
+    run.ctx.local_addresses.push("203.0.113.9".parse().unwrap());
+    let s4 = compile_at(&mut run, balanced(rr, Some(w), &four), 4, at(45));
+    assert_eq!(
+        tcp(&s4, "10.96.0.10:80").warmup.as_deref(),
+        Some(&*warm),
+        "join times kept across a full compile"
+    );
+    // Without the annotation: no slow start, and the times are forgotten.
+    let s5 = compile_at(&mut run, balanced(rr, None, &four), 5, at(50));
+    assert!(tcp(&s5, "10.96.0.10:80").warmup.is_none());
+    let s6 = compile_at(&mut run, balanced(rr, Some(w), &four), 6, at(55));
+    assert!(tcp(&s6, "10.96.0.10:80").warmup.is_none());
+}
