@@ -110,7 +110,13 @@ pub async fn connect(
     rng: &RefCell<SmallRng>,
 ) -> Result<(TcpStream, SocketAddr), ConnectError> {
     let mut retry = Retry::default();
-    while let Some((ep, limit)) = retry.next(fe, client, shared, Instant::now(), &mut rng.borrow_mut()) {
+    loop {
+        // Its own statement: the RNG's borrow must end before the await below
+        // (other connections on this thread pick meanwhile).
+        let next = retry.next(fe, client, shared, Instant::now(), &mut rng.borrow_mut());
+        let Some((ep, limit)) = next else {
+            break;
+        };
         let why = match tokio::time::timeout(limit, TcpStream::connect(ep)).await {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
