@@ -197,8 +197,14 @@ mod tests {
 
     #[test]
     fn entries_must_be_a_power_of_two() {
-        assert!(matches!(BufRing::new(3, 64, 0), Err(BufRingError::Entries(3))));
-        assert!(matches!(BufRing::new(0, 64, 0), Err(BufRingError::Entries(0))));
+        assert!(matches!(
+            BufRing::new(3, 64, 0),
+            Err(BufRingError::Entries(3))
+        ));
+        assert!(matches!(
+            BufRing::new(0, 64, 0),
+            Err(BufRingError::Entries(0))
+        ));
     }
 
     #[test]

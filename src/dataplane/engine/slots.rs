@@ -24,8 +24,10 @@ impl<T> Slots<T> {
     pub fn insert(&mut self, item: T) -> u32 {
         self.len += 1;
         if let Some(i) = self.free.pop() {
-            self.items[i as usize] = Some(item);
-            return i;
+            if let Some(slot) = self.items.get_mut(i as usize) {
+                *slot = Some(item);
+                return i;
+            }
         }
         self.items.push(Some(item));
         (self.items.len() - 1) as u32

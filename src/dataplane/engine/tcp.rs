@@ -128,8 +128,10 @@ struct Conn {
     kept: Option<Kept>,
     session: Option<Session>,
     phase: Phase,
-    /// `[client → backend, backend → client]`.
-    halves: [Half; 2],
+    /// Client → backend.
+    up: Half,
+    /// Backend → client.
+    down: Half,
     inflight: u16,
     /// Receives that moved bytes (the idle check's activity).
     reads: u64,
@@ -148,15 +150,47 @@ impl Drop for Conn {
 
 impl Conn {
     /// Descriptors of direction `d`: (read from, write to).
-    fn ends(&self, d: usize) -> Option<(RawFd, RawFd)> {
+    fn ends(&self, d: Dir) -> Option<(RawFd, RawFd)> {
         let b = self.backend.as_ref()?.as_raw_fd();
         let c = self.client.as_raw_fd();
-        Some(if d == 0 { (c, b) } else { (b, c) })
+        Some(match d {
+            Dir::Up => (c, b),
+            Dir::Down => (b, c),
+        })
+    }
+
+    fn half(&mut self, d: Dir) -> &mut Half {
+        match d {
+            Dir::Up => &mut self.up,
+            Dir::Down => &mut self.down,
+        }
     }
 }
 
-const RECV: [Op; 2] = [Op::RecvClient, Op::RecvBackend];
-const SEND: [Op; 2] = [Op::SendBackend, Op::SendClient];
+/// A direction of a relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    /// Client → backend.
+    Up,
+    /// Backend → client.
+    Down,
+}
+
+impl Dir {
+    fn recv(self) -> Op {
+        match self {
+            Dir::Up => Op::RecvClient,
+            Dir::Down => Op::RecvBackend,
+        }
+    }
+
+    fn send(self) -> Op {
+        match self {
+            Dir::Up => Op::SendBackend,
+            Dir::Down => Op::SendClient,
+        }
+    }
+}
 
 /// Closes `fd` with RST instead of FIN.
 fn set_linger_zero(fd: RawFd) {
@@ -194,7 +228,7 @@ pub struct Tcp {
     rng: Rc<RefCell<SmallRng>>,
     /// Directions whose receive found the buffer ring empty: (index,
     /// serial, direction), re-armed as buffers come back.
-    starved: Vec<(u32, u32, usize)>,
+    starved: Vec<(u32, u32, Dir)>,
     serial: u32,
     cqes: Vec<cqueue::Entry>,
     sweep: Vec<u32>,
@@ -243,6 +277,11 @@ impl Tcp {
         self.shared.limits.idle_timeout
     }
 
+    /// Buffers of the ring not lent to a receive or a send.
+    pub fn free_buffers(&self) -> u32 {
+        self.bufs.free()
+    }
+
     /// Connections open (dialing or relaying).
     pub fn connections(&self) -> usize {
         self.conns.len()
@@ -258,7 +297,8 @@ impl Tcp {
             stopping: false,
             backoff: timespec(ACCEPT_BACKOFF),
         });
-        self.ring.push(ops::accept_multi(raw), Token::new(Op::Accept, id));
+        self.ring
+            .push(ops::accept_multi(raw), Token::new(Op::Accept, id));
         let _ = self.ring.submit();
         id
     }
@@ -334,10 +374,10 @@ impl Tcp {
             Op::AcceptRetry => self.arm_accept(t.index),
             Op::Connect => self.on_connect(t.index, res),
             Op::ConnectTimeout => self.settle(t.index),
-            Op::RecvClient => self.on_recv(t.index, 0, res, cqe.flags()),
-            Op::RecvBackend => self.on_recv(t.index, 1, res, cqe.flags()),
-            Op::SendBackend => self.on_send(t.index, 0, res),
-            Op::SendClient => self.on_send(t.index, 1, res),
+            Op::RecvClient => self.on_recv(t.index, Dir::Up, res, cqe.flags()),
+            Op::RecvBackend => self.on_recv(t.index, Dir::Down, res, cqe.flags()),
+            Op::SendBackend => self.on_send(t.index, Dir::Up, res),
+            Op::SendClient => self.on_send(t.index, Dir::Down, res),
             Op::Ignore => {}
         }
     }
@@ -362,13 +402,18 @@ impl Tcp {
             self.listeners.remove(id);
             return;
         }
-        if matches!(-res, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) {
+        if matches!(
+            -res,
+            libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+        ) {
             tracing::warn!(local = %l.local, error = %std::io::Error::from_raw_os_error(-res), "accept failed");
             let ts = &l.backoff as *const Timespec;
             // SAFETY: the listener (and its timespec) stays until this
             // timer's completion, which is what re-arms or removes it.
-            self.ring
-                .push(ops::timeout(unsafe { &*ts }), Token::new(Op::AcceptRetry, id));
+            self.ring.push(
+                ops::timeout(unsafe { &*ts }),
+                Token::new(Op::AcceptRetry, id),
+            );
         } else {
             // The kernel ended the multishot (or one accept failed for
             // good): arm it again.
@@ -385,7 +430,8 @@ impl Tcp {
             return;
         }
         let raw = l.fd.as_raw_fd();
-        self.ring.push(ops::accept_multi(raw), Token::new(Op::Accept, id));
+        self.ring
+            .push(ops::accept_multi(raw), Token::new(Op::Accept, id));
     }
 
     /// A new client connection: resolve, admit, and start dialing.
@@ -431,7 +477,8 @@ impl Tcp {
                 addr: SockAddr::from(local),
                 ts: Timespec::new(),
             })),
-            halves: Default::default(),
+            up: Half::default(),
+            down: Half::default(),
             inflight: 0,
             // One ahead of the check's start, so the first check (which
             // may come at once) seeds it instead of counting as quiet: a
@@ -472,7 +519,8 @@ impl Tcp {
             let sock = match Socket::new(Domain::for_address(ep), Type::STREAM.cloexec(), None) {
                 Ok(s) => OwnedFd::from(s),
                 Err(e) => {
-                    d.retry.failed(&c.fe, &self.shared, ep, ConnectFailure::from_io(&e));
+                    d.retry
+                        .failed(&c.fe, &self.shared, ep, ConnectFailure::from_io(&e));
                     continue;
                 }
             };
@@ -483,8 +531,10 @@ impl Tcp {
             d.sock = Some(sock);
             self.ring
                 .push(ops::connect(raw, &d.addr), Token::new(Op::Connect, i));
-            self.ring
-                .push(ops::connect_timeout(&d.ts), Token::new(Op::ConnectTimeout, i));
+            self.ring.push(
+                ops::connect_timeout(&d.ts),
+                Token::new(Op::ConnectTimeout, i),
+            );
             c.inflight += 2;
             return;
         }
@@ -521,12 +571,18 @@ impl Tcp {
         set_nodelay(backend.as_raw_fd());
         set_nodelay(c.client.as_raw_fd());
         c.backend = Some(backend);
-        c.session = Some(Session::open(&self.shared, c.fe.clone(), c.peer, c.local, ep));
+        c.session = Some(Session::open(
+            &self.shared,
+            c.fe.clone(),
+            c.peer,
+            c.local,
+            ep,
+        ));
         // The backend is connected and nothing was written to it yet: a
         // header to send before the client's bytes (PROXY protocol) goes
         // here, as the first send of direction 0.
-        self.arm_recv(i, 0);
-        self.arm_recv(i, 1);
+        self.arm_recv(i, Dir::Up);
+        self.arm_recv(i, Dir::Down);
     }
 
     /// A linked timeout (or any other bookkeeping-only completion) of
@@ -538,26 +594,27 @@ impl Tcp {
         self.free_if_done(i);
     }
 
-    fn arm_recv(&mut self, i: u32, d: usize) {
+    fn arm_recv(&mut self, i: u32, d: Dir) {
         let Some(c) = self.conns.get_mut(i) else {
             return;
         };
-        let h = &c.halves[d];
-        if c.end.is_some() || h.recv_armed || h.eof || h.done || h.queued.is_some() {
+        let ended = c.end.is_some();
+        let h = c.half(d);
+        if ended || h.recv_armed || h.eof || h.done || h.queued.is_some() {
             return;
         }
         let Some((from, _)) = c.ends(d) else {
             return;
         };
-        c.halves[d].recv_armed = true;
+        c.half(d).recv_armed = true;
         c.inflight += 1;
         self.ring.push(
             ops::recv(from, self.bufs.group(), self.bufs.buf_size()),
-            Token::new(RECV[d], i),
+            Token::new(d.recv(), i),
         );
     }
 
-    fn on_recv(&mut self, i: u32, d: usize, res: i32, flags: u32) {
+    fn on_recv(&mut self, i: u32, d: Dir, res: i32, flags: u32) {
         let bid = cqueue::buffer_select(flags);
         if bid.is_some() {
             self.bufs.taken();
@@ -569,7 +626,7 @@ impl Tcp {
             return;
         };
         c.inflight -= 1;
-        c.halves[d].recv_armed = false;
+        c.half(d).recv_armed = false;
         if c.end.is_some() {
             if let Some(b) = bid {
                 self.bufs.recycle(b);
@@ -585,17 +642,17 @@ impl Tcp {
                     off: 0,
                     len: n as u32,
                 };
-                if c.halves[d].sending.is_none() {
+                if c.half(d).sending.is_none() {
                     self.send(i, d, chunk);
                     self.arm_recv(i, d);
                 } else {
                     // Back-pressure: no new receive until this one is sent.
-                    c.halves[d].queued = Some(chunk);
+                    c.half(d).queued = Some(chunk);
                 }
             }
             (0, _) => {
-                c.halves[d].eof = true;
-                if c.halves[d].sending.is_none() {
+                c.half(d).eof = true;
+                if c.half(d).sending.is_none() {
                     self.fin(i, d);
                 }
             }
@@ -612,33 +669,35 @@ impl Tcp {
         }
     }
 
-    fn send(&mut self, i: u32, d: usize, chunk: Chunk) {
+    fn send(&mut self, i: u32, d: Dir, chunk: Chunk) {
         let Some(c) = self.conns.get_mut(i) else {
             return;
         };
         let Some((_, to)) = c.ends(d) else {
             return;
         };
-        c.halves[d].sending = Some(chunk);
+        c.half(d).sending = Some(chunk);
         c.inflight += 1;
         // SAFETY: off < len <= buf_size: inside buffer `bid`, which stays
         // lent to this direction until the send completes.
         let ptr = unsafe { self.bufs.ptr(chunk.bid).add(chunk.off as usize) };
-        self.ring
-            .push(ops::send(to, ptr, chunk.len - chunk.off), Token::new(SEND[d], i));
+        self.ring.push(
+            ops::send(to, ptr, chunk.len - chunk.off),
+            Token::new(d.send(), i),
+        );
     }
 
-    fn on_send(&mut self, i: u32, d: usize, res: i32) {
+    fn on_send(&mut self, i: u32, d: Dir, res: i32) {
         let Some(c) = self.conns.get_mut(i) else {
             return;
         };
         c.inflight -= 1;
-        let Some(mut chunk) = c.halves[d].sending.take() else {
+        let Some(mut chunk) = c.half(d).sending.take() else {
             return;
         };
         if c.end.is_some() || res <= 0 {
             self.bufs.recycle(chunk.bid);
-            if let Some(q) = c.halves[d].queued.take() {
+            if let Some(q) = c.half(d).queued.take() {
                 self.bufs.recycle(q.bid);
             }
             if c.end.is_none() {
@@ -650,10 +709,9 @@ impl Tcp {
         }
         let n = res as u32;
         if let Some(s) = &c.session {
-            if d == 0 {
-                s.to_backend(n as usize);
-            } else {
-                s.to_client(n as usize);
+            match d {
+                Dir::Up => s.to_backend(n as usize),
+                Dir::Down => s.to_client(n as usize),
             }
         }
         chunk.off += n;
@@ -662,10 +720,10 @@ impl Tcp {
             return;
         }
         self.bufs.recycle(chunk.bid);
-        if let Some(q) = c.halves[d].queued.take() {
+        if let Some(q) = c.half(d).queued.take() {
             self.send(i, d, q);
             self.arm_recv(i, d);
-        } else if c.halves[d].eof {
+        } else if c.half(d).eof {
             self.fin(i, d);
         } else {
             self.arm_recv(i, d);
@@ -675,7 +733,7 @@ impl Tcp {
     /// Direction `d`'s sender closed and everything it sent is passed on:
     /// half-close the receiver's side; when both directions are done the
     /// relay ended with FIN.
-    fn fin(&mut self, i: u32, d: usize) {
+    fn fin(&mut self, i: u32, d: Dir) {
         let Some(c) = self.conns.get_mut(i) else {
             return;
         };
@@ -683,8 +741,8 @@ impl Tcp {
             // SAFETY: `to` is a live descriptor of this connection.
             unsafe { libc::shutdown(to, libc::SHUT_WR) };
         }
-        c.halves[d].done = true;
-        if c.halves.iter().all(|h| h.done) {
+        c.half(d).done = true;
+        if c.up.done && c.down.done {
             c.end = Some(End::Fin);
             if let Some(s) = &c.session {
                 s.end(End::Fin);
@@ -734,5 +792,101 @@ impl Tcp {
                 self.arm_recv(i, d);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::engine::{loopback_listener, shared_for};
+    use rand::SeedableRng;
+    use tokio_uring::buf::BoundedBuf;
+    use tokio_uring::net::{TcpListener, TcpStream};
+
+    const SIZES: Sizes = Sizes {
+        ring_entries: 64,
+        buffers: 8,
+        buf_size: 4096,
+    };
+
+    /// An engine on this thread's runtime proxying a loopback listener to
+    /// `backend`; its driver runs as a task.
+    fn engine(backend: SocketAddr) -> (super::super::Engine, SocketAddr) {
+        let (fd, front) = loopback_listener();
+        let rng = Rc::new(RefCell::new(SmallRng::seed_from_u64(7)));
+        let tcp = Tcp::new(shared_for(front, backend), rng, SIZES).unwrap();
+        let e = Rc::new(RefCell::new(tcp));
+        e.borrow_mut().listen(fd, front);
+        tokio_uring::spawn(super::super::drive(e.clone()));
+        (e, front)
+    }
+
+    async fn read_exact(s: &TcpStream, n: usize) -> Vec<u8> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let (r, b) = s.read(vec![0u8; 65536]).await;
+            let k = r.unwrap();
+            assert!(k > 0, "EOF after {} of {n} bytes", got.len());
+            got.extend_from_slice(&b[..k]);
+        }
+        got
+    }
+
+    #[test]
+    fn an_idle_relay_holds_no_buffer_and_a_fin_is_passed_on() {
+        tokio_uring::start(async {
+            let backend = TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let (e, front) = engine(backend.local_addr().unwrap());
+            let client = TcpStream::connect(front).await.unwrap();
+            let (b, _) = backend.accept().await.unwrap();
+            let data: Vec<u8> = (0..20_000u32).map(|i| i as u8).collect();
+            let (r, _) = client.write_all(data.clone()).await;
+            r.unwrap();
+            assert_eq!(read_exact(&b, data.len()).await, data);
+            let (r, _) = b.write_all(data.clone().slice(..5000)).await;
+            r.unwrap();
+            assert_eq!(read_exact(&client, 5000).await, data[..5000]);
+            // Both directions quiet, receives armed on both sockets: every
+            // buffer is back in the ring.
+            assert_eq!(e.borrow().free_buffers(), SIZES.buffers);
+            assert_eq!(e.borrow().connections(), 1);
+            // Half-close: the backend sees EOF, and can still answer.
+            client.shutdown(std::net::Shutdown::Write).unwrap();
+            let (r, _) = b.read(vec![0u8; 16]).await;
+            assert_eq!(r.unwrap(), 0);
+            let (r, _) = b.write_all(b"late".to_vec()).await;
+            r.unwrap();
+            assert_eq!(read_exact(&client, 4).await, b"late");
+        });
+    }
+
+    #[test]
+    fn a_slow_reader_holds_at_most_two_buffers_of_its_direction() {
+        tokio_uring::start(async {
+            let backend = TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let (e, front) = engine(backend.local_addr().unwrap());
+            let client = TcpStream::connect(front).await.unwrap();
+            // Accepted and never read: the backend's receive buffer fills,
+            // the engine's send to it stalls.
+            let (_b, _) = backend.accept().await.unwrap();
+            let chunk = vec![7u8; 64 * 1024];
+            let mut sent = 0usize;
+            // Bounded: 32 MiB at most, well beyond what the kernel buffers
+            // on loopback, stopping as soon as writes block (timeout).
+            while sent < 32 << 20 {
+                let w = client.write(chunk.clone()).submit();
+                match tokio::time::timeout(std::time::Duration::from_millis(300), w).await {
+                    Ok((Ok(n), _)) => sent += n,
+                    _ => break,
+                }
+            }
+            assert!(sent > 0);
+            assert!(
+                e.borrow().free_buffers() >= SIZES.buffers - 2,
+                "free {} of {}",
+                e.borrow().free_buffers(),
+                SIZES.buffers
+            );
+        });
     }
 }
