@@ -7,7 +7,10 @@
 //! therefore left its socket listening, and the connection that finally
 //! completed that accept was neither relayed nor closed (CLOSE-WAIT for as long
 //! as ringvip ran). A listener is closed by shutting its socket down through a
-//! second descriptor, which completes the pending operation at once.
+//! second descriptor, which completes the pending operation at once. The same
+//! holds for a TCP listener's multishot accept in the thread's engine ring:
+//! the engine is told the listener is stopping, the shutdown ends the accept,
+//! and the engine then drops its descriptor instead of arming it again.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
