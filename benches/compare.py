@@ -151,6 +151,7 @@ CANDIDATES = [
     ("rv-np", "ringvip NodePort"),
     ("rv-cip", "ringvip ClusterIP"),
     ("rv-np-al", "ringvip NodePort, --access-log"),
+    ("rv-np-b", "ringvip NodePort, BEFORE= build"),
 ]
 
 

@@ -5,8 +5,11 @@
 //! - `tun/smoltcp_pair_*`: bulk TCP through ringvip's smoltcp stack settings,
 //!   a client interface and ringvip's any-IP `Stack` joined by in-memory
 //!   queues (both ends are smoltcp, so this is twice the stack's cost per byte);
-//! - `relay/echo_64k`: the kernel-socket relay loop on loopback, 64 KiB sent
-//!   through it to an echo backend and back;
+//! - `relay/echo_64k`: the kernel-socket relay (the io_uring engine) on
+//!   loopback, 64 KiB sent through it to an echo backend and back;
+//! - `engine/bufring_recycle`: a buffer back to the provided buffer ring;
+//! - `engine/accept_to_connect`: a client's connect to the backend's accept
+//!   through the engine, on loopback;
 //! - `session/*`: what a relayed connection costs for metrics (port, frontend
 //!   and endpoint counters) and, with `--access-log`, its record's hand-over.
 //!
@@ -16,12 +19,14 @@ use std::hint::black_box;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use std::rc::Rc;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use std::io::{Read, Write};
+
 use ringvip::access_log::{self, End};
 use ringvip::config::LogFormat;
+use ringvip::dataplane::engine::bufring::BufRing;
 use ringvip::dataplane::session::Session;
 use ringvip::dataplane::tun::device::QueueDevice;
 use ringvip::dataplane::tun::stack::Stack;
@@ -29,6 +34,7 @@ use ringvip::dataplane::tun::TunSettings;
 use ringvip::dataplane::tun::{classify, udp_packet};
 use ringvip::dataplane::udp::{FlowEntry, FlowTable};
 use ringvip::dataplane::Shared;
+use ringvip::testing::engine::Proxy;
 use ringvip::testing::tun::{ingest_offline_queued, sample_snapshot};
 use smoltcp::iface::{Config, Interface, SocketSet};
 use smoltcp::socket::tcp;
@@ -201,70 +207,84 @@ fn smoltcp_pair(c: &mut Criterion) {
     g.finish();
 }
 
+/// An echo server on loopback (a thread per connection, blocking).
+fn echo_server() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The engine's relay on loopback: 64 KiB written through it to an echo
+/// backend and read back (both directions, one connection).
 fn relay(c: &mut Criterion) {
+    let echo = echo_server();
+    let proxy = Proxy::start(echo);
+    let mut conn = std::net::TcpStream::connect(proxy.front).unwrap();
+    conn.set_nodelay(true).unwrap();
+    let out = vec![0x42u8; 64 * 1024];
+    let mut back = vec![0u8; 64 * 1024];
     let mut g = c.benchmark_group("relay");
     g.throughput(Throughput::Bytes(2 * 64 * 1024));
     g.bench_function("echo_64k", |b| {
-        b.iter_custom(|iters| {
-            tokio_uring::start(async move {
-                use tokio_uring::net::{TcpListener, TcpStream};
-                let any = SocketAddr::from(([127, 0, 0, 1], 0));
-                let echo = TcpListener::bind(any).unwrap();
-                let echo_addr = echo.local_addr().unwrap();
-                tokio_uring::spawn(async move {
-                    let (s, _) = echo.accept().await.unwrap();
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        let (r, b) = s.read(buf).await;
-                        buf = b;
-                        let n = match r {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        let (r, b) = s.write_all(buf.slice(..n)).await;
-                        buf = b.into_inner();
-                        if r.is_err() {
-                            break;
-                        }
-                    }
-                });
-                let front = TcpListener::bind(any).unwrap();
-                let front_addr = front.local_addr().unwrap();
-                let snap = sample_snapshot(true);
-                let fe = snap.frontends().map(|(_, f)| f.clone()).next().unwrap();
-                tokio_uring::spawn(async move {
-                    let (client, peer) = front.accept().await.unwrap();
-                    let backend = TcpStream::connect(echo_addr).await.unwrap();
-                    // No limits, no idle timeout: the loop alone.
-                    let limits = ringvip::dataplane::limits::ConnLimits::new(0, 0, Duration::ZERO);
-                    let shared = Shared::new(Default::default());
-                    let session = Session::open(&shared, fe, peer, front_addr, echo_addr);
-                    ringvip::dataplane::relay::relay(client, backend, Rc::new(session), &limits)
-                        .await;
-                });
-                let conn = TcpStream::connect(front_addr).await.unwrap();
-                let mut out = vec![0x42u8; 64 * 1024];
-                let mut back = vec![0u8; 64 * 1024];
-                let start = Instant::now();
-                for _ in 0..iters {
-                    let (r, b) = conn.write_all(out).await;
-                    out = b;
-                    r.unwrap();
-                    let mut got = 0;
-                    while got < out.len() {
-                        let (r, b) = conn.read(back).await;
-                        back = b;
-                        got += r.unwrap();
-                    }
-                }
-                start.elapsed()
-            })
+        b.iter(|| {
+            conn.write_all(&out).unwrap();
+            conn.read_exact(&mut back).unwrap();
         })
     });
     g.finish();
 }
 
-use tokio_uring::buf::BoundedBuf;
+/// The engine's pieces: a buffer given back to the ring and published (what
+/// each relayed chunk costs on top of its receive and send), and a new
+/// connection from the client's connect to the backend's accept through the
+/// engine (multishot accept, resolve, admit, linked connect), on loopback.
+fn engine(c: &mut Criterion) {
+    let mut g = c.benchmark_group("engine");
+    let mut ring = BufRing::new(512, 64 * 1024, 0).unwrap();
+    let mut bid = 0u16;
+    g.bench_function("bufring_recycle", |b| {
+        b.iter(|| {
+            ring.taken();
+            ring.recycle(black_box(bid));
+            ring.publish();
+            bid = (bid + 1) & 511;
+        })
+    });
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy = Proxy::start(backend.local_addr().unwrap());
+    g.bench_function("accept_to_connect", |b| {
+        b.iter(|| {
+            let client = std::net::TcpStream::connect(proxy.front).unwrap();
+            let (accepted, _) = backend.accept().unwrap();
+            // Closed with RST on both sides: no TIME_WAIT piles up over the
+            // iterations.
+            for s in [&client, &accepted] {
+                socket2::SockRef::from(s)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+            }
+        })
+    });
+    g.finish();
+}
 
 /// What a relayed connection adds on the data plane for metrics and the
 /// access log: open a session (port, frontend and endpoint counters), count
@@ -316,6 +336,7 @@ criterion_group!(
     classify_bench,
     smoltcp_pair,
     relay,
+    engine,
     session
 );
 criterion_main!(benches);

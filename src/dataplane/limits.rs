@@ -140,7 +140,7 @@ impl ConnLimits {
         self.log_frontend.calm();
         Ok(Slot {
             total: &self.total,
-            frontend: frontend.clone(),
+            frontend: Some(frontend.clone()),
         })
     }
 
@@ -177,12 +177,43 @@ impl ConnLimits {
 #[derive(Debug)]
 pub struct Slot<'a> {
     total: &'a AtomicUsize,
-    frontend: Gauge,
+    /// Always set until [`Slot::keep`] takes it.
+    frontend: Option<Gauge>,
+}
+
+impl Slot<'_> {
+    /// Keeps the admission past the borrow of the limits, for an owner that
+    /// holds the limits itself (the engine's connection table): released by
+    /// [`ConnLimits::release`], never by a drop.
+    pub fn keep(mut self) -> Kept {
+        Kept {
+            frontend: self.frontend.take().unwrap_or_default(),
+        }
+    }
 }
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        self.frontend.dec();
+        // None once kept: the keeper releases it.
+        if let Some(frontend) = self.frontend.take() {
+            frontend.dec();
+            self.total.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// An admission kept by [`Slot::keep`]; give it back to
+/// [`ConnLimits::release`] of the limits that admitted it.
+#[derive(Debug)]
+#[must_use = "an admission kept and dropped is never released"]
+pub struct Kept {
+    frontend: Gauge,
+}
+
+impl ConnLimits {
+    /// Releases an admission kept by [`Slot::keep`].
+    pub fn release(&self, kept: Kept) {
+        kept.frontend.dec();
         self.total.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -269,6 +300,17 @@ mod tests {
         assert_eq!((l.total(), a.get()), (2, 1));
         let _b2 = l.try_admit(&b).unwrap();
         assert_eq!(b.get(), 2);
+    }
+
+    #[test]
+    fn a_kept_admission_holds_until_released() {
+        let l = ConnLimits::new(1, 0, Duration::ZERO);
+        let g = Gauge::default();
+        let kept = l.try_admit(&g).unwrap().keep();
+        assert_eq!((l.total(), g.get()), (1, 1));
+        assert_eq!(l.try_admit(&g).unwrap_err(), Refused::Global);
+        l.release(kept);
+        assert_eq!((l.total(), g.get()), (0, 0));
     }
 
     #[test]

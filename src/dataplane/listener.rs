@@ -7,11 +7,15 @@
 //! therefore left its socket listening, and the connection that finally
 //! completed that accept was neither relayed nor closed (CLOSE-WAIT for as long
 //! as ringvip ran). A listener is closed by shutting its socket down through a
-//! second descriptor, which completes the pending operation at once.
+//! second descriptor, which completes the pending operation at once. The same
+//! holds for a TCP listener's multishot accept in the thread's engine ring:
+//! the engine is told the listener is stopping, the shutdown ends the accept,
+//! and the engine then drops its descriptor instead of arming it again.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::Shutdown;
+use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,9 +24,10 @@ use std::time::Duration;
 use rand::rngs::SmallRng;
 use socket2::Socket;
 use tokio::task::JoinHandle;
-use tokio_uring::net::{TcpListener, TcpStream, UdpSocket};
+use tokio_uring::net::UdpSocket;
 
-use super::socket::{accept_loop, handle, open, ListenError};
+use super::engine::Engine;
+use super::socket::{open, ListenError};
 use super::{udp, Shared};
 use crate::model::Protocol;
 use crate::state::{ListenerMode, ListenerSpec};
@@ -67,23 +72,16 @@ enum Kind {
     /// Its socket filter drops every packet; nothing runs.
     Drop,
     Tcp {
-        /// Set before the shutdown, so the accept loop ends on the failure
-        /// the shutdown causes instead of retrying.
-        stopping: Rc<Cell<bool>>,
-        context: Context,
+        /// The listener's index in the engine.
+        id: u32,
+        engine: Engine,
+        /// Its address (what its connections arrived for).
+        local: std::net::SocketAddr,
     },
     Udp {
         task: JoinHandle<()>,
         flows: udp::Table,
     },
-}
-
-/// What a TCP listener's connections need.
-#[derive(Clone)]
-struct Context {
-    spec: ListenerSpec,
-    shared: Arc<Shared>,
-    rng: Rc<RefCell<SmallRng>>,
 }
 
 impl Listener {
@@ -92,6 +90,7 @@ impl Listener {
         spec: &ListenerSpec,
         shared: &Arc<Shared>,
         rng: &Rc<RefCell<SmallRng>>,
+        engine: &Engine,
     ) -> Result<Self, ListenError> {
         let sock = open(spec)?;
         if spec.mode == ListenerMode::Drop {
@@ -107,22 +106,13 @@ impl Listener {
         })?;
         let kind = match spec.proto {
             Protocol::Tcp => {
-                let stopping = Rc::new(Cell::new(false));
-                let l = TcpListener::from_std(std::net::TcpListener::from(ring_side));
-                tokio_uring::spawn(accept_loop(
-                    l,
-                    spec.addr,
-                    shared.clone(),
-                    rng.clone(),
-                    stopping.clone(),
-                ));
+                let id = engine
+                    .borrow_mut()
+                    .listen(OwnedFd::from(ring_side), spec.addr);
                 Kind::Tcp {
-                    stopping,
-                    context: Context {
-                        spec: spec.clone(),
-                        shared: shared.clone(),
-                        rng: rng.clone(),
-                    },
+                    id,
+                    engine: engine.clone(),
+                    local: spec.addr,
                 }
             }
             Protocol::Udp => {
@@ -146,24 +136,15 @@ impl Listener {
     pub async fn close(self) {
         match self.kind {
             Kind::Drop => {}
-            Kind::Tcp { stopping, context } => {
-                stopping.set(true);
+            Kind::Tcp { id, engine, local } => {
+                let mut engine = engine.borrow_mut();
+                // Set before the shutdown, so the accept ends on the failure
+                // the shutdown causes instead of being armed again.
+                engine.stop_listener(id);
                 // Connections already queued are served or refused under the
                 // current snapshot, rather than reset by the shutdown below.
-                while let Ok((c, peer)) = self.sock.accept() {
-                    let Some(peer) = peer.as_socket() else {
-                        continue;
-                    };
-                    // Blocking, like the sockets the ring's accept returns.
-                    let c = std::net::TcpStream::from(c);
-                    let Context { spec, shared, rng } = context.clone();
-                    tokio_uring::spawn(handle(
-                        TcpStream::from_std(c),
-                        peer,
-                        spec.addr,
-                        shared,
-                        rng,
-                    ));
+                while let Ok((c, _)) = self.sock.accept() {
+                    engine.adopt(OwnedFd::from(c), local);
                 }
                 // The socket leaves LISTEN at once (a SYN that raced in is
                 // reset by the kernel) and the ring's accept fails with EINVAL.
@@ -218,10 +199,11 @@ impl Listeners {
         want: &[ListenerSpec],
         shared: &Arc<Shared>,
         rng: &Rc<RefCell<SmallRng>>,
+        engine: &Engine,
     ) {
         let Plan { open, close } = plan(self.held.keys(), want);
         for spec in open {
-            match Listener::start(spec, shared, rng) {
+            match Listener::start(spec, shared, rng, engine) {
                 Ok(l) => {
                     if self.failing.remove(spec).is_some() || self.id == 0 {
                         tracing::info!(addr = %spec.addr, proto = %spec.proto, mode = ?spec.mode, "listening");

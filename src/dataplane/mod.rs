@@ -2,6 +2,7 @@
 //! [`flow::resolve`] and a picker, then share the upstream connect and relay code.
 
 pub mod connect;
+pub mod engine;
 pub mod flow;
 pub mod limits;
 pub(crate) mod listener;

@@ -1,38 +1,19 @@
-//! How a relayed TCP connection ends, the same on every front end, and the
-//! kernel-socket relay. A FIN ends one direction and the other runs on
-//! (half-close); a reset or an error on either side resets both; no byte
-//! either way for the idle timeout resets both. The TUN bridge
-//! (`tun::bridge`) follows the same policy through [`both_directions`] and
-//! [`reset`].
+//! How a relayed TCP connection ends, the same on every front end. A FIN
+//! ends one direction and the other runs on (half-close); a reset or an
+//! error on either side resets both; no byte either way for the idle timeout
+//! resets both. The TUN bridge (`tun::bridge`) follows the policy through
+//! [`both_directions`] and [`reset`]; the kernel-socket engine
+//! (`engine::tcp`) implements the same one on its completions.
 
 use std::future::Future;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::rc::Rc;
 
 use socket2::SockRef;
-use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::TcpStream;
 
 use super::limits::{idle_watchdog, Activity, ConnLimits};
-use super::session::Session;
 use crate::access_log::End;
-
-/// Relay buffer per direction: starts small, grows with the traffic. An idle
-/// connection holds two of these (io_uring reads own their buffer while they
-/// wait); 512 bytes cost a bulk stream seven extra reads while it grows.
-const BUF_START: usize = 512;
-/// Largest relay buffer per direction.
-const BUF_MAX: usize = 64 * 1024;
-
-/// Doubles `buf` (up to `max`) when a read of `n` bytes filled it: an idle
-/// connection costs a few KiB, a bulk transfer soon gets large reads.
-pub fn grow(buf: &mut Vec<u8>, n: usize, max: usize) {
-    if n == buf.len() && buf.len() < max {
-        let size = (buf.len() * 2).min(max);
-        buf.resize(size, 0);
-    }
-}
 
 /// Closes a TCP socket with RST instead of FIN when it is dropped.
 pub fn set_reset_on_close(fd: &impl AsRawFd) {
@@ -97,40 +78,6 @@ pub fn reset(sock: &TcpStream, activity: &Activity) {
     let _ = sock.shutdown(how);
 }
 
-/// Relays bytes between a client and a backend, both kernel sockets, until
-/// both directions are closed (see the module's close policy); bytes and
-/// how it ended go to `session`.
-pub async fn relay(
-    client: TcpStream,
-    backend: TcpStream,
-    session: Rc<Session>,
-    limits: &ConnLimits,
-) {
-    let client = Rc::new(client);
-    let backend = Rc::new(backend);
-    let activity = Rc::new(Activity::default());
-    // Its own task: each direction then runs as soon as its I/O completes.
-    let up = tokio_uring::spawn(copy(
-        client.clone(),
-        backend.clone(),
-        (session.clone(), Session::to_backend),
-        activity.clone(),
-    ));
-    let down = copy(
-        backend.clone(),
-        client.clone(),
-        (session.clone(), Session::to_client),
-        activity.clone(),
-    );
-    let up = async { up.await.unwrap_or(Ended::Reset) };
-    let ended = both_directions(up, down, &activity, limits).await;
-    if ended != End::Fin {
-        reset(&client, &activity);
-        reset(&backend, &activity);
-    }
-    session.end(ended);
-}
-
 /// Reads what a kernel socket of a relay has into `buf`: the byte count, or
 /// how its direction ended (its FIN; a reset, an error, or reading shut down
 /// by [`reset`] after the idle timeout). Bytes read count as activity.
@@ -151,51 +98,4 @@ pub async fn read(
         Err(_) => Err(Ended::Reset),
     };
     (got, buf)
-}
-
-/// Copies `from` → `to`. On EOF, half-closes `to`; on an error, reports a
-/// reset (the relay resets both sockets).
-async fn copy(
-    from: Rc<TcpStream>,
-    to: Rc<TcpStream>,
-    (session, count): (Rc<Session>, fn(&Session, usize)),
-    activity: Rc<Activity>,
-) -> Ended {
-    let mut buf = vec![0u8; BUF_START];
-    loop {
-        let (got, b) = read(&from, buf, &activity).await;
-        buf = b;
-        let n = match got {
-            Ok(n) => n,
-            Err(Ended::Fin) => {
-                let _ = to.shutdown(Shutdown::Write);
-                return Ended::Fin;
-            }
-            Err(Ended::Reset) => return Ended::Reset,
-        };
-        let (res, slice) = to.write_all(buf.slice(..n)).await;
-        buf = slice.into_inner();
-        if res.is_err() {
-            return Ended::Reset;
-        }
-        count(&session, n);
-        grow(&mut buf, n, BUF_MAX);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::grow;
-
-    #[test]
-    fn buffers_grow_only_when_filled() {
-        let mut b = vec![0u8; 4];
-        grow(&mut b, 3, 16);
-        assert_eq!(b.len(), 4);
-        grow(&mut b, 4, 16);
-        assert_eq!(b.len(), 8);
-        grow(&mut b, 8, 16);
-        grow(&mut b, 16, 16);
-        assert_eq!(b.len(), 16);
-    }
 }

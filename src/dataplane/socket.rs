@@ -1,26 +1,21 @@
 //! Kernel-socket front end (NodePort, LoadBalancer IPs, externalIPs): one
 //! tokio-uring runtime per data-plane thread, each holding its own SO_REUSEPORT
-//! listeners, opened and closed as snapshots come and go.
+//! listeners, opened and closed as snapshots come and go; TCP connections run
+//! on the thread's io_uring engine (`engine`), UDP flows on the runtime.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
 
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 use socket2::{Domain, SockFilter, Socket, Type};
 use tokio::sync::watch;
-use tokio_uring::net::{TcpListener, TcpStream};
 
-use super::connect::connect;
-use super::flow::{resolve, FlowKey, Verdict};
+use super::engine::{drive, Sizes, Tcp};
 use super::listener::{Listeners, Programmed};
-use super::relay::{relay, set_reset_on_close};
-use super::session::{self, Session};
 use super::Shared;
-use crate::access_log::End;
 use crate::model::Protocol;
 use crate::state::{ListenerMode, ListenerSpec, Snapshot};
 
@@ -198,82 +193,27 @@ async fn worker(
     programmed: Arc<Programmed>,
 ) {
     let rng = Rc::new(RefCell::new(SmallRng::from_os_rng()));
+    let engine = match Tcp::new(shared.clone(), rng.clone(), Sizes::default()) {
+        Ok(t) => Rc::new(RefCell::new(t)),
+        Err(e) => {
+            // Without its ring the thread serves nothing; the others still do.
+            tracing::error!(worker = id, error = %e, "cannot set up the io_uring engine");
+            return;
+        }
+    };
+    let driver = tokio_uring::spawn(drive(engine.clone()));
     let mut listeners = Listeners::new(id);
     loop {
         let snap = rx.borrow_and_update().clone();
-        listeners.sync(snap.listeners(), &shared, &rng).await;
+        listeners
+            .sync(snap.listeners(), &shared, &rng, &engine)
+            .await;
         programmed.applied(id, snap.generation);
         if rx.changed().await.is_err() {
             break;
         }
     }
-}
-
-/// Accepts connections until the listener is closed (`stopping` set, then the
-/// socket shut down, which fails the pending accept).
-pub(super) async fn accept_loop(
-    l: TcpListener,
-    local: SocketAddr,
-    shared: Arc<Shared>,
-    rng: Rc<RefCell<SmallRng>>,
-    stopping: Rc<Cell<bool>>,
-) {
-    loop {
-        match l.accept().await {
-            Ok((stream, peer)) => {
-                tokio_uring::spawn(handle(stream, peer, local, shared.clone(), rng.clone()));
-            }
-            Err(_) if stopping.get() => return,
-            Err(e) => {
-                // EMFILE/ENFILE and the like: back off instead of spinning.
-                tracing::warn!(%local, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-/// Serves one accepted client connection: resolve, admit, connect, relay.
-pub(super) async fn handle(
-    client: TcpStream,
-    peer: SocketAddr,
-    local: SocketAddr,
-    shared: Arc<Shared>,
-    rng: Rc<RefCell<SmallRng>>,
-) {
-    let key = FlowKey {
-        src: peer,
-        dst: local,
-        proto: Protocol::Tcp,
-    };
-    let verdict = resolve(&shared.snapshot.load(), &key);
-    let fe = match verdict {
-        Verdict::Forward(fe) => fe,
-        // The listener exists but the flow may not use it: a kernel socket has
-        // already completed the handshake, so the closest to refuse/drop is a reset.
-        Verdict::Refuse(_) | Verdict::Drop(_) => {
-            set_reset_on_close(&client);
-            return;
-        }
-    };
-    // Over a connection limit: reset at once, established ones carry on.
-    let Some(_slot) = shared.limits.admit(&fe) else {
-        set_reset_on_close(&client);
-        session::refused(&shared, &fe, peer, local, End::Limit);
-        return;
-    };
-    match connect(&fe, peer.ip(), &shared, &rng).await {
-        Ok((backend, ep)) => {
-            let _ = client.set_nodelay(true);
-            let session = Session::open(&shared, fe, peer, local, ep);
-            relay(client, backend, Rc::new(session), &shared.limits).await;
-        }
-        Err(e) => {
-            tracing::debug!(client = %peer, "{e}");
-            set_reset_on_close(&client);
-            session::refused(&shared, &fe, peer, local, End::NoBackend);
-        }
-    }
+    driver.abort();
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@
 //!   on the input and panics when a result breaks a rule that must hold for
 //!   any input — panicking is how an oracle reports;
 //! - [`builders`]: the Services, EndpointSlices, node contexts and stores that
-//!   unit tests and benches build.
+//!   unit tests and benches build;
+//! - [`engine`]: the io_uring engine alone on loopback.
 // Test support: a panic here is a test's (or a fuzzer's) report.
 #![allow(
     clippy::unwrap_used,
@@ -20,6 +21,7 @@ mod admin_http;
 pub mod builders;
 mod compile;
 mod dns;
+pub mod engine;
 mod manifest;
 pub mod tun;
 

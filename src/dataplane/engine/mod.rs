@@ -1,0 +1,73 @@
+//! ringvip's own io_uring engine for the kernel-socket front end: one ring
+//! per data-plane thread, beside that thread's tokio-uring runtime (which
+//! keeps the control work: listener changes, UDP flows). The ring's
+//! descriptor is registered with the runtime's reactor, so one thread waits
+//! on both; each wake-up handles every completion posted and submits what
+//! they lead to in one system call.
+//!
+//! - [`ring`]: the ring and the tokens that tie completions to entries;
+//! - [`bufring`]: the provided buffer ring receives take buffers from;
+//! - [`ops`]: the operations submitted;
+//! - [`tcp`]: the NodePort / LoadBalancer / externalIP TCP path on them.
+
+pub mod bufring;
+pub mod ops;
+pub mod ring;
+pub mod slots;
+pub mod tcp;
+
+use std::cell::RefCell;
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+use crate::dataplane::limits::CHECKS;
+
+pub use tcp::{Sizes, Tcp};
+
+/// A thread's engine, shared by its listeners and its driver task.
+pub type Engine = Rc<RefCell<Tcp>>;
+
+/// The ring's descriptor as the reactor sees it (owned by the engine).
+struct RingFd(RawFd);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// Runs `engine` on the current thread's runtime until the runtime stops:
+/// completions as they are posted, idle checks on their period.
+pub async fn drive(engine: Engine) -> std::io::Result<()> {
+    let ring_fd = RingFd(engine.borrow().ring_fd());
+    // SAFETY: the descriptor is the engine's ring, which this task keeps
+    // alive (it holds the engine) for as long as the AsyncFd exists.
+    let fd = unsafe { AsyncFd::register_with_interest(ring_fd, Interest::READABLE) }
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let idle = engine.borrow().idle_timeout();
+    let mut tick = idle.map(|t| tokio::time::interval(t / CHECKS));
+    loop {
+        let check = async {
+            match &mut tick {
+                Some(t) => {
+                    t.tick().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            guard = fd.readable() => {
+                let mut guard = guard?;
+                engine.borrow_mut().poll();
+                // Completions posted after the poll re-arm readiness
+                // themselves (the reactor keeps the newer event).
+                guard.clear_ready();
+                engine.borrow_mut().poll();
+            }
+            () = check => engine.borrow_mut().idle_check(),
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! One io_uring per data-plane thread and what its completions carry: a
+//! [`Token`] in each operation's user data names the operation and the
+//! listener or connection it belongs to, so dispatch is a match, not a lookup.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use io_uring::{cqueue, squeue, IoUring};
+
+/// What an operation was for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Op {
+    /// Multishot accept on a listener.
+    Accept = 1,
+    /// The back-off timer before a listener's accept is armed again.
+    AcceptRetry,
+    /// A backend connect.
+    Connect,
+    /// The timeout linked to a connect.
+    ConnectTimeout,
+    /// Receive from the client (buffer select).
+    RecvClient,
+    /// Receive from the backend (buffer select).
+    RecvBackend,
+    /// Send to the backend what the client sent.
+    SendBackend,
+    /// Send to the client what the backend sent.
+    SendClient,
+    /// Completions nobody waits for (cancels).
+    Ignore,
+}
+
+impl Op {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Op::Accept,
+            2 => Op::AcceptRetry,
+            3 => Op::Connect,
+            4 => Op::ConnectTimeout,
+            5 => Op::RecvClient,
+            6 => Op::RecvBackend,
+            7 => Op::SendBackend,
+            8 => Op::SendClient,
+            9 => Op::Ignore,
+            _ => return None,
+        })
+    }
+}
+
+/// An operation and the index of its listener or connection, packed into
+/// the 64 bits of user data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Token {
+    /// The operation.
+    pub op: Op,
+    /// Listener or connection index.
+    pub index: u32,
+}
+
+impl Token {
+    /// For `op` on entry `index`.
+    pub fn new(op: Op, index: u32) -> Self {
+        Self { op, index }
+    }
+
+    /// As user data.
+    #[inline]
+    pub fn pack(self) -> u64 {
+        ((self.op as u64) << 32) | self.index as u64
+    }
+
+    /// From user data (`None` for user data this engine did not set).
+    #[inline]
+    pub fn unpack(v: u64) -> Option<Self> {
+        Some(Self {
+            op: Op::from_u8((v >> 32) as u8)?,
+            index: v as u32,
+        })
+    }
+}
+
+/// The ring: submission with overflow handled by submitting early.
+pub struct Ring {
+    ring: IoUring,
+}
+
+impl Ring {
+    /// A ring of `entries` submission slots (completions: twice that).
+    pub fn new(entries: u32) -> io::Result<Self> {
+        let ring = IoUring::builder()
+            // Completions beyond the queue are kept by the kernel rather than
+            // dropped (the default since 5.5, asked for explicitly).
+            .setup_cqsize(entries * 4)
+            .build(entries)?;
+        Ok(Self { ring })
+    }
+
+    /// The io_uring itself (registration, submitter).
+    pub fn uring(&self) -> &IoUring {
+        &self.ring
+    }
+
+    /// Queues `sqe` tagged with `token`; when the queue is full, what is
+    /// queued is submitted first.
+    #[inline]
+    pub fn push(&mut self, sqe: squeue::Entry, token: Token) {
+        let sqe = sqe.user_data(token.pack());
+        loop {
+            // SAFETY: every pointer an operation carries (buffers, addresses,
+            // timespecs) is owned by the engine and outlives the operation.
+            if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+                return;
+            }
+            if self.ring.submit().is_err() {
+                // EBUSY with completions pending: make room by waiting is not
+                // an option on this thread; drop nothing, retry after the
+                // kernel has taken some.
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// Submits what is queued (no wait).
+    pub fn submit(&mut self) -> io::Result<usize> {
+        self.ring.submit()
+    }
+
+    /// Moves every completion posted so far into `out` (a reused vector:
+    /// the queue's head is synced once per batch, not per entry).
+    #[inline]
+    pub fn drain(&mut self, out: &mut Vec<cqueue::Entry>) {
+        out.extend(self.ring.completion());
+    }
+}
+
+impl AsRawFd for Ring {
+    fn as_raw_fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_foreign_data_is_refused() {
+        for op in [Op::Accept, Op::Connect, Op::SendClient, Op::Ignore] {
+            let t = Token::new(op, u32::MAX - 3);
+            assert_eq!(Token::unpack(t.pack()), Some(t));
+        }
+        assert_eq!(Token::unpack(0), None);
+        assert_eq!(Token::unpack(77 << 32), None);
+    }
+}
