@@ -86,6 +86,7 @@ fn endpoint(
         node_name: pod.node_name.clone(),
         zone: pod.node_name.as_deref().and_then(zones),
         zone_hints: None,
+        node_hints: None,
         hostname,
     }
 }

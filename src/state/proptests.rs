@@ -167,6 +167,7 @@ fn endpoint(v6: bool) -> impl Strategy<Value = Endpoint> {
                 node_name: node.map(str::to_string),
                 zone: None,
                 zone_hints: hints,
+                node_hints: None,
                 hostname: None,
             },
         )

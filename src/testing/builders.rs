@@ -104,6 +104,7 @@ pub fn pod(namespace: &str, name: &str, addr: &str, labels: BTreeMap<String, Str
         hostname: None,
         subdomain: None,
         terminal: false,
+        readiness_probes: Vec::new(),
     }
 }
 

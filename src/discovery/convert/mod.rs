@@ -13,9 +13,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::model::{Kind, ObjectKey, Protocol};
 
+pub(crate) mod annotations;
 mod endpoint_slice;
 mod node;
 mod pod;
+mod probe;
 mod service;
 #[cfg(test)]
 mod tests;

@@ -16,7 +16,7 @@ use super::{
 use crate::config::Limits;
 use crate::model::{
     AddressFamily, Affinity, Kind, Protocol, Service, ServicePort, ServiceType, TargetPort,
-    TrafficPolicy, DEFAULT_AFFINITY_TIMEOUT,
+    TrafficDistribution, TrafficPolicy, DEFAULT_AFFINITY_TIMEOUT,
 };
 
 /// Converts and validates a `v1 Service`.
@@ -51,6 +51,7 @@ pub fn service(svc: &core::Service, limits: &Limits) -> Result<Service, ConvertE
     let external_name = external_name(spec, service_type, e);
 
     let selector = spec.selector.clone().filter(|s| !s.is_empty());
+    let options = super::annotations::options(svc.metadata.annotations.as_ref(), e);
     let value = Service {
         key: key.clone(),
         service_type,
@@ -70,8 +71,20 @@ pub fn service(svc: &core::Service, limits: &Limits) -> Result<Service, ConvertE
         publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false),
         proxy_name: label(&svc.metadata, LABEL_SERVICE_PROXY_NAME).map(str::to_string),
         headless_label: label(&svc.metadata, LABEL_HEADLESS).is_some(),
+        traffic_distribution: traffic_distribution(spec),
+        options,
     };
     errs.finish(Kind::Service, key, value)
+}
+
+/// `spec.trafficDistribution`: values the EndpointSlice controller of
+/// Kubernetes 1.34 knows; any other value is ignored, as there.
+fn traffic_distribution(spec: &core::ServiceSpec) -> Option<TrafficDistribution> {
+    match spec.traffic_distribution.as_deref()? {
+        "PreferSameNode" => Some(TrafficDistribution::PreferSameNode),
+        "PreferSameZone" | "PreferClose" => Some(TrafficDistribution::PreferSameZone),
+        _ => None,
+    }
 }
 
 /// What the field groups that depend on the Service's type read.
