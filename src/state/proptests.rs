@@ -313,7 +313,7 @@ proptest! {
             let eligible: Vec<_> = c
                 .endpoints
                 .iter()
-                .filter(|e| super::explain_endpoint(&c.endpoints, e, c.zone.as_deref(), fe.policy).is_eligible())
+                .filter(|e| super::explain_endpoint(&c.endpoints, e, c.place(), fe.policy).is_eligible())
                 .map(|e| e.addr)
                 .collect();
             prop_assert_eq!(&eligible[..], &fe.endpoints[..], "{:?}", key);

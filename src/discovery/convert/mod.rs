@@ -17,7 +17,7 @@ pub(crate) mod annotations;
 mod endpoint_slice;
 mod node;
 mod pod;
-mod probe;
+pub(crate) mod probe;
 mod service;
 #[cfg(test)]
 mod tests;

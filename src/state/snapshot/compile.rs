@@ -20,7 +20,7 @@ use crate::model::{
     TrafficPolicy,
 };
 use crate::state::store::{Dirty, Store};
-use crate::state::topology::{categorize, Candidate, Usable};
+use crate::state::topology::{categorize, Candidate, Place, Usable};
 use crate::telemetry::{
     EndpointLease, EndpointMetrics, FrontendLabels, Gauge, Metrics, PortLabels, PortMetrics,
 };
@@ -81,6 +81,7 @@ fn merge(
                 terminating: ep.terminating,
                 local: ep.node_name.as_deref() == Some(node_name),
                 zone_hints: ep.zone_hints.clone(),
+                node_hints: ep.node_hints.clone(),
             };
             match index.get(&c.addr).and_then(|&i| out.get_mut(i)) {
                 Some(seen) => {
@@ -278,6 +279,10 @@ impl<'a> Compiler<'a> {
 
     fn service(&mut self, svc: &Service, slices: &[&EndpointSlice], zone: Option<&str>) {
         let mut local_ready: BTreeSet<IpAddr> = BTreeSet::new();
+        let place = Place {
+            node: &self.ctx.node_name,
+            zone,
+        };
         for sp in &svc.ports {
             let v4 = merge(slices, sp, AddressFamily::V4, &self.ctx.node_name);
             let v6 = merge(slices, sp, AddressFamily::V6, &self.ctx.node_name);
@@ -288,6 +293,7 @@ impl<'a> Compiler<'a> {
                 Arc::new(PortCandidates {
                     endpoints: c.into(),
                     zone: zone.map(str::to_string),
+                    node: self.ctx.node_name.clone(),
                 })
             };
             let labels = PortLabels {
@@ -308,8 +314,8 @@ impl<'a> Compiler<'a> {
                 self.out.leases.push(lease);
             }
             let eps = PortEndpoints {
-                v4: categorize(&v4, zone),
-                v6: categorize(&v6, zone),
+                v4: categorize(&v4, place),
+                v6: categorize(&v6, place),
                 all_v4: all(v4),
                 all_v6: all(v6),
             };

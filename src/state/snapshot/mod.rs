@@ -116,6 +116,18 @@ pub struct PortCandidates {
     pub endpoints: Box<[Candidate<SocketAddr>]>,
     /// This node's zone at compile (topology hints are matched against it).
     pub zone: Option<String>,
+    /// This node's name at compile (node hints are matched against it).
+    pub node: String,
+}
+
+impl PortCandidates {
+    /// Where the compile placed this node, for [`crate::state::explain_endpoint`].
+    pub fn place(&self) -> crate::state::topology::Place<'_> {
+        crate::state::topology::Place {
+            node: &self.node,
+            zone: self.zone.as_deref(),
+        }
+    }
 }
 
 impl Frontend {
