@@ -5,6 +5,7 @@ pub mod connect;
 pub mod flow;
 pub mod limits;
 pub(crate) mod listener;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod session;
 pub mod socket;

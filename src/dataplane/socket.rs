@@ -14,7 +14,7 @@ use socket2::{Domain, SockFilter, Socket, Type};
 use tokio::sync::watch;
 use tokio_uring::net::{TcpListener, TcpStream};
 
-use super::connect::connect;
+use super::connect::{connect, proxy_header};
 use super::flow::{resolve, FlowKey, Verdict};
 use super::listener::{Listeners, Programmed};
 use super::relay::{relay, set_reset_on_close};
@@ -264,6 +264,12 @@ pub(super) async fn handle(
     };
     match connect(&fe, peer.ip(), &shared, &rng).await {
         Ok((backend, ep)) => {
+            if let Err(e) = proxy_header(&fe, &backend, peer, local).await {
+                tracing::debug!(client = %peer, endpoint = %ep, error = %e, "PROXY header not written");
+                set_reset_on_close(&client);
+                session::refused(&shared, &fe, peer, local, End::NoBackend);
+                return;
+            }
             let _ = client.set_nodelay(true);
             let session = Session::open(&shared, fe, peer, local, ep);
             relay(client, backend, Rc::new(session), &shared.limits).await;

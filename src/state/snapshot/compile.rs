@@ -257,6 +257,11 @@ impl<'a> Compiler<'a> {
             candidates: candidates.clone(),
             traffic: self.metrics.frontend_traffic(&labels),
             endpoint_metrics,
+            proxy_protocol: if sp.protocol == Protocol::Tcp {
+                svc.options.proxy_protocol
+            } else {
+                None
+            },
         };
         // 127.0.0.0/8 is routed locally as a whole on Linux, not just 127.0.0.1.
         let local = addr.ip().is_loopback() || self.local.contains(&addr.ip());

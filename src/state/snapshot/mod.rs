@@ -106,6 +106,9 @@ pub struct Frontend {
     pub traffic: Traffic,
     /// Metric handles of each of `endpoints`, at the same index.
     pub endpoint_metrics: Box<[Arc<EndpointMetrics>]>,
+    /// PROXY protocol header written to backends before the client's bytes
+    /// (`ringvip.io/proxy-protocol`; TCP frontends only).
+    pub proxy_protocol: Option<crate::model::ProxyProtocol>,
 }
 
 /// A Service port's merged endpoints of one address family before policy
