@@ -45,7 +45,8 @@ pub async fn proxy_header(
     let n = encode(version, src, dst, &mut buf);
     // tokio-uring owns the buffer during the write: one small copy per
     // connection of a Service that opted in.
-    let (res, _) = backend.write_all(buf[..n].to_vec()).await;
+    let header = buf.get(..n).unwrap_or_default().to_vec();
+    let (res, _) = backend.write_all(header).await;
     res
 }
 

@@ -70,25 +70,27 @@ fn encode_v1(src: SocketAddr, dst: SocketAddr, buf: &mut HeaderBuf) -> usize {
 fn encode_v2(src: SocketAddr, dst: SocketAddr, buf: &mut HeaderBuf) -> usize {
     buf[..12].copy_from_slice(&V2_SIGNATURE);
     buf[12] = 0x21; // version 2, command PROXY
-    let body = match (src.ip(), dst.ip()) {
+    let (sp, dp) = (src.port().to_be_bytes(), dst.port().to_be_bytes());
+    match (src.ip(), dst.ip()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
             buf[13] = 0x11; // AF_INET, STREAM
+            buf[14..16].copy_from_slice(&12u16.to_be_bytes());
             buf[16..20].copy_from_slice(&s.octets());
             buf[20..24].copy_from_slice(&d.octets());
-            12
+            buf[24..26].copy_from_slice(&sp);
+            buf[26..28].copy_from_slice(&dp);
+            V2_FIXED + 12
         }
         (s, d) => {
             buf[13] = 0x21; // AF_INET6, STREAM
+            buf[14..16].copy_from_slice(&36u16.to_be_bytes());
             buf[16..32].copy_from_slice(&v6(s).octets());
             buf[32..48].copy_from_slice(&v6(d).octets());
-            36
+            buf[48..50].copy_from_slice(&sp);
+            buf[50..52].copy_from_slice(&dp);
+            V2_FIXED + 36
         }
-    };
-    let ports = V2_FIXED + body - 4;
-    buf[ports..ports + 2].copy_from_slice(&src.port().to_be_bytes());
-    buf[ports + 2..ports + 4].copy_from_slice(&dst.port().to_be_bytes());
-    buf[14..16].copy_from_slice(&(body as u16).to_be_bytes());
-    V2_FIXED + body
+    }
 }
 
 fn v6(ip: IpAddr) -> Ipv6Addr {
@@ -144,57 +146,67 @@ pub enum Parse {
 /// Parses a v2 header at the start of `buf`.
 pub fn parse_v2(buf: &[u8]) -> Result<Parse, ParseError> {
     let sig = buf.len().min(12);
-    if buf[..sig] != V2_SIGNATURE[..sig] {
+    if buf.get(..sig) != V2_SIGNATURE.get(..sig) {
         return Err(ParseError::Signature);
     }
-    if buf.len() < V2_FIXED {
+    let Some(&[_, _, _, _, _, _, _, _, _, _, _, _, vc, family, l0, l1]) = buf.get(..V2_FIXED)
+    else {
         return Ok(Parse::Need(V2_FIXED));
-    }
-    let (ver, cmd) = (buf[12] >> 4, buf[12] & 0x0f);
+    };
+    let (ver, cmd) = (vc >> 4, vc & 0x0f);
     if ver != 2 {
         return Err(ParseError::Version(ver));
     }
     if cmd > 1 {
         return Err(ParseError::Command(cmd));
     }
-    let family = buf[13];
-    let len = u16::from_be_bytes([buf[14], buf[15]]);
+    let len = u16::from_be_bytes([l0, l1]);
     let total = V2_FIXED + usize::from(len);
-    if buf.len() < total {
+    let Some(body) = buf.get(V2_FIXED..total) else {
         return Ok(Parse::Need(total));
-    }
-    let b = &buf[V2_FIXED..total];
+    };
+    // The address block an IPv4 or IPv6 family needs, TLVs may follow.
     let need = match family >> 4 {
         1 => 12,
         2 => 36,
         _ => 0,
     };
-    if usize::from(len) < need {
+    if body.len() < need {
         return Err(ParseError::Short { family, len });
     }
-    let port = |i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
     let addrs = match (cmd, family >> 4, family & 0x0f) {
-        (1, 1, 1 | 2) => {
-            let ip = |i: usize| IpAddr::from([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-            Some((
-                SocketAddr::new(ip(0), port(8)),
-                SocketAddr::new(ip(4), port(10)),
-            ))
-        }
-        (1, 2, 1 | 2) => {
-            let ip = |i: usize| {
-                let mut o = [0u8; 16];
-                o.copy_from_slice(&b[i..i + 16]);
-                IpAddr::from(o)
-            };
-            Some((
-                SocketAddr::new(ip(0), port(32)),
-                SocketAddr::new(ip(16), port(34)),
-            ))
-        }
+        (1, 1, 1 | 2) => v4_addrs(body),
+        (1, 2, 1 | 2) => v6_addrs(body),
         _ => None,
     };
     Ok(Parse::Done(Parsed { len: total, addrs }))
+}
+
+/// Source and destination of an IPv4 address block (at least 12 bytes).
+fn v4_addrs(b: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
+    let a: &[u8; 12] = b.get(..12)?.try_into().ok()?;
+    let ip = |o: [u8; 4]| IpAddr::from(o);
+    Some((
+        SocketAddr::new(
+            ip([a[0], a[1], a[2], a[3]]),
+            u16::from_be_bytes([a[8], a[9]]),
+        ),
+        SocketAddr::new(
+            ip([a[4], a[5], a[6], a[7]]),
+            u16::from_be_bytes([a[10], a[11]]),
+        ),
+    ))
+}
+
+/// Source and destination of an IPv6 address block (at least 36 bytes).
+fn v6_addrs(b: &[u8]) -> Option<(SocketAddr, SocketAddr)> {
+    let src: [u8; 16] = b.get(..16)?.try_into().ok()?;
+    let dst: [u8; 16] = b.get(16..32)?.try_into().ok()?;
+    let ports: &[u8; 4] = b.get(32..36)?.try_into().ok()?;
+    Some((
+        SocketAddr::new(IpAddr::from(src), u16::from_be_bytes([ports[0], ports[1]])),
+        SocketAddr::new(IpAddr::from(dst), u16::from_be_bytes([ports[2], ports[3]])),
+    ))
 }
 
 #[cfg(test)]
