@@ -18,6 +18,7 @@ use crate::discovery::kube;
 use crate::discovery::Batch;
 use crate::dns::server::Dns;
 use crate::healthcheck::HealthCheckServers;
+use crate::probe::{CheckTable, Checks};
 use crate::state::{Changes, Health, NodeContext, Snapshot, Store};
 use crate::telemetry::{DnsMetrics, Gauge, Metrics};
 
@@ -273,8 +274,15 @@ async fn control(
     // say so rather than show them as served.
     let cluster_ips = settings.tun.device().is_some();
     let status_of = shared.clone();
+    let check_table = CheckTable::default();
+    let api_checks = check_table.clone();
     let api: admin::FrontendsApi = Arc::new(move || {
-        crate::status::frontends_json(&status_of.snapshot.load(), &status_of.health, cluster_ips)
+        crate::status::frontends_json(
+            &status_of.snapshot.load(),
+            &status_of.health,
+            &api_checks,
+            cluster_ips,
+        )
     });
     let explain_of = shared.clone();
     let explain: admin::ExplainApi = Arc::new(move |query| {
@@ -295,6 +303,9 @@ async fn control(
     ));
 
     let (tx, mut rx) = mpsc::channel::<Batch>(64);
+    // Readiness probes and health checks: tasks on this runtime, sending
+    // what they find into the same loop as the sources.
+    let mut checks = Checks::new(tx.downgrade(), check_table);
     let reload = Arc::new(Notify::new());
     if settings.source.kube {
         start_kube(&settings, &ctx, tx).await?;
@@ -347,6 +358,7 @@ async fn control(
                 }
                 metrics.set_no_local_endpoints(snap.no_local_internal as i64, snap.no_local_external as i64);
                 publisher.publish(snap.clone()).await;
+                checks.sync(&mut store);
                 health_checks.sync(&snap.health_checks).await;
                 metrics.observe_sync(started.elapsed());
                 let now = SystemTime::now();

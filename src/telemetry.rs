@@ -113,8 +113,12 @@ pub const ENDPOINT_CONNECT_FAILURES_TOTAL: &str = "ringvip_endpoint_connect_fail
 /// Counter per endpoint and `direction` (`to_backend` | `to_client`).
 pub const ENDPOINT_BYTES_TOTAL: &str = "ringvip_endpoint_bytes_total";
 /// Gauge per endpoint: 1 usable, 0 backed off after a failed connect
-/// (passive health) until a connect to it succeeds.
+/// (passive health) until a connect to it succeeds, or while its active
+/// health check finds it down.
 pub const ENDPOINT_HEALTHY: &str = "ringvip_endpoint_healthy";
+/// Gauge per endpoint of a Service with `ringvip.io/health-check`: 1 when
+/// the check finds it up, 0 when down.
+pub const ENDPOINT_CHECK_UP: &str = "ringvip_endpoint_check_up";
 /// Gauge per endpoint: Unix time (seconds) of its last health change, or of
 /// its first appearance in the Service port.
 pub const ENDPOINT_HEALTH_LAST_CHANGE_TIMESTAMP_SECONDS: &str =

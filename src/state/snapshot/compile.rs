@@ -19,7 +19,7 @@ use crate::model::{
     AddressFamily, Affinity, EndpointSlice, ObjectKey, Protocol, Service, ServicePort, ServiceType,
     TrafficPolicy,
 };
-use crate::state::store::{Dirty, Store};
+use crate::state::store::{CheckedState, Dirty, Store};
 use crate::state::topology::{categorize, Candidate, Place, Usable};
 use crate::telemetry::{
     EndpointLease, EndpointMetrics, FrontendLabels, Gauge, Metrics, PortLabels, PortMetrics,
@@ -57,12 +57,15 @@ impl PortEndpoints {
 
 /// Merges the slices of one Service port into candidates of one family
 /// (kube-proxy endpointslicecache): first address only, duplicates by ip:port keep
-/// the non-terminating copy, slices of the other family ignored.
+/// the non-terminating copy, slices of the other family ignored. An endpoint
+/// the Service's health check found `down` is neither ready nor serving, so it
+/// leaves the usable set as a not-ready one does.
 fn merge(
     slices: &[&EndpointSlice],
     sp: &ServicePort,
     family: AddressFamily,
     node_name: &str,
+    down: &dyn Fn(SocketAddr) -> bool,
 ) -> Vec<Candidate<SocketAddr>> {
     let mut out: Vec<Candidate<SocketAddr>> = Vec::new();
     let mut index: HashMap<SocketAddr, usize> = HashMap::new();
@@ -74,10 +77,12 @@ fn merge(
             if AddressFamily::of(&ep.ip) != family {
                 continue;
             }
+            let addr = SocketAddr::new(ep.ip, port);
+            let up = !down(addr);
             let c = Candidate {
-                addr: SocketAddr::new(ep.ip, port),
-                ready: ep.ready,
-                serving: ep.serving,
+                addr,
+                ready: ep.ready && up,
+                serving: ep.serving && up,
                 terminating: ep.terminating,
                 local: ep.node_name.as_deref() == Some(node_name),
                 zone_hints: ep.zone_hints.clone(),
@@ -282,15 +287,23 @@ impl<'a> Compiler<'a> {
         self.out.frontends.push((key, Arc::new(fe), listener));
     }
 
-    fn service(&mut self, svc: &Service, slices: &[&EndpointSlice], zone: Option<&str>) {
+    fn service(
+        &mut self,
+        svc: &Service,
+        slices: &[&EndpointSlice],
+        zone: Option<&str>,
+        checked: &CheckedState,
+    ) {
+        let checks = svc.options.health_check.is_some();
+        let down = |a: SocketAddr| checks && checked.is_down(&svc.key, a);
         let mut local_ready: BTreeSet<IpAddr> = BTreeSet::new();
         let place = Place {
             node: &self.ctx.node_name,
             zone,
         };
         for sp in &svc.ports {
-            let v4 = merge(slices, sp, AddressFamily::V4, &self.ctx.node_name);
-            let v6 = merge(slices, sp, AddressFamily::V6, &self.ctx.node_name);
+            let v4 = merge(slices, sp, AddressFamily::V4, &self.ctx.node_name, &down);
+            let v6 = merge(slices, sp, AddressFamily::V6, &self.ctx.node_name, &down);
             for c in v4.iter().chain(&v6).filter(|c| c.local && c.ready) {
                 local_ready.insert(c.addr.ip());
             }
@@ -315,6 +328,10 @@ impl<'a> Compiler<'a> {
             let mut endpoints = HashMap::with_capacity(v4.len() + v6.len());
             for c in v4.iter().chain(&v6) {
                 let lease = self.metrics.endpoint(&labels, c.addr);
+                let check = checks.then(|| !down(c.addr));
+                lease
+                    .metrics()
+                    .set_check(check, std::time::SystemTime::now());
                 endpoints.insert(c.addr, lease.metrics().clone());
                 self.out.leases.push(lease);
             }
@@ -494,7 +511,7 @@ impl Store {
                         }
                     };
                     c.out = ServiceOut::default();
-                    c.service(svc, slices, zone);
+                    c.service(svc, slices, zone, &self.checked);
                     let out = Arc::new(std::mem::take(&mut c.out));
                     cache.services.insert(svc.key.clone(), out.clone());
                     out
@@ -568,7 +585,7 @@ impl Store {
                 .filter(|s| s.service_name == k.name && s.key.namespace == k.namespace)
                 .collect();
             c.out = ServiceOut::default();
-            c.service(svc, &slices, zone);
+            c.service(svc, &slices, zone, &self.checked);
             let out = Arc::new(std::mem::take(&mut c.out));
             cache.services.insert(k.clone(), out.clone());
             for (key, fe, listener) in &out.frontends {
