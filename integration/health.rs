@@ -74,3 +74,205 @@ fn nginx_reads_the_client_address_from_the_proxy_header() {
     let _ = c.read_to_string(&mut s);
     assert!(!s.starts_with("HTTP/1.1 200"), "{s:?}");
 }
+
+/// The `/api/frontends` rows of a running ringvip.
+fn rows(rv: &Ringvip) -> Vec<serde_json::Value> {
+    let text = admin_get(rv.metrics, "/api/frontends");
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// The usable endpoints of the frontend at `addr`.
+fn usable(rv: &Ringvip, addr: SocketAddr) -> Vec<String> {
+    rows(rv)
+        .iter()
+        .find(|r| r["address"] == addr.to_string())
+        .map(|r| {
+            r["endpoints"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e.as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Bodies of `n` requests through `addr`, each as the client saw it.
+fn bodies(addr: SocketAddr, n: usize) -> std::collections::BTreeSet<String> {
+    (0..n)
+        .map(|i| http_get(addr).unwrap_or_else(|e| panic!("request {i}: {e}")))
+        .collect()
+}
+
+/// `ringvip.io/health-check: http:/healthz` with rise 1 / fall 1: a backend
+/// that stops answering leaves the usable set before any client meets it
+/// (no connect fails on it), shows as down with its last result in status
+/// and metrics, and comes back once it answers again.
+#[test]
+fn a_failing_endpoint_leaves_and_returns() {
+    let (net, port, mut b) = backends(2, Mode::Http);
+    let node_port = free_port();
+    let annotations = "  annotations:\n    ringvip.io/health-check: http:/healthz\n    ringvip.io/health-check-interval: 200ms\n    ringvip.io/health-check-rise: \"1\"\n    ringvip.io/health-check-fall: \"1\"\n";
+    let m = nodeport_service("hc", node_port, port, &net.ips(1..=2), "").replace(
+        "  namespace: default\nspec:",
+        &format!("  namespace: default\n{annotations}spec:"),
+    );
+    let rv = Ringvip::start(&m, &[]);
+    let front = np(node_port);
+    let (a, dead) = (net.addr(1, port).to_string(), net.addr(2, port).to_string());
+    // Both start up (HAProxy's init-state up) and serve.
+    assert_eq!(usable(&rv, front), vec![a.clone(), dead.clone()]);
+    b[1].kill();
+    // Precondition: the checker has seen the backend gone (the check runs
+    // every 200 ms, so this is what is waited for, not the answer).
+    assert!(
+        wait_until(Duration::from_secs(5), || usable(&rv, front)
+            == vec![a.clone()]),
+        "{:?}",
+        rows(&rv)
+    );
+    let before = rv.metrics_text();
+    assert_eq!(bodies(front, 20), ["backend-1".to_string()].into());
+    let failures = |text: &str| -> u64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("ringvip_endpoint_connect_failures_total") && l.contains(&dead)
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert_eq!(
+        failures(&rv.metrics_text()),
+        failures(&before),
+        "a client's connect met the endpoint the check took out"
+    );
+    // Status, JSON and wide, and the metrics show it.
+    let row = rows(&rv)
+        .into_iter()
+        .find(|r| r["address"] == front.to_string())
+        .unwrap();
+    let check = row["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["endpoint"] == dead.as_str())
+        .cloned()
+        .unwrap();
+    assert_eq!(check["health"], "down", "{row}");
+    assert_eq!(check["last"], "connect: connection refused", "{row}");
+    let wide = command_ok(&["status", "--admin", &rv.metrics.to_string(), "-o", "wide"]);
+    assert!(
+        wide.contains(&format!("{dead} down (connect: connection refused)")),
+        "{wide}"
+    );
+    let text = rv.metrics_text();
+    let sample = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name) && l.contains(&dead))
+            .and_then(|l| l.rsplit(' ').next().map(str::to_string))
+    };
+    assert_eq!(
+        sample("ringvip_endpoint_check_up").as_deref(),
+        Some("0"),
+        "{text}"
+    );
+    assert_eq!(
+        sample("ringvip_endpoint_healthy").as_deref(),
+        Some("0"),
+        "{text}"
+    );
+    // Back: once the check has seen it answer, clients reach it again.
+    b[1] = Backend::start(net.addr(2, port), "2", Mode::Http);
+    assert!(
+        wait_until(Duration::from_secs(5), || usable(&rv, front).len() == 2),
+        "{:?}",
+        rows(&rv)
+    );
+    assert_eq!(
+        bodies(front, 40),
+        ["backend-1".to_string(), "backend-2".to_string()].into()
+    );
+}
+
+/// A Pod manifest `web-<i>` at `ip` selected by app=web whose readiness
+/// probe is `probe`; its file status says Ready, which a probe overrides.
+fn probed_pod(i: u8, ip: std::net::Ipv4Addr, port: u16, probe: &str) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: web-{i}, namespace: default, labels: {{app: web}}}}\nspec:\n  nodeName: node-a\n  containers:\n  - name: c\n    ports: [{{name: http, containerPort: {port}}}]\n    readinessProbe: {probe}\nstatus:\n  podIP: {ip}\n  conditions: [{{type: Ready, status: \"True\"}}]\n"
+    )
+}
+
+/// ringvip runs the Pods' readiness probes: a Pod whose probe has not
+/// succeeded is not an endpoint even though its file says Ready; it joins
+/// once its probe answers, and leaves when it stops (failureThreshold 1).
+#[test]
+fn readiness_probes_decide_which_pods_are_endpoints() {
+    let net = Loopback::take();
+    let port = free_port();
+    let mut one = Backend::start(net.addr(1, port), "1", Mode::Http);
+    let node_port = free_port();
+    let probe = "{httpGet: {port: http, path: /ready}, periodSeconds: 1, failureThreshold: 1}";
+    let manifest = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  type: NodePort\n  selector: {{app: web}}\n  ports:\n  - {{name: http, port: 80, targetPort: http, nodePort: {node_port}}}\n{}{}",
+        probed_pod(1, net.ip(1), port, probe),
+        probed_pod(2, net.ip(2), port, probe)
+    );
+    let rv = Ringvip::start(&manifest, &[]);
+    let front = np(node_port);
+    let (a, b) = (net.addr(1, port).to_string(), net.addr(2, port).to_string());
+    // Before any probe result neither Pod is ready, whatever the file says.
+    assert_eq!(usable(&rv, front), Vec::<String>::new());
+    // Precondition: the first probes ran (every second, spread over one).
+    assert!(
+        wait_until(Duration::from_secs(5), || usable(&rv, front)
+            == vec![a.clone()]),
+        "{:?}",
+        rows(&rv)
+    );
+    assert_eq!(bodies(front, 10), ["backend-1".to_string()].into());
+    let _two = Backend::start(net.addr(2, port), "2", Mode::Http);
+    assert!(
+        wait_until(Duration::from_secs(5), || usable(&rv, front).len() == 2),
+        "{:?}",
+        rows(&rv)
+    );
+    assert_eq!(
+        bodies(front, 40),
+        ["backend-1".to_string(), "backend-2".to_string()].into()
+    );
+    one.kill();
+    assert!(
+        wait_until(Duration::from_secs(5), || usable(&rv, front)
+            == vec![b.clone()]),
+        "{:?}",
+        rows(&rv)
+    );
+    assert_eq!(bodies(front, 10), ["backend-2".to_string()].into());
+}
+
+/// `ringvip check` names every bad annotation and an exec probe.
+#[test]
+fn check_reports_bad_annotations_and_exec_probes() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("bad.yaml");
+    std::fs::write(
+        &f,
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: bad\n  annotations:\n    ringvip.io/health-check: udp\n    ringvip.io/proxy-protocol: v3\nspec:\n  ports: [{port: 80}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers:\n  - name: c\n    readinessProbe: {exec: {command: [cat, /ready]}}\n",
+    )
+    .unwrap();
+    let out = command(&["check", f.to_str().unwrap()]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    for want in [
+        "metadata.annotations[ringvip.io/health-check]: unknown health check \"udp\"",
+        "metadata.annotations[ringvip.io/proxy-protocol]: unknown PROXY protocol version \"v3\"",
+        "spec.containers[0].readinessProbe.exec: exec probes cannot run in ringvip",
+    ] {
+        assert!(text.contains(want), "{want} not in {text}");
+    }
+}
