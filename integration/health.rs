@@ -276,3 +276,90 @@ fn check_reports_bad_annotations_and_exec_probes() {
         assert!(text.contains(want), "{want} not in {text}");
     }
 }
+
+/// Sends `header` then a GET through `addr` from `src`; the body, or `None`
+/// when the connection was reset or closed without an answer.
+fn get_with_header(src: std::net::IpAddr, addr: SocketAddr, header: &[u8]) -> Option<String> {
+    let mut c = connect_from(Some(src), addr).ok()?;
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut req = header.to_vec();
+    req.extend_from_slice(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    // Header and request in one write: the request bytes read with the
+    // header must reach the backend too.
+    c.write_all(&req).ok()?;
+    let mut s = String::new();
+    c.read_to_string(&mut s).ok()?;
+    s.starts_with("HTTP/1.1 200").then(|| {
+        s.split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    })
+}
+
+/// `--proxy-protocol-from`: on a LoadBalancer IP, an upstream balancer's
+/// PROXY v2 header names the client for source ranges and for the header
+/// passed on to nginx; the same upstream without a header is reset and
+/// counted; an address outside the list is served as plain.
+#[test]
+fn upstream_proxy_headers_on_load_balancer_ips() {
+    use ringvip::dataplane::proxy_protocol::{encode, MAX_HEADER_LEN};
+    use ringvip::model::ProxyProtocol;
+    let Some(nginx) = need_program("nginx", "a real PROXY protocol consumer") else {
+        return;
+    };
+    let net = Loopback::take();
+    let port = free_port();
+    let server = format!(
+        "listen {} proxy_protocol;\n    location / {{ return 200 \"$proxy_protocol_addr:$proxy_protocol_port\\n\"; }}",
+        net.addr(1, port)
+    );
+    let _ng = Nginx::with_server(&nginx, net.addr(1, port), &server);
+    let (upstream, other, lb) = (net.ip(9), net.ip(10), net.ip(3));
+    let node_port = free_port();
+    let ranges = format!("  loadBalancerSourceRanges: [203.0.113.0/24, {other}/32]\n");
+    let m = service_with(
+        "lb",
+        "TCP",
+        node_port,
+        port,
+        &[(net.ip(1), true, "node-a")],
+        &ranges,
+    )
+    .replace("type: NodePort", "type: LoadBalancer")
+    .replace(
+        "  namespace: default\nspec:",
+        "  namespace: default\n  annotations:\n    ringvip.io/proxy-protocol: v2\nspec:",
+    )
+    .replacen(
+        "\n---\n",
+        &format!("\nstatus:\n  loadBalancer:\n    ingress:\n    - ip: \"{lb}\"\n---\n"),
+        1,
+    );
+    let rv = Ringvip::start(&m, &["--proxy-protocol-from", &format!("{upstream}/32")]);
+    let front = SocketAddr::new(lb.into(), node_port);
+    let header = |client: &str| {
+        let mut buf = [0u8; MAX_HEADER_LEN];
+        let n = encode(ProxyProtocol::V2, client.parse().unwrap(), front, &mut buf);
+        buf[..n].to_vec()
+    };
+    let up = std::net::IpAddr::V4(upstream);
+    assert_eq!(
+        get_with_header(up, front, &header("203.0.113.7:4242")).as_deref(),
+        Some("203.0.113.7:4242"),
+        "{}",
+        rv.log()
+    );
+    // The original client decides source ranges: this one is outside.
+    assert_eq!(get_with_header(up, front, &header("198.51.100.1:1")), None);
+    // The upstream without a header: reset and counted.
+    assert_eq!(get_with_header(up, front, b""), None);
+    assert_eq!(
+        rv.metric("ringvip_proxy_protocol_rejected_total", &[]),
+        Some(1.0)
+    );
+    // Not listed: nothing is parsed, the client is who connected.
+    let (me, body) = get_from(std::net::IpAddr::V4(other), front);
+    assert_eq!(body, me.to_string());
+}

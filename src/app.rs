@@ -42,6 +42,7 @@ pub fn node_context(settings: &Settings) -> anyhow::Result<NodeContext> {
         proxy_name: settings.node.proxy_name.clone(),
         nodeport_addresses: settings.node.select_nodeport_addresses(&local),
         local_addresses: local,
+        proxy_protocol_from: settings.node.proxy_protocol_from.clone(),
     })
 }
 
@@ -70,7 +71,11 @@ pub fn run(
         }
         None => (None, None),
     };
-    let shared = Shared::with_access_log(settings.dataplane, log);
+    let upstream = crate::dataplane::accept_proxy::Upstream {
+        from: settings.node.proxy_protocol_from.clone().into(),
+        ..Default::default()
+    };
+    let shared = Shared::with_upstream(settings.dataplane, log, upstream);
     let (snap_tx, snap_rx) = watch::channel(shared.snapshot.load_full());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -228,6 +233,7 @@ async fn control(
     let shared = publisher.shared.clone();
     let mut metrics = Metrics::new();
     metrics.register_limit_hits(&shared.limits.hits);
+    metrics.register_proxy_protocol_rejected(&shared.upstream.rejected);
     let draining = Gauge::default();
     metrics.register_drain(&draining);
     let dns_metrics = DnsMetrics::default();

@@ -123,6 +123,9 @@ pub const ENDPOINT_CHECK_UP: &str = "ringvip_endpoint_check_up";
 /// its first appearance in the Service port.
 pub const ENDPOINT_HEALTH_LAST_CHANGE_TIMESTAMP_SECONDS: &str =
     "ringvip_endpoint_health_last_change_timestamp_seconds";
+/// Counter: connections to LoadBalancer IPs from a `--proxy-protocol-from`
+/// address reset because their PROXY v2 header was missing or malformed.
+pub const PROXY_PROTOCOL_REJECTED_TOTAL: &str = "ringvip_proxy_protocol_rejected_total";
 /// Counter: access-log records dropped because the writer fell behind (the
 /// data plane never waits for it).
 pub const ACCESS_LOG_DROPPED_TOTAL: &str = "ringvip_access_log_dropped_total";
@@ -620,6 +623,15 @@ impl Metrics {
             counter_family(ACCESS_LOG_DROPPED_TOTAL),
             "Access-log records dropped because the writer fell behind",
             dropped.clone(),
+        );
+    }
+
+    /// Exposes the count of connections reset for a bad upstream PROXY header.
+    pub fn register_proxy_protocol_rejected(&mut self, rejected: &Counter) {
+        self.registry.register(
+            counter_family(PROXY_PROTOCOL_REJECTED_TOTAL),
+            "Connections from --proxy-protocol-from reset for a missing or malformed PROXY v2 header",
+            rejected.clone(),
         );
     }
 

@@ -241,6 +241,20 @@ pub(super) async fn handle(
     shared: Arc<Shared>,
     rng: Rc<RefCell<SmallRng>>,
 ) {
+    // An upstream balancer's PROXY v2 header: the client it names is the
+    // client from here on (affinity, source ranges, the header passed on).
+    let (mut peer, mut origin, mut early) = (peer, local, Vec::new());
+    if shared
+        .upstream
+        .expects_header(&shared.snapshot.load(), peer, local)
+    {
+        let Some(a) = shared.upstream.read_header(&client).await else {
+            set_reset_on_close(&client);
+            return;
+        };
+        (peer, origin) = a.addrs.unwrap_or((peer, local));
+        early = a.early;
+    }
     let key = FlowKey {
         src: peer,
         dst: local,
@@ -264,7 +278,11 @@ pub(super) async fn handle(
     };
     match connect(&fe, peer.ip(), &shared, &rng).await {
         Ok((backend, ep)) => {
-            if let Err(e) = proxy_header(&fe, &backend, peer, local).await {
+            let sent = match proxy_header(&fe, &backend, peer, origin).await {
+                Ok(()) if !early.is_empty() => backend.write_all(early).await.0,
+                r => r,
+            };
+            if let Err(e) = sent {
                 tracing::debug!(client = %peer, endpoint = %ep, error = %e, "PROXY header not written");
                 set_reset_on_close(&client);
                 session::refused(&shared, &fe, peer, local, End::NoBackend);

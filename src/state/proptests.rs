@@ -281,6 +281,7 @@ fn world() -> impl Strategy<Value = World> {
                     proxy_name: "ringvip".into(),
                     nodeport_addresses,
                     local_addresses,
+                    proxy_protocol_from: Vec::new(),
                 },
             }
         })

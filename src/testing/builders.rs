@@ -117,6 +117,7 @@ pub fn node(name: &str, nodeport_addresses: &[&str], local_addresses: &[&str]) -
         proxy_name: "ringvip".into(),
         nodeport_addresses: nodeport_addresses.iter().map(|a| ip(a)).collect(),
         local_addresses: local_addresses.iter().map(|a| ip(a)).collect(),
+        proxy_protocol_from: Vec::new(),
     }
 }
 

@@ -281,7 +281,12 @@ impl<'a> Compiler<'a> {
                 addr,
                 proto: sp.protocol,
                 mode,
-                allow: fe.source_ranges.iter().copied().collect(),
+                allow: if fe.source_ranges.is_empty() {
+                    Arc::new([])
+                } else {
+                    let upstream = self.ctx.proxy_protocol_from.iter();
+                    fe.source_ranges.iter().chain(upstream).copied().collect()
+                },
             });
         }
         self.out.frontends.push((key, Arc::new(fe), listener));

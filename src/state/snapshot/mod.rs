@@ -35,6 +35,10 @@ pub struct NodeContext {
     /// Every address assigned to this host (LB IPs and externalIPs are served
     /// only when local).
     pub local_addresses: Vec<IpAddr>,
+    /// `--proxy-protocol-from`: upstream balancers always pass the kernel
+    /// source filter of LB IPs; the client their header names is checked
+    /// against `loadBalancerSourceRanges` instead.
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
 }
 
 /// A frontend's identity: where the client sent the flow.
