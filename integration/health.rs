@@ -363,3 +363,38 @@ fn upstream_proxy_headers_on_load_balancer_ips() {
     let (me, body) = get_from(std::net::IpAddr::V4(other), front);
     assert_eq!(body, me.to_string());
 }
+
+/// `trafficDistribution: PreferSameNode` in file mode: ringvip sets the
+/// hints the EndpointSlice controller would, and, as kube-proxy 1.34, this
+/// node (node-a) uses only its own Pod while it is ready, the others once
+/// it is not.
+#[test]
+fn prefer_same_node_keeps_traffic_on_this_node() {
+    let (net, port, _b) = backends(3, Mode::Http);
+    let node_port = free_port();
+    let pod = |i: u8, node: &str, ready: bool| {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p-{i}, namespace: default, labels: {{app: t}}}}\nspec:\n  nodeName: {node}\n  containers:\n  - name: c\n    ports: [{{name: http, containerPort: {port}}}]\nstatus:\n  podIP: {}\n  conditions: [{{type: Ready, status: \"{}\"}}]\n",
+            net.ip(i),
+            if ready { "True" } else { "False" }
+        )
+    };
+    let manifest = |local_ready: bool| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: t, namespace: default}}\nspec:\n  type: NodePort\n  trafficDistribution: PreferSameNode\n  selector: {{app: t}}\n  ports:\n  - {{name: http, port: 80, targetPort: http, nodePort: {node_port}}}\n{}{}{}",
+            pod(1, "node-a", local_ready),
+            pod(2, "node-b", true),
+            pod(3, "node-c", true)
+        )
+    };
+    let rv = Ringvip::start(&manifest(true), &[]);
+    let front = np(node_port);
+    assert_eq!(bodies(front, 20), ["backend-1".to_string()].into());
+    // This node's Pod not ready: the node hints name no ready endpoint
+    // here, so the whole set is used (never nothing).
+    rv.apply(&manifest(false));
+    assert_eq!(
+        bodies(front, 40),
+        ["backend-2".to_string(), "backend-3".to_string()].into()
+    );
+}
