@@ -30,6 +30,15 @@ fn get_from(src: std::net::IpAddr, addr: SocketAddr) -> (SocketAddr, String) {
     (me, body)
 }
 
+/// An nginx on host .1 of `net` at `port` reading PROXY headers, answering
+/// with `vars` (nginx variables) as its body.
+fn proxy_nginx(nginx: &std::path::Path, net: &Loopback, port: u16, vars: &str) -> Nginx {
+    let addr = net.addr(1, port);
+    let server =
+        format!("listen {addr} proxy_protocol;\n    location / {{ return 200 \"{vars}\\n\"; }}");
+    Nginx::with_server(nginx, addr, &server)
+}
+
 /// nginx reading the PROXY header sees the client's own address and port,
 /// and the NodePort address it connected to, for v1 and v2; without the
 /// annotation, the same nginx refuses the connection (no header).
@@ -40,11 +49,8 @@ fn nginx_reads_the_client_address_from_the_proxy_header() {
     };
     let net = Loopback::take();
     let port = free_port();
-    let server = format!(
-        "listen {} proxy_protocol;\n    location / {{ return 200 \"$proxy_protocol_addr:$proxy_protocol_port $proxy_protocol_server_addr:$proxy_protocol_server_port\\n\"; }}",
-        net.addr(1, port)
-    );
-    let _ng = Nginx::with_server(&nginx, net.addr(1, port), &server);
+    let vars = "$proxy_protocol_addr:$proxy_protocol_port $proxy_protocol_server_addr:$proxy_protocol_server_port";
+    let _ng = proxy_nginx(&nginx, &net, port, vars);
     let client = std::net::IpAddr::V4(net.ip(9));
     for version in ["v1", "v2"] {
         let node_port = free_port();
@@ -98,6 +104,13 @@ fn usable(rv: &Ringvip, addr: SocketAddr) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Waits until the usable endpoints of the frontend at `addr` satisfy `f`:
+/// a precondition (the checker or prober has run), not the answer tested.
+fn wait_usable(rv: &Ringvip, addr: SocketAddr, f: impl Fn(Vec<String>) -> bool) {
+    let ok = wait_until(Duration::from_secs(5), || f(usable(rv, addr)));
+    assert!(ok, "{:?}", rows(rv));
+}
+
 /// Bodies of `n` requests through `addr`, each as the client saw it.
 fn bodies(addr: SocketAddr, n: usize) -> std::collections::BTreeSet<String> {
     (0..n)
@@ -126,12 +139,7 @@ fn a_failing_endpoint_leaves_and_returns() {
     b[1].kill();
     // Precondition: the checker has seen the backend gone (the check runs
     // every 200 ms, so this is what is waited for, not the answer).
-    assert!(
-        wait_until(Duration::from_secs(5), || usable(&rv, front)
-            == vec![a.clone()]),
-        "{:?}",
-        rows(&rv)
-    );
+    wait_usable(&rv, front, |u| u == [a.clone()]);
     let before = rv.metrics_text();
     assert_eq!(bodies(front, 20), ["backend-1".to_string()].into());
     let failures = |text: &str| -> u64 {
@@ -184,11 +192,7 @@ fn a_failing_endpoint_leaves_and_returns() {
     );
     // Back: once the check has seen it answer, clients reach it again.
     b[1] = Backend::start(net.addr(2, port), "2", Mode::Http);
-    assert!(
-        wait_until(Duration::from_secs(5), || usable(&rv, front).len() == 2),
-        "{:?}",
-        rows(&rv)
-    );
+    wait_usable(&rv, front, |u| u.len() == 2);
     assert_eq!(
         bodies(front, 40),
         ["backend-1".to_string(), "backend-2".to_string()].into()
@@ -224,30 +228,16 @@ fn readiness_probes_decide_which_pods_are_endpoints() {
     // Before any probe result neither Pod is ready, whatever the file says.
     assert_eq!(usable(&rv, front), Vec::<String>::new());
     // Precondition: the first probes ran (every second, spread over one).
-    assert!(
-        wait_until(Duration::from_secs(5), || usable(&rv, front)
-            == vec![a.clone()]),
-        "{:?}",
-        rows(&rv)
-    );
+    wait_usable(&rv, front, |u| u == [a.clone()]);
     assert_eq!(bodies(front, 10), ["backend-1".to_string()].into());
     let _two = Backend::start(net.addr(2, port), "2", Mode::Http);
-    assert!(
-        wait_until(Duration::from_secs(5), || usable(&rv, front).len() == 2),
-        "{:?}",
-        rows(&rv)
-    );
+    wait_usable(&rv, front, |u| u.len() == 2);
     assert_eq!(
         bodies(front, 40),
         ["backend-1".to_string(), "backend-2".to_string()].into()
     );
     one.kill();
-    assert!(
-        wait_until(Duration::from_secs(5), || usable(&rv, front)
-            == vec![b.clone()]),
-        "{:?}",
-        rows(&rv)
-    );
+    wait_usable(&rv, front, |u| u == [b.clone()]);
     assert_eq!(bodies(front, 10), ["backend-2".to_string()].into());
 }
 
@@ -311,11 +301,12 @@ fn upstream_proxy_headers_on_load_balancer_ips() {
     };
     let net = Loopback::take();
     let port = free_port();
-    let server = format!(
-        "listen {} proxy_protocol;\n    location / {{ return 200 \"$proxy_protocol_addr:$proxy_protocol_port\\n\"; }}",
-        net.addr(1, port)
+    let _ng = proxy_nginx(
+        &nginx,
+        &net,
+        port,
+        "$proxy_protocol_addr:$proxy_protocol_port",
     );
-    let _ng = Nginx::with_server(&nginx, net.addr(1, port), &server);
     let (upstream, other, lb) = (net.ip(9), net.ip(10), net.ip(3));
     let node_port = free_port();
     let ranges = format!("  loadBalancerSourceRanges: [203.0.113.0/24, {other}/32]\n");

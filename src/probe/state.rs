@@ -103,8 +103,18 @@ impl RiseFall {
 mod tests {
     use super::*;
 
-    fn run(mut f: impl FnMut(bool) -> Option<bool>, results: &str) -> Vec<Option<bool>> {
-        results.chars().map(|c| f(c == '+')).collect()
+    /// Feeds `results` (`+` success, `-` failure) to `f`; returns what it
+    /// published, one character per result: `.` nothing, `U` up/ready, `D`
+    /// down/unready.
+    fn run(mut f: impl FnMut(bool) -> Option<bool>, results: &str) -> String {
+        results
+            .chars()
+            .map(|c| match f(c == '+') {
+                None => '.',
+                Some(true) => 'U',
+                Some(false) => 'D',
+            })
+            .collect()
     }
 
     #[test]
@@ -113,26 +123,10 @@ mod tests {
         // consecutive failure; a success in between resets the run.
         let mut k = KubeletThresholds::readiness(1, 3);
         assert!(!k.ready(), "not ready before the first result");
-        assert_eq!(
-            run(|ok| k.observe(ok), "-+--+---+"),
-            [
-                None,
-                Some(true),
-                None,
-                None,
-                None,
-                None,
-                None,
-                Some(false),
-                Some(true)
-            ]
-        );
+        assert_eq!(run(|ok| k.observe(ok), "-+--+---+"), ".U.....DU");
         // successThreshold 2: two successes in a row.
         let mut k = KubeletThresholds::readiness(2, 1);
-        assert_eq!(
-            run(|ok| k.observe(ok), "+-++-"),
-            [None, None, None, Some(true), Some(false)]
-        );
+        assert_eq!(run(|ok| k.observe(ok), "+-++-"), "...UD");
     }
 
     #[test]
@@ -140,33 +134,13 @@ mod tests {
         // rise 2, fall 3: starts up, the first failure takes it down.
         let mut h = RiseFall::new(2, 3);
         assert!(h.up());
-        assert_eq!(run(|ok| h.observe(ok), "-"), [Some(false)]);
+        assert_eq!(run(|ok| h.observe(ok), "-"), "D");
         // rise successes bring it up; fall failures from fully up take it down.
-        assert_eq!(
-            run(|ok| h.observe(ok), "+-++--+---"),
-            [
-                None,
-                None,
-                None,
-                Some(true),
-                None,
-                None,
-                None,
-                None,
-                None,
-                Some(false)
-            ]
-        );
+        assert_eq!(run(|ok| h.observe(ok), "+-++--+---"), "...U.....D");
         // A first success after start makes it fully up: then fall failures.
         let mut h = RiseFall::new(2, 3);
-        assert_eq!(
-            run(|ok| h.observe(ok), "+---"),
-            [None, None, None, Some(false)]
-        );
+        assert_eq!(run(|ok| h.observe(ok), "+---"), "...D");
         let mut h = RiseFall::new(1, 1);
-        assert_eq!(
-            run(|ok| h.observe(ok), "-+-"),
-            [Some(false), Some(true), Some(false)]
-        );
+        assert_eq!(run(|ok| h.observe(ok), "-+-"), "DUD");
     }
 }
