@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use ipnet::IpNet;
 use tokio_uring::net::TcpStream;
 
@@ -46,10 +47,17 @@ pub struct Accepted {
 impl Upstream {
     /// Whether a connection from `peer` to `local` must start with a
     /// header: `peer` is listed and `local` is a LoadBalancer IP frontend.
-    pub fn expects_header(&self, snap: &Snapshot, peer: SocketAddr, local: SocketAddr) -> bool {
+    /// Without `--proxy-protocol-from` this is one length check.
+    pub fn expects_header(
+        &self,
+        snap: &ArcSwap<Snapshot>,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> bool {
         !self.from.is_empty()
             && self.from.iter().any(|n| n.contains(&peer.ip()))
             && snap
+                .load()
                 .frontend(&FrontendKey {
                     addr: local,
                     proto: Protocol::Tcp,

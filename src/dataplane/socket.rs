@@ -246,7 +246,7 @@ pub(super) async fn handle(
     let (mut peer, mut origin, mut early) = (peer, local, Vec::new());
     if shared
         .upstream
-        .expects_header(&shared.snapshot.load(), peer, local)
+        .expects_header(&shared.snapshot, peer, local)
     {
         let Some(a) = shared.upstream.read_header(&client).await else {
             set_reset_on_close(&client);

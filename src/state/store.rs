@@ -258,6 +258,14 @@ impl Store {
     /// Forgets results of endpoints no longer listed, so one that comes
     /// back starts up again, as a new server in HAProxy.
     pub fn check_targets(&mut self) -> Vec<CheckTarget> {
+        if !self
+            .services
+            .values()
+            .any(|s| s.options.health_check.is_some())
+        {
+            self.checked.down.clear();
+            return Vec::new();
+        }
         let derived = self.selector_slices();
         let mut out = Vec::new();
         for svc in self.services.values() {
@@ -467,5 +475,43 @@ mod tests {
         assert_eq!(names, vec!["a", "b"]);
         assert_eq!(st.pods_in("defaultx").count(), 1);
         assert_eq!(st.pods_in("nope").count(), 0);
+    }
+
+    /// A Pod with a readiness probe is not ready until the prober says so,
+    /// whatever its file says; a reload of the same files keeps what was
+    /// probed; a Pod created again starts not ready.
+    #[test]
+    fn probe_results_lay_over_pods_and_survive_a_reload() {
+        use crate::discovery::Checked;
+        use crate::model::{Probe, ProbeAction};
+        use std::time::Duration;
+        let mut p = pod("a", "10.0.0.1", true);
+        p.readiness_probes = vec![Probe {
+            action: ProbeAction::Tcp {
+                host: None,
+                port: 8080,
+            },
+            initial_delay: Duration::ZERO,
+            period: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            success_threshold: 1,
+            failure_threshold: 1,
+        }];
+        let all = || Update::Reset(vec![Object::Service(svc()), Object::Pod(p.clone())]);
+        let mut st = Store::new();
+        st.apply(all());
+        assert!(endpoints(&st).is_empty(), "ready before its probe");
+        let ready = Checked::PodReady {
+            pod: p.key.clone(),
+            container: 0,
+            ready: true,
+        };
+        assert_eq!(st.apply(Update::Checked(ready)).other, 1);
+        assert_eq!(endpoints(&st), vec!["10.0.0.1:8080"]);
+        st.apply(all());
+        assert_eq!(endpoints(&st), vec!["10.0.0.1:8080"], "lost on reload");
+        st.apply(Update::Delete(Kind::Pod, p.key.clone()));
+        st.apply(Update::Upsert(Box::new(Object::Pod(p.clone()))));
+        assert!(endpoints(&st).is_empty(), "a new Pod kept the old result");
     }
 }
