@@ -484,3 +484,43 @@ fn dns_server_answers_dig_through_the_vip() {
     drop(server);
     assert_eq!(answer, "192.0.2.80", "dig through the VIP\n{}", rv.log());
 }
+
+/// `ringvip.io/proxy-protocol: v2` on the ClusterIP path: nginx behind the
+/// VIP reads the client's address and the VIP it connected to from the
+/// header ringvip writes before the client's bytes.
+#[test]
+fn clusterip_sends_the_proxy_header_to_nginx() {
+    let Some((t, [nginx])) =
+        Topology::setup_with(&[], [("nginx", "a real PROXY protocol consumer")])
+    else {
+        return;
+    };
+    let addr: SocketAddr = (t.pod_ip(2), 8080).into();
+    let server = format!(
+        "listen {addr} proxy_protocol;\n    location / {{ return 200 \"$proxy_protocol_server_addr:$proxy_protocol_server_port from $proxy_protocol_addr\\n\"; }}"
+    );
+    let _ng = t.on_pod_thread(move || Nginx::with_server(&nginx, addr, &server));
+    let m = clusterip(
+        "pp",
+        "10.96.0.10",
+        80,
+        "TCP",
+        8080,
+        &[IpAddr::V4(t.pod_ip(2))],
+        "",
+    )
+    .replace(
+        "metadata: {name: pp, namespace: default}",
+        "metadata: {name: pp, namespace: default, annotations: {ringvip.io/proxy-protocol: v2}}",
+    );
+    let rv = t.launch(&m, &[]);
+    let (ok, body) = t.curl("http://10.96.0.10/");
+    assert!(ok, "{body}\n{}", rv.log());
+    let (vip, client) = body.split_once(" from ").unwrap_or_default();
+    assert_eq!(vip, "10.96.0.10:80", "{body}");
+    // The client is curl in the node namespace: never the VIP, never empty.
+    assert!(
+        client.parse::<IpAddr>().is_ok() && client != "10.96.0.10",
+        "{body}"
+    );
+}

@@ -18,6 +18,7 @@ use crate::discovery::kube;
 use crate::discovery::Batch;
 use crate::dns::server::Dns;
 use crate::healthcheck::HealthCheckServers;
+use crate::probe::{CheckTable, Checks};
 use crate::state::{Changes, Health, NodeContext, Snapshot, Store};
 use crate::telemetry::{DnsMetrics, Gauge, Metrics};
 
@@ -41,6 +42,7 @@ pub fn node_context(settings: &Settings) -> anyhow::Result<NodeContext> {
         proxy_name: settings.node.proxy_name.clone(),
         nodeport_addresses: settings.node.select_nodeport_addresses(&local),
         local_addresses: local,
+        proxy_protocol_from: settings.node.proxy_protocol_from.clone(),
     })
 }
 
@@ -70,7 +72,11 @@ pub fn run(settings: Settings, shutdown: Arc<Notify>, on_ready: OnReady) -> anyh
         }
         None => (None, None),
     };
-    let shared = Shared::with_access_log(settings.dataplane, log);
+    let upstream = crate::dataplane::accept_proxy::Upstream {
+        from: settings.node.proxy_protocol_from.clone().into(),
+        ..Default::default()
+    };
+    let shared = Shared::with_upstream(settings.dataplane, log, upstream);
     let (snap_tx, snap_rx) = watch::channel(shared.snapshot.load_full());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -228,6 +234,7 @@ async fn control(
     let shared = publisher.shared.clone();
     let mut metrics = Metrics::new();
     metrics.register_limit_hits(&shared.limits.hits);
+    metrics.register_proxy_protocol_rejected(&shared.upstream.rejected);
     let draining = Gauge::default();
     metrics.register_drain(&draining);
     let dns_metrics = DnsMetrics::default();
@@ -274,8 +281,15 @@ async fn control(
     // say so rather than show them as served.
     let cluster_ips = settings.tun.device().is_some();
     let status_of = shared.clone();
+    let check_table = CheckTable::default();
+    let api_checks = check_table.clone();
     let api: admin::FrontendsApi = Arc::new(move || {
-        crate::status::frontends_json(&status_of.snapshot.load(), &status_of.health, cluster_ips)
+        crate::status::frontends_json(
+            &status_of.snapshot.load(),
+            &status_of.health,
+            &api_checks,
+            cluster_ips,
+        )
     });
     let explain_of = shared.clone();
     let explain: admin::ExplainApi = Arc::new(move |query| {
@@ -296,6 +310,9 @@ async fn control(
     ));
 
     let (tx, mut rx) = mpsc::channel::<Batch>(64);
+    // Readiness probes and health checks: tasks on this runtime, sending
+    // what they find into the same loop as the sources.
+    let mut checks = Checks::new(tx.downgrade(), check_table);
     let reload = Arc::new(Notify::new());
     if settings.source.kube {
         start_kube(&settings, &ctx, tx).await?;
@@ -349,6 +366,7 @@ async fn control(
                 metrics.set_no_local_endpoints(snap.no_local_internal as i64, snap.no_local_external as i64);
                 metrics.set_skipped_ports(snap.skipped_ports as i64);
                 publisher.publish(snap.clone()).await;
+                checks.sync(&mut store);
                 health_checks.sync(&snap.health_checks).await;
                 metrics.observe_sync(started.elapsed());
                 let now = SystemTime::now();

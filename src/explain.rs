@@ -212,6 +212,9 @@ pub struct EndpointExplained {
     pub local: bool,
     /// Zone hints, when it has any.
     pub zone_hints: Option<Vec<String>>,
+    /// Node hints (PreferSameNode), when it has any.
+    #[serde(default)]
+    pub node_hints: Option<Vec<String>>,
     /// Milliseconds it stays backed off after failed connects (passive health).
     pub backed_off_ms: Option<u64>,
 }
@@ -382,14 +385,14 @@ fn frontend_explained(fe: &Frontend) -> FrontendExplained {
 
 fn endpoints_explained(fe: &Frontend, live: &Live<'_>) -> Vec<EndpointExplained> {
     let eps = &fe.candidates.endpoints;
-    let zone = fe.candidates.zone.as_deref();
+    let place = fe.candidates.place();
     let any_healthy = fe
         .endpoints
         .iter()
         .any(|e| live.health.backed_off_for(e, live.now).is_none());
     eps.iter()
         .map(|c| {
-            let rule = explain_endpoint(eps, c, zone, fe.policy);
+            let rule = explain_endpoint(eps, c, place, fe.policy);
             let backed_off = live.health.backed_off_for(&c.addr, live.now);
             let mut why = rule.describe().to_string();
             if let Some(left) = backed_off {
@@ -416,6 +419,7 @@ fn endpoints_explained(fe: &Frontend, live: &Live<'_>) -> Vec<EndpointExplained>
                 terminating: c.terminating,
                 local: c.local,
                 zone_hints: c.zone_hints.clone(),
+                node_hints: c.node_hints.clone(),
                 backed_off_ms: backed_off.map(ms),
             }
         })

@@ -32,6 +32,7 @@ pub mod logging;
 pub mod model;
 pub mod netns;
 pub(crate) mod privileges;
+pub mod probe;
 pub mod state;
 pub mod status;
 pub mod telemetry;

@@ -149,16 +149,6 @@ pub struct SkippedPort {
     pub port: u16,
 }
 
-/// ringvip's own per-Service options, from `ringvip.io/*` annotations.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ServiceOptions {
-    /// `ringvip.io/balance` (and `ringvip.io/maglev-table-size`).
-    pub balance: Balance,
-    /// `ringvip.io/slow-start-seconds`: newly usable endpoints take a share of
-    /// new connections growing linearly over this window.
-    pub slow_start: Option<Duration>,
-}
-
 /// A validated Service.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Service {
@@ -198,10 +188,124 @@ pub struct Service {
     pub proxy_name: Option<String>,
     /// Label `service.kubernetes.io/headless` present.
     pub headless_label: bool,
-    /// `ringvip.io/*` annotations.
+    /// `spec.trafficDistribution` (`PreferSameNode`, `PreferSameZone`,
+    /// `PreferClose`); only what the selector path needs to set hints.
+    pub traffic_distribution: Option<TrafficDistribution>,
+    /// ringvip's own annotations (`ringvip.io/...`).
     pub options: ServiceOptions,
     /// SCTP ports of `spec.ports`, not served (not in `ports`).
     pub skipped_ports: Vec<SkippedPort>,
+}
+
+/// `spec.trafficDistribution` values that change which hints the
+/// EndpointSlice controller sets (Kubernetes 1.34). Unknown values are
+/// ignored, as by the controller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TrafficDistribution {
+    /// `PreferSameNode`: node hints (and zone hints).
+    PreferSameNode,
+    /// `PreferSameZone` or its older name `PreferClose`: zone hints.
+    PreferSameZone,
+}
+
+/// What ringvip's annotations on a Service ask for; the default asks for
+/// nothing (kube-proxy's behaviour).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServiceOptions {
+    /// `ringvip.io/balance` (and `ringvip.io/maglev-table-size`).
+    pub balance: Balance,
+    /// `ringvip.io/slow-start-seconds`: newly usable endpoints take a share of
+    /// new connections growing linearly over this window.
+    pub slow_start: Option<Duration>,
+    /// `ringvip.io/health-check` and its interval/timeout/rise/fall.
+    pub health_check: Option<HealthCheckSpec>,
+    /// `ringvip.io/proxy-protocol`.
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// Version of the PROXY protocol header sent to backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProxyProtocol {
+    /// Text header (`PROXY TCP4 ...\r\n`).
+    V1,
+    /// Binary header.
+    V2,
+}
+
+/// What an active health check sends.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CheckKind {
+    /// The connect completes.
+    Tcp,
+    /// `GET <path>` answers 2xx or 3xx (HAProxy `option httpchk`).
+    Http {
+        /// Absolute path, starting with `/`.
+        path: String,
+    },
+}
+
+/// An active health check of a Service's endpoints, with HAProxy's meaning
+/// of `inter`, `timeout check`, `rise` and `fall`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HealthCheckSpec {
+    /// What is checked.
+    pub kind: CheckKind,
+    /// Time between two checks of one endpoint (`inter`, default 2 s).
+    pub interval: Duration,
+    /// How long one check may take (default: the interval, as HAProxy
+    /// without `timeout check`).
+    pub timeout: Duration,
+    /// Consecutive successes that bring a down endpoint up (default 2).
+    pub rise: u32,
+    /// Consecutive failures that take an up endpoint down (default 3).
+    pub fall: u32,
+}
+
+/// A Pod's `readinessProbe`, validated (ringvip runs it in file mode).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Probe {
+    /// What the probe does.
+    pub action: ProbeAction,
+    /// `initialDelaySeconds` (default 0).
+    pub initial_delay: Duration,
+    /// `periodSeconds` (default 10).
+    pub period: Duration,
+    /// `timeoutSeconds` (default 1).
+    pub timeout: Duration,
+    /// `successThreshold` (default 1).
+    pub success_threshold: u32,
+    /// `failureThreshold` (default 3).
+    pub failure_threshold: u32,
+}
+
+/// The handler of a [`Probe`], its port resolved against the Pod.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ProbeAction {
+    /// `tcpSocket`: the connect completes.
+    Tcp {
+        /// `host`, default the Pod IP.
+        host: Option<String>,
+        /// Port number.
+        port: u16,
+    },
+    /// `httpGet` (scheme HTTP): 200..=399.
+    Http {
+        /// `host`, default the Pod IP.
+        host: Option<String>,
+        /// Port number.
+        port: u16,
+        /// `path` (default `/`).
+        path: String,
+        /// `httpHeaders`, in order.
+        headers: Vec<(String, String)>,
+    },
+    /// `grpc`: grpc.health.v1.Health/Check answers SERVING.
+    Grpc {
+        /// Port number.
+        port: u16,
+        /// `service` (default empty: the server as a whole).
+        service: String,
+    },
 }
 
 impl Service {
@@ -227,6 +331,7 @@ impl Service {
             publish_not_ready: false,
             proxy_name: None,
             headless_label: false,
+            traffic_distribution: None,
             options: ServiceOptions::default(),
             skipped_ports: Vec::new(),
         }
@@ -292,6 +397,8 @@ pub struct Endpoint {
     pub zone: Option<String>,
     /// `hints.forZones[].name`; `None` when the endpoint has no hints.
     pub zone_hints: Option<Vec<String>>,
+    /// `hints.forNodes[].name`; `None` when the endpoint has none.
+    pub node_hints: Option<Vec<String>>,
     /// `hostname` (used by DNS).
     pub hostname: Option<String>,
 }
@@ -307,6 +414,7 @@ impl Endpoint {
             node_name: None,
             zone: None,
             zone_hints: None,
+            node_hints: None,
             hostname: None,
         }
     }
@@ -374,6 +482,10 @@ pub struct Pod {
     pub subdomain: Option<String>,
     /// `status.phase` is `Succeeded` or `Failed`: never an endpoint.
     pub terminal: bool,
+    /// The containers' `readinessProbe`s, which ringvip runs: with any,
+    /// `ready` is what they say (all succeeding; not ready before that),
+    /// not the Ready condition of the file.
+    pub readiness_probes: Vec<Probe>,
 }
 
 /// A legacy `v1 Endpoints` object (file mode), already mirrored into the

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::admin::API_FRONTENDS_PATH;
 use crate::balance::PassiveHealth;
+use crate::probe::CheckTable;
 use crate::state::{EmptyAction, FrontendKind, Snapshot};
 use crate::telemetry::{ConnectFailure, Traffic};
 
@@ -34,10 +35,41 @@ pub struct FrontendStatus {
     pub failing: Vec<String>,
     /// With no usable endpoint: `refuse` or `drop`.
     pub when_empty: String,
+    /// Active health checks (`ringvip.io/health-check`) of every endpoint
+    /// of the port, usable or not; empty without the annotation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<EndpointCheck>,
     /// What this frontend has carried (its own counters, not its Service
     /// port's); its fields are the row's own in JSON.
     #[serde(flatten)]
     pub traffic: PortTraffic,
+}
+
+/// One endpoint's active health check, as status shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointCheck {
+    /// `IP:port`.
+    pub endpoint: String,
+    /// `up` or `down` (after rise/fall).
+    pub health: String,
+    /// `ok`, `pending`, or why the last check failed.
+    pub last: String,
+}
+
+/// The checks of every endpoint of `fe`'s port, in address order.
+fn checks_of(fe: &crate::state::Frontend, checks: &CheckTable) -> Vec<EndpointCheck> {
+    fe.candidates
+        .endpoints
+        .iter()
+        .filter_map(|c| {
+            let s = checks.get(&fe.service, c.addr)?;
+            Some(EndpointCheck {
+                endpoint: c.addr.to_string(),
+                health: if s.up { "up" } else { "down" }.into(),
+                last: s.last,
+            })
+        })
+        .collect()
 }
 
 /// What a frontend has carried, from its live counters.
@@ -87,6 +119,7 @@ fn kind_name(k: FrontendKind) -> &'static str {
 pub fn frontends(
     snap: &Snapshot,
     health: &PassiveHealth,
+    checks: &CheckTable,
     now: Instant,
     cluster_ips: bool,
 ) -> Vec<FrontendStatus> {
@@ -112,6 +145,7 @@ pub fn frontends(
                 EmptyAction::Drop => "drop",
             }
             .to_string(),
+            checks: checks_of(fe, checks),
             traffic: PortTraffic::of(&fe.traffic),
         })
         .collect();
@@ -128,9 +162,20 @@ pub fn frontends(
 }
 
 /// The admin API's JSON answer (see [`frontends`] for `cluster_ips`).
-pub fn frontends_json(snap: &Snapshot, health: &PassiveHealth, cluster_ips: bool) -> String {
-    serde_json::to_string(&frontends(snap, health, Instant::now(), cluster_ips))
-        .unwrap_or_else(|_| "[]".to_string())
+pub fn frontends_json(
+    snap: &Snapshot,
+    health: &PassiveHealth,
+    checks: &CheckTable,
+    cluster_ips: bool,
+) -> String {
+    serde_json::to_string(&frontends(
+        snap,
+        health,
+        checks,
+        Instant::now(),
+        cluster_ips,
+    ))
+    .unwrap_or_else(|_| "[]".to_string())
 }
 
 /// Output format of `ringvip status`.
@@ -165,6 +210,7 @@ pub fn render(rows: &[FrontendStatus], format: Format) -> String {
     if format == Format::Wide {
         first.push("FAILURES".into());
         first.push("ENDPOINT LIST".into());
+        first.push("CHECKS".into());
     }
     let cols = first.len();
     let mut lines: Vec<Vec<String>> = vec![first];
@@ -211,6 +257,15 @@ pub fn render(rows: &[FrontendStatus], format: Format) -> String {
                     })
                     .collect::<Vec<_>>()
                     .join(",")
+            });
+            l.push(if r.checks.is_empty() {
+                "-".into()
+            } else {
+                r.checks
+                    .iter()
+                    .map(|c| format!("{} {} ({})", c.endpoint, c.health, c.last))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             });
         }
         lines.push(l);
@@ -304,7 +359,7 @@ mod tests {
         let snap = sample_snapshot(true);
         let health = PassiveHealth::default();
         let now = Instant::now();
-        let rows = frontends(&snap, &health, now, true);
+        let rows = frontends(&snap, &health, &CheckTable::default(), now, true);
         // TCP and UDP ports on two ClusterIPs
         assert_eq!(rows.len(), 4);
         let tcp4 = rows
@@ -328,7 +383,7 @@ mod tests {
         fe.connect_failure(ConnectFailure::Refused, None);
         fe.metrics.connections_total.inc_by(5);
         health.failed("10.0.0.1:8080".parse().unwrap(), now);
-        let again = frontends(&snap, &health, now, true);
+        let again = frontends(&snap, &health, &CheckTable::default(), now, true);
         let tcp4 = again.iter().find(|r| r.address == "10.96.0.10:80").unwrap();
         assert_eq!(tcp4.traffic.total, 3);
         assert_eq!(tcp4.traffic.bytes_to_client, 10);
@@ -350,6 +405,7 @@ mod tests {
         let rows = frontends(
             &sample_snapshot(true),
             &PassiveHealth::default(),
+            &CheckTable::default(),
             Instant::now(),
             true,
         );
@@ -380,8 +436,19 @@ mod tests {
     #[test]
     fn table_json_round_trip_and_wide_columns() {
         let health = PassiveHealth::default();
-        let rows = frontends(&sample_snapshot(true), &health, Instant::now(), true);
-        let json = frontends_json(&sample_snapshot(true), &health, true);
+        let rows = frontends(
+            &sample_snapshot(true),
+            &health,
+            &CheckTable::default(),
+            Instant::now(),
+            true,
+        );
+        let json = frontends_json(
+            &sample_snapshot(true),
+            &health,
+            &CheckTable::default(),
+            true,
+        );
         let back: Vec<FrontendStatus> = serde_json::from_str(&json).unwrap();
         assert_eq!(back.len(), rows.len());
         let table = render(&rows, Format::Table);
@@ -398,9 +465,15 @@ mod tests {
     fn cluster_ip_rows_only_with_a_tun() {
         let snap = sample_snapshot(true);
         let health = PassiveHealth::default();
-        let with = frontends(&snap, &health, Instant::now(), true);
+        let with = frontends(&snap, &health, &CheckTable::default(), Instant::now(), true);
         assert!(with.iter().any(|r| r.kind == "ClusterIP"));
-        let without = frontends(&snap, &health, Instant::now(), false);
+        let without = frontends(
+            &snap,
+            &health,
+            &CheckTable::default(),
+            Instant::now(),
+            false,
+        );
         assert!(without.is_empty(), "{without:?}");
     }
 }

@@ -113,8 +113,12 @@ pub const ENDPOINT_CONNECT_FAILURES_TOTAL: &str = "ringvip_endpoint_connect_fail
 /// Counter per endpoint and `direction` (`to_backend` | `to_client`).
 pub const ENDPOINT_BYTES_TOTAL: &str = "ringvip_endpoint_bytes_total";
 /// Gauge per endpoint: 1 usable, 0 backed off after a failed connect
-/// (passive health) until a connect to it succeeds.
+/// (passive health) until a connect to it succeeds, or while its active
+/// health check finds it down.
 pub const ENDPOINT_HEALTHY: &str = "ringvip_endpoint_healthy";
+/// Gauge per endpoint of a Service with `ringvip.io/health-check`: 1 when
+/// the check finds it up, 0 when down.
+pub const ENDPOINT_CHECK_UP: &str = "ringvip_endpoint_check_up";
 /// Gauge per endpoint: Unix time (seconds) of its last health change, or of
 /// its first appearance in the Service port.
 pub const ENDPOINT_HEALTH_LAST_CHANGE_TIMESTAMP_SECONDS: &str =
@@ -122,6 +126,9 @@ pub const ENDPOINT_HEALTH_LAST_CHANGE_TIMESTAMP_SECONDS: &str =
 /// Gauge: Service ports not served, over every Service ringvip programs:
 /// SCTP ports beside a Service's TCP/UDP ones (which are served).
 pub const SKIPPED_SERVICE_PORTS: &str = "ringvip_skipped_service_ports";
+/// Counter: connections to LoadBalancer IPs from a `--proxy-protocol-from`
+/// address reset because their PROXY v2 header was missing or malformed.
+pub const PROXY_PROTOCOL_REJECTED_TOTAL: &str = "ringvip_proxy_protocol_rejected_total";
 /// Counter: access-log records dropped because the writer fell behind (the
 /// data plane never waits for it).
 pub const ACCESS_LOG_DROPPED_TOTAL: &str = "ringvip_access_log_dropped_total";
@@ -625,6 +632,15 @@ impl Metrics {
             counter_family(ACCESS_LOG_DROPPED_TOTAL),
             "Access-log records dropped because the writer fell behind",
             dropped.clone(),
+        );
+    }
+
+    /// Exposes the count of connections reset for a bad upstream PROXY header.
+    pub fn register_proxy_protocol_rejected(&mut self, rejected: &Counter) {
+        self.registry.register(
+            counter_family(PROXY_PROTOCOL_REJECTED_TOTAL),
+            "Connections from --proxy-protocol-from reset for a missing or malformed PROXY v2 header",
+            rejected.clone(),
         );
     }
 

@@ -192,10 +192,18 @@ pub struct Nginx {
 
 impl Nginx {
     pub fn start(bin: &Path, addr: SocketAddr, name: &str) -> Nginx {
+        let server =
+            format!("listen {addr};\n    location / {{ return 200 \"backend-{name}\\n\"; }}");
+        Nginx::with_server(bin, addr, &server)
+    }
+
+    /// An nginx listening on `addr` with `server` as its only server block's
+    /// body (its own `listen` line included).
+    pub fn with_server(bin: &Path, addr: SocketAddr, server: &str) -> Nginx {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().display().to_string();
         let conf = format!(
-            "daemon off;\nworker_processes 1;\npid {p}/nginx.pid;\nerror_log {p}/error.log;\nevents {{ worker_connections 256; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {p};\n  proxy_temp_path {p};\n  fastcgi_temp_path {p};\n  uwsgi_temp_path {p};\n  scgi_temp_path {p};\n  server {{\n    listen {addr};\n    location / {{ return 200 \"backend-{name}\\n\"; }}\n  }}\n}}\n"
+            "daemon off;\nworker_processes 1;\npid {p}/nginx.pid;\nerror_log {p}/error.log;\nevents {{ worker_connections 256; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {p};\n  proxy_temp_path {p};\n  fastcgi_temp_path {p};\n  uwsgi_temp_path {p};\n  scgi_temp_path {p};\n  server {{\n    {server}\n  }}\n}}\n"
         );
         std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
         // Its own process group, so dropping it ends the workers too (they

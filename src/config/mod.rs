@@ -93,6 +93,12 @@ pub struct NodeOptions {
     /// non-loopback address; 127.0.0.1 only when listed.
     #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
     pub nodeport_addresses: Vec<IpNet>,
+    /// Upstream load balancers (CIDRs) whose connections to LoadBalancer IPs
+    /// start with a PROXY protocol v2 header: the client it names is the
+    /// client (affinity, source ranges, the header passed on). From any
+    /// other address no header is read.
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
+    pub proxy_protocol_from: Vec<IpNet>,
     /// Serve Services labelled service.kubernetes.io/service-proxy-name=NAME.
     #[arg(long, value_name = "NAME", default_value = "ringvip")]
     pub proxy_name: String,
@@ -686,6 +692,17 @@ mod tests {
         s.dns.cluster_domain = "cluster.local".into();
         s.dns.dns_ttl = 3601;
         assert_eq!(s.validate(), Err(SettingsError::DnsTtl(3601)));
+    }
+
+    #[test]
+    fn proxy_protocol_from_is_a_settings_key() {
+        let s = from_yaml("proxy-protocol-from: [10.0.0.0/8, \"192.0.2.1/32\"]\nmanifests: [m]\n")
+            .unwrap();
+        assert_eq!(
+            s.node.proxy_protocol_from,
+            ["10.0.0.0/8", "192.0.2.1/32"].map(|c| c.parse::<IpNet>().unwrap())
+        );
+        assert!(from_yaml("proxy-protocol-from: [nonsense]\nmanifests: [m]\n").is_err());
     }
 
     #[test]

@@ -15,6 +15,7 @@ use rand::rngs::SmallRng;
 use tokio_uring::net::TcpStream;
 
 use super::flow::{connect_timeout, pick};
+use super::proxy_protocol::{encode, HeaderBuf, MAX_HEADER_LEN};
 use super::Shared;
 use crate::state::Frontend;
 use crate::telemetry::ConnectFailure;
@@ -102,6 +103,27 @@ impl Retry {
             last: self.last.unwrap_or(ConnectFailure::NoEndpoints),
         }
     }
+}
+
+/// Writes `fe`'s PROXY protocol header, if it asks for one, to a backend
+/// just connected for a client at `src` that connected to `dst`: before any
+/// client byte, so the backend reads it first.
+pub async fn proxy_header(
+    fe: &Frontend,
+    backend: &TcpStream,
+    src: SocketAddr,
+    dst: SocketAddr,
+) -> std::io::Result<()> {
+    let Some(version) = fe.proxy_protocol else {
+        return Ok(());
+    };
+    let mut buf: HeaderBuf = [0; MAX_HEADER_LEN];
+    let n = encode(version, src, dst, &mut buf);
+    // tokio-uring owns the buffer during the write: one small copy per
+    // connection of a Service that opted in.
+    let header = buf.get(..n).unwrap_or_default().to_vec();
+    let (res, _) = backend.write_all(header).await;
+    res
 }
 
 /// Connects to a backend of `fe`, retrying other endpoints with growing

@@ -1,11 +1,13 @@
 //! The data plane: front ends reduce a new flow to a [`flow::FlowKey`], call
 //! [`flow::resolve`] and a picker, then share the upstream connect and relay code.
 
+pub mod accept_proxy;
 pub mod connect;
 pub mod engine;
 pub mod flow;
 pub mod limits;
 pub(crate) mod listener;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod session;
 pub mod socket;
@@ -40,6 +42,8 @@ pub struct Shared {
     pub limits: limits::ConnLimits,
     /// Where finished connections and flows are logged (`--access-log`).
     pub access_log: Option<AccessLog>,
+    /// PROXY v2 headers accepted from upstream balancers (`--proxy-protocol-from`).
+    pub upstream: accept_proxy::Upstream,
 }
 
 impl Shared {
@@ -51,7 +55,17 @@ impl Shared {
     /// Shared state starting from an empty snapshot, logging finished
     /// connections and flows to `access_log`.
     pub fn with_access_log(settings: DataPlaneOptions, access_log: Option<AccessLog>) -> Arc<Self> {
+        Self::with_upstream(settings, access_log, accept_proxy::Upstream::default())
+    }
+
+    /// [`Shared::with_access_log`], reading PROXY headers from `upstream`.
+    pub fn with_upstream(
+        settings: DataPlaneOptions,
+        access_log: Option<AccessLog>,
+        upstream: accept_proxy::Upstream,
+    ) -> Arc<Self> {
         Arc::new(Self {
+            upstream,
             access_log,
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             affinity: AffinityTable::new(),

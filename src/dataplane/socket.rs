@@ -201,6 +201,7 @@ async fn worker(
             return;
         }
     };
+    Tcp::attach(&engine);
     let driver = tokio_uring::spawn(drive(engine.clone()));
     let mut listeners = Listeners::new(id);
     loop {

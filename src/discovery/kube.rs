@@ -563,6 +563,7 @@ mod tests {
                 ),
                 Update::Upsert(o) => format!("upsert {}", o.id().1.name),
                 Update::Delete(_, k) => format!("delete {}", k.name),
+                Update::Checked(c) => format!("{c:?}"),
             })
             .collect()
     }

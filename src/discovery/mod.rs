@@ -52,4 +52,30 @@ pub enum Update {
     Upsert(Box<Object>),
     /// An object is gone.
     Delete(Kind, ObjectKey),
+    /// A result of ringvip's own checking (readiness probes, health
+    /// checks): not an object, but what the store lays over them.
+    Checked(Checked),
+}
+
+/// A change of state found by ringvip's prober or health checker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checked {
+    /// Container `container`'s readinessProbe of Pod `pod` now says `ready`.
+    PodReady {
+        /// The Pod.
+        pod: ObjectKey,
+        /// Index of the container in `spec.containers`' probes.
+        container: usize,
+        /// The kubelet's result after its thresholds.
+        ready: bool,
+    },
+    /// `endpoint` of `service` is now up or down (after rise/fall).
+    Endpoint {
+        /// The Service whose annotation asks for the check.
+        service: ObjectKey,
+        /// The endpoint checked.
+        endpoint: std::net::SocketAddr,
+        /// Up (usable) or down.
+        up: bool,
+    },
 }

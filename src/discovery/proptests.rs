@@ -374,6 +374,7 @@ fn slice() -> impl Strategy<Value = GenSlice> {
                         node_name: node.clone(),
                         zone: zone.clone(),
                         zone_hints: hints.clone(),
+                        node_hints: None,
                         hostname: hostname.clone(),
                     });
                     let mut m = Map::new();

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 
 use crate::model::{
     AddressFamily, Endpoint, EndpointSlice, ObjectKey, Pod, Protocol, Service, ServiceType,
-    SlicePort, TargetPort,
+    SlicePort, TargetPort, TrafficDistribution,
 };
 
 /// Suffix of the names of slices built here (`<service>-ringvip-v4-0`), so they can
@@ -78,15 +78,35 @@ fn endpoint(
         }
         _ => None,
     };
+    let zone = pod.node_name.as_deref().and_then(zones);
+    let (zone_hints, node_hints) = hints(svc, pod.node_name.as_deref(), zone.as_deref());
     Endpoint {
         ip,
         ready,
         serving,
         terminating,
         node_name: pod.node_name.clone(),
-        zone: pod.node_name.as_deref().and_then(zones),
-        zone_hints: None,
+        zone,
+        zone_hints,
+        node_hints,
         hostname,
+    }
+}
+
+/// The hints the EndpointSlice controller of Kubernetes 1.34 sets for
+/// `trafficDistribution` (`trafficdist`): `PreferSameZone`/`PreferClose`
+/// hint each endpoint for its own zone, `PreferSameNode` for its own node
+/// and zone; an endpoint without a zone (or node) gets no such hint.
+fn hints(
+    svc: &Service,
+    node: Option<&str>,
+    zone: Option<&str>,
+) -> (Option<Vec<String>>, Option<Vec<String>>) {
+    let one = |v: Option<&str>| v.map(|s| vec![s.to_string()]);
+    match svc.traffic_distribution {
+        None => (None, None),
+        Some(TrafficDistribution::PreferSameZone) => (one(zone), None),
+        Some(TrafficDistribution::PreferSameNode) => (one(zone), one(node)),
     }
 }
 
@@ -314,6 +334,41 @@ mod tests {
         assert_eq!(e[1].hostname, None);
         assert_eq!(e[0].zone.as_deref(), Some("z1"));
         assert_eq!(e[0].node_name.as_deref(), Some("node-a"));
+    }
+
+    /// The hints the EndpointSlice controller sets per trafficDistribution:
+    /// none by default, the endpoint's zone for PreferSameZone/PreferClose,
+    /// its node and zone for PreferSameNode.
+    #[test]
+    fn traffic_distribution_sets_the_controllers_hints() {
+        let a = pod("a", "10.0.0.1", "web");
+        let mut b = pod("b", "10.0.0.2", "web");
+        b.node_name = Some("node-b".into());
+        let mut c = pod("c", "10.0.0.3", "web");
+        c.node_name = None;
+        let zones = |n: &str| (n == "node-a").then(|| "z1".to_string());
+        let pods = [a, b, c];
+        let hints_of = |td| {
+            let svc = Service {
+                traffic_distribution: td,
+                ..svc(TargetPort::Number(1))
+            };
+            slices_for(&svc, &pods, &zones)[0]
+                .endpoints
+                .iter()
+                .map(|e| (e.zone_hints.clone(), e.node_hints.clone()))
+                .collect::<Vec<_>>()
+        };
+        let v = |s: &str| Some(vec![s.to_string()]);
+        assert!(hints_of(None).iter().all(|h| *h == (None, None)));
+        assert_eq!(
+            hints_of(Some(TrafficDistribution::PreferSameZone)),
+            vec![(v("z1"), None), (None, None), (None, None)]
+        );
+        assert_eq!(
+            hints_of(Some(TrafficDistribution::PreferSameNode)),
+            vec![(v("z1"), v("node-a")), (None, v("node-b")), (None, None)]
+        );
     }
 
     #[test]

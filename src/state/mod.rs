@@ -3,7 +3,7 @@
 
 pub(crate) mod health;
 pub(crate) mod snapshot;
-pub(crate) mod store;
+pub mod store;
 pub(crate) mod topology;
 
 #[cfg(test)]

@@ -167,6 +167,7 @@ fn endpoint(v6: bool) -> impl Strategy<Value = Endpoint> {
                 node_name: node.map(str::to_string),
                 zone: None,
                 zone_hints: hints,
+                node_hints: None,
                 hostname: None,
             },
         )
@@ -280,6 +281,7 @@ fn world() -> impl Strategy<Value = World> {
                     proxy_name: "ringvip".into(),
                     nodeport_addresses,
                     local_addresses,
+                    proxy_protocol_from: Vec::new(),
                 },
             }
         })
@@ -312,7 +314,7 @@ proptest! {
             let eligible: Vec<_> = c
                 .endpoints
                 .iter()
-                .filter(|e| super::explain_endpoint(&c.endpoints, e, c.zone.as_deref(), fe.policy).is_eligible())
+                .filter(|e| super::explain_endpoint(&c.endpoints, e, c.place(), fe.policy).is_eligible())
                 .map(|e| e.addr)
                 .collect();
             prop_assert_eq!(&eligible[..], &fe.endpoints[..], "{:?}", key);

@@ -2,9 +2,13 @@
 //! snapshots from them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 
-use crate::discovery::{selector, Update};
-use crate::model::{EndpointSlice, Kind, LegacyEndpoints, Node, Object, ObjectKey, Pod, Service};
+use crate::discovery::{selector, Checked, Update};
+use crate::model::{
+    EndpointSlice, HealthCheckSpec, Kind, LegacyEndpoints, Node, Object, ObjectKey, Pod, Probe,
+    Service,
+};
 
 /// How many objects an update changed, for kube-proxy's change metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -35,6 +39,57 @@ pub struct Store {
     pub(crate) endpoints: BTreeMap<ObjectKey, LegacyEndpoints>,
     /// Services to compile again since the last [`Store::take_dirty`].
     pub(crate) dirty: Dirty,
+    /// What ringvip's own checks found, laid over the objects and kept
+    /// across resets (a reload of the same files keeps what was probed).
+    pub(crate) checked: CheckedState,
+}
+
+/// Results of the prober and the health checker.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct CheckedState {
+    /// Readiness probe results by Pod and container (absent: not yet
+    /// succeeded, so not ready, as the kubelet's initial result).
+    probes: HashMap<(ObjectKey, usize), bool>,
+    /// Endpoints of a Service whose health check found them down (absent:
+    /// up, as HAProxy's default `init-state up`).
+    down: HashSet<(ObjectKey, SocketAddr)>,
+}
+
+impl CheckedState {
+    /// Whether the health check of `service` found `endpoint` down.
+    pub(crate) fn is_down(&self, service: &ObjectKey, endpoint: SocketAddr) -> bool {
+        !self.down.is_empty() && self.down.contains(&(service.clone(), endpoint))
+    }
+
+    /// A Pod with readiness probes is ready when every probe succeeded.
+    fn pod_ready(&self, pod: &Pod) -> bool {
+        (0..pod.readiness_probes.len())
+            .all(|i| self.probes.get(&(pod.key.clone(), i)) == Some(&true))
+    }
+}
+
+/// One readiness probe to run: a container's probe of a Pod at an address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ProbeTarget {
+    /// The Pod.
+    pub pod: ObjectKey,
+    /// Index of the probe among the Pod's readiness probes.
+    pub container: usize,
+    /// The Pod's (first) IP.
+    pub ip: IpAddr,
+    /// The probe.
+    pub probe: Probe,
+}
+
+/// One endpoint to health-check for a Service.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CheckTarget {
+    /// The Service asking for the check.
+    pub service: ObjectKey,
+    /// The endpoint.
+    pub endpoint: SocketAddr,
+    /// The check.
+    pub spec: HealthCheckSpec,
 }
 
 /// Which Services changed (their object or one of their slices) since the
@@ -62,8 +117,12 @@ impl Store {
     /// Applies one update; reports what changed.
     pub fn apply(&mut self, update: Update) -> Changes {
         match update {
+            Update::Checked(c) => self.checked(c),
             Update::Reset(objects) => {
-                let mut next = Store::new();
+                let mut next = Store {
+                    checked: std::mem::take(&mut self.checked),
+                    ..Store::new()
+                };
                 for o in objects {
                     next.upsert(o);
                 }
@@ -107,7 +166,12 @@ impl Store {
                     Kind::Service => self.services.remove(&key).is_some(),
                     Kind::EndpointSlice => self.slices.remove(&key).is_some(),
                     Kind::Node => self.nodes.remove(&key.name).is_some(),
-                    Kind::Pod => self.pods.remove(&key).is_some(),
+                    Kind::Pod => {
+                        // A Pod created again under this name is a new Pod:
+                        // not ready until its probes succeed.
+                        self.checked.probes.retain(|(p, _), _| *p != key);
+                        self.pods.remove(&key).is_some()
+                    }
                     Kind::Endpoints => self.endpoints.remove(&key).is_some(),
                 };
                 if gone {
@@ -142,6 +206,110 @@ impl Store {
         }
     }
 
+    /// Lays a check result over the objects.
+    fn checked(&mut self, c: Checked) -> Changes {
+        match c {
+            Checked::PodReady {
+                pod,
+                container,
+                ready,
+            } => {
+                self.checked.probes.insert((pod.clone(), container), ready);
+                let Some(p) = self.pods.get_mut(&pod) else {
+                    return Changes::default();
+                };
+                let now = !p.readiness_probes.is_empty() && self.checked.pod_ready(p);
+                if p.readiness_probes.is_empty() || p.ready == now {
+                    return Changes::default();
+                }
+                p.ready = now;
+                self.dirty.all = true;
+                Changes::one(Kind::Pod)
+            }
+            Checked::Endpoint {
+                service,
+                endpoint,
+                up,
+            } => {
+                let key = (service, endpoint);
+                let changed = if up {
+                    self.checked.down.remove(&key)
+                } else {
+                    self.checked.down.insert(key.clone())
+                };
+                if !changed {
+                    return Changes::default();
+                }
+                self.dirty.services.insert(key.0);
+                Changes::one(Kind::EndpointSlice)
+            }
+        }
+    }
+
+    /// Every readiness probe to run now: those of Pods with an IP that are
+    /// not finished (Succeeded or Failed).
+    pub fn probe_targets(&self) -> Vec<ProbeTarget> {
+        let mut out = Vec::new();
+        for p in self.pods.values().filter(|p| !p.terminal) {
+            let Some(ip) = p.ips.first() else { continue };
+            for (i, probe) in p.readiness_probes.iter().enumerate() {
+                out.push(ProbeTarget {
+                    pod: p.key.clone(),
+                    container: i,
+                    ip: *ip,
+                    probe: probe.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    /// Every endpoint to health-check now: each endpoint (ip:port, any
+    /// condition) of each port of each Service with `ringvip.io/health-check`.
+    /// Forgets results of endpoints no longer listed, so one that comes
+    /// back starts up again, as a new server in HAProxy.
+    pub fn check_targets(&mut self) -> Vec<CheckTarget> {
+        if !self
+            .services
+            .values()
+            .any(|s| s.options.health_check.is_some())
+        {
+            self.checked.down.clear();
+            return Vec::new();
+        }
+        let derived = self.selector_slices();
+        let mut out = Vec::new();
+        for svc in self.services.values() {
+            let Some(spec) = &svc.options.health_check else {
+                continue;
+            };
+            let mut seen = HashSet::new();
+            let slices =
+                self.slices.values().chain(&derived).filter(|s| {
+                    s.service_name == svc.key.name && s.key.namespace == svc.key.namespace
+                });
+            for s in slices {
+                for sp in &svc.ports {
+                    let Some(port) = s.port_for(sp) else { continue };
+                    for e in &s.endpoints {
+                        let endpoint = SocketAddr::new(e.ip, port);
+                        if sp.protocol == crate::model::Protocol::Tcp && seen.insert(endpoint) {
+                            out.push(CheckTarget {
+                                service: svc.key.clone(),
+                                endpoint,
+                                spec: spec.clone(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        let listed: HashSet<(&ObjectKey, SocketAddr)> =
+            out.iter().map(|t| (&t.service, t.endpoint)).collect();
+        self.checked.down.retain(|(s, e)| listed.contains(&(s, *e)));
+        out
+    }
+
     /// What changed since the last call (see [`Dirty`]).
     pub fn take_dirty(&mut self) -> Dirty {
         std::mem::take(&mut self.dirty)
@@ -160,7 +328,14 @@ impl Store {
             Object::Service(s) => put(&mut self.services, s.key.clone(), s),
             Object::EndpointSlice(s) => put(&mut self.slices, s.key.clone(), s),
             Object::Node(n) => put(&mut self.nodes, n.name.clone(), n),
-            Object::Pod(p) => put(&mut self.pods, p.key.clone(), p),
+            Object::Pod(mut p) => {
+                // With readiness probes, ringvip's prober decides, not the
+                // Ready condition written in the file.
+                if !p.readiness_probes.is_empty() {
+                    p.ready = self.checked.pod_ready(&p);
+                }
+                put(&mut self.pods, p.key.clone(), p)
+            }
             Object::Endpoints(e) => put(&mut self.endpoints, e.key.clone(), e),
         }
     }
@@ -444,5 +619,43 @@ mod tests {
         assert_eq!(names, vec!["a", "b"]);
         assert_eq!(st.pods_in("defaultx").count(), 1);
         assert_eq!(st.pods_in("nope").count(), 0);
+    }
+
+    /// A Pod with a readiness probe is not ready until the prober says so,
+    /// whatever its file says; a reload of the same files keeps what was
+    /// probed; a Pod created again starts not ready.
+    #[test]
+    fn probe_results_lay_over_pods_and_survive_a_reload() {
+        use crate::discovery::Checked;
+        use crate::model::{Probe, ProbeAction};
+        use std::time::Duration;
+        let mut p = pod("a", "10.0.0.1", true);
+        p.readiness_probes = vec![Probe {
+            action: ProbeAction::Tcp {
+                host: None,
+                port: 8080,
+            },
+            initial_delay: Duration::ZERO,
+            period: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            success_threshold: 1,
+            failure_threshold: 1,
+        }];
+        let all = || Update::Reset(vec![Object::Service(svc()), Object::Pod(p.clone())]);
+        let mut st = Store::new();
+        st.apply(all());
+        assert!(endpoints(&st).is_empty(), "ready before its probe");
+        let ready = Checked::PodReady {
+            pod: p.key.clone(),
+            container: 0,
+            ready: true,
+        };
+        assert_eq!(st.apply(Update::Checked(ready)).other, 1);
+        assert_eq!(endpoints(&st), vec!["10.0.0.1:8080"]);
+        st.apply(all());
+        assert_eq!(endpoints(&st), vec!["10.0.0.1:8080"], "lost on reload");
+        st.apply(Update::Delete(Kind::Pod, p.key.clone()));
+        st.apply(Update::Upsert(Box::new(Object::Pod(p.clone()))));
+        assert!(endpoints(&st).is_empty(), "a new Pod kept the old result");
     }
 }

@@ -18,6 +18,29 @@ pub struct Candidate<A> {
     pub local: bool,
     /// Zone hints; `None` when the endpoint carries none.
     pub zone_hints: Option<Vec<String>>,
+    /// Node hints (`forNodes`, PreferSameNode); `None` when it carries none.
+    pub node_hints: Option<Vec<String>>,
+}
+
+/// Which topology narrows the cluster set (kube-proxy 1.34
+/// `topologyModeFromHints`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TopologyMode {
+    /// No narrowing: every ready endpoint.
+    None,
+    /// Only endpoints hinted for this node.
+    SameNode,
+    /// Only endpoints hinted for this node's zone.
+    SameZone,
+}
+
+/// Where this proxy runs, as topology sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Place<'a> {
+    /// This node's name.
+    pub node: &'a str,
+    /// This node's zone, if known.
+    pub zone: Option<&'a str>,
 }
 
 /// The usable sets of one Service port.
@@ -39,32 +62,60 @@ impl<A: Clone> Usable<A> {
     }
 }
 
-/// Topology-aware routing applies when every ready endpoint has zone hints and at
-/// least one is hinted for this node's zone.
-pub fn can_use_topology<A>(eps: &[Candidate<A>], zone: Option<&str>) -> bool {
-    let Some(zone) = zone else { return false };
-    let mut has_zone = false;
+/// kube-proxy's `topologyModeFromHints`: same-node when every ready endpoint
+/// has node hints and one names this node; else same-zone when every ready
+/// endpoint has zone hints and one names this node's zone; else none. A hint
+/// set that names nothing here falls back to the next rule, never to an empty
+/// set.
+pub fn topology_mode<A>(eps: &[Candidate<A>], place: Place<'_>) -> TopologyMode {
+    let (mut all_node, mut for_node) = (true, false);
+    let (mut all_zone, mut for_zone) = (true, false);
     for e in eps.iter().filter(|e| e.ready) {
+        match &e.node_hints {
+            Some(h) if !h.is_empty() => for_node |= h.iter().any(|n| n == place.node),
+            _ => all_node = false,
+        }
         match &e.zone_hints {
-            Some(h) if !h.is_empty() => has_zone |= h.iter().any(|z| z == zone),
-            _ => return false,
+            Some(h) if !h.is_empty() => {
+                for_zone |= place.zone.is_some_and(|z| h.iter().any(|x| x == z))
+            }
+            _ => all_zone = false,
         }
     }
-    has_zone
+    if all_node && for_node {
+        TopologyMode::SameNode
+    } else if all_zone && for_zone {
+        TopologyMode::SameZone
+    } else {
+        TopologyMode::None
+    }
+}
+
+/// Whether `e` is available under `mode` (kube-proxy `availableForTopology`).
+fn available<A>(e: &Candidate<A>, mode: TopologyMode, place: Place<'_>) -> bool {
+    let has = |h: &Option<Vec<String>>, x: Option<&str>| {
+        h.as_ref()
+            .is_some_and(|h| x.is_some_and(|x| h.iter().any(|v| v == x)))
+    };
+    match mode {
+        TopologyMode::None => true,
+        TopologyMode::SameNode => has(&e.node_hints, Some(place.node)),
+        TopologyMode::SameZone => has(&e.zone_hints, place.zone),
+    }
 }
 
 /// Computes the cluster and local sets: ready endpoints, else serving-and-terminating
 /// ones (graceful termination); never non-serving ones; topology narrows the
 /// cluster set only.
-pub fn categorize<A: Clone>(eps: &[Candidate<A>], zone: Option<&str>) -> Usable<A> {
+pub fn categorize<A: Clone>(eps: &[Candidate<A>], place: Place<'_>) -> Usable<A> {
     let select = |f: &dyn Fn(&Candidate<A>) -> bool| -> Vec<A> {
         eps.iter()
             .filter(|e| f(e))
             .map(|e| e.addr.clone())
             .collect()
     };
-    let topo = can_use_topology(eps, zone);
-    let in_zone = |e: &Candidate<A>| !topo || hinted_for(e, zone);
+    let mode = topology_mode(eps, place);
+    let in_zone = |e: &Candidate<A>| available(e, mode, place);
     let mut cluster = select(&|e| e.ready && in_zone(e));
     if cluster.is_empty() {
         cluster = select(&|e| e.serving && e.terminating);
@@ -97,6 +148,8 @@ pub enum Eligibility {
     NotLocal,
     /// Topology-aware routing is on and the endpoint's hints name other zones.
     OtherZone,
+    /// PreferSameNode is on and the endpoint's hints name other nodes.
+    OtherNode,
 }
 
 impl Eligibility {
@@ -115,6 +168,7 @@ impl Eligibility {
             Eligibility::TerminatingNotNeeded => "terminating_not_needed",
             Eligibility::NotLocal => "not_local",
             Eligibility::OtherZone => "other_zone",
+            Eligibility::OtherNode => "other_node",
         }
     }
 
@@ -134,30 +188,29 @@ impl Eligibility {
             Eligibility::OtherZone => {
                 "topology hints name other zones than this node's (topology-aware routing)"
             }
+            Eligibility::OtherNode => {
+                "topology hints name other nodes than this one (PreferSameNode)"
+            }
         }
     }
 }
 
-/// Whether `e`'s zone hints name `zone`.
-fn hinted_for<A>(e: &Candidate<A>, zone: Option<&str>) -> bool {
-    e.zone_hints
-        .as_ref()
-        .is_some_and(|h| zone.is_some_and(|z| h.iter().any(|x| x == z)))
-}
-
 /// Explains `e`, one of `eps` (a Service port's merged endpoints of one
-/// family), for a frontend under `policy` on a node in `zone`. The order of
+/// family), for a frontend under `policy` on this node (`place`). The order of
 /// the reasons: locality under `Local` first (nothing else matters then),
 /// then readiness, then zone.
 pub fn explain_endpoint<A>(
     eps: &[Candidate<A>],
     e: &Candidate<A>,
-    zone: Option<&str>,
+    place: Place<'_>,
     policy: TrafficPolicy,
 ) -> Eligibility {
-    let topo = policy == TrafficPolicy::Cluster && can_use_topology(eps, zone);
+    let mode = match policy {
+        TrafficPolicy::Cluster => topology_mode(eps, place),
+        TrafficPolicy::Local => TopologyMode::None,
+    };
     let in_scope = |c: &Candidate<A>| match policy {
-        TrafficPolicy::Cluster => !topo || hinted_for(c, zone),
+        TrafficPolicy::Cluster => available(c, mode, place),
         TrafficPolicy::Local => c.local,
     };
     if policy == TrafficPolicy::Local && !e.local {
@@ -166,6 +219,8 @@ pub fn explain_endpoint<A>(
     if e.ready {
         return if in_scope(e) {
             Eligibility::Ready
+        } else if mode == TopologyMode::SameNode {
+            Eligibility::OtherNode
         } else {
             Eligibility::OtherZone
         };
@@ -209,7 +264,21 @@ mod tests {
             terminating,
             local,
             zone_hints: None,
+            node_hints: None,
         }
+    }
+
+    /// Node `node-a` in `zone`.
+    fn at(zone: Option<&str>) -> Place<'_> {
+        Place {
+            node: "node-a",
+            zone,
+        }
+    }
+
+    fn on_nodes(mut e: Candidate<&'static str>, n: &[&str]) -> Candidate<&'static str> {
+        e.node_hints = Some(n.iter().map(|s| s.to_string()).collect());
+        e
     }
 
     fn hinted(mut e: Candidate<&'static str>, z: &[&str]) -> Candidate<&'static str> {
@@ -264,7 +333,7 @@ mod tests {
             ),
         ];
         for (eps, cluster, local) in cases {
-            let u = categorize(&eps, None);
+            let u = categorize(&eps, at(None));
             assert_eq!(u.cluster, cluster, "cluster for {eps:?}");
             assert_eq!(u.local, local, "local for {eps:?}");
             assert_eq!(u.for_policy(Cluster), &cluster[..]);
@@ -279,7 +348,7 @@ mod tests {
             hinted(c("b", St::Ready, false), &["zone-b"]),
             hinted(c("l", St::Ready, true), &["zone-b"]),
         ];
-        let u = categorize(&eps, Some("zone-a"));
+        let u = categorize(&eps, at(Some("zone-a")));
         assert_eq!(u.cluster, vec!["a"]);
         // Local policy overrides topology
         assert_eq!(u.local, vec!["l"]);
@@ -291,19 +360,73 @@ mod tests {
             hinted(c("a", St::Ready, false), &["zone-a"]),
             c("b", St::Ready, false),
         ];
-        assert_eq!(categorize(&eps, Some("zone-a")).cluster, vec!["a", "b"]);
+        assert_eq!(categorize(&eps, at(Some("zone-a"))).cluster, vec!["a", "b"]);
         let eps = vec![
             hinted(c("a", St::Ready, false), &["zone-a"]),
             hinted(c("b", St::Ready, false), &["zone-b"]),
         ];
-        assert_eq!(categorize(&eps, Some("zone-c")).cluster, vec!["a", "b"]);
-        assert_eq!(categorize(&eps, None).cluster, vec!["a", "b"]);
+        assert_eq!(categorize(&eps, at(Some("zone-c"))).cluster, vec!["a", "b"]);
+        assert_eq!(categorize(&eps, at(None)).cluster, vec!["a", "b"]);
         // unhinted non-ready endpoints do not disable topology
         let eps = vec![
             hinted(c("a", St::Ready, false), &["zone-a"]),
             c("t", St::NotServing, false),
         ];
-        assert!(can_use_topology(&eps, Some("zone-a")));
+        assert_eq!(
+            topology_mode(&eps, at(Some("zone-a"))),
+            TopologyMode::SameZone
+        );
+    }
+
+    /// PreferSameNode (kube-proxy 1.34): node hints win over zone hints when
+    /// every ready endpoint has them and one names this node; otherwise the
+    /// zone rule, then no topology.
+    #[test]
+    fn same_node_hints_then_zone_then_all() {
+        let both = |name, st, node: &str, zone: &str| {
+            hinted(on_nodes(c(name, st, false), &[node]), &[zone])
+        };
+        let eps = vec![
+            both("mine", St::Ready, "node-a", "zone-a"),
+            both("neighbour", St::Ready, "node-b", "zone-a"),
+            both("far", St::Ready, "node-c", "zone-b"),
+        ];
+        let u = categorize(&eps, at(Some("zone-a")));
+        assert_eq!(u.cluster, vec!["mine"]);
+        assert_eq!(
+            explain_endpoint(&eps, &eps[1], at(Some("zone-a")), Cluster),
+            Eligibility::OtherNode
+        );
+        // No endpoint for this node: fall back to the zone.
+        let elsewhere = Place {
+            node: "node-z",
+            zone: Some("zone-a"),
+        };
+        assert_eq!(
+            categorize(&eps, elsewhere).cluster,
+            vec!["mine", "neighbour"]
+        );
+        // One ready endpoint without node hints: node hints are ignored.
+        let mut partial = eps.clone();
+        partial[2].node_hints = None;
+        assert_eq!(
+            categorize(&partial, at(Some("zone-a"))).cluster,
+            vec!["mine", "neighbour"]
+        );
+        // A not-ready endpoint for this node does not count, and never
+        // empties the set.
+        let mut down = eps.clone();
+        down[0].ready = false;
+        down[0].serving = false;
+        assert_eq!(
+            categorize(&down, at(Some("zone-c"))).cluster,
+            vec!["neighbour", "far"]
+        );
+        // Local policy overrides node hints.
+        assert_eq!(
+            explain_endpoint(&eps, &eps[0], at(Some("zone-a")), Local),
+            Eligibility::NotLocal
+        );
     }
 
     use proptest::prelude::*;
@@ -311,12 +434,18 @@ mod tests {
     /// Candidates named by index, in any mix of states, locality and hints
     /// (hints from a pool of two zones, sometimes absent or empty).
     fn candidates() -> impl Strategy<Value = Vec<Candidate<usize>>> {
-        let hints = prop_oneof![
-            2 => Just(None),
-            1 => Just(Some(vec![])),
-            3 => prop::sample::subsequence(vec!["zone-a", "zone-b"], 1..=2)
-                .prop_map(|z| Some(z.into_iter().map(String::from).collect())),
-        ];
+        let pool = |names: Vec<&'static str>| {
+            prop_oneof![
+                2 => Just(None),
+                1 => Just(Some(vec![])),
+                3 => prop::sample::subsequence(names, 1..=2)
+                    .prop_map(|z| Some(z.into_iter().map(String::from).collect())),
+            ]
+        };
+        let hints = (
+            pool(vec!["zone-a", "zone-b"]),
+            pool(vec!["node-a", "node-b"]),
+        );
         prop::collection::vec(
             (
                 any::<bool>(),
@@ -331,13 +460,16 @@ mod tests {
             v.into_iter()
                 .enumerate()
                 .map(
-                    |(i, (ready, serving, terminating, local, zone_hints))| Candidate {
-                        addr: i,
-                        ready,
-                        serving,
-                        terminating,
-                        local,
-                        zone_hints,
+                    |(i, (ready, serving, terminating, local, (zone_hints, node_hints)))| {
+                        Candidate {
+                            addr: i,
+                            ready,
+                            serving,
+                            terminating,
+                            local,
+                            zone_hints,
+                            node_hints,
+                        }
                     },
                 )
                 .collect()
@@ -354,11 +486,11 @@ mod tests {
             eps in candidates(),
             zone in prop_oneof![Just(None), Just(Some("zone-a")), Just(Some("zone-c"))],
         ) {
-            let u = categorize(&eps, zone);
+            let u = categorize(&eps, at(zone));
             for policy in [Cluster, Local] {
                 let kept = u.for_policy(policy);
                 for e in &eps {
-                    let why = explain_endpoint(&eps, e, zone, policy);
+                    let why = explain_endpoint(&eps, e, at(zone), policy);
                     prop_assert_eq!(
                         why.is_eligible(),
                         kept.contains(&e.addr),

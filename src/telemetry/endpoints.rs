@@ -33,8 +33,8 @@ use prometheus_client::metrics::MetricType;
 
 use super::{
     counter_family, unix_seconds, ConnectFailure, FloatGauge, Gauge, PortLabels, Traffic,
-    ENDPOINT_BYTES_TOTAL, ENDPOINT_CONNECTIONS_ACTIVE, ENDPOINT_CONNECTIONS_TOTAL,
-    ENDPOINT_CONNECT_FAILURES_TOTAL, ENDPOINT_HEALTHY,
+    ENDPOINT_BYTES_TOTAL, ENDPOINT_CHECK_UP, ENDPOINT_CONNECTIONS_ACTIVE,
+    ENDPOINT_CONNECTIONS_TOTAL, ENDPOINT_CONNECT_FAILURES_TOTAL, ENDPOINT_HEALTHY,
     ENDPOINT_HEALTH_LAST_CHANGE_TIMESTAMP_SECONDS,
 };
 
@@ -78,6 +78,8 @@ pub struct EndpointMetrics {
     pub traffic: Traffic,
     healthy: Gauge,
     changed: FloatGauge,
+    /// Active health check: 1 up, 0 down, -1 when the Service has none.
+    check: Gauge,
 }
 
 impl EndpointMetrics {
@@ -85,6 +87,7 @@ impl EndpointMetrics {
     fn new(now: SystemTime) -> EndpointMetrics {
         let m = EndpointMetrics::default();
         m.healthy.set(1);
+        m.check.set(-1);
         m.changed.set(unix_seconds(now));
         m
     }
@@ -108,15 +111,40 @@ impl EndpointMetrics {
     /// One atomic load when nothing changes.
     #[inline]
     pub fn connect_succeeded(&self) {
-        if self.healthy.get() == 0 {
+        if self.healthy.get() == 0 && self.check.get() != 0 {
             self.healthy.set(1);
             self.changed.set(unix_seconds(SystemTime::now()));
         }
     }
 
-    /// 1 when usable, 0 after a failed connect (until one succeeds).
+    /// 1 when usable, 0 after a failed connect (until one succeeds) or
+    /// while the active health check finds it down.
     pub fn healthy(&self) -> i64 {
         self.healthy.get()
+    }
+
+    /// The active health check's verdict (`None`: the Service has none),
+    /// set at compile; healthy follows it.
+    pub fn set_check(&self, up: Option<bool>, now: SystemTime) {
+        let v = match up {
+            None => -1,
+            Some(true) => 1,
+            Some(false) => 0,
+        };
+        if self.check.get() == v {
+            return;
+        }
+        self.check.set(v);
+        let healthy = i64::from(up != Some(false));
+        if self.healthy.get() != healthy {
+            self.healthy.set(healthy);
+            self.changed.set(unix_seconds(now));
+        }
+    }
+
+    /// The active health check's verdict: 1 up, 0 down, -1 none.
+    pub fn check(&self) -> i64 {
+        self.check.get()
     }
 }
 
@@ -265,8 +293,17 @@ impl Collector for Endpoints {
         )?;
         family(
             e,
+            ENDPOINT_CHECK_UP,
+            "1 when the active health check (ringvip.io/health-check) finds the endpoint up, 0 when down; only for Services with one",
+            MetricType::Gauge,
+            all()
+                .filter(|(_, m)| m.check.get() >= 0)
+                .map(|(ep, m)| (Labels::of(ep), &m.check as &dyn EncodeMetric)),
+        )?;
+        family(
+            e,
             ENDPOINT_HEALTHY,
-            "1 when the endpoint is usable, 0 after a failed connect (passive health) until one succeeds",
+            "1 when the endpoint is usable, 0 after a failed connect (passive health) until one succeeds, or while its active health check finds it down",
             MetricType::Gauge,
             all().map(|(ep, m)| (Labels::of(ep), &m.healthy as &dyn EncodeMetric)),
         )?;

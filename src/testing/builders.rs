@@ -104,6 +104,7 @@ pub fn pod(namespace: &str, name: &str, addr: &str, labels: BTreeMap<String, Str
         hostname: None,
         subdomain: None,
         terminal: false,
+        readiness_probes: Vec::new(),
     }
 }
 
@@ -116,6 +117,7 @@ pub fn node(name: &str, nodeport_addresses: &[&str], local_addresses: &[&str]) -
         proxy_name: "ringvip".into(),
         nodeport_addresses: nodeport_addresses.iter().map(|a| ip(a)).collect(),
         local_addresses: local_addresses.iter().map(|a| ip(a)).collect(),
+        proxy_protocol_from: Vec::new(),
     }
 }
 

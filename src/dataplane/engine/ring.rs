@@ -29,6 +29,10 @@ pub enum Op {
     SendClient,
     /// Completions nobody waits for (cancels).
     Ignore,
+    /// Send to the backend what goes before the client's bytes: the PROXY
+    /// protocol header, and what an upstream balancer's client sent with
+    /// its own header.
+    SendFirst,
 }
 
 impl Op {
@@ -43,6 +47,7 @@ impl Op {
             7 => Op::SendBackend,
             8 => Op::SendClient,
             9 => Op::Ignore,
+            10 => Op::SendFirst,
             _ => return None,
         })
     }

@@ -19,7 +19,7 @@
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,7 @@ use crate::access_log::End;
 use crate::dataplane::connect::Retry;
 use crate::dataplane::flow::{resolve, FlowKey, Verdict};
 use crate::dataplane::limits::{IdleCheck, Kept};
+use crate::dataplane::proxy_protocol::{encode, HeaderBuf, MAX_HEADER_LEN};
 use crate::dataplane::session::{self, Session};
 use crate::dataplane::Shared;
 use crate::model::Protocol;
@@ -124,6 +125,10 @@ struct Conn {
     backend: Option<OwnedFd>,
     peer: SocketAddr,
     local: SocketAddr,
+    /// Bytes for the backend before the client's (PROXY header, then what
+    /// came with an upstream header), sent from `first_sent` on.
+    first: Vec<u8>,
+    first_sent: usize,
     fe: Arc<Frontend>,
     kept: Option<Kept>,
     session: Option<Session>,
@@ -211,6 +216,20 @@ fn peer_of(fd: RawFd) -> Option<SocketAddr> {
     SockRef::from(&b).peer_addr().ok()?.as_socket()
 }
 
+/// What a backend of `fe` gets before the client's bytes: `fe`'s PROXY
+/// header for a client at `src` that connected to `dst`, then `early` (client
+/// bytes that came with an upstream balancer's header). Empty for most.
+fn first_bytes(fe: &Frontend, src: SocketAddr, dst: SocketAddr, early: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    if let Some(version) = fe.proxy_protocol {
+        let mut buf: HeaderBuf = [0; MAX_HEADER_LEN];
+        let n = encode(version, src, dst, &mut buf);
+        out.extend_from_slice(buf.get(..n).unwrap_or_default());
+    }
+    out.extend_from_slice(early);
+    out
+}
+
 fn timespec(d: Duration) -> Timespec {
     Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos())
 }
@@ -232,6 +251,9 @@ pub struct Tcp {
     serial: u32,
     cqes: Vec<cqueue::Entry>,
     sweep: Vec<u32>,
+    /// The engine itself, for the tasks that read an upstream balancer's
+    /// PROXY header and then hand the connection back ([`Tcp::attach`]).
+    this: Weak<RefCell<Tcp>>,
 }
 
 impl Drop for Tcp {
@@ -264,7 +286,15 @@ impl Tcp {
             serial: 0,
             cqes: Vec::with_capacity(256),
             sweep: Vec::new(),
+            this: Weak::new(),
         })
+    }
+
+    /// Tells the engine its own handle, which connections from an upstream
+    /// balancer need (their header is read on the runtime, then they come
+    /// back here).
+    pub fn attach(engine: &Rc<RefCell<Tcp>>) {
+        engine.borrow_mut().this = Rc::downgrade(engine);
     }
 
     /// The ring's descriptor (readable when completions are waiting).
@@ -378,6 +408,7 @@ impl Tcp {
             Op::RecvBackend => self.on_recv(t.index, Dir::Down, res, cqe.flags()),
             Op::SendBackend => self.on_send(t.index, Dir::Up, res),
             Op::SendClient => self.on_send(t.index, Dir::Down, res),
+            Op::SendFirst => self.on_send_first(t.index, res),
             Op::Ignore => {}
         }
     }
@@ -434,11 +465,54 @@ impl Tcp {
             .push(ops::accept_multi(raw), Token::new(Op::Accept, id));
     }
 
-    /// A new client connection: resolve, admit, and start dialing.
+    /// A new client connection: resolve, admit, and start dialing (after
+    /// its PROXY header when it comes from a listed upstream balancer).
     fn accepted(&mut self, client: OwnedFd, local: SocketAddr) {
         let Some(peer) = peer_of(client.as_raw_fd()) else {
             return; // already gone
         };
+        let upstream = &self.shared.upstream;
+        if upstream.expects_header(&self.shared.snapshot, peer, local) {
+            self.read_upstream_header(client, peer, local);
+            return;
+        }
+        self.admit(client, peer, local, local, Vec::new());
+    }
+
+    /// Reads an upstream balancer's PROXY v2 header on the runtime (it may
+    /// take several reads), then serves the connection as from the client
+    /// the header names; a missing or bad header resets it.
+    fn read_upstream_header(&mut self, client: OwnedFd, peer: SocketAddr, local: SocketAddr) {
+        let (Some(engine), Ok(reader)) = (self.this.upgrade(), client.try_clone()) else {
+            set_linger_zero(client.as_raw_fd());
+            return;
+        };
+        let shared = self.shared.clone();
+        tokio_uring::spawn(async move {
+            let stream = tokio_uring::net::TcpStream::from_std(reader.into());
+            let got = shared.upstream.read_header(&stream).await;
+            drop(stream);
+            let Some(a) = got else {
+                set_linger_zero(client.as_raw_fd());
+                return;
+            };
+            let (peer, origin) = a.addrs.unwrap_or((peer, local));
+            let mut tcp = engine.borrow_mut();
+            tcp.admit(client, peer, local, origin, a.early);
+            let _ = tcp.ring.submit();
+        });
+    }
+
+    /// Resolves and admits a client connection from `peer` to `local`, and
+    /// starts dialing. `origin` and `early` come from an upstream header.
+    fn admit(
+        &mut self,
+        client: OwnedFd,
+        peer: SocketAddr,
+        local: SocketAddr,
+        origin: SocketAddr,
+        early: Vec<u8>,
+    ) {
         let key = FlowKey {
             src: peer,
             dst: local,
@@ -458,6 +532,7 @@ impl Tcp {
             session::refused(&self.shared, &fe, peer, local, End::Limit);
             return;
         };
+        let first = first_bytes(&fe, peer, origin, &early);
         let kept = slot.keep();
         self.serial = self.serial.wrapping_add(1);
         let conn = Conn {
@@ -467,6 +542,8 @@ impl Tcp {
             backend: None,
             peer,
             local,
+            first,
+            first_sent: 0,
             fe,
             kept: Some(kept),
             session: None,
@@ -578,9 +655,56 @@ impl Tcp {
             c.local,
             ep,
         ));
-        // The backend is connected and nothing was written to it yet: a
-        // header to send before the client's bytes (PROXY protocol) goes
-        // here, as the first send of direction 0.
+        // The backend is connected and nothing was written to it yet: what
+        // goes before the client's bytes is sent first, and the relay starts
+        // once it is out.
+        if c.first.is_empty() {
+            self.arm_recv(i, Dir::Up);
+            self.arm_recv(i, Dir::Down);
+        } else {
+            self.send_first(i);
+        }
+    }
+
+    /// Sends (the rest of) connection `i`'s first bytes to its backend.
+    fn send_first(&mut self, i: u32) {
+        let Some(c) = self.conns.get_mut(i) else {
+            return;
+        };
+        let (Some(backend), Some(rest)) = (c.backend.as_ref(), c.first.get(c.first_sent..)) else {
+            return;
+        };
+        let fd = backend.as_raw_fd();
+        let len = rest.len() as u32;
+        c.inflight += 1;
+        // The Vec is neither touched nor dropped while the send is in flight
+        // (a connection is freed only with nothing in flight).
+        self.ring.push(
+            ops::send(fd, rest.as_ptr(), len),
+            Token::new(Op::SendFirst, i),
+        );
+    }
+
+    fn on_send_first(&mut self, i: u32, res: i32) {
+        let Some(c) = self.conns.get_mut(i) else {
+            return;
+        };
+        c.inflight -= 1;
+        if c.end.is_some() {
+            self.free_if_done(i);
+            return;
+        }
+        if res <= 0 {
+            tracing::debug!(client = %c.peer, error = %std::io::Error::from_raw_os_error(-res), "first bytes to the backend not written");
+            self.reset(i, End::Reset);
+            return;
+        }
+        c.first_sent += res as usize;
+        if c.first_sent < c.first.len() {
+            self.send_first(i);
+            return;
+        }
+        c.first = Vec::new();
         self.arm_recv(i, Dir::Up);
         self.arm_recv(i, Dir::Down);
     }

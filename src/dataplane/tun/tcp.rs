@@ -11,7 +11,7 @@ use super::ctx::Ctx;
 use super::packet::ConnKey;
 use super::stack::{Refusal, SynVerdict};
 use crate::access_log::End;
-use crate::dataplane::connect::connect;
+use crate::dataplane::connect::{connect, proxy_header};
 use crate::dataplane::session::{self, Session};
 use crate::state::Frontend;
 
@@ -32,7 +32,14 @@ async fn open(ctx: Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>) {
         session::refused(&ctx.shared, &fe, key.0, key.1, End::Limit);
         return;
     };
-    let (backend, ep) = match connect(&fe, key.0.ip(), &ctx.shared, &ctx.rng).await {
+    let connected = match connect(&fe, key.0.ip(), &ctx.shared, &ctx.rng).await {
+        Ok((backend, ep)) => proxy_header(&fe, &backend, key.0, key.1)
+            .await
+            .map(|()| (backend, ep))
+            .map_err(|e| format!("PROXY header to {ep} not written: {e}")),
+        Err(e) => Err(e.to_string()),
+    };
+    let (backend, ep) = match connected {
         Ok(connected) => connected,
         Err(e) => {
             tracing::debug!(client = %key.0, "{e}");

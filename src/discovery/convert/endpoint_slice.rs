@@ -128,6 +128,12 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
             .and_then(|h| h.for_zones.as_ref())
             .filter(|z| !z.is_empty())
             .map(|z| z.iter().map(|fz| fz.name.clone()).collect());
+        let node_hints = ep
+            .hints
+            .as_ref()
+            .and_then(|h| h.for_nodes.as_ref())
+            .filter(|n| !n.is_empty())
+            .map(|n| n.iter().map(|fnode| fnode.name.clone()).collect());
         endpoints.push(Endpoint {
             ip,
             ready: cond.and_then(|c| c.ready).unwrap_or(true),
@@ -136,6 +142,7 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
             node_name: ep.node_name.clone().filter(|s| !s.is_empty()),
             zone: ep.zone.clone().filter(|s| !s.is_empty()),
             zone_hints,
+            node_hints,
             hostname: ep.hostname.clone().filter(|s| !s.is_empty()),
         });
     }

@@ -18,6 +18,7 @@ mod endpoint_slice;
 pub(crate) mod endpoints;
 mod node;
 mod pod;
+pub(crate) mod probe;
 mod service;
 #[cfg(test)]
 mod tests;

@@ -45,7 +45,16 @@ pub fn pod(pod: &core::Pod) -> Result<Pod, ConvertError> {
         .any(|c| c.type_ == "Ready" && c.status == "True");
 
     let mut container_ports = Vec::new();
+    let mut readiness_probes = Vec::new();
     if let Some(spec) = &pod.spec {
+        for (i, c) in spec.containers.iter().enumerate() {
+            if let Some(p) = &c.readiness_probe {
+                let f = format!("spec.containers[{i}].readinessProbe");
+                if let Some(p) = super::probe::probe(p, c, &f, &mut errs) {
+                    readiness_probes.push(p);
+                }
+            }
+        }
         let sidecars = spec
             .init_containers
             .as_deref()
@@ -96,6 +105,7 @@ pub fn pod(pod: &core::Pod) -> Result<Pod, ConvertError> {
             status.and_then(|s| s.phase.as_deref()),
             Some("Succeeded" | "Failed")
         ),
+        readiness_probes,
     };
     errs.finish(Kind::Pod, key, value)
 }

@@ -16,7 +16,7 @@ use super::{
 use crate::config::Limits;
 use crate::model::{
     AddressFamily, Affinity, Kind, Protocol, Service, ServicePort, ServiceType, SkippedPort,
-    TargetPort, TrafficPolicy, DEFAULT_AFFINITY_TIMEOUT,
+    TargetPort, TrafficDistribution, TrafficPolicy, DEFAULT_AFFINITY_TIMEOUT,
 };
 
 /// Converts and validates a `v1 Service`.
@@ -41,7 +41,7 @@ pub fn service(svc: &core::Service, limits: &Limits) -> Result<Service, ConvertE
     };
     let (cluster_ips, headless) = typed.cluster_ips(e);
     let (ports, skipped_ports) = typed.ports(headless, e);
-    let options = annotations::options(&svc.metadata, e);
+    let options = annotations::options(svc.metadata.annotations.as_ref(), e);
     let external_ips = external_ips(spec, e);
     let load_balancer_ips = load_balancer_ips(svc, e);
     let source_ranges = source_ranges(spec, e);
@@ -71,10 +71,21 @@ pub fn service(svc: &core::Service, limits: &Limits) -> Result<Service, ConvertE
         publish_not_ready: spec.publish_not_ready_addresses.unwrap_or(false),
         proxy_name: label(&svc.metadata, LABEL_SERVICE_PROXY_NAME).map(str::to_string),
         headless_label: label(&svc.metadata, LABEL_HEADLESS).is_some(),
+        traffic_distribution: traffic_distribution(spec),
         options,
         skipped_ports,
     };
     errs.finish(Kind::Service, key, value)
+}
+
+/// `spec.trafficDistribution`: values the EndpointSlice controller of
+/// Kubernetes 1.34 knows; any other value is ignored, as there.
+fn traffic_distribution(spec: &core::ServiceSpec) -> Option<TrafficDistribution> {
+    match spec.traffic_distribution.as_deref()? {
+        "PreferSameNode" => Some(TrafficDistribution::PreferSameNode),
+        "PreferSameZone" | "PreferClose" => Some(TrafficDistribution::PreferSameZone),
+        _ => None,
+    }
 }
 
 /// What the field groups that depend on the Service's type read.

@@ -478,3 +478,112 @@ fn sctp_ports_are_set_aside_and_the_others_kept() {
     assert_eq!(sl.ports.len(), 1);
     assert_eq!(sl.ports[0].name, "http");
 }
+
+#[test]
+fn node_hints_and_traffic_distribution() {
+    let s = web_slice("addressType: IPv4\nendpoints:\n- addresses: [10.244.1.10]\n  hints:\n    forNodes: [{name: node-a}]\n    forZones: [{name: z1}]\n- addresses: [10.244.1.11]\n  hints: {forNodes: []}\n");
+    assert_eq!(s.endpoints[0].node_hints, Some(vec!["node-a".to_string()]));
+    assert_eq!(s.endpoints[1].node_hints, None, "empty hints are no hints");
+    let td = |v: &str| {
+        web(&format!(
+            "  clusterIP: 10.96.2.3\n  trafficDistribution: {v}\n  ports:\n  - port: 80\n"
+        ))
+        .traffic_distribution
+    };
+    assert_eq!(
+        td("PreferSameNode"),
+        Some(TrafficDistribution::PreferSameNode)
+    );
+    assert_eq!(
+        td("PreferSameZone"),
+        Some(TrafficDistribution::PreferSameZone)
+    );
+    assert_eq!(td("PreferClose"), Some(TrafficDistribution::PreferSameZone));
+    assert_eq!(td("Whatever"), None, "unknown values are ignored");
+}
+
+/// A Pod named p whose first container has `probe` (YAML, indented 6) as
+/// its readinessProbe and a port named http at 8080.
+fn probe_pod(probe: &str) -> Result<Pod, ConvertError> {
+    let yaml = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\nspec:\n  containers:\n  - name: c\n    ports:\n    - name: http\n      containerPort: 8080\n    readinessProbe:\n{probe}"
+    );
+    pod(&k8s(&yaml))
+}
+
+#[test]
+fn readiness_probes_with_the_api_servers_defaults() {
+    let p = probe_pod(
+        "      httpGet: {port: http, path: healthz, httpHeaders: [{name: X-A, value: b}]}\n",
+    )
+    .unwrap();
+    assert_eq!(
+        p.readiness_probes,
+        vec![Probe {
+            action: ProbeAction::Http {
+                host: None,
+                port: 8080,
+                path: "/healthz".into(),
+                headers: vec![("X-A".into(), "b".into())],
+            },
+            initial_delay: Duration::ZERO,
+            period: Duration::from_secs(10),
+            timeout: Duration::from_secs(1),
+            success_threshold: 1,
+            failure_threshold: 3,
+        }]
+    );
+    let p = probe_pod("      tcpSocket: {port: 9000}\n      initialDelaySeconds: 5\n      periodSeconds: 2\n      timeoutSeconds: 3\n      successThreshold: 2\n      failureThreshold: 4\n").unwrap();
+    let pr = &p.readiness_probes[0];
+    assert_eq!(
+        pr.action,
+        ProbeAction::Tcp {
+            host: None,
+            port: 9000
+        }
+    );
+    assert_eq!(
+        (
+            pr.initial_delay,
+            pr.period,
+            pr.timeout,
+            pr.success_threshold,
+            pr.failure_threshold
+        ),
+        (
+            Duration::from_secs(5),
+            Duration::from_secs(2),
+            Duration::from_secs(3),
+            2,
+            4
+        )
+    );
+    let p = probe_pod("      grpc: {port: 9090}\n").unwrap();
+    assert_eq!(
+        p.readiness_probes[0].action,
+        ProbeAction::Grpc {
+            port: 9090,
+            service: String::new()
+        }
+    );
+}
+
+#[test]
+fn exec_and_bad_probes_are_refused_clearly() {
+    let e = probe_pod("      exec: {command: [cat, /tmp/ready]}\n").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "Pod default/p: spec.containers[0].readinessProbe.exec: {}",
+            probe::EXEC_UNSUPPORTED
+        )
+    );
+    let e = probe_pod("      httpGet: {port: metrics, scheme: HTTPS}\n      periodSeconds: -1\n")
+        .unwrap_err();
+    let msgs: Vec<String> = e.errors.iter().map(ToString::to_string).collect();
+    assert_eq!(msgs, vec![
+        "spec.containers[0].readinessProbe.httpGet.scheme: scheme \"HTTPS\" is not supported by ringvip's prober (only HTTP)",
+        "spec.containers[0].readinessProbe.httpGet.port: no container port named \"metrics\" in this container",
+        "spec.containers[0].readinessProbe.periodSeconds: -1 must be at least 1",
+    ]);
+}

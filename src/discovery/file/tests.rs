@@ -731,6 +731,7 @@ fn annotation_examples_load_with_their_options() {
     let opts = |balance, slow_start| ServiceOptions {
         balance,
         slow_start,
+        ..ServiceOptions::default()
     };
     assert_eq!(
         options,

@@ -21,8 +21,8 @@ use crate::model::{
     AddressFamily, Affinity, Balance, EndpointSlice, ObjectKey, Protocol, Service, ServicePort,
     ServiceType, SkippedPort, TrafficPolicy,
 };
-use crate::state::store::{Dirty, Store};
-use crate::state::topology::{categorize, Candidate, Usable};
+use crate::state::store::{CheckedState, Dirty, Store};
+use crate::state::topology::{categorize, Candidate, Place, Usable};
 use crate::telemetry::{
     EndpointLease, EndpointMetrics, FrontendLabels, Gauge, Metrics, PortLabels, PortMetrics,
 };
@@ -72,12 +72,15 @@ impl PortEndpoints {
 
 /// Merges the slices of one Service port into candidates of one family
 /// (kube-proxy endpointslicecache): first address only, duplicates by ip:port keep
-/// the non-terminating copy, slices of the other family ignored.
+/// the non-terminating copy, slices of the other family ignored. An endpoint
+/// the Service's health check found `down` is neither ready nor serving, so it
+/// leaves the usable set as a not-ready one does.
 fn merge(
     slices: &[&EndpointSlice],
     sp: &ServicePort,
     family: AddressFamily,
     node_name: &str,
+    down: &dyn Fn(SocketAddr) -> bool,
 ) -> Vec<Candidate<SocketAddr>> {
     let mut out: Vec<Candidate<SocketAddr>> = Vec::new();
     let mut index: HashMap<SocketAddr, usize> = HashMap::new();
@@ -89,13 +92,16 @@ fn merge(
             if AddressFamily::of(&ep.ip) != family {
                 continue;
             }
+            let addr = SocketAddr::new(ep.ip, port);
+            let up = !down(addr);
             let c = Candidate {
-                addr: SocketAddr::new(ep.ip, port),
-                ready: ep.ready,
-                serving: ep.serving,
+                addr,
+                ready: ep.ready && up,
+                serving: ep.serving && up,
                 terminating: ep.terminating,
                 local: ep.node_name.as_deref() == Some(node_name),
                 zone_hints: ep.zone_hints.clone(),
+                node_hints: ep.node_hints.clone(),
             };
             match index.get(&c.addr).and_then(|&i| out.get_mut(i)) {
                 Some(seen) => {
@@ -292,6 +298,11 @@ impl<'a> Compiler<'a> {
             endpoint_metrics,
             balancer,
             warmup,
+            proxy_protocol: if sp.protocol == Protocol::Tcp {
+                svc.options.proxy_protocol
+            } else {
+                None
+            },
         };
         // 127.0.0.0/8 is routed locally as a whole on Linux, not just 127.0.0.1.
         let local = addr.ip().is_loopback() || self.local.contains(&addr.ip());
@@ -306,7 +317,12 @@ impl<'a> Compiler<'a> {
                 addr,
                 proto: sp.protocol,
                 mode,
-                allow: fe.source_ranges.iter().copied().collect(),
+                allow: if fe.source_ranges.is_empty() {
+                    Arc::new([])
+                } else {
+                    let upstream = self.ctx.proxy_protocol_from.iter();
+                    fe.source_ranges.iter().chain(upstream).copied().collect()
+                },
             });
         }
         self.out.frontends.push((key, Arc::new(fe), listener));
@@ -334,7 +350,14 @@ impl<'a> Compiler<'a> {
         zone: Option<&str>,
         joined: &mut Joined,
         warned: &mut HashMap<ObjectKey, Vec<SkippedPort>>,
+        checked: &CheckedState,
     ) {
+        let checks = svc.options.health_check.is_some();
+        let down = |a: SocketAddr| checks && checked.is_down(&svc.key, a);
+        let place = Place {
+            node: &self.ctx.node_name,
+            zone,
+        };
         let mut local_ready: BTreeSet<IpAddr> = BTreeSet::new();
         let mut warm_sets = Vec::new();
         self.out.skipped_ports = svc.skipped_ports.len();
@@ -356,8 +379,8 @@ impl<'a> Compiler<'a> {
         }
         for sp in &svc.ports {
             self.maglev.clear();
-            let v4 = merge(slices, sp, AddressFamily::V4, &self.ctx.node_name);
-            let v6 = merge(slices, sp, AddressFamily::V6, &self.ctx.node_name);
+            let v4 = merge(slices, sp, AddressFamily::V4, &self.ctx.node_name, &down);
+            let v6 = merge(slices, sp, AddressFamily::V6, &self.ctx.node_name, &down);
             for c in v4.iter().chain(&v6).filter(|c| c.local && c.ready) {
                 local_ready.insert(c.addr.ip());
             }
@@ -365,6 +388,7 @@ impl<'a> Compiler<'a> {
                 Arc::new(PortCandidates {
                     endpoints: c.into(),
                     zone: zone.map(str::to_string),
+                    node: self.ctx.node_name.clone(),
                 })
             };
             let labels = PortLabels {
@@ -381,12 +405,16 @@ impl<'a> Compiler<'a> {
             let mut endpoints = HashMap::with_capacity(v4.len() + v6.len());
             for c in v4.iter().chain(&v6) {
                 let lease = self.metrics.endpoint(&labels, c.addr);
+                let check = checks.then(|| !down(c.addr));
+                lease
+                    .metrics()
+                    .set_check(check, std::time::SystemTime::now());
                 endpoints.insert(c.addr, lease.metrics().clone());
                 self.out.leases.push(lease);
             }
             let mut eps = PortEndpoints {
-                v4: categorize(&v4, zone),
-                v6: categorize(&v6, zone),
+                v4: categorize(&v4, place),
+                v6: categorize(&v6, place),
                 all_v4: all(v4),
                 all_v6: all(v6),
                 warmup: Default::default(),
@@ -599,7 +627,14 @@ impl Store {
                         }
                     };
                     c.out = ServiceOut::default();
-                    c.service(svc, slices, zone, &mut cache.joined, &mut cache.warned);
+                    c.service(
+                        svc,
+                        slices,
+                        zone,
+                        &mut cache.joined,
+                        &mut cache.warned,
+                        &self.checked,
+                    );
                     let out = Arc::new(std::mem::take(&mut c.out));
                     cache.services.insert(svc.key.clone(), out.clone());
                     out
@@ -681,7 +716,14 @@ impl Store {
                 .filter(|s| s.service_name == k.name && s.key.namespace == k.namespace)
                 .collect();
             c.out = ServiceOut::default();
-            c.service(svc, &slices, zone, &mut cache.joined, &mut cache.warned);
+            c.service(
+                svc,
+                &slices,
+                zone,
+                &mut cache.joined,
+                &mut cache.warned,
+                &self.checked,
+            );
             let out = Arc::new(std::mem::take(&mut c.out));
             cache.services.insert(k.clone(), out.clone());
             for (key, fe, listener) in &out.frontends {

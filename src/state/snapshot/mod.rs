@@ -36,6 +36,10 @@ pub struct NodeContext {
     /// Every address assigned to this host (LB IPs and externalIPs are served
     /// only when local).
     pub local_addresses: Vec<IpAddr>,
+    /// `--proxy-protocol-from`: upstream balancers always pass the kernel
+    /// source filter of LB IPs; the client their header names is checked
+    /// against `loadBalancerSourceRanges` instead.
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
 }
 
 /// A frontend's identity: where the client sent the flow.
@@ -113,6 +117,9 @@ pub struct Frontend {
     /// Slow start (`ringvip.io/slow-start-seconds`): when each of
     /// `endpoints` joined, while one of them is in its window at compile.
     pub warmup: Option<Arc<Warmup>>,
+    /// PROXY protocol header written to backends before the client's bytes
+    /// (`ringvip.io/proxy-protocol`; TCP frontends only).
+    pub proxy_protocol: Option<crate::model::ProxyProtocol>,
 }
 
 /// A Service port's merged endpoints of one address family before policy
@@ -123,6 +130,18 @@ pub struct PortCandidates {
     pub endpoints: Box<[Candidate<SocketAddr>]>,
     /// This node's zone at compile (topology hints are matched against it).
     pub zone: Option<String>,
+    /// This node's name at compile (node hints are matched against it).
+    pub node: String,
+}
+
+impl PortCandidates {
+    /// Where the compile placed this node, for [`crate::state::explain_endpoint`].
+    pub fn place(&self) -> crate::state::topology::Place<'_> {
+        crate::state::topology::Place {
+            node: &self.node,
+            zone: self.zone.as_deref(),
+        }
+    }
 }
 
 impl Frontend {

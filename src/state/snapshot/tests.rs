@@ -624,6 +624,7 @@ fn balanced(balance: Balance, slow_start: Option<Duration>, ips: &[&str]) -> Vec
     s.options = ServiceOptions {
         balance,
         slow_start,
+        ..ServiceOptions::default()
     };
     let eps = ips.iter().map(|ip| up(ip, "node-b")).collect();
     vec![Object::Service(s), sliced("web-1", "web", eps)]
