@@ -82,7 +82,7 @@ fn algorithms(c: &mut Criterion) {
     for (name, b) in &algos {
         for (suffix, warmup) in [("", None), ("_slow_start", warm.as_ref())] {
             let mut client = 0u32;
-            c.bench_function(&format!("pick/{name}_10{suffix}"), |bench| {
+            c.bench_function(&format!("choose/{name}_10{suffix}"), |bench| {
                 bench.iter(|| {
                     client = client.wrapping_add(1);
                     let inp = Inputs {
