@@ -68,18 +68,29 @@ impl DnsServer {
         upstream: Option<SocketAddr>,
         metrics: DnsMetrics,
     ) -> Result<Self, ServerError> {
-        let udp = UdpSocket::bind(addr)
-            .await
-            .map_err(|source| ServerError::Udp { addr, source })?;
-        let bound = udp
-            .local_addr()
-            .map_err(|source| ServerError::Udp { addr, source })?;
-        let tcp = TcpListener::bind(bound)
-            .await
-            .map_err(|source| ServerError::Tcp {
-                addr: bound,
-                source,
-            })?;
+        // With port 0 the kernel picks the UDP port, and TCP must take the
+        // same one, which another TCP socket may hold: pick again then.
+        let tries = if addr.port() == 0 { PORT_PICKS } else { 1 };
+        let mut attempt = 0;
+        let (udp, tcp) = loop {
+            attempt += 1;
+            let udp = UdpSocket::bind(addr)
+                .await
+                .map_err(|source| ServerError::Udp { addr, source })?;
+            let bound = udp
+                .local_addr()
+                .map_err(|source| ServerError::Udp { addr, source })?;
+            match TcpListener::bind(bound).await {
+                Ok(tcp) => break (udp, tcp),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempt < tries => {}
+                Err(source) => {
+                    return Err(ServerError::Tcp {
+                        addr: bound,
+                        source,
+                    })
+                }
+            }
+        };
         Ok(Self {
             udp: Arc::new(udp),
             tcp,
@@ -118,6 +129,10 @@ impl DnsServer {
         ));
     }
 }
+
+/// How often [`DnsServer::bind`] picks a port again when asked for port 0
+/// and the TCP side of the picked one is taken.
+const PORT_PICKS: u32 = 16;
 
 static ROTATE: AtomicUsize = AtomicUsize::new(0);
 
