@@ -7,8 +7,10 @@ hold HOST PORT N                    open N HTTP keep-alive connections (one GET 
                                     hold them idle; print "holding K" (K answered) when done
 lat HOST PORT RATE SECS CONNS       HTTP/1.1 GETs over CONNS persistent connections, paced to
                                     RATE requests/s in total; print "p50_us p99_us"
-table RESULTS REPS                  aggregate "measure<TAB>candidate<TAB>value" lines into the
-                                    markdown table (min/median/max, ratios of medians)
+table RESULTS REPS                  aggregate "measure candidate value" lines into the
+                                    markdown table (min/median/max, ratios of medians), and
+                                    "cpu measure candidate ticks softirq busy units hz" lines
+                                    into CPU seconds per GB / per 100k connections
 """
 import asyncio
 import selectors
@@ -155,11 +157,84 @@ CANDIDATES = [
 ]
 
 
+# Traffic measures whose runs also record CPU (benches/compare's meter_end):
+# the unit a run's bytes or connections are counted in.
+CPU_UNITS = {
+    "bulk1up": ("GB", 1e9), "bulk1down": ("GB", 1e9),
+    "bulk8up": ("GB", 1e9), "bulk8down": ("GB", 1e9),
+    "cps": ("100k connections", 1e5),
+}
+
+
+def cpu_table(runs):
+    """The CPU table from "cpu MEASURE CAND TICKS SIRQ BUSY UNITS HZ" runs.
+
+    A candidate's figure is its own processes' CPU plus the machine's softirq
+    time beyond the direct run's (the median of direct's per unit): the work a
+    path adds that can be pinned on it even on a shared machine. For DNAT that
+    is all it shows. The last column, the machine's busy time beyond direct's,
+    catches the kernel work done in other tasks' context too (DNAT's above
+    all), but also anyone else's load."""
+    per = {}  # (measure, cand) -> [(process, softirq, busy) seconds per unit]
+    for measure, cand, ticks, sirq, busy, units, hz in runs:
+        scale = CPU_UNITS[measure][1] / units / hz
+        per.setdefault((measure, cand), []).append((ticks * scale, sirq * scale, busy * scale))
+    if not per:
+        return
+    yield ""
+    yield ("| CPU seconds per unit | candidate | process + softirq beyond direct "
+           "(min / median / max) | ×HAProxy | process alone | machine busy beyond direct |")
+    yield "| --- | --- | --- | --- | --- | --- |"
+    for key, label, _, _ in MEASURES:
+        if key not in CPU_UNITS:
+            continue
+        unit = CPU_UNITS[key][0]
+        base = per.get((key, "direct"), [])
+        base_sirq = statistics.median(s for _, s, _ in base) if base else 0.0
+        base_busy = statistics.median(b for _, _, b in base) if base else None
+        totals = {c: [p + max(0.0, s - base_sirq) for p, s, _ in per[(key, c)]]
+                  for c, _ in CANDIDATES if c != "direct" and (key, c) in per}
+        med = {c: statistics.median(v) for c, v in totals.items()}
+        if base:
+            yield (f"| per {unit}, {label} | direct (the baseline) | softirq **{num(base_sirq)}** | — "
+                   f"| — | busy {num(base_busy)} |")
+        for c, name in CANDIDATES:
+            if c not in totals:
+                continue
+            v = totals[c]
+            proc = statistics.median(p for p, _, _ in per[(key, c)])
+            busy = "—"
+            if base_busy is not None:
+                busy = num(max(0.0, statistics.median(b for _, _, b in per[(key, c)]) - base_busy))
+            yield (f"| per {unit}, {label} | {name} | {num(min(v))} / **{num(med[c])}** / "
+                   f"{num(max(v))} | {ratio(med, c, 'haproxy')} | {num(proc)} | {busy} |")
+
+
+def num(v):
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def ratio(med, c, ref):
+    if c not in med or ref not in med or not med[ref] or c == ref:
+        return "—"
+    return f"{med[c] / med[ref]:.2f}"
+
+
 def table(path, reps):
-    data = {}
+    data, runs = {}, []
     with open(path) as f:
         for line in f:
             parts = line.split()
+            if len(parts) == 8 and parts[0] == "cpu" and parts[1] in CPU_UNITS:
+                try:
+                    runs.append((parts[1], parts[2], *map(float, parts[3:])))
+                except ValueError:
+                    pass
+                continue
             if len(parts) != 3:
                 continue
             try:
@@ -169,31 +244,20 @@ def table(path, reps):
             if v == v:  # skip nan
                 data.setdefault((parts[0], parts[1]), []).append(v)
 
-    def num(v):
-        if v >= 100:
-            return f"{v:.0f}"
-        if v >= 10:
-            return f"{v:.1f}"
-        return f"{v:.2f}"
-
     print("| measure | candidate | min / median / max | ×HAProxy | ×nginx | ×direct |")
     print("| --- | --- | --- | --- | --- | --- |")
     for key, label, unit, _ in MEASURES:
         med = {c: statistics.median(data[(key, c)]) for c, _ in CANDIDATES if data.get((key, c))}
-
-        def ratio(c, ref):
-            if c not in med or ref not in med or not med[ref] or c == ref:
-                return "—"
-            return f"{med[c] / med[ref]:.2f}"
-
         for c, name in CANDIDATES:
             v = data.get((key, c))
             if not v:
                 continue
             n = f" (n={len(v)})" if len(v) != int(reps) else ""
             cell = f"{num(min(v))} / **{num(statistics.median(v))}** / {num(max(v))}{n}"
-            print(f"| {label} ({unit}) | {name} | {cell} | {ratio(c, 'haproxy')} | "
-                  f"{ratio(c, 'nginx')} | {ratio(c, 'direct')} |")
+            print(f"| {label} ({unit}) | {name} | {cell} | {ratio(med, c, 'haproxy')} | "
+                  f"{ratio(med, c, 'nginx')} | {ratio(med, c, 'direct')} |")
+    for row in cpu_table(runs):
+        print(row)
 
 
 cmd, args = sys.argv[1], sys.argv[2:]
