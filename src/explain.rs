@@ -21,6 +21,7 @@ use crate::dataplane::flow::{decide, FlowKey, Verdict};
 use crate::dataplane::limits::ConnLimits;
 use crate::model::{Protocol, TrafficPolicy};
 use crate::state::{explain_endpoint, EmptyAction, Frontend, FrontendKind, Snapshot};
+use crate::status::{kind_name, when_empty_name, FrontendOf};
 
 /// Path of the explain endpoint on the metrics (admin) address:
 /// `GET /api/explain?client=IP&to=VIP:PORT&proto=tcp|udp`.
@@ -169,14 +170,9 @@ pub struct Explanation {
 /// The frontend a flow matched.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FrontendExplained {
-    /// Service namespace.
-    pub namespace: String,
-    /// Service name.
-    pub service: String,
-    /// Service port name (may be empty).
-    pub port: String,
-    /// `ClusterIP`, `NodePort`, `LoadBalancer` or `ExternalIP`.
-    pub kind: String,
+    /// The Service port it serves.
+    #[serde(flatten)]
+    pub of: FrontendOf,
     /// `internalTrafficPolicy` (ClusterIPs) or `externalTrafficPolicy`.
     pub policy_field: String,
     /// `Cluster` or `Local`.
@@ -229,15 +225,6 @@ pub struct AffinityExplained {
     /// Whether the next pick keeps it (still eligible and not backed off
     /// while another is healthy).
     pub kept: bool,
-}
-
-fn kind_name(k: FrontendKind) -> &'static str {
-    match k {
-        FrontendKind::ClusterIp => "ClusterIP",
-        FrontendKind::NodePort => "NodePort",
-        FrontendKind::LoadBalancer => "LoadBalancer",
-        FrontendKind::ExternalIp => "ExternalIP",
-    }
 }
 
 fn policy_name(p: TrafficPolicy) -> &'static str {
@@ -361,10 +348,7 @@ fn same_address(snap: &Snapshot, ip: IpAddr, cluster_ips: bool) -> Vec<String> {
 
 fn frontend_explained(fe: &Frontend) -> FrontendExplained {
     FrontendExplained {
-        namespace: fe.service.namespace.clone(),
-        service: fe.service.name.clone(),
-        port: fe.port_name.clone(),
-        kind: kind_name(fe.kind).into(),
+        of: FrontendOf::of(fe),
         policy_field: if fe.kind == FrontendKind::ClusterIp {
             "internalTrafficPolicy"
         } else {
@@ -375,11 +359,7 @@ fn frontend_explained(fe: &Frontend) -> FrontendExplained {
         zone: fe.candidates.zone.clone(),
         affinity_timeout_secs: fe.affinity.map(|t| t.as_secs()),
         source_ranges: fe.source_ranges.iter().map(ToString::to_string).collect(),
-        when_empty: match fe.when_empty {
-            EmptyAction::Refuse => "refuse",
-            EmptyAction::Drop => "drop",
-        }
-        .into(),
+        when_empty: when_empty_name(fe).into(),
     }
 }
 
@@ -565,15 +545,15 @@ pub fn render(e: &Explanation) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "flow:      {} → {}/{}", e.client, e.to, e.protocol);
     if let Some(f) = &e.frontend {
-        let port = if f.port.is_empty() {
+        let port = if f.of.port.is_empty() {
             String::new()
         } else {
-            format!(" port {}", f.port)
+            format!(" port {}", f.of.port)
         };
         let _ = writeln!(
             s,
             "frontend:  {}/{}{port} ({}), {} {}",
-            f.namespace, f.service, f.kind, f.policy_field, f.policy
+            f.of.namespace, f.of.service, f.of.kind, f.policy_field, f.policy
         );
         if let Some(t) = f.affinity_timeout_secs {
             let _ = writeln!(s, "           sessionAffinity ClientIP, timeout {t} s");

@@ -11,12 +11,13 @@ use serde::{Deserialize, Serialize};
 use crate::admin::API_FRONTENDS_PATH;
 use crate::balance::PassiveHealth;
 use crate::probe::CheckTable;
-use crate::state::{EmptyAction, FrontendKind, Snapshot};
+use crate::state::{EmptyAction, Frontend, FrontendKind, Snapshot};
 use crate::telemetry::{ConnectFailure, Traffic};
 
-/// One frontend as `status` reports it.
+/// Which Service port a frontend serves, as `status` and `explain` both
+/// report it (flattened into their JSON rows).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FrontendStatus {
+pub struct FrontendOf {
     /// Namespace of the Service.
     pub namespace: String,
     /// Name of the Service.
@@ -27,6 +28,45 @@ pub struct FrontendStatus {
     pub protocol: String,
     /// `ClusterIP`, `NodePort`, `LoadBalancer` or `ExternalIP`.
     pub kind: String,
+}
+
+impl FrontendOf {
+    /// The Service port `fe` serves.
+    pub fn of(fe: &Frontend) -> Self {
+        FrontendOf {
+            namespace: fe.service.namespace.clone(),
+            service: fe.service.name.clone(),
+            port: fe.port_name.clone(),
+            protocol: fe.proto.as_str().into(),
+            kind: kind_name(fe.kind).into(),
+        }
+    }
+}
+
+/// What a frontend does with no usable endpoint: `refuse` or `drop`.
+pub fn when_empty_name(fe: &Frontend) -> &'static str {
+    match fe.when_empty {
+        EmptyAction::Refuse => "refuse",
+        EmptyAction::Drop => "drop",
+    }
+}
+
+/// A frontend kind as Kubernetes users name it.
+pub fn kind_name(k: FrontendKind) -> &'static str {
+    match k {
+        FrontendKind::ClusterIp => "ClusterIP",
+        FrontendKind::NodePort => "NodePort",
+        FrontendKind::LoadBalancer => "LoadBalancer",
+        FrontendKind::ExternalIp => "ExternalIP",
+    }
+}
+
+/// One frontend as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrontendStatus {
+    /// The Service port it serves.
+    #[serde(flatten)]
+    pub of: FrontendOf,
     /// Address and port clients use.
     pub address: String,
     /// Usable endpoints after policy filtering.
@@ -104,15 +144,6 @@ impl PortTraffic {
     }
 }
 
-fn kind_name(k: FrontendKind) -> &'static str {
-    match k {
-        FrontendKind::ClusterIp => "ClusterIP",
-        FrontendKind::NodePort => "NodePort",
-        FrontendKind::LoadBalancer => "LoadBalancer",
-        FrontendKind::ExternalIp => "ExternalIP",
-    }
-}
-
 /// Every frontend of a snapshot that is served, sorted by Service, port and
 /// address: ClusterIP frontends only with `cluster_ips` (a TUN device
 /// captures them; without one nothing reaches them).
@@ -127,11 +158,7 @@ pub fn frontends(
         .frontends()
         .filter(|(_, fe)| cluster_ips || fe.kind != FrontendKind::ClusterIp)
         .map(|(key, fe)| FrontendStatus {
-            namespace: fe.service.namespace.clone(),
-            service: fe.service.name.clone(),
-            port: fe.port_name.clone(),
-            protocol: fe.proto.as_str().to_string(),
-            kind: kind_name(fe.kind).to_string(),
+            of: FrontendOf::of(fe),
             address: key.addr.to_string(),
             endpoints: fe.endpoints.iter().map(ToString::to_string).collect(),
             failing: fe
@@ -140,23 +167,26 @@ pub fn frontends(
                 .filter(|e| health.is_failing(e, now))
                 .map(ToString::to_string)
                 .collect(),
-            when_empty: match fe.when_empty {
-                EmptyAction::Refuse => "refuse",
-                EmptyAction::Drop => "drop",
-            }
-            .to_string(),
+            when_empty: when_empty_name(fe).into(),
             checks: checks_of(fe, checks),
             traffic: PortTraffic::of(&fe.traffic),
         })
         .collect();
     rows.sort_by(|a, b| {
-        (&a.namespace, &a.service, &a.port, &a.protocol, &a.address).cmp(&(
-            &b.namespace,
-            &b.service,
-            &b.port,
-            &b.protocol,
-            &b.address,
-        ))
+        (
+            &a.of.namespace,
+            &a.of.service,
+            &a.of.port,
+            &a.of.protocol,
+            &a.address,
+        )
+            .cmp(&(
+                &b.of.namespace,
+                &b.of.service,
+                &b.of.port,
+                &b.of.protocol,
+                &b.address,
+            ))
     });
     rows
 }
@@ -215,15 +245,15 @@ pub fn render(rows: &[FrontendStatus], format: Format) -> String {
     let cols = first.len();
     let mut lines: Vec<Vec<String>> = vec![first];
     for r in rows {
-        let port = if r.port.is_empty() {
-            r.protocol.clone()
+        let port = if r.of.port.is_empty() {
+            r.of.protocol.clone()
         } else {
-            format!("{}/{}", r.port, r.protocol)
+            format!("{}/{}", r.of.port, r.of.protocol)
         };
         let mut l = vec![
-            format!("{}/{}", r.namespace, r.service),
+            format!("{}/{}", r.of.namespace, r.of.service),
             port,
-            r.kind.clone(),
+            r.of.kind.clone(),
             r.address.clone(),
             r.endpoints.len().to_string(),
             r.traffic.active.to_string(),
@@ -366,7 +396,7 @@ mod tests {
             .iter()
             .find(|r| r.address == "10.96.0.10:80")
             .expect("tcp v4 row");
-        assert_eq!(tcp4.kind, "ClusterIP");
+        assert_eq!(tcp4.of.kind, "ClusterIP");
         assert_eq!(tcp4.endpoints, vec!["10.0.0.1:8080".to_string()]);
         let tcp6 = rows
             .iter()
@@ -466,7 +496,7 @@ mod tests {
         let snap = sample_snapshot(true);
         let health = PassiveHealth::default();
         let with = frontends(&snap, &health, &CheckTable::default(), Instant::now(), true);
-        assert!(with.iter().any(|r| r.kind == "ClusterIP"));
+        assert!(with.iter().any(|r| r.of.kind == "ClusterIP"));
         let without = frontends(
             &snap,
             &health,

@@ -120,7 +120,11 @@ fn cluster_ip_lists_every_endpoint_with_its_reason() {
     assert_eq!(e.verdict, "forward", "{e:?}");
     let f = e.frontend.as_ref().unwrap();
     assert_eq!(
-        (f.kind.as_str(), f.policy_field.as_str(), f.policy.as_str()),
+        (
+            f.of.kind.as_str(),
+            f.policy_field.as_str(),
+            f.policy.as_str()
+        ),
         ("ClusterIP", "internalTrafficPolicy", "Cluster")
     );
     assert_eq!(
