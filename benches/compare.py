@@ -154,6 +154,7 @@ CANDIDATES = [
     ("rv-cip", "ringvip ClusterIP"),
     ("rv-np-al", "ringvip NodePort, --access-log"),
     ("rv-np-b", "ringvip NodePort, BEFORE= build"),
+    ("rv-cip-b", "ringvip ClusterIP, BEFORE= build"),
 ]
 
 

@@ -153,7 +153,7 @@ fn prepare_process() {
         }
     }
     tracing::info!(open_files = lim.rlim_cur, "descriptor limit");
-    // Large buffers (smoltcp socket rings, relay buffers) come straight from
+    // Large buffers (smoltcp socket rings) come straight from
     // mmap as zero pages, so a connection's resident memory grows only with the
     // bytes it actually moves. A fixed threshold keeps glibc from raising it
     // after the first free and serving them from the heap, memset and all.

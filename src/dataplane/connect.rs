@@ -2,17 +2,18 @@
 //! endpoint, tries it with a growing timeout, and on failure tries another,
 //! recording passive health and ClientIP affinity on the way.
 //!
-//! The policy ([`Retry`]) is apart from the I/O so the tokio-uring front end
-//! (TUN, [`connect`]) and the io_uring engine (kernel sockets,
-//! `engine::tcp`) follow the same one, and `flow::pick` is called from this
-//! one place.
+//! The policy ([`Retry`]) is apart from the I/O so the TUN front end
+//! ([`connect`], on tokio's readiness-based sockets) and the io_uring engine
+//! (kernel sockets, `engine::tcp`) follow the same one, and `flow::pick` is
+//! called from this one place.
 
 use std::cell::RefCell;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
-use tokio_uring::net::TcpStream;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
 use super::flow::{connect_timeout, pick};
 use super::proxy_protocol::{encode, HeaderBuf, MAX_HEADER_LEN};
@@ -110,7 +111,7 @@ impl Retry {
 /// client byte, so the backend reads it first.
 pub async fn proxy_header(
     fe: &Frontend,
-    backend: &TcpStream,
+    backend: &mut TcpStream,
     src: SocketAddr,
     dst: SocketAddr,
 ) -> std::io::Result<()> {
@@ -119,11 +120,7 @@ pub async fn proxy_header(
     };
     let mut buf: HeaderBuf = [0; MAX_HEADER_LEN];
     let n = encode(version, src, dst, &mut buf);
-    // tokio-uring owns the buffer during the write: one small copy per
-    // connection of a Service that opted in.
-    let header = buf.get(..n).unwrap_or_default().to_vec();
-    let (res, _) = backend.write_all(header).await;
-    res
+    backend.write_all(buf.get(..n).unwrap_or_default()).await
 }
 
 /// Connects to a backend of `fe`, retrying other endpoints with growing

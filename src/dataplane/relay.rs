@@ -2,15 +2,13 @@
 //! ends one direction and the other runs on (half-close); a reset or an
 //! error on either side resets both; no byte either way for the idle timeout
 //! resets both. The TUN bridge (`tun::bridge`) follows the policy through
-//! [`both_directions`] and [`reset`]; the kernel-socket engine
+//! [`both_directions`] and [`set_reset_on_close`]; the kernel-socket engine
 //! (`engine::tcp`) implements the same one on its completions.
 
 use std::future::Future;
-use std::net::Shutdown;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use socket2::SockRef;
-use tokio_uring::net::TcpStream;
 
 use super::limits::{idle_watchdog, Activity, ConnLimits};
 use crate::access_log::End;
@@ -38,8 +36,8 @@ pub enum Ended {
 /// idle timeout (counted in `limits`). Says why the relay ended:
 /// [`End::Fin`] (both directions closed), [`End::Reset`] or
 /// [`End::IdleTimeout`]; anything but `Fin` is to be passed on as a reset.
-/// A direction still running when the relay ends is dropped: its I/O still
-/// in flight is the caller's to wake, which [`reset`] does.
+/// A direction still running when the relay ends is dropped; its I/O must
+/// be readiness-based (nothing left in flight once its future is gone).
 pub async fn both_directions(
     up: impl Future<Output = Ended>,
     down: impl Future<Output = Ended>,
@@ -61,41 +59,4 @@ pub async fn both_directions(
         },
         () = idle => End::IdleTimeout,
     }
-}
-
-/// Resets a kernel TCP socket of a relay that ended with [`Ended::Reset`]:
-/// it closes with RST, and a read or write of a dropped direction still in
-/// flight in the ring (which keeps the descriptor open) completes now. After
-/// the idle timeout both ways are shut, so a write stuck on a full peer
-/// completes too.
-pub fn reset(sock: &TcpStream, activity: &Activity) {
-    set_reset_on_close(sock);
-    let how = if activity.timed_out() {
-        Shutdown::Both
-    } else {
-        Shutdown::Read
-    };
-    let _ = sock.shutdown(how);
-}
-
-/// Reads what a kernel socket of a relay has into `buf`: the byte count, or
-/// how its direction ended (its FIN; a reset, an error, or reading shut down
-/// by [`reset`] after the idle timeout). Bytes read count as activity.
-pub async fn read(
-    from: &TcpStream,
-    buf: Vec<u8>,
-    activity: &Activity,
-) -> (Result<usize, Ended>, Vec<u8>) {
-    let (res, buf) = from.read(buf).await;
-    let got = match res {
-        // Not the peer's FIN: the relay shut reading down.
-        Ok(0) if activity.timed_out() => Err(Ended::Reset),
-        Ok(0) => Err(Ended::Fin),
-        Ok(n) => {
-            activity.touch();
-            Ok(n)
-        }
-        Err(_) => Err(Ended::Reset),
-    };
-    (got, buf)
 }

@@ -1,29 +1,30 @@
 //! Relays bytes between a smoltcp socket (the client side, on the TUN) and a
 //! kernel TCP connection to the backend, with half-close and reset semantics.
+//!
+//! Bytes move between the kernel socket and the smoltcp socket's own rings:
+//! a non-blocking `send(2)` straight from the receive ring, a `recv(2)`
+//! straight into the free part of the send ring, waiting on the backend's
+//! readiness (epoll) when it has nothing or takes nothing. No relay buffer,
+//! no copy between the rings and a buffer, and nothing left in flight when a
+//! direction's future is dropped.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
+use std::io;
 use std::net::Shutdown;
 use std::task::Poll;
 
 use smoltcp::socket::tcp;
+use socket2::SockRef;
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
-use tokio_uring::buf::BoundedBuf;
-use tokio_uring::net::TcpStream;
 
 use super::conns::ConnSocket;
 use super::stack::Stack;
 use crate::access_log::End;
 use crate::dataplane::limits::{Activity, ConnLimits};
-use crate::dataplane::relay::{both_directions, read, reset, Ended};
+use crate::dataplane::relay::{both_directions, set_reset_on_close, Ended};
 use crate::dataplane::session::Session;
-
-/// Relay buffer per direction. Large reads are what bulk throughput through
-/// the TUN needs, and at this size the buffer is a lazily-resident mmap (see
-/// `app::prepare_process`): measured with benches/compare, 9,700 idle
-/// connections cost 243 MiB this way and 745 MiB with 16 KiB heap buffers
-/// that grow.
-const BUF_SIZE: usize = 256 * 1024;
 
 /// One bridged connection: the client's socket in the stack, the driver to
 /// wake when that socket has something to send or more room, and the backend.
@@ -60,11 +61,32 @@ pub async fn relay(
     let (up, down) = (c.client_to_backend(), c.backend_to_client());
     let ended = both_directions(up, down, &activity, limits).await;
     if ended != End::Fin {
-        reset(&backend, &activity);
+        // Dropped below: the backend sees RST.
+        set_reset_on_close(&backend);
         c.with_socket(tcp::Socket::abort);
     }
     session.end(ended);
     poke.notify_one();
+}
+
+/// What one non-blocking transfer between the rings and the backend did.
+enum Moved {
+    /// This many bytes (0 from the backend: its FIN).
+    Bytes(usize),
+    /// The backend has nothing to give or no room: wait for its readiness.
+    Blocked,
+    /// The backend failed, or the smoltcp socket is gone or closed.
+    Failed,
+}
+
+impl Moved {
+    fn of(res: io::Result<usize>) -> (usize, Self) {
+        match res {
+            Ok(n) => (n, Moved::Bytes(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => (0, Moved::Blocked),
+            Err(_) => (0, Moved::Failed),
+        }
+    }
 }
 
 /// A direction of the client's socket.
@@ -114,59 +136,68 @@ impl Bridge<'_> {
     /// Client (smoltcp) → backend.
     async fn client_to_backend(self) -> Ended {
         let (c, backend) = (self, self.backend);
-        let mut buf = vec![0u8; BUF_SIZE];
         loop {
             match c.ready(Way::Recv).await {
                 Ok(()) => {}
                 Err(Ended::Fin) => {
-                    let _ = backend.shutdown(Shutdown::Write);
+                    let _ = SockRef::from(backend).shutdown(Shutdown::Write);
                     return Ended::Fin;
                 }
                 Err(Ended::Reset) => return Ended::Reset,
             }
-            let n = c
-                .with_socket(|s| s.recv_slice(&mut buf).unwrap_or(0))
-                .unwrap_or(0);
-            c.activity.touch();
-            // Reading opened the window: let the driver advertise it.
-            c.poke.notify_one();
-            let (res, slice) = backend.write_all(buf.slice(..n)).await;
-            buf = slice.into_inner();
-            if res.is_err() {
-                return Ended::Reset;
+            // The contiguous bytes at the head of the receive ring, straight
+            // into the backend; what it takes leaves the ring.
+            let moved = c.with_socket(|s| {
+                s.recv(|ring| Moved::of(backend.try_write(ring)))
+                    .unwrap_or(Moved::Failed)
+            });
+            match moved.unwrap_or(Moved::Failed) {
+                Moved::Bytes(n) => {
+                    c.activity.touch();
+                    // Reading opened the window: let the driver advertise it.
+                    c.poke.notify_one();
+                    c.session.to_backend(n);
+                }
+                Moved::Blocked => {
+                    if backend.writable().await.is_err() {
+                        return Ended::Reset;
+                    }
+                }
+                Moved::Failed => return Ended::Reset,
             }
-            c.session.to_backend(n);
         }
     }
 
     /// Backend → client (smoltcp).
     async fn backend_to_client(self) -> Ended {
         let (c, backend) = (self, self.backend);
-        let mut buf = vec![0u8; BUF_SIZE];
         loop {
-            let (got, b) = read(backend, buf, c.activity).await;
-            buf = b;
-            let n = match got {
-                Ok(n) => n,
-                Err(Ended::Fin) => {
+            if c.ready(Way::Send).await.is_err() {
+                return Ended::Reset;
+            }
+            // Straight from the backend into the free space of the send ring.
+            let moved = c.with_socket(|s| {
+                s.send(|ring| Moved::of(backend.try_read(ring)))
+                    .unwrap_or(Moved::Failed)
+            });
+            match moved.unwrap_or(Moved::Failed) {
+                Moved::Bytes(0) => {
                     c.with_socket(tcp::Socket::close);
                     c.poke.notify_one();
                     return Ended::Fin;
                 }
-                Err(Ended::Reset) => return Ended::Reset,
-            };
-            let mut off = 0;
-            while off < n {
-                if c.ready(Way::Send).await.is_err() {
-                    return Ended::Reset;
+                Moved::Bytes(n) => {
+                    c.activity.touch();
+                    c.poke.notify_one();
+                    c.session.to_client(n);
                 }
-                let rest = buf.get(off..n).unwrap_or_default();
-                off += c
-                    .with_socket(|s| s.send_slice(rest).unwrap_or(0))
-                    .unwrap_or(0);
-                c.poke.notify_one();
+                Moved::Blocked => {
+                    if backend.readable().await.is_err() {
+                        return Ended::Reset;
+                    }
+                }
+                Moved::Failed => return Ended::Reset,
             }
-            c.session.to_client(n);
         }
     }
 }

@@ -33,7 +33,7 @@ async fn open(ctx: Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>) {
         return;
     };
     let connected = match connect(&fe, key.0.ip(), &ctx.shared, &ctx.rng).await {
-        Ok((backend, ep)) => proxy_header(&fe, &backend, key.0, key.1)
+        Ok((mut backend, ep)) => proxy_header(&fe, &mut backend, key.0, key.1)
             .await
             .map(|()| (backend, ep))
             .map_err(|e| format!("PROXY header to {ep} not written: {e}")),
