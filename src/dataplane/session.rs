@@ -106,6 +106,11 @@ impl Session {
         }
     }
 
+    /// Bytes relayed so far: client → backend, backend → client.
+    pub fn bytes(&self) -> (u64, u64) {
+        (self.to_backend.get(), self.to_client.get())
+    }
+
     /// Says how it ended (the first call wins); a session dropped without
     /// one ended by [`End::Drain`]: its thread stopped with it still open.
     pub fn end(&self, how: End) {

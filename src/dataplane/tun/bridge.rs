@@ -40,7 +40,7 @@ struct Bridge<'a> {
 
 /// Relays between the connection's smoltcp socket and `backend` under the
 /// data plane's close policy (`relay::both_directions`); bytes and how it
-/// ended go to `session`.
+/// ended go to `session`. Says how it ended.
 pub async fn relay(
     stack: &RefCell<Stack>,
     poke: &Notify,
@@ -48,7 +48,7 @@ pub async fn relay(
     backend: TcpStream,
     session: &Session,
     limits: &ConnLimits,
-) {
+) -> End {
     let activity = Activity::default();
     let c = Bridge {
         stack,
@@ -67,6 +67,7 @@ pub async fn relay(
     }
     session.end(ended);
     poke.notify_one();
+    ended
 }
 
 /// What one non-blocking transfer between the rings and the backend did.

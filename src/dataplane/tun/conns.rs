@@ -11,7 +11,7 @@ use smoltcp::iface::SocketHandle;
 use super::packet::{ConnKey, SynId};
 
 /// A connection's smoltcp socket: its shard and its handle there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConnSocket {
     /// Index of the socket set.
     pub(crate) shard: usize,

@@ -8,6 +8,7 @@
 //! - [`packet`]: what a packet is (pure);
 //! - [`conns`]: the connection table, held SYN to closed socket (pure);
 //!   [`stack`]: the smoltcp interface, its sharded sockets and that table;
+//!   [`rings`]: the sockets' ring storage, kept for the next connections;
 //! - [`driver`]: the per-queue loop; [`tcp`] and [`udp`]: what happens to a
 //!   new connection and a datagram; [`bridge`]: the TCP relay between a
 //!   smoltcp socket and a backend; [`flows`]: the UDP flow state;
@@ -22,6 +23,7 @@ pub mod flows;
 pub mod link;
 pub mod offload;
 pub mod packet;
+pub mod rings;
 pub mod stack;
 pub mod tcp;
 pub mod udp;

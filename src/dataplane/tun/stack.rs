@@ -4,7 +4,7 @@
 //! everything else (and every refusal) goes to smoltcp, which answers with RST
 //! or ICMP port unreachable itself. No I/O: the driver moves packets in and out.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 use smoltcp::iface::{Config, Interface, SocketSet};
 use smoltcp::socket::tcp;
@@ -17,6 +17,7 @@ use super::conns::{supersedes, Accepted, Conn, ConnSocket, Conns, Released};
 use super::device::QueueDevice;
 use super::offload;
 use super::packet::{conn_key, syn_id, ConnKey};
+use super::rings::{Ring, RingPool};
 
 /// Sizes and caps of the TUN front end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +103,19 @@ pub struct Stack {
     conns: Conns,
     settings: TunSettings,
     warned_full: bool,
+    // After `shards`, so the sockets (which borrow the rings) drop first.
+    /// The rings each socket borrows, until it is removed.
+    lent: HashMap<ConnSocket, Lent>,
+    /// Rings for the next sockets.
+    rings: RingPool,
+}
+
+/// A socket's rings, and the bytes that went through each (receive, send)
+/// once its relay ended cleanly: what decides whether they are kept.
+struct Lent {
+    rx: Ring,
+    tx: Ring,
+    moved: Option<(u64, u64)>,
 }
 
 fn now() -> SmolInstant {
@@ -143,6 +157,8 @@ impl Stack {
             conns: Conns::default(),
             settings,
             warned_full: false,
+            lent: HashMap::new(),
+            rings: RingPool::new(settings.socket_buffer),
         }
     }
 
@@ -291,10 +307,13 @@ impl Stack {
     pub fn accept(&mut self, key: ConnKey) -> Option<ConnSocket> {
         let (syn, mss) = self.conns.take_pending(&key)?;
         let id = syn_id(&syn)?;
-        let size = self.settings.socket_buffer;
+        let (mut rx, mut tx) = (self.rings.take(), self.rings.take());
+        // SAFETY: the rings go into `self.lent` right after the socket joins
+        // its set, and leave it only in `remove_socket`, after the socket is
+        // removed; until then (`s` declared after them) the socket drops first.
         let mut s = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; size]),
-            tcp::SocketBuffer::new(vec![0; size]),
+            tcp::SocketBuffer::new(unsafe { rx.lend() }),
+            tcp::SocketBuffer::new(unsafe { tx.lend() }),
         );
         s.set_nagle_enabled(false);
         s.set_ack_delay(None);
@@ -311,13 +330,15 @@ impl Stack {
         let shard = shard_of(&key);
         let handle = self.shards.get_mut(shard)?.sockets.add(s);
         let socket = ConnSocket { shard, handle };
+        let moved = None;
+        self.lent.insert(socket, Lent { rx, tx, moved });
         self.push_rx(syn);
         self.poll_shard(shard, now());
         // Another listener on the same VIP:port must never linger: it would
         // take a different client's SYN.
         let sockets = &mut self.shards.get_mut(shard)?.sockets;
         if sockets.get::<tcp::Socket>(handle).state() == tcp::State::Listen {
-            sockets.remove(handle);
+            self.remove_socket(socket);
             return None;
         }
         self.conns.open(
@@ -345,8 +366,14 @@ impl Stack {
 
     /// Takes back the socket of an ended relay: it is removed once closed
     /// (the driver's next round polls it, so an aborted one sends its RST
-    /// first), or now when a newer connection holds its key.
-    pub fn release(&mut self, key: ConnKey, c: ConnSocket) {
+    /// first), or now when a newer connection holds its key. `moved`: the
+    /// bytes client → backend and back, when the relay ended by FIN both
+    /// ways (its rings hold nothing else); rings that moved little are
+    /// kept for the next connections.
+    pub fn release(&mut self, key: ConnKey, c: ConnSocket, moved: Option<(u64, u64)>) {
+        if let Some(l) = self.lent.get_mut(&c) {
+            l.moved = moved;
+        }
         if self.conns.release(key, c) == Released::Orphan {
             self.remove_socket(c);
         }
@@ -372,6 +399,17 @@ impl Stack {
         if let Some(sh) = self.shards.get_mut(c.shard) {
             sh.sockets.remove(c.handle);
         }
+        // The socket and its borrow of the rings are gone.
+        if let Some(Lent { rx, tx, moved }) = self.lent.remove(&c) {
+            self.rings.give_back(rx, moved.map(|m| m.0));
+            self.rings.give_back(tx, moved.map(|m| m.1));
+        }
+    }
+
+    /// Rings kept for the next connections (tests).
+    #[cfg(test)]
+    pub fn rings_kept(&self) -> usize {
+        self.rings.kept()
     }
 }
 
@@ -543,7 +581,7 @@ mod tests {
         assert!(syn && !rst);
         assert_eq!(st.tcp(h).unwrap().state(), tcp::State::SynReceived);
         // The old relay ends: releasing its socket leaves the new connection.
-        st.release(k, old);
+        st.release(k, old, None);
         assert_eq!(st.connection(&k), Some(h));
     }
 
@@ -552,7 +590,7 @@ mod tests {
         let mut st = stack();
         let h = closed_by_client(&mut st, key());
         st.tcp(h).unwrap().abort();
-        st.release(key(), h);
+        st.release(key(), h, None);
         // One round of the driver: poll, then reap.
         st.poll();
         st.reap();
@@ -560,6 +598,35 @@ mod tests {
         assert!(rst, "the client never hears of the abort");
         assert_eq!(st.connection(&key()), None);
         assert_eq!(st.connections(), 0);
+    }
+
+    #[test]
+    fn rings_of_short_clean_connections_serve_the_next_ones() {
+        let mut st = stack();
+        let (small, big, unknown) = (
+            (sa("10.1.0.5:40001"), sa("10.96.0.10:80")),
+            (sa("10.1.0.5:40002"), sa("10.96.0.10:80")),
+            (sa("10.1.0.5:40003"), sa("10.96.0.10:80")),
+        );
+        let hs = closed_by_client(&mut st, small);
+        let hb = closed_by_client(&mut st, big);
+        let hu = closed_by_client(&mut st, unknown);
+        for h in [hs, hb, hu] {
+            st.tcp(h).unwrap().abort();
+        }
+        st.release(small, hs, Some((300, 5_000)));
+        st.release(big, hb, Some((300, 10 << 20)));
+        st.release(unknown, hu, None);
+        st.poll();
+        st.reap();
+        assert_eq!(st.connections(), 0);
+        // Both rings of the short one; one of the bulk one (its receive
+        // side moved little); none of the one that ended by reset.
+        assert_eq!(st.rings_kept(), 3);
+        let again = (sa("10.1.0.5:40004"), sa("10.96.0.10:80"));
+        let h = accepted(&mut st, again, syn(again));
+        assert_eq!(st.rings_kept(), 1);
+        assert_eq!(st.tcp(h).unwrap().state(), tcp::State::SynReceived);
     }
 
     #[test]

@@ -54,7 +54,7 @@ async fn open(ctx: Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>) {
     };
     ctx.poke.notify_one();
     let session = Session::open(&ctx.shared, fe, key.0, key.1, ep);
-    bridge::relay(
+    let ended = bridge::relay(
         &ctx.stack,
         &ctx.poke,
         socket,
@@ -63,8 +63,11 @@ async fn open(ctx: Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>) {
         &ctx.shared.limits,
     )
     .await;
+    // Ended by FIN both ways, everything that came in went out: the bytes
+    // say how much of each ring was touched.
+    let moved = (ended == End::Fin).then(|| session.bytes());
     drop(session);
-    ctx.stack.borrow_mut().release(key, socket);
+    ctx.stack.borrow_mut().release(key, socket, moved);
     ctx.poke.notify_one();
 }
 

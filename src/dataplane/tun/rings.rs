@@ -1,0 +1,153 @@
+//! Storage for the smoltcp sockets' receive and send rings, kept for the next
+//! connection instead of freed.
+//!
+//! A ring is `--tun-socket-buffer` bytes (1 MiB by default), so the allocator
+//! maps it fresh for every connection and unmaps it at the end: with short
+//! connections that mmap, munmap (a TLB shootdown each) and the page faults
+//! of the first bytes took about 17 % of the TUN thread's time (perf of the
+//! `cps` run in BENCHMARKS.md). A ring whose connection moved little has
+//! touched only its first pages; those rings go back to a small pool, so
+//! resident memory stays bounded (at most [`KEEP`] rings of at most
+//! [`REUSE_MAX_BYTES`] touched each per stack) while the next connections
+//! skip the mapping. Rings of bulk connections are freed as before.
+//!
+//! smoltcp sockets borrow their storage for their whole life
+//! (`SocketBuffer<'static>`), so a ring is lent as a `'static` slice: the
+//! stack removes the socket (which drops the borrow) before it gives the ring
+//! back ([`Stack`](super::stack::Stack) keeps that order).
+
+use std::ptr::NonNull;
+
+/// Rings kept per stack at most.
+pub const KEEP: usize = 64;
+
+/// A ring is kept only when its connection moved at most this many bytes
+/// through it: the pages it touched.
+pub const REUSE_MAX_BYTES: u64 = 64 * 1024;
+
+/// One ring's storage, owned here or lent to one socket.
+#[derive(Debug)]
+pub struct Ring {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+impl Ring {
+    /// Zeroed storage of `len` bytes (at 1 MiB, untouched zero pages).
+    fn new(len: usize) -> Self {
+        let raw = Box::into_raw(vec![0u8; len].into_boxed_slice());
+        // A Box never holds a null pointer.
+        let ptr = NonNull::new(raw.cast::<u8>()).unwrap_or(NonNull::dangling());
+        Ring { ptr, len }
+    }
+
+    /// The storage as a socket's buffer.
+    ///
+    /// # Safety
+    ///
+    /// The slice must be gone (its socket dropped) before this ring is
+    /// dropped or lent again; nothing else reads or writes the ring meanwhile.
+    pub unsafe fn lend(&mut self) -> &'static mut [u8] {
+        // SAFETY: `ptr` and `len` come from a live boxed slice owned by this
+        // ring; the caller keeps it the one reference (see above).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Never: rings have the stack's socket buffer size.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        let raw = std::ptr::slice_from_raw_parts_mut(self.ptr.as_ptr(), self.len);
+        // SAFETY: built by `Box::into_raw` in `new` and not freed since; no
+        // lent slice outlives its socket (the contract of `lend`).
+        drop(unsafe { Box::from_raw(raw) });
+    }
+}
+
+/// The rings a stack keeps for its next connections.
+#[derive(Debug)]
+pub struct RingPool {
+    size: usize,
+    free: Vec<Ring>,
+}
+
+impl RingPool {
+    /// A pool of rings of `size` bytes (empty until rings come back).
+    pub fn new(size: usize) -> Self {
+        RingPool {
+            size,
+            free: Vec::with_capacity(KEEP),
+        }
+    }
+
+    /// A ring: a kept one, else a fresh one.
+    pub fn take(&mut self) -> Ring {
+        self.free.pop().unwrap_or_else(|| Ring::new(self.size))
+    }
+
+    /// Takes back a ring whose socket is gone, through which `moved` bytes
+    /// went (`None`: unknown). Kept if it touched few pages and the pool has
+    /// room; freed otherwise.
+    pub fn give_back(&mut self, ring: Ring, moved: Option<u64>) {
+        let small = moved.is_some_and(|m| m <= REUSE_MAX_BYTES);
+        if small && self.free.len() < KEEP && ring.len() == self.size {
+            self.free.push(ring);
+        }
+    }
+
+    /// Rings kept now.
+    pub fn kept(&self) -> usize {
+        self.free.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_rings_come_back_and_big_or_unknown_ones_are_freed() {
+        let mut pool = RingPool::new(4096);
+        let a = pool.take();
+        let b = pool.take();
+        let c = pool.take();
+        let a_at = a.ptr;
+        pool.give_back(a, Some(100));
+        pool.give_back(b, Some(REUSE_MAX_BYTES + 1));
+        pool.give_back(c, None);
+        assert_eq!(pool.kept(), 1);
+        // The kept ring is the next one lent.
+        assert_eq!(pool.take().ptr, a_at);
+        assert_eq!(pool.kept(), 0);
+    }
+
+    #[test]
+    fn the_pool_keeps_at_most_keep_rings() {
+        let mut pool = RingPool::new(64);
+        let rings: Vec<Ring> = (0..KEEP + 5).map(|_| pool.take()).collect();
+        for r in rings {
+            pool.give_back(r, Some(1));
+        }
+        assert_eq!(pool.kept(), KEEP);
+    }
+
+    #[test]
+    fn a_lent_ring_holds_what_was_written() {
+        let mut pool = RingPool::new(16);
+        let mut r = pool.take();
+        // SAFETY: the slice is the ring's only reference and dies here.
+        let s = unsafe { r.lend() };
+        s[15] = 7;
+        assert_eq!(s.len(), 16);
+        assert_eq!(s[15], 7);
+    }
+}
