@@ -23,9 +23,7 @@ use crate::model::{
 };
 use crate::state::store::{CheckedState, Dirty, Store};
 use crate::state::topology::{categorize, Candidate, Place, Usable};
-use crate::telemetry::{
-    EndpointLease, EndpointMetrics, FrontendLabels, Gauge, Metrics, PortLabels, PortMetrics,
-};
+use crate::telemetry::{EndpointMetrics, EndpointsLease, Metrics, PortLabels, PortMetrics};
 
 /// Stable id of a Service port, for affinity across snapshots.
 pub fn port_id(service: &ObjectKey, port_name: &str, proto: Protocol) -> PortId {
@@ -46,8 +44,19 @@ struct PortEndpoints {
 
 /// Metric handles of one Service port: its own and its endpoints'.
 struct PortHandles {
-    port: PortMetrics,
-    endpoints: HashMap<SocketAddr, Arc<EndpointMetrics>>,
+    port: Arc<PortMetrics>,
+    /// Every endpoint listed for the port, sorted (v4 before v6).
+    addrs: Vec<SocketAddr>,
+    /// The lease on their series; its handles are at the index of `addrs`.
+    lease: EndpointsLease,
+}
+
+impl PortHandles {
+    /// The handles of `ep`, one of the port's endpoints.
+    fn endpoint(&self, ep: &SocketAddr) -> Option<&Arc<EndpointMetrics>> {
+        let i = self.addrs.binary_search(ep).ok()?;
+        self.lease.metrics().get(i)
+    }
 }
 
 impl PortEndpoints {
@@ -148,7 +157,7 @@ struct ServiceOut {
     skipped_ports: usize,
     /// Keep the per-endpoint series of the Service's ports exported for as
     /// long as this compiled Service is the current one.
-    leases: Vec<EndpointLease>,
+    leases: Vec<EndpointsLease>,
 }
 
 /// Compiled Services kept between compiles, so a change recompiles only the
@@ -263,16 +272,12 @@ impl<'a> Compiler<'a> {
             .iter()
             .map(|a| {
                 handles
-                    .endpoints
-                    .get(a)
+                    .endpoint(a)
                     .cloned()
                     .unwrap_or_else(EndpointMetrics::detached)
             })
             .collect();
-        let labels = FrontendLabels {
-            address: addr.to_string(),
-            protocol: sp.protocol.as_str().to_string(),
-        };
+        let fh = self.metrics.frontend(addr, sp.protocol.as_str());
         let fe = Frontend {
             service: svc.key.clone(),
             port_name: sp.name.clone(),
@@ -287,14 +292,10 @@ impl<'a> Compiler<'a> {
             source_ranges,
             when_empty,
             metrics: handles.port.clone(),
-            admitted: if sp.protocol == Protocol::Tcp {
-                self.metrics.frontend_active(&labels)
-            } else {
-                Gauge::default()
-            },
+            admitted: fh.admitted,
             policy,
             candidates: candidates.clone(),
-            traffic: self.metrics.frontend_traffic(&labels),
+            traffic: fh.traffic,
             endpoint_metrics,
             balancer,
             warmup,
@@ -402,15 +403,12 @@ impl<'a> Compiler<'a> {
                 protocol: sp.protocol.as_str().to_string(),
             };
             // Every endpoint listed for the port has series, usable or not.
-            let mut endpoints = HashMap::with_capacity(v4.len() + v6.len());
-            for c in v4.iter().chain(&v6) {
-                let lease = self.metrics.endpoint(&labels, c.addr);
-                let check = checks.then(|| !down(c.addr));
-                lease
-                    .metrics()
-                    .set_check(check, std::time::SystemTime::now());
-                endpoints.insert(c.addr, lease.metrics().clone());
-                self.out.leases.push(lease);
+            // Both lists are sorted and every v4 address sorts first.
+            let addrs: Vec<SocketAddr> = v4.iter().chain(&v6).map(|c| c.addr).collect();
+            let lease = self.metrics.endpoints(&labels, &addrs);
+            let now = std::time::SystemTime::now();
+            for (a, m) in addrs.iter().zip(lease.metrics()) {
+                m.set_check(checks.then(|| !down(*a)), now);
             }
             let mut eps = PortEndpoints {
                 v4: categorize(&v4, place),
@@ -445,7 +443,8 @@ impl<'a> Compiler<'a> {
             }
             let pm = PortHandles {
                 port: self.metrics.port(&labels),
-                endpoints,
+                addrs,
+                lease,
             };
             let any_cluster = !eps.v4.cluster.is_empty() || !eps.v6.cluster.is_empty();
             let no_local = eps.v4.local.is_empty() && eps.v6.local.is_empty() && any_cluster;
@@ -501,6 +500,7 @@ impl<'a> Compiler<'a> {
                 let k = FrontendKind::ExternalIp;
                 self.add(svc, sp, &pm, &eps, a, k, svc.external_policy);
             }
+            self.out.leases.push(pm.lease);
         }
         joined.retain(&svc.key, &warm_sets);
         if let (Some(port), TrafficPolicy::Local) =

@@ -95,8 +95,9 @@ pub struct Frontend {
     pub source_ranges: Box<[IpNet]>,
     /// What happens when `endpoints` is empty.
     pub when_empty: EmptyAction,
-    /// Metric handles of the Service port.
-    pub metrics: PortMetrics,
+    /// Metric handles of the Service port (one set per port, shared by its
+    /// frontends and kept across compiles).
+    pub metrics: Arc<PortMetrics>,
     /// TCP connections admitted through this frontend; the same atomic in
     /// every snapshot, so `--max-connections-per-frontend` holds across reloads.
     pub admitted: crate::telemetry::Gauge,
