@@ -113,7 +113,7 @@ fn one_change(c: &mut Criterion) {
                 // Alternate one Service's slice between 10 and 5 endpoints,
                 // so every iteration is a change.
                 gen += 1;
-                let keep = if gen % 2 == 0 { 5 } else { 10 };
+                let keep = if gen.is_multiple_of(2) { 5 } else { 10 };
                 let [_, sl] = objects_of(n / 2, 10, keep);
                 st.apply(Update::Upsert(Box::new(sl)));
                 last = st.compile_with(&ctx, &metrics, gen, &mut cache);

@@ -12,8 +12,8 @@ use std::time::Instant;
 use ipnet::IpNet;
 
 use super::{
-    EmptyAction, Frontend, FrontendKey, FrontendKind, HealthCheck, ListenerMode, ListenerSpec,
-    NodeContext, PortCandidates, Snapshot,
+    EmptyAction, Frontend, FrontendKey, FrontendKind, Frontends, HealthCheck, ListenerMode,
+    ListenerSpec, NodeContext, PortCandidates, Snapshot,
 };
 use crate::balance::affinity::PortId;
 use crate::balance::{Balancer, Joined, Maglev, Warmup};
@@ -169,8 +169,6 @@ pub struct CompileCache {
     ctx: Option<NodeContext>,
     zone: Option<String>,
     services: HashMap<ObjectKey, Arc<ServiceOut>>,
-    /// Frontends of the last snapshot, to size the next one's map.
-    frontends: usize,
     /// The last snapshot's parts, patched when few Services change.
     last: Option<Last>,
     /// When each endpoint of a slow-start Service joined its usable set:
@@ -195,11 +193,12 @@ impl CompileCache {
     }
 }
 
-/// What a snapshot holds, kept to build the next one by patching.
+/// What a snapshot holds, kept to build the next one by patching: shared
+/// with it (a fixed cost, whatever the number of Services).
 #[derive(Debug)]
 struct Last {
-    frontends: HashMap<FrontendKey, Arc<Frontend>>,
-    listeners: Vec<ListenerSpec>,
+    frontends: Frontends,
+    listeners: Arc<Vec<ListenerSpec>>,
     health_checks: Vec<HealthCheck>,
     conflicts: usize,
     no_local_internal: usize,
@@ -597,9 +596,9 @@ impl Store {
             .then(|| self.slices_by_service(&derived));
         let mut snap = Snapshot {
             generation: c.generation,
-            frontends: HashMap::with_capacity(cache.frontends),
             ..Snapshot::default()
         };
+        let mut listeners = Vec::new();
         for svc in self.services.values() {
             if !svc.is_proxied(&ctx.proxy_name) {
                 continue;
@@ -615,13 +614,11 @@ impl Store {
                             .unwrap_or(&[]),
                         None => {
                             found = self
-                                .slices
-                                .values()
-                                .chain(&derived)
-                                .filter(|s| {
+                                .slices_of(&svc.key)
+                                .chain(derived.iter().filter(|s| {
                                     s.service_name == svc.key.name
                                         && s.key.namespace == svc.key.namespace
-                                })
+                                }))
                                 .collect::<Vec<_>>();
                             &found
                         }
@@ -640,14 +637,14 @@ impl Store {
                     out
                 }
             };
-            assemble(&mut snap, &svc.key, &out);
+            assemble(&mut snap, &mut listeners, &svc.key, &out);
         }
         let services = &self.services;
         cache.joined.retain_services(|k| services.contains_key(k));
         cache.warned.retain(|k, _| services.contains_key(k));
-        cache.frontends = snap.frontends.len();
-        snap.listeners.sort();
-        snap.listeners.dedup();
+        listeners.sort();
+        listeners.dedup();
+        snap.listeners = Arc::new(listeners);
         snap.health_checks.sort_by_key(|h| h.port);
         cache.last = Some(Last::of(&snap));
         drop(retired);
@@ -675,11 +672,14 @@ impl Store {
             return None;
         }
         let mut frontends = last.frontends.clone();
-        let mut listeners = last.listeners.clone();
         let mut health_checks = last.health_checks.clone();
         let mut no_local_internal = last.no_local_internal;
         let mut no_local_external = last.no_local_external;
         let mut skipped_ports = last.skipped_ports;
+        // Listeners the changed Services held and hold now: the list is
+        // copied only when they differ.
+        let mut gone: Vec<ListenerSpec> = Vec::new();
+        let mut new: Vec<ListenerSpec> = Vec::new();
         for k in &dirty.services {
             let Some(old) = cache.services.remove(k) else {
                 continue;
@@ -687,12 +687,7 @@ impl Store {
             for (key, fe, listener) in &old.frontends {
                 if frontends.get(key).is_some_and(|f| Arc::ptr_eq(f, fe)) {
                     frontends.remove(key);
-                    if let Some(i) = listener
-                        .as_ref()
-                        .and_then(|l| listeners.binary_search(l).ok())
-                    {
-                        listeners.remove(i);
-                    }
+                    gone.extend(listener.iter().cloned());
                 }
             }
             if let Some(h) = &old.health_check {
@@ -701,6 +696,8 @@ impl Store {
             no_local_internal = no_local_internal.saturating_sub(old.no_local_internal);
             no_local_external = no_local_external.saturating_sub(old.no_local_external);
             skipped_ports = skipped_ports.saturating_sub(old.skipped_ports);
+            // Dropped (with its leases) only after the next compile took
+            // its own, even if this patch gives up.
             retired.push(old);
         }
         for k in &dirty.services {
@@ -710,11 +707,7 @@ impl Store {
             if !svc.is_proxied(&c.ctx.proxy_name) {
                 continue;
             }
-            let slices: Vec<&EndpointSlice> = self
-                .slices
-                .values()
-                .filter(|s| s.service_name == k.name && s.key.namespace == k.namespace)
-                .collect();
+            let slices: Vec<&EndpointSlice> = self.slices_of(k).collect();
             c.out = ServiceOut::default();
             c.service(
                 svc,
@@ -730,12 +723,7 @@ impl Store {
                 if frontends.insert(*key, fe.clone()).is_some() {
                     return None;
                 }
-                if let Some(l) = listener {
-                    match listeners.binary_search(l) {
-                        Ok(_) => return None,
-                        Err(i) => listeners.insert(i, l.clone()),
-                    }
-                }
+                new.extend(listener.iter().cloned());
             }
             if let Some(h) = &out.health_check {
                 if health_checks.iter().any(|x| x.port == h.port) {
@@ -746,6 +734,23 @@ impl Store {
             no_local_internal += out.no_local_internal;
             no_local_external += out.no_local_external;
             skipped_ports += out.skipped_ports;
+        }
+        let mut listeners = last.listeners.clone();
+        gone.sort();
+        new.sort();
+        if gone != new {
+            let list = Arc::make_mut(&mut listeners);
+            for l in &gone {
+                if let Ok(i) = list.binary_search(l) {
+                    list.remove(i);
+                }
+            }
+            for l in new {
+                match list.binary_search(&l) {
+                    Ok(_) => return None,
+                    Err(i) => list.insert(i, l),
+                }
+            }
         }
         for k in &dirty.services {
             if !self.services.contains_key(k) {
@@ -764,7 +769,6 @@ impl Store {
             health_checks,
             skipped_ports,
         };
-        cache.frontends = snap.frontends.len();
         cache.last = Some(Last::of(&snap));
         Some(snap)
     }
@@ -772,24 +776,23 @@ impl Store {
 
 /// Adds one Service's frontends to the snapshot; a frontend already claimed
 /// by an earlier Service stays with it (first one wins) and is reported.
-fn assemble(snap: &mut Snapshot, service: &ObjectKey, out: &ServiceOut) {
-    use std::collections::hash_map::Entry;
+fn assemble(
+    snap: &mut Snapshot,
+    listeners: &mut Vec<ListenerSpec>,
+    service: &ObjectKey,
+    out: &ServiceOut,
+) {
     for (key, fe, listener) in &out.frontends {
-        match snap.frontends.entry(*key) {
-            Entry::Occupied(prev) => {
-                let prev = &prev.get().service;
-                snap.conflicts.push(format!(
-                    "{} {}: claimed by {prev} and {service}; {prev} wins",
-                    key.proto, key.addr
-                ));
-                continue;
-            }
-            Entry::Vacant(v) => {
-                v.insert(fe.clone());
-            }
+        if let Err(prev) = snap.frontends.insert_new(*key, fe.clone()) {
+            let prev = &prev.service;
+            snap.conflicts.push(format!(
+                "{} {}: claimed by {prev} and {service}; {prev} wins",
+                key.proto, key.addr
+            ));
+            continue;
         }
         if let Some(l) = listener {
-            snap.listeners.push(l.clone());
+            listeners.push(l.clone());
         }
     }
     snap.health_checks.extend(out.health_check.clone());
