@@ -12,13 +12,22 @@ by list+watch; measures
     fixture until a new connection through the NodePort lands on the new
     backend (includes the fixture's watch delivery and the client's poll,
     so it is an upper bound of ringvip's part), repeated --changes times;
-  * ringvip's own sync duration and network programming metrics.
+  * ringvip's own sync duration and network programming metrics;
+  * with --churn N: N endpoint changes per second, each to a random
+    Service's EndpointSlice (one endpoint's readiness flipped, the slice
+    annotated with its change trigger time), for --churn-seconds (30), in
+    batches every 20 ms; reports ringvip's network programming latency of
+    every change (from its debug log line per sample: trigger time to
+    snapshot published, so the fixture's watch delivery is included) as
+    percentiles, the changes it applied, and its CPU use over the churn (from
+    /proc/PID/stat), with the load average beside.
 
 Only the probe Service's endpoints ever receive traffic (two local HTTP
 servers on 127.0.0.1); the generated endpoints are addresses in 10.200.0.0/16
 that are programmed but never contacted.
 
   cargo build --release && python3 benches/kube_scale.py [--services 10000 --endpoints-per-service 10]
+      [--churn 1000 --churn-seconds 30]
 """
 
 import argparse
@@ -100,29 +109,40 @@ def probe_slice(port_a, port_b, target):
     }
 
 
+def cluster_ip(i):
+    ip = 10 << 24 | 96 << 16 | (i + 10)  # inside 10.96.0.0/12
+    return "%d.%d.%d.%d" % (ip >> 24, ip >> 16 & 255, ip >> 8 & 255, ip & 255)
+
+
+def service_slice(i, per_service, not_ready=None, trigger=None):
+    """Service i's EndpointSlice; endpoint `not_ready` (an index) not ready."""
+    name = "svc-%05d" % i
+    eps = []
+    for j in range(per_service):
+        k = i * per_service + j
+        eps.append({"addresses": ["10.200.%d.%d" % (k >> 8 & 255, k & 255)],
+                    "conditions": {"ready": j != not_ready},
+                    "nodeName": "node-%d" % (k % 50), "zone": "z%d" % (k % 3)})
+    meta = {"name": name + "-abcde", "namespace": "ns-%d" % (i % 100),
+            "labels": {"kubernetes.io/service-name": name}}
+    if trigger:
+        meta["annotations"] = {"endpoints.kubernetes.io/last-change-trigger-time": trigger}
+    return {"metadata": meta, "addressType": "IPv4",
+            "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
+            "endpoints": eps}
+
+
 def generate(n_services, per_service, node_port, port_a, port_b):
     ops = [{"op": "apply", "resource": "nodes",
             "object": {"metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "z1"}}}}]
     for i in range(n_services):
-        ip = 10 << 24 | 96 << 16 | (i + 10)  # inside 10.96.0.0/12
-        cluster_ip = "%d.%d.%d.%d" % (ip >> 24, ip >> 16 & 255, ip >> 8 & 255, ip & 255)
-        name = "svc-%05d" % i
+        ip = cluster_ip(i)
         ops.append({"op": "apply", "resource": "services", "object": {
-            "metadata": {"name": name, "namespace": "ns-%d" % (i % 100)},
-            "spec": {"type": "ClusterIP", "clusterIP": cluster_ip, "clusterIPs": [cluster_ip],
+            "metadata": {"name": "svc-%05d" % i, "namespace": "ns-%d" % (i % 100)},
+            "spec": {"type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip],
                      "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}]}}})
-        eps = []
-        for j in range(per_service):
-            k = i * per_service + j
-            eps.append({"addresses": ["10.200.%d.%d" % (k >> 8 & 255, k & 255)],
-                        "conditions": {"ready": True},
-                        "nodeName": "node-%d" % (k % 50), "zone": "z%d" % (k % 3)})
-        ops.append({"op": "apply", "resource": "endpointslices", "object": {
-            "metadata": {"name": name + "-abcde", "namespace": "ns-%d" % (i % 100),
-                         "labels": {"kubernetes.io/service-name": name}},
-            "addressType": "IPv4",
-            "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
-            "endpoints": eps}})
+        ops.append({"op": "apply", "resource": "endpointslices",
+                    "object": service_slice(i, per_service)})
     ops.append({"op": "apply", "resource": "services", "object": {
         "metadata": {"name": "probe", "namespace": "default"},
         "spec": {"type": "NodePort", "ports": [{"name": "p", "protocol": "TCP", "port": 80, "nodePort": node_port}]}}})
@@ -138,6 +158,48 @@ def proc_kib(pid, field):
     return 0
 
 
+def cpu_seconds(pid):
+    """User + system CPU time of a process so far."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # Fields 14 and 15 (utime, stime) of proc(5), counted after the comm.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def churn(post, n_services, per_service, rate, seconds, rng):
+    """`rate` endpoint changes per second over random Services for `seconds`,
+    in batches every 20 ms; returns the number sent."""
+    tick = 0.02
+    per_tick = rate * tick
+    sent = 0
+    owed = 0.0
+    start = time.monotonic()
+    deadline = start + seconds
+    k = 0
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            break
+        owed += per_tick
+        batch = []
+        while owed >= 1:
+            owed -= 1
+            i = rng.randrange(n_services)
+            k += 1
+            batch.append({"op": "apply", "resource": "endpointslices", "object": service_slice(
+                i, per_service, not_ready=k % (per_service + 1), trigger=rfc3339_now())})
+        if batch:
+            post("/batch", batch)
+            sent += len(batch)
+        k_next = start + tick * (int((time.monotonic() - start) / tick) + 1)
+        time.sleep(max(0.0, k_next - time.monotonic()))
+    return sent
+
+
+def percentile(sorted_values, f):
+    return sorted_values[min(len(sorted_values) - 1, int(f * len(sorted_values)))]
+
+
 def metric(text, name):
     for line in text.splitlines():
         if line.startswith(name + " "):
@@ -151,6 +213,8 @@ def main():
     p.add_argument("--endpoints-per-service", type=int, default=10)
     p.add_argument("--changes", type=int, default=30)
     p.add_argument("--ringvip", default=os.path.join(ROOT, "target/release/ringvip"))
+    p.add_argument("--churn", type=int, default=0, help="endpoint changes per second (0: no churn)")
+    p.add_argument("--churn-seconds", type=float, default=30)
     a = p.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="ringvip-kube-scale-")
@@ -179,7 +243,8 @@ def main():
         [a.ringvip, "run", "--kube", "--kubeconfig", info["kubeconfig"], "--node-name", "node-a",
          "--no-tun", "--nodeport-addresses", "127.0.0.1/32", "--node-port-range", "1-65535",
          "--health-addr", "127.0.0.1:%d" % health, "--metrics-addr", "127.0.0.1:%d" % metrics_port],
-        stdout=subprocess.DEVNULL, stderr=log, env=dict(os.environ, RINGVIP_LOG="warn"))
+        stdout=subprocess.DEVNULL, stderr=log,
+        env=dict(os.environ, RINGVIP_LOG="warn,ringvip::programming=debug"))
     try:
         while who(node_port) != "a":
             if time.monotonic() - t0 > 120:
@@ -204,6 +269,25 @@ def main():
         text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % metrics_port).read().decode()
         rss_end = proc_kib(rv.pid, "VmRSS")
         hwm = proc_kib(rv.pid, "VmHWM")
+        churned = None
+        if a.churn:
+            import random
+            log.flush()
+            offset = os.path.getsize(log.name)
+            load_before = os.getloadavg()
+            cpu0, t0c = cpu_seconds(rv.pid), time.monotonic()
+            sent = churn(post, a.services, a.endpoints_per_service, a.churn, a.churn_seconds,
+                         random.Random(17))
+            elapsed = time.monotonic() - t0c
+            cpu_busy = (cpu_seconds(rv.pid) - cpu0) / elapsed
+            # Let the last changes arrive; then every sample is in the log.
+            time.sleep(2)
+            cpu_all = (cpu_seconds(rv.pid) - cpu0) / (time.monotonic() - t0c)
+            load_after = os.getloadavg()
+            with open(log.name) as f:
+                f.seek(offset)
+                samples = sorted(int(m.group(1)) / 1e6 for m in re.finditer(r"latency_us=(\d+)", f.read()))
+            churned = (sent, elapsed, cpu_busy, cpu_all, samples, load_before, load_after)
     finally:
         rv.terminate()
         rv.wait()
@@ -231,6 +315,16 @@ def main():
             ms(first_s), first_n, ms(sync_s / sync_n), sync_n))
     if np_n:
         print("ringvip network programming duration: mean %s over %d changes" % (ms(np_s / np_n), np_n))
+    if churned:
+        sent, elapsed, cpu_busy, cpu_all, samples, lb, la = churned
+        print("churn: %d changes sent over %.1f s (%.0f/s asked, %.0f/s sent); load average %.2f before, %.2f after" % (
+            sent, elapsed, a.churn, sent / elapsed, lb[0], la[0]))
+        if samples:
+            print("churn programming latency (%d samples): median %s, p90 %s, p99 %s, max %s" % (
+                len(samples), ms(percentile(samples, 0.5)), ms(percentile(samples, 0.9)),
+                ms(percentile(samples, 0.99)), ms(samples[-1])))
+        print("ringvip CPU during churn: %.0f%% of one core (%.0f%% including 2 s after)" % (
+            cpu_busy * 100, cpu_all * 100))
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ pub const PROXY_PROTOCOL_REJECTED_TOTAL: &str = "ringvip_proxy_protocol_rejected
 pub const ACCESS_LOG_DROPPED_TOTAL: &str = "ringvip_access_log_dropped_total";
 
 mod endpoints;
-pub use endpoints::{EndpointLease, EndpointMetrics};
+pub use endpoints::{EndpointMetrics, EndpointsLease};
 
 /// The OpenMetrics family name under which a counter must be registered so
 /// that its sample is exposed as `name` (prometheus-client appends `_total`).
@@ -454,6 +454,19 @@ pub struct Metrics {
     /// Per-frontend counters (`ringvip status` rows), not exported: the same
     /// atomics for a frontend in every snapshot.
     frontend_traffic: Mutex<HashMap<FrontendLabels, Traffic>>,
+    /// Handles of each Service port (see [`Metrics::port`]).
+    ports: Mutex<HashMap<PortLabels, Arc<PortMetrics>>>,
+    /// Handles of each frontend (see [`Metrics::frontend`]).
+    frontends: Mutex<HashMap<(SocketAddr, &'static str), FrontendHandles>>,
+}
+
+/// The handles of one frontend: what it admitted (TCP), what it carried.
+#[derive(Clone, Debug, Default)]
+pub struct FrontendHandles {
+    /// TCP connections admitted (see [`Metrics::frontend_active`]).
+    pub admitted: Gauge,
+    /// What it carried (see [`Metrics::frontend_traffic`]).
+    pub traffic: Traffic,
 }
 
 impl Default for Metrics {
@@ -590,6 +603,8 @@ impl Metrics {
                 e
             },
             frontend_traffic: Mutex::new(HashMap::new()),
+            ports: Mutex::new(HashMap::new()),
+            frontends: Mutex::new(HashMap::new()),
             registry,
         };
         // kube-proxy exports both traffic policies from the start.
@@ -618,11 +633,37 @@ impl Metrics {
         map.entry(labels.clone()).or_default().clone()
     }
 
-    /// A lease on the series of `endpoint` of the Service port `port`: they
-    /// are exported while a lease on them lives (see [`EndpointLease`]).
-    /// Call at snapshot compile, not per connection (it takes a lock).
-    pub fn endpoint(&self, port: &PortLabels, endpoint: SocketAddr) -> EndpointLease {
-        self.endpoints.lease(port, endpoint, SystemTime::now())
+    /// [`Metrics::frontend_active`] (TCP only; a detached gauge otherwise)
+    /// and [`Metrics::frontend_traffic`] of the frontend `addr`/`protocol`,
+    /// kept by address: a compile formats and hashes the labels of a
+    /// frontend once in the process, not at every compile.
+    pub fn frontend(&self, addr: SocketAddr, protocol: &'static str) -> FrontendHandles {
+        let mut map = self.frontends.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = map.get(&(addr, protocol)) {
+            return h.clone();
+        }
+        let labels = FrontendLabels {
+            address: addr.to_string(),
+            protocol: protocol.to_string(),
+        };
+        let h = FrontendHandles {
+            admitted: if protocol == "TCP" {
+                self.frontend_active(&labels)
+            } else {
+                Gauge::default()
+            },
+            traffic: self.frontend_traffic(&labels),
+        };
+        map.insert((addr, protocol), h.clone());
+        h
+    }
+
+    /// A lease on the series of each of `endpoints` of the Service port
+    /// `port`: they are exported while a lease on them lives (see
+    /// [`EndpointsLease`]). Call at snapshot compile, not per connection (it
+    /// takes a lock).
+    pub fn endpoints(&self, port: &PortLabels, endpoints: &[SocketAddr]) -> EndpointsLease {
+        self.endpoints.lease(port, endpoints, SystemTime::now())
     }
 
     /// Exposes the access log's dropped-records counter (created with the
@@ -657,7 +698,21 @@ impl Metrics {
     /// connection (it takes the families' locks). The same `labels` always
     /// yield the same underlying atomics. Every series of the port is created
     /// (at zero) here, so rates work from the first scrape.
-    pub fn port(&self, labels: &PortLabels) -> PortMetrics {
+    /// Kept per port in the process (as the families keep their series), so
+    /// a compile takes one lookup per port instead of eleven label sets
+    /// built and hashed.
+    pub fn port(&self, labels: &PortLabels) -> Arc<PortMetrics> {
+        let mut ports = self.ports.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = ports.get(labels) {
+            return m.clone();
+        }
+        let m = Arc::new(self.port_series(labels));
+        ports.insert(labels.clone(), m.clone());
+        m
+    }
+
+    /// The handles of every series of a port, from the families.
+    fn port_series(&self, labels: &PortLabels) -> PortMetrics {
         let bytes_for = |direction| {
             self.bytes.get_or_create_owned(&BytesLabels {
                 port: labels.clone(),
@@ -1084,10 +1139,13 @@ mod tests {
         let m = Metrics::new();
         let port = labels("http", "TCP");
         let ep: SocketAddr = "10.0.0.1:8080".parse().unwrap();
-        let a = m.endpoint(&port, ep);
-        let b = m.endpoint(&port, ep);
-        assert!(Arc::ptr_eq(a.metrics(), b.metrics()), "one set of atomics");
-        let h = a.metrics().clone();
+        let a = m.endpoints(&port, &[ep]);
+        let b = m.endpoints(&port, &[ep]);
+        assert!(
+            Arc::ptr_eq(&a.metrics()[0], &b.metrics()[0]),
+            "one set of atomics"
+        );
+        let h = a.metrics()[0].clone();
         assert_eq!(h.healthy(), 1);
         h.traffic.connections_total.inc_by(2);
         h.traffic.bytes_to_client.inc_by(9);
@@ -1139,8 +1197,8 @@ mod tests {
         assert!(!m.encode().contains("endpoint="));
 
         // Back again: new series, healthy, counting from zero.
-        let c = m.endpoint(&port, ep);
-        assert!(!Arc::ptr_eq(c.metrics(), &h));
+        let c = m.endpoints(&port, &[ep]);
+        assert!(!Arc::ptr_eq(&c.metrics()[0], &h));
         let text = m.encode();
         assert_eq!(
             endpoint_sample(&text, ENDPOINT_CONNECTIONS_TOTAL, "").as_deref(),
@@ -1151,8 +1209,8 @@ mod tests {
             Some("1")
         );
         // Another port's endpoint of the same address is its own series.
-        let other = m.endpoint(&labels("https", "TCP"), ep);
-        assert!(!Arc::ptr_eq(c.metrics(), other.metrics()));
+        let other = m.endpoints(&labels("https", "TCP"), &[ep]);
+        assert!(!Arc::ptr_eq(&c.metrics()[0], &other.metrics()[0]));
     }
 
     #[test]

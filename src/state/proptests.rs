@@ -2,7 +2,8 @@
 //! and port pools, so frontends collide and endpoints repeat), every frontend
 //! uses only endpoints SEMANTICS.md allows, exactly the allowed set when the
 //! rules leave no choice; listeners exist for exactly the frontends that may
-//! accept; compile is deterministic.
+//! accept; compile is deterministic; a compile with the control loop's cache
+//! (recompiling, or patching, only what changed) gives what a full one gives.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use proptest::prelude::*;
 
-use super::snapshot::{ListenerMode, NodeContext, Snapshot};
+use super::snapshot::{CompileCache, ListenerMode, NodeContext, Snapshot};
 use super::store::Store;
 use crate::discovery::Update;
 use crate::model::*;
@@ -332,6 +333,45 @@ proptest! {
         rev.reverse();
         let (_, c) = compile(rev, &w.ctx);
         prop_assert_eq!(normalized(&a), normalized(&c));
+    }
+
+    /// Store `a`, then `b`'s objects one change at a time, then some of
+    /// `a`'s deleted one at a time: after every change the compile with the
+    /// cache (a patch of the last snapshot when it can, else the changed
+    /// Services recompiled) gives exactly the snapshot a full compile gives.
+    #[test]
+    fn cached_compile_equals_a_full_compile(
+        a in world(),
+        b in world(),
+        deletes in proptest::collection::vec(any::<bool>(), 12),
+    ) {
+        let metrics = Metrics::new();
+        let mut st = Store::new();
+        let mut cache = CompileCache::default();
+        let mut updates = vec![Update::Reset(a.objects.clone())];
+        updates.extend(
+            b.objects
+                .into_iter()
+                .filter(|o| !matches!(o, Object::Node(_)))
+                .map(|o| Update::Upsert(Box::new(o))),
+        );
+        updates.extend(
+            a.objects
+                .iter()
+                .zip(&deletes)
+                .filter(|(_, d)| **d)
+                .map(|(o, _)| {
+                    let (kind, key) = o.id();
+                    Update::Delete(kind, key)
+                }),
+        );
+        for (g, u) in (1u64..).zip(updates) {
+            st.apply(u);
+            let cached = st.compile_with(&a.ctx, &metrics, g, &mut cache);
+            let full = st.compile(&a.ctx, &metrics, g);
+            prop_assert_eq!(normalized(&cached), normalized(&full), "generation {}", g);
+            prop_assert_eq!(cached.skipped_ports, full.skipped_ports);
+        }
     }
 }
 

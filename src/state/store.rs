@@ -1,7 +1,7 @@
 //! The single writer: holds the latest objects from the sources and compiles
 //! snapshots from them.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 
 use crate::discovery::{selector, Checked, Update};
@@ -33,6 +33,12 @@ impl Changes {
 pub struct Store {
     pub(crate) services: BTreeMap<ObjectKey, Service>,
     pub(crate) slices: BTreeMap<ObjectKey, EndpointSlice>,
+    /// The keys of `slices` by their Service (namespace, Service name): a
+    /// change finds its Service's slices without a pass over all of them.
+    slices_by_service: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
+    /// The Services with `ringvip.io/health-check`: what
+    /// [`Store::check_targets`] walks, rather than every Service per change.
+    health_checked: BTreeSet<ObjectKey>,
     pub(crate) nodes: BTreeMap<String, Node>,
     pub(crate) pods: BTreeMap<ObjectKey, Pod>,
     /// Legacy `v1 Endpoints` (file mode), by the key of their Service.
@@ -163,8 +169,11 @@ impl Store {
                     }
                 }
                 let gone = match kind {
-                    Kind::Service => self.services.remove(&key).is_some(),
-                    Kind::EndpointSlice => self.slices.remove(&key).is_some(),
+                    Kind::Service => {
+                        self.health_checked.remove(&key);
+                        self.services.remove(&key).is_some()
+                    }
+                    Kind::EndpointSlice => self.remove_slice(&key),
                     Kind::Node => self.nodes.remove(&key.name).is_some(),
                     Kind::Pod => {
                         // A Pod created again under this name is a new Pod:
@@ -269,25 +278,24 @@ impl Store {
     /// Forgets results of endpoints no longer listed, so one that comes
     /// back starts up again, as a new server in HAProxy.
     pub fn check_targets(&mut self) -> Vec<CheckTarget> {
-        if !self
-            .services
-            .values()
-            .any(|s| s.options.health_check.is_some())
-        {
+        if self.health_checked.is_empty() {
             self.checked.down.clear();
             return Vec::new();
         }
         let derived = self.selector_slices();
         let mut out = Vec::new();
-        for svc in self.services.values() {
+        for svc in self
+            .health_checked
+            .iter()
+            .filter_map(|k| self.services.get(k))
+        {
             let Some(spec) = &svc.options.health_check else {
                 continue;
             };
             let mut seen = HashSet::new();
-            let slices =
-                self.slices.values().chain(&derived).filter(|s| {
-                    s.service_name == svc.key.name && s.key.namespace == svc.key.namespace
-                });
+            let slices = self.slices_of(&svc.key).chain(derived.iter().filter(|s| {
+                s.service_name == svc.key.name && s.key.namespace == svc.key.namespace
+            }));
             for s in slices {
                 for sp in &svc.ports {
                     let Some(port) = s.port_for(sp) else { continue };
@@ -325,8 +333,27 @@ impl Store {
             true
         }
         match o {
-            Object::Service(s) => put(&mut self.services, s.key.clone(), s),
-            Object::EndpointSlice(s) => put(&mut self.slices, s.key.clone(), s),
+            Object::Service(s) => {
+                if s.options.health_check.is_some() {
+                    self.health_checked.insert(s.key.clone());
+                } else {
+                    self.health_checked.remove(&s.key);
+                }
+                put(&mut self.services, s.key.clone(), s)
+            }
+            Object::EndpointSlice(s) => {
+                if self.slices.get(&s.key) == Some(&s) {
+                    return false;
+                }
+                self.remove_slice(&s.key);
+                let service = ObjectKey::new(s.key.namespace.clone(), s.service_name.clone());
+                self.slices_by_service
+                    .entry(service)
+                    .or_default()
+                    .insert(s.key.clone());
+                self.slices.insert(s.key.clone(), s);
+                true
+            }
             Object::Node(n) => put(&mut self.nodes, n.name.clone(), n),
             Object::Pod(mut p) => {
                 // With readiness probes, ringvip's prober decides, not the
@@ -338,6 +365,34 @@ impl Store {
             }
             Object::Endpoints(e) => put(&mut self.endpoints, e.key.clone(), e),
         }
+    }
+
+    /// Takes the slice `key` out, and out of its Service's index entry.
+    fn remove_slice(&mut self, key: &ObjectKey) -> bool {
+        let Some(old) = self.slices.remove(key) else {
+            return false;
+        };
+        let service = ObjectKey::new(key.namespace.clone(), old.service_name);
+        if let Some(keys) = self.slices_by_service.get_mut(&service) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.slices_by_service.remove(&service);
+            }
+        }
+        true
+    }
+
+    /// The EndpointSlices (from the sources, not derived) of the Service
+    /// `service`, by key: O(its slices), whatever the number of Services.
+    pub fn slices_of<'a>(
+        &'a self,
+        service: &ObjectKey,
+    ) -> impl Iterator<Item = &'a EndpointSlice> + 'a {
+        self.slices_by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.slices.get(k))
     }
 
     /// The Node object of this name, if a source delivered one.

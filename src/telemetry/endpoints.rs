@@ -7,16 +7,19 @@
 //! the Service port) per Service port, and an endpoint's series exist only
 //! while the endpoint is listed for that port.
 //!
-//! The compile takes an [`EndpointLease`] for every endpoint of every Service
-//! port it compiles and keeps it with the compiled Service (in the compile
-//! cache). Leases are counted: the first creates the endpoint's handles, the
-//! last one dropped removes them from the set that is exported. That happens
+//! The compile takes one [`EndpointsLease`] on the endpoints of every
+//! Service port it compiles (one lock and one hash of the port's labels per
+//! port, then one hash of an address per endpoint) and keeps it with the
+//! compiled Service (in the compile cache). Leases are counted per endpoint:
+//! the first creates the endpoint's handles, the last one dropped removes
+//! them from the set that is exported. That happens
 //! when a recompile of the Service no longer lists the endpoint, or when the
 //! Service goes; the compile drops the old leases only after taking the new
 //! ones, so an endpoint that stays keeps its counts. The set is encoded at
 //! each scrape (a `Collector`), so a removed endpoint has no series on the
-//! next scrape, and an endpoint costs its atomics and one copy of its labels,
-//! not a label set per series. The data path holds `Arc<EndpointMetrics>`
+//! next scrape, and an endpoint costs its atomics and its address (the
+//! labels are its port's, held once, and the address is formatted at each
+//! scrape), not a label set per series. The data path holds `Arc<EndpointMetrics>`
 //! only (never a lease): a connection still open on an endpoint that left
 //! goes on counting into handles no longer exported.
 
@@ -38,36 +41,41 @@ use super::{
     ENDPOINT_HEALTH_LAST_CHANGE_TIMESTAMP_SECONDS,
 };
 
-/// Labels of one endpoint of one Service port.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct EndpointLabels {
-    #[prometheus(flatten)]
-    port: PortLabels,
-    /// `IP:port` of the endpoint.
-    endpoint: String,
-}
-
-/// An endpoint's labels plus at most one more (`direction`, `reason`),
-/// borrowed for one scrape.
+/// The labels of one endpoint of one Service port, borrowed for one scrape,
+/// plus at most one more (`direction`, `reason`). The endpoint's `IP:port`
+/// is formatted once per scrape, not kept per endpoint.
 struct Labels<'a> {
-    ep: &'a EndpointLabels,
+    port: &'a PortLabels,
+    endpoint: &'a str,
     extra: Option<(&'static str, &'static str)>,
 }
 
 impl<'a> Labels<'a> {
-    fn of(ep: &'a EndpointLabels) -> Labels<'a> {
-        Labels { ep, extra: None }
+    fn of(ep: &'a Scraped<'a>) -> Labels<'a> {
+        Labels {
+            port: ep.port,
+            endpoint: &ep.endpoint,
+            extra: None,
+        }
     }
 }
 
 impl EncodeLabelSet for Labels<'_> {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
-        self.ep.encode(encoder)?;
+        self.port.encode(encoder)?;
+        [("endpoint", self.endpoint)].encode(encoder)?;
         match self.extra {
             Some(label) => [label].encode(encoder),
             None => Ok(()),
         }
     }
+}
+
+/// One endpoint as one scrape sees it.
+struct Scraped<'a> {
+    port: &'a PortLabels,
+    endpoint: String,
+    metrics: &'a EndpointMetrics,
 }
 
 /// Handles of one endpoint of one Service port, resolved at compile; every
@@ -148,7 +156,14 @@ impl EndpointMetrics {
     }
 }
 
-type Live = HashMap<EndpointLabels, (usize, Arc<EndpointMetrics>)>;
+/// The endpoints of one Service port with series now: their handles and
+/// the number of leases on each.
+type PortLive = HashMap<SocketAddr, (usize, Arc<EndpointMetrics>)>;
+
+/// Every Service port with an endpoint that has series now. Keyed by port
+/// first, so a lease on a port's endpoints hashes the port's labels once,
+/// then only addresses.
+type Live = HashMap<PortLabels, PortLive>;
 
 /// The endpoints with series now, with the number of leases on each.
 #[derive(Debug, Default)]
@@ -163,51 +178,61 @@ impl Endpoints {
         self.live.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes a lease on the series of `endpoint` of `port`, creating them
-    /// (healthy, counters at zero, last change `now`) if no lease holds them.
+    /// Takes a lease on the series of each of `endpoints` of `port` (one
+    /// lock, one hash of the port's labels), creating those no lease holds
+    /// (healthy, counters at zero, last change `now`).
     pub(super) fn lease(
         self: &Arc<Self>,
         port: &PortLabels,
-        endpoint: SocketAddr,
+        endpoints: &[SocketAddr],
         now: SystemTime,
-    ) -> EndpointLease {
-        let key = EndpointLabels {
-            port: port.clone(),
-            endpoint: endpoint.to_string(),
-        };
+    ) -> EndpointsLease {
         let mut live = self.lock();
-        let metrics = match live.get_mut(&key) {
-            Some((n, m)) => {
+        let held = match live.get_mut(port) {
+            Some(held) => held,
+            None => live.entry(port.clone()).or_default(),
+        };
+        let metrics = endpoints
+            .iter()
+            .map(|ep| {
+                let (n, m) = held
+                    .entry(*ep)
+                    .or_insert_with(|| (0, Arc::new(EndpointMetrics::new(now))));
                 *n += 1;
                 m.clone()
-            }
-            None => {
-                let m = Arc::new(EndpointMetrics::new(now));
-                live.insert(key.clone(), (1, m.clone()));
-                m
-            }
-        };
-        EndpointLease {
+            })
+            .collect();
+        drop(live);
+        EndpointsLease {
             endpoints: self.clone(),
-            key,
+            port: port.clone(),
+            addrs: endpoints.into(),
             metrics,
         }
     }
 
-    fn release(&self, key: &EndpointLabels) {
+    fn release(&self, port: &PortLabels, endpoints: &[SocketAddr]) {
         let mut live = self.lock();
-        if let Some((n, _)) = live.get_mut(key) {
-            *n -= 1;
-            if *n == 0 {
-                live.remove(key);
+        let Some(held) = live.get_mut(port) else {
+            return;
+        };
+        for ep in endpoints {
+            if let Some((n, _)) = held.get_mut(ep) {
+                *n -= 1;
+                if *n == 0 {
+                    held.remove(ep);
+                }
             }
+        }
+        if held.is_empty() {
+            live.remove(port);
         }
     }
 
     /// (port, endpoint) pairs with series now.
     #[cfg(test)]
     pub(super) fn live(&self) -> usize {
-        self.lock().len()
+        self.lock().values().map(HashMap::len).sum()
     }
 }
 
@@ -229,7 +254,17 @@ fn family<'a>(
 impl Collector for Endpoints {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let live = self.lock();
-        let all = || live.iter().map(|(ep, (_, m))| (ep, m.as_ref()));
+        let scraped: Vec<Scraped<'_>> = live
+            .iter()
+            .flat_map(|(port, held)| {
+                held.iter().map(move |(ep, (_, m))| Scraped {
+                    port,
+                    endpoint: ep.to_string(),
+                    metrics: m,
+                })
+            })
+            .collect();
+        let all = || scraped.iter().map(|ep| (ep, ep.metrics));
         let e = &mut encoder;
         family(
             e,
@@ -264,8 +299,8 @@ impl Collector for Endpoints {
                 ConnectFailure::ALL.iter().filter_map(move |r| {
                     let c = m.traffic.failures.get(r.index())?;
                     let labels = Labels {
-                        ep,
                         extra: Some(("reason", r.as_str())),
+                        ..Labels::of(ep)
                     };
                     Some((labels, c as &dyn EncodeMetric))
                 })
@@ -284,8 +319,8 @@ impl Collector for Endpoints {
                 .into_iter()
                 .map(move |(direction, c)| {
                     let labels = Labels {
-                        ep,
                         extra: Some(("direction", direction)),
+                        ..Labels::of(ep)
                     };
                     (labels, c as &dyn EncodeMetric)
                 })
@@ -317,24 +352,25 @@ impl Collector for Endpoints {
     }
 }
 
-/// Keeps the series of one endpoint of one Service port exported while it
-/// lives (see the module documentation).
+/// Keeps the series of some endpoints of one Service port exported while
+/// it lives (see the module documentation).
 #[derive(Debug)]
-pub struct EndpointLease {
+pub struct EndpointsLease {
     endpoints: Arc<Endpoints>,
-    key: EndpointLabels,
-    metrics: Arc<EndpointMetrics>,
+    port: PortLabels,
+    addrs: Box<[SocketAddr]>,
+    metrics: Box<[Arc<EndpointMetrics>]>,
 }
 
-impl EndpointLease {
-    /// The handles, for the data path.
-    pub fn metrics(&self) -> &Arc<EndpointMetrics> {
+impl EndpointsLease {
+    /// The handles of each endpoint, in the order they were leased.
+    pub fn metrics(&self) -> &[Arc<EndpointMetrics>] {
         &self.metrics
     }
 }
 
-impl Drop for EndpointLease {
+impl Drop for EndpointsLease {
     fn drop(&mut self) {
-        self.endpoints.release(&self.key);
+        self.endpoints.release(&self.port, &self.addrs);
     }
 }

@@ -12,8 +12,8 @@ use std::time::Instant;
 use ipnet::IpNet;
 
 use super::{
-    EmptyAction, Frontend, FrontendKey, FrontendKind, HealthCheck, ListenerMode, ListenerSpec,
-    NodeContext, PortCandidates, Snapshot,
+    EmptyAction, Frontend, FrontendKey, FrontendKind, Frontends, HealthCheck, ListenerMode,
+    ListenerSpec, NodeContext, PortCandidates, Snapshot,
 };
 use crate::balance::affinity::PortId;
 use crate::balance::{Balancer, Joined, Maglev, Warmup};
@@ -23,9 +23,7 @@ use crate::model::{
 };
 use crate::state::store::{CheckedState, Dirty, Store};
 use crate::state::topology::{categorize, Candidate, Place, Usable};
-use crate::telemetry::{
-    EndpointLease, EndpointMetrics, FrontendLabels, Gauge, Metrics, PortLabels, PortMetrics,
-};
+use crate::telemetry::{EndpointMetrics, EndpointsLease, Metrics, PortLabels, PortMetrics};
 
 /// Stable id of a Service port, for affinity across snapshots.
 pub fn port_id(service: &ObjectKey, port_name: &str, proto: Protocol) -> PortId {
@@ -46,8 +44,19 @@ struct PortEndpoints {
 
 /// Metric handles of one Service port: its own and its endpoints'.
 struct PortHandles {
-    port: PortMetrics,
-    endpoints: HashMap<SocketAddr, Arc<EndpointMetrics>>,
+    port: Arc<PortMetrics>,
+    /// Every endpoint listed for the port, sorted (v4 before v6).
+    addrs: Vec<SocketAddr>,
+    /// The lease on their series; its handles are at the index of `addrs`.
+    lease: EndpointsLease,
+}
+
+impl PortHandles {
+    /// The handles of `ep`, one of the port's endpoints.
+    fn endpoint(&self, ep: &SocketAddr) -> Option<&Arc<EndpointMetrics>> {
+        let i = self.addrs.binary_search(ep).ok()?;
+        self.lease.metrics().get(i)
+    }
 }
 
 impl PortEndpoints {
@@ -148,7 +157,7 @@ struct ServiceOut {
     skipped_ports: usize,
     /// Keep the per-endpoint series of the Service's ports exported for as
     /// long as this compiled Service is the current one.
-    leases: Vec<EndpointLease>,
+    leases: Vec<EndpointsLease>,
 }
 
 /// Compiled Services kept between compiles, so a change recompiles only the
@@ -160,8 +169,6 @@ pub struct CompileCache {
     ctx: Option<NodeContext>,
     zone: Option<String>,
     services: HashMap<ObjectKey, Arc<ServiceOut>>,
-    /// Frontends of the last snapshot, to size the next one's map.
-    frontends: usize,
     /// The last snapshot's parts, patched when few Services change.
     last: Option<Last>,
     /// When each endpoint of a slow-start Service joined its usable set:
@@ -186,11 +193,12 @@ impl CompileCache {
     }
 }
 
-/// What a snapshot holds, kept to build the next one by patching.
+/// What a snapshot holds, kept to build the next one by patching: shared
+/// with it (a fixed cost, whatever the number of Services).
 #[derive(Debug)]
 struct Last {
-    frontends: HashMap<FrontendKey, Arc<Frontend>>,
-    listeners: Vec<ListenerSpec>,
+    frontends: Frontends,
+    listeners: Arc<Vec<ListenerSpec>>,
     health_checks: Vec<HealthCheck>,
     conflicts: usize,
     no_local_internal: usize,
@@ -263,16 +271,12 @@ impl<'a> Compiler<'a> {
             .iter()
             .map(|a| {
                 handles
-                    .endpoints
-                    .get(a)
+                    .endpoint(a)
                     .cloned()
                     .unwrap_or_else(EndpointMetrics::detached)
             })
             .collect();
-        let labels = FrontendLabels {
-            address: addr.to_string(),
-            protocol: sp.protocol.as_str().to_string(),
-        };
+        let fh = self.metrics.frontend(addr, sp.protocol.as_str());
         let fe = Frontend {
             service: svc.key.clone(),
             port_name: sp.name.clone(),
@@ -287,14 +291,10 @@ impl<'a> Compiler<'a> {
             source_ranges,
             when_empty,
             metrics: handles.port.clone(),
-            admitted: if sp.protocol == Protocol::Tcp {
-                self.metrics.frontend_active(&labels)
-            } else {
-                Gauge::default()
-            },
+            admitted: fh.admitted,
             policy,
             candidates: candidates.clone(),
-            traffic: self.metrics.frontend_traffic(&labels),
+            traffic: fh.traffic,
             endpoint_metrics,
             balancer,
             warmup,
@@ -402,15 +402,12 @@ impl<'a> Compiler<'a> {
                 protocol: sp.protocol.as_str().to_string(),
             };
             // Every endpoint listed for the port has series, usable or not.
-            let mut endpoints = HashMap::with_capacity(v4.len() + v6.len());
-            for c in v4.iter().chain(&v6) {
-                let lease = self.metrics.endpoint(&labels, c.addr);
-                let check = checks.then(|| !down(c.addr));
-                lease
-                    .metrics()
-                    .set_check(check, std::time::SystemTime::now());
-                endpoints.insert(c.addr, lease.metrics().clone());
-                self.out.leases.push(lease);
+            // Both lists are sorted and every v4 address sorts first.
+            let addrs: Vec<SocketAddr> = v4.iter().chain(&v6).map(|c| c.addr).collect();
+            let lease = self.metrics.endpoints(&labels, &addrs);
+            let now = std::time::SystemTime::now();
+            for (a, m) in addrs.iter().zip(lease.metrics()) {
+                m.set_check(checks.then(|| !down(*a)), now);
             }
             let mut eps = PortEndpoints {
                 v4: categorize(&v4, place),
@@ -445,7 +442,8 @@ impl<'a> Compiler<'a> {
             }
             let pm = PortHandles {
                 port: self.metrics.port(&labels),
-                endpoints,
+                addrs,
+                lease,
             };
             let any_cluster = !eps.v4.cluster.is_empty() || !eps.v6.cluster.is_empty();
             let no_local = eps.v4.local.is_empty() && eps.v6.local.is_empty() && any_cluster;
@@ -501,6 +499,7 @@ impl<'a> Compiler<'a> {
                 let k = FrontendKind::ExternalIp;
                 self.add(svc, sp, &pm, &eps, a, k, svc.external_policy);
             }
+            self.out.leases.push(pm.lease);
         }
         joined.retain(&svc.key, &warm_sets);
         if let (Some(port), TrafficPolicy::Local) =
@@ -597,9 +596,9 @@ impl Store {
             .then(|| self.slices_by_service(&derived));
         let mut snap = Snapshot {
             generation: c.generation,
-            frontends: HashMap::with_capacity(cache.frontends),
             ..Snapshot::default()
         };
+        let mut listeners = Vec::new();
         for svc in self.services.values() {
             if !svc.is_proxied(&ctx.proxy_name) {
                 continue;
@@ -615,13 +614,11 @@ impl Store {
                             .unwrap_or(&[]),
                         None => {
                             found = self
-                                .slices
-                                .values()
-                                .chain(&derived)
-                                .filter(|s| {
+                                .slices_of(&svc.key)
+                                .chain(derived.iter().filter(|s| {
                                     s.service_name == svc.key.name
                                         && s.key.namespace == svc.key.namespace
-                                })
+                                }))
                                 .collect::<Vec<_>>();
                             &found
                         }
@@ -640,14 +637,14 @@ impl Store {
                     out
                 }
             };
-            assemble(&mut snap, &svc.key, &out);
+            assemble(&mut snap, &mut listeners, &svc.key, &out);
         }
         let services = &self.services;
         cache.joined.retain_services(|k| services.contains_key(k));
         cache.warned.retain(|k, _| services.contains_key(k));
-        cache.frontends = snap.frontends.len();
-        snap.listeners.sort();
-        snap.listeners.dedup();
+        listeners.sort();
+        listeners.dedup();
+        snap.listeners = Arc::new(listeners);
         snap.health_checks.sort_by_key(|h| h.port);
         cache.last = Some(Last::of(&snap));
         drop(retired);
@@ -675,11 +672,14 @@ impl Store {
             return None;
         }
         let mut frontends = last.frontends.clone();
-        let mut listeners = last.listeners.clone();
         let mut health_checks = last.health_checks.clone();
         let mut no_local_internal = last.no_local_internal;
         let mut no_local_external = last.no_local_external;
         let mut skipped_ports = last.skipped_ports;
+        // Listeners the changed Services held and hold now: the list is
+        // copied only when they differ.
+        let mut gone: Vec<ListenerSpec> = Vec::new();
+        let mut new: Vec<ListenerSpec> = Vec::new();
         for k in &dirty.services {
             let Some(old) = cache.services.remove(k) else {
                 continue;
@@ -687,12 +687,7 @@ impl Store {
             for (key, fe, listener) in &old.frontends {
                 if frontends.get(key).is_some_and(|f| Arc::ptr_eq(f, fe)) {
                     frontends.remove(key);
-                    if let Some(i) = listener
-                        .as_ref()
-                        .and_then(|l| listeners.binary_search(l).ok())
-                    {
-                        listeners.remove(i);
-                    }
+                    gone.extend(listener.iter().cloned());
                 }
             }
             if let Some(h) = &old.health_check {
@@ -701,6 +696,8 @@ impl Store {
             no_local_internal = no_local_internal.saturating_sub(old.no_local_internal);
             no_local_external = no_local_external.saturating_sub(old.no_local_external);
             skipped_ports = skipped_ports.saturating_sub(old.skipped_ports);
+            // Dropped (with its leases) only after the next compile took
+            // its own, even if this patch gives up.
             retired.push(old);
         }
         for k in &dirty.services {
@@ -710,11 +707,7 @@ impl Store {
             if !svc.is_proxied(&c.ctx.proxy_name) {
                 continue;
             }
-            let slices: Vec<&EndpointSlice> = self
-                .slices
-                .values()
-                .filter(|s| s.service_name == k.name && s.key.namespace == k.namespace)
-                .collect();
+            let slices: Vec<&EndpointSlice> = self.slices_of(k).collect();
             c.out = ServiceOut::default();
             c.service(
                 svc,
@@ -730,12 +723,7 @@ impl Store {
                 if frontends.insert(*key, fe.clone()).is_some() {
                     return None;
                 }
-                if let Some(l) = listener {
-                    match listeners.binary_search(l) {
-                        Ok(_) => return None,
-                        Err(i) => listeners.insert(i, l.clone()),
-                    }
-                }
+                new.extend(listener.iter().cloned());
             }
             if let Some(h) = &out.health_check {
                 if health_checks.iter().any(|x| x.port == h.port) {
@@ -746,6 +734,23 @@ impl Store {
             no_local_internal += out.no_local_internal;
             no_local_external += out.no_local_external;
             skipped_ports += out.skipped_ports;
+        }
+        let mut listeners = last.listeners.clone();
+        gone.sort();
+        new.sort();
+        if gone != new {
+            let list = Arc::make_mut(&mut listeners);
+            for l in &gone {
+                if let Ok(i) = list.binary_search(l) {
+                    list.remove(i);
+                }
+            }
+            for l in new {
+                match list.binary_search(&l) {
+                    Ok(_) => return None,
+                    Err(i) => list.insert(i, l),
+                }
+            }
         }
         for k in &dirty.services {
             if !self.services.contains_key(k) {
@@ -764,7 +769,6 @@ impl Store {
             health_checks,
             skipped_ports,
         };
-        cache.frontends = snap.frontends.len();
         cache.last = Some(Last::of(&snap));
         Some(snap)
     }
@@ -772,24 +776,23 @@ impl Store {
 
 /// Adds one Service's frontends to the snapshot; a frontend already claimed
 /// by an earlier Service stays with it (first one wins) and is reported.
-fn assemble(snap: &mut Snapshot, service: &ObjectKey, out: &ServiceOut) {
-    use std::collections::hash_map::Entry;
+fn assemble(
+    snap: &mut Snapshot,
+    listeners: &mut Vec<ListenerSpec>,
+    service: &ObjectKey,
+    out: &ServiceOut,
+) {
     for (key, fe, listener) in &out.frontends {
-        match snap.frontends.entry(*key) {
-            Entry::Occupied(prev) => {
-                let prev = &prev.get().service;
-                snap.conflicts.push(format!(
-                    "{} {}: claimed by {prev} and {service}; {prev} wins",
-                    key.proto, key.addr
-                ));
-                continue;
-            }
-            Entry::Vacant(v) => {
-                v.insert(fe.clone());
-            }
+        if let Err(prev) = snap.frontends.insert_new(*key, fe.clone()) {
+            let prev = &prev.service;
+            snap.conflicts.push(format!(
+                "{} {}: claimed by {prev} and {service}; {prev} wins",
+                key.proto, key.addr
+            ));
+            continue;
         }
         if let Some(l) = listener {
-            snap.listeners.push(l.clone());
+            listeners.push(l.clone());
         }
     }
     snap.health_checks.extend(out.health_check.clone());

@@ -3,7 +3,6 @@
 //! builds it from the store; all policy filtering happens there, once per
 //! change, never per connection.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,10 +16,12 @@ use crate::state::topology::Candidate;
 use crate::telemetry::{ConnectFailure, EndpointMetrics, PortMetrics, Traffic};
 
 mod compile;
+mod frontends;
 #[cfg(test)]
 mod tests;
 
 pub use compile::CompileCache;
+use frontends::Frontends;
 
 /// What this node is, as compile needs it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -95,8 +96,9 @@ pub struct Frontend {
     pub source_ranges: Box<[IpNet]>,
     /// What happens when `endpoints` is empty.
     pub when_empty: EmptyAction,
-    /// Metric handles of the Service port.
-    pub metrics: PortMetrics,
+    /// Metric handles of the Service port (one set per port, shared by its
+    /// frontends and kept across compiles).
+    pub metrics: Arc<PortMetrics>,
     /// TCP connections admitted through this frontend; the same atomic in
     /// every snapshot, so `--max-connections-per-frontend` holds across reloads.
     pub admitted: crate::telemetry::Gauge,
@@ -216,8 +218,11 @@ pub struct ListenerSpec {
 pub struct Snapshot {
     /// Increases with every compile.
     pub generation: u64,
-    frontends: HashMap<FrontendKey, Arc<Frontend>>,
-    listeners: Vec<ListenerSpec>,
+    /// Shared with the snapshots before and after, but for the shards a
+    /// change touched.
+    frontends: Frontends,
+    /// Shared with the previous snapshot when no listener changed.
+    listeners: Arc<Vec<ListenerSpec>>,
     /// Service ports with Local internal policy and no local endpoint.
     pub no_local_internal: usize,
     /// Service ports with Local external policy and no local endpoint.

@@ -705,3 +705,43 @@ fn slow_start_times_survive_recompiles() {
     let s6 = compile_at(&mut run, balanced(rr, Some(w), &four), 6, at(55));
     assert!(tcp(&s6, "10.96.0.10:80").warmup.is_none());
 }
+
+/// A change to one Service among many copies only what it touches: the next
+/// snapshot shares every frontend shard but the changed Service's with the
+/// last one, and the listener list when no listener changed.
+#[test]
+fn a_patch_shares_what_it_did_not_change() {
+    let mut objects = Vec::new();
+    for i in 0..2000u32 {
+        let name = format!("s{i}");
+        let mut s = exposed(&name, ServiceType::NodePort, 30000 + i as u16);
+        let [_, _, a, b] = (i + 1).to_be_bytes();
+        s.cluster_ips = vec![IpAddr::from([10, 96, a, b])];
+        objects.push(Object::Service(s));
+        let ip = format!("10.1.{a}.{b}");
+        objects.push(sliced(&format!("{name}-1"), &name, vec![up(&ip, "node-a")]));
+    }
+    let mut run = Cached {
+        st: Store::new(),
+        cache: CompileCache::default(),
+        ctx: ctx(),
+        metrics: Metrics::new(),
+    };
+    let first = run.step(vec![Update::Reset(objects)], 1);
+    let used = first.frontends.shared_shards(&first.frontends);
+    assert!(used > 1000, "{used} shards in use");
+
+    // s7 keeps an endpoint (and so its listener): only its two frontends'
+    // shards (ClusterIP, NodePort) are new.
+    let moved = sliced("s7-1", "s7", vec![up("10.2.0.1", "node-a")]);
+    let second = run.step(vec![upsert(moved)], 2);
+    assert!(run.cache.can_patch());
+    assert!(second.frontends.shared_shards(&first.frontends) >= used - 2);
+    assert!(Arc::ptr_eq(&first.listeners, &second.listeners));
+
+    // s8 loses its endpoints: its listener goes, so the list is new.
+    let emptied = sliced("s8-1", "s8", vec![]);
+    let third = run.step(vec![upsert(emptied)], 3);
+    assert!(!Arc::ptr_eq(&second.listeners, &third.listeners));
+    assert_eq!(third.listeners().len(), first.listeners().len() - 1);
+}
