@@ -515,9 +515,10 @@ impl<'a> Compiler<'a> {
 }
 
 impl Store {
-    /// Compiles the current objects into a snapshot for this node. Keeps no
-    /// compile cache, hence no per-endpoint leases: the snapshot's endpoint
-    /// handles count, but are not exported (the running proxy uses
+    /// Compiles the current objects into a snapshot for this node, with a
+    /// compile cache of its own that goes when it returns: the endpoint
+    /// leases it took go with it, so the snapshot's endpoint handles count
+    /// but are not exported (the running proxy keeps its cache and uses
     /// [`Store::compile_with`]).
     pub fn compile(&self, ctx: &NodeContext, metrics: &Metrics, generation: u64) -> Snapshot {
         let all = Dirty {
