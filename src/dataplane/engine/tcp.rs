@@ -32,6 +32,7 @@ use super::bufring::BufRing;
 use super::ops;
 use super::ring::{Op, Ring, Token};
 use super::slots::Slots;
+use super::udp::Udp;
 use crate::access_log::End;
 use crate::dataplane::connect::Retry;
 use crate::dataplane::flow::{resolve, FlowKey, Verdict};
@@ -241,6 +242,8 @@ pub struct Tcp {
     // buffers it may have lent.
     conns: Slots<Conn>,
     listeners: Slots<Listener>,
+    /// The UDP path, on the same ring and buffers.
+    udp: Udp,
     ring: Ring,
     bufs: BufRing,
     shared: Arc<Shared>,
@@ -278,6 +281,7 @@ impl Tcp {
         Ok(Self {
             conns: Slots::default(),
             listeners: Slots::default(),
+            udp: Udp::new(shared.clone(), rng.clone()),
             ring,
             bufs,
             shared,
@@ -341,6 +345,35 @@ impl Tcp {
         }
     }
 
+    /// Starts receiving datagrams on `fd` (a bound UDP socket, its own
+    /// descriptor), arriving for `local`. Returns the listener's index and
+    /// serial.
+    pub fn listen_udp(&mut self, fd: OwnedFd, local: SocketAddr) -> (u32, u32) {
+        let r = self.udp.listen(&mut self.ring, &self.bufs, fd, local);
+        let _ = self.ring.submit();
+        r
+    }
+
+    /// Stops UDP listener `id`: see [`Udp::stop`].
+    pub fn stop_udp(&mut self, id: u32) {
+        self.udp.stop(&mut self.ring, id);
+    }
+
+    /// True once UDP listener `id` of `serial` and its flows are gone.
+    pub fn udp_closed(&self, id: u32, serial: u32) -> bool {
+        self.udp.closed(id, serial)
+    }
+
+    /// UDP flows open on this thread.
+    pub fn udp_flows(&self) -> usize {
+        self.udp.flows()
+    }
+
+    /// The UDP path's periodic sweep (once a second): see [`Udp::sweep`].
+    pub fn udp_sweep(&mut self, now: Instant) {
+        self.udp.sweep(&mut self.ring, now);
+    }
+
     /// Serves a connection accepted outside the ring (a closing listener's
     /// queue), arrived for `local`.
     pub fn adopt(&mut self, client: OwnedFd, local: SocketAddr) {
@@ -360,12 +393,14 @@ impl Tcp {
                 break;
             }
             handled += cqes.len();
+            let now = Instant::now();
             for cqe in cqes.drain(..) {
-                self.complete(&cqe);
+                self.complete(&cqe, now);
             }
             self.cqes = cqes;
             self.bufs.publish();
             self.rearm_starved();
+            self.udp.rearm_starved(&mut self.ring, &self.bufs);
             // Submitting may complete operations at once: loop for those.
             let _ = self.ring.submit();
         }
@@ -394,12 +429,15 @@ impl Tcp {
         let _ = self.ring.submit();
     }
 
-    fn complete(&mut self, cqe: &cqueue::Entry) {
+    fn complete(&mut self, cqe: &cqueue::Entry, now: Instant) {
         let Some(t) = Token::unpack(cqe.user_data()) else {
             return;
         };
         let res = cqe.result();
         match t.op {
+            Op::UdpRecv | Op::UdpRecvBackend | Op::UdpSendBackend | Op::UdpSendClient => self
+                .udp
+                .complete(&mut self.ring, &mut self.bufs, t, cqe, now),
             Op::Accept => self.on_accept(t.index, res, cqueue::more(cqe.flags())),
             Op::AcceptRetry => self.arm_accept(t.index),
             Op::Connect => self.on_connect(t.index, res),
