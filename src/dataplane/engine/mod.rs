@@ -8,6 +8,7 @@
 //! - [`ring`]: the ring and the tokens that tie completions to entries;
 //! - [`bufring`]: the provided buffer ring receives take buffers from;
 //! - [`ops`]: the operations submitted;
+//! - [`splice`]: pipes for the bulk relay by splice (behind a switch);
 //! - [`tcp`]: the NodePort / LoadBalancer / externalIP TCP path on them
 //!   (and the owner of the ring, which it shares with the UDP path);
 //! - [`udp`]: the same front end's UDP path.
@@ -16,6 +17,7 @@ pub mod bufring;
 pub mod ops;
 pub mod ring;
 pub mod slots;
+pub mod splice;
 pub mod tcp;
 pub mod udp;
 

@@ -78,3 +78,9 @@ pub fn send_msg(sock: RawFd, msg: *const libc::msghdr) -> squeue::Entry {
         .flags(libc::MSG_NOSIGNAL as u32)
         .build()
 }
+
+/// Completes once `sock` is ready for `mask` (`POLLIN`, `POLLOUT`; errors
+/// and hang-ups always), once.
+pub fn poll(sock: RawFd, mask: i16) -> squeue::Entry {
+    opcode::PollAdd::new(Fd(sock), mask as u32).build()
+}

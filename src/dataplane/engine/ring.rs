@@ -41,6 +41,11 @@ pub enum Op {
     UdpSendBackend,
     /// A reply sent to the client from the listener's socket.
     UdpSendClient,
+    /// A splice relay waits for its source to be readable (the direction
+    /// in `aux`).
+    SpliceIn,
+    /// A splice relay waits for its destination to have room.
+    SpliceOut,
 }
 
 impl Op {
@@ -60,6 +65,8 @@ impl Op {
             12 => Op::UdpRecvBackend,
             13 => Op::UdpSendBackend,
             14 => Op::UdpSendClient,
+            15 => Op::SpliceIn,
+            16 => Op::SpliceOut,
             _ => return None,
         })
     }

@@ -718,6 +718,7 @@ mod tests {
         ring_entries: 64,
         buffers: 8,
         buf_size: 4096,
+        splice: false,
     };
 
     /// An engine on this thread's runtime relaying a loopback UDP listener
@@ -741,10 +742,16 @@ mod tests {
     #[test]
     fn datagrams_keep_their_flow_replies_come_from_the_listener_and_idle_flows_hold_no_buffer() {
         tokio_uring::start(async {
-            let backend = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+            let backend = UdpSocket::bind("127.0.0.1:0".parse().unwrap())
+                .await
+                .unwrap();
             let (e, front, _) = engine(backend.local_addr().unwrap());
-            let client = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-            let other = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+            let client = UdpSocket::bind("127.0.0.1:0".parse().unwrap())
+                .await
+                .unwrap();
+            let other = UdpSocket::bind("127.0.0.1:0".parse().unwrap())
+                .await
+                .unwrap();
             let mut flow = None;
             for m in [&b"a"[..], b"bb", b"ccc"] {
                 let (r, _) = client.send_to(m.to_vec(), front).await;
@@ -777,9 +784,13 @@ mod tests {
     #[test]
     fn stopping_a_listener_closes_it_and_its_flows_at_once() {
         tokio_uring::start(async {
-            let backend = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+            let backend = UdpSocket::bind("127.0.0.1:0".parse().unwrap())
+                .await
+                .unwrap();
             let (e, front, (id, serial)) = engine(backend.local_addr().unwrap());
-            let client = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+            let client = UdpSocket::bind("127.0.0.1:0".parse().unwrap())
+                .await
+                .unwrap();
             let (r, _) = client.send_to(b"q".to_vec(), front).await;
             r.unwrap();
             let (_, flow) = recv(&backend).await;
