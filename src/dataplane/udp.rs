@@ -220,14 +220,15 @@ pub enum OpenError {
 }
 
 /// Picks the backend of a new flow from `client` through `fe` and opens a
-/// socket connected to it: how both front ends open a backend flow.
-pub async fn open_backend(
+/// socket connected to it: how both front ends open a backend flow (UDP
+/// connect has no handshake: the call returns at once).
+pub fn connect_backend(
     fe: &Frontend,
     client: IpAddr,
     shared: &Shared,
     rng: &RefCell<SmallRng>,
     now: Instant,
-) -> Result<(SocketAddr, Rc<UdpSocket>), OpenError> {
+) -> Result<(SocketAddr, std::net::UdpSocket), OpenError> {
     let ep = pick(fe, client, shared, 0, &[], now, &mut *rng.borrow_mut())
         .ok_or(OpenError::NoEndpoint)?
         .addr;
@@ -239,9 +240,21 @@ pub async fn open_backend(
         SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
         SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
     };
-    let sock = UdpSocket::bind(SocketAddr::new(any, 0)).await.map_err(io)?;
-    sock.connect(ep).await.map_err(io)?;
-    Ok((ep, Rc::new(sock)))
+    let sock = std::net::UdpSocket::bind(SocketAddr::new(any, 0)).map_err(io)?;
+    sock.connect(ep).map_err(io)?;
+    Ok((ep, sock))
+}
+
+/// [`connect_backend`] as a tokio-uring socket (the TUN path's flows).
+pub async fn open_backend(
+    fe: &Frontend,
+    client: IpAddr,
+    shared: &Shared,
+    rng: &RefCell<SmallRng>,
+    now: Instant,
+) -> Result<(SocketAddr, Rc<UdpSocket>), OpenError> {
+    let (ep, sock) = connect_backend(fe, client, shared, rng, now)?;
+    Ok((ep, Rc::new(UdpSocket::from_std(sock))))
 }
 
 /// Aborts a task when dropped.

@@ -30,16 +30,18 @@ use std::time::Instant;
 use io_uring::cqueue;
 use io_uring::types::RecvMsgOut;
 use rand::rngs::SmallRng;
-use socket2::{Domain, SockAddr, Socket, Type};
+use socket2::SockAddr;
 
 use super::bufring::BufRing;
 use super::ops;
 use super::ring::{Op, Ring, Token};
 use super::slots::Slots;
 use crate::access_log::End;
-use crate::dataplane::flow::{pick, resolve, FlowKey, Verdict};
+use crate::dataplane::flow::{resolve, FlowKey, Verdict};
 use crate::dataplane::session::Session;
-use crate::dataplane::udp::{FlowEntry, FlowTable, MAX_FLOWS_PER_LISTENER};
+use crate::dataplane::udp::{
+    connect_backend, FlowEntry, FlowTable, OpenError, MAX_FLOWS_PER_LISTENER,
+};
 use crate::dataplane::Shared;
 use crate::model::Protocol;
 use crate::state::FrontendKey;
@@ -139,13 +141,6 @@ fn source_of(name: &[u8]) -> Option<SocketAddr> {
         }
         _ => None,
     }
-}
-
-/// A socket connected to `ep` (UDP: no handshake, the call returns at once).
-fn connect_backend(ep: SocketAddr) -> std::io::Result<OwnedFd> {
-    let s = Socket::new(Domain::for_address(ep), Type::DGRAM.cloexec(), None)?;
-    s.connect(&ep.into())?;
-    Ok(OwnedFd::from(s))
 }
 
 fn empty_msghdr() -> libc::msghdr {
@@ -496,20 +491,11 @@ impl Udp {
             }
             return None;
         }
-        let ep = pick(
-            &fe,
-            client.ip(),
-            &self.shared,
-            0,
-            &[],
-            now,
-            &mut *self.rng.borrow_mut(),
-        )?
-        .addr;
-        let fd = match connect_backend(ep) {
-            Ok(fd) => fd,
+        let (ep, fd) = match connect_backend(&fe, client.ip(), &self.shared, &self.rng, now) {
+            Ok((ep, sock)) => (ep, OwnedFd::from(sock)),
+            Err(OpenError::NoEndpoint) => return None,
             Err(e) => {
-                tracing::debug!(local = %l.local, endpoint = %ep, error = %e, "udp backend socket failed");
+                tracing::debug!(local = %l.local, error = %e, "udp backend socket failed");
                 return None;
             }
         };
