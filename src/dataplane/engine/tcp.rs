@@ -1187,6 +1187,16 @@ mod tests {
         got
     }
 
+    /// Half-close: the backend sees EOF, and can still answer.
+    async fn half_close_is_passed_on(client: &TcpStream, b: &TcpStream) {
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let (r, _) = b.read(vec![0u8; 16]).await;
+        assert_eq!(r.unwrap(), 0);
+        let (r, _) = b.write_all(b"late".to_vec()).await;
+        r.unwrap();
+        assert_eq!(read_exact(client, 4).await, b"late");
+    }
+
     #[test]
     fn an_idle_relay_holds_no_buffer_and_a_fin_is_passed_on() {
         tokio_uring::start(async {
@@ -1205,13 +1215,7 @@ mod tests {
             // buffer is back in the ring.
             assert_eq!(e.borrow().free_buffers(), SIZES.buffers);
             assert_eq!(e.borrow().connections(), 1);
-            // Half-close: the backend sees EOF, and can still answer.
-            client.shutdown(std::net::Shutdown::Write).unwrap();
-            let (r, _) = b.read(vec![0u8; 16]).await;
-            assert_eq!(r.unwrap(), 0);
-            let (r, _) = b.write_all(b"late".to_vec()).await;
-            r.unwrap();
-            assert_eq!(read_exact(&client, 4).await, b"late");
+            half_close_is_passed_on(&client, &b).await;
         });
     }
 
@@ -1237,12 +1241,7 @@ mod tests {
             assert!(read_exact(&client, 100_000).await == data[..100_000]);
             // No buffer of the ring was used.
             assert_eq!(e.borrow().free_buffers(), SIZES.buffers);
-            client.shutdown(std::net::Shutdown::Write).unwrap();
-            let (r, _) = b.read(vec![0u8; 16]).await;
-            assert_eq!(r.unwrap(), 0);
-            let (r, _) = b.write_all(b"late".to_vec()).await;
-            r.unwrap();
-            assert_eq!(read_exact(&client, 4).await, b"late");
+            half_close_is_passed_on(&client, &b).await;
         });
     }
 

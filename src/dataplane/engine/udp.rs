@@ -143,6 +143,23 @@ fn source_of(name: &[u8]) -> Option<SocketAddr> {
     }
 }
 
+/// The buffer a multishot receive's completion carries (now lent out of
+/// the ring), and whether the receive stays armed.
+fn received(bufs: &mut BufRing, flags: u32) -> (Option<u16>, bool) {
+    let bid = cqueue::buffer_select(flags);
+    if bid.is_some() {
+        bufs.taken();
+    }
+    (bid, cqueue::more(flags))
+}
+
+/// Returns a buffer nobody will send from.
+fn give_back(bufs: &mut BufRing, bid: Option<u16>) {
+    if let Some(b) = bid {
+        bufs.recycle(b);
+    }
+}
+
 fn empty_msghdr() -> libc::msghdr {
     // SAFETY: msghdr is plain data; all zeroes is an empty message.
     unsafe { std::mem::zeroed() }
@@ -363,24 +380,16 @@ impl Udp {
         flags: u32,
         now: Instant,
     ) {
-        let bid = cqueue::buffer_select(flags);
-        if bid.is_some() {
-            bufs.taken();
-        }
-        let more = cqueue::more(flags);
+        let (bid, more) = received(bufs, flags);
         let Some(l) = self.listeners.get_mut(id) else {
-            if let Some(b) = bid {
-                bufs.recycle(b);
-            }
+            give_back(bufs, bid);
             return;
         };
         if !more {
             l.armed = false;
         }
         if l.stopping {
-            if let Some(b) = bid {
-                bufs.recycle(b);
-            }
+            give_back(bufs, bid);
             self.free_listener_if_done(id);
             return;
         }
@@ -537,24 +546,16 @@ impl Udp {
         flags: u32,
         now: Instant,
     ) {
-        let bid = cqueue::buffer_select(flags);
-        if bid.is_some() {
-            bufs.taken();
-        }
-        let more = cqueue::more(flags);
+        let (bid, more) = received(bufs, flags);
         let Some(f) = self.flows.get_mut(i) else {
-            if let Some(b) = bid {
-                bufs.recycle(b);
-            }
+            give_back(bufs, bid);
             return;
         };
         if !more {
             f.armed = false;
         }
         if f.closed {
-            if let Some(b) = bid {
-                bufs.recycle(b);
-            }
+            give_back(bufs, bid);
             self.free_flow_if_done(i);
             return;
         }
