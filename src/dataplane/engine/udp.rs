@@ -265,7 +265,7 @@ impl Udp {
             Op::UdpRecvBackend => self.on_reply(ring, bufs, t.index, res, flags, now),
             Op::UdpSendBackend => {
                 bufs.recycle(t.aux);
-                self.sent(ring, t.index, res, Session::to_backend);
+                self.sent(ring, t.index, res);
             }
             Op::UdpSendClient => {
                 let Some(r) = self.replies.remove(t.index) else {
@@ -274,7 +274,7 @@ impl Udp {
                 bufs.recycle(r.bid);
                 let flow = r.flow;
                 self.spare.push(r);
-                self.sent(ring, flow, res, Session::to_client);
+                self.sent(ring, flow, res);
             }
             _ => {}
         }
@@ -453,6 +453,7 @@ impl Udp {
             return;
         };
         f.inflight += 1;
+        f.session.to_backend(n);
         // SAFETY: off + n <= len <= buf_size: inside buffer `bid`, which
         // stays lent to this send until it completes.
         let ptr = unsafe { bufs.ptr(bid).add(off) };
@@ -594,6 +595,7 @@ impl Udp {
                 let msg: *const libc::msghdr = &r.msg;
                 let sock = l.fd.as_raw_fd();
                 f.inflight += 1;
+                f.session.to_client(res as usize);
                 let ri = self.replies.insert(r);
                 ring.push(ops::send_msg(sock, msg), Token::new(Op::UdpSendClient, ri));
                 if !more {
@@ -615,9 +617,11 @@ impl Udp {
         }
     }
 
-    /// A send of flow `i` completed with `res`: counted by `count`, or the
-    /// flow ends as a reset.
-    fn sent(&mut self, ring: &mut Ring, i: u32, res: i32, count: fn(&Session, usize)) {
+    /// A send of flow `i` completed with `res`: a failure ends the flow as
+    /// a reset. (Its bytes were counted when it was queued: the client may
+    /// see a reply before this completion is reaped, and the metrics must
+    /// not be behind what it saw.)
+    fn sent(&mut self, ring: &mut Ring, i: u32, res: i32) {
         let Some(f) = self.flows.get_mut(i) else {
             return;
         };
@@ -626,8 +630,6 @@ impl Udp {
             self.free_flow_if_done(i);
         } else if res < 0 {
             self.end_flow(ring, i, End::Reset);
-        } else {
-            count(&f.session, res as usize);
         }
     }
 
