@@ -1146,14 +1146,15 @@ impl Tcp {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::testing::engine::{loopback_listener, shared_for};
     use rand::SeedableRng;
     use tokio_uring::buf::BoundedBuf;
     use tokio_uring::net::{TcpListener, TcpStream};
 
-    const SIZES: Sizes = Sizes {
+    /// A small engine, so tests run out of buffers quickly.
+    pub(crate) const SIZES: Sizes = Sizes {
         ring_entries: 64,
         buffers: 8,
         buf_size: 4096,

@@ -698,17 +698,11 @@ impl Udp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dataplane::engine::{drive, Engine, Sizes, Tcp};
+    use crate::dataplane::engine::tcp::tests::SIZES;
+    use crate::dataplane::engine::{drive, Engine, Tcp};
     use crate::testing::engine::{loopback_udp, shared_for_proto};
     use rand::SeedableRng;
     use tokio_uring::net::UdpSocket;
-
-    const SIZES: Sizes = Sizes {
-        ring_entries: 64,
-        buffers: 8,
-        buf_size: 4096,
-        splice: false,
-    };
 
     /// An engine on this thread's runtime relaying a loopback UDP listener
     /// to `backend`; its driver runs as a task.
