@@ -10,6 +10,8 @@
 //! - `engine/bufring_recycle`: a buffer back to the provided buffer ring;
 //! - `engine/accept_to_connect`: a client's connect to the backend's accept
 //!   through the engine, on loopback;
+//! - `engine/udp_round_trip`: a 64-byte datagram through the engine's UDP
+//!   path to an echo backend and the reply back, on loopback (one flow);
 //! - `session/*`: what a relayed connection costs for metrics (port, frontend
 //!   and endpoint counters) and, with `--access-log`, its record's hand-over.
 //!
@@ -253,9 +255,10 @@ fn relay(c: &mut Criterion) {
 }
 
 /// The engine's pieces: a buffer given back to the ring and published (what
-/// each relayed chunk costs on top of its receive and send), and a new
+/// each relayed chunk costs on top of its receive and send), a new
 /// connection from the client's connect to the backend's accept through the
-/// engine (multishot accept, resolve, admit, linked connect), on loopback.
+/// engine (multishot accept, resolve, admit, linked connect), and a UDP
+/// request and its reply through the engine, on loopback.
 fn engine(c: &mut Criterion) {
     let mut g = c.benchmark_group("engine");
     let mut ring = BufRing::new(512, 64 * 1024, 0).unwrap();
@@ -281,6 +284,30 @@ fn engine(c: &mut Criterion) {
                     .set_linger(Some(Duration::ZERO))
                     .unwrap();
             }
+        })
+    });
+    let echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        // Ends with the process (the bench's last user of the socket).
+        while let Ok((n, from)) = echo.recv_from(&mut buf) {
+            let _ = echo.send_to(&buf[..n], from);
+        }
+    });
+    let udp = Proxy::start_of(ringvip::model::Protocol::Udp, echo_addr);
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.connect(udp.front).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let msg = [7u8; 64];
+    let mut buf = [0u8; 2048];
+    g.bench_function("udp_round_trip", |b| {
+        b.iter(|| {
+            client.send(&msg).unwrap();
+            let n = client.recv(&mut buf).unwrap();
+            assert_eq!(n, msg.len());
         })
     });
     g.finish();

@@ -10,25 +10,21 @@
 //! second descriptor, which completes the pending operation at once. The same
 //! holds for a TCP listener's multishot accept in the thread's engine ring:
 //! the engine is told the listener is stopping, the shutdown ends the accept,
-//! and the engine then drops its descriptor instead of arming it again.
+//! and the engine then drops its descriptor instead of arming it again. A UDP
+//! listener's multishot receive, and its flows', are cancelled in the ring
+//! instead (a shutdown does not end a receive on an unconnected socket).
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::Shutdown;
 use std::os::fd::OwnedFd;
-use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::rngs::SmallRng;
 use socket2::Socket;
-use tokio::task::JoinHandle;
-use tokio_uring::net::UdpSocket;
 
 use super::engine::Engine;
 use super::socket::{open, ListenError};
-use super::{udp, Shared};
 use crate::model::Protocol;
 use crate::state::{ListenerMode, ListenerSpec};
 
@@ -79,19 +75,16 @@ enum Kind {
         local: std::net::SocketAddr,
     },
     Udp {
-        task: JoinHandle<()>,
-        flows: udp::Table,
+        /// The listener's index and serial in the engine.
+        id: u32,
+        serial: u32,
+        engine: Engine,
     },
 }
 
 impl Listener {
     /// Opens `spec`'s socket and starts serving it on this thread.
-    pub fn start(
-        spec: &ListenerSpec,
-        shared: &Arc<Shared>,
-        rng: &Rc<RefCell<SmallRng>>,
-        engine: &Engine,
-    ) -> Result<Self, ListenError> {
+    pub fn start(spec: &ListenerSpec, engine: &Engine) -> Result<Self, ListenError> {
         let sock = open(spec)?;
         if spec.mode == ListenerMode::Drop {
             return Ok(Self {
@@ -116,16 +109,14 @@ impl Listener {
                 }
             }
             Protocol::Udp => {
-                let u = Rc::new(UdpSocket::from_std(std::net::UdpSocket::from(ring_side)));
-                let flows = udp::table(&shared.settings);
-                let task = tokio_uring::spawn(udp::serve(
-                    u,
-                    flows.clone(),
-                    spec.addr,
-                    shared.clone(),
-                    rng.clone(),
-                ));
-                Kind::Udp { task, flows }
+                let (id, serial) = engine
+                    .borrow_mut()
+                    .listen_udp(OwnedFd::from(ring_side), spec.addr);
+                Kind::Udp {
+                    id,
+                    serial,
+                    engine: engine.clone(),
+                }
             }
         };
         Ok(Self { sock, kind })
@@ -150,24 +141,25 @@ impl Listener {
                 // reset by the kernel) and the ring's accept fails with EINVAL.
                 let _ = self.sock.shutdown(Shutdown::Read);
             }
-            Kind::Udp { task, flows } => {
-                // Aborted before its receive completes: a receive completed by
-                // a shutdown carries no source address, which tokio-uring 0.5
-                // cannot turn into a result (it panics); an aborted task's
-                // completion is only reaped.
-                task.abort();
-                // Each flow's backend socket is shut and its reader stopped;
-                // the readers also hold the frontend socket.
-                drop(flows.borrow_mut().drain());
-                // Completes the pending receive, so the ring lets go of the
-                // socket. (ENOTCONN for an unconnected socket, after the
-                // shutdown has been applied.)
-                let _ = self.sock.shutdown(Shutdown::Both);
-                // Once the task is gone and the runtime has polled the ring
-                // (a yield comes back after the driver ran), the completion
-                // is reaped and the last descriptor closed.
-                let _ = task.await;
-                tokio::task::yield_now().await;
+            Kind::Udp { id, serial, engine } => {
+                // The engine cancels the listener's receive and its flows'
+                // receives; each socket closes once the ring has let go of
+                // it (the cancels complete as they are submitted, so the
+                // first polls normally find everything gone). Bounded: a
+                // cancel the kernel never completed would not hold up the
+                // snapshot for more than a second.
+                engine.borrow_mut().stop_udp(id);
+                for _ in 0..1000 {
+                    let closed = {
+                        let mut e = engine.borrow_mut();
+                        e.poll();
+                        e.udp_closed(id, serial)
+                    };
+                    if closed {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
             }
         }
     }
@@ -194,16 +186,10 @@ impl Listeners {
 
     /// Makes the held listeners equal to `want`; returns once the removed
     /// ones are closed.
-    pub async fn sync(
-        &mut self,
-        want: &[ListenerSpec],
-        shared: &Arc<Shared>,
-        rng: &Rc<RefCell<SmallRng>>,
-        engine: &Engine,
-    ) {
+    pub async fn sync(&mut self, want: &[ListenerSpec], engine: &Engine) {
         let Plan { open, close } = plan(self.held.keys(), want);
         for spec in open {
-            match Listener::start(spec, shared, rng, engine) {
+            match Listener::start(spec, engine) {
                 Ok(l) => {
                     if self.failing.remove(spec).is_some() || self.id == 0 {
                         tracing::info!(addr = %spec.addr, proto = %spec.proto, mode = ?spec.mode, "listening");

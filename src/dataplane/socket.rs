@@ -206,9 +206,7 @@ async fn worker(
     let mut listeners = Listeners::new(id);
     loop {
         let snap = rx.borrow_and_update().clone();
-        listeners
-            .sync(snap.listeners(), &shared, &rng, &engine)
-            .await;
+        listeners.sync(snap.listeners(), &engine).await;
         programmed.applied(id, snap.generation);
         if rx.changed().await.is_err() {
             break;

@@ -1,33 +1,28 @@
-//! UDP: a flow is (client ip:port, frontend); it pins one connected backend
-//! socket until idle for the idle timeout, or until its endpoint stops being
-//! usable. The table is per listener socket and per thread: SO_REUSEPORT keeps a
-//! client's datagrams on one socket, so no locks are needed.
+//! UDP flows, shared by both front ends: a flow is (client ip:port,
+//! frontend); it pins one connected backend socket until idle for the idle
+//! timeout, or until its endpoint stops being usable. The pure
+//! [`FlowTable`] is per listener socket and per thread (SO_REUSEPORT keeps a
+//! client's datagrams on one socket, so no locks are needed); the
+//! kernel-socket path runs it on the io_uring engine
+//! (`engine::udp`), the TUN path with the tokio-uring sockets of [`FlowIo`].
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::rc::{Rc, Weak};
-use std::sync::Arc;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
-use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::UdpSocket;
 
-use super::flow::{pick, resolve, FlowKey, Verdict};
+use super::flow::pick;
 use super::session::Session;
 use super::Shared;
 use crate::access_log::End;
-use crate::model::Protocol;
 use crate::state::Frontend;
 
 /// Flows one listener socket may hold; new clients beyond it are dropped.
 pub const MAX_FLOWS_PER_LISTENER: usize = 65_536;
-/// Largest datagram relayed.
-const DATAGRAM: usize = 65_536;
-/// Datagrams a frontend socket reads without waiting before it lets the
-/// thread's other tasks (reply readers, other sockets) run.
-const RECV_BATCH: usize = 64;
 
 /// One flow's bookkeeping, generic over what the I/O side keeps with it.
 #[derive(Debug)]
@@ -207,136 +202,6 @@ pub fn end_all(dead: impl IntoIterator<Item = FlowEntry<FlowIo>>, how: End) {
     }
 }
 
-/// The flows of one frontend socket, shared by its receive loop, reply readers
-/// and sweeper, and held by its listener so closing it ends them all.
-pub type Table = Rc<RefCell<FlowTable<SocketAddr, FlowIo>>>;
-
-/// An empty flow table for one frontend socket.
-pub fn table(settings: &crate::config::DataPlaneOptions) -> Table {
-    Rc::new(RefCell::new(FlowTable::new(
-        settings.udp_idle_timeout,
-        MAX_FLOWS_PER_LISTENER,
-    )))
-}
-
-/// Serves one UDP frontend socket until the task is aborted.
-pub async fn serve(
-    sock: Rc<UdpSocket>,
-    table: Table,
-    local: SocketAddr,
-    shared: Arc<Shared>,
-    rng: Rc<RefCell<SmallRng>>,
-) {
-    let _sweeper = AbortOnDrop(tokio_uring::spawn(sweep(
-        table.clone(),
-        shared.clone(),
-        local,
-    )));
-    let mut buf = vec![0u8; DATAGRAM];
-    let mut warned_full = false;
-    // Datagrams taken since the last wait on the ring. After one arrives, the
-    // next ones already queued are read at once with plain non-blocking calls:
-    // one ring round trip per datagram would bound the rate by the event loop.
-    let mut batch = 0usize;
-    loop {
-        let ready = if (1..RECV_BATCH).contains(&batch) {
-            match try_recv_from(&sock, &mut buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
-                r => Some(r),
-            }
-        } else {
-            None
-        };
-        let res = match ready {
-            Some(r) => {
-                batch += 1;
-                r
-            }
-            None => {
-                batch = 1;
-                let (res, b) = sock.recv_from(buf).await;
-                buf = b;
-                res
-            }
-        };
-        let (n, client) = match res {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::debug!(%local, error = %e, "udp receive failed");
-                continue;
-            }
-        };
-        let now = Instant::now();
-        let (backend, session) = match current_backend(&table, &shared, client, local, now) {
-            Some(s) => s,
-            None => match open_flow(&table, &sock, &shared, &rng, client, local, now).await {
-                Ok(s) => s,
-                Err(FlowError::Open(OpenError::NoEndpoint)) => continue,
-                Err(FlowError::Full) => {
-                    if !warned_full {
-                        tracing::warn!(%local, max = MAX_FLOWS_PER_LISTENER, "udp flow table full: dropping datagrams of new clients");
-                        warned_full = true;
-                    }
-                    continue;
-                }
-                Err(FlowError::Open(e)) => {
-                    tracing::debug!(%local, error = %e, "udp backend socket failed");
-                    continue;
-                }
-            },
-        };
-        // Most datagrams go out at once; only a full socket buffer waits.
-        let res = match try_send(&backend, buf.get(..n).unwrap_or_default()) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                let (res, slice) = backend.send(buf.slice(..n)).await;
-                buf = slice.into_inner();
-                res
-            }
-            other => other,
-        };
-        match res {
-            Ok(sent) => session.to_backend(sent),
-            Err(_) => {
-                let gone = table.borrow_mut().remove(&client);
-                end_all(gone, End::Reset);
-            }
-        }
-    }
-}
-
-/// The backend socket of an existing flow, after checking (once per snapshot
-/// generation) that its endpoint is still usable; a stale flow is removed.
-fn current_backend(
-    table: &Table,
-    shared: &Shared,
-    client: SocketAddr,
-    local: SocketAddr,
-    now: Instant,
-) -> Option<(Rc<UdpSocket>, Rc<Session>)> {
-    let mut t = table.borrow_mut();
-    let f = t.get_mut(&client)?;
-    let snap = shared.snapshot.load();
-    let usable = |ep: &SocketAddr| {
-        let key = FlowKey {
-            src: client,
-            dst: local,
-            proto: Protocol::Udp,
-        };
-        matches!(resolve(&snap, &key), Verdict::Forward(fe) if fe.endpoints.contains(ep))
-    };
-    if !f.revalidate(snap.generation, usable) {
-        end_all(t.remove(&client), End::EndpointGone);
-        return None;
-    }
-    f.last_seen = now;
-    Some((f.io.socket.clone(), f.io.session.clone()))
-}
-
-enum FlowError {
-    Full,
-    Open(OpenError),
-}
-
 /// Why a new flow has no backend socket.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -355,14 +220,15 @@ pub enum OpenError {
 }
 
 /// Picks the backend of a new flow from `client` through `fe` and opens a
-/// socket connected to it: how both front ends open a backend flow.
-pub async fn open_backend(
+/// socket connected to it: how both front ends open a backend flow (UDP
+/// connect has no handshake: the call returns at once).
+pub fn connect_backend(
     fe: &Frontend,
     client: IpAddr,
     shared: &Shared,
     rng: &RefCell<SmallRng>,
     now: Instant,
-) -> Result<(SocketAddr, Rc<UdpSocket>), OpenError> {
+) -> Result<(SocketAddr, std::net::UdpSocket), OpenError> {
     let ep = pick(fe, client, shared, 0, &[], now, &mut *rng.borrow_mut())
         .ok_or(OpenError::NoEndpoint)?
         .addr;
@@ -374,128 +240,21 @@ pub async fn open_backend(
         SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
         SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
     };
-    let sock = UdpSocket::bind(SocketAddr::new(any, 0)).await.map_err(io)?;
-    sock.connect(ep).await.map_err(io)?;
-    Ok((ep, Rc::new(sock)))
+    let sock = std::net::UdpSocket::bind(SocketAddr::new(any, 0)).map_err(io)?;
+    sock.connect(ep).map_err(io)?;
+    Ok((ep, sock))
 }
 
-async fn open_flow(
-    table: &Table,
-    sock: &Rc<UdpSocket>,
-    shared: &Arc<Shared>,
+/// [`connect_backend`] as a tokio-uring socket (the TUN path's flows).
+pub async fn open_backend(
+    fe: &Frontend,
+    client: IpAddr,
+    shared: &Shared,
     rng: &RefCell<SmallRng>,
-    client: SocketAddr,
-    local: SocketAddr,
     now: Instant,
-) -> Result<(Rc<UdpSocket>, Rc<Session>), FlowError> {
-    let (fe, generation) = {
-        let snap = shared.snapshot.load();
-        let key = FlowKey {
-            src: client,
-            dst: local,
-            proto: Protocol::Udp,
-        };
-        match resolve(&snap, &key) {
-            Verdict::Forward(fe) => (fe, snap.generation),
-            _ => return Err(FlowError::Open(OpenError::NoEndpoint)),
-        }
-    };
-    if table.borrow().len() >= MAX_FLOWS_PER_LISTENER {
-        return Err(FlowError::Full);
-    }
-    let (ep, backend) = open_backend(&fe, client.ip(), shared, rng, now)
-        .await
-        .map_err(FlowError::Open)?;
-    let session = Rc::new(Session::open(shared, fe, client, local, ep));
-    let reader = tokio_uring::spawn(replies(
-        backend.clone(),
-        sock.clone(),
-        client,
-        table.clone(),
-        Rc::downgrade(&session),
-    ));
-    let entry = FlowEntry::opened(
-        ep,
-        backend.clone(),
-        reader,
-        session.clone(),
-        now,
-        generation,
-    );
-    table.borrow_mut().insert(client, entry).map_err(|e| {
-        e.io.ended(End::Limit);
-        FlowError::Full
-    })?;
-    Ok((backend, session))
-}
-
-/// Backend → client, sent from the frontend address.
-async fn replies(
-    backend: Rc<UdpSocket>,
-    front: Rc<UdpSocket>,
-    client: SocketAddr,
-    table: Table,
-    session: Weak<Session>,
-) {
-    let mut buf = vec![0u8; DATAGRAM];
-    loop {
-        let (res, b) = backend.read(buf).await;
-        buf = b;
-        let n = match res {
-            Ok(n) => n,
-            Err(_) => break, // e.g. ICMP port unreachable from the backend
-        };
-        table.borrow_mut().touch(&client, Instant::now());
-        let res = match try_send_to(&front, buf.get(..n).unwrap_or_default(), client) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                let (res, slice) = front.send_to(buf.slice(..n), client).await;
-                buf = slice.into_inner();
-                res
-            }
-            other => other,
-        };
-        if res.is_err() {
-            break;
-        }
-        // Gone once the flow is removed (this task is then aborted too).
-        let Some(session) = session.upgrade() else {
-            return;
-        };
-        session.to_client(n);
-    }
-    // Dropping the entry aborts this task; it is the last thing done here.
-    let gone = table.borrow_mut().remove(&client);
-    end_all(gone, End::Reset);
-}
-
-/// Once a second: expires idle flows, and after a snapshot change drops flows
-/// whose endpoint is no longer usable (closing their backend sockets).
-async fn sweep(table: Table, shared: Arc<Shared>, local: SocketAddr) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut checked = 0u64;
-    loop {
-        tick.tick().await;
-        let dead = table.borrow_mut().expire(Instant::now());
-        end_all(dead, End::IdleTimeout);
-        let snap = shared.snapshot.load();
-        if snap.generation != checked {
-            checked = snap.generation;
-            let key = FlowKey {
-                src: SocketAddr::new(local.ip(), 0),
-                dst: local,
-                proto: Protocol::Udp,
-            };
-            let usable: &[SocketAddr] = match snap.frontend(&crate::state::FrontendKey {
-                addr: key.dst,
-                proto: key.proto,
-            }) {
-                Some(fe) => &fe.endpoints,
-                None => &[],
-            };
-            let dead = table.borrow_mut().retain_usable(|e| usable.contains(e));
-            end_all(dead, End::EndpointGone);
-        }
-    }
+) -> Result<(SocketAddr, Rc<UdpSocket>), OpenError> {
+    let (ep, sock) = connect_backend(fe, client, shared, rng, now)?;
+    Ok((ep, Rc::new(UdpSocket::from_std(sock))))
 }
 
 /// Aborts a task when dropped.
@@ -514,27 +273,6 @@ impl Drop for AbortOnDrop {
 /// the ring before the next datagram is read.
 pub fn try_send(sock: &UdpSocket, data: &[u8]) -> std::io::Result<usize> {
     with_sock_ref(sock, |s| s.send_with_flags(data, libc::MSG_DONTWAIT))
-}
-
-/// [`try_send`] to `to` on an unconnected socket.
-pub fn try_send_to(sock: &UdpSocket, data: &[u8], to: SocketAddr) -> std::io::Result<usize> {
-    with_sock_ref(sock, |s| {
-        s.send_to_with_flags(data, &to.into(), libc::MSG_DONTWAIT)
-    })
-}
-
-/// Receives one datagram without waiting (`WouldBlock` when none is queued).
-pub fn try_recv_from(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
-    // SAFETY: initialised bytes are valid `MaybeUninit<u8>`; recv only writes.
-    let uninit = unsafe { &mut *(buf as *mut [u8] as *mut [std::mem::MaybeUninit<u8>]) };
-    let (n, from) = with_sock_ref(sock, |s| s.recv_from_with_flags(uninit, libc::MSG_DONTWAIT))?;
-    let from = from.as_socket().ok_or_else(|| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "datagram from a non-IP address",
-        )
-    })?;
-    Ok((n, from))
 }
 
 fn with_sock_ref<R>(sock: &UdpSocket, f: impl FnOnce(socket2::SockRef<'_>) -> R) -> R {

@@ -19,6 +19,16 @@ use crate::state::Snapshot;
 /// NodePort Service `default/np` on `node_addr`:`node_port` (ClusterIP
 /// 10.96.0.99:80), its one endpoint `backend`.
 pub fn nodeport_snapshot(node_addr: IpAddr, node_port: u16, backend: SocketAddr) -> Snapshot {
+    nodeport_snapshot_of(Protocol::Tcp, node_addr, node_port, backend)
+}
+
+/// [`nodeport_snapshot`] for `proto`.
+pub fn nodeport_snapshot_of(
+    proto: Protocol,
+    node_addr: IpAddr,
+    node_port: u16,
+    backend: SocketAddr,
+) -> Snapshot {
     let svc = crate::model::Service {
         service_type: ServiceType::NodePort,
         ..service(
@@ -27,7 +37,7 @@ pub fn nodeport_snapshot(node_addr: IpAddr, node_port: u16, backend: SocketAddr)
             &["10.96.0.99"],
             vec![ServicePort {
                 node_port: Some(node_port),
-                ..port("", Protocol::Tcp, 80, backend.port())
+                ..port("", proto, 80, backend.port())
             }],
         )
     };
@@ -35,7 +45,7 @@ pub fn nodeport_snapshot(node_addr: IpAddr, node_port: u16, backend: SocketAddr)
         "default",
         "np-1",
         "np",
-        vec![slice_port("", Protocol::Tcp, backend.port())],
+        vec![slice_port("", proto, backend.port())],
         vec![super::builders::endpoint(&backend.ip().to_string())],
     );
     let a = node_addr.to_string();
@@ -56,10 +66,25 @@ pub fn loopback_listener() -> (OwnedFd, SocketAddr) {
     (OwnedFd::from(s), addr)
 }
 
+/// A bound UDP socket on 127.0.0.1, any port, as the engine takes it.
+pub fn loopback_udp() -> (OwnedFd, SocketAddr) {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, None).unwrap();
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    (OwnedFd::from(s), addr)
+}
+
 /// Shared state serving [`nodeport_snapshot`] for `front` → `backend`.
 pub fn shared_for(front: SocketAddr, backend: SocketAddr) -> Arc<Shared> {
+    shared_for_proto(Protocol::Tcp, front, backend)
+}
+
+/// [`shared_for`] with a Service of `proto`.
+pub fn shared_for_proto(proto: Protocol, front: SocketAddr, backend: SocketAddr) -> Arc<Shared> {
     let shared = Shared::new(DataPlaneOptions::default());
-    shared.snapshot.store(Arc::new(nodeport_snapshot(
+    shared.snapshot.store(Arc::new(nodeport_snapshot_of(
+        proto,
         front.ip(),
         front.port(),
         backend,
@@ -79,15 +104,30 @@ pub struct Proxy {
 impl Proxy {
     /// Starts proxying to `backend` with the engine's default sizes.
     pub fn start(backend: SocketAddr) -> Self {
-        let (fd, front) = loopback_listener();
+        Self::start_of(Protocol::Tcp, backend)
+    }
+
+    /// Starts proxying `proto` to `backend` with the engine's default sizes.
+    pub fn start_of(proto: Protocol, backend: SocketAddr) -> Self {
+        let (fd, front) = match proto {
+            Protocol::Tcp => loopback_listener(),
+            Protocol::Udp => loopback_udp(),
+        };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
             tokio_uring::start(async move {
-                let shared = shared_for(front, backend);
+                let shared = shared_for_proto(proto, front, backend);
                 let rng = std::rc::Rc::new(std::cell::RefCell::new(SmallRng::seed_from_u64(1)));
                 let engine = Tcp::new(shared, rng, Sizes::default()).unwrap();
                 let engine = std::rc::Rc::new(std::cell::RefCell::new(engine));
-                engine.borrow_mut().listen(fd, front);
+                match proto {
+                    Protocol::Tcp => {
+                        engine.borrow_mut().listen(fd, front);
+                    }
+                    Protocol::Udp => {
+                        engine.borrow_mut().listen_udp(fd, front);
+                    }
+                }
                 tokio::select! {
                     r = drive(engine) => r.unwrap(),
                     _ = stopped => {}

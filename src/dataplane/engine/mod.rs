@@ -1,6 +1,6 @@
 //! ringvip's own io_uring engine for the kernel-socket front end: one ring
 //! per data-plane thread, beside that thread's tokio-uring runtime (which
-//! keeps the control work: listener changes, UDP flows). The ring's
+//! keeps the control work: listener changes). The ring's
 //! descriptor is registered with the runtime's reactor, so one thread waits
 //! on both; each wake-up handles every completion posted and submits what
 //! they lead to in one system call.
@@ -8,13 +8,18 @@
 //! - [`ring`]: the ring and the tokens that tie completions to entries;
 //! - [`bufring`]: the provided buffer ring receives take buffers from;
 //! - [`ops`]: the operations submitted;
-//! - [`tcp`]: the NodePort / LoadBalancer / externalIP TCP path on them.
+//! - [`splice`]: pipes for the bulk relay by splice (behind a switch);
+//! - [`tcp`]: the NodePort / LoadBalancer / externalIP TCP path on them
+//!   (and the owner of the ring, which it shares with the UDP path);
+//! - [`udp`]: the same front end's UDP path.
 
 pub mod bufring;
 pub mod ops;
 pub mod ring;
 pub mod slots;
+pub mod splice;
 pub mod tcp;
+pub mod udp;
 
 use std::cell::RefCell;
 use std::os::fd::{AsRawFd, RawFd};
@@ -39,6 +44,9 @@ impl AsRawFd for RingFd {
     }
 }
 
+/// How often UDP flows are checked for idleness and for endpoints gone.
+const UDP_SWEEP: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Runs `engine` on the current thread's runtime until the runtime stops:
 /// completions as they are posted, idle checks on their period.
 pub async fn drive(engine: Engine) -> std::io::Result<()> {
@@ -49,6 +57,7 @@ pub async fn drive(engine: Engine) -> std::io::Result<()> {
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let idle = engine.borrow().idle_timeout();
     let mut tick = idle.map(|t| tokio::time::interval(t / CHECKS));
+    let mut udp_tick = tokio::time::interval(UDP_SWEEP);
     loop {
         let check = async {
             match &mut tick {
@@ -68,6 +77,7 @@ pub async fn drive(engine: Engine) -> std::io::Result<()> {
                 engine.borrow_mut().poll();
             }
             () = check => engine.borrow_mut().idle_check(),
+            _ = udp_tick.tick() => engine.borrow_mut().udp_sweep(std::time::Instant::now()),
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The io_uring operations the TCP path submits, built from plain
+//! The io_uring operations the TCP and UDP paths submit, built from plain
 //! descriptors and the engine's own memory (which outlives each operation).
 
 use std::os::fd::RawFd;
@@ -54,4 +54,33 @@ pub fn send(sock: RawFd, ptr: *const u8, len: u32) -> squeue::Entry {
 /// Cancels every operation pending on `sock`.
 pub fn cancel_all(sock: RawFd) -> squeue::Entry {
     opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(sock)).all()).build()
+}
+
+/// Receive datagrams on `sock` until cancelled or failed, each into a buffer
+/// the kernel picks from `group` (one submission, a completion per
+/// datagram). Each buffer starts with the `io_uring_recvmsg_out` header and
+/// the source address, laid out by `msg`'s name length (`msg` must live
+/// until the operation ends).
+pub fn recv_msg_multi(sock: RawFd, msg: *const libc::msghdr, group: u16) -> squeue::Entry {
+    opcode::RecvMsgMulti::new(Fd(sock), msg, group).build()
+}
+
+/// Receive on the connected `sock` until cancelled or failed, each datagram
+/// into a buffer the kernel picks from `group`.
+pub fn recv_multi(sock: RawFd, group: u16) -> squeue::Entry {
+    opcode::RecvMulti::new(Fd(sock), group).build()
+}
+
+/// Send the message `msg` describes on `sock` (`msg`, its address and its
+/// iovec must live until the operation completes).
+pub fn send_msg(sock: RawFd, msg: *const libc::msghdr) -> squeue::Entry {
+    opcode::SendMsg::new(Fd(sock), msg)
+        .flags(libc::MSG_NOSIGNAL as u32)
+        .build()
+}
+
+/// Completes once `sock` is ready for `mask` (`POLLIN`, `POLLOUT`; errors
+/// and hang-ups always), once.
+pub fn poll(sock: RawFd, mask: i16) -> squeue::Entry {
+    opcode::PollAdd::new(Fd(sock), mask as u32).build()
 }

@@ -33,6 +33,19 @@ pub enum Op {
     /// protocol header, and what an upstream balancer's client sent with
     /// its own header.
     SendFirst,
+    /// Multishot receive of datagrams on a UDP listener.
+    UdpRecv,
+    /// Multishot receive of replies on a UDP flow's backend socket.
+    UdpRecvBackend,
+    /// A client's datagram sent to its flow's backend (the buffer in `aux`).
+    UdpSendBackend,
+    /// A reply sent to the client from the listener's socket.
+    UdpSendClient,
+    /// A splice relay waits for its source to be readable (the direction
+    /// in `aux`).
+    SpliceIn,
+    /// A splice relay waits for its destination to have room.
+    SpliceOut,
 }
 
 impl Op {
@@ -48,39 +61,57 @@ impl Op {
             8 => Op::SendClient,
             9 => Op::Ignore,
             10 => Op::SendFirst,
+            11 => Op::UdpRecv,
+            12 => Op::UdpRecvBackend,
+            13 => Op::UdpSendBackend,
+            14 => Op::UdpSendClient,
+            15 => Op::SpliceIn,
+            16 => Op::SpliceOut,
             _ => return None,
         })
     }
 }
 
-/// An operation and the index of its listener or connection, packed into
-/// the 64 bits of user data.
+/// An operation, the index of its listener or connection, and 16 bits the
+/// operation may use (a buffer id), packed into the 64 bits of user data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Token {
     /// The operation.
     pub op: Op,
     /// Listener or connection index.
     pub index: u32,
+    /// Operation-specific (the buffer a datagram send holds, so its
+    /// completion needs no lookup).
+    pub aux: u16,
 }
 
 impl Token {
     /// For `op` on entry `index`.
     pub fn new(op: Op, index: u32) -> Self {
-        Self { op, index }
+        Self { op, index, aux: 0 }
+    }
+
+    /// For `op` on entry `index`, carrying `aux`.
+    pub fn with_aux(op: Op, index: u32, aux: u16) -> Self {
+        Self { op, index, aux }
     }
 
     /// As user data.
     #[inline]
     pub fn pack(self) -> u64 {
-        ((self.op as u64) << 32) | self.index as u64
+        ((self.aux as u64) << 48) | ((self.op as u64) << 32) | self.index as u64
     }
 
     /// From user data (`None` for user data this engine did not set).
     #[inline]
     pub fn unpack(v: u64) -> Option<Self> {
+        if (v >> 40) as u8 != 0 {
+            return None;
+        }
         Some(Self {
             op: Op::from_u8((v >> 32) as u8)?,
             index: v as u32,
+            aux: (v >> 48) as u16,
         })
     }
 }
@@ -155,6 +186,9 @@ mod tests {
             let t = Token::new(op, u32::MAX - 3);
             assert_eq!(Token::unpack(t.pack()), Some(t));
         }
+        let t = Token::with_aux(Op::UdpSendBackend, 5, u16::MAX);
+        assert_eq!(Token::unpack(t.pack()), Some(t));
+        assert_eq!(Token::unpack((1 << 40) | (11 << 32)), None);
         assert_eq!(Token::unpack(0), None);
         assert_eq!(Token::unpack(77 << 32), None);
     }

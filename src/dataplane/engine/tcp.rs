@@ -32,6 +32,8 @@ use super::bufring::BufRing;
 use super::ops;
 use super::ring::{Op, Ring, Token};
 use super::slots::Slots;
+use super::splice::{self, Pipe, Pool};
+use super::udp::Udp;
 use crate::access_log::End;
 use crate::dataplane::connect::Retry;
 use crate::dataplane::flow::{resolve, FlowKey, Verdict};
@@ -42,6 +44,10 @@ use crate::dataplane::Shared;
 use crate::model::Protocol;
 use crate::state::Frontend;
 use crate::telemetry::ConnectFailure;
+
+/// Moves a splice relay makes in one go before it lets other connections
+/// run (each moves up to a pipe's size).
+const PUMP_ROUNDS: usize = 16;
 
 /// How long a listener waits before accepting again after the process ran
 /// out of descriptors or memory (instead of spinning on the error).
@@ -56,6 +62,10 @@ pub struct Sizes {
     pub buffers: u32,
     /// Bytes per buffer (the largest single receive).
     pub buf_size: u32,
+    /// Relay TCP bytes by splice through a pipe pair instead of buffer-ring
+    /// receives and sends (an internal switch for measuring both: the
+    /// environment variable `RINGVIP_SPLICE=1` turns it on).
+    pub splice: bool,
 }
 
 impl Default for Sizes {
@@ -67,6 +77,7 @@ impl Default for Sizes {
             ring_entries: 1024,
             buffers: 512,
             buf_size: 64 * 1024,
+            splice: std::env::var_os("RINGVIP_SPLICE").is_some_and(|v| v == "1"),
         }
     }
 }
@@ -98,6 +109,11 @@ struct Half {
     /// The sender's FIN was read; passed on once what is queued is sent.
     eof: bool,
     done: bool,
+    /// Splice relay: the pipe holding this direction's bytes in flight
+    /// (none while idle), and the readiness polls in flight.
+    pipe: Option<Pipe>,
+    poll_in: bool,
+    poll_out: bool,
 }
 
 /// Where a connection is.
@@ -182,6 +198,22 @@ enum Dir {
 }
 
 impl Dir {
+    /// As a token's `aux`.
+    fn aux(self) -> u16 {
+        match self {
+            Dir::Up => 0,
+            Dir::Down => 1,
+        }
+    }
+
+    fn from_aux(v: u16) -> Self {
+        if v == 0 {
+            Dir::Up
+        } else {
+            Dir::Down
+        }
+    }
+
     fn recv(self) -> Op {
         match self {
             Dir::Up => Op::RecvClient,
@@ -241,6 +273,12 @@ pub struct Tcp {
     // buffers it may have lent.
     conns: Slots<Conn>,
     listeners: Slots<Listener>,
+    /// The UDP path, on the same ring and buffers.
+    udp: Udp,
+    /// Empty pipes of the splice relay.
+    pipes: Pool,
+    /// Relay by splice rather than receive and send ([`Sizes::splice`]).
+    splice: bool,
     ring: Ring,
     bufs: BufRing,
     shared: Arc<Shared>,
@@ -278,6 +316,9 @@ impl Tcp {
         Ok(Self {
             conns: Slots::default(),
             listeners: Slots::default(),
+            udp: Udp::new(shared.clone(), rng.clone()),
+            pipes: Pool::default(),
+            splice: sizes.splice,
             ring,
             bufs,
             shared,
@@ -341,6 +382,35 @@ impl Tcp {
         }
     }
 
+    /// Starts receiving datagrams on `fd` (a bound UDP socket, its own
+    /// descriptor), arriving for `local`. Returns the listener's index and
+    /// serial.
+    pub fn listen_udp(&mut self, fd: OwnedFd, local: SocketAddr) -> (u32, u32) {
+        let r = self.udp.listen(&mut self.ring, &self.bufs, fd, local);
+        let _ = self.ring.submit();
+        r
+    }
+
+    /// Stops UDP listener `id`: see [`Udp::stop`].
+    pub fn stop_udp(&mut self, id: u32) {
+        self.udp.stop(&mut self.ring, id);
+    }
+
+    /// True once UDP listener `id` of `serial` and its flows are gone.
+    pub fn udp_closed(&self, id: u32, serial: u32) -> bool {
+        self.udp.closed(id, serial)
+    }
+
+    /// UDP flows open on this thread.
+    pub fn udp_flows(&self) -> usize {
+        self.udp.flows()
+    }
+
+    /// The UDP path's periodic sweep (once a second): see [`Udp::sweep`].
+    pub fn udp_sweep(&mut self, now: Instant) {
+        self.udp.sweep(&mut self.ring, now);
+    }
+
     /// Serves a connection accepted outside the ring (a closing listener's
     /// queue), arrived for `local`.
     pub fn adopt(&mut self, client: OwnedFd, local: SocketAddr) {
@@ -360,12 +430,14 @@ impl Tcp {
                 break;
             }
             handled += cqes.len();
+            let now = Instant::now();
             for cqe in cqes.drain(..) {
-                self.complete(&cqe);
+                self.complete(&cqe, now);
             }
             self.cqes = cqes;
             self.bufs.publish();
             self.rearm_starved();
+            self.udp.rearm_starved(&mut self.ring, &self.bufs);
             // Submitting may complete operations at once: loop for those.
             let _ = self.ring.submit();
         }
@@ -394,12 +466,15 @@ impl Tcp {
         let _ = self.ring.submit();
     }
 
-    fn complete(&mut self, cqe: &cqueue::Entry) {
+    fn complete(&mut self, cqe: &cqueue::Entry, now: Instant) {
         let Some(t) = Token::unpack(cqe.user_data()) else {
             return;
         };
         let res = cqe.result();
         match t.op {
+            Op::UdpRecv | Op::UdpRecvBackend | Op::UdpSendBackend | Op::UdpSendClient => self
+                .udp
+                .complete(&mut self.ring, &mut self.bufs, t, cqe, now),
             Op::Accept => self.on_accept(t.index, res, cqueue::more(cqe.flags())),
             Op::AcceptRetry => self.arm_accept(t.index),
             Op::Connect => self.on_connect(t.index, res),
@@ -409,6 +484,8 @@ impl Tcp {
             Op::SendBackend => self.on_send(t.index, Dir::Up, res),
             Op::SendClient => self.on_send(t.index, Dir::Down, res),
             Op::SendFirst => self.on_send_first(t.index, res),
+            Op::SpliceIn => self.on_poll(t.index, Dir::from_aux(t.aux), false, res),
+            Op::SpliceOut => self.on_poll(t.index, Dir::from_aux(t.aux), true, res),
             Op::Ignore => {}
         }
     }
@@ -659,8 +736,7 @@ impl Tcp {
         // goes before the client's bytes is sent first, and the relay starts
         // once it is out.
         if c.first.is_empty() {
-            self.arm_recv(i, Dir::Up);
-            self.arm_recv(i, Dir::Down);
+            self.start_relay(i);
         } else {
             self.send_first(i);
         }
@@ -705,8 +781,158 @@ impl Tcp {
             return;
         }
         c.first = Vec::new();
-        self.arm_recv(i, Dir::Up);
-        self.arm_recv(i, Dir::Down);
+        self.start_relay(i);
+    }
+
+    /// Connection `i` is connected and its first bytes are out: both
+    /// directions start.
+    fn start_relay(&mut self, i: u32) {
+        if !self.splice {
+            self.arm_recv(i, Dir::Up);
+            self.arm_recv(i, Dir::Down);
+            return;
+        }
+        let Some((c, b)) = self.conns.get(i).and_then(|c| c.ends(Dir::Up)) else {
+            return;
+        };
+        if splice::set_nonblocking(c).is_err() || splice::set_nonblocking(b).is_err() {
+            self.reset(i, End::Reset);
+            return;
+        }
+        self.pump(i, Dir::Up);
+        self.pump(i, Dir::Down);
+    }
+
+    /// Splice relay: moves direction `d`'s bytes until its source has none
+    /// (then waits for it to be readable) or its destination has no room
+    /// (then waits for room, reading nothing meanwhile: back-pressure).
+    /// After [`PUMP_ROUNDS`] moves it yields to other connections.
+    fn pump(&mut self, i: u32, d: Dir) {
+        let Some(c) = self.conns.get_mut(i) else {
+            return;
+        };
+        let Some((from, to)) = c.ends(d) else {
+            return;
+        };
+        if c.end.is_some() {
+            return;
+        }
+        for _ in 0..PUMP_ROUNDS {
+            let h = c.half(d);
+            if h.done || h.poll_in || h.poll_out {
+                return;
+            }
+            if let Some(p) = h.pipe.as_mut().filter(|p| p.len > 0) {
+                match p.drain(to) {
+                    Ok(n) => {
+                        let left = p.len;
+                        if let Some(s) = &c.session {
+                            match d {
+                                Dir::Up => s.to_backend(n as usize),
+                                Dir::Down => s.to_client(n as usize),
+                            }
+                        }
+                        if left > 0 {
+                            self.wait_splice(i, d, true);
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        self.wait_splice(i, d, true);
+                        return;
+                    }
+                    Err(_) => {
+                        self.reset(i, End::Reset);
+                        return;
+                    }
+                }
+            }
+            let h = c.half(d);
+            if h.eof {
+                if let Some(p) = h.pipe.take() {
+                    self.pipes.give(p);
+                }
+                self.fin(i, d);
+                return;
+            }
+            let p = match h.pipe.take() {
+                Some(p) => p,
+                None => match self.pipes.take() {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::debug!(client = %c.peer, error = %e, "no pipe for the splice relay");
+                        self.reset(i, End::Reset);
+                        return;
+                    }
+                },
+            };
+            let h = c.half(d);
+            let p = h.pipe.insert(p);
+            match p.fill(from) {
+                Ok(0) => h.eof = true,
+                Ok(_) => c.reads += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    // Empty: an idle direction holds no pipe.
+                    if let Some(p) = h.pipe.take() {
+                        self.pipes.give(p);
+                    }
+                    self.wait_splice(i, d, false);
+                    return;
+                }
+                Err(_) => {
+                    self.reset(i, End::Reset);
+                    return;
+                }
+            }
+        }
+        // Its share is used: the poll completes at once, after the others.
+        let out = c.half(d).pipe.as_ref().is_some_and(|p| p.len > 0);
+        self.wait_splice(i, d, out);
+    }
+
+    /// Splice relay: waits for direction `d`'s source to be readable, or
+    /// (`out`) its destination to have room.
+    fn wait_splice(&mut self, i: u32, d: Dir, out: bool) {
+        let Some(c) = self.conns.get_mut(i) else {
+            return;
+        };
+        let Some((from, to)) = c.ends(d) else {
+            return;
+        };
+        let h = c.half(d);
+        let (fd, mask, op) = if out {
+            h.poll_out = true;
+            (to, libc::POLLOUT, Op::SpliceOut)
+        } else {
+            h.poll_in = true;
+            (from, libc::POLLIN, Op::SpliceIn)
+        };
+        c.inflight += 1;
+        self.ring
+            .push(ops::poll(fd, mask), Token::with_aux(op, i, d.aux()));
+    }
+
+    fn on_poll(&mut self, i: u32, d: Dir, out: bool, res: i32) {
+        let Some(c) = self.conns.get_mut(i) else {
+            return;
+        };
+        c.inflight -= 1;
+        let h = c.half(d);
+        if out {
+            h.poll_out = false;
+        } else {
+            h.poll_in = false;
+        }
+        if c.end.is_some() {
+            self.free_if_done(i);
+            return;
+        }
+        if res < 0 {
+            self.reset(i, End::Reset);
+            return;
+        }
+        // Errors and hang-ups surface as the splice's own result.
+        self.pump(i, d);
     }
 
     /// A linked timeout (or any other bookkeeping-only completion) of
@@ -920,25 +1146,31 @@ impl Tcp {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::testing::engine::{loopback_listener, shared_for};
     use rand::SeedableRng;
     use tokio_uring::buf::BoundedBuf;
     use tokio_uring::net::{TcpListener, TcpStream};
 
-    const SIZES: Sizes = Sizes {
+    /// A small engine, so tests run out of buffers quickly.
+    pub(crate) const SIZES: Sizes = Sizes {
         ring_entries: 64,
         buffers: 8,
         buf_size: 4096,
+        splice: false,
     };
 
     /// An engine on this thread's runtime proxying a loopback listener to
     /// `backend`; its driver runs as a task.
     fn engine(backend: SocketAddr) -> (super::super::Engine, SocketAddr) {
+        engine_with(backend, SIZES)
+    }
+
+    fn engine_with(backend: SocketAddr, sizes: Sizes) -> (super::super::Engine, SocketAddr) {
         let (fd, front) = loopback_listener();
         let rng = Rc::new(RefCell::new(SmallRng::seed_from_u64(7)));
-        let tcp = Tcp::new(shared_for(front, backend), rng, SIZES).unwrap();
+        let tcp = Tcp::new(shared_for(front, backend), rng, sizes).unwrap();
         let e = Rc::new(RefCell::new(tcp));
         e.borrow_mut().listen(fd, front);
         tokio_uring::spawn(super::super::drive(e.clone()));
@@ -954,6 +1186,16 @@ mod tests {
             got.extend_from_slice(&b[..k]);
         }
         got
+    }
+
+    /// Half-close: the backend sees EOF, and can still answer.
+    async fn half_close_is_passed_on(client: &TcpStream, b: &TcpStream) {
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let (r, _) = b.read(vec![0u8; 16]).await;
+        assert_eq!(r.unwrap(), 0);
+        let (r, _) = b.write_all(b"late".to_vec()).await;
+        r.unwrap();
+        assert_eq!(read_exact(client, 4).await, b"late");
     }
 
     #[test]
@@ -974,13 +1216,33 @@ mod tests {
             // buffer is back in the ring.
             assert_eq!(e.borrow().free_buffers(), SIZES.buffers);
             assert_eq!(e.borrow().connections(), 1);
-            // Half-close: the backend sees EOF, and can still answer.
-            client.shutdown(std::net::Shutdown::Write).unwrap();
-            let (r, _) = b.read(vec![0u8; 16]).await;
-            assert_eq!(r.unwrap(), 0);
-            let (r, _) = b.write_all(b"late".to_vec()).await;
+            half_close_is_passed_on(&client, &b).await;
+        });
+    }
+
+    #[test]
+    fn a_splice_relay_moves_bulk_both_ways_and_passes_a_half_close_on() {
+        tokio_uring::start(async {
+            let backend = TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let sizes = Sizes {
+                splice: true,
+                ..SIZES
+            };
+            let (e, front) = engine_with(backend.local_addr().unwrap(), sizes);
+            let client = TcpStream::connect(front).await.unwrap();
+            let (b, _) = backend.accept().await.unwrap();
+            // More than a pipe holds, so the relay loops and waits for room.
+            let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7) as u8).collect();
+            let up = client.write_all(data.clone());
+            let (got, (r, _)) = tokio::join!(read_exact(&b, data.len()), up);
             r.unwrap();
-            assert_eq!(read_exact(&client, 4).await, b"late");
+            assert!(got == data, "client→backend bytes differ");
+            let (r, _) = b.write_all(data.clone().slice(..100_000)).await;
+            r.unwrap();
+            assert!(read_exact(&client, 100_000).await == data[..100_000]);
+            // No buffer of the ring was used.
+            assert_eq!(e.borrow().free_buffers(), SIZES.buffers);
+            half_close_is_passed_on(&client, &b).await;
         });
     }
 
