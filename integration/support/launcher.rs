@@ -80,6 +80,7 @@ impl Ringvip {
             .arg("--metrics-addr")
             .arg(metrics.to_string())
             .args(extra)
+            .args(handover_arg(&dir, extra))
             .env("RINGVIP_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -98,6 +99,11 @@ impl Ringvip {
             r.log()
         );
         r
+    }
+
+    /// Its handover socket (unless the test chose another with `--handover`).
+    pub fn handover_path(&self) -> PathBuf {
+        self.dir.path().join("handover.sock")
     }
 
     pub fn log(&self) -> String {
@@ -166,6 +172,19 @@ impl Drop for Ringvip {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A handover socket of the test's own in `dir`, so that concurrent tests
+/// never take over from each other (the default path is the host's), unless
+/// `extra` says otherwise.
+fn handover_arg(dir: &tempfile::TempDir, extra: &[&str]) -> Vec<String> {
+    if extra.iter().any(|a| a.starts_with("--handover") || *a == "--no-handover") {
+        return Vec::new();
+    }
+    vec![
+        "--handover".into(),
+        dir.path().join("handover.sock").display().to_string(),
+    ]
 }
 
 /// Runs `ringvip ARGS`, a one-shot command (`check`, `env`, `status`,

@@ -12,7 +12,7 @@
 //! the engine is told the listener is stopping, the shutdown ends the accept,
 //! and the engine then drops its descriptor instead of arming it again.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::Shutdown;
 use std::os::fd::OwnedFd;
@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use tokio_uring::net::UdpSocket;
 
 use super::engine::Engine;
-use super::socket::{open, ListenError};
+use super::socket::{open_or_take, ListenError, WorkerDump};
 use super::{udp, Shared};
 use crate::model::Protocol;
 use crate::state::{ListenerMode, ListenerSpec};
@@ -81,6 +81,9 @@ enum Kind {
     Udp {
         task: JoinHandle<()>,
         flows: udp::Table,
+        /// Set on release: the receive loop takes no datagram after the one
+        /// it waits for.
+        stop: Rc<Cell<bool>>,
     },
 }
 
@@ -92,7 +95,7 @@ impl Listener {
         rng: &Rc<RefCell<SmallRng>>,
         engine: &Engine,
     ) -> Result<Self, ListenError> {
-        let sock = open(spec)?;
+        let sock = open_or_take(spec, &shared.inherited)?;
         if spec.mode == ListenerMode::Drop {
             return Ok(Self {
                 sock,
@@ -118,14 +121,16 @@ impl Listener {
             Protocol::Udp => {
                 let u = Rc::new(UdpSocket::from_std(std::net::UdpSocket::from(ring_side)));
                 let flows = udp::table(&shared.settings);
+                let stop = Rc::new(Cell::new(false));
                 let task = tokio_uring::spawn(udp::serve(
                     u,
                     flows.clone(),
                     spec.addr,
                     shared.clone(),
                     rng.clone(),
+                    stop.clone(),
                 ));
-                Kind::Udp { task, flows }
+                Kind::Udp { task, flows, stop }
             }
         };
         Ok(Self { sock, kind })
@@ -150,7 +155,11 @@ impl Listener {
                 // reset by the kernel) and the ring's accept fails with EINVAL.
                 let _ = self.sock.shutdown(Shutdown::Read);
             }
-            Kind::Udp { task, flows } => {
+            Kind::Udp {
+                task,
+                flows,
+                stop: _,
+            } => {
                 // Aborted before its receive completes: a receive completed by
                 // a shutdown carries no source address, which tokio-uring 0.5
                 // cannot turn into a result (it panics); an aborted task's
@@ -173,6 +182,52 @@ impl Listener {
     }
 }
 
+impl Listener {
+    /// Stops taking anything new from the socket, which the next process
+    /// shares, without shutting it down (that would end it for that process
+    /// too): a TCP listener's accept is cancelled, a UDP listener's receive
+    /// loop stops after the receive it waits for, whose datagram it still
+    /// relays. Gives back what must stay: a UDP listener, whose flows keep
+    /// relaying replies until they idle out.
+    fn release(self) -> Option<Listener> {
+        match &self.kind {
+            Kind::Drop => None,
+            Kind::Tcp { id, engine, .. } => {
+                engine.borrow_mut().release_listener(*id);
+                None
+            }
+            Kind::Udp { stop, .. } => {
+                stop.set(true);
+                Some(self)
+            }
+        }
+    }
+
+    /// UDP flows it holds.
+    fn flows(&self) -> usize {
+        match &self.kind {
+            Kind::Udp { flows, .. } => flows.borrow().len(),
+            _ => 0,
+        }
+    }
+
+    /// Each UDP flow's client and endpoint.
+    fn pins(&self, frontend: std::net::SocketAddr, out: &mut Vec<crate::handover::Pin>) {
+        if let Kind::Udp { flows, .. } = &self.kind {
+            out.extend(
+                flows
+                    .borrow()
+                    .endpoints()
+                    .map(|(client, endpoint)| crate::handover::Pin {
+                        client,
+                        frontend,
+                        endpoint,
+                    }),
+            );
+        }
+    }
+}
+
 /// The listeners one thread holds, with the opens that failed (retried on each
 /// snapshot, reported once per distinct error).
 pub struct Listeners {
@@ -180,6 +235,8 @@ pub struct Listeners {
     id: usize,
     held: HashMap<ListenerSpec, Listener>,
     failing: HashMap<ListenerSpec, String>,
+    /// UDP listeners released to the next process, kept for their flows.
+    released: Vec<Listener>,
 }
 
 impl Listeners {
@@ -189,7 +246,41 @@ impl Listeners {
             id,
             held: HashMap::new(),
             failing: HashMap::new(),
+            released: Vec::new(),
         }
+    }
+
+    /// A duplicate of every held listener's socket with its spec, and the
+    /// UDP flows' endpoints (for the next process; nothing changes here).
+    pub fn dump(&self) -> WorkerDump {
+        let mut d = WorkerDump::default();
+        for (spec, l) in &self.held {
+            match l.sock.try_clone() {
+                Ok(s) => d.sockets.push((spec.clone(), OwnedFd::from(s))),
+                Err(e) => {
+                    tracing::warn!(addr = %spec.addr, error = %e, "handover: cannot duplicate a listener")
+                }
+            }
+            l.pins(spec.addr, &mut d.pins);
+        }
+        d
+    }
+
+    /// Stops accepting on every listener (see [`Listener::release`]); the
+    /// sockets stay open for the process that took them. Nothing is opened
+    /// again: the thread only relays what it has from now on.
+    pub fn release(&mut self) {
+        for (_, l) in self.held.drain() {
+            if let Some(keep) = l.release() {
+                self.released.push(keep);
+            }
+        }
+        self.failing.clear();
+    }
+
+    /// UDP flows still relaying on released listeners.
+    pub fn released_flows(&self) -> usize {
+        self.released.iter().map(Listener::flows).sum()
     }
 
     /// Makes the held listeners equal to `want`; returns once the removed

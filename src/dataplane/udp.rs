@@ -136,6 +136,11 @@ impl<K: std::hash::Hash + Eq + Copy, T> FlowTable<K, T> {
         dead.iter().filter_map(|k| self.flows.remove(k)).collect()
     }
 
+    /// Each flow's key and endpoint.
+    pub fn endpoints(&self) -> impl Iterator<Item = (K, SocketAddr)> + '_ {
+        self.flows.iter().map(|(k, f)| (*k, f.endpoint))
+    }
+
     /// Number of flows.
     pub fn len(&self) -> usize {
         self.flows.len()
@@ -219,13 +224,16 @@ pub fn table(settings: &crate::config::DataPlaneOptions) -> Table {
     )))
 }
 
-/// Serves one UDP frontend socket until the task is aborted.
+/// Serves one UDP frontend socket until the task is aborted. Once `stop`
+/// is set (the socket handed to the next process), no datagram is taken
+/// after the one being waited for; the flows keep relaying replies.
 pub async fn serve(
     sock: Rc<UdpSocket>,
     table: Table,
     local: SocketAddr,
     shared: Arc<Shared>,
     rng: Rc<RefCell<SmallRng>>,
+    stop: Rc<std::cell::Cell<bool>>,
 ) {
     let _sweeper = AbortOnDrop(tokio_uring::spawn(sweep(
         table.clone(),
@@ -239,6 +247,10 @@ pub async fn serve(
     // one ring round trip per datagram would bound the rate by the event loop.
     let mut batch = 0usize;
     loop {
+        if stop.get() {
+            // The sweeper (dropped with this task) still expires the flows.
+            std::future::pending::<()>().await;
+        }
         let ready = if (1..RECV_BATCH).contains(&batch) {
             match try_recv_from(&sock, &mut buf) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
@@ -366,6 +378,11 @@ pub async fn open_backend(
     let ep = pick(fe, client, shared, 0, &[], now, &mut *rng.borrow_mut())
         .ok_or(OpenError::NoEndpoint)?
         .addr;
+    Ok((ep, connect_backend(ep).await?))
+}
+
+/// Opens a UDP socket connected to `ep`.
+pub async fn connect_backend(ep: SocketAddr) -> Result<Rc<UdpSocket>, OpenError> {
     let io = |source| OpenError::Io {
         endpoint: ep,
         source,
@@ -376,7 +393,7 @@ pub async fn open_backend(
     };
     let sock = UdpSocket::bind(SocketAddr::new(any, 0)).await.map_err(io)?;
     sock.connect(ep).await.map_err(io)?;
-    Ok((ep, Rc::new(sock)))
+    Ok(Rc::new(sock))
 }
 
 async fn open_flow(
@@ -403,9 +420,17 @@ async fn open_flow(
     if table.borrow().len() >= MAX_FLOWS_PER_LISTENER {
         return Err(FlowError::Full);
     }
-    let (ep, backend) = open_backend(&fe, client.ip(), shared, rng, now)
-        .await
-        .map_err(FlowError::Open)?;
+    // A flow the previous process relayed (an upgrade) keeps its endpoint.
+    let pinned = shared
+        .pins
+        .get(client, local, now)
+        .filter(|ep| fe.endpoints.contains(ep));
+    let (ep, backend) = match pinned {
+        Some(ep) => (ep, connect_backend(ep).await.map_err(FlowError::Open)?),
+        None => open_backend(&fe, client.ip(), shared, rng, now)
+            .await
+            .map_err(FlowError::Open)?,
+    };
     let session = Rc::new(Session::open(shared, fe, client, local, ep));
     let reader = tokio_uring::spawn(replies(
         backend.clone(),

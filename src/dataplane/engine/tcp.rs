@@ -341,6 +341,20 @@ impl Tcp {
         }
     }
 
+    /// Stops accepting on listener `id` without touching its socket, which
+    /// another process may share (an upgrade's handover): the pending accept
+    /// is cancelled, and the ring's descriptor closes once it completes.
+    /// Connections still queued stay in the socket for the other process.
+    pub fn release_listener(&mut self, id: u32) {
+        if let Some(l) = self.listeners.get_mut(id) {
+            l.stopping = true;
+            let raw = l.fd.as_raw_fd();
+            self.ring
+                .push(ops::cancel_all(raw), Token::new(Op::Ignore, id));
+            let _ = self.ring.submit();
+        }
+    }
+
     /// Serves a connection accepted outside the ring (a closing listener's
     /// queue), arrived for `local`.
     pub fn adopt(&mut self, client: OwnedFd, local: SocketAddr) {
