@@ -482,18 +482,30 @@ fn a_second_new_process_gives_way_with_a_clear_error() {
     let (conn, _, _) = begin_handover(&old.handover);
     // A real second process arrives while the first is taking over.
     let (mut cmd, dir) = old.successor_command();
-    let out = cmd
+    let log = dir.path().join("second.log");
+    let mut second = cmd
         .args(shared_args(old.health, old.metrics))
         .arg("--handover")
         .arg(&old.handover)
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let out = out.wait_with_output().unwrap();
-    drop(dir);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the second process must exit: {err}");
+    // It exits at once; bounded, so that one that serves instead fails here.
+    let mut status = None;
+    wait_until(Duration::from_secs(10), || {
+        status = second.try_wait().unwrap();
+        status.is_some()
+    });
+    if status.is_none() {
+        let _ = second.kill();
+        let _ = second.wait();
+    }
+    let err = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the second process must exit with an error ({status:?}): {err}"
+    );
     let want = format!(
         "is already being taken over by process {}",
         std::process::id()
