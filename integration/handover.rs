@@ -554,3 +554,134 @@ fn the_old_process_killed_right_after_the_handover_leaves_the_new_one_serving() 
     assert_eq!(http_get(front).unwrap(), "backend-1", "{}", new.log());
     assert!(admin_get(new.health, "/healthz").starts_with("HTTP/1.1 200"));
 }
+
+// ---- the operator's ways in -------------------------------------------------------
+
+/// The pid in the `MAINPID=` of a notify message, with READY=1 required.
+fn main_pid(msg: &str) -> Option<u32> {
+    if !msg.lines().any(|l| l == "READY=1") {
+        return None;
+    }
+    msg.lines()
+        .find_map(|l| l.strip_prefix("MAINPID=")?.parse().ok())
+}
+
+/// `config/ringvip.service`'s ExecStart and ExecReload command lines, run by
+/// hand as systemd would (the binary, manifests and handover paths made this
+/// test's; `--no-tun` and the suite's shared settings added), with a notify
+/// socket standing in for systemd's: the reload's new process takes over and
+/// becomes the unit's main pid, and the first one exits.
+#[test]
+fn the_systemd_units_reload_hands_over_and_moves_the_main_pid() {
+    let unit = include_str!("../config/ringvip.service");
+    let line = |key: &str| {
+        unit.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in the unit"))
+            .to_string()
+    };
+    assert_eq!(line("Type="), "notify");
+    assert_eq!(
+        line("NotifyAccess="),
+        "all",
+        "the reload's process is not the one started"
+    );
+    assert_eq!(
+        line("RuntimeDirectory="),
+        "ringvip",
+        "/run/ringvip, the socket's directory"
+    );
+    let (start, reload) = (line("ExecStart="), line("ExecReload="));
+
+    let net = Loopback::take();
+    let be = Backend::start(net.addr(1, free_port()), "1", Mode::Http);
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    let m = nodeport_service("web", port, be.addr.port(), &[net.ip(1)], "");
+    std::fs::write(manifests.join("web.yaml"), m).unwrap();
+    let handover = dir.path().join("run/handover.sock");
+    let health = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+    let metrics = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+    let ours = |cmd: &str| {
+        let run = format!(
+            "{} run --no-tun {}",
+            bin(),
+            shared_args(health, metrics).join(" ")
+        );
+        cmd.replace("/usr/local/bin/ringvip run", &run)
+            .replace("/etc/ringvip/manifests", manifests.to_str().unwrap())
+            .replace("/run/ringvip/handover.sock", handover.to_str().unwrap())
+    };
+    let notify_path = dir.path().join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let next_main_pid = || {
+        let mut buf = [0u8; 256];
+        let n = notify.recv(&mut buf).expect("a notify message");
+        let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+        main_pid(&msg).unwrap_or_else(|| panic!("not READY=1 with MAINPID=: {msg:?}"))
+    };
+    let log = |name: &str| std::fs::File::create(dir.path().join(name)).unwrap();
+    let read_log = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap_or_default();
+
+    // ExecStart: systemd splits it into words and execs it; so does sh here.
+    let mut first = std::process::Command::new("/bin/sh")
+        .args(["-c", &format!("exec {}", ours(&start))])
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("RINGVIP_LOG", "info")
+        .stderr(log("first.log"))
+        .spawn()
+        .unwrap();
+    assert_eq!(next_main_pid(), first.id(), "{}", read_log("first.log"));
+    assert_eq!(http_get(np(port)).unwrap(), "backend-1");
+
+    // ExecReload: returns at once, its new process in the background.
+    let status = std::process::Command::new("/bin/sh")
+        .args(["-c", &ours(&reload)])
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("RINGVIP_LOG", "info")
+        .stderr(log("second.log"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let second = next_main_pid();
+    assert_ne!(second, first.id());
+    // Kill the new process however the test ends.
+    struct Kill(u32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            // SAFETY: signals only the process this test started.
+            unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+    let _second = Kill(second);
+    assert!(
+        read_log("second.log").contains("handover complete"),
+        "{}",
+        read_log("second.log")
+    );
+    assert_eq!(
+        http_get(np(port)).unwrap(),
+        "backend-1",
+        "{}",
+        read_log("second.log")
+    );
+    // The first process had nothing left to relay: it exits.
+    let mut exited = None;
+    wait_until(Duration::from_secs(10), || {
+        exited = first.try_wait().unwrap();
+        exited.is_some()
+    });
+    if exited.is_none() {
+        let _ = first.kill();
+    }
+    assert!(
+        exited.is_some_and(|s| s.success()),
+        "{exited:?}: {}",
+        read_log("first.log")
+    );
+}

@@ -592,6 +592,11 @@ async fn control(
                 if let Some(t) = taking.take() {
                     _handover_server = finish_takeover(t, &shared, handover_path.as_deref(), &events_tx).await;
                 }
+                if generation == 1 {
+                    // systemd follows this process from now on (a reload's
+                    // new process takes the unit's main pid over).
+                    handover::notify::serving();
+                }
                 metrics.observe_sync(started.elapsed());
                 let now = SystemTime::now();
                 received.published(&metrics, now);

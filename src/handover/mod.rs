@@ -22,6 +22,7 @@
 //! (no file, or a stale one left by a crash), the new process binds afresh
 //! and says so.
 
+pub mod notify;
 pub mod server;
 pub mod take;
 pub mod wire;
