@@ -685,3 +685,32 @@ fn the_systemd_units_reload_hands_over_and_moves_the_main_pid() {
         read_log("first.log")
     );
 }
+
+/// In a pod (`--linger-after-handover`, as config/daemonset.yaml runs it) the
+/// old process does not exit once drained, which would restart its container
+/// and take the node back: it waits for its pod's deletion (SIGTERM).
+#[test]
+fn a_lingering_old_process_waits_for_sigterm_after_the_handover() {
+    let net = Loopback::take();
+    let be = Backend::start(net.addr(1, free_port()), "1", Mode::Http);
+    let port = free_port();
+    let m = nodeport_service("web", port, be.addr.port(), &[net.ip(1)], "");
+    let mut old = Ringvip::start(&m, &["--linger-after-handover"]);
+    let new = old.successor(&[], "handover complete");
+    // A precondition: the old process has drained (nothing was open).
+    assert!(
+        wait_until(Duration::from_secs(10), || old
+            .log()
+            .contains("waiting for SIGTERM")),
+        "{}",
+        old.log()
+    );
+    assert!(
+        !old.wait_exit(Duration::from_millis(300)),
+        "exited: {}",
+        old.log()
+    );
+    assert_eq!(http_get(np(port)).unwrap(), "backend-1", "{}", new.log());
+    old.sigterm();
+    assert!(old.wait_exit(Duration::from_secs(5)), "{}", old.log());
+}

@@ -622,7 +622,11 @@ async fn control(
                     release(&publisher, &admin_socks, dns.as_ref(), &mut health_checks).await;
                     let _ = done.send(());
                     tracing::info!(taker, "handed over: accepting nothing new");
-                    drain_handed_over(&publisher, settings.dataplane.drain_timeout, &mut sigterm, &draining).await;
+                    let stopped = drain_handed_over(&publisher, settings.dataplane.drain_timeout, &mut sigterm, &draining).await;
+                    if settings.admin.linger_after_handover && !stopped {
+                        tracing::info!("handed over and drained: waiting for SIGTERM");
+                        let _ = sigterm.recv().await;
+                    }
                     break;
                 }
             },
@@ -767,13 +771,14 @@ fn take_dns(
 /// After a handover: waits up to `timeout` for the TCP connections and UDP
 /// flows this process still relays to end (the new process takes every new
 /// one). Unlike [`drain`], no snapshot is published: an empty one would end
-/// the UDP flows, whose late replies are still relayed.
+/// the UDP flows, whose late replies are still relayed. True when a SIGTERM
+/// ended it.
 async fn drain_handed_over(
     publisher: &Publisher,
     timeout: std::time::Duration,
     sigterm: &mut tokio::signal::unix::Signal,
     remaining: &Gauge,
-) {
+) -> bool {
     let shared = &publisher.shared;
     let left = || async {
         let tcp = shared.active.load(std::sync::atomic::Ordering::Relaxed);
@@ -799,15 +804,16 @@ async fn drain_handed_over(
             _ = tick.tick() => {}
             _ = tokio::time::sleep_until(deadline) => {
                 tracing::warn!(connections = tcp, udp_flows = udp, "drain timeout: closing remaining connections");
-                return;
+                return false;
             }
             _ = sigterm.recv() => {
                 tracing::warn!(connections = tcp, udp_flows = udp, "SIGTERM: closing remaining connections");
-                return;
+                return true;
             }
         }
     }
     tracing::info!("drained");
+    false
 }
 
 #[cfg(test)]

@@ -247,6 +247,11 @@ pub struct AdminOptions {
     /// Neither take over from a running ringvip nor listen for the next one.
     #[arg(long, conflicts_with = "handover")]
     pub no_handover: bool,
+    /// After handing over and draining, wait for SIGTERM instead of exiting:
+    /// in a pod, an exit would restart the container, whose new process
+    /// would take the node back from the one that just took over.
+    #[arg(long)]
+    pub linger_after_handover: bool,
 }
 
 impl AdminOptions {
