@@ -476,13 +476,15 @@ fn a_new_process_dying_mid_handover_leaves_the_old_one_serving() {
     );
 }
 
-#[test]
-fn a_second_new_process_gives_way_with_a_clear_error() {
-    let (old, front, _be) = one_web();
-    let (conn, _, _) = begin_handover(&old.handover);
-    // A real second process arrives while the first is taking over.
-    let (mut cmd, dir) = old.successor_command();
-    let log = dir.path().join("second.log");
+/// Runs `cmd` (a new process for `old`'s handover socket) and expects it to
+/// exit with an error at once; returns what it logged. Bounded, so that one
+/// that serves instead fails here.
+fn refused_successor(
+    old: &Ringvip,
+    mut cmd: std::process::Command,
+    dir: &tempfile::TempDir,
+) -> String {
+    let log = dir.path().join("refused.log");
     let mut second = cmd
         .args(shared_args(old.health, old.metrics))
         .arg("--handover")
@@ -491,7 +493,6 @@ fn a_second_new_process_gives_way_with_a_clear_error() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    // It exits at once; bounded, so that one that serves instead fails here.
     let mut status = None;
     wait_until(Duration::from_secs(10), || {
         status = second.try_wait().unwrap();
@@ -504,8 +505,60 @@ fn a_second_new_process_gives_way_with_a_clear_error() {
     let err = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         status.is_some_and(|s| !s.success()),
-        "the second process must exit with an error ({status:?}): {err}"
+        "the new process must exit with an error ({status:?}): {err}"
     );
+    err
+}
+
+/// A ringvip capturing ClusterIPs on its TUN device refuses to hand over
+/// (its ClusterIP flows would end with it, the TUN not being carried yet):
+/// the new process exits saying why, and the ClusterIP is served on. Root
+/// and /dev/net/tun: namespaces of its own.
+#[test]
+fn a_process_with_a_tun_device_refuses_and_keeps_serving_its_clusterips() {
+    let Some(t) = netns::Topology::setup(&[]) else {
+        return;
+    };
+    let be = SocketAddr::from((t.pod_ip(2), free_port()));
+    let _be = t.backend(be, "1", Mode::Http);
+    let m = clusterip(
+        "web",
+        "10.96.0.10",
+        80,
+        "TCP",
+        be.port(),
+        &[t.pod_ip(2).into()],
+        "",
+    );
+    let old = t.launch(&m, &[]);
+    let url = "http://10.96.0.10/";
+    assert_eq!(
+        t.curl(url),
+        (true, "backend-1".to_string()),
+        "{}",
+        old.log()
+    );
+    let (cmd, dir) = old.successor_command();
+    let err = refused_successor(&old, cmd, &dir);
+    assert!(
+        err.contains("refused the handover: it captures ClusterIPs on TUN device"),
+        "{err}"
+    );
+    assert_eq!(
+        t.curl(url),
+        (true, "backend-1".to_string()),
+        "{}",
+        old.log()
+    );
+}
+
+#[test]
+fn a_second_new_process_gives_way_with_a_clear_error() {
+    let (old, front, _be) = one_web();
+    let (conn, _, _) = begin_handover(&old.handover);
+    // A real second process arrives while the first is taking over.
+    let (cmd, dir) = old.successor_command();
+    let err = refused_successor(&old, cmd, &dir);
     let want = format!(
         "is already being taken over by process {}",
         std::process::id()

@@ -71,9 +71,9 @@ pub fn run(settings: Settings, shutdown: Arc<Notify>, on_ready: OnReady) -> anyh
                     // Dropping `t` ends the conversation: the running
                     // process keeps serving, untouched.
                     anyhow::bail!(
-                        "ringvip {} is running with TUN device {dev}: a handover does not carry \
-                         the TUN device yet, so this process would break its ClusterIP flows; \
-                         stop it first, or run both with --no-tun",
+                        "this process would capture ClusterIPs on TUN device {dev}, which a \
+                         handover does not carry yet: ringvip {} keeps serving; start this one \
+                         with --no-tun, or stop that one first",
                         t.from
                     );
                 }
@@ -393,7 +393,7 @@ async fn finish_takeover(
     if !rest.is_empty() {
         tracing::info!(sockets = ?rest, "handover: closed the sockets this snapshot does not want");
     }
-    listen_for_next(path, events)
+    listen_for_next(path, events, None)
 }
 
 /// Listens on the handover path for the next process (a failure only costs
@@ -401,9 +401,10 @@ async fn finish_takeover(
 fn listen_for_next(
     path: Option<&std::path::Path>,
     events: &mpsc::Sender<handover::Event>,
+    refuse: Option<String>,
 ) -> Option<handover::Server> {
     let path = path?;
-    match handover::Server::listen(path, events.clone()) {
+    match handover::Server::listen(path, events.clone(), refuse) {
         Ok(s) => {
             tracing::info!(path = %path.display(), "handover: listening for the next process");
             Some(s)
@@ -527,7 +528,14 @@ async fn control(
     // A process taking over listens once the previous one has let go.
     let mut _handover_server = match taking {
         Some(_) => None,
-        None => listen_for_next(handover_path.as_deref(), &events_tx),
+        None => {
+            // Its ClusterIP flows would end with it: a process capturing
+            // them on a TUN device refuses, and serves on.
+            let refuse = settings.tun.device().map(|dev| {
+                format!("it captures ClusterIPs on TUN device {dev}, which a handover does not carry yet")
+            });
+            listen_for_next(handover_path.as_deref(), &events_tx, refuse)
+        }
     };
 
     let (tx, mut rx) = mpsc::channel::<Batch>(64);

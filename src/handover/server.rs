@@ -61,10 +61,15 @@ pub struct Server {
 
 impl Server {
     /// Listens on `path` (a stale file there is replaced; its directory is
-    /// created), serving handovers through `events`. The socket is bound at
-    /// a temporary name and renamed into place, so a process connecting to
-    /// `path` always reaches a listening socket.
-    pub fn listen(path: &Path, events: mpsc::Sender<Event>) -> std::io::Result<Server> {
+    /// created), serving handovers through `events`, or refusing each with
+    /// `refuse` when set (what this process serves cannot be handed over).
+    /// The socket is bound at a temporary name and renamed into place, so a
+    /// process connecting to `path` always reaches a listening socket.
+    pub fn listen(
+        path: &Path,
+        events: mpsc::Sender<Event>,
+        refuse: Option<String>,
+    ) -> std::io::Result<Server> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
@@ -81,7 +86,7 @@ impl Server {
         let taker = Arc::new(AtomicU32::new(0));
         std::thread::Builder::new()
             .name("ringvip-handover".into())
-            .spawn(move || accept_loop(listener, events, taker))?;
+            .spawn(move || accept_loop(listener, events, taker, refuse))?;
         Ok(Server {
             path: path.to_path_buf(),
             id: (meta.dev(), meta.ino()),
@@ -104,14 +109,19 @@ impl Drop for Server {
     }
 }
 
-fn accept_loop(listener: UnixListener, events: mpsc::Sender<Event>, taker: Arc<AtomicU32>) {
+fn accept_loop(
+    listener: UnixListener,
+    events: mpsc::Sender<Event>,
+    taker: Arc<AtomicU32>,
+    refuse: Option<String>,
+) {
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
-        let (events, taker) = (events.clone(), taker.clone());
+        let (events, taker, refuse) = (events.clone(), taker.clone(), refuse.clone());
         let spawned = std::thread::Builder::new()
             .name("ringvip-handover-conn".into())
             .spawn(move || {
-                if let Err(e) = converse(conn, &events, &taker) {
+                if let Err(e) = converse(conn, &events, &taker, refuse) {
                     tracing::warn!(error = %e, "handover: not handed over; still serving");
                 }
             });
@@ -130,6 +140,8 @@ enum ConverseError {
     Version(u32, u32),
     #[error("process {0} arrived while process {1} is taking over")]
     Busy(u32, u32),
+    #[error("refused process {0}: {1}")]
+    Refused(u32, String),
     #[error("the control loop is gone (stopping)")]
     Stopping,
     #[error("process {pid} went away before it was ready: {source}")]
@@ -144,6 +156,7 @@ fn converse(
     mut conn: UnixStream,
     events: &mpsc::Sender<Event>,
     taker: &AtomicU32,
+    refuse: Option<String>,
 ) -> Result<(), ConverseError> {
     let me = std::process::id();
     conn.set_read_timeout(Some(HELLO_TIMEOUT))
@@ -157,6 +170,15 @@ fn converse(
         let reason = format!("this process speaks handover version {VERSION}, not {version}");
         wire::send(&mut conn, &Message::Refused { reason })?;
         return Err(ConverseError::Version(pid, version));
+    }
+    if let Some(reason) = refuse {
+        wire::send(
+            &mut conn,
+            &Message::Refused {
+                reason: reason.clone(),
+            },
+        )?;
+        return Err(ConverseError::Refused(pid, reason));
     }
     if let Err(current) = taker.compare_exchange(0, pid, Ordering::AcqRel, Ordering::Acquire) {
         wire::send(

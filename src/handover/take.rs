@@ -135,6 +135,23 @@ impl Taking {
 mod tests {
     use super::*;
 
+    /// A running process that cannot hand over (it captures ClusterIPs on
+    /// a TUN device) refuses with its reason, and asks nothing of its
+    /// control loop.
+    #[test]
+    fn a_refusing_process_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.sock");
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let why = "it captures ClusterIPs on TUN device rv0".to_string();
+        let _server = super::super::Server::listen(&path, tx, Some(why.clone())).unwrap();
+        match take_over(&path) {
+            Err(TakeoverError::Refused(r)) => assert_eq!(r, why),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(rx.try_recv().is_err(), "no event for a refusal");
+    }
+
     #[test]
     fn no_file_and_a_stale_file_are_fresh_starts() {
         let dir = tempfile::tempdir().unwrap();
