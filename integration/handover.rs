@@ -598,14 +598,34 @@ fn a_missing_or_stale_handover_socket_is_a_fresh_start() {
     assert!(UnixStream::connect(&stale).is_ok(), "{}", rv.log());
 }
 
+/// Also covers the healthCheckNodePort server (externalTrafficPolicy:
+/// Local): its listener is handed over like the others (bound afresh, it
+/// would have failed with the port taken, and not been retried).
 #[test]
 fn the_old_process_killed_right_after_the_handover_leaves_the_new_one_serving() {
-    let (mut old, front, _be) = one_web();
+    let net = Loopback::take();
+    let be = Backend::start(net.addr(1, free_port()), "1", Mode::Http);
+    let (port, hc) = (free_port(), free_port());
+    let spec = format!("  externalTrafficPolicy: Local\n  healthCheckNodePort: {hc}\n");
+    let m = nodeport_service("lb", port, be.addr.port(), &[net.ip(1)], &spec)
+        .replace("type: NodePort", "type: LoadBalancer");
+    let mut old = Ringvip::start(&m, &[]);
+    assert!(
+        admin_get(np(hc), "/").starts_with("HTTP/1.1 200"),
+        "{}",
+        old.log()
+    );
     let new = old.successor(&[], "handover complete");
     old.signal(libc::SIGKILL);
     assert!(old.wait_exit(Duration::from_secs(5)));
-    assert_eq!(http_get(front).unwrap(), "backend-1", "{}", new.log());
+    assert_eq!(http_get(np(port)).unwrap(), "backend-1", "{}", new.log());
     assert!(admin_get(new.health, "/healthz").starts_with("HTTP/1.1 200"));
+    let r = admin_get(np(hc), "/");
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.contains("\"localEndpoints\":1"),
+        "{r}\n{}",
+        new.log()
+    );
 }
 
 // ---- the operator's ways in -------------------------------------------------------
