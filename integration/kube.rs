@@ -451,7 +451,8 @@ fn daemonset_manifest_is_valid_and_least_privilege() {
 
     // The pod: host network, the service account, NET_ADMIN (+ bind) only,
     // /dev/net/tun, the probes, --kube with the node name from the downward API.
-    let pod = ds.spec.unwrap().template.spec.unwrap();
+    let ds_spec = ds.spec.unwrap();
+    let pod = ds_spec.template.spec.clone().unwrap();
     assert_eq!(pod.host_network, Some(true));
     assert_eq!(pod.service_account_name, sa.metadata.name);
     let c = &pod.containers[0];
@@ -465,12 +466,34 @@ fn daemonset_manifest_is_valid_and_least_privilege() {
     assert_eq!(caps.drop.unwrap(), ["ALL"]);
     assert_eq!(caps.add.unwrap(), ["NET_ADMIN", "NET_BIND_SERVICE"]);
     assert_ne!(c.security_context.as_ref().unwrap().privileged, Some(true));
-    let tun = pod.volumes.unwrap()[0].host_path.clone().unwrap();
+    let tun = pod.volumes.clone().unwrap()[0].host_path.clone().unwrap();
     assert_eq!(tun.path, "/dev/net/tun");
     assert_eq!(
         c.volume_mounts.as_ref().unwrap()[0].mount_path,
         "/dev/net/tun"
     );
+    // Upgrades: the new pod starts beside the old one (no host port to
+    // clash) and takes over through the handover socket on a hostPath both
+    // mount; the old one lingers until deleted rather than be restarted.
+    let rolling = ds_spec.update_strategy.unwrap().rolling_update.unwrap();
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    assert_eq!(rolling.max_surge, Some(IntOrString::Int(1)));
+    assert_eq!(rolling.max_unavailable, Some(IntOrString::Int(0)));
+    assert!(
+        c.ports.is_none(),
+        "a host port would keep the surge pod off the node"
+    );
+    let volumes = pod.volumes.clone().unwrap();
+    let handover = volumes.iter().find(|v| v.name == "handover").unwrap();
+    let host = handover.host_path.clone().unwrap();
+    assert_eq!(host.path, "/run/ringvip");
+    let mounts = c.volume_mounts.as_ref().unwrap();
+    assert!(mounts
+        .iter()
+        .any(|m| m.name == "handover" && m.mount_path == "/run/ringvip"));
+    let args_now = c.args.clone().unwrap();
+    assert!(args_now.contains(&"--handover=/run/ringvip/handover.sock".to_string()));
+    assert!(args_now.contains(&"--linger-after-handover".to_string()));
     let probe_path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
         p.as_ref().unwrap().http_get.as_ref().unwrap().path.clone()
     };

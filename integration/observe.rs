@@ -363,7 +363,7 @@ fn stderr_until_published(extra: &[&str], settings: Option<&str>) -> String {
             "--metrics-addr",
             "127.0.0.1:0",
         ])
-        .args(["--workers", "1"])
+        .args(["--workers", "1", "--no-handover"])
         .args(extra)
         .env("RINGVIP_LOG", "info")
         .env_remove("NO_COLOR")

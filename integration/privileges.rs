@@ -161,6 +161,7 @@ fn unprivileged_user_with_ambient_capabilities_starts_and_keeps_only_them() {
         .arg(dir.path())
         .args([
             "--no-tun",
+            "--no-handover",
             "--workers",
             "1",
             "--node-name",

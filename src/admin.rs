@@ -67,6 +67,28 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
 }
 
+/// [`bind`], or take the listener the previous process served `role` on
+/// `addr` with, when it handed one over.
+pub async fn bind_or_take(
+    addr: SocketAddr,
+    role: crate::handover::Role,
+    inherited: &crate::handover::Inherited,
+) -> std::io::Result<TcpListener> {
+    match inherited.take(role, addr, crate::handover::Transport::Tcp) {
+        Some(fd) => {
+            let l = std::net::TcpListener::from(fd);
+            l.set_nonblocking(true)?;
+            TcpListener::from_std(l)
+        }
+        None => bind(addr).await,
+    }
+}
+
+/// A duplicate of `l`'s socket (for the next process of an upgrade).
+pub fn dup(l: &TcpListener) -> std::io::Result<std::os::fd::OwnedFd> {
+    Ok(socket2::SockRef::from(l).try_clone()?.into())
+}
+
 /// Serve `/healthz` and `/livez` on `l` until the task is dropped.
 /// `timeout` is how long an update may stay queued before the proxy counts
 /// as unhealthy (kube-proxy: twice the sync period by default).

@@ -11,12 +11,14 @@ use tokio::sync::{mpsc, watch, Notify};
 use crate::access_log;
 use crate::admin;
 use crate::config::{self, Settings};
+use crate::dataplane::socket::WorkerCmd;
 use crate::dataplane::tun::{self, TunSettings};
 use crate::dataplane::{socket, Shared};
 use crate::discovery::file::FileSource;
 use crate::discovery::kube;
 use crate::discovery::Batch;
 use crate::dns::server::Dns;
+use crate::handover;
 use crate::healthcheck::HealthCheckServers;
 use crate::probe::{CheckTable, Checks};
 use crate::state::{Changes, Health, NodeContext, Snapshot, Store};
@@ -57,6 +59,36 @@ pub fn run(settings: Settings, shutdown: Arc<Notify>, on_ready: OnReady) -> anyh
     settings.validate()?;
     let ctx = node_context(&settings)?;
     prepare_process();
+    // Before anything is bound: the sockets may come from a running ringvip.
+    let taking = match settings.admin.handover_path() {
+        Some(path) => match handover::take_over(path)? {
+            handover::Start::Fresh(why) => {
+                tracing::info!("{why}");
+                None
+            }
+            handover::Start::Taking(t) => {
+                if let Some(dev) = settings.tun.device() {
+                    // Dropping `t` ends the conversation: the running
+                    // process keeps serving, untouched.
+                    anyhow::bail!(
+                        "this process would capture ClusterIPs on TUN device {dev}, which a \
+                         handover does not carry yet: ringvip {} keeps serving; start this one \
+                         with --no-tun, or stop that one first",
+                        t.from
+                    );
+                }
+                tracing::info!(
+                    from = t.from,
+                    sockets = t.sockets.len(),
+                    affinity = t.affinity.len(),
+                    pins = t.pins.len(),
+                    "handover: taking over"
+                );
+                Some(t)
+            }
+        },
+        None => None,
+    };
     tracing::info!(
         node = %ctx.node_name,
         nodeport_addresses = ?ctx.nodeport_addresses,
@@ -77,6 +109,10 @@ pub fn run(settings: Settings, shutdown: Arc<Notify>, on_ready: OnReady) -> anyh
         ..Default::default()
     };
     let shared = Shared::with_upstream(settings.dataplane, log, upstream);
+    let mut taking = taking;
+    if let Some(t) = &mut taking {
+        inherit(t, &shared, settings.dataplane.udp_idle_timeout);
+    }
     let (snap_tx, snap_rx) = watch::channel(shared.snapshot.load_full());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -89,7 +125,7 @@ pub fn run(settings: Settings, shutdown: Arc<Notify>, on_ready: OnReady) -> anyh
     // Setup that needed root is done (TUN open, routes set): keep only what
     // runtime needs, before any other thread exists to inherit more.
     crate::privileges::drop_and_log().context("dropping capabilities after setup")?;
-    let (mut workers, programmed) =
+    let (mut workers, programmed, commands) =
         socket::spawn_workers(settings.dataplane.workers, shared.clone(), snap_rx.clone())
             .context("starting data-plane threads")?;
     if let Some(queues) = tun {
@@ -120,8 +156,9 @@ pub fn run(settings: Settings, shutdown: Arc<Notify>, on_ready: OnReady) -> anyh
         shared,
         snap_tx,
         programmed,
+        commands,
     };
-    let result = rt.block_on(control(settings, ctx, publish, shutdown, on_ready));
+    let result = rt.block_on(control(settings, ctx, publish, taking, shutdown, on_ready));
     // snap_tx is dropped by now: every worker closes its listeners and returns.
     for w in workers {
         let _ = w.join();
@@ -196,11 +233,32 @@ fn open_tun(
     Ok(queues)
 }
 
+/// Puts what the previous process handed over where this one takes it: the
+/// sockets into the pool the listeners bind from, the affinity table, the
+/// UDP pins (kept for one UDP idle timeout).
+fn inherit(t: &mut handover::Taking, shared: &Shared, udp_idle: std::time::Duration) {
+    shared.inherited.fill(std::mem::take(&mut t.sockets));
+    let at = t.received;
+    for a in &t.affinity {
+        let idle = std::time::Duration::from_millis(a.idle_ms);
+        shared.affinity.record(
+            a.port,
+            a.client,
+            a.endpoint,
+            std::time::Duration::from_millis(a.timeout_ms),
+            at.checked_sub(idle).unwrap_or(at),
+        );
+    }
+    shared.pins.set(&t.pins, at, udp_idle);
+}
+
 /// Hands snapshots to the data plane and waits until its listeners follow.
 struct Publisher {
     shared: Arc<Shared>,
     snap_tx: watch::Sender<Arc<Snapshot>>,
     programmed: Arc<crate::dataplane::listener::Programmed>,
+    /// The kernel-socket threads' commands (the handover).
+    commands: socket::Commands,
 }
 
 /// How long a published snapshot may take to reach every worker's listeners
@@ -224,10 +282,145 @@ impl Publisher {
     }
 }
 
+/// This process's sockets outside the data-plane threads, as the handover
+/// gives them away: duplicates of the admin listeners and the tasks that
+/// serve them.
+struct AdminSockets {
+    dups: Vec<(handover::SocketEntry, std::os::fd::OwnedFd)>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Everything this process serves, for the process taking over.
+async fn gather(
+    publisher: &Publisher,
+    admin: &AdminSockets,
+    dns: Option<&Dns>,
+    health_checks: &HealthCheckServers,
+) -> handover::Dump {
+    use handover::{Role, SocketEntry, Transport};
+    let mut d = handover::Dump::default();
+    for w in publisher.commands.ask(WorkerCmd::Dump).await {
+        for (spec, fd) in w.sockets {
+            let e = SocketEntry {
+                role: Role::Listener,
+                addr: spec.addr,
+                transport: spec.proto.into(),
+            };
+            d.sockets.push((e, fd));
+        }
+        d.pins.extend(w.pins);
+    }
+    for (e, fd) in &admin.dups {
+        if let Ok(fd) = fd.try_clone() {
+            d.sockets.push((*e, fd));
+        }
+    }
+    if let Some((udp, tcp)) = dns.and_then(Dns::handover_sockets) {
+        let entry = |transport| SocketEntry {
+            role: Role::Dns,
+            addr: dns.map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |d| d.addr),
+            transport,
+        };
+        d.sockets.push((entry(Transport::Udp), udp));
+        d.sockets.push((entry(Transport::Tcp), tcp));
+    }
+    for (addr, fd) in health_checks.handover_sockets() {
+        let e = SocketEntry {
+            role: Role::HealthCheck,
+            addr,
+            transport: Transport::Tcp,
+        };
+        d.sockets.push((e, fd));
+    }
+    let now = Instant::now();
+    d.affinity = publisher
+        .shared
+        .affinity
+        .export(now)
+        .into_iter()
+        .map(
+            |(port, client, endpoint, idle, timeout)| handover::wire::AffinityEntry {
+                port,
+                client,
+                endpoint,
+                idle_ms: u64::try_from(idle.as_millis()).unwrap_or(u64::MAX),
+                timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+            },
+        )
+        .collect();
+    d
+}
+
+/// Stops accepting anything new, everywhere, without closing a socket the
+/// next process shares.
+async fn release(
+    publisher: &Publisher,
+    admin: &AdminSockets,
+    dns: Option<&Dns>,
+    health_checks: &mut HealthCheckServers,
+) {
+    publisher.commands.ask(WorkerCmd::Release).await;
+    for t in &admin.tasks {
+        t.abort();
+    }
+    if let Some(d) = dns {
+        d.stop_serving();
+    }
+    health_checks.stop_serving();
+}
+
+/// Once this process (having taken over) serves: lets the previous one go,
+/// drops the sockets nobody took, and listens for the next one.
+async fn finish_takeover(
+    taking: handover::Taking,
+    shared: &Shared,
+    path: Option<&std::path::Path>,
+    events: &mpsc::Sender<handover::Event>,
+) -> Option<handover::Server> {
+    let from = taking.from;
+    match tokio::task::spawn_blocking(move || taking.ready()).await {
+        Ok(Ok(took)) => tracing::info!(
+            from,
+            release_ms = took.as_secs_f64() * 1e3,
+            "handover complete: the previous process accepts nothing new"
+        ),
+        Ok(Err(e)) => {
+            tracing::warn!(from, error = %e, "handover: the previous process did not confirm; serving anyway")
+        }
+        Err(e) => tracing::warn!(from, error = %e, "handover: the release wait failed"),
+    }
+    let rest = shared.inherited.release_rest();
+    if !rest.is_empty() {
+        tracing::info!(sockets = ?rest, "handover: closed the sockets this snapshot does not want");
+    }
+    listen_for_next(path, events, None)
+}
+
+/// Listens on the handover path for the next process (a failure only costs
+/// that: this process serves on).
+fn listen_for_next(
+    path: Option<&std::path::Path>,
+    events: &mpsc::Sender<handover::Event>,
+    refuse: Option<String>,
+) -> Option<handover::Server> {
+    let path = path?;
+    match handover::Server::listen(path, events.clone(), refuse) {
+        Ok(s) => {
+            tracing::info!(path = %path.display(), "handover: listening for the next process");
+            Some(s)
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "handover: cannot listen; an upgrade will start fresh");
+            None
+        }
+    }
+}
+
 async fn control(
     settings: Settings,
     ctx: NodeContext,
     publisher: Publisher,
+    mut taking: Option<handover::Taking>,
     shutdown: Arc<Notify>,
     on_ready: OnReady,
 ) -> anyhow::Result<()> {
@@ -247,16 +440,33 @@ async fn control(
     let metrics = Arc::new(metrics);
     let health = Arc::new(Health::new());
     let (admin_opts, dns_opts) = (&settings.admin, &settings.dns);
-    let hl = admin::bind(admin_opts.health_addr)
+    let inherited = &shared.inherited;
+    let hl = admin::bind_or_take(admin_opts.health_addr, handover::Role::Health, inherited)
         .await
         .with_context(|| format!("binding the health address {}", admin_opts.health_addr))?;
-    let ml = admin::bind(admin_opts.metrics_addr)
+    let ml = admin::bind_or_take(admin_opts.metrics_addr, handover::Role::Metrics, inherited)
         .await
         .with_context(|| format!("binding the metrics address {}", admin_opts.metrics_addr))?;
+    let mut admin_socks = AdminSockets {
+        dups: Vec::new(),
+        tasks: Vec::new(),
+    };
+    for (role, l) in [
+        (handover::Role::Health, &hl),
+        (handover::Role::Metrics, &ml),
+    ] {
+        let entry = handover::SocketEntry {
+            role,
+            addr: l.local_addr()?,
+            transport: handover::Transport::Tcp,
+        };
+        admin_socks.dups.push((entry, admin::dup(l)?));
+    }
     let dns = match dns_opts.dns_addr {
         Some(addr) => Some(
-            Dns::start(
+            Dns::start_on(
                 addr,
+                take_dns(inherited, addr),
                 &dns_opts.cluster_domain,
                 dns_opts.dns_ttl,
                 dns_opts.dns_upstream,
@@ -272,11 +482,11 @@ async fn control(
         metrics: ml.local_addr()?,
         dns: dns.as_ref().map(|d| d.addr),
     };
-    tokio::spawn(admin::serve_health(
+    admin_socks.tasks.push(tokio::spawn(admin::serve_health(
         hl,
         health.clone(),
         admin_opts.health_timeout,
-    ));
+    )));
     // ClusterIP frontends are served only through a TUN: status and explain
     // say so rather than show them as served.
     let cluster_ips = settings.tun.device().is_some();
@@ -302,12 +512,31 @@ async fn control(
         };
         crate::explain::answer(query, &explain_of.snapshot.load(), &live)
     });
-    tokio::spawn(admin::serve_metrics_with_api(
-        ml,
-        metrics.clone(),
-        api,
-        explain,
-    ));
+    admin_socks
+        .tasks
+        .push(tokio::spawn(admin::serve_metrics_with_api(
+            ml,
+            metrics.clone(),
+            api,
+            explain,
+        )));
+    let (events_tx, mut events) = mpsc::channel::<handover::Event>(4);
+    let handover_path = settings
+        .admin
+        .handover_path()
+        .map(std::path::Path::to_path_buf);
+    // A process taking over listens once the previous one has let go.
+    let mut _handover_server = match taking {
+        Some(_) => None,
+        None => {
+            // Its ClusterIP flows would end with it: a process capturing
+            // them on a TUN device refuses, and serves on.
+            let refuse = settings.tun.device().map(|dev| {
+                format!("it captures ClusterIPs on TUN device {dev}, which a handover does not carry yet")
+            });
+            listen_for_next(handover_path.as_deref(), &events_tx, refuse)
+        }
+    };
 
     let (tx, mut rx) = mpsc::channel::<Batch>(64);
     // Readiness probes and health checks: tasks on this runtime, sending
@@ -367,7 +596,15 @@ async fn control(
                 metrics.set_skipped_ports(snap.skipped_ports as i64);
                 publisher.publish(snap.clone()).await;
                 checks.sync(&mut store);
-                health_checks.sync(&snap.health_checks).await;
+                health_checks.sync(&snap.health_checks, &shared.inherited).await;
+                if let Some(t) = taking.take() {
+                    _handover_server = finish_takeover(t, &shared, handover_path.as_deref(), &events_tx).await;
+                }
+                if generation == 1 {
+                    // systemd follows this process from now on (a reload's
+                    // new process takes the unit's main pid over).
+                    handover::notify::serving();
+                }
                 metrics.observe_sync(started.elapsed());
                 let now = SystemTime::now();
                 received.published(&metrics, now);
@@ -385,6 +622,22 @@ async fn control(
                     "snapshot published"
                 );
             }
+            Some(ev) = events.recv() => match ev {
+                handover::Event::Dump(tx) => {
+                    let _ = tx.send(gather(&publisher, &admin_socks, dns.as_ref(), &health_checks).await);
+                }
+                handover::Event::Release { taker, done } => {
+                    release(&publisher, &admin_socks, dns.as_ref(), &mut health_checks).await;
+                    let _ = done.send(());
+                    tracing::info!(taker, "handed over: accepting nothing new");
+                    let stopped = drain_handed_over(&publisher, settings.dataplane.drain_timeout, &mut sigterm, &draining).await;
+                    if settings.admin.linger_after_handover && !stopped {
+                        tracing::info!("handed over and drained: waiting for SIGTERM");
+                        let _ = sigterm.recv().await;
+                    }
+                    break;
+                }
+            },
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: reloading manifests");
                 reload.notify_one();
@@ -515,6 +768,65 @@ async fn drain(
     tracing::info!("drained");
 }
 
+/// The DNS sockets the previous process handed over for `addr`, when both are.
+fn take_dns(
+    inherited: &handover::Inherited,
+    addr: SocketAddr,
+) -> Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use handover::{Role, Transport};
+    let udp = inherited.take(Role::Dns, addr, Transport::Udp);
+    let tcp = inherited.take(Role::Dns, addr, Transport::Tcp);
+    udp.zip(tcp)
+}
+
+/// After a handover: waits up to `timeout` for the TCP connections and UDP
+/// flows this process still relays to end (the new process takes every new
+/// one). Unlike [`drain`], no snapshot is published: an empty one would end
+/// the UDP flows, whose late replies are still relayed. True when a SIGTERM
+/// ended it.
+async fn drain_handed_over(
+    publisher: &Publisher,
+    timeout: std::time::Duration,
+    sigterm: &mut tokio::signal::unix::Signal,
+    remaining: &Gauge,
+) -> bool {
+    let shared = &publisher.shared;
+    let left = || async {
+        let tcp = shared.active.load(std::sync::atomic::Ordering::Relaxed);
+        let udp: usize = publisher.commands.ask(WorkerCmd::Flows).await.iter().sum();
+        remaining.set(i64::try_from(tcp).unwrap_or(i64::MAX));
+        (tcp, udp)
+    };
+    let (tcp, udp) = left().await;
+    tracing::info!(
+        connections = tcp,
+        udp_flows = udp,
+        timeout_secs = timeout.as_secs(),
+        "handed over: draining"
+    );
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    loop {
+        let (tcp, udp) = left().await;
+        if tcp == 0 && udp == 0 {
+            break;
+        }
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(connections = tcp, udp_flows = udp, "drain timeout: closing remaining connections");
+                return false;
+            }
+            _ = sigterm.recv() => {
+                tracing::warn!(connections = tcp, udp_flows = udp, "SIGTERM: closing remaining connections");
+                return true;
+            }
+        }
+    }
+    tracing::info!("drained");
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};
@@ -575,6 +887,7 @@ mod tests {
         let mut settings = Settings::default();
         settings.source.manifests = vec![dir.path().to_path_buf()];
         settings.tun.no_tun = true;
+        settings.admin.no_handover = true;
         settings.dataplane.workers = 1;
         settings.node.nodeport_addresses = vec!["127.0.0.1/32".parse().unwrap()];
         settings.admin.health_addr = "127.0.0.1:0".parse().unwrap();

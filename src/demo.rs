@@ -336,6 +336,8 @@ pub fn run(once: bool) -> anyhow::Result<()> {
     settings.dataplane.drain_timeout = Duration::from_secs(2);
     settings.admin.health_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, admin_port(10256)?));
     settings.admin.metrics_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, admin_port(10249)?));
+    // The demo is no upgrade of a ringvip that may be running here.
+    settings.admin.no_handover = true;
     // The ClusterIP part, where it can be shown: the TUN device in a
     // namespace of the demo's own. Dropped last: removed however run ends.
     let netns = DemoNetns::create();

@@ -4,16 +4,20 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::admin::{self, ServiceHealth};
 use crate::dataplane::udp::AbortOnDrop;
+use crate::handover::{Inherited, Role};
 use crate::state::Health;
 use crate::state::HealthCheck;
 
 struct Running {
     report: Arc<ServiceHealth>,
+    /// Duplicates of its listeners (for the next process of an upgrade).
+    sockets: Vec<(SocketAddr, OwnedFd)>,
     /// Aborted when dropped too (a failed bind, shutdown).
     tasks: Vec<AbortOnDrop>,
 }
@@ -38,6 +42,8 @@ pub struct HealthCheckServers {
     timeout: Duration,
     running: HashMap<u16, Running>,
     failed: HashMap<u16, String>,
+    /// Handed over to the next process: nothing is served or opened.
+    released: bool,
 }
 
 impl HealthCheckServers {
@@ -55,11 +61,36 @@ impl HealthCheckServers {
             timeout,
             running: HashMap::new(),
             failed: HashMap::new(),
+            released: false,
         }
     }
 
-    /// Makes the running servers match `checks`.
-    pub async fn sync(&mut self, checks: &[HealthCheck]) {
+    /// Duplicates of every listener, for the next process.
+    pub fn handover_sockets(&self) -> Vec<(SocketAddr, OwnedFd)> {
+        self.running
+            .values()
+            .flat_map(|r| &r.sockets)
+            .filter_map(|(a, fd)| Some((*a, fd.try_clone().ok()?)))
+            .collect()
+    }
+
+    /// Stops serving (the next process serves the same sockets); nothing is
+    /// shut down, and no sync opens anything again.
+    pub fn stop_serving(&mut self) {
+        for (_, r) in self.running.drain() {
+            for t in &r.tasks {
+                t.0.abort();
+            }
+        }
+        self.released = true;
+    }
+
+    /// Makes the running servers match `checks`, taking the listeners the
+    /// previous process handed over in `inherited` where there are.
+    pub async fn sync(&mut self, checks: &[HealthCheck], inherited: &Inherited) {
+        if self.released {
+            return;
+        }
         let gone: Vec<u16> = self
             .running
             .iter()
@@ -84,15 +115,22 @@ impl HealthCheckServers {
             }
             let report = Arc::new(ServiceHealth::new(c.service.clone(), c.local_endpoints));
             let mut tasks = Vec::new();
+            let mut sockets = Vec::new();
             let mut error = None;
             for ip in &self.addrs {
-                match admin::bind(SocketAddr::new(*ip, c.port)).await {
-                    Ok(l) => tasks.push(AbortOnDrop(tokio::spawn(admin::serve_service_health(
-                        l,
-                        report.clone(),
-                        self.health.clone(),
-                        self.timeout,
-                    )))),
+                let addr = SocketAddr::new(*ip, c.port);
+                match admin::bind_or_take(addr, Role::HealthCheck, inherited).await {
+                    Ok(l) => {
+                        if let Ok(fd) = admin::dup(&l) {
+                            sockets.push((addr, fd));
+                        }
+                        tasks.push(AbortOnDrop(tokio::spawn(admin::serve_service_health(
+                            l,
+                            report.clone(),
+                            self.health.clone(),
+                            self.timeout,
+                        ))))
+                    }
                     Err(e) => error = Some(format!("healthCheckNodePort of {}: {e}", c.service)),
                 }
             }
@@ -105,7 +143,14 @@ impl HealthCheckServers {
                 }
                 None => {
                     self.failed.remove(&c.port);
-                    self.running.insert(c.port, Running { report, tasks });
+                    self.running.insert(
+                        c.port,
+                        Running {
+                            report,
+                            sockets,
+                            tasks,
+                        },
+                    );
                 }
             }
         }

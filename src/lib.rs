@@ -27,6 +27,7 @@ pub mod discovery;
 pub mod dns;
 pub mod envvars;
 pub mod explain;
+pub mod handover;
 pub(crate) mod healthcheck;
 pub mod logging;
 pub mod model;

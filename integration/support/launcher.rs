@@ -14,6 +14,8 @@ pub struct Ringvip {
     pub log: PathBuf,
     pub health: SocketAddr,
     pub metrics: SocketAddr,
+    /// Its handover socket.
+    pub handover: PathBuf,
 }
 
 pub fn bin() -> &'static str {
@@ -52,8 +54,7 @@ impl Ringvip {
     /// every test shares (NodePorts on 127.0.0.1, node `node-a`, 2 workers,
     /// 100 ms connect timeout, admin ports of its own), logging into `dir`;
     /// returns once the log shows `ready`.
-    pub fn spawn(mut cmd: Command, dir: tempfile::TempDir, extra: &[&str], ready: &str) -> Ringvip {
-        let log = dir.path().join("ringvip.log");
+    pub fn spawn(cmd: Command, dir: tempfile::TempDir, extra: &[&str], ready: &str) -> Ringvip {
         let health = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
         // free_port releases its port: two calls may return the same one.
         let metrics = loop {
@@ -62,24 +63,47 @@ impl Ringvip {
                 break m;
             }
         };
+        Self::spawn_with_admin(cmd, dir, extra, ready, (health, metrics))
+    }
+
+    /// The upgrade's new process: a second ringvip on a copy of this one's
+    /// manifest, with its admin addresses and handover socket (and `extra`);
+    /// returns once its log shows `ready` (e.g. "handover complete").
+    pub fn successor(&self, extra: &[&str], ready: &str) -> Ringvip {
+        let (cmd, dir) = self.successor_command();
+        let mut args = vec!["--handover", self.handover.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Self::spawn_with_admin(cmd, dir, &args, ready, (self.health, self.metrics))
+    }
+
+    /// `ringvip run` on a copy of this one's manifest in a directory of its
+    /// own (the command, without the settings every test shares).
+    pub fn successor_command(&self) -> (Command, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            self.dir.path().join("manifest.yaml"),
+            dir.path().join("manifest.yaml"),
+        )
+        .unwrap();
+        let mut cmd = Command::new(bin());
+        cmd.args(["run", "--no-tun", "--manifests"]).arg(dir.path());
+        (cmd, dir)
+    }
+
+    /// [`Ringvip::spawn`] on the given admin (health, metrics) addresses.
+    pub fn spawn_with_admin(
+        mut cmd: Command,
+        dir: tempfile::TempDir,
+        extra: &[&str],
+        ready: &str,
+        (health, metrics): (SocketAddr, SocketAddr),
+    ) -> Ringvip {
+        let log = dir.path().join("ringvip.log");
+        let handover = handover_path(&dir, extra);
         let child = cmd
-            .args([
-                "--nodeport-addresses",
-                "127.0.0.1/32",
-                "--node-port-range",
-                "1-65535",
-                "--workers",
-                "2",
-                "--node-name",
-                "node-a",
-                "--connect-timeout-ms",
-                "100",
-            ])
-            .arg("--health-addr")
-            .arg(health.to_string())
-            .arg("--metrics-addr")
-            .arg(metrics.to_string())
+            .args(shared_args(health, metrics))
             .args(extra)
+            .args(handover_arg(&dir, extra))
             .env("RINGVIP_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -91,6 +115,7 @@ impl Ringvip {
             log,
             health,
             metrics,
+            handover,
         };
         assert!(
             wait_until(Duration::from_secs(20), || r.log().contains(ready)),
@@ -166,6 +191,56 @@ impl Drop for Ringvip {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The settings every test shares: NodePorts on 127.0.0.1, node `node-a`,
+/// 2 workers, 100 ms connect timeout, the given admin addresses.
+pub fn shared_args(health: SocketAddr, metrics: SocketAddr) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--nodeport-addresses",
+        "127.0.0.1/32",
+        "--node-port-range",
+        "1-65535",
+        "--workers",
+        "2",
+        "--node-name",
+        "node-a",
+        "--connect-timeout-ms",
+        "100",
+    ]
+    .map(String::from)
+    .to_vec();
+    a.extend([
+        "--health-addr".into(),
+        health.to_string(),
+        "--metrics-addr".into(),
+        metrics.to_string(),
+    ]);
+    a
+}
+
+/// The handover socket a process started with `extra` in `dir` uses.
+fn handover_path(dir: &tempfile::TempDir, extra: &[&str]) -> PathBuf {
+    match extra.iter().position(|a| *a == "--handover") {
+        Some(i) => PathBuf::from(extra.get(i + 1).copied().unwrap_or_default()),
+        None => dir.path().join("handover.sock"),
+    }
+}
+
+/// A handover socket of the test's own in `dir`, so that concurrent tests
+/// never take over from each other (the default path is the host's), unless
+/// `extra` says otherwise.
+fn handover_arg(dir: &tempfile::TempDir, extra: &[&str]) -> Vec<String> {
+    if extra
+        .iter()
+        .any(|a| a.starts_with("--handover") || *a == "--no-handover")
+    {
+        return Vec::new();
+    }
+    vec![
+        "--handover".into(),
+        dir.path().join("handover.sock").display().to_string(),
+    ]
 }
 
 /// Runs `ringvip ARGS`, a one-shot command (`check`, `env`, `status`,

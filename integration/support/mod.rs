@@ -15,6 +15,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod netns;
 pub mod sockets;
+pub mod web;
 
 // The helpers at the top level: each test binary uses part of them.
 #[allow(unused_imports)]
@@ -26,6 +27,7 @@ pub use self::{
     manifest::*,
     metrics::*,
     sockets::*,
+    web::*,
 };
 
 use std::net::{TcpListener, UdpSocket};

@@ -120,6 +120,23 @@ impl AffinityTable {
         );
     }
 
+    /// Every entry live at `now`: (port, client, endpoint, idle for, its
+    /// timeout), for the next process of an upgrade, which [`record`]s
+    /// each as last used `idle` before its own now.
+    ///
+    /// [`record`]: AffinityTable::record
+    pub fn export(&self, now: Instant) -> Vec<(PortId, IpAddr, SocketAddr, Duration, Duration)> {
+        self.map
+            .iter()
+            .filter(|e| e.timeout != Duration::ZERO && e.live(now))
+            .map(|e| {
+                let ((port, client), v) = (*e.key(), *e.value());
+                let idle = now.saturating_duration_since(v.last_used);
+                (port, client, v.endpoint, idle, v.timeout)
+            })
+            .collect()
+    }
+
     /// Removes entries idle longer than their timeout; returns how many.
     pub fn sweep(&self, now: Instant) -> usize {
         let before = self.map.len();

@@ -233,6 +233,32 @@ pub struct AdminOptions {
     #[arg(id = "health_timeout_secs", long = "health-timeout-secs", value_name = "SECS", default_value = "60", value_parser = units::parse_secs)]
     #[serde(rename = "health-timeout-secs", with = "units::secs")]
     pub health_timeout: Duration,
+    /// Unix socket of the upgrade handover. At start, a running ringvip
+    /// listening here hands over its listening sockets, ClientIP affinity and
+    /// UDP flow pins, then stops accepting and drains; with nobody there (no
+    /// file, or a stale one) this process binds afresh. Either way it then
+    /// listens here for the next one.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/run/ringvip/handover.sock"
+    )]
+    pub handover: PathBuf,
+    /// Neither take over from a running ringvip nor listen for the next one.
+    #[arg(long, conflicts_with = "handover")]
+    pub no_handover: bool,
+    /// After handing over and draining, wait for SIGTERM instead of exiting:
+    /// in a pod, an exit would restart the container, whose new process
+    /// would take the node back from the one that just took over.
+    #[arg(long)]
+    pub linger_after_handover: bool,
+}
+
+impl AdminOptions {
+    /// The handover socket's path, `None` when handover is off.
+    pub fn handover_path(&self) -> Option<&std::path::Path> {
+        (!self.no_handover).then_some(self.handover.as_path())
+    }
 }
 
 /// Log lines and the access log.

@@ -24,7 +24,7 @@ use std::time::Duration;
 use socket2::Socket;
 
 use super::engine::Engine;
-use super::socket::{open, ListenError};
+use super::socket::{open_or_take, ListenError, WorkerDump};
 use crate::model::Protocol;
 use crate::state::{ListenerMode, ListenerSpec};
 
@@ -84,8 +84,12 @@ enum Kind {
 
 impl Listener {
     /// Opens `spec`'s socket and starts serving it on this thread.
-    pub fn start(spec: &ListenerSpec, engine: &Engine) -> Result<Self, ListenError> {
-        let sock = open(spec)?;
+    pub fn start(
+        spec: &ListenerSpec,
+        inherited: &crate::handover::Inherited,
+        engine: &Engine,
+    ) -> Result<Self, ListenError> {
+        let sock = open_or_take(spec, inherited)?;
         if spec.mode == ListenerMode::Drop {
             return Ok(Self {
                 sock,
@@ -165,6 +169,49 @@ impl Listener {
     }
 }
 
+impl Listener {
+    /// Stops taking anything new from the socket, which the next process
+    /// shares, without shutting it down (that would end it for that process
+    /// too): a TCP listener's accept is cancelled, a UDP listener's receive
+    /// loop stops after the receive it waits for, whose datagram it still
+    /// relays. Gives back what must stay: a UDP listener, whose flows keep
+    /// relaying replies until they idle out.
+    fn release(self) -> Option<Listener> {
+        match &self.kind {
+            Kind::Drop => None,
+            Kind::Tcp { id, engine, .. } => {
+                engine.borrow_mut().release_listener(*id);
+                None
+            }
+            Kind::Udp { id, engine, .. } => {
+                engine.borrow_mut().release_udp(*id);
+                Some(self)
+            }
+        }
+    }
+
+    /// UDP flows it holds.
+    fn flows(&self) -> usize {
+        match &self.kind {
+            Kind::Udp { id, engine, .. } => engine.borrow().udp_listener_flows(*id),
+            _ => 0,
+        }
+    }
+
+    /// Each UDP flow's client and endpoint.
+    fn pins(&self, frontend: std::net::SocketAddr, out: &mut Vec<crate::handover::Pin>) {
+        if let Kind::Udp { id, engine, .. } = &self.kind {
+            engine.borrow().udp_pins(*id, |client, endpoint| {
+                out.push(crate::handover::Pin {
+                    client,
+                    frontend,
+                    endpoint,
+                })
+            });
+        }
+    }
+}
+
 /// The listeners one thread holds, with the opens that failed (retried on each
 /// snapshot, reported once per distinct error).
 pub struct Listeners {
@@ -172,6 +219,8 @@ pub struct Listeners {
     id: usize,
     held: HashMap<ListenerSpec, Listener>,
     failing: HashMap<ListenerSpec, String>,
+    /// UDP listeners released to the next process, kept for their flows.
+    released: Vec<Listener>,
 }
 
 impl Listeners {
@@ -181,15 +230,50 @@ impl Listeners {
             id,
             held: HashMap::new(),
             failing: HashMap::new(),
+            released: Vec::new(),
         }
+    }
+
+    /// A duplicate of every held listener's socket with its spec, and the
+    /// UDP flows' endpoints (for the next process; nothing changes here).
+    pub fn dump(&self) -> WorkerDump {
+        let mut d = WorkerDump::default();
+        for (spec, l) in &self.held {
+            match l.sock.try_clone() {
+                Ok(s) => d.sockets.push((spec.clone(), OwnedFd::from(s))),
+                Err(e) => {
+                    tracing::warn!(addr = %spec.addr, error = %e, "handover: cannot duplicate a listener")
+                }
+            }
+            l.pins(spec.addr, &mut d.pins);
+        }
+        d
+    }
+
+    /// Stops accepting on every listener (see [`Listener::release`]); the
+    /// sockets stay open for the process that took them. Nothing is opened
+    /// again: the thread only relays what it has from now on.
+    pub fn release(&mut self) {
+        for (_, l) in self.held.drain() {
+            if let Some(keep) = l.release() {
+                self.released.push(keep);
+            }
+        }
+        self.failing.clear();
+    }
+
+    /// UDP flows still relaying on released listeners.
+    pub fn released_flows(&self) -> usize {
+        self.released.iter().map(Listener::flows).sum()
     }
 
     /// Makes the held listeners equal to `want`; returns once the removed
     /// ones are closed.
     pub async fn sync(&mut self, want: &[ListenerSpec], engine: &Engine) {
         let Plan { open, close } = plan(self.held.keys(), want);
+        let shared = engine.borrow().shared().clone();
         for spec in open {
-            match Listener::start(spec, engine) {
+            match Listener::start(spec, &shared.inherited, engine) {
                 Ok(l) => {
                     if self.failing.remove(spec).is_some() || self.id == 0 {
                         tracing::info!(addr = %spec.addr, proto = %spec.proto, mode = ?spec.mode, "listening");

@@ -44,6 +44,11 @@ pub struct Shared {
     pub access_log: Option<AccessLog>,
     /// PROXY v2 headers accepted from upstream balancers (`--proxy-protocol-from`).
     pub upstream: accept_proxy::Upstream,
+    /// Listening sockets received from the previous process (an upgrade),
+    /// taken by the listeners instead of binding.
+    pub inherited: crate::handover::Inherited,
+    /// UDP flows of the previous process: their endpoints, kept for a while.
+    pub pins: crate::handover::Pins,
 }
 
 impl Shared {
@@ -67,6 +72,8 @@ impl Shared {
         Arc::new(Self {
             upstream,
             access_log,
+            inherited: Default::default(),
+            pins: Default::default(),
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             affinity: AffinityTable::new(),
             health: PassiveHealth::default(),

@@ -5,17 +5,19 @@
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 use socket2::{Domain, SockFilter, Socket, Type};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::engine::{drive, Sizes, Tcp};
 use super::listener::{Listeners, Programmed};
 use super::Shared;
+use crate::handover::{Inherited, Pin, Role};
 use crate::model::Protocol;
 use crate::state::{ListenerMode, ListenerSpec, Snapshot};
 
@@ -35,7 +37,47 @@ pub struct ListenError {
     pub source: std::io::Error,
 }
 
-/// Opens the kernel socket for a listener spec (not yet registered with io_uring).
+/// Opens the kernel socket for a listener spec (not yet registered with
+/// io_uring): one received from the previous process when `inherited` holds
+/// one for its address, else a new one.
+pub fn open_or_take(spec: &ListenerSpec, inherited: &Inherited) -> Result<Socket, ListenError> {
+    match inherited.take(Role::Listener, spec.addr, spec.proto.into()) {
+        Some(fd) => adopt(spec, fd),
+        None => open(spec),
+    }
+}
+
+/// Takes `fd`, a socket the previous process listened on for `spec`'s
+/// address, as `spec`'s: checked to be that socket, its filter made `spec`'s.
+/// The socket is shared with that process until it stops accepting.
+pub fn adopt(spec: &ListenerSpec, fd: OwnedFd) -> Result<Socket, ListenError> {
+    let err = |source| ListenError {
+        addr: spec.addr,
+        proto: spec.proto,
+        source,
+    };
+    let s = Socket::from(fd);
+    let ty = match spec.proto {
+        Protocol::Tcp => Type::STREAM,
+        Protocol::Udp => Type::DGRAM,
+    };
+    let local = s.local_addr().map_err(err)?.as_socket();
+    if s.r#type().map_err(err)? != ty || local != Some(spec.addr) {
+        return Err(err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("the socket handed over is {local:?}, not this listener"),
+        )));
+    }
+    if filter(spec).is_none() {
+        // ENOENT when it had none: nothing to undo.
+        let _ = s.detach_filter();
+    }
+    set_filter(&s, spec).map_err(err)?;
+    s.set_nonblocking(true).map_err(err)?;
+    Ok(s)
+}
+
+/// Opens a new kernel socket for a listener spec (not yet registered with io_uring).
 pub fn open(spec: &ListenerSpec) -> Result<Socket, ListenError> {
     let err = |source| ListenError {
         addr: spec.addr,
@@ -52,25 +94,35 @@ pub fn open(spec: &ListenerSpec) -> Result<Socket, ListenError> {
     if spec.addr.is_ipv6() {
         s.set_only_v6(true).map_err(err)?;
     }
-    // Socket filters run before the stack answers: a dropped SYN gets no
-    // SYN-ACK and the client times out, as with kube-proxy's DROP rules.
-    let filter = match spec.mode {
-        ListenerMode::Drop => Some(vec![ret(0)]),
-        ListenerMode::Accept => source_filter(spec.addr, &spec.allow),
-    };
-    if let Some(prog) = filter {
-        let prog: Vec<SockFilter> = prog
-            .iter()
-            .map(|i| SockFilter::new(i.code, i.jt, i.jf, i.k))
-            .collect();
-        s.attach_filter(&prog).map_err(err)?;
-    }
+    set_filter(&s, spec).map_err(err)?;
     s.bind(&spec.addr.into()).map_err(err)?;
     if spec.proto == Protocol::Tcp {
         s.listen(BACKLOG).map_err(err)?;
     }
     s.set_nonblocking(true).map_err(err)?;
     Ok(s)
+}
+
+/// The socket filter `spec` needs, if any. Socket filters run before the
+/// stack answers: a dropped SYN gets no SYN-ACK and the client times out, as
+/// with kube-proxy's DROP rules.
+fn filter(spec: &ListenerSpec) -> Option<Vec<Insn>> {
+    match spec.mode {
+        ListenerMode::Drop => Some(vec![ret(0)]),
+        ListenerMode::Accept => source_filter(spec.addr, &spec.allow),
+    }
+}
+
+/// Attaches `spec`'s filter to `s` (replacing one it had).
+fn set_filter(s: &Socket, spec: &ListenerSpec) -> std::io::Result<()> {
+    if let Some(prog) = filter(spec) {
+        let prog: Vec<SockFilter> = prog
+            .iter()
+            .map(|i| SockFilter::new(i.code, i.jt, i.jf, i.k))
+            .collect();
+        s.attach_filter(&prog)?;
+    }
+    Ok(())
 }
 
 /// One classic-BPF instruction (kept apart from socket2's type so the program
@@ -166,30 +218,82 @@ pub fn source_filter(local: SocketAddr, allow: &[ipnet::IpNet]) -> Option<Vec<In
     (prog.len() <= 4096).then_some(prog)
 }
 
+/// What the control loop asks of a data-plane thread besides following
+/// snapshots (the handover to a new process).
+#[derive(Debug)]
+pub enum WorkerCmd {
+    /// Duplicates of every listener's socket, and the thread's UDP flows.
+    Dump(oneshot::Sender<WorkerDump>),
+    /// Stop accepting on every listener without touching the sockets (the
+    /// new process shares them); keep relaying; follow no snapshot's
+    /// listeners any more.
+    Release(oneshot::Sender<()>),
+    /// UDP flows still open on released listeners (what a drain waits for).
+    Flows(oneshot::Sender<usize>),
+}
+
+/// One thread's listeners and flows, for the next process.
+#[derive(Debug, Default)]
+pub struct WorkerDump {
+    /// Each listener's spec with a descriptor of its socket.
+    pub sockets: Vec<(ListenerSpec, OwnedFd)>,
+    /// Each UDP flow's endpoint.
+    pub pins: Vec<Pin>,
+}
+
+/// The command channels of the kernel-socket threads.
+#[derive(Debug, Clone, Default)]
+pub struct Commands(Vec<mpsc::UnboundedSender<WorkerCmd>>);
+
+impl Commands {
+    /// Asks every thread and collects the answers (a thread that has
+    /// stopped answers nothing).
+    pub async fn ask<T>(&self, cmd: impl Fn(oneshot::Sender<T>) -> WorkerCmd) -> Vec<T> {
+        let mut out = Vec::with_capacity(self.0.len());
+        for c in &self.0 {
+            let (tx, rx) = oneshot::channel();
+            if c.send(cmd(tx)).is_ok() {
+                if let Ok(v) = rx.await {
+                    out.push(v);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The threads spawned, how far they applied the snapshots, their commands.
+pub type Spawned = (Vec<std::thread::JoinHandle<()>>, Arc<Programmed>, Commands);
+
 /// Runs `workers` data-plane threads until the snapshot channel closes; they
 /// report the snapshots they applied in the returned [`Programmed`].
 pub fn spawn_workers(
     workers: usize,
     shared: Arc<Shared>,
     rx: watch::Receiver<Arc<Snapshot>>,
-) -> std::io::Result<(Vec<std::thread::JoinHandle<()>>, Arc<Programmed>)> {
+) -> std::io::Result<Spawned> {
     let programmed = Programmed::new(workers);
+    let mut cmds = Vec::with_capacity(workers);
     let threads = (0..workers)
         .map(|id| {
             let (shared, rx, programmed) = (shared.clone(), rx.clone(), programmed.clone());
+            let (tx, cmd_rx) = mpsc::unbounded_channel();
+            cmds.push(tx);
             std::thread::Builder::new()
                 .name(format!("ringvip-dp-{id}"))
-                .spawn(move || tokio_uring::start(worker(id, shared, rx, programmed)))
+                .spawn(move || tokio_uring::start(worker(id, shared, rx, cmd_rx, programmed)))
         })
         .collect::<std::io::Result<_>>()?;
-    Ok((threads, programmed))
+    Ok((threads, programmed, Commands(cmds)))
 }
 
-/// One data-plane thread: keeps its listeners equal to the snapshot's.
+/// One data-plane thread: keeps its listeners equal to the snapshot's until
+/// released.
 async fn worker(
     id: usize,
     shared: Arc<Shared>,
     mut rx: watch::Receiver<Arc<Snapshot>>,
+    mut cmds: mpsc::UnboundedReceiver<WorkerCmd>,
     programmed: Arc<Programmed>,
 ) {
     let rng = Rc::new(RefCell::new(SmallRng::from_os_rng()));
@@ -204,12 +308,39 @@ async fn worker(
     Tcp::attach(&engine);
     let driver = tokio_uring::spawn(drive(engine.clone()));
     let mut listeners = Listeners::new(id);
+    let mut released = false;
+    let mut changed = true;
     loop {
-        let snap = rx.borrow_and_update().clone();
-        listeners.sync(snap.listeners(), &engine).await;
-        programmed.applied(id, snap.generation);
-        if rx.changed().await.is_err() {
-            break;
+        if changed {
+            let snap = rx.borrow_and_update().clone();
+            if !released {
+                listeners.sync(snap.listeners(), &engine).await;
+            }
+            programmed.applied(id, snap.generation);
+        }
+        tokio::select! {
+            r = rx.changed() => {
+                if r.is_err() {
+                    break;
+                }
+                changed = true;
+            }
+            Some(cmd) = cmds.recv() => {
+                changed = false;
+                match cmd {
+                    WorkerCmd::Dump(tx) => {
+                        let _ = tx.send(listeners.dump());
+                    }
+                    WorkerCmd::Release(tx) => {
+                        listeners.release();
+                        released = true;
+                        let _ = tx.send(());
+                    }
+                    WorkerCmd::Flows(tx) => {
+                        let _ = tx.send(listeners.released_flows());
+                    }
+                }
+            }
         }
     }
     driver.abort();

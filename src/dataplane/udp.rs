@@ -131,6 +131,11 @@ impl<K: std::hash::Hash + Eq + Copy, T> FlowTable<K, T> {
         dead.iter().filter_map(|k| self.flows.remove(k)).collect()
     }
 
+    /// Each flow's key and endpoint.
+    pub fn endpoints(&self) -> impl Iterator<Item = (K, SocketAddr)> + '_ {
+        self.flows.iter().map(|(k, f)| (*k, f.endpoint))
+    }
+
     /// Number of flows.
     pub fn len(&self) -> usize {
         self.flows.len()
@@ -232,6 +237,12 @@ pub fn connect_backend(
     let ep = pick(fe, client, shared, 0, &[], now, &mut *rng.borrow_mut())
         .ok_or(OpenError::NoEndpoint)?
         .addr;
+    Ok((ep, connect_to(ep)?))
+}
+
+/// Opens a UDP socket connected to `ep` (a flow whose endpoint is known:
+/// one the previous process pinned, see `handover::Pins`).
+pub fn connect_to(ep: SocketAddr) -> Result<std::net::UdpSocket, OpenError> {
     let io = |source| OpenError::Io {
         endpoint: ep,
         source,
@@ -242,7 +253,7 @@ pub fn connect_backend(
     };
     let sock = std::net::UdpSocket::bind(SocketAddr::new(any, 0)).map_err(io)?;
     sock.connect(ep).map_err(io)?;
-    Ok((ep, sock))
+    Ok(sock)
 }
 
 /// [`connect_backend`] as a tokio-uring socket (the TUN path's flows).

@@ -6,6 +6,7 @@
 //! ([`DnsMetrics`]).
 
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,13 +106,42 @@ impl DnsServer {
         self.udp.local_addr()
     }
 
-    /// Serves until the runtime stops.
-    pub fn spawn(self) {
+    /// Takes sockets bound before (handed over by the previous process):
+    /// UDP and TCP on one address.
+    pub fn from_std(
+        udp: std::net::UdpSocket,
+        tcp: std::net::TcpListener,
+        zone: Arc<ArcSwap<Zone>>,
+        upstream: Option<SocketAddr>,
+        metrics: DnsMetrics,
+    ) -> std::io::Result<Self> {
+        udp.set_nonblocking(true)?;
+        tcp.set_nonblocking(true)?;
+        Ok(Self {
+            udp: Arc::new(UdpSocket::from_std(udp)?),
+            tcp: TcpListener::from_std(tcp)?,
+            zone,
+            upstream,
+            metrics,
+        })
+    }
+
+    /// Duplicates of the UDP socket and the TCP listener (for the next
+    /// process of an upgrade).
+    pub fn dup_sockets(&self) -> std::io::Result<(OwnedFd, OwnedFd)> {
+        Ok((
+            socket2::SockRef::from(&*self.udp).try_clone()?.into(),
+            socket2::SockRef::from(&self.tcp).try_clone()?.into(),
+        ))
+    }
+
+    /// Serves until the runtime stops or the returned tasks are aborted.
+    pub fn spawn(self) -> Vec<tokio::task::JoinHandle<()>> {
         let opts = Options {
             forward: self.upstream.is_some(),
         };
         let forwards = Arc::new(Semaphore::new(MAX_FORWARDS));
-        tokio::spawn(serve_udp(
+        let udp = tokio::spawn(serve_udp(
             self.udp,
             self.zone.clone(),
             self.upstream,
@@ -119,7 +149,7 @@ impl DnsServer {
             forwards.clone(),
             self.metrics.clone(),
         ));
-        tokio::spawn(serve_tcp(
+        let tcp = tokio::spawn(serve_tcp(
             self.tcp,
             self.zone,
             self.upstream,
@@ -127,6 +157,7 @@ impl DnsServer {
             forwards,
             self.metrics,
         ));
+        vec![udp, tcp]
     }
 }
 
@@ -365,6 +396,10 @@ pub struct Dns {
     pub zone: Arc<ArcSwap<Zone>>,
     /// Bound address (UDP and TCP).
     pub addr: SocketAddr,
+    /// Duplicates of its UDP socket and TCP listener (for a handover).
+    sockets: Option<(OwnedFd, OwnedFd)>,
+    /// The UDP and TCP servers.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// Why DNS could not start.
@@ -379,10 +414,13 @@ pub enum StartError {
 }
 
 impl Dns {
-    /// Binds `addr` and starts serving an empty zone for `domain` on the current
-    /// tokio runtime, counting responses in `metrics`.
-    pub async fn start(
+    /// Binds `addr`, or takes `inherited` (UDP socket, TCP listener) when
+    /// given: sockets the previous process served `addr` on. Starts serving
+    /// an empty zone for `domain` on the current tokio runtime, counting
+    /// responses in `metrics`.
+    pub async fn start_on(
         addr: SocketAddr,
+        inherited: Option<(OwnedFd, OwnedFd)>,
         domain: &str,
         ttl: u32,
         upstream: Option<SocketAddr>,
@@ -390,13 +428,40 @@ impl Dns {
     ) -> Result<Dns, StartError> {
         let config = super::ZoneConfig::new(domain, ttl)?;
         let zone = Arc::new(ArcSwap::from_pointee(Zone::empty(&config)));
-        let server = DnsServer::bind(addr, zone.clone(), upstream, metrics).await?;
+        let server = match inherited {
+            Some((udp, tcp)) => {
+                DnsServer::from_std(udp.into(), tcp.into(), zone.clone(), upstream, metrics)
+                    .map_err(|source| ServerError::Udp { addr, source })?
+            }
+            None => DnsServer::bind(addr, zone.clone(), upstream, metrics).await?,
+        };
         let addr = server
             .local_addr()
             .map_err(|source| ServerError::Udp { addr, source })?;
-        server.spawn();
+        let sockets = server.dup_sockets().ok();
+        let tasks = server.spawn();
         tracing::info!(%addr, domain, ?upstream, "serving cluster DNS");
-        Ok(Dns { config, zone, addr })
+        Ok(Dns {
+            config,
+            zone,
+            addr,
+            sockets,
+            tasks,
+        })
+    }
+
+    /// Duplicates of the UDP socket and TCP listener, for the next process.
+    pub fn handover_sockets(&self) -> Option<(OwnedFd, OwnedFd)> {
+        let (u, t) = self.sockets.as_ref()?;
+        Some((u.try_clone().ok()?, t.try_clone().ok()?))
+    }
+
+    /// Stops taking queries (the next process serves the same sockets);
+    /// nothing is shut down.
+    pub fn stop_serving(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
     }
 
     /// Compiles the store's current objects and makes them the answers.
@@ -440,8 +505,9 @@ mod tests {
             .build()
             .unwrap();
         let dns = rt
-            .block_on(Dns::start(
+            .block_on(Dns::start_on(
                 "127.0.0.1:0".parse().unwrap(),
+                None,
                 "cluster.local",
                 5,
                 None,

@@ -401,6 +401,29 @@ impl Tcp {
         self.udp.closed(id, serial)
     }
 
+    /// Stops receiving on UDP listener `id` without touching its socket
+    /// (handed to the next process); its flows keep relaying replies until
+    /// they idle out: see [`Udp::release`].
+    pub fn release_udp(&mut self, id: u32) {
+        self.udp.release(&mut self.ring, id);
+    }
+
+    /// Flows of UDP listener `id`.
+    pub fn udp_listener_flows(&self, id: u32) -> usize {
+        self.udp.listener_flows(id)
+    }
+
+    /// Each flow of UDP listener `id`: its client and endpoint.
+    pub fn udp_pins(&self, id: u32, each: impl FnMut(SocketAddr, SocketAddr)) {
+        self.udp.pins(id, each);
+    }
+
+    /// What the engine serves with (snapshot, settings, what the previous
+    /// process handed over).
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     /// UDP flows open on this thread.
     pub fn udp_flows(&self) -> usize {
         self.udp.flows()
@@ -409,6 +432,20 @@ impl Tcp {
     /// The UDP path's periodic sweep (once a second): see [`Udp::sweep`].
     pub fn udp_sweep(&mut self, now: Instant) {
         self.udp.sweep(&mut self.ring, now);
+    }
+
+    /// Stops accepting on listener `id` without touching its socket, which
+    /// another process may share (an upgrade's handover): the pending accept
+    /// is cancelled, and the ring's descriptor closes once it completes.
+    /// Connections still queued stay in the socket for the other process.
+    pub fn release_listener(&mut self, id: u32) {
+        if let Some(l) = self.listeners.get_mut(id) {
+            l.stopping = true;
+            let raw = l.fd.as_raw_fd();
+            self.ring
+                .push(ops::cancel_all(raw), Token::new(Op::Ignore, id));
+            let _ = self.ring.submit();
+        }
     }
 
     /// Serves a connection accepted outside the ring (a closing listener's

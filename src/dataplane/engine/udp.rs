@@ -40,7 +40,7 @@ use crate::access_log::End;
 use crate::dataplane::flow::{resolve, FlowKey, Verdict};
 use crate::dataplane::session::Session;
 use crate::dataplane::udp::{
-    connect_backend, FlowEntry, FlowTable, OpenError, MAX_FLOWS_PER_LISTENER,
+    connect_backend, connect_to, FlowEntry, FlowTable, OpenError, MAX_FLOWS_PER_LISTENER,
 };
 use crate::dataplane::Shared;
 use crate::model::Protocol;
@@ -64,6 +64,9 @@ struct Listener {
     /// Flows (entries of [`Udp::flows`]) still referring to this listener.
     live: u32,
     stopping: bool,
+    /// Handed to the next process: nothing more is received, the flows
+    /// relay replies until they idle out.
+    released: bool,
     warned_full: bool,
     serial: u32,
 }
@@ -211,6 +214,7 @@ impl Udp {
             armed: false,
             live: 0,
             stopping: false,
+            released: false,
             warned_full: false,
             serial,
         });
@@ -241,6 +245,38 @@ impl Udp {
         }
         self.free_listener_if_done(id);
         let _ = ring.submit();
+    }
+
+    /// Stops receiving on listener `id` and leaves its socket as it is (the
+    /// next process has it): the multishot receive is cancelled, a datagram
+    /// it completed meanwhile is still relayed, and the flows stay, relaying
+    /// replies (from the listener's socket) until they idle out.
+    pub fn release(&mut self, ring: &mut Ring, id: u32) {
+        let Some(l) = self.listeners.get_mut(id) else {
+            return;
+        };
+        l.released = true;
+        if l.armed {
+            ring.push(
+                ops::cancel_all(l.fd.as_raw_fd()),
+                Token::new(Op::Ignore, id),
+            );
+        }
+        let _ = ring.submit();
+    }
+
+    /// Flows of listener `id`.
+    pub fn listener_flows(&self, id: u32) -> usize {
+        self.listeners.get(id).map_or(0, |l| l.flows.len())
+    }
+
+    /// Each flow of listener `id`: its client and endpoint.
+    pub fn pins(&self, id: u32, mut each: impl FnMut(SocketAddr, SocketAddr)) {
+        if let Some(l) = self.listeners.get(id) {
+            for (client, endpoint) in l.flows.endpoints() {
+                each(client, endpoint);
+            }
+        }
     }
 
     /// True once listener `id` of `serial` and its flows are gone, their
@@ -345,7 +381,7 @@ impl Udp {
         let Some(l) = self.listeners.get_mut(id) else {
             return;
         };
-        if l.armed || l.stopping {
+        if l.armed || l.stopping || l.released {
             return;
         }
         l.armed = true;
@@ -501,7 +537,17 @@ impl Udp {
             }
             return None;
         }
-        let (ep, fd) = match connect_backend(&fe, client.ip(), &self.shared, &self.rng, now) {
+        // A flow the previous process relayed (an upgrade) keeps its endpoint.
+        let pinned = self
+            .shared
+            .pins
+            .get(client, l.local, now)
+            .filter(|ep| fe.endpoints.contains(ep));
+        let opened = match pinned {
+            Some(ep) => connect_to(ep).map(|sock| (ep, sock)),
+            None => connect_backend(&fe, client.ip(), &self.shared, &self.rng, now),
+        };
+        let (ep, fd) = match opened {
             Ok((ep, sock)) => (ep, OwnedFd::from(sock)),
             Err(OpenError::NoEndpoint) => return None,
             Err(e) => {
