@@ -728,8 +728,10 @@ fn a_patch_shares_what_it_did_not_change() {
         metrics: Metrics::new(),
     };
     let first = run.step(vec![Update::Reset(objects)], 1);
+    // 4,000 frontends over 1,024 shards by a per-process random hash: about
+    // 1,003 shards in use on average (sd about 4.5); a bound well below that.
     let used = first.frontends.shared_shards(&first.frontends);
-    assert!(used > 1000, "{used} shards in use");
+    assert!(used > 950, "{used} shards in use");
 
     // s7 keeps an endpoint (and so its listener): only its two frontends'
     // shards (ClusterIP, NodePort) are new.
