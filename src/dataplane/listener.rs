@@ -172,10 +172,10 @@ impl Listener {
 impl Listener {
     /// Stops taking anything new from the socket, which the next process
     /// shares, without shutting it down (that would end it for that process
-    /// too): a TCP listener's accept is cancelled, a UDP listener's receive
-    /// loop stops after the receive it waits for, whose datagram it still
-    /// relays. Gives back what must stay: a UDP listener, whose flows keep
-    /// relaying replies until they idle out.
+    /// too): a TCP listener's accept is cancelled, and so is a UDP
+    /// listener's receive (a datagram it completed first is still relayed).
+    /// Gives back what must stay: a UDP listener, whose flows keep relaying
+    /// replies until they idle out.
     fn release(self) -> Option<Listener> {
         match &self.kind {
             Kind::Drop => None,
