@@ -59,7 +59,7 @@ for ((i = 0; i < N; i++)); do
 done
 
 RV_PORT=$(free_port)
-"$BIN" run --manifests "$WORK/manifests" --no-tun --workers 1 \
+"$BIN" run --no-handover --manifests "$WORK/manifests" --no-tun --workers 1 \
   --health-addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 \
   --dns-addr "127.0.0.1:$RV_PORT" 2>"$WORK/ringvip.log" &
 PIDS+=($!)

@@ -240,7 +240,7 @@ def main():
     log = open(os.path.join(tmp, "ringvip.log"), "w")
     t0 = time.monotonic()
     rv = subprocess.Popen(
-        [a.ringvip, "run", "--kube", "--kubeconfig", info["kubeconfig"], "--node-name", "node-a",
+        [a.ringvip, "run", "--no-handover", "--kube", "--kubeconfig", info["kubeconfig"], "--node-name", "node-a",
          "--no-tun", "--nodeport-addresses", "127.0.0.1/32", "--node-port-range", "1-65535",
          "--health-addr", "127.0.0.1:%d" % health, "--metrics-addr", "127.0.0.1:%d" % metrics_port],
         stdout=subprocess.DEVNULL, stderr=log,

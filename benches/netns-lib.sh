@@ -69,7 +69,7 @@ setup_client_pod() {
 # (e.g. RINGVIP_ARGS="--tun-queues 1").
 start_ringvip() {
   # shellcheck disable=SC2086 # RINGVIP_ARGS is a list of flags
-  RINGVIP_LOG=warn ip netns exec "$NODE" "$BIN" run --manifests "$WORK" --workers 1 \
+  RINGVIP_LOG=warn ip netns exec "$NODE" "$BIN" run --no-handover --manifests "$WORK" --workers 1 \
     --health-addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 ${RINGVIP_ARGS:-} &
   RV=$!
   PIDS+=("$RV")
