@@ -524,3 +524,44 @@ fn clusterip_sends_the_proxy_header_to_nginx() {
         "{body}"
     );
 }
+
+/// After a crash (SIGKILL: no drain, no clean-up) nothing is in the way of
+/// the next start: the killed process's TUN device and routes went with it,
+/// its handover socket file is left but stale, its ports are free. The
+/// restarted process, on the same TUN name, handover path and admin ports,
+/// serves the first request through the ClusterIP.
+#[test]
+fn a_restart_after_sigkill_finds_nothing_in_its_way() {
+    let Some(mut env) = web("") else {
+        return;
+    };
+    let handover = env.rv.handover.clone();
+    let admin = (env.rv.health, env.rv.metrics);
+    let manifest = std::fs::read_to_string(env.rv.path().join("manifest.yaml")).unwrap();
+    env.rv.signal(libc::SIGKILL);
+    assert!(env.rv.wait_exit(Duration::from_secs(5)), "not killed");
+    assert!(handover.exists(), "no socket file left to be stale");
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("manifest.yaml"), manifest).unwrap();
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &env.t.node])
+        .arg(bin())
+        .args(["run", "--manifests"])
+        .arg(dir.path());
+    let started = Instant::now();
+    let args = ["--handover", handover.to_str().unwrap()];
+    let rv = Ringvip::spawn_with_admin(cmd, dir, &args, "snapshot published", admin);
+    let (ok, body) = env.t.curl("http://10.96.0.10/");
+    println!(
+        "restart after SIGKILL: start → first request served {:?}",
+        started.elapsed()
+    );
+    assert!(ok, "first request after the restart: {body}\n{}", rv.log());
+    assert!(
+        rv.log().contains("stale handover socket"),
+        "the stale socket file was not recognised:\n{}",
+        rv.log()
+    );
+    env.rv = rv;
+}
