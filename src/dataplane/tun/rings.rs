@@ -28,17 +28,15 @@ pub const REUSE_MAX_BYTES: u64 = 64 * 1024;
 /// One ring's storage, owned here or lent to one socket.
 #[derive(Debug)]
 pub struct Ring {
-    ptr: NonNull<u8>,
-    len: usize,
+    /// A leaked boxed slice, owned by this ring.
+    ptr: NonNull<[u8]>,
 }
 
 impl Ring {
     /// Zeroed storage of `len` bytes (at 1 MiB, untouched zero pages).
     fn new(len: usize) -> Self {
-        let raw = Box::into_raw(vec![0u8; len].into_boxed_slice());
-        // A Box never holds a null pointer.
-        let ptr = NonNull::new(raw.cast::<u8>()).unwrap_or(NonNull::dangling());
-        Ring { ptr, len }
+        let ptr = NonNull::from(Box::leak(vec![0u8; len].into_boxed_slice()));
+        Ring { ptr }
     }
 
     /// The storage as a socket's buffer.
@@ -48,28 +46,27 @@ impl Ring {
     /// The slice must be gone (its socket dropped) before this ring is
     /// dropped or lent again; nothing else reads or writes the ring meanwhile.
     pub unsafe fn lend(&mut self) -> &'static mut [u8] {
-        // SAFETY: `ptr` and `len` come from a live boxed slice owned by this
-        // ring; the caller keeps it the one reference (see above).
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+        // SAFETY: `ptr` is a live boxed slice owned by this ring; the caller
+        // keeps it the one reference (see above).
+        unsafe { self.ptr.as_mut() }
     }
 
     /// Size in bytes.
     pub fn len(&self) -> usize {
-        self.len
+        self.ptr.len()
     }
 
     /// Never: rings have the stack's socket buffer size.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.ptr.is_empty()
     }
 }
 
 impl Drop for Ring {
     fn drop(&mut self) {
-        let raw = std::ptr::slice_from_raw_parts_mut(self.ptr.as_ptr(), self.len);
-        // SAFETY: built by `Box::into_raw` in `new` and not freed since; no
-        // lent slice outlives its socket (the contract of `lend`).
-        drop(unsafe { Box::from_raw(raw) });
+        // SAFETY: leaked from a Box in `new` and not freed since; no lent
+        // slice outlives its socket (the contract of `lend`).
+        drop(unsafe { Box::from_raw(self.ptr.as_ptr()) });
     }
 }
 
