@@ -278,3 +278,41 @@ fn health_check_node_port_closes_with_its_service() {
     assert_refused(np(hc), &rv);
     assert_refused(np(node_port), &rv);
 }
+
+#[test]
+fn a_port_held_by_another_socket_is_served_once_it_is_free() {
+    let (net, port, _b) = backends(1, Mode::Echo);
+    let node_port = free_port();
+    // Another program's socket on the port, without SO_REUSEPORT: ringvip's
+    // bind fails with "address in use".
+    let squatter = std::net::TcpListener::bind(np(node_port)).unwrap();
+    let m = service_with(
+        "late",
+        "TCP",
+        node_port,
+        port,
+        &[(net.ip(1), true, "node-a")],
+        "",
+    );
+    let rv = Ringvip::start(&m, &[]);
+    assert!(
+        wait_until(Duration::from_secs(5), || rv.log().contains("in use")),
+        "the failed bind was not reported:\n{}",
+        rv.log()
+    );
+    let published = rv.generations();
+
+    // The port frees with no change to the manifests: ringvip takes it on its
+    // own, within its retry period, and the first client is served.
+    drop(squatter);
+    let (ok, socks) = sockets_within(Duration::from_secs(3), node_port, |s| {
+        count(s, "LISTEN") == WORKERS
+    });
+    assert!(
+        ok,
+        "port {node_port} not taken up once free: {socks:#?}\n{}",
+        rv.log()
+    );
+    assert_served(np(node_port), &rv);
+    assert_eq!(rv.generations(), published, "no snapshot was needed");
+}

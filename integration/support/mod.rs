@@ -35,15 +35,49 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// A free TCP+UDP port on 127.0.0.1 (best effort: bound then released).
+/// A free TCP+UDP port on 127.0.0.1, below the kernel's ephemeral range.
+///
+/// Tests close and reopen listeners on these ports; a port in the ephemeral
+/// range may meanwhile become some client socket's (any test's, or ringvip's
+/// own backend connects), and the reopen then fails with "address in use".
+/// Below the range only an explicit bind takes a port, and the ports are
+/// handed out in turn through a counter file shared by every test process,
+/// so two tests never get the same one (bound then released: best effort
+/// against programs outside the suite).
 pub fn free_port() -> u16 {
-    loop {
-        let t = TcpListener::bind("127.0.0.1:0").unwrap();
-        let p = t.local_addr().unwrap().port();
-        if UdpSocket::bind(("127.0.0.1", p)).is_ok() {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let base = low.saturating_sub(12_000).max(1024);
+    let span = u32::from(low - base);
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(std::env::temp_dir().join("ringvip-test-ports"))
+        .unwrap();
+    // SAFETY: flock on a descriptor we own; released when `f` closes.
+    assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let mut text = String::new();
+    f.read_to_string(&mut text).unwrap();
+    let mut next: u32 = text.trim().parse().unwrap_or(0);
+    for _ in 0..span {
+        let p = base + (next % span) as u16;
+        next = (next + 1) % span;
+        let free = TcpListener::bind(("127.0.0.1", p)).is_ok()
+            && UdpSocket::bind(("127.0.0.1", p)).is_ok();
+        if free {
+            f.rewind().unwrap();
+            f.set_len(0).unwrap();
+            write!(f, "{next}").unwrap();
             return p;
         }
     }
+    panic!("no free port in {base}..{low}");
 }
 
 /// Polls `f` until it returns true or `limit` passes.

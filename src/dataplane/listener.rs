@@ -212,8 +212,11 @@ impl Listener {
     }
 }
 
+/// How soon a thread opens again a listener whose open failed.
+pub const LISTEN_RETRY: Duration = Duration::from_millis(500);
+
 /// The listeners one thread holds, with the opens that failed (retried on each
-/// snapshot, reported once per distinct error).
+/// snapshot and every [`LISTEN_RETRY`], reported once per distinct error).
 pub struct Listeners {
     /// Thread index; thread 0 logs for all.
     id: usize,
@@ -260,6 +263,14 @@ impl Listeners {
             }
         }
         self.failing.clear();
+    }
+
+    /// True while some wanted listener could not be opened (its address taken
+    /// by another socket, say): the thread tries again after
+    /// [`LISTEN_RETRY`] rather than leave the port unserved until the next
+    /// change.
+    pub fn retrying(&self) -> bool {
+        !self.failing.is_empty()
     }
 
     /// UDP flows still relaying on released listeners.

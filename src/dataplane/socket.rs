@@ -15,7 +15,7 @@ use socket2::{Domain, SockFilter, Socket, Type};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::engine::{drive, Sizes, Tcp};
-use super::listener::{Listeners, Programmed};
+use super::listener::{Listeners, Programmed, LISTEN_RETRY};
 use super::Shared;
 use crate::handover::{Inherited, Pin, Role};
 use crate::model::Protocol;
@@ -318,7 +318,13 @@ async fn worker(
             }
             programmed.applied(id, snap.generation);
         }
+        let retry = !released && listeners.retrying();
         tokio::select! {
+            // A port another socket held when the snapshot came is served as
+            // soon as it is free, not only at the next change.
+            _ = tokio::time::sleep(LISTEN_RETRY), if retry => {
+                changed = true;
+            }
             r = rx.changed() => {
                 if r.is_err() {
                     break;
