@@ -7,6 +7,10 @@
 //!   100,000 Services of 10 endpoints each (the previous snapshot dropped
 //!   inside the timing, as publishing the next one drops it). Flat from 1k to
 //!   100k is the goal: a change costs what it touches.
+//! - `snapshot/one_pod_change_{1k,10k,100k}_services`: the same with Pods in
+//!   file mode: each Service selects its 10 Pods, and one Pod's readiness
+//!   flips per iteration (the store derives again only the slices of the
+//!   Services selecting it).
 //!
 //! Run: cargo bench --features testing --bench snapshot
 
@@ -124,5 +128,61 @@ fn one_change(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, lookup, one_change);
+/// Service `s` selecting `app: svc-<s>`, and its `per` Pods.
+fn selected_objects(s: u32, per: u32) -> Vec<Object> {
+    let [Object::Service(svc), _] = objects_of(s, per, 0) else {
+        unreachable!("objects_of gives a Service and a slice")
+    };
+    let app = format!("svc-{s}");
+    let mut out = vec![Object::Service(Service {
+        selector: Some(builders::labels(&[("app", app.as_str())])),
+        ..svc
+    })];
+    out.extend((0..per).map(|e| Object::Pod(pod_of(s, e, true))));
+    out
+}
+
+/// Pod `e` of Service `s`, on node-<e % 3>.
+fn pod_of(s: u32, e: u32, ready: bool) -> Pod {
+    let [_, _, a, b] = s.to_be_bytes();
+    let app = format!("svc-{s}");
+    Pod {
+        node_name: Some(format!("node-{}", e % 3)),
+        ready,
+        ..builders::pod(
+            "default",
+            &format!("svc-{s}-{e}"),
+            &Ipv4Addr::new(10, 200 + (e as u8), a, b).to_string(),
+            builders::labels(&[("app", app.as_str())]),
+        )
+    }
+}
+
+fn one_pod_change(c: &mut Criterion) {
+    let ctx = node("node-0", &["192.0.2.1"], &["192.0.2.1"]);
+    let metrics = Metrics::new();
+    let mut g = c.benchmark_group("snapshot");
+    g.sample_size(20);
+    for (label, n) in [("1k", 1_000u32), ("10k", 10_000), ("100k", 100_000)] {
+        let mut st = builders::store((0..n).flat_map(|s| selected_objects(s, 10)).collect());
+        let mut cache = CompileCache::default();
+        let mut last = st.compile_with(&ctx, &metrics, 1, &mut cache);
+        assert_eq!(last.frontend_count(), n as usize);
+        let mut gen = 1u64;
+        g.bench_function(format!("one_pod_change_{label}_services"), |b| {
+            b.iter(|| {
+                // One Pod of one Service goes unready and ready again in
+                // turn, so every iteration is a change.
+                gen += 1;
+                let p = pod_of(n / 2, 3, !gen.is_multiple_of(2));
+                st.apply(Update::Upsert(Box::new(Object::Pod(p))));
+                last = st.compile_with(&ctx, &metrics, gen, &mut cache);
+                black_box(last.generation)
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, lookup, one_change, one_pod_change);
 criterion_main!(benches);

@@ -152,15 +152,10 @@ impl Zone {
     /// Compiles every Service of the store (and its endpoints, from slices and
     /// from Pods matching selectors) into a zone.
     pub fn compile(store: &Store, cfg: &ZoneConfig, generation: u64) -> Zone {
-        let derived = store.derived_slices();
-        let by_service = store.slices_by_service(&derived);
         let mut b = Builder::new(cfg);
         for svc in store.services() {
-            let slices = by_service
-                .get(&(svc.key.namespace.as_str(), svc.key.name.as_str()))
-                .map(Vec::as_slice)
-                .unwrap_or(&[]);
-            b.service(svc, slices);
+            let slices: Vec<&EndpointSlice> = store.all_slices_of(&svc.key).collect();
+            b.service(svc, &slices);
         }
         b.finish(cfg, generation)
     }

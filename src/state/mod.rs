@@ -2,6 +2,7 @@
 //! compiles immutable [`Snapshot`]s that the data plane reads lock-free.
 
 pub(crate) mod health;
+mod selection;
 pub(crate) mod snapshot;
 pub mod store;
 pub(crate) mod topology;

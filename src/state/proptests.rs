@@ -237,6 +237,32 @@ fn slices_for(svc: &Service) -> impl Strategy<Value = Vec<EndpointSlice>> {
 }
 
 /// Objects and this node's context.
+/// Pods for the Services' selectors (`app: web|db`), on this node or another.
+fn pods() -> impl Strategy<Value = Vec<Pod>> {
+    let pod = (
+        namespace(),
+        pick(&["web", "db"]),
+        pick(&["10.1.0.1", "10.1.0.2", "fd00:1::1"]),
+        any::<bool>(),
+        pick(&[NODE, "node-b"]),
+    );
+    prop::collection::vec(pod, 0..4).prop_map(|v| {
+        v.into_iter()
+            .enumerate()
+            .map(|(j, (ns, app, addr, ready, node))| Pod {
+                node_name: Some(node.into()),
+                ready,
+                ..crate::testing::builders::pod(
+                    ns,
+                    &format!("p{j}"),
+                    addr,
+                    crate::testing::builders::labels(&[("app", app)]),
+                )
+            })
+            .collect()
+    })
+}
+
 #[derive(Debug, Clone)]
 struct World {
     objects: Vec<Object>,
@@ -255,37 +281,65 @@ fn world() -> impl Strategy<Value = World> {
         proptest::option::of(pick(&["zone-a", "zone-b"])),
         proptest::option::of(pick(&["zone-a", "zone-b"])),
         any::<bool>(),
+        (
+            prop::collection::vec(proptest::option::of(pick(&["web", "db"])), 4),
+            pods(),
+        ),
     )
-        .prop_map(|((svcs, slices), ctx_zone, node_zone, dual)| {
-            let mut objects: Vec<Object> = svcs.into_iter().map(Object::Service).collect();
-            objects.extend(slices.into_iter().flatten().map(Object::EndpointSlice));
-            if let Some(z) = node_zone {
-                objects.push(Object::Node(Node {
-                    name: NODE.into(),
-                    zone: Some(z.into()),
-                    addresses: vec![],
-                    deleting: false,
-                }));
-            }
-            let mut nodeport_addresses = vec![ip("127.0.0.1")];
-            if dual {
-                nodeport_addresses.push(ip("::1"));
-            }
-            let mut local_addresses = nodeport_addresses.clone();
-            // 192.0.2.1 is this host's, 192.0.2.2 is not.
-            local_addresses.push(ip("192.0.2.1"));
-            World {
-                objects,
-                ctx: NodeContext {
-                    node_name: NODE.into(),
-                    zone: ctx_zone.map(str::to_string),
-                    proxy_name: "ringvip".into(),
-                    nodeport_addresses,
-                    local_addresses,
-                    proxy_protocol_from: Vec::new(),
-                },
-            }
-        })
+        .prop_map(
+            |((svcs, slices), ctx_zone, node_zone, dual, (selectors, pods))| {
+                let mut objects: Vec<Object> = svcs
+                    .into_iter()
+                    .zip(selectors)
+                    .map(|(svc, app)| Service {
+                        selector: app.map(|a| crate::testing::builders::labels(&[("app", a)])),
+                        ..svc
+                    })
+                    .map(Object::Service)
+                    .collect();
+                objects.extend(pods.into_iter().map(Object::Pod));
+                objects.extend(slices.into_iter().flatten().map(Object::EndpointSlice));
+                if let Some(z) = node_zone {
+                    objects.push(Object::Node(Node {
+                        name: NODE.into(),
+                        zone: Some(z.into()),
+                        addresses: vec![],
+                        deleting: false,
+                    }));
+                }
+                let mut nodeport_addresses = vec![ip("127.0.0.1")];
+                if dual {
+                    nodeport_addresses.push(ip("::1"));
+                }
+                let mut local_addresses = nodeport_addresses.clone();
+                // 192.0.2.1 is this host's, 192.0.2.2 is not.
+                local_addresses.push(ip("192.0.2.1"));
+                World {
+                    objects,
+                    ctx: NodeContext {
+                        node_name: NODE.into(),
+                        zone: ctx_zone.map(str::to_string),
+                        proxy_name: "ringvip".into(),
+                        nodeport_addresses,
+                        local_addresses,
+                        proxy_protocol_from: Vec::new(),
+                    },
+                }
+            },
+        )
+}
+
+/// A store holding `st`'s objects, built from scratch (nothing kept from
+/// the changes that led to `st`).
+fn rebuilt(st: &Store) -> Store {
+    let mut objects: Vec<Object> = st.services.values().cloned().map(Object::Service).collect();
+    objects.extend(st.slices.values().cloned().map(Object::EndpointSlice));
+    objects.extend(st.nodes.values().cloned().map(Object::Node));
+    objects.extend(st.pods.values().cloned().map(Object::Pod));
+    objects.extend(st.endpoints.values().cloned().map(Object::Endpoints));
+    let mut fresh = Store::new();
+    fresh.apply(Update::Reset(objects));
+    fresh
 }
 
 fn compile(objects: Vec<Object>, ctx: &NodeContext) -> (Store, Snapshot) {
@@ -336,9 +390,11 @@ proptest! {
     }
 
     /// Store `a`, then `b`'s objects one change at a time, then some of
-    /// `a`'s deleted one at a time: after every change the compile with the
-    /// cache (a patch of the last snapshot when it can, else the changed
-    /// Services recompiled) gives exactly the snapshot a full compile gives.
+    /// `a`'s deleted one at a time (Pods among them: selectors derive
+    /// slices): after every change the compile with the cache (a patch of
+    /// the last snapshot when it can, else the changed Services recompiled)
+    /// gives exactly the snapshot a full compile of the same objects, in a
+    /// store built from scratch, gives.
     #[test]
     fn cached_compile_equals_a_full_compile(
         a in world(),
@@ -368,7 +424,9 @@ proptest! {
         for (g, u) in (1u64..).zip(updates) {
             st.apply(u);
             let cached = st.compile_with(&a.ctx, &metrics, g, &mut cache);
-            let full = st.compile(&a.ctx, &metrics, g);
+            // From scratch: the slices derived from Pods are kept up to date
+            // change by change, and this checks that too.
+            let full = rebuilt(&st).compile(&a.ctx, &metrics, g);
             prop_assert_eq!(normalized(&cached), normalized(&full), "generation {}", g);
             prop_assert_eq!(cached.skipped_ports, full.skipped_ports);
         }

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 
+use super::selection::Selection;
 use crate::discovery::{selector, Checked, Update};
 use crate::model::{
     EndpointSlice, HealthCheckSpec, Kind, LegacyEndpoints, Node, Object, ObjectKey, Pod, Probe,
@@ -41,6 +42,11 @@ pub struct Store {
     health_checked: BTreeSet<ObjectKey>,
     pub(crate) nodes: BTreeMap<String, Node>,
     pub(crate) pods: BTreeMap<ObjectKey, Pod>,
+    /// The slices derived from Pods by each selector Service (see
+    /// [`Store::selector_slices`]), kept up to date as Services and Pods
+    /// change: a Pod change derives again only the Services that select it
+    /// (before or after), not every Service.
+    selection: Selection,
     /// Legacy `v1 Endpoints` (file mode), by the key of their Service.
     pub(crate) endpoints: BTreeMap<ObjectKey, LegacyEndpoints>,
     /// Services to compile again since the last [`Store::take_dirty`].
@@ -132,6 +138,7 @@ impl Store {
                 for o in objects {
                     next.upsert(o);
                 }
+                next.select_all();
                 let changes = Changes {
                     services: count(&self.services, &next.services),
                     endpoints: count(&self.slices, &next.slices)
@@ -145,11 +152,22 @@ impl Store {
             Update::Upsert(o) => {
                 let kind = o.id().0;
                 self.mark(&o);
-                if self.upsert(*o) {
-                    Changes::one(kind)
-                } else {
-                    Changes::default()
+                let pod = match &*o {
+                    Object::Pod(p) => Some(p.key.clone()),
+                    _ => None,
+                };
+                let before = pod.as_ref().and_then(|k| self.pods.get(k).cloned());
+                let (id, service) = (o.id(), matches!(&*o, Object::Service(_)));
+                if !self.upsert(*o) {
+                    return Changes::default();
                 }
+                match pod {
+                    Some(k) => self.pod_changed(before.as_ref(), &k),
+                    None if service => self.select(&id.1),
+                    None if id.0 == Kind::Node => self.select_all(),
+                    None => {}
+                }
+                Changes::one(kind)
             }
             Update::Delete(kind, key) => {
                 match kind {
@@ -163,15 +181,23 @@ impl Store {
                             self.dirty.services.insert(svc);
                         }
                     }
-                    Kind::Node | Kind::Pod => self.dirty.all = true,
+                    Kind::Node => self.dirty.all = true,
+                    Kind::Pod => {}
                     Kind::Endpoints => {
                         self.dirty.services.insert(key.clone());
                     }
                 }
+                let pod = (kind == Kind::Pod)
+                    .then(|| self.pods.get(&key).cloned())
+                    .flatten();
                 let gone = match kind {
                     Kind::Service => {
                         self.health_checked.remove(&key);
-                        self.services.remove(&key).is_some()
+                        let old = self.services.remove(&key);
+                        if let Some(old) = &old {
+                            self.selection.remove_service(old);
+                        }
+                        old.is_some()
                     }
                     Kind::EndpointSlice => self.remove_slice(&key),
                     Kind::Node => self.nodes.remove(&key.name).is_some(),
@@ -179,11 +205,21 @@ impl Store {
                         // A Pod created again under this name is a new Pod:
                         // not ready until its probes succeed.
                         self.checked.probes.retain(|(p, _), _| *p != key);
-                        self.pods.remove(&key).is_some()
+                        let old = self.pods.remove(&key);
+                        if let Some(old) = &old {
+                            self.selection.remove_pod(old);
+                        }
+                        old.is_some()
                     }
                     Kind::Endpoints => self.endpoints.remove(&key).is_some(),
                 };
                 if gone {
+                    match kind {
+                        Kind::Service => self.select(&key),
+                        Kind::Pod => self.pod_changed(pod.as_ref(), &key),
+                        Kind::Node => self.select_all(),
+                        _ => {}
+                    }
                     Changes::one(kind)
                 } else {
                     Changes::default()
@@ -208,7 +244,10 @@ impl Store {
                 let now = ObjectKey::new(ns.clone(), s.service_name.clone());
                 self.dirty.services.insert(now);
             }
-            Object::Node(_) | Object::Pod(_) => self.dirty.all = true,
+            // A Node's zone is in every endpoint derived from its Pods.
+            Object::Node(_) => self.dirty.all = true,
+            // Marked by `pod_changed`, once the Pod is stored.
+            Object::Pod(_) => {}
             Object::Endpoints(e) => {
                 self.dirty.services.insert(e.key.clone());
             }
@@ -231,8 +270,9 @@ impl Store {
                 if p.readiness_probes.is_empty() || p.ready == now {
                     return Changes::default();
                 }
+                let before = p.clone();
                 p.ready = now;
-                self.dirty.all = true;
+                self.pod_changed(Some(&before), &pod);
                 Changes::one(Kind::Pod)
             }
             Checked::Endpoint {
@@ -282,7 +322,6 @@ impl Store {
             self.checked.down.clear();
             return Vec::new();
         }
-        let derived = self.selector_slices();
         let mut out = Vec::new();
         for svc in self
             .health_checked
@@ -293,9 +332,9 @@ impl Store {
                 continue;
             };
             let mut seen = HashSet::new();
-            let slices = self.slices_of(&svc.key).chain(derived.iter().filter(|s| {
-                s.service_name == svc.key.name && s.key.namespace == svc.key.namespace
-            }));
+            let slices = self
+                .slices_of(&svc.key)
+                .chain(self.selection.slices_of(&svc.key));
             for s in slices {
                 for sp in &svc.ports {
                     let Some(port) = s.port_for(sp) else { continue };
@@ -339,7 +378,15 @@ impl Store {
                 } else {
                     self.health_checked.remove(&s.key);
                 }
-                put(&mut self.services, s.key.clone(), s)
+                if self.services.get(&s.key) == Some(&s) {
+                    return false;
+                }
+                if let Some(old) = self.services.get(&s.key) {
+                    self.selection.remove_service(old);
+                }
+                self.selection.add_service(&s);
+                self.services.insert(s.key.clone(), s);
+                true
             }
             Object::EndpointSlice(s) => {
                 if self.slices.get(&s.key) == Some(&s) {
@@ -361,7 +408,15 @@ impl Store {
                 if !p.readiness_probes.is_empty() {
                     p.ready = self.checked.pod_ready(&p);
                 }
-                put(&mut self.pods, p.key.clone(), p)
+                if self.pods.get(&p.key) == Some(&p) {
+                    return false;
+                }
+                if let Some(old) = self.pods.get(&p.key) {
+                    self.selection.remove_pod(old);
+                }
+                self.selection.add_pod(&p);
+                self.pods.insert(p.key.clone(), p);
+                true
             }
             Object::Endpoints(e) => put(&mut self.endpoints, e.key.clone(), e),
         }
@@ -418,32 +473,91 @@ impl Store {
             .map(|(_, p)| p)
     }
 
-    /// Selectors without a cluster: when the sources delivered any Pod, the
-    /// EndpointSlices the EndpointSlice controller would build for every Service
-    /// with a selector (see [`selector::slices_for`]). Empty when there is no Pod,
-    /// so a cluster's own slices are never second-guessed.
-    pub fn selector_slices(&self) -> Vec<EndpointSlice> {
-        if self.pods.is_empty() {
-            return Vec::new();
-        }
-        let zones = |n: &str| self.nodes.get(n).and_then(|n| n.zone.clone());
-        let mut out = Vec::new();
-        for svc in self.services.values().filter(|s| s.selector.is_some()) {
-            out.extend(selector::slices_for(
-                svc,
-                self.pods_in(&svc.key.namespace),
-                &zones,
-            ));
-        }
-        out
+    /// Derives again the selector slices of the Service `key` (gone, or
+    /// without a selector: none).
+    fn select(&mut self, key: &ObjectKey) {
+        let slices = match self.services.get(key) {
+            Some(svc) if svc.selector.is_some() && !self.pods.is_empty() => {
+                let zones = |n: &str| self.nodes.get(n).and_then(|n| n.zone.clone());
+                let pods = self.selection.candidates(svc, &self.pods);
+                selector::slices_for(svc, pods, &zones)
+            }
+            _ => Vec::new(),
+        };
+        self.selection.set_slices(key, slices);
     }
 
-    /// Every slice ringvip derives itself: [`Store::selector_slices`] and
-    /// [`Store::mirrored_slices`].
-    pub fn derived_slices(&self) -> Vec<EndpointSlice> {
-        let mut out = self.selector_slices();
-        out.extend(self.mirrored_slices().cloned());
-        out
+    /// Derives every selector Service's slices again (a Node's zone or the
+    /// first or last Pod changes them all).
+    fn select_all(&mut self) {
+        self.selection.clear_slices();
+        let keys: Vec<ObjectKey> = self
+            .services
+            .values()
+            .filter(|s| s.selector.is_some())
+            .map(|s| s.key.clone())
+            .collect();
+        for k in keys {
+            self.select(&k);
+        }
+    }
+
+    /// After the Pod `key` changed from `before` (None: it is new) to what
+    /// the store holds now (nothing: it is gone): derives again the slices
+    /// of the Services that select it before or now, and marks them
+    /// changed. The first Pod and the last one change every selector
+    /// Service (selectors derive slices only while there are Pods).
+    fn pod_changed(&mut self, before: Option<&Pod>, key: &ObjectKey) {
+        let now = self.pods.get(key);
+        if self.pods.len() == usize::from(now.is_some()) {
+            self.dirty.all = true;
+            self.select_all();
+            return;
+        }
+        let mut touched = BTreeSet::new();
+        for p in [before, now].into_iter().flatten() {
+            for k in self.selection.services_of(p) {
+                let selects = self.services.get(&k).is_some_and(|svc| {
+                    svc.selector
+                        .as_ref()
+                        .is_some_and(|sel| selector::matches(sel, &p.labels))
+                });
+                if selects {
+                    touched.insert(k);
+                }
+            }
+        }
+        for k in touched {
+            self.select(&k);
+            self.dirty.services.insert(k);
+        }
+    }
+
+    /// Selectors without a cluster: when the sources delivered any Pod, the
+    /// EndpointSlices the EndpointSlice controller would build for every Service
+    /// with a selector (see [`selector::slices_for`]), by Service. Empty when
+    /// there is no Pod, so a cluster's own slices are never second-guessed.
+    pub fn selector_slices(&self) -> impl Iterator<Item = &EndpointSlice> {
+        self.selection.all_slices()
+    }
+
+    /// Every slice of the Service `service`: from the sources, derived from
+    /// Pods by its selector, and mirrored from its legacy Endpoints. O(its
+    /// slices), whatever the number of Services.
+    pub fn all_slices_of<'a>(
+        &'a self,
+        service: &ObjectKey,
+    ) -> impl Iterator<Item = &'a EndpointSlice> + 'a {
+        let mirrored = self.endpoints.get(service).filter(|e| {
+            e.mirror
+                && self
+                    .services
+                    .get(service)
+                    .is_some_and(|s| s.selector.is_none())
+        });
+        self.slices_of(service)
+            .chain(self.selection.slices_of(service))
+            .chain(mirrored.into_iter().flat_map(|e| e.slices.iter()))
     }
 
     /// The EndpointSliceMirroring controller's work in file mode: the slices
@@ -460,22 +574,6 @@ impl Store {
                         .is_some_and(|s| s.selector.is_none())
             })
             .flat_map(|e| e.slices.iter())
-    }
-
-    /// Every EndpointSlice, from the sources and `derived` (from
-    /// [`Store::selector_slices`]), grouped by (namespace, Service name).
-    pub fn slices_by_service<'a>(
-        &'a self,
-        derived: &'a [EndpointSlice],
-    ) -> HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>> {
-        let mut by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
-        for s in self.slices.values().chain(derived) {
-            by_service
-                .entry((s.key.namespace.as_str(), s.service_name.as_str()))
-                .or_default()
-                .push(s);
-        }
-        by_service
     }
 }
 
@@ -535,7 +633,7 @@ mod tests {
     fn selector_services_get_endpoints_from_pods_live() {
         let mut st = Store::new();
         st.apply(Update::Reset(vec![Object::Service(svc())]));
-        assert!(st.selector_slices().is_empty(), "no Pods: nothing derived");
+        assert_eq!(st.selector_slices().count(), 0, "no Pods: nothing derived");
         assert!(endpoints(&st).is_empty());
         st.apply(Update::Upsert(Box::new(Object::Pod(pod(
             "a", "10.0.0.1", true,

@@ -89,7 +89,17 @@ pub fn check_snapshot(st: &Store, ctx: &NodeContext, snap: &Snapshot) {
         .zone
         .clone()
         .or_else(|| st.node(&ctx.node_name).and_then(|n| n.zone.clone()));
-    let derived = st.selector_slices();
+    // From scratch, not from the store's per-Service record of them: that
+    // record is kept up to date change by change, which this checks.
+    let derived: Vec<crate::model::EndpointSlice> = if st.pods.is_empty() {
+        Vec::new()
+    } else {
+        let zones = |n: &str| st.node(n).and_then(|n| n.zone.clone());
+        st.services
+            .values()
+            .flat_map(|svc| crate::discovery::selector::slices_for(svc, st.pods.values(), &zones))
+            .collect()
+    };
     let local: BTreeSet<IpAddr> = ctx.local_addresses.iter().copied().collect();
     let is_local = |e: &Endpoint| e.node_name.as_deref() == Some(ctx.node_name.as_str());
     let usable = |e: &Endpoint| e.ready || (e.serving && e.terminating);

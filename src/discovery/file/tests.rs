@@ -659,7 +659,7 @@ fn selector_example_gives_endpoints_from_ready_pods() {
     let objects = load_clean(&[path]);
     let mut store = crate::state::Store::new();
     store.apply(super::super::Update::Reset(objects));
-    let slices = store.selector_slices();
+    let slices: Vec<_> = store.selector_slices().collect();
     let eps: Vec<(String, String, bool, Option<u16>)> = slices
         .iter()
         .flat_map(|s| {

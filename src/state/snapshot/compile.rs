@@ -589,12 +589,6 @@ impl Store {
         for k in &dirty.services {
             retired.extend(cache.services.remove(k));
         }
-        let derived = self.derived_slices();
-        // Grouping every slice costs a pass over all of them: only worth it
-        // when many Services need their slices; a few look theirs up.
-        let by_service = (cache.services.len() < self.services.len() / 2
-            || dirty.services.len() > 64)
-            .then(|| self.slices_by_service(&derived));
         let mut snap = Snapshot {
             generation: c.generation,
             ..Snapshot::default()
@@ -607,27 +601,11 @@ impl Store {
             let out = match cache.services.get(&svc.key) {
                 Some(out) => out.clone(),
                 None => {
-                    let found;
-                    let slices: &[&EndpointSlice] = match &by_service {
-                        Some(map) => map
-                            .get(&(svc.key.namespace.as_str(), svc.key.name.as_str()))
-                            .map(Vec::as_slice)
-                            .unwrap_or(&[]),
-                        None => {
-                            found = self
-                                .slices_of(&svc.key)
-                                .chain(derived.iter().filter(|s| {
-                                    s.service_name == svc.key.name
-                                        && s.key.namespace == svc.key.namespace
-                                }))
-                                .collect::<Vec<_>>();
-                            &found
-                        }
-                    };
+                    let slices: Vec<&EndpointSlice> = self.all_slices_of(&svc.key).collect();
                     c.out = ServiceOut::default();
                     c.service(
                         svc,
-                        slices,
+                        &slices,
                         zone,
                         &mut cache.joined,
                         &mut cache.warned,
@@ -655,8 +633,8 @@ impl Store {
     /// The next snapshot as the last one with the changed Services' parts
     /// taken out and their new parts put in: O(changed), not O(all). `None`
     /// (do a full assembly) when the order of Services could matter (a
-    /// frontend or healthCheckNodePort claimed twice, before or now), when
-    /// Pods derive slices, or when many Services changed.
+    /// frontend or healthCheckNodePort claimed twice, before or now) or when
+    /// many Services changed.
     fn patch(
         &self,
         c: &mut Compiler<'_>,
@@ -666,10 +644,7 @@ impl Store {
         retired: &mut Vec<Arc<ServiceOut>>,
     ) -> Option<Snapshot> {
         let last = cache.last.as_ref()?;
-        // Derived slices (from Pods, or mirrored from legacy Endpoints) are
-        // not looked up per Service here: a full assembly handles them.
-        let derives = !self.pods.is_empty() || !self.endpoints.is_empty();
-        if last.conflicts > 0 || dirty.services.len() > PATCH_MAX || derives {
+        if last.conflicts > 0 || dirty.services.len() > PATCH_MAX {
             return None;
         }
         let mut frontends = last.frontends.clone();
@@ -708,7 +683,7 @@ impl Store {
             if !svc.is_proxied(&c.ctx.proxy_name) {
                 continue;
             }
-            let slices: Vec<&EndpointSlice> = self.slices_of(k).collect();
+            let slices: Vec<&EndpointSlice> = self.all_slices_of(k).collect();
             c.out = ServiceOut::default();
             c.service(
                 svc,
