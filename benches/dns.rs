@@ -4,28 +4,43 @@
 //! `dns/answer_*` is the whole per-query cost inside ringvip (parse with
 //! hickory-proto, one lookup, copy of the precomputed records); the socket
 //! round trip comes on top and is measured by benches/dns-compare.sh.
+//!
+//! `dns/one_change_{1k,10k,100k}_services`: one Service's ClusterIP changed,
+//! then the zone brought up to date and published as the control loop does
+//! (`ZoneParts::update` with the store's record of what changed). Flat from
+//! 1k to 100k is the goal (issue 17): a change costs what it touches.
 
 use std::net::{IpAddr, Ipv4Addr};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use hickory_proto::op::{Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RecordType};
-use ringvip::dns::{answer, Options, Transport, Zone, ZoneConfig};
+use ringvip::discovery::Update;
+use ringvip::dns::{answer, Options, Transport, Zone, ZoneConfig, ZoneParts};
 use ringvip::model::*;
 use ringvip::state::Store;
 use ringvip::testing::builders::{self, labels, pod, port, service};
 
+/// ClusterIP Service `s` with one named port, at the `v`th of its addresses.
+fn cluster_ip_service(s: u32, v: u8) -> Service {
+    let [_, a, b, c] = (s + 1).to_be_bytes();
+    Service {
+        cluster_ips: vec![IpAddr::V4(Ipv4Addr::new(10, 96 + a + v, b, c))],
+        ..service(
+            "default",
+            &format!("svc-{s}"),
+            &[],
+            vec![port("http", Protocol::Tcp, 80, 8080)],
+        )
+    }
+}
+
 /// `services` ClusterIP Services with one named port, plus one headless Service
 /// with 10 ready endpoints from Pods matched by its selector.
 fn store(services: u32) -> Store {
-    let http = port("http", Protocol::Tcp, 80, 8080);
     let mut objs = Vec::new();
     for s in 0..services {
-        let [_, _, a, b] = (s + 1).to_be_bytes();
-        objs.push(Object::Service(Service {
-            cluster_ips: vec![IpAddr::V4(Ipv4Addr::new(10, 96, a, b))],
-            ..service("default", &format!("svc-{s}"), &[], vec![http.clone()])
-        }));
+        objs.push(Object::Service(cluster_ip_service(s, 0)));
     }
     let app = labels(&[("app", "db")]);
     objs.push(Object::Service(Service {
@@ -100,5 +115,30 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+fn one_change(c: &mut Criterion) {
+    let cfg = ZoneConfig::new("cluster.local", 5).unwrap();
+    let mut g = c.benchmark_group("dns");
+    g.sample_size(20);
+    for (label, n) in [("1k", 1_000u32), ("10k", 10_000), ("100k", 100_000)] {
+        let mut st = store(n);
+        let mut parts = ZoneParts::new(&cfg);
+        let mut gen = 1u64;
+        let all = st.take_dirty();
+        parts.update(&st, &all, gen);
+        g.bench_function(format!("one_change_{label}_services"), |b| {
+            b.iter(|| {
+                // One Service's address moves back and forth, so every
+                // iteration changes its A and PTR names.
+                gen += 1;
+                let svc = cluster_ip_service(n / 2, (gen % 2) as u8);
+                st.apply(Update::Upsert(Box::new(Object::Service(svc))));
+                let dirty = st.take_dirty();
+                parts.update(&st, &dirty, gen)
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, one_change);
 criterion_main!(benches);

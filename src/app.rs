@@ -462,7 +462,7 @@ async fn control(
         };
         admin_socks.dups.push((entry, admin::dup(l)?));
     }
-    let dns = match dns_opts.dns_addr {
+    let mut dns = match dns_opts.dns_addr {
         Some(addr) => Some(
             Dns::start_on(
                 addr,
@@ -584,10 +584,11 @@ async fn control(
                 }
                 received.pending(&metrics);
                 generation += 1;
-                let snap = Arc::new(store.compile_with(&ctx, &metrics, generation, &mut compile_cache));
+                let (snap, changed) = store.compile_changes(&ctx, &metrics, generation, &mut compile_cache);
+                let snap = Arc::new(snap);
                 // DNS view of the same objects, published with the snapshot.
-                if let Some(d) = &dns {
-                    d.publish(&store, generation);
+                if let Some(d) = &mut dns {
+                    d.publish(&store, &changed, generation);
                 }
                 for c in &snap.conflicts {
                     tracing::warn!("frontend conflict: {c}");

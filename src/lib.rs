@@ -34,6 +34,7 @@ pub mod model;
 pub mod netns;
 pub(crate) mod privileges;
 pub mod probe;
+pub mod sharded;
 pub mod state;
 pub mod status;
 pub mod telemetry;

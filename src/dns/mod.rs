@@ -15,6 +15,9 @@
 //! parse gets FORMERR when its header is readable, and is dropped otherwise; a
 //! response is never answered.
 
+pub(crate) mod parts;
+#[cfg(test)]
+mod proptests;
 pub(crate) mod server;
 pub(crate) mod zone;
 
@@ -22,6 +25,7 @@ use hickory_proto::op::{Header, MessageType, OpCode, Query};
 use hickory_proto::rr::{DNSClass, RecordType};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 
+pub use parts::ZoneParts;
 pub use zone::{Lookup, Zone, ZoneConfig, ZoneError};
 
 /// Largest UDP response without EDNS (RFC 1035).

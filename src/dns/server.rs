@@ -390,8 +390,8 @@ async fn serve_conn(
 
 /// A running DNS responder: publish a new zone after every compile.
 pub struct Dns {
-    /// What zones are compiled with.
-    pub config: super::ZoneConfig,
+    /// The zone as built from the store so far, updated change by change.
+    parts: super::ZoneParts,
     /// The zone the servers answer from.
     pub zone: Arc<ArcSwap<Zone>>,
     /// Bound address (UDP and TCP).
@@ -427,7 +427,8 @@ impl Dns {
         metrics: DnsMetrics,
     ) -> Result<Dns, StartError> {
         let config = super::ZoneConfig::new(domain, ttl)?;
-        let zone = Arc::new(ArcSwap::from_pointee(Zone::empty(&config)));
+        let mut parts = super::ZoneParts::new(&config);
+        let zone = Arc::new(ArcSwap::from_pointee(parts.publish(0)));
         let server = match inherited {
             Some((udp, tcp)) => {
                 DnsServer::from_std(udp.into(), tcp.into(), zone.clone(), upstream, metrics)
@@ -442,7 +443,7 @@ impl Dns {
         let tasks = server.spawn();
         tracing::info!(%addr, domain, ?upstream, "serving cluster DNS");
         Ok(Dns {
-            config,
+            parts,
             zone,
             addr,
             sockets,
@@ -464,10 +465,16 @@ impl Dns {
         }
     }
 
-    /// Compiles the store's current objects and makes them the answers.
-    pub fn publish(&self, store: &crate::state::Store, generation: u64) {
+    /// Brings the zone up to date with the store after the changes in
+    /// `dirty` and makes it the answers.
+    pub fn publish(
+        &mut self,
+        store: &crate::state::Store,
+        dirty: &crate::state::store::Dirty,
+        generation: u64,
+    ) {
         self.zone
-            .store(Arc::new(Zone::compile(store, &self.config, generation)));
+            .store(Arc::new(self.parts.update(store, dirty, generation)));
     }
 }
 

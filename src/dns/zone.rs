@@ -20,10 +20,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use hickory_proto::rr::{Name, RecordType};
 
+use super::parts::{NameRecords, ZoneParts};
 use crate::model::{AddressFamily, EndpointSlice, Protocol, Service, ServiceType};
+use crate::sharded::Sharded;
+use crate::state::store::Dirty;
 use crate::state::Store;
 
 /// Version of the Kubernetes DNS schema served at `dns-version.<zone>`.
@@ -126,8 +130,9 @@ pub struct Zone {
     pub ttl: u32,
     /// Snapshot generation it was compiled with.
     pub generation: u64,
-    /// Every name: those inside the zone and reverse (PTR) names.
-    nodes: HashMap<Name, Node>,
+    /// Every name: those inside the zone and reverse (PTR) names. Shared
+    /// with the next zone but for the shards a change touches.
+    nodes: Sharded<Name, Arc<Node>>,
     /// The SOA record with its owner written out, for authority sections.
     soa: Box<[u8]>,
 }
@@ -146,24 +151,40 @@ pub enum Lookup<'a> {
 impl Zone {
     /// An empty zone (only the SOA and `dns-version`).
     pub fn empty(cfg: &ZoneConfig) -> Zone {
-        Builder::new(cfg).finish(cfg, 0)
+        ZoneParts::new(cfg).publish(0)
     }
 
     /// Compiles every Service of the store (and its endpoints, from slices and
-    /// from Pods matching selectors) into a zone.
+    /// from Pods matching selectors) into a zone. The running server keeps a
+    /// [`ZoneParts`] instead and updates it change by change.
     pub fn compile(store: &Store, cfg: &ZoneConfig, generation: u64) -> Zone {
-        let mut b = Builder::new(cfg);
-        for svc in store.services() {
-            let slices: Vec<&EndpointSlice> = store.all_slices_of(&svc.key).collect();
-            b.service(svc, &slices);
+        let all = Dirty {
+            all: true,
+            ..Dirty::default()
+        };
+        ZoneParts::new(cfg).update(store, &all, generation)
+    }
+
+    /// A zone of `nodes` (see [`ZoneParts::publish`]).
+    pub(super) fn from_parts(
+        cfg: &ZoneConfig,
+        generation: u64,
+        nodes: Sharded<Name, Arc<Node>>,
+        soa: Box<[u8]>,
+    ) -> Zone {
+        Zone {
+            origin: cfg.origin.clone(),
+            ttl: cfg.ttl,
+            generation,
+            nodes,
+            soa,
         }
-        b.finish(cfg, generation)
     }
 
     /// Finds `name` (case-insensitively).
     pub fn lookup(&self, name: &Name, qtype: RecordType) -> Lookup<'_> {
         match self.nodes.get(name) {
-            Some(node) => Lookup::Found(node.set(qtype), node),
+            Some(node) => Lookup::Found(node.set(qtype), node.as_ref()),
             None if self.origin.zone_of(name) => Lookup::NxDomain,
             None => Lookup::OutOfZone,
         }
@@ -177,6 +198,11 @@ impl Zone {
     /// The SOA record for authority sections.
     pub fn soa(&self) -> &[u8] {
         &self.soa
+    }
+
+    /// Every name with its node, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Name, &Node)> {
+        self.nodes.iter().map(|(n, node)| (n, node.as_ref()))
     }
 
     /// Number of names (with empty non-terminals).
@@ -326,7 +352,8 @@ fn headless_endpoints(svc: &Service, slices: &[&EndpointSlice]) -> Vec<DnsEndpoi
 /// Records being collected: name → type → records.
 type Collected = HashMap<Name, BTreeMap<u16, Vec<Box<[u8]>>>>;
 
-struct Builder {
+/// Collects the records of one Service (or of the zone's own names).
+pub(super) struct Builder {
     origin: Name,
     ttl: u32,
     sets: Collected,
@@ -335,13 +362,19 @@ struct Builder {
 }
 
 impl Builder {
-    fn new(cfg: &ZoneConfig) -> Self {
-        let mut b = Builder {
+    /// For a Service's records.
+    pub(super) fn bare(cfg: &ZoneConfig) -> Self {
+        Builder {
             origin: cfg.origin.clone(),
             ttl: cfg.ttl,
             sets: HashMap::new(),
             additional: HashMap::new(),
-        };
+        }
+    }
+
+    /// For the zone's own names: the apex and `dns-version`.
+    pub(super) fn new(cfg: &ZoneConfig) -> Self {
+        let mut b = Builder::bare(cfg);
         b.node(cfg.origin.clone());
         if let Ok(v) = cfg.origin.prepend_label("dns-version") {
             let txt = SCHEMA_VERSION.as_bytes();
@@ -393,7 +426,8 @@ impl Builder {
         }
     }
 
-    fn service(&mut self, svc: &Service, slices: &[&EndpointSlice]) {
+    /// Adds `svc`'s records, its endpoints from `slices`.
+    pub(super) fn service(&mut self, svc: &Service, slices: &[&EndpointSlice]) {
         let Some(base) = self.name(&format!("{}.{}.svc", svc.key.name, svc.key.namespace)) else {
             return;
         };
@@ -466,65 +500,45 @@ impl Builder {
             .ok()
     }
 
-    fn finish(self, cfg: &ZoneConfig, generation: u64) -> Zone {
-        let mut soa = Vec::with_capacity(96);
-        put_name(&mut soa, &self.origin);
-        put_u16(&mut soa, u16::from(RecordType::SOA));
-        put_u16(&mut soa, CLASS_IN);
-        put_u32(&mut soa, self.ttl);
-        let mut rdata = Vec::with_capacity(64);
-        let mname = self
-            .origin
-            .prepend_label("dns")
-            .and_then(|n| n.prepend_label("ns"));
-        let rname = self.origin.prepend_label("hostmaster");
-        put_name(&mut rdata, mname.as_ref().unwrap_or(&self.origin));
-        put_name(&mut rdata, rname.as_ref().unwrap_or(&self.origin));
-        // Serial: the generation (wrapping is allowed by RFC 1982 arithmetic).
-        put_u32(&mut rdata, generation as u32);
-        for v in [7200, 1800, 86400, self.ttl] {
-            put_u32(&mut rdata, v);
-        }
-        put_u16(&mut soa, rdata.len() as u16);
-        soa.extend_from_slice(&rdata);
-        // The apex answers SOA queries from the same record, owned by the question.
-        let mut sets = self.sets;
+    /// Every name collected (ancestors included), with its records.
+    pub(super) fn into_names(self) -> HashMap<Name, NameRecords> {
         let mut additional = self.additional;
-        sets.entry(self.origin.clone()).or_default().insert(
-            u16::from(RecordType::SOA),
-            vec![record(RecordType::SOA, self.ttl, &rdata)],
-        );
-        let nodes = sets
+        self.sets
             .into_iter()
-            .map(|(name, by_type)| {
-                let sets: Box<[RrSet]> = by_type
-                    .into_iter()
-                    .map(|(t, mut records)| {
-                        records.sort();
-                        let mut extra = if t == u16::from(RecordType::SRV) {
-                            additional.remove(&name).unwrap_or_default()
-                        } else {
-                            Vec::new()
-                        };
-                        extra.sort();
-                        RrSet {
-                            rtype: RecordType::from(t),
-                            records: records.into_boxed_slice(),
-                            additional: extra.into_boxed_slice(),
-                        }
-                    })
-                    .collect();
-                (name, Node { sets })
+            .map(|(name, sets)| {
+                let extra = additional.remove(&name).unwrap_or_default();
+                (
+                    name,
+                    NameRecords {
+                        sets,
+                        additional: extra,
+                    },
+                )
             })
-            .collect();
-        Zone {
-            origin: cfg.origin.clone(),
-            ttl: cfg.ttl,
-            generation,
-            nodes,
-            soa: soa.into_boxed_slice(),
-        }
+            .collect()
     }
+}
+
+/// The SOA of the zone with serial `generation`: as an answer (owned by
+/// the question) and as the authority section's record (owner written out).
+pub(super) fn soa(cfg: &ZoneConfig, generation: u64) -> (Box<[u8]>, Box<[u8]>) {
+    let origin = &cfg.origin;
+    let mut rdata = Vec::with_capacity(64);
+    let mname = origin
+        .prepend_label("dns")
+        .and_then(|n| n.prepend_label("ns"));
+    let rname = origin.prepend_label("hostmaster");
+    put_name(&mut rdata, mname.as_ref().unwrap_or(origin));
+    put_name(&mut rdata, rname.as_ref().unwrap_or(origin));
+    // Serial: the generation (wrapping is allowed by RFC 1982 arithmetic).
+    put_u32(&mut rdata, generation as u32);
+    for v in [7200, 1800, 86400, cfg.ttl] {
+        put_u32(&mut rdata, v);
+    }
+    (
+        record(RecordType::SOA, cfg.ttl, &rdata),
+        owned_record(origin, RecordType::SOA, cfg.ttl, &rdata),
+    )
 }
 
 /// CoreDNS's SRV weight: 100 shared between the records.

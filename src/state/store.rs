@@ -460,6 +460,11 @@ impl Store {
         self.services.len()
     }
 
+    /// The Service `key`, if held.
+    pub fn service(&self, key: &ObjectKey) -> Option<&Service> {
+        self.services.get(key)
+    }
+
     /// Every Service held, by namespace and name.
     pub fn services(&self) -> impl Iterator<Item = &Service> {
         self.services.values()

@@ -545,6 +545,20 @@ impl Store {
         self.compile_at(ctx, metrics, generation, cache, Instant::now())
     }
 
+    /// [`Store::compile_with`], handing back also what changed since the
+    /// last compile (what the DNS zone must update too).
+    pub fn compile_changes(
+        &mut self,
+        ctx: &NodeContext,
+        metrics: &Metrics,
+        generation: u64,
+        cache: &mut CompileCache,
+    ) -> (Snapshot, Dirty) {
+        let dirty = self.take_dirty();
+        let c = Compiler::new(ctx, metrics, generation, Instant::now());
+        (self.compile_dirty(c, cache, &dirty), dirty)
+    }
+
     /// [`Store::compile_with`] at `now`: endpoints that joined a usable set
     /// since the last compile start their slow start at `now`.
     pub fn compile_at(
