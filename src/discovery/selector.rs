@@ -2,8 +2,10 @@
 //! EndpointSlice controller builds them (kubernetes pkg/controller/endpointslice,
 //! `podToEndpoint`, `getEndpointPorts`; pkg/api/v1/pod `FindPort`).
 //!
-//! Pure: the store calls [`slices_for`] at every compile, so a Pod that changes
-//! labels, readiness or IP in a file moves in and out of its Services live.
+//! Pure: the store calls [`slices_for`] for each Service a change touches (a
+//! Pod change: the Services selecting it, before or after; see
+//! `state/selection.rs`), so a Pod that changes labels, readiness or IP in a
+//! file moves in and out of its Services live.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
