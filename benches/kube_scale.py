@@ -215,6 +215,8 @@ def main():
     p.add_argument("--ringvip", default=os.path.join(ROOT, "target/release/ringvip"))
     p.add_argument("--churn", type=int, default=0, help="endpoint changes per second (0: no churn)")
     p.add_argument("--churn-seconds", type=float, default=30)
+    p.add_argument("--dns", action="store_true",
+                   help="also serve cluster DNS (--dns-addr on a free loopback port): every change updates the zone")
     a = p.parse_args()
 
     tmp = tempfile.mkdtemp(prefix="ringvip-kube-scale-")
@@ -242,7 +244,8 @@ def main():
     rv = subprocess.Popen(
         [a.ringvip, "run", "--no-handover", "--kube", "--kubeconfig", info["kubeconfig"], "--node-name", "node-a",
          "--no-tun", "--nodeport-addresses", "127.0.0.1/32", "--node-port-range", "1-65535",
-         "--health-addr", "127.0.0.1:%d" % health, "--metrics-addr", "127.0.0.1:%d" % metrics_port],
+         "--health-addr", "127.0.0.1:%d" % health, "--metrics-addr", "127.0.0.1:%d" % metrics_port]
+        + (["--dns-addr", "127.0.0.1:%d" % free_port()] if a.dns else []),
         stdout=subprocess.DEVNULL, stderr=log,
         env=dict(os.environ, RINGVIP_LOG="warn,ringvip::programming=debug"))
     try:

@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
+use foldhash::fast::RandomState;
 use hickory_proto::rr::{Name, RecordType};
 
 use super::zone::{Builder, Node, RrSet, Zone, ZoneConfig};
@@ -79,8 +80,8 @@ struct Refs {
 pub struct ZoneParts {
     cfg: ZoneConfig,
     /// Each Service's part, by key; the zone's own under [`own_key`].
-    parts: HashMap<Arc<ObjectKey>, Part>,
-    refs: HashMap<Name, Refs>,
+    parts: HashMap<Arc<ObjectKey>, Part, RandomState>,
+    refs: HashMap<Name, Refs, RandomState>,
     nodes: Sharded<Name, Arc<Node>>,
 }
 
@@ -94,14 +95,13 @@ impl ZoneParts {
     pub fn new(cfg: &ZoneConfig) -> ZoneParts {
         let mut z = ZoneParts {
             cfg: cfg.clone(),
-            parts: HashMap::new(),
-            refs: HashMap::new(),
+            parts: HashMap::default(),
+            refs: HashMap::default(),
             nodes: Sharded::default(),
         };
         let own = Part::from_builder(Builder::new(cfg).into_names());
-        let mut touched = HashSet::new();
-        z.put(Arc::new(own_key()), own, &mut touched);
-        z.render_all(touched);
+        z.put(Arc::new(own_key()), own, None);
+        z.render_everything();
         z
     }
 
@@ -109,26 +109,31 @@ impl ZoneParts {
     /// `dirty` (everything, or the Services named), and publishes it as
     /// generation `generation` (the SOA serial).
     pub fn update(&mut self, store: &Store, dirty: &Dirty, generation: u64) -> Zone {
-        let mut touched = HashSet::new();
         if dirty.all {
             *self = ZoneParts::new(&self.cfg);
             for svc in store.services() {
-                self.service(store, &svc.key, &mut touched);
+                self.service(store, &svc.key, None);
             }
+            // Every name is new: rendered from the references, without
+            // collecting them first.
+            self.render_everything();
         } else {
+            let mut touched = HashSet::new();
             for k in &dirty.services {
-                self.service(store, k, &mut touched);
+                self.service(store, k, Some(&mut touched));
             }
+            self.render_all(touched);
         }
-        self.render_all(touched);
         self.publish(generation)
     }
 
     /// Replaces the part of the Service `key` with what the store holds now.
-    fn service(&mut self, store: &Store, key: &ObjectKey, touched: &mut HashSet<Name>) {
+    /// `touched` collects the names whose nodes must be rendered again
+    /// (`None`: all of them will be).
+    fn service(&mut self, store: &Store, key: &ObjectKey, mut touched: Option<&mut HashSet<Name>>) {
         let k = Arc::new(key.clone());
         if let Some(old) = self.parts.remove(&k) {
-            self.unref(&k, &old, touched);
+            self.unref(&k, &old, touched.as_deref_mut());
         }
         let Some(svc) = store.service(key) else {
             return;
@@ -154,11 +159,16 @@ impl ZoneParts {
         out
     }
 
-    fn put(&mut self, key: Arc<ObjectKey>, part: Part, touched: &mut HashSet<Name>) {
+    fn put(&mut self, key: Arc<ObjectKey>, part: Part, mut touched: Option<&mut HashSet<Name>>) {
         for (name, records) in &part.names {
             for n in self.lineage(name) {
-                self.refs.entry(n.clone()).or_default().count += 1;
-                touched.insert(n);
+                match touched.as_deref_mut() {
+                    Some(t) => {
+                        self.refs.entry(n.clone()).or_default().count += 1;
+                        t.insert(n);
+                    }
+                    None => self.refs.entry(n).or_default().count += 1,
+                }
             }
             if !records.is_empty() {
                 if let Some(r) = self.refs.get_mut(name) {
@@ -169,7 +179,12 @@ impl ZoneParts {
         self.parts.insert(key, part);
     }
 
-    fn unref(&mut self, key: &Arc<ObjectKey>, part: &Part, touched: &mut HashSet<Name>) {
+    fn unref(
+        &mut self,
+        key: &Arc<ObjectKey>,
+        part: &Part,
+        mut touched: Option<&mut HashSet<Name>>,
+    ) {
         for (name, _) in &part.names {
             if let Some(r) = self.refs.get_mut(name) {
                 r.owners.retain(|o| o != key);
@@ -181,9 +196,22 @@ impl ZoneParts {
                         self.refs.remove(&n);
                     }
                 }
-                touched.insert(n);
+                if let Some(t) = touched.as_deref_mut() {
+                    t.insert(n);
+                }
             }
         }
+    }
+
+    /// Renders every referenced name (into a map that holds nothing else).
+    fn render_everything(&mut self) {
+        let mut nodes = Sharded::default();
+        for name in self.refs.keys() {
+            if let Some(node) = self.render(name) {
+                nodes.insert(name.clone(), Arc::new(node));
+            }
+        }
+        self.nodes = nodes;
     }
 
     /// Renders `names` again from their parts (or removes those that are gone).
