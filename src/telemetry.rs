@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -400,31 +400,91 @@ impl Default for PortMetrics {
     }
 }
 
+/// A counter held inside a larger structure (a [`Traffic`], an
+/// [`EndpointMetrics`]), not in an allocation of its own as [`Counter`]:
+/// a million endpoints' counters are a million allocations, not fourteen
+/// million. Read at scrape; every update is one atomic operation.
+#[derive(Debug, Default)]
+pub struct Count(AtomicU64);
+
+impl Count {
+    /// Adds one.
+    #[inline]
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Relaxed);
+    }
+
+    /// Adds `n`.
+    #[inline]
+    pub fn inc_by(&self, n: u64) {
+        self.0.fetch_add(n, Relaxed);
+    }
+
+    /// The count.
+    #[inline]
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// A gauge held inside a larger structure (see [`Count`]).
+#[derive(Debug, Default)]
+pub struct Level(AtomicI64);
+
+impl Level {
+    /// Adds one.
+    #[inline]
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Relaxed);
+    }
+
+    /// Takes one away.
+    #[inline]
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+
+    /// Sets it.
+    #[inline]
+    pub fn set(&self, v: i64) {
+        self.0.store(v, Relaxed);
+    }
+
+    /// The value.
+    #[inline]
+    pub fn get(&self) -> i64 {
+        self.0.load(Relaxed)
+    }
+}
+
 /// What one frontend, or one endpoint of a Service port, has carried:
 /// connections (and UDP flows) total and open, bytes each way, failed
-/// connects by reason. Cloning shares the atomics.
-#[derive(Clone, Debug, Default)]
+/// connects by reason. Plain atomics in one structure: a frontend shares
+/// it by `Arc`, an endpoint holds it inside its [`EndpointMetrics`].
+#[derive(Debug, Default)]
 pub struct Traffic {
     /// Connections (and UDP flows) open now.
-    pub connections_active: Gauge,
+    pub connections_active: Level,
     /// Connections (and UDP flows) since start.
-    pub connections_total: Counter,
+    pub connections_total: Count,
     /// Payload bytes client → backend.
-    pub bytes_to_backend: Counter,
+    pub bytes_to_backend: Count,
     /// Payload bytes backend → client.
-    pub bytes_to_client: Counter,
-    failures: [Counter; ConnectFailure::COUNT],
+    pub bytes_to_client: Count,
+    failures: [Count; ConnectFailure::COUNT],
 }
 
 impl Traffic {
     /// Count one failed connect attempt for `r`.
     pub fn connect_failure(&self, r: ConnectFailure) {
-        count_failure(&self.failures, r);
+        if let Some(c) = self.failures.get(r.index()) {
+            c.inc();
+        }
     }
 
     /// Connect failures counted so far for `r`.
     pub fn connect_failures(&self, r: ConnectFailure) -> u64 {
-        failures_of(&self.failures, r)
+        self.failures.get(r.index()).map_or(0, Count::get)
     }
 }
 
@@ -453,7 +513,7 @@ pub struct Metrics {
     endpoints: Arc<endpoints::Endpoints>,
     /// Per-frontend counters (`ringvip status` rows), not exported: the same
     /// atomics for a frontend in every snapshot.
-    frontend_traffic: Mutex<HashMap<FrontendLabels, Traffic>>,
+    frontend_traffic: Mutex<HashMap<FrontendLabels, Arc<Traffic>>>,
     /// Handles of each Service port (see [`Metrics::port`]).
     ports: Mutex<HashMap<PortLabels, Arc<PortMetrics>>>,
     /// Handles of each frontend (see [`Metrics::frontend`]).
@@ -466,7 +526,7 @@ pub struct FrontendHandles {
     /// TCP connections admitted (see [`Metrics::frontend_active`]).
     pub admitted: Gauge,
     /// What it carried (see [`Metrics::frontend_traffic`]).
-    pub traffic: Traffic,
+    pub traffic: Arc<Traffic>,
 }
 
 impl Default for Metrics {
@@ -625,7 +685,7 @@ impl Metrics {
 
     /// The counters of one frontend (same labels, same atomics across
     /// snapshots). Call at snapshot compile.
-    pub fn frontend_traffic(&self, labels: &FrontendLabels) -> Traffic {
+    pub fn frontend_traffic(&self, labels: &FrontendLabels) -> Arc<Traffic> {
         let mut map = self
             .frontend_traffic
             .lock()
