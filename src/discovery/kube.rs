@@ -210,8 +210,8 @@ impl Output {
 #[derive(Debug, Clone)]
 enum Held {
     /// Before the first `Reset`: the object itself, which that `Reset`
-    /// carries.
-    Object(Object),
+    /// carries (boxed: a map entry holding a print stays small).
+    Object(Box<Object>),
     /// Once the store has it: only a fingerprint of its converted form, to
     /// tell a changed version from a replayed one (a resumed watch, a
     /// relist). The source keeps no copy of what it sent: at 100,000
@@ -239,7 +239,7 @@ impl Held {
     /// Whether this is what the mirror holds of `o`.
     fn is(&self, o: &Object) -> bool {
         match self {
-            Held::Object(x) => x == o,
+            Held::Object(x) => **x == *o,
             Held::Print(p) => *p == print(o),
         }
     }
@@ -335,7 +335,7 @@ impl Mirror {
                         // print alone: the list's end sends nothing for it.
                         let held = match k.current.get(&item.key) {
                             Some(h @ Held::Print(_)) if h.is(&o) => h.clone(),
-                            _ => Held::Object(o),
+                            _ => Held::Object(Box::new(o)),
                         };
                         relist.insert(item.key.clone(), held);
                         if let Some(t) = trigger {
@@ -363,7 +363,7 @@ impl Mirror {
                         let p = print(o);
                         if !matches!(k.current.get(key), Some(Held::Print(q)) if *q == p) {
                             let t = triggers.remove(key);
-                            out.push(kind, Update::Upsert(Box::new(o.clone())), t);
+                            out.push(kind, Update::Upsert(o.clone()), t);
                         }
                         *held = Held::Print(p);
                     }
@@ -390,7 +390,7 @@ impl Mirror {
                             if let Held::Object(o) = held {
                                 let p = print(o);
                                 if let Held::Object(o) = std::mem::replace(held, Held::Print(p)) {
-                                    all.push(o);
+                                    all.push(*o);
                                 }
                             }
                         }
@@ -408,7 +408,7 @@ impl Mirror {
                                 k.current.insert(item.key, Held::Print(print(&o)));
                                 out.push(kind, Update::Upsert(Box::new(o)), trigger);
                             } else {
-                                k.current.insert(item.key, Held::Object(o));
+                                k.current.insert(item.key, Held::Object(Box::new(o)));
                             }
                         }
                     }
