@@ -244,7 +244,7 @@ def main():
          "--no-tun", "--nodeport-addresses", "127.0.0.1/32", "--node-port-range", "1-65535",
          "--health-addr", "127.0.0.1:%d" % health, "--metrics-addr", "127.0.0.1:%d" % metrics_port],
         stdout=subprocess.DEVNULL, stderr=log,
-        env=dict(os.environ, RINGVIP_LOG="warn,ringvip::programming=debug"))
+        env=dict(os.environ, RINGVIP_LOG=os.environ.get("KUBE_SCALE_LOG", "warn,ringvip::programming=debug")))
     try:
         while who(node_port) != "a":
             if time.monotonic() - t0 > 120:
@@ -304,6 +304,7 @@ def main():
     sync_s = metric(text, "ringvip_sync_proxy_rules_duration_seconds_sum") - first_s
     np_n = metric(text, "ringvip_network_programming_duration_seconds_count")
     np_s = metric(text, "ringvip_network_programming_duration_seconds_sum")
+    print("ringvip log: %s" % log.name)
     print("services %d, endpoints %d (+1 probe Service)" % (a.services, a.services * a.endpoints_per_service))
     print("start -> serving:            %.2f s" % serving)
     print("RSS serving / after changes: %.0f MiB / %.0f MiB (peak %.0f MiB)" % (

@@ -505,6 +505,10 @@ impl KubeSource {
                 }
             };
             let was_started = mirror.started();
+            if !was_started && matches!(ev, Event::InitDone) {
+                // Where start-up time goes: each kind's first list, apart.
+                info!(kind = convert::kind_name(kind), "listed");
+            }
             let out = mirror.step(kind, ev);
             if !was_started && mirror.started() {
                 info!(
