@@ -135,6 +135,22 @@ pub const ACCESS_LOG_DROPPED_TOTAL: &str = "ringvip_access_log_dropped_total";
 
 mod endpoints;
 mod ports;
+
+/// One family of a collector: its descriptor, then one sample per item of
+/// `series` (each value read from its atomic at this scrape).
+fn family<L: EncodeLabelSet, M: prometheus_client::encoding::EncodeMetric>(
+    encoder: &mut prometheus_client::encoding::DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric_type: prometheus_client::metrics::MetricType,
+    series: impl Iterator<Item = (L, M)>,
+) -> Result<(), std::fmt::Error> {
+    let mut m = encoder.encode_descriptor(name, help, None, metric_type)?;
+    for (labels, metric) in series {
+        metric.encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
 pub use endpoints::{EndpointMetrics, EndpointsLease};
 
 /// The OpenMetrics family name under which a counter must be registered so
@@ -324,20 +340,18 @@ pub struct PortMetrics {
     pub bytes_to_client: Count,
     /// UDP flows currently in the flow table. Exported only for UDP ports.
     pub udp_flows_active: Level,
-    failures: [Count; ConnectFailure::COUNT],
+    failures: Failures,
 }
 
 impl PortMetrics {
     /// Count one failed connect attempt for `r`.
     pub fn connect_failure(&self, r: ConnectFailure) {
-        if let Some(c) = self.failures.get(r.index()) {
-            c.inc();
-        }
+        self.failures.count(r);
     }
 
     /// Connect failures counted so far for `r`.
     pub fn connect_failures(&self, r: ConnectFailure) -> u64 {
-        self.failures.get(r.index()).map_or(0, Count::get)
+        self.failures.get(r)
     }
 
     /// Handles registered nowhere: for tests and for code paths that need a
@@ -404,6 +418,25 @@ impl Level {
     }
 }
 
+/// Failed connects by reason, one [`Count`] per [`ConnectFailure`].
+#[derive(Debug, Default)]
+pub struct Failures([Count; ConnectFailure::COUNT]);
+
+impl Failures {
+    /// Counts one failure for `r`.
+    #[inline]
+    pub fn count(&self, r: ConnectFailure) {
+        if let Some(c) = self.0.get(r.index()) {
+            c.inc();
+        }
+    }
+
+    /// The failures counted for `r`.
+    pub fn get(&self, r: ConnectFailure) -> u64 {
+        self.0.get(r.index()).map_or(0, Count::get)
+    }
+}
+
 /// What one frontend, or one endpoint of a Service port, has carried:
 /// connections (and UDP flows) total and open, bytes each way, failed
 /// connects by reason. Plain atomics in one structure: a frontend shares
@@ -418,20 +451,18 @@ pub struct Traffic {
     pub bytes_to_backend: Count,
     /// Payload bytes backend → client.
     pub bytes_to_client: Count,
-    failures: [Count; ConnectFailure::COUNT],
+    failures: Failures,
 }
 
 impl Traffic {
     /// Count one failed connect attempt for `r`.
     pub fn connect_failure(&self, r: ConnectFailure) {
-        if let Some(c) = self.failures.get(r.index()) {
-            c.inc();
-        }
+        self.failures.count(r);
     }
 
     /// Connect failures counted so far for `r`.
     pub fn connect_failures(&self, r: ConnectFailure) -> u64 {
-        self.failures.get(r.index()).map_or(0, Count::get)
+        self.failures.get(r)
     }
 }
 

@@ -33,17 +33,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{
-    DescriptorEncoder, EncodeLabelSet, EncodeMetric, LabelSetEncoder,
-};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
 use super::{
-    counter_family, unix_seconds, ConnectFailure, Level, PortLabels, Traffic, ENDPOINT_BYTES_TOTAL,
-    ENDPOINT_CHECK_UP, ENDPOINT_CONNECTIONS_ACTIVE, ENDPOINT_CONNECTIONS_TOTAL,
-    ENDPOINT_CONNECT_FAILURES_TOTAL, ENDPOINT_HEALTHY,
+    counter_family, family, unix_seconds, ConnectFailure, Level, PortLabels, Traffic,
+    ENDPOINT_BYTES_TOTAL, ENDPOINT_CHECK_UP, ENDPOINT_CONNECTIONS_ACTIVE,
+    ENDPOINT_CONNECTIONS_TOTAL, ENDPOINT_CONNECT_FAILURES_TOTAL, ENDPOINT_HEALTHY,
     ENDPOINT_HEALTH_LAST_CHANGE_TIMESTAMP_SECONDS,
 };
 
@@ -257,22 +255,6 @@ impl Endpoints {
     pub(super) fn live(&self) -> usize {
         self.lock().values().map(HashMap::len).sum()
     }
-}
-
-/// One family: its descriptor, then one sample per item of `series` (each
-/// value read from its atomic at this scrape).
-fn family<'a, M: EncodeMetric>(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    metric_type: MetricType,
-    series: impl Iterator<Item = (Labels<'a>, M)>,
-) -> Result<(), std::fmt::Error> {
-    let mut m = encoder.encode_descriptor(name, help, None, metric_type)?;
-    for (labels, metric) in series {
-        metric.encode(m.encode_family(&labels)?)?;
-    }
-    Ok(())
 }
 
 impl Collector for Endpoints {

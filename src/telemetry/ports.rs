@@ -9,16 +9,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{
-    DescriptorEncoder, EncodeLabelSet, EncodeMetric, LabelSetEncoder,
-};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
 use super::{
-    counter_family, ConnectFailure, PortLabels, PortMetrics, BYTES_TOTAL, CONNECTIONS_ACTIVE,
-    CONNECTIONS_TOTAL, CONNECT_FAILURES_TOTAL, UDP_FLOWS_ACTIVE,
+    counter_family, family, ConnectFailure, PortLabels, PortMetrics, BYTES_TOTAL,
+    CONNECTIONS_ACTIVE, CONNECTIONS_TOTAL, CONNECT_FAILURES_TOTAL, UDP_FLOWS_ACTIVE,
 };
 
 /// A port's labels, borrowed for one scrape, plus at most one more
@@ -64,21 +62,6 @@ impl Ports {
         ports.insert(labels.clone(), m.clone());
         m
     }
-}
-
-/// One family: its descriptor, then one sample per item of `series`.
-fn family<'a, M: EncodeMetric>(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    metric_type: MetricType,
-    series: impl Iterator<Item = (Labels<'a>, M)>,
-) -> Result<(), std::fmt::Error> {
-    let mut m = encoder.encode_descriptor(name, help, None, metric_type)?;
-    for (labels, metric) in series {
-        metric.encode(m.encode_family(&labels)?)?;
-    }
-    Ok(())
 }
 
 impl Collector for Ports {
