@@ -210,8 +210,10 @@ impl Output {
 #[derive(Debug, Clone)]
 enum Held {
     /// Before the first `Reset`: the object itself, which that `Reset`
-    /// carries (boxed: a map entry holding a print stays small).
-    Object(Box<Object>),
+    /// carries (boxed: a map entry holding a print stays small), with its
+    /// print, taken as it arrives: while the list is still arriving, not
+    /// once it is complete and the Reset waits for them all.
+    Object(Box<Object>, Print),
     /// Once the store has it: only a fingerprint of its converted form, to
     /// tell a changed version from a replayed one (a resumed watch, a
     /// relist). The source keeps no copy of what it sent: at 100,000
@@ -236,11 +238,10 @@ fn print(o: &Object) -> Print {
 }
 
 impl Held {
-    /// Whether this is what the mirror holds of `o`.
-    fn is(&self, o: &Object) -> bool {
+    /// The print of what is held.
+    fn fingerprint(&self) -> Print {
         match self {
-            Held::Object(x) => **x == *o,
-            Held::Print(p) => *p == print(o),
+            Held::Object(_, p) | Held::Print(p) => *p,
         }
     }
 }
@@ -307,7 +308,7 @@ impl Mirror {
     #[cfg(test)]
     fn objects_held(&self) -> usize {
         let whole = |m: &BTreeMap<ObjectKey, Held>| {
-            m.values().filter(|h| matches!(h, Held::Object(_))).count()
+            m.values().filter(|h| matches!(h, Held::Object(..))).count()
         };
         self.kinds
             .iter()
@@ -333,9 +334,10 @@ impl Mirror {
                     Ok(Some(o)) => {
                         // Once started, an unchanged object is kept as its
                         // print alone: the list's end sends nothing for it.
+                        let p = print(&o);
                         let held = match k.current.get(&item.key) {
-                            Some(h @ Held::Print(_)) if h.is(&o) => h.clone(),
-                            _ => Held::Object(Box::new(o)),
+                            Some(Held::Print(q)) if *q == p => Held::Print(p),
+                            _ => Held::Object(Box::new(o), p),
                         };
                         relist.insert(item.key.clone(), held);
                         if let Some(t) = trigger {
@@ -359,13 +361,15 @@ impl Mirror {
                 k.synced = true;
                 if started {
                     for (key, held) in &mut listed {
-                        let Held::Object(o) = held else { continue };
-                        let p = print(o);
-                        if !matches!(k.current.get(key), Some(Held::Print(q)) if *q == p) {
-                            let t = triggers.remove(key);
-                            out.push(kind, Update::Upsert(o.clone()), t);
+                        let Held::Object(_, p) = held else { continue };
+                        let p = *p;
+                        let sent = matches!(k.current.get(key), Some(Held::Print(q)) if *q == p);
+                        if let Held::Object(o, _) = std::mem::replace(held, Held::Print(p)) {
+                            if !sent {
+                                let t = triggers.remove(key);
+                                out.push(kind, Update::Upsert(o), t);
+                            }
                         }
-                        *held = Held::Print(p);
                     }
                     for key in k.current.keys() {
                         if !listed.contains_key(key) {
@@ -387,11 +391,9 @@ impl Mirror {
                         // The objects move into the Reset; the mirror keeps
                         // their prints.
                         for held in k.current.values_mut() {
-                            if let Held::Object(o) = held {
-                                let p = print(o);
-                                if let Held::Object(o) = std::mem::replace(held, Held::Print(p)) {
-                                    all.push(*o);
-                                }
+                            let p = held.fingerprint();
+                            if let Held::Object(o, _) = std::mem::replace(held, Held::Print(p)) {
+                                all.push(*o);
                             }
                         }
                     }
@@ -403,12 +405,13 @@ impl Mirror {
                 let k = slot(&mut self.kinds, kind);
                 match item.object {
                     Ok(Some(o)) => {
-                        if !k.current.get(&item.key).is_some_and(|h| h.is(&o)) {
+                        let p = print(&o);
+                        if k.current.get(&item.key).map(Held::fingerprint) != Some(p) {
                             if started {
-                                k.current.insert(item.key, Held::Print(print(&o)));
+                                k.current.insert(item.key, Held::Print(p));
                                 out.push(kind, Update::Upsert(Box::new(o)), trigger);
                             } else {
-                                k.current.insert(item.key, Held::Object(Box::new(o)));
+                                k.current.insert(item.key, Held::Object(Box::new(o), p));
                             }
                         }
                     }
