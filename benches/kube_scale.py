@@ -247,7 +247,7 @@ def main():
          "--health-addr", "127.0.0.1:%d" % health, "--metrics-addr", "127.0.0.1:%d" % metrics_port]
         + (["--dns-addr", "127.0.0.1:%d" % free_port()] if a.dns else []),
         stdout=subprocess.DEVNULL, stderr=log,
-        env=dict(os.environ, RINGVIP_LOG="warn,ringvip::programming=debug"))
+        env=dict(os.environ, RINGVIP_LOG=os.environ.get("KUBE_SCALE_LOG", "warn,ringvip::programming=debug")))
     try:
         while who(node_port) != "a":
             if time.monotonic() - t0 > 120:
@@ -307,6 +307,7 @@ def main():
     sync_s = metric(text, "ringvip_sync_proxy_rules_duration_seconds_sum") - first_s
     np_n = metric(text, "ringvip_network_programming_duration_seconds_count")
     np_s = metric(text, "ringvip_network_programming_duration_seconds_sum")
+    print("ringvip log: %s" % log.name)
     print("services %d, endpoints %d (+1 probe Service)" % (a.services, a.services * a.endpoints_per_service))
     print("start -> serving:            %.2f s" % serving)
     print("RSS serving / after changes: %.0f MiB / %.0f MiB (peak %.0f MiB)" % (

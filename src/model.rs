@@ -150,7 +150,7 @@ pub struct SkippedPort {
 }
 
 /// A validated Service.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Hash)]
 pub struct Service {
     /// Namespace and name.
     pub key: ObjectKey,
@@ -210,7 +210,7 @@ pub enum TrafficDistribution {
 
 /// What ringvip's annotations on a Service ask for; the default asks for
 /// nothing (kube-proxy's behaviour).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Hash)]
 pub struct ServiceOptions {
     /// `ringvip.io/balance` (and `ringvip.io/maglev-table-size`).
     pub balance: Balance,
@@ -421,7 +421,7 @@ impl Endpoint {
 }
 
 /// A validated EndpointSlice.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Hash)]
 pub struct EndpointSlice {
     /// Namespace and name of the slice itself.
     pub key: ObjectKey,
@@ -447,7 +447,7 @@ impl EndpointSlice {
 }
 
 /// What ringvip needs of a Node object.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Hash)]
 pub struct Node {
     /// `metadata.name`.
     pub name: String,
@@ -460,7 +460,7 @@ pub struct Node {
 }
 
 /// A Pod as file mode needs it to resolve a Service selector.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Hash)]
 pub struct Pod {
     /// Namespace and name.
     pub key: ObjectKey,
@@ -491,7 +491,7 @@ pub struct Pod {
 /// A legacy `v1 Endpoints` object (file mode), already mirrored into the
 /// EndpointSlices the EndpointSliceMirroring controller would write; they
 /// are used only while its same-name Service exists without a selector.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Hash)]
 pub struct LegacyEndpoints {
     /// Namespace and name (the Service's).
     pub key: ObjectKey,
@@ -503,7 +503,7 @@ pub struct LegacyEndpoints {
 }
 
 /// Any object a source can deliver.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Hash)]
 pub enum Object {
     /// A Service.
     Service(Service),

@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -134,6 +134,23 @@ pub const PROXY_PROTOCOL_REJECTED_TOTAL: &str = "ringvip_proxy_protocol_rejected
 pub const ACCESS_LOG_DROPPED_TOTAL: &str = "ringvip_access_log_dropped_total";
 
 mod endpoints;
+mod ports;
+
+/// One family of a collector: its descriptor, then one sample per item of
+/// `series` (each value read from its atomic at this scrape).
+fn family<L: EncodeLabelSet, M: prometheus_client::encoding::EncodeMetric>(
+    encoder: &mut prometheus_client::encoding::DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric_type: prometheus_client::metrics::MetricType,
+    series: impl Iterator<Item = (L, M)>,
+) -> Result<(), std::fmt::Error> {
+    let mut m = encoder.encode_descriptor(name, help, None, metric_type)?;
+    for (labels, metric) in series {
+        metric.encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
 pub use endpoints::{EndpointMetrics, EndpointsLease};
 
 /// The OpenMetrics family name under which a counter must be registered so
@@ -153,37 +170,6 @@ pub struct PortLabels {
     pub port: String,
     /// `TCP`, `UDP` or `SCTP`, as in the Service spec.
     pub protocol: String,
-}
-
-/// Direction of relayed bytes: the `direction` label of [`BYTES_TOTAL`],
-/// `to_backend` (client → backend) or `to_client` (backend → client).
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-enum Direction {
-    ToBackend,
-    ToClient,
-}
-
-impl EncodeLabelValue for Direction {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-        encoder.write_str(match self {
-            Direction::ToBackend => "to_backend",
-            Direction::ToClient => "to_client",
-        })
-    }
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BytesLabels {
-    #[prometheus(flatten)]
-    port: PortLabels,
-    direction: Direction,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct FailureLabels {
-    #[prometheus(flatten)]
-    port: PortLabels,
-    reason: ConnectFailure,
 }
 
 /// Traffic policy a no-local-endpoints count refers to: the `traffic_policy`
@@ -339,92 +325,144 @@ impl Default for LimitHits {
     }
 }
 
-/// Handles for one Service port, taken at snapshot compile. Cloning is cheap
-/// (reference counts); every operation on the data path is one atomic op.
-#[derive(Clone, Debug)]
+/// Handles for one Service port, taken at snapshot compile: plain atomics
+/// in one allocation, shared by `Arc` (see `telemetry::ports`); every
+/// operation on the data path is one atomic op.
+#[derive(Debug, Default)]
 pub struct PortMetrics {
     /// Connections currently open; `inc()` on accept, `dec()` on close.
-    pub connections_active: Gauge,
+    pub connections_active: Level,
     /// Connections accepted.
-    pub connections_total: Counter,
+    pub connections_total: Count,
     /// Payload bytes relayed client → backend.
-    pub bytes_to_backend: Counter,
+    pub bytes_to_backend: Count,
     /// Payload bytes relayed backend → client.
-    pub bytes_to_client: Counter,
-    /// UDP flows currently in the flow table. Exported only for UDP ports;
-    /// for other protocols this gauge is detached (counts nothing visible).
-    pub udp_flows_active: Gauge,
-    failures: [Counter; ConnectFailure::COUNT],
-}
-
-/// Counts one failure for `r` in `failures` (indexed by [`ConnectFailure::index`]).
-fn count_failure(failures: &[Counter; ConnectFailure::COUNT], r: ConnectFailure) {
-    if let Some(c) = failures.get(r.index()) {
-        c.inc();
-    }
-}
-
-/// The failures counted for `r` in `failures`.
-fn failures_of(failures: &[Counter; ConnectFailure::COUNT], r: ConnectFailure) -> u64 {
-    failures.get(r.index()).map_or(0, Counter::get)
+    pub bytes_to_client: Count,
+    /// UDP flows currently in the flow table. Exported only for UDP ports.
+    pub udp_flows_active: Level,
+    failures: Failures,
 }
 
 impl PortMetrics {
     /// Count one failed connect attempt for `r`.
     pub fn connect_failure(&self, r: ConnectFailure) {
-        count_failure(&self.failures, r);
+        self.failures.count(r);
     }
 
     /// Connect failures counted so far for `r`.
     pub fn connect_failures(&self, r: ConnectFailure) -> u64 {
-        failures_of(&self.failures, r)
+        self.failures.get(r)
     }
 
     /// Handles registered nowhere: for tests and for code paths that need a
     /// `PortMetrics` but have no [`Metrics`].
     pub fn detached() -> PortMetrics {
-        PortMetrics {
-            connections_active: Gauge::default(),
-            connections_total: Counter::default(),
-            bytes_to_backend: Counter::default(),
-            bytes_to_client: Counter::default(),
-            udp_flows_active: Gauge::default(),
-            failures: Default::default(),
-        }
+        PortMetrics::default()
     }
 }
 
-impl Default for PortMetrics {
-    fn default() -> Self {
-        PortMetrics::detached()
+/// A counter held inside a larger structure (a [`Traffic`], an
+/// [`EndpointMetrics`]), not in an allocation of its own as [`Counter`]:
+/// a million endpoints' counters are a million allocations, not fourteen
+/// million. Read at scrape; every update is one atomic operation.
+#[derive(Debug, Default)]
+pub struct Count(AtomicU64);
+
+impl Count {
+    /// Adds one.
+    #[inline]
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Relaxed);
+    }
+
+    /// Adds `n`.
+    #[inline]
+    pub fn inc_by(&self, n: u64) {
+        self.0.fetch_add(n, Relaxed);
+    }
+
+    /// The count.
+    #[inline]
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// A gauge held inside a larger structure (see [`Count`]).
+#[derive(Debug, Default)]
+pub struct Level(AtomicI64);
+
+impl Level {
+    /// Adds one.
+    #[inline]
+    pub fn inc(&self) {
+        self.0.fetch_add(1, Relaxed);
+    }
+
+    /// Takes one away.
+    #[inline]
+    pub fn dec(&self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+
+    /// Sets it.
+    #[inline]
+    pub fn set(&self, v: i64) {
+        self.0.store(v, Relaxed);
+    }
+
+    /// The value.
+    #[inline]
+    pub fn get(&self) -> i64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// Failed connects by reason, one [`Count`] per [`ConnectFailure`].
+#[derive(Debug, Default)]
+pub struct Failures([Count; ConnectFailure::COUNT]);
+
+impl Failures {
+    /// Counts one failure for `r`.
+    #[inline]
+    pub fn count(&self, r: ConnectFailure) {
+        if let Some(c) = self.0.get(r.index()) {
+            c.inc();
+        }
+    }
+
+    /// The failures counted for `r`.
+    pub fn get(&self, r: ConnectFailure) -> u64 {
+        self.0.get(r.index()).map_or(0, Count::get)
     }
 }
 
 /// What one frontend, or one endpoint of a Service port, has carried:
 /// connections (and UDP flows) total and open, bytes each way, failed
-/// connects by reason. Cloning shares the atomics.
-#[derive(Clone, Debug, Default)]
+/// connects by reason. Plain atomics in one structure: a frontend shares
+/// it by `Arc`, an endpoint holds it inside its [`EndpointMetrics`].
+#[derive(Debug, Default)]
 pub struct Traffic {
     /// Connections (and UDP flows) open now.
-    pub connections_active: Gauge,
+    pub connections_active: Level,
     /// Connections (and UDP flows) since start.
-    pub connections_total: Counter,
+    pub connections_total: Count,
     /// Payload bytes client → backend.
-    pub bytes_to_backend: Counter,
+    pub bytes_to_backend: Count,
     /// Payload bytes backend → client.
-    pub bytes_to_client: Counter,
-    failures: [Counter; ConnectFailure::COUNT],
+    pub bytes_to_client: Count,
+    failures: Failures,
 }
 
 impl Traffic {
     /// Count one failed connect attempt for `r`.
     pub fn connect_failure(&self, r: ConnectFailure) {
-        count_failure(&self.failures, r);
+        self.failures.count(r);
     }
 
     /// Connect failures counted so far for `r`.
     pub fn connect_failures(&self, r: ConnectFailure) -> u64 {
-        failures_of(&self.failures, r)
+        self.failures.get(r)
     }
 }
 
@@ -444,18 +482,13 @@ pub struct Metrics {
     last_queued_timestamp: FloatGauge,
     skipped_ports: Gauge,
 
-    connections_active: Family<PortLabels, Gauge>,
-    connections_total: Family<PortLabels, Counter>,
-    bytes: Family<BytesLabels, Counter>,
-    connect_failures: Family<FailureLabels, Counter>,
-    udp_flows_active: Family<PortLabels, Gauge>,
+    /// Handles of each Service port (see [`Metrics::port`]).
+    ports: Arc<ports::Ports>,
     frontend_active: Family<FrontendLabels, Gauge>,
     endpoints: Arc<endpoints::Endpoints>,
     /// Per-frontend counters (`ringvip status` rows), not exported: the same
     /// atomics for a frontend in every snapshot.
-    frontend_traffic: Mutex<HashMap<FrontendLabels, Traffic>>,
-    /// Handles of each Service port (see [`Metrics::port`]).
-    ports: Mutex<HashMap<PortLabels, Arc<PortMetrics>>>,
+    frontend_traffic: Mutex<HashMap<FrontendLabels, Arc<Traffic>>>,
     /// Handles of each frontend (see [`Metrics::frontend`]).
     frontends: Mutex<HashMap<(SocketAddr, &'static str), FrontendHandles>>,
 }
@@ -466,7 +499,7 @@ pub struct FrontendHandles {
     /// TCP connections admitted (see [`Metrics::frontend_active`]).
     pub admitted: Gauge,
     /// What it carried (see [`Metrics::frontend_traffic`]).
-    pub traffic: Traffic,
+    pub traffic: Arc<Traffic>,
 }
 
 impl Default for Metrics {
@@ -567,31 +600,11 @@ impl Metrics {
                 SKIPPED_SERVICE_PORTS,
                 "Service ports not served (SCTP), over every Service",
             ),
-            connections_active: fresh(
-                r,
-                CONNECTIONS_ACTIVE,
-                "Connections currently open, per Service port",
-            ),
-            connections_total: counter(
-                r,
-                CONNECTIONS_TOTAL,
-                "Connections accepted, per Service port",
-            ),
-            bytes: counter(
-                r,
-                BYTES_TOTAL,
-                "Payload bytes relayed, per Service port and direction",
-            ),
-            connect_failures: counter(
-                r,
-                CONNECT_FAILURES_TOTAL,
-                "Flows that could not be connected to a backend, per Service port and reason",
-            ),
-            udp_flows_active: fresh(
-                r,
-                UDP_FLOWS_ACTIVE,
-                "UDP flows currently in the flow table, per Service port",
-            ),
+            ports: {
+                let p = Arc::new(ports::Ports::default());
+                r.register_collector(Box::new(p.clone()));
+                p
+            },
             frontend_active: fresh(
                 r,
                 FRONTEND_CONNECTIONS_ACTIVE,
@@ -603,7 +616,6 @@ impl Metrics {
                 e
             },
             frontend_traffic: Mutex::new(HashMap::new()),
-            ports: Mutex::new(HashMap::new()),
             frontends: Mutex::new(HashMap::new()),
             registry,
         };
@@ -625,7 +637,7 @@ impl Metrics {
 
     /// The counters of one frontend (same labels, same atomics across
     /// snapshots). Call at snapshot compile.
-    pub fn frontend_traffic(&self, labels: &FrontendLabels) -> Traffic {
+    pub fn frontend_traffic(&self, labels: &FrontendLabels) -> Arc<Traffic> {
         let mut map = self
             .frontend_traffic
             .lock()
@@ -702,42 +714,7 @@ impl Metrics {
     /// a compile takes one lookup per port instead of eleven label sets
     /// built and hashed.
     pub fn port(&self, labels: &PortLabels) -> Arc<PortMetrics> {
-        let mut ports = self.ports.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(m) = ports.get(labels) {
-            return m.clone();
-        }
-        let m = Arc::new(self.port_series(labels));
-        ports.insert(labels.clone(), m.clone());
-        m
-    }
-
-    /// The handles of every series of a port, from the families.
-    fn port_series(&self, labels: &PortLabels) -> PortMetrics {
-        let bytes_for = |direction| {
-            self.bytes.get_or_create_owned(&BytesLabels {
-                port: labels.clone(),
-                direction,
-            })
-        };
-        let failures = ConnectFailure::ALL.map(|reason| {
-            self.connect_failures.get_or_create_owned(&FailureLabels {
-                port: labels.clone(),
-                reason,
-            })
-        });
-        let udp_flows_active = if labels.protocol.eq_ignore_ascii_case("UDP") {
-            self.udp_flows_active.get_or_create_owned(labels)
-        } else {
-            Gauge::default()
-        };
-        PortMetrics {
-            connections_active: self.connections_active.get_or_create_owned(labels),
-            connections_total: self.connections_total.get_or_create_owned(labels),
-            bytes_to_backend: bytes_for(Direction::ToBackend),
-            bytes_to_client: bytes_for(Direction::ToClient),
-            udp_flows_active,
-            failures,
-        }
+        self.ports.get(labels)
     }
 
     /// Record how long one sync (compile + publish) took.

@@ -19,7 +19,7 @@ use super::Shared;
 use crate::access_log::{End, Record};
 use crate::model::Protocol;
 use crate::state::Frontend;
-use crate::telemetry::{Counter, EndpointMetrics, Traffic};
+use crate::telemetry::{Count, EndpointMetrics, Traffic};
 
 /// A live connection or flow; see the module documentation. Single-threaded
 /// (it stays on the data-plane thread that opened it).
@@ -61,7 +61,7 @@ impl Session {
                 pm.udp_flows_active.inc();
             }
         }
-        for t in std::iter::once(&fe.traffic).chain(ep.as_deref().map(|m| &m.traffic)) {
+        for t in std::iter::once(&*fe.traffic).chain(ep.as_deref().map(|m| &m.traffic)) {
             t.connections_total.inc();
             t.connections_active.inc();
         }
@@ -96,7 +96,7 @@ impl Session {
     /// Adds `n` bytes to this session's `tally`, the port's counter, and the
     /// frontend's and endpoint's counters `which` picks.
     #[inline]
-    fn count(&self, n: usize, tally: &Cell<u64>, port: &Counter, which: fn(&Traffic) -> &Counter) {
+    fn count(&self, n: usize, tally: &Cell<u64>, port: &Count, which: fn(&Traffic) -> &Count) {
         let n = n as u64;
         tally.set(tally.get() + n);
         port.inc_by(n);

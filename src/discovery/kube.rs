@@ -206,11 +206,52 @@ impl Output {
     }
 }
 
+/// What the mirror holds of one object of a kind.
+#[derive(Debug, Clone)]
+enum Held {
+    /// Before the first `Reset`: the object itself, which that `Reset`
+    /// carries (boxed: a map entry holding a print stays small), with its
+    /// print, taken as it arrives: while the list is still arriving, not
+    /// once it is complete and the Reset waits for them all.
+    Object(Box<Object>, Print),
+    /// Once the store has it: only a fingerprint of its converted form, to
+    /// tell a changed version from a replayed one (a resumed watch, a
+    /// relist). The source keeps no copy of what it sent: at 100,000
+    /// Services that copy was as large as the store.
+    Print(Print),
+}
+
+/// A 128-bit fingerprint of a converted object (two SipHash passes with
+/// different prefixes): two versions with the same fingerprint are taken
+/// as equal.
+type Print = (u64, u64);
+
+fn print(o: &Object) -> Print {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let pass = |salt: u8| {
+        let mut h = DefaultHasher::new();
+        salt.hash(&mut h);
+        o.hash(&mut h);
+        h.finish()
+    };
+    (pass(0), pass(1))
+}
+
+impl Held {
+    /// The print of what is held.
+    fn fingerprint(&self) -> Print {
+        match self {
+            Held::Object(_, p) | Held::Print(p) => *p,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct KindState {
-    current: BTreeMap<ObjectKey, Object>,
-    /// Objects of a list in progress.
-    relist: Option<BTreeMap<ObjectKey, Object>>,
+    current: BTreeMap<ObjectKey, Held>,
+    /// Objects of a list in progress: once started, objects only where they
+    /// differ from `current` (what the list's end sends), prints elsewhere.
+    relist: Option<BTreeMap<ObjectKey, Held>>,
     /// Trigger times seen during the list in progress, by key.
     relist_triggers: BTreeMap<ObjectKey, SystemTime>,
     synced: bool,
@@ -263,6 +304,18 @@ impl Mirror {
         t.filter(|t| *t >= self.since)
     }
 
+    /// Objects held whole (not as prints), over every kind.
+    #[cfg(test)]
+    fn objects_held(&self) -> usize {
+        let whole = |m: &BTreeMap<ObjectKey, Held>| {
+            m.values().filter(|h| matches!(h, Held::Object(..))).count()
+        };
+        self.kinds
+            .iter()
+            .map(|k| whole(&k.current) + k.relist.as_ref().map_or(0, whole))
+            .sum()
+    }
+
     /// Applies one watch event of `kind`.
     pub fn step(&mut self, kind: Kind, event: Event<Item>) -> Output {
         let mut out = Output::default();
@@ -279,7 +332,14 @@ impl Mirror {
                 let relist = k.relist.get_or_insert_with(BTreeMap::new);
                 match item.object {
                     Ok(Some(o)) => {
-                        relist.insert(item.key.clone(), o);
+                        // Once started, an unchanged object is kept as its
+                        // print alone: the list's end sends nothing for it.
+                        let p = print(&o);
+                        let held = match k.current.get(&item.key) {
+                            Some(Held::Print(q)) if *q == p => Held::Print(p),
+                            _ => Held::Object(Box::new(o), p),
+                        };
+                        relist.insert(item.key.clone(), held);
                         if let Some(t) = trigger {
                             k.relist_triggers.insert(item.key, t);
                         }
@@ -296,14 +356,19 @@ impl Mirror {
             }
             Event::InitDone => {
                 let k = slot(&mut self.kinds, kind);
-                let listed = k.relist.take().unwrap_or_default();
+                let mut listed = k.relist.take().unwrap_or_default();
                 let mut triggers = std::mem::take(&mut k.relist_triggers);
                 k.synced = true;
                 if started {
-                    for (key, o) in &listed {
-                        if k.current.get(key) != Some(o) {
-                            let t = triggers.remove(key);
-                            out.push(kind, Update::Upsert(Box::new(o.clone())), t);
+                    for (key, held) in &mut listed {
+                        let Held::Object(_, p) = held else { continue };
+                        let p = *p;
+                        let sent = matches!(k.current.get(key), Some(Held::Print(q)) if *q == p);
+                        if let Held::Object(o, _) = std::mem::replace(held, Held::Print(p)) {
+                            if !sent {
+                                let t = triggers.remove(key);
+                                out.push(kind, Update::Upsert(o), t);
+                            }
                         }
                     }
                     for key in k.current.keys() {
@@ -316,14 +381,21 @@ impl Mirror {
                 if !started && self.kinds.iter().all(|k| k.synced) {
                     self.started = true;
                     let mut all = Vec::new();
-                    for (i, k) in self.kinds.iter().enumerate() {
+                    for (i, k) in self.kinds.iter_mut().enumerate() {
                         let n = k.current.len() as u64;
                         match i {
                             0 => out.services += n,
                             1 => out.endpoints += n,
                             _ => {}
                         }
-                        all.extend(k.current.values().cloned());
+                        // The objects move into the Reset; the mirror keeps
+                        // their prints.
+                        for held in k.current.values_mut() {
+                            let p = held.fingerprint();
+                            if let Held::Object(o, _) = std::mem::replace(held, Held::Print(p)) {
+                                all.push(*o);
+                            }
+                        }
                     }
                     out.updates.push(Update::Reset(all));
                 }
@@ -333,10 +405,13 @@ impl Mirror {
                 let k = slot(&mut self.kinds, kind);
                 match item.object {
                     Ok(Some(o)) => {
-                        if k.current.get(&item.key) != Some(&o) {
-                            k.current.insert(item.key, o.clone());
+                        let p = print(&o);
+                        if k.current.get(&item.key).map(Held::fingerprint) != Some(p) {
                             if started {
+                                k.current.insert(item.key, Held::Print(p));
                                 out.push(kind, Update::Upsert(Box::new(o)), trigger);
+                            } else {
+                                k.current.insert(item.key, Held::Object(Box::new(o), p));
                             }
                         }
                     }
@@ -433,6 +508,10 @@ impl KubeSource {
                 }
             };
             let was_started = mirror.started();
+            if !was_started && matches!(ev, Event::InitDone) {
+                // Where start-up time goes: each kind's first list, apart.
+                info!(kind = convert::kind_name(kind), "listed");
+            }
             let out = mirror.step(kind, ev);
             if !was_started && mirror.started() {
                 info!(
@@ -452,7 +531,23 @@ impl KubeSource {
             if tx.send(batch).await.is_err() {
                 return;
             }
+            if !was_started && mirror.started() {
+                release_free_memory();
+            }
         }
+    }
+}
+
+/// Hands the heap's free pages back to the kernel. Called once, after the
+/// first list: its responses and the API objects converted from them (at
+/// 100,000 Services, several times what is kept) were freed among the
+/// objects kept, and glibc keeps such pages in the process.
+fn release_free_memory() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists; it
+    // takes no pointer and is safe to call from any thread at any time.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -728,6 +823,32 @@ mod tests {
             }),
         );
         assert_eq!(out.triggers, vec![start + Duration::from_millis(1500)]);
+    }
+
+    /// Once the store has the objects, the source keeps only their prints:
+    /// what it sent is not held twice, and changes are still told from
+    /// replays.
+    #[test]
+    fn the_mirror_keeps_no_copy_of_what_it_sent() {
+        let mut m = Mirror::new(SystemTime::UNIX_EPOCH);
+        list(&mut m, Kind::Service, vec![s("a", 80), s("b", 80)]);
+        list(&mut m, Kind::Node, vec![]);
+        assert_eq!(m.objects_held(), 2, "held until every kind listed");
+        list(&mut m, Kind::EndpointSlice, vec![e("a-1", "10.0.0.1")]);
+        assert_eq!(m.objects_held(), 0);
+        assert_eq!(
+            names(&m.step(Kind::Service, Event::Apply(s("a", 81))).updates),
+            vec!["upsert a"]
+        );
+        assert!(m
+            .step(Kind::Service, Event::Apply(s("a", 81)))
+            .updates
+            .is_empty());
+        assert_eq!(m.objects_held(), 0);
+        // A relist sends only what differs from what was sent.
+        let out = list(&mut m, Kind::Service, vec![s("a", 81), s("b", 82)]);
+        assert_eq!(names(&out.updates), vec!["upsert b"]);
+        assert_eq!(m.objects_held(), 0);
     }
 
     #[test]

@@ -36,7 +36,9 @@ pub struct Store {
     pub(crate) slices: BTreeMap<ObjectKey, EndpointSlice>,
     /// The keys of `slices` by their Service (namespace, Service name): a
     /// change finds its Service's slices without a pass over all of them.
-    slices_by_service: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
+    /// A sorted `Vec`, not a `BTreeSet`: a Service has one slice or a few,
+    /// and a set's first node alone was ~500 bytes per Service.
+    slices_by_service: HashMap<ObjectKey, Vec<ObjectKey>>,
     /// The Services with `ringvip.io/health-check`: what
     /// [`Store::check_targets`] walks, rather than every Service per change.
     health_checked: BTreeSet<ObjectKey>,
@@ -394,10 +396,10 @@ impl Store {
                 }
                 self.remove_slice(&s.key);
                 let service = ObjectKey::new(s.key.namespace.clone(), s.service_name.clone());
-                self.slices_by_service
-                    .entry(service)
-                    .or_default()
-                    .insert(s.key.clone());
+                let keys = self.slices_by_service.entry(service).or_default();
+                if let Err(i) = keys.binary_search(&s.key) {
+                    keys.insert(i, s.key.clone());
+                }
                 self.slices.insert(s.key.clone(), s);
                 true
             }
@@ -429,7 +431,9 @@ impl Store {
         };
         let service = ObjectKey::new(key.namespace.clone(), old.service_name);
         if let Some(keys) = self.slices_by_service.get_mut(&service) {
-            keys.remove(key);
+            if let Ok(i) = keys.binary_search(key) {
+                keys.remove(i);
+            }
             if keys.is_empty() {
                 self.slices_by_service.remove(&service);
             }

@@ -23,6 +23,7 @@ mod compile;
 mod dns;
 pub mod engine;
 mod manifest;
+pub mod scale;
 pub mod tun;
 
 pub use admin_http::admin_http;

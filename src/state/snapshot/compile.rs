@@ -273,7 +273,7 @@ impl<'a> Compiler<'a> {
                 handles
                     .endpoint(a)
                     .cloned()
-                    .unwrap_or_else(EndpointMetrics::detached)
+                    .unwrap_or_else(|| EndpointMetrics::detached(*a))
             })
             .collect();
         let fh = self.metrics.frontend(addr, sp.protocol.as_str());

@@ -111,7 +111,7 @@ pub struct Frontend {
     pub candidates: Arc<PortCandidates>,
     /// What this frontend alone has carried (the same atomics in every
     /// snapshot): the counters of its `ringvip status` row.
-    pub traffic: Traffic,
+    pub traffic: Arc<Traffic>,
     /// Metric handles of each of `endpoints`, at the same index.
     pub endpoint_metrics: Box<[Arc<EndpointMetrics>]>,
     /// How a new flow chooses among `endpoints` (`ringvip.io/balance`).
