@@ -1,39 +1,84 @@
 //! The loop of one TUN queue's thread: reads packets (into pooled buffers,
-//! checksums verified where the kernel did not vouch for them), sends each
-//! where `packet::classify` says, polls the stack, writes its packets out,
-//! and sleeps until the device, a task or a timer needs it.
+//! checksums verified where the kernel did not vouch for them) from its
+//! queue and its inbox, passes those of flows it does not own on
+//! ([`peer`](super::peer)), sends the others where `packet::classify` says,
+//! polls the stack, writes its packets out, and sleeps until the device, its
+//! inbox, a task or a timer needs it.
 
 use std::io;
+use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::ctx::Ctx;
 use super::device::{QueueDevice, Tun};
 use super::offload::{self, RxChecksum};
-use super::packet::{classify, Classified};
+use super::packet::{classify, flow_of, Classified};
+use super::peer::{self, Origin, Passed, Unowned};
 use super::stack::{Stack, TunSettings};
 use super::{tcp, udp};
 use crate::dataplane::Shared;
+use crate::handover::Pin;
 use crate::state::Snapshot;
 
 /// Packets read per round at most, so relays get their turn under load.
 const READ_BATCH: usize = 256;
 
+/// What the control loop asks of a TUN thread (the handover).
+#[derive(Debug)]
+pub enum TunCmd {
+    /// Each UDP flow's endpoint, for the next process.
+    Pins(oneshot::Sender<Vec<Pin>>),
+    /// UDP flows still open (what a drain waits for).
+    Flows(oneshot::Sender<usize>),
+}
+
+/// One thread's share of the device.
+#[derive(Debug)]
+pub struct Queue {
+    /// Its queue.
+    pub tun: Tun,
+    /// Its number among the process's TUN threads.
+    pub thread: usize,
+    /// The receiving end of its inbox (see [`peer`](super::peer)).
+    pub inbox: OwnedFd,
+    /// The control loop's questions.
+    pub cmds: mpsc::UnboundedReceiver<TunCmd>,
+    /// Read nothing before the first snapshot: a process taking over holds
+    /// its queues before it knows the Services, and a packet answered
+    /// against the empty snapshot would be refused.
+    pub wait_first: bool,
+}
+
 /// Runs the TUN front end on the current tokio-uring thread until `stop` closes.
 pub async fn run(
-    tun: Tun,
+    q: Queue,
     shared: Arc<Shared>,
     settings: TunSettings,
     mut stop: watch::Receiver<Arc<Snapshot>>,
 ) -> io::Result<()> {
+    let Queue {
+        tun,
+        thread,
+        inbox,
+        mut cmds,
+        wait_first,
+    } = q;
+    if wait_first && stop.wait_for(|s| s.generation > 0).await.is_err() {
+        return Ok(());
+    }
     // SAFETY: `Tun` owns its descriptor and closes it only when dropped, which
     // happens after the AsyncFd (its owner) is dropped.
     let fd = unsafe { AsyncFd::register(tun) }?;
-    let ctx = Rc::new(Ctx::seeded(settings, shared));
+    // SAFETY: as above: the AsyncFd owns the descriptor and closes it last.
+    let inbox = unsafe { AsyncFd::register(inbox) }?;
+    let mut ctx = Ctx::seeded(settings, shared);
+    ctx.thread = thread;
+    let ctx = Rc::new(ctx);
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
     // Whatever the MTU, a TSO super-packet can be 64 KiB of IPv6 payload
     // plus its header.
@@ -46,13 +91,25 @@ pub async fn run(
                 Ok(RxChecksum::Unverified) if !offload::verify(&buf) => {
                     ctx.stack.borrow_mut().dev.recycle(buf);
                 }
-                Ok(_) => ingress(&ctx, buf),
+                Ok(_) => ingress(&ctx, buf, Origin::Local),
                 Err(e) => {
                     ctx.stack.borrow_mut().dev.recycle(buf);
                     if e.kind() != io::ErrorKind::WouldBlock {
                         tracing::warn!(error = %e, "reading the TUN failed");
                     }
                     drained = true;
+                    break;
+                }
+            }
+        }
+        // Packets passed by the other threads and the other process: their
+        // checksums were verified (or vouched for) where they were read.
+        for _ in 0..READ_BATCH {
+            let mut buf = ctx.stack.borrow_mut().dev.buffer();
+            match peer::recv(inbox.get_ref(), &mut buf, rx_max) {
+                Ok(origin) => ingress_owned(&ctx, buf, origin),
+                Err(_) => {
+                    ctx.stack.borrow_mut().dev.recycle(buf);
                     break;
                 }
             }
@@ -87,6 +144,12 @@ pub async fn run(
                     g.clear_ready();
                 }
             }
+            r = inbox.readable() => {
+                if let Ok(mut g) = r {
+                    g.clear_ready();
+                }
+            }
+            Some(cmd) = cmds.recv() => answer(&ctx, cmd),
             r = fd.writable(), if wait_write => {
                 if let Ok(mut g) = r {
                     g.clear_ready();
@@ -126,8 +189,73 @@ fn flush(fd: &AsyncFd<Tun>, st: &mut Stack) {
     }
 }
 
-/// Sends one packet from the TUN where it belongs.
-fn ingress(ctx: &Rc<Ctx>, packet: Vec<u8>) {
+/// Answers the control loop.
+fn answer(ctx: &Ctx, cmd: TunCmd) {
+    match cmd {
+        TunCmd::Pins(tx) => {
+            let pins = ctx
+                .flows
+                .borrow()
+                .open
+                .endpoints()
+                .map(|((client, frontend), endpoint)| Pin {
+                    client,
+                    frontend,
+                    endpoint,
+                })
+                .collect();
+            let _ = tx.send(pins);
+        }
+        TunCmd::Flows(tx) => {
+            let _ = tx.send(ctx.flows.borrow().len());
+        }
+    }
+}
+
+/// Sends one packet read from this thread's queue to the thread that owns
+/// its flow: this one, or another one's inbox.
+fn ingress(ctx: &Rc<Ctx>, packet: Vec<u8>, origin: Origin) {
+    let links = &ctx.shared.tun_links;
+    if let Some((key, _)) = flow_of(&packet) {
+        let owner = peer::owner(&key, links.threads());
+        if owner != ctx.thread && links.to_sibling(owner, origin, &packet) != Passed::Nobody {
+            // Passed on (or dropped with a full inbox: TCP retransmits).
+            ctx.stack.borrow_mut().dev.recycle(packet);
+            return;
+        }
+    }
+    ingress_owned(ctx, packet, origin);
+}
+
+/// Handles a packet of a flow this thread owns in this process, unless the
+/// other process of an upgrade holds it (see [`peer::decide`]).
+fn ingress_owned(ctx: &Rc<Ctx>, packet: Vec<u8>, origin: Origin) {
+    let links = &ctx.shared.tun_links;
+    // Only while two processes run: one atomic load otherwise.
+    if let Some(role) = links.peer_role() {
+        if let Some((key, tcp)) = flow_of(&packet) {
+            let what = match tcp {
+                Some(_) if ctx.stack.borrow().holds_conn(&key) => None,
+                Some(true) => Some(Unowned::Syn),
+                Some(false) => Some(Unowned::Tcp),
+                None if ctx.flows.borrow().holds(&key) => None,
+                None => Some(Unowned::Udp {
+                    pinned: ctx.shared.pins.held(key.0, key.1),
+                }),
+            };
+            if what.is_some_and(|w| peer::decide(Some(role), origin, w))
+                && links.to_peer(&key, &packet) != Passed::Nobody
+            {
+                ctx.stack.borrow_mut().dev.recycle(packet);
+                return;
+            }
+        }
+    }
+    handle(ctx, packet);
+}
+
+/// Handles one packet here.
+fn handle(ctx: &Rc<Ctx>, packet: Vec<u8>) {
     match classify(&ctx.shared.snapshot.load(), &packet) {
         Classified::Stack => ctx.stack.borrow_mut().push_rx(packet),
         Classified::Drop => ctx.stack.borrow_mut().dev.recycle(packet),
