@@ -714,6 +714,8 @@ async fn control(
                     let _ = done.send(());
                     tracing::info!(taker, "handed over: accepting nothing new");
                     let stopped = drain_handed_over(&publisher, settings.dataplane.drain_timeout, &mut sigterm, &draining).await;
+                    let c = shared.tun_links.counts();
+                    tracing::info!(packets_to_peer = c.to_peer, packets_from_peer = c.from_peer, packets_between_threads = c.between_threads, "handed over: TUN packets forwarded");
                     if settings.admin.linger_after_handover && !stopped {
                         tracing::info!("handed over and drained: waiting for SIGTERM");
                         let _ = sigterm.recv().await;

@@ -107,7 +107,12 @@ pub async fn run(
         for _ in 0..READ_BATCH {
             let mut buf = ctx.stack.borrow_mut().dev.buffer();
             match peer::recv(inbox.get_ref(), &mut buf, rx_max) {
-                Ok(origin) => ingress_owned(&ctx, buf, origin),
+                Ok(origin) => {
+                    if origin == Origin::Peer {
+                        ctx.shared.tun_links.received_from_peer();
+                    }
+                    ingress_owned(&ctx, buf, origin)
+                }
                 Err(_) => {
                     ctx.stack.borrow_mut().dev.recycle(buf);
                     break;

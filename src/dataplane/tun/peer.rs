@@ -21,7 +21,7 @@
 use std::hash::{Hash, Hasher};
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use arc_swap::ArcSwapOption;
@@ -90,6 +90,20 @@ pub struct Links {
     siblings: OnceLock<Vec<OwnedFd>>,
     /// The other process of an upgrade, while there is one.
     peer: ArcSwapOption<Peer>,
+    /// Packets sent to the other process, received from it, and passed
+    /// between this process's threads (only those paths count).
+    counts: [AtomicU64; 3],
+}
+
+/// Packets that took a detour, as [`Links::counts`] reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counts {
+    /// Sent to the other process of an upgrade.
+    pub to_peer: u64,
+    /// Received from it.
+    pub from_peer: u64,
+    /// Passed from one thread of this process to another.
+    pub between_threads: u64,
 }
 
 /// A packet could not be passed on.
@@ -146,11 +160,37 @@ impl Links {
         self.peer_role().is_some()
     }
 
-    /// Passes `packet` of `key` to the thread of this process that owns it.
+    /// Passes `packet` to the thread of this process that owns its flow.
     pub fn to_sibling(&self, thread: usize, origin: Origin, packet: &[u8]) -> Passed {
         match self.siblings.get().and_then(|s| s.get(thread)) {
-            Some(fd) => send(fd, origin, packet),
+            Some(fd) => {
+                self.count(2);
+                send(fd, origin, packet)
+            }
             None => Passed::Nobody,
+        }
+    }
+
+    /// Counts a packet received from the other process.
+    #[inline]
+    pub fn received_from_peer(&self) {
+        self.count(1);
+    }
+
+    #[inline]
+    fn count(&self, i: usize) {
+        if let Some(c) = self.counts.get(i) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The packets that took a detour so far.
+    pub fn counts(&self) -> Counts {
+        let get = |i: usize| self.counts.get(i).map_or(0, |c| c.load(Ordering::Relaxed));
+        Counts {
+            to_peer: get(0),
+            from_peer: get(1),
+            between_threads: get(2),
         }
     }
 
@@ -168,8 +208,15 @@ impl Links {
             // Its inboxes are closed: it exited. From now on this process
             // answers everything itself.
             if !p.gone.swap(true, Ordering::Relaxed) {
-                tracing::info!("TUN: the other process of the handover is gone");
+                let c = self.counts();
+                tracing::info!(
+                    packets_to_peer = c.to_peer,
+                    packets_from_peer = c.from_peer,
+                    "TUN: the other process of the handover is gone"
+                );
             }
+        } else {
+            self.count(0);
         }
         sent
     }
