@@ -574,7 +574,7 @@ impl TunScene {
             "--tun-queues",
             "2",
             "--udp-idle-timeout-secs",
-            UDP_IDLE_SECS,
+            TUN_UDP_IDLE_SECS,
             "--access-log",
             log.to_str().unwrap(),
         ]
@@ -625,11 +625,8 @@ impl TunScene {
         self.t.on_node_thread(move || {
             let s = UdpSocket::bind((node, 0)).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            s.send_to(b"once", vip(UDP_VIP, 53)).unwrap();
-            let mut buf = [0u8; 256];
-            let n = s.recv(&mut buf).ok()?;
-            let r = String::from_utf8_lossy(&buf[..n]).to_string();
-            r.strip_suffix(":once").map(str::to_string)
+            s.connect(vip(UDP_VIP, 53)).unwrap();
+            udp_ask(&s, "once")
         })
     }
 
@@ -677,10 +674,59 @@ impl Requests {
     }
 }
 
+/// The UDP idle timeout of the TUN tests: longer than [`STEERING_FORGETS`],
+/// so that a UDP flow idle across the handover is still the old process's.
+const TUN_UDP_IDLE_SECS: &str = "7";
+
+/// UDP flows that send once, sit idle while the handover happens (their
+/// next datagram lands on either process's queues), and send again.
+struct IdleFlows {
+    socks: Vec<(UdpSocket, String)>,
+}
+
+impl IdleFlows {
+    /// `n` flows from `bind` to `addr`, each answered once.
+    fn start(bind: Ipv4Addr, addr: SocketAddr, n: usize) -> IdleFlows {
+        let socks = (0..n)
+            .map(|_| {
+                let s = UdpSocket::bind((bind, 0)).unwrap();
+                s.connect(addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let pod = udp_ask(&s, "first").expect("a first answer");
+                (s, pod)
+            })
+            .collect();
+        IdleFlows { socks }
+    }
+
+    /// Sends again on each (once idle past [`STEERING_FORGETS`]): those
+    /// not answered by the pod that answered first.
+    fn finish(self) -> Vec<String> {
+        let mut moved = Vec::new();
+        for (i, (s, pod)) in self.socks.iter().enumerate() {
+            let again = udp_ask(s, "again");
+            if again.as_deref() != Some(pod.as_str()) {
+                moved.push(format!("idle flow {i}: {pod} then {again:?}"));
+            }
+        }
+        moved
+    }
+}
+
+/// One datagram `msg` on a connected socket: the pod that answered it.
+fn udp_ask(s: &UdpSocket, msg: &str) -> Option<String> {
+    s.send(msg.as_bytes()).ok()?;
+    let mut buf = [0u8; 256];
+    let n = s.recv(&mut buf).ok()?;
+    let r = String::from_utf8_lossy(&buf[..n]).to_string();
+    r.strip_suffix(&format!(":{msg}")).map(str::to_string)
+}
+
 /// How long a flow must be idle before the kernel forgets which queue
-/// wrote it last (`TUN_FLOW_EXPIRE`, 3 s) and hashes its next packet over
-/// every queue, those of both processes; a margin added.
-const STEERING_FORGETS: Duration = Duration::from_millis(3_500);
+/// wrote it last (`TUN_FLOW_EXPIRE`, 3 s, swept by a timer rounded up to
+/// the second) and hashes its next packet over every queue, those of both
+/// processes; a margin added.
+const STEERING_FORGETS: Duration = Duration::from_millis(4_500);
 
 /// Connections that echo once, sit idle while the handover happens, and
 /// echo again: their packets land on either process's queues.
@@ -769,6 +815,8 @@ fn clusterip_flows_survive_a_handover_of_the_tun_device() {
     let requests = sc.t.on_node_thread(|| Requests::start(vip(WEB_VIP, 80)));
     let idle =
         sc.t.on_node_thread(|| IdleStreams::start(vip(ECHO_VIP, 7), STREAMS));
+    let idle_udp =
+        sc.t.on_node_thread(move || IdleFlows::start(node, vip(UDP_VIP, 53), UDP_FLOWS));
     thread::sleep(BETWEEN_ROUNDS);
 
     let t0 = Instant::now();
@@ -778,6 +826,7 @@ fn clusterip_flows_survive_a_handover_of_the_tun_device() {
     let (port, after) = sc.request();
     thread::sleep(BETWEEN_ROUNDS * 2);
     let idle_broken = idle.finish();
+    let idle_moved = idle_udp.finish();
     let old_alive = !old.wait_exit(Duration::from_millis(1));
     let (requests_made, failed, backends) = requests.finish();
     let (echoes, broken) = streams.finish();
@@ -811,7 +860,7 @@ fn clusterip_flows_survive_a_handover_of_the_tun_device() {
         "FIGURE handover (ClusterIP, TUN device in a namespace, 2 queues per process): \
          new process serving in {:.0} ms, Ready -> Released {:.2} ms; {requests_made} requests \
          (new connection each), {} failed; {STREAMS} echo streams: {echoes} echoes, {} broken; \
-         {STREAMS} streams idle across it: {} broken; {UDP_FLOWS} UDP flows: {sent} datagrams, {lost} lost, {} changed pod; old process \
+         {STREAMS} streams idle across it: {} broken; {UDP_FLOWS} UDP flows: {sent} datagrams, {lost} lost, {} changed pod; {UDP_FLOWS} UDP flows idle across it: {} not answered by their pod; old process \
          exited {:.1} s after the handover began, having sent {} packets to the new one and \
          received {} from it",
         took.as_secs_f64() * 1e3,
@@ -820,6 +869,7 @@ fn clusterip_flows_survive_a_handover_of_the_tun_device() {
         broken.len(),
         idle_broken.len(),
         moved_flows.len(),
+        idle_moved.len(),
         exited_after.as_secs_f64(),
         logged_value(&old.log(), "TUN packets forwarded", "packets_to_peer"),
         logged_value(&old.log(), "TUN packets forwarded", "packets_from_peer"),
@@ -831,6 +881,11 @@ fn clusterip_flows_survive_a_handover_of_the_tun_device() {
     assert!(
         idle_broken.is_empty(),
         "idle streams broken: {idle_broken:?}\n{}",
+        logs()
+    );
+    assert!(
+        idle_moved.is_empty(),
+        "idle UDP flows: {idle_moved:?}\n{}",
         logs()
     );
     assert_eq!(lost, 0, "UDP datagrams lost: {seen:?}\n{}", logs());
