@@ -19,7 +19,7 @@
 //! UDP flows are the new process's; the old one keeps what it has.
 
 use std::hash::{Hash, Hasher};
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -294,29 +294,35 @@ fn send(fd: &impl AsFd, origin: Origin, packet: &[u8]) -> Passed {
     }
 }
 
-/// Reads one packet from an inbox into `buf` (replacing its contents);
-/// `WouldBlock` when none waits.
+/// Reads one packet from an inbox into `buf` (replacing its contents,
+/// without zeroing the buffer first); `WouldBlock` when none waits.
 pub fn recv(fd: &impl AsFd, buf: &mut Vec<u8>, max: usize) -> io::Result<Origin> {
     let mut hdr = [0u8; 1];
     buf.clear();
-    buf.resize(max, 0);
-    let n = {
-        let mut iov = [IoSliceMut::new(&mut hdr), IoSliceMut::new(buf)];
-        recvmsg::<()>(
-            fd.as_fd().as_raw_fd(),
-            &mut iov,
-            None,
-            MsgFlags::MSG_DONTWAIT,
-        )
-        .map_err(io::Error::from)?
-        .bytes
-    };
+    buf.reserve(max);
+    let spare = buf.spare_capacity_mut();
+    let iov = [
+        libc::iovec {
+            iov_base: hdr.as_mut_ptr().cast(),
+            iov_len: hdr.len(),
+        },
+        libc::iovec {
+            iov_base: spare.as_mut_ptr().cast(),
+            iov_len: spare.len().min(max),
+        },
+    ];
+    // SAFETY: readv(2) writes at most iov_len bytes into each buffer, both
+    // owned by us and alive for the call. The socket is non-blocking; one
+    // call reads one message.
+    let n = unsafe { libc::readv(fd.as_fd().as_raw_fd(), iov.as_ptr(), 2) };
+    let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
     if n == 0 {
         // Every sending end is closed (this process is stopping).
-        buf.clear();
         return Err(io::ErrorKind::WouldBlock.into());
     }
-    buf.truncate(n - 1);
+    // SAFETY: the kernel initialised the first `n - 1` bytes of the spare
+    // capacity, which `reserve` made at least `max >= n - 1` long.
+    unsafe { buf.set_len(n - 1) };
     Ok(if hdr[0] == 1 {
         Origin::Peer
     } else {
