@@ -1230,3 +1230,25 @@ fn a_lingering_old_process_waits_for_sigterm_after_the_handover() {
     old.sigterm();
     assert!(old.wait_exit(Duration::from_secs(5)), "{}", old.log());
 }
+
+/// A new process started with `--no-tun` cannot take the ClusterIPs over
+/// from one capturing them: it exits saying so before anything changes
+/// hands, and the running one serves on. Root and /dev/net/tun.
+#[test]
+fn a_new_process_without_a_tun_does_not_take_over_clusterips() {
+    let Some(sc) = TunScene::setup() else {
+        return;
+    };
+    let logs = tempfile::tempdir().unwrap();
+    let old = sc.launch(&logs.path().join("old.log"));
+    let (_, first) = sc.request();
+    let affine = first.unwrap_or_else(|e| panic!("{e}: {}", old.log()));
+    let (cmd, dir) = old.successor_command();
+    let err = refused_successor(&old, cmd, &dir);
+    assert!(
+        err.contains("captures ClusterIPs on TUN device ringvip0, which this process (--no-tun) could not take over"),
+        "{err}"
+    );
+    let (_, after) = sc.request();
+    assert_eq!(after, Ok(affine), "{}", old.log());
+}
