@@ -25,6 +25,10 @@ $(sed 's/bench/pp/g; s/10.96.0.10/10.96.0.11/; s/5201/7000/g' "$WORK/m.yaml")
 Y
 ip netns exec "$POD" iperf3 -s -B "$POD_IP" -p 5201 >/dev/null 2>&1 & PIDS+=($!)
 ip netns exec "$POD" python3 benches/tun_load.py server "$POD_IP" 7000 & PIDS+=($!)
+for _ in $(seq 100); do
+  ip netns exec "$POD" ss -Hltn | grep -q ":7000 " && ip netns exec "$POD" ss -Hltn | grep -q ":5201 " && break
+  sleep 0.1
+done
 run_rv() { # run_rv LOG: a ringvip with 2 TUN queues and the handover socket
   RINGVIP_LOG=info ip netns exec "$NODE" "$BIN" run --manifests "$WORK" --workers 1 --tun-queues 2 \
     --health-addr 127.0.0.1:0 --metrics-addr 127.0.0.1:0 --handover "$WORK/h.sock" \
