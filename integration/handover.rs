@@ -588,6 +588,15 @@ impl TunScene {
         self.t.launch(&self.manifest, &a)
     }
 
+    /// [`TunScene::launch`], then one request to [`WEB_VIP`]: the process
+    /// and the pod its ClientIP affinity keeps this node on.
+    fn start(&self, log: &Path) -> (Ringvip, String) {
+        let rv = self.launch(log);
+        let (_, first) = self.request();
+        let pod = first.unwrap_or_else(|e| panic!("{e}: {}", rv.log()));
+        (rv, pod)
+    }
+
     fn successor(&self, old: &Ringvip, log: &Path) -> Ringvip {
         let a = Self::args(log);
         let a: Vec<&str> = a.iter().map(String::as_str).collect();
@@ -804,9 +813,7 @@ fn clusterip_flows_survive_a_handover_of_the_tun_device() {
     };
     let logs = tempfile::tempdir().unwrap();
     let (log_old, log_new) = (logs.path().join("old.log"), logs.path().join("new.log"));
-    let mut old = sc.launch(&log_old);
-    let (_, first) = sc.request();
-    let affine = first.unwrap_or_else(|e| panic!("{e}: {}", old.log()));
+    let (mut old, affine) = sc.start(&log_old);
     let node = sc.t.node_ip();
     let streams =
         sc.t.on_node_thread(|| Streams::start(vip(ECHO_VIP, 7), STREAMS));
@@ -933,9 +940,7 @@ fn a_new_process_dying_mid_handover_leaves_the_old_one_serving_its_clusterips() 
         return;
     };
     let logs = tempfile::tempdir().unwrap();
-    let old = sc.launch(&logs.path().join("old.log"));
-    let (_, first) = sc.request();
-    let affine = first.unwrap_or_else(|e| panic!("{e}: {}", old.log()));
+    let (old, affine) = sc.start(&logs.path().join("old.log"));
     let streams =
         sc.t.on_node_thread(|| Streams::start(vip(ECHO_VIP, 7), STREAMS));
     let (conn, inv, _) = begin_handover(&old.handover);
@@ -976,9 +981,7 @@ fn the_old_process_killed_right_after_a_tun_handover_leaves_the_new_one_serving(
         return;
     };
     let logs = tempfile::tempdir().unwrap();
-    let mut old = sc.launch(&logs.path().join("old.log"));
-    let (_, first) = sc.request();
-    let affine = first.unwrap_or_else(|e| panic!("{e}: {}", old.log()));
+    let (mut old, affine) = sc.start(&logs.path().join("old.log"));
     let new = sc.successor(&old, &logs.path().join("new.log"));
     old.signal(libc::SIGKILL);
     assert!(old.wait_exit(Duration::from_secs(5)));
@@ -1240,9 +1243,7 @@ fn a_new_process_without_a_tun_does_not_take_over_clusterips() {
         return;
     };
     let logs = tempfile::tempdir().unwrap();
-    let old = sc.launch(&logs.path().join("old.log"));
-    let (_, first) = sc.request();
-    let affine = first.unwrap_or_else(|e| panic!("{e}: {}", old.log()));
+    let (old, affine) = sc.start(&logs.path().join("old.log"));
     let (cmd, dir) = old.successor_command();
     let err = refused_successor(&old, cmd, &dir);
     assert!(

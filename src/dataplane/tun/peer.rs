@@ -29,6 +29,7 @@ use nix::sys::socket::{
     sendmsg, setsockopt, socketpair, sockopt, AddressFamily, MsgFlags, SockFlag, SockType,
 };
 
+use super::device::read_after;
 use super::packet::ConnKey;
 
 /// Socket buffer of an inbox: room for a burst of TSO super-packets.
@@ -298,31 +299,11 @@ fn send(fd: &impl AsFd, origin: Origin, packet: &[u8]) -> Passed {
 /// without zeroing the buffer first); `WouldBlock` when none waits.
 pub fn recv(fd: &impl AsFd, buf: &mut Vec<u8>, max: usize) -> io::Result<Origin> {
     let mut hdr = [0u8; 1];
-    buf.clear();
-    buf.reserve(max);
-    let spare = buf.spare_capacity_mut();
-    let iov = [
-        libc::iovec {
-            iov_base: hdr.as_mut_ptr().cast(),
-            iov_len: hdr.len(),
-        },
-        libc::iovec {
-            iov_base: spare.as_mut_ptr().cast(),
-            iov_len: spare.len().min(max),
-        },
-    ];
-    // SAFETY: readv(2) writes at most iov_len bytes into each buffer, both
-    // owned by us and alive for the call. The socket is non-blocking; one
-    // call reads one message.
-    let n = unsafe { libc::readv(fd.as_fd().as_raw_fd(), iov.as_ptr(), 2) };
-    let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
-    if n == 0 {
+    // The socket is non-blocking; one read is one message.
+    if read_after(fd.as_fd().as_raw_fd(), &mut hdr, buf, max)? == 0 {
         // Every sending end is closed (this process is stopping).
         return Err(io::ErrorKind::WouldBlock.into());
     }
-    // SAFETY: the kernel initialised the first `n - 1` bytes of the spare
-    // capacity, which `reserve` made at least `max >= n - 1` long.
-    unsafe { buf.set_len(n - 1) };
     Ok(if hdr[0] == 1 {
         Origin::Peer
     } else {
