@@ -156,11 +156,6 @@ impl Links {
             .map(|p| p.role)
     }
 
-    /// True while another process is linked to this one.
-    pub fn has_peer(&self) -> bool {
-        self.peer_role().is_some()
-    }
-
     /// Passes `packet` to the thread of this process that owns its flow.
     pub fn to_sibling(&self, thread: usize, origin: Origin, packet: &[u8]) -> Passed {
         match self.siblings.get().and_then(|s| s.get(thread)) {
