@@ -24,8 +24,8 @@ pub struct Ctx {
     pub shared: Arc<Shared>,
     /// Endpoint picks.
     pub rng: RefCell<SmallRng>,
-    /// This thread's number among the process's TUN threads (which flows
-    /// it owns, see `peer::owner`).
+    /// This thread's number among the process's TUN threads (its place in
+    /// the chain of `peer::route`).
     pub thread: usize,
 }
 

@@ -18,7 +18,7 @@ use super::ctx::Ctx;
 use super::device::{QueueDevice, Tun};
 use super::offload::{self, RxChecksum};
 use super::packet::{classify, flow_of, Classified};
-use super::peer::{self, Origin, Passed, Unowned};
+use super::peer::{self, Origin, Passed, Route, Unowned};
 use super::stack::{Stack, TunSettings};
 use super::{tcp, udp};
 use crate::dataplane::Shared;
@@ -91,7 +91,7 @@ pub async fn run(
                 Ok(RxChecksum::Unverified) if !offload::verify(&buf) => {
                     ctx.stack.borrow_mut().dev.recycle(buf);
                 }
-                Ok(_) => ingress(&ctx, buf, Origin::Local),
+                Ok(_) => ingress(&ctx, buf, Origin::Local, 0),
                 Err(e) => {
                     ctx.stack.borrow_mut().dev.recycle(buf);
                     if e.kind() != io::ErrorKind::WouldBlock {
@@ -107,11 +107,11 @@ pub async fn run(
         for _ in 0..READ_BATCH {
             let mut buf = ctx.stack.borrow_mut().dev.buffer();
             match peer::recv(inbox.get_ref(), &mut buf, rx_max) {
-                Ok(origin) => {
-                    if origin == Origin::Peer {
+                Ok((origin, hops)) => {
+                    if origin == Origin::Peer && hops == 0 {
                         ctx.shared.tun_links.received_from_peer();
                     }
-                    ingress_owned(&ctx, buf, origin)
+                    ingress(&ctx, buf, origin, hops)
                 }
                 Err(_) => {
                     ctx.stack.borrow_mut().dev.recycle(buf);
@@ -217,43 +217,50 @@ fn answer(ctx: &Ctx, cmd: TunCmd) {
     }
 }
 
-/// Sends one packet read from this thread's queue to the thread that owns
-/// its flow: this one, or another one's inbox.
-fn ingress(ctx: &Rc<Ctx>, packet: Vec<u8>, origin: Origin) {
+/// Sends one packet where it belongs: handled here when this thread holds
+/// its flow (or it is a SYN), passed to the next thread of the chain when
+/// not, and when no thread of this process holds it, to the other process
+/// of an upgrade or handled here as [`peer::decide`] says. `hops`: threads
+/// it visited before this one.
+fn ingress(ctx: &Rc<Ctx>, packet: Vec<u8>, origin: Origin, hops: u8) {
+    let Some((key, tcp)) = flow_of(&packet) else {
+        return handle(ctx, packet);
+    };
+    // Held here: a lookup in this thread's own tables (the common case).
+    let unheld = match tcp {
+        Some(_) if ctx.stack.borrow().holds_conn(&key) => None,
+        Some(true) => Some(Unowned::Syn),
+        Some(false) => Some(Unowned::Tcp),
+        None if ctx.flows.borrow().holds(&key) => None,
+        // Pinned or not matters only to `decide`, filled in there.
+        None => Some(Unowned::Udp { pinned: false }),
+    };
     let links = &ctx.shared.tun_links;
-    if let Some((key, _)) = flow_of(&packet) {
-        let owner = peer::owner(&key, links.threads());
-        if owner != ctx.thread && links.to_sibling(owner, origin, &packet) != Passed::Nobody {
-            // Passed on (or dropped with a full inbox: TCP retransmits).
-            ctx.stack.borrow_mut().dev.recycle(packet);
-            return;
-        }
-    }
-    ingress_owned(ctx, packet, origin);
-}
-
-/// Handles a packet of a flow this thread owns in this process, unless the
-/// other process of an upgrade holds it (see [`peer::decide`]).
-fn ingress_owned(ctx: &Rc<Ctx>, packet: Vec<u8>, origin: Origin) {
-    let links = &ctx.shared.tun_links;
-    // Only while two processes run: one atomic load otherwise.
-    if let Some(role) = links.peer_role() {
-        if let Some((key, tcp)) = flow_of(&packet) {
-            let what = match tcp {
-                Some(_) if ctx.stack.borrow().holds_conn(&key) => None,
-                Some(true) => Some(Unowned::Syn),
-                Some(false) => Some(Unowned::Tcp),
-                None if ctx.flows.borrow().holds(&key) => None,
-                None => Some(Unowned::Udp {
-                    pinned: ctx.shared.pins.held(key.0, key.1),
-                }),
-            };
-            if what.is_some_and(|w| peer::decide(Some(role), origin, w))
-                && links.to_peer(&key, &packet) != Passed::Nobody
-            {
+    let what = match peer::route(unheld, ctx.thread, links.threads(), hops) {
+        Route::Here => unheld,
+        Route::Next { thread, hops } => {
+            if links.to_sibling(thread, origin, hops, &packet) != Passed::Nobody {
+                // Passed on (or dropped with a full inbox: TCP retransmits).
                 ctx.stack.borrow_mut().dev.recycle(packet);
                 return;
             }
+            unheld
+        }
+        Route::Nobody => unheld,
+    };
+    // Only while two processes run: one atomic load otherwise. A SYN and a
+    // flow nobody here holds may be the other process's.
+    if let (Some(what), Some(role)) = (what, links.peer_role()) {
+        let what = match what {
+            Unowned::Udp { .. } => Unowned::Udp {
+                pinned: ctx.shared.pins.held(key.0, key.1),
+            },
+            w => w,
+        };
+        if peer::decide(Some(role), origin, what) && links.to_peer(&key, &packet) != Passed::Nobody
+        {
+            ctx.stack.borrow_mut().dev.recycle(packet);
+            return;
         }
     }
     handle(ctx, packet);

@@ -1,22 +1,24 @@
 //! Who handles a packet read from the TUN, when more than one thread (and,
 //! during an upgrade, more than one process) holds queues of the device.
 //!
-//! The kernel spreads packets over every queue of the device: by a hash of
-//! the flow, or to the queue that last wrote a packet of it (its automatic
-//! steering, which forgets a flow idle for 3 s, and whose queue numbers move
-//! when a queue detaches). While two processes hold queues, and whenever the
-//! number of queues changes, a packet may land on a queue whose thread does
-//! not hold its flow. So a flow belongs to one thread by a hash of its key
-//! ([`owner`]), whatever queue its packets arrive on: a thread passes a
-//! packet of another thread's flow to that thread's [`Inbox`] (a
-//! `SOCK_SEQPACKET` socketpair: one packet, one message, sent without
-//! waiting). Once a thread has written a flow's first reply, the kernel
-//! steers its packets to that thread's queue, so passing is the exception.
+//! The kernel spreads packets over every queue of the device: to the queue
+//! that last wrote a packet of the flow (its automatic steering, which
+//! forgets a flow idle for 3 s, and whose queue numbers move when a queue
+//! detaches), otherwise by a hash of the flow that stays put while the
+//! number of queues does. So the thread that reads a SYN owns that
+//! connection: its SYN-ACK steers the rest of the connection to its queue,
+//! and a single process with a fixed set of queues passes nothing between
+//! its threads. While two processes hold queues, and whenever the number of
+//! queues changes, a packet may land on a queue whose thread does not hold
+//! its flow: that thread passes it along a chain of its siblings ([`route`]),
+//! each through its [`Inbox`] (a `SOCK_SEQPACKET` socketpair: one packet,
+//! one message, sent without waiting, a hop count in its header), until one
+//! holds the flow or every thread has seen it.
 //!
 //! During an upgrade the same inboxes link the two processes (their sending
 //! ends travel over the handover socket): [`decide`] says whether a packet
-//! whose flow this process does not hold goes to the other one. SYNs and new
-//! UDP flows are the new process's; the old one keeps what it has.
+//! whose flow no thread of this process holds goes to the other one. SYNs
+//! and new UDP flows are the new process's; the old one keeps what it has.
 
 use std::hash::{Hash, Hasher};
 use std::io::{self, IoSlice};
@@ -156,12 +158,13 @@ impl Links {
             .map(|p| p.role)
     }
 
-    /// Passes `packet` to the thread of this process that owns its flow.
-    pub fn to_sibling(&self, thread: usize, origin: Origin, packet: &[u8]) -> Passed {
+    /// Passes `packet` to `thread` of this process, the `hops`th thread it
+    /// visits after the one that first had it.
+    pub fn to_sibling(&self, thread: usize, origin: Origin, hops: u8, packet: &[u8]) -> Passed {
         match self.siblings.get().and_then(|s| s.get(thread)) {
             Some(fd) => {
                 self.count(2);
-                send(fd, origin, packet)
+                send(fd, origin, hops, packet)
             }
             None => Passed::Nobody,
         }
@@ -190,7 +193,9 @@ impl Links {
         }
     }
 
-    /// Passes `packet` of `key` to the other process's thread owning it.
+    /// Passes `packet` of `key` to a thread of the other process (by a hash
+    /// of the key, so one flow's packets go to one thread, which starts them
+    /// on its own chain).
     pub fn to_peer(&self, key: &ConnKey, packet: &[u8]) -> Passed {
         let g = self.peer.load();
         let Some(p) = g.as_ref().filter(|p| !p.gone.load(Ordering::Relaxed)) else {
@@ -199,7 +204,7 @@ impl Links {
         let Some(fd) = p.inboxes.get(owner(key, p.inboxes.len())) else {
             return Passed::Nobody;
         };
-        let sent = send(fd, Origin::Peer, packet);
+        let sent = send(fd, Origin::Peer, 0, packet);
         if sent == Passed::Nobody {
             // Its inboxes are closed: it exited. From now on this process
             // answers everything itself.
@@ -218,8 +223,8 @@ impl Links {
     }
 }
 
-/// The thread (of `threads`) that owns the flow `key`: a hash of client and
-/// VIP, the same in every process of one build.
+/// The thread (of `threads`) of the other process a packet of `key` is sent
+/// to: a hash of client and VIP, the same in every process of one build.
 #[inline]
 pub fn owner(key: &ConnKey, threads: usize) -> usize {
     if threads <= 1 {
@@ -274,8 +279,8 @@ pub fn inboxes(n: usize) -> io::Result<Vec<Inbox>> {
         .collect()
 }
 
-fn send(fd: &impl AsFd, origin: Origin, packet: &[u8]) -> Passed {
-    let hdr = [origin.byte()];
+fn send(fd: &impl AsFd, origin: Origin, hops: u8, packet: &[u8]) -> Passed {
+    let hdr = [origin.byte(), hops];
     let iov = [IoSlice::new(&hdr), IoSlice::new(packet)];
     match sendmsg::<()>(
         fd.as_fd().as_raw_fd(),
@@ -291,19 +296,56 @@ fn send(fd: &impl AsFd, origin: Origin, packet: &[u8]) -> Passed {
 }
 
 /// Reads one packet from an inbox into `buf` (replacing its contents,
-/// without zeroing the buffer first); `WouldBlock` when none waits.
-pub fn recv(fd: &impl AsFd, buf: &mut Vec<u8>, max: usize) -> io::Result<Origin> {
-    let mut hdr = [0u8; 1];
+/// without zeroing the buffer first): where it comes from and its hop count;
+/// `WouldBlock` when none waits.
+pub fn recv(fd: &impl AsFd, buf: &mut Vec<u8>, max: usize) -> io::Result<(Origin, u8)> {
+    let mut hdr = [0u8; 2];
     // The socket is non-blocking; one read is one message.
-    if read_after(fd.as_fd().as_raw_fd(), &mut hdr, buf, max)? == 0 {
-        // Every sending end is closed (this process is stopping).
+    if read_after(fd.as_fd().as_raw_fd(), &mut hdr, buf, max)? < hdr.len() {
+        // Every sending end is closed (this process is stopping), or a
+        // message too short to be one of ours.
         return Err(io::ErrorKind::WouldBlock.into());
     }
-    Ok(if hdr[0] == 1 {
+    let origin = if hdr[0] == 1 {
         Origin::Peer
     } else {
         Origin::Local
-    })
+    };
+    Ok((origin, hdr[1]))
+}
+
+/// Where a packet goes next, by [`route`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// This thread handles it (it holds the flow, or it is a SYN).
+    Here,
+    /// To the inbox of `thread`, with the hop count `hops`.
+    Next {
+        /// The next sibling.
+        thread: usize,
+        /// Threads it will have visited after the first.
+        hops: u8,
+    },
+    /// No thread of this process holds its flow: [`decide`].
+    Nobody,
+}
+
+/// Where a packet that `thread` (of `threads`) has, `hops` threads after
+/// the one that first had it, goes: `unheld` is `None` when this thread
+/// holds its flow. Pure: the chain. A SYN is the reader's; any other packet
+/// of a flow this thread does not hold goes to the next thread in turn, so
+/// it visits each thread at most once and the last one of the round hands
+/// it to [`decide`].
+#[inline]
+pub fn route(unheld: Option<Unowned>, thread: usize, threads: usize, hops: u8) -> Route {
+    match unheld {
+        None | Some(Unowned::Syn) => Route::Here,
+        Some(_) if usize::from(hops) + 1 < threads => Route::Next {
+            thread: (thread + 1) % threads,
+            hops: hops + 1,
+        },
+        Some(_) => Route::Nobody,
+    }
 }
 
 /// What kind of packet a thread holds no flow for.
@@ -368,6 +410,71 @@ mod tests {
         assert_eq!(owner(&key(1), 1), 0);
     }
 
+    /// Follows a packet along the chain from the thread `first` reading it,
+    /// with the flow held by `holder` (if any): the threads it visits, and
+    /// where it ends (`Here` at the last one visited, or `Nobody`).
+    fn walk(
+        what: Unowned,
+        first: usize,
+        holder: Option<usize>,
+        threads: usize,
+    ) -> (Vec<usize>, Route) {
+        let (mut at, mut hops) = (first, 0u8);
+        let mut visited = vec![at];
+        loop {
+            let unheld = if holder == Some(at) { None } else { Some(what) };
+            match route(unheld, at, threads, hops) {
+                Route::Next { thread, hops: h } => {
+                    assert_eq!(usize::from(h), visited.len(), "hop count");
+                    (at, hops) = (thread, h);
+                    visited.push(at);
+                }
+                end => return (visited, end),
+            }
+        }
+    }
+
+    #[test]
+    fn the_chain_visits_each_thread_once_and_finds_a_held_flow() {
+        let kinds = [Unowned::Tcp, Unowned::Udp { pinned: false }];
+        for threads in 1..=6 {
+            for first in 0..threads {
+                for what in kinds {
+                    for holder in 0..threads {
+                        let (seen, end) = walk(what, first, Some(holder), threads);
+                        assert_eq!(end, Route::Here);
+                        assert_eq!(seen.last(), Some(&holder), "handled by its holder");
+                        let mut uniq = seen.clone();
+                        uniq.sort_unstable();
+                        uniq.dedup();
+                        assert_eq!(uniq.len(), seen.len(), "{seen:?} visits a thread twice");
+                    }
+                    // Nobody holds it: every thread sees it once, then decide.
+                    let (mut seen, end) = walk(what, first, None, threads);
+                    assert_eq!(end, Route::Nobody);
+                    seen.sort_unstable();
+                    assert_eq!(seen, (0..threads).collect::<Vec<_>>());
+                }
+            }
+        }
+    }
+
+    /// The single-process steady state: a SYN and a packet of a flow held
+    /// by the thread reading it stay on that thread, whatever the number
+    /// of threads.
+    #[test]
+    fn a_syn_and_a_held_flow_take_no_hop() {
+        for threads in 1..=8 {
+            for t in 0..threads {
+                assert_eq!(route(Some(Unowned::Syn), t, threads, 0), Route::Here);
+                assert_eq!(route(None, t, threads, 0), Route::Here);
+            }
+        }
+        assert_eq!(route(Some(Unowned::Tcp), 0, 1, 0), Route::Nobody);
+        // A hop count past the round (a bad message) ends the chain.
+        assert_eq!(route(Some(Unowned::Tcp), 0, 256, 255), Route::Nobody);
+    }
+
     /// No packet goes back and forth: what the new process received from
     /// the old one is always handled there, and the old one sends back only
     /// a datagram of a flow it does not have.
@@ -409,18 +516,18 @@ mod tests {
         let links = Links::default();
         links.set_siblings(vec![b0.tx.try_clone().unwrap(), b1.tx.try_clone().unwrap()]);
         let p = vec![7u8; 70_000];
-        assert_eq!(links.to_sibling(1, Origin::Local, &p), Passed::Sent);
+        assert_eq!(links.to_sibling(1, Origin::Local, 3, &p), Passed::Sent);
         let mut buf = Vec::new();
-        assert_eq!(recv(&b1.rx, &mut buf, 80_000).unwrap(), Origin::Local);
+        assert_eq!(recv(&b1.rx, &mut buf, 80_000).unwrap(), (Origin::Local, 3));
         assert_eq!(buf, p);
         assert!(recv(&b1.rx, &mut buf, 80_000).is_err(), "one message");
-        assert_eq!(links.to_sibling(2, Origin::Local, &p), Passed::Nobody);
+        assert_eq!(links.to_sibling(2, Origin::Local, 1, &p), Passed::Nobody);
 
         let theirs = inboxes(1).unwrap().pop().unwrap();
         links.set_peer(Peer::new(Role::Previous, vec![theirs.tx]));
         assert_eq!(links.peer_role(), Some(Role::Previous));
         assert_eq!(links.to_peer(&key(1), b"x"), Passed::Sent);
-        assert_eq!(recv(&theirs.rx, &mut buf, 100).unwrap(), Origin::Peer);
+        assert_eq!(recv(&theirs.rx, &mut buf, 100).unwrap(), (Origin::Peer, 0));
         assert_eq!(buf, b"x");
         drop(theirs.rx);
         assert_eq!(links.to_peer(&key(1), b"x"), Passed::Nobody);
