@@ -1,6 +1,6 @@
 //! The loop of one TUN queue's thread: reads packets (into pooled buffers,
 //! checksums verified where the kernel did not vouch for them) from its
-//! queue and its inbox, passes those of flows it does not own on
+//! queue and its inbox, passes those of flows it does not hold on
 //! ([`peer`](super::peer)), sends the others where `packet::classify` says,
 //! polls the stack, writes its packets out, and sleeps until the device, its
 //! inbox, a task or a timer needs it.
