@@ -105,6 +105,31 @@ fn multi_queue_tun_serves_flows_on_every_queue() {
     env.assert_balances(40);
 }
 
+/// On a single process whose queues stay put, the thread that reads a SYN
+/// owns the connection and the kernel keeps the rest of it on that queue:
+/// no packet of 40 connections over 4 queues is passed between threads
+/// (with flows owned by a hash of their key, about three in four SYNs were).
+#[test]
+fn a_single_process_passes_no_packet_between_its_tun_threads() {
+    let Some(mut env) = web_with("", &["--tun-queues", "4"]) else {
+        return;
+    };
+    env.assert_balances(40);
+    env.rv.sigterm();
+    assert!(
+        env.rv.wait_exit(Duration::from_secs(10)),
+        "{}",
+        env.rv.log()
+    );
+    let log = env.rv.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("stopped: TUN packets passed"))
+        .unwrap_or_else(|| panic!("no count logged\n{log}"));
+    let passed = line.split("packets_between_threads=").nth(1).map(str::trim);
+    assert_eq!(passed, Some("0"), "{line}");
+}
+
 #[test]
 fn clusterip_affinity_sticks() {
     let Some(env) = web("  sessionAffinity: ClientIP\n") else {
