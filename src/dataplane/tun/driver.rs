@@ -236,6 +236,14 @@ fn ingress(ctx: &Rc<Ctx>, packet: Vec<u8>, origin: Origin, hops: u8) {
         None => Some(Unowned::Udp { pinned: false }),
     };
     let links = &ctx.shared.tun_links;
+    // A datagram no one here holds is, on a process alone, the first of a
+    // new flow (the kernel keeps a flow's packets on one queue while the
+    // number of queues stays): the reader opens it, with no hop. Only while
+    // another process holds queues too may its flow be elsewhere.
+    let unheld = match unheld {
+        Some(Unowned::Udp { .. }) if links.peer_role().is_none() => None,
+        u => u,
+    };
     let what = match peer::route(unheld, ctx.thread, links.threads(), hops) {
         Route::Here => unheld,
         Route::Next { thread, hops } => {
