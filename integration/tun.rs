@@ -105,6 +105,61 @@ fn multi_queue_tun_serves_flows_on_every_queue() {
     env.assert_balances(40);
 }
 
+/// On a single process whose queues stay put, the thread that reads a SYN
+/// owns the connection and the kernel keeps the rest of it on that queue:
+/// no packet of 40 connections over 4 queues is passed between threads
+/// (with flows owned by a hash of their key, about three in four SYNs were).
+#[test]
+fn a_single_process_passes_no_packet_between_its_tun_threads() {
+    let Some(mut env) = web_with("", &["--tun-queues", "4"]) else {
+        return;
+    };
+    env.assert_balances(40);
+    assert_no_packet_passed_between_threads(&mut env.rv);
+}
+
+/// Stops `rv` and checks the count it logs at stop: no packet went from
+/// one of its TUN threads to another.
+fn assert_no_packet_passed_between_threads(rv: &mut Ringvip) {
+    rv.sigterm();
+    assert!(rv.wait_exit(Duration::from_secs(10)), "{}", rv.log());
+    let log = rv.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("stopped: TUN packets passed"))
+        .unwrap_or_else(|| panic!("no count logged\n{log}"));
+    let passed = line.split("packets_between_threads=").nth(1).map(str::trim);
+    assert_eq!(passed, Some("0"), "{line}");
+}
+
+/// New UDP flows on a single process are opened by the thread that read
+/// their first datagram: no hop between threads either.
+#[test]
+fn a_single_process_opens_new_udp_flows_where_they_arrive() {
+    let Some(t) = Topology::setup(&[]) else {
+        return;
+    };
+    let _u = t.udp_backend((t.pod_ip(2), 5353).into(), "u");
+    let mut rv = t.launch(
+        &t.pod_service("dns", "10.96.0.30", 53, "UDP", 5353),
+        &["--tun-queues", "4"],
+    );
+    // 40 new flows (a new client port each), each answered at once.
+    let answered = Topology::within(&t.node, || {
+        (0..40)
+            .filter(|_| {
+                let c = UdpSocket::bind("0.0.0.0:0").unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let mut buf = [0u8; 64];
+                c.send_to(b"q", "10.96.0.30:53").unwrap();
+                c.recv(&mut buf).ok() == Some(3)
+            })
+            .count()
+    });
+    assert_eq!(answered, 40, "{}", rv.log());
+    assert_no_packet_passed_between_threads(&mut rv);
+}
+
 #[test]
 fn clusterip_affinity_sticks() {
     let Some(env) = web("  sessionAffinity: ClientIP\n") else {

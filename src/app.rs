@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use anyhow::Context;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::access_log;
 use crate::admin;
@@ -67,13 +67,13 @@ pub fn run(settings: Settings, shutdown: Arc<Notify>, on_ready: OnReady) -> anyh
                 None
             }
             handover::Start::Taking(t) => {
-                if let Some(dev) = settings.tun.device() {
+                if let (Some((dev, _)), None) = (&t.tun, settings.tun.device()) {
                     // Dropping `t` ends the conversation: the running
                     // process keeps serving, untouched.
                     anyhow::bail!(
-                        "this process would capture ClusterIPs on TUN device {dev}, which a \
-                         handover does not carry yet: ringvip {} keeps serving; start this one \
-                         with --no-tun, or stop that one first",
+                        "ringvip {} captures ClusterIPs on TUN device {dev}, which this process \
+                         (--no-tun) could not take over: it keeps serving; start this one with \
+                         its TUN device, or stop that one first",
                         t.from
                     );
                 }
@@ -82,6 +82,7 @@ pub fn run(settings: Settings, shutdown: Arc<Notify>, on_ready: OnReady) -> anyh
                     sockets = t.sockets.len(),
                     affinity = t.affinity.len(),
                     pins = t.pins.len(),
+                    tun = ?t.tun.as_ref().map(|(name, _)| name),
                     "handover: taking over"
                 );
                 Some(t)
@@ -118,33 +119,60 @@ pub fn run(settings: Settings, shutdown: Arc<Notify>, on_ready: OnReady) -> anyh
         .enable_all()
         .build()
         .context("starting the control runtime")?;
-    let tun = match settings.tun.device() {
-        Some(name) => Some(open_tun(name, &settings, &rt)?),
-        None => None,
+    // A process taking over attaches its queues to the running process's
+    // device, by the name it got (link and routes are there already).
+    let shared_tun = taking.as_ref().and_then(|t| t.tun.as_ref());
+    let tun = match (settings.tun.device(), shared_tun) {
+        (Some(_), Some((name, _))) => Some(attach_tun(name, &settings)?),
+        (Some(name), None) => Some(open_tun(name, &settings, &rt)?),
+        (None, _) => None,
     };
+    if let Some((_, inboxes)) = taking.as_mut().and_then(|t| t.tun.as_mut()) {
+        let inboxes = std::mem::take(inboxes);
+        shared
+            .tun_links
+            .set_peer(tun::peer::Peer::new(tun::peer::Role::Previous, inboxes));
+    }
     // Setup that needed root is done (TUN open, routes set): keep only what
     // runtime needs, before any other thread exists to inherit more.
     crate::privileges::drop_and_log().context("dropping capabilities after setup")?;
     let (mut workers, programmed, commands) =
         socket::spawn_workers(settings.dataplane.workers, shared.clone(), snap_rx.clone())
             .context("starting data-plane threads")?;
+    let mut tun_commands = Vec::new();
+    let tun_name = tun
+        .as_ref()
+        .and_then(|q| q.first())
+        .map(|q| q.name().to_string());
     if let Some(queues) = tun {
         // Caps are per stack; split them so the device as a whole keeps them.
         let n = queues.len();
+        let inboxes = tun::peer::inboxes(n).context("creating the TUN threads' inboxes")?;
+        let (rxs, txs): (Vec<_>, Vec<_>) = inboxes.into_iter().map(|b| (b.rx, b.tx)).unzip();
+        shared.tun_links.set_siblings(txs);
+        let wait_first = taking.is_some();
         let tun_settings = TunSettings {
             mtu: settings.tun.tun_mtu as usize,
             max_connections: settings.tun.tun_max_connections.div_ceil(n),
             max_udp_flows: settings.tun.tun_max_udp_flows.div_ceil(n),
             ..TunSettings::default()
         };
-        for (i, dev) in queues.into_iter().enumerate() {
+        for (i, (dev, inbox)) in queues.into_iter().zip(rxs).enumerate() {
             let shared = shared.clone();
             let snap_rx = snap_rx.clone();
+            let (cmd_tx, cmds) = mpsc::unbounded_channel();
+            tun_commands.push(cmd_tx);
+            let q = tun::Queue {
+                tun: dev,
+                thread: i,
+                inbox,
+                cmds,
+                wait_first,
+            };
             let t = std::thread::Builder::new()
                 .name(format!("ringvip-tun{i}"))
                 .spawn(move || {
-                    if let Err(e) = tokio_uring::start(tun::run(dev, shared, tun_settings, snap_rx))
-                    {
+                    if let Err(e) = tokio_uring::start(tun::run(q, shared, tun_settings, snap_rx)) {
                         tracing::error!(error = %e, queue = i, "a TUN queue stopped");
                     }
                 })
@@ -157,6 +185,8 @@ pub fn run(settings: Settings, shutdown: Arc<Notify>, on_ready: OnReady) -> anyh
         snap_tx,
         programmed,
         commands,
+        tun_commands,
+        tun_name,
     };
     let result = rt.block_on(control(settings, ctx, publish, taking, shutdown, on_ready));
     // snap_tx is dropped by now: every worker closes its listeners and returns.
@@ -233,6 +263,25 @@ fn open_tun(
     Ok(queues)
 }
 
+/// Attaches queues of this process to the TUN device `name` a running
+/// ringvip captures ClusterIPs on (a handover): its link and routes are
+/// set, and stay when that process exits, since this one holds queues.
+fn attach_tun(name: &str, settings: &Settings) -> anyhow::Result<Vec<tun::Tun>> {
+    let inside = match &settings.tun.netns {
+        Some(ns) => Some(crate::netns::enter(ns).context("attaching to the TUN device")?),
+        None => None,
+    };
+    let queues = tun::Tun::open_queues(name, settings.tun.tun_queues)
+        .with_context(|| format!("attaching to the handed-over TUN device {name}"))?;
+    if let Some(inside) = inside {
+        inside
+            .leave()
+            .context("returning to ringvip's own network namespace")?;
+    }
+    tracing::info!(dev = %name, queues = queues.len(), "capturing ClusterIP traffic on the handed-over device");
+    Ok(queues)
+}
+
 /// Puts what the previous process handed over where this one takes it: the
 /// sockets into the pool the listeners bind from, the affinity table, the
 /// UDP pins (kept for one UDP idle timeout).
@@ -259,6 +308,10 @@ struct Publisher {
     programmed: Arc<crate::dataplane::listener::Programmed>,
     /// The kernel-socket threads' commands (the handover).
     commands: socket::Commands,
+    /// The TUN threads' commands (the handover).
+    tun_commands: Vec<mpsc::UnboundedSender<tun::TunCmd>>,
+    /// The TUN device's name, when ClusterIPs are captured.
+    tun_name: Option<String>,
 }
 
 /// How long a published snapshot may take to reach every worker's listeners
@@ -266,6 +319,20 @@ struct Publisher {
 const PROGRAMMING_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Publisher {
+    /// Asks every TUN thread and collects the answers.
+    async fn ask_tun<T>(&self, cmd: impl Fn(oneshot::Sender<T>) -> tun::TunCmd) -> Vec<T> {
+        let mut out = Vec::with_capacity(self.tun_commands.len());
+        for c in &self.tun_commands {
+            let (tx, rx) = oneshot::channel();
+            if c.send(cmd(tx)).is_ok() {
+                if let Ok(v) = rx.await {
+                    out.push(v);
+                }
+            }
+        }
+        out
+    }
+
     /// Publishes `snap`: new flows see it at once; returns once every
     /// kernel-socket worker has opened and closed its listeners to match.
     async fn publish(&self, snap: Arc<Snapshot>) {
@@ -310,6 +377,15 @@ async fn gather(
         }
         d.pins.extend(w.pins);
     }
+    for pins in publisher.ask_tun(tun::TunCmd::Pins).await {
+        d.pins.extend(pins);
+    }
+    if let Some(name) = &publisher.tun_name {
+        match publisher.shared.tun_links.dup_siblings() {
+            Ok(inboxes) => d.tun = Some((name.to_string(), inboxes)),
+            Err(e) => tracing::warn!(error = %e, "handover: the TUN inboxes cannot be duplicated"),
+        }
+    }
     for (e, fd) in &admin.dups {
         if let Ok(fd) = fd.try_clone() {
             d.sockets.push((*e, fd));
@@ -352,13 +428,21 @@ async fn gather(
 }
 
 /// Stops accepting anything new, everywhere, without closing a socket the
-/// next process shares.
+/// next process shares; from now on the TUN threads send the packets of
+/// flows they do not hold to the next process's `inboxes`.
 async fn release(
     publisher: &Publisher,
     admin: &AdminSockets,
     dns: Option<&Dns>,
     health_checks: &mut HealthCheckServers,
+    inboxes: Vec<std::os::fd::OwnedFd>,
 ) {
+    if !inboxes.is_empty() {
+        publisher
+            .shared
+            .tun_links
+            .set_peer(tun::peer::Peer::new(tun::peer::Role::Next, inboxes));
+    }
     publisher.commands.ask(WorkerCmd::Release).await;
     for t in &admin.tasks {
         t.abort();
@@ -378,7 +462,14 @@ async fn finish_takeover(
     events: &mpsc::Sender<handover::Event>,
 ) -> Option<handover::Server> {
     let from = taking.from;
-    match tokio::task::spawn_blocking(move || taking.ready()).await {
+    let inboxes = match shared.tun_links.dup_siblings() {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::warn!(error = %e, "handover: the TUN inboxes cannot be duplicated");
+            Vec::new()
+        }
+    };
+    match tokio::task::spawn_blocking(move || taking.ready(&inboxes)).await {
         Ok(Ok(took)) => tracing::info!(
             from,
             release_ms = took.as_secs_f64() * 1e3,
@@ -393,7 +484,7 @@ async fn finish_takeover(
     if !rest.is_empty() {
         tracing::info!(sockets = ?rest, "handover: closed the sockets this snapshot does not want");
     }
-    listen_for_next(path, events, None)
+    listen_for_next(path, events)
 }
 
 /// Listens on the handover path for the next process (a failure only costs
@@ -401,10 +492,9 @@ async fn finish_takeover(
 fn listen_for_next(
     path: Option<&std::path::Path>,
     events: &mpsc::Sender<handover::Event>,
-    refuse: Option<String>,
 ) -> Option<handover::Server> {
     let path = path?;
-    match handover::Server::listen(path, events.clone(), refuse) {
+    match handover::Server::listen(path, events.clone()) {
         Ok(s) => {
             tracing::info!(path = %path.display(), "handover: listening for the next process");
             Some(s)
@@ -528,14 +618,7 @@ async fn control(
     // A process taking over listens once the previous one has let go.
     let mut _handover_server = match taking {
         Some(_) => None,
-        None => {
-            // Its ClusterIP flows would end with it: a process capturing
-            // them on a TUN device refuses, and serves on.
-            let refuse = settings.tun.device().map(|dev| {
-                format!("it captures ClusterIPs on TUN device {dev}, which a handover does not carry yet")
-            });
-            listen_for_next(handover_path.as_deref(), &events_tx, refuse)
-        }
+        None => listen_for_next(handover_path.as_deref(), &events_tx),
     };
 
     let (tx, mut rx) = mpsc::channel::<Batch>(64);
@@ -627,11 +710,13 @@ async fn control(
                 handover::Event::Dump(tx) => {
                     let _ = tx.send(gather(&publisher, &admin_socks, dns.as_ref(), &health_checks).await);
                 }
-                handover::Event::Release { taker, done } => {
-                    release(&publisher, &admin_socks, dns.as_ref(), &mut health_checks).await;
+                handover::Event::Release { taker, done, inboxes } => {
+                    release(&publisher, &admin_socks, dns.as_ref(), &mut health_checks, inboxes).await;
                     let _ = done.send(());
                     tracing::info!(taker, "handed over: accepting nothing new");
                     let stopped = drain_handed_over(&publisher, settings.dataplane.drain_timeout, &mut sigterm, &draining).await;
+                    let c = shared.tun_links.counts();
+                    tracing::info!(packets_to_peer = c.to_peer, packets_from_peer = c.from_peer, packets_between_threads = c.between_threads, "handed over: TUN packets forwarded");
                     if settings.admin.linger_after_handover && !stopped {
                         tracing::info!("handed over and drained: waiting for SIGTERM");
                         let _ = sigterm.recv().await;
@@ -651,6 +736,15 @@ async fn control(
             _ = shutdown.notified() => break,
         }
     }
+    // What took a detour through the TUN threads' inboxes: nothing between
+    // threads on a single process whose queues stayed put.
+    let c = shared.tun_links.counts();
+    tracing::info!(
+        packets_to_peer = c.to_peer,
+        packets_from_peer = c.from_peer,
+        packets_between_threads = c.between_threads,
+        "stopped: TUN packets passed"
+    );
     Ok(())
 }
 
@@ -794,7 +888,17 @@ async fn drain_handed_over(
     let shared = &publisher.shared;
     let left = || async {
         let tcp = shared.active.load(std::sync::atomic::Ordering::Relaxed);
-        let udp: usize = publisher.commands.ask(WorkerCmd::Flows).await.iter().sum();
+        let udp: usize = publisher
+            .commands
+            .ask(WorkerCmd::Flows)
+            .await
+            .iter()
+            .sum::<usize>()
+            + publisher
+                .ask_tun(tun::TunCmd::Flows)
+                .await
+                .iter()
+                .sum::<usize>();
         remaining.set(i64::try_from(tcp).unwrap_or(i64::MAX));
         (tcp, udp)
     };

@@ -70,7 +70,13 @@ impl Ringvip {
     /// manifest, with its admin addresses and handover socket (and `extra`);
     /// returns once its log shows `ready` (e.g. "handover complete").
     pub fn successor(&self, extra: &[&str], ready: &str) -> Ringvip {
-        let (cmd, dir) = self.successor_command();
+        self.successor_in(None, extra, ready)
+    }
+
+    /// [`Ringvip::successor`] inside network namespace `netns` (when
+    /// given) with its TUN device, as [`Ringvip::launch`] starts one.
+    pub fn successor_in(&self, netns: Option<&str>, extra: &[&str], ready: &str) -> Ringvip {
+        let (cmd, dir) = self.successor_command_in(netns);
         let mut args = vec!["--handover", self.handover.to_str().unwrap()];
         args.extend_from_slice(extra);
         Self::spawn_with_admin(cmd, dir, &args, ready, (self.health, self.metrics))
@@ -79,14 +85,31 @@ impl Ringvip {
     /// `ringvip run` on a copy of this one's manifest in a directory of its
     /// own (the command, without the settings every test shares).
     pub fn successor_command(&self) -> (Command, tempfile::TempDir) {
+        self.successor_command_in(None)
+    }
+
+    /// [`Ringvip::successor_command`] inside network namespace `netns`
+    /// (when given), with its TUN device.
+    pub fn successor_command_in(&self, netns: Option<&str>) -> (Command, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::copy(
             self.dir.path().join("manifest.yaml"),
             dir.path().join("manifest.yaml"),
         )
         .unwrap();
-        let mut cmd = Command::new(bin());
-        cmd.args(["run", "--no-tun", "--manifests"]).arg(dir.path());
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin()).arg("run");
+                c
+            }
+            None => {
+                let mut c = Command::new(bin());
+                c.args(["run", "--no-tun"]);
+                c
+            }
+        };
+        cmd.arg("--manifests").arg(dir.path());
         (cmd, dir)
     }
 

@@ -49,6 +49,9 @@ pub struct Shared {
     pub inherited: crate::handover::Inherited,
     /// UDP flows of the previous process: their endpoints, kept for a while.
     pub pins: crate::handover::Pins,
+    /// How the TUN threads pass packets of flows they do not own to the
+    /// owner: each other, and the other process of an upgrade.
+    pub tun_links: tun::peer::Links,
 }
 
 impl Shared {
@@ -74,6 +77,7 @@ impl Shared {
             access_log,
             inherited: Default::default(),
             pins: Default::default(),
+            tun_links: Default::default(),
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             affinity: AffinityTable::new(),
             health: PassiveHealth::default(),

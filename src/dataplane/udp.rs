@@ -82,6 +82,12 @@ impl<K: std::hash::Hash + Eq + Copy, T> FlowTable<K, T> {
         self.flows.get_mut(client)
     }
 
+    /// True when the client has a flow.
+    #[inline]
+    pub fn contains(&self, client: &K) -> bool {
+        self.flows.contains_key(client)
+    }
+
     /// Records traffic on a flow.
     pub fn touch(&mut self, client: &K, now: Instant) {
         if let Some(f) = self.flows.get_mut(client) {

@@ -138,6 +138,15 @@ impl Pins {
         t.by_flow.get(&(client, frontend)).copied()
     }
 
+    /// True when the previous process had a flow of `client` to `frontend`
+    /// when it handed over, however long ago (it may still relay it).
+    #[inline]
+    pub fn held(&self, client: SocketAddr, frontend: SocketAddr) -> bool {
+        self.table
+            .get()
+            .is_some_and(|t| t.by_flow.contains_key(&(client, frontend)))
+    }
+
     /// Pins held.
     pub fn len(&self) -> usize {
         self.table.get().map_or(0, |t| t.by_flow.len())

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::wire::{self, AffinityEntry, Message, Pin, SocketEntry, WireError, VERSION};
+use super::wire::{self, AffinityEntry, Message, Pin, SocketEntry, TunShare, WireError, VERSION};
 
 /// How long a new process has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -32,6 +32,8 @@ pub struct Dump {
     pub affinity: Vec<AffinityEntry>,
     /// Its UDP flows' endpoints.
     pub pins: Vec<Pin>,
+    /// Its TUN device's name and its TUN threads' inboxes (sending ends).
+    pub tun: Option<(String, Vec<OwnedFd>)>,
 }
 
 /// What the conversation asks of the control loop.
@@ -46,6 +48,9 @@ pub enum Event {
         taker: u32,
         /// Answered once nothing new is accepted any more.
         done: oneshot::Sender<()>,
+        /// Its TUN threads' inboxes (sending ends): where the new flows'
+        /// packets go from now on.
+        inboxes: Vec<OwnedFd>,
     },
 }
 
@@ -61,15 +66,10 @@ pub struct Server {
 
 impl Server {
     /// Listens on `path` (a stale file there is replaced; its directory is
-    /// created), serving handovers through `events`, or refusing each with
-    /// `refuse` when set (what this process serves cannot be handed over).
+    /// created), serving handovers through `events`.
     /// The socket is bound at a temporary name and renamed into place, so a
     /// process connecting to `path` always reaches a listening socket.
-    pub fn listen(
-        path: &Path,
-        events: mpsc::Sender<Event>,
-        refuse: Option<String>,
-    ) -> std::io::Result<Server> {
+    pub fn listen(path: &Path, events: mpsc::Sender<Event>) -> std::io::Result<Server> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
@@ -86,7 +86,7 @@ impl Server {
         let taker = Arc::new(AtomicU32::new(0));
         std::thread::Builder::new()
             .name("ringvip-handover".into())
-            .spawn(move || accept_loop(listener, events, taker, refuse))?;
+            .spawn(move || accept_loop(listener, events, taker))?;
         Ok(Server {
             path: path.to_path_buf(),
             id: (meta.dev(), meta.ino()),
@@ -109,19 +109,14 @@ impl Drop for Server {
     }
 }
 
-fn accept_loop(
-    listener: UnixListener,
-    events: mpsc::Sender<Event>,
-    taker: Arc<AtomicU32>,
-    refuse: Option<String>,
-) {
+fn accept_loop(listener: UnixListener, events: mpsc::Sender<Event>, taker: Arc<AtomicU32>) {
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
-        let (events, taker, refuse) = (events.clone(), taker.clone(), refuse.clone());
+        let (events, taker) = (events.clone(), taker.clone());
         let spawned = std::thread::Builder::new()
             .name("ringvip-handover-conn".into())
             .spawn(move || {
-                if let Err(e) = converse(conn, &events, &taker, refuse) {
+                if let Err(e) = converse(conn, &events, &taker) {
                     tracing::warn!(error = %e, "handover: not handed over; still serving");
                 }
             });
@@ -140,8 +135,6 @@ enum ConverseError {
     Version(u32, u32),
     #[error("process {0} arrived while process {1} is taking over")]
     Busy(u32, u32),
-    #[error("refused process {0}: {1}")]
-    Refused(u32, String),
     #[error("the control loop is gone (stopping)")]
     Stopping,
     #[error("process {pid} went away before it was ready: {source}")]
@@ -156,7 +149,6 @@ fn converse(
     mut conn: UnixStream,
     events: &mpsc::Sender<Event>,
     taker: &AtomicU32,
-    refuse: Option<String>,
 ) -> Result<(), ConverseError> {
     let me = std::process::id();
     conn.set_read_timeout(Some(HELLO_TIMEOUT))
@@ -170,15 +162,6 @@ fn converse(
         let reason = format!("this process speaks handover version {VERSION}, not {version}");
         wire::send(&mut conn, &Message::Refused { reason })?;
         return Err(ConverseError::Version(pid, version));
-    }
-    if let Some(reason) = refuse {
-        wire::send(
-            &mut conn,
-            &Message::Refused {
-                reason: reason.clone(),
-            },
-        )?;
-        return Err(ConverseError::Refused(pid, reason));
     }
     if let Err(current) = taker.compare_exchange(0, pid, Ordering::AcqRel, Ordering::Acquire) {
         wire::send(
@@ -209,13 +192,22 @@ fn hand_over(
         .blocking_send(Event::Dump(tx))
         .map_err(|_| ConverseError::Stopping)?;
     let dump = rx.blocking_recv().map_err(|_| ConverseError::Stopping)?;
-    let (entries, fds): (Vec<SocketEntry>, Vec<OwnedFd>) = dump.sockets.into_iter().unzip();
+    let (entries, mut fds): (Vec<SocketEntry>, Vec<OwnedFd>) = dump.sockets.into_iter().unzip();
+    let tun = dump.tun.map(|(name, inboxes)| {
+        let share = TunShare {
+            name,
+            inboxes: inboxes.len(),
+        };
+        fds.extend(inboxes);
+        share
+    });
     let (n_sockets, n_affinity, n_pins) = (entries.len(), dump.affinity.len(), dump.pins.len());
     let inventory = Message::Inventory {
         pid: std::process::id(),
         sockets: entries,
         affinity: dump.affinity,
         pins: dump.pins,
+        tun,
     };
     let gone = |source| ConverseError::Gone { pid, source };
     wire::send(conn, &inventory).map_err(gone)?;
@@ -233,17 +225,22 @@ fn hand_over(
     );
     conn.set_read_timeout(Some(READY_TIMEOUT))
         .map_err(|e| gone(e.into()))?;
-    match wire::recv(conn).map_err(gone)? {
-        Message::Ready => {}
+    let inboxes = match wire::recv(conn).map_err(gone)? {
+        Message::Ready { inboxes: 0 } => Vec::new(),
+        Message::Ready { inboxes } => wire::recv_fds(conn, inboxes).map_err(gone)?,
         other => {
             return Err(gone(WireError::Malformed(format!(
                 "expected ready, got {other:?}"
             ))))
         }
-    }
+    };
     let (done, released) = oneshot::channel();
     events
-        .blocking_send(Event::Release { taker: pid, done })
+        .blocking_send(Event::Release {
+            taker: pid,
+            done,
+            inboxes,
+        })
         .map_err(|_| ConverseError::Stopping)?;
     released
         .blocking_recv()

@@ -35,6 +35,8 @@ pub struct Taking {
     pub affinity: Vec<AffinityEntry>,
     /// Its UDP flow pins.
     pub pins: Vec<Pin>,
+    /// Its TUN device's name and its TUN threads' inboxes (sending ends).
+    pub tun: Option<(String, Vec<OwnedFd>)>,
     /// When the inventory arrived (affinity ages count from here).
     pub received: Instant,
 }
@@ -98,14 +100,18 @@ pub fn take_over(path: &Path) -> Result<Start, TakeoverError> {
             sockets,
             affinity,
             pins,
+            tun,
         } => {
-            let fds = wire::recv_fds(&conn, sockets.len())?;
+            let n_inboxes = tun.as_ref().map_or(0, |t| t.inboxes);
+            let mut fds = wire::recv_fds(&conn, sockets.len() + n_inboxes)?;
+            let inboxes = fds.split_off(sockets.len());
             Ok(Start::Taking(Taking {
                 conn,
                 from: pid,
                 sockets: sockets.into_iter().zip(fds).collect(),
                 affinity,
                 pins,
+                tun: tun.map(|t| (t.name, inboxes)),
                 received: Instant::now(),
             }))
         }
@@ -116,14 +122,27 @@ pub fn take_over(path: &Path) -> Result<Start, TakeoverError> {
 }
 
 impl Taking {
-    /// Tells the running process this one serves, and waits until it has
-    /// stopped accepting; returns how long that took.
-    pub fn ready(mut self) -> Result<Duration, TakeoverError> {
+    /// Tells the running process this one serves (handing it `inboxes`,
+    /// the sending ends of this process's TUN threads' inboxes), and waits
+    /// until it has stopped accepting; returns how long that took.
+    pub fn ready(mut self, inboxes: &[OwnedFd]) -> Result<Duration, TakeoverError> {
         let t0 = Instant::now();
         self.conn
             .set_read_timeout(Some(RELEASE_TIMEOUT))
             .map_err(WireError::from)?;
-        wire::send(&mut self.conn, &Message::Ready)?;
+        wire::send(
+            &mut self.conn,
+            &Message::Ready {
+                inboxes: inboxes.len(),
+            },
+        )?;
+        if !inboxes.is_empty() {
+            let raw: Vec<_> = inboxes
+                .iter()
+                .map(std::os::fd::AsRawFd::as_raw_fd)
+                .collect();
+            wire::send_fds(&self.conn, &raw)?;
+        }
         match wire::recv(&mut self.conn)? {
             Message::Released => Ok(t0.elapsed()),
             other => Err(WireError::Malformed(format!("expected released, got {other:?}")).into()),
@@ -135,18 +154,26 @@ impl Taking {
 mod tests {
     use super::*;
 
-    /// A running process that cannot hand over (it captures ClusterIPs on
-    /// a TUN device) refuses with its reason, and asks nothing of its
-    /// control loop.
+    /// A process of the previous protocol version (one that could not
+    /// carry a TUN device) is refused with the reason, and nothing is asked
+    /// of the running process's control loop.
     #[test]
-    fn a_refusing_process_says_why() {
+    fn another_protocol_version_is_refused_and_nothing_changes_hands() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("h.sock");
         let (tx, mut rx) = tokio::sync::mpsc::channel(1);
-        let why = "it captures ClusterIPs on TUN device rv0".to_string();
-        let _server = super::super::Server::listen(&path, tx, Some(why.clone())).unwrap();
-        match take_over(&path) {
-            Err(TakeoverError::Refused(r)) => assert_eq!(r, why),
+        let _server = super::super::Server::listen(&path, tx).unwrap();
+        let mut conn = UnixStream::connect(&path).unwrap();
+        let hello = Message::Hello {
+            version: VERSION - 1,
+            pid: 1,
+        };
+        wire::send(&mut conn, &hello).unwrap();
+        match wire::recv(&mut conn).unwrap() {
+            Message::Refused { reason } => assert!(
+                reason.contains(&format!("speaks handover version {VERSION}, not 1")),
+                "{reason}"
+            ),
             other => panic!("expected a refusal, got {other:?}"),
         }
         assert!(rx.try_recv().is_err(), "no event for a refusal");

@@ -6,7 +6,9 @@
 //!
 //! Versioned: a [`Message::Hello`] names [`VERSION`]; the running process
 //! answers a version it does not speak with [`Message::Refused`], and nothing
-//! changes hands.
+//! changes hands. Version 2 carries the TUN device ([`TunShare`]) and the
+//! inboxes of both processes' TUN threads (version 1 could not: a process
+//! with a TUN refused).
 
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -17,7 +19,7 @@ use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, Ms
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Largest message accepted (an affinity table of a million clients fits).
 pub const MAX_MESSAGE: usize = 256 * 1024 * 1024;
 /// Descriptors per SCM_RIGHTS batch (the kernel takes at most 253).
@@ -96,6 +98,18 @@ pub struct Pin {
     pub endpoint: SocketAddr,
 }
 
+/// The TUN device the running process captures ClusterIPs on: the new
+/// process attaches queues of its own to it (no link or route setup: they
+/// are there), and the sending ends of the running process's TUN threads'
+/// inboxes follow the inventory's socket descriptors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunShare {
+    /// The device's name.
+    pub name: String,
+    /// Inbox descriptors after the sockets' (one per TUN thread).
+    pub inboxes: usize,
+}
+
 /// A message of the conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
@@ -127,11 +141,18 @@ pub enum Message {
         sockets: Vec<SocketEntry>,
         /// Its ClientIP affinity table.
         affinity: Vec<AffinityEntry>,
-        /// Its UDP flows' endpoints.
+        /// Its UDP flows' endpoints (kernel sockets and TUN).
         pins: Vec<Pin>,
+        /// Its TUN device, when it has one.
+        tun: Option<TunShare>,
     },
-    /// New → running: serving on the sockets; stop accepting.
-    Ready,
+    /// New → running: serving on the sockets; stop accepting. `inboxes`
+    /// descriptors follow: the sending ends of its TUN threads' inboxes,
+    /// where the running process sends the new flows' packets from then on.
+    Ready {
+        /// Inbox descriptors that follow.
+        inboxes: usize,
+    },
     /// Running → new: it no longer accepts anything new.
     Released,
 }
@@ -267,6 +288,10 @@ mod tests {
                 frontend: "127.0.0.1:30053".parse().unwrap(),
                 endpoint: "10.1.0.2:53".parse().unwrap(),
             }],
+            tun: Some(TunShare {
+                name: "rv0".into(),
+                inboxes: 2,
+            }),
         };
         for m in [
             Message::Hello {
@@ -274,7 +299,7 @@ mod tests {
                 pid: 1,
             },
             inv,
-            Message::Ready,
+            Message::Ready { inboxes: 2 },
         ] {
             send(&mut a, &m).unwrap();
             assert_eq!(recv(&mut b).unwrap(), m);

@@ -24,6 +24,9 @@ pub struct Ctx {
     pub shared: Arc<Shared>,
     /// Endpoint picks.
     pub rng: RefCell<SmallRng>,
+    /// This thread's number among the process's TUN threads (its place in
+    /// the chain of `peer::route`).
+    pub thread: usize,
 }
 
 impl Ctx {
@@ -38,6 +41,7 @@ impl Ctx {
             poke: Notify::new(),
             shared,
             rng: RefCell::new(rng),
+            thread: 0,
         }
     }
 

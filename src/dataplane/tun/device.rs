@@ -120,27 +120,7 @@ impl Tun {
     /// waiting.
     pub fn recv(&self, buf: &mut Vec<u8>, max: usize) -> io::Result<RxChecksum> {
         let mut hdr = [0u8; VNET_HDR_LEN];
-        buf.clear();
-        buf.reserve(max);
-        let spare = buf.spare_capacity_mut();
-        let iov = [
-            libc::iovec {
-                iov_base: hdr.as_mut_ptr().cast(),
-                iov_len: hdr.len(),
-            },
-            libc::iovec {
-                iov_base: spare.as_mut_ptr().cast(),
-                iov_len: spare.len().min(max),
-            },
-        ];
-        // SAFETY: readv(2) writes at most iov_len bytes into each buffer, both
-        // owned by us and alive for the call.
-        let n = unsafe { libc::readv(self.fd.as_raw_fd(), iov.as_ptr(), 2) };
-        let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
-        let len = n.saturating_sub(VNET_HDR_LEN);
-        // SAFETY: the kernel initialised the first `len` bytes of the spare
-        // capacity, which `reserve` made at least `max >= len` long.
-        unsafe { buf.set_len(len) };
+        read_after(self.fd.as_raw_fd(), &mut hdr, buf, max)?;
         Ok(rx_checksum(&hdr))
     }
 
@@ -164,6 +144,39 @@ impl Tun {
         let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
         Ok(n.saturating_sub(VNET_HDR_LEN))
     }
+}
+
+/// Reads one packet (or message) from `fd`: its first `head.len()` bytes
+/// into `head`, at most `max` more into `buf` (replacing its contents,
+/// without zeroing the buffer first). Returns the bytes read in all.
+pub(super) fn read_after(
+    fd: RawFd,
+    head: &mut [u8],
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<usize> {
+    buf.clear();
+    buf.reserve(max);
+    let spare = buf.spare_capacity_mut();
+    let iov = [
+        libc::iovec {
+            iov_base: head.as_mut_ptr().cast(),
+            iov_len: head.len(),
+        },
+        libc::iovec {
+            iov_base: spare.as_mut_ptr().cast(),
+            iov_len: spare.len().min(max),
+        },
+    ];
+    // SAFETY: readv(2) writes at most iov_len bytes into each buffer, both
+    // owned by the caller and alive for the call.
+    let n = unsafe { libc::readv(fd, iov.as_ptr(), 2) };
+    let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+    let len = n.saturating_sub(head.len());
+    // SAFETY: the kernel initialised the first `len` bytes of the spare
+    // capacity, which `reserve` made at least `max >= len` long.
+    unsafe { buf.set_len(len) };
+    Ok(n)
 }
 
 impl AsRawFd for Tun {

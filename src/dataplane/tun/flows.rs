@@ -34,6 +34,22 @@ impl Flows {
         }
     }
 
+    /// True when the flow `key` is open or being set up here.
+    #[inline]
+    pub fn holds(&self, key: &ConnKey) -> bool {
+        self.open.contains(key) || self.opening.contains(key)
+    }
+
+    /// Flows open or being set up.
+    pub fn len(&self) -> usize {
+        self.open.len() + self.opening.len()
+    }
+
+    /// True when there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// True when a new flow fits (open and opening ones count); warns once
     /// each time the table fills.
     pub fn room(&mut self) -> bool {

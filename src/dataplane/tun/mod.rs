@@ -12,7 +12,8 @@
 //! - [`driver`]: the per-queue loop; [`tcp`] and [`udp`]: what happens to a
 //!   new connection and a datagram; [`bridge`]: the TCP relay between a
 //!   smoltcp socket and a backend; [`flows`]: the UDP flow state;
-//!   [`ctx`]: what the queue's tasks share.
+//!   [`ctx`]: what the queue's tasks share; [`peer`]: which thread (and,
+//!   during an upgrade, which process) handles a packet.
 
 pub mod bridge;
 pub mod conns;
@@ -23,6 +24,7 @@ pub mod flows;
 pub mod link;
 pub mod offload;
 pub mod packet;
+pub mod peer;
 pub mod rings;
 pub mod stack;
 pub mod tcp;
@@ -32,7 +34,7 @@ pub mod udp;
 mod proptests;
 
 pub use device::{Tun, TunError};
-pub use driver::run;
+pub use driver::{run, Queue, TunCmd};
 pub use link::{configure, LinkConfig, LinkError};
 pub use packet::{classify, udp_packet, Classified};
 pub use stack::TunSettings;

@@ -152,6 +152,32 @@ pub fn conn_key(packet: &[u8]) -> Option<ConnKey> {
     }
 }
 
+/// A packet's flow for the ownership check: its key, and whether it is TCP
+/// (`Some(true)` for a SYN opening a connection), or UDP (`None`). Nothing
+/// for anything else (ICMP, fragments): the thread that read it answers.
+pub fn flow_of(packet: &[u8]) -> Option<(ConnKey, Option<bool>)> {
+    let ip = parse_ip(packet)?;
+    let l4 = packet.get(ip.l4..ip.end)?;
+    let key = |sport, dport| {
+        (
+            SocketAddr::new(ip.src, sport),
+            SocketAddr::new(ip.dst, dport),
+        )
+    };
+    match ip.proto {
+        IpProtocol::Tcp => {
+            let t = TcpPacket::new_checked(l4).ok()?;
+            let syn = t.syn() && !t.ack() && !t.rst();
+            Some((key(t.src_port(), t.dst_port()), Some(syn)))
+        }
+        IpProtocol::Udp => {
+            let u = UdpPacket::new_checked(l4).ok()?;
+            Some((key(u.src_port(), u.dst_port()), None))
+        }
+        _ => None,
+    }
+}
+
 /// What tells a connection's SYN from the SYN of a later connection on the
 /// same 4-tuple: its sequence number and, when it carries one, its timestamp.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -225,6 +225,13 @@ impl Stack {
         self.conns.mss(key)
     }
 
+    /// True when a connection of `key` is held here (SYN held, open or
+    /// closing).
+    #[inline]
+    pub fn holds_conn(&self, key: &ConnKey) -> bool {
+        self.conns.get(key).is_some()
+    }
+
     /// Connections held, open or closing.
     pub fn connections(&self) -> usize {
         self.conns.len()

@@ -12,7 +12,7 @@ use super::ctx::Ctx;
 use super::packet::{udp_packet, ConnKey};
 use crate::access_log::End;
 use crate::dataplane::session::Session;
-use crate::dataplane::udp::{end_all, open_backend, try_send, FlowEntry};
+use crate::dataplane::udp::{connect_to, end_all, open_backend, try_send, FlowEntry};
 use crate::state::Frontend;
 
 /// Forwards one client datagram, opening the flow if needed.
@@ -51,7 +51,16 @@ pub fn ingress(ctx: &Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>, data: &[u8]) {
 /// Sets up the backend socket of a new flow, then sends the datagrams that
 /// arrived meanwhile; on failure they are dropped with the flow.
 async fn open(ctx: Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>, now: Instant, generation: u64) {
-    let opened = open_backend(&fe, key.0.ip(), &ctx.shared, &ctx.rng, now).await;
+    // A flow the previous process relayed (an upgrade) keeps its endpoint.
+    let pinned = ctx
+        .shared
+        .pins
+        .get(key.0, key.1, now)
+        .filter(|ep| fe.endpoints.contains(ep));
+    let opened = match pinned {
+        Some(ep) => connect_to(ep).map(|s| (ep, Rc::new(UdpSocket::from_std(s)))),
+        None => open_backend(&fe, key.0.ip(), &ctx.shared, &ctx.rng, now).await,
+    };
     let (ep, sock) = match opened {
         Ok(o) => o,
         Err(e) => {
