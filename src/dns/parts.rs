@@ -48,13 +48,15 @@ struct Part {
 
 impl Part {
     fn from_builder(names: HashMap<Name, NameRecords>) -> Part {
-        let keep = |n: &Name, r: &NameRecords| {
-            !r.is_empty() || !names.keys().any(|m| m != n && n.zone_of(m))
-        };
-        let mut names: Vec<(Name, NameRecords)> = names
+        // Ancestors without records, decided before the records move out.
+        let bare_ancestors: Vec<Name> = names
             .iter()
-            .filter(|(n, r)| keep(n, r))
-            .map(|(n, r)| (n.clone(), r.clone()))
+            .filter(|(n, r)| r.is_empty() && names.keys().any(|m| m != *n && n.zone_of(m)))
+            .map(|(n, _)| n.clone())
+            .collect();
+        let mut names: Vec<(Name, NameRecords)> = names
+            .into_iter()
+            .filter(|(n, _)| !bare_ancestors.contains(n))
             .collect();
         names.sort_by(|a, b| a.0.cmp(&b.0));
         Part { names }
