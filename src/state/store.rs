@@ -152,22 +152,19 @@ impl Store {
                 changes
             }
             Update::Upsert(o) => {
-                let kind = o.id().0;
+                let (kind, key) = o.id();
                 self.mark(&o);
-                let pod = match &*o {
-                    Object::Pod(p) => Some(p.key.clone()),
-                    _ => None,
-                };
-                let before = pod.as_ref().and_then(|k| self.pods.get(k).cloned());
-                let (id, service) = (o.id(), matches!(&*o, Object::Service(_)));
+                let before = (kind == Kind::Pod)
+                    .then(|| self.pods.get(&key).cloned())
+                    .flatten();
                 if !self.upsert(*o) {
                     return Changes::default();
                 }
-                match pod {
-                    Some(k) => self.pod_changed(before.as_ref(), &k),
-                    None if service => self.select(&id.1),
-                    None if id.0 == Kind::Node => self.select_all(),
-                    None => {}
+                match kind {
+                    Kind::Pod => self.pod_changed(before.as_ref(), &key),
+                    Kind::Service => self.select(&key),
+                    Kind::Node => self.select_all(),
+                    Kind::EndpointSlice | Kind::Endpoints => {}
                 }
                 Changes::one(kind)
             }
