@@ -8,9 +8,11 @@
 //! A name may be shared: every name's ancestors inside the zone exist
 //! (empty non-terminals such as `<ns>.svc.<zone>`), and a Pod IP behind two
 //! headless Services has one PTR name with a record from each. So each name
-//! counts the references to it (its own and its descendants') and knows
-//! which parts hold records at it; it exists while referenced, and its
-//! records are the union of its parts' (as one full build gives them).
+//! counts what makes it exist (the parts' names at it, and its children
+//! that exist) and knows which parts hold records at it; it exists while
+//! counted, and its records are the union of its parts' (as one full build
+//! gives them). A part holds each of its names already rendered, so a name
+//! with one owner (nearly all) is published as that part's node, shared.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -24,45 +26,33 @@ use crate::sharded::Sharded;
 use crate::state::store::Dirty;
 use crate::state::Store;
 
-/// Records at one name: by type, and the SRV set's additional records.
+/// Records at one name, as a builder collects them: by type, and the SRV
+/// set's additional records.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(super) struct NameRecords {
     pub sets: BTreeMap<u16, Vec<Box<[u8]>>>,
     pub additional: Vec<Box<[u8]>>,
 }
 
-impl NameRecords {
-    fn is_empty(&self) -> bool {
-        self.sets.values().all(Vec::is_empty) && self.additional.is_empty()
-    }
-}
-
-/// What one Service (or the zone itself: `dns-version`) puts in the zone:
-/// the names it holds, with their records. A name without records that is
-/// only the ancestor of another of its names is left out (counted through
-/// that name).
+/// What one Service (or the zone itself: apex and `dns-version`) puts in
+/// the zone: the names it makes, each with its node as this part alone
+/// renders it (empty for a name it only makes exist).
 #[derive(Debug, Default, Clone)]
 struct Part {
-    names: Vec<(Name, NameRecords)>,
+    names: Vec<(Name, Arc<Node>)>,
 }
 
 impl Part {
     fn from_builder(names: HashMap<Name, NameRecords>) -> Part {
-        // Ancestors without records, decided before the records move out.
-        let bare_ancestors: Vec<Name> = names
-            .iter()
-            .filter(|(n, r)| r.is_empty() && names.keys().any(|m| m != *n && n.zone_of(m)))
-            .map(|(n, _)| n.clone())
-            .collect();
-        let mut names: Vec<(Name, NameRecords)> = names
-            .into_iter()
-            .filter(|(n, _)| !bare_ancestors.contains(n))
-            .collect();
-        names.sort_by(|a, b| a.0.cmp(&b.0));
-        Part { names }
+        Part {
+            names: names
+                .into_iter()
+                .map(|(n, r)| (n, Arc::new(node_of(r))))
+                .collect(),
+        }
     }
 
-    fn records_at(&self, name: &Name) -> Option<&NameRecords> {
+    fn node_at(&self, name: &Name) -> Option<&Arc<Node>> {
         self.names.iter().find(|(n, _)| n == name).map(|(_, r)| r)
     }
 }
@@ -70,8 +60,8 @@ impl Part {
 /// How one name is referenced.
 #[derive(Debug, Default)]
 struct Refs {
-    /// Names of parts at it or below it (each part name counts once for
-    /// itself and once for each ancestor inside the zone).
+    /// What makes it exist: the parts' names at it, plus its children
+    /// (names one label longer, inside the zone) that exist.
     count: u32,
     /// The parts with records at it.
     owners: Vec<Arc<ObjectKey>>,
@@ -85,6 +75,8 @@ pub struct ZoneParts {
     parts: HashMap<Arc<ObjectKey>, Part, RandomState>,
     refs: HashMap<Name, Refs, RandomState>,
     nodes: Sharded<Name, Arc<Node>>,
+    /// The node of a name without records, shared by all of them.
+    empty: Arc<Node>,
 }
 
 /// The key of the zone's own part: no Service has an empty name.
@@ -100,6 +92,7 @@ impl ZoneParts {
             parts: HashMap::default(),
             refs: HashMap::default(),
             nodes: Sharded::default(),
+            empty: Arc::default(),
         };
         let own = Part::from_builder(Builder::new(cfg).into_names());
         z.put(Arc::new(own_key()), own, None);
@@ -149,32 +142,70 @@ impl ZoneParts {
         }
     }
 
-    /// Every name `name` makes exist: itself and its ancestors inside the zone.
-    fn lineage(&self, name: &Name) -> Vec<Name> {
+    /// The name whose existence `name`'s implies: its parent, while inside
+    /// the zone (the apex and names outside it, PTR names, have none).
+    fn parent(&self, name: &Name) -> Option<Name> {
         let origin = &self.cfg.origin;
-        let mut out = vec![name.clone()];
+        (origin.zone_of(name) && name.num_labels() > origin.num_labels()).then(|| name.base_name())
+    }
+
+    /// Counts one more reference to `name`; a name that comes to exist
+    /// counts one more on its parent, and so on up. Names that come to exist
+    /// go in `touched`.
+    fn reference(&mut self, name: &Name, mut touched: Option<&mut HashSet<Name>>) {
         let mut n = name.clone();
-        while origin.zone_of(&n) && n.num_labels() > origin.num_labels() {
-            n = n.base_name();
-            out.push(n.clone());
+        loop {
+            let r = self.refs.entry(n.clone()).or_default();
+            r.count += 1;
+            if r.count > 1 {
+                return;
+            }
+            let parent = self.parent(&n);
+            if let Some(t) = touched.as_deref_mut() {
+                t.insert(n);
+            }
+            match parent {
+                Some(p) => n = p,
+                None => return,
+            }
         }
-        out
+    }
+
+    /// Counts one reference to `name` less; a name that ceases to exist
+    /// counts one less on its parent, and so on up. Names that cease to
+    /// exist go in `touched`.
+    fn unreference(&mut self, name: &Name, mut touched: Option<&mut HashSet<Name>>) {
+        let mut n = name.clone();
+        loop {
+            let Some(r) = self.refs.get_mut(&n) else {
+                return;
+            };
+            r.count = r.count.saturating_sub(1);
+            if r.count > 0 {
+                return;
+            }
+            self.refs.remove(&n);
+            let parent = self.parent(&n);
+            if let Some(t) = touched.as_deref_mut() {
+                t.insert(n);
+            }
+            match parent {
+                Some(p) => n = p,
+                None => return,
+            }
+        }
     }
 
     fn put(&mut self, key: Arc<ObjectKey>, part: Part, mut touched: Option<&mut HashSet<Name>>) {
-        for (name, records) in &part.names {
-            for n in self.lineage(name) {
-                match touched.as_deref_mut() {
-                    Some(t) => {
-                        self.refs.entry(n.clone()).or_default().count += 1;
-                        t.insert(n);
-                    }
-                    None => self.refs.entry(n).or_default().count += 1,
-                }
-            }
-            if !records.is_empty() {
+        for (name, node) in &part.names {
+            self.reference(name, touched.as_deref_mut());
+            if !node.sets.is_empty() {
                 if let Some(r) = self.refs.get_mut(name) {
                     r.owners.push(key.clone());
+                }
+                // Its records change even where it existed already.
+                if let Some(t) = touched.as_deref_mut() {
+                    t.insert(name.clone());
                 }
             }
         }
@@ -187,21 +218,16 @@ impl ZoneParts {
         part: &Part,
         mut touched: Option<&mut HashSet<Name>>,
     ) {
-        for (name, _) in &part.names {
-            if let Some(r) = self.refs.get_mut(name) {
-                r.owners.retain(|o| o != key);
-            }
-            for n in self.lineage(name) {
-                if let Some(r) = self.refs.get_mut(&n) {
-                    r.count = r.count.saturating_sub(1);
-                    if r.count == 0 {
-                        self.refs.remove(&n);
-                    }
+        for (name, node) in &part.names {
+            if !node.sets.is_empty() {
+                if let Some(r) = self.refs.get_mut(name) {
+                    r.owners.retain(|o| o != key);
                 }
                 if let Some(t) = touched.as_deref_mut() {
-                    t.insert(n);
+                    t.insert(name.clone());
                 }
             }
+            self.unreference(name, touched.as_deref_mut());
         }
     }
 
@@ -210,7 +236,7 @@ impl ZoneParts {
         let mut nodes = Sharded::default();
         for name in self.refs.keys() {
             if let Some(node) = self.render(name) {
-                nodes.insert(name.clone(), Arc::new(node));
+                nodes.insert(name.clone(), node);
             }
         }
         self.nodes = nodes;
@@ -221,7 +247,7 @@ impl ZoneParts {
         for name in names {
             match self.render(&name) {
                 Some(node) => {
-                    self.nodes.insert(name, Arc::new(node));
+                    self.nodes.insert(name, node);
                 }
                 None => {
                     self.nodes.remove(&name);
@@ -231,49 +257,32 @@ impl ZoneParts {
     }
 
     /// The node at `name` as a full build gives it: the union of its parts'
-    /// records (`None`: the name is gone).
-    fn render(&self, name: &Name) -> Option<Node> {
-        let mut merged = self.merged(name)?;
-        if name == &self.cfg.origin {
-            // Set again at each publish, with the serial.
-            merged.sets.remove(&u16::from(RecordType::SOA));
-        }
-        Some(node_of(merged))
-    }
-
-    /// The union of the records the parts at `name` hold.
-    fn merged(&self, name: &Name) -> Option<NameRecords> {
+    /// records (`None`: the name is gone). One owner's node is shared as is.
+    fn render(&self, name: &Name) -> Option<Arc<Node>> {
         let refs = self.refs.get(name)?;
-        let mut merged = NameRecords::default();
-        for owner in &refs.owners {
-            let Some(r) = self.parts.get(owner).and_then(|p| p.records_at(name)) else {
-                continue;
-            };
-            for (t, records) in &r.sets {
-                let set = merged.sets.entry(*t).or_default();
-                for rr in records {
-                    if !set.contains(rr) {
-                        set.push(rr.clone());
-                    }
-                }
-            }
-            for rr in &r.additional {
-                if !merged.additional.contains(rr) {
-                    merged.additional.push(rr.clone());
-                }
-            }
-        }
-        Some(merged)
+        let mut nodes = refs
+            .owners
+            .iter()
+            .filter_map(|o| self.parts.get(o).and_then(|p| p.node_at(name)));
+        Some(match (nodes.next(), refs.owners.len()) {
+            (None, _) => self.empty.clone(),
+            (Some(only), 1) => only.clone(),
+            (Some(first), _) => Arc::new(merge(std::iter::once(first).chain(nodes))),
+        })
     }
 
     /// The zone as it stands, as generation `generation`: the apex gets
     /// the SOA with that serial.
     pub fn publish(&mut self, generation: u64) -> Zone {
         let origin = self.cfg.origin.clone();
-        let mut apex = self.merged(&origin).unwrap_or_default();
+        let apex = self.render(&origin).unwrap_or_default();
         let (answer, authority) = super::zone::soa(&self.cfg, generation);
-        apex.sets.insert(u16::from(RecordType::SOA), vec![answer]);
-        self.nodes.insert(origin, Arc::new(node_of(apex)));
+        let soa = RrSet {
+            rtype: RecordType::SOA,
+            records: Box::new([answer]),
+            additional: Box::default(),
+        };
+        self.nodes.insert(origin, Arc::new(with_set(&apex, soa)));
         Zone::from_parts(&self.cfg, generation, self.nodes.clone(), authority)
     }
 }
@@ -284,17 +293,28 @@ impl ZoneParts {
     /// change by change: the same counts, each owner once.
     pub(super) fn check_refs(&self) -> Result<(), String> {
         let mut want: HashMap<Name, (u32, Vec<String>)> = HashMap::new();
+        // Every name that exists: the parts' names and their ancestors.
+        let mut exists: HashSet<Name> = HashSet::new();
         for (key, part) in &self.parts {
-            for (name, records) in &part.names {
-                for n in self.lineage(name) {
-                    want.entry(n).or_default().0 += 1;
-                }
-                if !records.is_empty() {
+            for (name, node) in &part.names {
+                want.entry(name.clone()).or_default().0 += 1;
+                if !node.sets.is_empty() {
                     want.entry(name.clone())
                         .or_default()
                         .1
                         .push(key.to_string());
                 }
+                let mut n = Some(name.clone());
+                while let Some(m) = n {
+                    n = self.parent(&m);
+                    exists.insert(m);
+                }
+            }
+        }
+        // Each existing name counts once on its parent.
+        for name in &exists {
+            if let Some(p) = self.parent(name) {
+                want.entry(p).or_default().0 += 1;
             }
         }
         let mut have: HashMap<Name, (u32, Vec<String>)> = HashMap::new();
@@ -338,4 +358,40 @@ fn node_of(mut merged: NameRecords) -> Node {
         })
         .collect();
     Node { sets }
+}
+
+/// The union of the records of several parts' nodes at one name.
+fn merge<'a>(nodes: impl Iterator<Item = &'a Arc<Node>>) -> Node {
+    let mut merged = NameRecords::default();
+    for node in nodes {
+        for s in node.sets.iter() {
+            let set = merged.sets.entry(u16::from(s.rtype)).or_default();
+            for rr in s.records.iter() {
+                if !set.contains(rr) {
+                    set.push(rr.clone());
+                }
+            }
+            for rr in s.additional.iter() {
+                if !merged.additional.contains(rr) {
+                    merged.additional.push(rr.clone());
+                }
+            }
+        }
+    }
+    node_of(merged)
+}
+
+/// `node` with `set` put in (replacing its type's), sets in type order.
+fn with_set(node: &Node, set: RrSet) -> Node {
+    let mut sets: Vec<RrSet> = node
+        .sets
+        .iter()
+        .filter(|s| s.rtype != set.rtype)
+        .cloned()
+        .collect();
+    let at = sets.partition_point(|s| u16::from(s.rtype) < u16::from(set.rtype));
+    sets.insert(at, set);
+    Node {
+        sets: sets.into_boxed_slice(),
+    }
 }

@@ -385,25 +385,13 @@ impl Builder {
         b
     }
 
-    /// Makes `name` exist, with every ancestor inside the zone.
+    /// Makes `name` exist. Its ancestors inside the zone exist through it:
+    /// [`ZoneParts`] counts them, so a Service's part does not hold them.
     fn node(&mut self, name: Name) {
-        let mut n = name;
-        loop {
-            if self.sets.contains_key(&n) {
-                return;
-            }
-            let inside = self.origin.zone_of(&n) && n.num_labels() > self.origin.num_labels();
-            let parent = n.base_name();
-            self.sets.insert(n, BTreeMap::new());
-            if !inside {
-                return;
-            }
-            n = parent;
-        }
+        self.sets.entry(name).or_default();
     }
 
     fn add(&mut self, name: Name, rtype: RecordType, rdata: &[u8]) {
-        self.node(name.clone());
         let rr = record(rtype, self.ttl, rdata);
         let set = self
             .sets
@@ -500,7 +488,7 @@ impl Builder {
             .ok()
     }
 
-    /// Every name collected (ancestors included), with its records.
+    /// Every name collected, with its records.
     pub(super) fn into_names(self) -> HashMap<Name, NameRecords> {
         let mut additional = self.additional;
         self.sets
