@@ -51,10 +51,6 @@ impl Part {
                 .collect(),
         }
     }
-
-    fn node_at(&self, name: &Name) -> Option<&Arc<Node>> {
-        self.names.iter().find(|(n, _)| n == name).map(|(_, r)| r)
-    }
 }
 
 /// How one name is referenced.
@@ -63,8 +59,8 @@ struct Refs {
     /// What makes it exist: the parts' names at it, plus its children
     /// (names one label longer, inside the zone) that exist.
     count: u32,
-    /// The parts with records at it.
-    owners: Vec<Arc<ObjectKey>>,
+    /// The parts with records at it, with their node here.
+    owners: Vec<(Arc<ObjectKey>, Arc<Node>)>,
 }
 
 /// The zone and what it was built from (see the module documentation).
@@ -201,7 +197,7 @@ impl ZoneParts {
             self.reference(name, touched.as_deref_mut());
             if !node.sets.is_empty() {
                 if let Some(r) = self.refs.get_mut(name) {
-                    r.owners.push(key.clone());
+                    r.owners.push((key.clone(), node.clone()));
                 }
                 // Its records change even where it existed already.
                 if let Some(t) = touched.as_deref_mut() {
@@ -221,7 +217,7 @@ impl ZoneParts {
         for (name, node) in &part.names {
             if !node.sets.is_empty() {
                 if let Some(r) = self.refs.get_mut(name) {
-                    r.owners.retain(|o| o != key);
+                    r.owners.retain(|(o, _)| o != key);
                 }
                 if let Some(t) = touched.as_deref_mut() {
                     t.insert(name.clone());
@@ -260,14 +256,10 @@ impl ZoneParts {
     /// records (`None`: the name is gone). One owner's node is shared as is.
     fn render(&self, name: &Name) -> Option<Arc<Node>> {
         let refs = self.refs.get(name)?;
-        let mut nodes = refs
-            .owners
-            .iter()
-            .filter_map(|o| self.parts.get(o).and_then(|p| p.node_at(name)));
-        Some(match (nodes.next(), refs.owners.len()) {
-            (None, _) => self.empty.clone(),
-            (Some(only), 1) => only.clone(),
-            (Some(first), _) => Arc::new(merge(std::iter::once(first).chain(nodes))),
+        Some(match refs.owners.as_slice() {
+            [] => self.empty.clone(),
+            [(_, only)] => only.clone(),
+            many => Arc::new(merge(many.iter().map(|(_, n)| n))),
         })
     }
 
@@ -319,7 +311,7 @@ impl ZoneParts {
         }
         let mut have: HashMap<Name, (u32, Vec<String>)> = HashMap::new();
         for (name, r) in &self.refs {
-            let owners = r.owners.iter().map(|o| o.to_string()).collect();
+            let owners = r.owners.iter().map(|(o, _)| o.to_string()).collect();
             have.insert(name.clone(), (r.count, owners));
         }
         for m in [&mut want, &mut have] {
