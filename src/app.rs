@@ -669,16 +669,19 @@ async fn control(
                 generation += 1;
                 let (snap, changed) = store.compile_changes(&ctx, &metrics, generation, &mut compile_cache);
                 let snap = Arc::new(snap);
-                // DNS view of the same objects, published with the snapshot.
-                if let Some(d) = &mut dns {
-                    d.publish(&store, &changed, generation);
-                }
                 for c in &snap.conflicts {
                     tracing::warn!("frontend conflict: {c}");
                 }
                 metrics.set_no_local_endpoints(snap.no_local_internal as i64, snap.no_local_external as i64);
                 metrics.set_skipped_ports(snap.skipped_ports as i64);
                 publisher.publish(snap.clone()).await;
+                // The DNS view of the same objects, right after the data
+                // plane: a name is never answered before its address is
+                // served, and the data plane never waits for the zone (a
+                // full zone build at 100k Services takes seconds).
+                if let Some(d) = &mut dns {
+                    d.publish(&store, &changed, generation);
+                }
                 checks.sync(&mut store);
                 health_checks.sync(&snap.health_checks, &shared.inherited).await;
                 if let Some(t) = taking.take() {
