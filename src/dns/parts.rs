@@ -145,42 +145,28 @@ impl ZoneParts {
         (origin.zone_of(name) && name.num_labels() > origin.num_labels()).then(|| name.base_name())
     }
 
-    /// Counts one more reference to `name`; a name that comes to exist
-    /// counts one more on its parent, and so on up. Names that come to exist
-    /// go in `touched`.
-    fn reference(&mut self, name: &Name, mut touched: Option<&mut HashSet<Name>>) {
+    /// Counts one reference to `name` more (`up`) or less; a name that
+    /// comes to exist or ceases to exist counts the same on its parent, and
+    /// so on up. Those names go in `touched`.
+    fn count(&mut self, name: &Name, up: bool, mut touched: Option<&mut HashSet<Name>>) {
         let mut n = name.clone();
         loop {
-            let r = self.refs.entry(n.clone()).or_default();
-            r.count += 1;
-            if r.count > 1 {
-                return;
-            }
-            let parent = self.parent(&n);
-            if let Some(t) = touched.as_deref_mut() {
-                t.insert(n);
-            }
-            match parent {
-                Some(p) => n = p,
-                None => return,
-            }
-        }
-    }
-
-    /// Counts one reference to `name` less; a name that ceases to exist
-    /// counts one less on its parent, and so on up. Names that cease to
-    /// exist go in `touched`.
-    fn unreference(&mut self, name: &Name, mut touched: Option<&mut HashSet<Name>>) {
-        let mut n = name.clone();
-        loop {
-            let Some(r) = self.refs.get_mut(&n) else {
-                return;
+            let flipped = if up {
+                let r = self.refs.entry(n.clone()).or_default();
+                r.count += 1;
+                r.count == 1
+            } else {
+                match self.refs.get_mut(&n) {
+                    Some(r) => {
+                        r.count = r.count.saturating_sub(1);
+                        r.count == 0 && self.refs.remove(&n).is_some()
+                    }
+                    None => false,
+                }
             };
-            r.count = r.count.saturating_sub(1);
-            if r.count > 0 {
+            if !flipped {
                 return;
             }
-            self.refs.remove(&n);
             let parent = self.parent(&n);
             if let Some(t) = touched.as_deref_mut() {
                 t.insert(n);
@@ -194,7 +180,7 @@ impl ZoneParts {
 
     fn put(&mut self, key: Arc<ObjectKey>, part: Part, mut touched: Option<&mut HashSet<Name>>) {
         for (name, node) in &part.names {
-            self.reference(name, touched.as_deref_mut());
+            self.count(name, true, touched.as_deref_mut());
             if !node.sets.is_empty() {
                 if let Some(r) = self.refs.get_mut(name) {
                     r.owners.push((key.clone(), node.clone()));
@@ -223,7 +209,7 @@ impl ZoneParts {
                     t.insert(name.clone());
                 }
             }
-            self.unreference(name, touched.as_deref_mut());
+            self.count(name, false, touched.as_deref_mut());
         }
     }
 
