@@ -3,6 +3,10 @@
 udp-echo HOST PORT                  echo every datagram back (SO_REUSEPORT, run several)
 udp HOST PORT SECS FLOWS WINDOW     UDP request/response: FLOWS sockets, WINDOW datagrams in
                                     flight each; print answered requests per second
+udp-gso HOST PORT SECS FLOWS      bulk UDP sent with UDP_SEGMENT: FLOWS sockets, each sending
+                                    16 datagrams of 1400 bytes per send (one GSO super-packet)
+                                    and waiting for their echoes; print datagrams answered per
+                                    second
 hold HOST PORT N                    open N HTTP keep-alive connections (one GET each, 100 at once),
                                     hold them idle; print "holding K" (K answered) when done
 lat HOST PORT RATE SECS CONNS       HTTP/1.1 GETs over CONNS persistent connections, paced to
@@ -72,6 +76,53 @@ def udp(host, port, secs, flows, window):
     print(f"{answered / (time.monotonic() - start):.0f}")
 
 
+UDP_SEGMENT = 103  # socket.UDP_SEGMENT is Python 3.12+
+
+
+def udp_gso(host, port, secs, flows, size=1400, burst=16):
+    sel = selectors.DefaultSelector()
+    msg = b"g" * (size * burst)
+    socks, owed = [], {}
+    for _ in range(int(flows)):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_UDP, UDP_SEGMENT, size)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        s.connect((host, int(port)))
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ)
+        socks.append(s)
+    last = {}
+    for s in socks:
+        s.send(msg)
+        owed[s], last[s] = burst, time.monotonic()
+    answered, start = 0, time.monotonic()
+    end = start + float(secs)
+    while True:
+        now = time.monotonic()
+        if now >= end:
+            break
+        for key, _ in sel.select(timeout=0.05):
+            s = key.fileobj
+            for _ in range(4 * burst):
+                try:
+                    s.recv(2048)
+                except (BlockingIOError, ConnectionRefusedError):
+                    break
+                answered += 1
+                owed[s] -= 1
+                if owed[s] <= 0:  # the whole burst came back: the next one
+                    s.send(msg)
+                    owed[s], last[s] = burst, now
+        for s in socks:  # a burst that lost datagrams: resend (bounded: once per 200 ms)
+            if now - last[s] > 0.2:
+                try:
+                    s.send(msg)
+                except OSError:
+                    pass
+                owed[s], last[s] = burst, now
+    print(f"{answered / (time.monotonic() - start):.0f}")
+
+
 async def lat(host, port, rate, secs, conns):
     conns, interval = int(conns), int(conns) / float(rate)
     req = f"GET / HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
@@ -134,6 +185,7 @@ MEASURES = [  # key, label, unit, higher is better
     ("p50", "latency p50 at fixed load", "µs", False),
     ("p99", "latency p99 at fixed load", "µs", False),
     ("udp", "UDP request/response", "req/s", True),
+    ("udpgso", "UDP bulk, UDP_SEGMENT sends of 16 × 1400 B, echoed", "datagrams/s", True),
     ("mem", "memory per 10,000 idle connections", "MiB", False),
     # MEASURES=clients: real clients and servers (Debian's redis, PostgreSQL
     # 15, dnsmasq) through each path.
@@ -266,6 +318,8 @@ if cmd == "udp-echo":
     udp_echo(*args)
 elif cmd == "udp":
     udp(*args)
+elif cmd == "udp-gso":
+    udp_gso(*args)
 elif cmd == "hold":
     asyncio.run(hold(*args))
 elif cmd == "lat":

@@ -191,6 +191,12 @@ impl TunIo {
         self.ring.submit()
     }
 
+    /// Submits everything queued and waits until at least `want`
+    /// completions are posted (benches and tests; the driver never blocks).
+    pub fn submit_and_wait(&mut self, want: usize) -> io::Result<usize> {
+        self.ring.uring().submit_and_wait(want)
+    }
+
     /// Hands every completion posted so far to `f`, in the order posted.
     /// Returns how many there were.
     pub fn complete(&mut self, mut f: impl FnMut(Done)) -> usize {
