@@ -51,6 +51,8 @@ pub enum Op {
     TunRead,
     /// A write of one packet to a TUN queue from one of its write slots.
     TunWrite,
+    /// The multishot poll that says a TUN queue has packets waiting.
+    TunPoll,
 }
 
 impl Op {
@@ -74,6 +76,7 @@ impl Op {
             16 => Op::SpliceOut,
             17 => Op::TunRead,
             18 => Op::TunWrite,
+            19 => Op::TunPoll,
             _ => return None,
         })
     }

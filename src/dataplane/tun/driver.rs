@@ -189,7 +189,7 @@ pub async fn run(
             }
             Some(cmd) = cmds.recv() => answer(&ctx, cmd),
             _ = ctx.poke.notified() => {}
-            _ = sleep => {}
+            _ = sleep => io.maybe_readable(),
             _ = sweep.tick() => {
                 let dead = ctx.flows.borrow_mut().open.expire(Instant::now());
                 crate::dataplane::udp::end_all(dead, crate::access_log::End::IdleTimeout);

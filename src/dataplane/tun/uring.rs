@@ -1,10 +1,19 @@
 //! One TUN queue's reads and writes on io_uring (the engine's [`Ring`]):
-//! [`READS`] reads stay in flight, each into a packet buffer of its own (the
-//! stack's, so a packet is never copied), and the driver drains their
-//! completions in one batch per round; the packets the stack queued in a
-//! round go out as one batch of writes, one `io_uring_enter` for all of them
-//! and for the reads re-armed. Before, each packet cost a `readv(2)` (after an
-//! epoll wake-up) and a `writev(2)`.
+//! one multishot poll says when packets wait; then up to [`READS`] reads go
+//! in at once, each into a packet buffer of its own (the stack's, so a
+//! packet is never copied), and the driver drains their completions in one
+//! batch per round; the packets the stack queued in a round go out as one
+//! batch of writes, one `io_uring_enter` for all of them and for the next
+//! reads. Before, each packet cost a `readv(2)` (after an epoll wake-up) and
+//! a `writev(2)`.
+//!
+//! The reads are `RWF_NOWAIT`: one that finds the queue empty completes at
+//! once with `EAGAIN` rather than waiting. Reads left waiting on the device
+//! were all woken by every packet; the ones that found nothing were handed to
+//! io_uring's worker threads and, the queue being non-blocking, failed
+//! there (and a 100 ms back-off after such a failure made p99 latency
+//! 87 ms in the first measurement, BENCHMARKS.md). After `EAGAIN` no read is
+//! armed until the poll fires again.
 //!
 //! Each slot keeps its `virtio_net_hdr` and its `iovec`s at a fixed address
 //! (a boxed slice that never grows) for as long as its operation runs.
@@ -19,10 +28,10 @@ use super::offload::{rx_checksum, rx_udp_gso, tx_header, RxChecksum, VNET_HDR_LE
 use crate::dataplane::engine::ops;
 use crate::dataplane::engine::ring::{Op, Ring, Token};
 
-/// Reads in flight per queue. Each waits on the device (the kernel wakes
-/// every one when a packet arrives, and those that find nothing wait
-/// again), so more is not free; 16 covers a burst of TSO super-packets or
-/// of a few flows' datagrams per wake-up.
+/// Reads in one batch at most: 16 covers a burst of TSO super-packets or of
+/// a few flows' datagrams per wake-up. A batch is twice the packets the
+/// last one brought (at least 2), so a quiet queue wastes one read per
+/// wake-up, not 15.
 pub const READS: usize = 16;
 
 /// Writes in flight at most (the stack's packets of one round beyond that
@@ -76,6 +85,13 @@ pub struct TunIo {
     cqes: Vec<cqueue::Entry>,
     /// Operations submitted and not completed (what `Drop` waits for).
     in_flight: usize,
+    /// The multishot poll is armed.
+    polling: bool,
+    /// Packets may be waiting: the poll fired, or the last read found one
+    /// (no read found the queue empty since).
+    readable: bool,
+    /// Reads the next batch may have in flight.
+    batch: usize,
 }
 
 fn empty_iov() -> [libc::iovec; 2] {
@@ -115,6 +131,9 @@ impl TunIo {
             idle_writes: (0..WRITES as u16).rev().collect(),
             cqes: Vec::with_capacity(entries as usize * 4),
             in_flight: 0,
+            polling: false,
+            readable: true,
+            batch: 2,
         })
     }
 
@@ -123,17 +142,39 @@ impl TunIo {
         self.ring.as_raw_fd()
     }
 
-    /// Queues a read on every slot that has none, each into a buffer from
-    /// `buffer` (submitted by the next [`TunIo::submit`]).
+    /// Queues the poll when it is not armed and, when packets may be
+    /// waiting, a batch of reads, each into a buffer from `buffer` (a slot
+    /// whose last read found nothing keeps its buffer); submitted by the
+    /// next [`TunIo::submit`].
     pub fn arm(&mut self, mut buffer: impl FnMut() -> Vec<u8>) {
+        if !self.polling {
+            let sqe = opcode::PollAdd::new(Fd(self.fd), libc::POLLIN as u32)
+                .multi(true)
+                .build();
+            self.ring.push(sqe, Token::new(Op::TunPoll, 0));
+            self.polling = true;
+            self.in_flight += 1;
+        }
+        if !self.readable {
+            return;
+        }
+        let in_flight = self.reads.iter().filter(|s| s.armed).count();
+        let mut room = self.batch.saturating_sub(in_flight);
         for (i, s) in self.reads.iter_mut().enumerate() {
+            if room == 0 {
+                break;
+            }
             if s.armed {
                 continue;
             }
-            let mut buf = buffer();
-            buf.clear();
-            buf.reserve(self.max);
-            let spare = buf.spare_capacity_mut();
+            room -= 1;
+            if s.buf.capacity() < self.max {
+                let mut buf = buffer();
+                buf.clear();
+                buf.reserve(self.max);
+                s.buf = buf;
+            }
+            let spare = s.buf.spare_capacity_mut();
             s.iov = [
                 libc::iovec {
                     iov_base: s.hdr.as_mut_ptr().cast(),
@@ -144,12 +185,19 @@ impl TunIo {
                     iov_len: spare.len().min(self.max),
                 },
             ];
-            s.buf = buf;
             s.armed = true;
-            let sqe = opcode::Readv::new(Fd(self.fd), s.iov.as_ptr(), 2).build();
+            let sqe = opcode::Readv::new(Fd(self.fd), s.iov.as_ptr(), 2)
+                .rw_flags(libc::RWF_NOWAIT)
+                .build();
             self.ring.push(sqe, Token::new(Op::TunRead, i as u32));
             self.in_flight += 1;
         }
+    }
+
+    /// Packets may be waiting after all (the driver's timer: a safety net
+    /// should a poll event ever be missed).
+    pub fn maybe_readable(&mut self) {
+        self.readable = true;
     }
 
     /// Queues `packet` for the wire, with a header asking the kernel to
@@ -198,32 +246,58 @@ impl TunIo {
     }
 
     /// Hands every completion posted so far to `f`, in the order posted.
-    /// Returns how many there were.
+    /// Returns how many packets were read.
     pub fn complete(&mut self, mut f: impl FnMut(Done)) -> usize {
         let mut cqes = std::mem::take(&mut self.cqes);
         self.ring.drain(&mut cqes);
-        let n = cqes.len();
+        let mut read = 0;
         for cqe in cqes.drain(..) {
             if let Some(done) = self.finish(&cqe) {
+                read += usize::from(matches!(done, Done::Read(_)));
                 f(done);
             }
         }
         self.cqes = cqes;
-        n
+        if read > 0 {
+            self.batch = (read * 2).clamp(2, READS);
+        }
+        read
     }
 
+    /// Makes sense of one completion, in the order posted: a poll event or
+    /// a packet read says packets may wait, a read that found nothing says
+    /// none does (until the next poll event, posted after it).
     fn finish(&mut self, cqe: &cqueue::Entry) -> Option<Done> {
         let t = Token::unpack(cqe.user_data())?;
         let res = cqe.result();
         match t.op {
+            Op::TunPoll => {
+                if !cqueue::more(cqe.flags()) {
+                    // Ended (cancelled, or the kernel stopped it): armed
+                    // again next round.
+                    self.polling = false;
+                    self.in_flight = self.in_flight.saturating_sub(1);
+                }
+                if res > 0 {
+                    self.readable = true;
+                }
+                None
+            }
             Op::TunRead => {
                 let s = self.reads.get_mut(t.index as usize)?;
                 self.in_flight = self.in_flight.saturating_sub(1);
                 s.armed = false;
-                let mut buf = std::mem::take(&mut s.buf);
                 let Ok(n) = usize::try_from(res) else {
+                    if res == -libc::EAGAIN {
+                        // Nothing waits: the slot keeps its buffer.
+                        self.readable = false;
+                        return None;
+                    }
+                    let buf = std::mem::take(&mut s.buf);
                     return Some(Done::ReadFailed(buf, io::Error::from_raw_os_error(-res)));
                 };
+                self.readable = true;
+                let mut buf = std::mem::take(&mut s.buf);
                 let len = n.saturating_sub(VNET_HDR_LEN).min(s.iov[1].iov_len);
                 // SAFETY: the kernel wrote `len` bytes into the spare
                 // capacity the iovec described (`reserve` made it that long).
@@ -252,9 +326,9 @@ impl TunIo {
 }
 
 impl Drop for TunIo {
-    /// Cancels the reads in flight and waits (boundedly) until the kernel
-    /// has let go of every buffer; a buffer it may still hold is leaked
-    /// rather than freed under it.
+    /// Cancels the poll and anything in flight and waits (boundedly) until
+    /// the kernel has let go of every buffer; a buffer it may still hold is
+    /// leaked rather than freed under it.
     fn drop(&mut self) {
         self.ring
             .push(ops::cancel_all(self.fd), Token::new(Op::Ignore, 0));
