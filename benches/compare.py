@@ -34,21 +34,32 @@ def udp_echo(host, port):
         s.sendto(data, peer)
 
 
-def udp(host, port, secs, flows, window):
+def udp_load(host, port, secs, flows, msg, per_send, sends, setup=None):
+    """FLOWS connected sockets, each keeping SENDS sends of MSG in flight (a send
+    is PER_SEND datagrams, more than one with UDP_SEGMENT): a send goes out
+    whenever a whole send's worth of datagrams came back. Prints datagrams
+    answered per second."""
     sel = selectors.DefaultSelector()
-    msg = b"x" * 64
-    socks = []
+    socks, owed, last = [], {}, {}
     for _ in range(int(flows)):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        if setup:
+            setup(s)
         s.connect((host, int(port)))
         s.setblocking(False)
         sel.register(s, selectors.EVENT_READ)
         socks.append(s)
-    last = {}
+
+    def fill(s):
+        for _ in range(sends):
+            try:
+                s.send(msg)
+            except OSError:
+                pass
+        owed[s], last[s] = sends * per_send, time.monotonic()
+
     for s in socks:
-        for _ in range(int(window)):
-            s.send(msg)
-        last[s] = time.monotonic()
+        fill(s)
     answered, start = 0, time.monotonic()
     end = start + float(secs)
     while True:
@@ -63,64 +74,30 @@ def udp(host, port, secs, flows, window):
                 except (BlockingIOError, ConnectionRefusedError):
                     break
                 answered += 1
-                s.send(msg)
-                last[s] = now
+                owed[s] -= 1
+                if owed[s] <= (sends - 1) * per_send:
+                    s.send(msg)
+                    owed[s] += per_send
+                    last[s] = now
         for s in socks:  # refill a window that lost datagrams (bounded: once per 200 ms)
             if now - last[s] > 0.2:
-                for _ in range(int(window)):
-                    try:
-                        s.send(msg)
-                    except OSError:
-                        pass
-                last[s] = now
+                fill(s)
     print(f"{answered / (time.monotonic() - start):.0f}")
+
+
+def udp(host, port, secs, flows, window):
+    udp_load(host, port, secs, flows, b"x" * 64, 1, int(window))
 
 
 UDP_SEGMENT = 103  # socket.UDP_SEGMENT is Python 3.12+
 
 
 def udp_gso(host, port, secs, flows, size=1400, burst=16):
-    sel = selectors.DefaultSelector()
-    msg = b"g" * (size * burst)
-    socks, owed = [], {}
-    for _ in range(int(flows)):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    def setup(s):
         s.setsockopt(socket.SOL_UDP, UDP_SEGMENT, size)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        s.connect((host, int(port)))
-        s.setblocking(False)
-        sel.register(s, selectors.EVENT_READ)
-        socks.append(s)
-    last = {}
-    for s in socks:
-        s.send(msg)
-        owed[s], last[s] = burst, time.monotonic()
-    answered, start = 0, time.monotonic()
-    end = start + float(secs)
-    while True:
-        now = time.monotonic()
-        if now >= end:
-            break
-        for key, _ in sel.select(timeout=0.05):
-            s = key.fileobj
-            for _ in range(4 * burst):
-                try:
-                    s.recv(2048)
-                except (BlockingIOError, ConnectionRefusedError):
-                    break
-                answered += 1
-                owed[s] -= 1
-                if owed[s] <= 0:  # the whole burst came back: the next one
-                    s.send(msg)
-                    owed[s], last[s] = burst, now
-        for s in socks:  # a burst that lost datagrams: resend (bounded: once per 200 ms)
-            if now - last[s] > 0.2:
-                try:
-                    s.send(msg)
-                except OSError:
-                    pass
-                owed[s], last[s] = burst, now
-    print(f"{answered / (time.monotonic() - start):.0f}")
+
+    udp_load(host, port, secs, flows, b"g" * (size * burst), burst, 1, setup)
 
 
 async def lat(host, port, rate, secs, conns):

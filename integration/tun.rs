@@ -278,21 +278,9 @@ fn udp_segmentation_offload_delivers_every_datagram() {
     let Some((t, _u, rv)) = udp_echo_service("gso", "10.96.0.32") else {
         return;
     };
-    // Wait until the frontend answers at all (the first snapshot may still
-    // be on its way to the TUN threads).
+    // A precondition: the frontend answers at all.
     let ready = Topology::within(&t.node, || {
-        let c = UdpSocket::bind("0.0.0.0:0").unwrap();
-        c.set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let mut buf = [0u8; 64];
-        while Instant::now() < deadline {
-            c.send_to(b"ping", "10.96.0.32:53").unwrap();
-            if c.recv(&mut buf).is_ok() {
-                return true;
-            }
-        }
-        false
+        wait_udp_ready(sa("10.96.0.32:53"), b"ping").is_some()
     });
     assert!(ready, "no UDP reply\n{}", rv.log());
     let replies = Topology::within(&t.node, || {

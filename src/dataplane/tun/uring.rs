@@ -94,6 +94,21 @@ pub struct TunIo {
     batch: usize,
 }
 
+/// The two pieces of a packet on the device: its header, then `len` bytes
+/// at `data`.
+fn header_then(hdr: &mut [u8; VNET_HDR_LEN], data: *mut u8, len: usize) -> [libc::iovec; 2] {
+    [
+        libc::iovec {
+            iov_base: hdr.as_mut_ptr().cast(),
+            iov_len: VNET_HDR_LEN,
+        },
+        libc::iovec {
+            iov_base: data.cast(),
+            iov_len: len,
+        },
+    ]
+}
+
 fn empty_iov() -> [libc::iovec; 2] {
     [libc::iovec {
         iov_base: std::ptr::null_mut(),
@@ -175,16 +190,8 @@ impl TunIo {
                 s.buf = buf;
             }
             let spare = s.buf.spare_capacity_mut();
-            s.iov = [
-                libc::iovec {
-                    iov_base: s.hdr.as_mut_ptr().cast(),
-                    iov_len: VNET_HDR_LEN,
-                },
-                libc::iovec {
-                    iov_base: spare.as_mut_ptr().cast(),
-                    iov_len: spare.len().min(self.max),
-                },
-            ];
+            let len = spare.len().min(self.max);
+            s.iov = header_then(&mut s.hdr, spare.as_mut_ptr().cast(), len);
             s.armed = true;
             let sqe = opcode::Readv::new(Fd(self.fd), s.iov.as_ptr(), 2)
                 .rw_flags(libc::RWF_NOWAIT)
@@ -211,16 +218,7 @@ impl TunIo {
             return Err(packet);
         };
         s.hdr = tx_header(&mut packet, mss);
-        s.iov = [
-            libc::iovec {
-                iov_base: s.hdr.as_mut_ptr().cast(),
-                iov_len: VNET_HDR_LEN,
-            },
-            libc::iovec {
-                iov_base: packet.as_mut_ptr().cast(),
-                iov_len: packet.len(),
-            },
-        ];
+        s.iov = header_then(&mut s.hdr, packet.as_mut_ptr(), packet.len());
         s.buf = packet;
         let sqe = opcode::Writev::new(Fd(self.fd), s.iov.as_ptr(), 2).build();
         self.ring.push(sqe, Token::new(Op::TunWrite, u32::from(i)));
