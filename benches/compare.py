@@ -3,6 +3,10 @@
 udp-echo HOST PORT                  echo every datagram back (SO_REUSEPORT, run several)
 udp HOST PORT SECS FLOWS WINDOW     UDP request/response: FLOWS sockets, WINDOW datagrams in
                                     flight each; print answered requests per second
+udp-gso HOST PORT SECS FLOWS      bulk UDP sent with UDP_SEGMENT: FLOWS sockets, each sending
+                                    16 datagrams of 1400 bytes per send (one GSO super-packet)
+                                    and waiting for their echoes; print datagrams answered per
+                                    second
 hold HOST PORT N                    open N HTTP keep-alive connections (one GET each, 100 at once),
                                     hold them idle; print "holding K" (K answered) when done
 lat HOST PORT RATE SECS CONNS       HTTP/1.1 GETs over CONNS persistent connections, paced to
@@ -30,21 +34,32 @@ def udp_echo(host, port):
         s.sendto(data, peer)
 
 
-def udp(host, port, secs, flows, window):
+def udp_load(host, port, secs, flows, msg, per_send, sends, setup=None):
+    """FLOWS connected sockets, each keeping SENDS sends of MSG in flight (a send
+    is PER_SEND datagrams, more than one with UDP_SEGMENT): a send goes out
+    whenever a whole send's worth of datagrams came back. Prints datagrams
+    answered per second."""
     sel = selectors.DefaultSelector()
-    msg = b"x" * 64
-    socks = []
+    socks, owed, last = [], {}, {}
     for _ in range(int(flows)):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        if setup:
+            setup(s)
         s.connect((host, int(port)))
         s.setblocking(False)
         sel.register(s, selectors.EVENT_READ)
         socks.append(s)
-    last = {}
+
+    def fill(s):
+        for _ in range(sends):
+            try:
+                s.send(msg)
+            except OSError:
+                pass
+        owed[s], last[s] = sends * per_send, time.monotonic()
+
     for s in socks:
-        for _ in range(int(window)):
-            s.send(msg)
-        last[s] = time.monotonic()
+        fill(s)
     answered, start = 0, time.monotonic()
     end = start + float(secs)
     while True:
@@ -59,17 +74,30 @@ def udp(host, port, secs, flows, window):
                 except (BlockingIOError, ConnectionRefusedError):
                     break
                 answered += 1
-                s.send(msg)
-                last[s] = now
+                owed[s] -= 1
+                if owed[s] <= (sends - 1) * per_send:
+                    s.send(msg)
+                    owed[s] += per_send
+                    last[s] = now
         for s in socks:  # refill a window that lost datagrams (bounded: once per 200 ms)
             if now - last[s] > 0.2:
-                for _ in range(int(window)):
-                    try:
-                        s.send(msg)
-                    except OSError:
-                        pass
-                last[s] = now
+                fill(s)
     print(f"{answered / (time.monotonic() - start):.0f}")
+
+
+def udp(host, port, secs, flows, window):
+    udp_load(host, port, secs, flows, b"x" * 64, 1, int(window))
+
+
+UDP_SEGMENT = 103  # socket.UDP_SEGMENT is Python 3.12+
+
+
+def udp_gso(host, port, secs, flows, size=1400, burst=16):
+    def setup(s):
+        s.setsockopt(socket.SOL_UDP, UDP_SEGMENT, size)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+
+    udp_load(host, port, secs, flows, b"g" * (size * burst), burst, 1, setup)
 
 
 async def lat(host, port, rate, secs, conns):
@@ -134,6 +162,7 @@ MEASURES = [  # key, label, unit, higher is better
     ("p50", "latency p50 at fixed load", "µs", False),
     ("p99", "latency p99 at fixed load", "µs", False),
     ("udp", "UDP request/response", "req/s", True),
+    ("udpgso", "UDP bulk, UDP_SEGMENT sends of 16 × 1400 B, echoed", "datagrams/s", True),
     ("mem", "memory per 10,000 idle connections", "MiB", False),
     # MEASURES=clients: real clients and servers (Debian's redis, PostgreSQL
     # 15, dnsmasq) through each path.
@@ -266,6 +295,8 @@ if cmd == "udp-echo":
     udp_echo(*args)
 elif cmd == "udp":
     udp(*args)
+elif cmd == "udp-gso":
+    udp_gso(*args)
 elif cmd == "hold":
     asyncio.run(hold(*args))
 elif cmd == "lat":

@@ -12,6 +12,11 @@
 //!   through the engine, on loopback;
 //! - `engine/udp_round_trip`: a 64-byte datagram through the engine's UDP
 //!   path to an echo backend and the reply back, on loopback (one flow);
+//! - `tun/*`: a TUN queue's reads and writes, 64 small packets a batch, in
+//!   a network namespace of the bench's own (needs root): one `readv(2)` /
+//!   `writev(2)` per packet (`*_each`, as the driver did) against the
+//!   driver's io_uring `TunIo` (`*_uring`: 16 reads in flight, a batch of
+//!   writes per submit);
 //! - `session/*`: what a relayed connection costs for metrics (port, frontend
 //!   and endpoint counters) and, with `--access-log`, its record's hand-over.
 //!
@@ -32,8 +37,9 @@ use ringvip::dataplane::engine::bufring::BufRing;
 use ringvip::dataplane::session::Session;
 use ringvip::dataplane::tun::device::QueueDevice;
 use ringvip::dataplane::tun::stack::Stack;
-use ringvip::dataplane::tun::TunSettings;
+use ringvip::dataplane::tun::uring::{Done, TunIo};
 use ringvip::dataplane::tun::{classify, udp_packet};
+use ringvip::dataplane::tun::{Tun, TunSettings};
 use ringvip::dataplane::udp::{FlowEntry, FlowTable};
 use ringvip::dataplane::Shared;
 use ringvip::testing::engine::Proxy;
@@ -357,6 +363,181 @@ fn session(c: &mut Criterion) {
     );
 }
 
+/// Packets per batch in `tun/*`.
+const TUN_BATCH: usize = 64;
+
+#[derive(Clone, Copy)]
+enum TunMode {
+    ReadEach,
+    ReadRing,
+    WriteEach,
+    WriteRing,
+}
+
+/// A thread in a network namespace of its own with a TUN device
+/// (10.77.0.1/24): `udp_in` datagrams go from a socket there to 10.77.0.2,
+/// out through the TUN, and are read from it; `out` packets are written to
+/// the TUN for a socket on 10.77.0.1 and taken from it. Criterion's closures
+/// send it a mode and a count and get the time back.
+struct TunBench {
+    jobs: std::sync::mpsc::Sender<(TunMode, u64)>,
+    took: std::sync::mpsc::Receiver<Duration>,
+}
+
+impl TunBench {
+    fn start() -> Result<TunBench, String> {
+        let (jobs, job_rx) = std::sync::mpsc::channel::<(TunMode, u64)>();
+        let (took_tx, took) = std::sync::mpsc::channel();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let setup = || -> Result<_, String> {
+                // SAFETY: unshare(2) changes only this thread's namespaces.
+                if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                    return Err(format!("unshare: {}", std::io::Error::last_os_error()));
+                }
+                let tun = Tun::open_queues("rvbench0", 1)
+                    .map_err(|e| e.to_string())?
+                    .pop()
+                    .ok_or("no queue")?;
+                // `ip` runs in this thread's namespace (a child inherits it).
+                for args in [
+                    &["link", "set", "lo", "up"][..],
+                    &["addr", "add", "10.77.0.1/24", "dev", "rvbench0"],
+                    &["link", "set", "rvbench0", "up"],
+                ] {
+                    let ok = std::process::Command::new("ip").args(args).status();
+                    if !ok.is_ok_and(|s| s.success()) {
+                        return Err(format!("ip {args:?} failed"));
+                    }
+                }
+                Ok(tun)
+            };
+            let tun = match setup() {
+                Ok(t) => t,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let max = usize::from(u16::MAX) + 40;
+            let mut io = TunIo::new(&tun, max).expect("ring");
+            let out = std::net::UdpSocket::bind("10.77.0.1:0").expect("sender");
+            out.connect("10.77.0.2:9").expect("route");
+            let sink = std::net::UdpSocket::bind("10.77.0.1:7000").expect("sink");
+            sink.set_nonblocking(true).expect("nonblocking");
+            let payload = [7u8; 64];
+            let mut packets: Vec<Vec<u8>> = (0..TUN_BATCH)
+                .map(|i| {
+                    let mut p = Vec::new();
+                    let from = SocketAddr::from(([10, 77, 0, 2], 9000 + i as u16));
+                    udp_packet(from, "10.77.0.1:7000".parse().unwrap(), &payload, &mut p)
+                        .expect("packet");
+                    p
+                })
+                .collect();
+            let mut spare: Vec<Vec<u8>> = (0..32).map(|_| Vec::with_capacity(max)).collect();
+            let mut buf = Vec::with_capacity(max);
+            let mut rbuf = [0u8; 256];
+            io.arm(|| spare.pop().unwrap_or_default());
+            io.submit().expect("submit");
+            let _ = ready_tx.send(Ok(()));
+            let drain_sink = |rbuf: &mut [u8]| {
+                let mut got = 0;
+                while got < TUN_BATCH {
+                    if sink.recv(rbuf).is_ok() {
+                        got += 1;
+                    }
+                }
+            };
+            while let Ok((mode, iters)) = job_rx.recv() {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    match mode {
+                        TunMode::ReadEach | TunMode::ReadRing => {
+                            for _ in 0..TUN_BATCH {
+                                let _ = out.send(&payload);
+                            }
+                            let mut got = 0;
+                            while got < TUN_BATCH {
+                                if let TunMode::ReadEach = mode {
+                                    if tun.recv(&mut buf, max).is_ok() {
+                                        got += 1;
+                                    }
+                                    continue;
+                                }
+                                io.complete(|d| {
+                                    if let Done::Read(r) = d {
+                                        got += 1;
+                                        spare.push(r.packet);
+                                    }
+                                });
+                                io.arm(|| spare.pop().unwrap_or_default());
+                                if got < TUN_BATCH {
+                                    io.submit_and_wait(1).expect("wait");
+                                } else {
+                                    io.submit().expect("submit");
+                                }
+                            }
+                        }
+                        TunMode::WriteEach => {
+                            for p in &mut packets {
+                                tun.send(p, None).expect("writev");
+                            }
+                            drain_sink(&mut rbuf);
+                        }
+                        TunMode::WriteRing => {
+                            for p in packets.drain(..) {
+                                io.write(p, None).expect("a write slot");
+                            }
+                            while packets.len() < TUN_BATCH {
+                                io.submit_and_wait(1).expect("wait");
+                                io.complete(|d| {
+                                    if let Done::Wrote(p, r) = d {
+                                        r.expect("write");
+                                        packets.push(p);
+                                    }
+                                });
+                            }
+                            drain_sink(&mut rbuf);
+                        }
+                    }
+                }
+                if took_tx.send(start.elapsed()).is_err() {
+                    return;
+                }
+            }
+        });
+        ready.recv().map_err(|e| e.to_string())??;
+        Ok(TunBench { jobs, took })
+    }
+
+    fn run(&self, mode: TunMode, iters: u64) -> Duration {
+        self.jobs.send((mode, iters)).expect("bench thread");
+        self.took.recv().expect("bench thread")
+    }
+}
+
+fn tun_io(c: &mut Criterion) {
+    let w = match TunBench::start() {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("tun/*: skipped, needs root for a network namespace and /dev/net/tun ({e})");
+            return;
+        }
+    };
+    let mut g = c.benchmark_group("tun");
+    g.throughput(Throughput::Elements(TUN_BATCH as u64));
+    for (name, mode) in [
+        ("udp_in_64_each", TunMode::ReadEach),
+        ("udp_in_64_uring", TunMode::ReadRing),
+        ("out_64_each", TunMode::WriteEach),
+        ("out_64_uring", TunMode::WriteRing),
+    ] {
+        g.bench_function(name, |b| b.iter_custom(|iters| w.run(mode, iters)));
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     flow_table,
@@ -364,6 +545,7 @@ criterion_group!(
     smoltcp_pair,
     relay,
     engine,
+    tun_io,
     session
 );
 criterion_main!(benches);

@@ -57,26 +57,6 @@ fn pairs_lost(to: SocketAddr, sockets: usize) -> usize {
         .count()
 }
 
-/// Waits until `to` answers a datagram at all (ringvip sets up the TUN and
-/// the NodePort listener after it logs its first snapshot): a precondition,
-/// so a poll; the socket used here is not one the test counts. It is given
-/// back for the caller to hold, so no counted socket gets its port (and its
-/// flow) while the test runs.
-fn wait_udp_ready(to: SocketAddr, probe: &[u8]) -> Option<UdpSocket> {
-    let c = UdpSocket::bind("0.0.0.0:0").unwrap();
-    c.set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut buf = [0u8; 64];
-    while Instant::now() < deadline {
-        c.send_to(probe, to).unwrap();
-        if c.recv(&mut buf).is_ok() {
-            return Some(c);
-        }
-    }
-    None
-}
-
 /// A UDP Service with a ClusterIP and a NodePort: from 30 fresh sockets each,
 /// the A+AAAA-like pair gets both replies on both paths, and each socket is
 /// one flow, counted once.

@@ -259,7 +259,8 @@ fn open_tun(
             .leave()
             .context("returning to ringvip's own network namespace")?;
     }
-    tracing::info!(dev = %link.name, mtu = link.mtu, queues = queues.len(), routes = ?link.routes, "capturing ClusterIP traffic");
+    let uso = queues.first().is_some_and(|q| q.uso());
+    tracing::info!(dev = %link.name, mtu = link.mtu, queues = queues.len(), routes = ?link.routes, udp_segmentation_offload = uso, "capturing ClusterIP traffic");
     Ok(queues)
 }
 

@@ -2,7 +2,7 @@
 //! request classified as its client saw it ([`Answer`]).
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use super::wait_until;
@@ -199,4 +199,24 @@ pub fn echo(addr: SocketAddr) -> Answer {
 /// One connection to `addr` is refused at connect.
 pub fn refused(addr: SocketAddr) -> bool {
     ask(addr) == Answer::Refused
+}
+
+/// Waits until `to` answers a datagram at all (ringvip sets up the TUN and
+/// the NodePort listener after it logs its first snapshot): a precondition,
+/// so a poll; the socket used here is not one the test counts. It is given
+/// back for the caller to hold, so no counted socket gets its port (and its
+/// flow) while the test runs.
+pub fn wait_udp_ready(to: SocketAddr, probe: &[u8]) -> Option<UdpSocket> {
+    let c = UdpSocket::bind("0.0.0.0:0").unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut buf = [0u8; 64];
+    while Instant::now() < deadline {
+        c.send_to(probe, to).unwrap();
+        if c.recv(&mut buf).is_ok() {
+            return Some(c);
+        }
+    }
+    None
 }

@@ -35,8 +35,9 @@ pub use tcp::{Sizes, Tcp};
 /// A thread's engine, shared by its listeners and its driver task.
 pub type Engine = Rc<RefCell<Tcp>>;
 
-/// The ring's descriptor as the reactor sees it (owned by the engine).
-struct RingFd(RawFd);
+/// A ring's descriptor as the reactor sees it (owned by the engine, or by
+/// a TUN queue's `TunIo`).
+pub(crate) struct RingFd(pub(crate) RawFd);
 
 impl AsRawFd for RingFd {
     fn as_raw_fd(&self) -> RawFd {

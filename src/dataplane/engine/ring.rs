@@ -46,6 +46,13 @@ pub enum Op {
     SpliceIn,
     /// A splice relay waits for its destination to have room.
     SpliceOut,
+    /// A read from a TUN queue into one of its read slots (the slot in
+    /// `index`; see `tun::uring`).
+    TunRead,
+    /// A write of one packet to a TUN queue from one of its write slots.
+    TunWrite,
+    /// The multishot poll that says a TUN queue has packets waiting.
+    TunPoll,
 }
 
 impl Op {
@@ -67,6 +74,9 @@ impl Op {
             14 => Op::UdpSendClient,
             15 => Op::SpliceIn,
             16 => Op::SpliceOut,
+            17 => Op::TunRead,
+            18 => Op::TunWrite,
+            19 => Op::TunPoll,
             _ => return None,
         })
     }

@@ -523,7 +523,8 @@ impl Tcp {
             Op::SendFirst => self.on_send_first(t.index, res),
             Op::SpliceIn => self.on_poll(t.index, Dir::from_aux(t.aux), false, res),
             Op::SpliceOut => self.on_poll(t.index, Dir::from_aux(t.aux), true, res),
-            Op::Ignore => {}
+            // The TUN path's own rings, never this one.
+            Op::Ignore | Op::TunRead | Op::TunWrite | Op::TunPoll => {}
         }
     }
 

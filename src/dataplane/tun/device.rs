@@ -27,6 +27,10 @@ pub struct TunError {
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 /// `TUNSETOFFLOAD`: `_IOW('T', 208, unsigned int)`.
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+/// `TUN_F_USO4` and `TUN_F_USO6` (Linux 6.2): UDP segmentation offload,
+/// granted only as a pair; not exported by libc.
+const TUN_F_USO4: libc::c_uint = 0x20;
+const TUN_F_USO6: libc::c_uint = 0x40;
 
 /// One queue of a TUN device: IP packets behind a `virtio_net_hdr` (checksum
 /// offload, see [`offload`](super::offload)), no packet-info header,
@@ -41,6 +45,7 @@ const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 pub struct Tun {
     fd: OwnedFd,
     name: String,
+    uso: bool,
 }
 
 impl Tun {
@@ -93,11 +98,17 @@ impl Tun {
         if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, &mut req) } < 0 {
             return Err(err(io::Error::last_os_error()));
         }
-        // Checksums and TCP segmentation (see offload.rs). Without ECN
-        // offload the kernel segments the rare ECN-marked super-packet itself.
+        // Checksums and TCP segmentation (see offload.rs), and UDP
+        // segmentation where the kernel has it (it refuses unknown flags
+        // with EINVAL: asked again without). Without ECN offload the kernel
+        // segments the rare ECN-marked super-packet itself.
         let offload = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6;
-        // SAFETY: TUNSETOFFLOAD takes its argument by value.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD as _, offload) } < 0 {
+        let set = |flags: libc::c_uint| {
+            // SAFETY: TUNSETOFFLOAD takes its argument by value.
+            unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETOFFLOAD as _, flags) >= 0 }
+        };
+        let uso = set(offload | TUN_F_USO4 | TUN_F_USO6);
+        if !uso && !set(offload) {
             return Err(err(io::Error::last_os_error()));
         }
         let len = req.ifr_name.iter().position(|&c| c == 0).unwrap_or(0);
@@ -107,12 +118,18 @@ impl Tun {
             .take(len)
             .map(|&c| c as u8 as char)
             .collect();
-        Ok(Tun { fd, name })
+        Ok(Tun { fd, name, uso })
     }
 
     /// The kernel's name of the device.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether the kernel took UDP segmentation offload: UDP super-packets
+    /// may then arrive (see [`offload::split_udp`](super::offload::split_udp)).
+    pub fn uso(&self) -> bool {
+        self.uso
     }
 
     /// Reads one packet of at most `max` bytes into `buf` (replacing its

@@ -1,9 +1,11 @@
-//! The loop of one TUN queue's thread: reads packets (into pooled buffers,
-//! checksums verified where the kernel did not vouch for them) from its
-//! queue and its inbox, passes those of flows it does not hold on
-//! ([`peer`](super::peer)), sends the others where `packet::classify` says,
-//! polls the stack, writes its packets out, and sleeps until the device, its
-//! inbox, a task or a timer needs it.
+//! The loop of one TUN queue's thread: takes the packets its reads in flight
+//! on io_uring brought in ([`uring`](super::uring): pooled buffers,
+//! checksums verified where the kernel did not vouch for them, UDP
+//! super-packets cut) and those of its inbox, passes those of flows it does
+//! not hold on ([`peer`](super::peer)), sends the others where
+//! `packet::classify` says, polls the stack, queues its packets for the wire
+//! and submits those writes with the re-armed reads in one system call, and
+//! sleeps until the ring, its inbox, a task or a timer needs it.
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -11,22 +13,31 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::time::Instant;
+
 use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::ctx::Ctx;
-use super::device::{QueueDevice, Tun};
+use super::device::Tun;
 use super::offload::{self, RxChecksum};
 use super::packet::{classify, flow_of, Classified};
 use super::peer::{self, Origin, Passed, Route, Unowned};
 use super::stack::{Stack, TunSettings};
+use super::uring::{Done, Received, TunIo};
 use super::{tcp, udp};
+use crate::dataplane::engine::RingFd;
 use crate::dataplane::Shared;
 use crate::handover::Pin;
 use crate::state::Snapshot;
 
-/// Packets read per round at most, so relays get their turn under load.
+/// Packets read from the inbox per round at most, so relays get their turn
+/// under load (the queue's own reads are bounded by `uring::READS`).
 const READ_BATCH: usize = 256;
+
+/// How long reads wait after one failed before they are armed again.
+const READ_BACKOFF: Duration = Duration::from_millis(100);
 
 /// What the control loop asks of a TUN thread (the handover).
 #[derive(Debug)]
@@ -71,39 +82,46 @@ pub async fn run(
     if wait_first && stop.wait_for(|s| s.generation > 0).await.is_err() {
         return Ok(());
     }
-    // SAFETY: `Tun` owns its descriptor and closes it only when dropped, which
-    // happens after the AsyncFd (its owner) is dropped.
-    let fd = unsafe { AsyncFd::register(tun) }?;
-    // SAFETY: as above: the AsyncFd owns the descriptor and closes it last.
+    // Whatever the MTU, a TSO super-packet can be 64 KiB of IPv6 payload
+    // plus its header.
+    let rx_max = settings.mtu.max(usize::from(u16::MAX) + 40);
+    // Declared after `tun`, so the ring (and its reads in flight on the
+    // queue) goes first.
+    let mut io = TunIo::new(&tun, rx_max)?;
+    // SAFETY: `io` owns the ring's descriptor and outlives this AsyncFd
+    // (declared after it, dropped before it).
+    let ring = unsafe { AsyncFd::register_with_interest(RingFd(io.ring_fd()), Interest::READABLE) }
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    // SAFETY: the AsyncFd owns the descriptor and closes it last.
     let inbox = unsafe { AsyncFd::register(inbox) }?;
     let mut ctx = Ctx::seeded(settings, shared);
     ctx.thread = thread;
     let ctx = Rc::new(ctx);
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
-    // Whatever the MTU, a TSO super-packet can be 64 KiB of IPv6 payload
-    // plus its header.
-    let rx_max = settings.mtu.max(usize::from(u16::MAX) + 40);
+    // Reads are not re-armed before this after one failed (a queue that
+    // fails every read must not spin the thread).
+    let mut reads_held_until: Option<Instant> = None;
     loop {
-        let mut drained = false;
-        for _ in 0..READ_BATCH {
-            let mut buf = ctx.stack.borrow_mut().dev.buffer();
-            match fd.get_ref().recv(&mut buf, rx_max) {
-                Ok(RxChecksum::Unverified) if !offload::verify(&buf) => {
-                    ctx.stack.borrow_mut().dev.recycle(buf);
+        // Every completion posted: the packets read, the buffers written.
+        io.complete(|done| match done {
+            Done::Read(r) => receive(&ctx, r),
+            Done::Wrote(buf, r) => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "writing to the TUN failed");
                 }
-                Ok(_) => ingress(&ctx, buf, Origin::Local, 0),
-                Err(e) => {
-                    ctx.stack.borrow_mut().dev.recycle(buf);
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        tracing::warn!(error = %e, "reading the TUN failed");
-                    }
-                    drained = true;
-                    break;
+                ctx.stack.borrow_mut().dev.recycle(buf);
+            }
+            Done::ReadFailed(buf, e) => {
+                ctx.stack.borrow_mut().dev.recycle(buf);
+                if e.raw_os_error() != Some(libc::ECANCELED) {
+                    tracing::warn!(error = %e, "reading the TUN failed");
+                    reads_held_until = Some(Instant::now() + READ_BACKOFF);
                 }
             }
-        }
+        });
         // Packets passed by the other threads and the other process: their
         // checksums were verified (or vouched for) where they were read.
+        let mut inbox_drained = false;
         for _ in 0..READ_BATCH {
             let mut buf = ctx.stack.borrow_mut().dev.buffer();
             match peer::recv(inbox.get_ref(), &mut buf, rx_max) {
@@ -115,6 +133,7 @@ pub async fn run(
                 }
                 Err(_) => {
                     ctx.stack.borrow_mut().dev.recycle(buf);
+                    inbox_drained = true;
                     break;
                 }
             }
@@ -123,7 +142,12 @@ pub async fn run(
             let mut st = ctx.stack.borrow_mut();
             st.poll();
             st.reap();
-            flush(&fd, &mut st);
+            if reads_held_until.is_none_or(|t| Instant::now() >= t) {
+                reads_held_until = None;
+                let dev = &mut st.dev;
+                io.arm(|| dev.buffer());
+            }
+            flush(&mut io, &mut st);
             st.next_due().map(|d| {
                 let t = smoltcp::time::Instant::now();
                 if d > t {
@@ -133,18 +157,27 @@ pub async fn run(
                 }
             })
         };
-        if !drained {
+        // One system call for the round's writes and re-armed reads.
+        if let Err(e) = io.submit() {
+            tracing::debug!(error = %e, "submitting to the TUN's ring failed");
+        }
+        if !inbox_drained {
             // Packets are still waiting: readiness is edge-triggered, so no new
             // wake-up would come for them. Let other tasks run, then read on.
             tokio::task::yield_now().await;
             continue;
         }
-        let wait_write = ctx.stack.borrow().dev.tx_len() > 0;
-        let sleep = tokio::time::sleep(delay.map_or(Duration::from_millis(100), |d| {
+        let mut wait = delay.map_or(Duration::from_millis(100), |d| {
             Duration::from_micros(d.total_micros())
-        }));
+        });
+        if let Some(t) = reads_held_until {
+            wait = wait.min(t.saturating_duration_since(Instant::now()));
+        }
+        let sleep = tokio::time::sleep(wait);
         tokio::select! {
-            r = fd.readable() => {
+            // Completions: cleared before the next round drains them, so one
+            // posted meanwhile wakes the loop again.
+            r = ring.readable() => {
                 if let Ok(mut g) = r {
                     g.clear_ready();
                 }
@@ -155,15 +188,10 @@ pub async fn run(
                 }
             }
             Some(cmd) = cmds.recv() => answer(&ctx, cmd),
-            r = fd.writable(), if wait_write => {
-                if let Ok(mut g) = r {
-                    g.clear_ready();
-                }
-            }
             _ = ctx.poke.notified() => {}
-            _ = sleep => {}
+            _ = sleep => io.maybe_readable(),
             _ = sweep.tick() => {
-                let dead = ctx.flows.borrow_mut().open.expire(std::time::Instant::now());
+                let dead = ctx.flows.borrow_mut().open.expire(Instant::now());
                 crate::dataplane::udp::end_all(dead, crate::access_log::End::IdleTimeout);
             }
             r = stop.changed() => if r.is_err() { return Ok(()) },
@@ -171,25 +199,44 @@ pub async fn run(
     }
 }
 
-/// Writes the stack's queued packets to the TUN until it would block.
-fn flush(fd: &AsyncFd<Tun>, st: &mut Stack) {
-    while let Some(mut p) = st.dev.pop_tx() {
+/// A packet read from the queue: checksum verified where the kernel did not
+/// vouch for it, a UDP super-packet cut into its datagrams, then on its way.
+fn receive(ctx: &Rc<Ctx>, r: Received) {
+    let Received {
+        packet,
+        checksum,
+        udp_gso,
+    } = r;
+    match (udp_gso, checksum) {
+        // The kernel builds super-packets with a partial checksum; one it
+        // does not vouch for cannot be verified piece by piece.
+        (Some(_), RxChecksum::Unverified) => {}
+        (Some(size), _) => {
+            offload::split_udp(
+                &packet,
+                size,
+                || ctx.stack.borrow_mut().dev.buffer(),
+                |p| ingress(ctx, p, Origin::Local, 0),
+            );
+        }
+        (None, RxChecksum::Unverified) if !offload::verify(&packet) => {}
+        (None, _) => return ingress(ctx, packet, Origin::Local, 0),
+    }
+    ctx.stack.borrow_mut().dev.recycle(packet);
+}
+
+/// Queues the stack's packets for the wire, as many as there are write slots.
+fn flush(io: &mut TunIo, st: &mut Stack) {
+    while io.write_room() > 0 {
+        let Some(p) = st.dev.pop_tx() else { return };
         // Only segments larger than any MSS can need cutting.
         let mss = match offload::tcp_flow(&p) {
             Some((key, len)) if len > 536 => st.client_mss(&key),
             _ => None,
         };
-        let dev: &mut QueueDevice = &mut st.dev;
-        match fd.get_ref().send(&mut p, mss) {
-            Ok(_) => dev.recycle(p),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                dev.unpop_tx(p);
-                return;
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "writing to the TUN failed");
-                dev.recycle(p);
-            }
+        if let Err(p) = io.write(p, mss) {
+            st.dev.unpop_tx(p);
+            return;
         }
     }
 }

@@ -9,7 +9,8 @@
 //! - [`conns`]: the connection table, held SYN to closed socket (pure);
 //!   [`stack`]: the smoltcp interface, its sharded sockets and that table;
 //!   [`rings`]: the sockets' ring storage, kept for the next connections;
-//! - [`driver`]: the per-queue loop; [`tcp`] and [`udp`]: what happens to a
+//! - [`driver`]: the per-queue loop, its reads and writes on io_uring
+//!   ([`uring`]); [`tcp`] and [`udp`]: what happens to a
 //!   new connection and a datagram; [`bridge`]: the TCP relay between a
 //!   smoltcp socket and a backend; [`flows`]: the UDP flow state;
 //!   [`ctx`]: what the queue's tasks share; [`peer`]: which thread (and,
@@ -29,6 +30,7 @@ pub mod rings;
 pub mod stack;
 pub mod tcp;
 pub mod udp;
+pub mod uring;
 
 #[cfg(test)]
 mod proptests;

@@ -17,6 +17,12 @@
 //! each goes out with `gso_size` set from the client's real MSS, so the kernel
 //! (or the pod's veth) cuts it to what the client can take.
 //!
+//! UDP segmentation (`TUN_F_USO4 | TUN_F_USO6`, Linux 6.2 and later, asked
+//! for when the kernel has it): a pod that sends with `UDP_SEGMENT` hands its
+//! datagrams to the TUN as one super-packet (one read instead of one per
+//! datagram, and no software segmentation in the kernel before the TUN);
+//! [`split_udp`] cuts it into the datagrams the flow relays one by one.
+//!
 //! Pure functions over byte slices.
 
 use std::net::SocketAddr;
@@ -36,6 +42,11 @@ const F_DATA_VALID: u8 = 2;
 /// `VIRTIO_NET_HDR_GSO_TCPV4` and `_TCPV6`.
 const GSO_TCPV4: u8 = 1;
 const GSO_TCPV6: u8 = 4;
+/// `VIRTIO_NET_HDR_GSO_UDP_L4`: a UDP super-packet cut every `gso_size`
+/// payload bytes.
+const GSO_UDP_L4: u8 = 5;
+/// `VIRTIO_NET_HDR_GSO_ECN`, or-ed into `gso_type`.
+const GSO_ECN: u8 = 0x80;
 
 /// Offsets of the checksum field in the TCP and UDP headers.
 const TCP_CSUM_OFFSET: u16 = 16;
@@ -61,6 +72,76 @@ pub fn rx_checksum(hdr: &[u8; VNET_HDR_LEN]) -> RxChecksum {
     } else {
         RxChecksum::Unverified
     }
+}
+
+/// The payload size a received UDP super-packet is cut at (`gso_size`), when
+/// the header says it is one; `None` for everything else (TCP super-packets
+/// go to smoltcp whole).
+pub fn rx_udp_gso(hdr: &[u8; VNET_HDR_LEN]) -> Option<u16> {
+    if hdr[1] & !GSO_ECN != GSO_UDP_L4 {
+        return None;
+    }
+    Some(u16::from_ne_bytes([hdr[4], hdr[5]])).filter(|&s| s > 0)
+}
+
+/// Cuts a UDP super-packet (IPv4 or IPv6, no extension headers) into its
+/// datagrams of `size` payload bytes (the last one shorter), each a whole
+/// IP packet written into a buffer from `buffer` and handed to `emit`:
+/// lengths set, the IPv4 header checksum recomputed, the UDP checksum field
+/// holding the pseudo-header sum of its own length (the kernel handed the
+/// super-packet over as a partial sum, and a partial sum is what each piece
+/// is). Returns the datagrams emitted; 0 (nothing emitted) for a packet that
+/// is not a well-formed UDP super-packet.
+pub fn split_udp(
+    packet: &[u8],
+    size: u16,
+    mut buffer: impl FnMut() -> Vec<u8>,
+    mut emit: impl FnMut(Vec<u8>),
+) -> usize {
+    let Some((src, dst, IpProtocol::Udp, start, end)) = transport(packet) else {
+        return 0;
+    };
+    let v4 = matches!(src, IpAddress::Ipv4(_));
+    let (Some(head), Some(payload), true) = (
+        packet.get(..start + 8),
+        packet.get(start + 8..end),
+        size > 0 && (v4 || start == 40),
+    ) else {
+        return 0;
+    };
+    let mut n = 0;
+    for chunk in payload.chunks(usize::from(size)) {
+        let udp_len = 8 + chunk.len();
+        let (Ok(udp_len16), Ok(ip_len16), Ok(udp_len32)) = (
+            u16::try_from(udp_len),
+            u16::try_from(start + udp_len),
+            u32::try_from(udp_len),
+        ) else {
+            return n;
+        };
+        let mut out = buffer();
+        out.clear();
+        out.extend_from_slice(head);
+        out.extend_from_slice(chunk);
+        let pseudo = checksum::pseudo_header(&src, &dst, IpProtocol::Udp, udp_len32);
+        let [l0, l1] = udp_len16.to_be_bytes();
+        let [c0, c1] = pseudo.to_be_bytes();
+        if let Some(u) = out.get_mut(start + 4..start + 8) {
+            u.copy_from_slice(&[l0, l1, c0, c1]);
+        }
+        if v4 {
+            let mut ip = Ipv4Packet::new_unchecked(&mut out[..]);
+            ip.set_total_len(ip_len16);
+            // Each piece its own identification, as the kernel numbers them.
+            ip.set_ident(ip.ident().wrapping_add(n as u16));
+            ip.fill_checksum();
+        } else {
+            Ipv6Packet::new_unchecked(&mut out[..]).set_payload_len(udp_len16);
+        }
+        emit(out);
+        n += 1;
+    }
+    n
 }
 
 /// Where the transport header is and which protocol it is; `None` for
@@ -379,6 +460,71 @@ mod tests {
         let before = short.clone();
         let _ = tx_header(&mut short, Some(100));
         assert_eq!(short, before);
+    }
+
+    #[test]
+    fn udp_super_packets_are_cut_into_their_datagrams() {
+        for (src, dst) in [
+            ("10.1.0.5:5000", "10.96.0.10:53"),
+            ("[fd00::5]:5000", "[fd00:10:96::10]:53"),
+        ] {
+            // What the kernel hands over for a UDP_SEGMENT send of 2.5
+            // datagrams of 1000 bytes: one packet, a partial checksum.
+            let payload: Vec<u8> = (0..2500u32).map(|i| i as u8).collect();
+            let mut sup = Vec::new();
+            udp_packet(sa(src), sa(dst), &payload, &mut sup).unwrap();
+            let _ = tx_header(&mut sup, None);
+            let mut hdr = [0u8; VNET_HDR_LEN];
+            hdr[0] = F_NEEDS_CSUM;
+            hdr[1] = GSO_UDP_L4;
+            hdr[4..6].copy_from_slice(&1000u16.to_ne_bytes());
+            assert_eq!(rx_udp_gso(&hdr), Some(1000));
+            let mut got = Vec::new();
+            let n = split_udp(&sup, 1000, Vec::new, |p| got.push(p));
+            assert_eq!(n, 3);
+            for (i, p) in got.iter().enumerate() {
+                let chunk = &payload[i * 1000..(i * 1000 + 1000).min(2500)];
+                // Each is the datagram the pod's socket would have sent
+                // alone, with its partial checksum: completed, it verifies.
+                let mut want = Vec::new();
+                udp_packet(sa(src), sa(dst), chunk, &mut want).unwrap();
+                let mut piece = p.clone();
+                let (_, _, _, start, _) = transport(&piece).unwrap();
+                let mut h = [0u8; VNET_HDR_LEN];
+                h[0] = F_NEEDS_CSUM;
+                h[6..8].copy_from_slice(&(start as u16).to_ne_bytes());
+                h[8..10].copy_from_slice(&UDP_CSUM_OFFSET.to_ne_bytes());
+                complete(&h, &mut piece);
+                assert!(verify(&piece), "piece {i} of {src}");
+                if piece[0] >> 4 == 4 {
+                    let ip = Ipv4Packet::new_checked(&piece[..]).unwrap();
+                    assert!(ip.verify_checksum());
+                    // The identification is the only other difference.
+                    piece[4..6].copy_from_slice(&want[4..6]);
+                    piece[10..12].copy_from_slice(&want[10..12]);
+                }
+                assert_eq!(piece, want, "piece {i} of {src}");
+            }
+        }
+    }
+
+    #[test]
+    fn what_is_not_a_udp_super_packet_is_not_cut() {
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        hdr[1] = GSO_TCPV4;
+        hdr[4..6].copy_from_slice(&1000u16.to_ne_bytes());
+        assert_eq!(rx_udp_gso(&hdr), None);
+        hdr[1] = GSO_UDP_L4 | GSO_ECN;
+        assert_eq!(rx_udp_gso(&hdr), Some(1000));
+        hdr[4..6].copy_from_slice(&0u16.to_ne_bytes());
+        assert_eq!(rx_udp_gso(&hdr), None, "no size: nothing to cut at");
+        let tcp = tcp_segment(smoltcp::wire::TcpControl::Psh, None, &[1; 3000]);
+        assert_eq!(split_udp(&tcp, 1000, Vec::new, |_| panic!("TCP cut")), 0);
+        assert_eq!(split_udp(&[0x45, 0, 0], 1000, Vec::new, |_| panic!()), 0);
+        let mut udp = Vec::new();
+        udp_packet(sa("10.1.0.5:1"), sa("10.96.0.10:53"), b"", &mut udp).unwrap();
+        assert_eq!(split_udp(&udp, 1000, Vec::new, |_| panic!("empty")), 0);
+        assert_eq!(split_udp(&udp, 0, Vec::new, |_| panic!("size 0")), 0);
     }
 
     #[test]
