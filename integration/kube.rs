@@ -159,6 +159,58 @@ fn initial_sync_serves_a_nodeport_to_a_real_backend() {
     );
 }
 
+/// The fixture pages a list as the API server does (kube-rs's watcher asks
+/// for pages of 500): `limit` items in key order, a continue token while
+/// more remain, every page of the same snapshot, and 410 Gone for a token
+/// whose snapshot was compacted. No ringvip: the fixture alone.
+#[test]
+fn the_fixture_serves_lists_in_pages_and_expires_old_continue_tokens() {
+    let ops: Vec<Value> = (0..5)
+        .map(|i| {
+            op(
+                "services",
+                service(&format!("s{i}"), 30000 + i, Value::Null),
+            )
+        })
+        .collect();
+    let Some(api) = ApiServer::start(Value::Array(ops)) else {
+        return;
+    };
+    let names = |v: &Value| -> Vec<String> {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["metadata"]["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (code, first) = api.get("/api/v1/services?limit=2&resourceVersion=0");
+    assert_eq!(code, 200, "{first}");
+    assert_eq!(names(&first), ["s0", "s1"]);
+    let rv = first["metadata"]["resourceVersion"].clone();
+    let token = first["metadata"]["continue"].as_str().unwrap().to_string();
+    // A write between pages: the list goes on from its own snapshot.
+    api.apply(&[("services", service("s10", 30010, Value::Null))]);
+    let (code, second) = api.get(&format!("/api/v1/services?limit=2&continue={token}"));
+    assert_eq!(code, 200, "{second}");
+    assert_eq!(names(&second), ["s2", "s3"]);
+    assert_eq!(second["metadata"]["resourceVersion"], rv);
+    let token2 = second["metadata"]["continue"].as_str().unwrap().to_string();
+    let (_, last) = api.get(&format!("/api/v1/services?limit=2&continue={token2}"));
+    assert_eq!(names(&last), ["s4"]);
+    assert!(last["metadata"].get("continue").is_none(), "{last}");
+    assert_eq!(api.stat("lists"), 1);
+    assert_eq!(api.stat("pages"), 3);
+    // Compacted: the token is too old, as the API server answers.
+    api.post("/expire", json!({}));
+    let (code, gone) = api.get(&format!("/api/v1/services?limit=2&continue={token2}"));
+    assert_eq!(code, 410, "{gone}");
+    assert_eq!(gone["reason"], "Expired");
+    // Without a limit, one response holds everything (the new Service too).
+    let (_, all) = api.get("/api/v1/services");
+    assert_eq!(names(&all).len(), 6);
+}
+
 #[test]
 fn no_frontend_until_services_and_slices_have_both_listed() {
     let Some(w) = world(vec![]) else { return };

@@ -11,6 +11,16 @@ as list (a `...List` with metadata.resourceVersion; items without kind and
 apiVersion, as the API server sends them) and as watch (`watch=true`, chunked
 JSON lines). Like the real API server (and its watch cache):
 
+  * `limit=N` pages a list: items in key order (namespace/name), at most N
+    per response, metadata.continue set while more remain; a request with
+    `continue=T` gets the next page of the same snapshot (the resourceVersion
+    of the first page). A token older than the compaction point (or one of a
+    snapshot no longer kept: the last 16 are) gets HTTP 410 with a Status of
+    reason Expired, as the real API server answers an expired continue;
+  * every object is serialized once, when written, and lists and watch
+    events are assembled from those bytes (the python side must not be what
+    a scale benchmark measures);
+
   * resourceVersion is one global counter, bumped by every write;
   * a watch from resourceVersion R replays every event after R, then streams;
     from R=0 or none it first sends the current objects as ADDED;
@@ -25,7 +35,8 @@ A control server on a second port changes the world (JSON bodies):
   POST /apply    {"resource": "services", "object": {...}}   create or replace
   POST /delete   {"resource": "services", "namespace": "default", "name": "x"}
   POST /batch    [{"op": "apply"|"delete", ...}, ...]       all in one go
-  POST /hold     {"resource": "endpointslices"}: lists of it wait until /release
+  POST /hold     {"resource": "endpointslices"}: lists of it wait until /release;
+                 with "continued": true only the pages after a list's first wait
   POST /release  {"resource": "endpointslices"}
   POST /drop     close every open watch (clients see EOF and resume)
   POST /expire   compact: one write's worth of resourceVersion is skipped and
@@ -34,13 +45,16 @@ A control server on a second port changes the world (JSON bodies):
   POST /start    listen again on the same port (watch cache rebuilt: older
                  resourceVersions are expired, as after an API server restart)
   POST /restart  /stop then /start
-  GET  /stats    {"watches": N, "lists": N, "watch_requests": N, "rv": N}
+  GET  /stats    {"watches": N, "lists": N, "pages": N, "watch_requests": N,
+                  "expired_continues": N, "rv": N}  (a paged list counts
+                 once in "lists", each of its responses in "pages")
 
 On start it writes {"api": port, "control": port, "kubeconfig": path} as one
 JSON line to stdout (and to --info FILE when given).
 """
 
 import argparse
+import base64
 import bisect
 import json
 import os
@@ -68,14 +82,22 @@ class World:
         self.rv = 1
         self.compacted = 0  # a resume from rv < compacted is expired
         self.objects = {name: {} for name in RESOURCES}
+        # The list form of each object (JSON without kind and apiVersion),
+        # serialized once when written.
+        self.raw = {name: {} for name in RESOURCES}
+        # Paged lists in progress: (resource, rv, fieldSelector) -> the
+        # snapshot's items in key order (the last SNAPSHOTS kept).
+        self.snapshots = {}
         # Per resource: events in resourceVersion order, and their versions
         # (for bisect: a watch finds its place without scanning the log).
         self.log = {name: [] for name in RESOURCES}  # (rv, resource, type, object)
         self.log_rvs = {name: [] for name in RESOURCES}
         self.drop_gen = 0
         self.held = set()
+        self.held_continued = set()  # only pages after the first are held
         self.stopped = False
-        self.stats = {"watches": 0, "lists": 0, "watch_requests": 0, "held_lists": 0}
+        self.stats = {"watches": 0, "lists": 0, "pages": 0, "watch_requests": 0, "held_lists": 0,
+                      "expired_continues": 0}
 
     def _bump(self):
         self.rv += 1
@@ -90,18 +112,22 @@ class World:
         _, api_version, kind = RESOURCES[resource]
         obj["apiVersion"], obj["kind"] = api_version, kind
         kind_of = "MODIFIED" if key in self.objects[resource] else "ADDED"
+        raw = item_bytes(obj)
         self.objects[resource][key] = obj
-        self.log[resource].append((rv, resource, kind_of, obj))
+        self.raw[resource][key] = raw
+        self.log[resource].append((rv, resource, kind_of, obj, event_bytes(kind_of, resource, raw)))
         self.log_rvs[resource].append(rv)
 
     def delete(self, resource, namespace, name):
         obj = self.objects[resource].pop((namespace or "", name), None)
         if obj is None:
             return False
+        del self.raw[resource][(namespace or "", name)]
         rv = self._bump()
         gone = json.loads(json.dumps(obj))
         gone["metadata"]["resourceVersion"] = str(rv)
-        self.log[resource].append((rv, resource, "DELETED", gone))
+        raw = item_bytes(gone)
+        self.log[resource].append((rv, resource, "DELETED", gone, event_bytes("DELETED", resource, raw)))
         self.log_rvs[resource].append(rv)
         return True
 
@@ -112,11 +138,59 @@ class World:
             i = bisect.bisect_left(self.log_rvs[name], self.compacted)
             del self.log[name][:i]
             del self.log_rvs[name][:i]
+        # Continue tokens of older snapshots are expired from now on.
+        self.snapshots = {k: v for k, v in self.snapshots.items() if k[1] >= self.compacted}
+
+    def snapshot(self, resource, field_selector):
+        """The current items of `resource` in key order, kept for paging."""
+        key = (resource, self.rv, field_selector or "")
+        items = self.snapshots.get(key)
+        if items is None:
+            objects, raw = self.objects[resource], self.raw[resource]
+            items = [raw[k] for k in sorted(raw) if matches(objects[k], field_selector)]
+            self.snapshots[key] = items
+            while len(self.snapshots) > SNAPSHOTS:
+                del self.snapshots[next(iter(self.snapshots))]
+        return items
 
     def since(self, resource, rv):
         """Events of `resource` after resourceVersion `rv`."""
         i = bisect.bisect_right(self.log_rvs[resource], rv)
         return self.log[resource][i:]
+
+
+# Paged-list snapshots kept for their continue tokens.
+SNAPSHOTS = 16
+
+
+def item_bytes(obj):
+    """An object's list form: compact JSON without kind and apiVersion."""
+    item = dict(obj)
+    item.pop("kind", None)
+    item.pop("apiVersion", None)
+    return json.dumps(item, separators=(",", ":")).encode()
+
+
+def event_bytes(typ, resource, raw):
+    """A watch event line of an object, from its list form."""
+    _, api_version, kind = RESOURCES[resource]
+    head = b'{"kind":"%s","apiVersion":"%s"' % (kind.encode(), api_version.encode())
+    body = head + (b"," + raw[1:] if len(raw) > 2 else b"}")
+    return b'{"type":"%s","object":%s}\n' % (typ.encode(), body)
+
+
+def encode_token(resource, rv, field_selector, start):
+    t = json.dumps({"r": resource, "rv": rv, "f": field_selector or "", "start": start})
+    return base64.urlsafe_b64encode(t.encode()).decode()
+
+
+def decode_token(token):
+    """(resource, rv, fieldSelector, start) of a continue token; ValueError if malformed."""
+    try:
+        t = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return t["r"], int(t["rv"]), t["f"], int(t["start"])
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError, base64.binascii.Error) as e:
+        raise ValueError(str(e))
 
 
 WORLD = World()
@@ -137,6 +211,11 @@ def status_410(rv):
     }
 
 
+def status(code, reason, message):
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": message, "reason": reason, "code": code}
+
+
 def matches(obj, field_selector):
     if not field_selector:
         return True
@@ -154,7 +233,11 @@ def matches(obj, field_selector):
 
 def send_json(handler, code, body):
     """One JSON response (compact, with its length) from either server."""
-    data = json.dumps(body, separators=(",", ":")).encode()
+    send_bytes(handler, code, json.dumps(body, separators=(",", ":")).encode())
+
+
+def send_bytes(handler, code, data):
+    """One JSON response already serialized."""
     handler.send_response(code)
     handler.send_header("Content-Type", "application/json")
     handler.send_header("Content-Length", str(len(data)))
@@ -199,24 +282,57 @@ class ApiHandler(BaseHTTPRequestHandler):
 
     def list(self, resource, q):
         _, api_version, kind = RESOURCES[resource]
+        token = q.get("continue", "")
+        try:
+            limit = int(q.get("limit", "0") or "0")
+            start = decode_token(token) if token else None
+        except ValueError as e:
+            self.send_json(400, status(400, "BadRequest", "invalid list parameters: %s" % e))
+            return
         with WORLD.cond:
-            WORLD.stats["held_lists"] += resource in WORLD.held
-            while resource in WORLD.held:
+            def held():
+                return resource in WORLD.held or (token and resource in WORLD.held_continued)
+            WORLD.stats["held_lists"] += bool(held())
+            while held():
                 WORLD.cond.wait()
-            WORLD.stats["lists"] += 1
-            items = []
-            for obj in WORLD.objects[resource].values():
-                if matches(obj, q.get("fieldSelector")):
-                    item = dict(obj)
-                    item.pop("kind", None)
-                    item.pop("apiVersion", None)
-                    items.append(item)
-            rv = WORLD.rv
-        self.send_json(200, {"kind": kind + "List", "apiVersion": api_version,
-                             "metadata": {"resourceVersion": str(rv)}, "items": items})
+            WORLD.stats["pages"] += 1
+            if start is None:
+                # A new list (a continuation is a page of the same list).
+                WORLD.stats["lists"] += 1
+                rv, field_selector, first = WORLD.rv, q.get("fieldSelector"), 0
+                if limit > 0:
+                    items = WORLD.snapshot(resource, field_selector)
+                else:
+                    objects, raw = WORLD.objects[resource], WORLD.raw[resource]
+                    items = [raw[k] for k, o in objects.items() if matches(o, field_selector)]
+            else:
+                r, rv, field_selector, first = start
+                items = WORLD.snapshots.get((r, rv, field_selector))
+                if r != resource or items is None or rv < WORLD.compacted:
+                    WORLD.stats["expired_continues"] += 1
+                    items = None
+        if items is None:
+            # What the API server answers once the token's snapshot is compacted.
+            self.send_json(410, status(410, "Expired",
+                                       "The provided continue parameter is too old to display a "
+                                       "consistent list result. You can start a new list without "
+                                       "the continue parameter."))
+            return
+        meta = {"resourceVersion": str(rv)}
+        if limit > 0 and first + limit < len(items):
+            page = items[first:first + limit]
+            meta["continue"] = encode_token(resource, rv, field_selector, first + limit)
+            meta["remainingItemCount"] = len(items) - first - limit
+        else:
+            page = items[first:] if first else items
+        head = json.dumps({"kind": kind + "List", "apiVersion": api_version, "metadata": meta},
+                          separators=(",", ":")).encode()
+        send_bytes(self, 200, head[:-1] + b',"items":[' + b",".join(page) + b"]}")
 
     def chunk(self, event):
-        data = json.dumps(event, separators=(",", ":")).encode() + b"\n"
+        self.chunk_bytes(json.dumps(event, separators=(",", ":")).encode() + b"\n")
+
+    def chunk_bytes(self, data):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
@@ -237,8 +353,9 @@ class ApiHandler(BaseHTTPRequestHandler):
             initial = []
             if rv_param in ("", "0"):
                 last = WORLD.rv
-                initial = [{"type": "ADDED", "object": o} for o in WORLD.objects[resource].values()
-                           if matches(o, field_selector)]
+                raw = WORLD.raw[resource]
+                initial = [event_bytes("ADDED", resource, raw[k])
+                           for k, o in WORLD.objects[resource].items() if matches(o, field_selector)]
             else:
                 last = int(rv_param)
                 if last < WORLD.compacted:
@@ -252,7 +369,7 @@ class ApiHandler(BaseHTTPRequestHandler):
                 self.chunk({"type": "ERROR", "object": status_410(rv_param)})
                 return
             for ev in initial:
-                self.chunk(ev)
+                self.chunk_bytes(ev)
             while True:
                 with WORLD.cond:
                     pending = WORLD.since(resource, last)
@@ -265,10 +382,16 @@ class ApiHandler(BaseHTTPRequestHandler):
                     if WORLD.drop_gen != drop_gen or WORLD.stopped:
                         break
                     current_rv = WORLD.rv
-                for rv, _, typ, obj in pending:
+                # Every pending event in one write: a burst of changes is
+                # delivered at once, not one flush per event.
+                out = []
+                for rv, _, typ, obj, data in pending:
                     last = rv
                     if matches(obj, field_selector):
-                        self.chunk({"type": typ, "object": obj})
+                        out.append(b"%x\r\n%s\r\n" % (len(data), data))
+                if out:
+                    self.wfile.write(b"".join(out))
+                    self.wfile.flush()
                 now = time.monotonic()
                 if now >= deadline:
                     break
@@ -368,9 +491,11 @@ class ControlHandler(BaseHTTPRequestHandler):
         elif path in ("/hold", "/release"):
             with WORLD.cond:
                 if path == "/hold":
-                    WORLD.held.add(body["resource"])
+                    held = WORLD.held_continued if body.get("continued") else WORLD.held
+                    held.add(body["resource"])
                 else:
                     WORLD.held.discard(body["resource"])
+                    WORLD.held_continued.discard(body["resource"])
                 WORLD.cond.notify_all()
         elif path == "/drop":
             with WORLD.cond:

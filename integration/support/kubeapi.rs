@@ -132,6 +132,22 @@ impl ApiServer {
         serde_json::from_str(s.split("\r\n\r\n").nth(1).unwrap()).unwrap()
     }
 
+    /// GETs `path_and_query` from the API port: the status code and the
+    /// JSON body.
+    pub fn get(&self, path_and_query: &str) -> (u16, Value) {
+        let mut c = TcpStream::connect(self.api).unwrap();
+        write!(
+            c,
+            "GET {path_and_query} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).unwrap();
+        let code = s.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = s.split("\r\n\r\n").nth(1).unwrap_or("null");
+        (code, serde_json::from_str(body).unwrap_or(Value::Null))
+    }
+
     /// One counter of [`ApiServer::stats`].
     pub fn stat(&self, name: &str) -> u64 {
         self.stats()[name].as_u64().unwrap()
