@@ -247,6 +247,10 @@ def send_bytes(handler, code, data):
 
 class ApiHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # TCP_NODELAY: a response's headers and body, and a watch's events, are
+    # separate writes; with Nagle a write after an unacknowledged one waits
+    # for the peer's delayed ACK (40 ms), which a real API server never adds.
+    disable_nagle_algorithm = True
 
     def log_message(self, *a):
         pass
@@ -452,6 +456,8 @@ def stop_api():
 
 class ControlHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # See ApiHandler: a kept-alive client would wait 40 ms per request.
+    disable_nagle_algorithm = True
 
     def log_message(self, *a):
         pass
