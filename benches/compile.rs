@@ -40,7 +40,7 @@ fn objects(services: u32, per: u32) -> Vec<Object> {
             vec![slice_port("http", Protocol::Tcp, 8080)],
             (0..per)
                 .map(|e| Endpoint {
-                    node_name: Some(format!("node-{}", e % 3)),
+                    node_name: Some(format!("node-{}", e % 3).into()),
                     ..Endpoint::ready(IpAddr::V4(Ipv4Addr::new(
                         10,
                         244,

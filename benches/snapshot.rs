@@ -46,7 +46,7 @@ fn objects_of(s: u32, per: u32, keep: u32) -> [Object; 2] {
     let [_, _, a, b] = s.to_be_bytes();
     let endpoints = (0..per.min(keep))
         .map(|e| Endpoint {
-            node_name: Some(format!("node-{}", e % 3)),
+            node_name: Some(format!("node-{}", e % 3).into()),
             ..Endpoint::ready(IpAddr::V4(Ipv4Addr::new(10, 200 + (e as u8), a, b)))
         })
         .collect();
@@ -147,7 +147,7 @@ fn pod_of(s: u32, e: u32, ready: bool) -> Pod {
     let [_, _, a, b] = s.to_be_bytes();
     let app = format!("svc-{s}");
     Pod {
-        node_name: Some(format!("node-{}", e % 3)),
+        node_name: Some(format!("node-{}", e % 3).into()),
         ready,
         ..builders::pod(
             "default",

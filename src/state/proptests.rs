@@ -165,7 +165,7 @@ fn endpoint(v6: bool) -> impl Strategy<Value = Endpoint> {
                 ready,
                 serving,
                 terminating,
-                node_name: node.map(str::to_string),
+                node_name: node.map(Into::into),
                 zone: None,
                 zone_hints: hints,
                 node_hints: None,

@@ -139,8 +139,16 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
             ready: cond.and_then(|c| c.ready).unwrap_or(true),
             serving: cond.and_then(|c| c.serving).unwrap_or(true),
             terminating: cond.and_then(|c| c.terminating).unwrap_or(false),
-            node_name: ep.node_name.clone().filter(|s| !s.is_empty()),
-            zone: ep.zone.clone().filter(|s| !s.is_empty()),
+            node_name: ep
+                .node_name
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .map(crate::model::intern),
+            zone: ep
+                .zone
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .map(crate::model::intern),
             zone_hints,
             node_hints,
             hostname: ep.hostname.clone().filter(|s| !s.is_empty()),

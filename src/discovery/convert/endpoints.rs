@@ -62,7 +62,7 @@ pub fn endpoints(e: &core::Endpoints) -> Result<LegacyEndpoints, ConvertError> {
             };
             let ep = Endpoint {
                 ready: is_ready,
-                node_name: a.node_name.clone(),
+                node_name: a.node_name.as_deref().map(crate::model::intern),
                 hostname: a.hostname.clone(),
                 ..Endpoint::ready(ip)
             };
