@@ -147,7 +147,7 @@ fn pod_of(s: u32, e: u32, ready: bool) -> Pod {
     let [_, _, a, b] = s.to_be_bytes();
     let app = format!("svc-{s}");
     Pod {
-        node_name: Some(format!("node-{}", e % 3).into()),
+        node_name: Some(format!("node-{}", e % 3)),
         ready,
         ..builders::pod(
             "default",
