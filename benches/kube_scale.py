@@ -313,8 +313,11 @@ def main():
             load_after = os.getloadavg()
             with open(log.name) as f:
                 f.seek(offset)
-                samples = sorted(int(m.group(1)) / 1e6 for m in re.finditer(r"latency_us=(\d+)", f.read()))
-            churned = (sent, elapsed, cpu_busy, cpu_all, samples, load_before, load_after)
+                logged = f.read()
+                samples = sorted(int(m.group(1)) / 1e6 for m in re.finditer(r"latency_us=(\d+)", logged))
+                # The control loop's part: from the source queueing the change.
+                queued = sorted(int(m.group(1)) / 1e6 for m in re.finditer(r"since_queued_us=(\d+)", logged))
+            churned = (sent, elapsed, cpu_busy, cpu_all, samples, queued, load_before, load_after)
     finally:
         rv.terminate()
         rv.wait()
@@ -344,13 +347,17 @@ def main():
     if np_n:
         print("ringvip network programming duration: mean %s over %d changes" % (ms(np_s / np_n), np_n))
     if churned:
-        sent, elapsed, cpu_busy, cpu_all, samples, lb, la = churned
+        sent, elapsed, cpu_busy, cpu_all, samples, queued, lb, la = churned
         print("churn: %d changes sent over %.1f s (%.0f/s asked, %.0f/s sent); load average %.2f before, %.2f after" % (
             sent, elapsed, a.churn, sent / elapsed, lb[0], la[0]))
         if samples:
             print("churn programming latency (%d samples): median %s, p90 %s, p99 %s, max %s" % (
                 len(samples), ms(percentile(samples, 0.5)), ms(percentile(samples, 0.9)),
                 ms(percentile(samples, 0.99)), ms(samples[-1])))
+        if queued:
+            print("  of which since ringvip's source queued it: median %s, p90 %s, p99 %s, max %s" % (
+                ms(percentile(queued, 0.5)), ms(percentile(queued, 0.9)),
+                ms(percentile(queued, 0.99)), ms(queued[-1])))
         print("ringvip CPU during churn: %.0f%% of one core (%.0f%% including 2 s after)" % (
             cpu_busy * 100, cpu_all * 100))
 

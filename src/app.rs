@@ -757,7 +757,8 @@ async fn control(
 #[derive(Debug, Default)]
 struct Received {
     changes: Changes,
-    triggers: Vec<SystemTime>,
+    /// Each change's trigger time, with when its source queued it.
+    triggers: Vec<(SystemTime, SystemTime)>,
 }
 
 impl Received {
@@ -773,7 +774,8 @@ impl Received {
             self.changes.endpoints += c.endpoints;
             self.changes.other += c.other;
         }
-        self.triggers.extend(b.triggers);
+        self.triggers
+            .extend(b.triggers.into_iter().map(|t| (t, b.queued)));
     }
 
     /// Shows the changes taken as pending until [`Received::published`].
@@ -785,12 +787,16 @@ impl Received {
     /// The snapshot holding these changes was published at `now`: counts
     /// them and observes each trigger's network programming latency.
     fn published(self, metrics: &Metrics, now: SystemTime) {
-        for t in self.triggers {
+        let us = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        for (t, queued) in self.triggers {
             if let Ok(d) = now.duration_since(t) {
                 metrics.observe_network_programming(d);
                 // Each sample, for benches/kube_scale.py's churn mode: the
-                // histogram's buckets (kube-proxy's) start at 0.25 s.
-                tracing::debug!(target: "ringvip::programming", latency_us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX), "programmed");
+                // histogram's buckets (kube-proxy's) start at 0.25 s. The
+                // part since the source queued the change is ringvip's
+                // control loop alone (the rest: delivery and decoding).
+                let since_queued = now.duration_since(queued).unwrap_or_default();
+                tracing::debug!(target: "ringvip::programming", latency_us = us(d), since_queued_us = us(since_queued), "programmed");
             }
         }
         metrics.set_pending_changes(0, 0);
