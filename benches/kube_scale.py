@@ -31,11 +31,13 @@ that are programmed but never contacted.
 """
 
 import argparse
+import calendar
 import http.client
 import http.server
 import json
 import os
 import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -212,16 +214,75 @@ class Control:
             try:
                 self.conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
                 r = self.conn.getresponse()
-                r.read()
+                reply = r.read()
                 if r.status != 200:
                     sys.exit("fixture %s: HTTP %d" % (path, r.status))
-                return
+                return json.loads(reply)
             except (OSError, http.client.HTTPException):
                 # The server closed the kept-alive connection: once more on a new one.
                 self.conn.close()
                 self.conn = None
                 if attempt:
                     raise
+
+
+def programming_samples(log, offset):
+    """ringvip's network programming samples logged after `offset`: each
+    change's latency (trigger time to snapshot published) and the control
+    loop's part of it (since the source queued the change), sorted, in s."""
+    log.flush()
+    with open(log.name) as f:
+        f.seek(offset)
+        logged = f.read()
+    found = lambda field: sorted(int(m.group(1)) / 1e6 for m in re.finditer(field + r"=(\d+)", logged))
+    return found(r"\blatency_us"), found("since_queued_us")
+
+
+def parse_rfc3339(text):
+    """Seconds since the epoch of `rfc3339_now()`'s form."""
+    whole, frac = text.rstrip("Z").split(".")
+    return calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + int(frac) / 1e6
+
+
+def watch_probe(api_port, rv):
+    """A second watcher of EndpointSlices beside ringvip, in a process of its
+    own, until SIGTERM: prints, as JSON, how long after its trigger time each
+    changed slice's event reached it, the probe Service's changes and the
+    churn's apart. That is the fixture's own delivery (and this machine's
+    scheduling), the part of ringvip's programming latency not ringvip's."""
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    s = socket.create_connection(("127.0.0.1", api_port))
+    s.sendall(b"GET /apis/discovery.k8s.io/v1/endpointslices?watch=true&resourceVersion=%d "
+              b"HTTP/1.1\r\nHost: fixture\r\n\r\n" % rv)
+    s.settimeout(0.2)
+    out, rest = {"changes": [], "churn": []}, b""
+    marker = b'"endpoints.kubernetes.io/last-change-trigger-time":"'
+    while not stop:
+        try:
+            data = s.recv(1 << 20)
+        except (socket.timeout, InterruptedError):
+            continue
+        if not data:
+            break
+        now = time.time()
+        lines = (rest + data).split(b"\n")
+        rest = lines.pop()
+        # Chunk sizes and chunk ends are lines of their own; events are JSON
+        # lines (no newline inside), found by their trigger annotation.
+        for line in lines:
+            i = line.find(marker)
+            if i >= 0:
+                j = i + len(marker)
+                d = now - parse_rfc3339(line[j:line.index(b'"', j)].decode())
+                out["churn" if b'"name":"svc-' in line else "changes"].append(d)
+    print(json.dumps(out))
+
+
+def list_rv(api_port):
+    """The fixture's current resourceVersion (a one-item list's)."""
+    url = "http://127.0.0.1:%d/apis/discovery.k8s.io/v1/endpointslices?limit=1" % api_port
+    return int(json.loads(urllib.request.urlopen(url).read())["metadata"]["resourceVersion"])
 
 
 def percentile(sorted_values, f):
@@ -245,7 +306,14 @@ def main():
     p.add_argument("--churn-seconds", type=float, default=30)
     p.add_argument("--dns", action="store_true",
                    help="also serve cluster DNS (--dns-addr on a free loopback port): every change updates the zone")
+    p.add_argument("--watch-probe", action="store_true",
+                   help="with --churn: a second watcher beside ringvip timestamps each churned event on"
+                   " receipt (the fixture's own delivery latency, reported apart)")
+    p.add_argument("--probe-only", nargs=2, type=int, metavar=("API_PORT", "RV"), help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.probe_only:
+        watch_probe(*a.probe_only)
+        return
 
     tmp = tempfile.mkdtemp(prefix="ringvip-kube-scale-")
     port_a, port_b = backend("a"), backend("b")
@@ -284,6 +352,13 @@ def main():
         before = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % metrics_port).read().decode()
         latencies = []
         target = "a"
+        probe = None
+        if a.watch_probe:
+            probe = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--probe-only", str(info["api"]),
+                                      str(list_rv(info["api"]))], stdout=subprocess.PIPE)
+            time.sleep(0.5)  # its watch is open before the first change
+        log.flush()
+        changes_offset = os.path.getsize(log.name)
         for _ in range(a.changes):
             target = "b" if target == "a" else "a"
             start = time.monotonic()
@@ -294,6 +369,9 @@ def main():
             latencies.append(time.monotonic() - start)
             time.sleep(0.05)
         text = urllib.request.urlopen("http://127.0.0.1:%d/metrics" % metrics_port).read().decode()
+        # ringvip's own account of each of those changes (trigger time to
+        # snapshot published; the fixture's delivery inside), from its log.
+        changed = programming_samples(log, changes_offset)
         rss_end = proc_kib(rv.pid, "VmRSS")
         hwm = proc_kib(rv.pid, "VmHWM")
         churned = None
@@ -311,13 +389,12 @@ def main():
             time.sleep(2)
             cpu_all = (cpu_seconds(rv.pid) - cpu0) / (time.monotonic() - t0c)
             load_after = os.getloadavg()
-            with open(log.name) as f:
-                f.seek(offset)
-                logged = f.read()
-                samples = sorted(int(m.group(1)) / 1e6 for m in re.finditer(r"latency_us=(\d+)", logged))
-                # The control loop's part: from the source queueing the change.
-                queued = sorted(int(m.group(1)) / 1e6 for m in re.finditer(r"since_queued_us=(\d+)", logged))
+            samples, queued = programming_samples(log, offset)
             churned = (sent, elapsed, cpu_busy, cpu_all, samples, queued, load_before, load_after)
+        probed = {}
+        if probe:
+            probe.terminate()
+            probed = {k: sorted(v) for k, v in json.loads(probe.communicate()[0]).items()}
     finally:
         rv.terminate()
         rv.wait()
@@ -325,6 +402,11 @@ def main():
         fixture.wait()
 
     latencies.sort()
+
+    def delivery(lat):
+        if lat:
+            print("  the fixture's delivery to a second watcher (%d events): median %s, p90 %s, p99 %s, max %s" % (
+                len(lat), ms(percentile(lat, 0.5)), ms(percentile(lat, 0.9)), ms(percentile(lat, 0.99)), ms(lat[-1])))
     ms = lambda s: "%.1f ms" % (s * 1000)
     q = lambda f: latencies[min(len(latencies) - 1, int(f * len(latencies)))]
     first_s = metric(before, "ringvip_sync_proxy_rules_duration_seconds_sum")
@@ -341,6 +423,13 @@ def main():
         rss_serving / 1024, rss_end / 1024, hwm / 1024))
     print("endpoint change -> new endpoint gets connections (%d changes): median %s, p90 %s, max %s" % (
         len(latencies), ms(statistics.median(latencies)), ms(q(0.9)), ms(latencies[-1])))
+    if changed[0]:
+        lat, que = changed
+        print("  ringvip's programming latency of those changes (trigger -> published): median %s, p90 %s, p99 %s, max %s;"
+              " since its source queued them: median %s, p99 %s" % (
+                  ms(percentile(lat, 0.5)), ms(percentile(lat, 0.9)), ms(percentile(lat, 0.99)), ms(lat[-1]),
+                  ms(percentile(que, 0.5)), ms(percentile(que, 0.99))))
+    delivery(probed.get("changes"))
     if sync_n:
         print("ringvip sync duration (compile + publish): initial %s (%d syncs), then mean %s over %d syncs" % (
             ms(first_s), first_n, ms(sync_s / sync_n), sync_n))
@@ -358,6 +447,7 @@ def main():
             print("  of which since ringvip's source queued it: median %s, p90 %s, p99 %s, max %s" % (
                 ms(percentile(queued, 0.5)), ms(percentile(queued, 0.9)),
                 ms(percentile(queued, 0.99)), ms(queued[-1])))
+        delivery(probed.get("churn"))
         print("ringvip CPU during churn: %.0f%% of one core (%.0f%% including 2 s after)" % (
             cpu_busy * 100, cpu_all * 100))
 

@@ -538,21 +538,21 @@ def main():
     p.add_argument("--info", help="also write the start-up line to this file")
     p.add_argument("--stdin", action="store_true", help="exit when stdin reaches EOF")
     ARGS = p.parse_args()
+    # No cycle collection at all: the objects and the event log are JSON
+    # documents (no reference cycles; reference counting frees them), and a
+    # full collection walks every one of them with every thread stopped.
+    # With the collector on, at 100,000 Services a collection stalled the
+    # server for seconds after the load, and under 1,000 changes/s the
+    # growing event log made watch delivery's p99 ~150 ms (max ~0.5 s) at
+    # any size, which benches/kube_scale.py measured as ringvip's latency.
+    gc.disable()
     if ARGS.load:
-        # No cycle collection while loading (the objects hold no cycles),
-        # and none over them after: at 100,000 Services a full collection
-        # walked millions of objects and stalled every thread for seconds,
-        # which a scale benchmark then measured as watch latency.
-        gc.disable()
         with open(ARGS.load) as f:
             for op in json.load(f):
                 if op["op"] == "apply":
                     WORLD.apply(op["resource"], op["object"])
         # The watch cache starts now, as when an API server starts.
         WORLD.expire()
-        gc.collect()
-        gc.freeze()
-        gc.enable()
     start_api()
     control = ThreadingHTTPServer(("127.0.0.1", 0), ControlHandler)
     control.daemon_threads = True
