@@ -9,6 +9,8 @@
 //! then the zone brought up to date and published as the control loop does
 //! (`ZoneParts::update` with the store's record of what changed). Flat from
 //! 1k to 100k is the goal (issue 17): a change costs what it touches.
+//! `dns/one_endpoint_change_*`: one endpoint of a ClusterIP Service flips
+//! readiness, which changes no record: the zone is left as published.
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -19,7 +21,7 @@ use ringvip::discovery::Update;
 use ringvip::dns::{answer, Options, Transport, Zone, ZoneConfig, ZoneParts};
 use ringvip::model::*;
 use ringvip::state::Store;
-use ringvip::testing::builders::{self, labels, pod, port, service};
+use ringvip::testing::builders::{self, endpoint, labels, pod, port, service, slice, slice_port};
 
 /// ClusterIP Service `s` with one named port, at the `v`th of its addresses.
 fn cluster_ip_service(s: u32, v: u8) -> Service {
@@ -132,6 +134,23 @@ fn one_change(c: &mut Criterion) {
                 gen += 1;
                 let svc = cluster_ip_service(n / 2, (gen % 2) as u8);
                 st.apply(Update::Upsert(Box::new(Object::Service(svc))));
+                let dirty = st.take_dirty();
+                parts.update(&st, &dirty, gen)
+            })
+        });
+        // An endpoint of a ClusterIP Service becomes ready or not: no
+        // record changes, so the part is built, found equal and dropped.
+        g.bench_function(format!("one_endpoint_change_{label}_services"), |b| {
+            b.iter(|| {
+                gen += 1;
+                let eps = Endpoint {
+                    ready: gen.is_multiple_of(2),
+                    ..endpoint("10.244.9.9")
+                };
+                let ports = vec![slice_port("http", Protocol::Tcp, 8080)];
+                let svc = format!("svc-{}", n / 2);
+                let es = slice("default", &format!("{svc}-1"), &svc, ports, vec![eps]);
+                st.apply(Update::Upsert(Box::new(Object::EndpointSlice(es))));
                 let dirty = st.take_dirty();
                 parts.update(&st, &dirty, gen)
             })

@@ -36,20 +36,21 @@ pub(super) struct NameRecords {
 
 /// What one Service (or the zone itself: apex and `dns-version`) puts in
 /// the zone: the names it makes, each with its node as this part alone
-/// renders it (empty for a name it only makes exist).
-#[derive(Debug, Default, Clone)]
+/// renders it (empty for a name it only makes exist), in name order, so
+/// that two builds of the same records compare equal.
+#[derive(Debug, Default, Clone, PartialEq)]
 struct Part {
     names: Vec<(Name, Arc<Node>)>,
 }
 
 impl Part {
     fn from_builder(names: HashMap<Name, NameRecords>) -> Part {
-        Part {
-            names: names
-                .into_iter()
-                .map(|(n, r)| (n, Arc::new(node_of(r))))
-                .collect(),
-        }
+        let mut names: Vec<(Name, Arc<Node>)> = names
+            .into_iter()
+            .map(|(n, r)| (n, Arc::new(node_of(r))))
+            .collect();
+        names.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        Part { names }
     }
 }
 
@@ -98,42 +99,55 @@ impl ZoneParts {
 
     /// Brings the zone up to date with `store` after the changes in
     /// `dirty` (everything, or the Services named), and publishes it as
-    /// generation `generation` (the SOA serial).
-    pub fn update(&mut self, store: &Store, dirty: &Dirty, generation: u64) -> Zone {
+    /// generation `generation` (the SOA serial). `None`: no record changed
+    /// (an endpoint of a ClusterIP Service, say), so the zone published
+    /// last, serial included, stays as it is and nothing is copied.
+    pub fn update(&mut self, store: &Store, dirty: &Dirty, generation: u64) -> Option<Zone> {
         if dirty.all {
-            *self = ZoneParts::new(&self.cfg);
-            for svc in store.services() {
-                self.service(store, &svc.key, None);
-            }
-            // Every name is new: rendered from the references, without
-            // collecting them first.
-            self.render_everything();
+            self.rebuild(store);
         } else {
             let mut touched = HashSet::new();
             for k in &dirty.services {
                 self.service(store, k, Some(&mut touched));
             }
+            if touched.is_empty() {
+                return None;
+            }
             self.render_all(touched);
         }
-        self.publish(generation)
+        Some(self.publish(generation))
     }
 
-    /// Replaces the part of the Service `key` with what the store holds now.
-    /// `touched` collects the names whose nodes must be rendered again
-    /// (`None`: all of them will be).
+    /// Builds every part and name again from `store`.
+    pub fn rebuild(&mut self, store: &Store) {
+        *self = ZoneParts::new(&self.cfg);
+        for svc in store.services() {
+            self.service(store, &svc.key, None);
+        }
+        // Every name is new: rendered from the references, without
+        // collecting them first.
+        self.render_everything();
+    }
+
+    /// Replaces the part of the Service `key` with what the store holds now,
+    /// unless it is the same. `touched` collects the names whose nodes must
+    /// be rendered again (`None`: all of them will be).
     fn service(&mut self, store: &Store, key: &ObjectKey, mut touched: Option<&mut HashSet<Name>>) {
+        let part = store.service(key).map(|svc| {
+            let slices: Vec<&EndpointSlice> = store.all_slices_of(key).collect();
+            let mut b = Builder::bare(&self.cfg);
+            b.service(svc, &slices);
+            Part::from_builder(b.into_names())
+        });
+        let part = part.filter(|p| !p.names.is_empty());
+        if self.parts.get(key) == part.as_ref() {
+            return;
+        }
         let k = Arc::new(key.clone());
         if let Some(old) = self.parts.remove(&k) {
             self.unref(&k, &old, touched.as_deref_mut());
         }
-        let Some(svc) = store.service(key) else {
-            return;
-        };
-        let slices: Vec<&EndpointSlice> = store.all_slices_of(key).collect();
-        let mut b = Builder::bare(&self.cfg);
-        b.service(svc, &slices);
-        let part = Part::from_builder(b.into_names());
-        if !part.names.is_empty() {
+        if let Some(part) = part {
             self.put(k, part, touched);
         }
     }

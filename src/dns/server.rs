@@ -466,15 +466,17 @@ impl Dns {
     }
 
     /// Brings the zone up to date with the store after the changes in
-    /// `dirty` and makes it the answers.
+    /// `dirty` and makes it the answers (unless no record changed: then the
+    /// zone answering stays, SOA serial included).
     pub fn publish(
         &mut self,
         store: &crate::state::Store,
         dirty: &crate::state::store::Dirty,
         generation: u64,
     ) {
-        self.zone
-            .store(Arc::new(self.parts.update(store, dirty, generation)));
+        if let Some(zone) = self.parts.update(store, dirty, generation) {
+            self.zone.store(Arc::new(zone));
+        }
     }
 }
 

@@ -714,3 +714,40 @@ fn headless_srv_carries_target_addresses_when_they_fit() {
     assert!(m.additionals.is_empty(), "{len} bytes");
     assert_eq!(reply(&z, &q, Transport::Tcp).0.additionals.len(), 8);
 }
+
+/// An endpoint change of a ClusterIP Service changes no record: the zone
+/// answering stays (serial included) and nothing of it is copied; the same
+/// change to a headless Service's endpoints publishes a new zone.
+#[test]
+fn only_changes_to_records_publish_a_new_zone() {
+    let mut st = sample_store();
+    let mut parts = ZoneParts::new(&cfg());
+    let all = st.take_dirty();
+    assert!(parts.update(&st, &all, 1).is_some());
+
+    let web = slice(
+        "default",
+        "web-1",
+        "web",
+        vec![slice_port("http", Protocol::Tcp, 8080)],
+        vec![endpoint("10.244.9.9")],
+    );
+    st.apply(Update::Upsert(Box::new(Object::EndpointSlice(web))));
+    let dirty = st.take_dirty();
+    assert!(!dirty.services.is_empty(), "the change is the Service's");
+    assert!(parts.update(&st, &dirty, 2).is_none());
+
+    let [_, db] = headless(
+        "db",
+        port("pg", Protocol::Tcp, 5432),
+        vec![slice_port("pg", Protocol::Tcp, 5433)],
+        vec![ep("10.244.9.8", true, Some("db-0"))],
+    );
+    st.apply(Update::Upsert(Box::new(db)));
+    let dirty = st.take_dirty();
+    let z = parts.update(&st, &dirty, 3).expect("a new zone");
+    assert_eq!(z.generation, 3);
+    let q = query_bytes("db-0.db.default.svc.cluster.local.", A, None);
+    let (m, _) = reply(&z, &q, Transport::Udp);
+    assert_eq!(m.answers.len(), 1);
+}

@@ -27,7 +27,6 @@ use hickory_proto::rr::{Name, RecordType};
 use super::parts::{NameRecords, ZoneParts};
 use crate::model::{AddressFamily, EndpointSlice, Protocol, Service, ServiceType};
 use crate::sharded::Sharded;
-use crate::state::store::Dirty;
 use crate::state::Store;
 
 /// Version of the Kubernetes DNS schema served at `dns-version.<zone>`.
@@ -158,11 +157,9 @@ impl Zone {
     /// from Pods matching selectors) into a zone. The running server keeps a
     /// [`ZoneParts`] instead and updates it change by change.
     pub fn compile(store: &Store, cfg: &ZoneConfig, generation: u64) -> Zone {
-        let all = Dirty {
-            all: true,
-            ..Dirty::default()
-        };
-        ZoneParts::new(cfg).update(store, &all, generation)
+        let mut parts = ZoneParts::new(cfg);
+        parts.rebuild(store);
+        parts.publish(generation)
     }
 
     /// A zone of `nodes` (see [`ZoneParts::publish`]).
