@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
-use tokio_uring::net::TcpStream;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 
 use super::proxy_protocol::{parse_v2, Parse};
 use crate::model::Protocol;
@@ -67,7 +68,7 @@ impl Upstream {
 
     /// Reads the header; `None` (counted) when it is missing, malformed,
     /// too long or too slow: the caller resets the connection.
-    pub async fn read_header(&self, client: &TcpStream) -> Option<Accepted> {
+    pub async fn read_header(&self, client: &mut TcpStream) -> Option<Accepted> {
         let got = tokio::time::timeout(HEADER_TIMEOUT, read_header(client)).await;
         let accepted = got.ok().flatten();
         if accepted.is_none() {
@@ -77,11 +78,11 @@ impl Upstream {
     }
 }
 
-async fn read_header(client: &TcpStream) -> Option<Accepted> {
+async fn read_header(client: &mut TcpStream) -> Option<Accepted> {
     let mut seen: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; MAX_HEADER];
     loop {
-        let (res, buf) = client.read(vec![0u8; MAX_HEADER]).await;
-        let n = res.ok().filter(|n| *n > 0)?;
+        let n = client.read(&mut buf).await.ok().filter(|n| *n > 0)?;
         seen.extend_from_slice(buf.get(..n)?);
         match parse_v2(&seen) {
             Ok(Parse::Done(p)) => {

@@ -281,10 +281,35 @@ pub fn spawn_workers(
             cmds.push(tx);
             std::thread::Builder::new()
                 .name(format!("ringvip-dp-{id}"))
-                .spawn(move || tokio_uring::start(worker(id, shared, rx, cmd_rx, programmed)))
+                .spawn(move || run_worker(id, shared, rx, cmd_rx, programmed))
         })
         .collect::<std::io::Result<_>>()?;
     Ok((threads, programmed, Commands(cmds)))
+}
+
+/// Runs [`worker`] on a current-thread tokio runtime of the thread's own.
+/// Not tokio-uring's: the thread's I/O is on the engine's ring, and
+/// tokio-uring's runtime flushed its own (empty) ring with a system call
+/// every time the thread went idle, 1.6 per request (BENCHMARKS.md,
+/// "System calls per request").
+fn run_worker(
+    id: usize,
+    shared: Arc<Shared>,
+    rx: watch::Receiver<Arc<Snapshot>>,
+    cmd_rx: mpsc::UnboundedReceiver<WorkerCmd>,
+    programmed: Arc<Programmed>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(worker = id, error = %e, "cannot start the data-plane thread's runtime");
+            return;
+        }
+    };
+    tokio::task::LocalSet::new().block_on(&rt, worker(id, shared, rx, cmd_rx, programmed));
 }
 
 /// One data-plane thread: keeps its listeners equal to the snapshot's until
@@ -306,7 +331,7 @@ async fn worker(
         }
     };
     Tcp::attach(&engine);
-    let driver = tokio_uring::spawn(drive(engine.clone()));
+    let driver = tokio::task::spawn_local(drive(engine.clone()));
     let mut listeners = Listeners::new(id);
     let mut released = false;
     let mut changed = true;

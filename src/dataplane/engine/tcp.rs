@@ -236,6 +236,16 @@ fn set_linger_zero(fd: RawFd) {
     let _ = SockRef::from(&b).set_linger(Some(Duration::ZERO));
 }
 
+/// `fd` (a duplicate of a client socket) as a runtime stream, to read an
+/// upstream's PROXY header with the runtime's readiness. The socket stays
+/// non-blocking for the engine too: io_uring's socket operations wait by
+/// polling whatever the flag says.
+fn header_stream(fd: OwnedFd) -> std::io::Result<tokio::net::TcpStream> {
+    let s = std::net::TcpStream::from(fd);
+    s.set_nonblocking(true)?;
+    tokio::net::TcpStream::from_std(s)
+}
+
 fn set_nodelay(fd: RawFd) {
     // SAFETY: as above.
     let b = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
@@ -603,10 +613,11 @@ impl Tcp {
             return;
         };
         let shared = self.shared.clone();
-        tokio_uring::spawn(async move {
-            let stream = tokio_uring::net::TcpStream::from_std(reader.into());
-            let got = shared.upstream.read_header(&stream).await;
-            drop(stream);
+        tokio::task::spawn_local(async move {
+            let got = match header_stream(reader) {
+                Ok(mut stream) => shared.upstream.read_header(&mut stream).await,
+                Err(_) => None,
+            };
             let Some(a) = got else {
                 set_linger_zero(client.as_raw_fd());
                 return;
