@@ -32,7 +32,7 @@ use std::path::PathBuf;
 use crate::model::{Kind, ObjectKey};
 
 pub use parse::parse_str;
-pub use reload::{load, FileSource};
+pub use reload::{load, FileSource, Reloaded};
 
 /// A position in a file: a line, and a column when known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

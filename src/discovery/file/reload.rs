@@ -1,15 +1,28 @@
 //! One reload of every path: each file's last good objects kept while it has
 //! errors, objects of vanished files dropped, duplicates across files reported.
+//!
+//! A reload costs what changed, not what the files hold: a file whose
+//! metadata (device, inode, size, modification and change times) is what it
+//! was at its last clean parse is not read again, and only the objects of
+//! the files that changed are compared with what was handed out before, so a
+//! one-line edit among 100,000 Services is one parse of one file and one
+//! update (`reload_changes`). At 10,000 Services with 100,000 Pods in 100
+//! files, every change re-parsed all 22 MB and replaced the store's whole
+//! set: 7.4 s per change.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
 
-use super::parse::{dedup, parse_located, Located};
+use super::parse::{parse_located, Located};
 use super::walk::list_files;
 use super::ManifestError;
 use crate::config::Limits;
-use crate::model::Object;
+use crate::discovery::{convert, Update};
+use crate::model::{Kind, Object, ObjectKey};
 
 /// Loads every path (files and directories) once: every error, and the objects
 /// that [`FileSource::run`] would serve at start-up — the objects of every file
@@ -17,6 +30,86 @@ use crate::model::Object;
 /// good version yet). A duplicate keeps its first definition. This is `ringvip check`.
 pub fn load(paths: &[PathBuf], limits: &Limits) -> (Vec<Object>, Vec<ManifestError>) {
     FileSource::new(paths.to_vec(), limits.clone()).reload()
+}
+
+/// An object's identity across files.
+type Id = (Kind, ObjectKey);
+
+/// A 128-bit print of an object: two versions with the same print are
+/// taken as equal.
+type Print = (u64, u64);
+
+fn print(o: &Object) -> Print {
+    let pass = |salt: u8| {
+        let mut h = std::hash::DefaultHasher::new();
+        salt.hash(&mut h);
+        o.hash(&mut h);
+        h.finish()
+    };
+    (pass(0), pass(1))
+}
+
+/// What a file's metadata says of its content: equal stamps, equal content
+/// (a write changes the change time, which no tool can set back; a file
+/// replaced by a rename is another inode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+
+    /// Whether the file may still be written within the same clock tick
+    /// as `reload` (the file system's clock is coarse): such a stamp proves
+    /// nothing and the file is read again next time (as git does).
+    fn racy(&self, reload: SystemTime) -> bool {
+        let since = reload
+            .checked_sub(RACY)
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .unwrap_or_default();
+        let ctime = Duration::new(
+            u64::try_from(self.ctime.0).unwrap_or(0),
+            u32::try_from(self.ctime.1).unwrap_or(0),
+        );
+        ctime >= since
+    }
+}
+
+/// How recent a change time must be for its stamp not to be trusted.
+const RACY: Duration = Duration::from_secs(1);
+
+/// One file as last loaded.
+#[derive(Debug)]
+struct FileEntry {
+    /// Its stamp at its last clean parse; `None` while it has errors or its
+    /// stamp was too recent to trust: then it is read again.
+    stamp: Option<Stamp>,
+    /// Its last good objects (none if it never loaded cleanly).
+    good: Vec<Located>,
+}
+
+/// What one reload changed.
+#[derive(Debug, Default)]
+pub struct Reloaded {
+    /// The objects whose first definition changed or went, for the store.
+    pub updates: Vec<Update>,
+    /// Every error of the files as they are now (reported each reload).
+    pub errors: Vec<ManifestError>,
+    /// How many files were read and parsed (the others were unchanged).
+    pub parsed: usize,
 }
 
 /// Manifests from files and directories, reloaded on change.
@@ -27,10 +120,43 @@ pub fn load(paths: &[PathBuf], limits: &Limits) -> (Vec<Object>, Vec<ManifestErr
 pub struct FileSource {
     pub(super) paths: Vec<PathBuf>,
     limits: Limits,
-    /// Last good objects of each file.
-    files: HashMap<PathBuf, Vec<Located>>,
+    /// Each file's last load.
+    files: HashMap<PathBuf, FileEntry>,
     /// Files in load order (the order of `paths`, directories sorted).
     order: Vec<PathBuf>,
+    /// The files whose good objects define each object.
+    defs: HashMap<Id, Vec<PathBuf>>,
+    /// The print of each object as handed out: its first definition.
+    sent: HashMap<Id, Print>,
+    /// Objects defined more than once (reported every reload).
+    dups: BTreeSet<Id>,
+}
+
+/// Each file's objects by identity (positions in its good list), built
+/// only for the files a reload looks into.
+#[derive(Default)]
+struct Index(HashMap<PathBuf, HashMap<Id, Vec<usize>>>);
+
+impl Index {
+    fn of<'a>(
+        &'a mut self,
+        files: &HashMap<PathBuf, FileEntry>,
+        path: &PathBuf,
+    ) -> &'a HashMap<Id, Vec<usize>> {
+        self.0.entry(path.clone()).or_insert_with(|| {
+            let mut m: HashMap<Id, Vec<usize>> = HashMap::new();
+            for (i, l) in files
+                .get(path)
+                .map(|f| f.good.as_slice())
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+            {
+                m.entry(l.object.id()).or_default().push(i);
+            }
+            m
+        })
+    }
 }
 
 impl FileSource {
@@ -41,6 +167,9 @@ impl FileSource {
             limits,
             files: HashMap::new(),
             order: Vec::new(),
+            defs: HashMap::new(),
+            sent: HashMap::new(),
+            dups: BTreeSet::new(),
         }
     }
 
@@ -49,24 +178,82 @@ impl FileSource {
     /// drops its objects. When two files define the same object, the first file in
     /// load order wins and the other definition is reported.
     pub fn reload(&mut self) -> (Vec<Object>, Vec<ManifestError>) {
+        let r = self.reload_changes();
+        (self.objects(), r.errors)
+    }
+
+    /// Every object served, in load order: each one's first definition.
+    pub fn objects(&self) -> Vec<Object> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::with_capacity(self.sent.len());
+        for l in self
+            .order
+            .iter()
+            .filter_map(|p| self.files.get(p))
+            .flat_map(|f| &f.good)
+        {
+            if seen.insert(l.object.id()) {
+                out.push(l.object.clone());
+            }
+        }
+        out
+    }
+
+    /// Number of objects served.
+    pub fn len(&self) -> usize {
+        self.sent.len()
+    }
+
+    /// True when nothing is served.
+    pub fn is_empty(&self) -> bool {
+        self.sent.is_empty()
+    }
+
+    /// Loads what changed since the last reload (see [`FileSource::reload`])
+    /// and says which objects it changed.
+    pub fn reload_changes(&mut self) -> Reloaded {
+        let now = SystemTime::now();
         let listing = list_files(&self.paths);
         let mut errors = listing.errors;
         let mut previous = std::mem::take(&mut self.files);
         let mut files = HashMap::new();
         let mut order = Vec::new();
+        // Files whose good objects may differ now, with the ids they had.
+        let mut changed: Vec<(PathBuf, Vec<Id>)> = Vec::new();
+        let mut parsed = 0;
         for path in listing.files {
-            match std::fs::read_to_string(&path) {
-                Ok(text) => {
+            let stamp = std::fs::metadata(&path).map(|m| Stamp::of(&m));
+            if let (Ok(s), Some(old)) = (&stamp, previous.get(&path)) {
+                if old.stamp == Some(*s) {
+                    if let Some(old) = previous.remove(&path) {
+                        files.insert(path.clone(), old);
+                    }
+                    order.push(path);
+                    continue;
+                }
+            }
+            let read = stamp.and_then(|s| std::fs::read_to_string(&path).map(|t| (s, t)));
+            match read {
+                Ok((stamp, text)) => {
+                    parsed += 1;
                     let origin = path.display().to_string();
                     let (objects, errs) = parse_located(&origin, &text, &self.limits);
-                    if errs.is_empty() {
-                        files.insert(path.clone(), objects);
+                    let old = previous.remove(&path);
+                    let old_ids = old.as_ref().map(ids_of).unwrap_or_default();
+                    let entry = if errs.is_empty() {
+                        FileEntry {
+                            stamp: (!stamp.racy(now)).then_some(stamp),
+                            good: objects,
+                        }
                     } else {
                         errors.extend(errs);
-                        if let Some(old) = previous.remove(&path) {
-                            files.insert(path.clone(), old);
+                        FileEntry {
+                            stamp: None,
+                            good: old.map(|o| o.good).unwrap_or_default(),
                         }
-                    }
+                    };
+                    files.insert(path.clone(), entry);
+                    changed.push((path.clone(), old_ids));
                     order.push(path);
                 }
                 // Deleted between listing and reading.
@@ -95,20 +282,153 @@ impl FileSource {
                 order.push(p);
             }
         }
+        // What is left of the previous files is gone.
+        for (p, old) in previous {
+            changed.push((p, ids_of(&old)));
+        }
         self.files = files;
         self.order = order;
 
-        let all: Vec<Located> = self
-            .order
-            .iter()
-            .filter_map(|p| self.files.get(p))
-            .flatten()
-            .cloned()
-            .collect();
-        let objects = dedup(all, &mut errors)
-            .into_iter()
-            .map(|l| l.object)
-            .collect();
-        (objects, errors)
+        let affected = self.refile(changed);
+        let mut index = Index::default();
+        let updates = self.hand_out(&affected, &mut index);
+        errors.extend(self.duplicates(&mut index));
+        Reloaded {
+            updates,
+            errors,
+            parsed,
+        }
     }
+
+    /// Moves the definitions of the `changed` files (with the ids they had)
+    /// to what they hold now; returns every id they had or have.
+    fn refile(&mut self, changed: Vec<(PathBuf, Vec<Id>)>) -> BTreeSet<Id> {
+        let mut affected = BTreeSet::new();
+        for (path, old_ids) in changed {
+            for id in old_ids {
+                if let Some(d) = self.defs.get_mut(&id) {
+                    d.retain(|p| *p != path);
+                    if d.is_empty() {
+                        self.defs.remove(&id);
+                    }
+                }
+                affected.insert(id);
+            }
+            let now = self.files.get(&path).map(ids_of).unwrap_or_default();
+            for id in now {
+                let d = self.defs.entry(id.clone()).or_default();
+                if !d.contains(&path) {
+                    d.push(path.clone());
+                }
+                affected.insert(id);
+            }
+        }
+        affected
+    }
+
+    /// For each of `affected`, the first definition in load order against
+    /// what was handed out: the updates that tell the difference. Also
+    /// notes which of them are defined more than once.
+    fn hand_out(&mut self, affected: &BTreeSet<Id>, index: &mut Index) -> Vec<Update> {
+        let pos: HashMap<&PathBuf, usize> =
+            self.order.iter().enumerate().map(|(i, p)| (p, i)).collect();
+        let mut updates = Vec::new();
+        for id in affected {
+            let mut definers: Vec<&PathBuf> = self
+                .defs
+                .get(id)
+                .map(|d| d.iter().collect())
+                .unwrap_or_default();
+            definers.sort_by_key(|p| pos.get(p).copied().unwrap_or(usize::MAX));
+            let mut count = 0;
+            let mut first: Option<&Object> = None;
+            for p in &definers {
+                let at = index
+                    .of(&self.files, p)
+                    .get(id)
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
+                count += at.len();
+                if first.is_none() {
+                    first = at
+                        .first()
+                        .and_then(|&i| self.files.get(*p)?.good.get(i))
+                        .map(|l| &l.object);
+                }
+            }
+            if count > 1 {
+                self.dups.insert(id.clone());
+            } else {
+                self.dups.remove(id);
+            }
+            match first {
+                Some(o) => {
+                    let p = print(o);
+                    if self.sent.insert(id.clone(), p) != Some(p) {
+                        updates.push(Update::Upsert(Box::new(o.clone())));
+                    }
+                }
+                None => {
+                    if self.sent.remove(id).is_some() {
+                        updates.push(Update::Delete(id.0, id.1.clone()));
+                    }
+                }
+            }
+        }
+        updates
+    }
+
+    /// An error for every definition of an object after its first, in load
+    /// order.
+    fn duplicates(&self, index: &mut Index) -> Vec<ManifestError> {
+        let pos: HashMap<&PathBuf, usize> =
+            self.order.iter().enumerate().map(|(i, p)| (p, i)).collect();
+        let mut found: Vec<(usize, usize, ManifestError)> = Vec::new();
+        for id in &self.dups {
+            let mut definers: Vec<&PathBuf> = self
+                .defs
+                .get(id)
+                .map(|d| d.iter().collect())
+                .unwrap_or_default();
+            definers.sort_by_key(|p| pos.get(p).copied().unwrap_or(usize::MAX));
+            let mut first: Option<(String, usize)> = None;
+            for p in definers {
+                let at = index
+                    .of(&self.files, p)
+                    .get(id)
+                    .cloned()
+                    .unwrap_or_default();
+                let Some(file) = self.files.get(p) else {
+                    continue;
+                };
+                for i in at {
+                    let Some(l) = file.good.get(i) else { continue };
+                    match &first {
+                        None => first = Some((l.origin.clone(), l.line)),
+                        Some((first_origin, first_line)) => found.push((
+                            pos.get(p).copied().unwrap_or(usize::MAX),
+                            i,
+                            ManifestError::Duplicate {
+                                origin: l.origin.clone(),
+                                line: l.line,
+                                object: convert::describe(id.0, &id.1),
+                                first_origin: first_origin.clone(),
+                                first_line: *first_line,
+                            },
+                        )),
+                    }
+                }
+            }
+        }
+        found.sort_by_key(|(p, i, _)| (*p, *i));
+        found.into_iter().map(|(_, _, e)| e).collect()
+    }
+}
+
+/// The ids a file's good objects define, each once.
+fn ids_of(f: &FileEntry) -> Vec<Id> {
+    let mut ids: Vec<Id> = f.good.iter().map(|l| l.object.id()).collect();
+    ids.sort();
+    ids.dedup();
+    ids
 }

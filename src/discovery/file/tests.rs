@@ -1,5 +1,6 @@
 //! Tests of the file source, from one file's text to the run loop.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::sync::Arc;
 use std::time::Duration;
@@ -762,41 +763,63 @@ fn run_future_is_send() {
     assert_send(&fut);
 }
 
-async fn next_reset(rx: &mut mpsc::Receiver<Batch>) -> Vec<Object> {
+async fn next_batch(rx: &mut mpsc::Receiver<Batch>) -> Vec<Update> {
     match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
-        Ok(Some(b)) => match <[Update; 1]>::try_from(b.updates) {
-            Ok([Update::Reset(objects)]) => objects,
-            other => panic!("expected one Reset, got {other:?}"),
-        },
+        Ok(Some(b)) => b.updates,
         other => panic!("expected a batch within 5 s, got {other:?}"),
     }
 }
 
-/// Waits (at most 5 s) for a Reset with exactly these objects.
-async fn wait_for(rx: &mut mpsc::Receiver<Batch>, want: &[&str]) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(b)) => {
-                if let [Update::Reset(objects)] = b.updates.as_slice() {
-                    if names(objects) == want {
-                        return;
-                    }
+/// What the store holds of the source's batches: a Reset replaces it all,
+/// an Upsert or a Delete changes one object.
+#[derive(Default)]
+struct Served(BTreeMap<(Kind, ObjectKey), Object>);
+
+impl Served {
+    fn apply(&mut self, updates: Vec<Update>) {
+        for u in updates {
+            match u {
+                Update::Reset(objects) => {
+                    self.0 = objects.into_iter().map(|o| (o.id(), o)).collect();
                 }
+                Update::Upsert(o) => {
+                    self.0.insert(o.id(), *o);
+                }
+                Update::Delete(kind, key) => {
+                    self.0.remove(&(kind, key));
+                }
+                Update::Checked(_) => {}
             }
-            other => panic!("no Reset with {want:?} within 5 s: {other:?}"),
+        }
+    }
+
+    fn objects(&self) -> Vec<Object> {
+        self.0.values().cloned().collect()
+    }
+}
+
+/// Applies batches (at most 5 s) until the served set has exactly these objects.
+async fn wait_for(rx: &mut mpsc::Receiver<Batch>, served: &mut Served, want: &[&str]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while names(&served.objects()) != want {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(b)) => served.apply(b.updates),
+            other => panic!("not serving {want:?} within 5 s: {other:?}"),
         }
     }
 }
 
+/// The first batch is the whole set (a Reset); each change after it sends
+/// the objects it changed and nothing else.
 #[tokio::test]
-async fn run_sends_a_new_reset_when_files_change() {
+async fn run_sends_what_changed_when_files_change() {
     let dir = tempfile::tempdir().unwrap();
     let a = dir.path().join("a.yaml");
     fs::write(&a, service("a", 80)).unwrap();
     // One file named explicitly, one directory.
     let sub = dir.path().join("more");
     fs::create_dir(&sub).unwrap();
+    fs::write(sub.join("z.yaml"), service("z", 9)).unwrap();
     let (tx, mut rx) = mpsc::channel(8);
     let reload_now = Arc::new(Notify::new());
     let task = tokio::spawn(
@@ -804,45 +827,79 @@ async fn run_sends_a_new_reset_when_files_change() {
             .run(tx, reload_now.clone()),
     );
 
-    assert_eq!(names(&next_reset(&mut rx).await), vec!["Service default/a"]);
+    let mut served = Served::default();
+    let first = next_batch(&mut rx).await;
+    assert!(matches!(first.as_slice(), [Update::Reset(_)]), "{first:?}");
+    served.apply(first);
+    assert_eq!(
+        names(&served.objects()),
+        vec!["Service default/a", "Service default/z"]
+    );
 
-    // Rewritten in place.
+    // Rewritten in place: that Service alone.
     fs::write(&a, service("a", 81)).unwrap();
-    let objects = next_reset(&mut rx).await;
-    assert_eq!(port_of(&objects, 0), 81);
+    let changed = next_batch(&mut rx).await;
+    match changed.as_slice() {
+        [Update::Upsert(o)] => assert_eq!(port_of(std::slice::from_ref(&**o), 0), 81),
+        other => panic!("expected a's new version alone, got {other:?}"),
+    }
+    served.apply(changed);
 
     // Replaced by rename, as editors do.
     let tmp = dir.path().join(".a.yaml.swp");
     fs::write(&tmp, service("a", 82)).unwrap();
     fs::rename(&tmp, &a).unwrap();
-    let objects = next_reset(&mut rx).await;
-    assert_eq!(port_of(&objects, 0), 82);
+    served.apply(next_batch(&mut rx).await);
+    assert_eq!(port_of(&served.objects(), 0), 82);
 
     // A new file in the watched directory.
     fs::write(sub.join("b.yaml"), service("b", 1)).unwrap();
+    let changed = next_batch(&mut rx).await;
+    assert!(
+        matches!(changed.as_slice(), [Update::Upsert(_)]),
+        "{changed:?}"
+    );
+    served.apply(changed);
     assert_eq!(
-        names(&next_reset(&mut rx).await),
-        vec!["Service default/a", "Service default/b"]
+        names(&served.objects()),
+        vec![
+            "Service default/a",
+            "Service default/b",
+            "Service default/z"
+        ]
     );
 
-    // A bad edit: no new Reset (nothing good changed); the fix brings one.
+    // A bad edit: nothing sent (nothing good changed); the fix sends it.
     fs::write(sub.join("b.yaml"), "kind: [").unwrap();
     reload_now.notify_one();
     assert!(tokio::time::timeout(Duration::from_millis(500), rx.recv())
         .await
         .is_err());
     fs::write(sub.join("b.yaml"), service("b", 2)).unwrap();
-    let objects = next_reset(&mut rx).await;
-    assert_eq!(port_of(&objects, 1), 2);
+    served.apply(next_batch(&mut rx).await);
+    assert_eq!(port_of(&served.objects(), 1), 2);
 
-    // The watched directory deleted and re-created: watched again.
+    // A reload with nothing changed sends nothing.
+    reload_now.notify_one();
+    assert!(tokio::time::timeout(Duration::from_millis(500), rx.recv())
+        .await
+        .is_err());
+
+    // The watched directory deleted and re-created: its objects go, and it
+    // is watched again.
     fs::remove_dir_all(&sub).unwrap();
     fs::create_dir(&sub).unwrap();
     fs::write(sub.join("c.yaml"), service("c", 1)).unwrap();
-    wait_for(&mut rx, &["Service default/a", "Service default/c"]).await;
+    wait_for(
+        &mut rx,
+        &mut served,
+        &["Service default/a", "Service default/c"],
+    )
+    .await;
     fs::write(sub.join("d.yaml"), service("d", 1)).unwrap();
     wait_for(
         &mut rx,
+        &mut served,
         &[
             "Service default/a",
             "Service default/c",
@@ -857,4 +914,93 @@ async fn run_sends_a_new_reset_when_files_change() {
         .await
         .unwrap()
         .unwrap();
+}
+
+/// The objects of the updates, by name, with their first port.
+fn upserts(r: &Reloaded) -> Vec<(String, u16)> {
+    let mut v: Vec<(String, u16)> = r
+        .updates
+        .iter()
+        .filter_map(|u| match u {
+            Update::Upsert(o) => Some((
+                names(std::slice::from_ref(&**o)).remove(0),
+                port_of(std::slice::from_ref(&**o), 0),
+            )),
+            _ => None,
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn deletes(r: &Reloaded) -> Vec<String> {
+    r.updates
+        .iter()
+        .filter_map(|u| match u {
+            Update::Delete(kind, key) => Some(convert::describe(*kind, key)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A reload reads and parses only the files that changed and hands out only
+/// the objects whose first definition changed: an edit among many files
+/// costs that file, not all of them.
+#[test]
+fn a_reload_parses_changed_files_and_sends_changed_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        dir.path().join("a.yaml"),
+        dir.path().join("b.yaml"),
+        dir.path().join("c.yaml"),
+    );
+    fs::write(&a, service("a", 80)).unwrap();
+    fs::write(
+        &b,
+        format!("{}---\n{}", service("b", 81), service("b2", 82)),
+    )
+    .unwrap();
+    let mut src = FileSource::new(vec![dir.path().to_path_buf()], Limits::default());
+    let r = src.reload_changes();
+    assert_eq!(r.parsed, 2);
+    assert_eq!(upserts(&r).len(), 3);
+
+    // Written within the last second, the files are read again once (their
+    // stamps are too recent to trust); older than that, not at all.
+    std::thread::sleep(Duration::from_millis(1100));
+    let r = src.reload_changes();
+    assert_eq!((r.parsed, r.updates.len()), (2, 0));
+    let r = src.reload_changes();
+    assert_eq!((r.parsed, r.updates.len()), (0, 0));
+
+    // One object of one file changed: that file parsed, that object sent.
+    fs::write(
+        &b,
+        format!("{}---\n{}", service("b", 81), service("b2", 83)),
+    )
+    .unwrap();
+    let r = src.reload_changes();
+    assert_eq!(r.parsed, 1);
+    assert_eq!(upserts(&r), vec![("Service default/b2".to_string(), 83)]);
+
+    // A later file defines b again: reported, and b stays the first one.
+    fs::write(&c, service("b", 90)).unwrap();
+    let r = src.reload_changes();
+    assert!(r.updates.is_empty(), "{:?}", r.updates);
+    assert!(
+        matches!(r.errors.as_slice(), [ManifestError::Duplicate { .. }]),
+        "{:?}",
+        messages(&r.errors)
+    );
+
+    // The first definition's file goes: b2 goes, and the next b takes over.
+    fs::remove_file(&b).unwrap();
+    let r = src.reload_changes();
+    assert_eq!(deletes(&r), vec!["Service default/b2"]);
+    assert_eq!(upserts(&r), vec![("Service default/b".to_string(), 90)]);
+    assert!(r.errors.is_empty(), "{:?}", messages(&r.errors));
+    assert_eq!(
+        names(&src.objects()),
+        vec!["Service default/a", "Service default/b"]
+    );
 }

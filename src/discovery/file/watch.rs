@@ -12,9 +12,9 @@ use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, Notify};
 use tracing::{info, warn};
 
+use super::reload::Reloaded;
 use super::FileSource;
 use crate::discovery::{Batch, Update};
-use crate::model::Object;
 
 /// How long the watcher waits for a burst of file events to end before reloading.
 const DEBOUNCE: Duration = Duration::from_millis(100);
@@ -70,7 +70,9 @@ impl FileSource {
         let mut watch_warned: HashSet<PathBuf> = HashSet::new();
 
         let mut source = self;
-        let mut last_sent: Option<Vec<Object>> = None;
+        // Nothing sent yet: the first load goes as the whole set (a Reset),
+        // every later one as the objects it changed.
+        let mut started = false;
         let mut last_errors: Vec<String> = Vec::new();
         let mut forced = true;
         // When the change that led to this reload was noticed; none at start.
@@ -91,10 +93,17 @@ impl FileSource {
                 watcher = Some(w);
             }
             let job = tokio::task::spawn_blocking(move || {
-                let (objects, errors) = source.reload();
-                (source, objects, errors)
+                let r = source.reload_changes();
+                (source, r)
             });
-            let (s, objects, errors) = match job.await {
+            let (
+                s,
+                Reloaded {
+                    updates,
+                    errors,
+                    parsed,
+                },
+            ) = match job.await {
                 Ok(r) => r,
                 Err(e) => {
                     warn!(error = %e, "manifest reload failed; file source stopped");
@@ -114,21 +123,28 @@ impl FileSource {
             }
             last_errors = rendered;
 
-            if last_sent.as_ref() != Some(&objects) {
+            if !started || !updates.is_empty() {
                 info!(
-                    objects = objects.len(),
+                    objects = source.len(),
+                    changed = updates.len(),
+                    files_parsed = parsed,
                     errors = last_errors.len(),
                     "manifests loaded"
                 );
+                let updates = if started {
+                    updates
+                } else {
+                    vec![Update::Reset(source.objects())]
+                };
                 let batch = Batch {
-                    updates: vec![Update::Reset(objects.clone())],
+                    updates,
                     queued: SystemTime::now(),
                     triggers: noticed.into_iter().collect(),
                 };
                 if tx.send(batch).await.is_err() {
                     return;
                 }
-                last_sent = Some(objects);
+                started = true;
             }
 
             let (f, at) = tokio::select! {
