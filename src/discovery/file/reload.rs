@@ -72,11 +72,12 @@ impl Stamp {
         }
     }
 
-    /// Whether the file may still be written within the same clock tick
-    /// as `reload` (the file system's clock is coarse): such a stamp proves
-    /// nothing and the file is read again next time (as git does).
-    fn racy(&self, reload: SystemTime) -> bool {
-        let since = reload
+    /// Whether the file may have been written again within the same clock
+    /// tick as it was stamped at `at` (the file system's clock is coarse):
+    /// such a stamp proves nothing and the file is read again next time (as
+    /// git does).
+    fn racy(&self, at: SystemTime) -> bool {
+        let since = at
             .checked_sub(RACY)
             .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
             .unwrap_or_default();
@@ -212,7 +213,6 @@ impl FileSource {
     /// Loads what changed since the last reload (see [`FileSource::reload`])
     /// and says which objects it changed.
     pub fn reload_changes(&mut self) -> Reloaded {
-        let now = SystemTime::now();
         let listing = list_files(&self.paths);
         let mut errors = listing.errors;
         let mut previous = std::mem::take(&mut self.files);
@@ -222,6 +222,7 @@ impl FileSource {
         let mut changed: Vec<(PathBuf, Vec<Id>)> = Vec::new();
         let mut parsed = 0;
         for path in listing.files {
+            let stamped_at = SystemTime::now();
             let stamp = std::fs::metadata(&path).map(|m| Stamp::of(&m));
             if let (Ok(s), Some(old)) = (&stamp, previous.get(&path)) {
                 if old.stamp == Some(*s) {
@@ -242,7 +243,7 @@ impl FileSource {
                     let old_ids = old.as_ref().map(ids_of).unwrap_or_default();
                     let entry = if errs.is_empty() {
                         FileEntry {
-                            stamp: (!stamp.racy(now)).then_some(stamp),
+                            stamp: (!stamp.racy(stamped_at)).then_some(stamp),
                             good: objects,
                         }
                     } else {

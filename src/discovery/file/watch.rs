@@ -173,17 +173,16 @@ fn is_change(kind: &EventKind) -> bool {
     }
 }
 
-/// Waits until no event arrived for [`DEBOUNCE`] (at most [`DEBOUNCE_MAX`]).
+/// Waits until no event arrived for [`DEBOUNCE`] (at most [`DEBOUNCE_MAX`]
+/// in all): an editor's or a tool's burst of events (write to a temporary
+/// file, rename) is one reload, [`DEBOUNCE`] after its last event.
 async fn debounce(rx: &mut mpsc::Receiver<()>) {
     let deadline = tokio::time::Instant::now() + DEBOUNCE_MAX;
     loop {
-        tokio::time::sleep(DEBOUNCE).await;
-        let mut more = false;
-        while rx.try_recv().is_ok() {
-            more = true;
-        }
-        if !more || tokio::time::Instant::now() >= deadline {
-            return;
+        let quiet = (tokio::time::Instant::now() + DEBOUNCE).min(deadline);
+        match tokio::time::timeout_at(quiet, rx.recv()).await {
+            Ok(Some(())) if tokio::time::Instant::now() < deadline => {}
+            _ => return,
         }
     }
 }
@@ -219,5 +218,41 @@ fn parent_dir(p: &Path) -> PathBuf {
     match p.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reload follows the last event of a burst by [`DEBOUNCE`], not by
+    /// whole rounds of it: an event 5 ms into the wait ends it at 105 ms.
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_is_debounced_from_its_last_event() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let start = tokio::time::Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let _ = tx.send(()).await;
+            // Kept open: a closed channel would end the wait.
+            std::future::pending::<()>().await;
+        });
+        debounce(&mut rx).await;
+        assert_eq!(start.elapsed(), Duration::from_millis(105));
+    }
+
+    /// Events that never stop still give a reload after [`DEBOUNCE_MAX`].
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_of_events_is_cut_at_the_longest_wait() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let start = tokio::time::Instant::now();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = tx.send(()).await;
+            }
+        });
+        debounce(&mut rx).await;
+        assert_eq!(start.elapsed(), DEBOUNCE_MAX);
     }
 }
