@@ -236,6 +236,17 @@ impl<'a> Compiler<'a> {
         }
     }
 
+    /// What the Service just compiled contributes, its lists cut to their
+    /// length: they are kept in the cache until the Service changes, and a
+    /// first push reserves four places (one frontend and one port are the
+    /// common case).
+    fn take_out(&mut self) -> ServiceOut {
+        let mut out = std::mem::take(&mut self.out);
+        out.frontends.shrink_to_fit();
+        out.leases.shrink_to_fit();
+        out
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn add(
         &mut self,
@@ -625,7 +636,7 @@ impl Store {
                         &mut cache.warned,
                         &self.checked,
                     );
-                    let out = Arc::new(std::mem::take(&mut c.out));
+                    let out = Arc::new(c.take_out());
                     cache.services.insert(svc.key.clone(), out.clone());
                     out
                 }
@@ -707,7 +718,7 @@ impl Store {
                 &mut cache.warned,
                 &self.checked,
             );
-            let out = Arc::new(std::mem::take(&mut c.out));
+            let out = Arc::new(c.take_out());
             cache.services.insert(k.clone(), out.clone());
             for (key, fe, listener) in &out.frontends {
                 if frontends.insert(*key, fe.clone()).is_some() {
