@@ -155,6 +155,8 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
         });
     }
 
+    // Kept as long as the slice: the length, not a first push's four.
+    ports.shrink_to_fit();
     let value = EndpointSlice {
         key: key.clone(),
         service_name,
