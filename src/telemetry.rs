@@ -675,7 +675,20 @@ impl Metrics {
     /// [`EndpointsLease`]). Call at snapshot compile, not per connection (it
     /// takes a lock).
     pub fn endpoints(&self, port: &PortLabels, endpoints: &[SocketAddr]) -> EndpointsLease {
-        self.endpoints.lease(port, endpoints, SystemTime::now())
+        let port = Arc::new(port.clone());
+        self.endpoints.lease(&port, endpoints, SystemTime::now())
+    }
+
+    /// [`Metrics::port`] and [`Metrics::endpoints`] at once, the lease
+    /// sharing the port's labels with its series (one copy per port).
+    pub fn port_endpoints(
+        &self,
+        port: &PortLabels,
+        endpoints: &[SocketAddr],
+    ) -> (Arc<PortMetrics>, EndpointsLease) {
+        let (labels, handles) = self.ports.shared(port);
+        let lease = self.endpoints.lease(&labels, endpoints, SystemTime::now());
+        (handles, lease)
     }
 
     /// Exposes the access log's dropped-records counter (created with the

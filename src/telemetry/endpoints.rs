@@ -22,13 +22,17 @@
 //! scrape), not a label set per series. An endpoint's handles are plain
 //! atomics in one allocation (with its address), read at scrape: at a
 //! million endpoints, a million allocations of ~140 bytes rather than
-//! fourteen million. The data path holds `Arc<EndpointMetrics>`
+//! fourteen million. A port's endpoints with series are a sorted list of
+//! those handles, each counting its leases itself, under the port's labels
+//! shared with the lease and the port's own series (one copy per port): a
+//! map per port of address to count and handle was ~80 bytes per endpoint
+//! and each lease kept its own copy of the labels. The data path holds `Arc<EndpointMetrics>`
 //! only (never a lease): a connection still open on an endpoint that left
 //! goes on counting into handles no longer exported.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -39,7 +43,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 
 use super::{
-    counter_family, family, unix_seconds, ConnectFailure, Level, PortLabels, Traffic,
+    counter_family, family, unix_seconds, ConnectFailure, PortLabels, Traffic,
     ENDPOINT_BYTES_TOTAL, ENDPOINT_CHECK_UP, ENDPOINT_CONNECTIONS_ACTIVE,
     ENDPOINT_CONNECTIONS_TOTAL, ENDPOINT_CONNECT_FAILURES_TOTAL, ENDPOINT_HEALTHY,
     ENDPOINT_HEALTH_LAST_CHANGE_TIMESTAMP_SECONDS,
@@ -90,11 +94,15 @@ pub struct EndpointMetrics {
     addr: SocketAddr,
     /// Connections (and UDP flows), bytes and connect failures.
     pub traffic: Traffic,
-    healthy: Level,
+    /// 1 usable, 0 not (see [`EndpointMetrics::healthy`]).
+    healthy: AtomicI32,
+    /// Active health check: 1 up, 0 down, -1 when the Service has none.
+    check: AtomicI32,
     /// Unix time of the last health change, in seconds (`f64` bits).
     changed: AtomicU64,
-    /// Active health check: 1 up, 0 down, -1 when the Service has none.
-    check: Level,
+    /// Leases on these series (changed only under the registry's lock):
+    /// exported while above zero.
+    leases: AtomicU32,
 }
 
 impl EndpointMetrics {
@@ -103,12 +111,11 @@ impl EndpointMetrics {
         let m = EndpointMetrics {
             addr,
             traffic: Traffic::default(),
-            healthy: Level::default(),
+            healthy: AtomicI32::new(1),
+            check: AtomicI32::new(-1),
             changed: AtomicU64::default(),
-            check: Level::default(),
+            leases: AtomicU32::new(0),
         };
-        m.healthy.set(1);
-        m.check.set(-1);
         m.set_changed(now);
         m
     }
@@ -122,6 +129,11 @@ impl EndpointMetrics {
         self.changed.store(unix_seconds(now).to_bits(), Relaxed);
     }
 
+    /// The endpoint (`IP:port`).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// Unix time of the last health change (or of the first appearance), in seconds.
     pub fn changed(&self) -> f64 {
         f64::from_bits(self.changed.load(Relaxed))
@@ -131,8 +143,8 @@ impl EndpointMetrics {
     /// backs it off) until a connect succeeds again.
     pub fn connect_failed(&self, reason: ConnectFailure, now: SystemTime) {
         self.traffic.connect_failure(reason);
-        if self.healthy.get() != 0 {
-            self.healthy.set(0);
+        if self.healthy.load(Relaxed) != 0 {
+            self.healthy.store(0, Relaxed);
             self.set_changed(now);
         }
     }
@@ -141,8 +153,8 @@ impl EndpointMetrics {
     /// One atomic load when nothing changes.
     #[inline]
     pub fn connect_succeeded(&self) {
-        if self.healthy.get() == 0 && self.check.get() != 0 {
-            self.healthy.set(1);
+        if self.healthy.load(Relaxed) == 0 && self.check.load(Relaxed) != 0 {
+            self.healthy.store(1, Relaxed);
             self.set_changed(SystemTime::now());
         }
     }
@@ -150,7 +162,7 @@ impl EndpointMetrics {
     /// 1 when usable, 0 after a failed connect (until one succeeds) or
     /// while the active health check finds it down.
     pub fn healthy(&self) -> i64 {
-        self.healthy.get()
+        i64::from(self.healthy.load(Relaxed))
     }
 
     /// The active health check's verdict (`None`: the Service has none),
@@ -161,31 +173,31 @@ impl EndpointMetrics {
             Some(true) => 1,
             Some(false) => 0,
         };
-        if self.check.get() == v {
+        if self.check.load(Relaxed) == v {
             return;
         }
-        self.check.set(v);
-        let healthy = i64::from(up != Some(false));
-        if self.healthy.get() != healthy {
-            self.healthy.set(healthy);
+        self.check.store(v, Relaxed);
+        let healthy = i32::from(up != Some(false));
+        if self.healthy.load(Relaxed) != healthy {
+            self.healthy.store(healthy, Relaxed);
             self.set_changed(now);
         }
     }
 
     /// The active health check's verdict: 1 up, 0 down, -1 none.
     pub fn check(&self) -> i64 {
-        self.check.get()
+        i64::from(self.check.load(Relaxed))
     }
 }
 
-/// The endpoints of one Service port with series now: their handles and
-/// the number of leases on each.
-type PortLive = HashMap<SocketAddr, (usize, Arc<EndpointMetrics>)>;
+/// The endpoints of one Service port with series now, sorted by address
+/// (each counts its own leases).
+type PortLive = Vec<Arc<EndpointMetrics>>;
 
 /// Every Service port with an endpoint that has series now. Keyed by port
 /// first, so a lease on a port's endpoints hashes the port's labels once,
-/// then only addresses.
-type Live = HashMap<PortLabels, PortLive>;
+/// then searches addresses.
+type Live = HashMap<Arc<PortLabels>, PortLive>;
 
 /// The endpoints with series now, with the number of leases on each.
 #[derive(Debug, Default)]
@@ -201,33 +213,52 @@ impl Endpoints {
     }
 
     /// Takes a lease on the series of each of `endpoints` of `port` (one
-    /// lock, one hash of the port's labels), creating those no lease holds
-    /// (healthy, counters at zero, last change `now`).
+    /// lock, one hash of the port's labels, then a search per endpoint),
+    /// creating those no lease holds (healthy, counters at zero, last
+    /// change `now`). The lease keeps `port`, or the labels already held
+    /// for it: one copy per port.
     pub(super) fn lease(
         self: &Arc<Self>,
-        port: &PortLabels,
+        port: &Arc<PortLabels>,
         endpoints: &[SocketAddr],
         now: SystemTime,
     ) -> EndpointsLease {
         let mut live = self.lock();
-        let held = match live.get_mut(port) {
-            Some(held) => held,
-            None => live.entry(port.clone()).or_default(),
+        let key = match live.get_key_value(&**port) {
+            Some((k, _)) => k.clone(),
+            None => port.clone(),
         };
+        let held = live.entry(key.clone()).or_default();
+        let find = |held: &PortLive, ep: &SocketAddr| held.binary_search_by(|m| m.addr.cmp(ep));
+        // Those not held yet join the sorted list first, once each.
+        let mut missing: Vec<SocketAddr> = endpoints
+            .iter()
+            .filter(|ep| find(held, ep).is_err())
+            .copied()
+            .collect();
+        if !missing.is_empty() {
+            missing.sort_unstable();
+            missing.dedup();
+            held.extend(
+                missing
+                    .iter()
+                    .map(|ep| Arc::new(EndpointMetrics::new(*ep, now))),
+            );
+            held.sort_unstable_by_key(|m| m.addr);
+            held.shrink_to_fit();
+        }
         let metrics = endpoints
             .iter()
-            .map(|ep| {
-                let (n, m) = held
-                    .entry(*ep)
-                    .or_insert_with(|| (0, Arc::new(EndpointMetrics::new(*ep, now))));
-                *n += 1;
-                m.clone()
+            .filter_map(|ep| {
+                let m = held.get(find(held, ep).ok()?)?;
+                m.leases.fetch_add(1, Relaxed);
+                Some(m.clone())
             })
             .collect();
         drop(live);
         EndpointsLease {
             endpoints: self.clone(),
-            port: port.clone(),
+            port: key,
             metrics,
         }
     }
@@ -237,13 +268,12 @@ impl Endpoints {
         let Some(held) = live.get_mut(port) else {
             return;
         };
-        for ep in endpoints.iter().map(|m| &m.addr) {
-            if let Some((n, _)) = held.get_mut(ep) {
-                *n -= 1;
-                if *n == 0 {
-                    held.remove(ep);
-                }
-            }
+        let mut gone = false;
+        for m in endpoints {
+            gone |= m.leases.fetch_sub(1, Relaxed) == 1;
+        }
+        if gone {
+            held.retain(|m| m.leases.load(Relaxed) > 0);
         }
         if held.is_empty() {
             live.remove(port);
@@ -253,7 +283,7 @@ impl Endpoints {
     /// (port, endpoint) pairs with series now.
     #[cfg(test)]
     pub(super) fn live(&self) -> usize {
-        self.lock().values().map(HashMap::len).sum()
+        self.lock().values().map(Vec::len).sum()
     }
 }
 
@@ -263,9 +293,9 @@ impl Collector for Endpoints {
         let scraped: Vec<Scraped<'_>> = live
             .iter()
             .flat_map(|(port, held)| {
-                held.iter().map(move |(ep, (_, m))| Scraped {
+                held.iter().map(move |m| Scraped {
                     port,
-                    endpoint: ep.to_string(),
+                    endpoint: m.addr.to_string(),
                     metrics: m,
                 })
             })
@@ -333,15 +363,15 @@ impl Collector for Endpoints {
             "1 when the active health check (ringvip.io/health-check) finds the endpoint up, 0 when down; only for Services with one",
             MetricType::Gauge,
             all()
-                .filter(|(_, m)| m.check.get() >= 0)
-                .map(|(ep, m)| (Labels::of(ep), ConstGauge::new(m.check.get()))),
+                .filter(|(_, m)| m.check() >= 0)
+                .map(|(ep, m)| (Labels::of(ep), ConstGauge::new(m.check()))),
         )?;
         family(
             e,
             ENDPOINT_HEALTHY,
             "1 when the endpoint is usable, 0 after a failed connect (passive health) until one succeeds, or while its active health check finds it down",
             MetricType::Gauge,
-            all().map(|(ep, m)| (Labels::of(ep), ConstGauge::new(m.healthy.get()))),
+            all().map(|(ep, m)| (Labels::of(ep), ConstGauge::new(m.healthy()))),
         )?;
         family(
             e,
@@ -358,7 +388,7 @@ impl Collector for Endpoints {
 #[derive(Debug)]
 pub struct EndpointsLease {
     endpoints: Arc<Endpoints>,
-    port: PortLabels,
+    port: Arc<PortLabels>,
     /// The endpoints' handles, each with its address.
     metrics: Box<[Arc<EndpointMetrics>]>,
 }

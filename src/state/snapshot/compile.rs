@@ -415,7 +415,7 @@ impl<'a> Compiler<'a> {
             // Every endpoint listed for the port has series, usable or not.
             // Both lists are sorted and every v4 address sorts first.
             let addrs: Vec<SocketAddr> = v4.iter().chain(&v6).map(|c| c.addr).collect();
-            let lease = self.metrics.endpoints(&labels, &addrs);
+            let (port_metrics, lease) = self.metrics.port_endpoints(&labels, &addrs);
             let now = std::time::SystemTime::now();
             for (a, m) in addrs.iter().zip(lease.metrics()) {
                 m.set_check(checks.then(|| !down(*a)), now);
@@ -452,7 +452,7 @@ impl<'a> Compiler<'a> {
                 }
             }
             let pm = PortHandles {
-                port: self.metrics.port(&labels),
+                port: port_metrics,
                 addrs,
                 lease,
             };
