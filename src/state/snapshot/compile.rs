@@ -140,6 +140,10 @@ struct Compiler<'a> {
     /// list: the port's frontends with the same set share one.
     maglev: HashMap<Box<[SocketAddr]>, Arc<Maglev>>,
     local: BTreeSet<IpAddr>,
+    /// The zone and node name the candidates of this compile share.
+    names: Option<(Option<Arc<str>>, Arc<str>)>,
+    /// The candidates of a family without endpoints, shared.
+    empty: Option<Arc<PortCandidates>>,
     /// What the Service being compiled contributes.
     out: ServiceOut,
 }
@@ -232,6 +236,8 @@ impl<'a> Compiler<'a> {
             now,
             maglev: HashMap::new(),
             local: ctx.local_addresses.iter().copied().collect(),
+            names: None,
+            empty: None,
             out: ServiceOut::default(),
         }
     }
@@ -339,6 +345,32 @@ impl<'a> Compiler<'a> {
         self.out.frontends.push((key, Arc::new(fe), listener));
     }
 
+    /// The candidates of one family of a Service port, with their handles
+    /// (see [`PortCandidates`]); the node's name and zone are shared by every
+    /// port, and so is the empty set (one family of most ports).
+    fn candidates(
+        &mut self,
+        c: Vec<Candidate<SocketAddr>>,
+        metrics: &[Arc<EndpointMetrics>],
+        zone: Option<&str>,
+    ) -> Arc<PortCandidates> {
+        if self.names.as_ref().map(|n| n.0.as_deref()) != Some(zone) {
+            self.names = Some((zone.map(Arc::from), Arc::from(self.ctx.node_name.as_str())));
+            self.empty = None;
+        }
+        let (zone, node) = match &self.names {
+            Some((z, n)) => (z.clone(), n.clone()),
+            None => (None, Arc::from(self.ctx.node_name.as_str())),
+        };
+        if c.is_empty() {
+            return self
+                .empty
+                .get_or_insert_with(|| Arc::new(PortCandidates::new(c, metrics, zone, node)))
+                .clone();
+        }
+        Arc::new(PortCandidates::new(c, metrics, zone, node))
+    }
+
     /// The balancer of a frontend over `endpoints`.
     fn balancer(&mut self, balance: Balance, endpoints: &[SocketAddr]) -> Balancer {
         match balance {
@@ -395,13 +427,6 @@ impl<'a> Compiler<'a> {
             for c in v4.iter().chain(&v6).filter(|c| c.local && c.ready) {
                 local_ready.insert(c.addr.ip());
             }
-            let all = |c: Vec<Candidate<SocketAddr>>| {
-                Arc::new(PortCandidates {
-                    endpoints: c.into(),
-                    zone: zone.map(str::to_string),
-                    node: self.ctx.node_name.clone(),
-                })
-            };
             let labels = PortLabels {
                 namespace: svc.key.namespace.clone(),
                 service: svc.key.name.clone(),
@@ -420,11 +445,15 @@ impl<'a> Compiler<'a> {
             for (a, m) in addrs.iter().zip(lease.metrics()) {
                 m.set_check(checks.then(|| !down(*a)), now);
             }
+            let (m4, m6) = lease
+                .metrics()
+                .split_at(v4.len().min(lease.metrics().len()));
+            let (u4, u6) = (categorize(&v4, place), categorize(&v6, place));
             let mut eps = PortEndpoints {
-                v4: categorize(&v4, place),
-                v6: categorize(&v6, place),
-                all_v4: all(v4),
-                all_v6: all(v6),
+                v4: u4,
+                v6: u6,
+                all_v4: self.candidates(v4, m4, zone),
+                all_v6: self.candidates(v6, m6, zone),
                 warmup: Default::default(),
             };
             if let Some(window) = svc.options.slow_start {
