@@ -167,9 +167,7 @@ fn endpoint(v6: bool) -> impl Strategy<Value = Endpoint> {
                 terminating,
                 node_name: node.map(Into::into),
                 zone: None,
-                zone_hints: hints,
-                node_hints: None,
-                hostname: None,
+                extra: crate::model::EndpointExtra::boxed(hints, None, None),
             },
         )
 }

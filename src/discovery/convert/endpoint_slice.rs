@@ -149,9 +149,11 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
                 .as_deref()
                 .filter(|s| !s.is_empty())
                 .map(crate::model::intern),
-            zone_hints,
-            node_hints,
-            hostname: ep.hostname.clone().filter(|s| !s.is_empty()),
+            extra: crate::model::EndpointExtra::boxed(
+                zone_hints,
+                node_hints,
+                ep.hostname.clone().filter(|s| !s.is_empty()),
+            ),
         });
     }
 

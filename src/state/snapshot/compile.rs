@@ -109,8 +109,8 @@ fn merge(
                 serving: ep.serving && up,
                 terminating: ep.terminating,
                 local: ep.node_name.as_deref() == Some(node_name),
-                zone_hints: ep.zone_hints.clone(),
-                node_hints: ep.node_hints.clone(),
+                zone_hints: ep.zone_hints().cloned(),
+                node_hints: ep.node_hints().cloned(),
             };
             match index.get(&c.addr).and_then(|&i| out.get_mut(i)) {
                 Some(seen) => {
