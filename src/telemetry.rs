@@ -486,9 +486,6 @@ pub struct Metrics {
     ports: Arc<ports::Ports>,
     frontend_active: Family<FrontendLabels, Gauge>,
     endpoints: Arc<endpoints::Endpoints>,
-    /// Per-frontend counters (`ringvip status` rows), not exported: the same
-    /// atomics for a frontend in every snapshot.
-    frontend_traffic: Mutex<HashMap<FrontendLabels, Arc<Traffic>>>,
     /// Handles of each frontend (see [`Metrics::frontend`]).
     frontends: Mutex<HashMap<(SocketAddr, &'static str), FrontendHandles>>,
 }
@@ -498,7 +495,7 @@ pub struct Metrics {
 pub struct FrontendHandles {
     /// TCP connections admitted (see [`Metrics::frontend_active`]).
     pub admitted: Gauge,
-    /// What it carried (see [`Metrics::frontend_traffic`]).
+    /// What it carried (the same atomics in every snapshot; not exported).
     pub traffic: Arc<Traffic>,
 }
 
@@ -615,7 +612,6 @@ impl Metrics {
                 r.register_collector(Box::new(e.clone()));
                 e
             },
-            frontend_traffic: Mutex::new(HashMap::new()),
             frontends: Mutex::new(HashMap::new()),
             registry,
         };
@@ -635,20 +631,11 @@ impl Metrics {
         self.frontend_active.get_or_create_owned(labels)
     }
 
-    /// The counters of one frontend (same labels, same atomics across
-    /// snapshots). Call at snapshot compile.
-    pub fn frontend_traffic(&self, labels: &FrontendLabels) -> Arc<Traffic> {
-        let mut map = self
-            .frontend_traffic
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        map.entry(labels.clone()).or_default().clone()
-    }
-
     /// [`Metrics::frontend_active`] (TCP only; a detached gauge otherwise)
-    /// and [`Metrics::frontend_traffic`] of the frontend `addr`/`protocol`,
-    /// kept by address: a compile formats and hashes the labels of a
-    /// frontend once in the process, not at every compile.
+    /// and the counters of the frontend `addr`/`protocol` (not exported:
+    /// `ringvip status` rows), kept by address: the same atomics in every
+    /// snapshot, and a compile formats and hashes the labels of a frontend
+    /// once in the process, not at every compile.
     pub fn frontend(&self, addr: SocketAddr, protocol: &'static str) -> FrontendHandles {
         let mut map = self.frontends.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(h) = map.get(&(addr, protocol)) {
@@ -664,7 +651,7 @@ impl Metrics {
             } else {
                 Gauge::default()
             },
-            traffic: self.frontend_traffic(&labels),
+            traffic: Arc::default(),
         };
         map.insert((addr, protocol), h.clone());
         h
@@ -1206,18 +1193,12 @@ mod tests {
     #[test]
     fn frontend_traffic_is_kept_across_calls() {
         let m = Metrics::new();
-        let fe = FrontendLabels {
-            address: "192.0.2.1:30080".into(),
-            protocol: "TCP".into(),
-        };
-        m.frontend_traffic(&fe).connections_total.inc();
-        m.frontend_traffic(&fe).connections_total.inc();
-        assert_eq!(m.frontend_traffic(&fe).connections_total.get(), 2);
-        let other = FrontendLabels {
-            address: "192.0.2.2:30080".into(),
-            protocol: "TCP".into(),
-        };
-        assert_eq!(m.frontend_traffic(&other).connections_total.get(), 0);
+        // UDP: no admitted-connections gauge, which would export the address.
+        let fe = |a: &str| m.frontend(a.parse().unwrap(), "UDP").traffic;
+        fe("192.0.2.1:30080").connections_total.inc();
+        fe("192.0.2.1:30080").connections_total.inc();
+        assert_eq!(fe("192.0.2.1:30080").connections_total.get(), 2);
+        assert_eq!(fe("192.0.2.2:30080").connections_total.get(), 0);
         // Not exported: status rows only.
         assert!(!m.encode().contains("192.0.2.1:30080"));
     }
