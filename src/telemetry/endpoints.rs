@@ -426,12 +426,18 @@ pub struct EndpointsLease {
     endpoints: Arc<Endpoints>,
     port: Arc<PortLabels>,
     /// The endpoints' handles, each with its address.
-    metrics: Box<[Arc<EndpointMetrics>]>,
+    metrics: Arc<[Arc<EndpointMetrics>]>,
 }
 
 impl EndpointsLease {
     /// The handles of each endpoint, in the order they were leased.
     pub fn metrics(&self) -> &[Arc<EndpointMetrics>] {
+        &self.metrics
+    }
+
+    /// The same handles, to share (a frontend whose usable endpoints are
+    /// all the leased ones keeps this list rather than a copy).
+    pub fn shared(&self) -> &Arc<[Arc<EndpointMetrics>]> {
         &self.metrics
     }
 }

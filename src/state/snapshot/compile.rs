@@ -155,7 +155,8 @@ struct Compiler<'a> {
 struct ServiceOut {
     /// Frontends in creation order, each with its kernel listener if any.
     frontends: Vec<(FrontendKey, Arc<Frontend>, Option<ListenerSpec>)>,
-    health_check: Option<HealthCheck>,
+    /// Boxed: few Services have one, and this is kept per Service.
+    health_check: Option<Box<HealthCheck>>,
     no_local_internal: usize,
     no_local_external: usize,
     skipped_ports: usize,
@@ -284,15 +285,23 @@ impl<'a> Compiler<'a> {
             addr,
             proto: sp.protocol,
         };
-        let endpoint_metrics = endpoints
-            .iter()
-            .map(|a| {
-                handles
-                    .endpoint(a)
-                    .cloned()
-                    .unwrap_or_else(|| EndpointMetrics::detached(*a))
-            })
-            .collect();
+        // Every endpoint leased usable here (one family, no policy or
+        // condition left one out: the common case): the same sorted list,
+        // so the lease's handles are shared, not copied.
+        let leased = handles.lease.shared();
+        let endpoint_metrics = if leased.len() == endpoints.len() {
+            leased.clone()
+        } else {
+            endpoints
+                .iter()
+                .map(|a| {
+                    handles
+                        .endpoint(a)
+                        .cloned()
+                        .unwrap_or_else(|| EndpointMetrics::detached(*a))
+                })
+                .collect()
+        };
         let fh = self.metrics.frontend(addr, sp.protocol.as_str());
         let fe = Frontend {
             service: svc.key.clone(),
@@ -545,11 +554,11 @@ impl<'a> Compiler<'a> {
         if let (Some(port), TrafficPolicy::Local) =
             (svc.health_check_node_port, svc.external_policy)
         {
-            self.out.health_check = Some(HealthCheck {
+            self.out.health_check = Some(Box::new(HealthCheck {
                 port,
                 service: svc.key.clone(),
                 local_endpoints: local_ready.len(),
-            });
+            }));
         }
     }
 }
@@ -721,7 +730,7 @@ impl Store {
                 }
             }
             if let Some(h) = &old.health_check {
-                health_checks.retain(|x| x != h);
+                health_checks.retain(|x| x != &**h);
             }
             no_local_internal = no_local_internal.saturating_sub(old.no_local_internal);
             no_local_external = no_local_external.saturating_sub(old.no_local_external);
@@ -759,7 +768,7 @@ impl Store {
                 if health_checks.iter().any(|x| x.port == h.port) {
                     return None;
                 }
-                health_checks.push(h.clone());
+                health_checks.push((**h).clone());
             }
             no_local_internal += out.no_local_internal;
             no_local_external += out.no_local_external;
@@ -825,7 +834,8 @@ fn assemble(
             listeners.push(l.clone());
         }
     }
-    snap.health_checks.extend(out.health_check.clone());
+    snap.health_checks
+        .extend(out.health_check.as_deref().cloned());
     snap.no_local_internal += out.no_local_internal;
     snap.no_local_external += out.no_local_external;
     snap.skipped_ports += out.skipped_ports;

@@ -113,7 +113,7 @@ pub struct Frontend {
     /// snapshot): the counters of its `ringvip status` row.
     pub traffic: Arc<Traffic>,
     /// Metric handles of each of `endpoints`, at the same index.
-    pub endpoint_metrics: Box<[Arc<EndpointMetrics>]>,
+    pub endpoint_metrics: Arc<[Arc<EndpointMetrics>]>,
     /// How a new flow chooses among `endpoints` (`ringvip.io/balance`).
     pub balancer: Balancer,
     /// Slow start (`ringvip.io/slow-start-seconds`): when each of
