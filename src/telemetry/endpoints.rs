@@ -452,6 +452,13 @@ impl Drop for EndpointsLease {
 mod tests {
     use super::*;
 
+    /// A million of these at 100,000 Services × 10 endpoints: plain
+    /// atomics and a compact address, no `SocketAddr`.
+    #[test]
+    fn endpoint_handles_are_120_bytes() {
+        assert!(std::mem::size_of::<EndpointMetrics>() <= 120);
+    }
+
     /// The compact address gives back the address it was made of, IPv4,
     /// IPv6 and an IPv4-mapped IPv6 address alike.
     #[test]
