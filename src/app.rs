@@ -230,20 +230,6 @@ fn prepare_process() {
     }
 }
 
-/// Hands the heap's free pages back to the kernel after a full compile (a
-/// reset: the first list, a relist, a reload): the objects, compiled
-/// Services and series it replaced, and the compile's own working memory,
-/// were freed among what is kept, and glibc keeps such pages in the
-/// process. Rare, and small beside a full compile's cost.
-fn release_free_memory() {
-    // SAFETY: malloc_trim takes no pointer; it walks the allocator's own
-    // lists and is safe from any thread at any time.
-    #[cfg(target_env = "gnu")]
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// Creates the TUN device and routes every service CIDR into it. The device
 /// (and with it its routes) disappears when the process exits, however it exits.
 fn open_tun(
@@ -713,9 +699,6 @@ async fn control(
                 metrics.set_last_sync(now);
                 health.set_node_deleting(store.node(&ctx.node_name).is_some_and(|n| n.deleting));
                 health.applied(now);
-                if changed.all {
-                    release_free_memory();
-                }
                 // Logged last, once the data plane follows the snapshot and
                 // health and metrics say so: a client that connects after
                 // this line sees exactly this snapshot's listeners.
