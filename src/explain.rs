@@ -356,7 +356,7 @@ fn frontend_explained(fe: &Frontend) -> FrontendExplained {
         }
         .into(),
         policy: policy_name(fe.policy).into(),
-        zone: fe.candidates.zone.clone(),
+        zone: fe.candidates.zone().map(str::to_string),
         affinity_timeout_secs: fe.affinity.map(|t| t.as_secs()),
         source_ranges: fe.source_ranges.iter().map(ToString::to_string).collect(),
         when_empty: when_empty_name(fe).into(),
@@ -364,7 +364,7 @@ fn frontend_explained(fe: &Frontend) -> FrontendExplained {
 }
 
 fn endpoints_explained(fe: &Frontend, live: &Live<'_>) -> Vec<EndpointExplained> {
-    let eps = &fe.candidates.endpoints;
+    let eps = &fe.candidates.endpoints();
     let place = fe.candidates.place();
     let any_healthy = fe
         .endpoints

@@ -415,7 +415,9 @@ pub fn intern(name: &str) -> Arc<str> {
     n
 }
 
-/// One endpoint of an EndpointSlice (only its first address is used).
+/// One endpoint of an EndpointSlice (only its first address is used). A
+/// store holds one per endpoint of the cluster: 64 bytes, its rarely set
+/// parts (hints, hostname) boxed apart (they were 72 bytes inline).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Endpoint {
     /// First entry of `addresses`.
@@ -431,12 +433,37 @@ pub struct Endpoint {
     pub node_name: Option<Arc<str>>,
     /// `zone`, interned.
     pub zone: Option<Arc<str>>,
+    /// Hints and hostname; `None` when it has none of them (build it with
+    /// [`EndpointExtra::boxed`], which keeps that so).
+    pub extra: Option<Box<EndpointExtra>>,
+}
+
+/// The parts of an [`Endpoint`] most endpoints lack.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct EndpointExtra {
     /// `hints.forZones[].name`; `None` when the endpoint has no hints.
     pub zone_hints: Option<Vec<String>>,
     /// `hints.forNodes[].name`; `None` when the endpoint has none.
     pub node_hints: Option<Vec<String>>,
     /// `hostname` (used by DNS).
     pub hostname: Option<String>,
+}
+
+impl EndpointExtra {
+    /// The parts given, boxed, or `None` when none is set (so two equal
+    /// endpoints compare equal however they were built).
+    pub fn boxed(
+        zone_hints: Option<Vec<String>>,
+        node_hints: Option<Vec<String>>,
+        hostname: Option<String>,
+    ) -> Option<Box<EndpointExtra>> {
+        let e = EndpointExtra {
+            zone_hints,
+            node_hints,
+            hostname,
+        };
+        (e != EndpointExtra::default()).then(|| Box::new(e))
+    }
 }
 
 impl Endpoint {
@@ -449,9 +476,34 @@ impl Endpoint {
             terminating: false,
             node_name: None,
             zone: None,
-            zone_hints: None,
-            node_hints: None,
-            hostname: None,
+            extra: None,
+        }
+    }
+
+    /// `hints.forZones[].name`; `None` when the endpoint has no hints.
+    pub fn zone_hints(&self) -> Option<&Vec<String>> {
+        self.extra.as_ref().and_then(|e| e.zone_hints.as_ref())
+    }
+
+    /// `hints.forNodes[].name`; `None` when the endpoint has none.
+    pub fn node_hints(&self) -> Option<&Vec<String>> {
+        self.extra.as_ref().and_then(|e| e.node_hints.as_ref())
+    }
+
+    /// `hostname` (used by DNS).
+    pub fn hostname(&self) -> Option<&str> {
+        self.extra.as_ref().and_then(|e| e.hostname.as_deref())
+    }
+
+    /// The same endpoint with `hostname`.
+    pub fn with_hostname(self, hostname: Option<String>) -> Self {
+        let (z, n) = match self.extra {
+            Some(e) => (e.zone_hints, e.node_hints),
+            None => (None, None),
+        };
+        Endpoint {
+            extra: EndpointExtra::boxed(z, n, hostname),
+            ..self
         }
     }
 }
@@ -584,6 +636,19 @@ impl Object {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store holds one `Endpoint` per endpoint of the cluster (a million
+    /// at 100,000 Services): its rarely set parts stay out of line.
+    #[test]
+    fn an_endpoint_record_is_64_bytes() {
+        assert!(std::mem::size_of::<Endpoint>() <= 64);
+        let e = Endpoint::ready("10.0.0.1".parse().unwrap());
+        let named = e.clone().with_hostname(Some("a".into()));
+        assert_eq!(named.hostname(), Some("a"));
+        // Built with nothing set, it equals one that never had anything.
+        assert_eq!(named.with_hostname(None), e);
+        assert_eq!(EndpointExtra::boxed(None, None, None), None);
+    }
 
     /// Equal names share one allocation; a name no longer held anywhere
     /// leaves the table at a later sweep, so the table follows the names in

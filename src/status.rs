@@ -99,12 +99,11 @@ pub struct EndpointCheck {
 /// The checks of every endpoint of `fe`'s port, in address order.
 fn checks_of(fe: &crate::state::Frontend, checks: &CheckTable) -> Vec<EndpointCheck> {
     fe.candidates
-        .endpoints
-        .iter()
-        .filter_map(|c| {
-            let s = checks.get(&fe.service, c.addr)?;
+        .addrs()
+        .filter_map(|addr| {
+            let s = checks.get(&fe.service, addr)?;
             Some(EndpointCheck {
-                endpoint: c.addr.to_string(),
+                endpoint: addr.to_string(),
                 health: if s.up { "up" } else { "down" }.into(),
                 last: s.last,
             })

@@ -373,9 +373,11 @@ fn slice() -> impl Strategy<Value = GenSlice> {
                         terminating: terminating.unwrap_or(false),
                         node_name: node.as_deref().map(Into::into),
                         zone: zone.as_deref().map(Into::into),
-                        zone_hints: hints.clone(),
-                        node_hints: None,
-                        hostname: hostname.clone(),
+                        extra: crate::model::EndpointExtra::boxed(
+                            hints.clone(),
+                            None,
+                            hostname.clone(),
+                        ),
                     });
                     let mut m = Map::new();
                     m.insert("addresses".into(), json!(addrs));

@@ -89,9 +89,7 @@ fn endpoint(
         terminating,
         node_name: pod.node_name.as_deref().map(crate::model::intern),
         zone: zone.as_deref().map(crate::model::intern),
-        zone_hints,
-        node_hints,
-        hostname,
+        extra: crate::model::EndpointExtra::boxed(zone_hints, node_hints, hostname),
     }
 }
 
@@ -332,8 +330,8 @@ mod tests {
         let zones = |n: &str| (n == "node-a").then(|| "z1".to_string());
         let s = slices_for(&svc(TargetPort::Number(1)), &[a, b], &zones);
         let e = &s[0].endpoints;
-        assert_eq!(e[0].hostname.as_deref(), Some("a"));
-        assert_eq!(e[1].hostname, None);
+        assert_eq!(e[0].hostname(), Some("a"));
+        assert_eq!(e[1].hostname(), None);
         assert_eq!(e[0].zone.as_deref(), Some("z1"));
         assert_eq!(e[0].node_name.as_deref(), Some("node-a"));
     }
@@ -358,7 +356,7 @@ mod tests {
             slices_for(&svc, &pods, &zones)[0]
                 .endpoints
                 .iter()
-                .map(|e| (e.zone_hints.clone(), e.node_hints.clone()))
+                .map(|e| (e.zone_hints().cloned(), e.node_hints().cloned()))
                 .collect::<Vec<_>>()
         };
         let v = |s: &str| Some(vec![s.to_string()]);

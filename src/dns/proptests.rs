@@ -133,11 +133,13 @@ fn update(op: Op) -> Update {
         Op::Slice { i, eps } => {
             let endpoints = eps
                 .into_iter()
-                .map(|(ip, ready, hostname)| Endpoint {
-                    ready,
-                    serving: ready,
-                    hostname: hostname.map(str::to_string),
-                    ..builders::endpoint(ip)
+                .map(|(ip, ready, hostname)| {
+                    Endpoint {
+                        ready,
+                        serving: ready,
+                        ..builders::endpoint(ip)
+                    }
+                    .with_hostname(hostname.map(str::to_string))
                 })
                 .collect();
             let s = builders::slice(

@@ -21,9 +21,9 @@ fn ep(ip: &str, ready: bool, hostname: Option<&str>) -> Endpoint {
     Endpoint {
         ready,
         serving: ready,
-        hostname: hostname.map(str::to_string),
         ..endpoint(ip)
     }
+    .with_hostname(hostname.map(str::to_string))
 }
 
 /// Headless Service default/`name` with one port, and its slice `name-1`.

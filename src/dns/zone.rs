@@ -327,7 +327,7 @@ fn headless_endpoints(svc: &Service, slices: &[&EndpointSlice]) -> Vec<DnsEndpoi
             }
             let ep = by_ip.entry(e.ip).or_insert_with(|| DnsEndpoint {
                 ip: e.ip,
-                label: e.hostname.clone().unwrap_or_else(|| dashed(e.ip)),
+                label: e.hostname().map_or_else(|| dashed(e.ip), str::to_string),
                 ports: Vec::new(),
             });
             for p in &s.ports {

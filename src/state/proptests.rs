@@ -167,9 +167,7 @@ fn endpoint(v6: bool) -> impl Strategy<Value = Endpoint> {
                 terminating,
                 node_name: node.map(Into::into),
                 zone: None,
-                zone_hints: hints,
-                node_hints: None,
-                hostname: None,
+                extra: crate::model::EndpointExtra::boxed(hints, None, None),
             },
         )
 }
@@ -366,14 +364,14 @@ proptest! {
         let (_, snap) = compile(w.objects, &w.ctx);
         for (key, fe) in snap.frontends() {
             let c = &fe.candidates;
-            let eligible: Vec<_> = c
-                .endpoints
+            let all = c.endpoints();
+            let eligible: Vec<_> = all
                 .iter()
-                .filter(|e| super::explain_endpoint(&c.endpoints, e, c.place(), fe.policy).is_eligible())
+                .filter(|e| super::explain_endpoint(&all, e, c.place(), fe.policy).is_eligible())
                 .map(|e| e.addr)
                 .collect();
             prop_assert_eq!(&eligible[..], &fe.endpoints[..], "{:?}", key);
-            prop_assert!(c.endpoints.iter().all(|e| e.addr.is_ipv4() == key.addr.is_ipv4()));
+            prop_assert!(all.iter().all(|e| e.addr.is_ipv4() == key.addr.is_ipv4()));
         }
     }
 

@@ -140,6 +140,7 @@ impl Store {
                 for o in objects {
                     next.upsert(o);
                 }
+                next.compact();
                 next.select_all();
                 let changes = Changes {
                     services: count(&self.services, &next.services),
@@ -395,6 +396,9 @@ impl Store {
                 let service = ObjectKey::new(s.key.namespace.clone(), s.service_name.clone());
                 let keys = self.slices_by_service.entry(service).or_default();
                 if let Err(i) = keys.binary_search(&s.key) {
+                    // One more place, not the four a first push reserves:
+                    // a Service has one slice or a few.
+                    keys.reserve_exact(1);
                     keys.insert(i, s.key.clone());
                 }
                 self.slices.insert(s.key.clone(), s);
@@ -419,6 +423,15 @@ impl Store {
             }
             Object::Endpoints(e) => put(&mut self.endpoints, e.key.clone(), e),
         }
+    }
+
+    /// Rebuilds the maps of Services and slices from their sorted entries
+    /// after a reset: keys inserted one by one leave each B-tree node about
+    /// half full (6 of 11 entries at 100,000 Services, ~45 % of the nodes'
+    /// bytes unused); a build from sorted entries fills them.
+    fn compact(&mut self) {
+        self.services = std::mem::take(&mut self.services).into_iter().collect();
+        self.slices = std::mem::take(&mut self.slices).into_iter().collect();
     }
 
     /// Takes the slice `key` out, and out of its Service's index entry.

@@ -43,31 +43,38 @@ fn labels(port: &PortLabels) -> Labels<'_> {
 /// The handles of every Service port seen, by labels.
 #[derive(Debug, Default)]
 pub(super) struct Ports {
-    ports: Mutex<HashMap<PortLabels, Arc<PortMetrics>>>,
+    ports: Mutex<HashMap<Arc<PortLabels>, Arc<PortMetrics>>>,
 }
 
 impl Ports {
-    fn lock(&self) -> MutexGuard<'_, HashMap<PortLabels, Arc<PortMetrics>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<PortLabels>, Arc<PortMetrics>>> {
         // Plain data, consistent at every step.
         self.ports.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The handles of the port `labels`, created (at zero) the first time.
     pub(super) fn get(&self, labels: &PortLabels) -> Arc<PortMetrics> {
+        self.shared(labels).1
+    }
+
+    /// The labels of the port as held here (the copy other per-port
+    /// records can share) and its handles, created the first time.
+    pub(super) fn shared(&self, labels: &PortLabels) -> (Arc<PortLabels>, Arc<PortMetrics>) {
         let mut ports = self.lock();
-        if let Some(m) = ports.get(labels) {
-            return m.clone();
+        if let Some((l, m)) = ports.get_key_value(labels) {
+            return (l.clone(), m.clone());
         }
+        let l = Arc::new(labels.clone());
         let m = Arc::new(PortMetrics::detached());
-        ports.insert(labels.clone(), m.clone());
-        m
+        ports.insert(l.clone(), m.clone());
+        (l, m)
     }
 }
 
 impl Collector for Ports {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let ports = self.lock();
-        let all = || ports.iter().map(|(l, m)| (l, &**m));
+        let all = || ports.iter().map(|(l, m)| (&**l, &**m));
         let e = &mut encoder;
         family(
             e,

@@ -3,7 +3,7 @@
 
 use super::builders::{endpoint, port, service, slice, slice_port, store};
 use crate::dns::{answer, Options, Outcome, Transport, Zone, ZoneConfig, TCP_MAX, UDP_MAX};
-use crate::model::{Endpoint, Object, Protocol, Service, ServiceType};
+use crate::model::{Object, Protocol, Service, ServiceType};
 
 /// Any bytes as a DNS query (fuzz/fuzz_targets/dns_query.rs): answers `data`
 /// as a query over both transports, with and without forwarding, and checks
@@ -67,10 +67,7 @@ fn zone() -> Zone {
         "db",
         vec![slice_port("pg", Protocol::Tcp, 5432)],
         (1..=60u8)
-            .map(|i| Endpoint {
-                hostname: Some(format!("db-{i}")),
-                ..endpoint(&format!("10.244.0.{i}"))
-            })
+            .map(|i| endpoint(&format!("10.244.0.{i}")).with_hostname(Some(format!("db-{i}"))))
             .collect(),
     );
     let ext = Service {

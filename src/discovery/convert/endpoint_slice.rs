@@ -149,12 +149,16 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
                 .as_deref()
                 .filter(|s| !s.is_empty())
                 .map(crate::model::intern),
-            zone_hints,
-            node_hints,
-            hostname: ep.hostname.clone().filter(|s| !s.is_empty()),
+            extra: crate::model::EndpointExtra::boxed(
+                zone_hints,
+                node_hints,
+                ep.hostname.clone().filter(|s| !s.is_empty()),
+            ),
         });
     }
 
+    // Kept as long as the slice: the length, not a first push's four.
+    ports.shrink_to_fit();
     let value = EndpointSlice {
         key: key.clone(),
         service_name,

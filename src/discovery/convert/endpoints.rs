@@ -63,7 +63,7 @@ pub fn endpoints(e: &core::Endpoints) -> Result<LegacyEndpoints, ConvertError> {
             let ep = Endpoint {
                 ready: is_ready,
                 node_name: a.node_name.as_deref().map(crate::model::intern),
-                hostname: a.hostname.clone(),
+                extra: crate::model::EndpointExtra::boxed(None, None, a.hostname.clone()),
                 ..Endpoint::ready(ip)
             };
             if ip.is_ipv6() {

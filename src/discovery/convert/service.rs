@@ -211,6 +211,8 @@ impl Typed<'_> {
                 }
             }
         }
+        // Kept as long as the Service: the length, not a first push's four.
+        cluster_ips.shrink_to_fit();
         (cluster_ips, headless)
     }
 

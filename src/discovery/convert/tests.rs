@@ -289,18 +289,22 @@ fn endpoint_slice_defaults_and_fields() {
     let e0 = &s.endpoints[0];
     assert_eq!(e0.ip, ip("10.244.1.10"), "only the first address is used");
     assert!(e0.ready && e0.serving && !e0.terminating);
-    assert_eq!(e0.zone_hints, None);
+    assert_eq!(e0.zone_hints(), None);
     assert_eq!(e0.node_name, None);
     let e1 = &s.endpoints[1];
     assert!(!e1.ready && e1.serving && e1.terminating);
     assert_eq!(e1.node_name.as_deref(), Some("node-a"));
     assert_eq!(e1.zone.as_deref(), Some("z1"));
-    assert_eq!(e1.hostname.as_deref(), Some("pod-1"));
+    assert_eq!(e1.hostname(), Some("pod-1"));
     assert_eq!(
-        e1.zone_hints,
-        Some(vec!["z1".to_string(), "z2".to_string()])
+        e1.zone_hints(),
+        Some(&vec!["z1".to_string(), "z2".to_string()])
     );
-    assert_eq!(s.endpoints[2].zone_hints, None, "empty hints are no hints");
+    assert_eq!(
+        s.endpoints[2].zone_hints(),
+        None,
+        "empty hints are no hints"
+    );
 
     let s =
         web_slice("addressType: IPv6\nendpoints:\n- addresses: [\"fd00::1\"]\n  conditions: {}\n");
@@ -482,8 +486,15 @@ fn sctp_ports_are_set_aside_and_the_others_kept() {
 #[test]
 fn node_hints_and_traffic_distribution() {
     let s = web_slice("addressType: IPv4\nendpoints:\n- addresses: [10.244.1.10]\n  hints:\n    forNodes: [{name: node-a}]\n    forZones: [{name: z1}]\n- addresses: [10.244.1.11]\n  hints: {forNodes: []}\n");
-    assert_eq!(s.endpoints[0].node_hints, Some(vec!["node-a".to_string()]));
-    assert_eq!(s.endpoints[1].node_hints, None, "empty hints are no hints");
+    assert_eq!(
+        s.endpoints[0].node_hints(),
+        Some(&vec!["node-a".to_string()])
+    );
+    assert_eq!(
+        s.endpoints[1].node_hints(),
+        None,
+        "empty hints are no hints"
+    );
     let td = |v: &str| {
         web(&format!(
             "  clusterIP: 10.96.2.3\n  trafficDistribution: {v}\n  ports:\n  - port: 80\n"

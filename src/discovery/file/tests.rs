@@ -683,8 +683,8 @@ fn selector_example_gives_endpoints_from_ready_pods() {
             ("api-public".into(), "127.0.0.12".into(), false, Some(8080)),
         ]
     );
-    assert_eq!(slices[0].endpoints[0].hostname.as_deref(), Some("api-0"));
-    assert_eq!(slices[1].endpoints[0].hostname, None, "subdomain is api");
+    assert_eq!(slices[0].endpoints[0].hostname(), Some("api-0"));
+    assert_eq!(slices[1].endpoints[0].hostname(), None, "subdomain is api");
 }
 
 #[test]
@@ -707,7 +707,7 @@ fn examples_load_without_errors() {
     assert!(slice
         .endpoints
         .iter()
-        .all(|e| e.zone_hints.is_none() && e.node_name.as_deref() == Some("node-a")));
+        .all(|e| e.zone_hints().is_none() && e.node_name.as_deref() == Some("node-a")));
     let dns = svc(&objects, 2);
     assert_eq!(dns.ports[0].protocol, Protocol::Udp);
 }

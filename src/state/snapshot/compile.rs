@@ -109,8 +109,8 @@ fn merge(
                 serving: ep.serving && up,
                 terminating: ep.terminating,
                 local: ep.node_name.as_deref() == Some(node_name),
-                zone_hints: ep.zone_hints.clone(),
-                node_hints: ep.node_hints.clone(),
+                zone_hints: ep.zone_hints().cloned(),
+                node_hints: ep.node_hints().cloned(),
             };
             match index.get(&c.addr).and_then(|&i| out.get_mut(i)) {
                 Some(seen) => {
@@ -140,6 +140,10 @@ struct Compiler<'a> {
     /// list: the port's frontends with the same set share one.
     maglev: HashMap<Box<[SocketAddr]>, Arc<Maglev>>,
     local: BTreeSet<IpAddr>,
+    /// The zone and node name the candidates of this compile share.
+    names: Option<(Option<Arc<str>>, Arc<str>)>,
+    /// The candidates of a family without endpoints, shared.
+    empty: Option<Arc<PortCandidates>>,
     /// What the Service being compiled contributes.
     out: ServiceOut,
 }
@@ -151,7 +155,8 @@ struct Compiler<'a> {
 struct ServiceOut {
     /// Frontends in creation order, each with its kernel listener if any.
     frontends: Vec<(FrontendKey, Arc<Frontend>, Option<ListenerSpec>)>,
-    health_check: Option<HealthCheck>,
+    /// Boxed: few Services have one, and this is kept per Service.
+    health_check: Option<Box<HealthCheck>>,
     no_local_internal: usize,
     no_local_external: usize,
     skipped_ports: usize,
@@ -232,8 +237,21 @@ impl<'a> Compiler<'a> {
             now,
             maglev: HashMap::new(),
             local: ctx.local_addresses.iter().copied().collect(),
+            names: None,
+            empty: None,
             out: ServiceOut::default(),
         }
+    }
+
+    /// What the Service just compiled contributes, its lists cut to their
+    /// length: they are kept in the cache until the Service changes, and a
+    /// first push reserves four places (one frontend and one port are the
+    /// common case).
+    fn take_out(&mut self) -> ServiceOut {
+        let mut out = std::mem::take(&mut self.out);
+        out.frontends.shrink_to_fit();
+        out.leases.shrink_to_fit();
+        out
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -267,15 +285,23 @@ impl<'a> Compiler<'a> {
             addr,
             proto: sp.protocol,
         };
-        let endpoint_metrics = endpoints
-            .iter()
-            .map(|a| {
-                handles
-                    .endpoint(a)
-                    .cloned()
-                    .unwrap_or_else(|| EndpointMetrics::detached(*a))
-            })
-            .collect();
+        // Every endpoint leased usable here (one family, no policy or
+        // condition left one out: the common case): the same sorted list,
+        // so the lease's handles are shared, not copied.
+        let leased = handles.lease.shared();
+        let endpoint_metrics = if leased.len() == endpoints.len() {
+            leased.clone()
+        } else {
+            endpoints
+                .iter()
+                .map(|a| {
+                    handles
+                        .endpoint(a)
+                        .cloned()
+                        .unwrap_or_else(|| EndpointMetrics::detached(*a))
+                })
+                .collect()
+        };
         let fh = self.metrics.frontend(addr, sp.protocol.as_str());
         let fe = Frontend {
             service: svc.key.clone(),
@@ -326,6 +352,32 @@ impl<'a> Compiler<'a> {
             });
         }
         self.out.frontends.push((key, Arc::new(fe), listener));
+    }
+
+    /// The candidates of one family of a Service port, with their handles
+    /// (see [`PortCandidates`]); the node's name and zone are shared by every
+    /// port, and so is the empty set (one family of most ports).
+    fn candidates(
+        &mut self,
+        c: Vec<Candidate<SocketAddr>>,
+        metrics: &[Arc<EndpointMetrics>],
+        zone: Option<&str>,
+    ) -> Arc<PortCandidates> {
+        if self.names.as_ref().map(|n| n.0.as_deref()) != Some(zone) {
+            self.names = Some((zone.map(Arc::from), Arc::from(self.ctx.node_name.as_str())));
+            self.empty = None;
+        }
+        let (zone, node) = match &self.names {
+            Some((z, n)) => (z.clone(), n.clone()),
+            None => (None, Arc::from(self.ctx.node_name.as_str())),
+        };
+        if c.is_empty() {
+            return self
+                .empty
+                .get_or_insert_with(|| Arc::new(PortCandidates::new(c, metrics, zone, node)))
+                .clone();
+        }
+        Arc::new(PortCandidates::new(c, metrics, zone, node))
     }
 
     /// The balancer of a frontend over `endpoints`.
@@ -384,13 +436,6 @@ impl<'a> Compiler<'a> {
             for c in v4.iter().chain(&v6).filter(|c| c.local && c.ready) {
                 local_ready.insert(c.addr.ip());
             }
-            let all = |c: Vec<Candidate<SocketAddr>>| {
-                Arc::new(PortCandidates {
-                    endpoints: c.into(),
-                    zone: zone.map(str::to_string),
-                    node: self.ctx.node_name.clone(),
-                })
-            };
             let labels = PortLabels {
                 namespace: svc.key.namespace.clone(),
                 service: svc.key.name.clone(),
@@ -404,16 +449,20 @@ impl<'a> Compiler<'a> {
             // Every endpoint listed for the port has series, usable or not.
             // Both lists are sorted and every v4 address sorts first.
             let addrs: Vec<SocketAddr> = v4.iter().chain(&v6).map(|c| c.addr).collect();
-            let lease = self.metrics.endpoints(&labels, &addrs);
+            let (port_metrics, lease) = self.metrics.port_endpoints(&labels, &addrs);
             let now = std::time::SystemTime::now();
             for (a, m) in addrs.iter().zip(lease.metrics()) {
                 m.set_check(checks.then(|| !down(*a)), now);
             }
+            let (m4, m6) = lease
+                .metrics()
+                .split_at(v4.len().min(lease.metrics().len()));
+            let (u4, u6) = (categorize(&v4, place), categorize(&v6, place));
             let mut eps = PortEndpoints {
-                v4: categorize(&v4, place),
-                v6: categorize(&v6, place),
-                all_v4: all(v4),
-                all_v6: all(v6),
+                v4: u4,
+                v6: u6,
+                all_v4: self.candidates(v4, m4, zone),
+                all_v6: self.candidates(v6, m6, zone),
                 warmup: Default::default(),
             };
             if let Some(window) = svc.options.slow_start {
@@ -441,7 +490,7 @@ impl<'a> Compiler<'a> {
                 }
             }
             let pm = PortHandles {
-                port: self.metrics.port(&labels),
+                port: port_metrics,
                 addrs,
                 lease,
             };
@@ -505,11 +554,11 @@ impl<'a> Compiler<'a> {
         if let (Some(port), TrafficPolicy::Local) =
             (svc.health_check_node_port, svc.external_policy)
         {
-            self.out.health_check = Some(HealthCheck {
+            self.out.health_check = Some(Box::new(HealthCheck {
                 port,
                 service: svc.key.clone(),
                 local_endpoints: local_ready.len(),
-            });
+            }));
         }
     }
 }
@@ -625,7 +674,7 @@ impl Store {
                         &mut cache.warned,
                         &self.checked,
                     );
-                    let out = Arc::new(std::mem::take(&mut c.out));
+                    let out = Arc::new(c.take_out());
                     cache.services.insert(svc.key.clone(), out.clone());
                     out
                 }
@@ -681,7 +730,7 @@ impl Store {
                 }
             }
             if let Some(h) = &old.health_check {
-                health_checks.retain(|x| x != h);
+                health_checks.retain(|x| x != &**h);
             }
             no_local_internal = no_local_internal.saturating_sub(old.no_local_internal);
             no_local_external = no_local_external.saturating_sub(old.no_local_external);
@@ -707,7 +756,7 @@ impl Store {
                 &mut cache.warned,
                 &self.checked,
             );
-            let out = Arc::new(std::mem::take(&mut c.out));
+            let out = Arc::new(c.take_out());
             cache.services.insert(k.clone(), out.clone());
             for (key, fe, listener) in &out.frontends {
                 if frontends.insert(*key, fe.clone()).is_some() {
@@ -719,7 +768,7 @@ impl Store {
                 if health_checks.iter().any(|x| x.port == h.port) {
                     return None;
                 }
-                health_checks.push(h.clone());
+                health_checks.push((**h).clone());
             }
             no_local_internal += out.no_local_internal;
             no_local_external += out.no_local_external;
@@ -785,7 +834,8 @@ fn assemble(
             listeners.push(l.clone());
         }
     }
-    snap.health_checks.extend(out.health_check.clone());
+    snap.health_checks
+        .extend(out.health_check.as_deref().cloned());
     snap.no_local_internal += out.no_local_internal;
     snap.no_local_external += out.no_local_external;
     snap.skipped_ports += out.skipped_ports;

@@ -113,7 +113,7 @@ pub struct Frontend {
     /// snapshot): the counters of its `ringvip status` row.
     pub traffic: Arc<Traffic>,
     /// Metric handles of each of `endpoints`, at the same index.
-    pub endpoint_metrics: Box<[Arc<EndpointMetrics>]>,
+    pub endpoint_metrics: Arc<[Arc<EndpointMetrics>]>,
     /// How a new flow chooses among `endpoints` (`ringvip.io/balance`).
     pub balancer: Balancer,
     /// Slow start (`ringvip.io/slow-start-seconds`): when each of
@@ -125,18 +125,111 @@ pub struct Frontend {
 }
 
 /// A Service port's merged endpoints of one address family before policy
-/// filtering, and the zone the compile filtered for.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// filtering, and the zone the compile filtered for. Kept compact (read only
+/// by `explain` and `status`, never by the data path): each endpoint is its
+/// series handles (which hold its address), its conditions in one byte and
+/// its hints only when it has some; [`PortCandidates::endpoints`] gives them
+/// back as [`Candidate`]s. A copy of each candidate was 88 bytes, a third of
+/// what the compile kept per endpoint.
+#[derive(Debug, Clone)]
 pub struct PortCandidates {
     /// The endpoints, sorted by address.
-    pub endpoints: Box<[Candidate<SocketAddr>]>,
+    entries: Box<[CandidateEntry]>,
     /// This node's zone at compile (topology hints are matched against it).
-    pub zone: Option<String>,
+    zone: Option<Arc<str>>,
     /// This node's name at compile (node hints are matched against it).
-    pub node: String,
+    node: Arc<str>,
 }
 
+/// One endpoint of [`PortCandidates`].
+#[derive(Debug, Clone)]
+struct CandidateEntry {
+    /// Its series handles: their address is the endpoint's.
+    metrics: Arc<EndpointMetrics>,
+    /// [`READY`], [`SERVING`], [`TERMINATING`], [`LOCAL`].
+    flags: u8,
+    /// Zone and node hints, when it has either.
+    hints: Option<Box<Hints>>,
+}
+
+#[derive(Debug, Clone)]
+struct Hints {
+    zone: Option<Vec<String>>,
+    node: Option<Vec<String>>,
+}
+
+const READY: u8 = 1;
+const SERVING: u8 = 2;
+const TERMINATING: u8 = 4;
+const LOCAL: u8 = 8;
+
 impl PortCandidates {
+    /// `candidates` (sorted by address) with the series handles of each, at
+    /// the same index, for a node of `node` in `zone`.
+    pub(crate) fn new(
+        candidates: Vec<Candidate<SocketAddr>>,
+        metrics: &[Arc<EndpointMetrics>],
+        zone: Option<Arc<str>>,
+        node: Arc<str>,
+    ) -> PortCandidates {
+        let entries = candidates
+            .into_iter()
+            .zip(metrics)
+            .map(|(c, m)| {
+                let flag = |on: bool, f: u8| if on { f } else { 0 };
+                let hints = (c.zone_hints.is_some() || c.node_hints.is_some()).then(|| {
+                    Box::new(Hints {
+                        zone: c.zone_hints,
+                        node: c.node_hints,
+                    })
+                });
+                CandidateEntry {
+                    metrics: m.clone(),
+                    flags: flag(c.ready, READY)
+                        | flag(c.serving, SERVING)
+                        | flag(c.terminating, TERMINATING)
+                        | flag(c.local, LOCAL),
+                    hints,
+                }
+            })
+            .collect();
+        PortCandidates {
+            entries,
+            zone,
+            node,
+        }
+    }
+
+    /// The endpoints, sorted by address (built on each call: for `explain`
+    /// and `status`, not the data path).
+    pub fn endpoints(&self) -> Vec<Candidate<SocketAddr>> {
+        self.entries
+            .iter()
+            .map(|e| {
+                let hints = e.hints.as_deref();
+                Candidate {
+                    addr: e.metrics.addr(),
+                    ready: e.flags & READY != 0,
+                    serving: e.flags & SERVING != 0,
+                    terminating: e.flags & TERMINATING != 0,
+                    local: e.flags & LOCAL != 0,
+                    zone_hints: hints.and_then(|h| h.zone.clone()),
+                    node_hints: hints.and_then(|h| h.node.clone()),
+                }
+            })
+            .collect()
+    }
+
+    /// The endpoints' addresses, sorted.
+    pub fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.entries.iter().map(|e| e.metrics.addr())
+    }
+
+    /// This node's zone at compile.
+    pub fn zone(&self) -> Option<&str> {
+        self.zone.as_deref()
+    }
+
     /// Where the compile placed this node, for [`crate::state::explain_endpoint`].
     pub fn place(&self) -> crate::state::topology::Place<'_> {
         crate::state::topology::Place {

@@ -747,3 +747,48 @@ fn a_patch_shares_what_it_did_not_change() {
     assert!(!Arc::ptr_eq(&second.listeners, &third.listeners));
     assert_eq!(third.listeners().len(), first.listeners().len() - 1);
 }
+
+/// Each frontend's endpoint handles are its endpoints', at the same index,
+/// whether it uses every endpoint listed (the lease's list, shared) or a
+/// subset (a list of its own); dual-stack Services share nothing across
+/// families.
+#[test]
+fn endpoint_handles_follow_the_endpoints_of_each_frontend() {
+    let mut dual = svc("dual");
+    dual.cluster_ips = vec!["10.96.0.20".parse().unwrap(), "fd00::20".parse().unwrap()];
+    let v6 = EndpointSlice {
+        family: AddressFamily::V6,
+        ..slice("dual-6", "dual", vec![up("fd00::1", "node-a")])
+    };
+    let snap = compile(vec![
+        Object::Service(svc("web")),
+        sliced(
+            "web-1",
+            "web",
+            vec![up("10.0.0.2", "node-a"), up("10.0.0.1", "node-b")],
+        ),
+        Object::Service(Service {
+            cluster_ips: vec!["10.96.0.11".parse().unwrap()],
+            ..svc("part")
+        }),
+        sliced(
+            "part-1",
+            "part",
+            vec![
+                up("10.0.1.1", "node-a"),
+                ep("10.0.1.2", "node-a", false, false),
+                up("10.0.1.3", "node-a"),
+            ],
+        ),
+        Object::Service(dual),
+        sliced("dual-4", "dual", vec![up("10.0.2.1", "node-a")]),
+        Object::EndpointSlice(v6),
+    ]);
+    let mut seen = 0;
+    for (key, fe) in snap.frontends() {
+        let handles: Vec<SocketAddr> = fe.endpoint_metrics.iter().map(|m| m.addr()).collect();
+        assert_eq!(handles, fe.endpoints.to_vec(), "{key:?}");
+        seen += fe.endpoints.len();
+    }
+    assert_eq!(seen, 2 + 2 + 1 + 1, "every usable endpoint checked");
+}
