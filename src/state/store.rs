@@ -44,6 +44,9 @@ pub struct Store {
     health_checked: BTreeSet<ObjectKey>,
     pub(crate) nodes: BTreeMap<String, Node>,
     pub(crate) pods: BTreeMap<ObjectKey, Pod>,
+    /// The Pods with readiness probes: what the prober syncs against, at
+    /// every snapshot (without scanning every Pod).
+    probed: BTreeSet<ObjectKey>,
     /// The slices derived from Pods by each selector Service (see
     /// [`Store::selector_slices`]), kept up to date as Services and Pods
     /// change: a Pod change derives again only the Services that select it
@@ -209,6 +212,7 @@ impl Store {
                         if let Some(old) = &old {
                             self.selection.remove_pod(old);
                         }
+                        self.probed.remove(&key);
                         old.is_some()
                     }
                     Kind::Endpoints => self.endpoints.remove(&key).is_some(),
@@ -299,7 +303,8 @@ impl Store {
     /// not finished (Succeeded or Failed).
     pub fn probe_targets(&self) -> Vec<ProbeTarget> {
         let mut out = Vec::new();
-        for p in self.pods.values().filter(|p| !p.terminal) {
+        let probed = self.probed.iter().filter_map(|k| self.pods.get(k));
+        for p in probed.filter(|p| !p.terminal) {
             let Some(ip) = p.ips.first() else { continue };
             for (i, probe) in p.readiness_probes.iter().enumerate() {
                 out.push(ProbeTarget {
@@ -418,6 +423,11 @@ impl Store {
                     self.selection.remove_pod(old);
                 }
                 self.selection.add_pod(&p);
+                if p.readiness_probes.is_empty() {
+                    self.probed.remove(&p.key);
+                } else {
+                    self.probed.insert(p.key.clone());
+                }
                 self.pods.insert(p.key.clone(), p);
                 true
             }
@@ -829,5 +839,47 @@ mod tests {
         st.apply(Update::Delete(Kind::Pod, p.key.clone()));
         st.apply(Update::Upsert(Box::new(Object::Pod(p.clone()))));
         assert!(endpoints(&st).is_empty(), "a new Pod kept the old result");
+    }
+
+    /// The prober's targets are the Pods with probes, as they change one
+    /// by one and on a reset.
+    #[test]
+    fn probe_targets_follow_the_pods_with_probes() {
+        use crate::model::{Probe, ProbeAction};
+        use std::time::Duration;
+        let probed = |name: &str, ip: &str| {
+            let mut p = pod(name, ip, true);
+            p.readiness_probes = vec![Probe {
+                action: ProbeAction::Tcp {
+                    host: None,
+                    port: 8080,
+                },
+                initial_delay: Duration::ZERO,
+                period: Duration::from_secs(1),
+                timeout: Duration::from_secs(1),
+                success_threshold: 1,
+                failure_threshold: 1,
+            }];
+            p
+        };
+        let targets = |st: &Store| -> Vec<String> {
+            st.probe_targets()
+                .iter()
+                .map(|t| t.pod.name.clone())
+                .collect()
+        };
+        let upsert = |st: &mut Store, p: Pod| st.apply(Update::Upsert(Box::new(Object::Pod(p))));
+        let mut st = Store::new();
+        upsert(&mut st, probed("a", "10.0.0.1"));
+        upsert(&mut st, pod("b", "10.0.0.2", true));
+        assert_eq!(targets(&st), vec!["a"]);
+        upsert(&mut st, probed("b", "10.0.0.2"));
+        assert_eq!(targets(&st), vec!["a", "b"]);
+        upsert(&mut st, pod("a", "10.0.0.1", true));
+        assert_eq!(targets(&st), vec!["b"]);
+        st.apply(Update::Delete(Kind::Pod, probed("b", "10.0.0.2").key));
+        assert!(targets(&st).is_empty());
+        st.apply(Update::Reset(vec![Object::Pod(probed("c", "10.0.0.3"))]));
+        assert_eq!(targets(&st), vec!["c"]);
     }
 }
