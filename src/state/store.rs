@@ -803,16 +803,11 @@ mod tests {
         assert_eq!(st.pods_in("nope").count(), 0);
     }
 
-    /// A Pod with a readiness probe is not ready until the prober says so,
-    /// whatever its file says; a reload of the same files keeps what was
-    /// probed; a Pod created again starts not ready.
-    #[test]
-    fn probe_results_lay_over_pods_and_survive_a_reload() {
-        use crate::discovery::Checked;
-        use crate::model::{Probe, ProbeAction};
+    /// A TCP readiness probe of port 8080, every second.
+    fn tcp_probe() -> crate::model::Probe {
+        use crate::model::ProbeAction;
         use std::time::Duration;
-        let mut p = pod("a", "10.0.0.1", true);
-        p.readiness_probes = vec![Probe {
+        crate::model::Probe {
             action: ProbeAction::Tcp {
                 host: None,
                 port: 8080,
@@ -822,7 +817,17 @@ mod tests {
             timeout: Duration::from_secs(1),
             success_threshold: 1,
             failure_threshold: 1,
-        }];
+        }
+    }
+
+    /// A Pod with a readiness probe is not ready until the prober says so,
+    /// whatever its file says; a reload of the same files keeps what was
+    /// probed; a Pod created again starts not ready.
+    #[test]
+    fn probe_results_lay_over_pods_and_survive_a_reload() {
+        use crate::discovery::Checked;
+        let mut p = pod("a", "10.0.0.1", true);
+        p.readiness_probes = vec![tcp_probe()];
         let all = || Update::Reset(vec![Object::Service(svc()), Object::Pod(p.clone())]);
         let mut st = Store::new();
         st.apply(all());
@@ -845,21 +850,9 @@ mod tests {
     /// by one and on a reset.
     #[test]
     fn probe_targets_follow_the_pods_with_probes() {
-        use crate::model::{Probe, ProbeAction};
-        use std::time::Duration;
         let probed = |name: &str, ip: &str| {
             let mut p = pod(name, ip, true);
-            p.readiness_probes = vec![Probe {
-                action: ProbeAction::Tcp {
-                    host: None,
-                    port: 8080,
-                },
-                initial_delay: Duration::ZERO,
-                period: Duration::from_secs(1),
-                timeout: Duration::from_secs(1),
-                success_threshold: 1,
-                failure_threshold: 1,
-            }];
+            p.readiness_probes = vec![tcp_probe()];
             p
         };
         let targets = |st: &Store| -> Vec<String> {

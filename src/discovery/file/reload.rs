@@ -331,16 +331,10 @@ impl FileSource {
     /// what was handed out: the updates that tell the difference. Also
     /// notes which of them are defined more than once.
     fn hand_out(&mut self, affected: &BTreeSet<Id>, index: &mut Index) -> Vec<Update> {
-        let pos: HashMap<&PathBuf, usize> =
-            self.order.iter().enumerate().map(|(i, p)| (p, i)).collect();
+        let pos = load_order(&self.order);
         let mut updates = Vec::new();
         for id in affected {
-            let mut definers: Vec<&PathBuf> = self
-                .defs
-                .get(id)
-                .map(|d| d.iter().collect())
-                .unwrap_or_default();
-            definers.sort_by_key(|p| pos.get(p).copied().unwrap_or(usize::MAX));
+            let definers = definers(&self.defs, id, &pos);
             let mut count = 0;
             let mut first: Option<&Object> = None;
             for p in &definers {
@@ -382,16 +376,10 @@ impl FileSource {
     /// An error for every definition of an object after its first, in load
     /// order.
     fn duplicates(&self, index: &mut Index) -> Vec<ManifestError> {
-        let pos: HashMap<&PathBuf, usize> =
-            self.order.iter().enumerate().map(|(i, p)| (p, i)).collect();
+        let pos = load_order(&self.order);
         let mut found: Vec<(usize, usize, ManifestError)> = Vec::new();
         for id in &self.dups {
-            let mut definers: Vec<&PathBuf> = self
-                .defs
-                .get(id)
-                .map(|d| d.iter().collect())
-                .unwrap_or_default();
-            definers.sort_by_key(|p| pos.get(p).copied().unwrap_or(usize::MAX));
+            let definers = definers(&self.defs, id, &pos);
             let mut first: Option<(String, usize)> = None;
             for p in definers {
                 let at = index
@@ -424,6 +412,22 @@ impl FileSource {
         found.sort_by_key(|(p, i, _)| (*p, *i));
         found.into_iter().map(|(_, _, e)| e).collect()
     }
+}
+
+/// Each file's place in the load order.
+fn load_order(order: &[PathBuf]) -> HashMap<&PathBuf, usize> {
+    order.iter().enumerate().map(|(i, p)| (p, i)).collect()
+}
+
+/// The files defining `id`, in load order.
+fn definers<'a>(
+    defs: &'a HashMap<Id, Vec<PathBuf>>,
+    id: &Id,
+    pos: &HashMap<&PathBuf, usize>,
+) -> Vec<&'a PathBuf> {
+    let mut d: Vec<&PathBuf> = defs.get(id).map(|d| d.iter().collect()).unwrap_or_default();
+    d.sort_by_key(|p| pos.get(p).copied().unwrap_or(usize::MAX));
+    d
 }
 
 /// The ids a file's good objects define, each once.
