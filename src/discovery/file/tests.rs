@@ -1,7 +1,8 @@
 //! Tests of the file source, from one file's text to the run loop.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -1002,5 +1003,93 @@ fn a_reload_parses_changed_files_and_sends_changed_objects() {
     assert_eq!(
         names(&src.objects()),
         vec!["Service default/a", "Service default/b"]
+    );
+}
+
+/// A reload of the paths a watcher named reads those files and nothing
+/// else, and falls back to a full reload whenever the names could hide a
+/// change elsewhere: a new manifest, a directory, errors to report again, a
+/// symlink among the files.
+#[test]
+fn a_reload_of_named_paths_reads_only_those_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        dir.path().join("a.yaml"),
+        dir.path().join("b.yaml"),
+        dir.path().join("c.yaml"),
+    );
+    fs::write(&a, service("a", 80)).unwrap();
+    fs::write(&b, service("b", 81)).unwrap();
+    let mut src = FileSource::new(vec![dir.path().to_path_buf()], Limits::default());
+    assert_eq!(src.reload_changes().parsed, 2);
+    let named = |paths: &[&std::path::Path]| -> HashSet<PathBuf> {
+        paths.iter().map(|p| p.to_path_buf()).collect()
+    };
+
+    // Both files changed, a alone named: a alone read and sent.
+    fs::write(&a, service("a", 90)).unwrap();
+    fs::write(&b, service("b", 91)).unwrap();
+    let r = src.reload_touched(&named(&[&a]));
+    assert_eq!(r.parsed, 1);
+    assert_eq!(upserts(&r), vec![("Service default/a".to_string(), 90)]);
+    // An editor's temporary file is no manifest: nothing to read.
+    let tmp = dir.path().join("a.yaml.tmp");
+    fs::write(&tmp, "not: [yaml").unwrap();
+    let r = src.reload_touched(&named(&[&tmp]));
+    assert_eq!((r.parsed, r.updates.len()), (0, 0));
+
+    // A new manifest: everything listed again, b's change found too.
+    fs::write(&c, service("c", 92)).unwrap();
+    let r = src.reload_touched(&named(&[&c]));
+    assert_eq!(
+        upserts(&r),
+        vec![
+            ("Service default/b".to_string(), 91),
+            ("Service default/c".to_string(), 92)
+        ]
+    );
+
+    // A file with an error: the next reload, whatever it names, reports it
+    // again (a full one), and the file keeps its last good objects.
+    fs::write(&a, "kind: [").unwrap();
+    let r = src.reload_touched(&named(&[&a]));
+    assert_eq!(r.errors.len(), 1, "{:?}", messages(&r.errors));
+    fs::write(&c, service("c", 93)).unwrap();
+    let r = src.reload_touched(&named(&[&c]));
+    assert_eq!(r.errors.len(), 1, "{:?}", messages(&r.errors));
+    assert_eq!(upserts(&r), vec![("Service default/c".to_string(), 93)]);
+    fs::write(&a, service("a", 94)).unwrap();
+    let r = src.reload_touched(&named(&[&a]));
+    assert!(r.errors.is_empty(), "{:?}", messages(&r.errors));
+    assert_eq!(upserts(&r), vec![("Service default/a".to_string(), 94)]);
+
+    // A directory named: listed again (its files are new).
+    let sub = dir.path().join("sub");
+    fs::create_dir(&sub).unwrap();
+    fs::write(sub.join("d.yaml"), service("d", 95)).unwrap();
+    let r = src.reload_touched(&named(&[&sub]));
+    assert_eq!(upserts(&r), vec![("Service default/d".to_string(), 95)]);
+
+    // A named file removed: its objects go.
+    fs::remove_file(&b).unwrap();
+    let r = src.reload_touched(&named(&[&b]));
+    assert_eq!(deletes(&r), vec!["Service default/b"]);
+
+    // A symlink among the files: a change of its target shows up under the
+    // target's name, so every reload is a full one.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let target = elsewhere.path().join("e.yaml");
+    fs::write(&target, service("e", 96)).unwrap();
+    std::os::unix::fs::symlink(&target, dir.path().join("e.yaml")).unwrap();
+    src.reload_changes();
+    fs::write(&target, service("e", 97)).unwrap();
+    fs::write(&a, service("a", 98)).unwrap();
+    let r = src.reload_touched(&named(&[&a]));
+    assert_eq!(
+        upserts(&r),
+        vec![
+            ("Service default/a".to_string(), 98),
+            ("Service default/e".to_string(), 97)
+        ]
     );
 }

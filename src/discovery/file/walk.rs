@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use super::ManifestError;
 
 /// Whether a directory entry is a manifest by its name.
-fn is_manifest_name(path: &Path) -> bool {
+pub(super) fn is_manifest_name(path: &Path) -> bool {
     path.extension().and_then(|e| e.to_str()).is_some_and(|e| {
         e.eq_ignore_ascii_case("yaml")
             || e.eq_ignore_ascii_case("yml")
@@ -16,7 +16,8 @@ fn is_manifest_name(path: &Path) -> bool {
     })
 }
 
-fn is_hidden(name: &std::ffi::OsStr) -> bool {
+/// Whether a directory entry is skipped by its name (`.git`, `..data`).
+pub(super) fn is_hidden(name: &std::ffi::OsStr) -> bool {
     name.as_encoded_bytes().first() == Some(&b'.')
 }
 
@@ -30,6 +31,8 @@ pub(super) struct Listing {
     /// Paths that could not be listed for a reason other than not existing: the
     /// files below them keep their last good objects.
     pub(super) unreadable: Vec<PathBuf>,
+    /// Whether a path given or an entry met is a symlink.
+    pub(super) linked: bool,
 }
 
 pub(super) fn list_files(paths: &[PathBuf]) -> Listing {
@@ -37,6 +40,7 @@ pub(super) fn list_files(paths: &[PathBuf]) -> Listing {
     let mut seen = HashSet::new();
     let mut visited_dirs = HashSet::new();
     for p in paths {
+        l.linked |= std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink());
         match std::fs::metadata(p) {
             Err(e) => {
                 if e.kind() != io::ErrorKind::NotFound {
@@ -78,6 +82,7 @@ fn walk(dir: &Path, l: &mut Listing, seen: &mut HashSet<PathBuf>, visited: &mut 
     let mut names: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .filter(|e| !is_hidden(&e.file_name()))
+        .inspect(|e| l.linked |= e.file_type().is_ok_and(|t| t.is_symlink()))
         .map(|e| e.path())
         .collect();
     names.sort();
