@@ -16,6 +16,7 @@
 //! good objects, duplicates across files) and [`watch`] (file events,
 //! debounce, polling fallback, the source's run loop).
 
+mod chunks;
 mod locate;
 mod parse;
 mod reload;

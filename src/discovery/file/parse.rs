@@ -45,6 +45,11 @@ impl Format {
     }
 }
 
+/// Whether a file of this name is read as JSON (else YAML).
+pub(super) fn is_json(origin: &str) -> bool {
+    Format::of(origin) == Format::Json
+}
+
 /// Parses one file's text. `origin` names the file in errors, and a name ending in
 /// `.json` selects the JSON parser. Returns every error of the file, or its objects.
 pub fn parse_str(
@@ -464,7 +469,7 @@ fn first_content_line(text: &str) -> usize {
 
 /// Whether `line` is the document marker `marker` (`---` or `...`) and, if so,
 /// whether content follows it on the same line.
-fn marker<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
+pub(super) fn marker<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
     let rest = line.strip_prefix(marker)?;
     if rest.is_empty() || rest.starts_with([' ', '\t', '\r']) {
         Some(rest)

@@ -24,7 +24,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use super::parse::{parse_located, Located};
+use super::chunks::{parse_yaml, Runs};
+use super::parse::{is_json, parse_located, Located};
 use super::walk::{is_hidden, is_manifest_name, list_files};
 use super::ManifestError;
 use crate::config::Limits;
@@ -107,6 +108,25 @@ struct FileEntry {
     stamp: Option<Stamp>,
     /// Its last good objects (none if it never loaded cleanly).
     good: Vec<Located>,
+    /// Which of `good` each run of its text gave (YAML), so that the next
+    /// parse reads only the runs that changed.
+    runs: Runs,
+}
+
+/// Parses a file's `text`, reusing what the unchanged documents of its
+/// `old` version gave (YAML); `old` is left as it was when the file has
+/// errors.
+fn parse_file(
+    origin: &str,
+    text: &str,
+    limits: &Limits,
+    old: Option<&mut FileEntry>,
+) -> (Vec<Located>, Vec<ManifestError>, Runs) {
+    if is_json(origin) {
+        let (objects, errors) = parse_located(origin, text, limits);
+        return (objects, errors, Runs::default());
+    }
+    parse_yaml(origin, text, limits, old.map(|o| (&mut o.good, &o.runs)))
 }
 
 /// What one reload changed.
@@ -262,19 +282,23 @@ impl FileSource {
                 Ok((stamp, text)) => {
                     parsed += 1;
                     let origin = path.display().to_string();
-                    let (objects, errs) = parse_located(&origin, &text, &self.limits);
-                    let old = previous.remove(&path);
+                    let mut old = previous.remove(&path);
                     let old_ids = old.as_ref().map(ids_of).unwrap_or_default();
+                    let (objects, errs, runs) =
+                        parse_file(&origin, &text, &self.limits, old.as_mut());
                     let entry = if errs.is_empty() {
                         FileEntry {
                             stamp: (!stamp.racy(stamped_at)).then_some(stamp),
                             good: objects,
+                            runs,
                         }
                     } else {
                         errors.extend(errs);
+                        let (good, runs) = old.map(|o| (o.good, o.runs)).unwrap_or_default();
                         FileEntry {
                             stamp: None,
-                            good: old.map(|o| o.good).unwrap_or_default(),
+                            good,
+                            runs,
                         }
                     };
                     files.insert(path.clone(), entry);
@@ -359,11 +383,13 @@ impl FileSource {
                 Ok(Some((stamp, text))) => {
                     parsed += 1;
                     let origin = path.display().to_string();
-                    let (objects, errs) = parse_located(&origin, &text, &self.limits);
+                    let old_ids = ids_of(old);
+                    let (objects, errs, runs) =
+                        parse_file(&origin, &text, &self.limits, Some(&mut *old));
                     if errs.is_empty() {
-                        let old_ids = ids_of(old);
                         old.stamp = (!stamp.racy(stamped_at)).then_some(stamp);
                         old.good = objects;
+                        old.runs = runs;
                         changed.push((path.clone(), old_ids));
                     } else {
                         old.stamp = None;
