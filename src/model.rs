@@ -631,6 +631,18 @@ impl Object {
             Object::Endpoints(e) => (Kind::Endpoints, e.key.clone()),
         }
     }
+
+    /// Whether the object is the one `kind` and `key` identify (what
+    /// [`Object::id`] says, without building it).
+    pub fn has_id(&self, kind: Kind, key: &ObjectKey) -> bool {
+        match self {
+            Object::Service(s) => kind == Kind::Service && s.key == *key,
+            Object::EndpointSlice(s) => kind == Kind::EndpointSlice && s.key == *key,
+            Object::Node(n) => kind == Kind::Node && key.namespace.is_empty() && n.name == key.name,
+            Object::Pod(p) => kind == Kind::Pod && p.key == *key,
+            Object::Endpoints(e) => kind == Kind::Endpoints && e.key == *key,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ use std::hash::{Hash, Hasher};
 use super::parse::{marker, parse_located, Located};
 use super::ManifestError;
 use crate::config::Limits;
+use crate::model::{Kind, ObjectKey};
 
 /// A 128-bit print of a run's text: equal prints, equal text.
 type Print = (u64, u64);
@@ -67,6 +68,21 @@ fn runs(text: &str) -> Vec<Run<'_>> {
 #[derive(Debug, Default)]
 pub(super) struct Runs(Vec<(Print, usize, usize)>);
 
+/// What a parse that kept the unchanged runs changed: the ids of the
+/// objects of the runs gone, and of the runs parsed now.
+#[derive(Debug)]
+pub(super) struct Delta {
+    pub(super) dropped: Vec<Id>,
+    pub(super) added: Vec<Id>,
+}
+
+/// An object's identity.
+type Id = (Kind, ObjectKey);
+
+/// Up to how many new objects are checked against the kept ones by
+/// comparison rather than by a set of every id.
+const COMPARE_UP_TO: usize = 32;
+
 /// A YAML file's objects and errors (as [`parse_located`] gives them), and
 /// its runs when each parsed cleanly alone. With `last` (the file's
 /// previous objects and runs), the runs whose text is unchanged keep their
@@ -77,17 +93,17 @@ pub(super) fn parse_yaml(
     text: &str,
     limits: &Limits,
     last: Option<(&mut Vec<Located>, &Runs)>,
-) -> (Vec<Located>, Vec<ManifestError>, Runs) {
+) -> (Vec<Located>, Vec<ManifestError>, Runs, Option<Delta>) {
     let (mut none, empty) = (Vec::new(), Runs::default());
     let (old, old_runs) = last.unwrap_or((&mut none, &empty));
-    if let Some((objects, kept)) = reuse(origin, &runs(text), limits, old, old_runs) {
-        return (objects, Vec::new(), kept);
+    if let Some((objects, kept, delta)) = reuse(origin, &runs(text), limits, old, old_runs) {
+        return (objects, Vec::new(), kept, Some(delta));
     }
     // Errors are found and placed by the whole file's parse. A file that
     // parses whole but not run by run (a directive above a `---`) has no
     // runs: it is parsed whole each time.
     let (objects, errors) = parse_located(origin, text, limits);
-    (objects, errors, Runs::default())
+    (objects, errors, Runs::default(), None)
 }
 
 /// Where a run's objects come from.
@@ -103,16 +119,16 @@ enum Source {
 }
 
 /// The file's objects from the `old` ones of unchanged runs (moved out)
-/// and a parse of the others; `None`, with `old` untouched, when a parse
-/// found an error or the file defines an object twice (the whole file's
-/// parse reports those).
+/// and a parse of the others, with what changed; `None`, with `old`
+/// untouched, when a parse found an error or the file defines an object
+/// twice (the whole file's parse reports those).
 fn reuse(
     origin: &str,
     runs: &[Run<'_>],
     limits: &Limits,
     old: &mut Vec<Located>,
     old_runs: &Runs,
-) -> Option<(Vec<Located>, Runs)> {
+) -> Option<(Vec<Located>, Runs, Delta)> {
     if old_runs.0.iter().map(|r| r.2).sum::<usize>() != old.len() {
         return None; // not the runs of these objects
     }
@@ -124,20 +140,14 @@ fn reuse(
         at += count;
     }
     let mut plan = Vec::with_capacity(runs.len());
-    let mut ids = HashSet::new();
+    let mut added: HashSet<Id> = HashSet::new();
     for r in runs {
         let p = print(r.text);
         let source = match by_print.get_mut(&p).and_then(Vec::pop) {
-            Some((line, at, count)) => {
-                let unique = old
-                    .get(at..at + count)?
-                    .iter()
-                    .all(|o| ids.insert(o.object.id()));
-                unique.then_some(Source::Old { line, at, count })?
-            }
+            Some((line, at, count)) => Source::Old { line, at, count },
             None => {
                 let (mut got, errors) = parse_located(origin, r.text, limits);
-                if !errors.is_empty() || !got.iter().all(|o| ids.insert(o.object.id())) {
+                if !errors.is_empty() || !got.iter().all(|o| added.insert(o.object.id())) {
                     return None;
                 }
                 for o in &mut got {
@@ -148,8 +158,32 @@ fn reuse(
         };
         plan.push((p, r.line, source));
     }
+    // The kept objects were unique in the old file; a new one must not be
+    // one of them.
+    let reused = plan.iter().filter_map(|(_, _, s)| match s {
+        Source::Old { at, count, .. } => old.get(*at..*at + *count),
+        Source::New(_) => None,
+    });
+    for o in reused.flatten() {
+        let clash = if added.len() <= COMPARE_UP_TO {
+            added.iter().any(|id| o.object.has_id(id.0, &id.1))
+        } else {
+            added.contains(&o.object.id())
+        };
+        if clash {
+            return None;
+        }
+    }
+    let dropped: Vec<Id> = by_print
+        .values()
+        .flatten()
+        .filter_map(|&(_, at, count)| old.get(at..at + count))
+        .flatten()
+        .map(|o| o.object.id())
+        .collect();
+
     let mut old: Vec<Option<Located>> = std::mem::take(old).into_iter().map(Some).collect();
-    let mut objects = Vec::with_capacity(ids.len());
+    let mut objects = Vec::with_capacity(old.len() + added.len());
     let mut kept = Vec::with_capacity(plan.len());
     for (p, line, source) in plan {
         let before = objects.len();
@@ -170,7 +204,8 @@ fn reuse(
         }
         kept.push((p, line, objects.len() - before));
     }
-    Some((objects, Runs(kept)))
+    let added = added.into_iter().collect();
+    Some((objects, Runs(kept), Delta { dropped, added }))
 }
 
 #[cfg(test)]
@@ -201,7 +236,7 @@ mod tests {
     /// names of the objects reused (marked in the old version).
     fn reparse(before: &str, after: &str) -> Vec<String> {
         let limits = Limits::default();
-        let (mut old, errors, runs) = parse_yaml("f.yaml", before, &limits, None);
+        let (mut old, errors, runs, _) = parse_yaml("f.yaml", before, &limits, None);
         assert!(errors.is_empty(), "{errors:?}");
         assert_eq!(
             seen(&old),
@@ -214,7 +249,7 @@ mod tests {
             }
         }
         let kept_before = old.len();
-        let (got, errors, _) = parse_yaml("f.yaml", after, &limits, Some((&mut old, &runs)));
+        let (got, errors, _, _) = parse_yaml("f.yaml", after, &limits, Some((&mut old, &runs)));
         let (want, want_errors) = parse_located("f.yaml", after, &limits);
         let messages = |e: &[ManifestError]| e.iter().map(ToString::to_string).collect::<Vec<_>>();
         assert_eq!(messages(&errors), messages(&want_errors));
@@ -298,6 +333,27 @@ mod tests {
             .len(),
             1
         );
+    }
+
+    /// What changed names the ids of the documents parsed and of those
+    /// gone, not the ones kept.
+    #[test]
+    fn the_delta_names_what_was_parsed_and_what_went() {
+        let limits = Limits::default();
+        let (a, b, c) = (svc("a", 80), svc("b", 81), svc("c", 82));
+        let (mut old, _, runs, _) =
+            parse_yaml("f.yaml", &format!("{a}---\n{b}---\n{c}"), &limits, None);
+        let after = format!("{a}---\n{}---\n{}", svc("b", 91), svc("d", 83));
+        let (_, errors, _, delta) = parse_yaml("f.yaml", &after, &limits, Some((&mut old, &runs)));
+        assert!(errors.is_empty());
+        let names = |ids: &[Id]| {
+            let mut n: Vec<String> = ids.iter().map(|id| id.1.name.clone()).collect();
+            n.sort();
+            n
+        };
+        let d = delta.expect("runs kept");
+        assert_eq!(names(&d.dropped), vec!["b", "c"]);
+        assert_eq!(names(&d.added), vec!["b", "d"]);
     }
 
     /// Errors are the whole file's, with its positions, and leave the old

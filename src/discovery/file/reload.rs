@@ -21,10 +21,10 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::io;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use super::chunks::{parse_yaml, Runs};
+use super::chunks::{parse_yaml, Delta, Runs};
 use super::parse::{is_json, parse_located, Located};
 use super::walk::{is_hidden, is_manifest_name, list_files};
 use super::ManifestError;
@@ -113,20 +113,58 @@ struct FileEntry {
     runs: Runs,
 }
 
+/// A file whose objects may differ now.
+struct Changed {
+    path: PathBuf,
+    /// The ids it no longer defines, or may define differently.
+    old_ids: Vec<Id>,
+    /// The ids it defines that may be new or different; `None`: all of them.
+    new_ids: Option<Vec<Id>>,
+}
+
+/// A file parsed again.
+struct Parsed {
+    objects: Vec<Located>,
+    errors: Vec<ManifestError>,
+    runs: Runs,
+    /// What changed, when only some of its documents were parsed.
+    delta: Option<Delta>,
+}
+
 /// Parses a file's `text`, reusing what the unchanged documents of its
-/// `old` version gave (YAML); `old` is left as it was when the file has
-/// errors.
-fn parse_file(
-    origin: &str,
-    text: &str,
-    limits: &Limits,
-    old: Option<&mut FileEntry>,
-) -> (Vec<Located>, Vec<ManifestError>, Runs) {
-    if is_json(origin) {
+/// `old` version gave (YAML); `old` is left as it was unless only some
+/// documents were parsed.
+fn parse_file(origin: &str, text: &str, limits: &Limits, old: Option<&mut FileEntry>) -> Parsed {
+    let (objects, errors, runs, delta) = if is_json(origin) {
         let (objects, errors) = parse_located(origin, text, limits);
-        return (objects, errors, Runs::default());
+        (objects, errors, Runs::default(), None)
+    } else {
+        parse_yaml(origin, text, limits, old.map(|o| (&mut o.good, &o.runs)))
+    };
+    Parsed {
+        objects,
+        errors,
+        runs,
+        delta,
     }
-    parse_yaml(origin, text, limits, old.map(|o| (&mut o.good, &o.runs)))
+}
+
+/// The ids a change of `path` touched: those of the documents parsed
+/// again and of those gone when `delta` says which; else every id the
+/// file had (`old`) and has.
+fn changed(path: &Path, delta: Option<Delta>, old: Option<&FileEntry>) -> Changed {
+    match delta {
+        Some(d) => Changed {
+            path: path.to_path_buf(),
+            old_ids: d.dropped,
+            new_ids: Some(d.added),
+        },
+        None => Changed {
+            path: path.to_path_buf(),
+            old_ids: old.map(ids_of).unwrap_or_default(),
+            new_ids: None,
+        },
+    }
 }
 
 /// What one reload changed.
@@ -174,29 +212,46 @@ pub struct FileSource {
 }
 
 /// Each file's objects by identity (positions in its good list), built
-/// only for the files a reload looks into.
-#[derive(Default)]
-struct Index(HashMap<PathBuf, HashMap<Id, Vec<usize>>>);
+/// only for the files a reload looks into; for a few ids, a scan of the
+/// file instead (a one-object change in a file of thousands builds no map).
+struct Index {
+    maps: HashMap<PathBuf, HashMap<Id, Vec<usize>>>,
+    scan: bool,
+}
+
+/// Up to how many ids a reload looks up by scanning.
+const SCAN_UP_TO: usize = 16;
 
 impl Index {
-    fn of<'a>(
-        &'a mut self,
-        files: &HashMap<PathBuf, FileEntry>,
-        path: &PathBuf,
-    ) -> &'a HashMap<Id, Vec<usize>> {
-        self.0.entry(path.clone()).or_insert_with(|| {
-            let mut m: HashMap<Id, Vec<usize>> = HashMap::new();
-            for (i, l) in files
-                .get(path)
-                .map(|f| f.good.as_slice())
-                .unwrap_or_default()
+    fn for_ids(ids: usize) -> Self {
+        Index {
+            maps: HashMap::new(),
+            scan: ids <= SCAN_UP_TO,
+        }
+    }
+
+    /// Where `id` is defined in the file at `path`.
+    fn at(&mut self, files: &HashMap<PathBuf, FileEntry>, path: &PathBuf, id: &Id) -> Vec<usize> {
+        let good = files
+            .get(path)
+            .map(|f| f.good.as_slice())
+            .unwrap_or_default();
+        if self.scan {
+            return good
                 .iter()
                 .enumerate()
-            {
+                .filter(|(_, l)| l.object.has_id(id.0, &id.1))
+                .map(|(i, _)| i)
+                .collect();
+        }
+        let map = self.maps.entry(path.clone()).or_insert_with(|| {
+            let mut m: HashMap<Id, Vec<usize>> = HashMap::new();
+            for (i, l) in good.iter().enumerate() {
                 m.entry(l.object.id()).or_default().push(i);
             }
             m
-        })
+        });
+        map.get(id).cloned().unwrap_or_default()
     }
 }
 
@@ -263,7 +318,7 @@ impl FileSource {
         let mut files = HashMap::new();
         let mut order = Vec::new();
         // Files whose good objects may differ now, with the ids they had.
-        let mut changed: Vec<(PathBuf, Vec<Id>)> = Vec::new();
+        let mut changed: Vec<Changed> = Vec::new();
         let mut parsed = 0;
         for path in listing.files {
             let stamped_at = SystemTime::now();
@@ -283,26 +338,18 @@ impl FileSource {
                     parsed += 1;
                     let origin = path.display().to_string();
                     let mut old = previous.remove(&path);
-                    let old_ids = old.as_ref().map(ids_of).unwrap_or_default();
-                    let (objects, errs, runs) =
-                        parse_file(&origin, &text, &self.limits, old.as_mut());
-                    let entry = if errs.is_empty() {
-                        FileEntry {
-                            stamp: (!stamp.racy(stamped_at)).then_some(stamp),
-                            good: objects,
-                            runs,
-                        }
+                    let p = parse_file(&origin, &text, &self.limits, old.as_mut());
+                    if p.errors.is_empty() {
+                        changed.push(self::changed(&path, p.delta, old.as_ref()));
+                        let stamp = (!stamp.racy(stamped_at)).then_some(stamp);
+                        let (good, runs) = (p.objects, p.runs);
+                        files.insert(path.clone(), FileEntry { stamp, good, runs });
                     } else {
-                        errors.extend(errs);
+                        errors.extend(p.errors);
                         let (good, runs) = old.map(|o| (o.good, o.runs)).unwrap_or_default();
-                        FileEntry {
-                            stamp: None,
-                            good,
-                            runs,
-                        }
-                    };
-                    files.insert(path.clone(), entry);
-                    changed.push((path.clone(), old_ids));
+                        let stamp = None;
+                        files.insert(path.clone(), FileEntry { stamp, good, runs });
+                    }
                     order.push(path);
                 }
                 // Deleted between listing and reading.
@@ -333,7 +380,7 @@ impl FileSource {
         }
         // What is left of the previous files is gone.
         for (p, old) in previous {
-            changed.push((p, ids_of(&old)));
+            changed.push(self::changed(&p, None, Some(&old)));
         }
         self.files = files;
         self.pos = order
@@ -362,7 +409,7 @@ impl FileSource {
             return self.reload_changes();
         }
         let mut errors = Vec::new();
-        let mut changed: Vec<(PathBuf, Vec<Id>)> = Vec::new();
+        let mut changed: Vec<Changed> = Vec::new();
         let mut parsed = 0;
         for path in touched {
             let Some(old) = self.files.get_mut(path) else {
@@ -383,17 +430,15 @@ impl FileSource {
                 Ok(Some((stamp, text))) => {
                     parsed += 1;
                     let origin = path.display().to_string();
-                    let old_ids = ids_of(old);
-                    let (objects, errs, runs) =
-                        parse_file(&origin, &text, &self.limits, Some(&mut *old));
-                    if errs.is_empty() {
+                    let p = parse_file(&origin, &text, &self.limits, Some(&mut *old));
+                    if p.errors.is_empty() {
+                        changed.push(self::changed(path, p.delta, Some(old)));
                         old.stamp = (!stamp.racy(stamped_at)).then_some(stamp);
-                        old.good = objects;
-                        old.runs = runs;
-                        changed.push((path.clone(), old_ids));
+                        old.good = p.objects;
+                        old.runs = p.runs;
                     } else {
                         old.stamp = None;
-                        errors.extend(errs);
+                        errors.extend(p.errors);
                     }
                 }
                 // Removed since the event: the listing must say so.
@@ -435,12 +480,12 @@ impl FileSource {
     /// reload (duplicates included).
     fn finish(
         &mut self,
-        changed: Vec<(PathBuf, Vec<Id>)>,
+        changed: Vec<Changed>,
         mut errors: Vec<ManifestError>,
         parsed: usize,
     ) -> Reloaded {
         let affected = self.refile(changed);
-        let mut index = Index::default();
+        let mut index = Index::for_ids(affected.len() + self.dups.len());
         let updates = self.hand_out(&affected, &mut index);
         errors.extend(self.duplicates(&mut index));
         self.clean = errors.is_empty();
@@ -452,11 +497,16 @@ impl FileSource {
         }
     }
 
-    /// Moves the definitions of the `changed` files (with the ids they had)
-    /// to what they hold now; returns every id they had or have.
-    fn refile(&mut self, changed: Vec<(PathBuf, Vec<Id>)>) -> BTreeSet<Id> {
+    /// Moves the definitions of the `changed` files to what they hold now;
+    /// returns every id they had or have.
+    fn refile(&mut self, changed: Vec<Changed>) -> BTreeSet<Id> {
         let mut affected = BTreeSet::new();
-        for (path, old_ids) in changed {
+        for Changed {
+            path,
+            old_ids,
+            new_ids,
+        } in changed
+        {
             for id in old_ids {
                 if let Some(d) = self.defs.get_mut(&id) {
                     d.retain(|p| *p != path);
@@ -466,7 +516,8 @@ impl FileSource {
                 }
                 affected.insert(id);
             }
-            let now = self.files.get(&path).map(ids_of).unwrap_or_default();
+            let now =
+                new_ids.unwrap_or_else(|| self.files.get(&path).map(ids_of).unwrap_or_default());
             for id in now {
                 let d = self.defs.entry(id.clone()).or_default();
                 if !d.contains(&path) {
@@ -488,11 +539,7 @@ impl FileSource {
             let mut count = 0;
             let mut first: Option<&Object> = None;
             for p in &definers {
-                let at = index
-                    .of(&self.files, p)
-                    .get(id)
-                    .map(Vec::as_slice)
-                    .unwrap_or_default();
+                let at = index.at(&self.files, p, id);
                 count += at.len();
                 if first.is_none() {
                     first = at
@@ -531,11 +578,7 @@ impl FileSource {
             let definers = definers(&self.defs, id, &self.pos);
             let mut first: Option<(String, usize)> = None;
             for p in definers {
-                let at = index
-                    .of(&self.files, p)
-                    .get(id)
-                    .cloned()
-                    .unwrap_or_default();
+                let at = index.at(&self.files, p, id);
                 let Some(file) = self.files.get(p) else {
                     continue;
                 };

@@ -1093,3 +1093,40 @@ fn a_reload_of_named_paths_reads_only_those_files() {
         ]
     );
 }
+
+/// One document edited in a file of many: one update, and the source then
+/// serves what a fresh load of the files serves (the documents kept, the
+/// edited one, a Service moved to another file, a duplicate reported).
+#[test]
+fn one_document_edited_among_many_is_one_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.yaml"), dir.path().join("b.yaml"));
+    let docs = |edited: u32| {
+        (0..40)
+            .map(|i| service(&format!("s{i}"), if i == 7 { edited } else { 80 }))
+            .collect::<Vec<_>>()
+            .join("---\n")
+    };
+    fs::write(&a, docs(80)).unwrap();
+    fs::write(&b, service("s39", 9)).unwrap();
+    let mut src = FileSource::new(vec![dir.path().to_path_buf()], Limits::default());
+    let r = src.reload_changes();
+    assert_eq!((upserts(&r).len(), r.errors.len()), (40, 1));
+
+    fs::write(&a, docs(81)).unwrap();
+    let r = src.reload_touched(&[a.clone()].into());
+    assert_eq!(upserts(&r), vec![("Service default/s7".to_string(), 81)]);
+    // Reported again: a reload after errors is a full one.
+    assert_eq!(r.errors.len(), 1);
+    let r = src.reload_changes();
+    assert_eq!((r.updates.len(), r.errors.len()), (0, 1));
+
+    // s39 leaves a: b's definition takes over.
+    let mut rest: Vec<String> = (0..39).map(|i| service(&format!("s{i}"), 80)).collect();
+    rest[7] = service("s7", 81);
+    fs::write(&a, rest.join("---\n")).unwrap();
+    let r = src.reload_changes();
+    assert_eq!(upserts(&r), vec![("Service default/s39".to_string(), 9)]);
+    let fresh = load(&[dir.path().to_path_buf()], &Limits::default()).0;
+    assert_eq!(src.objects(), fresh);
+}
