@@ -176,10 +176,17 @@ impl FileSource {
                     reload_ms = ms(began.elapsed().ok()),
                     "manifests loaded"
                 );
+                // The first load's Upserts hand out every object: they are
+                // the Reset (consumed here, not kept alive across the wait for
+                // the next event and freed then, at the first change's cost).
                 let updates = if started {
                     updates
                 } else {
-                    vec![Update::Reset(source.objects())]
+                    let all = updates.into_iter().filter_map(|u| match u {
+                        Update::Upsert(o) => Some(*o),
+                        _ => None,
+                    });
+                    vec![Update::Reset(all.collect())]
                 };
                 let batch = Batch {
                     updates,
