@@ -61,11 +61,11 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
         .iter()
         .enumerate()
     {
-        let f = format!("ports[{i}]");
+        let f = |part: &str| format!("ports[{i}].{part}");
         let name = p.name.as_deref().unwrap_or("");
         if let Some(j) = seen_names.insert(name, i) {
             errs.push(
-                format!("{f}.name"),
+                f("name"),
                 format!("duplicate name {name:?} (also ports[{j}])"),
             );
         }
@@ -74,10 +74,10 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
         if p.protocol.as_deref() == Some("SCTP") {
             continue;
         }
-        let proto = errs.ok(format!("{f}.protocol"), protocol(p.protocol.as_deref()));
+        let proto = errs.ok(|| f("protocol"), protocol(p.protocol.as_deref()));
         let port = match p.port {
             None => Some(None),
-            Some(n) => errs.ok(format!("{f}.port"), port_number(n)).map(Some),
+            Some(n) => errs.ok(|| f("port"), port_number(n)).map(Some),
         };
         if let (Some(protocol), Some(port)) = (proto, port) {
             ports.push(SlicePort {
@@ -90,14 +90,16 @@ pub fn endpoint_slice(slice: &discovery::EndpointSlice) -> Result<EndpointSlice,
 
     let mut endpoints = Vec::with_capacity(slice.endpoints.len());
     for (i, ep) in slice.endpoints.iter().enumerate() {
-        let f = format!("endpoints[{i}]");
         if ep.addresses.is_empty() {
-            errs.push(format!("{f}.addresses"), "at least one address is required");
+            errs.push(
+                || format!("endpoints[{i}].addresses"),
+                "at least one address is required",
+            );
             continue;
         }
         let mut first = None;
         for (j, raw) in ep.addresses.iter().enumerate() {
-            let af = format!("{f}.addresses[{j}]");
+            let af = || format!("endpoints[{i}].addresses[{j}]");
             match parse_ip(raw) {
                 Ok(ip) => {
                     if let Some(fam) = family {
