@@ -220,27 +220,6 @@ fn explain(a: ExplainArgs, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// jemalloc, not glibc's malloc: the first list of a large cluster allocates
-/// and frees millions of small strings and maps (decoded API objects dropped
-/// once converted) among the objects kept, and glibc spent ~40 % of start-up's
-/// CPU coalescing those freed chunks (`malloc_consolidate`, `unlink_chunk`):
-/// 100,000 Services started in 11.0 s on glibc, 6.1 s on jemalloc, RSS 593 vs
-/// 538 MiB (BENCHMARKS.md, "Start -> serving < 10 s"). The data path does not
-/// allocate per packet, so it is indifferent.
-#[global_allocator]
-static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
-/// jemalloc's settings, read when it starts (`$_RJEM_MALLOC_CONF` still
-/// overrides them): freed pages go back to the kernel after ~1 s rather than
-/// 10 s, and at once rather than first as lazily freed ones, so a burst's
-/// buffers do not stay in RSS (integration/fault.rs's UDP flood: 181 MiB with
-/// the defaults, 73 MiB with these, glibc 66 MiB; the 160 MiB bound held).
-/// No background purging thread: it would be started before `main` and
-/// keep the capabilities that every other thread drops.
-#[export_name = "_rjem_malloc_conf"]
-#[allow(non_upper_case_globals)]
-pub static malloc_conf: &[u8; 37] = b"dirty_decay_ms:1000,muzzy_decay_ms:0\0";
-
 fn main() -> ExitCode {
     // The matches are kept: they tell which settings the command line gave.
     let matches = Cli::command().get_matches();

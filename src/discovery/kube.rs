@@ -538,13 +538,10 @@ impl KubeSource {
     }
 }
 
-/// Hands glibc's free heap pages back to the kernel. Called once, after the
+/// Hands the heap's free pages back to the kernel. Called once, after the
 /// first list: its responses and the API objects converted from them (at
 /// 100,000 Services, several times what is kept) were freed among the
-/// objects kept, and glibc keeps such pages in the process. The `ringvip`
-/// binary allocates with jemalloc (see `main.rs`), which returns such pages
-/// by its own decay, so there this trims only what C code took from glibc;
-/// a program using this library on glibc's malloc gets the full effect.
+/// objects kept, and glibc keeps such pages in the process.
 fn release_free_memory() {
     // SAFETY: malloc_trim only walks the allocator's own free lists; it
     // takes no pointer and is safe to call from any thread at any time.
