@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::convert::{self, ConvertError, LABEL_HEADLESS, LABEL_SERVICE_PROXY_NAME};
-use super::{Batch, Update};
+use super::{print, Batch, Print, Update};
 use crate::config::Limits;
 use crate::model::{Kind, Object, ObjectKey};
 
@@ -219,22 +219,6 @@ enum Held {
     /// relist). The source keeps no copy of what it sent: at 100,000
     /// Services that copy was as large as the store.
     Print(Print),
-}
-
-/// A 128-bit fingerprint of a converted object (two SipHash passes with
-/// different prefixes): two versions with the same fingerprint are taken
-/// as equal.
-type Print = (u64, u64);
-
-fn print(o: &Object) -> Print {
-    use std::hash::{DefaultHasher, Hash, Hasher};
-    let pass = |salt: u8| {
-        let mut h = DefaultHasher::new();
-        salt.hash(&mut h);
-        o.hash(&mut h);
-        h.finish()
-    };
-    (pass(0), pass(1))
 }
 
 impl Held {

@@ -13,9 +13,26 @@ pub(crate) mod selector;
 #[cfg(test)]
 mod proptests;
 
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::SystemTime;
 
 use crate::model::{Kind, Object, ObjectKey};
+
+/// A 128-bit fingerprint (two SipHash passes with different prefixes): two
+/// values with the same print are taken as equal. The sources compare what
+/// they hand out, and the file source a document's text, by it.
+pub(crate) type Print = (u64, u64);
+
+/// The [`Print`] of `v`.
+pub(crate) fn print<T: Hash + ?Sized>(v: &T) -> Print {
+    let pass = |salt: u8| {
+        let mut h = DefaultHasher::new();
+        salt.hash(&mut h);
+        v.hash(&mut h);
+        h.finish()
+    };
+    (pass(0), pass(1))
+}
 
 /// What a source sends: changes for the store, in order, with their times.
 #[derive(Debug, Clone, PartialEq)]

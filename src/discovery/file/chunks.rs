@@ -10,25 +10,12 @@
 //! file-wide positions.
 
 use std::collections::{HashMap, HashSet};
-use std::hash::{Hash, Hasher};
 
 use super::parse::{marker, parse_located, Located};
+use super::reload::Id;
 use super::ManifestError;
 use crate::config::Limits;
-use crate::model::{Kind, ObjectKey};
-
-/// A 128-bit print of a run's text: equal prints, equal text.
-type Print = (u64, u64);
-
-fn print(text: &str) -> Print {
-    let pass = |salt: u8| {
-        let mut h = std::hash::DefaultHasher::new();
-        salt.hash(&mut h);
-        text.hash(&mut h);
-        h.finish()
-    };
-    (pass(0), pass(1))
-}
+use crate::discovery::{print, Print};
 
 /// One run of a file's text: from a `---` line (or the file's start) to the
 /// next `---` line.
@@ -75,9 +62,6 @@ pub(super) struct Delta {
     pub(super) dropped: Vec<Id>,
     pub(super) added: Vec<Id>,
 }
-
-/// An object's identity.
-type Id = (Kind, ObjectKey);
 
 /// Up to how many new objects are checked against the kept ones by
 /// comparison rather than by a set of every id.

@@ -18,7 +18,6 @@
 //! files, errors to report again).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::hash::{Hash, Hasher};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -29,7 +28,7 @@ use super::parse::{is_json, parse_located, Located};
 use super::walk::{is_hidden, is_manifest_name, list_files};
 use super::ManifestError;
 use crate::config::Limits;
-use crate::discovery::{convert, Update};
+use crate::discovery::{convert, print, Print, Update};
 use crate::model::{Kind, Object, ObjectKey};
 
 /// Loads every path (files and directories) once: every error, and the objects
@@ -41,21 +40,7 @@ pub fn load(paths: &[PathBuf], limits: &Limits) -> (Vec<Object>, Vec<ManifestErr
 }
 
 /// An object's identity across files.
-type Id = (Kind, ObjectKey);
-
-/// A 128-bit print of an object: two versions with the same print are
-/// taken as equal.
-type Print = (u64, u64);
-
-fn print(o: &Object) -> Print {
-    let pass = |salt: u8| {
-        let mut h = std::hash::DefaultHasher::new();
-        salt.hash(&mut h);
-        o.hash(&mut h);
-        h.finish()
-    };
-    (pass(0), pass(1))
-}
+pub(super) type Id = (Kind, ObjectKey);
 
 /// What a file's metadata says of its content: equal stamps, equal content
 /// (a write changes the change time, which no tool can set back; a file

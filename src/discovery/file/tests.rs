@@ -1006,6 +1006,12 @@ fn a_reload_parses_changed_files_and_sends_changed_objects() {
     );
 }
 
+/// A path beside `dir` (same file system) to move things out of it to.
+fn elsewhere_dir(dir: &tempfile::TempDir) -> PathBuf {
+    let name = dir.path().file_name().unwrap().to_string_lossy();
+    dir.path().with_file_name(format!("{name}-moved"))
+}
+
 /// A reload of the paths a watcher named reads those files and nothing
 /// else, and falls back to a full reload whenever the names could hide a
 /// change elsewhere: a new manifest, a directory, errors to report again, a
@@ -1069,6 +1075,13 @@ fn a_reload_of_named_paths_reads_only_those_files() {
     fs::write(sub.join("d.yaml"), service("d", 95)).unwrap();
     let r = src.reload_touched(&named(&[&sub]));
     assert_eq!(upserts(&r), vec![("Service default/d".to_string(), 95)]);
+    // A directory of loaded files gone (moved away: one event, its own
+    // name): its objects go.
+    let moved = elsewhere_dir(&dir);
+    fs::rename(&sub, &moved).unwrap();
+    let r = src.reload_touched(&named(&[&sub]));
+    fs::remove_dir_all(&moved).unwrap();
+    assert_eq!(deletes(&r), vec!["Service default/d"]);
 
     // A named file removed: its objects go.
     fs::remove_file(&b).unwrap();
