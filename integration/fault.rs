@@ -582,16 +582,23 @@ fn thousand_service_changes_under_load_leave_exactly_the_wanted_listeners() {
         assert_eq!(echo(np(*p)), Answer::Echoed, "first connection to {p}");
     }
 
-    // Client load over every TCP port, and datagrams over the UDP ones.
+    // Client load over every TCP port, and datagrams over the UDP ones. A
+    // connect waits through the kernel's first SYN retransmission (sent after
+    // 1 s, the next after 3 s): a listener's close can drop the SYN that
+    // raced it without a reset (see `benches/listener_close_race.py`, which
+    // shows the same with plain kernel sockets), and the retransmission then
+    // finds the port's new state. A SYN still unanswered at 3.5 s is ours.
+    const CONNECT_LIMIT: Duration = Duration::from_millis(3500);
     let stop = Arc::new(AtomicBool::new(false));
-    let tcp_clients: Vec<thread::JoinHandle<Vec<Answer>>> = (0..3u64)
+    let tcp_clients: Vec<thread::JoinHandle<Vec<(Answer, Duration)>>> = (0..3u64)
         .map(|t| {
             let (stop, ports) = (stop.clone(), ports[..TCP].to_vec());
             thread::spawn(move || {
                 let mut rng = rand::rngs::SmallRng::seed_from_u64(t);
                 let mut seen = Vec::new();
                 while !stop.load(Ordering::SeqCst) && seen.len() < 100_000 {
-                    seen.push(echo(np(ports[rng.random_range(0..ports.len())])));
+                    let port = ports[rng.random_range(0..ports.len())];
+                    seen.push(echo_within(np(port), CONNECT_LIMIT));
                 }
                 seen
             })
@@ -711,12 +718,18 @@ fn thousand_service_changes_under_load_leave_exactly_the_wanted_listeners() {
     }
     let took = started.elapsed();
     stop.store(true, Ordering::SeqCst);
-    let seen: Vec<Answer> = tcp_clients
+    let timed: Vec<(Answer, Duration)> = tcp_clients
         .into_iter()
         .flat_map(|h| h.join().unwrap())
         .collect();
     let (answered, unanswered) = udp_client.join().unwrap();
+    let seen: Vec<Answer> = timed.iter().map(|(a, _)| a.clone()).collect();
     let n = |k: Answer| seen.iter().filter(|s| **s == k).count();
+    // Answered only after the kernel sent the SYN again.
+    let resent = timed
+        .iter()
+        .filter(|(a, took)| *a != Answer::Dropped && *took >= Duration::from_secs(1))
+        .count();
     lags.sort();
     let within_100ms = lags
         .iter()
@@ -725,7 +738,8 @@ fn thousand_service_changes_under_load_leave_exactly_the_wanted_listeners() {
     println!(
         "FIGURE listener churn: {adds} adds, {deletes} deletes, {flaps} endpoint flaps over \
          {TCP} TCP and {UDP} UDP NodePort Services in 100 rewrites, {took:.1?}; 3 TCP clients: \
-         {} served, {} refused or reset, {} SYN timeouts, {} hung; UDP: {answered} answered, \
+         {} served, {} refused or reset, {resent} answered after a SYN retransmission, {} SYNs \
+         unanswered for {CONNECT_LIMIT:?}, {} hung; UDP: {answered} answered, \
          {unanswered} refused or lost; sockets matched the snapshot within 100 ms after \
          {within_100ms} of 100 rewrites (median {:?}, max {:?})",
         n(Answer::Echoed),
@@ -738,6 +752,12 @@ fn thousand_service_changes_under_load_leave_exactly_the_wanted_listeners() {
     assert_eq!(adds + deletes + flaps, 1000);
     assert_eq!(n(Answer::Hung), 0, "connections accepted and never relayed");
     assert_eq!(n(Answer::Dropped), 0, "SYNs unanswered");
+    // The kernel's race costs a SYN now and then, not one in a hundred.
+    assert!(
+        resent * 100 <= seen.len(),
+        "{resent} of {} SYNs resent",
+        seen.len()
+    );
     assert!(n(Answer::Echoed) > 100 && n(Answer::Refused) + n(Answer::Reset) > 0);
     let (ok, socks) = sockets_within(Duration::from_secs(2), ports[0], |_| {
         count(&sockets(&filter), "CLOSE-WAIT") == 0

@@ -125,11 +125,18 @@ pub enum Answer {
     Hung,
 }
 
-/// Connects to `addr`, or says how the connect failed.
+/// Connects to `addr`, or says how the connect failed (a SYN unanswered for
+/// 1 s: `Dropped`).
 fn connect_or_answer(addr: SocketAddr) -> Result<TcpStream, Answer> {
+    connect_within(addr, Duration::from_secs(1))
+}
+
+/// Connects to `addr`, or says how the connect failed: `Dropped` when no
+/// answer came within `limit` (past 1 s, the kernel has sent the SYN again).
+fn connect_within(addr: SocketAddr, limit: Duration) -> Result<TcpStream, Answer> {
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
         .unwrap_or_else(|e| panic!("socket: {e}"));
-    match s.connect_timeout(&addr.into(), Duration::from_secs(1)) {
+    match s.connect_timeout(&addr.into(), limit) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Err(Answer::Refused),
         Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(Answer::Dropped),
@@ -183,10 +190,26 @@ pub fn ask(addr: SocketAddr) -> Answer {
 
 /// One `ping` through `addr` to an echo backend, classified.
 pub fn echo(addr: SocketAddr) -> Answer {
-    let mut c = match connect_or_answer(addr) {
-        Ok(c) => c,
-        Err(a) => return a,
-    };
+    match connect_or_answer(addr) {
+        Ok(c) => ping(c),
+        Err(a) => a,
+    }
+}
+
+/// One `ping` through `addr` to an echo backend, classified, waiting up to
+/// `limit` for the connect; with how long the connect took (over 1 s: the
+/// first SYN went unanswered and the kernel's retransmission was answered).
+pub fn echo_within(addr: SocketAddr, limit: Duration) -> (Answer, Duration) {
+    let t = Instant::now();
+    let c = connect_within(addr, limit);
+    let took = t.elapsed();
+    match c {
+        Ok(c) => (ping(c), took),
+        Err(a) => (a, took),
+    }
+}
+
+fn ping(mut c: TcpStream) -> Answer {
     let _ = c.write_all(b"ping");
     let mut b = [0u8; 4];
     match c.read_exact(&mut b) {

@@ -141,8 +141,12 @@ impl Listener {
                 while let Ok((c, _)) = self.sock.accept() {
                     engine.adopt(OwnedFd::from(c), local);
                 }
-                // The socket leaves LISTEN at once (a SYN that raced in is
-                // reset by the kernel) and the ring's accept fails with EINVAL.
+                // The socket leaves LISTEN at once and the ring's accept
+                // fails with EINVAL. A SYN that races in is reset, or, in the
+                // kernel's narrow window where it was looked up on this socket
+                // just before it left LISTEN, dropped (drop reason TCP_CLOSE)
+                // and answered on its retransmission 1 s later: any server's
+                // close has it (`benches/listener_close_race.py`).
                 let _ = self.sock.shutdown(Shutdown::Read);
             }
             Kind::Udp { id, serial, engine } => {
