@@ -994,6 +994,15 @@ fn syn_and_udp_floods_leave_clients_served_and_memory_bounded() {
             .join("\n")
     );
     assert!(rss_syn.max(rss_udp) < RSS_BOUND_MIB * 1024);
+    // The allocator's arenas are never backed by huge pages, whatever the
+    // host's THP mode (they multiplied this test's RSS by 60).
+    let status = std::fs::read_to_string(format!("/proc/{}/status", rv.pid())).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.split_whitespace().eq(["THP_enabled:", "0"])),
+        "{status}"
+    );
 }
 
 #[test]
