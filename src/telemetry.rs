@@ -1181,21 +1181,54 @@ mod tests {
         h.traffic.connections_total.inc();
         assert!(!m.encode().contains("endpoint="));
 
-        // Back again: new series, healthy, counting from zero.
+        // Back again: new handles, healthy, counting from zero, and no
+        // series until the endpoint is used (a connection here).
         let c = m.endpoints(&port, &[ep]);
         assert!(!Arc::ptr_eq(&c.metrics()[0], &h));
+        assert!(!m.encode().contains("endpoint="), "{}", m.encode());
+        c.metrics()[0].traffic.connections_total.inc();
         let text = m.encode();
         assert_eq!(
             endpoint_sample(&text, ENDPOINT_CONNECTIONS_TOTAL, "").as_deref(),
-            Some("0")
+            Some("1")
         );
         assert_eq!(
             endpoint_sample(&text, ENDPOINT_HEALTHY, "").as_deref(),
             Some("1")
         );
+        assert_eq!(text.matches("endpoint=\"10.0.0.1:8080\"").count(), 12);
         // Another port's endpoint of the same address is its own series.
         let other = m.endpoints(&labels("https", "TCP"), &[ep]);
         assert!(!Arc::ptr_eq(&c.metrics()[0], &other.metrics()[0]));
+    }
+
+    #[test]
+    fn endpoint_series_start_when_it_is_used() {
+        let m = Metrics::new();
+        let port = labels("http", "TCP");
+        let eps: Vec<SocketAddr> = (1..=4)
+            .map(|i| format!("10.0.0.{i}:80").parse().unwrap())
+            .collect();
+        let lease = m.endpoints(&port, &eps);
+        let exported = |text: &str| -> Vec<usize> {
+            (1..=4)
+                .filter(|i| text.contains(&format!("endpoint=\"10.0.0.{i}:80\"")))
+                .collect()
+        };
+        assert_eq!(exported(&m.encode()), Vec::<usize>::new(), "none used yet");
+        let [a, b, c, _] = lease.metrics() else {
+            panic!("four handles")
+        };
+        a.traffic.connections_total.inc();
+        b.connect_failed(ConnectFailure::Timeout, SystemTime::now());
+        c.set_check(Some(true), SystemTime::now());
+        let text = m.encode();
+        assert_eq!(exported(&text), vec![1, 2, 3], "{text}");
+        for i in 1..=3 {
+            let n = text.matches(&format!("endpoint=\"10.0.0.{i}:80\"")).count();
+            // The third has an active check: one series more.
+            assert_eq!(n, if i == 3 { 13 } else { 12 }, "{text}");
+        }
     }
 
     #[test]

@@ -3,9 +3,15 @@
 //! Each endpoint of a Service port (an `IP:port` listed by its
 //! EndpointSlices, ready or not) has 12 series: connections total and active,
 //! connect failures by each of the 6 reasons, bytes each way, healthy and the
-//! time of its last health change. The bound is therefore 12 × (endpoints of
-//! the Service port) per Service port, and an endpoint's series exist only
-//! while the endpoint is listed for that port.
+//! time of its last health change. They are exported once the endpoint is
+//! used: from its first connection, UDP flow or failed connect (or at once
+//! when its Service has an active health check), as Prometheus's client
+//! libraries create a labelled series at its first count. An endpoint never
+//! tried has nothing to report, and at 100,000 Services × 10 a scrape of
+//! every listed endpoint was 12 million lines (1.9 GB of text, for a node
+//! that sent traffic to a handful). The bound is 12 × (endpoints of the
+//! Service port used while listed) per Service port, and an endpoint's
+//! series exist only while the endpoint is listed for that port.
 //!
 //! The compile takes one [`EndpointsLease`] on the endpoints of every
 //! Service port it compiles (one lock and one hash of the port's labels per
@@ -190,6 +196,18 @@ impl EndpointMetrics {
     pub fn check(&self) -> i64 {
         i64::from(self.check.load(Relaxed))
     }
+
+    /// Whether the endpoint has anything to say: a connection or UDP flow,
+    /// a failed connect, an active health check, or a health change. Only
+    /// those are exported (see the module's doc).
+    fn used(&self) -> bool {
+        self.traffic.connections_total.get() > 0
+            || self.check.load(Relaxed) >= 0
+            || self.healthy.load(Relaxed) == 0
+            || ConnectFailure::ALL
+                .iter()
+                .any(|r| self.traffic.connect_failures(*r) > 0)
+    }
 }
 
 /// An endpoint's `IP:port` in 19 bytes rather than a `SocketAddr`'s 32
@@ -328,21 +346,24 @@ impl Endpoints {
 impl Collector for Endpoints {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let live = self.lock();
-        let endpoints = || {
-            live.iter()
-                .flat_map(|(port, held)| held.iter().map(move |m| (&**port, &**m)))
-        };
+        // Chosen once: the data path may make an endpoint used meanwhile.
+        let used: Vec<(&PortLabels, &EndpointMetrics)> = live
+            .iter()
+            .flat_map(|(port, held)| held.iter().map(move |m| (&**port, &**m)))
+            .filter(|(_, m)| m.used())
+            .collect();
         // Every address formatted into one buffer, not a `String` each: at a
         // million endpoints a scrape made a million small allocations, and
         // the heap kept their pages after.
         let mut text = String::new();
         let mut ends = Vec::new();
-        for (_, m) in endpoints() {
+        for (_, m) in &used {
             write!(text, "{}", m.addr())?;
             ends.push(text.len());
         }
         let mut start = 0;
-        let scraped: Vec<Scraped<'_>> = endpoints()
+        let scraped: Vec<Scraped<'_>> = used
+            .into_iter()
             .zip(ends)
             .map(|((port, metrics), end)| {
                 let endpoint = text.get(start..end).unwrap_or_default();
