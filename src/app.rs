@@ -692,6 +692,10 @@ async fn control(
                     // systemd follows this process from now on (a reload's
                     // new process takes the unit's main pid over).
                     handover::notify::serving();
+                    // The first load's garbage (list responses, parsed
+                    // files, the first compile's scratch) goes back to the
+                    // kernel now, not in the middle of the next change.
+                    tokio::task::spawn_blocking(crate::heap::release_free_memory);
                 }
                 metrics.observe_sync(started.elapsed());
                 let now = SystemTime::now();

@@ -29,6 +29,7 @@ pub mod envvars;
 pub mod explain;
 pub mod handover;
 pub(crate) mod healthcheck;
+pub mod heap;
 pub mod logging;
 pub mod model;
 pub mod netns;

@@ -515,23 +515,7 @@ impl KubeSource {
             if tx.send(batch).await.is_err() {
                 return;
             }
-            if !was_started && mirror.started() {
-                release_free_memory();
-            }
         }
-    }
-}
-
-/// Hands the heap's free pages back to the kernel. Called once, after the
-/// first list: its responses and the API objects converted from them (at
-/// 100,000 Services, several times what is kept) were freed among the
-/// objects kept, and glibc keeps such pages in the process.
-fn release_free_memory() {
-    // SAFETY: malloc_trim only walks the allocator's own free lists; it
-    // takes no pointer and is safe to call from any thread at any time.
-    #[cfg(target_env = "gnu")]
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 
