@@ -600,6 +600,9 @@ fn dashboard_and_alerts_work_on_a_real_prometheus() {
         svc("extra", "TCP", free_port(), 1)
     ));
     prom.scraped();
+    // An endpoint's series appear at the first scrape after its first use;
+    // a rate needs a second sample.
+    prom.scraped();
     let up = prom.query("up{job=\"ringvip\"}");
     assert_eq!(up[0]["value"][1], "1", "{up:?}");
 

@@ -518,6 +518,14 @@ fn endpoint_series_follow_the_endpoints_of_the_port() {
         .unwrap()
         .clone();
     kept.traffic.connections_total.inc_by(3);
+    // Used, so exported (an endpoint never used has no series).
+    let two: SocketAddr = "10.0.0.2:8080".parse().unwrap();
+    tcp(&first, "10.96.0.10:80")
+        .endpoint_metrics(&two)
+        .unwrap()
+        .traffic
+        .connections_total
+        .inc();
     let series = |m: &Metrics, ip: &str| {
         let text = m.encode();
         let label = format!("endpoint=\"{ip}:8080\"");
