@@ -424,8 +424,8 @@ def main():
     print("services %d, endpoints %d (+1 probe Service)" % (a.services, a.services * a.endpoints_per_service))
     print("start -> serving:            %.2f s (CPU until then: ringvip %.2f s, fixture %.2f s; load %.2f)" % (
         serving, cpu_at_serving[0], cpu_at_serving[1], os.getloadavg()[0]))
-    print("RSS serving / after changes: %.0f MiB / %.0f MiB (peak %.0f MiB)" % (
-        rss_serving / 1024, rss_end / 1024, hwm / 1024))
+    print("RSS serving / after changes: %.0f MiB / %.0f MiB (peak %.0f MiB; two scrapes of /metrics inside, %.1f MB each)" % (
+        rss_serving / 1024, rss_end / 1024, hwm / 1024, len(text) / 1e6))
     print("endpoint change -> new endpoint gets connections (%d changes): median %s, p90 %s, max %s" % (
         len(latencies), ms(statistics.median(latencies)), ms(q(0.9)), ms(latencies[-1])))
     if changed[0]:
