@@ -1203,6 +1203,28 @@ mod tests {
     }
 
     #[test]
+    fn port_series_start_when_it_is_used() {
+        let m = Metrics::new();
+        let ports = ["a", "b", "c", "d"].map(|p| m.port(&labels(p, "UDP")));
+        let exported = |text: &str| -> Vec<&str> {
+            ["a", "b", "c", "d"]
+                .into_iter()
+                .filter(|p| text.contains(&format!("port=\"{p}\"")))
+                .collect()
+        };
+        assert_eq!(exported(&m.encode()), Vec::<&str>::new(), "none used yet");
+        ports[0].connections_total.inc();
+        ports[1].connect_failure(ConnectFailure::NoEndpoints);
+        ports[2].udp_flows_active.inc();
+        let text = m.encode();
+        assert_eq!(exported(&text), vec!["a", "b", "c"], "{text}");
+        // Every family of a used port: active, total, bytes ×2, failures
+        // by reason, UDP flows.
+        let lines = text.matches("port=\"a\"").count();
+        assert_eq!(lines, 5 + ConnectFailure::ALL.len(), "{text}");
+    }
+
+    #[test]
     fn endpoint_series_start_when_it_is_used() {
         let m = Metrics::new();
         let port = labels("http", "TCP");
