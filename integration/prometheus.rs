@@ -686,6 +686,12 @@ fn dashboard_and_alerts_work_on_a_real_prometheus() {
         prom.alert_states(failing, "web").is_empty(),
         "web is healthy"
     );
+    // Failing on: the port's series appear at the scrape after its first
+    // failure, and a rate needs the rise after that.
+    for _ in 0..3 {
+        assert_ne!(ask(np(down)), Answer::Backend("down".into()));
+    }
+    prom.scraped();
     for _ in 0..3 {
         assert_ne!(ask(np(down)), Answer::Backend("down".into()));
     }
@@ -741,15 +747,20 @@ fn no_endpoints_alert_fires_for_a_clusterip_with_traffic() {
     let m = clusterip("orphan", "10.96.0.40", 80, "TCP", 8080, &[], "");
     let rv = t.launch(&m, &[]);
     let prom = Prometheus::start_in(Some(&t.node), &prom_bin, rv.metrics, &rules_for_the_test());
-    // Precondition: a scrape before the traffic, so that its rise shows.
-    prom.scraped();
     let name = MADE_TRUE_IN_A_NAMESPACE[0];
-    let refused = Topology::within(&t.node, move || connect_from(None, vip).is_err());
-    assert!(
-        refused,
-        "a Service without endpoints refuses:\n{}",
-        rv.log()
-    );
+    // Clients keep coming: the port's series appear at the scrape after the
+    // first refusal, and the rate shows the refusals after that.
+    for round in 0..2 {
+        let refused = Topology::within(&t.node, move || connect_from(None, vip).is_err());
+        assert!(
+            refused,
+            "a Service without endpoints refuses:\n{}",
+            rv.log()
+        );
+        if round == 0 {
+            prom.scraped();
+        }
+    }
     prom.assert_true_after_a_scrape(name, "orphan", &rv);
     prom.two_evaluations();
     assert_eq!(prom.alert_states(name, "orphan"), vec!["firing"]);
