@@ -223,8 +223,9 @@ fn explain(a: ExplainArgs, matches: &ArgMatches) -> anyhow::Result<ExitCode> {
 /// mimalloc, not glibc's malloc: at 100,000 Services, 41 % of start-up's
 /// cycles went to glibc's own bookkeeping (`unlink_chunk`,
 /// `malloc_consolidate`), and 40-60 % of a file reload's; mimalloc halves the
-/// start (BENCHMARKS.md, "Allocator"). jemalloc did as well but kept a UDP
-/// flood's pages past the fault suite's RSS bound; mimalloc returns them.
+/// start (BENCHMARKS.md, "mimalloc, endpoint series from first use, ...").
+/// jemalloc did as well but kept a UDP flood's pages past the fault suite's
+/// RSS bound; mimalloc returns them.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
