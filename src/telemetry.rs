@@ -133,6 +133,7 @@ pub const PROXY_PROTOCOL_REJECTED_TOTAL: &str = "ringvip_proxy_protocol_rejected
 /// data plane never waits for it).
 pub const ACCESS_LOG_DROPPED_TOTAL: &str = "ringvip_access_log_dropped_total";
 
+mod admitted;
 mod endpoints;
 mod ports;
 
@@ -492,7 +493,8 @@ pub struct Metrics {
 
     /// Handles of each Service port (see [`Metrics::port`]).
     ports: Arc<ports::Ports>,
-    frontend_active: Family<FrontendLabels, Gauge>,
+    /// Each TCP frontend's admitted-connections gauge (see [`Metrics::frontend_active`]).
+    frontend_active: Arc<admitted::Frontends>,
     endpoints: Arc<endpoints::Endpoints>,
     /// Handles of each frontend (see [`Metrics::frontend`]).
     frontends: Mutex<HashMap<(SocketAddr, &'static str), FrontendHandles>>,
@@ -610,11 +612,11 @@ impl Metrics {
                 r.register_collector(Box::new(p.clone()));
                 p
             },
-            frontend_active: fresh(
-                r,
-                FRONTEND_CONNECTIONS_ACTIVE,
-                "TCP connections admitted (connecting or relaying), per frontend",
-            ),
+            frontend_active: {
+                let f = Arc::new(admitted::Frontends::default());
+                r.register_collector(Box::new(f.clone()));
+                f
+            },
             endpoints: {
                 let e = Arc::new(endpoints::Endpoints::default());
                 r.register_collector(Box::new(e.clone()));
@@ -634,9 +636,10 @@ impl Metrics {
     }
 
     /// The admitted-connections gauge of one frontend (same labels, same
-    /// atomic across snapshots). Call at snapshot compile.
+    /// atomic across snapshots), exported once a scrape finds it above
+    /// zero. Call at snapshot compile.
     pub fn frontend_active(&self, labels: &FrontendLabels) -> Gauge {
-        self.frontend_active.get_or_create_owned(labels)
+        self.frontend_active.gauge(labels)
     }
 
     /// [`Metrics::frontend_active`] (TCP only; a detached gauge otherwise)
@@ -1060,6 +1063,24 @@ mod tests {
         assert!(text.contains(
             "ringvip_frontend_connections_active{address=\"10.96.0.10:80\",protocol=\"TCP\"} 2"
         ));
+    }
+
+    #[test]
+    fn a_frontend_gauge_is_shown_from_a_scrape_that_finds_it_above_zero() {
+        let m = Metrics::new();
+        let fe = FrontendLabels {
+            address: "10.96.0.10:80".into(),
+            protocol: "TCP".into(),
+        };
+        let line =
+            "ringvip_frontend_connections_active{address=\"10.96.0.10:80\",protocol=\"TCP\"}";
+        let g = m.frontend_active(&fe);
+        assert!(!m.encode().contains(line), "never above zero: not shown");
+        g.inc();
+        assert!(m.encode().contains(&format!("{line} 1")));
+        // Shown from then on, zero included.
+        g.dec();
+        assert!(m.encode().contains(&format!("{line} 0")));
     }
 
     #[test]
