@@ -343,6 +343,9 @@ fn health_and_metrics_endpoints_answer() {
 
 #[test]
 fn demo_runs_and_shows_balancing_and_affinity() {
+    // Demos started at once race for the demo's ports (it finds 10256 and
+    // 10249 free, then binds them): one demo at a time, across binaries.
+    let _demo = exclusive("demo");
     let text = command_ok(&["demo", "--once"]);
     assert!(text.contains("curl http://127.0.0.1:"), "{text}");
     assert!(text.contains("random NodePort"), "{text}");

@@ -148,6 +148,9 @@ fn demo_as_root_answers_a_cluster_ip_through_the_tun() {
     if !need_root("for the demo's network namespace and TUN device") {
         return;
     }
+    // Demos started at once race for the demo's ports (it finds 10256 and
+    // 10249 free, then binds them): one demo at a time, across binaries.
+    let _demo = exclusive("demo");
     let child = Command::new(bin())
         .args(["demo", "--once"])
         .stdout(Stdio::piped())
@@ -181,6 +184,9 @@ fn demo_removes_its_namespace_on_ctrl_c_and_sigterm() {
     if !need_root("for the demo's network namespace and TUN device") {
         return;
     }
+    // Demos started at once race for the demo's ports (it finds 10256 and
+    // 10249 free, then binds them): one demo at a time, across binaries.
+    let _demo = exclusive("demo");
     for sig in [libc::SIGINT, libc::SIGTERM] {
         let mut child = Command::new(bin())
             .arg("demo")
@@ -222,6 +228,9 @@ fn demo_removes_its_namespace_on_ctrl_c_and_sigterm() {
 /// Without root the demo shows the NodePorts and says why not the ClusterIP.
 #[test]
 fn demo_without_root_says_why_it_shows_only_nodeports() {
+    // Demos started at once race for the demo's ports (it finds 10256 and
+    // 10249 free, then binds them): one demo at a time, across binaries.
+    let _demo = exclusive("demo");
     let mut cmd = if support::netns::is_root() {
         // Root drops to nobody, as a user without root runs it.
         let Some(setpriv) = need_program("setpriv", "runs the demo as nobody") else {

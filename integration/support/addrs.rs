@@ -105,6 +105,18 @@ fn block_path(n: u16) -> PathBuf {
 
 /// Opens (creating it when missing) the lock file of one block. Read access
 /// is all flock needs, so a file another user created serves as well.
+/// Holds `/tmp/ringvip-itests/<name>.lock` exclusively (waiting for it)
+/// until the returned file is dropped: for tests, in any test binary, that
+/// cannot run beside each other.
+pub fn exclusive(name: &str) -> File {
+    std::fs::create_dir_all(LOCK_DIR).unwrap_or_else(|e| panic!("{LOCK_DIR}: {e}"));
+    let file = lock_file(&Path::new(LOCK_DIR).join(format!("{name}.lock")));
+    // SAFETY: flock on a descriptor this function owns.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock {name}: {}", std::io::Error::last_os_error());
+    file
+}
+
 fn lock_file(path: &Path) -> File {
     File::open(path)
         .or_else(|_| {

@@ -20,7 +20,7 @@ pub mod web;
 // The helpers at the top level: each test binary uses part of them.
 #[allow(unused_imports)]
 pub use self::{
-    addrs::{np, Loopback},
+    addrs::{exclusive, np, Loopback},
     backend::*,
     client::*,
     launcher::*,
