@@ -86,7 +86,7 @@ impl Stamp {
 const RACY: Duration = Duration::from_secs(1);
 
 /// One file as last loaded.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct FileEntry {
     /// Its stamp at its last clean parse; `None` while it has errors or its
     /// stamp was too recent to trust: then it is read again.
@@ -107,37 +107,43 @@ struct Changed {
     new_ids: Option<Vec<Id>>,
 }
 
-/// A file parsed again.
-struct Parsed {
-    objects: Vec<Located>,
-    errors: Vec<ManifestError>,
-    runs: Runs,
-    /// What changed, when only some of its documents were parsed.
-    delta: Option<Delta>,
-}
-
-/// Parses a file's `text`, reusing what the unchanged documents of its
-/// `old` version gave (YAML); `old` is left as it was unless only some
-/// documents were parsed.
-fn parse_file(origin: &str, text: &str, limits: &Limits, old: Option<&mut FileEntry>) -> Parsed {
-    let (objects, errors, runs, delta) = if is_json(origin) {
-        let (objects, errors) = parse_located(origin, text, limits);
-        (objects, errors, Runs::default(), None)
-    } else {
-        parse_yaml(origin, text, limits, old.map(|o| (&mut o.good, &o.runs)))
-    };
-    Parsed {
-        objects,
-        errors,
-        runs,
-        delta,
+impl FileEntry {
+    /// Takes the file's new `text` (read with `stamp`, kept when it can be
+    /// trusted): parsed, reusing what its unchanged documents gave (YAML),
+    /// it becomes the entry's objects, and what changed is returned. When
+    /// the parse finds errors they go to `errors`, and the last good objects
+    /// stay without a stamp (the file is read again next time).
+    fn reread(
+        &mut self,
+        path: &Path,
+        text: &str,
+        stamp: Option<Stamp>,
+        limits: &Limits,
+        errors: &mut Vec<ManifestError>,
+    ) -> Option<Changed> {
+        let origin = path.display().to_string();
+        let (objects, errs, runs, delta) = if is_json(&origin) {
+            let (objects, errs) = parse_located(&origin, text, limits);
+            (objects, errs, Runs::default(), None)
+        } else {
+            // Leaves `good` as it was unless only some documents were parsed.
+            parse_yaml(&origin, text, limits, Some((&mut self.good, &self.runs)))
+        };
+        if !errs.is_empty() {
+            self.stamp = None;
+            errors.extend(errs);
+            return None;
+        }
+        let c = changed(path, delta, self);
+        (self.stamp, self.good, self.runs) = (stamp, objects, runs);
+        Some(c)
     }
 }
 
 /// The ids a change of `path` touched: those of the documents parsed
 /// again and of those gone when `delta` says which; else every id the
 /// file had (`old`) and has.
-fn changed(path: &Path, delta: Option<Delta>, old: Option<&FileEntry>) -> Changed {
+fn changed(path: &Path, delta: Option<Delta>, old: &FileEntry) -> Changed {
     match delta {
         Some(d) => Changed {
             path: path.to_path_buf(),
@@ -146,7 +152,7 @@ fn changed(path: &Path, delta: Option<Delta>, old: Option<&FileEntry>) -> Change
         },
         None => Changed {
             path: path.to_path_buf(),
-            old_ids: old.map(ids_of).unwrap_or_default(),
+            old_ids: ids_of(old),
             new_ids: None,
         },
     }
@@ -321,20 +327,10 @@ impl FileSource {
             match read {
                 Ok((stamp, text)) => {
                     parsed += 1;
-                    let origin = path.display().to_string();
-                    let mut old = previous.remove(&path);
-                    let p = parse_file(&origin, &text, &self.limits, old.as_mut());
-                    if p.errors.is_empty() {
-                        changed.push(self::changed(&path, p.delta, old.as_ref()));
-                        let stamp = (!stamp.racy(stamped_at)).then_some(stamp);
-                        let (good, runs) = (p.objects, p.runs);
-                        files.insert(path.clone(), FileEntry { stamp, good, runs });
-                    } else {
-                        errors.extend(p.errors);
-                        let (good, runs) = old.map(|o| (o.good, o.runs)).unwrap_or_default();
-                        let stamp = None;
-                        files.insert(path.clone(), FileEntry { stamp, good, runs });
-                    }
+                    let mut entry = previous.remove(&path).unwrap_or_default();
+                    let stamp = (!stamp.racy(stamped_at)).then_some(stamp);
+                    changed.extend(entry.reread(&path, &text, stamp, &self.limits, &mut errors));
+                    files.insert(path.clone(), entry);
                     order.push(path);
                 }
                 // Deleted between listing and reading.
@@ -365,7 +361,7 @@ impl FileSource {
         }
         // What is left of the previous files is gone.
         for (p, old) in previous {
-            changed.push(self::changed(&p, None, Some(&old)));
+            changed.push(self::changed(&p, None, &old));
         }
         self.files = files;
         self.pos = order
@@ -414,17 +410,8 @@ impl FileSource {
                 Ok(None) => {}
                 Ok(Some((stamp, text))) => {
                     parsed += 1;
-                    let origin = path.display().to_string();
-                    let p = parse_file(&origin, &text, &self.limits, Some(&mut *old));
-                    if p.errors.is_empty() {
-                        changed.push(self::changed(path, p.delta, Some(old)));
-                        old.stamp = (!stamp.racy(stamped_at)).then_some(stamp);
-                        old.good = p.objects;
-                        old.runs = p.runs;
-                    } else {
-                        old.stamp = None;
-                        errors.extend(p.errors);
-                    }
+                    let stamp = (!stamp.racy(stamped_at)).then_some(stamp);
+                    changed.extend(old.reread(path, &text, stamp, &self.limits, &mut errors));
                 }
                 // Removed since the event: the listing must say so.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return self.reload_changes(),

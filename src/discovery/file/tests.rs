@@ -950,11 +950,7 @@ fn deletes(r: &Reloaded) -> Vec<String> {
 #[test]
 fn a_reload_parses_changed_files_and_sends_changed_objects() {
     let dir = tempfile::tempdir().unwrap();
-    let (a, b, c) = (
-        dir.path().join("a.yaml"),
-        dir.path().join("b.yaml"),
-        dir.path().join("c.yaml"),
-    );
+    let [a, b, c] = ["a", "b", "c"].map(|n| dir.path().join(format!("{n}.yaml")));
     fs::write(&a, service("a", 80)).unwrap();
     fs::write(
         &b,
@@ -1019,11 +1015,7 @@ fn elsewhere_dir(dir: &tempfile::TempDir) -> PathBuf {
 #[test]
 fn a_reload_of_named_paths_reads_only_those_files() {
     let dir = tempfile::tempdir().unwrap();
-    let (a, b, c) = (
-        dir.path().join("a.yaml"),
-        dir.path().join("b.yaml"),
-        dir.path().join("c.yaml"),
-    );
+    let [a, b, c] = ["a", "b", "c"].map(|n| dir.path().join(format!("{n}.yaml")));
     fs::write(&a, service("a", 80)).unwrap();
     fs::write(&b, service("b", 81)).unwrap();
     let mut src = FileSource::new(vec![dir.path().to_path_buf()], Limits::default());
