@@ -7,6 +7,8 @@
 //!
 //! - [`ring`]: the ring and the tokens that tie completions to entries;
 //! - [`bufring`]: the provided buffer ring receives take buffers from;
+//! - [`gso`]: UDP runs received whole (`UDP_GRO`) and sent whole
+//!   (`UDP_SEGMENT`);
 //! - [`ops`]: the operations submitted;
 //! - [`splice`]: pipes for the bulk relay by splice (behind a switch);
 //! - [`tcp`]: the NodePort / LoadBalancer / externalIP TCP path on them
@@ -14,6 +16,7 @@
 //! - [`udp`]: the same front end's UDP path.
 
 pub mod bufring;
+pub mod gso;
 pub mod ops;
 pub mod ring;
 pub mod slots;

@@ -39,8 +39,10 @@ pub enum Op {
     UdpRecvBackend,
     /// A client's datagram sent to its flow's backend (the buffer in `aux`).
     UdpSendBackend,
-    /// A reply sent to the client from the listener's socket.
-    UdpSendClient,
+    /// A datagram, or a run of them with `UDP_SEGMENT`, sent by `sendmsg`
+    /// from a box of the UDP path (a reply to a client from the listener's
+    /// socket, or a run to a backend).
+    UdpSendMsg,
     /// A splice relay waits for its source to be readable (the direction
     /// in `aux`).
     SpliceIn,
@@ -71,7 +73,7 @@ impl Op {
             11 => Op::UdpRecv,
             12 => Op::UdpRecvBackend,
             13 => Op::UdpSendBackend,
-            14 => Op::UdpSendClient,
+            14 => Op::UdpSendMsg,
             15 => Op::SpliceIn,
             16 => Op::SpliceOut,
             17 => Op::TunRead,

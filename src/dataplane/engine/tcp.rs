@@ -72,11 +72,13 @@ impl Default for Sizes {
     fn default() -> Self {
         // 512 × 64 KiB: 32 MiB of address space per thread, resident only
         // once bulk traffic has used it; 256 directions busy at once before
-        // receives wait for a buffer.
+        // receives wait for a buffer. The extra 256 bytes hold what a UDP
+        // receive puts before its payload (header, address, control
+        // message), so the largest datagram or GRO run still fits.
         Self {
             ring_entries: 1024,
             buffers: 512,
-            buf_size: 64 * 1024,
+            buf_size: 64 * 1024 + 256,
             splice: std::env::var_os("RINGVIP_SPLICE").is_some_and(|v| v == "1"),
         }
     }
@@ -519,7 +521,7 @@ impl Tcp {
         };
         let res = cqe.result();
         match t.op {
-            Op::UdpRecv | Op::UdpRecvBackend | Op::UdpSendBackend | Op::UdpSendClient => self
+            Op::UdpRecv | Op::UdpRecvBackend | Op::UdpSendBackend | Op::UdpSendMsg => self
                 .udp
                 .complete(&mut self.ring, &mut self.bufs, t, cqe, now),
             Op::Accept => self.on_accept(t.index, res, cqueue::more(cqe.flags())),

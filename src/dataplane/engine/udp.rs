@@ -9,6 +9,12 @@
 //! sees the address it sent to. Every send a completion round leads to is
 //! submitted with one `io_uring_enter` (the engine's poll).
 //!
+//! Both sockets of a flow take runs of datagrams whole (`UDP_GRO`), and a
+//! run leaves as one `sendmsg` with `UDP_SEGMENT` ([`super::gso`]): a client
+//! or a pod sending with segmentation offload costs one receive and one
+//! send per run here too. A path that refuses the run whole (its MTU below
+//! the segment size) gets its datagrams one by one.
+//!
 //! Semantics are those of the tokio-uring path this replaced: the first
 //! datagram picks the endpoint, the flow stays pinned to it until idle for
 //! `--udp-idle-timeout-secs` or until the endpoint stops being usable (then
@@ -22,7 +28,7 @@
 
 use std::cell::RefCell;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -33,6 +39,7 @@ use rand::rngs::SmallRng;
 use socket2::SockAddr;
 
 use super::bufring::BufRing;
+use super::gso::{self, Cmsg, CMSG_ROOM};
 use super::ops;
 use super::ring::{Op, Ring, Token};
 use super::slots::Slots;
@@ -77,6 +84,9 @@ struct Flow {
     client: SocketAddr,
     /// Connected to the endpoint; closed with the entry.
     fd: OwnedFd,
+    /// What the multishot receive is given (no name; room for the `UDP_GRO`
+    /// segment size); boxed so its address stays put while it lives.
+    msg: Box<libc::msghdr>,
     /// Counts the flow in the metrics, logs it when dropped.
     session: Session,
     /// The backend socket's multishot receive is in flight.
@@ -87,15 +97,72 @@ struct Flow {
     serial: u32,
 }
 
-/// A reply on its way to a client: the message the kernel reads, its
-/// address and its one iovec (boxed: their addresses stay put while the
-/// send is in flight; the boxes are reused).
-struct Reply {
+/// A `sendmsg` in flight for flow `flow`: a reply to its client from the
+/// listener's socket, or a run of datagrams to its backend. The message the
+/// kernel reads, its address, its one iovec and its control message are
+/// boxed: their addresses stay put while the send is in flight (the boxes
+/// are reused).
+struct Out {
     msg: libc::msghdr,
     iov: libc::iovec,
-    addr: SockAddr,
+    /// The client a reply goes to (`None`: the socket's connected peer).
+    to: Option<SockAddr>,
+    cmsg: Cmsg,
+    /// The socket it leaves on (kept open by the flow's count in flight).
+    sock: RawFd,
     flow: u32,
     bid: u16,
+    /// The payload: `len` bytes of buffer `bid` from `start`.
+    start: u32,
+    len: u32,
+    /// Datagram size of a run sent with `UDP_SEGMENT` (0: one datagram).
+    seg: u16,
+    /// The path refused the run whole: its datagrams go one by one, from
+    /// `start + done` on.
+    split: bool,
+    done: u32,
+}
+
+impl Out {
+    /// The bytes the next send takes: the whole payload, or (split) the
+    /// next datagram of the run.
+    fn next(&self) -> (u32, u32) {
+        if self.split {
+            let n = (self.len - self.done).min(u32::from(self.seg));
+            (self.start + self.done, n)
+        } else {
+            (self.start, self.len)
+        }
+    }
+
+    /// Fills in the message for the next send.
+    fn prepare(&mut self, bufs: &BufRing) {
+        let (off, n) = self.next();
+        self.iov = libc::iovec {
+            // SAFETY: off + n <= start + len <= buf_size: inside buffer
+            // `bid`, lent to this send until it completes.
+            iov_base: unsafe { bufs.ptr(self.bid).add(off as usize) }.cast(),
+            iov_len: n as usize,
+        };
+        self.msg = empty_msghdr();
+        if let Some(to) = &self.to {
+            self.msg.msg_name = to.as_ptr() as *mut libc::c_void;
+            self.msg.msg_namelen = to.len();
+        }
+        self.msg.msg_iov = &mut self.iov;
+        self.msg.msg_iovlen = 1;
+        if self.seg > 0 && !self.split {
+            self.msg.msg_controllen = self.cmsg.segment(self.seg);
+            self.msg.msg_control = self.cmsg.as_mut_ptr();
+        }
+    }
+}
+
+/// A send of a whole run failed in a way that sending its datagrams one by
+/// one avoids: the path's MTU is below the segment size (`EINVAL`), or the
+/// route cannot segment (`EIO`, `EMSGSIZE`).
+fn refused_whole(res: i32) -> bool {
+    matches!(-res, libc::EINVAL | libc::EIO | libc::EMSGSIZE)
 }
 
 /// A multishot receive ended for want of a buffer: armed again as buffers
@@ -113,11 +180,11 @@ pub struct Udp {
     // the listeners.
     flows: Slots<Flow>,
     listeners: Slots<Listener>,
-    replies: Slots<Box<Reply>>,
-    /// Boxes of finished replies, reused; boxed (not a `Vec<Reply>`)
-    /// because a reply's message points into its own box.
+    outs: Slots<Box<Out>>,
+    /// Boxes of finished sends, reused; boxed (not a `Vec<Out>`) because a
+    /// send's message points into its own box.
     #[allow(clippy::vec_box)]
-    spare: Vec<Box<Reply>>,
+    spare: Vec<Box<Out>>,
     starved: Vec<Starved>,
     shared: Arc<Shared>,
     rng: Rc<RefCell<SmallRng>>,
@@ -156,6 +223,15 @@ fn received(bufs: &mut BufRing, flags: u32) -> (Option<u16>, bool) {
     (bid, cqueue::more(flags))
 }
 
+/// The datagram size of a received run (a `UDP_GRO` message in `control`
+/// for a payload of `len` bytes longer than one datagram), or 0 for a
+/// single datagram.
+fn run_of(control: &[u8], len: usize) -> u16 {
+    gso::segment_size(control)
+        .filter(|&s| usize::from(s) < len)
+        .unwrap_or(0)
+}
+
 /// Returns a buffer nobody will send from.
 fn give_back(bufs: &mut BufRing, bid: Option<u16>) {
     if let Some(b) = bid {
@@ -174,7 +250,7 @@ impl Udp {
         Self {
             flows: Slots::default(),
             listeners: Slots::default(),
-            replies: Slots::default(),
+            outs: Slots::default(),
             spare: Vec::new(),
             starved: Vec::new(),
             shared,
@@ -201,6 +277,11 @@ impl Udp {
     ) -> (u32, u32) {
         let mut msg = Box::new(empty_msghdr());
         msg.msg_namelen = NAME_LEN;
+        msg.msg_controllen = CMSG_ROOM;
+        if let Err(e) = gso::enable_gro(fd.as_raw_fd()) {
+            // Runs then arrive as single datagrams: slower, not wrong.
+            tracing::debug!(%local, error = %e, "udp: no UDP_GRO on the listener");
+        }
         self.serial = self.serial.wrapping_add(1);
         let serial = self.serial;
         let id = self.listeners.insert(Listener {
@@ -303,15 +384,7 @@ impl Udp {
                 bufs.recycle(t.aux);
                 self.sent(ring, t.index, res);
             }
-            Op::UdpSendClient => {
-                let Some(r) = self.replies.remove(t.index) else {
-                    return;
-                };
-                bufs.recycle(r.bid);
-                let flow = r.flow;
-                self.spare.push(r);
-                self.sent(ring, flow, res);
-            }
+            Op::UdpSendMsg => self.out_done(ring, bufs, t.index, res),
             _ => {}
         }
     }
@@ -400,8 +473,9 @@ impl Udp {
             return;
         }
         f.armed = true;
+        let msg: *const libc::msghdr = &*f.msg;
         ring.push(
-            ops::recv_multi(f.fd.as_raw_fd(), bufs.group()),
+            ops::recv_msg_multi(f.fd.as_raw_fd(), msg, bufs.group()),
             Token::new(Op::UdpRecvBackend, i),
         );
     }
@@ -468,14 +542,17 @@ impl Udp {
         let parsed = RecvMsgOut::parse(bufs.bytes(bid, len), &l.msg)
             .ok()
             .and_then(|m| {
-                if m.is_payload_truncated() {
+                // A run whose segment size did not fit would go out as one
+                // datagram: dropped like a datagram larger than a buffer.
+                if m.is_payload_truncated() || m.is_control_data_truncated() {
                     return None;
                 }
                 let client = source_of(m.name_data())?;
                 let p = m.payload_data();
-                Some((client, p.as_ptr() as usize - base, p.len()))
+                let seg = run_of(m.control_data(), p.len());
+                Some((client, p.as_ptr() as usize - base, p.len(), seg))
             });
-        let Some((client, off, n)) = parsed else {
+        let Some((client, off, n, seg)) = parsed else {
             // Larger than a buffer, or not from an IP address: dropped.
             bufs.recycle(bid);
             return;
@@ -490,13 +567,100 @@ impl Udp {
         };
         f.inflight += 1;
         f.session.to_backend(n);
+        let sock = f.fd.as_raw_fd();
+        if seg > 0 {
+            self.send_out(ring, bufs, sock, None, flow, bid, (off, n), seg);
+            return;
+        }
         // SAFETY: off + n <= len <= buf_size: inside buffer `bid`, which
         // stays lent to this send until it completes.
         let ptr = unsafe { bufs.ptr(bid).add(off) };
         ring.push(
-            ops::send(f.fd.as_raw_fd(), ptr, n as u32),
+            ops::send(sock, ptr, n as u32),
             Token::with_aux(Op::UdpSendBackend, flow, bid),
         );
+    }
+
+    /// Sends bytes `part` (offset, length) of buffer `bid` on `sock` for
+    /// flow `flow` (which counted it in flight): to `to`, or to the
+    /// socket's connected peer; as a run of `seg`-byte datagrams when `seg`
+    /// is set. The buffer is recycled when the send completes.
+    #[allow(clippy::too_many_arguments)]
+    fn send_out(
+        &mut self,
+        ring: &mut Ring,
+        bufs: &BufRing,
+        sock: RawFd,
+        to: Option<SocketAddr>,
+        flow: u32,
+        bid: u16,
+        part: (usize, usize),
+        seg: u16,
+    ) {
+        let mut r = self.spare.pop().unwrap_or_else(|| {
+            Box::new(Out {
+                msg: empty_msghdr(),
+                iov: libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                },
+                to: None,
+                cmsg: Cmsg::default(),
+                sock,
+                flow,
+                bid,
+                start: 0,
+                len: 0,
+                seg: 0,
+                split: false,
+                done: 0,
+            })
+        });
+        r.to = to.map(SockAddr::from);
+        r.sock = sock;
+        r.flow = flow;
+        r.bid = bid;
+        // Both fit in u32: they lie inside one buffer.
+        r.start = part.0 as u32;
+        r.len = part.1 as u32;
+        r.seg = seg;
+        r.split = false;
+        r.done = 0;
+        r.prepare(bufs);
+        let msg: *const libc::msghdr = &r.msg;
+        let ri = self.outs.insert(r);
+        ring.push(ops::send_msg(sock, msg), Token::new(Op::UdpSendMsg, ri));
+    }
+
+    /// A send of box `ri` completed with `res`: a run the path refused whole
+    /// goes again one datagram at a time; the box is done once its payload
+    /// is out or a send failed.
+    fn out_done(&mut self, ring: &mut Ring, bufs: &mut BufRing, ri: u32, res: i32) {
+        let Some(r) = self.outs.get_mut(ri) else {
+            return;
+        };
+        let again = if r.seg > 0 && !r.split && refused_whole(res) {
+            r.split = true;
+            true
+        } else if r.split && res >= 0 {
+            r.done += r.next().1;
+            r.done < r.len
+        } else {
+            false
+        };
+        if again {
+            r.prepare(bufs);
+            let msg: *const libc::msghdr = &r.msg;
+            ring.push(ops::send_msg(r.sock, msg), Token::new(Op::UdpSendMsg, ri));
+            return;
+        }
+        let Some(r) = self.outs.remove(ri) else {
+            return;
+        };
+        bufs.recycle(r.bid);
+        let flow = r.flow;
+        self.spare.push(r);
+        self.sent(ring, flow, res);
     }
 
     /// The flow of `client` on listener `id`: the pinned one if its endpoint
@@ -555,12 +719,18 @@ impl Udp {
                 return None;
             }
         };
+        if let Err(e) = gso::enable_gro(fd.as_raw_fd()) {
+            tracing::debug!(local = %l.local, error = %e, "udp: no UDP_GRO on a backend socket");
+        }
+        let mut msg = Box::new(empty_msghdr());
+        msg.msg_controllen = CMSG_ROOM;
         let session = Session::open(&self.shared, fe, client, l.local, ep);
         self.serial = self.serial.wrapping_add(1);
         let i = self.flows.insert(Flow {
             listener: id,
             client,
             fd,
+            msg,
             session,
             armed: false,
             inflight: 0,
@@ -608,42 +778,29 @@ impl Udp {
         }
         match bid {
             Some(b) if res >= 0 => {
+                let base = bufs.ptr(b) as usize;
+                let parsed = RecvMsgOut::parse(bufs.bytes(b, res as usize), &f.msg)
+                    .ok()
+                    .filter(|m| !m.is_payload_truncated() && !m.is_control_data_truncated())
+                    .map(|m| {
+                        let p = m.payload_data();
+                        let seg = run_of(m.control_data(), p.len());
+                        (p.as_ptr() as usize - base, p.len(), seg)
+                    });
                 let (client, listener) = (f.client, f.listener);
-                let Some(l) = self.listeners.get_mut(listener) else {
-                    bufs.recycle(b);
-                    return;
-                };
-                l.flows.touch(&client, now);
-                let mut r = self.spare.pop().unwrap_or_else(|| {
-                    Box::new(Reply {
-                        msg: empty_msghdr(),
-                        iov: libc::iovec {
-                            iov_base: std::ptr::null_mut(),
-                            iov_len: 0,
-                        },
-                        addr: SockAddr::from(client),
-                        flow: 0,
-                        bid: 0,
-                    })
+                let sock = self.listeners.get_mut(listener).map(|l| {
+                    l.flows.touch(&client, now);
+                    l.fd.as_raw_fd()
                 });
-                r.addr = SockAddr::from(client);
-                r.iov = libc::iovec {
-                    iov_base: bufs.ptr(b).cast(),
-                    iov_len: res as usize,
-                };
-                r.msg = empty_msghdr();
-                r.msg.msg_name = r.addr.as_ptr() as *mut libc::c_void;
-                r.msg.msg_namelen = r.addr.len();
-                r.msg.msg_iov = &mut r.iov;
-                r.msg.msg_iovlen = 1;
-                r.flow = i;
-                r.bid = b;
-                let msg: *const libc::msghdr = &r.msg;
-                let sock = l.fd.as_raw_fd();
-                f.inflight += 1;
-                f.session.to_client(res as usize);
-                let ri = self.replies.insert(r);
-                ring.push(ops::send_msg(sock, msg), Token::new(Op::UdpSendClient, ri));
+                match (parsed, sock) {
+                    (Some((start, n, seg)), Some(sock)) => {
+                        f.inflight += 1;
+                        f.session.to_client(n);
+                        self.send_out(ring, bufs, sock, Some(client), i, b, (start, n), seg);
+                    }
+                    // Larger than a buffer, or the listener is gone: dropped.
+                    _ => bufs.recycle(b),
+                }
                 if !more {
                     self.arm_flow(ring, bufs, i);
                 }
@@ -833,6 +990,134 @@ mod tests {
             std::net::UdpSocket::bind(front).expect("listener port still bound");
             std::net::UdpSocket::bind(flow).expect("flow port still bound");
         });
+    }
+
+    /// A blocking socket on loopback with `UDP_GRO` on (runs arrive whole)
+    /// and, when `seg` is set, `UDP_SEGMENT` (a send of more than `seg`
+    /// bytes leaves as a run of `seg`-byte datagrams).
+    fn gso_socket(seg: Option<u16>) -> std::net::UdpSocket {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        gso::enable_gro(s.as_raw_fd()).unwrap();
+        if let Some(seg) = seg {
+            let v = libc::c_int::from(seg);
+            // SAFETY: a live socket; the value is a c_int.
+            let r = unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_UDP,
+                    libc::UDP_SEGMENT,
+                    (&v as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(r, 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
+        }
+        s
+    }
+
+    /// One receive: the bytes, the run's datagram size if it came whole,
+    /// and the sender.
+    fn recv_run(s: &std::net::UdpSocket) -> (Vec<u8>, Option<u16>, SocketAddr) {
+        let mut buf = vec![0u8; 65536];
+        let mut name = SockAddr::from(SocketAddr::from(([0, 0, 0, 0], 0)));
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let mut control = Cmsg::default();
+        let mut msg = empty_msghdr();
+        msg.msg_name = name.as_ptr() as *mut libc::c_void;
+        msg.msg_namelen = name.len();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr();
+        msg.msg_controllen = CMSG_ROOM;
+        // SAFETY: every pointer in msg refers to a live local of this call.
+        let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, 0) };
+        assert!(n >= 0, "recvmsg: {}", std::io::Error::last_os_error());
+        // SAFETY: the kernel wrote msg_namelen bytes of address.
+        unsafe { name.set_length(msg.msg_namelen) };
+        buf.truncate(n as usize);
+        // SAFETY: the kernel wrote msg_controllen bytes of control.
+        let c = unsafe {
+            std::slice::from_raw_parts(control.as_mut_ptr().cast::<u8>(), msg.msg_controllen)
+        };
+        (buf, gso::segment_size(c), name.as_socket().unwrap())
+    }
+
+    /// The descriptor of this process bound to `addr` (a flow's socket).
+    fn fd_bound_to(addr: SocketAddr) -> RawFd {
+        for e in std::fs::read_dir("/proc/self/fd").unwrap() {
+            let Ok(fd) = e.unwrap().file_name().to_string_lossy().parse::<RawFd>() else {
+                continue;
+            };
+            // SAFETY: borrowed for this one call; a descriptor closed in
+            // between only makes getsockname fail.
+            let b = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            let local = socket2::SockRef::from(&b).local_addr();
+            if local.ok().and_then(|a| a.as_socket()) == Some(addr) {
+                return fd;
+            }
+        }
+        panic!("no descriptor bound to {addr}");
+    }
+
+    fn pattern(n: usize, salt: u8) -> Vec<u8> {
+        (0..n).map(|i| (i % 251) as u8 ^ salt).collect()
+    }
+
+    #[test]
+    fn runs_of_datagrams_cross_whole_both_ways_and_one_by_one_where_refused() {
+        let backend = gso_socket(Some(200));
+        let proxy =
+            crate::testing::engine::Proxy::start_of(Protocol::Udp, backend.local_addr().unwrap());
+        let client = gso_socket(Some(100));
+        // One datagram first: once it is through, the engine has set up the
+        // listener (a run arriving before that is cut up on arrival).
+        client.send_to(b"hello", proxy.front).unwrap();
+        let (got, seg, flow) = recv_run(&backend);
+        assert_eq!((got.as_slice(), seg), (&b"hello"[..], None));
+        // Four datagrams of 100 bytes in one send: the backend gets them in
+        // one receive, still marked as 100-byte datagrams, on the same flow.
+        let up = pattern(400, 1);
+        client.send_to(&up, proxy.front).unwrap();
+        let (got, seg, from) = recv_run(&backend);
+        assert_eq!(
+            (got.len(), seg, from),
+            (400, Some(100), flow),
+            "not relayed as one run"
+        );
+        assert_eq!(got, up);
+        // A run of three 200-byte replies reaches the client whole, from
+        // the address it sent to.
+        let down = pattern(600, 2);
+        backend.send_to(&down, flow).unwrap();
+        let (got, seg, from) = recv_run(&client);
+        assert_eq!((got.len(), seg, from), (600, Some(200), proxy.front));
+        assert_eq!(got, down);
+        // A path that refuses runs (here: no UDP checksums, which
+        // segmentation needs) gets the datagrams one by one, on the same flow.
+        let on: libc::c_int = 1;
+        // SAFETY: the flow's live socket; the value is a c_int.
+        let r = unsafe {
+            libc::setsockopt(
+                fd_bound_to(flow),
+                libc::SOL_SOCKET,
+                libc::SO_NO_CHECK,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0);
+        let up = pattern(300, 3);
+        client.send_to(&up, proxy.front).unwrap();
+        for k in 0..3 {
+            let (got, seg, from) = recv_run(&backend);
+            assert_eq!((got.len(), seg, from), (100, None, flow), "datagram {k}");
+            assert_eq!(got, up[k * 100..(k + 1) * 100]);
+        }
     }
 
     #[test]
