@@ -14,11 +14,14 @@
 //! a re-arm per stall; with single shots it is the order of submissions.
 //!
 //! A connection's entry lives until its last operation completed (counted in
-//! `inflight`), so no completion ever finds its index reused.
+//! `inflight`), so no completion ever finds its index reused. Its half-closes
+//! and, once it is done, the close of both its sockets go through the ring
+//! too, with the operations its last completions lead to: one system call
+//! for all of them.
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -135,9 +138,23 @@ struct Dial {
     ts: Timespec,
 }
 
+/// A connection's place under the connection limits, given back when the
+/// connection goes.
+struct Admission {
+    shared: Arc<Shared>,
+    kept: Option<Kept>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        if let Some(k) = self.kept.take() {
+            self.shared.limits.release(k);
+        }
+    }
+}
+
 /// A client connection and, once connected, its backend.
 struct Conn {
-    shared: Arc<Shared>,
     serial: u32,
     client: OwnedFd,
     backend: Option<OwnedFd>,
@@ -148,7 +165,8 @@ struct Conn {
     first: Vec<u8>,
     first_sent: usize,
     fe: Arc<Frontend>,
-    kept: Option<Kept>,
+    /// Held for its drop.
+    _admission: Admission,
     session: Option<Session>,
     phase: Phase,
     /// Client → backend.
@@ -161,14 +179,6 @@ struct Conn {
     idle: IdleCheck,
     /// Set when the relay ends; the entry goes once nothing is in flight.
     end: Option<End>,
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        if let Some(k) = self.kept.take() {
-            self.shared.limits.release(k);
-        }
-    }
 }
 
 impl Conn {
@@ -308,6 +318,8 @@ pub struct Tcp {
 
 impl Drop for Tcp {
     fn drop(&mut self) {
+        // Closes queued by the last round reach the kernel.
+        let _ = self.ring.submit();
         // Sessions end as drains; then no receive may pick a buffer again.
         drop(self.conns.drain());
         self.bufs.unregister(self.ring.uring());
@@ -527,7 +539,7 @@ impl Tcp {
             Op::Accept => self.on_accept(t.index, res, cqueue::more(cqe.flags())),
             Op::AcceptRetry => self.arm_accept(t.index),
             Op::Connect => self.on_connect(t.index, res),
-            Op::ConnectTimeout => self.settle(t.index),
+            Op::ConnectTimeout | Op::Shutdown => self.settle(t.index),
             Op::RecvClient => self.on_recv(t.index, Dir::Up, res, cqe.flags()),
             Op::RecvBackend => self.on_recv(t.index, Dir::Down, res, cqe.flags()),
             Op::SendBackend => self.on_send(t.index, Dir::Up, res),
@@ -536,7 +548,7 @@ impl Tcp {
             Op::SpliceIn => self.on_poll(t.index, Dir::from_aux(t.aux), false, res),
             Op::SpliceOut => self.on_poll(t.index, Dir::from_aux(t.aux), true, res),
             // The TUN path's own rings, never this one.
-            Op::Ignore | Op::TunRead | Op::TunWrite | Op::TunPoll => {}
+            Op::Ignore | Op::Close | Op::TunRead | Op::TunWrite | Op::TunPoll => {}
         }
     }
 
@@ -664,7 +676,6 @@ impl Tcp {
         let kept = slot.keep();
         self.serial = self.serial.wrapping_add(1);
         let conn = Conn {
-            shared: self.shared.clone(),
             serial: self.serial,
             client,
             backend: None,
@@ -673,7 +684,10 @@ impl Tcp {
             first,
             first_sent: 0,
             fe,
-            kept: Some(kept),
+            _admission: Admission {
+                shared: self.shared.clone(),
+                kept: Some(kept),
+            },
             session: None,
             phase: Phase::Dialing(Box::new(Dial {
                 retry: Retry::default(),
@@ -1139,8 +1153,10 @@ impl Tcp {
             return;
         };
         if let Some((_, to)) = c.ends(d) {
-            // SAFETY: `to` is a live descriptor of this connection.
-            unsafe { libc::shutdown(to, libc::SHUT_WR) };
+            // Counted in flight: the socket closes only after it.
+            c.inflight += 1;
+            self.ring
+                .push(ops::shutdown_write(to), Token::new(Op::Shutdown, i));
         }
         c.half(d).done = true;
         if c.up.done && c.down.done {
@@ -1174,12 +1190,27 @@ impl Tcp {
         self.free_if_done(i);
     }
 
-    /// Drops connection `i` once it ended and nothing of it is in flight.
+    /// Drops connection `i` once it ended and nothing of it is in flight;
+    /// its sockets close through the ring.
     fn free_if_done(&mut self, i: u32) {
-        if let Some(c) = self.conns.get(i) {
-            if c.end.is_some() && c.inflight == 0 {
-                self.conns.remove(i);
-            }
+        if !self
+            .conns
+            .get(i)
+            .is_some_and(|c| c.end.is_some() && c.inflight == 0)
+        {
+            return;
+        }
+        let Some(Conn {
+            client, backend, ..
+        }) = self.conns.remove(i)
+        else {
+            return;
+        };
+        for fd in [Some(client), backend].into_iter().flatten() {
+            // Nothing of the connection is in flight: no operation can
+            // still name the descriptor when the close runs.
+            self.ring
+                .push(ops::close(fd.into_raw_fd()), Token::new(Op::Close, i));
         }
     }
 
@@ -1268,6 +1299,38 @@ pub(crate) mod tests {
             assert_eq!(e.borrow().free_buffers(), SIZES.buffers);
             assert_eq!(e.borrow().connections(), 1);
             half_close_is_passed_on(&client, &b).await;
+        });
+    }
+
+    fn open_descriptors() -> usize {
+        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+
+    #[test]
+    fn a_relay_ended_by_fin_both_ways_closes_both_its_sockets() {
+        tokio_uring::start(async {
+            let backend = TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let (e, front) = engine(backend.local_addr().unwrap());
+            let before = open_descriptors();
+            for _ in 0..3 {
+                let client = TcpStream::connect(front).await.unwrap();
+                let (b, _) = backend.accept().await.unwrap();
+                half_close_is_passed_on(&client, &b).await;
+                b.shutdown(std::net::Shutdown::Write).unwrap();
+                let (r, _) = client.read(vec![0u8; 16]).await;
+                assert_eq!(r.unwrap(), 0, "the backend's FIN is passed on");
+                drop((client, b));
+            }
+            // The last FIN's completion frees the entry and queues the
+            // closes; they reach the kernel with the next submission.
+            for _ in 0..100 {
+                if e.borrow().connections() == 0 && open_descriptors() == before {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(e.borrow().connections(), 0);
+            assert_eq!(open_descriptors(), before, "the proxy's sockets are closed");
         });
     }
 
