@@ -51,11 +51,6 @@ pub fn send(sock: RawFd, ptr: *const u8, len: u32) -> squeue::Entry {
         .build()
 }
 
-/// Shuts down writing on `sock` (its peer reads end-of-file).
-pub fn shutdown_write(sock: RawFd) -> squeue::Entry {
-    opcode::Shutdown::new(Fd(sock), libc::SHUT_WR).build()
-}
-
 /// Closes `fd` (the caller gave up ownership of it).
 pub fn close(fd: RawFd) -> squeue::Entry {
     opcode::Close::new(Fd(fd)).build()

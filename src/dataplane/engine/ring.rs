@@ -55,8 +55,6 @@ pub enum Op {
     TunWrite,
     /// The multishot poll that says a TUN queue has packets waiting.
     TunPoll,
-    /// A half-close (`shutdown` of writing) passing a FIN on.
-    Shutdown,
     /// A connection's socket closed once the connection is done.
     Close,
 }
@@ -83,8 +81,7 @@ impl Op {
             17 => Op::TunRead,
             18 => Op::TunWrite,
             19 => Op::TunPoll,
-            20 => Op::Shutdown,
-            21 => Op::Close,
+            20 => Op::Close,
             _ => return None,
         })
     }
