@@ -155,6 +155,7 @@ impl Bridge<'_> {
             match moved.unwrap_or(Moved::Failed) {
                 Moved::Bytes(n) => {
                     c.activity.touch();
+                    c.stack.borrow_mut().touch(c.socket);
                     // Reading opened the window: let the driver advertise it.
                     c.poke.notify_one();
                     c.session.to_backend(n);
@@ -189,6 +190,7 @@ impl Bridge<'_> {
                 }
                 Moved::Bytes(n) => {
                     c.activity.touch();
+                    c.stack.borrow_mut().touch(c.socket);
                     c.poke.notify_one();
                     c.session.to_client(n);
                 }

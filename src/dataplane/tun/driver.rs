@@ -191,6 +191,7 @@ pub async fn run(
             _ = ctx.poke.notified() => {}
             _ = sleep => io.maybe_readable(),
             _ = sweep.tick() => {
+                ctx.stack.borrow_mut().trim_idle();
                 let dead = ctx.flows.borrow_mut().open.expire(Instant::now());
                 crate::dataplane::udp::end_all(dead, crate::access_log::End::IdleTimeout);
             }

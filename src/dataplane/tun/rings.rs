@@ -1,8 +1,8 @@
 //! Storage for the smoltcp sockets' receive and send rings, kept for the next
 //! connection instead of freed.
 //!
-//! A ring is `--tun-socket-buffer` bytes (1 MiB by default), so the allocator
-//! maps it fresh for every connection and unmaps it at the end: with short
+//! A ring is `--tun-socket-buffer` bytes (1 MiB by default), a mapping of its
+//! own made fresh for every connection and unmapped at the end: with short
 //! connections that mmap, munmap (a TLB shootdown each) and the page faults
 //! of the first bytes took about 17 % of the TUN thread's time (perf of the
 //! `cps` run in BENCHMARKS.md). A ring whose connection moved little has
@@ -28,15 +28,38 @@ pub const REUSE_MAX_BYTES: u64 = 64 * 1024;
 /// One ring's storage, owned here or lent to one socket.
 #[derive(Debug)]
 pub struct Ring {
-    /// A leaked boxed slice, owned by this ring.
+    /// An anonymous mapping of its own, owned by this ring.
     ptr: NonNull<[u8]>,
 }
 
 impl Ring {
     /// Zeroed storage of `len` bytes (at 1 MiB, untouched zero pages).
+    ///
+    /// Mapped here rather than taken from the allocator: a ring is resident
+    /// only in the pages its bytes touched, where the allocator's block for
+    /// an object this size adds a page of its own bookkeeping (mimalloc's
+    /// segment header), which doubled what an idle connection's two rings
+    /// hold (BENCHMARKS.md, memory per idle ClusterIP connection).
     fn new(len: usize) -> Self {
-        let ptr = NonNull::from(Box::leak(vec![0u8; len].into_boxed_slice()));
-        Ring { ptr }
+        let len = len.max(1);
+        // SAFETY: a fresh private anonymous mapping; no address is imposed.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        let Some(base) = NonNull::new(p.cast::<u8>()).filter(|_| p != libc::MAP_FAILED) else {
+            // As the allocator does when it has no memory left.
+            std::alloc::handle_alloc_error(std::alloc::Layout::new::<[u8; 4096]>());
+        };
+        Ring {
+            ptr: NonNull::slice_from_raw_parts(base, len),
+        }
     }
 
     /// The storage as a socket's buffer.
@@ -46,9 +69,38 @@ impl Ring {
     /// The slice must be gone (its socket dropped) before this ring is
     /// dropped or lent again; nothing else reads or writes the ring meanwhile.
     pub unsafe fn lend(&mut self) -> &'static mut [u8] {
-        // SAFETY: `ptr` is a live boxed slice owned by this ring; the caller
+        // SAFETY: `ptr` is a live mapping owned by this ring; the caller
         // keeps it the one reference (see above).
         unsafe { self.ptr.as_mut() }
+    }
+
+    /// Gives the ring's pages back to the kernel: it is resident in none of
+    /// them until bytes touch them again (zero-filled then).
+    ///
+    /// Only for a ring that holds no bytes (its socket's queue empty): what
+    /// its storage contained is then never read again before it is written.
+    pub fn release_pages(&mut self) {
+        // SAFETY: the ring's own mapping; MADV_DONTNEED only replaces its
+        // contents with zeroes, which an empty ring's socket never reads
+        // before writing (see above).
+        unsafe {
+            libc::madvise(
+                self.ptr.as_ptr().cast(),
+                self.ptr.len(),
+                libc::MADV_DONTNEED,
+            )
+        };
+    }
+
+    /// Pages of the ring resident now (tests).
+    #[cfg(test)]
+    pub fn resident_pages(&self) -> usize {
+        let page = 4096;
+        let mut v = vec![0u8; self.ptr.len().div_ceil(page)];
+        // SAFETY: the ring's own mapping, page-aligned; one byte per page.
+        let r = unsafe { libc::mincore(self.ptr.as_ptr().cast(), self.ptr.len(), v.as_mut_ptr()) };
+        assert_eq!(r, 0);
+        v.iter().filter(|b| *b & 1 == 1).count()
     }
 
     /// Size in bytes.
@@ -64,9 +116,9 @@ impl Ring {
 
 impl Drop for Ring {
     fn drop(&mut self) {
-        // SAFETY: leaked from a Box in `new` and not freed since; no lent
-        // slice outlives its socket (the contract of `lend`).
-        drop(unsafe { Box::from_raw(self.ptr.as_ptr()) });
+        // SAFETY: mapped in `new` and not unmapped since; no lent slice
+        // outlives its socket (the contract of `lend`).
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.ptr.len()) };
     }
 }
 
@@ -135,6 +187,22 @@ mod tests {
             pool.give_back(r, Some(1));
         }
         assert_eq!(pool.kept(), KEEP);
+    }
+
+    #[test]
+    fn released_pages_are_no_longer_resident() {
+        let mut pool = RingPool::new(1 << 20);
+        let mut r = pool.take();
+        assert_eq!(r.resident_pages(), 0, "a fresh ring holds no page");
+        // SAFETY: the slice is the ring's only reference and dies here.
+        let s = unsafe { r.lend() };
+        s[..10_000].fill(7);
+        assert_eq!(r.resident_pages(), 3);
+        r.release_pages();
+        assert_eq!(r.resident_pages(), 0);
+        // SAFETY: as above.
+        let s = unsafe { r.lend() };
+        assert_eq!(s[0], 0, "zero-filled when touched again");
     }
 
     #[test]

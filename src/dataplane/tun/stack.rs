@@ -116,6 +116,10 @@ struct Lent {
     rx: Ring,
     tx: Ring,
     moved: Option<(u64, u64)>,
+    /// Bytes moved through the rings since the last idle sweep.
+    active: bool,
+    /// The rings' pages went back to the kernel, and nothing moved since.
+    trimmed: bool,
 }
 
 fn now() -> SmolInstant {
@@ -337,8 +341,17 @@ impl Stack {
         let shard = shard_of(&key);
         let handle = self.shards.get_mut(shard)?.sockets.add(s);
         let socket = ConnSocket { shard, handle };
-        let moved = None;
-        self.lent.insert(socket, Lent { rx, tx, moved });
+        self.lent.insert(
+            socket,
+            Lent {
+                rx,
+                tx,
+                moved: None,
+                // Not trimmed before one whole sweep period has passed.
+                active: true,
+                trimmed: false,
+            },
+        );
         self.push_rx(syn);
         self.poll_shard(shard, now());
         // Another listener on the same VIP:port must never linger: it would
@@ -386,6 +399,37 @@ impl Stack {
         }
     }
 
+    /// Bytes moved through connection `c`'s rings (its relay says so).
+    pub fn touch(&mut self, c: ConnSocket) {
+        if let Some(l) = self.lent.get_mut(&c) {
+            l.active = true;
+            l.trimmed = false;
+        }
+    }
+
+    /// The idle sweep (once a second): the rings of connections through
+    /// which nothing moved since the last sweep and which hold no bytes
+    /// give their pages back, so an idle connection holds no ring memory
+    /// (a ring is 1 MiB of address space; its touched pages stay resident
+    /// otherwise). Once per quiet spell: a trimmed connection is trimmed
+    /// again only after bytes moved.
+    pub fn trim_idle(&mut self) {
+        for (c, l) in self.lent.iter_mut() {
+            if std::mem::take(&mut l.active) || l.trimmed {
+                continue;
+            }
+            let Some(sh) = self.shards.get(c.shard) else {
+                continue;
+            };
+            let s = sh.sockets.get::<tcp::Socket>(c.handle);
+            if s.recv_queue() == 0 && s.send_queue() == 0 {
+                l.rx.release_pages();
+                l.tx.release_pages();
+                l.trimmed = true;
+            }
+        }
+    }
+
     /// Removes sockets whose relay ended and whose TCP connection is over.
     pub fn reap(&mut self) {
         let shards = &self.shards;
@@ -407,7 +451,7 @@ impl Stack {
             sh.sockets.remove(c.handle);
         }
         // The socket and its borrow of the rings are gone.
-        if let Some(Lent { rx, tx, moved }) = self.lent.remove(&c) {
+        if let Some(Lent { rx, tx, moved, .. }) = self.lent.remove(&c) {
             self.rings.give_back(rx, moved.map(|m| m.0));
             self.rings.give_back(tx, moved.map(|m| m.1));
         }
@@ -634,6 +678,69 @@ mod tests {
         let h = accepted(&mut st, again, syn(again));
         assert_eq!(st.rings_kept(), 1);
         assert_eq!(st.tcp(h).unwrap().state(), tcp::State::SynReceived);
+    }
+
+    #[test]
+    fn rings_of_an_idle_connection_give_their_pages_back() {
+        let mut st = stack();
+        let k = key();
+        let h = accepted(
+            &mut st,
+            k,
+            segment(k, TcpControl::Syn, 1000, None, Some(100), &[]),
+        );
+        let (iss, ..) = reply(&mut st);
+        let ack = Some(iss.wrapping_add(1));
+        let resident = |st: &Stack| {
+            let l = st.lent.get(&h).unwrap();
+            (l.rx.resident_pages(), l.tx.resident_pages())
+        };
+        // A request comes in and is taken out; an answer goes out and is
+        // acknowledged: both rings touched, both empty.
+        st.push_rx(segment(
+            k,
+            TcpControl::None,
+            1001,
+            ack,
+            Some(101),
+            &[b'q'; 500],
+        ));
+        st.poll();
+        let mut out = [0u8; 600];
+        assert_eq!(st.tcp(h).unwrap().recv_slice(&mut out), Ok(500));
+        assert_eq!(st.tcp(h).unwrap().send_slice(&[b'a'; 700]), Ok(700));
+        st.touch(h);
+        st.poll();
+        while st.dev.pop_tx().is_some() {}
+        let acked = Some(iss.wrapping_add(701));
+        st.push_rx(segment(k, TcpControl::None, 1501, acked, Some(102), &[]));
+        st.poll();
+        assert_eq!(st.tcp(h).unwrap().send_queue(), 0);
+        assert_eq!(resident(&st), (1, 1));
+        // The sweep after the one that saw bytes move trims them.
+        st.trim_idle();
+        assert_eq!(resident(&st), (1, 1), "bytes moved since the last sweep");
+        st.trim_idle();
+        assert_eq!(resident(&st), (0, 0));
+        // Bytes waiting in a ring keep it; moving them re-arms the sweep.
+        st.push_rx(segment(
+            k,
+            TcpControl::None,
+            1501,
+            acked,
+            Some(103),
+            &[b'r'; 100],
+        ));
+        st.poll();
+        st.trim_idle();
+        st.trim_idle();
+        assert_eq!(resident(&st).0, 1, "a ring holding bytes is not trimmed");
+        assert_eq!(st.tcp(h).unwrap().recv_slice(&mut out), Ok(100));
+        st.touch(h);
+        st.trim_idle();
+        st.trim_idle();
+        assert_eq!(resident(&st), (0, 0));
+        assert_eq!(st.tcp(h).unwrap().state(), tcp::State::Established);
     }
 
     #[test]
