@@ -225,8 +225,12 @@ fn readiness_probes_decide_which_pods_are_endpoints() {
     let rv = Ringvip::start(&manifest, &[]);
     let front = np(node_port);
     let (a, b) = (net.addr(1, port).to_string(), net.addr(2, port).to_string());
-    // Before any probe result neither Pod is ready, whatever the file says.
-    assert_eq!(usable(&rv, front), Vec::<String>::new());
+    // Before any probe result neither Pod is ready, whatever the file says
+    // (probe::state's unit tests pin that down). The first probes run at a
+    // random point of their first second, possibly before this query: only
+    // pod 1, whose backend answers, may be usable already.
+    let first = usable(&rv, front);
+    assert!(first.is_empty() || first == [a.clone()], "{first:?}");
     // Precondition: the first probes ran (every second, spread over one).
     wait_usable(&rv, front, |u| u == [a.clone()]);
     assert_eq!(bodies(front, 10), ["backend-1".to_string()].into());

@@ -36,6 +36,11 @@ use crate::state::Snapshot;
 /// under load (the queue's own reads are bounded by `uring::READS`).
 const READ_BATCH: usize = 256;
 
+/// How often quiet connections' rings give their pages back
+/// ([`Stack::trim_idle`]): a connection idle for one to two periods holds
+/// no ring memory.
+const TRIM_PERIOD: Duration = Duration::from_millis(250);
+
 /// How long reads wait after one failed before they are armed again.
 const READ_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -98,6 +103,7 @@ pub async fn run(
     ctx.thread = thread;
     let ctx = Rc::new(ctx);
     let mut sweep = tokio::time::interval(Duration::from_secs(1));
+    let mut trim = tokio::time::interval(TRIM_PERIOD);
     // Reads are not re-armed before this after one failed (a queue that
     // fails every read must not spin the thread).
     let mut reads_held_until: Option<Instant> = None;
@@ -190,8 +196,8 @@ pub async fn run(
             Some(cmd) = cmds.recv() => answer(&ctx, cmd),
             _ = ctx.poke.notified() => {}
             _ = sleep => io.maybe_readable(),
+            _ = trim.tick() => ctx.stack.borrow_mut().trim_idle(),
             _ = sweep.tick() => {
-                ctx.stack.borrow_mut().trim_idle();
                 let dead = ctx.flows.borrow_mut().open.expire(Instant::now());
                 crate::dataplane::udp::end_all(dead, crate::access_log::End::IdleTimeout);
             }

@@ -407,9 +407,9 @@ impl Stack {
         }
     }
 
-    /// The idle sweep (once a second): the rings of connections through
-    /// which nothing moved since the last sweep and which hold no bytes
-    /// give their pages back, so an idle connection holds no ring memory
+    /// The idle sweep (every `driver::TRIM_PERIOD`): the rings of
+    /// connections through which nothing moved since the last sweep and
+    /// which hold no bytes give their pages back, so an idle connection holds no ring memory
     /// (a ring is 1 MiB of address space; its touched pages stay resident
     /// otherwise). Once per quiet spell: a trimmed connection is trimmed
     /// again only after bytes moved.
