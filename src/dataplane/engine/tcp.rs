@@ -51,6 +51,12 @@ use crate::telemetry::ConnectFailure;
 /// run (each moves up to a pipe's size).
 const PUMP_ROUNDS: usize = 16;
 
+/// Bytes a direction moves through the buffer ring before it switches to
+/// splice (BENCHMARKS.md, "Splice for bulk, after the first bytes"):
+/// short exchanges cost less as a receive and a send on the ring, bulk
+/// costs less through a pipe.
+pub const SPLICE_AFTER: u64 = 256 * 1024;
+
 /// How long a listener waits before accepting again after the process ran
 /// out of descriptors or memory (instead of spinning on the error).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -64,10 +70,12 @@ pub struct Sizes {
     pub buffers: u32,
     /// Bytes per buffer (the largest single receive).
     pub buf_size: u32,
-    /// Relay TCP bytes by splice through a pipe pair instead of buffer-ring
-    /// receives and sends (an internal switch for measuring both: the
-    /// environment variable `RINGVIP_SPLICE=1` turns it on).
-    pub splice: bool,
+    /// A direction that moved this many bytes by buffer-ring receives and
+    /// sends moves the rest by splice through a pipe pair (`Some(0)`: from
+    /// the first byte; `None`: never). An internal switch for measuring:
+    /// the environment variable `RINGVIP_SPLICE` is `1` (from the first
+    /// byte), `0` (never), or unset ([`SPLICE_AFTER`]).
+    pub splice_after: Option<u64>,
 }
 
 impl Default for Sizes {
@@ -81,7 +89,11 @@ impl Default for Sizes {
             ring_entries: 1024,
             buffers: 512,
             buf_size: 64 * 1024 + 256,
-            splice: std::env::var_os("RINGVIP_SPLICE").is_some_and(|v| v == "1"),
+            splice_after: match std::env::var_os("RINGVIP_SPLICE") {
+                Some(v) if v == "1" => Some(0),
+                Some(v) if v == "0" => None,
+                _ => Some(SPLICE_AFTER),
+            },
         }
     }
 }
@@ -113,6 +125,10 @@ struct Half {
     /// The sender's FIN was read; passed on once what is queued is sent.
     eof: bool,
     done: bool,
+    /// Bytes moved by buffer-ring receives and sends.
+    moved: u64,
+    /// The direction moves its bytes by splice now.
+    spliced: bool,
     /// Splice relay: the pipe holding this direction's bytes in flight
     /// (none while idle), and the readiness polls in flight.
     pipe: Option<Pipe>,
@@ -298,8 +314,8 @@ pub struct Tcp {
     udp: Udp,
     /// Empty pipes of the splice relay.
     pipes: Pool,
-    /// Relay by splice rather than receive and send ([`Sizes::splice`]).
-    splice: bool,
+    /// When a direction switches to splice ([`Sizes::splice_after`]).
+    splice_after: Option<u64>,
     ring: Ring,
     bufs: BufRing,
     shared: Arc<Shared>,
@@ -341,7 +357,7 @@ impl Tcp {
             listeners: Slots::default(),
             udp: Udp::new(shared.clone(), rng.clone()),
             pipes: Pool::default(),
-            splice: sizes.splice,
+            splice_after: sizes.splice_after,
             ring,
             bufs,
             shared,
@@ -379,6 +395,17 @@ impl Tcp {
     /// Connections open (dialing or relaying).
     pub fn connections(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Directions of open connections that moved on to splice (tests).
+    #[cfg(test)]
+    fn spliced_directions(&self) -> usize {
+        let mut idx = Vec::new();
+        self.conns.indices(&mut idx);
+        idx.iter()
+            .filter_map(|&i| self.conns.get(i))
+            .map(|c| usize::from(c.up.spliced) + usize::from(c.down.spliced))
+            .sum()
     }
 
     /// Starts accepting on `fd` (a listening socket, its own descriptor),
@@ -851,20 +878,56 @@ impl Tcp {
     /// Connection `i` is connected and its first bytes are out: both
     /// directions start.
     fn start_relay(&mut self, i: u32) {
-        if !self.splice {
-            self.arm_recv(i, Dir::Up);
-            self.arm_recv(i, Dir::Down);
-            return;
+        for d in [Dir::Up, Dir::Down] {
+            self.next_move(i, d);
         }
-        let Some((c, b)) = self.conns.get(i).and_then(|c| c.ends(Dir::Up)) else {
+    }
+
+    /// Whether direction `h`, still on the ring, has moved enough to go on
+    /// by splice: it then takes no new receive, and switches once what it
+    /// has in flight is done ([`Tcp::next_move`]).
+    fn due(&self, h: &Half) -> bool {
+        !h.spliced && self.splice_after.is_some_and(|after| h.moved >= after)
+    }
+
+    /// Direction `d` of connection `i` has no send in flight and nothing
+    /// queued: its next bytes go by a buffer-ring receive, or by splice once
+    /// it has moved [`Sizes::splice_after`] bytes and its last receive is
+    /// in (it stays spliced).
+    fn next_move(&mut self, i: u32, d: Dir) {
+        let Some(c) = self.conns.get(i) else {
             return;
         };
-        if splice::set_nonblocking(c).is_err() || splice::set_nonblocking(b).is_err() {
-            self.reset(i, End::Reset);
+        let h = match d {
+            Dir::Up => &c.up,
+            Dir::Down => &c.down,
+        };
+        let switch = self.due(h);
+        if switch && (h.recv_armed || h.sending.is_some() || h.queued.is_some()) {
+            // Its completion comes back here.
             return;
         }
-        self.pump(i, Dir::Up);
-        self.pump(i, Dir::Down);
+        if !switch && !h.spliced {
+            self.arm_recv(i, d);
+            return;
+        }
+        let Some(c) = self.conns.get_mut(i) else {
+            return;
+        };
+        if switch {
+            // splice(2) reads and writes without blocking only on
+            // non-blocking sockets; the ring's operations on the other
+            // direction are not affected (io_uring polls either way).
+            let Some((from, to)) = c.ends(d) else {
+                return;
+            };
+            if splice::set_nonblocking(from).is_err() || splice::set_nonblocking(to).is_err() {
+                self.reset(i, End::Reset);
+                return;
+            }
+            c.half(d).spliced = true;
+        }
+        self.pump(i, d);
     }
 
     /// Splice relay: moves direction `d`'s bytes until its source has none
@@ -1009,12 +1072,20 @@ impl Tcp {
     }
 
     fn arm_recv(&mut self, i: u32, d: Dir) {
+        let Some(c) = self.conns.get(i) else {
+            return;
+        };
+        let h = match d {
+            Dir::Up => &c.up,
+            Dir::Down => &c.down,
+        };
+        let due = self.due(h);
         let Some(c) = self.conns.get_mut(i) else {
             return;
         };
         let ended = c.end.is_some();
         let h = c.half(d);
-        if ended || h.recv_armed || h.eof || h.done || h.queued.is_some() {
+        if ended || h.recv_armed || h.eof || h.done || h.queued.is_some() || h.spliced || due {
             return;
         }
         let Some((from, _)) = c.ends(d) else {
@@ -1128,6 +1199,7 @@ impl Tcp {
                 Dir::Down => s.to_client(n as usize),
             }
         }
+        c.half(d).moved += u64::from(n);
         chunk.off += n;
         if chunk.off < chunk.len {
             self.send(i, d, chunk);
@@ -1140,7 +1212,7 @@ impl Tcp {
         } else if c.half(d).eof {
             self.fin(i, d);
         } else {
-            self.arm_recv(i, d);
+            self.next_move(i, d);
         }
     }
 
@@ -1221,7 +1293,7 @@ impl Tcp {
                 return;
             };
             if self.conns.get(i).is_some_and(|c| c.serial == serial) {
-                self.arm_recv(i, d);
+                self.next_move(i, d);
             }
         }
     }
@@ -1240,7 +1312,7 @@ pub(crate) mod tests {
         ring_entries: 64,
         buffers: 8,
         buf_size: 4096,
-        splice: false,
+        splice_after: None,
     };
 
     /// An engine on this thread's runtime proxying a loopback listener to
@@ -1339,7 +1411,7 @@ pub(crate) mod tests {
         tokio_uring::start(async {
             let backend = TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
             let sizes = Sizes {
-                splice: true,
+                splice_after: Some(0),
                 ..SIZES
             };
             let (e, front) = engine_with(backend.local_addr().unwrap(), sizes);
@@ -1356,6 +1428,45 @@ pub(crate) mod tests {
             assert!(read_exact(&client, 100_000).await == data[..100_000]);
             // No buffer of the ring was used.
             assert_eq!(e.borrow().free_buffers(), SIZES.buffers);
+            half_close_is_passed_on(&client, &b).await;
+        });
+    }
+
+    #[test]
+    fn a_direction_moves_on_to_splice_after_its_first_bytes_and_keeps_its_order() {
+        tokio_uring::start(async {
+            let backend = TcpListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let sizes = Sizes {
+                splice_after: Some(64 * 1024),
+                ..SIZES
+            };
+            let (e, front) = engine_with(backend.local_addr().unwrap(), sizes);
+            let client = TcpStream::connect(front).await.unwrap();
+            let (b, _) = backend.accept().await.unwrap();
+            // A short exchange stays on the ring both ways.
+            let (r, _) = client.write_all(b"ping".to_vec()).await;
+            r.unwrap();
+            assert_eq!(read_exact(&b, 4).await, b"ping");
+            let (r, _) = b.write_all(b"pong".to_vec()).await;
+            r.unwrap();
+            assert_eq!(read_exact(&client, 4).await, b"pong");
+            assert_eq!(e.borrow().spliced_directions(), 0);
+            // Bulk client → backend: past 64 KiB that direction splices,
+            // and every byte arrives once and in order across the switch.
+            let data: Vec<u8> = (0..1_000_000u32)
+                .map(|i| (i * 13 + i / 251) as u8)
+                .collect();
+            let up = client.write_all(data.clone());
+            let (got, (r, _)) = tokio::join!(read_exact(&b, data.len()), up);
+            r.unwrap();
+            assert!(got == data, "client→backend bytes differ across the switch");
+            assert_eq!(e.borrow().spliced_directions(), 1);
+            // The other direction still relays on the ring, and a FIN is
+            // passed on through the spliced one.
+            let (r, _) = b.write_all(data.clone().slice(..10_000)).await;
+            r.unwrap();
+            assert!(read_exact(&client, 10_000).await == data[..10_000]);
+            assert_eq!(e.borrow().spliced_directions(), 1);
             half_close_is_passed_on(&client, &b).await;
         });
     }
