@@ -1,10 +1,11 @@
 //! The kernel-socket TCP path on one thread's ring: multishot accept per
 //! listener; resolve, admit and connect (with [`Retry`]'s policy) as a
 //! connect linked to its timeout; then each direction as a receive from the
-//! buffer ring and a send of what it got, under the close policy of
+//! buffer ring and a send of what it got (after its first [`SPLICE_AFTER`]
+//! bytes, by splice through a pipe pair), under the close policy of
 //! [`crate::dataplane::relay`]: a FIN ends one direction (passed on as a
-//! shutdown of writing), a reset or error on either side resets both, and so
-//! does the idle timeout.
+//! shutdown of writing), a reset or error on either side resets both, and
+//! so does the idle timeout.
 //!
 //! Each direction keeps at most one receive and one send in flight and one
 //! received chunk waiting: a slow reader stops the receives from its peer
