@@ -144,6 +144,11 @@ pub async fn run(
                 }
             }
         }
+        // The relays this poll wakes forward what it took in before the
+        // round's writes go out (the ACKs to clients run their TCP receive
+        // in this thread): a request reaches its backend first.
+        ctx.stack.borrow_mut().poll();
+        tokio::task::yield_now().await;
         let delay = {
             let mut st = ctx.stack.borrow_mut();
             st.poll();
