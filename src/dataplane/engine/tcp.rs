@@ -137,6 +137,15 @@ struct Half {
     poll_out: bool,
 }
 
+impl Half {
+    /// Whether this direction, still on the ring, has moved enough to go on
+    /// by splice (after `after` bytes): it then takes no new receive, and
+    /// switches once what it has in flight is done ([`Tcp::next_move`]).
+    fn due(&self, after: Option<u64>) -> bool {
+        !self.spliced && after.is_some_and(|a| self.moved >= a)
+    }
+}
+
 /// Where a connection is.
 enum Phase {
     /// Trying backends; boxed so an established connection does not carry it.
@@ -884,26 +893,17 @@ impl Tcp {
         }
     }
 
-    /// Whether direction `h`, still on the ring, has moved enough to go on
-    /// by splice: it then takes no new receive, and switches once what it
-    /// has in flight is done ([`Tcp::next_move`]).
-    fn due(&self, h: &Half) -> bool {
-        !h.spliced && self.splice_after.is_some_and(|after| h.moved >= after)
-    }
-
     /// Direction `d` of connection `i` has no send in flight and nothing
     /// queued: its next bytes go by a buffer-ring receive, or by splice once
     /// it has moved [`Sizes::splice_after`] bytes and its last receive is
     /// in (it stays spliced).
     fn next_move(&mut self, i: u32, d: Dir) {
-        let Some(c) = self.conns.get(i) else {
+        let after = self.splice_after;
+        let Some(c) = self.conns.get_mut(i) else {
             return;
         };
-        let h = match d {
-            Dir::Up => &c.up,
-            Dir::Down => &c.down,
-        };
-        let switch = self.due(h);
+        let h = c.half(d);
+        let switch = h.due(after);
         if switch && (h.recv_armed || h.sending.is_some() || h.queued.is_some()) {
             // Its completion comes back here.
             return;
@@ -912,9 +912,6 @@ impl Tcp {
             self.arm_recv(i, d);
             return;
         }
-        let Some(c) = self.conns.get_mut(i) else {
-            return;
-        };
         if switch {
             // splice(2) reads and writes without blocking only on
             // non-blocking sockets; the ring's operations on the other
@@ -1073,20 +1070,20 @@ impl Tcp {
     }
 
     fn arm_recv(&mut self, i: u32, d: Dir) {
-        let Some(c) = self.conns.get(i) else {
-            return;
-        };
-        let h = match d {
-            Dir::Up => &c.up,
-            Dir::Down => &c.down,
-        };
-        let due = self.due(h);
+        let after = self.splice_after;
         let Some(c) = self.conns.get_mut(i) else {
             return;
         };
         let ended = c.end.is_some();
         let h = c.half(d);
-        if ended || h.recv_armed || h.eof || h.done || h.queued.is_some() || h.spliced || due {
+        if ended
+            || h.recv_armed
+            || h.eof
+            || h.done
+            || h.queued.is_some()
+            || h.spliced
+            || h.due(after)
+        {
             return;
         }
         let Some((from, _)) = c.ends(d) else {

@@ -105,7 +105,8 @@ pub struct Stack {
     warned_full: bool,
     // After `shards`, so the sockets (which borrow the rings) drop first.
     /// The rings each socket borrows, until it is removed.
-    lent: HashMap<ConnSocket, Lent>,
+    /// (foldhash: the relays mark activity here per transfer.)
+    lent: HashMap<ConnSocket, Lent, foldhash::fast::RandomState>,
     /// Rings for the next sockets.
     rings: RingPool,
 }
@@ -161,7 +162,7 @@ impl Stack {
             conns: Conns::default(),
             settings,
             warned_full: false,
-            lent: HashMap::new(),
+            lent: HashMap::default(),
             rings: RingPool::new(settings.socket_buffer),
         }
     }
