@@ -107,28 +107,30 @@ pub async fn run(
     // Reads are not re-armed before this after one failed (a queue that
     // fails every read must not spin the thread).
     let mut reads_held_until: Option<Instant> = None;
+    // The inbox may hold packets: it was readable and not read empty since.
+    let mut inbox_ready = true;
     loop {
         // Every completion posted: the packets read, the buffers written.
-        io.complete(|done| match done {
-            Done::Read(r) => receive(&ctx, r),
-            Done::Wrote(buf, r) => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "writing to the TUN failed");
-                }
-                ctx.stack.borrow_mut().dev.recycle(buf);
+        io.complete(|done| completed(&ctx, done, &mut reads_held_until));
+        // The poll fired (a packet came to a quiet queue): read now, in
+        // this round, rather than one more wake-up later. The reads complete
+        // within the submit.
+        if io.take_poll_fired() && reads_held_until.is_none() {
+            {
+                let dev = &mut ctx.stack.borrow_mut().dev;
+                io.arm(|| dev.buffer());
             }
-            Done::ReadFailed(buf, e) => {
-                ctx.stack.borrow_mut().dev.recycle(buf);
-                if e.raw_os_error() != Some(libc::ECANCELED) {
-                    tracing::warn!(error = %e, "reading the TUN failed");
-                    reads_held_until = Some(Instant::now() + READ_BACKOFF);
-                }
+            if io.submit().is_ok() {
+                io.complete(|done| completed(&ctx, done, &mut reads_held_until));
             }
-        });
+        }
         // Packets passed by the other threads and the other process: their
         // checksums were verified (or vouched for) where they were read.
-        let mut inbox_drained = false;
+        let mut inbox_drained = !inbox_ready;
         for _ in 0..READ_BATCH {
+            if inbox_drained {
+                break;
+            }
             let mut buf = ctx.stack.borrow_mut().dev.buffer();
             match peer::recv(inbox.get_ref(), &mut buf, rx_max) {
                 Ok((origin, hops)) => {
@@ -140,10 +142,10 @@ pub async fn run(
                 Err(_) => {
                     ctx.stack.borrow_mut().dev.recycle(buf);
                     inbox_drained = true;
-                    break;
                 }
             }
         }
+        inbox_ready = !inbox_drained;
         // The relays this poll wakes forward what it took in before the
         // round's writes go out (the ACKs to clients run their TCP receive
         // in this thread): a request reaches its backend first.
@@ -197,6 +199,7 @@ pub async fn run(
                 if let Ok(mut g) = r {
                     g.clear_ready();
                 }
+                inbox_ready = true;
             }
             Some(cmd) = cmds.recv() => answer(&ctx, cmd),
             _ = ctx.poke.notified() => {}
@@ -207,6 +210,28 @@ pub async fn run(
                 crate::dataplane::udp::end_all(dead, crate::access_log::End::IdleTimeout);
             }
             r = stop.changed() => if r.is_err() { return Ok(()) },
+        }
+    }
+}
+
+/// One completion of the queue's ring: a packet read goes its way, a
+/// written or failed buffer back to the pool; a failed read holds the reads
+/// back for a while.
+fn completed(ctx: &Rc<Ctx>, done: Done, reads_held_until: &mut Option<Instant>) {
+    match done {
+        Done::Read(r) => receive(ctx, r),
+        Done::Wrote(buf, r) => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "writing to the TUN failed");
+            }
+            ctx.stack.borrow_mut().dev.recycle(buf);
+        }
+        Done::ReadFailed(buf, e) => {
+            ctx.stack.borrow_mut().dev.recycle(buf);
+            if e.raw_os_error() != Some(libc::ECANCELED) {
+                tracing::warn!(error = %e, "reading the TUN failed");
+                *reads_held_until = Some(Instant::now() + READ_BACKOFF);
+            }
         }
     }
 }

@@ -94,6 +94,8 @@ pub struct TunIo {
     readable: bool,
     /// Reads the next batch may have in flight.
     batch: usize,
+    /// The poll fired since [`TunIo::take_poll_fired`] last asked.
+    poll_fired: bool,
 }
 
 /// The two pieces of a packet on the device: its header, then `len` bytes
@@ -151,6 +153,7 @@ impl TunIo {
             polling: false,
             readable: true,
             batch: 2,
+            poll_fired: false,
         })
     }
 
@@ -203,6 +206,12 @@ impl TunIo {
             self.ring.push(sqe, Token::new(Op::TunRead, i as u32));
             self.in_flight += 1;
         }
+    }
+
+    /// Whether the poll fired since the last call: packets wait on a queue
+    /// that had none, and reads armed now find them at once.
+    pub fn take_poll_fired(&mut self) -> bool {
+        std::mem::take(&mut self.poll_fired)
     }
 
     /// Packets may be waiting after all (the driver's timer: a safety net
@@ -279,6 +288,7 @@ impl TunIo {
                 // Readable, or the poll failed or was cancelled: either way
                 // the next reads say which.
                 self.readable = true;
+                self.poll_fired = true;
                 None
             }
             Op::TunRead => {
