@@ -1,7 +1,7 @@
 //! Storage for the smoltcp sockets' receive and send rings, kept for the next
 //! connection instead of freed.
 //!
-//! A ring is `--tun-socket-buffer` bytes (1 MiB by default), a mapping of its
+//! A ring is `TunSettings::socket_buffer` bytes (1 MiB), a mapping of its
 //! own made fresh for every connection and unmapped at the end: with short
 //! connections that mmap, munmap (a TLB shootdown each) and the page faults
 //! of the first bytes took about 17 % of the TUN thread's time (perf of the
