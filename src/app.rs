@@ -172,7 +172,21 @@ pub fn run(settings: Settings, shutdown: Arc<Notify>, on_ready: OnReady) -> anyh
             let t = std::thread::Builder::new()
                 .name(format!("ringvip-tun{i}"))
                 .spawn(move || {
-                    if let Err(e) = tokio_uring::start(tun::run(q, shared, tun_settings, snap_rx)) {
+                    // A current-thread runtime, as the engine threads have:
+                    // tokio-uring's flushed its own (empty) ring with a system
+                    // call on every park.
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            tracing::error!(error = %e, queue = i, "cannot start a TUN thread's runtime");
+                            return;
+                        }
+                    };
+                    let run = tun::run(q, shared, tun_settings, snap_rx);
+                    if let Err(e) = tokio::task::LocalSet::new().block_on(&rt, run) {
                         tracing::error!(error = %e, queue = i, "a TUN queue stopped");
                     }
                 })

@@ -4,7 +4,7 @@
 //! [`FlowTable`] is per listener socket and per thread (SO_REUSEPORT keeps a
 //! client's datagrams on one socket, so no locks are needed); the
 //! kernel-socket path runs it on the io_uring engine
-//! (`engine::udp`), the TUN path with the tokio-uring sockets of [`FlowIo`].
+//! (`engine::udp`), the TUN path with the reactor's sockets of [`FlowIo`].
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -13,7 +13,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
-use tokio_uring::net::UdpSocket;
+use tokio::net::UdpSocket;
 
 use super::flow::pick;
 use super::session::Session;
@@ -195,12 +195,10 @@ impl FlowEntry<FlowIo> {
 
 impl Drop for FlowIo {
     fn drop(&mut self) {
-        // Aborted first, so the reader is never polled again: the receive the
-        // shutdown completes is only reaped.
+        // Aborted first, so the reader is never polled again.
         self.reader.abort();
-        // An aborted task's pending receive keeps the socket open in the ring
-        // until it completes, that is until the backend next sends, if ever:
-        // the shutdown completes it now, and the socket closes.
+        // The aborted task (and its handle on the socket) goes only when the
+        // runtime next gets to it: the socket takes no more datagrams from now.
         let _ = with_sock_ref(&self.socket, |s| s.shutdown(std::net::Shutdown::Both));
     }
 }
@@ -262,8 +260,9 @@ pub fn connect_to(ep: SocketAddr) -> Result<std::net::UdpSocket, OpenError> {
     Ok(sock)
 }
 
-/// [`connect_backend`] as a tokio-uring socket (the TUN path's flows).
-pub async fn open_backend(
+/// [`connect_backend`] as a socket of the thread's reactor (the TUN path's
+/// flows).
+pub fn open_backend(
     fe: &Frontend,
     client: IpAddr,
     shared: &Shared,
@@ -271,7 +270,17 @@ pub async fn open_backend(
     now: Instant,
 ) -> Result<(SocketAddr, Rc<UdpSocket>), OpenError> {
     let (ep, sock) = connect_backend(fe, client, shared, rng, now)?;
-    Ok((ep, Rc::new(UdpSocket::from_std(sock))))
+    Ok((ep, Rc::new(register(ep, sock)?)))
+}
+
+/// Hands the socket connected to `ep` to the thread's reactor.
+pub fn register(ep: SocketAddr, sock: std::net::UdpSocket) -> Result<UdpSocket, OpenError> {
+    let io = |source| OpenError::Io {
+        endpoint: ep,
+        source,
+    };
+    sock.set_nonblocking(true).map_err(io)?;
+    UdpSocket::from_std(sock).map_err(io)
 }
 
 /// Aborts a task when dropped.

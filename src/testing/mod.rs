@@ -31,6 +31,16 @@ pub use compile::{check_snapshot, compile, listeners_in, node_context, normalize
 pub use dns::dns_query;
 pub use manifest::{check_object, manifest, manifest_text};
 
+/// Runs `f` to completion on a current-thread runtime with a `LocalSet`,
+/// as the data-plane and TUN threads run (`spawn_local` works inside).
+pub fn run_local<F: std::future::Future>(f: F) -> F::Output {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    tokio::task::LocalSet::new().block_on(&rt, f)
+}
+
 /// Replays a checked-in corpus directory through `oracle`; the number of files.
 pub fn replay(dir: &std::path::Path, oracle: fn(&[u8])) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {

@@ -70,7 +70,8 @@ pub struct Queue {
     pub wait_first: bool,
 }
 
-/// Runs the TUN front end on the current tokio-uring thread until `stop` closes.
+/// Runs the TUN front end on the current thread's runtime (a current-thread
+/// tokio runtime with a `LocalSet`) until `stop` closes.
 pub async fn run(
     q: Queue,
     shared: Arc<Shared>,

@@ -18,7 +18,7 @@ use crate::state::Frontend;
 /// Takes a SYN for `fe` (a frontend with usable endpoints).
 pub fn syn(ctx: &Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>, packet: Vec<u8>) {
     if ctx.stack.borrow_mut().syn(key, packet) == SynVerdict::Hold {
-        tokio_uring::spawn(open(ctx.clone(), key, fe));
+        tokio::task::spawn_local(open(ctx.clone(), key, fe));
     }
 }
 
@@ -96,7 +96,7 @@ mod tests {
             panic!("no frontend")
         };
         let slot = shared.limits.admit(fe).expect("the one slot");
-        tokio_uring::start(async {
+        crate::testing::run_local(async {
             let ctx = Rc::new(Ctx::new(
                 TunSettings::default(),
                 shared.clone(),

@@ -6,13 +6,13 @@ use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio_uring::net::UdpSocket;
+use tokio::net::UdpSocket;
 
 use super::ctx::Ctx;
 use super::packet::{udp_packet, ConnKey};
 use crate::access_log::End;
 use crate::dataplane::session::Session;
-use crate::dataplane::udp::{connect_to, end_all, open_backend, try_send, FlowEntry};
+use crate::dataplane::udp::{connect_to, end_all, open_backend, register, try_send, FlowEntry};
 use crate::state::Frontend;
 
 /// Forwards one client datagram, opening the flow if needed.
@@ -45,7 +45,7 @@ pub fn ingress(ctx: &Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>, data: &[u8]) {
     }
     let _ = flows.opening.offer(key, data);
     drop(flows);
-    tokio_uring::spawn(open(ctx.clone(), key, fe, now, generation));
+    tokio::task::spawn_local(open(ctx.clone(), key, fe, now, generation));
 }
 
 /// Sets up the backend socket of a new flow, then sends the datagrams that
@@ -58,8 +58,8 @@ async fn open(ctx: Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>, now: Instant, gener
         .get(key.0, key.1, now)
         .filter(|ep| fe.endpoints.contains(ep));
     let opened = match pinned {
-        Some(ep) => connect_to(ep).map(|s| (ep, Rc::new(UdpSocket::from_std(s)))),
-        None => open_backend(&fe, key.0.ip(), &ctx.shared, &ctx.rng, now).await,
+        Some(ep) => connect_to(ep).and_then(|s| Ok((ep, Rc::new(register(ep, s)?)))),
+        None => open_backend(&fe, key.0.ip(), &ctx.shared, &ctx.rng, now),
     };
     let (ep, sock) = match opened {
         Ok(o) => o,
@@ -70,7 +70,7 @@ async fn open(ctx: Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>, now: Instant, gener
         }
     };
     let session = Rc::new(Session::open(&ctx.shared, fe, key.0, key.1, ep));
-    let reader = tokio_uring::spawn(replies(
+    let reader = tokio::task::spawn_local(replies(
         ctx.clone(),
         key,
         sock.clone(),
@@ -92,29 +92,38 @@ async fn open(ctx: Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>, now: Instant, gener
     }
 }
 
-/// Backend → client: replies leave the TUN from the VIP.
+/// Backend → client: replies leave the TUN from the VIP. Every datagram
+/// waiting is taken per wake-up, then the driver is poked once to write them.
 async fn replies(ctx: Rc<Ctx>, key: ConnKey, sock: Rc<UdpSocket>, session: Weak<Session>) {
     let mut buf = vec![0u8; 65_536];
-    loop {
-        let (res, b) = sock.read(buf).await;
-        buf = b;
-        let Ok(n) = res else { break };
-        // Gone once the flow is removed (this task is then aborted too).
-        let Some(session) = session.upgrade() else {
-            return;
-        };
-        ctx.flows.borrow_mut().open.touch(&key, Instant::now());
-        let mut st = ctx.stack.borrow_mut();
-        let mut out = st.dev.buffer();
-        let payload = buf.get(..n).unwrap_or_default();
-        if udp_packet(key.1, key.0, payload, &mut out).is_some() {
-            st.dev.push_tx(out);
-            session.to_client(n);
-        } else {
-            st.dev.recycle(out);
+    'flow: while sock.readable().await.is_ok() {
+        let mut took = false;
+        loop {
+            let n = match sock.try_recv(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                // The backend refused (ICMP) or the socket failed: the flow ends.
+                Err(_) => break 'flow,
+            };
+            // Gone once the flow is removed (this task is then aborted too).
+            let Some(session) = session.upgrade() else {
+                return;
+            };
+            took = true;
+            let mut st = ctx.stack.borrow_mut();
+            let mut out = st.dev.buffer();
+            let payload = buf.get(..n).unwrap_or_default();
+            if udp_packet(key.1, key.0, payload, &mut out).is_some() {
+                st.dev.push_tx(out);
+                session.to_client(n);
+            } else {
+                st.dev.recycle(out);
+            }
         }
-        drop(st);
-        ctx.poke.notify_one();
+        if took {
+            ctx.flows.borrow_mut().open.touch(&key, Instant::now());
+            ctx.poke.notify_one();
+        }
     }
     let gone = ctx.flows.borrow_mut().open.remove(&key);
     end_all(gone, End::Reset);
