@@ -92,13 +92,18 @@ async fn open(ctx: Rc<Ctx>, key: ConnKey, fe: Arc<Frontend>, now: Instant, gener
     }
 }
 
-/// Backend → client: replies leave the TUN from the VIP. Every datagram
-/// waiting is taken per wake-up, then the driver is poked once to write them.
+/// Replies a flow takes per wake-up before the driver writes them: a
+/// backend's burst waits in its socket's buffer, not in the device's queue.
+const REPLY_BATCH: usize = 16;
+
+/// Backend → client: replies leave the TUN from the VIP. The datagrams
+/// waiting are taken per wake-up (up to [`REPLY_BATCH`]), then the driver
+/// is poked once to write them.
 async fn replies(ctx: Rc<Ctx>, key: ConnKey, sock: Rc<UdpSocket>, session: Weak<Session>) {
     let mut buf = vec![0u8; 65_536];
     'flow: while sock.readable().await.is_ok() {
-        let mut took = false;
-        loop {
+        let mut took = 0;
+        while took < REPLY_BATCH {
             let n = match sock.try_recv(&mut buf) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -109,7 +114,7 @@ async fn replies(ctx: Rc<Ctx>, key: ConnKey, sock: Rc<UdpSocket>, session: Weak<
             let Some(session) = session.upgrade() else {
                 return;
             };
-            took = true;
+            took += 1;
             let mut st = ctx.stack.borrow_mut();
             let mut out = st.dev.buffer();
             let payload = buf.get(..n).unwrap_or_default();
@@ -120,9 +125,14 @@ async fn replies(ctx: Rc<Ctx>, key: ConnKey, sock: Rc<UdpSocket>, session: Weak<
                 st.dev.recycle(out);
             }
         }
-        if took {
+        if took > 0 {
             ctx.flows.borrow_mut().open.touch(&key, Instant::now());
             ctx.poke.notify_one();
+        }
+        if took == REPLY_BATCH {
+            // More may wait (the socket stays readable): the driver writes
+            // this batch first.
+            tokio::task::yield_now().await;
         }
     }
     let gone = ctx.flows.borrow_mut().open.remove(&key);
