@@ -138,3 +138,62 @@ async fn replies(ctx: Rc<Ctx>, key: ConnKey, sock: Rc<UdpSocket>, session: Weak<
     let gone = ctx.flows.borrow_mut().open.remove(&key);
     end_all(gone, End::Reset);
 }
+
+#[cfg(test)]
+mod tests {
+    use std::rc::Rc;
+
+    use super::*;
+    use crate::config::DataPlaneOptions;
+    use crate::dataplane::tun::TunSettings;
+    use crate::dataplane::Shared;
+    use crate::testing::tun::sample_snapshot;
+
+    #[test]
+    fn a_backends_burst_reaches_the_device_a_batch_at_a_time() {
+        let shared = Shared::new(DataPlaneOptions::default());
+        shared.snapshot.store(Arc::new(sample_snapshot(true)));
+        let snap = shared.snapshot.load();
+        let Some((_, fe)) = snap.frontends().next() else {
+            panic!("no frontend")
+        };
+        let fe = fe.clone();
+        crate::testing::run_local(async {
+            let ctx = Rc::new(Ctx::seeded(TunSettings::default(), shared.clone()));
+            let backend = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let ep = backend.local_addr().unwrap();
+            let sock = register(ep, connect_to(ep).unwrap()).unwrap();
+            backend.connect(sock.local_addr().unwrap()).unwrap();
+            let burst = 2 * REPLY_BATCH + 3;
+            for i in 0..burst {
+                backend.send(&[i as u8]).unwrap();
+            }
+            let key = (([10, 1, 0, 5], 5353).into(), ([10, 96, 0, 10], 53).into());
+            let session = Rc::new(Session::open(&ctx.shared, fe, key.0, key.1, ep));
+            let reader = tokio::task::spawn_local(replies(
+                ctx.clone(),
+                key,
+                Rc::new(sock),
+                Rc::downgrade(&session),
+            ));
+            // What the device holds each time the reply task has had a turn.
+            let mut seen = Vec::new();
+            for _ in 0..1000 {
+                tokio::task::yield_now().await;
+                let queued = ctx.stack.borrow().dev.tx_len();
+                if seen.last() != Some(&queued) {
+                    seen.push(queued);
+                }
+                if queued == burst {
+                    break;
+                }
+            }
+            reader.abort();
+            assert_eq!(
+                seen,
+                vec![0, REPLY_BATCH, 2 * REPLY_BATCH, burst],
+                "the burst should come in batches"
+            );
+        });
+    }
+}
