@@ -471,12 +471,14 @@ impl TunBench {
                                         spare.push(r.packet);
                                     }
                                 });
-                                io.arm(|| spare.pop().unwrap_or_default());
-                                if got < TUN_BATCH {
-                                    io.submit_and_wait(1).expect("wait");
-                                } else {
-                                    io.submit().expect("submit");
+                                if got < TUN_BATCH && !io.readable() {
+                                    // As the driver does: wait for the
+                                    // queue's readiness, then read.
+                                    wait_readable(&tun);
+                                    io.maybe_readable();
                                 }
+                                io.arm(|| spare.pop().unwrap_or_default());
+                                io.submit().expect("submit");
                             }
                         }
                         TunMode::WriteEach => {
@@ -515,6 +517,18 @@ impl TunBench {
         self.jobs.send((mode, iters)).expect("bench thread");
         self.took.recv().expect("bench thread")
     }
+}
+
+/// Blocks until the TUN queue has a packet (or a second passed).
+fn wait_readable(tun: &Tun) {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: tun.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, ours, for the length of the call.
+    unsafe { libc::poll(&mut pfd, 1, 1000) };
 }
 
 fn tun_io(c: &mut Criterion) {

@@ -298,6 +298,46 @@ fn reads_that_find_the_queue_empty_are_no_error() {
     assert!(!log.contains("reading the TUN failed"), "{log}");
 }
 
+/// A packet that comes to a quiet queue is read when it arrives, not when
+/// the thread's timer (100 ms with nothing else due) next wakes it: the
+/// queue's readiness wakes the sleeping thread. Twenty datagrams, each after
+/// a quiet gap longer than the timer, each answered within 50 ms; a thread
+/// that missed the wake-up would answer each at a random point of its timer,
+/// half of them after 50 ms.
+#[test]
+fn a_packet_to_a_quiet_queue_is_read_when_it_arrives() {
+    let Some((t, _u, rv)) = udp_echo_service("quiet", "10.96.0.33") else {
+        return;
+    };
+    let ready = Topology::within(&t.node, || {
+        wait_udp_ready(sa("10.96.0.33:53"), b"ping").is_some()
+    });
+    assert!(ready, "no UDP reply\n{}", rv.log());
+    let slowest = Topology::within(&t.node, || {
+        let c = UdpSocket::bind("0.0.0.0:0").unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 64];
+        (0..20)
+            .map(|i| {
+                std::thread::sleep(Duration::from_millis(120));
+                let msg = format!("q{i}");
+                let sent = Instant::now();
+                c.send_to(msg.as_bytes(), "10.96.0.33:53").unwrap();
+                match c.recv(&mut buf) {
+                    Ok(n) if n == msg.len() + 2 => sent.elapsed(),
+                    _ => Duration::MAX,
+                }
+            })
+            .max()
+    });
+    let slowest = slowest.unwrap_or(Duration::MAX);
+    assert!(
+        slowest < Duration::from_millis(50),
+        "slowest answer {slowest:?}\n{}",
+        rv.log()
+    );
+}
+
 /// A client that sends with `UDP_SEGMENT` (one send, several datagrams):
 /// with UDP segmentation offload on the TUN the datagrams reach ringvip as one
 /// super-packet, which it cuts; the backend gets each datagram alone and the

@@ -38,11 +38,11 @@ pub use tcp::{Sizes, Tcp};
 /// A thread's engine, shared by its listeners and its driver task.
 pub type Engine = Rc<RefCell<Tcp>>;
 
-/// A ring's descriptor as the reactor sees it (owned by the engine, or by
-/// a TUN queue's `TunIo`).
-pub(crate) struct RingFd(pub(crate) RawFd);
+/// A descriptor owned elsewhere (an engine's ring, a TUN queue), as the
+/// reactor sees it.
+pub(crate) struct WatchedFd(pub(crate) RawFd);
 
-impl AsRawFd for RingFd {
+impl AsRawFd for WatchedFd {
     fn as_raw_fd(&self) -> RawFd {
         self.0
     }
@@ -54,7 +54,7 @@ const UDP_SWEEP: std::time::Duration = std::time::Duration::from_secs(1);
 /// Runs `engine` on the current thread's runtime until the runtime stops:
 /// completions as they are posted, idle checks on their period.
 pub async fn drive(engine: Engine) -> std::io::Result<()> {
-    let ring_fd = RingFd(engine.borrow().ring_fd());
+    let ring_fd = WatchedFd(engine.borrow().ring_fd());
     // SAFETY: the descriptor is the engine's ring, which this task keeps
     // alive (it holds the engine) for as long as the AsyncFd exists.
     let fd = unsafe { AsyncFd::register_with_interest(ring_fd, Interest::READABLE) }

@@ -584,7 +584,7 @@ impl Tcp {
             Op::SpliceIn => self.on_poll(t.index, Dir::from_aux(t.aux), false, res),
             Op::SpliceOut => self.on_poll(t.index, Dir::from_aux(t.aux), true, res),
             // The TUN path's own rings, never this one.
-            Op::Ignore | Op::Close | Op::TunRead | Op::TunWrite | Op::TunPoll => {}
+            Op::Ignore | Op::Close | Op::TunRead | Op::TunWrite => {}
         }
     }
 

@@ -5,12 +5,13 @@
 //! not hold on ([`peer`](super::peer)), sends the others where
 //! `packet::classify` says, polls the stack, queues its packets for the wire
 //! and submits those writes with the re-armed reads in one system call, and
-//! sleeps until the ring, its inbox, a task or a timer needs it.
+//! sleeps until its queue, its inbox, a task or a timer needs it.
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use std::time::Instant;
@@ -27,7 +28,7 @@ use super::peer::{self, Origin, Passed, Route, Unowned};
 use super::stack::{Stack, TunSettings};
 use super::uring::{Done, Received, TunIo};
 use super::{tcp, udp};
-use crate::dataplane::engine::RingFd;
+use crate::dataplane::engine::WatchedFd;
 use crate::dataplane::Shared;
 use crate::handover::Pin;
 use crate::state::Snapshot;
@@ -94,10 +95,14 @@ pub async fn run(
     // Declared after `tun`, so the ring (and its reads in flight on the
     // queue) goes first.
     let mut io = TunIo::new(&tun, rx_max)?;
-    // SAFETY: `io` owns the ring's descriptor and outlives this AsyncFd
-    // (declared after it, dropped before it).
-    let ring = unsafe { AsyncFd::register_with_interest(RingFd(io.ring_fd()), Interest::READABLE) }
-        .map_err(|e| io::Error::other(e.to_string()))?;
+    // The queue's readiness, from the reactor: a packet arriving on a quiet
+    // queue wakes the sleeping thread directly. Nothing watches the ring:
+    // every operation on it completes within its submit (`uring`).
+    // SAFETY: `tun` owns the descriptor and outlives this AsyncFd (declared
+    // before it, dropped after it).
+    let queue =
+        unsafe { AsyncFd::register_with_interest(WatchedFd(tun.as_raw_fd()), Interest::READABLE) }
+            .map_err(|e| io::Error::other(e.to_string()))?;
     // SAFETY: the AsyncFd owns the descriptor and closes it last.
     let inbox = unsafe { AsyncFd::register(inbox) }?;
     let mut ctx = Ctx::seeded(settings, shared);
@@ -110,13 +115,13 @@ pub async fn run(
     let mut reads_held_until: Option<Instant> = None;
     // The inbox may hold packets: it was readable and not read empty since.
     let mut inbox_ready = true;
+    // The queue became readable while the thread slept.
+    let mut queue_woke = false;
     loop {
-        // Every completion posted: the packets read, the buffers written.
+        // Completions a submit did not hand over at once (none expected).
         io.complete(|done| completed(&ctx, done, &mut reads_held_until));
-        // The poll fired (a packet came to a quiet queue): read now, in
-        // this round, rather than one more wake-up later. The reads complete
-        // within the submit.
-        if io.take_poll_fired() && reads_held_until.is_none() {
+        // Packets came to a quiet queue: read them now, in this round.
+        if std::mem::take(&mut queue_woke) && reads_held_until.is_none() {
             {
                 let dev = &mut ctx.stack.borrow_mut().dev;
                 io.arm(|| dev.buffer());
@@ -152,35 +157,55 @@ pub async fn run(
         // in this thread): a request reaches its backend first.
         ctx.stack.borrow_mut().poll();
         tokio::task::yield_now().await;
-        let delay = {
+        let (delay, reads) = {
             let mut st = ctx.stack.borrow_mut();
             st.poll();
             st.reap();
+            let mut reads = 0;
             if reads_held_until.is_none_or(|t| Instant::now() >= t) {
                 reads_held_until = None;
                 let dev = &mut st.dev;
-                io.arm(|| dev.buffer());
+                reads = io.arm(|| dev.buffer());
             }
             flush(&mut io, &mut st);
-            st.next_due().map(|d| {
+            let delay = st.next_due().map(|d| {
                 let t = smoltcp::time::Instant::now();
                 if d > t {
                     d - t
                 } else {
                     smoltcp::time::Duration::ZERO
                 }
-            })
+            });
+            (delay, reads)
         };
-        // One system call for the round's writes and re-armed reads.
+        // What the reactor knows of the queue before these reads go in: if
+        // they find it empty, that readiness is spent (its packets were
+        // read) and is cleared, so the thread sleeps instead of waking at
+        // once for an empty read. A packet arriving after the reads is a
+        // new event, which clearing this one does not touch.
+        let before = match queue.poll_read_ready(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(Ok(g)) if reads > 0 => Some(g),
+            _ => None,
+        };
+        // One system call for the round's writes and re-armed reads, which
+        // complete within it.
         if let Err(e) = io.submit() {
             tracing::debug!(error = %e, "submitting to the TUN's ring failed");
+        }
+        let read = io.complete(|done| completed(&ctx, done, &mut reads_held_until));
+        if let Some(mut g) = before {
+            if !io.readable() {
+                g.clear_ready();
+            }
         }
         if !inbox_drained {
             // Packets are still waiting: readiness is edge-triggered, so no new
             // wake-up would come for them. Let other tasks run, then read on.
             tokio::task::yield_now().await;
-            continue;
         }
+        // Packets taken in this round's end, or left in the inbox: another
+        // round at once (after the branches below that are ready too).
+        let more = read > 0 || !inbox_drained;
         let mut wait = delay.map_or(Duration::from_millis(100), |d| {
             Duration::from_micros(d.total_micros())
         });
@@ -188,13 +213,17 @@ pub async fn run(
             wait = wait.min(t.saturating_duration_since(Instant::now()));
         }
         let sleep = tokio::time::sleep(wait);
+        let quiet = !io.readable() && reads_held_until.is_none();
         tokio::select! {
-            // Completions: cleared before the next round drains them, so one
-            // posted meanwhile wakes the loop again.
-            r = ring.readable() => {
+            _ = std::future::ready(()), if more => {}
+            // Cleared before the reads it calls for, so a packet arriving
+            // after them wakes the loop again.
+            r = queue.readable(), if quiet => {
                 if let Ok(mut g) = r {
                     g.clear_ready();
                 }
+                io.maybe_readable();
+                queue_woke = true;
             }
             r = inbox.readable() => {
                 if let Ok(mut g) = r {

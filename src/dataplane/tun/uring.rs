@@ -1,21 +1,23 @@
 //! One TUN queue's reads and writes on io_uring (the engine's [`Ring`]):
-//! a poll says when packets wait; then up to [`READS`] reads go
-//! in at once, each into a packet buffer of its own (the stack's, so a
-//! packet is never copied), and the driver drains their completions in one
-//! batch per round; the packets the stack queued in a round go out as one
-//! batch of writes, one `io_uring_enter` for all of them and for the next
-//! reads. Before, each packet cost a `readv(2)` (after an epoll wake-up) and
-//! a `writev(2)`.
+//! up to [`READS`] reads go in at once, each into a packet buffer of its
+//! own (the stack's, so a packet is never copied), and the packets the stack
+//! queued in a round go out as one batch of writes, one `io_uring_enter` for
+//! all of them and for the next reads. Before, each packet cost a `readv(2)`
+//! (after an epoll wake-up) and a `writev(2)`.
 //!
-//! The reads are `RWF_NOWAIT`: one that finds the queue empty completes at
-//! once with `EAGAIN` rather than waiting. Reads left waiting on the device
-//! were all woken by every packet; the ones that found nothing were handed to
-//! io_uring's worker threads and, the queue being non-blocking, failed
-//! there (and a 100 ms back-off after such a failure made p99 latency
-//! 87 ms in the first measurement, BENCHMARKS.md). After `EAGAIN` no read is
-//! armed until the poll, armed then (one-shot), fires. A multishot poll
-//! kept armed cost a completion per arriving packet: `tun/udp_in_64_uring`
-//! took 290 µs against 220 µs for a `readv` each.
+//! Every operation completes within the submit that carries it: the queue is
+//! `O_NONBLOCK`, so its writes never wait, and the reads are `RWF_NOWAIT`,
+//! so one that finds the queue empty completes at once with `EAGAIN` (reads
+//! left waiting on the device were all woken by every packet, and a 100 ms
+//! back-off after the failures that followed made p99 latency 87 ms in the
+//! first measurement, BENCHMARKS.md). The driver reaps them right after the
+//! submit and nothing watches the ring's descriptor. After `EAGAIN` no read
+//! is armed until the queue's descriptor is readable again, which the
+//! driver learns from its reactor (epoll). An io_uring poll served for that
+//! until 2026-11-29: its completion ran as task work that interrupted the
+//! sleeping thread's `epoll_wait` (`EINTR`) and took a second one to see;
+//! a multishot poll kept armed cost a completion per arriving packet
+//! (`tun/udp_in_64_uring` took 290 µs against 220 µs for a `readv` each).
 //!
 //! Each slot keeps its `virtio_net_hdr` and its `iovec`s at a fixed address
 //! (a boxed slice that never grows) for as long as its operation runs.
@@ -87,15 +89,11 @@ pub struct TunIo {
     cqes: Vec<cqueue::Entry>,
     /// Operations submitted and not completed (what `Drop` waits for).
     in_flight: usize,
-    /// The multishot poll is armed.
-    polling: bool,
-    /// Packets may be waiting: the poll fired, or the last read found one
-    /// (no read found the queue empty since). While false, a poll is armed.
+    /// Packets may be waiting: the queue was readable, or the last read
+    /// found one (no read found the queue empty since).
     readable: bool,
     /// Reads the next batch may have in flight.
     batch: usize,
-    /// The poll fired since [`TunIo::take_poll_fired`] last asked.
-    poll_fired: bool,
 }
 
 /// The two pieces of a packet on the device: its header, then `len` bytes
@@ -150,35 +148,19 @@ impl TunIo {
             idle_writes: (0..WRITES as u16).rev().collect(),
             cqes: Vec::with_capacity(entries as usize * 4),
             in_flight: 0,
-            polling: false,
             readable: true,
             batch: 2,
-            poll_fired: false,
         })
     }
 
-    /// The ring's descriptor (readable when completions wait).
-    pub fn ring_fd(&self) -> RawFd {
-        self.ring.as_raw_fd()
-    }
-
-    /// Queues the poll when it is not armed and, when packets may be
-    /// waiting, a batch of reads, each into a buffer from `buffer` (a slot
-    /// whose last read found nothing keeps its buffer); submitted by the
-    /// next [`TunIo::submit`].
-    pub fn arm(&mut self, mut buffer: impl FnMut() -> Vec<u8>) {
+    /// When packets may be waiting, queues a batch of reads, each into a
+    /// buffer from `buffer` (a slot whose last read found nothing keeps its
+    /// buffer); submitted by the next [`TunIo::submit`]. Returns how many
+    /// reads are armed.
+    pub fn arm(&mut self, mut buffer: impl FnMut() -> Vec<u8>) -> usize {
         if !self.readable {
-            // One-shot, and only once a read found the queue empty: a poll
-            // kept armed while reads flow posts a completion (and runs task
-            // work) for every packet that arrives. A packet that came after
-            // the empty read completes the poll at once.
-            if !self.polling {
-                let sqe = opcode::PollAdd::new(Fd(self.fd), libc::POLLIN as u32).build();
-                self.ring.push(sqe, Token::new(Op::TunPoll, 0));
-                self.polling = true;
-                self.in_flight += 1;
-            }
-            return;
+            // The driver waits for the queue's readiness instead.
+            return 0;
         }
         let in_flight = self.reads.iter().filter(|s| s.armed).count();
         let mut room = self.batch.saturating_sub(in_flight);
@@ -206,18 +188,25 @@ impl TunIo {
             self.ring.push(sqe, Token::new(Op::TunRead, i as u32));
             self.in_flight += 1;
         }
+        self.reads.iter().filter(|s| s.armed).count()
     }
 
-    /// Whether the poll fired since the last call: packets wait on a queue
-    /// that had none, and reads armed now find them at once.
-    pub fn take_poll_fired(&mut self) -> bool {
-        std::mem::take(&mut self.poll_fired)
-    }
-
-    /// Packets may be waiting after all (the driver's timer: a safety net
-    /// should a poll event ever be missed).
+    /// Packets may be waiting: the queue's descriptor became readable (or
+    /// the driver's timer, a safety net should an event ever be missed).
     pub fn maybe_readable(&mut self) {
         self.readable = true;
+    }
+
+    /// Whether packets may be waiting (no read found the queue empty since
+    /// it was last readable).
+    pub fn readable(&self) -> bool {
+        self.readable
+    }
+
+    /// Operations submitted whose completion was not taken yet (none after
+    /// a submit's completions are taken: every one completes within it).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
     }
 
     /// Queues `packet` for the wire, with a header asking the kernel to
@@ -275,22 +264,13 @@ impl TunIo {
         read
     }
 
-    /// Makes sense of one completion, in the order posted: a poll event or
-    /// a packet read says packets may wait, a read that found nothing says
-    /// none does (until the next poll event, posted after it).
+    /// Makes sense of one completion, in the order posted: a packet read
+    /// says packets may wait, a read that found nothing says none does
+    /// (until the queue is readable again).
     fn finish(&mut self, cqe: &cqueue::Entry) -> Option<Done> {
         let t = Token::unpack(cqe.user_data())?;
         let res = cqe.result();
         match t.op {
-            Op::TunPoll => {
-                self.polling = false;
-                self.in_flight = self.in_flight.saturating_sub(1);
-                // Readable, or the poll failed or was cancelled: either way
-                // the next reads say which.
-                self.readable = true;
-                self.poll_fired = true;
-                None
-            }
             Op::TunRead => {
                 let s = self.reads.get_mut(t.index as usize)?;
                 self.in_flight = self.in_flight.saturating_sub(1);
@@ -334,7 +314,7 @@ impl TunIo {
 }
 
 impl Drop for TunIo {
-    /// Cancels the poll and anything in flight and waits (boundedly) until
+    /// Cancels anything in flight and waits (boundedly) until
     /// the kernel has let go of every buffer; a buffer it may still hold is
     /// leaked rather than freed under it.
     fn drop(&mut self) {
