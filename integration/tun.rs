@@ -301,9 +301,11 @@ fn reads_that_find_the_queue_empty_are_no_error() {
 /// A packet that comes to a quiet queue is read when it arrives, not when
 /// the thread's timer (100 ms with nothing else due) next wakes it: the
 /// queue's readiness wakes the sleeping thread. Twenty datagrams, each after
-/// a quiet gap longer than the timer, each answered within 50 ms; a thread
-/// that missed the wake-up would answer each at a random point of its timer,
-/// half of them after 50 ms.
+/// a quiet gap longer than the timer: every one answered, the median answer
+/// within 20 ms. A thread that missed the wake-up answers each only when its
+/// timer fires (with the readiness branch taken out of the driver's wait:
+/// every answer after 128–130 ms); the median, not the slowest, so one
+/// scheduling stall on a busy machine does not decide it.
 #[test]
 fn a_packet_to_a_quiet_queue_is_read_when_it_arrives() {
     let Some((t, _u, rv)) = udp_echo_service("quiet", "10.96.0.33") else {
@@ -313,7 +315,7 @@ fn a_packet_to_a_quiet_queue_is_read_when_it_arrives() {
         wait_udp_ready(sa("10.96.0.33:53"), b"ping").is_some()
     });
     assert!(ready, "no UDP reply\n{}", rv.log());
-    let slowest = Topology::within(&t.node, || {
+    let mut answers: Vec<Option<Duration>> = Topology::within(&t.node, || {
         let c = UdpSocket::bind("0.0.0.0:0").unwrap();
         c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         let mut buf = [0u8; 64];
@@ -324,16 +326,22 @@ fn a_packet_to_a_quiet_queue_is_read_when_it_arrives() {
                 let sent = Instant::now();
                 c.send_to(msg.as_bytes(), "10.96.0.33:53").unwrap();
                 match c.recv(&mut buf) {
-                    Ok(n) if n == msg.len() + 2 => sent.elapsed(),
-                    _ => Duration::MAX,
+                    Ok(n) if n == msg.len() + 2 => Some(sent.elapsed()),
+                    _ => None,
                 }
             })
-            .max()
+            .collect()
     });
-    let slowest = slowest.unwrap_or(Duration::MAX);
     assert!(
-        slowest < Duration::from_millis(50),
-        "slowest answer {slowest:?}\n{}",
+        answers.iter().all(Option::is_some),
+        "a datagram went unanswered: {answers:?}\n{}",
+        rv.log()
+    );
+    answers.sort();
+    let median = answers[answers.len() / 2].unwrap_or(Duration::MAX);
+    assert!(
+        median < Duration::from_millis(20),
+        "median answer {median:?}, all {answers:?}\n{}",
         rv.log()
     );
 }
