@@ -346,6 +346,71 @@ fn a_packet_to_a_quiet_queue_is_read_when_it_arrives() {
     );
 }
 
+/// Every operation on a TUN queue's ring completes within the submit that
+/// carries it: the queue is non-blocking and the reads are `RWF_NOWAIT`.
+/// The driver relies on it: it takes the completions right after each
+/// submit and nothing watches the ring's descriptor, so an operation left in
+/// flight would wait for the driver's timer. Reads that find the queue
+/// empty, a read that finds a packet, and a write, each on a real queue.
+#[test]
+fn tun_ring_operations_complete_within_their_submit() {
+    use ringvip::dataplane::tun::uring::{Done, TunIo};
+    use ringvip::dataplane::tun::{udp_packet, Tun};
+    let Some(t) = Topology::setup(&[]) else {
+        return;
+    };
+    let seen = Topology::within(&t.node, || {
+        let tun = Tun::open_queues("rvring0", 1).unwrap().pop().unwrap();
+        // No IPv6 on it: the kernel's own packets (router solicitations,
+        // MLD reports) would come in at any time.
+        std::fs::write("/proc/sys/net/ipv6/conf/rvring0/disable_ipv6", "1").unwrap();
+        ip(&["addr", "add", "10.78.0.1/24", "dev", "rvring0"]);
+        ip(&["link", "set", "rvring0", "up"]);
+        let mut io = TunIo::new(&tun, 2048).unwrap();
+        let mut seen = Vec::new();
+        let mut round = |io: &mut TunIo, what: &'static str| {
+            io.submit().unwrap();
+            let mut read = Vec::new();
+            let mut wrote = 0;
+            // What the submit completed, taken without entering the kernel.
+            io.complete(|d| match d {
+                Done::Read(r) => read.push(r.packet),
+                Done::Wrote(_, r) => wrote += usize::from(r.is_ok()),
+                Done::ReadFailed(_, e) => panic!("{what}: read failed: {e}"),
+            });
+            let ours = read.iter().filter(|p| p.ends_with(b"in")).count();
+            seen.push((what, io.in_flight(), read.len(), ours, wrote));
+        };
+        // Nothing waits yet: the reads find the queue empty.
+        io.arm(Vec::new);
+        round(&mut io, "empty");
+        // A datagram routed into the TUN, then reads.
+        let s = UdpSocket::bind("10.78.0.1:0").unwrap();
+        s.send_to(b"in", "10.78.0.2:9").unwrap();
+        io.maybe_readable();
+        io.arm(Vec::new);
+        round(&mut io, "packet");
+        // A packet written to the TUN, for the socket.
+        let mut p = Vec::new();
+        udp_packet(sa("10.78.0.2:9"), s.local_addr().unwrap(), b"out", &mut p).unwrap();
+        io.write(p, None).unwrap();
+        round(&mut io, "write");
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        let mut buf = [0u8; 16];
+        let got = s.recv(&mut buf).map(|n| buf[..n].to_vec()).ok();
+        (seen, got)
+    });
+    let (rounds, got) = seen;
+    // (round, left in flight, packets read, ours among them, written)
+    let want = [
+        ("empty", 0, 0, 0, 0),
+        ("packet", 0, 1, 1, 0),
+        ("write", 0, 0, 0, 1),
+    ];
+    assert_eq!(rounds, want);
+    assert_eq!(got.as_deref(), Some(&b"out"[..]));
+}
+
 /// A client that sends with `UDP_SEGMENT` (one send, several datagrams):
 /// with UDP segmentation offload on the TUN the datagrams reach ringvip as one
 /// super-packet, which it cuts; the backend gets each datagram alone and the
