@@ -227,6 +227,16 @@ fn udp_echo_service(name: &str, vip: &str) -> Option<(Topology, UdpBackend, Ring
     Some((t, u, rv))
 }
 
+/// [`udp_echo_service`] once its VIP answers at all: the precondition of the
+/// tests that measure what comes after.
+fn answering_udp_echo_service(name: &str, vip: &str) -> Option<(Topology, UdpBackend, Ringvip)> {
+    let (t, u, rv) = udp_echo_service(name, vip)?;
+    let addr = SocketAddr::new(vip.parse().unwrap(), 53);
+    let ready = Topology::within(&t.node, move || wait_udp_ready(addr, b"ping").is_some());
+    assert!(ready, "no UDP reply\n{}", rv.log());
+    Some((t, u, rv))
+}
+
 #[test]
 fn udp_round_trip_through_the_vip() {
     let Some((t, _u, rv)) = udp_echo_service("dns", "10.96.0.30") else {
@@ -308,13 +318,9 @@ fn reads_that_find_the_queue_empty_are_no_error() {
 /// scheduling stall on a busy machine does not decide it.
 #[test]
 fn a_packet_to_a_quiet_queue_is_read_when_it_arrives() {
-    let Some((t, _u, rv)) = udp_echo_service("quiet", "10.96.0.33") else {
+    let Some((t, _u, rv)) = answering_udp_echo_service("quiet", "10.96.0.33") else {
         return;
     };
-    let ready = Topology::within(&t.node, || {
-        wait_udp_ready(sa("10.96.0.33:53"), b"ping").is_some()
-    });
-    assert!(ready, "no UDP reply\n{}", rv.log());
     let mut answers: Vec<Option<Duration>> = Topology::within(&t.node, || {
         let c = UdpSocket::bind("0.0.0.0:0").unwrap();
         c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -417,14 +423,9 @@ fn tun_ring_operations_complete_within_their_submit() {
 /// client each reply.
 #[test]
 fn udp_segmentation_offload_delivers_every_datagram() {
-    let Some((t, _u, rv)) = udp_echo_service("gso", "10.96.0.32") else {
+    let Some((t, _u, rv)) = answering_udp_echo_service("gso", "10.96.0.32") else {
         return;
     };
-    // A precondition: the frontend answers at all.
-    let ready = Topology::within(&t.node, || {
-        wait_udp_ready(sa("10.96.0.32:53"), b"ping").is_some()
-    });
-    assert!(ready, "no UDP reply\n{}", rv.log());
     let replies = Topology::within(&t.node, || {
         use std::os::fd::AsRawFd;
         let c = UdpSocket::bind("0.0.0.0:0").unwrap();
