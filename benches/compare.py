@@ -10,13 +10,17 @@ udp-gso HOST PORT SECS FLOWS      bulk UDP sent with UDP_SEGMENT: FLOWS sockets,
 hold HOST PORT N                    open N HTTP keep-alive connections (one GET each, 100 at once),
                                     hold them idle; print "holding K" (K answered) when done
 lat HOST PORT RATE SECS CONNS       HTTP/1.1 GETs over CONNS persistent connections, paced to
-                                    RATE requests/s in total; print "p50_us p99_us"
+                                    RATE requests/s in total; print "p50_us p99_us"; with
+                                    LAT_TRACE=FILE also append each request's start
+                                    (CLOCK_MONOTONIC, s), duration (µs) and connection to FILE,
+                                    to find slow requests on a perf timeline (perf -k mono)
 table RESULTS REPS                  aggregate "measure candidate value" lines into the
                                     markdown table (min/median/max, ratios of medians), and
                                     "cpu measure candidate ticks softirq busy units hz" lines
                                     into CPU seconds per GB / per 100k connections
 """
 import asyncio
+import os
 import selectors
 import socket
 import statistics
@@ -115,7 +119,7 @@ async def lat(host, port, rate, secs, conns):
                 await asyncio.sleep(delay)
             if time.monotonic() >= end:
                 break
-            t = time.perf_counter()
+            t = time.monotonic()
             w.write(req)
             head = await r.readuntil(b"\r\n\r\n")
             length = 0
@@ -123,11 +127,16 @@ async def lat(host, port, rate, secs, conns):
                 if line.lower().startswith(b"content-length:"):
                     length = int(line.split(b":")[1])
             await r.readexactly(length)
-            samples.append(time.perf_counter() - t)
+            samples.append(time.monotonic() - t)
+            starts.append((t, samples[-1], i))
             nxt += interval
         w.close()
 
+    starts = []
     await asyncio.gather(*(client(i) for i in range(conns)))
+    if os.environ.get("LAT_TRACE"):
+        with open(os.environ["LAT_TRACE"], "a") as f:
+            f.writelines(f"{t:.6f} {d * 1e6:.0f} {i}\n" for t, d, i in starts)
     samples.sort()
     q = lambda p: samples[min(len(samples) - 1, int(p * len(samples)))] * 1e6
     print(f"{q(0.50):.0f} {q(0.99):.0f}")
