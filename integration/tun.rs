@@ -642,6 +642,68 @@ fn half_close_reset_and_endpoint_churn_while_streaming() {
     assert_streams(&mut conn, "after its endpoint left");
 }
 
+/// A client held by a full receive window goes on as soon as its backend
+/// takes bytes again: reading from a full ring tells the client at once,
+/// not at the TUN thread's next timer (up to 100 ms later). The backend
+/// reads 512 KiB, pauses 5 ms, and so on: 8 MiB is 16 pauses (80 ms), and the
+/// 1 MiB ring empties every second pause, so each late window update adds
+/// most of 100 ms.
+#[test]
+fn a_client_held_by_a_full_window_resumes_when_the_backend_reads() {
+    const TOTAL: usize = 8 << 20;
+    const BURST: usize = 512 << 10;
+    let Some(t) = Topology::setup(&[]) else {
+        return;
+    };
+    let addr = SocketAddr::from((t.pod_ip(2), 7100));
+    let listener = t.on_pod_thread(move || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        // A small buffer: the backend's pauses reach the ring at once.
+        s.set_recv_buffer_size(16 << 10).unwrap();
+        s.bind(&addr.into()).unwrap();
+        s.listen(8).unwrap();
+        std::net::TcpListener::from(s)
+    });
+    let reader = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        let (mut got, mut buf) = (0usize, vec![0u8; 64 << 10]);
+        let mut start = None;
+        loop {
+            let mut burst = 0;
+            while burst < BURST {
+                match c.read(&mut buf) {
+                    Ok(0) => return (got, start.map(|s: Instant| s.elapsed())),
+                    Ok(n) => {
+                        start.get_or_insert_with(Instant::now);
+                        got += n;
+                        burst += n;
+                    }
+                    Err(e) => panic!("backend read: {e}"),
+                }
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    let m = t.pod_service("slow", "10.96.0.60", 7100, "TCP", 7100);
+    let rv = t.launch(&m, &[]);
+    Topology::within(&t.node, || {
+        let mut c = connect_when_ready(sa("10.96.0.60:7100"));
+        c.write_all(&vec![7u8; TOTAL]).unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let (got, took) = reader.join().unwrap();
+    let took = took.unwrap_or_default();
+    assert_eq!(got, TOTAL, "bytes lost on the way\n{}", rv.log());
+    // 80 ms of pauses (88 ms measured); with the updates left to the
+    // thread's timer it took 473 ms.
+    assert!(
+        took < Duration::from_millis(300),
+        "8 MiB to a backend that pauses took {took:?}: the client waited for window updates\n{}",
+        rv.log()
+    );
+    eprintln!("8 MiB to a backend pausing 5 ms per 512 KiB: {took:?}");
+}
+
 #[test]
 fn iperf3_through_the_clusterip() {
     let Some((t, [iperf3])) = Topology::setup_with(&[], [("iperf3", "bulk TCP through the VIP")])
