@@ -215,6 +215,19 @@ fn smoltcp_pair(c: &mut Criterion) {
     g.finish();
 }
 
+/// What a TUN driver round costs the stack when nothing is due: a poll and
+/// the next timer, with one established connection (the rounds of a quiet
+/// or lightly loaded thread are mostly this).
+fn quiet_poll(c: &mut Criterion) {
+    let mut pair = Pair::new(1500);
+    c.bench_function("tun/poll_quiet_stack", |b| {
+        b.iter(|| {
+            pair.stack.poll();
+            std::hint::black_box(pair.stack.next_due())
+        })
+    });
+}
+
 /// An echo server on loopback (a thread per connection, blocking).
 fn echo_server() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -557,6 +570,7 @@ criterion_group!(
     flow_table,
     classify_bench,
     smoltcp_pair,
+    quiet_poll,
     relay,
     engine,
     tun_io,

@@ -54,10 +54,53 @@ const SHARDS: usize = 256;
 struct Shard {
     sockets: SocketSet<'static>,
     rx: VecDeque<Vec<u8>>,
-    /// Polled since its sockets or queue last changed?
-    dirty: bool,
     /// When a socket of this set next needs polling (retransmits, timeouts).
     due: Option<SmolInstant>,
+}
+
+/// A set of shards, a bit each: a round visits the shards it names instead
+/// of walking all [`SHARDS`] of them (twice a round, and most are quiet).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct ShardSet([u64; SHARDS / 64]);
+
+const _: () = assert!(SHARDS.is_multiple_of(64));
+
+impl ShardSet {
+    fn insert(&mut self, i: usize) {
+        if let Some(w) = self.0.get_mut(i / 64) {
+            *w |= 1 << (i % 64);
+        }
+    }
+
+    fn remove(&mut self, i: usize) {
+        if let Some(w) = self.0.get_mut(i / 64) {
+            *w &= !(1 << (i % 64));
+        }
+    }
+
+    fn contains(&self, i: usize) -> bool {
+        self.0.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+
+    fn union(mut self, other: &ShardSet) -> ShardSet {
+        for (w, o) in self.0.iter_mut().zip(other.0) {
+            *w |= o;
+        }
+        self
+    }
+
+    /// The shards in the set, in order.
+    fn iter(self) -> impl Iterator<Item = usize> {
+        self.0.into_iter().enumerate().flat_map(|(n, mut w)| {
+            std::iter::from_fn(move || {
+                (w != 0).then(|| {
+                    let bit = w.trailing_zeros() as usize;
+                    w &= w - 1;
+                    n * 64 + bit
+                })
+            })
+        })
+    }
 }
 
 /// The shard of a connection: a hash of client and VIP.
@@ -99,6 +142,10 @@ pub struct Stack {
     pub dev: QueueDevice,
     /// TCP sockets, sharded by connection.
     shards: Vec<Shard>,
+    /// Shards whose sockets or queue changed since they were last polled.
+    dirty: ShardSet,
+    /// Shards with a timer (`Shard::due`).
+    timed: ShardSet,
     /// Every connection, held SYN to closing socket.
     conns: Conns,
     settings: TunSettings,
@@ -155,10 +202,11 @@ impl Stack {
                 .map(|_| Shard {
                     sockets: SocketSet::new(Vec::new()),
                     rx: VecDeque::new(),
-                    dirty: false,
                     due: None,
                 })
                 .collect(),
+            dirty: ShardSet::default(),
+            timed: ShardSet::default(),
             conns: Conns::default(),
             settings,
             warned_full: false,
@@ -173,7 +221,7 @@ impl Stack {
         let i = conn_key(&packet).map_or(0, |k| shard_of(&k));
         if let Some(sh) = self.shards.get_mut(i) {
             sh.rx.push_back(packet);
-            sh.dirty = true;
+            self.dirty.insert(i);
         }
     }
 
@@ -185,9 +233,10 @@ impl Stack {
     /// Runs the interface as if it were `at` (tests drive the clock): each
     /// shard with packets queued, sockets touched or a timer due.
     pub fn poll_at(&mut self, at: SmolInstant) {
-        for i in 0..SHARDS {
-            let Some(sh) = self.shards.get(i) else { break };
-            if sh.dirty || sh.due.is_some_and(|d| d <= at) {
+        // Polling a shard changes no other shard's sets.
+        for i in self.dirty.union(&self.timed).iter() {
+            let due = self.shards.get(i).and_then(|sh| sh.due);
+            if self.dirty.contains(i) || due.is_some_and(|d| d <= at) {
                 self.poll_shard(i, at);
             }
         }
@@ -203,19 +252,27 @@ impl Stack {
             self.dev.push_rx(p);
         }
         self.iface.poll(at, &mut self.dev, &mut sh.sockets);
-        sh.dirty = false;
+        self.dirty.remove(i);
         sh.due = self.iface.poll_at(at, &sh.sockets);
+        if sh.due.is_some() {
+            self.timed.insert(i);
+        } else {
+            self.timed.remove(i);
+        }
     }
 
     /// When the interface next needs polling for a timer, if ever.
     pub fn next_due(&self) -> Option<SmolInstant> {
-        self.shards.iter().filter_map(|s| s.due).min()
+        self.timed
+            .iter()
+            .filter_map(|i| self.shards.get(i)?.due)
+            .min()
     }
 
     /// A connection's smoltcp socket; its shard is polled on the next round.
     pub fn tcp(&mut self, c: ConnSocket) -> Option<&mut tcp::Socket<'static>> {
         let sh = self.shards.get_mut(c.shard)?;
-        sh.dirty = true;
+        self.dirty.insert(c.shard);
         Some(sh.sockets.get_mut::<tcp::Socket>(c.handle))
     }
 
@@ -742,6 +799,41 @@ mod tests {
         st.trim_idle();
         assert_eq!(resident(&st), (0, 0));
         assert_eq!(st.tcp(h).unwrap().state(), tcp::State::Established);
+    }
+
+    #[test]
+    fn a_shard_set_names_exactly_its_shards_in_order() {
+        let mut a = ShardSet::default();
+        assert_eq!(a.iter().count(), 0);
+        for i in [255, 0, 64, 63, 130] {
+            a.insert(i);
+        }
+        a.insert(64);
+        assert_eq!(a.iter().collect::<Vec<_>>(), [0, 63, 64, 130, 255]);
+        a.remove(63);
+        a.remove(7);
+        assert!(!a.contains(63) && a.contains(64) && a.contains(255));
+        let mut b = ShardSet::default();
+        b.insert(7);
+        b.insert(255);
+        assert_eq!(a.union(&b).iter().collect::<Vec<_>>(), [0, 7, 64, 130, 255]);
+        a.insert(SHARDS);
+        assert_eq!(a.iter().count(), 4, "no shard beyond the last");
+    }
+
+    #[test]
+    fn a_timer_alone_gets_its_shard_polled() {
+        let mut st = stack();
+        accepted(&mut st, key(), syn(key()));
+        st.poll();
+        let (_, syn_flag, ..) = reply(&mut st);
+        assert!(syn_flag, "the SYN-ACK");
+        assert!(st.dev.pop_tx().is_none());
+        // Nothing touches the socket from here: only its timer calls for a poll.
+        let due = st.next_due().expect("the SYN-ACK's retransmission timer");
+        st.poll_at(due);
+        let (_, syn_flag, ..) = reply(&mut st);
+        assert!(syn_flag, "the SYN-ACK again when its timer fires");
     }
 
     #[test]
