@@ -103,11 +103,11 @@ impl ShardSet {
     }
 }
 
-/// The shard of a connection: a hash of client and VIP.
-fn shard_of(key: &ConnKey) -> usize {
-    let mut h = std::hash::DefaultHasher::new();
-    std::hash::Hash::hash(key, &mut h);
-    (std::hash::Hasher::finish(&h) % SHARDS as u64) as usize
+/// The shard of a connection: a hash of client and VIP, keyed by `seed`
+/// (random per stack, so no client can choose 4-tuples that share one
+/// shard and make every packet of that shard walk a crowded set).
+fn shard_of(seed: &std::hash::RandomState, key: &ConnKey) -> usize {
+    (std::hash::BuildHasher::hash_one(seed, key) % SHARDS as u64) as usize
 }
 
 /// What became of a SYN for a frontend with usable endpoints.
@@ -146,6 +146,8 @@ pub struct Stack {
     dirty: ShardSet,
     /// Shards with a timer (`Shard::due`).
     timed: ShardSet,
+    /// The key of [`shard_of`].
+    seed: std::hash::RandomState,
     /// Every connection, held SYN to closing socket.
     conns: Conns,
     settings: TunSettings,
@@ -207,6 +209,7 @@ impl Stack {
                 .collect(),
             dirty: ShardSet::default(),
             timed: ShardSet::default(),
+            seed: std::hash::RandomState::new(),
             conns: Conns::default(),
             settings,
             warned_full: false,
@@ -218,7 +221,7 @@ impl Stack {
     /// Queues a packet from the TUN for smoltcp, with its connection's shard
     /// (shard 0 for anything without ports: smoltcp answers those itself).
     pub fn push_rx(&mut self, packet: Vec<u8>) {
-        let i = conn_key(&packet).map_or(0, |k| shard_of(&k));
+        let i = conn_key(&packet).map_or(0, |k| shard_of(&self.seed, &k));
         if let Some(sh) = self.shards.get_mut(i) {
             sh.rx.push_back(packet);
             self.dirty.insert(i);
@@ -396,7 +399,7 @@ impl Stack {
             port: key.1.port(),
         };
         s.listen(ep).ok()?;
-        let shard = shard_of(&key);
+        let shard = shard_of(&self.seed, &key);
         let handle = self.shards.get_mut(shard)?.sockets.add(s);
         let socket = ConnSocket { shard, handle };
         self.lent.insert(
@@ -819,6 +822,26 @@ mod tests {
         assert_eq!(a.union(&b).iter().collect::<Vec<_>>(), [0, 7, 64, 130, 255]);
         a.insert(SHARDS);
         assert_eq!(a.iter().count(), 4, "no shard beyond the last");
+    }
+
+    #[test]
+    fn no_two_stacks_spread_connections_alike() {
+        let (a, b) = (stack(), stack());
+        let keys: Vec<ConnKey> = (0..64u16)
+            .map(|p| (sa(&format!("10.1.0.5:{}", 40_000 + p)), sa("10.96.0.10:80")))
+            .collect();
+        let shards =
+            |st: &Stack| -> Vec<usize> { keys.iter().map(|k| shard_of(&st.seed, k)).collect() };
+        assert_eq!(
+            shards(&a),
+            shards(&a),
+            "one stack, one shard per connection"
+        );
+        assert_ne!(
+            shards(&a),
+            shards(&b),
+            "a client cannot tell which connections share a shard"
+        );
     }
 
     #[test]
