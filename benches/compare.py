@@ -86,7 +86,7 @@ def udp_load(host, port, secs, flows, msg, per_send, sends, setup=None):
         for s in socks:  # refill a window that lost datagrams (bounded: once per 200 ms)
             if now - last[s] > 0.2:
                 fill(s)
-    print(f"{answered / (time.monotonic() - start):.0f}")
+    print(f"{answered / (time.monotonic() - start):.0f} {answered}")
 
 
 def udp(host, port, secs, flows, window):
@@ -139,7 +139,7 @@ async def lat(host, port, rate, secs, conns):
             f.writelines(f"{t:.6f} {d * 1e6:.0f} {i}\n" for t, d, i in starts)
     samples.sort()
     q = lambda p: samples[min(len(samples) - 1, int(p * len(samples)))] * 1e6
-    print(f"{q(0.50):.0f} {q(0.99):.0f}")
+    print(f"{q(0.50):.0f} {q(0.99):.0f} {len(samples)}")
 
 
 async def hold(host, port, n):
@@ -197,11 +197,15 @@ CANDIDATES = [
 
 
 # Traffic measures whose runs also record CPU (benches/compare's meter_end):
-# the unit a run's bytes or connections are counted in.
+# the unit a run's bytes, connections, requests or datagrams are counted in,
+# and the row's label when it is not the measure's own.
 CPU_UNITS = {
-    "bulk1up": ("GB", 1e9), "bulk1down": ("GB", 1e9),
-    "bulk8up": ("GB", 1e9), "bulk8down": ("GB", 1e9),
-    "cps": ("100k connections", 1e5),
+    "bulk1up": ("GB", 1e9, None), "bulk1down": ("GB", 1e9, None),
+    "bulk8up": ("GB", 1e9, None), "bulk8down": ("GB", 1e9, None),
+    "cps": ("100k connections", 1e5, None),
+    "lat": ("100k requests", 1e5, "latency run (1,000 requests/s)"),
+    "udp": ("100k datagrams answered", 1e5, None),
+    "udpgso": ("100k datagrams answered", 1e5, None),
 }
 
 
@@ -222,12 +226,12 @@ def cpu_table(runs):
         return
     yield ""
     yield ("| CPU seconds per unit | candidate | process + softirq beyond direct "
-           "(min / median / max) | ×HAProxy | process alone | machine busy beyond direct |")
+           "(min / median / max) | ×HAProxy (UDP: ×nginx) | process alone | machine busy beyond direct |")
     yield "| --- | --- | --- | --- | --- | --- |"
-    for key, label, _, _ in MEASURES:
-        if key not in CPU_UNITS:
-            continue
-        unit = CPU_UNITS[key][0]
+    labels = {key: label for key, label, _, _ in MEASURES}
+    for key, (unit, _, label) in CPU_UNITS.items():
+        label = label or labels[key]
+        ref = "haproxy" if (key, "haproxy") in per else "nginx"
         base = per.get((key, "direct"), [])
         base_sirq = statistics.median(s for _, s, _ in base) if base else 0.0
         base_busy = statistics.median(b for _, _, b in base) if base else None
@@ -246,7 +250,7 @@ def cpu_table(runs):
             if base_busy is not None:
                 busy = num(max(0.0, statistics.median(b for _, _, b in per[(key, c)]) - base_busy))
             yield (f"| per {unit}, {label} | {name} | {num(min(v))} / **{num(med[c])}** / "
-                   f"{num(max(v))} | {ratio(med, c, 'haproxy')} | {num(proc)} | {busy} |")
+                   f"{num(max(v))} | {ratio(med, c, ref)} | {num(proc)} | {busy} |")
 
 
 def num(v):

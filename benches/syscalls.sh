@@ -91,7 +91,7 @@ for round in 1 2; do
     PS=$!
     lat=$(ip netns exec "$NS" python3 benches/compare.py lat "$ip" 80 "$RATE" "$SECS" 10)
     kill -INT $PS; wait $PS 2>/dev/null
-    echo "$name round $round: p50/p99 µs $lat; per request: $(awk -F, -v n="$REQS" \
+    echo "$name round $round: p50, p99 (µs), requests: $lat; per request: $(awk -F, -v n="$REQS" \
       '!/^#/ && NF > 2 {printf "%s %.2f  ", $3, $1 / n}' "$W/stat.$name")"
   done
 done
