@@ -279,6 +279,49 @@ fn udp_round_trip_through_the_vip() {
     assert!(up >= 4 + 20, "to_backend {up}\n{metrics}");
 }
 
+/// A ClusterIP UDP flow idle for its timeout ends (its backend socket closed,
+/// its gauge back to 0) on the TUN thread's own timer, with nothing else
+/// waking the thread; not before.
+#[test]
+fn an_idle_clusterip_udp_flow_ends_after_its_timeout() {
+    let Some(t) = Topology::setup(&[]) else {
+        return;
+    };
+    let _u = t.udp_backend((t.pod_ip(2), 5353).into(), "u");
+    let rv = t.launch(
+        &t.pod_service("idle", "10.96.0.31", 53, "UDP", 5353),
+        &["--udp-idle-timeout-secs", "1"],
+    );
+    let addr = rv.metrics;
+    let vip: SocketAddr = sa("10.96.0.31:53");
+    // The probe's flow is the one watched: answered, then idle.
+    let c = Topology::within(&t.node, move || wait_udp_ready(vip, b"ping"));
+    assert!(c.is_some(), "no UDP reply\n{}", rv.log());
+    let gauge = |t: &Topology| {
+        Topology::within(&t.node, move || {
+            let m = admin_get(addr, "/metrics");
+            metric::<u64>(&m, "ringvip_udp_flows_active", &["service=\"idle\""])
+        })
+    };
+    let answered = Instant::now();
+    assert_eq!(gauge(&t), Some(1), "{}", rv.log());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(gauge(&t), Some(1), "ended before its idle timeout");
+    // Idle 1 s, swept once a second: gone within 2 s of the last datagram
+    // (which arrived a little before `answered`).
+    let mut ended = None;
+    while answered.elapsed() < Duration::from_secs(5) {
+        if gauge(&t) == Some(0) {
+            ended = Some(answered.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ended = ended.unwrap_or_else(|| panic!("the idle flow never ended\n{}", rv.log()));
+    assert!(ended >= Duration::from_millis(900), "ended after {ended:?}");
+    assert!(ended <= Duration::from_secs(3), "ended after {ended:?}");
+}
+
 /// A queue that goes quiet between packets is not a failing queue: the
 /// reads that find it empty are no error (the first io_uring version took
 /// their `EAGAIN` for one, logged it and held reads back 100 ms, which made
