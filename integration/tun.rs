@@ -279,9 +279,9 @@ fn udp_round_trip_through_the_vip() {
     assert!(up >= 4 + 20, "to_backend {up}\n{metrics}");
 }
 
-/// A ClusterIP UDP flow idle for its timeout ends (its backend socket closed,
-/// its gauge back to 0) on the TUN thread's own timer, with nothing else
-/// waking the thread; not before.
+/// A ClusterIP UDP flow idle for its timeout ends (its gauge back to 0) on
+/// the TUN thread's own timer, with nothing else waking the thread; not
+/// before.
 #[test]
 fn an_idle_clusterip_udp_flow_ends_after_its_timeout() {
     let Some(t) = Topology::setup(&[]) else {
