@@ -82,6 +82,11 @@ impl<K: std::hash::Hash + Eq + Copy, T> FlowTable<K, T> {
         self.flows.get_mut(client)
     }
 
+    /// The flow of a client, if any, to read.
+    pub fn get(&self, client: &K) -> Option<&FlowEntry<T>> {
+        self.flows.get(client)
+    }
+
     /// True when the client has a flow.
     #[inline]
     pub fn contains(&self, client: &K) -> bool {

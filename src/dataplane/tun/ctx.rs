@@ -8,7 +8,8 @@ use rand::rngs::SmallRng;
 use rand::SeedableRng;
 use tokio::sync::Notify;
 
-use super::flows::Flows;
+use super::flows::{Flows, Taken};
+use super::packet::ConnKey;
 use super::stack::{Stack, TunSettings};
 use crate::dataplane::Shared;
 
@@ -18,6 +19,8 @@ pub struct Ctx {
     pub stack: RefCell<Stack>,
     /// UDP flows.
     pub flows: RefCell<Flows>,
+    /// Datagrams of open flows taken in this round, sent when its intake ends.
+    pub taken: RefCell<Taken<ConnKey>>,
     /// Wakes the driver to poll and flush.
     pub poke: Notify,
     /// Snapshot, affinity, settings.
@@ -38,6 +41,7 @@ impl Ctx {
                 shared.settings.udp_idle_timeout,
                 settings.max_udp_flows,
             )),
+            taken: RefCell::default(),
             poke: Notify::new(),
             shared,
             rng: RefCell::new(rng),

@@ -152,6 +152,8 @@ pub async fn run(
             }
         }
         inbox_ready = !inbox_drained;
+        // The round's intake is in: its datagrams go to their backends.
+        udp::send_taken(&ctx);
         // The relays this poll wakes forward what it took in before the
         // round's writes go out (the ACKs to clients run their TCP receive
         // in this thread): a request reaches its backend first.

@@ -140,6 +140,85 @@ impl<K: Hash + Eq> Opening<K> {
     }
 }
 
+/// Segments one `UDP_SEGMENT` send may carry (the kernel's `UDP_MAX_SEGMENTS`
+/// is 64 on older kernels).
+pub const MAX_SEGMENTS: usize = 64;
+
+/// Payload bytes one UDP send may carry.
+pub const MAX_RUN_BYTES: usize = 65_507;
+
+/// Datagrams for open flows taken in during one driver round, held until its
+/// intake ends, then sent per flow in the order they came (`tun::udp::send_taken`):
+/// a run of same-sized datagrams of one flow goes as one `UDP_SEGMENT` send,
+/// which the kernel cuts into the same datagrams again. Buffers are kept
+/// from round to round.
+#[derive(Debug)]
+pub struct Taken<K> {
+    bytes: Vec<u8>,
+    items: Vec<(K, usize, usize)>,
+    run: Vec<u8>,
+}
+
+impl<K> Default for Taken<K> {
+    fn default() -> Self {
+        Self {
+            bytes: Vec::new(),
+            items: Vec::new(),
+            run: Vec::new(),
+        }
+    }
+}
+
+impl<K: Ord + Copy> Taken<K> {
+    /// Holds one datagram of flow `key`.
+    pub fn push(&mut self, key: K, datagram: &[u8]) {
+        self.items.push((key, self.bytes.len(), datagram.len()));
+        self.bytes.extend_from_slice(datagram);
+    }
+
+    /// True when nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Hands over everything held, flow by flow, each flow's datagrams in
+    /// the order they came, as runs: `send(key, bytes, size, count)` gets
+    /// `count` datagrams of `size` bytes back to back, the last one possibly
+    /// shorter (one datagram: `count` 1, `size` its length).
+    pub fn drain(&mut self, mut send: impl FnMut(K, &[u8], usize, usize)) {
+        // Stable: a flow's datagrams keep their order.
+        self.items.sort_by_key(|&(k, _, _)| k);
+        let mut i = 0;
+        while let Some(&(key, _, size)) = self.items.get(i) {
+            self.run.clear();
+            let mut count = 0;
+            for &(k, at, len) in self.items.get(i..).unwrap_or_default() {
+                // The first always fits (an IPv6 datagram may be longer than
+                // any run: it goes alone).
+                let fits = k == key
+                    && (count == 0
+                        || (count < MAX_SEGMENTS
+                            && self.run.len() + len <= MAX_RUN_BYTES
+                            && len <= size));
+                if !fits {
+                    break;
+                }
+                self.run
+                    .extend_from_slice(self.bytes.get(at..at + len).unwrap_or_default());
+                count += 1;
+                // A shorter datagram ends its run (an empty one is a run alone).
+                if len < size || size == 0 {
+                    break;
+                }
+            }
+            send(key, &self.run, size, count);
+            i += count;
+        }
+        self.items.clear();
+        self.bytes.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,5 +250,66 @@ mod tests {
         o.abandon(&"k");
         assert!(o.is_empty());
         assert!(o.finish(&"k").is_empty());
+    }
+
+    /// What `drain` handed over: (key, datagrams of the run as sent, size).
+    fn drained(t: &mut Taken<u8>) -> Vec<(u8, Vec<Vec<u8>>, usize)> {
+        let mut out = Vec::new();
+        t.drain(|k, bytes, size, count| {
+            let dgrams: Vec<Vec<u8>> = bytes.chunks(size).map(<[u8]>::to_vec).collect();
+            assert_eq!(dgrams.len(), count, "the run's bytes are its datagrams");
+            out.push((k, dgrams, size));
+        });
+        out
+    }
+
+    #[test]
+    fn taken_datagrams_go_per_flow_in_order_as_runs_of_one_size() {
+        let mut t = Taken::default();
+        t.push(2, b"b1");
+        t.push(1, b"aaa");
+        t.push(2, b"b2");
+        t.push(1, b"bbb");
+        t.push(1, b"cc");
+        t.push(1, b"ddd");
+        t.push(2, b"longer");
+        let got = drained(&mut t);
+        let d = |v: &[&[u8]]| v.iter().map(|x| x.to_vec()).collect::<Vec<_>>();
+        assert_eq!(
+            got,
+            vec![
+                // A shorter datagram ends a run; a longer one starts the next.
+                (1, d(&[b"aaa", b"bbb", b"cc"]), 3),
+                (1, d(&[b"ddd"]), 3),
+                (2, d(&[b"b1", b"b2"]), 2),
+                (2, d(&[b"longer"]), 6),
+            ]
+        );
+        assert!(t.is_empty());
+        assert!(drained(&mut t).is_empty(), "drained once");
+    }
+
+    #[test]
+    fn a_run_stops_at_the_kernels_limits() {
+        let mut t = Taken::default();
+        for _ in 0..MAX_SEGMENTS + 1 {
+            t.push(7, &[1u8; 8]);
+        }
+        let counts: Vec<usize> = drained(&mut t).iter().map(|(_, d, _)| d.len()).collect();
+        assert_eq!(counts, vec![MAX_SEGMENTS, 1]);
+        // Bytes: 60 datagrams of 1,400 would be 84,000.
+        for _ in 0..60 {
+            t.push(7, &[2u8; 1400]);
+        }
+        let counts: Vec<usize> = drained(&mut t).iter().map(|(_, d, _)| d.len()).collect();
+        assert_eq!(
+            counts,
+            vec![MAX_RUN_BYTES / 1400, 60 - MAX_RUN_BYTES / 1400]
+        );
+        // A datagram longer than any run (IPv6's largest) goes alone.
+        t.push(7, &[3u8; MAX_RUN_BYTES + 20]);
+        t.push(7, &[3u8; MAX_RUN_BYTES + 20]);
+        let counts: Vec<usize> = drained(&mut t).iter().map(|(_, d, _)| d.len()).collect();
+        assert_eq!(counts, vec![1, 1]);
     }
 }
