@@ -82,8 +82,9 @@ fn send_run(sock: &UdpSocket, bytes: &[u8], size: usize, count: usize) -> usize 
         // A route without segmentation offload: one by one.
         _ => {}
     }
+    // `size` is never 0 here (an empty datagram is a run alone).
     bytes
-        .chunks(size)
+        .chunks(size.max(1))
         .filter_map(|d| try_send(sock, d).ok())
         .sum()
 }
