@@ -2,6 +2,9 @@
 //! - `flow_table/*`: the UDP flow table (lookup of an existing flow among
 //!   10,000, and the once-a-second idle sweep over 10,000);
 //! - `tun/classify_*`: deciding what a packet from the TUN is;
+//! - `tun/udp_taken_32_datagrams_8_flows`: holding a round's UDP datagrams
+//!   and handing them over per flow as runs (`tun::flows::Taken`; the
+//!   `UDP_SEGMENT` sends themselves are the harness's to measure);
 //! - `tun/smoltcp_pair_*`: bulk TCP through ringvip's smoltcp stack settings,
 //!   a client interface and ringvip's any-IP `Stack` joined by in-memory
 //!   queues (both ends are smoltcp, so this is twice the stack's cost per byte);
@@ -36,6 +39,7 @@ use ringvip::config::LogFormat;
 use ringvip::dataplane::engine::bufring::BufRing;
 use ringvip::dataplane::session::Session;
 use ringvip::dataplane::tun::device::QueueDevice;
+use ringvip::dataplane::tun::flows::Taken;
 use ringvip::dataplane::tun::stack::Stack;
 use ringvip::dataplane::tun::uring::{Done, TunIo};
 use ringvip::dataplane::tun::{classify, udp_packet};
@@ -213,6 +217,28 @@ fn smoltcp_pair(c: &mut Criterion) {
         });
     }
     g.finish();
+}
+
+/// A round of the UDP benchmark's shape: 8 flows, 4 datagrams of 64 bytes
+/// each, interleaved as they arrive, held and handed over as 8 runs.
+fn udp_taken(c: &mut Criterion) {
+    let mut taken = Taken::<u8>::default();
+    let datagram = [0x5a_u8; 64];
+    c.bench_function("tun/udp_taken_32_datagrams_8_flows", |b| {
+        b.iter(|| {
+            for _ in 0..4 {
+                for flow in 0..8u8 {
+                    taken.push(flow, &datagram);
+                }
+            }
+            let mut runs = 0;
+            taken.drain(|k, bytes, size, count| {
+                black_box((k, bytes, size, count));
+                runs += 1;
+            });
+            runs
+        })
+    });
 }
 
 /// What a TUN driver round costs the stack when nothing is due: a poll and
@@ -571,6 +597,7 @@ criterion_group!(
     classify_bench,
     smoltcp_pair,
     quiet_poll,
+    udp_taken,
     relay,
     engine,
     tun_io,
