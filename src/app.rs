@@ -732,9 +732,12 @@ async fn control(
                 handover::Event::Dump(tx) => {
                     let _ = tx.send(gather(&publisher, &admin_socks, dns.as_ref(), &health_checks).await);
                 }
-                handover::Event::Release { taker, done, inboxes } => {
+                handover::Event::Release { taker, done, inboxes, told } => {
                     release(&publisher, &admin_socks, dns.as_ref(), &mut health_checks, inboxes).await;
                     let _ = done.send(());
+                    // The new process hears "released" before this one may
+                    // exit (with nothing to drain it exits at once).
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), told).await;
                     tracing::info!(taker, "handed over: accepting nothing new");
                     let stopped = drain_handed_over(&publisher, settings.dataplane.drain_timeout, &mut sigterm, &draining).await;
                     let c = shared.tun_links.counts();

@@ -51,6 +51,10 @@ pub enum Event {
         /// Its TUN threads' inboxes (sending ends): where the new flows'
         /// packets go from now on.
         inboxes: Vec<OwnedFd>,
+        /// Resolves (or fails) once the new process was told it is
+        /// released: a process that exits before would close the
+        /// conversation first, and the new one would hear no answer.
+        told: oneshot::Receiver<()>,
     },
 }
 
@@ -235,17 +239,23 @@ fn hand_over(
         }
     };
     let (done, released) = oneshot::channel();
+    // Dropped after the answer is written (or failed): the control loop
+    // waits for it before the process may exit.
+    let (told, told_rx) = oneshot::channel::<()>();
     events
         .blocking_send(Event::Release {
             taker: pid,
             done,
             inboxes,
+            told: told_rx,
         })
         .map_err(|_| ConverseError::Stopping)?;
     released
         .blocking_recv()
         .map_err(|_| ConverseError::Stopping)?;
-    wire::send(conn, &Message::Released)?;
+    let sent = wire::send(conn, &Message::Released);
+    drop(told);
+    sent?;
     tracing::info!(taker = pid, "handover: released; draining");
     Ok(())
 }
