@@ -201,6 +201,7 @@ pub fn run(settings: Settings, shutdown: Arc<Notify>, on_ready: OnReady) -> anyh
         commands,
         tun_commands,
         tun_name,
+        served: Arc::new(arc_swap::ArcSwap::from_pointee(Snapshot::default())),
     };
     let result = rt.block_on(control(settings, ctx, publish, taking, shutdown, on_ready));
     // snap_tx is dropped by now: every worker closes its listeners and returns.
@@ -327,6 +328,10 @@ struct Publisher {
     tun_commands: Vec<mpsc::UnboundedSender<tun::TunCmd>>,
     /// The TUN device's name, when ClusterIPs are captured.
     tun_name: Option<String>,
+    /// The last snapshot every kernel-socket thread holds the listeners of
+    /// (or gave up waiting for): what the admin API shows, so a frontend it
+    /// calls served has its port open.
+    served: Arc<arc_swap::ArcSwap<Snapshot>>,
 }
 
 /// How long a published snapshot may take to reach every worker's listeners
@@ -361,6 +366,7 @@ impl Publisher {
                 "a data-plane thread has not applied the snapshot in time"
             );
         }
+        self.served.store(self.shared.snapshot.load_full());
     }
 }
 
@@ -596,15 +602,11 @@ async fn control(
     // say so rather than show them as served.
     let cluster_ips = settings.tun.device().is_some();
     let status_of = shared.clone();
+    let served = publisher.served.clone();
     let check_table = CheckTable::default();
     let api_checks = check_table.clone();
     let api: admin::FrontendsApi = Arc::new(move || {
-        crate::status::frontends_json(
-            &status_of.snapshot.load(),
-            &status_of.health,
-            &api_checks,
-            cluster_ips,
-        )
+        crate::status::frontends_json(&served.load(), &status_of.health, &api_checks, cluster_ips)
     });
     let explain_of = shared.clone();
     let explain: admin::ExplainApi = Arc::new(move |query| {
