@@ -211,8 +211,8 @@ mod tests {
     use crate::dataplane::Shared;
     use crate::testing::tun::sample_snapshot;
 
-    #[test]
-    fn a_backends_burst_reaches_the_device_a_batch_at_a_time() {
+    /// Shared state holding the sample snapshot, and its first frontend.
+    fn sample_shared() -> (Arc<Shared>, Arc<Frontend>) {
         let shared = Shared::new(DataPlaneOptions::default());
         shared.snapshot.store(Arc::new(sample_snapshot(true)));
         let snap = shared.snapshot.load();
@@ -220,6 +220,12 @@ mod tests {
             panic!("no frontend")
         };
         let fe = fe.clone();
+        (shared, fe)
+    }
+
+    #[test]
+    fn a_backends_burst_reaches_the_device_a_batch_at_a_time() {
+        let (shared, fe) = sample_shared();
         crate::testing::run_local(async {
             let ctx = Rc::new(Ctx::seeded(TunSettings::default(), shared.clone()));
             let backend = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -275,13 +281,7 @@ mod tests {
     fn a_rounds_datagrams_of_a_flow_go_to_the_backend_as_one_send() {
         use crate::dataplane::engine::gso::{enable_gro, segment_size, CMSG_ROOM};
         use std::os::fd::AsRawFd;
-        let shared = Shared::new(DataPlaneOptions::default());
-        shared.snapshot.store(Arc::new(sample_snapshot(true)));
-        let snap = shared.snapshot.load();
-        let Some((_, fe)) = snap.frontends().next() else {
-            panic!("no frontend")
-        };
-        let fe = fe.clone();
+        let (shared, fe) = sample_shared();
         crate::testing::run_local(async {
             let ctx = Rc::new(Ctx::seeded(TunSettings::default(), shared.clone()));
             // One backend takes runs whole (UDP_GRO), as a kernel socket may;
